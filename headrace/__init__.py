@@ -1,0 +1,1 @@
+"""headrace: an LLM inference server. `LLM` is the offline entry point."""

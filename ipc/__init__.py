@@ -1,0 +1,1 @@
+"""The wire between gateways and workers: msgspec messages over ZeroMQ."""

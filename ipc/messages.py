@@ -1,0 +1,198 @@
+"""Every message that crosses a process boundary.
+
+Gateways and workers exchange these as msgpack frames over ZeroMQ (see ipc/wire.py); the
+offline `LLM` class uses the same structs in process. Nothing here imports torch, so the
+gateway stays light. Structs are `array_like` (positional on the wire, smaller and faster),
+`omit_defaults`, and `gc=False` because they hold no cycles.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import msgspec
+
+
+class FinishReason(enum.IntEnum):
+    """Why a request stopped; the names match OpenAI's `finish_reason` strings."""
+
+    STOP = 0  # EOS, a stop token id, or (gateway side) a stop string
+    LENGTH = 1  # max_tokens or the model's context length
+    ABORT = 2  # cancelled by the client or the gateway
+    ERROR = 3  # rejected or failed inside the worker; `error` says why
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
+    """How to pick tokens for one request. Names and defaults follow vLLM's SamplingParams."""
+
+    n: int = 1  # completions per prompt (fanned out by the caller into n requests)
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 keeps all
+    min_p: float = 0.0  # drop tokens below min_p * p(most likely), in [0, 1]
+    seed: int | None = None  # per-request seed: same seed, same tokens, whatever the batch
+    presence_penalty: float = 0.0  # in [-2, 2], OpenAI semantics, over generated tokens
+    frequency_penalty: float = 0.0  # in [-2, 2], OpenAI semantics, over generated tokens
+    repetition_penalty: float = 1.0  # > 0, CTRL-style, over prompt and generated tokens
+    max_tokens: int | None = 16  # None: up to the model's context length
+    min_tokens: int = 0  # EOS and stop token ids are suppressed until this many
+    stop: list[str] = []  # stop strings (matched by the detokenizing side)
+    stop_token_ids: list[int] = []
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # return the sampled token's logprob plus this many top ones
+    prompt_logprobs: int | None = None  # same, for every prompt token after the first
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def validate(self, max_logprobs: int = 20) -> None:
+        """Raise ValueError naming the first field out of range."""
+
+        def bad(field: str, rule: str, value: object) -> ValueError:
+            return ValueError(f"{field} must be {rule}, got {value!r}")
+
+        if not 1 <= self.n <= 128:
+            raise bad("n", "in [1, 128]", self.n)
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise bad("temperature", "a finite number >= 0", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1]", self.top_p)
+        if self.top_k < -1:
+            raise bad("top_k", "-1, 0 (disabled) or a positive integer", self.top_k)
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", "in [0, 1]", self.min_p)
+        if not -2 <= self.presence_penalty <= 2:
+            raise bad("presence_penalty", "in [-2, 2]", self.presence_penalty)
+        if not -2 <= self.frequency_penalty <= 2:
+            raise bad("frequency_penalty", "in [-2, 2]", self.frequency_penalty)
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 100):
+            raise bad("repetition_penalty", "in (0, 100]", self.repetition_penalty)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", "at least 1", self.max_tokens)
+        if self.min_tokens < 0:
+            raise bad("min_tokens", ">= 0", self.min_tokens)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
+            raise bad("logprobs", f"in [0, {max_logprobs}]", self.logprobs)
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= max_logprobs:
+            raise bad("prompt_logprobs", f"in [0, {max_logprobs}]", self.prompt_logprobs)
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise bad("seed", "a 64-bit integer", self.seed)
+        if any(t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "non-negative token ids", self.stop_token_ids)
+        if any(not s for s in self.stop):
+            raise bad("stop", "non-empty strings", self.stop)
+
+
+class EngineRequest(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
+    """Gateway -> worker: a new request, already tokenized."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+
+
+class AbortRequests(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Gateway -> worker: stop these requests now and free what they hold."""
+
+    request_ids: list[str]
+
+
+class Hello(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Gateway -> worker on connect, and worker -> gateway in reply (with model info)."""
+
+    gateway_id: str
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True, gc=False):
+    """Logprobs at one position: the chosen token first, then the top-N alternatives.
+
+    `rank` is the chosen token's 1-based rank in the model's distribution.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    rank: int
+
+
+class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Worker -> gateway: what one request gained in one engine step (a diff)."""
+
+    request_id: str
+    new_token_ids: list[int] = []
+    new_logprobs: list[TokenLogprobs] | None = None
+    # Only in the first output of a request that asked for them; None for the first token.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | None = None  # the stop token id that ended it, if any
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # with FinishReason.ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class WorkerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A worker's load and counters, sent with outputs and with heartbeats."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_preemptions: int = 0  # counter
+    prompt_tokens: int = 0  # counter: prompt tokens computed (prefix hits excluded)
+    generation_tokens: int = 0  # counter
+    prefix_cache_queries: int = 0  # counter, tokens
+    prefix_cache_hits: int = 0  # counter, tokens
+    spec_proposed: int = 0  # counter, tokens
+    spec_accepted: int = 0  # counter, tokens
+    spec_steps: int = 0  # counter, verification steps
+
+    @property
+    def kv_cache_usage(self) -> float:
+        if self.num_total_blocks == 0:
+            return 0.0
+        return 1.0 - self.num_free_blocks / self.num_total_blocks
+
+
+class ModelInfo(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Worker -> gateway in reply to Hello: enough to tokenize and validate."""
+
+    model_name: str
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    worker_id: str
+
+
+class EngineOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
+    """Worker -> gateway: one step's outputs for that gateway's requests, batched."""
+
+    outputs: list[RequestOutput] = []
+    stats: WorkerStats | None = None
+    timestamp: float = 0.0
+
+
+class Heartbeat(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Worker -> gateway, every heartbeat interval, even when idle."""
+
+    worker_id: str
+    stats: WorkerStats
+    timestamp: float
+
+
+# The tagged union that travels gateway -> worker and worker -> gateway.
+ToWorker = EngineRequest | AbortRequests | Hello
+ToGateway = EngineOutputs | Heartbeat | ModelInfo

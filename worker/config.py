@@ -1,0 +1,114 @@
+"""Engine configuration: what the CLI flags and `LLM(...)` keyword arguments become.
+
+Pure Python (no torch): the scheduler and KV cache manager read these too. Every field has
+one line of doc; `validate()` raises ValueError naming the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes one engine (one worker)."""
+
+    model: str  # a Hugging Face model folder, a .gguf file, or a folder holding one
+    tokenizer: str | None = None  # defaults to the model's own
+    served_model_name: str | None = None  # the name clients send; defaults to `model`
+    dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's 16-bit type (or bf16) on GPU
+    load_format: str = "auto"  # auto, safetensors, gguf or dummy (random weights)
+    device: str = "auto"  # auto picks cuda when available
+    seed: int = 0  # seeds dummy weights and unseeded sampling
+    max_model_len: int | None = None  # context length; defaults to the model's
+    block_size: int = 16  # tokens per KV cache block
+    num_gpu_blocks: int | None = None  # KV blocks; overrides the memory-based sizing
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory the worker may use
+    kv_cache_memory_gb: float = 1.0  # CPU: memory for the KV cache when num_gpu_blocks is unset
+    max_num_seqs: int = 256  # requests in one step at most
+    max_num_batched_tokens: int | None = None  # token budget per step; default 8192 (2048 on CPU)
+    enable_chunked_prefill: bool = True  # split long prompts across steps
+    enable_prefix_caching: bool = True  # reuse KV of identical prompt prefixes
+    enforce_eager: bool = False  # never use CUDA graphs
+    max_logprobs: int = 20  # the largest logprobs / prompt_logprobs a request may ask for
+    speculative_method: str | None = None  # None, "ngram" or "draft"
+    speculative_model: str | None = None  # draft model folder (implies method "draft")
+    num_speculative_tokens: int = 0  # tokens proposed per step when speculating
+    ngram_prompt_lookup_min: int = 1  # shortest n-gram matched by the ngram proposer
+    ngram_prompt_lookup_max: int = 4  # longest n-gram matched by the ngram proposer
+    extra: dict[str, str] = field(default_factory=dict)  # free-form, for experiments
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError(
+                f"speculative_method must be 'ngram' or 'draft', got {self.speculative_method!r}"
+            )
+        if not 0 <= self.num_speculative_tokens <= 16:
+            raise ValueError(
+                f"num_speculative_tokens must be in [0, 16], got {self.num_speculative_tokens}"
+            )
+        if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:
+            raise ValueError(
+                "ngram_prompt_lookup_min must be >= 1 and <= ngram_prompt_lookup_max, got "
+                f"{self.ngram_prompt_lookup_min} and {self.ngram_prompt_lookup_max}"
+            )
+
+    def replace(self, **changes: object) -> EngineConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The numbers the scheduler needs, resolved from EngineConfig and the model."""
+
+    max_num_seqs: int  # requests in one step at most
+    max_num_batched_tokens: int  # tokens computed in one step at most
+    max_model_len: int  # a request's prompt plus output at most
+    enable_chunked_prefill: bool = True  # False: a prompt is prefilled in one step or waits
+    num_lookahead_tokens: int = 0  # KV slots reserved per step for speculative tokens
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_model_len ({self.max_model_len}) when chunked prefill is off"
+            )

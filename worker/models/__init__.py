@@ -1,0 +1,1 @@
+"""Model definitions, read top to bottom like a paper."""
