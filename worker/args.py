@@ -1,0 +1,88 @@
+"""Engine flags, named as vLLM names them, shared by every command that starts an engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from worker.config import DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", required=model_required, help="HF model folder or .gguf file")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    g.add_argument("--served-model-name", default=None, help="model name clients send")
+    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    g.add_argument("--device", default="auto", choices=DEVICES)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument(
+        "--num-gpu-blocks-override", type=int, default=None, help="KV blocks (skip sizing)"
+    )
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument(
+        "--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size on CPU (GiB)"
+    )
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="split long prompts across steps",
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of shared prompt prefixes",
+    )
+    g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    g.add_argument("--max-logprobs", type=int, default=20)
+    g.add_argument("--speculative-method", default=None, choices=["ngram", "draft"])
+    g.add_argument("--speculative-model", default=None, help="draft model folder")
+    g.add_argument("--num-speculative-tokens", type=int, default=0)
+    g.add_argument("--ngram-prompt-lookup-min", type=int, default=1)
+    g.add_argument("--ngram-prompt-lookup-max", type=int, default=4)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Build and validate an EngineConfig; raises ValueError naming the bad flag."""
+    method = args.speculative_method
+    if args.speculative_model and method is None:
+        method = "draft"
+    num_spec = args.num_speculative_tokens
+    if method is not None and num_spec == 0:
+        num_spec = 4  # a speculative method with no count: vLLM-like default
+    config = EngineConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        device=args.device,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks_override,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enforce_eager=args.enforce_eager,
+        max_logprobs=args.max_logprobs,
+        speculative_method=method,
+        speculative_model=args.speculative_model,
+        num_speculative_tokens=num_spec,
+        ngram_prompt_lookup_min=args.ngram_prompt_lookup_min,
+        ngram_prompt_lookup_max=args.ngram_prompt_lookup_max,
+    )
+    try:
+        config.validate()
+    except ValueError as e:
+        raise ValueError(f"invalid engine flag: {e}") from None
+    return config

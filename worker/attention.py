@@ -1,0 +1,61 @@
+"""Attention metadata for one flat token batch, and the backends that consume it.
+
+The metadata is built once per step by the model runner and passed down explicitly to
+every layer (never through a global). A backend writes the step's K/V into the paged cache
+and computes attention over it; the torch backend runs the reference functions from
+cuda/, the CUDA backend our kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from cuda.kv_write import write_kv_ref
+from cuda.paged_attention import paged_attention_ref
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [B + 1] int32: request r's tokens are rows qsl[r]:qsl[r+1]
+    seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each token; -1 = padding
+    max_query_len: int  # upper bound on q_len (host int; fixed in a CUDA graph)
+    max_seq_len: int  # upper bound on seq_len (host int; fixed in a CUDA graph)
+
+
+class AttentionBackend(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+        md: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor: ...  # [T, Hq, D]
+
+
+class TorchAttention:
+    """The reference path: what runs on CPU, and what the CUDA kernels are tested against."""
+
+    name = "torch"
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        write_kv_ref(k, v, kv_cache, md.slot_mapping)
+        return paged_attention_ref(
+            q, kv_cache, md.query_start_loc, md.seq_lens, md.block_tables, scale, sliding_window
+        )

@@ -1,0 +1,213 @@
+"""The engine core: requests in, one schedule-run-update step at a time, token diffs out.
+
+Token ids only: tokenizing and detokenizing happen on the caller's side (gateway or LLM).
+The worker process (worker/server.py) runs this in its GPU-loop thread; `LLM` drives it
+in process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ipc.messages import (
+    EngineRequest,
+    FinishReason,
+    ModelInfo,
+    RequestOutput,
+    WorkerStats,
+)
+from worker.config import EngineConfig, SchedulerConfig
+from worker.kv_cache import KVCacheManager
+from worker.model_config import ModelConfig
+from worker.model_files import ModelFiles, open_model
+from worker.model_loader import build_model, resolve_device, resolve_dtype
+from worker.model_runner import ModelRunner, StepResult, kv_bytes_per_block, make_backend
+from worker.request import Request
+from worker.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        self.files: ModelFiles = open_model(config.model, config.load_format)
+        self.model_config = ModelConfig.from_hf(self.files.config, source=self.files.path)
+        mc = self.model_config
+        self.eos_token_ids = frozenset(_eos_ids(self.files, mc))
+        self.max_model_len = config.max_model_len or mc.max_context
+        if self.max_model_len > mc.max_context:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) is larger than the model's context "
+                f"length ({mc.max_context}, max_position_embeddings in {self.files.path})"
+            )
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
+        t0 = time.perf_counter()
+        model = build_model(
+            self.files,
+            mc,
+            make_backend(self.device),
+            self.max_model_len,
+            self.device,
+            self.dtype,
+            dummy=config.load_format == "dummy",
+            seed=config.seed,
+        )
+        log.info("loaded %s in %.1fs", self.files.path, time.perf_counter() - t0)
+        self.runner = ModelRunner(model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed)
+        max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
+        num_blocks = self._num_kv_blocks(max_batched)
+        self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=max_batched,
+                max_model_len=self.max_model_len,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                num_lookahead_tokens=config.num_speculative_tokens,
+            ),
+            self.kv,
+        )
+        self.model_info = ModelInfo(
+            model_name=config.served_model_name or config.model,
+            model_path=self.files.path,
+            max_model_len=self.max_model_len,
+            vocab_size=mc.vocab_size,
+            worker_id="",
+        )
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def _num_kv_blocks(self, max_batched_tokens: int) -> int:
+        c = self.config
+        per_block = kv_bytes_per_block(self.model_config, c.block_size, self.dtype)
+        if c.num_gpu_blocks is not None:
+            return c.num_gpu_blocks
+        if self.device.type == "cpu":
+            budget = int(c.kv_cache_memory_gb * GiB)
+        else:
+            budget = self.runner.profile_free_memory(max_batched_tokens, c.gpu_memory_utilization)
+        num = budget // per_block
+        if num < 1:
+            raise ValueError(
+                f"no memory left for the KV cache (one block needs {per_block} bytes); "
+                "raise --gpu-memory-utilization / --kv-cache-memory-gb or shrink the model"
+            )
+        return int(num)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, req: EngineRequest) -> RequestOutput | None:
+        """Admit a request; an ERROR output (and nothing else changes) if it is invalid."""
+        try:
+            request = self._make_request(req)
+        except ValueError as e:
+            return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
+        self.scheduler.add_request(request)
+        return None
+
+    def _make_request(self, req: EngineRequest) -> Request:
+        p = req.params
+        p.validate(self.config.max_logprobs)
+        prompt = req.prompt_token_ids
+        n = len(prompt)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is out of range for vocab size {vocab}")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt is {n} tokens, but this model's maximum context length is "
+                f"{self.max_model_len} tokens (prompt plus at least one output token)"
+            )
+        max_tokens = self.max_model_len - n if p.max_tokens is None else p.max_tokens
+        if n + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the "
+                f"request asked for {n + max_tokens} ({n} in the prompt, {max_tokens} max_tokens)"
+            )
+        need = n + max_tokens + self.config.num_speculative_tokens
+        if not self.kv.can_fit(need):
+            raise ValueError(
+                f"the request needs {self.kv.blocks_needed(need)} KV cache blocks but the cache "
+                f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
+            )
+        if req.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        return Request(req.request_id, list(prompt), p, max_tokens, self.eos_token_ids, req.arrival_time)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        result = self.runner.execute(sched, self.kv)
+        return self._postprocess(sched, result)
+
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        for i, lps in result.prompt_logprobs.items():
+            req = sched.scheduled[i].request
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]
+            req.prompt_logprobs.extend(lps)
+        for sr in sched.scheduled:
+            if sr.start < sr.request.num_prompt_tokens:
+                self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
+        updates = self.scheduler.update(sched, result.new_tokens)
+        outputs = []
+        for i, (req, tokens) in enumerate(updates):
+            if not tokens and req.finish_reason is None:
+                continue
+            self.generation_tokens_total += len(tokens)
+            lps = result.logprobs[i][: len(tokens)] if result.logprobs[i] else None
+            out = RequestOutput(
+                req.request_id,
+                new_token_ids=tokens,
+                new_logprobs=lps,
+                finish_reason=req.finish_reason,
+                stop_reason=req.stop_reason,
+                num_prompt_tokens=req.num_prompt_tokens,
+                num_cached_tokens=req.num_cached_tokens,
+            )
+            if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+                out.prompt_logprobs = req.prompt_logprobs or [None]
+                req.prompt_logprobs_sent = True
+            outputs.append(out)
+        return outputs
+
+    def stats(self) -> WorkerStats:
+        return WorkerStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_total_blocks=self.kv.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens_total,
+            generation_tokens=self.generation_tokens_total,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+        )
+
+
+def _eos_ids(files: ModelFiles, mc: ModelConfig) -> set[int]:
+    ids = set(mc.eos_token_ids)
+    gen = files.generation_config.get("eos_token_id")
+    if isinstance(gen, list):
+        ids.update(int(t) for t in gen)
+    elif gen is not None:
+        ids.add(int(gen))
+    return ids
+

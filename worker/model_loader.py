@@ -1,0 +1,84 @@
+"""Building a model and filling its weights: from a checkpoint, or random (dummy)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from worker.attention import AttentionBackend
+from worker.model_config import ModelConfig
+from worker.model_files import ModelFiles
+from worker.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    """auto: float32 on CPU; on GPU the checkpoint's 16-bit type, else bfloat16."""
+    if name != "auto":
+        return _DTYPE_NAMES[name]
+    if device.type == "cpu":
+        return torch.float32
+    ckpt = _DTYPE_NAMES.get(checkpoint_dtype or "")
+    return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def build_model(
+    files: ModelFiles,
+    config: ModelConfig,
+    backend: AttentionBackend,
+    max_positions: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    dummy: bool,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    # Build on the meta device, then materialize directly on the target: no CPU copy of
+    # the weights is ever made for a GPU model, and each checkpoint tensor is copied once.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, backend, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if dummy:
+        fill_dummy_weights(model, seed)
+    else:
+        with torch.no_grad():
+            model.load_weights(files.iter_weights(), source=files.path)
+    model.rotary.build(device)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def fill_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random weights of the real shapes, small enough that activations stay finite."""
+    gens: dict[torch.device, torch.Generator] = {}
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            continue
+        gen = gens.get(p.device)
+        if gen is None:
+            gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+        p.data.uniform_(-0.02, 0.02, generator=gen)

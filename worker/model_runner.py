@@ -1,0 +1,153 @@
+"""Running one scheduled step: inputs -> model -> logits -> sampled tokens.
+
+The KV cache is one tensor per layer, [2, num_blocks, block_size, Hkv, D] (see
+cuda/paged_attention.py). On CPU its size comes from `kv_cache_memory_gb`; on GPU from
+the memory left after a worst-case step at `gpu_memory_utilization`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ipc.messages import TokenLogprobs
+from worker.attention import AttentionBackend, TorchAttention
+from worker.input_batch import StepInputs, build_step_inputs
+from worker.kv_cache import KVCacheManager
+from worker.model_config import ModelConfig
+from worker.models.llama import LlamaForCausalLM
+from worker.sampler import Sampler, SamplingBatch, compute_logprobs
+from worker.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    new_tokens: list[list[int]]  # per scheduled request (empty when it did not sample)
+    logprobs: list[list[TokenLogprobs]]  # per scheduled request, one per new token if asked
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # by index
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+
+
+def make_backend(device: torch.device) -> AttentionBackend:
+    if device.type == "cuda":
+        try:
+            from worker.cuda_attention import CudaAttention
+        except ImportError as e:  # kernels unavailable: correct but slow
+            log.warning("CUDA attention kernels unavailable (%s); using the torch reference", e)
+        else:
+            return CudaAttention()
+    return TorchAttention()
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        model_config: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        eos_token_ids: set[int],
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.config = model_config
+        self.device = device
+        self.dtype = dtype
+        self.sampler = Sampler(model_config.vocab_size, eos_token_ids)
+        self.kv_caches: list[torch.Tensor] = []
+        torch.manual_seed(seed)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        c = self.config
+        shape = (2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> StepResult:
+        inputs = build_step_inputs(out, kv, self.device, pin=self.device.type == "cuda")
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.md)
+        return self.sample(out, inputs, hidden)
+
+    def sample(self, out: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor) -> StepResult:
+        n = len(out.scheduled)
+        new_tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
+        result = StepResult(new_tokens, logprobs)
+        if inputs.sample_rows:
+            rows = [r[-1] for r in inputs.sample_rows]
+            logits = self.model.compute_logits(hidden[rows])  # [S, V]
+            reqs = [out.scheduled[i].request for i in inputs.sample_sched_index]
+            batch = SamplingBatch(
+                params=[r.params for r in reqs],
+                prompt_token_ids=[r.prompt_token_ids for r in reqs],
+                output_token_ids=[r.output_token_ids for r in reqs],
+            )
+            sampled = self.sampler(logits, batch)
+            tokens = sampled.token_ids.tolist()
+            lps = None
+            if sampled.logprobs is not None:
+                lps = sampled.logprobs.to_lists([r.params.logprobs or 0 for r in reqs])
+            for j, i in enumerate(inputs.sample_sched_index):
+                new_tokens[i] = [int(tokens[j])]
+                if lps is not None and reqs[j].params.logprobs is not None:
+                    logprobs[i] = [lps[j]]
+        for job in inputs.prompt_logprobs:
+            req = out.scheduled[job.sched_index].request
+            k = req.params.prompt_logprobs or 0
+            logits = self.model.compute_logits(hidden[job.rows])
+            targets = torch.tensor(job.targets, device=logits.device)
+            lp = compute_logprobs(logits, targets, k).to_lists([k] * len(job.rows))
+            result.prompt_logprobs[job.sched_index] = lp
+        return result
+
+    @torch.inference_mode()
+    def profile_free_memory(self, max_num_batched_tokens: int, utilization: float) -> int:
+        """Bytes left for the KV cache after a worst-case step, within `utilization`.
+
+        Runs one prefill of `max_num_batched_tokens` tokens against a one-block scratch
+        cache (all tokens' slots point at it: the values are garbage, the peak is real).
+        """
+        from worker.attention import AttentionMetadata
+
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        c = self.config
+        T = max_num_batched_tokens
+        block = 16
+        scratch = [
+            torch.zeros((2, 1, block, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device)
+            for _ in range(c.num_layers)
+        ]
+        # One request of T tokens reading one block: the attention reads stay tiny, while
+        # the matmul activations (the real peak) are full size.
+        md = AttentionMetadata(
+            query_start_loc=torch.tensor([0, T], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([min(T, block)], dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
+            slot_mapping=torch.arange(T, device=self.device) % block,
+            max_query_len=T,
+            max_seq_len=min(T, block),
+        )
+        ids = torch.zeros(T, dtype=torch.long, device=self.device)
+        pos = torch.arange(T, device=self.device) % block
+        hidden = self.model(ids, pos, scratch, md)
+        self.model.compute_logits(hidden[-min(T, 256) :])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = int(total * utilization) - peak - max(used_by_others, 0)
+        log.info("KV cache budget %.2f GiB (peak step %.2f GiB)", budget / 2**30, peak / 2**30)
+        return budget

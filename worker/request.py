@@ -1,0 +1,98 @@
+"""A request as the worker sees it: token ids catching up with computation.
+
+`num_computed_tokens` chases `num_tokens` (prompt + generated). Prefill, chunked prefill,
+decode and recomputation after preemption are all "compute the tokens not yet computed";
+speculative tokens are extra tokens appended for one step and verified.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from ipc.messages import FinishReason, SamplingParams, TokenLogprobs
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED = 3
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        eos_token_ids: frozenset[int],
+        arrival_time: float = 0.0,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.max_tokens = max_tokens  # resolved against max_model_len
+        self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
+        self.arrival_time = arrival_time
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (first time)
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: int | None = None
+        self.num_preemptions = 0
+        # Tokens proposed by a speculative proposer for the next step (not yet verified).
+        self.spec_token_ids: list[int] = []
+        # Logprobs produced since the last output was sent, and the prompt's, if asked.
+        self.pending_logprobs: list[TokenLogprobs] = []
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
+        self.prompt_logprobs_sent = False
+        self.num_sent_tokens = 0  # output tokens already reported to the caller
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
+
+    def check_stop(self, max_model_len: int) -> bool:
+        """After appending a token: set finish_reason if the request is done."""
+        last = self.output_token_ids[-1]
+        if self.num_output_tokens >= self.params.min_tokens:
+            if last in self.eos_token_ids:
+                self.finish_reason = FinishReason.STOP
+                return True
+            if last in self.params.stop_token_ids:
+                self.finish_reason = FinishReason.STOP
+                self.stop_reason = last
+                return True
+        if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+            self.finish_reason = FinishReason.LENGTH
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, status={self.status.name})"
+        )

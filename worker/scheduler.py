@@ -1,0 +1,211 @@
+"""The scheduler: which requests compute how many tokens this step. Pure Python, no torch.
+
+One token budget per step (`max_num_batched_tokens`). Running requests go first, in
+arrival order, each asking for the tokens it has not computed yet (1 for a decode, the
+rest of its prompt for a prefill, capped by the budget: chunked prefill). Then waiting
+requests are admitted first come, first served while budget, `max_num_seqs` and KV blocks
+allow. When a running request cannot get a block, the newest running request is preempted:
+its blocks are freed and it goes back to the front of the queue to be recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ipc.messages import FinishReason
+from worker.config import SchedulerConfig
+from worker.kv_cache import KVCacheManager
+from worker.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens computed this step, including speculative ones
+    start: int  # num_computed_tokens when scheduled: the position of the first new token
+    num_spec_tokens: int = 0  # of num_new_tokens, how many are unverified proposals
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Does this step reach the end of the request's known tokens (so it samples)?"""
+        return self.end >= self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        config.validate()
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- request lifecycle -------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        """Finish these requests now; unknown or finished ids are ignored."""
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.finish_reason = FinishReason.ABORT
+            self._finish(req)
+            aborted.append(req)
+        return aborted
+
+    def finish(self, request: Request) -> None:
+        """Retire a running request whose finish_reason has been set."""
+        self.running.remove(request)
+        self._finish(request)
+
+    def _finish(self, request: Request) -> None:
+        request.status = RequestStatus.FINISHED
+        self.kv.free(request.request_id)
+        del self.requests[request.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        lookahead = self.config.num_lookahead_tokens
+
+        # 1. Running requests, oldest first; preempt from the newest end when out of blocks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_spec = len(req.spec_token_ids)
+            num_new = min(req.num_tokens + num_spec - req.num_computed_tokens, budget)
+            num_spec = max(0, min(num_spec, req.num_computed_tokens + num_new - req.num_tokens))
+            if num_new <= 0:  # nothing to compute (cannot happen for a live request)
+                i += 1
+                continue
+            scheduled = True
+            while not self.kv.allocate_slots(
+                req,
+                num_new,
+                num_lookahead_tokens=lookahead,
+                num_tokens_to_cache=req.num_computed_tokens + num_new - num_spec,
+            ):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            out.scheduled.append(ScheduledRequest(req, num_new, req.num_computed_tokens, num_spec))
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting requests, first come first served (not in a step that had to preempt).
+        while (
+            self.waiting
+            and budget > 0
+            and not out.preempted
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            req = self.waiting[0]
+            hits, num_hit_tokens = ([], 0)
+            if req.num_computed_tokens == 0:
+                hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+            num_new = req.num_tokens - req.num_computed_tokens - num_hit_tokens
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv.allocate_slots(req, num_new, hits, num_lookahead_tokens=lookahead):
+                break
+            self.waiting.popleft()
+            if req.status == RequestStatus.WAITING:  # first admission: record prefix hits
+                req.num_cached_tokens = num_hit_tokens
+            req.num_computed_tokens += num_hit_tokens
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new, req.num_computed_tokens))
+            budget -= num_new
+
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def update(
+        self, out: SchedulerOutput, new_tokens: list[list[int]]
+    ) -> list[tuple[Request, list[int]]]:
+        """Apply a step's results: `new_tokens[i]` are the tokens scheduled[i] produced.
+
+        A request that sampled produced 1 token, or with speculation its accepted proposals
+        plus one; a prefill chunk that did not reach the end produced none. Returns each
+        scheduled request with the tokens it gained (trimmed at a stop), finished ones
+        already retired.
+        """
+        results = []
+        for sr, tokens in zip(out.scheduled, new_tokens, strict=True):
+            req = sr.request
+            req.spec_token_ids = []
+            if not sr.samples:
+                req.num_computed_tokens += sr.num_new_tokens
+                results.append((req, []))
+                continue
+            # Accepted proposals had their KV computed this step; the last token has none yet.
+            num_accepted = len(tokens) - 1
+            req.num_computed_tokens = sr.end - sr.num_spec_tokens + num_accepted
+            kept: list[int] = []
+            for t in tokens:
+                req.append_token(t)
+                kept.append(t)
+                if req.check_stop(self.config.max_model_len):
+                    break
+            # Never count more computed tokens than the request now has.
+            req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+            if req.finish_reason is not None:
+                self.finish(req)
+            results.append((req, kept))
+        return results
+
+    def _preempt(self, req: Request) -> None:
+        """Free everything the request holds; it recomputes from scratch when readmitted."""
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.spec_token_ids = []
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
