@@ -175,6 +175,8 @@ class ModelInfo(msgspec.Struct, tag=True, array_like=True, gc=False):
     max_model_len: int
     vocab_size: int
     worker_id: str
+    tokenizer: str | None = None  # where the gateway loads the tokenizer; None: model_path
+    max_logprobs: int = 20  # the largest logprobs / prompt_logprobs a request may ask for
 
 
 class EngineOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
