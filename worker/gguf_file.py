@@ -247,7 +247,8 @@ class GGUFTokenizerInfo:
 
     tokenizer: HFTokenizer
     bos_token_id: int | None
-    eos_token_ids: set[int]
+    eos_token_id: int | None  # tokenizer.ggml.eos_token_id
+    eos_token_ids: set[int]  # with the end-of-turn token, where the file names one
     add_bos_token: bool
     chat_template: str | None
 
@@ -283,14 +284,15 @@ def gguf_tokenizer(path: str) -> GGUFTokenizerInfo:
     _add_special_tokens(tokenizer, tokens, types)
 
     bos = meta.get("tokenizer.ggml.bos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos)) and bos is not None
-    if add_bos:
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos))
+    if add_bos and bos is not None:
         from tokenizers import processors
 
+        bos_token = tokens[int(bos)]
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{tokens[bos]}:0 $A:0",
-            pair=f"{tokens[bos]}:0 $A:0 {tokens[bos]}:0 $B:0",
-            special_tokens=[(tokens[bos], bos)],
+            single=f"{bos_token}:0 $A:0",
+            pair=f"{bos_token}:0 $A:0 {bos_token}:0 $B:0",
+            special_tokens=[(bos_token, int(bos))],
         )
     eos_ids = {
         int(meta[key])
@@ -300,10 +302,15 @@ def gguf_tokenizer(path: str) -> GGUFTokenizerInfo:
     return GGUFTokenizerInfo(
         tokenizer=tokenizer,
         bos_token_id=int(bos) if bos is not None else None,
+        eos_token_id=_opt_int(meta.get("tokenizer.ggml.eos_token_id")),
         eos_token_ids=eos_ids,
-        add_bos_token=add_bos,
+        add_bos_token=add_bos and bos is not None,
         chat_template=meta.get("tokenizer.chat_template"),
     )
+
+
+def _opt_int(value: Any) -> int | None:
+    return int(value) if value is not None else None
 
 
 def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]) -> HFTokenizer:
