@@ -1,0 +1,187 @@
+"""Offline generation: `LLM(model).generate(prompts, params)`, as vLLM's LLM class.
+
+Runs an EngineCore in process and does the gateway's text work itself: tokenizing,
+incremental detokenizing and stop strings (a stop string aborts the request in the engine).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.detokenizer import IncrementalDetokenizer
+from gateway.tokenizer import Tokenizer, load_tokenizer
+from ipc.messages import EngineRequest, FinishReason, SamplingParams, TokenLogprobs
+from worker.config import EngineConfig
+from worker.engine import EngineCore
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class CompletionOutput:
+    index: int  # which of the prompt's n completions
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop", "length", "abort" or "error"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[TokenLogprobs] | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    num_cached_tokens: int = 0
+
+
+class _Pending:
+    """One engine request's progress (one of a prompt's n completions)."""
+
+    def __init__(self, result: GenerationResult, index: int, detok: IncrementalDetokenizer) -> None:
+        self.result = result
+        self.detok = detok
+        self.output = CompletionOutput(index=index, text="", token_ids=[], finish_reason=None)
+
+
+class LLM:
+    def __init__(self, model: str, **engine_args: Any) -> None:
+        config = EngineConfig(model=model, **engine_args)
+        self.engine = EngineCore(config)
+        self.tokenizer: Tokenizer = load_tokenizer(config.tokenizer or self.engine.files.tokenizer_path)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[GenerationResult]:
+        """Complete each prompt (text, or a list of token ids). Results keep prompt order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        results: list[GenerationResult] = []
+        pending: dict[str, _Pending] = {}
+        for prompt, p in zip(prompts, params, strict=True):
+            p.validate(self.engine.config.max_logprobs)
+            if isinstance(prompt, str):
+                text: str | None = prompt
+                ids = self.tokenizer.encode(prompt)
+            else:
+                text, ids = None, [int(t) for t in prompt]
+            result = GenerationResult(prompt=text, prompt_token_ids=ids)
+            results.append(result)
+            for i in range(p.n):
+                child = p if p.n == 1 else _child_params(p, i)
+                self._submit(result, i, ids, child, pending)
+        self._run(pending, use_tqdm)
+        for r in results:
+            r.outputs.sort(key=lambda o: o.index)
+        return results
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[GenerationResult]:
+        """Apply the model's chat template to each conversation and complete it."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True)  # type: ignore[arg-type]
+            # The template already holds BOS where the model wants it.
+            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _submit(
+        self,
+        result: GenerationResult,
+        index: int,
+        ids: list[int],
+        p: SamplingParams,
+        pending: dict[str, _Pending],
+    ) -> None:
+        rid = f"llm-{next(self._ids)}"
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            ids,
+            skip_special_tokens=p.skip_special_tokens,
+            spaces_between_special_tokens=p.spaces_between_special_tokens,
+            stop=list(p.stop),
+            include_stop_str_in_output=p.include_stop_str_in_output,
+        )
+        entry = _Pending(result, index, detok)
+        result.outputs.append(entry.output)
+        error = self.engine.add_request(EngineRequest(rid, ids, p))
+        if error is not None:
+            raise ValueError(error.error)
+        pending[rid] = entry
+
+    def _run(self, pending: dict[str, _Pending], use_tqdm: bool) -> None:
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(pending), desc="generating", unit="req")
+        while pending:
+            for out in self.engine.step():
+                entry = pending.get(out.request_id)
+                if entry is None:
+                    continue
+                o = entry.output
+                o.token_ids.extend(out.new_token_ids)
+                if out.new_logprobs is not None:
+                    o.logprobs = (o.logprobs or []) + list(out.new_logprobs)
+                if out.prompt_logprobs is not None:
+                    entry.result.prompt_logprobs = out.prompt_logprobs
+                entry.result.num_cached_tokens = out.num_cached_tokens
+                o.text += entry.detok.add(out.new_token_ids)
+                done = out.finish_reason is not None
+                if entry.detok.stopped is not None and not done:
+                    # A stop string matched: the engine need not generate any further.
+                    self.engine.abort_requests([out.request_id])
+                    done = True
+                if done:
+                    if entry.detok.stopped is not None:
+                        o.finish_reason, o.stop_reason = "stop", entry.detok.stopped
+                    else:
+                        o.text += entry.detok.flush()
+                        assert out.finish_reason is not None
+                        o.finish_reason = str(out.finish_reason)
+                        o.stop_reason = out.stop_reason
+                        if out.finish_reason == FinishReason.ERROR:
+                            o.error = out.error
+                    del pending[out.request_id]
+                    if bar is not None:
+                        bar.update(1)
+            if pending and not self.engine.has_unfinished_requests():
+                raise RuntimeError("engine went idle with requests pending")
+        if bar is not None:
+            bar.close()
+
+
+def _child_params(p: SamplingParams, index: int) -> SamplingParams:
+    """The i-th of n completions: n=1, and a distinct seed when the parent has one."""
+    import msgspec
+
+    seed = None if p.seed is None else p.seed + index
+    return msgspec.structs.replace(p, n=1, seed=seed)
