@@ -45,6 +45,7 @@ class Tokenizer:
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         added = tokenizer.get_added_tokens_decoder()
         self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
+        self.byte_fallback_ids = _byte_fallback_ids(tokenizer)
 
     @property
     def bos_token(self) -> str:
@@ -109,6 +110,18 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def _byte_fallback_ids(tokenizer: HFTokenizer) -> frozenset[int]:
+    """Ids of `<0xNN>` tokens when the model falls back to bytes (SentencePiece style).
+
+    Their decoder turns a whole run of byte tokens into U+FFFD per byte when the run is not
+    valid UTF-8, so a run's text is final only once a non-byte token ends it.
+    """
+    if not getattr(tokenizer.model, "byte_fallback", False):
+        return frozenset()
+    ids = (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return frozenset(i for i in ids if i is not None)
 
 
 def load_tokenizer(path: str) -> Tokenizer:

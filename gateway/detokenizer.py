@@ -1,0 +1,137 @@
+"""Incremental detokenization: text deltas as a request's tokens stream in, with stop strings.
+
+Decoding token by token is wrong in two ways: a character may span several tokens
+(byte-fallback and byte-level tokens carry one UTF-8 byte each), and SentencePiece
+decoders strip the leading space of the first token decoded. So, like vLLM, each step
+decodes a short window of recent tokens twice, with and without the new ones, and emits
+the difference:
+
+    ids:   ... prompt ... | out0 out1 out2 | out3 out4
+                          ^prefix          ^read      (new tokens after read)
+    delta = decode(ids[prefix:]) - decode(ids[prefix:read])
+
+The window starts inside the prompt, so a leading space of the first output token
+survives. A delta that ends in U+FFFD (an incomplete UTF-8 character) is held back until
+the character's last byte arrives. With SentencePiece byte fallback, text ending in a
+`<0xNN>` token waits for the run of byte tokens to end: a later invalid byte turns the
+whole run into U+FFFD in `decode`. When special tokens are skipped they are dropped
+before decoding, so they never begin a window (where a decoder would strip a space).
+
+Stop strings are matched on the decoded text, across token boundaries; a tail that could
+be the start of a stop string is held back until it can't.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+# Prompt tokens decoded as context before the first output token (vLLM uses 5 too).
+PROMPT_CONTEXT_TOKENS = 5
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class _Tokenizer(Protocol):
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def is_special(self, token_id: int) -> bool: ...
+
+    @property
+    def byte_fallback_ids(self) -> frozenset[int]: ...
+
+
+class IncrementalDetokenizer:
+    """Turns one request's output tokens into text deltas; see the module docstring."""
+
+    def __init__(
+        self,
+        tokenizer: _Tokenizer,
+        prompt_token_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        # spaces_between_special_tokens only affects transformers' slow tokenizers; fast
+        # tokenizers (ours) join special tokens without spaces either way.
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens
+        self.stop = [s for s in stop if s]
+        self.include_stop_str_in_output = include_stop_str_in_output
+        self._max_stop_len = max((len(s) for s in self.stop), default=0)
+
+        context = [t for t in prompt_token_ids if self._keep(t)][-PROMPT_CONTEXT_TOKENS:]
+        self._ids: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._text = ""  # all decoded output text, emitted or held back for stop strings
+        self.output_text = ""  # all text emitted so far
+        self.stopped: str | None = None
+
+    def _keep(self, token_id: int) -> bool:
+        return not (self.skip_special_tokens and self.tokenizer.is_special(token_id))
+
+    def add(self, new_token_ids: Sequence[int]) -> str:
+        """Feed new output tokens; returns the text that is now safe to emit (may be "")."""
+        if self.stopped is not None:
+            return ""
+        self._ids.extend(t for t in new_token_ids if self._keep(t))
+        self._text += self._decode_new(final=False)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """At the end of the stream: emit everything held back (unless a stop matched)."""
+        if self.stopped is not None:
+            return ""
+        self._text += self._decode_new(final=True)
+        return self._emit(final=True)
+
+    def _decode_new(self, final: bool) -> str:
+        if self._read_offset == len(self._ids):
+            return ""
+        decode = self.tokenizer.decode
+        prefix_text = decode(
+            self._ids[self._prefix_offset : self._read_offset], self.skip_special_tokens
+        )
+        full_text = decode(self._ids[self._prefix_offset :], self.skip_special_tokens)
+        if not final and (
+            len(full_text) <= len(prefix_text)
+            or full_text.endswith(REPLACEMENT_CHAR)
+            or self._ids[-1] in self.tokenizer.byte_fallback_ids
+        ):
+            return ""  # nothing yet, or a character (or a run of byte tokens) still open
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return full_text[len(prefix_text) :]
+
+    def _emit(self, final: bool) -> str:
+        """Emit text up to a stop string, holding back a tail that may begin one."""
+        end = len(self._text)
+        if self.stop:
+            # A match must end in text not yet emitted, so it starts at most max_len - 1
+            # characters before it.
+            search_from = max(0, len(self.output_text) - self._max_stop_len + 1)
+            first: tuple[int, str] | None = None
+            for s in self.stop:
+                i = self._text.find(s, search_from)
+                if i >= 0 and (first is None or i < first[0]):
+                    first = (i, s)
+            if first is not None:
+                i, s = first
+                self.stopped = s
+                end = i + len(s) if self.include_stop_str_in_output else i
+            elif not final:
+                end -= self._partial_stop_len()
+        delta = self._text[len(self.output_text) : end] if end > len(self.output_text) else ""
+        self.output_text += delta
+        return delta
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        text = self._text
+        for n in range(min(self._max_stop_len - 1, len(text)), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
