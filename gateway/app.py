@@ -1,0 +1,302 @@
+"""The gateway's HTTP app (starlette) and `headrace gateway`.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /metrics, POST /tokenize, POST /detokenize. With `--api-key`, /v1/* needs
+`Authorization: Bearer KEY`. Every user error is an OpenAI error object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.engine_client import EngineClient
+from gateway.errors import (
+    APIError,
+    BadRequest,
+    InternalError,
+    NotFound,
+    Unauthorized,
+    from_validation_error,
+)
+from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from gateway.router import ROUTING_POLICIES
+from gateway.serving_chat import chat_prompt_ids, create_chat_completion
+from gateway.serving_completions import create_completion
+from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
+
+logger = logging.getLogger("headrace.gateway")
+T = TypeVar("T")
+_json = msgspec.json.Encoder()
+
+
+@dataclass
+class GatewayConfig:
+    """Everything `headrace gateway` is told besides the engine's own flags."""
+
+    workers: list[str]  # ZeroMQ addresses of the workers
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # required as a Bearer token on /v1/* when set
+    routing: str = "least-loaded"  # or "prefix"
+    max_queued_requests: int | None = None  # 429 beyond this many requests waiting
+    worker_timeout: float = 1.0  # seconds of silence before a worker counts as down
+    tokenizer: str | None = None  # overrides the tokenizer path the workers announce
+    started: float = field(default_factory=time.time)
+
+
+def json_response(body: msgspec.Struct | dict[str, Any], status: int = 200) -> Response:
+    return Response(_json.encode(body), status_code=status, media_type="application/json")
+
+
+def error_response(err: APIError) -> Response:
+    return json_response(err.body(), err.status)
+
+
+def decode(body: bytes, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise from_validation_error(e) from None
+
+
+class APIKeyMiddleware:
+    """401 on /v1/* without the right `Authorization: Bearer` token."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                err = Unauthorized("invalid or missing API key (Authorization: Bearer ...)")
+                await error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Starlette:
+    """The ASGI app; it starts and stops its EngineClient with its lifespan."""
+    client = client or EngineClient(
+        config.workers,
+        routing=config.routing,
+        worker_timeout=config.worker_timeout,
+        tokenizer=config.tokenizer,
+        max_queued_requests=config.max_queued_requests,
+    )
+    metrics = Metrics(client)
+
+    def endpoint(
+        handler: Callable[[Request], Awaitable[Response | SSEResponse]],
+    ) -> Callable[[Request], Awaitable[Any]]:
+        async def wrapped(request: Request) -> Any:
+            try:
+                return await handler(request)
+            except APIError as e:
+                return error_response(e)
+            except ClientDisconnected:
+                return Response(status_code=499)
+            except Exception:
+                logger.exception("unexpected error in %s", request.url.path)
+                return error_response(InternalError("internal server error"))
+
+        return wrapped
+
+    async def generate(request: Request, kind: type[Any], create: Callable[..., Any]) -> Any:
+        req = decode(await request.body(), kind)
+        result = await until_disconnect(create(client, metrics, req), request.receive)
+        if isinstance(result, AsyncGenerator):
+            return SSEResponse(result)
+        return json_response(result)
+
+    async def completions(request: Request) -> Any:
+        return await generate(request, CompletionRequest, create_completion)
+
+    async def chat(request: Request) -> Any:
+        return await generate(request, ChatCompletionRequest, create_chat_completion)
+
+    async def models(request: Request) -> Response:
+        cards = [
+            ModelCard(m.name, int(config.started), m.info.model_path, m.info.max_model_len)
+            for m in client.models.values()
+        ]
+        return json_response(ModelList(cards))
+
+    async def health(request: Request) -> Response:
+        workers = [
+            {
+                "address": w.address,
+                "state": w.state.value,
+                "worker_id": w.info.worker_id if w.info else None,
+                "model": w.info.model_name if w.info else None,
+                "num_running": w.stats.num_running,
+                "num_waiting": w.stats.num_waiting,
+                "num_free_blocks": w.stats.num_free_blocks,
+                "inflight": len(w.inflight),
+            }
+            for w in client.workers
+        ]
+        ready = any(m.tokenizer is not None for m in client.models.values())
+        ok = ready and any(w.up for w in client.workers)
+        body = {"status": "ok" if ok else "unavailable", "workers": workers}
+        return json_response(body, 200 if ok else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    async def tokenize(request: Request) -> Response:
+        req = decode(await request.body(), TokenizeRequest)
+        entry = client.model(req.model)
+        tok = entry.tokenizer
+        assert tok is not None
+        if req.messages is not None:
+            ids = chat_prompt_ids(entry, req.messages, req.add_generation_prompt)
+        elif req.prompt is not None:
+            ids = list(tok.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        else:
+            raise BadRequest("either prompt or messages is required", "prompt")
+        return json_response(TokenizeResponse(len(ids), entry.info.max_model_len, ids))
+
+    async def detokenize(request: Request) -> Response:
+        req = decode(await request.body(), DetokenizeRequest)
+        entry = client.model(req.model)
+        tok = entry.tokenizer
+        assert tok is not None
+        vocab = entry.info.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise BadRequest(f"token ids must be in [0, {vocab})", "tokens")
+        return json_response(DetokenizeResponse(tok.decode(req.tokens)))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await client.start()
+        try:
+            yield
+        finally:
+            await client.close()
+
+    routes = [
+        Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
+        Route("/v1/models", endpoint(models), methods=["GET"]),
+        Route("/health", endpoint(health), methods=["GET"]),
+        Route("/metrics", endpoint(metrics_endpoint), methods=["GET"]),
+        Route("/tokenize", endpoint(tokenize), methods=["POST"]),
+        Route("/detokenize", endpoint(detokenize), methods=["POST"]),
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        err = NotFound(f"no route {request.url.path}") if status == 404 else BadRequest(str(exc))
+        err.status = status
+        return error_response(err)
+
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={404: http_error, 405: http_error}
+    )
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.state.client = client
+    app.state.metrics = metrics
+    return app
+
+
+# -------------------------------------------------------------------- CLI
+
+
+def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True) -> None:
+    """Flags of `headrace gateway` (and, without --worker, of `headrace serve`)."""
+    g = parser.add_argument_group("gateway")
+    if with_workers:
+        g.add_argument(
+            "--worker",
+            action="append",
+            required=True,
+            metavar="ADDR",
+            help="a worker's ZeroMQ address (ipc:///path or tcp://host:port); repeat for more",
+        )
+        g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the worker's)")
+    g.add_argument("--host", default="127.0.0.1", help="HTTP host to bind (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    g.add_argument("--api-key", default=None, help="require this Bearer token on /v1/*")
+    g.add_argument("--routing", default="least-loaded", choices=ROUTING_POLICIES)
+    g.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        help="answer 429 while this many requests wait for their first token",
+    )
+    g.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=1.0,
+        help="seconds without a heartbeat before a worker counts as down",
+    )
+
+
+def gateway_config_from_args(
+    args: argparse.Namespace, workers: list[str] | None = None
+) -> GatewayConfig:
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    if args.worker_timeout <= 0:
+        raise ValueError(f"--worker-timeout must be > 0, got {args.worker_timeout}")
+    return GatewayConfig(
+        workers=workers if workers is not None else list(args.worker),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        routing=args.routing,
+        max_queued_requests=args.max_queued_requests,
+        worker_timeout=args.worker_timeout,
+        tokenizer=getattr(args, "tokenizer", None),
+    )
+
+
+def run_gateway(config: GatewayConfig, log_level: str = "warning") -> None:
+    """Serve the app with uvicorn (uvloop and httptools when installed) until SIGINT/SIGTERM."""
+    import uvicorn
+
+    log_level = log_level.lower()
+    logging.getLogger("headrace").setLevel(log_level.upper())
+    app = build_app(config)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        loop="auto",
+        http="auto",
+        log_level=log_level,
+        access_log=False,
+        timeout_keep_alive=30,
+    )
+
+
+def gateway_main(args: argparse.Namespace) -> None:
+    """`headrace gateway --worker ADDR [--worker ADDR ...]`."""
+    run_gateway(gateway_config_from_args(args), getattr(args, "log_level", "warning"))

@@ -1,0 +1,78 @@
+"""Which worker gets a request: the least loaded, or (`--routing prefix`) the one most likely
+to hold the request's prompt prefix in its KV cache.
+
+Prefix routing keys a prompt by chained hashes of its full blocks, the same shape as the
+worker's prefix cache keys: key_i = hash(key_{i-1}, tokens of block i). The router remembers
+which worker each key last went to (LRU, bounded). A new request goes to the worker holding
+its longest remembered prefix, unless that worker is much busier than the least loaded one,
+so one hot prefix cannot pile every request onto one worker.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from gateway.errors import ServiceUnavailable
+from gateway.workers import WorkerConnection
+
+ROUTING_POLICIES = ("least-loaded", "prefix")
+
+
+class Router:
+    def __init__(
+        self,
+        policy: str = "least-loaded",
+        *,
+        block_size: int = 16,
+        max_prefix_blocks: int = 64,
+        max_entries: int = 200_000,
+        imbalance: int = 8,
+    ) -> None:
+        if policy not in ROUTING_POLICIES:
+            raise ValueError(
+                f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {policy!r}"
+            )
+        self.policy = policy
+        self.block_size = block_size  # tokens per prefix key (the workers' KV block size)
+        self.max_prefix_blocks = max_prefix_blocks  # only the first blocks decide
+        self.max_entries = max_entries  # remembered prefix keys, least recently used dropped
+        self.imbalance = imbalance  # extra load tolerated on the prefix holder
+        self._owner: OrderedDict[int, str] = OrderedDict()  # prefix key -> worker address
+
+    def choose(
+        self, workers: Sequence[WorkerConnection], model: str, prompt: Sequence[int]
+    ) -> WorkerConnection:
+        candidates = [
+            w for w in workers if w.up and w.info is not None and w.info.model_name == model
+        ]
+        if not candidates:
+            raise ServiceUnavailable(f"no worker serving model {model!r} is available")
+        least = min(candidates, key=lambda w: (w.load, -w.stats.num_free_blocks))
+        if self.policy != "prefix" or len(candidates) == 1:
+            return least
+        keys = self._prefix_keys(prompt)
+        chosen = least
+        by_address = {w.address: w for w in candidates}
+        for key in reversed(keys):
+            holder = by_address.get(self._owner.get(key, ""))
+            if holder is not None:
+                if holder.load <= least.load + self.imbalance:
+                    chosen = holder
+                break
+        for key in keys:
+            self._owner[key] = chosen.address
+            self._owner.move_to_end(key)
+        while len(self._owner) > self.max_entries:
+            self._owner.popitem(last=False)
+        return chosen
+
+    def _prefix_keys(self, prompt: Sequence[int]) -> list[int]:
+        keys = []
+        parent = 0
+        bs = self.block_size
+        n_blocks = min(len(prompt) // bs, self.max_prefix_blocks)
+        for i in range(n_blocks):
+            parent = hash((parent, *prompt[i * bs : (i + 1) * bs]))
+            keys.append(parent)
+        return keys

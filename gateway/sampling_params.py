@@ -1,0 +1,84 @@
+"""OpenAI request fields -> the worker's SamplingParams, with OpenAI-style 400s."""
+
+from __future__ import annotations
+
+import msgspec
+
+from gateway.errors import BadRequest
+from gateway.protocol import SamplingExtras
+from ipc.messages import SamplingParams
+
+
+def build_params(
+    req: SamplingExtras, max_tokens: int | None, logprobs: int | None, max_logprobs: int
+) -> SamplingParams:
+    """Validated params for one prompt's n completions (n is fanned out by `fan_out`)."""
+    if req.best_of is not None and req.best_of != req.n:
+        raise BadRequest("best_of must equal n: best-of sampling is not supported", "best_of")
+    if req.logit_bias:
+        raise BadRequest("logit_bias is not supported", "logit_bias")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    params = SamplingParams(
+        n=req.n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k is None else req.top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=req.prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+    )
+    try:
+        params.validate(max_logprobs)
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise BadRequest(str(e), field) from None
+    return params
+
+
+def check_length(
+    prompt_len: int, params: SamplingParams, max_model_len: int, what: str = "prompt"
+) -> SamplingParams:
+    """Fill max_tokens when unset; 400 when the prompt plus completion cannot fit."""
+    if prompt_len == 0:
+        raise BadRequest(f"the {what} is empty", what)
+    if prompt_len >= max_model_len:
+        raise BadRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"{what} has {prompt_len} tokens, leaving no room for the completion. Please "
+            f"reduce the length of the {what}.",
+            what,
+        )
+    if params.max_tokens is None:
+        return msgspec.structs.replace(params, max_tokens=max_model_len - prompt_len)
+    if prompt_len + params.max_tokens > max_model_len:
+        raise BadRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + params.max_tokens} tokens ({prompt_len} in the {what}, "
+            f"{params.max_tokens} in the completion). Please reduce the length of the {what} "
+            "or completion.",
+            "max_tokens",
+        )
+    return params
+
+
+def fan_out(params: SamplingParams) -> list[SamplingParams]:
+    """n requests of n=1; with a seed, child i gets seed + i so the n samples differ."""
+    if params.n == 1:
+        return [params]
+    children = []
+    for i in range(params.n):
+        seed = None if params.seed is None else params.seed + i
+        children.append(msgspec.structs.replace(params, n=1, seed=seed))
+    return children

@@ -1,0 +1,225 @@
+"""POST /v1/completions: prompts (text or token ids) -> n completions each, streamed or not."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+
+import msgspec
+
+from gateway.engine_client import Child, EngineClient, ModelEntry, Submission
+from gateway.errors import APIError, BadRequest
+from gateway.metrics import Metrics
+from gateway.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+)
+from gateway.sampling_params import build_params, check_length, fan_out
+from gateway.sequence import Delta, SequenceState, TokenStrings
+from gateway.serving_common import finish_error, observe_all, token_strings
+from gateway.sse import DONE, error_event, event
+from ipc.messages import TokenLogprobs
+
+
+def parse_prompts(req: CompletionRequest, entry: ModelEntry) -> list[tuple[str | None, list[int]]]:
+    """(text or None, token ids) per prompt, whichever of the four OpenAI shapes was sent."""
+    tok = entry.tokenizer
+    assert tok is not None
+    p = req.prompt
+    if p is None:
+        raise BadRequest("prompt is required", "prompt")
+    if isinstance(p, str):
+        texts: list[str] | None = [p]
+        ids_list = None
+    elif not p:
+        raise BadRequest("prompt must not be an empty list", "prompt")
+    elif all(isinstance(x, str) for x in p):
+        texts, ids_list = [x for x in p if isinstance(x, str)], None
+    elif all(isinstance(x, int) for x in p):
+        texts, ids_list = None, [[x for x in p if isinstance(x, int)]]
+    elif all(isinstance(x, list) for x in p):
+        texts, ids_list = None, [x for x in p if isinstance(x, list)]
+    else:
+        raise BadRequest(
+            "prompt must be a string, a list of strings, a list of token ids, or a list of "
+            "lists of token ids",
+            "prompt",
+        )
+    if texts is not None:
+        return [(t, tok.encode(t, add_special_tokens=req.add_special_tokens)) for t in texts]
+    assert ids_list is not None
+    vocab = entry.info.vocab_size
+    for ids in ids_list:
+        if any(not 0 <= t < vocab for t in ids):
+            raise BadRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+    return [(None, ids) for ids in ids_list]
+
+
+class CompletionRun:
+    """One /v1/completions call in flight: its sequences, and how to render them."""
+
+    def __init__(self, client: EngineClient, metrics: Metrics | None, req: CompletionRequest):
+        if req.suffix:
+            raise BadRequest("suffix is not supported", "suffix")
+        self.req = req
+        self.metrics = metrics
+        self.entry = entry = client.model(req.model)
+        tok = entry.tokenizer
+        assert tok is not None
+        self.prompts = parse_prompts(req, entry)
+        want_prompt_lps = req.echo and req.logprobs is not None
+        base = build_params(req, req.max_tokens, req.logprobs, entry.info.max_logprobs)
+        if want_prompt_lps and base.prompt_logprobs is None:
+            base = msgspec.structs.replace(base, prompt_logprobs=req.logprobs)
+        self.request_id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.strings: TokenStrings = token_strings(entry)
+        children: list[Child] = []
+        self.seqs: list[SequenceState] = []
+        for p, (_, ids) in enumerate(self.prompts):
+            params = check_length(len(ids), base, entry.info.max_model_len)
+            for i, child_params in enumerate(fan_out(params)):
+                children.append(Child(f"{self.request_id}-{p}-{i}", ids, child_params))
+                self.seqs.append(SequenceState(tok, ids, child_params))
+        self.sub: Submission = client.submit(entry.name, children)
+
+    def prompt_text(self, index: int) -> str:
+        text, ids = self.prompts[index // self.req.n]
+        if text is None:
+            assert self.entry.tokenizer is not None
+            text = self.entry.tokenizer.decode(ids)
+        return text
+
+    def usage(self) -> Usage:
+        prompt = sum(len(ids) for _, ids in self.prompts)
+        completion = sum(s.num_tokens for s in self.seqs)
+        return Usage(prompt, completion, prompt + completion)
+
+    def logprobs(self, index: int, delta_lps: list[TokenLogprobs], offsets: list[int],
+                 token_ids: list[int], with_prompt: bool, text_base: int) -> CompletionLogprobs:  # fmt: skip
+        """OpenAI's legacy logprobs object for these tokens (and the prompt's, when echoed)."""
+        out = CompletionLogprobs()
+        s = self.strings
+        seq = self.seqs[index]
+        if with_prompt:
+            pos = 0
+            for j, tid in enumerate(seq.prompt_token_ids):
+                lp = (
+                    seq.prompt_logprobs[j]
+                    if seq.prompt_logprobs and j < len(seq.prompt_logprobs)
+                    else None
+                )
+                text = s(tid)
+                out.tokens.append(text)
+                out.text_offset.append(pos)
+                pos += len(text)
+                out.token_logprobs.append(None if lp is None else lp.logprobs[0])
+                out.top_logprobs.append(None if lp is None else _top_dict(lp, s))
+        for tid, lp, off in zip(token_ids, delta_lps, offsets, strict=False):
+            out.tokens.append(s(tid))
+            out.text_offset.append(text_base + off)
+            out.token_logprobs.append(lp.logprobs[0])
+            out.top_logprobs.append(_top_dict(lp, s))
+        return out
+
+    def choice(self, index: int, delta: Delta, first: bool) -> CompletionChoice:
+        seq = self.seqs[index]
+        echo = self.req.echo and first
+        prefix = self.prompt_text(index) if echo else ""
+        lps = None
+        if self.req.logprobs is not None:
+            base = len(prefix) if self.req.echo else 0
+            lps = self.logprobs(index, delta.logprobs, delta.offsets, delta.token_ids, echo, base)
+        return CompletionChoice(
+            index=index,
+            text=prefix + delta.text,
+            logprobs=lps,
+            finish_reason=seq.finish_reason if delta.finished else None,
+            stop_reason=seq.stop_reason if delta.finished else None,
+        )
+
+
+async def create_completion(
+    client: EngineClient, metrics: Metrics | None, req: CompletionRequest
+) -> CompletionResponse | AsyncGenerator[bytes, None]:
+    run = CompletionRun(client, metrics, req)
+    if req.stream:
+        return _stream(run)
+    try:
+        return await _collect(run)
+    finally:
+        run.sub.close()
+
+
+async def _collect(run: CompletionRun) -> CompletionResponse:
+    per_choice: list[Delta] = [Delta() for _ in run.seqs]
+    async for batch in run.sub:
+        for index, out in batch:
+            seq = run.seqs[index]
+            d = seq.update(out)
+            acc = per_choice[index]
+            acc.text += d.text
+            acc.token_ids += d.token_ids
+            acc.logprobs += d.logprobs
+            acc.offsets += d.offsets
+            if seq.stopped_by_string:
+                run.sub.abort(index)
+            if seq.error is not None:
+                raise finish_error(run.sub, index, seq)
+    observe_all(run.metrics, run.entry.name, run.seqs)
+    choices = []
+    for index, acc in enumerate(per_choice):
+        acc.finished = True
+        choices.append(run.choice(index, acc, first=True))
+    return CompletionResponse(run.request_id, run.created, run.entry.name, choices, run.usage())
+
+
+async def _stream(run: CompletionRun) -> AsyncGenerator[bytes, None]:
+    first = [True] * len(run.seqs)
+    name = run.entry.name
+    try:
+        async for batch in run.sub:
+            events = []
+            for index, out in batch:
+                seq = run.seqs[index]
+                if seq.finished:
+                    continue
+                d = seq.update(out)
+                if seq.stopped_by_string:
+                    run.sub.abort(index)
+                if seq.error is not None:
+                    yield b"".join(events) + error_event(finish_error(run.sub, index, seq))
+                    yield DONE
+                    return
+                if not (d.text or d.finished or (first[index] and run.req.echo)):
+                    continue
+                choice = run.choice(index, d, first[index])
+                first[index] = False
+                events.append(
+                    event(CompletionResponse(run.request_id, run.created, name, [choice]))
+                )
+            if events:
+                yield b"".join(events)
+        observe_all(run.metrics, name, run.seqs)
+        opts = run.req.stream_options
+        if opts is not None and opts.include_usage:
+            yield event(CompletionResponse(run.request_id, run.created, name, [], run.usage()))
+        yield DONE
+    except APIError as e:
+        yield error_event(e)
+        yield DONE
+    finally:
+        run.sub.close()
+
+
+def _top_dict(lp: TokenLogprobs, s: TokenStrings) -> dict[str, float]:
+    # The chosen token first, then the top alternatives; a token already present keeps
+    # its first (the chosen token's) logprob.
+    top: dict[str, float] = {}
+    for tid, value in zip(lp.token_ids, lp.logprobs, strict=False):
+        top.setdefault(s(tid), value)
+    return top

@@ -1,0 +1,179 @@
+"""One gateway's connection to one worker: the socket, its health, and reconnecting.
+
+States:
+
+    CONNECTING --ModelInfo--> UP --silent > timeout, or socket disconnect--> DOWN
+        ^                                                                   |
+        +------------------------ Hello every 0.2 s ------------------------+
+
+While not UP the gateway sends Hello every `hello_interval`; ZeroMQ reconnects the socket
+by itself, so a worker restarted at the same address is used again with no gateway
+restart. While UP, a Hello every second is the gateway's keepalive (the worker aborts the
+requests of gateways it stops hearing from). A new worker id behind the same address means
+the worker restarted: whatever was in flight there is lost and fails at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from ipc.messages import (
+    EngineOutputs,
+    Heartbeat,
+    Hello,
+    ModelInfo,
+    ToWorker,
+    WorkerStats,
+)
+from ipc.wire import GatewayCodec, connect_dealer
+
+logger = logging.getLogger("headrace.gateway")
+
+
+class WorkerState(enum.Enum):
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+
+
+class WorkerConnection:
+    """A DEALER socket to one worker plus what the gateway knows about that worker."""
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        address: str,
+        gateway_id: str,
+        *,
+        on_outputs: Callable[[WorkerConnection, EngineOutputs], None],
+        on_model_info: Callable[[WorkerConnection, ModelInfo], None],
+        on_lost: Callable[[WorkerConnection, str], None],
+        timeout: float = 1.0,
+        hello_interval: float = 0.2,
+        keepalive_interval: float = 1.0,
+    ) -> None:
+        self.address = address
+        self.gateway_id = gateway_id
+        self.state = WorkerState.CONNECTING
+        self.info: ModelInfo | None = None
+        self.stats = WorkerStats()
+        self.inflight: set[str] = set()  # request ids this gateway has running there
+        self.last_seen = 0.0
+        self.timeout = timeout
+        self.hello_interval = hello_interval
+        self.keepalive_interval = keepalive_interval
+        self._on_outputs = on_outputs
+        self._on_model_info = on_model_info
+        self._on_lost = on_lost
+        self._codec = GatewayCodec()
+        self._sock = connect_dealer(ctx, address, gateway_id)  # type: ignore[arg-type]
+        # Sends go through a plain (synchronous) shadow of the same socket: a NOBLOCK send
+        # must fail here and now when the worker is unreachable, not in a future.
+        self._send_sock = zmq.Socket.shadow(self._sock.underlying)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def up(self) -> bool:
+        return self.state is WorkerState.UP
+
+    @property
+    def load(self) -> int:
+        """Requests ahead of a new one: ours counted at once, others' through the stats."""
+        return max(len(self.inflight), self.stats.num_running + self.stats.num_waiting)
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.ensure_future(self._recv_loop()),
+            asyncio.ensure_future(self._hello_loop()),
+            asyncio.ensure_future(self._watch_loop()),
+        ]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+
+    def send(self, msg: ToWorker) -> bool:
+        """Send without waiting; False when no connection to the worker is up."""
+        try:
+            self._send_sock.send(self._codec.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def mark_down(self, why: str) -> None:
+        if self.state is WorkerState.DOWN:
+            return
+        was_up = self.state is WorkerState.UP
+        self.state = WorkerState.DOWN
+        if was_up or self.inflight:
+            logger.warning("worker %s is down: %s", self.address, why)
+        self._on_lost(self, why)
+
+    # ------------------------------------------------------------------ loops
+
+    async def _recv_loop(self) -> None:
+        while True:
+            data = await self._sock.recv()
+            try:
+                msg = self._codec.decode(data)
+            except Exception as e:
+                logger.warning("dropping an undecodable frame from %s: %s", self.address, e)
+                continue
+            self.last_seen = time.monotonic()
+            if isinstance(msg, EngineOutputs):
+                if msg.stats is not None:
+                    self.stats = msg.stats
+                self._on_outputs(self, msg)
+            elif isinstance(msg, Heartbeat):
+                self.stats = msg.stats
+                if self.info is None or msg.worker_id != self.info.worker_id:
+                    # A worker we have not been introduced to (it restarted): ask who it is.
+                    self.send(Hello(self.gateway_id))
+            else:
+                self._accept(msg)
+
+    def _accept(self, info: ModelInfo) -> None:
+        if self.info is not None and info.worker_id != self.info.worker_id and self.inflight:
+            self._on_lost(self, f"worker {self.info.worker_id} restarted")
+        if self.state is not WorkerState.UP:
+            logger.info("worker %s is up: %s (%s)", self.address, info.model_name, info.worker_id)
+        self.info = info
+        self.state = WorkerState.UP
+        self._on_model_info(self, info)
+
+    async def _hello_loop(self) -> None:
+        while True:
+            self.send(Hello(self.gateway_id))
+            await asyncio.sleep(self.keepalive_interval if self.up else self.hello_interval)
+
+    async def _watch_loop(self) -> None:
+        """Down on socket disconnect (immediate) or on silence longer than `timeout`."""
+        monitor = asyncio.ensure_future(self._monitor_loop())
+        try:
+            while True:
+                await asyncio.sleep(min(0.05, self.timeout / 4))
+                silent = time.monotonic() - self.last_seen
+                if self.up and silent > self.timeout:
+                    self.mark_down(f"no heartbeat for {silent:.2f} s")
+        finally:
+            monitor.cancel()
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            frames = await self._monitor.recv_multipart()
+            event = parse_monitor_message(frames)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.mark_down("connection closed")

@@ -1,0 +1,452 @@
+"""The worker process: one engine behind one ZeroMQ ROUTER socket.
+
+Three threads, so socket work overlaps GPU work and the GPU loop never encodes or waits on
+a socket:
+
+    zmq-io      owns the ROUTER socket: decodes requests and aborts into `inbox`, answers
+                Hello with ModelInfo, forwards encoded frames from zmq-out to gateways
+    engine      builds the engine, then loops: drain inbox -> engine.step() -> outbox
+    zmq-out     encodes each step's outputs, one EngineOutputs per gateway, and sends
+                heartbeats (WorkerStats) to every known gateway every interval
+
+    gateway --ROUTER--> zmq-io --inbox--> engine --outbox--> zmq-out --inproc--> zmq-io --> gateway
+
+The main thread only waits for SIGTERM/SIGINT. Gateways send Hello when they connect and
+every second after (keepalive); a gateway silent for `gateway_timeout` is presumed dead and
+its requests are aborted so their KV blocks return to the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Protocol
+
+import zmq
+
+from ipc.messages import (
+    AbortRequests,
+    EngineOutputs,
+    EngineRequest,
+    FinishReason,
+    Heartbeat,
+    Hello,
+    ModelInfo,
+    RequestOutput,
+    WorkerStats,
+)
+from ipc.wire import WorkerCodec, bind_router, default_worker_id
+
+logger = logging.getLogger("headrace.worker")
+
+DEFAULT_BIND = "tcp://127.0.0.1:5550"
+
+
+class Engine(Protocol):
+    """What the worker needs from worker.engine.EngineCore (tests use a fake)."""
+
+    model_info: ModelInfo
+
+    def add_request(self, req: EngineRequest) -> RequestOutput | None: ...
+    def abort_requests(self, request_ids: list[str]) -> None: ...
+    def step(self) -> list[RequestOutput]: ...
+    def has_unfinished_requests(self) -> bool: ...
+    def stats(self) -> WorkerStats: ...
+
+
+class _GatewayGone:
+    """Inbox marker from zmq-io: this gateway stopped sending keepalives."""
+
+
+_GONE = _GatewayGone()
+Inbox = queue.Queue[tuple[bytes, EngineRequest | AbortRequests | _GatewayGone]]
+Outbox = queue.SimpleQueue[list[tuple[bytes, EngineOutputs]] | None]
+
+
+class WorkerServer:
+    """Serves one engine at `address` until `stop()`."""
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], Engine],
+        address: str,
+        *,
+        worker_id: str | None = None,
+        heartbeat_interval: float = 0.1,
+        gateway_timeout: float = 10.0,
+        tokenizer: str | None = None,
+        max_logprobs: int | None = None,
+    ) -> None:
+        self.engine_factory = engine_factory
+        self.address = address
+        self.worker_id = worker_id or default_worker_id()
+        self.heartbeat_interval = heartbeat_interval
+        self.gateway_timeout = gateway_timeout
+        self.tokenizer = tokenizer
+        self.max_logprobs = max_logprobs
+        self.model_info: ModelInfo | None = None
+        self.stats = WorkerStats()  # latest snapshot, written by the engine thread only
+
+        self._ctx = zmq.Context()
+        self._forward_addr = f"inproc://worker-out-{id(self)}"
+        self._inbox: Inbox = queue.Queue()
+        self._outbox: Outbox = queue.SimpleQueue()
+        self._gateways: dict[bytes, float] = {}  # identity -> last time heard
+        self._gateways_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Build the engine (in its own thread), then bind and start the socket threads."""
+        engine_thread = threading.Thread(target=self._engine_main, name="engine", daemon=True)
+        engine_thread.start()
+        self._threads.append(engine_thread)
+        self._ready.wait()
+        if self._failure is not None:
+            raise RuntimeError("engine failed to start") from self._failure
+        pull = self._ctx.socket(zmq.PULL)
+        pull.bind(self._forward_addr)
+        router = bind_router(self._ctx, self.address)
+        for name, target, sock in (("zmq-io", self._io_main, (router, pull)),):
+            t = threading.Thread(target=target, args=sock, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        t = threading.Thread(target=self._out_main, name="zmq-out", daemon=True)
+        t.start()
+        self._threads.append(t)
+        logger.info("worker %s serving %s at %s", self.worker_id, self._model_name(), self.address)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._outbox.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+        self._ctx.term()
+
+    def serve_forever(self) -> None:
+        """start(), then block until SIGTERM or SIGINT."""
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        while not done.wait(0.5):
+            if self._failure is not None:
+                break
+        self.stop()
+        if self._failure is not None:
+            raise RuntimeError("engine loop failed") from self._failure
+
+    def _model_name(self) -> str:
+        return self.model_info.model_name if self.model_info else "?"
+
+    # ---------------------------------------------------------------- engine thread
+
+    def _engine_main(self) -> None:
+        try:
+            engine = self.engine_factory()
+            self.model_info = _with_identity(
+                engine.model_info, self.worker_id, self.tokenizer, self.max_logprobs
+            )
+            self.stats = engine.stats()
+        except BaseException as e:
+            self._failure = e
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._engine_loop(engine)
+        except BaseException as e:
+            logger.exception("engine loop died")
+            self._failure = e
+
+    def _engine_loop(self, engine: Engine) -> None:
+        owners: dict[str, bytes] = {}  # request id -> the gateway that sent it
+        while not self._stopping.is_set():
+            busy = engine.has_unfinished_requests()
+            ready: list[RequestOutput] = []  # outputs made outside step(): rejections
+            for ident, msg in self._drain_inbox(block=not busy):
+                ready.extend(self._handle(engine, owners, ident, msg))
+            outputs = ready
+            if engine.has_unfinished_requests():
+                try:
+                    outputs = ready + engine.step()
+                except Exception:
+                    outputs = ready + self._fail_all(engine, owners, traceback.format_exc())
+                self.stats = engine.stats()
+            elif ready or busy:
+                self.stats = engine.stats()
+            if outputs:
+                self._outbox.put(_group_by_gateway(outputs, owners, self.stats))
+
+    def _drain_inbox(
+        self, block: bool
+    ) -> list[tuple[bytes, EngineRequest | AbortRequests | _GatewayGone]]:
+        items = []
+        try:
+            if block:
+                items.append(self._inbox.get(timeout=0.05))
+            while True:
+                items.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return items
+
+    def _handle(
+        self,
+        engine: Engine,
+        owners: dict[str, bytes],
+        ident: bytes,
+        msg: EngineRequest | AbortRequests | _GatewayGone,
+    ) -> list[RequestOutput]:
+        if isinstance(msg, EngineRequest):
+            rid = msg.request_id
+            if rid in owners:
+                return [_error_output(rid, f"request id {rid!r} is already running")]
+            owners[rid] = ident
+            try:
+                rejected = engine.add_request(msg)
+            except Exception as e:  # a bad request must not take the worker down
+                rejected = _error_output(rid, f"{type(e).__name__}: {e}")
+            return [rejected] if rejected is not None else []
+        if isinstance(msg, AbortRequests):
+            ids = [rid for rid in msg.request_ids if owners.get(rid) == ident]
+            for rid in ids:
+                del owners[rid]
+            if ids:
+                engine.abort_requests(ids)
+            return []
+        gone = [rid for rid, owner in owners.items() if owner == ident]
+        for rid in gone:
+            del owners[rid]
+        if gone:
+            logger.warning("gateway %r went silent: aborting %d requests", ident, len(gone))
+            engine.abort_requests(gone)
+        return []
+
+    def _fail_all(self, engine: Engine, owners: dict[str, bytes], why: str) -> list[RequestOutput]:
+        logger.error("engine step failed; failing %d requests:\n%s", len(owners), why)
+        ids = list(owners)
+        try:
+            engine.abort_requests(ids)
+        except Exception:
+            logger.exception("abort after a failed step failed too")
+        return [_error_output(rid, "internal error in the engine step") for rid in ids]
+
+    # ---------------------------------------------------------------- socket threads
+
+    def _io_main(self, router: zmq.Socket, pull: zmq.Socket) -> None:
+        codec = WorkerCodec()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        last_sweep = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                events = dict(poller.poll(100))
+                if pull in events:
+                    while True:
+                        try:
+                            frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        router.send_multipart(frames, copy=False)
+                if router in events:
+                    while True:
+                        try:
+                            ident, payload = router.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        except ValueError:  # not two frames: not one of ours
+                            continue
+                        self._on_message(router, codec, ident, payload)
+                now = time.monotonic()
+                if now - last_sweep > 1.0:
+                    last_sweep = now
+                    self._sweep_gateways(now)
+        finally:
+            router.close(linger=0)
+            pull.close(linger=0)
+
+    def _on_message(
+        self, router: zmq.Socket, codec: WorkerCodec, ident: bytes, payload: bytes
+    ) -> None:
+        try:
+            msg = codec.decode(payload)
+        except Exception as e:
+            logger.warning("dropping an undecodable frame from %r: %s", ident, e)
+            return
+        with self._gateways_lock:
+            known = ident in self._gateways
+            self._gateways[ident] = time.monotonic()
+        if isinstance(msg, Hello):
+            if not known:
+                logger.info("gateway %s connected", msg.gateway_id)
+            assert self.model_info is not None  # sockets start after the engine is built
+            router.send_multipart([ident, codec.encode(self.model_info)])
+        else:
+            self._inbox.put((ident, msg))
+
+    def _sweep_gateways(self, now: float) -> None:
+        with self._gateways_lock:
+            gone = [g for g, t in self._gateways.items() if now - t > self.gateway_timeout]
+            for g in gone:
+                del self._gateways[g]
+        for g in gone:
+            self._inbox.put((g, _GONE))
+
+    def _out_main(self) -> None:
+        codec = WorkerCodec()
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)
+        push.connect(self._forward_addr)
+        next_beat = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                timeout = max(0.0, next_beat - time.monotonic())
+                try:
+                    batch = self._outbox.get(timeout=timeout)
+                except queue.Empty:
+                    batch = []
+                if batch is None:
+                    break
+                for ident, outs in batch:
+                    push.send_multipart([ident, codec.encode(outs)], copy=False)
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat_interval
+                    beat = codec.encode(Heartbeat(self.worker_id, self.stats, time.time()))
+                    with self._gateways_lock:
+                        idents = list(self._gateways)
+                    for ident in idents:
+                        push.send_multipart([ident, beat])
+        finally:
+            push.close(linger=0)
+
+
+def _with_identity(
+    info: ModelInfo, worker_id: str, tokenizer: str | None, max_logprobs: int | None
+) -> ModelInfo:
+    return ModelInfo(
+        model_name=info.model_name,
+        model_path=info.model_path,
+        max_model_len=info.max_model_len,
+        vocab_size=info.vocab_size,
+        worker_id=worker_id,
+        tokenizer=tokenizer or info.tokenizer,
+        max_logprobs=info.max_logprobs if max_logprobs is None else max_logprobs,
+    )
+
+
+def _error_output(request_id: str, message: str) -> RequestOutput:
+    return RequestOutput(request_id, finish_reason=FinishReason.ERROR, error=message)
+
+
+def _group_by_gateway(
+    outputs: list[RequestOutput], owners: dict[str, bytes], stats: WorkerStats
+) -> list[tuple[bytes, EngineOutputs]]:
+    """One EngineOutputs per gateway for this step; finished requests leave `owners`."""
+    by_gateway: dict[bytes, list[RequestOutput]] = {}
+    for out in outputs:
+        ident = owners.get(out.request_id)
+        if ident is None:
+            continue  # aborted by its gateway while this step ran
+        by_gateway.setdefault(ident, []).append(out)
+        if out.finish_reason is not None:
+            del owners[out.request_id]
+    now = time.time()
+    return [(g, EngineOutputs(outs, stats, now)) for g, outs in by_gateway.items()]
+
+
+# -------------------------------------------------------------------- CLI
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of `headrace worker` beyond the engine's (worker.args.add_engine_args)."""
+    g = parser.add_argument_group("worker")
+    g.add_argument(
+        "--bind",
+        default=DEFAULT_BIND,
+        help=f"ZeroMQ address to serve gateways on: ipc:///path or tcp://host:port "
+        f"(default {DEFAULT_BIND})",
+    )
+    g.add_argument("--worker-id", default=None, help="name in logs and /health (default: host:pid)")
+    g.add_argument(
+        "--heartbeat-interval", type=float, default=0.1, help="seconds between heartbeats"
+    )
+    g.add_argument(
+        "--gateway-timeout",
+        type=float,
+        default=10.0,
+        help="abort a gateway's requests after this many silent seconds",
+    )
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    """`headrace worker`: build an EngineCore from the engine flags and serve it."""
+    from worker.args import engine_config_from_args
+
+    config = engine_config_from_args(args)
+
+    def build() -> Engine:
+        from worker.engine import EngineCore
+
+        return EngineCore(config)
+
+    server = WorkerServer(
+        build,
+        args.bind,
+        worker_id=args.worker_id,
+        heartbeat_interval=args.heartbeat_interval,
+        gateway_timeout=args.gateway_timeout,
+        tokenizer=config.tokenizer,
+        max_logprobs=config.max_logprobs,
+    )
+    server.serve_forever()
+
+
+def _main_from_config_json(argv: list[str] | None = None) -> None:
+    """`python -m worker.server --bind ADDR --config JSON`: how `headrace serve` starts
+    its workers (the EngineConfig travels as JSON, not pickled)."""
+    import msgspec
+
+    from worker.config import EngineConfig
+
+    parser = argparse.ArgumentParser(prog="python -m worker.server")
+    add_worker_args(parser)
+    parser.add_argument("--config", required=True, help="EngineConfig as a JSON object")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    config = msgspec.json.decode(args.config.encode(), type=EngineConfig)
+    config.validate()
+
+    def build() -> Engine:
+        from worker.engine import EngineCore
+
+        return EngineCore(config)
+
+    WorkerServer(
+        build,
+        args.bind,
+        worker_id=args.worker_id,
+        heartbeat_interval=args.heartbeat_interval,
+        gateway_timeout=args.gateway_timeout,
+        tokenizer=config.tokenizer,
+        max_logprobs=config.max_logprobs,
+    ).serve_forever()
+
+
+if __name__ == "__main__":
+    _main_from_config_json()
