@@ -53,13 +53,13 @@ class ModelFiles:
 
         for file in self.weight_files:
             try:
-                with safe_open(file, framework="pt", device="cpu") as f:
-                    for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                        yield name, f.get_tensor(name)
-            except (OSError, ValueError, RuntimeError) as e:
-                if isinstance(e, ModelLoadError):
-                    raise
+                f = safe_open(file, framework="pt", device="cpu")
+                names = list(f.keys())
+            except Exception as e:  # SafetensorError derives from Exception only
                 raise ModelLoadError(f"{file}: cannot read safetensors file: {e}") from e
+            for name in names:
+                yield name, f.get_tensor(name)
+            del f  # unmaps the file before the next one is opened
 
 
 def open_model(path: str, load_format: str = "auto") -> ModelFiles:
