@@ -69,7 +69,9 @@ class ModelRunner:
         c = self.config
         shape = (2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)
+            # Uninitialized: attention reads only slots a request has written.
+            torch.empty(shape, dtype=self.dtype, device=self.device)
+            for _ in range(c.num_layers)
         ]
 
     @torch.inference_mode()
