@@ -80,6 +80,8 @@ class EngineCore:
             max_model_len=self.max_model_len,
             vocab_size=mc.vocab_size,
             worker_id="",
+            tokenizer=config.tokenizer or self.files.tokenizer_path,
+            max_logprobs=config.max_logprobs,
         )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
