@@ -23,3 +23,18 @@ def write_kv_ref(
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def write_kv(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T] int64
+) -> None:
+    """The CUDA kernel on GPU tensors (see cuda/kv_write_kernel.py), else the reference."""
+    if not kv_cache.is_cuda:
+        write_kv_ref(k, v, kv_cache, slot_mapping)
+        return
+    from cuda.kv_write_kernel import write_kv_cuda
+
+    write_kv_cuda(k, v, kv_cache, slot_mapping)

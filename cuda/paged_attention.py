@@ -62,3 +62,41 @@ def paged_attention_ref(
         o = torch.einsum("hgqs,shd->qhgd", probs, v.float())
         out[q_start:q_end] = o.reshape(q_len, num_q_heads, head_dim).to(out.dtype)
     return out
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    scale: float,
+    out: torch.Tensor,  # [T, Hq, D]
+    *,
+    max_query_len: int,
+    max_seq_len: int,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The CUDA kernels on GPU tensors (see cuda/paged_attention_kernels.py), else the reference.
+
+    max_query_len / max_seq_len are upper bounds the caller guarantees (for CUDA graphs:
+    fixed maxima, not this step's lengths). No host sync on the CUDA path.
+    """
+    if not q.is_cuda:
+        return paged_attention_ref(
+            q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out=out
+        )
+    from cuda.paged_attention_kernels import paged_attention_cuda
+
+    return paged_attention_cuda(
+        q,
+        kv_cache,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale,
+        out,
+        max_query_len=max_query_len,
+        max_seq_len=max_seq_len,
+        workspace=workspace,
+    )

@@ -16,6 +16,7 @@ import torch
 
 from cuda.kv_write import write_kv, write_kv_ref
 from cuda.paged_attention import paged_attention, paged_attention_ref
+from cuda.paged_attention_kernels import decode_workspace
 
 pytestmark = [
     pytest.mark.gpu,
@@ -296,7 +297,7 @@ def test_cuda_graph_replay_at_longer_lengths() -> None:
     seq_lens = torch.zeros(batch, dtype=torch.int32, device=dev)
     slots = torch.zeros(batch, dtype=torch.int64, device=dev)
     out = torch.empty_like(q)
-    workspace = torch.empty(1 << 22, dtype=torch.float32, device=dev)
+    workspace = decode_workspace(dtype, d, batch, hkv * group, hkv, max_len, dev)
 
     def set_lens(lens: list[int]) -> None:
         seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))

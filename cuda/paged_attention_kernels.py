@@ -1,0 +1,283 @@
+"""CUDA paged attention: flash-decoding for q_len == 1, a tensor-core kernel otherwise.
+
+Same arguments and result as `cuda.paged_attention.paged_attention_ref` (layout and
+metadata are drawn there). Kernels live in paged_attention_kernels.cu, one compiled module
+per (dtype, head_dim); block_size is a run-time power of two.
+
+Decode (max_query_len == 1)::
+
+    grid (splits, Hkv * head_chunks, B)       merge grid (Hq, B)
+    block = one KV head x up to 8 query heads  log-sum-exp of the splits -> out
+    over one split of the context              (only for requests that used > 1 split)
+
+`splits` comes from fixed maxima (batch size, KV heads, the caller's bound on seq_len),
+never from this step's lengths; each request's own split count is derived on the device
+from its seq_len, so a CUDA graph captured at short lengths stays right at long ones.
+
+Unsupported shapes (head_dim not 64/128, other dtypes, block_size not a power of two) and
+CPU tensors fall back to the torch reference, which syncs the host and cannot be captured.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cuda import compiler
+from cuda.paged_attention import paged_attention_ref
+
+log = logging.getLogger(__name__)
+
+SOURCE_PATH = Path(__file__).with_name("paged_attention_kernels.cu")
+HEAD_DIMS = (64, 128)
+DTYPES = {torch.bfloat16: 1, torch.float16: 0}
+MAX_SPLITS = 64
+MIN_CHUNK = 128  # must match MIN_CHUNK in the .cu source
+PREFILL_BLOCK_M = 64
+LOG2E = 1.4426950408889634
+
+_source: str | None = None
+_num_sms: dict[int, int] = {}
+_warned: set[str] = set()
+_slots: dict[int, int] = {}
+
+
+def source() -> str:
+    global _source
+    if _source is None:
+        _source = SOURCE_PATH.read_text()
+    return _source
+
+
+def module_defines(dtype: torch.dtype, head_dim: int) -> dict[str, int | str]:
+    return {"HR_BF16": DTYPES[dtype], "HR_HEAD_DIM": head_dim}
+
+
+def unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor) -> str | None:
+    """Why the CUDA kernels cannot run these tensors, or None if they can."""
+    if not q.is_cuda:
+        return "tensors are not on a CUDA device"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} (kernels take bf16/fp16)"
+    if kv_cache.dtype != q.dtype:
+        return f"kv_cache dtype {kv_cache.dtype} != q dtype {q.dtype}"
+    head_dim = q.shape[2]
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} (kernels take {HEAD_DIMS})"
+    block_size = kv_cache.shape[2]
+    if block_size & (block_size - 1):
+        return f"block_size {block_size} is not a power of two"
+    if q.shape[1] % kv_cache.shape[3]:
+        return "num_q_heads is not a multiple of num_kv_heads"
+    if not kv_cache.is_contiguous():
+        return "kv_cache is not contiguous"
+    return None
+
+
+def _group_chunk(group: int) -> int:
+    """Query heads per decode block (a kernel instantiation: 1, 2, 4 or 8)."""
+    for gq in (1, 2, 4):
+        if group <= gq:
+            return gq
+    return 8
+
+
+def num_sms(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _num_sms.get(idx)
+    if n is None:
+        n = torch.cuda.get_device_properties(idx).multi_processor_count
+        _num_sms[idx] = n
+    return n
+
+
+def decode_num_splits(
+    batch: int, num_kv_heads: int, group: int, max_seq_len: int, slots: int
+) -> int:
+    """Grid width of the decode kernel, from fixed maxima only.
+
+    slots = resident decode blocks on the whole GPU (SMs x blocks per SM). A nearly empty
+    last wave costs as much as a full one, so take the fewest splits whose waves are at
+    least 90% full, else the fullest.
+    """
+    blocks = batch * num_kv_heads * math.ceil(group / _group_chunk(group))
+    limit = max(1, min(MAX_SPLITS, math.ceil(max(max_seq_len, 1) / MIN_CHUNK)))
+    best, best_eff = 1, 0.0
+    for splits in range(1, limit + 1):
+        total = blocks * splits
+        eff = total / (math.ceil(total / slots) * slots)
+        if eff >= 0.9:
+            return splits
+        if eff > best_eff:
+            best, best_eff = splits, eff
+    return best
+
+
+def decode_slots(kernel: object, device: torch.device) -> int:
+    """Decode blocks resident on the whole GPU at once."""
+    key = id(kernel)
+    n = _slots.get(key)
+    if n is None:
+        n = num_sms(device) * compiler.blocks_per_sm(kernel, 128)
+        _slots[key] = n
+    return n
+
+
+def decode_workspace_numel(batch: int, num_q_heads: int, head_dim: int, splits: int) -> int:
+    """fp32 elements of the decode workspace: partial outputs and their log-sum-exps."""
+    return batch * num_q_heads * splits * (head_dim + 1)
+
+
+def decode_splits(
+    dtype: torch.dtype,
+    head_dim: int,
+    batch: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    device: torch.device,
+) -> int:
+    """Split count the decode path will use for these fixed maxima (compiles if needed)."""
+    group = num_q_heads // num_kv_heads
+    kernel = _kernel(dtype, head_dim, f"decode_g{_group_chunk(group)}")
+    return decode_num_splits(batch, num_kv_heads, group, max_seq_len, decode_slots(kernel, device))
+
+
+def decode_workspace(
+    dtype: torch.dtype,
+    head_dim: int,
+    batch: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """A decode workspace for a CUDA graph of this batch size and seq_len bound."""
+    splits = decode_splits(dtype, head_dim, batch, num_q_heads, num_kv_heads, max_seq_len, device)
+    numel = decode_workspace_numel(batch, num_q_heads, head_dim, splits)
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+def _kernel(dtype: torch.dtype, head_dim: int, name: str) -> object:
+    mod = compiler.load_module(
+        source(), defines=module_defines(dtype, head_dim), name="paged_attention"
+    )
+    return mod.kernel(name)
+
+
+def _check_layout(t: torch.Tensor, what: str) -> None:
+    if t.stride(2) != 1 or t.stride(1) != t.shape[2] or t.stride(0) % 8 or t.data_ptr() % 16:
+        raise ValueError(f"{what} must be [T, H, D] with contiguous heads and 16-byte rows")
+
+
+def paged_attention_cuda(
+    q: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    scale: float,
+    out: torch.Tensor,  # [T, Hq, D]
+    *,
+    max_query_len: int,
+    max_seq_len: int,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Paged attention on torch's current stream; no host sync, CUDA-graph capturable.
+
+    max_query_len: bound on this step's q_len (1 selects the decode kernels).
+    max_seq_len: bound on every seq_len while the launch (or a graph of it) is used; it
+    only sizes the decode split grid, so a larger bound costs nothing in correctness.
+    workspace: fp32, at least `decode_workspace_numel(...)` elements (allocated if None).
+    """
+    reason = unsupported_reason(q, kv_cache)
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            log.warning("paged attention falls back to the torch reference: %s", reason)
+        return paged_attention_ref(
+            q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out=out
+        )
+    _check_layout(q, "q")
+    _check_layout(out, "out")
+    batch = seq_lens.shape[0]
+    if batch == 0 or max_query_len <= 0 or q.shape[0] == 0:
+        return out
+    if query_start_loc.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("query_start_loc and seq_lens must be int32")
+    if block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be int32 with contiguous rows")
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_blocks, block_size, num_kv_heads = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3]
+    group = num_q_heads // num_kv_heads
+    block_shift = block_size.bit_length() - 1
+    v_off = num_blocks * block_size * num_kv_heads * head_dim
+    common = (
+        q.data_ptr(),
+        np.int64(q.stride(0)),
+        kv_cache.data_ptr(),
+        np.int64(v_off),
+        query_start_loc.data_ptr(),
+        seq_lens.data_ptr(),
+        block_tables.data_ptr(),
+        np.int32(block_tables.stride(0)),
+        out.data_ptr(),
+        np.int64(out.stride(0)),
+    )
+    scale_log2 = np.float32(scale * LOG2E)
+    if max_query_len == 1:
+        gq = _group_chunk(group)
+        kernel = _kernel(q.dtype, head_dim, f"decode_g{gq}")
+        splits = decode_num_splits(
+            batch, num_kv_heads, group, max_seq_len, decode_slots(kernel, q.device)
+        )
+        need = decode_workspace_numel(batch, num_q_heads, head_dim, splits)
+        if workspace is None:
+            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+        elif workspace.dtype != torch.float32 or workspace.numel() < need:
+            raise ValueError(f"workspace must be float32 with at least {need} elements")
+        part_o = workspace.data_ptr()
+        part_lse = part_o + batch * num_q_heads * splits * head_dim * 4
+        grid = (splits, num_kv_heads * math.ceil(group / gq), batch)
+        compiler.launch(
+            kernel,
+            grid,
+            128,
+            *common,
+            part_o,
+            part_lse,
+            np.int32(num_kv_heads),
+            np.int32(group),
+            np.int32(block_shift),
+            scale_log2,
+        )
+        if splits > 1:
+            compiler.launch(
+                _kernel(q.dtype, head_dim, "merge_splits"),
+                (num_q_heads, batch),
+                head_dim,
+                part_o,
+                part_lse,
+                query_start_loc.data_ptr(),
+                seq_lens.data_ptr(),
+                out.data_ptr(),
+                np.int64(out.stride(0)),
+                np.int32(splits),
+            )
+        return out
+    grid = (math.ceil(max_query_len * group / PREFILL_BLOCK_M), num_kv_heads, batch)
+    compiler.launch(
+        _kernel(q.dtype, head_dim, "prefill"),
+        grid,
+        128,
+        *common,
+        np.int32(num_kv_heads),
+        np.int32(group),
+        np.int32(block_shift),
+        scale_log2,
+    )
+    return out

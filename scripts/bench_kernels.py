@@ -1,0 +1,240 @@
+"""Micro-benchmark of the attention kernels at the Llama-3-8B shape (32 q heads, 8 KV heads,
+head_dim 128, bf16, block_size 16, shuffled pages).
+
+Decode: batch 1/8/64 at contexts 1k/4k/16k; achieved bandwidth = KV bytes read / kernel time,
+against the device copy bandwidth (2 GiB device-to-device copy, bytes read + written).
+Prefill: TFLOP/s (causal: 2 * L_q * L_kv_visible * D * Hq * 2) against torch SDPA (flash) on
+the same shapes. Times are medians of CUDA-event timings with L2 flushed before each run.
+
+    PYTHONPATH=. python scripts/bench_kernels.py --out bench_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cuda.kv_write import write_kv
+from cuda.paged_attention import paged_attention
+from cuda.paged_attention_kernels import decode_splits
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+
+
+def time_op(fn: Callable[[], object], iters: int = 20, flush_mb: int = 256) -> float:
+    """Median seconds of fn() over iters runs, L2 flushed before each."""
+    flush = torch.empty(flush_mb << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30  # 1 GiB each way: 2 GiB moved
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_op(lambda: dst.copy_(src), iters=10, flush_mb=64)
+    return 2 * n / t
+
+
+def paged_batch(
+    batch: int, q_len: int, ctx: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    nblk = (ctx + BS - 1) // BS
+    num_blocks = batch * nblk
+    cache = torch.randn(2, num_blocks, BS, HKV, D, dtype=DTYPE, device="cuda")
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, nblk)
+    q = torch.randn(batch * q_len, HQ, D, dtype=DTYPE, device="cuda")
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * q_len
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return q, cache, qsl, seq_lens, tables
+
+
+def bench_decode(results: list[dict], copy_bw: float) -> None:
+    for batch in (1, 8, 64):
+        for ctx in (1024, 4096, 16384):
+            q, cache, qsl, seq_lens, tables = paged_batch(batch, 1, ctx)
+            out = torch.empty_like(q)
+
+            def run(
+                q=q, cache=cache, qsl=qsl, seq_lens=seq_lens, tables=tables, out=out, ctx=ctx
+            ) -> None:
+                paged_attention(
+                    q, cache, qsl, seq_lens, tables, D**-0.5, out, max_query_len=1, max_seq_len=ctx
+                )
+
+            t = time_op(run)
+
+            def run_bound(
+                q=q, cache=cache, qsl=qsl, seq_lens=seq_lens, tables=tables, out=out
+            ) -> None:  # graph-style bound on seq_len: a 128k-token context
+                paged_attention(
+                    q,
+                    cache,
+                    qsl,
+                    seq_lens,
+                    tables,
+                    D**-0.5,
+                    out,
+                    max_query_len=1,
+                    max_seq_len=131072,
+                )
+
+            t_bound = time_op(run_bound)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(100):
+                run()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / 100
+            kv_bytes = 2 * batch * ctx * HKV * D * cache.element_size()
+            splits = decode_splits(DTYPE, D, batch, HQ, HKV, ctx, q.device)
+            results.append(
+                {
+                    "kind": "decode",
+                    "batch": batch,
+                    "ctx": ctx,
+                    "splits": splits,
+                    "us": t * 1e6,
+                    "us_bound_128k": t_bound * 1e6,
+                    "eager_us_per_call": wall * 1e6,
+                    "kv_GBps": kv_bytes / t / 1e9,
+                    "frac_of_copy_bw": kv_bytes / t / copy_bw,
+                }
+            )
+            print(
+                f"decode B={batch:3d} ctx={ctx:6d} splits={splits:2d} {t * 1e6:8.1f} us "
+                f"{kv_bytes / t / 1e9:7.0f} GB/s ({kv_bytes / t / copy_bw:5.1%} of copy) "
+                f"[bound 128k: {t_bound * 1e6:7.1f} us] eager {wall * 1e6:6.1f} us/call",
+                flush=True,
+            )
+            del q, cache, tables, out
+
+
+def sdpa_time(batch: int, q_len: int, ctx: int) -> float | None:
+    q = torch.randn(batch, HQ, q_len, D, dtype=DTYPE, device="cuda")
+    k = torch.randn(batch, HKV, ctx, D, dtype=DTYPE, device="cuda")
+    v = torch.randn_like(k)
+    k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if q_len != ctx:  # SDPA's is_causal is top-left aligned: use an explicit bottom-right mask
+        return None
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return time_op(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    except RuntimeError as exc:
+        print("sdpa flash failed:", exc)
+        return None
+
+
+def bench_prefill(results: list[dict]) -> None:
+    for batch, q_len, ctx in (
+        (1, 1024, 1024),
+        (1, 4096, 4096),
+        (4, 2048, 2048),
+        (1, 16384, 16384),
+        (8, 512, 4096),
+    ):
+        q, cache, qsl, seq_lens, tables = paged_batch(batch, q_len, ctx)
+        out = torch.empty_like(q)
+
+        def run(
+            q=q,
+            cache=cache,
+            qsl=qsl,
+            seq_lens=seq_lens,
+            tables=tables,
+            out=out,
+            q_len=q_len,
+            ctx=ctx,
+        ) -> None:
+            paged_attention(
+                q, cache, qsl, seq_lens, tables, D**-0.5, out, max_query_len=q_len, max_seq_len=ctx
+            )
+
+        t = time_op(run, iters=10)
+        # visible (query, key) pairs under bottom-right causal alignment
+        pairs = batch * sum(ctx - q_len + i + 1 for i in range(q_len))
+        flops = 4 * pairs * D * HQ
+        ts = sdpa_time(batch, q_len, ctx)
+        row = {
+            "kind": "prefill",
+            "batch": batch,
+            "q_len": q_len,
+            "ctx": ctx,
+            "us": t * 1e6,
+            "TFLOPs": flops / t / 1e12,
+            "sdpa_flash_us": ts * 1e6 if ts else None,
+            "sdpa_flash_TFLOPs": flops / ts / 1e12 if ts else None,
+        }
+        results.append(row)
+        sd = f"sdpa flash {flops / ts / 1e12:6.1f} TFLOP/s" if ts else "sdpa n/a"
+        print(
+            f"prefill B={batch} q_len={q_len:5d} ctx={ctx:5d} {t * 1e6:9.1f} us "
+            f"{flops / t / 1e12:6.1f} TFLOP/s | {sd}",
+            flush=True,
+        )
+        del q, cache, tables, out
+
+
+def bench_write_kv(results: list[dict], copy_bw: float) -> None:
+    for tokens in (64, 8192):
+        cache = torch.randn(2, 4096, BS, HKV, D, dtype=DTYPE, device="cuda")
+        k = torch.randn(tokens, HKV, D, dtype=DTYPE, device="cuda")
+        v = torch.randn_like(k)
+        slots = torch.randperm(4096 * BS, device="cuda")[:tokens]
+
+        def run(k=k, v=v, cache=cache, slots=slots) -> None:
+            write_kv(k, v, cache, slots)
+
+        t = time_op(run)
+        moved = 4 * k.numel() * k.element_size()  # read k, v; write both
+        results.append(
+            {"kind": "write_kv", "tokens": tokens, "us": t * 1e6, "GBps": moved / t / 1e9}
+        )
+        print(f"write_kv T={tokens:5d} {t * 1e6:7.1f} us {moved / t / 1e9:6.0f} GB/s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_kernels.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: device copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    results: list[dict] = []
+    bench_decode(results, copy_bw)
+    bench_prefill(results)
+    bench_write_kv(results, copy_bw)
+    with open(args.out, "w") as f:
+        json.dump(
+            {
+                "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "copy_bw_Bps": copy_bw,
+                "results": results,
+            },
+            f,
+            indent=1,
+        )
+
+
+if __name__ == "__main__":
+    main()
