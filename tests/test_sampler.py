@@ -251,6 +251,23 @@ def test_filtered_draws_match_the_renormalized_distribution(
     assert pvalue > 1e-3, (counts, ref * N_DRAWS)
 
 
+def test_filters_hold_per_row_on_a_large_random_vocabulary() -> None:
+    # A top_k row beside top_p rows goes through the sort path with top_p = 1 ("off"): it
+    # must still keep its k tokens and no more.
+    vocab, n = 1000, 300
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(4)) * 2
+    kinds = [
+        SamplingParams(top_k=3, seed=-3),
+        SamplingParams(top_p=0.5),
+        SamplingParams(top_k=20, top_p=0.8, temperature=0.7),
+        SamplingParams(min_p=0.1, top_k=50),
+    ]
+    params = (kinds * n)[:n]
+    tokens = sample(logits, make_batch(params))
+    for i, (p, t) in enumerate(zip(params, tokens, strict=True)):
+        assert reference(logits[i].double().numpy(), p)[t] > 0, (i, p)
+
+
 def test_min_p_applies_before_top_p() -> None:
     # min_p 0.5 keeps {0, 1} -> [0.625, 0.375]; top_p 0.6 then keeps token 0 alone.
     # (top_p first would keep {0, 1}.)
