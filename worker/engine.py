@@ -63,6 +63,8 @@ class EngineCore:
         max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
         num_blocks = self._num_kv_blocks(max_batched)
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len, config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -6,7 +6,8 @@
     query_start: [0, 6, 7]           seq_lens: [6, 10]
     slot_mapping: block_table[p // block_size] * block_size + p % block_size, per token
 
-Built with numpy on the host, then copied to the device in one go per tensor.
+Built on the host (numpy) first; then either copied to fresh device tensors (eager steps)
+or into the static buffers of a CUDA graph (worker/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -29,10 +30,15 @@ class PromptLogprobsJob:
 
 
 @dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    md: AttentionMetadata
+class HostInputs:
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [B + 1] int32
+    seq_lens: np.ndarray  # [B] int32
+    block_tables: np.ndarray  # [B, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
     # For each scheduled request that samples: its rows (1, or 1 + k with speculation).
     sample_rows: list[list[int]]
     sample_sched_index: list[int]
@@ -40,16 +46,38 @@ class StepInputs:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
+        return len(self.input_ids)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1 and not self.prompt_logprobs
 
 
-def build_step_inputs(
-    out: SchedulerOutput, kv: KVCacheManager, device: torch.device, pin: bool = False
-) -> StepInputs:
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    md: AttentionMetadata
+    host: HostInputs
+
+    @property
+    def sample_rows(self) -> list[list[int]]:
+        return self.host.sample_rows
+
+    @property
+    def sample_sched_index(self) -> list[int]:
+        return self.host.sample_sched_index
+
+    @property
+    def prompt_logprobs(self) -> list[PromptLogprobsJob]:
+        return self.host.prompt_logprobs
+
+
+def build_host_inputs(out: SchedulerOutput, kv: KVCacheManager) -> HostInputs:
     bs = kv.block_size
-    ids: list[np.ndarray] = []
-    pos: list[np.ndarray] = []
-    slots: list[np.ndarray] = []
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
     qsl = [0]
     seq_lens: list[int] = []
     tables: list[list[int]] = []
@@ -61,13 +89,18 @@ def build_step_inputs(
         tokens = req.all_token_ids
         if sr.num_spec_tokens:
             tokens = tokens + req.spec_token_ids
-        p = np.arange(sr.start, sr.end, dtype=np.int64)
         table = kv.block_ids(req.request_id)
-        table_np = np.asarray(table, dtype=np.int64)
-        ids.append(np.asarray(tokens[sr.start : sr.end], dtype=np.int64))
-        pos.append(p)
-        slots.append(table_np[p // bs] * bs + p % bs)
         row0 = qsl[-1]
+        if sr.num_new_tokens == 1:  # decode: skip numpy for the common case
+            p = sr.start
+            ids.append(tokens[p])
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+        else:
+            p_np = np.arange(sr.start, sr.end, dtype=np.int64)
+            ids.extend(tokens[sr.start : sr.end])
+            pos.extend(range(sr.start, sr.end))
+            slots.extend((np.asarray(table, dtype=np.int64)[p_np // bs] * bs + p_np % bs).tolist())
         qsl.append(row0 + sr.num_new_tokens)
         seq_lens.append(sr.end)
         tables.append(table)
@@ -86,28 +119,38 @@ def build_step_inputs(
     bt = np.zeros((len(tables), max(max_blocks, 1)), dtype=np.int32)
     for r, t in enumerate(tables):
         bt[r, : len(t)] = t
-
-    def dev(a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        if device.type == "cpu":
-            return t
-        if pin:
-            t = t.pin_memory()
-        return t.to(device, non_blocking=pin)
-
-    md = AttentionMetadata(
-        query_start_loc=dev(np.asarray(qsl, dtype=np.int32)),
-        seq_lens=dev(np.asarray(seq_lens, dtype=np.int32)),
-        block_tables=dev(bt),
-        slot_mapping=dev(np.concatenate(slots) if slots else np.zeros(0, np.int64)),
+    return HostInputs(
+        input_ids=np.asarray(ids, dtype=np.int64),
+        positions=np.asarray(pos, dtype=np.int64),
+        slot_mapping=np.asarray(slots, dtype=np.int64),
+        query_start_loc=np.asarray(qsl, dtype=np.int32),
+        seq_lens=np.asarray(seq_lens, dtype=np.int32),
+        block_tables=bt,
         max_query_len=max((sr.num_new_tokens for sr in out.scheduled), default=0),
         max_seq_len=max(seq_lens, default=0),
-    )
-    return StepInputs(
-        input_ids=dev(np.concatenate(ids) if ids else np.zeros(0, np.int64)),
-        positions=dev(np.concatenate(pos) if pos else np.zeros(0, np.int64)),
-        md=md,
         sample_rows=sample_rows,
         sample_sched_index=sample_idx,
         prompt_logprobs=plp,
     )
+
+
+def to_device(host: HostInputs, device: torch.device) -> StepInputs:
+    def dev(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if device.type == "cpu":
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
+
+    md = AttentionMetadata(
+        query_start_loc=dev(host.query_start_loc),
+        seq_lens=dev(host.seq_lens),
+        block_tables=dev(host.block_tables),
+        slot_mapping=dev(host.slot_mapping),
+        max_query_len=host.max_query_len,
+        max_seq_len=host.max_seq_len,
+    )
+    return StepInputs(dev(host.input_ids), dev(host.positions), md, host)
+
+
+def build_step_inputs(out: SchedulerOutput, kv: KVCacheManager, device: torch.device) -> StepInputs:
+    return to_device(build_host_inputs(out, kv), device)

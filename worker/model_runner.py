@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ipc.messages import TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
-from worker.input_batch import StepInputs, build_step_inputs
+from worker.input_batch import HostInputs, build_host_inputs, to_device
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
 from worker.sampler import Sampler, SamplingBatch, compute_logprobs
 from worker.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:
+    from worker.cuda_graphs import CudaGraphRunner
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +65,9 @@ class ModelRunner:
         self.config = model_config
         self.device = device
         self.dtype = dtype
-        self.sampler = Sampler(model_config.vocab_size, eos_token_ids)
+        self.sampler = Sampler(model_config.vocab_size, eos_token_ids, seed=seed)
         self.kv_caches: list[torch.Tensor] = []
-        torch.manual_seed(seed)
+        self.graph_runner: CudaGraphRunner | None = None
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.config
@@ -74,13 +78,26 @@ class ModelRunner:
             for _ in range(c.num_layers)
         ]
 
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int, block_size: int) -> None:
+        """Capture decode graphs (GPU only); after this, decode-only steps replay them."""
+        from worker.cuda_graphs import CudaGraphRunner
+
+        self.graph_runner = CudaGraphRunner(
+            self.model, self.kv_caches, max_num_seqs, max_model_len, block_size, self.device
+        )
+        self.graph_runner.capture()
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> StepResult:
-        inputs = build_step_inputs(out, kv, self.device, pin=self.device.type == "cuda")
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.md)
-        return self.sample(out, inputs, hidden)
+        host = build_host_inputs(out, kv)
+        if self.graph_runner is not None and self.graph_runner.can_run(host):
+            hidden = self.graph_runner.run(host)
+        else:
+            inputs = to_device(host, self.device)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.md)
+        return self.sample(out, host, hidden)
 
-    def sample(self, out: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor) -> StepResult:
+    def sample(self, out: SchedulerOutput, inputs: HostInputs, hidden: torch.Tensor) -> StepResult:
         n = len(out.scheduled)
         new_tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]

@@ -1,0 +1,75 @@
+"""The CUDA attention backend: our NVRTC kernels for the KV write and paged attention.
+
+Launches go on torch's current stream with no host sync, so a decode step can be captured
+in a CUDA graph. Shapes the kernels do not cover (sliding windows, head dims other than 64
+and 128) fall back to the torch reference inside the kernel wrappers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from cuda.kv_write_kernel import write_kv_cuda
+from cuda.paged_attention import paged_attention_ref
+from cuda.paged_attention_kernels import paged_attention_cuda
+from worker.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+
+class CudaAttention:
+    name = "cuda"
+
+    def __init__(self) -> None:
+        # fp32 scratch for flash-decoding partials, grown on demand outside graph capture
+        # (capture sizes it for the largest bucket first, so replays never grow it).
+        self.workspace: torch.Tensor | None = None
+        self._warned = False
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        write_kv_cuda(k, v, kv_cache, md.slot_mapping)
+        out = torch.empty_like(q)
+        if sliding_window is not None and sliding_window < md.max_seq_len:
+            if not self._warned:
+                log.warning("sliding-window attention runs on the torch reference (slow)")
+                self._warned = True
+            return paged_attention_ref(
+                q, kv_cache, md.query_start_loc, md.seq_lens, md.block_tables, scale,
+                sliding_window, out=out,
+            )
+        return paged_attention_cuda(
+            q,
+            kv_cache,
+            md.query_start_loc,
+            md.seq_lens,
+            md.block_tables,
+            scale,
+            out,
+            max_query_len=md.max_query_len,
+            max_seq_len=md.max_seq_len,
+            workspace=self._workspace(q, md),
+        )
+
+    def _workspace(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor | None:
+        if md.max_query_len != 1:
+            return None
+        from cuda.paged_attention_kernels import decode_workspace_numel
+
+        batch = md.seq_lens.shape[0]
+        need = decode_workspace_numel(batch, q.shape[1], q.shape[2], 64)
+        if self.workspace is None or self.workspace.numel() < need:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("decode workspace must be sized before graph capture")
+            self.workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+        return self.workspace
