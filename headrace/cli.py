@@ -111,8 +111,19 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
         return
     for name, help_, add_args, main_name in benches.COMMANDS:
         p = bsub.add_parser(name, help=help_)
-        add_args(p)
+        try:
+            add_args(p)
+        except ImportError as e:
+            p.set_defaults(func=_unavailable(f"bench {name}", e))
+            continue
         p.set_defaults(func=_lazy(main_name.rsplit(":", 1)[0], main_name.rsplit(":", 1)[1]))
+
+
+def _unavailable(what: str, error: ImportError) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise ValueError(f"{what} is unavailable: {error}")
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,22 @@ class CudaAttention:
             workspace=self._workspace(q, md),
         )
 
+    @staticmethod
+    def graph_blocker(head_dim: int, dtype: torch.dtype, sliding_window: int | None) -> str | None:
+        """Why decode steps of this model cannot be captured in a CUDA graph, if they can't.
+
+        The torch fallback reads lengths on the host, which graph capture forbids.
+        """
+        from cuda.paged_attention_kernels import DTYPES, HEAD_DIMS
+
+        if head_dim not in HEAD_DIMS:
+            return f"head_dim {head_dim} has no CUDA kernel (kernels take {HEAD_DIMS})"
+        if dtype not in DTYPES:
+            return f"dtype {dtype} has no CUDA kernel (kernels take bf16/fp16)"
+        if sliding_window is not None:
+            return "sliding-window attention has no CUDA kernel"
+        return None
+
     def _workspace(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor | None:
         if md.max_query_len != 1:
             return None

@@ -21,6 +21,7 @@ from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
 from worker.sampler import Sampler, SamplingBatch, compute_logprobs
 from worker.scheduler import SchedulerOutput
+from worker.spec_decode.verify import verify
 
 if TYPE_CHECKING:
     from worker.cuda_graphs import CudaGraphRunner
@@ -68,6 +69,9 @@ class ModelRunner:
         self.sampler = Sampler(model_config.vocab_size, eos_token_ids, seed=seed)
         self.kv_caches: list[torch.Tensor] = []
         self.graph_runner: CudaGraphRunner | None = None
+        # Speculative decoding: request id -> draft distributions q [k, V] (the draft
+        # proposer's dict; empty for n-gram, whose q is a point mass).
+        self.draft_probs: dict[str, torch.Tensor] = {}
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.config
@@ -80,8 +84,14 @@ class ModelRunner:
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int, block_size: int) -> None:
         """Capture decode graphs (GPU only); after this, decode-only steps replay them."""
+        from worker.cuda_attention import CudaAttention
         from worker.cuda_graphs import CudaGraphRunner
 
+        c = self.config
+        blocker = CudaAttention.graph_blocker(c.head_dim, self.dtype, c.sliding_window)
+        if blocker is not None:
+            log.warning("CUDA graphs off: %s; decode runs eagerly", blocker)
+            return
         self.graph_runner = CudaGraphRunner(
             self.model, self.kv_caches, max_num_seqs, max_model_len, block_size, self.device
         )
@@ -102,10 +112,25 @@ class ModelRunner:
         new_tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
         result = StepResult(new_tokens, logprobs)
-        if inputs.sample_rows:
-            rows = [r[-1] for r in inputs.sample_rows]
+        # Requests with proposals verify their 1 + k rows; the others sample their one row.
+        spec = [j for j, r in enumerate(inputs.sample_rows) if len(r) > 1]
+        if spec:
+            sched_index = [inputs.sample_sched_index[j] for j in spec]
+            spec_tokens, spec_lps = verify(
+                self.model,
+                self.sampler,
+                [out.scheduled[i].request for i in sched_index],
+                [inputs.sample_rows[j] for j in spec],
+                hidden,
+                self.draft_probs,
+            )
+            for i, t, lp in zip(sched_index, spec_tokens, spec_lps, strict=True):
+                new_tokens[i], logprobs[i] = t, lp
+        plain = [j for j, r in enumerate(inputs.sample_rows) if len(r) == 1]
+        if plain:
+            rows = [inputs.sample_rows[j][0] for j in plain]
             logits = self.model.compute_logits(hidden[rows])  # [S, V]
-            reqs = [out.scheduled[i].request for i in inputs.sample_sched_index]
+            reqs = [out.scheduled[inputs.sample_sched_index[j]].request for j in plain]
             batch = SamplingBatch(
                 params=[r.params for r in reqs],
                 prompt_token_ids=[r.prompt_token_ids for r in reqs],
@@ -116,7 +141,7 @@ class ModelRunner:
             lps = None
             if sampled.logprobs is not None:
                 lps = sampled.logprobs.to_lists([r.params.logprobs or 0 for r in reqs])
-            for j, i in enumerate(inputs.sample_sched_index):
+            for j, i in enumerate(inputs.sample_sched_index[j] for j in plain):
                 new_tokens[i] = [int(tokens[j])]
                 if lps is not None and reqs[j].params.logprobs is not None:
                     logprobs[i] = [lps[j]]

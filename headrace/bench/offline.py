@@ -1,0 +1,264 @@
+"""Offline benchmarks: W1 (batch-1 latency), W2 and W3 (throughput), with baselines.
+
+Baselines in the same run (BENCH.md): the measured copy-bandwidth roofline, and Hugging
+Face transformers' `generate()` with static batches (`--hf-requests N`, 0 to skip).
+Requests are seeded random token ids; generation ignores EOS, so every request produces
+exactly its output length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ipc.messages import EngineRequest, SamplingParams
+from worker.args import add_engine_args, engine_config_from_args
+
+
+@dataclass
+class Workload:
+    name: str
+    prompt_lens: list[int]
+    output_lens: list[int]
+
+
+def make_workload(name: str, num_requests: int | None, seed: int) -> Workload:
+    rng = random.Random(seed)
+    if name == "W1":
+        n = num_requests or 1
+        return Workload(name, [128] * n, [256] * n)
+    if name == "W2":
+        n = num_requests or 1000
+        return Workload(name, [1000] * n, [1000] * n)
+    if name == "W3":
+        n = num_requests or 1000
+        return Workload(name, [rng.randint(64, 2048) for _ in range(n)], [rng.randint(16, 512) for _ in range(n)])
+    raise ValueError(f"workload must be W1, W2 or W3, got {name!r}")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p, model_required=False)
+    p.set_defaults(model="scripts/configs/llama-3-8b", load_format="dummy")
+    p.add_argument("--workload", default=None, help="W1 (latency default), W2 or W3 (throughput default)")
+    p.add_argument("--num-requests", type=int, default=None, help="fewer requests than the workload's")
+    p.add_argument("--workload-seed", type=int, default=0)
+    p.add_argument("--hf-requests", type=int, default=0, help="HF generate() baseline on this many requests")
+    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--hf-time-limit", type=float, default=120.0, help="seconds for the HF baseline")
+    p.add_argument("--no-roofline", action="store_true")
+    p.add_argument("--output-json", default=None)
+
+
+def _token_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(10, min(vocab, 128000)) for _ in range(n)]
+
+
+def run_engine(engine: Any, w: Workload, seed: int, progress: bool) -> dict[str, Any]:
+    """Submit all requests at once, step to completion; per-request token timestamps."""
+    from tqdm import tqdm
+
+    rng = random.Random(seed + 1)
+    vocab = engine.model_config.vocab_size
+    prompts = [_token_ids(rng, n, vocab) for n in w.prompt_lens]
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for i, (prompt, out_len) in enumerate(zip(prompts, w.output_lens, strict=True)):
+        params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+        engine.add_request(EngineRequest(f"b{i}", prompt, params, arrival_time=t0))
+    bar = tqdm(total=len(prompts), desc=w.name, unit="req", disable=not progress)
+    steps = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps += 1
+        now = time.perf_counter()
+        for o in outs:
+            if o.new_token_ids:
+                first.setdefault(o.request_id, now)
+                last[o.request_id] = now
+                counts[o.request_id] = counts.get(o.request_id, 0) + len(o.new_token_ids)
+            if o.finish_reason is not None:
+                bar.update(1)
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    out_tokens = sum(counts.values())
+    assert out_tokens == sum(w.output_lens), "every request must produce its output length"
+    ttft = sorted(first[k] - t0 for k in first)
+    tpot = [(last[k] - first[k]) / (counts[k] - 1) for k in counts if counts[k] > 1]
+    return {
+        "elapsed_s": elapsed,
+        "steps": steps,
+        "output_tokens": out_tokens,
+        "prompt_tokens": sum(w.prompt_lens),
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + sum(w.prompt_lens)) / elapsed,
+        "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
+        "tpot_mean_ms": 1000 * sum(tpot) / len(tpot) if tpot else None,
+    }
+
+
+def measure_copy_bandwidth() -> float:
+    """Bytes read plus written per second for a 2 GiB device-to-device copy."""
+    import torch
+
+    n = 1 << 30  # 2 GiB of bf16
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    reps = 10
+    for _ in range(reps):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    secs = start.elapsed_time(end) / 1000 / reps
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / secs
+
+
+def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dict[str, float]:
+    """Decode floor: weights plus the KV read per step, at the measured bandwidth."""
+    import torch
+
+    model = engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    mc = engine.model_config
+    elem = torch.tensor([], dtype=engine.dtype).element_size()
+    kv_bytes = batch * context * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
+    floor_s = (weight_bytes + kv_bytes) / bandwidth
+    return {
+        "bandwidth_TBps": bandwidth / 1e12,
+        "weight_GB": weight_bytes / 1e9,
+        "floor_ms_per_step": floor_s * 1000,
+        "floor_tok_s": batch / floor_s,
+    }
+
+
+def hf_baseline(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
+    """transformers generate() on left-padded static batches, as many as fit the time."""
+    import torch
+    import transformers
+
+    from worker.model_files import open_model
+
+    cfg_dict = open_model(args.model, "dummy").config
+    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    rng = random.Random(args.workload_seed + 1)
+    n = min(args.hf_requests, len(w.prompt_lens))
+    prompts = [_token_ids(rng, w.prompt_lens[i], cfg.vocab_size) for i in range(n)]
+    useful = 0
+    t0 = time.perf_counter()
+    done = 0
+    bs = min(args.hf_batch_size, n)
+    for i in range(0, n, bs):
+        batch = prompts[i : i + bs]
+        outs = w.output_lens[i : i + bs]
+        width = max(map(len, batch))
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(batch):
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=max(outs),
+                min_new_tokens=max(outs), do_sample=False, pad_token_id=0,
+            )
+        torch.cuda.synchronize()
+        useful += sum(outs)  # tokens each request asked for; the rest is padding waste
+        done += len(batch)
+        if time.perf_counter() - t0 > args.hf_time_limit:
+            break
+    elapsed = time.perf_counter() - t0
+    del model
+    torch.cuda.empty_cache()
+    return {"requests": done, "batch_size": bs, "elapsed_s": elapsed, "useful_output_tok_s": useful / elapsed}
+
+
+def _card() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _main(args: argparse.Namespace, default_workload: str) -> int:
+    import torch
+
+    from worker.engine import EngineCore
+
+    w = make_workload(args.workload or default_workload, args.num_requests, args.workload_seed)
+    if w.name == "W1" and args.max_num_seqs == 256:
+        args.max_num_seqs = 1  # one request: capture only the batch-1 graph
+    config = engine_config_from_args(args)
+    result: dict[str, Any] = {
+        "workload": w.name,
+        "requests": len(w.prompt_lens),
+        "card": _card(),
+        "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "config": {k: v for k, v in asdict(config).items() if k != "extra"},
+    }
+    t = time.perf_counter()
+    engine = EngineCore(config)
+    result["startup_s"] = time.perf_counter() - t
+    result["num_kv_blocks"] = engine.kv.num_blocks
+    # Warm-up: one short request through every path (prefill, decode, graphs).
+    warm = Workload("warmup", [64], [16])
+    run_engine(engine, warm, args.workload_seed, progress=False)
+    runs = [run_engine(engine, w, args.workload_seed, progress=True) for _ in range(2 if w.name == "W1" else 1)]
+    result["headrace"] = runs
+    if torch.cuda.is_available() and not args.no_roofline:
+        ctx = (w.prompt_lens[0] + w.output_lens[0] // 2) if w.name == "W1" else 0
+        result["roofline"] = roofline(engine, measure_copy_bandwidth(), ctx)
+        best = min(r["tpot_mean_ms"] for r in runs if r["tpot_mean_ms"])
+        result["fraction_of_floor"] = result["roofline"]["floor_ms_per_step"] / best if w.name == "W1" else None
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if args.hf_requests and torch.cuda.is_available():
+        result["hf_generate"] = hf_baseline(args, w)
+        result["speedup_vs_hf"] = runs[-1]["output_tok_s"] / result["hf_generate"]["useful_output_tok_s"]
+    text = json.dumps(result, indent=2)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            f.write(text)
+    r = runs[-1]
+    summary = f"{w.name}: {r['output_tok_s']:.1f} output tok/s, {r['total_tok_s']:.1f} total tok/s"
+    if r["tpot_mean_ms"]:
+        summary += f", TPOT {r['tpot_mean_ms']:.2f} ms"
+    if "roofline" in result:
+        summary += f" (floor {result['roofline']['floor_ms_per_step']:.2f} ms/step)"
+    if "hf_generate" in result:
+        summary += f"; HF generate {result['hf_generate']['useful_output_tok_s']:.1f} tok/s, {result['speedup_vs_hf']:.1f}x"
+    print(summary)
+    return 0
+
+
+def latency_main(args: argparse.Namespace) -> int:
+    return _main(args, "W1")
+
+
+def throughput_main(args: argparse.Namespace) -> int:
+    return _main(args, "W3")
