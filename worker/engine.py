@@ -25,6 +25,7 @@ from worker.model_loader import build_model, resolve_device, resolve_dtype
 from worker.model_runner import ModelRunner, StepResult, kv_bytes_per_block, make_backend
 from worker.request import Request
 from worker.scheduler import Scheduler, SchedulerOutput
+from worker.spec_decode import SpecStats, make_proposer, set_proposals
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,13 @@ class EngineCore:
         )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        eos = set(self.eos_token_ids)
+        self.proposer = make_proposer(
+            config, mc, self.device, self.dtype, num_blocks, self.max_model_len, eos
+        )
+        if self.proposer is not None:
+            self.runner.draft_probs = self.proposer.draft_probs
+        self.spec_stats = SpecStats()
 
     def _num_kv_blocks(self, max_batched_tokens: int) -> int:
         c = self.config
@@ -171,6 +179,15 @@ class EngineCore:
             if sr.start < sr.request.num_prompt_tokens:
                 self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
         updates = self.scheduler.update(sched, result.new_tokens)
+        if self.proposer is not None:
+            self.spec_stats.count(sched, result.new_tokens)
+            set_proposals(
+                self.proposer,
+                [req for req, _ in updates],
+                self.scheduler.running,
+                self.config.num_speculative_tokens,
+                self.max_model_len,
+            )
         outputs = []
         for i, (req, tokens) in enumerate(updates):
             if not tokens and req.finish_reason is None:
@@ -203,6 +220,9 @@ class EngineCore:
             generation_tokens=self.generation_tokens_total,
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
+            spec_proposed=self.spec_stats.proposed,
+            spec_accepted=self.spec_stats.accepted,
+            spec_steps=self.spec_stats.steps,
         )
 
 

@@ -152,6 +152,14 @@ class Sampler:
 
     def _sample(self, x: torch.Tensor, batch: SamplingBatch, greedy: list[bool]) -> torch.Tensor:
         """Random rows: temperature, min_p, top_k, top_p, then one draw each. Modifies x."""
+        probs = self._filtered_probs(x, batch, greedy)
+        q = self._exponential_noise(probs, batch)
+        return probs.div_(q).argmax(dim=-1)
+
+    def _filtered_probs(
+        self, x: torch.Tensor, batch: SamplingBatch, greedy: list[bool]
+    ) -> torch.Tensor:
+        """Temperature, min_p, top_k, top_p, softmax: each row's distribution. Modifies x."""
         params = batch.params
         vocab = x.shape[1]
         # Greedy rows ride along at temperature 1; their draw is discarded.
@@ -171,17 +179,48 @@ class Sampler:
         elif any(top_k):
             _apply_top_k(x, top_k)
 
-        probs = torch.softmax(x, dim=-1)  # dropped tokens: exactly 0
-        q = self._exponential_noise(probs, batch)
-        return probs.div_(q).argmax(dim=-1)
+        return torch.softmax(x, dim=-1)  # dropped tokens: exactly 0
 
-    def _exponential_noise(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def processed_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The distribution each row draws from after all processing: [B, V] float32.
+
+        What speculative decoding verifies against. Greedy rows are one-hot at the argmax
+        the plain path would pick, so rejection sampling reduces to "proposal == argmax".
+        """
+        x = logits[:, : self.vocab_size].to(torch.float32, copy=True)
+        self._apply_min_tokens(x, batch)
+        _apply_penalties(x, batch)
+        greedy = [p.temperature < _GREEDY_EPS for p in batch.params]
+        if all(greedy):
+            return torch.zeros_like(x).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
+        argmax = x.argmax(dim=-1, keepdim=True) if any(greedy) else None
+        probs = self._filtered_probs(x, batch, greedy)
+        if argmax is not None:
+            one_hot = torch.zeros_like(probs).scatter_(1, argmax, 1.0)
+            is_greedy = _host_tensor(greedy, torch.bool, x.device).view(-1, 1)
+            probs = torch.where(is_greedy, one_hot, probs)
+        return probs
+
+    def exponential_noise(
+        self, probs: torch.Tensor, batch: SamplingBatch, salt: int
+    ) -> torch.Tensor:
+        """Exp(1) noise shaped like probs [B, V] for another purpose than the plain draw.
+
+        Each purpose (acceptance test, draft proposal) gets its own `salt`, so seeded rows
+        draw independent streams keyed by (seed, step, purpose); salt 0 is the plain draw.
+        """
+        return self._exponential_noise(probs, batch, salt)
+
+    def _exponential_noise(
+        self, probs: torch.Tensor, batch: SamplingBatch, salt: int = 0
+    ) -> torch.Tensor:
         """q [B, V] ~ Exp(1): seeded rows from their (seed, step) hash, others from our generator."""
         q = torch.empty_like(probs).exponential_(generator=self._generator(probs.device))
         steps = batch.steps or [len(out) for out in batch.output_token_ids]
         seeded = [i for i, p in enumerate(batch.params) if p.seed is not None]
         if seeded:
-            keys = [_row_key(batch.params[i].seed or 0, steps[i]) for i in seeded]
+            # Salts use only the high 32 bits, steps the low ones: (step, salt) never collide.
+            keys = [_row_key(batch.params[i].seed or 0, steps[i]) ^ (salt << 32) for i in seeded]
             noise = seeded_exponential(keys, probs.shape[1], probs.device)
             q.index_copy_(0, _host_tensor(seeded, torch.int64, probs.device), noise)
         return q

@@ -1,0 +1,198 @@
+"""Draft-model proposer: a small model sharing the target's vocabulary guesses k tokens.
+
+The draft runs in the target's process with its own weights, its own paged KV cache
+tensors and its own block tables (a KVCacheManager without prefix caching). Per request it
+remembers the tokens whose KV it holds:
+
+    request tokens  t0 t1 t2 t3 t4 | a1 b            (a1 accepted, b the bonus token)
+    draft holds     t0 t1 t2 t3 t4 | a1 a2           (fed last step: its own proposals)
+    common prefix   ---------------- 6 -> keep 6, feed [b], then propose x1..xk
+
+Each step is one forward over every request's catch-up tokens (a whole prompt for a new
+request) that yields proposal 1, then k - 1 single-token forwards. Proposals are the
+draft's argmax for greedy requests, else draws from its processed distribution q, kept
+for rejection sampling. Requests that stopped running (finished, aborted, preempted) have
+their blocks freed at the next step; a preempted one catches up from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+
+from worker.attention import AttentionMetadata
+from worker.kv_cache import KVCacheManager
+from worker.model_config import ModelConfig
+from worker.model_files import open_model
+from worker.model_loader import build_model
+from worker.model_runner import make_backend
+from worker.request import Request
+from worker.sampler import Sampler, SamplingBatch
+from worker.spec_decode.verify import DRAFT_SALT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _DraftSeq:
+    """What the draft holds for one request; quacks like a Request for KVCacheManager."""
+
+    request_id: str
+    tokens: list[int] = field(default_factory=list)  # tokens whose KV the draft cache holds
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class DraftProposer:
+    def __init__(
+        self,
+        model_path: str,
+        target_config: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        eos_token_ids: set[int],
+        dummy: bool = False,
+        seed: int = 0,
+    ) -> None:
+        files = open_model(model_path, "dummy" if dummy else "auto")
+        mc = ModelConfig.from_hf(files.config, source=files.path)
+        if mc.vocab_size != target_config.vocab_size:
+            raise ValueError(
+                f"speculative_model {model_path} has vocab size {mc.vocab_size}, but the target "
+                f"has {target_config.vocab_size}; a draft model must share the target's vocabulary"
+            )
+        self.config = mc
+        self.device = device
+        self.model = build_model(
+            files, mc, make_backend(device), max_model_len, device, dtype, dummy, seed
+        )
+        self.kv = KVCacheManager(num_blocks, block_size, enable_caching=False)
+        shape = (2, num_blocks, block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_caches = [
+            torch.empty(shape, dtype=dtype, device=device) for _ in range(mc.num_layers)
+        ]
+        self.sampler = Sampler(mc.vocab_size, eos_token_ids, seed=seed + 1)
+        self.seqs: dict[str, _DraftSeq] = {}
+        self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [k, V] of its proposals
+
+    def retain(self, request_ids: set[str]) -> None:
+        """Free the draft state of every request not in `request_ids`."""
+        for rid in [r for r in self.seqs if r not in request_ids]:
+            self._drop(rid)
+
+    def _drop(self, rid: str) -> None:
+        self.kv.free(rid)
+        del self.seqs[rid]
+        self.draft_probs.pop(rid, None)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
+        proposals: list[list[int]] = [[] for _ in requests]
+        active: list[int] = []  # indices into requests that get proposals
+        feeds: list[list[int]] = []
+        for i, (req, k) in enumerate(zip(requests, num_tokens, strict=True)):
+            self.draft_probs.pop(req.request_id, None)
+            if k < 1:
+                continue
+            seq = self.seqs.setdefault(req.request_id, _DraftSeq(req.request_id))
+            keep = _common_prefix(seq.tokens, req.all_token_ids)
+            # The last token is always fed: its logits give the first proposal.
+            keep = min(keep, req.num_tokens - 1)
+            del seq.tokens[keep:]
+            feed = req.all_token_ids[keep:]
+            # Slots for the catch-up tokens and the k - 1 proposals fed after them.
+            if not self.kv.allocate_slots(cast(Request, seq), len(feed) + k - 1):
+                self._drop(req.request_id)  # out of draft blocks: no proposals this step
+                continue
+            active.append(i)
+            feeds.append(feed)
+        qs: list[list[torch.Tensor]] = [[] for _ in requests]
+        for j in range(max((num_tokens[i] for i in active), default=0)):
+            if j > 0:  # feed each request's previous proposal
+                active = [i for i in active if num_tokens[i] > j]
+                feeds = [proposals[i][-1:] for i in active]
+            logits = self._forward([requests[i].request_id for i in active], feeds)
+            tokens, q = self._draw(
+                logits, [requests[i] for i in active], [proposals[i] for i in active]
+            )
+            for b, i in enumerate(active):
+                proposals[i].append(tokens[b])
+                qs[i].append(q[b])
+        for i, req in enumerate(requests):
+            if proposals[i]:
+                self.draft_probs[req.request_id] = torch.stack(qs[i])
+        return proposals
+
+    def _forward(self, rids: list[str], feeds: list[list[int]]) -> torch.Tensor:
+        """Append `feeds[b]` to request b's draft KV; logits at each request's last token."""
+        bs = self.kv.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        tables = [self.kv.block_ids(rid) for rid in rids]
+        for rid, feed, table in zip(rids, feeds, tables, strict=True):
+            seq = self.seqs[rid]
+            start = len(seq.tokens)
+            p = range(start, start + len(feed))
+            ids.extend(feed)
+            pos.extend(p)
+            slots.extend(table[x // bs] * bs + x % bs for x in p)
+            qsl.append(qsl[-1] + len(feed))
+            seq_lens.append(start + len(feed))
+            seq.tokens.extend(feed)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        md = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(
+                [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev
+            ),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_query_len=max(len(f) for f in feeds),
+            max_seq_len=max(seq_lens),
+        )
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
+        hidden = self.model(
+            ids_t, torch.tensor(pos, dtype=torch.int64, device=dev), self.kv_caches, md
+        )
+        last = torch.tensor(qsl[1:], device=dev) - 1
+        return self.model.compute_logits(hidden[last])  # [B, V]
+
+    def _draw(
+        self, logits: torch.Tensor, requests: list[Request], proposed: list[list[int]]
+    ) -> tuple[list[int], torch.Tensor]:
+        """One proposal per row from the draft's processed distribution q (argmax if greedy)."""
+        batch = SamplingBatch(
+            params=[r.params for r in requests],
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+            output_token_ids=[
+                r.output_token_ids + p for r, p in zip(requests, proposed, strict=True)
+            ],
+            steps=[r.num_output_tokens + len(p) for r, p in zip(requests, proposed, strict=True)],
+        )
+        q = self.sampler.processed_probs(logits, batch)  # [B, V]; greedy rows one-hot
+        noise = self.sampler.exponential_noise(q, batch, salt=DRAFT_SALT)
+        return (q / noise).argmax(dim=-1).tolist(), q
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix. Mismatches sit in the last k + 1 tokens, so the head is
+    compared in one C-level slice comparison and only the tail is walked."""
+    n = min(len(a), len(b))
+    i = max(0, n - 64)
+    if a[:i] != b[:i]:
+        i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
