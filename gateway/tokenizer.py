@@ -61,7 +61,13 @@ class Tokenizer:
         return self._tok.id_to_token(token_id) or ""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        try:
+            encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        except TypeError:
+            # Lone surrogates (valid in JSON "\ud800" escapes) are not UTF-8: replace them.
+            text = text.encode("utf-8", "replace").decode("utf-8")
+            encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -68,6 +68,11 @@ def test_llama3_known_ids(llama3_tokenizer_path: Path) -> None:
     assert tok.decode([128000, 9906], skip_special_tokens=False) == "<|begin_of_text|>Hello"
 
 
+def test_lone_surrogates_are_replaced(llama3_tokenizer_path: Path) -> None:
+    tok = load_tokenizer(str(llama3_tokenizer_path))
+    assert tok.decode(tok.encode("a\ud800b", add_special_tokens=False)) == "a?b"
+
+
 def test_chat_prompt_has_one_bos(llama3_tokenizer_path: Path) -> None:
     tok = load_tokenizer(str(llama3_tokenizer_path))
     text = tok.apply_chat_template([{"role": "user", "content": " Hi "}])
