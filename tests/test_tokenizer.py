@@ -68,6 +68,17 @@ def test_llama3_known_ids(llama3_tokenizer_path: Path) -> None:
     assert tok.decode([128000, 9906], skip_special_tokens=False) == "<|begin_of_text|>Hello"
 
 
+def test_token_bytes(llama3_tokenizer_path: Path, stories_path: Path) -> None:
+    for path in (llama3_tokenizer_path, stories_path):
+        tok = load_tokenizer(str(path))
+        for text in ["Hello world!", " 你好 🦀\n\t", "Ünïcödé"]:
+            ids = tok.encode(text, add_special_tokens=False)
+            joined = b"".join(tok.token_bytes(i) for i in ids)
+            # SentencePiece prepends a space ("▁") to the text; byte-level BPE does not
+            assert joined.decode() == (text if path == llama3_tokenizer_path else " " + text)
+        assert tok.token_bytes(tok.bos_token_id or 0) == tok.bos_token.encode()
+
+
 def test_lone_surrogates_are_replaced(llama3_tokenizer_path: Path) -> None:
     tok = load_tokenizer(str(llama3_tokenizer_path))
     assert tok.decode(tok.encode("a\ud800b", add_special_tokens=False)) == "a?b"
