@@ -197,6 +197,10 @@ def _card() -> str:
 
 
 def _commit() -> str:
+    import os
+
+    if os.environ.get("HEADRACE_COMMIT"):
+        return os.environ["HEADRACE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
