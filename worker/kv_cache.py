@@ -102,6 +102,7 @@ class KVCacheManager:
         # hash -> cache entries with that hash (a list, so collisions coexist)
         self.cached: dict[int, list[Block]] = {}
         self.req_blocks: dict[str, list[Block]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # the block tables, kept in step
         # Per request: (hash, uid) of each of its full blocks that have been keyed so far.
         self.req_keys: dict[str, list[tuple[int, int]]] = {}
         self._next_uid = 1
@@ -118,7 +119,7 @@ class KVCacheManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        return self.req_block_ids.get(request_id, [])
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -186,11 +187,13 @@ class KVCacheManager:
         if need + free_hits > self.num_free_blocks:
             return False
         held = self.req_blocks.setdefault(rid, held)
+        ids = self.req_block_ids.setdefault(rid, [])
         for b in computed_blocks:
             if b.ref_cnt == 0:
                 self.free_queue.remove(b)
             b.ref_cnt += 1
             held.append(b)
+            ids.append(b.block_id)
         if computed_blocks:
             keys = self.req_keys.setdefault(rid, [])
             for b in computed_blocks[len(keys) :]:
@@ -201,6 +204,7 @@ class KVCacheManager:
             self._evict(b)
             b.ref_cnt = 1
             held.append(b)
+            ids.append(b.block_id)
         if self.enable_caching:
             upto = num_computed + num_new_tokens if num_tokens_to_cache is None else num_tokens_to_cache
             self.cache_full_blocks(request, upto, extra_keys)
@@ -212,6 +216,8 @@ class KVCacheManager:
         held = self.req_blocks.get(rid, [])
         keys = self.req_keys.setdefault(rid, [])
         num_full = min(num_tokens // self.block_size, len(held))
+        if num_full <= len(keys):
+            return
         tokens = request.all_token_ids
         for i in range(len(keys), num_full):
             parent_hash, parent_uid = keys[-1] if keys else (ROOT_HASH, ROOT_UID)
@@ -254,6 +260,7 @@ class KVCacheManager:
         which other requests are more likely to share.
         """
         held = self.req_blocks.pop(request_id, [])
+        self.req_block_ids.pop(request_id, None)
         self.req_keys.pop(request_id, None)
         for b in reversed(held):
             if b.ref_cnt <= 0:
@@ -268,8 +275,10 @@ class KVCacheManager:
         if not held:
             return
         keep = self.blocks_needed(request.num_computed_tokens)
+        ids = self.req_block_ids[request.request_id]
         while len(held) > keep:
             b = held.pop()
+            ids.pop()
             b.ref_cnt -= 1
             if b.ref_cnt == 0:
                 self._evict(b)
@@ -282,7 +291,9 @@ class KVCacheManager:
     def check_invariants(self) -> None:
         """For tests: reference counts match the block tables, free queue is consistent."""
         counts = [0] * self.num_blocks
-        for held in self.req_blocks.values():
+        for rid, held in self.req_blocks.items():
+            if [b.block_id for b in held] != self.req_block_ids.get(rid, []):
+                raise AssertionError(f"block table of {rid} out of step with its blocks")
             for b in held:
                 counts[b.block_id] += 1
         free_ids = {b.block_id for b in self.free_queue}
