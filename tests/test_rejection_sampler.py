@@ -1,0 +1,130 @@
+"""The rejection sampler against its promise: emitted tokens are distributed as the target's.
+
+All draws run as one batch (the batch dimension is the draw), with a fixed seed. A
+deliberately biased variant (on a rejection it draws from p instead of norm(max(0, p - q)))
+must fail the same test, so the test has the power to catch the usual mistake.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.spec_decode.rejection import rejection_sample
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+V, K, N = 6, 3, 200_000
+P = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.07, 0.03])  # target
+Q = torch.tensor([0.05, 0.10, 0.15, 0.20, 0.25, 0.25])  # a draft that disagrees with it
+
+
+def draw(sampler=rejection_sample, q: torch.Tensor | None = Q, seed: int = 0) -> torch.Tensor:
+    """N independent verifications of K proposals drawn from q (point mass when q is None)."""
+    g = torch.Generator().manual_seed(seed)
+    target = P.expand(N, K + 1, V)
+    if q is None:  # a fixed guess, as n-gram lookup makes
+        drafts = torch.full((N, K), 4)
+        draft_probs = None
+    else:
+        drafts = torch.multinomial(q, N * K, replacement=True, generator=g).view(N, K)
+        draft_probs = q.expand(N, K, V)
+    uniform = torch.rand((N, K), generator=g)
+    noise = torch.empty((N, K + 1, V)).exponential_(generator=g)
+    return sampler(target, drafts, draft_probs, torch.full((N,), K), uniform, noise)
+
+
+def chi2_pvalue(tokens: torch.Tensor) -> float:
+    counts = torch.bincount(tokens, minlength=V).double()
+    expected = P.double() / P.double().sum() * counts.sum()
+    return float(scipy_stats.chisquare(counts.numpy(), expected.numpy()).pvalue)
+
+
+def positions_pvalues(out: torch.Tensor) -> list[float]:
+    """p-value of the emitted tokens at each position (where a token was emitted) against P."""
+    return [
+        chi2_pvalue(out[:, j][out[:, j] >= 0])
+        for j in range(K + 1)
+        if (out[:, j] >= 0).sum() > 1000
+    ]
+
+
+def biased_rejection_sample(target, drafts, draft_probs, num_draft, uniform, noise):
+    """The classic bug: after a rejection, sample from p instead of the residual."""
+    out = rejection_sample(target, drafts, draft_probs, num_draft, uniform, noise)
+    n = (out >= 0).sum(dim=1) - 1  # index of the drawn token
+    rows = torch.arange(out.shape[0])
+    redraw = (target[rows, n] / noise[rows, n]).argmax(dim=1)
+    rejected = n < num_draft
+    out[rows[rejected], n[rejected]] = redraw[rejected]
+    return out
+
+
+def test_emitted_tokens_follow_the_target_distribution():
+    out = draw()
+    pvalues = positions_pvalues(out)
+    assert len(pvalues) == K + 1
+    assert min(pvalues) > 1e-3, pvalues
+    # Acceptance rate of each proposal is sum(min(p, q)).
+    rate = float(torch.minimum(P, Q).sum())
+    accepted_first = float((out[:, 1] >= 0).double().mean())
+    assert accepted_first == pytest.approx(rate, abs=0.01)
+
+
+def test_a_biased_sampler_fails_the_same_test():
+    pvalues = positions_pvalues(draw(biased_rejection_sample))
+    # The bonus position (all K accepted, no rejection involved) is unaffected by the bug.
+    assert max(pvalues[:K]) < 1e-6, pvalues
+
+
+def test_point_mass_draft_is_lossless():
+    """n-gram proposals: q(x) = 1 at the proposal; accepted with probability p(x)."""
+    out = draw(q=None)
+    assert min(positions_pvalues(out)) > 1e-3
+    assert float((out[:, 1] >= 0).double().mean()) == pytest.approx(float(P[4]), abs=0.005)
+
+
+def test_draft_equal_to_target_accepts_everything():
+    g = torch.Generator().manual_seed(1)
+    drafts = torch.multinomial(P, 100 * K, replacement=True, generator=g).view(100, K)
+    out = rejection_sample(
+        P.expand(100, K + 1, V),
+        drafts,
+        P.expand(100, K, V),
+        torch.full((100,), K),
+        torch.rand((100, K), generator=g),
+        torch.empty((100, K + 1, V)).exponential_(generator=g),
+    )
+    assert (out[:, :K] == drafts).all() and (out[:, K] >= 0).all()
+
+
+def test_greedy_accepts_while_the_proposal_is_the_argmax():
+    # Target argmax per row: 2, 0, 5, 1; proposals match the first two only.
+    argmax = torch.tensor([[2, 0, 5, 1]])
+    target = torch.zeros(1, 4, V).scatter_(2, argmax.unsqueeze(2), 1.0)
+    drafts = torch.tensor([[2, 0, 4]])
+    for draft_probs in (None, torch.full((1, 3, V), 1.0 / V)):
+        out = rejection_sample(
+            target, drafts, draft_probs, torch.tensor([3]), torch.rand(1, 3), torch.ones(1, 4, V)
+        )
+        assert out.tolist() == [[2, 0, 5, -1]]
+    # All accepted: the bonus token is the last row's argmax.
+    out = rejection_sample(
+        target,
+        torch.tensor([[2, 0, 5]]),
+        None,
+        torch.tensor([3]),
+        torch.rand(1, 3),
+        torch.ones(1, 4, V),
+    )
+    assert out.tolist() == [[2, 0, 5, 1]]
+
+
+def test_requests_with_fewer_proposals_than_the_batch_maximum():
+    argmax = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    target = torch.zeros(2, 4, V).scatter_(2, argmax.unsqueeze(2), 1.0)
+    drafts = torch.tensor([[1, 2, 3], [1, 0, 0]])  # row 1 has one proposal, then padding
+    out = rejection_sample(
+        target, drafts, None, torch.tensor([3, 1]), torch.rand(2, 3), torch.ones(2, 4, V)
+    )
+    assert out.tolist() == [[1, 2, 3, 4], [1, 2, -1, -1]]
