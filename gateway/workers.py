@@ -75,9 +75,6 @@ class WorkerConnection:
         self._on_lost = on_lost
         self._codec = GatewayCodec()
         self._sock = connect_dealer(ctx, address, gateway_id)  # type: ignore[arg-type]
-        # Sends go through a plain (synchronous) shadow of the same socket: a NOBLOCK send
-        # must fail here and now when the worker is unreachable, not in a future.
-        self._send_sock = zmq.Socket.shadow(self._sock.underlying)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -106,12 +103,14 @@ class WorkerConnection:
         self._sock.close(linger=0)
 
     def send(self, msg: ToWorker) -> bool:
-        """Send without waiting; False when no connection to the worker is up."""
-        try:
-            self._send_sock.send(self._codec.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
-            return False
-        return True
+        """Send without waiting; False when no connection to the worker is up.
+
+        Through the asyncio socket itself (a NOBLOCK send resolves at once): a send on a
+        plain shadow socket would swallow ZeroMQ's edge-triggered read signal and leave
+        the receive loop asleep with messages waiting.
+        """
+        fut = self._sock.send(self._codec.encode(msg), zmq.NOBLOCK)
+        return not (fut.done() and fut.exception() is not None)
 
     def mark_down(self, why: str) -> None:
         if self.state is WorkerState.DOWN:

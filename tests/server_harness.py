@@ -47,7 +47,9 @@ class Proc:
     def __init__(self, args: list[str], log: Path) -> None:
         self.args = args
         self.log = log
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        # One torch thread: on a loaded 2-core CI machine, OpenMP threads spinning at
+        # barriers make each tiny-model step 10-20x slower.
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self._log_file = log.open("ab")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "headrace", "--log-level", "INFO", *args],
