@@ -53,7 +53,9 @@ class LLM:
     def __init__(self, model: str, **engine_args: Any) -> None:
         config = EngineConfig(model=model, **engine_args)
         self.engine = EngineCore(config)
-        self.tokenizer: Tokenizer = load_tokenizer(config.tokenizer or self.engine.files.tokenizer_path)
+        self.tokenizer: Tokenizer = load_tokenizer(
+            config.tokenizer or self.engine.files.tokenizer_path
+        )
         self._ids = itertools.count()
 
     def generate(
@@ -63,11 +65,14 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[GenerationResult]:
         """Complete each prompt (text, or a list of token ids). Results keep prompt order."""
+        batch: list[Prompt]
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
         ):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+            batch = [prompts]  # type: ignore[list-item]
+        else:
+            batch = list(prompts)  # type: ignore[arg-type]
+        prompts = batch
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = (
@@ -85,7 +90,7 @@ class LLM:
                 text: str | None = prompt
                 ids = self.tokenizer.encode(prompt)
             else:
-                text, ids = None, [int(t) for t in prompt]
+                text, ids = None, [int(t) for t in prompt]  # type: ignore[union-attr]
             result = GenerationResult(prompt=text, prompt_token_ids=ids)
             results.append(result)
             for i in range(p.n):

@@ -52,7 +52,11 @@ def make_tiny_model(kind: str, path: Path, tokenizer_src: Path) -> Path:
     if kind == "qwen2":  # make the q/k/v biases matter
         with torch.no_grad():
             for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
                     proj.bias.normal_(0, 0.3)
     model.save_pretrained(path, safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -60,7 +64,9 @@ def make_tiny_model(kind: str, path: Path, tokenizer_src: Path) -> Path:
     return path
 
 
-def hf_greedy(path: Path, prompts: list[list[int]]) -> list[tuple[list[int], list[dict[int, float]]]]:
+def hf_greedy(
+    path: Path, prompts: list[list[int]]
+) -> list[tuple[list[int], list[dict[int, float]]]]:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     results = []
     with torch.no_grad():
@@ -121,7 +127,7 @@ def run_headrace(path: Path, prompts: list[list[int]], **engine_args):
 def prompts_of_different_lengths(n: int = 9, vocab: int = 512) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     lengths = [1, 3, 4, 5, 8, 13, 17, 23, 31][:n]
-    return [[1] + torch.randint(3, vocab, (length,), generator=g).tolist() for length in lengths]
+    return [[1, *torch.randint(3, vocab, (length,), generator=g).tolist()] for length in lengths]
 
 
 ENGINE_ARGS = dict(
@@ -146,9 +152,16 @@ def test_stories260k_matches_transformers(stories_path):
     from gateway.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(stories_path))
-    texts = ["Once upon a time", "Lily", "The dog ran to the park and", "One day, a little bird",
-             "Tom had a big red", "She", "The sun was shining and the birds were singing. Mia",
-             "Ben and"]
+    texts = [
+        "Once upon a time",
+        "Lily",
+        "The dog ran to the park and",
+        "One day, a little bird",
+        "Tom had a big red",
+        "She",
+        "The sun was shining and the birds were singing. Mia",
+        "Ben and",
+    ]
     prompts = [tok.encode(t) for t in texts]
     ours, engine = run_headrace(stories_path, prompts, **ENGINE_ARGS)
     assert engine.scheduler.num_preemptions > 0
@@ -159,6 +172,8 @@ def test_chunked_prefill_and_preemption_do_not_change_outputs(tmp_path, stories_
     path = make_tiny_model("llama", tmp_path / "llama", stories_path)
     prompts = prompts_of_different_lengths()
     constrained, _ = run_headrace(path, prompts, **ENGINE_ARGS)
-    roomy, engine = run_headrace(path, prompts, block_size=16, device="cpu", kv_cache_memory_gb=0.01)
+    roomy, engine = run_headrace(
+        path, prompts, block_size=16, device="cpu", kv_cache_memory_gb=0.01
+    )
     assert engine.scheduler.num_preemptions == 0
     assert [t for t, _ in constrained] == [t for t, _ in roomy]

@@ -29,8 +29,15 @@ def headrace(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_generate_stories_greedy(stories_path):
     r = headrace(
-        "generate", "--model", str(stories_path), "--prompt", "Once upon a time",
-        "--max-tokens", "60", "--temperature", "0",
+        "generate",
+        "--model",
+        str(stories_path),
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "60",
+        "--temperature",
+        "0",
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == STORIES_GREEDY
@@ -38,9 +45,22 @@ def test_cli_generate_stories_greedy(stories_path):
 
 def test_cli_generate_json(stories_path):
     r = headrace(
-        "generate", "--model", str(stories_path), "--prompt", "Once upon a time",
-        "--prompt", "Lily", "--max-tokens", "8", "--temperature", "0", "--json",
-        "--block-size", "4", "--max-num-seqs", "2",
+        "generate",
+        "--model",
+        str(stories_path),
+        "--prompt",
+        "Once upon a time",
+        "--prompt",
+        "Lily",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--json",
+        "--block-size",
+        "4",
+        "--max-num-seqs",
+        "2",
     )
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
@@ -59,11 +79,15 @@ def test_llm_generate_token_ids_and_n(stories_path):
     from headrace.llm import LLM
 
     llm = LLM(str(stories_path), device="cpu")
-    res = llm.generate([[1, 403, 407, 261, 378]], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=5))
+    res = llm.generate(
+        [[1, 403, 407, 261, 378]], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=5)
+    )
     outs = res[0].outputs
     assert [o.index for o in outs] == [0, 1, 2]
     assert all(len(o.token_ids) == 5 and o.finish_reason == "length" for o in outs)
-    again = llm.generate([[1, 403, 407, 261, 378]], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=5))
+    again = llm.generate(
+        [[1, 403, 407, 261, 378]], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=5)
+    )
     assert [o.token_ids for o in again[0].outputs] == [o.token_ids for o in outs]
 
 
@@ -71,14 +95,18 @@ def test_stop_string_and_stop_token(stories_path):
     from headrace.llm import LLM
 
     llm = LLM(str(stories_path), device="cpu")
-    r = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=60, stop=["Lily"]))[0]
+    r = llm.generate(
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=60, stop=["Lily"])
+    )[0]
     o = r.outputs[0]
     assert o.text == ", there was a little girl named " and o.finish_reason == "stop"
     assert o.stop_reason == "Lily"
     full = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=20))[0]
     ids = full.outputs[0].token_ids
     stop_id = next(t for i, t in enumerate(ids) if i >= 3 and t not in ids[:i])
-    r = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=60, stop_token_ids=[stop_id]))[0]
+    r = llm.generate(
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=60, stop_token_ids=[stop_id])
+    )[0]
     assert r.outputs[0].token_ids == ids[: ids.index(stop_id) + 1]
     assert r.outputs[0].stop_reason == stop_id and r.outputs[0].finish_reason == "stop"
 
@@ -87,7 +115,9 @@ def test_prompt_logprobs(stories_path):
     from headrace.llm import LLM
 
     llm = LLM(str(stories_path), device="cpu", block_size=4, max_num_batched_tokens=3)
-    r = llm.generate([[1, 403, 407, 261, 378]], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2))[0]
+    r = llm.generate(
+        [[1, 403, 407, 261, 378]], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    )[0]
     plp = r.prompt_logprobs
     assert plp is not None and plp[0] is None and len(plp) == 5
     assert [p.token_ids[0] for p in plp[1:]] == [403, 407, 261, 378]
@@ -99,7 +129,10 @@ def test_engine_rejects_bad_requests_without_disturbing_others(stories_path):
     from worker.engine import EngineCore
 
     e = EngineCore(EngineConfig(model=str(stories_path), device="cpu", max_model_len=64))
-    assert e.add_request(EngineRequest("ok", [1, 403], SamplingParams(max_tokens=4, temperature=0))) is None
+    assert (
+        e.add_request(EngineRequest("ok", [1, 403], SamplingParams(max_tokens=4, temperature=0)))
+        is None
+    )
     cases = {
         "long": ([1] * 64, SamplingParams(), "maximum context length"),
         "vocab": ([1, 9999], SamplingParams(), "out of range"),
@@ -122,7 +155,9 @@ def test_request_that_cannot_fit_alone_is_rejected_at_admission(stories_path):
     from worker.config import EngineConfig
     from worker.engine import EngineCore
 
-    e = EngineCore(EngineConfig(model=str(stories_path), device="cpu", block_size=4, num_gpu_blocks=4))
+    e = EngineCore(
+        EngineConfig(model=str(stories_path), device="cpu", block_size=4, num_gpu_blocks=4)
+    )
     out = e.add_request(EngineRequest("big", [1] * 10, SamplingParams(max_tokens=10)))
     assert out is not None and "KV cache blocks" in (out.error or "")
 
@@ -131,8 +166,10 @@ def test_smollm2_gguf_chat_answers_paris(smollm2_path):
     from headrace.llm import LLM
 
     llm = LLM(str(smollm2_path), device="cpu")
-    r = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                 SamplingParams(temperature=0, max_tokens=20))[0]
+    r = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=20),
+    )[0]
     assert "Paris" in r.outputs[0].text
 
 

@@ -85,7 +85,9 @@ def test_random_workloads_end_and_free_everything(w):
             # Admission rule: prompt + max_tokens (+ lookahead) must fit the whole cache.
             if not kv.can_fit(len(prompt) + max_tokens + w["spec"]):
                 continue
-            req = Request(rid, prompt, SamplingParams(max_tokens=max_tokens), max_tokens, frozenset({2}))
+            req = Request(
+                rid, prompt, SamplingParams(max_tokens=max_tokens), max_tokens, frozenset({2})
+            )
             req.abort_at = abort_at  # type: ignore[attr-defined]
             sched.add_request(req)
             live[rid] = req
@@ -120,7 +122,9 @@ def test_random_workloads_end_and_free_everything(w):
 
 def test_preempts_newest_running_request():
     kv = KVCacheManager(num_blocks=4, block_size=2, enable_caching=False)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=8), kv)
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=8), kv
+    )
     a = Request("a", [5, 6, 7], SamplingParams(max_tokens=4), 4, frozenset())
     b = Request("b", [5, 6, 7], SamplingParams(max_tokens=4), 4, frozenset())
     sched.add_request(a)
@@ -140,7 +144,9 @@ def test_preempts_newest_running_request():
 
 def test_chunked_prefill_respects_budget():
     kv = KVCacheManager(num_blocks=64, block_size=4, enable_caching=False)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10, max_model_len=256), kv)
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10, max_model_len=256), kv
+    )
     req = Request("a", list(range(3, 28)), SamplingParams(max_tokens=2), 2, frozenset())
     sched.add_request(req)
     chunks = []

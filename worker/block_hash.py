@@ -33,6 +33,8 @@ def block_hashes(
     keys: list[int] = []
     parent = ROOT_HASH
     for i in range(n):
-        parent = hash_block_tokens(parent, token_ids[i * block_size : (i + 1) * block_size], extra_keys)
+        parent = hash_block_tokens(
+            parent, token_ids[i * block_size : (i + 1) * block_size], extra_keys
+        )
         keys.append(parent)
     return keys

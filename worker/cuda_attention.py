@@ -45,8 +45,14 @@ class CudaAttention:
                 log.warning("sliding-window attention runs on the torch reference (slow)")
                 self._warned = True
             return paged_attention_ref(
-                q, kv_cache, md.query_start_loc, md.seq_lens, md.block_tables, scale,
-                sliding_window, out=out,
+                q,
+                kv_cache,
+                md.query_start_loc,
+                md.seq_lens,
+                md.block_tables,
+                scale,
+                sliding_window,
+                out=out,
             )
         return paged_attention_cuda(
             q,

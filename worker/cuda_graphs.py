@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 513, 32))
+    sizes = [1, 2, 4, 8, *list(range(16, 257, 16)), *list(range(288, 513, 32))]
     top = min(max_num_seqs, 512)
     out = [s for s in sizes if s < top] + [top]
     return sorted(set(out))

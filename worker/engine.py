@@ -60,12 +60,16 @@ class EngineCore:
             seed=config.seed,
         )
         log.info("loaded %s in %.1fs", self.files.path, time.perf_counter() - t0)
-        self.runner = ModelRunner(model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed)
+        self.runner = ModelRunner(
+            model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed
+        )
         max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
         num_blocks = self._num_kv_blocks(max_batched)
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len, config.block_size)
+            self.runner.capture_cuda_graphs(
+                config.max_num_seqs, self.max_model_len, config.block_size
+            )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -153,7 +157,9 @@ class EngineCore:
             )
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        return Request(req.request_id, list(prompt), p, max_tokens, self.eos_token_ids, req.arrival_time)
+        return Request(
+            req.request_id, list(prompt), p, max_tokens, self.eos_token_ids, req.arrival_time
+        )
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
@@ -193,11 +199,11 @@ class EngineCore:
             if not tokens and req.finish_reason is None:
                 continue
             self.generation_tokens_total += len(tokens)
-            lps = result.logprobs[i][: len(tokens)] if result.logprobs[i] else None
+            new_lps = result.logprobs[i][: len(tokens)] if result.logprobs[i] else None
             out = RequestOutput(
                 req.request_id,
                 new_token_ids=tokens,
-                new_logprobs=lps,
+                new_logprobs=new_lps,
                 finish_reason=req.finish_reason,
                 stop_reason=req.stop_reason,
                 num_prompt_tokens=req.num_prompt_tokens,
@@ -234,4 +240,3 @@ def _eos_ids(files: ModelFiles, mc: ModelConfig) -> set[int]:
     elif gen is not None:
         ids.add(int(gen))
     return ids
-

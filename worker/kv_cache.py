@@ -24,7 +24,17 @@ ROOT_UID = 0  # parent identity of a request's first block
 
 
 class Block:
-    __slots__ = ("block_id", "extra_keys", "hash", "next", "parent_uid", "prev", "ref_cnt", "token_ids", "uid")
+    __slots__ = (
+        "block_id",
+        "extra_keys",
+        "hash",
+        "next",
+        "parent_uid",
+        "prev",
+        "ref_cnt",
+        "token_ids",
+        "uid",
+    )
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
@@ -125,14 +135,18 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache lookup -----------------------------------------------------------
-    def _lookup(self, parent_hash: int, parent_uid: int, tokens: tuple, extra: tuple) -> Block | None:
+    def _lookup(
+        self, parent_hash: int, parent_uid: int, tokens: tuple, extra: tuple
+    ) -> Block | None:
         key = hash_block_tokens(parent_hash, tokens, extra)
         for b in self.cached.get(key, ()):
             if b.parent_uid == parent_uid and b.token_ids == tokens and b.extra_keys == extra:
                 return b
         return None
 
-    def get_computed_blocks(self, request: Request, extra_keys: tuple = ()) -> tuple[list[Block], int]:
+    def get_computed_blocks(
+        self, request: Request, extra_keys: tuple = ()
+    ) -> tuple[list[Block], int]:
         """Longest cached prefix of a new request: (blocks, tokens covered).
 
         The last token is never taken from the cache: its logits are needed to sample.
@@ -206,7 +220,11 @@ class KVCacheManager:
             held.append(b)
             ids.append(b.block_id)
         if self.enable_caching:
-            upto = num_computed + num_new_tokens if num_tokens_to_cache is None else num_tokens_to_cache
+            upto = (
+                num_computed + num_new_tokens
+                if num_tokens_to_cache is None
+                else num_tokens_to_cache
+            )
             self.cache_full_blocks(request, upto, extra_keys)
         return True
 

@@ -72,7 +72,11 @@ class ModelConfig:
                 scaling = None
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        sliding = cfg.get("sliding_window") if kind == "mistral" or cfg.get("use_sliding_window") else None
+        sliding = (
+            cfg.get("sliding_window")
+            if kind == "mistral" or cfg.get("use_sliding_window")
+            else None
+        )
         dtype = cfg.get("torch_dtype", cfg.get("dtype"))
         return cls(
             architecture=arch,

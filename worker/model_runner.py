@@ -169,7 +169,9 @@ class ModelRunner:
         T = max_num_batched_tokens
         block = 16
         scratch = [
-            torch.zeros((2, 1, block, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device)
+            torch.zeros(
+                (2, 1, block, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device
+            )
             for _ in range(c.num_layers)
         ]
         # One request of T tokens reading one block: the attention reads stay tiny, while

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ipc.messages import FinishReason
 from worker.config import SchedulerConfig
-from worker.kv_cache import KVCacheManager
+from worker.kv_cache import Block, KVCacheManager
 from worker.request import Request, RequestStatus
 
 
@@ -145,7 +145,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
-            hits, num_hit_tokens = ([], 0)
+            hits: list[Block] = []
+            num_hit_tokens = 0
             if req.num_computed_tokens == 0:
                 hits, num_hit_tokens = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - req.num_computed_tokens - num_hit_tokens
@@ -176,7 +177,7 @@ class Scheduler:
         scheduled request with the tokens it gained (trimmed at a stop), finished ones
         already retired.
         """
-        results = []
+        results: list[tuple[Request, list[int]]] = []
         for sr, tokens in zip(out.scheduled, new_tokens, strict=True):
             req = sr.request
             req.spec_token_ids = []

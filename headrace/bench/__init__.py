@@ -26,5 +26,10 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], str]] 
         _offline_args,
         "headrace.bench.offline:throughput_main",
     ),
-    ("serve", "W4: OpenAI HTTP client with Poisson arrivals", _serve_args, "gateway.bench_serve:bench_serve_main"),
+    (
+        "serve",
+        "W4: OpenAI HTTP client with Poisson arrivals",
+        _serve_args,
+        "gateway.bench_serve:bench_serve_main",
+    ),
 ]

@@ -37,17 +37,27 @@ def make_workload(name: str, num_requests: int | None, seed: int) -> Workload:
         return Workload(name, [1000] * n, [1000] * n)
     if name == "W3":
         n = num_requests or 1000
-        return Workload(name, [rng.randint(64, 2048) for _ in range(n)], [rng.randint(16, 512) for _ in range(n)])
+        return Workload(
+            name,
+            [rng.randint(64, 2048) for _ in range(n)],
+            [rng.randint(16, 512) for _ in range(n)],
+        )
     raise ValueError(f"workload must be W1, W2 or W3, got {name!r}")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p, model_required=False)
     p.set_defaults(model="scripts/configs/llama-3-8b", load_format="dummy")
-    p.add_argument("--workload", default=None, help="W1 (latency default), W2 or W3 (throughput default)")
-    p.add_argument("--num-requests", type=int, default=None, help="fewer requests than the workload's")
+    p.add_argument(
+        "--workload", default=None, help="W1 (latency default), W2 or W3 (throughput default)"
+    )
+    p.add_argument(
+        "--num-requests", type=int, default=None, help="fewer requests than the workload's"
+    )
     p.add_argument("--workload-seed", type=int, default=0)
-    p.add_argument("--hf-requests", type=int, default=0, help="HF generate() baseline on this many requests")
+    p.add_argument(
+        "--hf-requests", type=int, default=0, help="HF generate() baseline on this many requests"
+    )
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--hf-time-limit", type=float, default=120.0, help="seconds for the HF baseline")
     p.add_argument("--no-roofline", action="store_true")
@@ -152,7 +162,9 @@ def hf_baseline(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
     from worker.model_files import open_model
 
     cfg_dict = open_model(args.model, "dummy").config
-    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    cfg = transformers.AutoConfig.for_model(
+        **{k: v for k, v in cfg_dict.items() if k != "architectures"}
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
@@ -174,8 +186,12 @@ def hf_baseline(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
             mask[r, width - len(p) :] = 1
         with torch.no_grad():
             model.generate(
-                input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=max(outs),
-                min_new_tokens=max(outs), do_sample=False, pad_token_id=0,
+                input_ids=ids.cuda(),
+                attention_mask=mask.cuda(),
+                max_new_tokens=max(outs),
+                min_new_tokens=max(outs),
+                do_sample=False,
+                pad_token_id=0,
             )
         torch.cuda.synchronize()
         useful += sum(outs)  # tokens each request asked for; the rest is padding waste
@@ -185,7 +201,12 @@ def hf_baseline(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     del model
     torch.cuda.empty_cache()
-    return {"requests": done, "batch_size": bs, "elapsed_s": elapsed, "useful_output_tok_s": useful / elapsed}
+    return {
+        "requests": done,
+        "batch_size": bs,
+        "elapsed_s": elapsed,
+        "useful_output_tok_s": useful / elapsed,
+    }
 
 
 def _card() -> str:
@@ -202,7 +223,9 @@ def _commit() -> str:
     if os.environ.get("HEADRACE_COMMIT"):
         return os.environ["HEADRACE_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return "unknown"
 
@@ -231,19 +254,26 @@ def _main(args: argparse.Namespace, default_workload: str) -> int:
     # Warm-up: one short request through every path (prefill, decode, graphs).
     warm = Workload("warmup", [64], [16])
     run_engine(engine, warm, args.workload_seed, progress=False)
-    runs = [run_engine(engine, w, args.workload_seed, progress=True) for _ in range(2 if w.name == "W1" else 1)]
+    runs = [
+        run_engine(engine, w, args.workload_seed, progress=True)
+        for _ in range(2 if w.name == "W1" else 1)
+    ]
     result["headrace"] = runs
     if torch.cuda.is_available() and not args.no_roofline:
         ctx = (w.prompt_lens[0] + w.output_lens[0] // 2) if w.name == "W1" else 0
         result["roofline"] = roofline(engine, measure_copy_bandwidth(), ctx)
         best = min(r["tpot_mean_ms"] for r in runs if r["tpot_mean_ms"])
-        result["fraction_of_floor"] = result["roofline"]["floor_ms_per_step"] / best if w.name == "W1" else None
+        result["fraction_of_floor"] = (
+            result["roofline"]["floor_ms_per_step"] / best if w.name == "W1" else None
+        )
     del engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if args.hf_requests and torch.cuda.is_available():
         result["hf_generate"] = hf_baseline(args, w)
-        result["speedup_vs_hf"] = runs[-1]["output_tok_s"] / result["hf_generate"]["useful_output_tok_s"]
+        result["speedup_vs_hf"] = (
+            runs[-1]["output_tok_s"] / result["hf_generate"]["useful_output_tok_s"]
+        )
     text = json.dumps(result, indent=2)
     if args.output_json:
         with open(args.output_json, "w") as f:

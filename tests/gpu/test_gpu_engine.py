@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ipc.messages import SamplingParams
-from tests.test_golden import check_logprobs_close, make_tiny_model, prompts_of_different_lengths
+from tests.test_golden import check_logprobs_close, prompts_of_different_lengths
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +24,9 @@ def generate(path, prompts, max_tokens=24, **engine_args):
     out = []
     for r in llm.generate(prompts, params):
         o = r.outputs[0]
-        out.append((o.token_ids, [dict(zip(lp.token_ids, lp.logprobs, strict=True)) for lp in o.logprobs]))
+        out.append(
+            (o.token_ids, [dict(zip(lp.token_ids, lp.logprobs, strict=True)) for lp in o.logprobs])
+        )
     graphs = llm.engine.runner.graph_runner is not None
     del llm
     torch.cuda.empty_cache()
@@ -36,9 +38,17 @@ def tiny_model_hd64(tmp_path, stories_path):
     import shutil
 
     cfg = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, initializer_range=0.2, tie_word_embeddings=False,
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     path = tmp_path / "hd64"
@@ -74,7 +84,9 @@ def test_cuda_graph_replay_equals_eager(tmp_path, stories_path, dtype):
 def test_gpu_bf16_equals_cpu_fp32_greedy(tmp_path, stories_path):
     path = tiny_model_hd64(tmp_path, stories_path)
     prompts = prompts_of_different_lengths()
-    cpu, _ = generate(path, prompts, device="cpu", block_size=4, num_gpu_blocks=64, max_num_batched_tokens=16)
+    cpu, _ = generate(
+        path, prompts, device="cpu", block_size=4, num_gpu_blocks=64, max_num_batched_tokens=16
+    )
     gpu, _ = generate(path, prompts, device="cuda", dtype="bfloat16", block_size=32)
     # bf16 rounds logits by ~1e-2 relative: tokens must agree (or be near-ties), logprobs
     # only roughly; a wrong kernel is off by far more.

@@ -99,7 +99,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -116,7 +118,11 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
     ) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -135,7 +141,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(
             config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
         )
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
@@ -143,7 +151,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, rotary, backend)
@@ -235,9 +245,9 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(target if rows is None else f"{target}[{rows[0]}:{rows[1]}]")
         expected: dict[str, str] = {}  # our key -> checkpoint name, for the message
         for pname, _ in self.named_parameters():  # a tied lm_head appears once, as embed
-            fused = [(src, dst, a, b) for src, (dst, a, b) in slices.items() if f".{dst}." in pname]
-            for src, dst, a, b in fused:
-                expected[f"{pname}[{a}:{b}]"] = "model." + pname.replace(dst, src)
+            fused = [(src, d, a, b) for src, (d, a, b) in slices.items() if f".{d}." in pname]
+            for src, fused_name, a, b in fused:
+                expected[f"{pname}[{a}:{b}]"] = "model." + pname.replace(fused_name, src)
             if not fused:
                 expected[pname] = pname if pname.startswith("lm_head") else "model." + pname
         missing = [hf for key, hf in expected.items() if key not in loaded]
@@ -247,7 +257,9 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"{source}: checkpoint is missing tensors: {shown}{more}")
 
 
-def _map_name(name: str, slices: dict[str, tuple[str, int, int]]) -> tuple[str, tuple[int, int] | None]:
+def _map_name(
+    name: str, slices: dict[str, tuple[str, int, int]]
+) -> tuple[str, tuple[int, int] | None]:
     # HF: model.layers.N.self_attn.q_proj.weight -> layers.N.self_attn.qkv_proj.weight rows[a:b]
     if name.startswith("model."):
         name = name[len("model.") :]
