@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One GPU call: GPU tests, profile, and the offline benchmarks with their baselines.
+# Usage on the device machine: bash scripts/gpu_bench.sh "<which: tests profile w1 w3 w2 w5>"
+source scripts/gpu_env.sh
+which="${1:-tests profile w1 w3}"
+cat "$OUT/gpu.txt"
+for step in $which; do
+  case $step in
+    tests) timeout 420 python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x > "$OUT/gpu_tests.log" 2>&1; tail -4 "$OUT/gpu_tests.log" ;;
+    profile) timeout 200 python scripts/profile_step.py --batch 1 --out "$OUT/profile_b1.json" 2>&1 | tail -16
+             timeout 200 python scripts/profile_step.py --batch 128 --context 1024 --out "$OUT/profile_b128.json" 2>&1 | tail -16 ;;
+    w1) timeout 300 python -m headrace bench latency --hf-requests 1 --hf-batch-size 1 --hf-time-limit 40 --output-json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -1 "$OUT/w1.log" ;;
+    w3) timeout 560 python -m headrace bench throughput --workload W3 --hf-requests 64 --hf-batch-size 64 --hf-time-limit 150 --output-json "$OUT/w3.json" > "$OUT/w3.log" 2>&1; tail -1 "$OUT/w3.log" ;;
+    w3q) timeout 300 python -m headrace bench throughput --workload W3 --num-requests 300 --output-json "$OUT/w3q.json" > "$OUT/w3q.log" 2>&1; tail -1 "$OUT/w3q.log" ;;
+    w2) timeout 560 python -m headrace bench throughput --workload W2 --hf-requests 64 --hf-batch-size 64 --hf-time-limit 100 --output-json "$OUT/w2.json" > "$OUT/w2.log" 2>&1; tail -1 "$OUT/w2.log" ;;
+  esac
+done

@@ -1,0 +1,113 @@
+"""Profile engine steps on the GPU: kernel time per step, launch gaps, CPU time per phase.
+
+    PYTHONPATH=. python scripts/profile_step.py --batch 1 --context 128 --out $OUT/profile_b1.json
+
+Runs decode steps of `--batch` requests (dummy Llama-3-8B-shaped weights by default) and
+reports, per step: wall time, GPU kernel time (sum of kernel durations from the torch
+profiler), number of kernels, and the CPU time of schedule / build inputs / model + sample
+/ postprocess. The top kernels by total time go to the JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import defaultdict
+
+import torch
+
+from ipc.messages import EngineRequest, SamplingParams
+from worker.config import EngineConfig
+from worker.engine import EngineCore
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="scripts/configs/llama-3-8b")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    engine = EngineCore(
+        EngineConfig(
+            model=args.model,
+            load_format=args.load_format,
+            max_num_seqs=max(args.batch, 1),
+            enforce_eager=args.enforce_eager,
+        )
+    )
+    rng = random.Random(0)
+    for i in range(args.batch):
+        prompt = [rng.randrange(10, 120000) for _ in range(args.context)]
+        params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+        engine.add_request(EngineRequest(f"r{i}", prompt, params))
+    # Prefill, then a few decode steps to warm up.
+    while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running) or (
+        engine.scheduler.waiting
+    ):
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    torch.cuda.synchronize()
+
+    phases: dict[str, float] = defaultdict(float)
+    t_all = time.perf_counter()
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        sched = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        result = engine.runner.execute(sched, engine.kv)  # includes the token sync
+        t2 = time.perf_counter()
+        engine._postprocess(sched, result)
+        t3 = time.perf_counter()
+        phases["schedule_ms"] += (t1 - t0) * 1000
+        phases["execute_ms"] += (t2 - t1) * 1000
+        phases["postprocess_ms"] += (t3 - t2) * 1000
+    wall_ms = (time.perf_counter() - t_all) * 1000 / args.steps
+    phases = {k: v / args.steps for k, v in phases.items()}
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(list)
+    spans = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name].append(e.device_time)
+            spans.append((e.time_range.start, e.time_range.end))
+    total_us = sum(sum(v) for v in kernels.values())
+    n_kernels = sum(len(v) for v in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:25]
+    report = {
+        "card": torch.cuda.get_device_name(),
+        "batch": args.batch,
+        "context": args.context,
+        "graphs": engine.runner.graph_runner is not None,
+        "wall_ms_per_step": wall_ms,
+        "cpu_phases_ms_per_step": phases,
+        "gpu_kernel_ms_per_step": total_us / 1000 / args.steps,
+        "kernels_per_step": n_kernels / args.steps,
+        "top_kernels": [
+            {"name": k[:120], "count_per_step": len(v) / args.steps, "ms_per_step": sum(v) / 1000 / args.steps}
+            for k, v in top
+        ],
+    }
+    print(json.dumps({k: v for k, v in report.items() if k != "top_kernels"}, indent=1))
+    for t in report["top_kernels"][:12]:
+        print(f"{t['ms_per_step']:8.3f} ms  x{t['count_per_step']:6.1f}  {t['name']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
