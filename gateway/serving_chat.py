@@ -190,7 +190,7 @@ async def _stream(run: ChatRun) -> AsyncGenerator[bytes, None]:
             for i in range(len(run.seqs))
         )
         async for batch in run.sub:
-            events = []
+            events: list[bytes] = []
             for index, out in batch:
                 seq = run.seqs[index]
                 if seq.finished:

@@ -183,7 +183,7 @@ async def _stream(run: CompletionRun) -> AsyncGenerator[bytes, None]:
     name = run.entry.name
     try:
         async for batch in run.sub:
-            events = []
+            events: list[bytes] = []
             for index, out in batch:
                 seq = run.seqs[index]
                 if seq.finished:

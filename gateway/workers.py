@@ -74,8 +74,9 @@ class WorkerConnection:
         self._on_model_info = on_model_info
         self._on_lost = on_lost
         self._codec = GatewayCodec()
-        self._sock = connect_dealer(ctx, address, gateway_id)  # type: ignore[arg-type]
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # An asyncio context makes asyncio sockets.
+        self._sock: zmq.asyncio.Socket = connect_dealer(ctx, address, gateway_id)  # type: ignore[arg-type,assignment]
+        self._monitor: zmq.asyncio.Socket = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -109,7 +110,7 @@ class WorkerConnection:
         plain shadow socket would swallow ZeroMQ's edge-triggered read signal and leave
         the receive loop asleep with messages waiting.
         """
-        fut = self._sock.send(self._codec.encode(msg), zmq.NOBLOCK)
+        fut: asyncio.Future[None] = self._sock.send(self._codec.encode(msg), zmq.NOBLOCK)  # type: ignore[assignment]
         return not (fut.done() and fut.exception() is not None)
 
     def mark_down(self, why: str) -> None:
