@@ -1,0 +1,283 @@
+"""Fused elementwise ops of a decoder layer: add + RMSNorm, rotary embedding, SiLU-and-mul.
+
+Each op has a pure-torch reference (`*_ref`, the model's own torch code) and a dispatcher:
+CUDA tensors of fp32/fp16/bf16 go to one NVRTC kernel (cuda/fused_ops.cu) launched on
+torch's current stream, with no host sync, so it can be captured in a CUDA graph; CPU
+tensors and layouts the kernels do not take go to the reference. The kernels round exactly
+where the references do, so results match to the last bit up to the order of the RMSNorm
+sum of squares.
+
+Layouts::
+
+    add_rms_norm   x, residual [T, H] (rows stride(1) == 1, any stride(0)), weight [H]
+    rotary         q [T, Hq, D], k [T, Hkv, D]: views into a fused qkv row, stride(2) == 1
+                   cos_sin [max_pos, D] fp32 = [cos(pos * inv_freq) | sin(pos * inv_freq)]
+    silu_and_mul   x [T, 2I] = [gate | up] -> [T, I]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cuda import compiler
+
+SOURCE_PATH = Path(__file__).with_name("fused_ops.cu")
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # HR_DTYPE in the source
+KERNELS = (
+    "add_rms_norm_vec",
+    "add_rms_norm_scalar",
+    "rotary",
+    "silu_and_mul_vec",
+    "silu_and_mul_scalar",
+)
+SILU_BLOCK = 256
+MAX_GRID_Y = 65535
+
+_source: str | None = None
+
+
+# --- references (the model's torch code) ---------------------------------------------------
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(x + residual), x + residual), rounded as the model rounds."""
+    if residual is not None:
+        x = x + residual
+    residual = x
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), residual
+
+
+def rotary_ref(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> None:
+    """Rotate-half rotary embedding of q and k, in place."""
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)  # [T, D/2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    for x in (q, k):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        x.copy_(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype))
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] on the last dimension."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# --- which kernel takes which tensors (device-independent, so CPU tests can check it) ----
+
+
+def _rows_aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+def _vec(t: torch.Tensor) -> int:
+    """Elements of t per 16-byte vector."""
+    return 16 // t.element_size()
+
+
+def norm_kernel(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> str | None:
+    """The kernel for these tensors, or None where only the reference takes them."""
+    if x.dtype not in DTYPES or x.dim() != 2 or x.numel() == 0:
+        return None
+    if weight.dtype != x.dtype or weight.shape != (x.shape[1],) or not weight.is_contiguous():
+        return None
+    rows = [x] if residual is None else [x, residual]
+    if residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape):
+        return None
+    if any(t.stride(1) != 1 for t in rows) or x.shape[0] >= 2**31:
+        return None
+    if any(t.device != x.device for t in [*rows, weight]):
+        return None
+    vec = (
+        x.shape[1] % _vec(x) == 0
+        and weight.data_ptr() % 16 == 0
+        and all(_rows_aligned(t) for t in rows)
+    )
+    return "add_rms_norm_vec" if vec else "add_rms_norm_scalar"
+
+
+def rotary_supported(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> bool:
+    """Whether the rotary kernel takes these tensors (positions of any integer dtype)."""
+    if q.dtype not in DTYPES or k.dtype != q.dtype or q.dim() != 3 or k.dim() != 3:
+        return False
+    t, hq, d = q.shape
+    if k.shape[0] != t or k.shape[2] != d or positions.shape != (t,) or t == 0:
+        return False
+    if d % 2 or d // 2 > 1024 or not 0 < hq + k.shape[1] <= MAX_GRID_Y or t >= 2**31:
+        return False
+    if q.stride(2) != 1 or k.stride(2) != 1:
+        return False
+    if any(u.device != q.device for u in (k, positions, cos_sin)):
+        return False
+    if positions.dtype.is_floating_point or positions.dtype.is_complex:
+        return False
+    return (
+        cos_sin.dtype == torch.float32
+        and cos_sin.dim() == 2
+        and cos_sin.shape[1] == d
+        and cos_sin.stride(1) == 1
+    )
+
+
+def silu_kernel(x: torch.Tensor) -> str | None:
+    """The kernel for x, or None where only the reference takes it."""
+    if x.dtype not in DTYPES or x.dim() != 2 or x.shape[1] % 2 or x.numel() == 0:
+        return None
+    if x.stride(1) != 1 or x.shape[0] >= 2**31:
+        return None
+    inter = x.shape[1] // 2
+    vec = inter % _vec(x) == 0 and _rows_aligned(x)
+    units = inter // _vec(x) if vec else inter
+    if (units + SILU_BLOCK - 1) // SILU_BLOCK > MAX_GRID_Y:
+        return None
+    return "silu_and_mul_vec" if vec else "silu_and_mul_scalar"
+
+
+# --- compilation -----------------------------------------------------------------------------
+
+
+def source() -> str:
+    global _source
+    if _source is None:
+        _source = SOURCE_PATH.read_text()
+    return _source
+
+
+def module_defines(dtype: torch.dtype) -> dict[str, int | str]:
+    return {"HR_DTYPE": DTYPES[dtype]}
+
+
+def _kernel(dtype: torch.dtype, name: str) -> object:
+    mod = compiler.load_module(source(), defines=module_defines(dtype), name="fused_ops")
+    return mod.kernel(name)
+
+
+def _warp_round(n: int) -> int:
+    return (n + 31) // 32 * 32
+
+
+# --- launches: (kernel, grid, block, args) from tensors, without touching a device --------
+
+Launch = tuple[str, tuple[int, ...], int, tuple[object, ...]]
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def norm_launch(
+    name: str,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+    res_out: torch.Tensor | None,
+) -> Launch:
+    """add_rms_norm_{vec,scalar}; res_out is None exactly when residual is."""
+    num_tokens, hidden = x.shape
+    units = hidden // _vec(x) if name == "add_rms_norm_vec" else hidden
+    args = (
+        x.data_ptr(),
+        np.int64(x.stride(0)),
+        _ptr(residual),
+        np.int64(0 if residual is None else residual.stride(0)),
+        weight.data_ptr(),
+        out.data_ptr(),
+        _ptr(res_out),
+        np.int32(units),
+        np.float32(eps),
+    )
+    return name, (num_tokens,), min(1024, _warp_round(units)), args
+
+
+def rotary_launch(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> Launch:
+    """rotary; positions int64 and contiguous."""
+    num_tokens, hq, d = q.shape
+    args = (
+        positions.data_ptr(),
+        q.data_ptr(),
+        np.int64(q.stride(0)),
+        np.int64(q.stride(1)),
+        np.int32(hq),
+        k.data_ptr(),
+        np.int64(k.stride(0)),
+        np.int64(k.stride(1)),
+        cos_sin.data_ptr(),
+        np.int64(cos_sin.stride(0)),
+        np.int64(cos_sin.shape[0]),
+        np.int32(d // 2),
+    )
+    return "rotary", (num_tokens, hq + k.shape[1]), _warp_round(d // 2), args
+
+
+def silu_launch(name: str, x: torch.Tensor, out: torch.Tensor) -> Launch:
+    """silu_and_mul_{vec,scalar}."""
+    inter = x.shape[1] // 2
+    units = inter // _vec(x) if name == "silu_and_mul_vec" else inter
+    args = (x.data_ptr(), np.int64(x.stride(0)), out.data_ptr(), np.int32(units))
+    grid = (x.shape[0], (units + SILU_BLOCK - 1) // SILU_BLOCK)
+    return name, grid, SILU_BLOCK, args
+
+
+def _launch(dtype: torch.dtype, launch: Launch) -> None:
+    name, grid, block, args = launch
+    compiler.launch(_kernel(dtype, name), grid, block, *args)
+
+
+# --- dispatchers -----------------------------------------------------------------------------
+
+
+def add_rms_norm(
+    x: torch.Tensor,  # [T, H]
+    residual: torch.Tensor | None,  # [T, H]
+    weight: torch.Tensor,  # [H]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed [T, H], new residual [T, H]); without a residual the new residual is x."""
+    name = norm_kernel(x, residual, weight) if x.is_cuda else None
+    if name is None:
+        return add_rms_norm_ref(x, residual, weight, eps)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    res_out = None if residual is None else torch.empty_like(out)
+    _launch(x.dtype, norm_launch(name, x, residual, weight, eps, out, res_out))
+    return out, x if res_out is None else res_out
+
+
+def rotary(
+    positions: torch.Tensor,  # [T] int64
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    cos_sin: torch.Tensor,  # [max_pos, D] fp32
+) -> None:
+    """Rotate q and k in place. On the GPU, tokens whose position is outside the table are
+    left unrotated (the reference raises)."""
+    if not (q.is_cuda and rotary_supported(positions, q, k, cos_sin)):
+        rotary_ref(positions, q, k, cos_sin)
+        return
+    if positions.dtype != torch.int64 or not positions.is_contiguous():
+        positions = positions.to(torch.int64).contiguous()
+    _launch(q.dtype, rotary_launch(positions, q, k, cos_sin))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+    """silu(x[:, :I]) * x[:, I:]."""
+    name = silu_kernel(x) if x.is_cuda else None
+    if name is None:
+        return silu_and_mul_ref(x)
+    out = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype, device=x.device)
+    _launch(x.dtype, silu_launch(name, x, out))
+    return out
