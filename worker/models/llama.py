@@ -16,9 +16,9 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cuda.fused_ops import add_rms_norm, rotary, silu_and_mul
 from worker.attention import AttentionBackend, AttentionMetadata
 from worker.model_config import ModelConfig, UnsupportedModelError
 
@@ -32,13 +32,9 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (normed, new residual); with a residual, adds it first (fused on GPU)."""
-        if residual is not None:
-            x = x + residual
-        residual = x
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype), residual
+        """Returns (normed, new residual); with a residual, adds it first. One fused kernel
+        on GPU; the torch reference (same rounding) on CPU."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -83,19 +79,10 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)  # [P, D/2]
         self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Rotates q [T, Hq, D] and k [T, Hkv, D] in place (views into the fused qkv)."""
         assert self.cos_sin is not None, "RotaryEmbedding.build() was not called"
-        cos, sin = self.cos_sin[positions].chunk(2, dim=-1)  # [T, D/2] each
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]; first and second halves rotate as pairs (x1, x2).
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        rotary(positions, q, k, self.cos_sin)
 
 
 class Attention(nn.Module):
@@ -129,7 +116,7 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        q, k = self.rotary(positions, q, k)
+        self.rotary(positions, q, k)
         o = self.backend(q, k, v, kv_cache, md, self.scale, self.sliding_window)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
@@ -146,8 +133,8 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)  # [T, 2I]: gate | up
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
