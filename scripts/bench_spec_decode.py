@@ -1,0 +1,255 @@
+"""Speculative decoding benchmark: the cost of verification, and W6 end to end.
+
+(a) Cost: one target step verifying k = 2, 4, 8 proposals per request against one plain
+    decode step, batch 1 and 8, at a fixed context (Llama-3-8B shape, dummy weights, on a
+    GPU; a tiny shape on CPU). The step is the engine's whole step body: host inputs,
+    forward (CUDA graphs where the runner uses them, i.e. plain decode), sampling or
+    rejection sampling. Proposals are n-gram style (point-mass q), so the draft's own
+    cost is not in it.
+(b) W6: batch 1, 64 greedy output tokens, prompts whose answer copies the prompt; plain
+    decoding against n-gram speculation (and a draft model with --draft-model). Reports
+    accepted tokens per verification step, tokens per step and end-to-end speedup.
+
+The speedup the two imply for a big target: with acceptance a tokens per step (so 1 + a
+tokens per target step) and a verification step costing c plain steps, ~ (1 + a) / c.
+
+    PYTHONPATH=. python scripts/bench_spec_decode.py --output-json bench_spec.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ipc.messages import EngineRequest, SamplingParams
+from worker.config import EngineConfig
+from worker.engine import EngineCore
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORIES = os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K")
+LLAMA3_8B = os.path.join(REPO, "scripts", "configs", "llama-3-8b")
+
+# Texts to be copied back. With an instruct model they are wrapped in "repeat exactly";
+# with a base model the prompt is the text twice and the start of a third copy.
+TEXTS = [
+    "Lily went to the park with her mom. She saw a big dog and a red ball. The dog ran to "
+    "the ball and Lily laughed. Then they went home and ate some cake.",
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with "
+    "a single step. All that glitters is not gold.",
+    "To make tea, boil the water, put the tea bag in a cup, pour the water over it and wait "
+    "three minutes. Then take out the bag and add milk if you like.",
+    "Tom had a little boat. Every day he sailed it on the pond near his house. One day the "
+    "wind was strong and the boat went far away, but a duck pushed it back.",
+]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- (a) cost of one verification step ---------------------------------------------------------
+def step_times(
+    engine: EngineCore, batch: int, context: int, ks: list[int], iters: int
+) -> dict[str, float]:
+    """Median seconds of one step with k proposals per request (k = 0: plain decode)."""
+    vocab = engine.model_config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=max(ks) + 64, ignore_eos=True)
+    for i in range(batch):
+        prompt = torch.randint(10, min(vocab, 32000), (context,), generator=g).tolist()
+        engine.add_request(EngineRequest(f"cost-{batch}-{i}", prompt, params))
+    while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.requests.values()):
+        engine.step()  # prefill (and a first token); proposals stay empty: no proposer
+    running = list(engine.scheduler.running)
+    out: dict[str, float] = {}
+    for k in [0, *ks]:
+        for r in running:
+            r.spec_token_ids = torch.randint(10, min(vocab, 1000), (k,), generator=g).tolist()
+        sched = engine.scheduler.schedule()  # state is not updated: the same step re-runs
+        times = []
+        for it in range(iters + 3):
+            sync(engine.device)
+            t0 = time.perf_counter()
+            engine.runner.execute(sched, engine.kv)
+            sync(engine.device)
+            if it >= 3:
+                times.append(time.perf_counter() - t0)
+        out[f"k{k}"] = statistics.median(times)
+    engine.abort_requests([r.request_id for r in running])
+    return out
+
+
+def bench_cost(args: argparse.Namespace) -> dict[str, Any]:
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    model = args.cost_model or (LLAMA3_8B if on_gpu else STORIES)
+    args.context = args.context or (512 if on_gpu else 128)
+    engine = EngineCore(
+        EngineConfig(
+            model=model,
+            load_format="dummy",
+            device=args.device,
+            dtype=args.dtype,
+            max_model_len=args.context + 256,
+            num_speculative_tokens=max(args.ks),  # lookahead slots; no proposer is built
+            max_num_seqs=max(args.batch_sizes),
+            kv_cache_memory_gb=0.5,
+        )
+    )
+    rows = []
+    for batch in args.batch_sizes:
+        times = step_times(engine, batch, args.context, args.ks, args.iters)
+        for k in args.ks:
+            rows.append(
+                {
+                    "batch": batch,
+                    "k": k,
+                    "plain_ms": times["k0"] * 1e3,
+                    "verify_ms": times[f"k{k}"] * 1e3,
+                    "ratio": times[f"k{k}"] / times["k0"],
+                }
+            )
+    return {"model": model, "device": str(engine.device), "context": args.context, "rows": rows}
+
+
+# ---- (b) W6 -------------------------------------------------------------------------------------
+def w6_prompts(engine: EngineCore, tokenizer_path: str, instruct: bool) -> list[list[int]]:
+    from gateway.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    prompts = []
+    for text in TEXTS:
+        if instruct:
+            msgs = [{"role": "user", "content": f"Repeat the following text exactly:\n\n{text}"}]
+            chat = tok.apply_chat_template(msgs, add_generation_prompt=True)  # type: ignore[arg-type]
+            prompts.append(tok.encode(chat, add_special_tokens=False))
+        else:
+            first = text.split(". ")[0]
+            prompts.append(tok.encode(f"{text}\n{text}\n{first}"))
+    return prompts
+
+
+def run_w6(engine: EngineCore, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """Batch 1: one request at a time, 64 greedy tokens each; wall time of each."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    s0 = engine.stats()
+    times, outputs = [], []
+    for i, prompt in enumerate(prompts):
+        engine.add_request(EngineRequest(f"w6-{time.monotonic_ns()}-{i}", prompt, params))
+        tokens: list[int] = []
+        sync(engine.device)
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens.extend(out.new_token_ids)
+        sync(engine.device)
+        times.append(time.perf_counter() - t0)
+        outputs.append(tokens)
+    s1 = engine.stats()
+    steps = s1.spec_steps - s0.spec_steps
+    accepted = s1.spec_accepted - s0.spec_accepted
+    proposed = s1.spec_proposed - s0.spec_proposed
+    return {
+        "seconds": sum(times),
+        "tok_per_s": len(prompts) * max_tokens / sum(times),
+        "spec_steps": steps,
+        "proposed": proposed,
+        "accepted": accepted,
+        "accepted_per_step": accepted / steps if steps else 0.0,
+        "acceptance_rate": accepted / proposed if proposed else 0.0,
+        "outputs": outputs,
+    }
+
+
+def bench_w6(args: argparse.Namespace) -> dict[str, Any]:
+    model = args.w6_model or STORIES
+    instruct = model.endswith(".gguf") or "instruct" in model.lower()
+    base = dict(model=model, device=args.device, dtype=args.dtype, max_model_len=512)
+    cases: dict[str, dict[str, Any]] = {
+        "plain": {},
+        "ngram": dict(speculative_method="ngram", num_speculative_tokens=args.w6_k),
+    }
+    if args.draft_model:
+        cases["draft"] = dict(speculative_model=args.draft_model, num_speculative_tokens=args.w6_k)
+    results: dict[str, Any] = {"model": model, "k": args.w6_k, "cases": {}}
+    prompts: list[list[int]] = []
+    for name, spec in cases.items():
+        engine = EngineCore(EngineConfig(**base, **spec))  # type: ignore[arg-type]
+        if not prompts:
+            tok = args.tokenizer or engine.files.tokenizer_path or model
+            prompts = w6_prompts(engine, tok, instruct)
+        run_w6(engine, prompts[:1], args.max_tokens)  # warm-up
+        results["cases"][name] = [run_w6(engine, prompts, args.max_tokens) for _ in range(2)]
+        del engine
+    plain = min(r["seconds"] for r in results["cases"]["plain"])
+    ref = results["cases"]["plain"][0]["outputs"]
+    for name in cases:
+        runs = results["cases"][name]
+        results[f"{name}_speedup"] = plain / min(r["seconds"] for r in runs)
+        results[f"{name}_identical"] = all(r["outputs"] == ref for r in runs)
+        for r in runs:
+            r.pop("outputs")
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--cost-model",
+        default=None,
+        help="default: Llama-3-8B shape on GPU, stories260K shape on CPU",
+    )
+    p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--context", type=int, default=None, help="512 on GPU, 128 on CPU")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--w6-model", default=None, help="stories260K (default) or a SmolLM2 .gguf")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--draft-model", default=None, help="also run W6 with this draft model")
+    p.add_argument("--w6-k", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--skip-w6", action="store_true")
+    p.add_argument("--output-json", default="bench_spec_decode.json")
+    args = p.parse_args()
+
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if torch.cuda.is_available():
+        report["card"] = torch.cuda.get_device_name()
+    if not args.skip_cost:
+        report["cost"] = bench_cost(args)
+    if not args.skip_w6:
+        report["w6"] = bench_w6(args)
+    with open(args.output_json, "w") as f:
+        json.dump(report, f, indent=2)
+
+    if "cost" in report:
+        print(f"verification cost ({report['cost']['model']}, context {args.context}):")
+        for r in report["cost"]["rows"]:
+            print(
+                f"  batch {r['batch']:2d} k {r['k']}: {r['verify_ms']:.2f} ms vs plain {r['plain_ms']:.2f} ms = {r['ratio']:.2f}x"
+            )
+    if "w6" in report:
+        w6 = report["w6"]
+        print(f"W6 ({w6['model']}, k {w6['k']}):")
+        for name, runs in w6["cases"].items():
+            r = runs[-1]
+            print(
+                f"  {name:6s} {r['tok_per_s']:8.1f} tok/s  accepted/step {r['accepted_per_step']:.2f}  "
+                f"speedup {w6[f'{name}_speedup']:.2f}x  identical {w6[f'{name}_identical']}"
+            )
+    print(f"wrote {args.output_json}")
+
+
+if __name__ == "__main__":
+    main()
