@@ -83,6 +83,7 @@ class WorkerProcess:
             sys.executable, "-m", "worker.server",
             "--bind", self.address,
             "--worker-id", f"worker-{self.index}-{os.getpid()}",
+            "--parent-pid", str(os.getpid()),
             "--config", msgspec.json.encode(self.config).decode(),
         ]  # fmt: skip
         repo = str(Path(__file__).resolve().parent.parent)
@@ -164,6 +165,9 @@ def serve_main(args: argparse.Namespace) -> int:
     for t in threads:
         t.start()
     print(f"headrace: loading {config.model} in {len(workers)} worker(s)...", file=sys.stderr)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; exiting through this
+    # handler (not the default one) lets the `finally` below stop the workers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         run_gateway(gw, getattr(args, "log_level", "warning"))
     finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import signal
 import threading
@@ -133,14 +134,18 @@ class WorkerServer:
             t.join(timeout=5)
         self._ctx.term()
 
-    def serve_forever(self) -> None:
-        """start(), then block until SIGTERM or SIGINT."""
+    def serve_forever(self, parent_pid: int | None = None) -> None:
+        """start(), then block until SIGTERM or SIGINT (or, given `parent_pid`, until that
+        process is gone: a worker of `headrace serve` must not outlive it)."""
         done = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: done.set())
         self.start()
         while not done.wait(0.5):
             if self._failure is not None:
+                break
+            if parent_pid is not None and os.getppid() != parent_pid:
+                logger.warning("parent process %d is gone: stopping", parent_pid)
                 break
         self.stop()
         if self._failure is not None:
@@ -425,6 +430,7 @@ def _main_from_config_json(argv: list[str] | None = None) -> None:
     add_worker_args(parser)
     parser.add_argument("--config", required=True, help="EngineConfig as a JSON object")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when it exits")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -445,7 +451,7 @@ def _main_from_config_json(argv: list[str] | None = None) -> None:
         gateway_timeout=args.gateway_timeout,
         tokenizer=config.tokenizer,
         max_logprobs=config.max_logprobs,
-    ).serve_forever()
+    ).serve_forever(args.parent_pid)
 
 
 if __name__ == "__main__":
