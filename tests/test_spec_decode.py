@@ -214,3 +214,15 @@ def test_no_speculation_without_tokens_or_method(stories_path):
 
     assert LLM(str(stories_path), device="cpu", speculative_method="ngram").engine.proposer is None
     assert LLM(str(stories_path), device="cpu").engine.proposer is None
+
+
+def test_penalties_and_min_tokens_see_the_proposals(stories_path, stories_prompts):
+    """Row j of a verification is processed as if the first j proposals were output."""
+    params = greedy(repetition_penalty=1.3, frequency_penalty=0.5, min_tokens=10)
+    params.ignore_eos = False
+    base, _, _, _ = run(stories_path, stories_prompts, params)
+    spec = dict(speculative_model=str(stories_path), num_speculative_tokens=4)
+    tokens, _, engine, _ = run(stories_path, stories_prompts, params, **spec)
+    assert tokens == base
+    stats = engine.stats()
+    assert stats.spec_proposed > 0 and stats.spec_accepted == stats.spec_proposed
