@@ -78,15 +78,8 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
-    kernels: dict[str, list[float]] = defaultdict(list)
-    spans = []
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name].append(e.device_time)
-            spans.append((e.time_range.start, e.time_range.end))
-    total_us = sum(sum(v) for v in kernels.values())
-    n_kernels = sum(len(v) for v in kernels.values())
-    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:25]
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+    cuda_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
     report = {
         "card": torch.cuda.get_device_name(),
         "batch": args.batch,
@@ -94,16 +87,11 @@ def main() -> None:
         "graphs": engine.runner.graph_runner is not None,
         "wall_ms_per_step": wall_ms,
         "cpu_phases_ms_per_step": phases,
-        "gpu_kernel_ms_per_step": total_us / 1000 / args.steps,
-        "kernels_per_step": n_kernels / args.steps,
-        "top_kernels": [
-            {"name": k[:120], "count_per_step": len(v) / args.steps, "ms_per_step": sum(v) / 1000 / args.steps}
-            for k, v in top
-        ],
+        "gpu_ms_per_step": cuda_us / 1000 / args.steps,
+        "table": table,
     }
-    print(json.dumps({k: v for k, v in report.items() if k != "top_kernels"}, indent=1))
-    for t in report["top_kernels"][:12]:
-        print(f"{t['ms_per_step']:8.3f} ms  x{t['count_per_step']:6.1f}  {t['name']}")
+    print(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
+    print(table)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

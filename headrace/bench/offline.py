@@ -23,8 +23,9 @@ from worker.args import add_engine_args, engine_config_from_args
 @dataclass
 class Workload:
     name: str
-    prompt_lens: list[int]
+    prompt_lens: list[int]  # including the shared prefix
     output_lens: list[int]
+    shared_prefix_len: int = 0  # leading tokens every prompt shares (W5)
 
 
 def make_workload(name: str, num_requests: int | None, seed: int) -> Workload:
@@ -42,14 +43,17 @@ def make_workload(name: str, num_requests: int | None, seed: int) -> Workload:
             [rng.randint(64, 2048) for _ in range(n)],
             [rng.randint(16, 512) for _ in range(n)],
         )
-    raise ValueError(f"workload must be W1, W2 or W3, got {name!r}")
+    if name == "W5":
+        n = num_requests or 200
+        return Workload(name, [2100] * n, [64] * n, shared_prefix_len=2000)
+    raise ValueError(f"workload must be W1, W2, W3 or W5, got {name!r}")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p, model_required=False)
     p.set_defaults(model="scripts/configs/llama-3-8b", load_format="dummy")
     p.add_argument(
-        "--workload", default=None, help="W1 (latency default), W2 or W3 (throughput default)"
+        "--workload", default=None, help="W1 (latency default), W2, W3 (throughput default) or W5 (shared prefix)"
     )
     p.add_argument(
         "--num-requests", type=int, default=None, help="fewer requests than the workload's"
@@ -74,7 +78,8 @@ def run_engine(engine: Any, w: Workload, seed: int, progress: bool) -> dict[str,
 
     rng = random.Random(seed + 1)
     vocab = engine.model_config.vocab_size
-    prompts = [_token_ids(rng, n, vocab) for n in w.prompt_lens]
+    prefix = _token_ids(rng, w.shared_prefix_len, vocab)
+    prompts = [prefix + _token_ids(rng, n - len(prefix), vocab) for n in w.prompt_lens]
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     counts: dict[str, int] = {}
