@@ -98,7 +98,11 @@ def _add_server_commands(sub: argparse._SubParsersAction) -> None:
         return
     for name, help_, add_args, main_name in commands.COMMANDS:
         p = sub.add_parser(name, help=help_)
-        add_args(p)
+        try:
+            add_args(p)
+        except ImportError as e:  # e.g. starlette missing: offline commands still work
+            p.set_defaults(func=_unavailable(name, e))
+            continue
         p.set_defaults(func=_lazy("gateway.commands", main_name))
 
 

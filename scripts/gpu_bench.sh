@@ -8,10 +8,10 @@ for step in $which; do
   case $step in
     tests) timeout 420 python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x > "$OUT/gpu_tests.log" 2>&1; tail -4 "$OUT/gpu_tests.log" ;;
     profile) timeout 200 python scripts/profile_step.py --batch 1 --out "$OUT/profile_b1.json" > "$OUT/profile_b1.log" 2>&1; head -14 "$OUT/profile_b1.log"
-             timeout 200 python scripts/profile_step.py --batch 128 --context 1024 --out "$OUT/profile_b128.json" > "$OUT/profile_b128.log" 2>&1; head -14 "$OUT/profile_b128.log" ;;
+             timeout 200 python scripts/profile_step.py --batch 256 --context 1024 --out "$OUT/profile_b256.json" > "$OUT/profile_b256.log" 2>&1; head -14 "$OUT/profile_b256.log" ;;
     w1) timeout 300 python -m headrace bench latency --hf-requests 1 --hf-batch-size 1 --hf-time-limit 40 --output-json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -1 "$OUT/w1.log" ;;
     w3) timeout 560 python -m headrace bench throughput --workload W3 --hf-requests 64 --hf-batch-size 64 --hf-time-limit 150 --output-json "$OUT/w3.json" > "$OUT/w3.log" 2>&1; tail -1 "$OUT/w3.log" ;;
-    w3q) timeout 300 python -m headrace bench throughput --workload W3 --num-requests 300 --output-json "$OUT/w3q.json" > "$OUT/w3q.log" 2>&1; tail -1 "$OUT/w3q.log" ;;
+    w3q) for c in enable no-enable enable no-enable; do timeout 300 python -m headrace bench throughput --workload W3 --num-requests 300 --$c-prefix-caching --output-json "$OUT/w3q_$c.json" > "$OUT/w3q_$c.log" 2>&1; tail -1 "$OUT/w3q_$c.log"; done ;;
     w5) for c in enable no-enable; do timeout 300 python -m headrace bench throughput --workload W5 --$c-prefix-caching --output-json "$OUT/w5_$c.json" > "$OUT/w5_$c.log" 2>&1; tail -1 "$OUT/w5_$c.log"; done ;;
     w2) timeout 560 python -m headrace bench throughput --workload W2 --hf-requests 64 --hf-batch-size 64 --hf-time-limit 100 --output-json "$OUT/w2.json" > "$OUT/w2.log" 2>&1; tail -1 "$OUT/w2.log" ;;
   esac

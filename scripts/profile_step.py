@@ -45,8 +45,10 @@ def main() -> None:
     rng = random.Random(0)
     for i in range(args.batch):
         prompt = [rng.randrange(10, 120000) for _ in range(args.context)]
-        params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
-        engine.add_request(EngineRequest(f"r{i}", prompt, params))
+        max_tokens = engine.max_model_len - args.context - 1
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        error = engine.add_request(EngineRequest(f"r{i}", prompt, params))
+        assert error is None, error
     # Prefill, then a few decode steps to warm up.
     while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running) or (
         engine.scheduler.waiting
@@ -74,7 +76,7 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
