@@ -12,6 +12,7 @@ or into the static buffers of a CUDA graph (worker/cuda_graphs.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,7 +81,7 @@ def build_host_inputs(out: SchedulerOutput, kv: KVCacheManager) -> HostInputs:
     slots: list[int] = []
     qsl = [0]
     seq_lens: list[int] = []
-    tables: list[list[int]] = []
+    tables: list[Sequence[int]] = []
     sample_rows: list[list[int]] = []
     sample_idx: list[int] = []
     plp: list[PromptLogprobsJob] = []
@@ -89,7 +90,7 @@ def build_host_inputs(out: SchedulerOutput, kv: KVCacheManager) -> HostInputs:
         tokens = req.all_token_ids
         if sr.num_spec_tokens:
             tokens = tokens + req.spec_token_ids
-        table = kv.block_ids(req.request_id)
+        table = kv.block_table(req.request_id)
         row0 = qsl[-1]
         if sr.num_new_tokens == 1:  # decode: skip numpy for the common case
             p = sr.start

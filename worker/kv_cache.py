@@ -15,12 +15,14 @@ hash collision can never hand one prompt another prompt's KV.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 from worker.block_hash import ROOT_HASH, hash_block_tokens
 from worker.request import Request
 
 ROOT_UID = 0  # parent identity of a request's first block
+_EMPTY = array("i")
 
 
 class Block:
@@ -112,7 +114,9 @@ class KVCacheManager:
         # hash -> cache entries with that hash (a list, so collisions coexist)
         self.cached: dict[int, list[Block]] = {}
         self.req_blocks: dict[str, list[Block]] = {}
-        self.req_block_ids: dict[str, list[int]] = {}  # the block tables, kept in step
+        # The block tables, kept in step with req_blocks as int32 arrays: the model runner
+        # copies them straight into numpy without a per-element conversion.
+        self.req_block_ids: dict[str, array] = {}
         # Per request: (hash, uid) of each of its full blocks that have been keyed so far.
         self.req_keys: dict[str, list[tuple[int, int]]] = {}
         self._next_uid = 1
@@ -129,7 +133,11 @@ class KVCacheManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return self.req_block_ids.get(request_id, [])
+        return list(self.req_block_ids.get(request_id, ()))
+
+    def block_table(self, request_id: str) -> array:
+        """The request's block table (int32, shared: do not modify)."""
+        return self.req_block_ids.get(request_id, _EMPTY)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -201,7 +209,7 @@ class KVCacheManager:
         if need + free_hits > self.num_free_blocks:
             return False
         held = self.req_blocks.setdefault(rid, held)
-        ids = self.req_block_ids.setdefault(rid, [])
+        ids = self.req_block_ids.setdefault(rid, array("i"))
         for b in computed_blocks:
             if b.ref_cnt == 0:
                 self.free_queue.remove(b)
@@ -310,7 +318,7 @@ class KVCacheManager:
         """For tests: reference counts match the block tables, free queue is consistent."""
         counts = [0] * self.num_blocks
         for rid, held in self.req_blocks.items():
-            if [b.block_id for b in held] != self.req_block_ids.get(rid, []):
+            if [b.block_id for b in held] != self.block_ids(rid):
                 raise AssertionError(f"block table of {rid} out of step with its blocks")
             for b in held:
                 counts[b.block_id] += 1
