@@ -237,7 +237,19 @@ def blocks_per_sm(kernel: Any, block: int, shmem: int = 0) -> int:
 
 
 def launch(kernel: Any, grid: tuple[int, ...], block: int, *args: Any, shmem: int = 0) -> None:
-    """Launch on torch's current stream. Pointers as Python ints, scalars as numpy scalars."""
+    """Launch on torch's current stream. Pointers as Python ints, scalars as numpy scalars.
+
+    Goes straight to the driver's cuLaunchKernel through ctypes (about 5 us of CPU) rather
+    than cuda.core's launch (measured 45-90 us per call on the H100 machine), which matters
+    for every eager step: 32 layers x 5-7 of our kernels. Falls back to cuda.core when the
+    driver entry point or the kernel's handle is not available.
+    """
+    fast = _fast_launcher()
+    if fast is not None:
+        handle = _kernel_handle(kernel)
+        if handle is not None:
+            fast(handle, grid, block, args, shmem)
+            return
     from cuda.core import LaunchConfig
     from cuda.core import launch as cc_launch
 
@@ -249,3 +261,81 @@ def launch(kernel: Any, grid: tuple[int, ...], block: int, *args: Any, shmem: in
             _configs.clear()
         _configs[cfg_key] = cfg
     cc_launch(current_stream(), cfg, kernel, *args)
+
+
+_handles: dict[int, int | None] = {}
+_launcher: Any = False  # False: not looked up yet; None: unavailable
+
+
+def _kernel_handle(kernel: Any) -> int | None:
+    """The CUkernel / CUfunction address behind a cuda.core Kernel (cached)."""
+    key = id(kernel)
+    if key not in _handles:
+        try:
+            _handles[key] = int(kernel.handle)
+        except Exception:
+            _handles[key] = None
+    return _handles[key]
+
+
+def _ctype(arg: Any) -> Any:
+    import ctypes
+
+    import numpy as np
+
+    if isinstance(arg, np.generic):
+        if arg.dtype == np.int32:
+            return ctypes.c_int32(int(arg))
+        if arg.dtype == np.int64:
+            return ctypes.c_int64(int(arg))
+        if arg.dtype == np.float32:
+            return ctypes.c_float(float(arg))
+        if arg.dtype == np.uint32:
+            return ctypes.c_uint32(int(arg))
+        if arg.dtype == np.uint64:
+            return ctypes.c_uint64(int(arg))
+        if arg.dtype == np.float64:
+            return ctypes.c_double(float(arg))
+        raise TypeError(f"unsupported kernel argument dtype {arg.dtype}")
+    if isinstance(arg, bool):
+        return ctypes.c_bool(arg)
+    if isinstance(arg, int):  # device pointers
+        return ctypes.c_uint64(arg)
+    raise TypeError(f"unsupported kernel argument {type(arg).__name__}")
+
+
+def _fast_launcher() -> Any:
+    global _launcher
+    if _launcher is not False:
+        return _launcher
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuLaunchKernel
+    except (OSError, AttributeError):
+        _launcher = None
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ctypes.c_void_p,
+        *([ctypes.c_uint] * 6),
+        ctypes.c_uint,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.c_void_p,
+    ]
+
+    def run(handle: int, grid: tuple[int, ...], block: int, args: tuple, shmem: int) -> None:
+        import torch
+
+        storage = [_ctype(a) for a in args]
+        params = (ctypes.c_void_p * len(storage))(*[ctypes.addressof(s) for s in storage])
+        g = (*grid, 1, 1)
+        stream = torch.cuda.current_stream().cuda_stream
+        err = fn(handle, g[0], g[1], g[2], block, 1, 1, shmem, stream, params, None)
+        if err != 0:
+            raise RuntimeError(f"cuLaunchKernel failed with CUDA error {err}")
+
+    _launcher = run
+    return run
