@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import zmq
 
@@ -43,6 +43,9 @@ from ipc.messages import (
     WorkerStats,
 )
 from ipc.wire import WorkerCodec, bind_router, default_worker_id
+
+if TYPE_CHECKING:
+    from worker.config import EngineConfig
 
 logger = logging.getLogger("headrace.worker")
 
@@ -394,6 +397,35 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         help="abort a gateway's requests after this many silent seconds",
     )
+    g.add_argument(
+        "--fake-engine",
+        action="store_true",
+        help="BENCHMARKING TOOL, not for serving: run worker.fake_engine.FakeEngineCore, "
+        "which loads no model and emits one fixed-text token per running request per step; "
+        "--model only needs a tokenizer.json (see scripts/bench_gateway.py)",
+    )
+    g.add_argument(
+        "--fake-step-ms",
+        type=float,
+        default=0.0,
+        help="with --fake-engine: milliseconds from one step's start to the next, slept like "
+        "GPU time (default 0: back to back)",
+    )
+
+
+def _engine_factory(config: EngineConfig, args: argparse.Namespace) -> Callable[[], Engine]:
+    """EngineCore, or with --fake-engine the model-free benchmarking engine."""
+
+    def build() -> Engine:
+        if args.fake_engine:
+            from worker.fake_engine import FakeEngineCore
+
+            return FakeEngineCore(config, step_s=args.fake_step_ms / 1000)
+        from worker.engine import EngineCore
+
+        return EngineCore(config)
+
+    return build
 
 
 def worker_main(args: argparse.Namespace) -> None:
@@ -402,13 +434,8 @@ def worker_main(args: argparse.Namespace) -> None:
 
     config = engine_config_from_args(args)
 
-    def build() -> Engine:
-        from worker.engine import EngineCore
-
-        return EngineCore(config)
-
     server = WorkerServer(
-        build,
+        _engine_factory(config, args),
         args.bind,
         worker_id=args.worker_id,
         heartbeat_interval=args.heartbeat_interval,
@@ -438,13 +465,8 @@ def _main_from_config_json(argv: list[str] | None = None) -> None:
     config = msgspec.json.decode(args.config.encode(), type=EngineConfig)
     config.validate()
 
-    def build() -> Engine:
-        from worker.engine import EngineCore
-
-        return EngineCore(config)
-
     WorkerServer(
-        build,
+        _engine_factory(config, args),
         args.bind,
         worker_id=args.worker_id,
         heartbeat_interval=args.heartbeat_interval,
