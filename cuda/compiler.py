@@ -268,14 +268,35 @@ _launcher: Any = False  # False: not looked up yet; None: unavailable
 
 
 def _kernel_handle(kernel: Any) -> int | None:
-    """The CUkernel / CUfunction address behind a cuda.core Kernel (cached)."""
+    """The CUfunction behind a cuda.core Kernel, resolved once (cached).
+
+    cuda.core holds a context-independent CUkernel; launching one makes the driver find
+    its CUfunction in the current context on every launch. Resolving it once here with
+    cuKernelGetFunction (in torch's context, current on this thread) avoids that.
+    """
     key = id(kernel)
     if key not in _handles:
-        try:
-            _handles[key] = int(kernel.handle)
-        except Exception:
-            _handles[key] = None
+        _handles[key] = _resolve_function(kernel)
     return _handles[key]
+
+
+def _resolve_function(kernel: Any) -> int | None:
+    import ctypes
+
+    try:
+        handle = int(kernel.handle)
+    except Exception:
+        return None
+    try:
+        get_function = ctypes.CDLL("libcuda.so.1").cuKernelGetFunction
+    except (OSError, AttributeError):
+        return handle
+    get_function.restype = ctypes.c_int
+    get_function.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    func = ctypes.c_void_p()
+    if get_function(ctypes.byref(func), handle) != 0 or not func.value:
+        return handle  # already a CUfunction, or an older driver: launch the handle
+    return int(func.value)
 
 
 def _ctype(arg: Any) -> Any:
