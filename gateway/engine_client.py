@@ -189,6 +189,8 @@ class EngineClient:
         return entry
 
     def _on_model_info(self, conn: WorkerConnection, info: ModelInfo) -> None:
+        # Prefix routing keys prompts exactly as the workers key their cache blocks.
+        self.router.block_size = info.block_size
         entry = self.models.get(info.model_name)
         if entry is not None:
             entry.info = info

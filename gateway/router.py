@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from gateway.errors import ServiceUnavailable
 from gateway.workers import WorkerConnection
+from worker.block_hash import block_hashes
 
 ROUTING_POLICIES = ("least-loaded", "prefix")
 
@@ -68,11 +69,5 @@ class Router:
         return chosen
 
     def _prefix_keys(self, prompt: Sequence[int]) -> list[int]:
-        keys = []
-        parent = 0
-        bs = self.block_size
-        n_blocks = min(len(prompt) // bs, self.max_prefix_blocks)
-        for i in range(n_blocks):
-            parent = hash((parent, *prompt[i * bs : (i + 1) * bs]))
-            keys.append(parent)
-        return keys
+        # The workers' own prefix-cache keys (worker/block_hash.py: pure Python, no torch).
+        return block_hashes(prompt, self.block_size, limit=self.max_prefix_blocks)

@@ -177,6 +177,7 @@ class ModelInfo(msgspec.Struct, tag=True, array_like=True, gc=False):
     worker_id: str
     tokenizer: str | None = None  # where the gateway loads the tokenizer; None: model_path
     max_logprobs: int = 20  # the largest logprobs / prompt_logprobs a request may ask for
+    block_size: int = 16  # KV block size: the unit of prefix-cache keys (prefix routing)
 
 
 class EngineOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):

@@ -98,3 +98,18 @@ def test_request_arriving_during_prefill_shares_full_blocks(stories_path):
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_gateway_prefix_routing_uses_the_workers_block_keys():
+    from gateway.router import Router
+    from worker.block_hash import block_hashes
+    from worker.kv_cache import KVCacheManager
+    from worker.request import Request
+
+    prompt = list(range(100, 141))  # 41 tokens: 10 full blocks of 4
+    router = Router("prefix", block_size=4)
+    kv = KVCacheManager(num_blocks=32, block_size=4)
+    req = Request("a", prompt, SamplingParams(max_tokens=1), 1, frozenset())
+    assert kv.allocate_slots(req, len(prompt))
+    worker_keys = [h for h, _ in kv.req_keys["a"]]
+    assert router._prefix_keys(prompt) == worker_keys == block_hashes(prompt, 4)

@@ -89,6 +89,7 @@ class EngineCore:
             worker_id="",
             tokenizer=config.tokenizer or self.files.tokenizer_path,
             max_logprobs=config.max_logprobs,
+            block_size=config.block_size,
         )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0

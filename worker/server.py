@@ -352,6 +352,7 @@ def _with_identity(
         worker_id=worker_id,
         tokenizer=tokenizer or info.tokenizer,
         max_logprobs=info.max_logprobs if max_logprobs is None else max_logprobs,
+        block_size=info.block_size,
     )
 
 
