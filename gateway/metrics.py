@@ -61,6 +61,11 @@ class WorkerStatsCollector(Collector):
         hits = counter("prefix_cache_hits", "Prefix cache hits, in tokens")
         drafts = counter("spec_decode_num_draft_tokens", "Speculative tokens proposed")
         accepted = counter("spec_decode_num_accepted_tokens", "Speculative tokens accepted")
+        steps = counter("spec_decode_num_verify_steps", "Requests' verification steps")
+        mean_len = gauge(
+            "spec_decode_mean_accepted_length",
+            "Mean tokens gained per verification step (accepted proposals + 1)",
+        )
         for w in self.client.workers:
             model = w.info.model_name if w.info else ""
             lv = [model, w.address]
@@ -80,13 +85,16 @@ class WorkerStatsCollector(Collector):
             hits.add_metric(lv, s.prefix_cache_hits)
             drafts.add_metric(lv, s.spec_proposed)
             accepted.add_metric(lv, s.spec_accepted)
+            steps.add_metric(lv, s.spec_steps)
+            if s.spec_steps:
+                mean_len.add_metric(lv, 1.0 + s.spec_accepted / s.spec_steps)
         queued = GaugeMetricFamily(
             "headrace:gateway_num_requests_queued",
             "This gateway's requests sent to a worker with no output yet",
         )
         queued.add_metric([], self.client.num_waiting)
         yield from (up, running, waiting, usage, free, total, preempt, prompt, gen, queries)
-        yield from (hits, drafts, accepted, queued)
+        yield from (hits, drafts, accepted, steps, mean_len, queued)
 
 
 class Metrics:
