@@ -163,10 +163,17 @@ class WorkerConnection:
         """Down on socket disconnect (immediate) or on silence longer than `timeout`."""
         monitor = asyncio.ensure_future(self._monitor_loop())
         try:
+            interval = min(0.05, self.timeout / 4)
             while True:
-                await asyncio.sleep(min(0.05, self.timeout / 4))
-                silent = time.monotonic() - self.last_seen
-                if self.up and silent > self.timeout:
+                before = time.monotonic()
+                await asyncio.sleep(interval)
+                now = time.monotonic()
+                silent = now - self.last_seen
+                # If this loop itself woke late, the event loop was stalled (an overloaded
+                # gateway): heartbeats may be sitting unread in the socket. Give the
+                # receive loop a turn before calling a live worker dead.
+                stalled = now - before - interval > self.timeout / 2
+                if self.up and silent > self.timeout and not stalled:
                     self.mark_down(f"no heartbeat for {silent:.2f} s")
         finally:
             monitor.cancel()
