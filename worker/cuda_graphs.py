@@ -1,16 +1,27 @@
-"""CUDA graphs for decode steps: one graph per batch-size bucket, replayed with new inputs.
+"""CUDA graphs for decode and verification steps, replayed with new inputs.
 
-A decode step of B requests runs the graph of the smallest bucket >= B. Inputs live in
-static buffers sized for the largest bucket; the unused rows are padding:
+Two families of graphs, one per bound on q_len, each with one graph per batch bucket:
 
-    input_ids / positions   [B real | pad 0 ...]
-    slot_mapping            [B real | -1 ...]        (-1: the KV write skips the row)
-    query_start_loc         [0 1 .. B | B B ...]     (padding requests have q_len 0)
-    seq_lens                [B real | 0 ...]         (kernels exit early on 0)
-    block_tables            [B rows | 0 ...]
+    q = 1       decode steps: every request computes one token (decode kernels)
+    q = 1 + k   speculative steps: every request computes at most 1 + k tokens, its last
+                token plus up to k proposals (the tensor-core prefill kernel, whose grid
+                depends only on q, the KV heads and the batch)
 
-The graphs are captured largest first into one shared memory pool, and with the seq_len
-bound fixed at max_model_len, so replaying at longer contexts than at capture stays right.
+A step of B requests whose longest q_len is Q runs the graph of the smallest family with
+q >= Q and the smallest bucket >= B. Inputs live in static buffers sized for the largest
+graph; a request's rows are its own (fewer proposals simply mean fewer rows), and what is
+left is padding (worker/input_batch.py pad_inputs):
+
+    input_ids / positions   [T real | stale ...]      (results never read)
+    slot_mapping            [T real | -1 ...]         (-1: the KV write skips the row)
+    query_start_loc         [B real + 1 | T T ...]    (padding requests have q_len 0)
+    seq_lens                [B real | 0 ...]          (kernels exit early on 0)
+    block_tables            [B rows | stale ...]
+
+So requests with fewer than k proposals (or none) need no filler tokens, and the rejection
+sampler sees exactly the proposals it would see eagerly. The graphs are captured largest
+first into one shared memory pool, with the seq_len bound fixed at max_model_len, so
+replaying at longer contexts than at capture stays right.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import time
 import torch
 
 from worker.attention import AttentionMetadata
-from worker.input_batch import HostInputs
+from worker.input_batch import HostInputs, PaddedInputs, pad_inputs
 from worker.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -34,6 +45,22 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(out))
 
 
+def query_bounds(num_speculative_tokens: int) -> list[int]:
+    """The q_len bound of each graph family: decode, and 1 + k when speculating."""
+    return [1] if num_speculative_tokens <= 0 else [1, 1 + num_speculative_tokens]
+
+
+def pick_graph(
+    bounds: list[int], buckets: list[int], num_reqs: int, max_query_len: int
+) -> tuple[int, int] | None:
+    """(q bound, batch bucket) of the graph that runs this step; None: run it eagerly."""
+    q = next((b for b in bounds if b >= max_query_len), None)
+    bs = next((s for s in buckets if s >= num_reqs), None)
+    if q is None or bs is None or max_query_len < 1:
+        return None
+    return q, bs
+
+
 class CudaGraphRunner:
     def __init__(
         self,
@@ -43,90 +70,100 @@ class CudaGraphRunner:
         max_model_len: int,
         block_size: int,
         device: torch.device,
+        num_speculative_tokens: int = 0,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.buckets = bucket_sizes(max_num_seqs)
+        self.bounds = query_bounds(num_speculative_tokens)
         self.max_bs = self.buckets[-1]
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.device = device
-        n = self.max_bs
+        n, t = self.max_bs, self.max_bs * self.bounds[-1]
         i32, i64 = torch.int32, torch.int64
         # Device buffers the graphs read, and pinned host twins they are refilled from.
-        self.input_ids = torch.zeros(n, dtype=i64, device=device)
-        self.positions = torch.zeros(n, dtype=i64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
+        self.input_ids = torch.zeros(t, dtype=i64, device=device)
+        self.positions = torch.zeros(t, dtype=i64, device=device)
+        self.slot_mapping = torch.full((t,), -1, dtype=i64, device=device)
         self.query_start_loc = torch.zeros(n + 1, dtype=i32, device=device)
         self.seq_lens = torch.zeros(n, dtype=i32, device=device)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=i32, device=device)
-        self.host_i64 = torch.zeros((3, n), dtype=i64, pin_memory=True)
+        self.host_i64 = torch.zeros((3, t), dtype=i64, pin_memory=True)
         self.host_i32 = torch.zeros(2 * n + 1, dtype=i32, pin_memory=True)
         self.host_bt = torch.zeros((n, self.max_blocks), dtype=i32, pin_memory=True)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        h64, h32 = self.host_i64.numpy(), self.host_i32.numpy()
+        self.host = PaddedInputs(
+            h64[0], h64[1], h64[2], h32[: n + 1], h32[n + 1 :], self.host_bt.numpy()
+        )
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (q bound, bucket)
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.replays = dict.fromkeys(self.bounds, 0)  # per q bound: steps that replayed
 
-    def _md(self, bs: int) -> AttentionMetadata:
+    def _md(self, q: int, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs],
-            slot_mapping=self.slot_mapping[:bs],
-            max_query_len=1,
+            slot_mapping=self.slot_mapping[: bs * q],
+            max_query_len=q,
             max_seq_len=self.max_model_len,
         )
 
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
-        # Capture-time inputs: every request one token long in block 0, writes skipped.
-        self.query_start_loc.copy_(torch.arange(self.max_bs + 1, dtype=torch.int32))
-        self.seq_lens.fill_(1)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):  # largest first: later ones reuse its pool
-                md = self._md(bs)
-                args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
-                for _ in range(2):  # warm up: compile kernels, size workspaces, autotune
-                    self.model(*args)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.outputs[bs] = self.model(*args)
-                self.graphs[bs] = graph
+            for q in reversed(self.bounds):  # largest first: later ones reuse its pool
+                # Capture-time inputs: every request q tokens long in block 0, writes skipped.
+                qsl = torch.arange(self.max_bs + 1, dtype=torch.int32, device=self.device) * q
+                self.query_start_loc.copy_(qsl)
+                self.seq_lens.fill_(q)
+                self.slot_mapping.fill_(-1)
+                for bs in reversed(self.buckets):
+                    md = self._md(q, bs)
+                    ids, pos = self.input_ids[: bs * q], self.positions[: bs * q]
+                    args = (ids, pos, self.kv_caches, md)
+                    for _ in range(2):  # warm up: compile kernels, size workspaces, autotune
+                        self.model(*args)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        self.outputs[q, bs] = self.model(*args)
+                    self.graphs[q, bs] = graph
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
 
+    def _pick(self, host: HostInputs) -> tuple[int, int] | None:
+        if host.block_tables.shape[1] > self.max_blocks:
+            return None
+        if host.max_query_len == 1 and host.prompt_logprobs:
+            return None  # a one-token prompt's logprobs: rare, eager keeps it simple
+        return pick_graph(self.bounds, self.buckets, len(host.seq_lens), host.max_query_len)
+
     def can_run(self, host: HostInputs) -> bool:
-        return (
-            host.is_decode_only
-            and len(host.seq_lens) <= self.max_bs
-            and host.block_tables.shape[1] <= self.max_blocks
-        )
+        return self._pick(host) is not None
 
     def run(self, host: HostInputs) -> torch.Tensor:
-        """Replay the bucket's graph on this step's inputs; returns hidden states [B, H]."""
-        b = len(host.seq_lens)
-        bs = next(s for s in self.buckets if s >= b)
+        """Replay the step's graph on its inputs; returns hidden states [T, H]."""
+        key = self._pick(host)
+        if key is None:
+            raise ValueError("no CUDA graph fits this step (check can_run first)")
+        q, bs = key
+        b, t, n = len(host.seq_lens), host.num_tokens, bs * q
+        pad_inputs(host, self.host, bs, n)
         h64, h32, hbt = self.host_i64, self.host_i32, self.host_bt
-        h64[0, :b] = torch.from_numpy(host.input_ids)
-        h64[1, :b] = torch.from_numpy(host.positions)
-        h64[2, :b] = torch.from_numpy(host.slot_mapping)
-        h64[2, b:bs] = -1
-        h32[: b + 1] = torch.from_numpy(host.query_start_loc)
-        h32[b + 1 : bs + 1] = b
-        seq = h32[self.max_bs + 1 :]
-        seq[:b] = torch.from_numpy(host.seq_lens)
-        seq[b:bs] = 0
         width = host.block_tables.shape[1]
-        hbt[:b, :width] = torch.from_numpy(host.block_tables)
-        self.input_ids[:bs].copy_(h64[0, :bs], non_blocking=True)
-        self.positions[:bs].copy_(h64[1, :bs], non_blocking=True)
-        self.slot_mapping[:bs].copy_(h64[2, :bs], non_blocking=True)
+        self.input_ids[:t].copy_(h64[0, :t], non_blocking=True)
+        self.positions[:t].copy_(h64[1, :t], non_blocking=True)
+        self.slot_mapping[:n].copy_(h64[2, :n], non_blocking=True)
         self.query_start_loc[: bs + 1].copy_(h32[: bs + 1], non_blocking=True)
+        seq = h32[self.max_bs + 1 :]
         self.seq_lens[:bs].copy_(seq[:bs], non_blocking=True)
         self.block_tables[:b, :width].copy_(hbt[:b, :width], non_blocking=True)
-        self.graphs[bs].replay()
-        return self.outputs[bs][:b]
+        self.graphs[q, bs].replay()
+        self.replays[q] += 1
+        return self.outputs[q, bs][:t]

@@ -68,7 +68,10 @@ class EngineCore:
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_cuda_graphs(
-                config.max_num_seqs, self.max_model_len, config.block_size
+                config.max_num_seqs,
+                self.max_model_len,
+                config.block_size,
+                config.num_speculative_tokens,
             )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(

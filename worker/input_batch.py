@@ -153,5 +153,47 @@ def to_device(host: HostInputs, device: torch.device) -> StepInputs:
     return StepInputs(dev(host.input_ids), dev(host.positions), md, host)
 
 
+@dataclass
+class PaddedInputs:
+    """Host views of a CUDA graph's static inputs (pinned memory on GPU, plain on CPU).
+
+    A graph of `num_reqs` requests and `num_tokens` token rows reads the prefixes
+    [:num_tokens] of the token arrays and [:num_reqs (+ 1)] of the request arrays.
+    """
+
+    input_ids: np.ndarray  # [max_tokens] int64
+    positions: np.ndarray  # [max_tokens] int64
+    slot_mapping: np.ndarray  # [max_tokens] int64
+    query_start_loc: np.ndarray  # [max_reqs + 1] int32
+    seq_lens: np.ndarray  # [max_reqs] int32
+    block_tables: np.ndarray  # [max_reqs, max_blocks] int32
+
+
+def pad_inputs(host: HostInputs, dst: PaddedInputs, num_reqs: int, num_tokens: int) -> None:
+    """Write this step's inputs into a graph's buffers, padded to its shape.
+
+        step:  A verifies 1 + 2 tokens, B decodes 1; graph of 4 requests x 4 rows each
+        rows:          [a a a b | pad ...................]   T = 4, num_tokens = 16
+        slot_mapping:  [s s s s | -1 ....................]   (-1: the KV write skips it)
+        query_start:   [0 3 4 | 4 4]                        (padding requests: q_len 0)
+        seq_lens:      [la lb | 0 0]                        (kernels exit early on 0)
+
+    Only the real rows and the slots of the padding rows are written: stale ids and
+    positions in padding rows are valid values whose results nobody reads.
+    """
+    b, t = len(host.seq_lens), host.num_tokens
+    if b > num_reqs or t > num_tokens:
+        raise ValueError(f"step of {b} requests / {t} tokens exceeds graph {num_reqs}/{num_tokens}")
+    dst.input_ids[:t] = host.input_ids
+    dst.positions[:t] = host.positions
+    dst.slot_mapping[:t] = host.slot_mapping
+    dst.slot_mapping[t:num_tokens] = -1
+    dst.query_start_loc[: b + 1] = host.query_start_loc
+    dst.query_start_loc[b + 1 : num_reqs + 1] = t
+    dst.seq_lens[:b] = host.seq_lens
+    dst.seq_lens[b:num_reqs] = 0
+    dst.block_tables[:b, : host.block_tables.shape[1]] = host.block_tables
+
+
 def build_step_inputs(out: SchedulerOutput, kv: KVCacheManager, device: torch.device) -> StepInputs:
     return to_device(build_host_inputs(out, kv), device)

@@ -82,8 +82,15 @@ class ModelRunner:
             for _ in range(c.num_layers)
         ]
 
-    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int, block_size: int) -> None:
-        """Capture decode graphs (GPU only); after this, decode-only steps replay them."""
+    def capture_cuda_graphs(
+        self,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        num_speculative_tokens: int = 0,
+    ) -> None:
+        """Capture graphs (GPU only); after this, steps whose requests each compute one
+        token (decode), or at most 1 + num_speculative_tokens (verification), replay them."""
         from worker.cuda_attention import CudaAttention
         from worker.cuda_graphs import CudaGraphRunner
 
@@ -93,7 +100,13 @@ class ModelRunner:
             log.warning("CUDA graphs off: %s; decode runs eagerly", blocker)
             return
         self.graph_runner = CudaGraphRunner(
-            self.model, self.kv_caches, max_num_seqs, max_model_len, block_size, self.device
+            self.model,
+            self.kv_caches,
+            max_num_seqs,
+            max_model_len,
+            block_size,
+            self.device,
+            num_speculative_tokens,
         )
         self.graph_runner.capture()
 
