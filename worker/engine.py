@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from ipc.messages import (
     EngineRequest,
     FinishReason,
@@ -113,6 +115,16 @@ class EngineCore:
             budget = int(c.kv_cache_memory_gb * GiB)
         else:
             budget = self.runner.profile_free_memory(max_batched_tokens, c.gpu_memory_utilization)
+        draft = self._draft_model_config()
+        if draft is not None:
+            # The draft model lives in the same budget: its weights, and a KV block beside
+            # each target block (plus k slots per request, see make_proposer).
+            draft_block = kv_bytes_per_block(draft, c.block_size, self.dtype)
+            extra = c.max_num_seqs * -(-c.num_speculative_tokens // c.block_size)
+            if self.device.type == "cuda":
+                budget -= param_bytes(draft, self.dtype)
+            budget -= extra * draft_block
+            per_block += draft_block
         num = budget // per_block
         if num < 1:
             raise ValueError(
@@ -120,6 +132,13 @@ class EngineCore:
                 "raise --gpu-memory-utilization / --kv-cache-memory-gb or shrink the model"
             )
         return int(num)
+
+    def _draft_model_config(self) -> ModelConfig | None:
+        c = self.config
+        if not c.speculative_model or c.num_speculative_tokens == 0:
+            return None
+        files = open_model(c.speculative_model, "dummy")  # the config is all we need here
+        return ModelConfig.from_hf(files.config, source=files.path)
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, req: EngineRequest) -> RequestOutput | None:
@@ -244,3 +263,14 @@ def _eos_ids(files: ModelFiles, mc: ModelConfig) -> set[int]:
     elif gen is not None:
         ids.add(int(gen))
     return ids
+
+
+def param_bytes(mc: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of a model's weights, from its shapes (for memory planning)."""
+    h, d, inter = mc.hidden_size, mc.head_dim, mc.intermediate_size
+    qkv = h * (mc.num_heads + 2 * mc.num_kv_heads) * d
+    if mc.attention_bias:
+        qkv += (mc.num_heads + 2 * mc.num_kv_heads) * d
+    layer = qkv + mc.num_heads * d * h + 3 * h * inter + 2 * h
+    total = mc.vocab_size * h * (1 if mc.tie_word_embeddings else 2) + mc.num_layers * layer + h
+    return total * torch.tensor([], dtype=dtype).element_size()
