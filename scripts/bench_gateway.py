@@ -253,7 +253,7 @@ def wait_healthy(port: int, procs: list[subprocess.Popen], timeout: float = 60) 
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
-                raise RuntimeError(f"{p.args} exited with {p.returncode}")
+                raise RuntimeError(f"{p.args!r} exited with {p.returncode}")
         try:
             r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
             if r.status_code == 200 and any(w["state"] == "up" for w in r.json()["workers"]):

@@ -53,7 +53,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p, model_required=False)
     p.set_defaults(model="scripts/configs/llama-3-8b", load_format="dummy")
     p.add_argument(
-        "--workload", default=None, help="W1 (latency default), W2, W3 (throughput default) or W5 (shared prefix)"
+        "--workload",
+        default=None,
+        help="W1 (latency default), W2, W3 (throughput default) or W5 (shared prefix)",
     )
     p.add_argument(
         "--num-requests", type=int, default=None, help="fewer requests than the workload's"
