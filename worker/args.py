@@ -40,6 +40,11 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
         help="reuse the KV cache of shared prompt prefixes",
     )
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    g.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="overlap the CPU's next decode step with the GPU's current one",
+    )
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("--speculative-method", default=None, choices=["ngram", "draft"])
     g.add_argument("--speculative-model", default=None, help="draft model folder")
@@ -74,6 +79,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=args.enable_chunked_prefill,
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         max_logprobs=args.max_logprobs,
         speculative_method=method,
         speculative_model=args.speculative_model,

@@ -89,16 +89,24 @@ class CudaGraphRunner:
         self.query_start_loc = torch.zeros(n + 1, dtype=i32, device=device)
         self.seq_lens = torch.zeros(n, dtype=i32, device=device)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=i32, device=device)
-        self.host_i64 = torch.zeros((3, t), dtype=i64, pin_memory=True)
-        self.host_i32 = torch.zeros(2 * n + 1, dtype=i32, pin_memory=True)
-        self.host_bt = torch.zeros((n, self.max_blocks), dtype=i32, pin_memory=True)
-        h64, h32 = self.host_i64.numpy(), self.host_i32.numpy()
-        self.host = PaddedInputs(
-            h64[0], h64[1], h64[2], h32[: n + 1], h32[n + 1 :], self.host_bt.numpy()
-        )
+        # Two sets of pinned staging buffers, used in turn: with async scheduling the next
+        # step's inputs are written while this step's host-to-device copies may still be
+        # queued behind the step before it.
+        self._staging = [self._make_staging(n, t) for _ in range(2)]
+        self._turn = 0
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (q bound, bucket)
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.replays = dict.fromkeys(self.bounds, 0)  # per q bound: steps that replayed
+
+    def _make_staging(
+        self, n: int, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PaddedInputs]:
+        h64_t = torch.zeros((3, t), dtype=torch.int64, pin_memory=True)
+        h32_t = torch.zeros(2 * n + 1, dtype=torch.int32, pin_memory=True)
+        hbt_t = torch.zeros((n, self.max_blocks), dtype=torch.int32, pin_memory=True)
+        h64, h32 = h64_t.numpy(), h32_t.numpy()
+        padded = PaddedInputs(h64[0], h64[1], h64[2], h32[: n + 1], h32[n + 1 :], hbt_t.numpy())
+        return h64_t, h32_t, hbt_t, padded
 
     def _md(self, q: int, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -147,17 +155,25 @@ class CudaGraphRunner:
     def can_run(self, host: HostInputs) -> bool:
         return self._pick(host) is not None
 
-    def run(self, host: HostInputs) -> torch.Tensor:
-        """Replay the step's graph on its inputs; returns hidden states [T, H]."""
+    def run(self, host: HostInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the step's graph on its inputs; returns hidden states [T, H].
+
+        `input_ids` (on the device) replaces the host's token ids: async scheduling feeds
+        the previous step's sampled tokens straight from the GPU.
+        """
         key = self._pick(host)
         if key is None:
             raise ValueError("no CUDA graph fits this step (check can_run first)")
         q, bs = key
         b, t, n = len(host.seq_lens), host.num_tokens, bs * q
-        pad_inputs(host, self.host, bs, n)
-        h64, h32, hbt = self.host_i64, self.host_i32, self.host_bt
+        h64, h32, hbt, padded = self._staging[self._turn]
+        self._turn ^= 1
+        pad_inputs(host, padded, bs, n)
         width = host.block_tables.shape[1]
-        self.input_ids[:t].copy_(h64[0, :t], non_blocking=True)
+        if input_ids is None:
+            self.input_ids[:t].copy_(h64[0, :t], non_blocking=True)
+        else:
+            self.input_ids[:t].copy_(input_ids)
         self.positions[:t].copy_(h64[1, :t], non_blocking=True)
         self.slot_mapping[:n].copy_(h64[2, :n], non_blocking=True)
         self.query_start_loc[: bs + 1].copy_(h32[: bs + 1], non_blocking=True)

@@ -24,8 +24,14 @@ from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_files import ModelFiles, open_model
 from worker.model_loader import build_model, resolve_device, resolve_dtype
-from worker.model_runner import ModelRunner, StepResult, kv_bytes_per_block, make_backend
-from worker.request import Request
+from worker.model_runner import (
+    ModelRunner,
+    PendingStep,
+    StepResult,
+    kv_bytes_per_block,
+    make_backend,
+)
+from worker.request import Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals
 
@@ -105,6 +111,8 @@ class EngineCore:
         if self.proposer is not None:
             self.runner.draft_probs = self.proposer.draft_probs
         self.spec_stats = SpecStats()
+        # Async scheduling: a launched step whose tokens have not been read yet.
+        self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
 
     def _num_kv_blocks(self, max_batched_tokens: int) -> int:
         c = self.config
@@ -192,11 +200,68 @@ class EngineCore:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.config.async_scheduling:
+            return self._step_async()
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
         result = self.runner.execute(sched, self.kv)
         return self._postprocess(sched, result)
+
+    def _step_async(self) -> list[RequestOutput]:
+        """One step, with the next decode step launched before this one's tokens are read.
+
+        While the GPU runs step N, the CPU schedules N+1 (same requests, one token each),
+        builds its inputs and queues it, feeding N's sampled ids on the device; only then
+        does it wait for N's tokens and apply them. A request that N finishes (EOS, stop
+        id) has its N+1 token dropped. Steps that are not plain decodes, or whose
+        successor would differ from a normal schedule, run as usual.
+        """
+        if self._inflight is not None:
+            sched, pending = self._inflight
+            self._inflight = None
+        else:
+            sched = self.scheduler.schedule()
+            if sched.empty:
+                return []
+            if not self.runner.can_launch(sched):
+                return self._postprocess(sched, self.runner.execute(sched, self.kv))
+            pending = self.runner.launch(sched, self.kv)
+        if self._can_chain(sched):
+            nxt = self.scheduler.schedule_chained(sched)
+            if nxt is not None:
+                self._inflight = (
+                    nxt,
+                    self.runner.launch(nxt, self.kv, input_ids=pending.token_ids, step_offset=1),
+                )
+        return self._postprocess(sched, self.runner.finish(pending))
+
+    def _can_chain(self, sched: SchedulerOutput) -> bool:
+        """Would the step after `sched` be these same requests decoding one token each?"""
+        if self.proposer is not None:
+            return False
+        for sr in sched.scheduled:
+            req, p = sr.request, sr.request.params
+            if req.is_finished or req.status != RequestStatus.RUNNING:
+                return False
+            # Finishes for sure at this step (length): nothing to chain for it.
+            if req.num_output_tokens + 1 >= req.max_tokens:
+                return False
+            if req.num_tokens + 1 >= self.max_model_len:
+                return False
+            # Sampling that reads the generated tokens would miss the one in flight.
+            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+                return False
+            if req.num_output_tokens < p.min_tokens:
+                return False
+        # A normal schedule might admit a waiting request: keep the same policy.
+        waiting = self.scheduler.waiting
+        if waiting and self.scheduler.num_running < self.config.max_num_seqs:
+            first = waiting[0]
+            reserve = self.scheduler.num_running  # the running requests' next slots
+            if self.kv.blocks_needed(first.num_tokens) + reserve <= self.kv.num_free_blocks:
+                return False
+        return True
 
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         for i, lps in result.prompt_logprobs.items():
@@ -218,7 +283,10 @@ class EngineCore:
                 self.max_model_len,
             )
         outputs = []
-        for i, (req, tokens) in enumerate(updates):
+        # update() skips requests that finished before this step's tokens arrived.
+        index = {sr.request.request_id: i for i, sr in enumerate(sched.scheduled)}
+        for req, tokens in updates:
+            i = index[req.request_id]
             if not tokens and req.finish_reason is None:
                 continue
             self.generation_tokens_total += len(tokens)

@@ -94,7 +94,8 @@ def build_host_inputs(out: SchedulerOutput, kv: KVCacheManager) -> HostInputs:
         row0 = qsl[-1]
         if sr.num_new_tokens == 1:  # decode: skip numpy for the common case
             p = sr.start
-            ids.append(tokens[p])
+            # Past the known tokens: async scheduling feeds this id from the GPU.
+            ids.append(tokens[p] if p < len(tokens) else 0)
             pos.append(p)
             slots.append(table[p // bs] * bs + p % bs)
         else:

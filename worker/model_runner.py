@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ipc.messages import TokenLogprobs
+from ipc.messages import SamplingParams, TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
 from worker.input_batch import HostInputs, build_host_inputs, to_device
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
-from worker.sampler import Sampler, SamplingBatch, compute_logprobs
+from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
 from worker.scheduler import SchedulerOutput
 from worker.spec_decode.verify import verify
 
@@ -34,6 +34,16 @@ class StepResult:
     new_tokens: list[list[int]]  # per scheduled request (empty when it did not sample)
     logprobs: list[list[TokenLogprobs]]  # per scheduled request, one per new token if asked
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # by index
+
+
+@dataclass
+class PendingStep:
+    """A launched decode step: its sampled tokens are still on the device."""
+
+    out: SchedulerOutput
+    token_ids: torch.Tensor  # [B] int64, one per scheduled request, in order
+    logprobs: LogprobsTensors | None
+    params: list[SamplingParams]
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -119,6 +129,64 @@ class ModelRunner:
             inputs = to_device(host, self.device)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.md)
         return self.sample(out, host, hidden)
+
+    # ---- async scheduling: launch a decode step now, read its tokens later ------------------
+    @staticmethod
+    def can_launch(out: SchedulerOutput) -> bool:
+        """Steps launch() handles: every request computes and samples one token."""
+        return all(
+            sr.num_new_tokens == 1
+            and sr.num_spec_tokens == 0
+            and sr.samples
+            and not sr.request.wants_prompt_logprobs
+            for sr in out.scheduled
+        )
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        out: SchedulerOutput,
+        kv: KVCacheManager,
+        input_ids: torch.Tensor | None = None,
+        step_offset: int = 0,
+    ) -> PendingStep:
+        """Queue a decode step on the GPU (model, logits, sampling) without waiting for it.
+
+        `input_ids` (device) are the previous step's sampled tokens when that step has not
+        been read yet; `step_offset` (1 then) counts its token in each request's output, so
+        seeded draws stay the same as without async scheduling.
+        """
+        host = build_host_inputs(out, kv)
+        if self.graph_runner is not None and self.graph_runner.can_run(host):
+            hidden = self.graph_runner.run(host, input_ids)
+        else:
+            inputs = to_device(host, self.device)
+            ids = inputs.input_ids if input_ids is None else input_ids
+            hidden = self.model(ids, inputs.positions, self.kv_caches, inputs.md)
+        # Decode rows are the requests in order: a slice, not an index tensor (whose
+        # blocking host-to-device copy would wait for the GPU).
+        logits = self.model.compute_logits(hidden[: len(out.scheduled)])
+        reqs = [sr.request for sr in out.scheduled]
+        batch = SamplingBatch(
+            params=[r.params for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+            steps=[len(r.output_token_ids) + step_offset for r in reqs] if step_offset else None,
+        )
+        sampled = self.sampler(logits, batch)
+        return PendingStep(out, sampled.token_ids, sampled.logprobs, [r.params for r in reqs])
+
+    def finish(self, pending: PendingStep) -> StepResult:
+        """Wait for a launched step and read its tokens (the step's one host sync)."""
+        tokens = pending.token_ids.tolist()
+        n = len(tokens)
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
+        if pending.logprobs is not None:
+            lps = pending.logprobs.to_lists([p.logprobs or 0 for p in pending.params])
+            for i, p in enumerate(pending.params):
+                if p.logprobs is not None:
+                    logprobs[i] = [lps[i]]
+        return StepResult([[int(t)] for t in tokens], logprobs)
 
     def sample(self, out: SchedulerOutput, inputs: HostInputs, hidden: torch.Tensor) -> StepResult:
         n = len(out.scheduled)

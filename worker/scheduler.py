@@ -180,6 +180,10 @@ class Scheduler:
         results: list[tuple[Request, list[int]]] = []
         for sr, tokens in zip(out.scheduled, new_tokens, strict=True):
             req = sr.request
+            if req.is_finished:
+                # Aborted, or (async scheduling) finished by the step before this one,
+                # which was still running when this step was launched: drop its token.
+                continue
             req.spec_token_ids = []
             if not sr.samples:
                 req.num_computed_tokens += sr.num_new_tokens
@@ -200,6 +204,31 @@ class Scheduler:
                 self.finish(req)
             results.append((req, kept))
         return results
+
+    def schedule_chained(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The decode step after `prev`, scheduled before prev's tokens are known.
+
+        Async scheduling: `prev` (every request decoding one token) is still running; each
+        of its requests will compute, next, the token prev samples for it. Only slots are
+        reserved here; the caller feeds the token ids on the device. None (with nothing
+        preempted) when some request cannot get its next slot: the caller then waits for
+        prev and schedules normally.
+        """
+        out = SchedulerOutput()
+        lookahead = self.config.num_lookahead_tokens
+        for sr in prev.scheduled:
+            req = sr.request
+            # prev computes position num_computed_tokens; the next step the one after it.
+            if not self.kv.allocate_slots(
+                req,
+                2,
+                num_lookahead_tokens=lookahead,
+                num_tokens_to_cache=req.num_computed_tokens + 1,
+            ):
+                return None  # slots taken so far are the ones the next steps use anyway
+            out.scheduled.append(ScheduledRequest(req, 1, req.num_computed_tokens + 1))
+        out.num_batched_tokens = len(out.scheduled)
+        return out
 
     def _preempt(self, req: Request) -> None:
         """Free everything the request holds; it recomputes from scratch when readmitted."""

@@ -92,3 +92,16 @@ def test_gpu_16bit_equals_cpu_fp32_greedy(tmp_path, stories_path, dtype, atol):
     # 16-bit rounding moves logprobs of this peaked random model by up to ~0.05 (fp16) or
     # ~0.3 (bf16): tokens must agree (or be near-ties); a wrong kernel is off by far more.
     check_logprobs_close(gpu, cpu, f"gpu-{dtype}-vs-cpu", atol=atol)
+
+
+def test_async_scheduling_equals_sync_with_graphs(tmp_path, stories_path):
+    path = tiny_model_hd64(tmp_path, stories_path)
+    prompts = prompts_of_different_lengths()
+    args = dict(device="cuda", dtype="float16", block_size=16, max_num_seqs=32, max_model_len=512)
+    sync, used = generate(path, prompts, max_tokens=120, **args)
+    assert used
+    asyn, used = generate(path, prompts, max_tokens=120, async_scheduling=True, **args)
+    assert used
+    # Same graphs, same inputs (ids fed on the device): identical tokens and logprobs.
+    assert [t for t, _ in asyn] == [t for t, _ in sync]
+    check_logprobs_close(asyn, sync, "async", atol=1e-3)
