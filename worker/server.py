@@ -435,7 +435,11 @@ def worker_main(args: argparse.Namespace) -> None:
 
     config = engine_config_from_args(args)
 
-    server = WorkerServer(
+    _make_server(config, args).serve_forever()
+
+
+def _make_server(config: EngineConfig, args: argparse.Namespace) -> WorkerServer:
+    return WorkerServer(
         _engine_factory(config, args),
         args.bind,
         worker_id=args.worker_id,
@@ -444,7 +448,6 @@ def worker_main(args: argparse.Namespace) -> None:
         tokenizer=config.tokenizer,
         max_logprobs=config.max_logprobs,
     )
-    server.serve_forever()
 
 
 def _main_from_config_json(argv: list[str] | None = None) -> None:
@@ -466,15 +469,7 @@ def _main_from_config_json(argv: list[str] | None = None) -> None:
     config = msgspec.json.decode(args.config.encode(), type=EngineConfig)
     config.validate()
 
-    WorkerServer(
-        _engine_factory(config, args),
-        args.bind,
-        worker_id=args.worker_id,
-        heartbeat_interval=args.heartbeat_interval,
-        gateway_timeout=args.gateway_timeout,
-        tokenizer=config.tokenizer,
-        max_logprobs=config.max_logprobs,
-    ).serve_forever(args.parent_pid)
+    _make_server(config, args).serve_forever(args.parent_pid)
 
 
 if __name__ == "__main__":
