@@ -128,10 +128,6 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return len(self.free_queue)
 
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
-
     def block_ids(self, request_id: str) -> list[int]:
         return list(self.req_block_ids.get(request_id, ()))
 
@@ -294,25 +290,6 @@ class KVCacheManager:
             b.ref_cnt -= 1
             if b.ref_cnt == 0:
                 self.free_queue.append(b)
-
-    def free_tail(self, request: Request) -> None:
-        """Drop blocks past what the request's computed tokens need (rejected speculation)."""
-        held = self.req_blocks.get(request.request_id)
-        if not held:
-            return
-        keep = self.blocks_needed(request.num_computed_tokens)
-        ids = self.req_block_ids[request.request_id]
-        while len(held) > keep:
-            b = held.pop()
-            ids.pop()
-            b.ref_cnt -= 1
-            if b.ref_cnt == 0:
-                self._evict(b)
-                self.free_queue.append(b)
-
-    def reset_prefix_cache(self) -> None:
-        for b in list(self.free_queue):
-            self._evict(b)
 
     def check_invariants(self) -> None:
         """For tests: reference counts match the block tables, free queue is consistent."""
