@@ -144,6 +144,7 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         cards = [
             ModelCard(m.name, int(config.started), m.info.model_path, m.info.max_model_len)
             for m in client.models.values()
+            if m.tokenizer is not None  # listed once requests for it can be served
         ]
         return json_response(ModelList(cards))
 
