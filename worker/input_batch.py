@@ -198,3 +198,14 @@ def pad_inputs(host: HostInputs, dst: PaddedInputs, num_reqs: int, num_tokens: i
 
 def build_step_inputs(out: SchedulerOutput, kv: KVCacheManager, device: torch.device) -> StepInputs:
     return to_device(build_host_inputs(out, kv), device)
+
+
+def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] without a host sync: a slice when the rows are consecutive, else an index
+    copied from pinned memory (indexing with a Python list copies it synchronously)."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1 and rows == list(range(rows[0], rows[-1] + 1)):
+        return x[rows[0] : rows[-1] + 1]
+    index = torch.tensor(rows, dtype=torch.long)
+    if x.is_cuda:
+        index = index.pin_memory().to(x.device, non_blocking=True)
+    return x.index_select(0, index)

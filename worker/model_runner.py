@@ -15,7 +15,7 @@ import torch
 
 from ipc.messages import SamplingParams, TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
-from worker.input_batch import HostInputs, build_host_inputs, to_device
+from worker.input_batch import HostInputs, build_host_inputs, take_rows, to_device
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
@@ -210,7 +210,7 @@ class ModelRunner:
         plain = [j for j, r in enumerate(inputs.sample_rows) if len(r) == 1]
         if plain:
             rows = [inputs.sample_rows[j][0] for j in plain]
-            logits = self.model.compute_logits(hidden[rows])  # [S, V]
+            logits = self.model.compute_logits(take_rows(hidden, rows))  # [S, V]
             reqs = [out.scheduled[inputs.sample_sched_index[j]].request for j in plain]
             batch = SamplingBatch(
                 params=[r.params for r in reqs],
@@ -229,7 +229,7 @@ class ModelRunner:
         for job in inputs.prompt_logprobs:
             req = out.scheduled[job.sched_index].request
             k = req.params.prompt_logprobs or 0
-            logits = self.model.compute_logits(hidden[job.rows])
+            logits = self.model.compute_logits(take_rows(hidden, job.rows))
             targets = torch.tensor(job.targets, device=logits.device)
             lp = compute_logprobs(logits, targets, k).to_lists([k] * len(job.rows))
             result.prompt_logprobs[job.sched_index] = lp

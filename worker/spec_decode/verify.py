@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from ipc.messages import TokenLogprobs
+from worker.input_batch import take_rows
 from worker.models.llama import LlamaForCausalLM
 from worker.request import Request
 from worker.sampler import Sampler, SamplingBatch, compute_logprobs
@@ -38,7 +39,7 @@ def verify(
     """Emitted tokens (accepted proposals + one) and, where asked, their logprobs."""
     ks = [len(r) - 1 for r in rows]
     K = max(ks)
-    logits = model.compute_logits(hidden[[i for r in rows for i in r]])  # [R, V]
+    logits = model.compute_logits(take_rows(hidden, [i for r in rows for i in r]))  # [R, V]
     batch = SamplingBatch(params=[], prompt_token_ids=[], output_token_ids=[], steps=[])
     index: list[list[int]] = []  # [B, K+1] flat row of (request, position); padding repeats
     for req, k in zip(requests, ks, strict=True):
