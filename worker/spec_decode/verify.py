@@ -54,9 +54,12 @@ def verify(
     probs = sampler.processed_probs(logits, batch)  # [R, V]
     noise = sampler.exponential_noise(probs, batch, salt=0)  # the plain draw's stream
     uniform = (-sampler.exponential_noise(probs[:, :1], batch, salt=ACCEPT_SALT)).exp_()  # [R, 1]
-    idx = torch.tensor(index, device=probs.device)  # [B, K+1]
-    drafts = torch.tensor(
-        [r.spec_token_ids[:k] + [0] * (K - k) for r, k in zip(requests, ks, strict=True)]
+    # Host lists reach the device without a blocking copy (which would wait for the GPU
+    # and leave it idle while the CPU launches the rest of the step).
+    idx = _to_device(index, probs.device)  # [B, K+1]
+    drafts = _to_device(
+        [r.spec_token_ids[:k] + [0] * (K - k) for r, k in zip(requests, ks, strict=True)],
+        probs.device,
     )
     q = None
     if draft_probs:
@@ -65,9 +68,9 @@ def verify(
             q[b, :k] = draft_probs[req.request_id][:k, : probs.shape[1]]
     out = rejection_sample(
         probs[idx],
-        drafts.to(probs.device),
+        drafts,
         q,
-        torch.tensor(ks, device=probs.device),
+        _to_device(ks, probs.device),
         uniform[idx[:, :K], 0],
         noise[idx],
     ).tolist()
@@ -93,7 +96,7 @@ def _logprobs(
         for t, i in zip(toks, idx, strict=False):
             chosen[i] = t
     lps = compute_logprobs(
-        logits[:, :vocab_size], torch.tensor(chosen, device=logits.device), num_top
+        logits[:, :vocab_size], _to_device(chosen, logits.device), num_top
     ).to_lists([num_top] * len(chosen))
     for b, (req, toks) in enumerate(zip(requests, tokens, strict=True)):
         if req.params.logprobs is not None:
@@ -103,3 +106,11 @@ def _logprobs(
                 for lp in (lps[i] for i in index[b][: len(toks)])
             ]
     return result
+
+
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """An int64 tensor from host lists, copied without waiting for the GPU."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
