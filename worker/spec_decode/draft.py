@@ -152,21 +152,22 @@ class DraftProposer:
             seq.tokens.extend(feed)
         width = max(len(t) for t in tables)
         dev = self.device
+
+        def put(values: list, dtype: torch.dtype) -> torch.Tensor:
+            # Pinned and non-blocking: a plain copy would wait for the GPU every call.
+            t = torch.tensor(values, dtype=dtype)
+            return t if dev.type == "cpu" else t.pin_memory().to(dev, non_blocking=True)
+
         md = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(
-                [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev
-            ),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=put(qsl, torch.int32),
+            seq_lens=put(seq_lens, torch.int32),
+            block_tables=put([t + [0] * (width - len(t)) for t in tables], torch.int32),
+            slot_mapping=put(slots, torch.int64),
             max_query_len=max(len(f) for f in feeds),
             max_seq_len=max(seq_lens),
         )
-        ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
-        hidden = self.model(
-            ids_t, torch.tensor(pos, dtype=torch.int64, device=dev), self.kv_caches, md
-        )
-        last = torch.tensor(qsl[1:], device=dev) - 1
+        hidden = self.model(put(ids, torch.int64), put(pos, torch.int64), self.kv_caches, md)
+        last = put(qsl[1:], torch.int64) - 1
         return self.model.compute_logits(hidden[last])  # [B, V]
 
     def _draw(
