@@ -31,7 +31,7 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
-from worker.request import Request, RequestStatus
+from worker.request import Request, RequestStatus, check_prompt
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals
 
@@ -160,26 +160,11 @@ class EngineCore:
 
     def _make_request(self, req: EngineRequest) -> Request:
         p = req.params
-        p.validate(self.config.max_logprobs)
         prompt = req.prompt_token_ids
         n = len(prompt)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is out of range for vocab size {vocab}")
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt is {n} tokens, but this model's maximum context length is "
-                f"{self.max_model_len} tokens (prompt plus at least one output token)"
-            )
-        max_tokens = self.max_model_len - n if p.max_tokens is None else p.max_tokens
-        if n + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the "
-                f"request asked for {n + max_tokens} ({n} in the prompt, {max_tokens} max_tokens)"
-            )
+        max_tokens = check_prompt(
+            prompt, p, self.model_config.vocab_size, self.max_model_len, self.config.max_logprobs
+        )
         need = n + max_tokens + self.config.num_speculative_tokens
         if not self.kv.can_fit(need):
             raise ValueError(

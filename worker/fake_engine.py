@@ -36,6 +36,7 @@ from ipc.messages import (
     WorkerStats,
 )
 from worker.config import EngineConfig
+from worker.request import check_prompt
 
 DEFAULT_MAX_MODEL_LEN = 8192
 TEXT = (
@@ -106,27 +107,13 @@ class FakeEngineCore:
     def add_request(self, req: EngineRequest) -> RequestOutput | None:
         p = req.params
         try:
-            p.validate(self.config.max_logprobs)
-            n = len(req.prompt_token_ids)
-            if n == 0:
-                raise ValueError("the prompt is empty")
-            bad = next((t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise ValueError(
-                    f"prompt token id {bad} is out of range for vocab size {self.vocab_size}"
-                )
-            if n >= self.max_model_len:
-                raise ValueError(
-                    f"the prompt is {n} tokens, but this model's maximum context length is "
-                    f"{self.max_model_len} tokens (prompt plus at least one output token)"
-                )
-            max_tokens = self.max_model_len - n if p.max_tokens is None else p.max_tokens
-            if n + max_tokens > self.max_model_len:
-                raise ValueError(
-                    f"this model's maximum context length is {self.max_model_len} tokens; the "
-                    f"request asked for {n + max_tokens} ({n} in the prompt, "
-                    f"{max_tokens} max_tokens)"
-                )
+            max_tokens = check_prompt(
+                req.prompt_token_ids,
+                p,
+                self.vocab_size,
+                self.max_model_len,
+                self.config.max_logprobs,
+            )
             if req.request_id in self.waiting or req.request_id in self.running:
                 raise ValueError(f"request id {req.request_id!r} is already in use")
         except ValueError as e:

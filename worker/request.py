@@ -96,3 +96,35 @@ class Request:
             f"Request({self.request_id!r}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, status={self.status.name})"
         )
+
+
+def check_prompt(
+    prompt: list[int],
+    params: SamplingParams,
+    vocab_size: int,
+    max_model_len: int,
+    max_logprobs: int,
+) -> int:
+    """Validate a new request against the model; returns its resolved max_tokens.
+
+    Raises ValueError with a message meant for the client (it becomes a 400).
+    """
+    params.validate(max_logprobs)
+    n = len(prompt)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is out of range for vocab size {vocab_size}")
+    if n >= max_model_len:
+        raise ValueError(
+            f"the prompt is {n} tokens, but this model's maximum context length is "
+            f"{max_model_len} tokens (prompt plus at least one output token)"
+        )
+    max_tokens = max_model_len - n if params.max_tokens is None else params.max_tokens
+    if n + max_tokens > max_model_len:
+        raise ValueError(
+            f"this model's maximum context length is {max_model_len} tokens; the request "
+            f"asked for {n + max_tokens} ({n} in the prompt, {max_tokens} max_tokens)"
+        )
+    return max_tokens
