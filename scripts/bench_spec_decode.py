@@ -35,17 +35,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORIES = os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K")
 LLAMA3_8B = os.path.join(REPO, "scripts", "configs", "llama-3-8b")
 
-# Texts to be copied back. With an instruct model they are wrapped in "repeat exactly";
-# with a base model the prompt is the text twice and the start of a third copy.
+# Texts to be copied back, each longer than the 64 output tokens (about 90-110 tokens), so
+# the whole measured answer is a copy. With an instruct model they are wrapped in "repeat
+# exactly"; with a base model the prompt is the text twice and the start of a third copy.
 TEXTS = [
-    "Lily went to the park with her mom. She saw a big dog and a red ball. The dog ran to "
-    "the ball and Lily laughed. Then they went home and ate some cake.",
-    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with "
-    "a single step. All that glitters is not gold.",
-    "To make tea, boil the water, put the tea bag in a cup, pour the water over it and wait "
-    "three minutes. Then take out the bag and add milk if you like.",
-    "Tom had a little boat. Every day he sailed it on the pond near his house. One day the "
-    "wind was strong and the boat went far away, but a duck pushed it back.",
+    "Lily went to the park with her mom on a sunny morning. She saw a big brown dog and a red "
+    "ball near the old tree. The dog ran to the ball, picked it up and brought it to Lily. She "
+    "laughed and threw the ball again, and the dog ran after it. After a while they sat on a "
+    "bench and shared an apple. Then they walked home slowly and ate some cake with grandpa.",
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a "
+    "single step. All that glitters is not gold. Actions speak louder than words. The early "
+    "bird catches the worm, but the second mouse gets the cheese. Where there is smoke there is "
+    "fire. Do not count your chickens before they hatch. Practice makes perfect.",
+    "To make tea, first fill the kettle with fresh water and bring it to a boil. Warm the pot "
+    "with a little hot water and pour it away. Put one tea bag in each cup, pour the boiling "
+    "water over it and wait three to five minutes, depending on how strong you like it. Then "
+    "take out the bag, add milk or lemon if you like, and stir in a spoon of honey.",
+    "Tom had a little wooden boat with a white sail. Every day after school he sailed it on the "
+    "pond near his house. One windy afternoon the string slipped from his hand and the boat "
+    "drifted far away toward the reeds. Tom was sad and called for help. A friendly duck swam "
+    "over, pushed the boat back to the shore with its beak, and Tom thanked it with bread.",
 ]
 
 
@@ -171,13 +180,14 @@ def bench_w6(args: argparse.Namespace) -> dict[str, Any]:
     model = args.w6_model or STORIES
     instruct = model.endswith(".gguf") or "instruct" in model.lower()
     base = dict(model=model, device=args.device, dtype=args.dtype, max_model_len=512)
-    cases: dict[str, dict[str, Any]] = {
-        "plain": {},
-        "ngram": dict(speculative_method="ngram", num_speculative_tokens=args.w6_k),
-    }
-    if args.draft_model:
-        cases["draft"] = dict(speculative_model=args.draft_model, num_speculative_tokens=args.w6_k)
-    results: dict[str, Any] = {"model": model, "k": args.w6_k, "cases": {}}
+    cases: dict[str, dict[str, Any]] = {"plain": {}}
+    for k in args.w6_k:
+        cases[f"ngram-k{k}"] = dict(speculative_method="ngram", num_speculative_tokens=k)
+        if args.draft_model:
+            cases[f"draft-k{k}"] = dict(
+                speculative_model=args.draft_model, num_speculative_tokens=k
+            )
+    results: dict[str, Any] = {"model": model, "ks": args.w6_k, "cases": {}}
     prompts: list[list[int]] = []
     for name, spec in cases.items():
         engine = EngineCore(EngineConfig(**base, **spec))  # type: ignore[arg-type]
@@ -186,6 +196,14 @@ def bench_w6(args: argparse.Namespace) -> dict[str, Any]:
             prompts = w6_prompts(engine, tok, instruct)
         run_w6(engine, prompts[:1], args.max_tokens)  # warm-up
         results["cases"][name] = [run_w6(engine, prompts, args.max_tokens) for _ in range(2)]
+        if args.w6_profile and name != "plain":
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.runcall(run_w6, engine, prompts, args.max_tokens)
+            with open(f"{args.w6_profile}.{name}.txt", "w") as f:
+                pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
         del engine
     plain = min(r["seconds"] for r in results["cases"]["plain"])
     ref = results["cases"]["plain"][0]["outputs"]
@@ -216,7 +234,10 @@ def main() -> None:
     p.add_argument("--w6-model", default=None, help="stories260K (default) or a SmolLM2 .gguf")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--draft-model", default=None, help="also run W6 with this draft model")
-    p.add_argument("--w6-k", type=int, default=4)
+    p.add_argument("--w6-k", type=int, nargs="+", default=[4])
+    p.add_argument(
+        "--w6-profile", default=None, help="cProfile each speculative case to PREFIX.<case>.txt"
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--skip-w6", action="store_true")
@@ -241,11 +262,11 @@ def main() -> None:
             )
     if "w6" in report:
         w6 = report["w6"]
-        print(f"W6 ({w6['model']}, k {w6['k']}):")
+        print(f"W6 ({w6['model']}):")
         for name, runs in w6["cases"].items():
             r = runs[-1]
             print(
-                f"  {name:6s} {r['tok_per_s']:8.1f} tok/s  accepted/step {r['accepted_per_step']:.2f}  "
+                f"  {name:9s} {r['tok_per_s']:8.1f} tok/s  accepted/step {r['accepted_per_step']:.2f}  "
                 f"speedup {w6[f'{name}_speedup']:.2f}x  identical {w6[f'{name}_identical']}"
             )
     print(f"wrote {args.output_json}")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from worker.spec_decode.rejection import rejection_sample
+from worker.spec_decode.verify import greedy_accept
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -128,3 +129,30 @@ def test_requests_with_fewer_proposals_than_the_batch_maximum():
         target, drafts, None, torch.tensor([3, 1]), torch.rand(2, 3), torch.ones(2, 4, V)
     )
     assert out.tolist() == [[1, 2, 3, 4], [1, 2, -1, -1]]
+
+
+def test_greedy_shortcut_matches_rejection_sampling_with_one_hot_targets():
+    # verify() skips rejection_sample when every row is greedy; both must emit the same.
+    g = torch.Generator().manual_seed(3)
+    B, K = 200, 5
+    argmax = torch.randint(0, 3, (B, K + 1), generator=g)  # small range: many matches
+    target = torch.zeros(B, K + 1, V).scatter_(2, argmax.unsqueeze(2), 1.0)
+    drafts = torch.randint(0, 3, (B, K), generator=g)
+    num = torch.randint(1, K + 1, (B,), generator=g)
+    out = rejection_sample(
+        target,
+        drafts,
+        None,
+        num,
+        torch.rand((B, K), generator=g),
+        torch.empty((B, K + 1, V)).exponential_(generator=g),
+    ).tolist()
+    lengths = set()
+    for b in range(B):
+        k = int(num[b])
+        # Rows past a request's k repeat its last row, as verify()'s index does.
+        rows = [argmax[b, min(j, k)].item() for j in range(k + 1)]
+        got = greedy_accept(drafts[b, :k].tolist(), rows)
+        assert got == [t for t in out[b] if t >= 0]
+        lengths.add(len(got))
+    assert len(lengths) >= 4  # both early rejections and full acceptance were exercised

@@ -43,7 +43,7 @@ import torch
 
 from ipc.messages import SamplingParams, TokenLogprobs
 
-_GREEDY_EPS = 1e-5  # temperature below this means greedy, as SamplingParams.greedy says
+GREEDY_EPS = 1e-5  # temperature below this means greedy, as SamplingParams.greedy says
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
@@ -125,7 +125,7 @@ class Sampler:
         self._apply_min_tokens(x, batch)
         _apply_penalties(x, batch)
 
-        greedy = [p.temperature < _GREEDY_EPS for p in params]
+        greedy = [p.temperature < GREEDY_EPS for p in params]
         if all(greedy):
             token_ids = x.argmax(dim=-1)
         elif any(greedy):
@@ -181,6 +181,13 @@ class Sampler:
 
         return torch.softmax(x, dim=-1)  # dropped tokens: exactly 0
 
+    def greedy_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """[B] the token a greedy row picks: the argmax after min_tokens and penalties."""
+        x = logits[:, : self.vocab_size].to(torch.float32, copy=True)
+        self._apply_min_tokens(x, batch)
+        _apply_penalties(x, batch)
+        return x.argmax(dim=-1)
+
     def processed_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The distribution each row draws from after all processing: [B, V] float32.
 
@@ -190,7 +197,7 @@ class Sampler:
         x = logits[:, : self.vocab_size].to(torch.float32, copy=True)
         self._apply_min_tokens(x, batch)
         _apply_penalties(x, batch)
-        greedy = [p.temperature < _GREEDY_EPS for p in batch.params]
+        greedy = [p.temperature < GREEDY_EPS for p in batch.params]
         if all(greedy):
             return torch.zeros_like(x).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
         argmax = x.argmax(dim=-1, keepdim=True) if any(greedy) else None

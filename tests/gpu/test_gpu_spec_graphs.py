@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ipc.messages import SamplingParams
+from tests.gpu.helpers import generate, tiny_model_hd64
 from tests.test_golden import check_logprobs_close, prompts_of_different_lengths
 
 pytestmark = pytest.mark.gpu
@@ -18,25 +18,6 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 pytest.importorskip("transformers")
-
-
-def generate(path, prompts, max_tokens=64, **engine_args):
-    from headrace.llm import LLM
-
-    llm = LLM(str(path), **engine_args)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=5)
-    out = []
-    for r in llm.generate(prompts, params):
-        o = r.outputs[0]
-        out.append(
-            (o.token_ids, [dict(zip(lp.token_ids, lp.logprobs, strict=True)) for lp in o.logprobs])
-        )
-    graphs = llm.engine.runner.graph_runner
-    replays = dict(graphs.replays) if graphs is not None else {}
-    stats = llm.engine.stats()
-    del llm
-    torch.cuda.empty_cache()
-    return out, replays, stats
 
 
 def copy_prompts() -> list[list[int]]:
@@ -51,20 +32,36 @@ def copy_prompts() -> list[list[int]]:
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_spec_graphs_equal_spec_eager(tmp_path, stories_path, k):
-    from tests.gpu.test_gpu_engine import tiny_model_hd64
-
     path = tiny_model_hd64(tmp_path, stories_path)
     args = dict(device="cuda", dtype="float16", block_size=16, max_num_seqs=16, max_model_len=512)
     spec = dict(speculative_method="ngram", num_speculative_tokens=k, ngram_prompt_lookup_max=3)
     for prompts in (copy_prompts(), copy_prompts()[:1]):  # batch 7 (bucket 8) and batch 1
-        eager, replays, _ = generate(path, prompts, enforce_eager=True, **args, **spec)
-        assert replays == {}
-        graphed, replays, stats = generate(path, prompts, **args, **spec)
-        assert stats.spec_steps > 0 and stats.spec_proposed > 0
-        assert replays[1 + k] > 0, "verification steps should replay the 1 + k graphs"
+        eager = generate(path, prompts, max_tokens=64, enforce_eager=True, **args, **spec)
+        assert eager.replays == {}
+        graphed = generate(path, prompts, max_tokens=64, **args, **spec)
+        assert graphed.stats.spec_steps > 0 and graphed.stats.spec_proposed > 0
+        assert graphed.replays[1 + k] > 0, "verification steps should replay the 1 + k graphs"
         # Same kernels on the same rows: identical tokens, logprobs within rounding.
-        check_logprobs_close(graphed, eager, f"spec-graphs-k{k}", atol=2e-2)
-        plain, plain_replays, _ = generate(path, prompts, **args)
-        assert 1 + k not in plain_replays and plain_replays[1] > 0
+        check_logprobs_close(graphed.out, eager.out, f"spec-graphs-k{k}", atol=2e-2)
+        plain = generate(path, prompts, max_tokens=64, **args)
+        assert 1 + k not in plain.replays and plain.replays[1] > 0
         # Lossless: greedy speculation is plain decoding (fp16 rounding aside).
-        check_logprobs_close(graphed, plain, f"spec-vs-plain-k{k}", atol=0.1)
+        check_logprobs_close(graphed.out, plain.out, f"spec-vs-plain-k{k}", atol=0.1)
+
+
+def test_draft_model_steps_replay_graphs(tmp_path, stories_path):
+    """The draft's catch-up (q <= 2) and proposal (q = 1) steps replay its own graphs, with
+    the same proposals as eagerly: the target as its own draft accepts every proposal."""
+    path = tiny_model_hd64(tmp_path, stories_path)
+    args = dict(device="cuda", dtype="float16", block_size=16, max_num_seqs=16, max_model_len=512)
+    spec = dict(speculative_model=str(path), num_speculative_tokens=3)
+    prompts = copy_prompts()
+    eager = generate(path, prompts, max_tokens=48, enforce_eager=True, **args, **spec)
+    assert eager.draft_replays == {}
+    graphed = generate(path, prompts, max_tokens=48, **args, **spec)
+    assert graphed.draft_replays[1] > 0 and graphed.draft_replays[2] > 0
+    assert graphed.replays[4] > 0
+    s = graphed.stats
+    # Draft and target compute the same rows with other shapes: fp16 may flip a near-tie.
+    assert s.spec_accepted >= 0.95 * s.spec_proposed
+    check_logprobs_close(graphed.out, eager.out, "draft-graphs", atol=0.1)

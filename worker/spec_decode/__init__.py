@@ -62,7 +62,7 @@ def make_proposer(
     # As many draft blocks as target blocks plus k slots per request: the draft holds the
     # same tokens as the target, plus the proposals it fed.
     extra = config.max_num_seqs * -(-config.num_speculative_tokens // config.block_size)
-    return DraftProposer(
+    proposer = DraftProposer(
         config.speculative_model,
         target_config,
         device,
@@ -74,6 +74,9 @@ def make_proposer(
         dummy=config.load_format == "dummy",
         seed=config.seed,
     )
+    if device.type == "cuda" and not config.enforce_eager:
+        proposer.capture_cuda_graphs(config.max_num_seqs, max_model_len)
+    return proposer
 
 
 @dataclass

@@ -13,25 +13,34 @@ request) that yields proposal 1, then k - 1 single-token forwards. Proposals are
 draft's argmax for greedy requests, else draws from its processed distribution q, kept
 for rejection sampling. Requests that stopped running (finished, aborted, preempted) have
 their blocks freed at the next step; a preempted one catches up from scratch.
+
+On a GPU the draft's steps replay CUDA graphs of its own (worker/cuda_graphs.py), as the
+target's decode does: a catch-up feed is one or two tokens per request once it is in
+decode (the bonus token, plus the last proposal when all k were accepted), so the graph
+families are q = 1 and q = 2. Catching up on a prompt runs eagerly.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
+import numpy as np
 import torch
 
-from worker.attention import AttentionMetadata
+from worker.input_batch import HostInputs, take_rows, to_device
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_files import open_model
 from worker.model_loader import build_model
 from worker.model_runner import make_backend
 from worker.request import Request
-from worker.sampler import Sampler, SamplingBatch
+from worker.sampler import GREEDY_EPS, Sampler, SamplingBatch
 from worker.spec_decode.verify import DRAFT_SALT
+
+if TYPE_CHECKING:
+    from worker.cuda_graphs import CudaGraphRunner
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +80,7 @@ class DraftProposer:
             )
         self.config = mc
         self.device = device
+        self.dtype = dtype
         self.model = build_model(
             files, mc, make_backend(device), max_model_len, device, dtype, dummy, seed
         )
@@ -82,6 +92,28 @@ class DraftProposer:
         self.sampler = Sampler(mc.vocab_size, eos_token_ids, seed=seed + 1)
         self.seqs: dict[str, _DraftSeq] = {}
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [k, V] of its proposals
+        self.graph_runner: CudaGraphRunner | None = None
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Graphs for the draft's one- and two-token-per-request steps (GPU only)."""
+        from worker.cuda_attention import CudaAttention
+        from worker.cuda_graphs import CudaGraphRunner
+
+        c = self.config
+        blocker = CudaAttention.graph_blocker(c.head_dim, self.dtype, c.sliding_window)
+        if blocker is not None:
+            log.warning("draft model CUDA graphs off: %s; the draft runs eagerly", blocker)
+            return
+        self.graph_runner = CudaGraphRunner(
+            self.model,
+            self.kv_caches,
+            max_num_seqs,
+            max_model_len,
+            self.kv.block_size,
+            self.device,
+            num_speculative_tokens=1,  # q = 2 family: the bonus token + the last proposal
+        )
+        self.graph_runner.capture()
 
     def retain(self, request_ids: set[str]) -> None:
         """Free the draft state of every request not in `request_ids`."""
@@ -139,7 +171,7 @@ class DraftProposer:
         slots: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
-        tables = [self.kv.block_ids(rid) for rid in rids]
+        tables = [self.kv.block_table(rid) for rid in rids]
         for rid, feed, table in zip(rids, feeds, tables, strict=True):
             seq = self.seqs[rid]
             start = len(seq.tokens)
@@ -150,25 +182,27 @@ class DraftProposer:
             qsl.append(qsl[-1] + len(feed))
             seq_lens.append(start + len(feed))
             seq.tokens.extend(feed)
-        width = max(len(t) for t in tables)
-        dev = self.device
-
-        def put(values: list, dtype: torch.dtype) -> torch.Tensor:
-            # Pinned and non-blocking: a plain copy would wait for the GPU every call.
-            t = torch.tensor(values, dtype=dtype)
-            return t if dev.type == "cpu" else t.pin_memory().to(dev, non_blocking=True)
-
-        md = AttentionMetadata(
-            query_start_loc=put(qsl, torch.int32),
-            seq_lens=put(seq_lens, torch.int32),
-            block_tables=put([t + [0] * (width - len(t)) for t in tables], torch.int32),
-            slot_mapping=put(slots, torch.int64),
+        bt = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+        for r, t in enumerate(tables):
+            bt[r, : len(t)] = t
+        host = HostInputs(
+            input_ids=np.asarray(ids, dtype=np.int64),
+            positions=np.asarray(pos, dtype=np.int64),
+            slot_mapping=np.asarray(slots, dtype=np.int64),
+            query_start_loc=np.asarray(qsl, dtype=np.int32),
+            seq_lens=np.asarray(seq_lens, dtype=np.int32),
+            block_tables=bt,
             max_query_len=max(len(f) for f in feeds),
             max_seq_len=max(seq_lens),
+            sample_rows=[],
+            sample_sched_index=[],
         )
-        hidden = self.model(put(ids, torch.int64), put(pos, torch.int64), self.kv_caches, md)
-        last = put(qsl[1:], torch.int64) - 1
-        return self.model.compute_logits(hidden[last])  # [B, V]
+        if self.graph_runner is not None and self.graph_runner.can_run(host):
+            hidden = self.graph_runner.run(host)
+        else:
+            inputs = to_device(host, self.device)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.md)
+        return self.model.compute_logits(take_rows(hidden, [q - 1 for q in qsl[1:]]))  # [B, V]
 
     def _draw(
         self, logits: torch.Tensor, requests: list[Request], proposed: list[list[int]]
@@ -182,6 +216,10 @@ class DraftProposer:
             ],
             steps=[r.num_output_tokens + len(p) for r, p in zip(requests, proposed, strict=True)],
         )
+        if all(p.temperature < GREEDY_EPS for p in batch.params):
+            tokens = self.sampler.greedy_tokens(logits, batch)
+            q = torch.zeros_like(logits[:, : self.config.vocab_size], dtype=torch.float32)
+            return tokens.tolist(), q.scatter_(1, tokens.unsqueeze(1), 1.0)
         q = self.sampler.processed_probs(logits, batch)  # [B, V]; greedy rows one-hot
         noise = self.sampler.exponential_noise(q, batch, salt=DRAFT_SALT)
         return (q / noise).argmax(dim=-1).tolist(), q

@@ -21,7 +21,7 @@ from ipc.messages import TokenLogprobs
 from worker.input_batch import take_rows
 from worker.models.llama import LlamaForCausalLM
 from worker.request import Request
-from worker.sampler import Sampler, SamplingBatch, compute_logprobs
+from worker.sampler import GREEDY_EPS, Sampler, SamplingBatch, compute_logprobs
 from worker.spec_decode.rejection import rejection_sample
 
 ACCEPT_SALT = 1  # randomness streams of seeded rows: see Sampler.exponential_noise
@@ -51,6 +51,16 @@ def verify(
             batch.output_token_ids.append(req.output_token_ids + spec[:j])
             batch.steps.append(req.num_output_tokens + j)  # type: ignore[union-attr]
         index.append([start + min(j, k) for j in range(K + 1)])
+    if all(p.temperature < GREEDY_EPS for p in batch.params):
+        # Greedy: p is one-hot at the processed argmax, so rejection sampling reduces to
+        # "accept while the proposal is the argmax, then emit the argmax" (greedy_accept).
+        # One argmax and one read of R ints instead of [R, V] probabilities and noise.
+        target = sampler.greedy_tokens(logits, batch).tolist()
+        tokens = [
+            greedy_accept(req.spec_token_ids[:k], target[idx[0] : idx[0] + k + 1])
+            for req, k, idx in zip(requests, ks, index, strict=True)
+        ]
+        return tokens, _logprobs(logits, sampler.vocab_size, requests, tokens, index)
     probs = sampler.processed_probs(logits, batch)  # [R, V]
     noise = sampler.exponential_noise(probs, batch, salt=0)  # the plain draw's stream
     uniform = (-sampler.exponential_noise(probs[:, :1], batch, salt=ACCEPT_SALT)).exp_()  # [R, 1]
@@ -76,6 +86,16 @@ def verify(
     ).tolist()
     tokens = [[t for t in row if t >= 0] for row in out]
     return tokens, _logprobs(logits, sampler.vocab_size, requests, tokens, index)
+
+
+def greedy_accept(proposals: list[int], target: list[int]) -> list[int]:
+    """Emitted tokens under greedy: the proposals that match the target's argmax at their
+    row (target[j] verifies proposals[j]), then the argmax of the first row that did not
+    match, or of the last row (the bonus token). Always len(matched) + 1 tokens."""
+    n = 0
+    while n < len(proposals) and proposals[n] == target[n]:
+        n += 1
+    return target[: n + 1]
 
 
 def _logprobs(
