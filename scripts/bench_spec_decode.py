@@ -75,7 +75,7 @@ def step_times(
         prompt = torch.randint(10, min(vocab, 32000), (context,), generator=g).tolist()
         engine.add_request(EngineRequest(f"cost-{batch}-{i}", prompt, params))
     while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.requests.values()):
-        engine.step()  # prefill (and a first token); proposals stay empty: no proposer
+        engine.step()  # prefill and a first token; the loop below sets the proposals
     running = list(engine.scheduler.running)
     out: dict[str, float] = {}
     for k in [0, *ks]:
@@ -106,7 +106,9 @@ def bench_cost(args: argparse.Namespace) -> dict[str, Any]:
             device=args.device,
             dtype=args.dtype,
             max_model_len=args.context + 256,
-            num_speculative_tokens=max(args.ks),  # lookahead slots; no proposer is built
+            # KV lookahead and verification graphs for k; the proposals are set below.
+            speculative_method="ngram",
+            num_speculative_tokens=max(args.ks),
             max_num_seqs=max(args.batch_sizes),
             kv_cache_memory_gb=0.5,
         )

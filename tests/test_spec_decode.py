@@ -8,6 +8,7 @@ its own draft every proposal is accepted. Seeded sampling repeats itself.
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -209,10 +210,44 @@ def test_draft_with_another_vocabulary_is_refused(stories_path, tmp_path):
         LLM(str(stories_path), device="cpu", speculative_model=str(other), num_speculative_tokens=2)
 
 
-def test_no_speculation_without_tokens_or_method(stories_path):
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (dict(num_speculative_tokens=3), "needs a proposer"),
+        (dict(speculative_method="ngram"), "num_speculative_tokens >= 1"),
+        (dict(speculative_method="draft", num_speculative_tokens=2), "needs speculative_model"),
+        (
+            dict(speculative_method="ngram", speculative_model="x", num_speculative_tokens=2),
+            "cannot be used with speculative_method 'ngram'",
+        ),
+        (dict(speculative_model="/nonexistent", num_speculative_tokens=2), "speculative_model: "),
+    ],
+)
+def test_inconsistent_speculation_settings_are_refused(stories_path, args, message):
     from headrace.llm import LLM
 
-    assert LLM(str(stories_path), device="cpu", speculative_method="ngram").engine.proposer is None
+    with pytest.raises(ValueError, match=message):
+        LLM(str(stories_path), device="cpu", **args)
+
+
+def test_cli_flags_name_the_problem_and_default_k():
+    from worker.args import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = engine_config_from_args(
+        parser.parse_args(["--model", "m", "--speculative-method", "ngram"])
+    )
+    assert config.num_speculative_tokens == 4  # a method without a count: 4, as documented
+    with pytest.raises(ValueError, match="invalid engine flag: num_speculative_tokens"):
+        engine_config_from_args(
+            parser.parse_args(["--model", "m", "--num-speculative-tokens", "2"])
+        )
+
+
+def test_no_proposer_without_speculation(stories_path):
+    from headrace.llm import LLM
+
     assert LLM(str(stories_path), device="cpu").engine.proposer is None
 
 

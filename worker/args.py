@@ -48,7 +48,12 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("--speculative-method", default=None, choices=["ngram", "draft"])
     g.add_argument("--speculative-model", default=None, help="draft model folder")
-    g.add_argument("--num-speculative-tokens", type=int, default=0)
+    g.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=0,
+        help="tokens proposed per step (default 4 when a method or draft model is given)",
+    )
     g.add_argument("--ngram-prompt-lookup-min", type=int, default=1)
     g.add_argument("--ngram-prompt-lookup-max", type=int, default=4)
 

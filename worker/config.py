@@ -83,6 +83,21 @@ class EngineConfig:
             raise ValueError(
                 f"num_speculative_tokens must be in [0, 16], got {self.num_speculative_tokens}"
             )
+        speculating = self.speculative_method is not None or self.speculative_model is not None
+        if self.num_speculative_tokens and not speculating:
+            raise ValueError(
+                "num_speculative_tokens needs a proposer: speculative_method 'ngram' or "
+                "speculative_model PATH (a draft model)"
+            )
+        if speculating and not self.num_speculative_tokens:
+            raise ValueError("speculative decoding needs num_speculative_tokens >= 1")
+        if self.speculative_method == "ngram" and self.speculative_model is not None:
+            raise ValueError(
+                "speculative_model is a draft model; it cannot be used with speculative_method "
+                "'ngram' (leave the method out, or set it to 'draft')"
+            )
+        if self.speculative_method == "draft" and self.speculative_model is None:
+            raise ValueError("speculative_method 'draft' needs speculative_model (a model folder)")
         if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:
             raise ValueError(
                 "ngram_prompt_lookup_min must be >= 1 and <= ngram_prompt_lookup_max, got "

@@ -145,7 +145,9 @@ class EngineCore:
         c = self.config
         if not c.speculative_model or c.num_speculative_tokens == 0:
             return None
-        files = open_model(c.speculative_model, "dummy")  # the config is all we need here
+        from worker.spec_decode.draft import open_draft_model
+
+        files = open_draft_model(c.speculative_model, "dummy")  # only its config is read
         return ModelConfig.from_hf(files.config, source=files.path)
 
     # ---- requests ---------------------------------------------------------------------------

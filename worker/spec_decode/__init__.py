@@ -55,8 +55,7 @@ def make_proposer(
         from worker.spec_decode.ngram import NgramProposer
 
         return NgramProposer(config.ngram_prompt_lookup_min, config.ngram_prompt_lookup_max)
-    if not config.speculative_model:
-        raise ValueError("speculative_method 'draft' needs speculative_model (a model folder)")
+    assert config.speculative_model is not None  # EngineConfig.validate
     from worker.spec_decode.draft import DraftProposer
 
     # As many draft blocks as target blocks plus k slots per request: the draft holds the

@@ -32,7 +32,7 @@ import torch
 from worker.input_batch import HostInputs, take_rows, to_device
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
-from worker.model_files import open_model
+from worker.model_files import ModelFiles, ModelLoadError, open_model
 from worker.model_loader import build_model
 from worker.model_runner import make_backend
 from worker.request import Request
@@ -57,6 +57,14 @@ class _DraftSeq:
         return len(self.tokens)
 
 
+def open_draft_model(path: str, load_format: str) -> ModelFiles:
+    """open_model, with errors that say they are about the draft model."""
+    try:
+        return open_model(path, load_format)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"speculative_model: {e}") from e
+
+
 class DraftProposer:
     def __init__(
         self,
@@ -71,7 +79,7 @@ class DraftProposer:
         dummy: bool = False,
         seed: int = 0,
     ) -> None:
-        files = open_model(model_path, "dummy" if dummy else "auto")
+        files = open_draft_model(model_path, "dummy" if dummy else "auto")
         mc = ModelConfig.from_hf(files.config, source=files.path)
         if mc.vocab_size != target_config.vocab_size:
             raise ValueError(
