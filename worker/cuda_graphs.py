@@ -61,6 +61,33 @@ def pick_graph(
     return q, bs
 
 
+def capture_graphs(
+    model: LlamaForCausalLM,
+    kv_caches: list[torch.Tensor],
+    dtype: torch.dtype,
+    max_num_seqs: int,
+    max_model_len: int,
+    block_size: int,
+    device: torch.device,
+    num_speculative_tokens: int = 0,
+    what: str = "decode",
+) -> CudaGraphRunner | None:
+    """A CudaGraphRunner with its graphs captured; None (and a warning) when the model's
+    attention cannot run inside a graph, so `what` runs eagerly."""
+    from worker.cuda_attention import CudaAttention
+
+    c = model.config
+    blocker = CudaAttention.graph_blocker(c.head_dim, dtype, c.sliding_window)
+    if blocker is not None:
+        log.warning("CUDA graphs off: %s; %s runs eagerly", blocker, what)
+        return None
+    runner = CudaGraphRunner(
+        model, kv_caches, max_num_seqs, max_model_len, block_size, device, num_speculative_tokens
+    )
+    runner.capture()
+    return runner
+
+
 class CudaGraphRunner:
     def __init__(
         self,

@@ -45,6 +45,34 @@ class HostInputs:
     sample_sched_index: list[int]
     prompt_logprobs: list[PromptLogprobsJob] = field(default_factory=list)
 
+    @classmethod
+    def from_lists(
+        cls,
+        ids: list[int],
+        pos: list[int],
+        slots: list[int],
+        qsl: list[int],
+        seq_lens: list[int],
+        tables: Sequence[Sequence[int]],
+        max_query_len: int,
+        sample_rows: list[list[int]] | None = None,
+        sample_sched_index: list[int] | None = None,
+        prompt_logprobs: list[PromptLogprobsJob] | None = None,
+    ) -> HostInputs:
+        return cls(
+            input_ids=np.asarray(ids, dtype=np.int64),
+            positions=np.asarray(pos, dtype=np.int64),
+            slot_mapping=np.asarray(slots, dtype=np.int64),
+            query_start_loc=np.asarray(qsl, dtype=np.int32),
+            seq_lens=np.asarray(seq_lens, dtype=np.int32),
+            block_tables=pack_block_tables(tables),
+            max_query_len=max_query_len,
+            max_seq_len=max(seq_lens, default=0),
+            sample_rows=sample_rows or [],
+            sample_sched_index=sample_sched_index or [],
+            prompt_logprobs=prompt_logprobs or [],
+        )
+
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
@@ -117,23 +145,26 @@ def build_host_inputs(out: SchedulerOutput, kv: KVCacheManager) -> HostInputs:
             rows = list(range(row0, row0 + hi - sr.start))
             targets = req.prompt_token_ids[sr.start + 1 : hi + 1]
             plp.append(PromptLogprobsJob(i, rows, targets))
-    max_blocks = max((len(t) for t in tables), default=1)
-    bt = np.zeros((len(tables), max(max_blocks, 1)), dtype=np.int32)
+    return HostInputs.from_lists(
+        ids,
+        pos,
+        slots,
+        qsl,
+        seq_lens,
+        tables,
+        max((sr.num_new_tokens for sr in out.scheduled), default=0),
+        sample_rows,
+        sample_idx,
+        plp,
+    )
+
+
+def pack_block_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
+    """[B, longest] int32, each request's block ids then zeros (never read: seq_lens bound)."""
+    bt = np.zeros((len(tables), max((len(t) for t in tables), default=1) or 1), dtype=np.int32)
     for r, t in enumerate(tables):
         bt[r, : len(t)] = t
-    return HostInputs(
-        input_ids=np.asarray(ids, dtype=np.int64),
-        positions=np.asarray(pos, dtype=np.int64),
-        slot_mapping=np.asarray(slots, dtype=np.int64),
-        query_start_loc=np.asarray(qsl, dtype=np.int32),
-        seq_lens=np.asarray(seq_lens, dtype=np.int32),
-        block_tables=bt,
-        max_query_len=max((sr.num_new_tokens for sr in out.scheduled), default=0),
-        max_seq_len=max(seq_lens, default=0),
-        sample_rows=sample_rows,
-        sample_sched_index=sample_idx,
-        prompt_logprobs=plp,
-    )
+    return bt
 
 
 def to_device(host: HostInputs, device: torch.device) -> StepInputs:

@@ -101,24 +101,18 @@ class ModelRunner:
     ) -> None:
         """Capture graphs (GPU only); after this, steps whose requests each compute one
         token (decode), or at most 1 + num_speculative_tokens (verification), replay them."""
-        from worker.cuda_attention import CudaAttention
-        from worker.cuda_graphs import CudaGraphRunner
+        from worker.cuda_graphs import capture_graphs
 
-        c = self.config
-        blocker = CudaAttention.graph_blocker(c.head_dim, self.dtype, c.sliding_window)
-        if blocker is not None:
-            log.warning("CUDA graphs off: %s; decode runs eagerly", blocker)
-            return
-        self.graph_runner = CudaGraphRunner(
+        self.graph_runner = capture_graphs(
             self.model,
             self.kv_caches,
+            self.dtype,
             max_num_seqs,
             max_model_len,
             block_size,
             self.device,
             num_speculative_tokens,
         )
-        self.graph_runner.capture()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> StepResult:

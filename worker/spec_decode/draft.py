@@ -26,7 +26,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
-import numpy as np
 import torch
 
 from worker.input_batch import HostInputs, take_rows, to_device
@@ -104,24 +103,19 @@ class DraftProposer:
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Graphs for the draft's one- and two-token-per-request steps (GPU only)."""
-        from worker.cuda_attention import CudaAttention
-        from worker.cuda_graphs import CudaGraphRunner
+        from worker.cuda_graphs import capture_graphs
 
-        c = self.config
-        blocker = CudaAttention.graph_blocker(c.head_dim, self.dtype, c.sliding_window)
-        if blocker is not None:
-            log.warning("draft model CUDA graphs off: %s; the draft runs eagerly", blocker)
-            return
-        self.graph_runner = CudaGraphRunner(
+        self.graph_runner = capture_graphs(
             self.model,
             self.kv_caches,
+            self.dtype,
             max_num_seqs,
             max_model_len,
             self.kv.block_size,
             self.device,
             num_speculative_tokens=1,  # q = 2 family: the bonus token + the last proposal
+            what="the draft model",
         )
-        self.graph_runner.capture()
 
     def retain(self, request_ids: set[str]) -> None:
         """Free the draft state of every request not in `request_ids`."""
@@ -190,20 +184,8 @@ class DraftProposer:
             qsl.append(qsl[-1] + len(feed))
             seq_lens.append(start + len(feed))
             seq.tokens.extend(feed)
-        bt = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
-        for r, t in enumerate(tables):
-            bt[r, : len(t)] = t
-        host = HostInputs(
-            input_ids=np.asarray(ids, dtype=np.int64),
-            positions=np.asarray(pos, dtype=np.int64),
-            slot_mapping=np.asarray(slots, dtype=np.int64),
-            query_start_loc=np.asarray(qsl, dtype=np.int32),
-            seq_lens=np.asarray(seq_lens, dtype=np.int32),
-            block_tables=bt,
-            max_query_len=max(len(f) for f in feeds),
-            max_seq_len=max(seq_lens),
-            sample_rows=[],
-            sample_sched_index=[],
+        host = HostInputs.from_lists(
+            ids, pos, slots, qsl, seq_lens, tables, max(len(f) for f in feeds)
         )
         if self.graph_runner is not None and self.graph_runner.can_run(host):
             hidden = self.graph_runner.run(host)
