@@ -4,3 +4,6 @@ export PYTHONPATH="$PWD/.carry/py312:$PWD/.carry/pymin:$PWD"
 export HEADRACE_SHARED_MODELS="$PWD/.carry/models"
 export PYTHONDONTWRITEBYTECODE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "${OUT:-/tmp}/gpu.txt" 2>&1
+# The machine's copy of .git can be stale (it named an older commit once): benches record
+# HEADRACE_COMMIT instead; pass it on the command line (HEADRACE_COMMIT=abc1234 bash ...).
+export HEADRACE_COMMIT="${HEADRACE_COMMIT:-unrecorded}"
