@@ -31,7 +31,7 @@ from gateway.protocol import (
 )
 from gateway.sampling_params import build_params, check_length, fan_out
 from gateway.sequence import SequenceState, TokenStrings
-from gateway.serving_common import finish_error, observe_all, token_strings
+from gateway.serving_common import observe_all, sequence_updates, token_strings
 from gateway.sse import DONE, error_event, event
 from ipc.messages import TokenLogprobs
 
@@ -150,14 +150,8 @@ async def create_chat_completion(
 
 
 async def _collect(run: ChatRun) -> ChatCompletionResponse:
-    async for batch in run.sub:
-        for index, out in batch:
-            seq = run.seqs[index]
-            seq.update(out)
-            if seq.stopped_by_string:
-                run.sub.abort(index)
-            if seq.error is not None:
-                raise finish_error(run.sub, index, seq)
+    async for _ in sequence_updates(run.sub, run.seqs):
+        pass  # the sequences accumulate their text and logprobs
     observe_all(run.metrics, run.entry.name, run.seqs)
     choices = [
         ChatChoice(
@@ -189,21 +183,12 @@ async def _stream(run: ChatRun) -> AsyncGenerator[bytes, None]:
             chunk([ChatStreamChoice(i, DeltaMessage(role="assistant", content=""))])
             for i in range(len(run.seqs))
         )
-        async for batch in run.sub:
+        async for updates in sequence_updates(run.sub, run.seqs):
             events: list[bytes] = []
-            for index, out in batch:
-                seq = run.seqs[index]
-                if seq.finished:
-                    continue
-                d = seq.update(out)
-                if seq.stopped_by_string:
-                    run.sub.abort(index)
-                if seq.error is not None:
-                    yield b"".join(events) + error_event(finish_error(run.sub, index, seq))
-                    yield DONE
-                    return
+            for index, d in updates:
                 if not (d.text or d.finished):
                     continue
+                seq = run.seqs[index]
                 choice = ChatStreamChoice(
                     index,
                     DeltaMessage(content=d.text),

@@ -1,11 +1,14 @@
-"""Pieces both serving modules use: errors from finished sequences, metrics, token strings."""
+"""Pieces both serving modules use: applying engine outputs to sequences, errors from
+finished sequences, metrics, token strings."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 from gateway.engine_client import ModelEntry, Submission
 from gateway.errors import APIError, BadRequest, InternalError, ServiceUnavailable
 from gateway.metrics import Metrics
-from gateway.sequence import SequenceState, TokenStrings
+from gateway.sequence import Delta, SequenceState, TokenStrings
 
 _strings: dict[int, TokenStrings] = {}
 
@@ -36,3 +39,32 @@ def observe_all(metrics: Metrics | None, model: str, seqs: list[SequenceState]) 
         return
     for seq in seqs:
         metrics.observe(model, seq)
+
+
+async def sequence_updates(
+    sub: Submission, seqs: list[SequenceState]
+) -> AsyncIterator[list[tuple[int, Delta]]]:
+    """Each batch of engine outputs applied to its sequences: (index, delta) per update.
+
+    A sequence that a stop string ended is aborted in the engine; outputs for sequences
+    already finished are dropped. A sequence that ended in ERROR raises its APIError, after
+    the updates before it in the same batch have been yielded.
+    """
+    async for batch in sub:
+        updates: list[tuple[int, Delta]] = []
+        error: APIError | None = None
+        for index, out in batch:
+            seq = seqs[index]
+            if seq.finished:
+                continue
+            delta = seq.update(out)
+            if seq.stopped_by_string:
+                sub.abort(index)
+            if seq.error is not None:
+                error = finish_error(sub, index, seq)
+                break
+            updates.append((index, delta))
+        if updates:
+            yield updates
+        if error is not None:
+            raise error

@@ -20,7 +20,7 @@ from gateway.protocol import (
 )
 from gateway.sampling_params import build_params, check_length, fan_out
 from gateway.sequence import Delta, SequenceState, TokenStrings
-from gateway.serving_common import finish_error, observe_all, token_strings
+from gateway.serving_common import observe_all, sequence_updates, token_strings
 from gateway.sse import DONE, error_event, event
 from ipc.messages import TokenLogprobs
 
@@ -157,19 +157,13 @@ async def create_completion(
 
 async def _collect(run: CompletionRun) -> CompletionResponse:
     per_choice: list[Delta] = [Delta() for _ in run.seqs]
-    async for batch in run.sub:
-        for index, out in batch:
-            seq = run.seqs[index]
-            d = seq.update(out)
+    async for updates in sequence_updates(run.sub, run.seqs):
+        for index, d in updates:
             acc = per_choice[index]
             acc.text += d.text
             acc.token_ids += d.token_ids
             acc.logprobs += d.logprobs
             acc.offsets += d.offsets
-            if seq.stopped_by_string:
-                run.sub.abort(index)
-            if seq.error is not None:
-                raise finish_error(run.sub, index, seq)
     observe_all(run.metrics, run.entry.name, run.seqs)
     choices = []
     for index, acc in enumerate(per_choice):
@@ -182,19 +176,9 @@ async def _stream(run: CompletionRun) -> AsyncGenerator[bytes, None]:
     first = [True] * len(run.seqs)
     name = run.entry.name
     try:
-        async for batch in run.sub:
+        async for updates in sequence_updates(run.sub, run.seqs):
             events: list[bytes] = []
-            for index, out in batch:
-                seq = run.seqs[index]
-                if seq.finished:
-                    continue
-                d = seq.update(out)
-                if seq.stopped_by_string:
-                    run.sub.abort(index)
-                if seq.error is not None:
-                    yield b"".join(events) + error_event(finish_error(run.sub, index, seq))
-                    yield DONE
-                    return
+            for index, d in updates:
                 if not (d.text or d.finished or (first[index] and run.req.echo)):
                     continue
                 choice = run.choice(index, d, first[index])
