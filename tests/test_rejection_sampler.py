@@ -8,12 +8,11 @@ must fail the same test, so the test has the power to catch the usual mistake.
 from __future__ import annotations
 
 import pytest
+import scipy.stats as scipy_stats
 import torch
 
 from worker.spec_decode.rejection import rejection_sample
 from worker.spec_decode.verify import greedy_accept
-
-scipy_stats = pytest.importorskip("scipy.stats")
 
 V, K, N = 6, 3, 200_000
 P = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.07, 0.03])  # target

