@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -207,15 +208,9 @@ def paged_attention_cuda(
     batch = seq_lens.shape[0]
     if batch == 0 or max_query_len <= 0 or q.shape[0] == 0:
         return out
-    if query_start_loc.dtype != torch.int32 or seq_lens.dtype != torch.int32:
-        raise ValueError("query_start_loc and seq_lens must be int32")
-    if block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
-        raise ValueError("block_tables must be int32 with contiguous rows")
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    _check_metadata(query_start_loc, seq_lens, block_tables)
     num_blocks, block_size, num_kv_heads = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3]
-    group = num_q_heads // num_kv_heads
-    block_shift = block_size.bit_length() - 1
-    v_off = num_blocks * block_size * num_kv_heads * head_dim
+    v_off = num_blocks * block_size * num_kv_heads * q.shape[2]
     common = (
         q.data_ptr(),
         np.int64(q.stride(0)),
@@ -228,56 +223,69 @@ def paged_attention_cuda(
         out.data_ptr(),
         np.int64(out.stride(0)),
     )
-    scale_log2 = np.float32(scale * LOG2E)
-    if max_query_len == 1:
-        gq = _group_chunk(group)
-        kernel = _kernel(q.dtype, head_dim, f"decode_g{gq}")
-        splits = decode_num_splits(
-            batch, num_kv_heads, group, max_seq_len, decode_slots(kernel, q.device)
-        )
-        need = decode_workspace_numel(batch, num_q_heads, head_dim, splits)
-        if workspace is None:
-            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
-        elif workspace.dtype != torch.float32 or workspace.numel() < need:
-            raise ValueError(f"workspace must be float32 with at least {need} elements")
-        part_o = workspace.data_ptr()
-        part_lse = part_o + batch * num_q_heads * splits * head_dim * 4
-        grid = (splits, num_kv_heads * math.ceil(group / gq), batch)
-        compiler.launch(
-            kernel,
-            grid,
-            128,
-            *common,
-            part_o,
-            part_lse,
-            np.int32(num_kv_heads),
-            np.int32(group),
-            np.int32(block_shift),
-            scale_log2,
-        )
-        if splits > 1:
-            compiler.launch(
-                _kernel(q.dtype, head_dim, "merge_splits"),
-                (num_q_heads, batch),
-                head_dim,
-                part_o,
-                part_lse,
-                query_start_loc.data_ptr(),
-                seq_lens.data_ptr(),
-                out.data_ptr(),
-                np.int64(out.stride(0)),
-                np.int32(splits),
-            )
-        return out
-    grid = (math.ceil(max_query_len * group / PREFILL_BLOCK_M), num_kv_heads, batch)
-    compiler.launch(
-        _kernel(q.dtype, head_dim, "prefill"),
-        grid,
-        128,
-        *common,
+    group = q.shape[1] // num_kv_heads
+    # Every kernel's trailing arguments: heads, group, log2(block_size), scale in log2 units.
+    heads = (
         np.int32(num_kv_heads),
         np.int32(group),
-        np.int32(block_shift),
-        scale_log2,
+        np.int32(block_size.bit_length() - 1),
+        np.float32(scale * LOG2E),
     )
+    if max_query_len == 1:
+        _launch_decode(q, out, query_start_loc, seq_lens, common, heads, max_seq_len, workspace)
+    else:
+        grid = (math.ceil(max_query_len * group / PREFILL_BLOCK_M), num_kv_heads, batch)
+        compiler.launch(_kernel(q.dtype, q.shape[2], "prefill"), grid, 128, *common, *heads)
     return out
+
+
+def _check_metadata(
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor
+) -> None:
+    if query_start_loc.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("query_start_loc and seq_lens must be int32")
+    if block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be int32 with contiguous rows")
+
+
+def _launch_decode(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    common: tuple[Any, ...],
+    heads: tuple[Any, ...],
+    max_seq_len: int,
+    workspace: torch.Tensor | None,
+) -> None:
+    """Flash-decoding: each (split of a sequence, KV head) writes a partial result to the
+    workspace; a second kernel merges the splits when there is more than one."""
+    batch, num_q_heads, head_dim = seq_lens.shape[0], q.shape[1], q.shape[2]
+    num_kv_heads, group = int(heads[0]), int(heads[1])
+    gq = _group_chunk(group)
+    kernel = _kernel(q.dtype, head_dim, f"decode_g{gq}")
+    splits = decode_num_splits(
+        batch, num_kv_heads, group, max_seq_len, decode_slots(kernel, q.device)
+    )
+    need = decode_workspace_numel(batch, num_q_heads, head_dim, splits)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+    elif workspace.dtype != torch.float32 or workspace.numel() < need:
+        raise ValueError(f"workspace must be float32 with at least {need} elements")
+    part_o = workspace.data_ptr()
+    part_lse = part_o + batch * num_q_heads * splits * head_dim * 4
+    grid = (splits, num_kv_heads * math.ceil(group / gq), batch)
+    compiler.launch(kernel, grid, 128, *common, part_o, part_lse, *heads)
+    if splits > 1:
+        compiler.launch(
+            _kernel(q.dtype, head_dim, "merge_splits"),
+            (num_q_heads, batch),
+            head_dim,
+            part_o,
+            part_lse,
+            query_start_loc.data_ptr(),
+            seq_lens.data_ptr(),
+            out.data_ptr(),
+            np.int64(out.stride(0)),
+            np.int32(splits),
+        )

@@ -107,98 +107,6 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         tokenizer=config.tokenizer,
         max_queued_requests=config.max_queued_requests,
     )
-    metrics = Metrics(client)
-
-    def endpoint(
-        handler: Callable[[Request], Awaitable[Response | SSEResponse]],
-    ) -> Callable[[Request], Awaitable[Any]]:
-        async def wrapped(request: Request) -> Any:
-            try:
-                return await handler(request)
-            except APIError as e:
-                return error_response(e)
-            except ClientDisconnected:
-                return Response(status_code=499)
-            except Exception:
-                logger.exception("unexpected error in %s", request.url.path)
-                return error_response(InternalError("internal server error"))
-
-        return wrapped
-
-    async def generate(request: Request, kind: type[Any], create: Callable[..., Any]) -> Any:
-        req = decode(await request.body(), kind)
-        result = await until_disconnect(create(client, metrics, req), request.receive)
-        if isinstance(result, AsyncGenerator):
-            return SSEResponse(result)
-        return json_response(result)
-
-    async def completions(request: Request) -> Any:
-        return await generate(request, CompletionRequest, create_completion)
-
-    async def chat(request: Request) -> Any:
-        return await generate(request, ChatCompletionRequest, create_chat_completion)
-
-    async def models(request: Request) -> Response:
-        cards = [
-            ModelCard(m.name, int(config.started), m.info.model_path, m.info.max_model_len)
-            for m in client.models.values()
-            if m.tokenizer is not None  # listed once requests for it can be served
-        ]
-        return json_response(ModelList(cards))
-
-    async def health(request: Request) -> Response:
-        workers = [
-            {
-                "address": w.address,
-                "state": w.state.value,
-                "worker_id": w.info.worker_id if w.info else None,
-                "model": w.info.model_name if w.info else None,
-                "num_running": w.stats.num_running,
-                "num_waiting": w.stats.num_waiting,
-                "num_free_blocks": w.stats.num_free_blocks,
-                "inflight": len(w.inflight),
-            }
-            for w in client.workers
-        ]
-        ready = any(m.tokenizer is not None for m in client.models.values())
-        ok = ready and any(w.up for w in client.workers)
-        body = {"status": "ok" if ok else "unavailable", "workers": workers}
-        return json_response(body, 200 if ok else 503)
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    async def tokenize(request: Request) -> Response:
-        req = decode(await request.body(), TokenizeRequest)
-        entry = client.model(req.model)
-        tok = entry.tokenizer
-        assert tok is not None
-        if req.messages is not None:
-            ids = chat_prompt_ids(entry, req.messages, req.add_generation_prompt)
-        elif req.prompt is not None:
-            ids = list(tok.encode(req.prompt, add_special_tokens=req.add_special_tokens))
-        else:
-            raise BadRequest("either prompt or messages is required", "prompt")
-        return json_response(TokenizeResponse(len(ids), entry.info.max_model_len, ids))
-
-    async def detokenize(request: Request) -> Response:
-        req = decode(await request.body(), DetokenizeRequest)
-        entry = client.model(req.model)
-        tok = entry.tokenizer
-        assert tok is not None
-        vocab = entry.info.vocab_size
-        if any(not 0 <= t < vocab for t in req.tokens):
-            raise BadRequest(f"token ids must be in [0, {vocab})", "tokens")
-        return json_response(DetokenizeResponse(tok.decode(req.tokens)))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await client.start()
-        try:
-            yield
-        finally:
-            await client.close()
-
     routes = [
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
@@ -208,18 +116,131 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
     ]
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 500)
-        err = NotFound(f"no route {request.url.path}") if status == 404 else BadRequest(str(exc))
-        err.status = status
-        return error_response(err)
-
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={404: http_error, 405: http_error}
     )
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.state.config = config
     app.state.client = client
-    app.state.metrics = metrics
+    app.state.metrics = Metrics(client)
     return app
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    client: EngineClient = app.state.client
+    await client.start()
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+def endpoint(
+    handler: Callable[[Request], Awaitable[Response | SSEResponse]],
+) -> Callable[[Request], Awaitable[Any]]:
+    """`handler` with every error it raises answered as an OpenAI error object."""
+
+    async def wrapped(request: Request) -> Any:
+        try:
+            return await handler(request)
+        except APIError as e:
+            return error_response(e)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except Exception:
+            logger.exception("unexpected error in %s", request.url.path)
+            return error_response(InternalError("internal server error"))
+
+    return wrapped
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    err = NotFound(f"no route {request.url.path}") if status == 404 else BadRequest(str(exc))
+    err.status = status
+    return error_response(err)
+
+
+# -------------------------------------------------------------------- routes
+
+
+async def generate(request: Request, kind: type[Any], create: Callable[..., Any]) -> Any:
+    """A completion or chat completion: a JSON response, or an SSE stream."""
+    req = decode(await request.body(), kind)
+    state = request.app.state
+    result = await until_disconnect(create(state.client, state.metrics, req), request.receive)
+    if isinstance(result, AsyncGenerator):
+        return SSEResponse(result)
+    return json_response(result)
+
+
+async def completions(request: Request) -> Any:
+    return await generate(request, CompletionRequest, create_completion)
+
+
+async def chat(request: Request) -> Any:
+    return await generate(request, ChatCompletionRequest, create_chat_completion)
+
+
+async def models(request: Request) -> Response:
+    client: EngineClient = request.app.state.client
+    started = int(request.app.state.config.started)
+    cards = [
+        ModelCard(m.name, started, m.info.model_path, m.info.max_model_len)
+        for m in client.models.values()
+        if m.tokenizer is not None  # listed once requests for it can be served
+    ]
+    return json_response(ModelList(cards))
+
+
+async def health(request: Request) -> Response:
+    client: EngineClient = request.app.state.client
+    workers = [
+        {
+            "address": w.address,
+            "state": w.state.value,
+            "worker_id": w.info.worker_id if w.info else None,
+            "model": w.info.model_name if w.info else None,
+            "num_running": w.stats.num_running,
+            "num_waiting": w.stats.num_waiting,
+            "num_free_blocks": w.stats.num_free_blocks,
+            "inflight": len(w.inflight),
+        }
+        for w in client.workers
+    ]
+    ready = any(m.tokenizer is not None for m in client.models.values())
+    ok = ready and any(w.up for w in client.workers)
+    body = {"status": "ok" if ok else "unavailable", "workers": workers}
+    return json_response(body, 200 if ok else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def tokenize(request: Request) -> Response:
+    req = decode(await request.body(), TokenizeRequest)
+    entry = request.app.state.client.model(req.model)
+    tok = entry.tokenizer
+    assert tok is not None
+    if req.messages is not None:
+        ids = chat_prompt_ids(entry, req.messages, req.add_generation_prompt)
+    elif req.prompt is not None:
+        ids = list(tok.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+    else:
+        raise BadRequest("either prompt or messages is required", "prompt")
+    return json_response(TokenizeResponse(len(ids), entry.info.max_model_len, ids))
+
+
+async def detokenize(request: Request) -> Response:
+    req = decode(await request.body(), DetokenizeRequest)
+    entry = request.app.state.client.model(req.model)
+    tok = entry.tokenizer
+    assert tok is not None
+    vocab = entry.info.vocab_size
+    if any(not 0 <= t < vocab for t in req.tokens):
+        raise BadRequest(f"token ids must be in [0, {vocab})", "tokens")
+    return json_response(DetokenizeResponse(tok.decode(req.tokens)))

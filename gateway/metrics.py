@@ -9,7 +9,7 @@ are observed by this gateway when a request finishes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -103,38 +103,38 @@ class Metrics:
     def __init__(self, client: EngineClient) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(WorkerStatsCollector(client))
-        labels = ["model_name"]
         r = self.registry
-        self.ttft = Histogram(
-            "headrace:time_to_first_token_seconds",
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(f"headrace:{name}", doc, ["model_name"], registry=r, buckets=buckets)
+
+        self.ttft = histogram(
+            "time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
-            labels, registry=r, buckets=TTFT_BUCKETS,
-        )  # fmt: skip
-        self.tpot = Histogram(
-            "headrace:time_per_output_token_seconds",
+            TTFT_BUCKETS,
+        )
+        self.tpot = histogram(
+            "time_per_output_token_seconds",
             "Histogram of time per output token in seconds.",
-            labels, registry=r, buckets=TPOT_BUCKETS,
-        )  # fmt: skip
-        self.e2e = Histogram(
-            "headrace:e2e_request_latency_seconds",
+            TPOT_BUCKETS,
+        )
+        self.e2e = histogram(
+            "e2e_request_latency_seconds",
             "Histogram of end to end request latency in seconds.",
-            labels, registry=r, buckets=E2E_BUCKETS,
-        )  # fmt: skip
-        self.prompt_len = Histogram(
-            "headrace:request_prompt_tokens",
-            "Number of prefill tokens processed.",
-            labels, registry=r, buckets=TOKEN_BUCKETS,
-        )  # fmt: skip
-        self.gen_len = Histogram(
-            "headrace:request_generation_tokens",
-            "Number of generation tokens processed.",
-            labels, registry=r, buckets=TOKEN_BUCKETS,
-        )  # fmt: skip
+            E2E_BUCKETS,
+        )
+        self.prompt_len = histogram(
+            "request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS
+        )
+        self.gen_len = histogram(
+            "request_generation_tokens", "Number of generation tokens processed.", TOKEN_BUCKETS
+        )
         self.success = Counter(
             "headrace:request_success",
             "Count of finished requests by finish reason.",
-            ["model_name", "finished_reason"], registry=r,
-        )  # fmt: skip
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
 
     def observe(self, model: str, seq: SequenceState) -> None:
         """Record one finished sequence (one engine request)."""

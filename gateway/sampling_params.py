@@ -7,6 +7,7 @@ import msgspec
 from gateway.errors import BadRequest
 from gateway.protocol import SamplingExtras
 from ipc.messages import SamplingParams
+from ipc.sampling import ParamError, resolve_max_tokens, validate_params
 
 
 def build_params(
@@ -40,10 +41,9 @@ def build_params(
         spaces_between_special_tokens=req.spaces_between_special_tokens,
     )
     try:
-        params.validate(max_logprobs)
-    except ValueError as e:
-        field = str(e).split(" ", 1)[0]
-        raise BadRequest(str(e), field) from None
+        validate_params(params, max_logprobs)
+    except ParamError as e:
+        raise BadRequest(str(e), e.field) from None
     return params
 
 
@@ -51,26 +51,10 @@ def check_length(
     prompt_len: int, params: SamplingParams, max_model_len: int, what: str = "prompt"
 ) -> SamplingParams:
     """Fill max_tokens when unset; 400 when the prompt plus completion cannot fit."""
-    if prompt_len == 0:
-        raise BadRequest(f"the {what} is empty", what)
-    if prompt_len >= max_model_len:
-        raise BadRequest(
-            f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"{what} has {prompt_len} tokens, leaving no room for the completion. Please "
-            f"reduce the length of the {what}.",
-            what,
-        )
-    if params.max_tokens is None:
-        return msgspec.structs.replace(params, max_tokens=max_model_len - prompt_len)
-    if prompt_len + params.max_tokens > max_model_len:
-        raise BadRequest(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {prompt_len + params.max_tokens} tokens ({prompt_len} in the {what}, "
-            f"{params.max_tokens} in the completion). Please reduce the length of the {what} "
-            "or completion.",
-            "max_tokens",
-        )
-    return params
+    try:
+        return resolve_max_tokens(prompt_len, params, max_model_len, what)
+    except ParamError as e:
+        raise BadRequest(str(e), e.field) from None
 
 
 def fan_out(params: SamplingParams) -> list[SamplingParams]:

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from gateway.engine_client import Child, EngineClient, ModelEntry, Submission
-from gateway.errors import APIError, BadRequest
+from gateway.errors import BadRequest
 from gateway.metrics import Metrics
 from gateway.protocol import (
     AssistantMessage,
@@ -26,13 +26,14 @@ from gateway.protocol import (
     ChatStreamChoice,
     ChoiceLogprobs,
     DeltaMessage,
+    StreamOptions,
     TopLogprob,
     Usage,
 )
 from gateway.sampling_params import build_params, check_length, fan_out
-from gateway.sequence import SequenceState, TokenStrings
-from gateway.serving_common import observe_all, sequence_updates, token_strings
-from gateway.sse import DONE, error_event, event
+from gateway.sequence import Delta, SequenceState, TokenStrings
+from gateway.serving_common import serve, token_strings
+from gateway.sse import event
 from ipc.messages import TokenLogprobs
 
 
@@ -75,15 +76,13 @@ def chat_prompt_ids(
     if not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
     try:
-        rendered = tok.apply_chat_template(
-            message_dicts(messages), add_generation_prompt=add_generation_prompt
+        return tok.encode_chat(
+            message_dicts(messages),
+            add_generation_prompt=add_generation_prompt,
+            add_special_tokens=add_special_tokens,
         )
     except ChatTemplateError as e:
         raise BadRequest(str(e), "messages") from None
-    if isinstance(rendered, str):
-        # The template writes BOS itself where the model wants one.
-        return list(tok.encode(rendered, add_special_tokens=add_special_tokens))
-    return list(rendered)
 
 
 class ChatRun:
@@ -122,6 +121,60 @@ class ChatRun:
         completion = sum(s.num_tokens for s in self.seqs)
         return Usage(len(self.prompt_ids), completion, len(self.prompt_ids) + completion)
 
+    @property
+    def stream(self) -> bool:
+        return self.req.stream
+
+    @property
+    def stream_options(self) -> StreamOptions | None:
+        return self.req.stream_options
+
+    def _chunk(self, choices: list[ChatStreamChoice], usage: Usage | None = None) -> bytes:
+        chunk = ChatCompletionChunk(self.request_id, self.created, self.entry.name, choices, usage)
+        return event(chunk)
+
+    def head(self) -> bytes:
+        # Each choice's first chunk carries the role.
+        return b"".join(
+            self._chunk([ChatStreamChoice(i, DeltaMessage(role="assistant", content=""))])
+            for i in range(len(self.seqs))
+        )
+
+    def events(self, updates: list[tuple[int, Delta]]) -> list[bytes]:
+        events: list[bytes] = []
+        for index, d in updates:
+            if not (d.text or d.finished):
+                continue
+            seq = self.seqs[index]
+            choice = ChatStreamChoice(
+                index,
+                DeltaMessage(content=d.text),
+                logprobs=self.logprobs(d.logprobs, d.token_ids) if d.logprobs else None,
+                finish_reason=seq.finish_reason if d.finished else None,
+                stop_reason=seq.stop_reason if d.finished else None,
+            )
+            events.append(self._chunk([choice]))
+        return events
+
+    def usage_event(self) -> bytes:
+        return self._chunk([], self.usage())
+
+    def response(self, deltas: list[Delta]) -> ChatCompletionResponse:
+        # The sequences hold their whole text and logprobs; the deltas are not needed.
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=seq.text),
+                logprobs=self.logprobs(seq.logprobs, _ids(seq)),
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for i, seq in enumerate(self.seqs)
+        ]
+        return ChatCompletionResponse(
+            self.request_id, self.created, self.entry.name, choices, self.usage()
+        )
+
     def logprobs(self, lps: list[TokenLogprobs], token_ids: list[int]) -> ChoiceLogprobs | None:
         if not self.req.logprobs:
             return None
@@ -140,72 +193,12 @@ class ChatRun:
 async def create_chat_completion(
     client: EngineClient, metrics: Metrics | None, req: ChatCompletionRequest
 ) -> ChatCompletionResponse | AsyncGenerator[bytes, None]:
-    run = ChatRun(client, metrics, req)
-    if req.stream:
-        return _stream(run)
-    try:
-        return await _collect(run)
-    finally:
-        run.sub.close()
-
-
-async def _collect(run: ChatRun) -> ChatCompletionResponse:
-    async for _ in sequence_updates(run.sub, run.seqs):
-        pass  # the sequences accumulate their text and logprobs
-    observe_all(run.metrics, run.entry.name, run.seqs)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=seq.text),
-            logprobs=run.logprobs(seq.logprobs, _ids(seq)),
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
-        for i, seq in enumerate(run.seqs)
-    ]
-    return ChatCompletionResponse(run.request_id, run.created, run.entry.name, choices, run.usage())
+    result: ChatCompletionResponse | AsyncGenerator[bytes, None] = await serve(
+        ChatRun(client, metrics, req)
+    )
+    return result
 
 
 def _ids(seq: SequenceState) -> list[int]:
     # Logprobs are kept per token; their chosen ids are the tokens themselves.
     return [lp.token_ids[0] for lp in seq.logprobs]
-
-
-async def _stream(run: ChatRun) -> AsyncGenerator[bytes, None]:
-    name = run.entry.name
-    rid, created = run.request_id, run.created
-
-    def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> bytes:
-        return event(ChatCompletionChunk(rid, created, name, choices, usage))
-
-    try:
-        yield b"".join(
-            chunk([ChatStreamChoice(i, DeltaMessage(role="assistant", content=""))])
-            for i in range(len(run.seqs))
-        )
-        async for updates in sequence_updates(run.sub, run.seqs):
-            events: list[bytes] = []
-            for index, d in updates:
-                if not (d.text or d.finished):
-                    continue
-                seq = run.seqs[index]
-                choice = ChatStreamChoice(
-                    index,
-                    DeltaMessage(content=d.text),
-                    logprobs=run.logprobs(d.logprobs, d.token_ids) if d.logprobs else None,
-                    finish_reason=seq.finish_reason if d.finished else None,
-                    stop_reason=seq.stop_reason if d.finished else None,
-                )
-                events.append(chunk([choice]))
-            if events:
-                yield b"".join(events)
-        observe_all(run.metrics, name, run.seqs)
-        opts = run.req.stream_options
-        if opts is not None and opts.include_usage:
-            yield chunk([], run.usage())
-        yield DONE
-    except APIError as e:
-        yield error_event(e)
-        yield DONE
-    finally:
-        run.sub.close()

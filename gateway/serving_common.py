@@ -1,14 +1,22 @@
-"""Pieces both serving modules use: applying engine outputs to sequences, errors from
-finished sequences, metrics, token strings."""
+"""The serving runner chat and completions share, and what it is made of: applying engine
+outputs to sequences, errors from finished sequences, metrics, token strings.
+
+`serve(run)` answers one request, whole or streamed over SSE; `run` (serving_chat.ChatRun,
+serving_completions.CompletionRun) holds the request's sequences and renders them in its
+API's shape.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, Protocol
 
 from gateway.engine_client import ModelEntry, Submission
 from gateway.errors import APIError, BadRequest, InternalError, ServiceUnavailable
 from gateway.metrics import Metrics
+from gateway.protocol import StreamOptions
 from gateway.sequence import Delta, SequenceState, TokenStrings
+from gateway.sse import DONE, error_event
 
 _strings: dict[int, TokenStrings] = {}
 
@@ -68,3 +76,75 @@ async def sequence_updates(
             yield updates
         if error is not None:
             raise error
+
+
+class Renderer(Protocol):
+    """One request in flight, and how its API renders its sequences."""
+
+    entry: ModelEntry
+    metrics: Metrics | None
+    seqs: list[SequenceState]
+    sub: Submission
+
+    @property
+    def stream(self) -> bool: ...
+    @property
+    def stream_options(self) -> StreamOptions | None: ...
+    def head(self) -> bytes:
+        """SSE events before any token (b"" for none)."""
+        ...
+
+    def events(self, updates: list[tuple[int, Delta]]) -> list[bytes]:
+        """SSE events for one batch of updates."""
+        ...
+
+    def usage_event(self) -> bytes: ...
+    def response(self, deltas: list[Delta]) -> Any:
+        """The whole response, given every sequence's accumulated delta."""
+        ...
+
+
+async def serve(run: Renderer) -> Any:
+    """The response body, or an SSE byte stream when the request streams."""
+    if run.stream:
+        return _stream(run)
+    try:
+        return await _collect(run)
+    finally:
+        run.sub.close()
+
+
+async def _collect(run: Renderer) -> Any:
+    deltas = [Delta() for _ in run.seqs]
+    async for updates in sequence_updates(run.sub, run.seqs):
+        for index, d in updates:
+            acc = deltas[index]
+            acc.text += d.text
+            acc.token_ids += d.token_ids
+            acc.logprobs += d.logprobs
+            acc.offsets += d.offsets
+    for acc in deltas:
+        acc.finished = True
+    observe_all(run.metrics, run.entry.name, run.seqs)
+    return run.response(deltas)
+
+
+async def _stream(run: Renderer) -> AsyncGenerator[bytes, None]:
+    try:
+        head = run.head()
+        if head:
+            yield head
+        async for updates in sequence_updates(run.sub, run.seqs):
+            events = run.events(updates)
+            if events:
+                yield b"".join(events)
+        observe_all(run.metrics, run.entry.name, run.seqs)
+        opts = run.stream_options
+        if opts is not None and opts.include_usage:
+            yield run.usage_event()
+        yield DONE
+    except APIError as e:
+        yield error_event(e)
+        yield DONE
+    finally:
+        run.sub.close()

@@ -9,19 +9,20 @@ from collections.abc import AsyncGenerator
 import msgspec
 
 from gateway.engine_client import Child, EngineClient, ModelEntry, Submission
-from gateway.errors import APIError, BadRequest
+from gateway.errors import BadRequest
 from gateway.metrics import Metrics
 from gateway.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    StreamOptions,
     Usage,
 )
 from gateway.sampling_params import build_params, check_length, fan_out
 from gateway.sequence import Delta, SequenceState, TokenStrings
-from gateway.serving_common import observe_all, sequence_updates, token_strings
-from gateway.sse import DONE, error_event, event
+from gateway.serving_common import serve, token_strings
+from gateway.sse import event
 from ipc.messages import TokenLogprobs
 
 
@@ -86,6 +87,43 @@ class CompletionRun:
                 children.append(Child(f"{self.request_id}-{p}-{i}", ids, child_params))
                 self.seqs.append(SequenceState(tok, ids, child_params))
         self.sub: Submission = client.submit(entry.name, children)
+        self.first = [True] * len(self.seqs)  # streamed: no chunk sent for the choice yet
+
+    @property
+    def stream(self) -> bool:
+        return self.req.stream
+
+    @property
+    def stream_options(self) -> StreamOptions | None:
+        return self.req.stream_options
+
+    def head(self) -> bytes:
+        return b""
+
+    def events(self, updates: list[tuple[int, Delta]]) -> list[bytes]:
+        events: list[bytes] = []
+        for index, d in updates:
+            first = self.first[index]
+            if not (d.text or d.finished or (first and self.req.echo)):
+                continue
+            choice = self.choice(index, d, first)
+            self.first[index] = False
+            events.append(self._event([choice]))
+        return events
+
+    def usage_event(self) -> bytes:
+        return self._event([], self.usage())
+
+    def _event(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        return event(
+            CompletionResponse(self.request_id, self.created, self.entry.name, choices, usage)
+        )
+
+    def response(self, deltas: list[Delta]) -> CompletionResponse:
+        choices = [self.choice(index, acc, first=True) for index, acc in enumerate(deltas)]
+        return CompletionResponse(
+            self.request_id, self.created, self.entry.name, choices, self.usage()
+        )
 
     def prompt_text(self, index: int) -> str:
         text, ids = self.prompts[index // self.req.n]
@@ -146,58 +184,10 @@ class CompletionRun:
 async def create_completion(
     client: EngineClient, metrics: Metrics | None, req: CompletionRequest
 ) -> CompletionResponse | AsyncGenerator[bytes, None]:
-    run = CompletionRun(client, metrics, req)
-    if req.stream:
-        return _stream(run)
-    try:
-        return await _collect(run)
-    finally:
-        run.sub.close()
-
-
-async def _collect(run: CompletionRun) -> CompletionResponse:
-    per_choice: list[Delta] = [Delta() for _ in run.seqs]
-    async for updates in sequence_updates(run.sub, run.seqs):
-        for index, d in updates:
-            acc = per_choice[index]
-            acc.text += d.text
-            acc.token_ids += d.token_ids
-            acc.logprobs += d.logprobs
-            acc.offsets += d.offsets
-    observe_all(run.metrics, run.entry.name, run.seqs)
-    choices = []
-    for index, acc in enumerate(per_choice):
-        acc.finished = True
-        choices.append(run.choice(index, acc, first=True))
-    return CompletionResponse(run.request_id, run.created, run.entry.name, choices, run.usage())
-
-
-async def _stream(run: CompletionRun) -> AsyncGenerator[bytes, None]:
-    first = [True] * len(run.seqs)
-    name = run.entry.name
-    try:
-        async for updates in sequence_updates(run.sub, run.seqs):
-            events: list[bytes] = []
-            for index, d in updates:
-                if not (d.text or d.finished or (first[index] and run.req.echo)):
-                    continue
-                choice = run.choice(index, d, first[index])
-                first[index] = False
-                events.append(
-                    event(CompletionResponse(run.request_id, run.created, name, [choice]))
-                )
-            if events:
-                yield b"".join(events)
-        observe_all(run.metrics, name, run.seqs)
-        opts = run.req.stream_options
-        if opts is not None and opts.include_usage:
-            yield event(CompletionResponse(run.request_id, run.created, name, [], run.usage()))
-        yield DONE
-    except APIError as e:
-        yield error_event(e)
-        yield DONE
-    finally:
-        run.sub.close()
+    result: CompletionResponse | AsyncGenerator[bytes, None] = await serve(
+        CompletionRun(client, metrics, req)
+    )
+    return result
 
 
 def _top_dict(lp: TokenLogprobs, s: TokenStrings) -> dict[str, float]:

@@ -121,12 +121,14 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        add_special_tokens: bool = False,
         **kwargs: Any,
     ) -> list[int]:
-        """Prompt token ids for `messages`: the rendered template, tokenized without special
-        tokens (the template writes BOS itself, so BOS never appears twice)."""
+        """Prompt token ids for `messages`, the one way a chat prompt is made: the rendered
+        template, tokenized without special tokens by default (the template writes BOS
+        itself, so BOS never appears twice)."""
         text = self.apply_chat_template(messages, add_generation_prompt, tools, **kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"

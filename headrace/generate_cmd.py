@@ -29,15 +29,12 @@ def generate_main(args: argparse.Namespace) -> int:
     from ipc.messages import SamplingParams
 
     config = engine_config_from_args(args)
+    # The sampling flags are named as SamplingParams' fields, but for the seed (--seed is
+    # the engine's).
+    names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "ignore_eos")
     params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
+        **{name: getattr(args, name) for name in names},
         seed=args.sampling_seed,
-        stop=args.stop,
-        ignore_eos=args.ignore_eos,
         logprobs=args.logprobs,
     )
     params.validate(config.max_logprobs)

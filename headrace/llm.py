@@ -1,7 +1,8 @@
 """Offline generation: `LLM(model).generate(prompts, params)`, as vLLM's LLM class.
 
-Runs an EngineCore in process and does the gateway's text work itself: tokenizing,
-incremental detokenizing and stop strings (a stop string aborts the request in the engine).
+Runs an EngineCore in process and does the gateway's text work with the gateway's own
+pieces: its tokenizer, and its SequenceState for incremental detokenizing and stop strings
+(a stop string aborts the request in the engine).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.detokenizer import IncrementalDetokenizer
+from gateway.sampling_params import fan_out
+from gateway.sequence import SequenceState
 from gateway.tokenizer import Tokenizer, load_tokenizer
-from ipc.messages import EngineRequest, FinishReason, SamplingParams, TokenLogprobs
+from ipc.messages import EngineRequest, RequestOutput, SamplingParams, TokenLogprobs
 from worker.config import EngineConfig
 from worker.engine import EngineCore
 
@@ -43,10 +45,23 @@ class GenerationResult:
 class _Pending:
     """One engine request's progress (one of a prompt's n completions)."""
 
-    def __init__(self, result: GenerationResult, index: int, detok: IncrementalDetokenizer) -> None:
+    def __init__(self, result: GenerationResult, index: int, seq: SequenceState) -> None:
         self.result = result
-        self.detok = detok
+        self.seq = seq
         self.output = CompletionOutput(index=index, text="", token_ids=[], finish_reason=None)
+
+    def update(self, out: RequestOutput) -> None:
+        """Apply one engine output the way the gateway does (gateway/sequence.py)."""
+        seq, o = self.seq, self.output
+        o.token_ids.extend(seq.update(out).token_ids)
+        if seq.prompt_logprobs is not None:
+            self.result.prompt_logprobs = seq.prompt_logprobs
+        self.result.num_cached_tokens = seq.num_cached_tokens
+        if seq.finished:
+            o.text = seq.text
+            o.finish_reason, o.stop_reason, o.error = seq.finish_reason, seq.stop_reason, seq.error
+            if seq.params.logprobs is not None:
+                o.logprobs = seq.logprobs
 
 
 class LLM:
@@ -93,8 +108,7 @@ class LLM:
                 text, ids = None, [int(t) for t in prompt]  # type: ignore[union-attr]
             result = GenerationResult(prompt=text, prompt_token_ids=ids)
             results.append(result)
-            for i in range(p.n):
-                child = p if p.n == 1 else _child_params(p, i)
+            for i, child in enumerate(fan_out(p)):
                 self._submit(result, i, ids, child, pending)
         self._run(pending, use_tqdm)
         for r in results:
@@ -109,11 +123,7 @@ class LLM:
     ) -> list[GenerationResult]:
         """Apply the model's chat template to each conversation and complete it."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conv in conversations:
-            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True)  # type: ignore[arg-type]
-            # The template already holds BOS where the model wants it.
-            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        prompts = [self.tokenizer.encode_chat(conv) for conv in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     # ---- internals ----------------------------------------------------------------------------
@@ -126,15 +136,7 @@ class LLM:
         pending: dict[str, _Pending],
     ) -> None:
         rid = f"llm-{next(self._ids)}"
-        detok = IncrementalDetokenizer(
-            self.tokenizer,
-            ids,
-            skip_special_tokens=p.skip_special_tokens,
-            spaces_between_special_tokens=p.spaces_between_special_tokens,
-            stop=list(p.stop),
-            include_stop_str_in_output=p.include_stop_str_in_output,
-        )
-        entry = _Pending(result, index, detok)
+        entry = _Pending(result, index, SequenceState(self.tokenizer, ids, p))
         result.outputs.append(entry.output)
         error = self.engine.add_request(EngineRequest(rid, ids, p))
         if error is not None:
@@ -152,29 +154,11 @@ class LLM:
                 entry = pending.get(out.request_id)
                 if entry is None:
                     continue
-                o = entry.output
-                o.token_ids.extend(out.new_token_ids)
-                if out.new_logprobs is not None:
-                    o.logprobs = (o.logprobs or []) + list(out.new_logprobs)
-                if out.prompt_logprobs is not None:
-                    entry.result.prompt_logprobs = out.prompt_logprobs
-                entry.result.num_cached_tokens = out.num_cached_tokens
-                o.text += entry.detok.add(out.new_token_ids)
-                done = out.finish_reason is not None
-                if entry.detok.stopped is not None and not done:
+                entry.update(out)
+                if entry.seq.stopped_by_string and out.finish_reason is None:
                     # A stop string matched: the engine need not generate any further.
                     self.engine.abort_requests([out.request_id])
-                    done = True
-                if done:
-                    if entry.detok.stopped is not None:
-                        o.finish_reason, o.stop_reason = "stop", entry.detok.stopped
-                    else:
-                        o.text += entry.detok.flush()
-                        assert out.finish_reason is not None
-                        o.finish_reason = str(out.finish_reason)
-                        o.stop_reason = out.stop_reason
-                        if out.finish_reason == FinishReason.ERROR:
-                            o.error = out.error
+                if entry.seq.finished:
                     del pending[out.request_id]
                     if bar is not None:
                         bar.update(1)
@@ -182,11 +166,3 @@ class LLM:
                 raise RuntimeError("engine went idle with requests pending")
         if bar is not None:
             bar.close()
-
-
-def _child_params(p: SamplingParams, index: int) -> SamplingParams:
-    """The i-th of n completions: n=1, and a distinct seed when the parent has one."""
-    import msgspec
-
-    seed = None if p.seed is None else p.seed + index
-    return msgspec.structs.replace(p, n=1, seed=seed)

@@ -79,9 +79,9 @@ def new_ipc_address(directory: str | Path | None = None, name: str = "worker") -
     return f"ipc://{base / f'{name}-{uuid.uuid4().hex[:8]}.sock'}"
 
 
-def _unlink_stale_ipc(address: str) -> None:
-    # A worker killed with SIGKILL leaves its socket file behind; binding over it is fine
-    # for ZeroMQ, but the parent directory must exist.
+def _make_ipc_folder(address: str) -> None:
+    # ZeroMQ binds over a socket file a killed worker left behind, but not into a folder
+    # that does not exist.
     if address.startswith("ipc://"):
         path = Path(address[len("ipc://") :])
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def _unlink_stale_ipc(address: str) -> None:
 def bind_router(ctx: zmq.Context, address: str) -> zmq.Socket:
     """The worker's socket. Unbounded queues: the gateways, not ZeroMQ, apply back pressure."""
     check_address(address)
-    _unlink_stale_ipc(address)
+    _make_ipc_folder(address)
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)

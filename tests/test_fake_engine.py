@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
 from ipc.messages import EngineRequest, FinishReason, SamplingParams
 from tests.server_harness import free_port, start_gateway, start_worker, wait_healthy
@@ -44,6 +45,7 @@ def test_fake_engine_steps(stories_path: Path) -> None:
     assert eng.stats().generation_tokens == 6
 
 
+@pytest.mark.process
 def test_fake_worker_behind_gateway(tmp_path: Path, llama3_tokenizer_path: Path) -> None:
     address = f"ipc://{tmp_path}/fake.sock"
     worker = start_worker(

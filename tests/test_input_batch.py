@@ -23,11 +23,11 @@ def test_flat_batch_layout():
     sched = Scheduler(
         SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64), kv
     )
-    a = Request("a", [5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=4), 4, frozenset())
-    b = Request("b", [11, 12], SamplingParams(max_tokens=4), 4, frozenset())
+    a = Request("a", [5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=4), frozenset())
+    b = Request("b", [11, 12], SamplingParams(max_tokens=4), frozenset())
     sched.add_request(a)
     sched.add_request(b)
-    host = build_host_inputs(sched.schedule(), kv)
+    host = build_host_inputs(sched.schedule())
     assert host.input_ids.tolist() == [5, 6, 7, 8, 9, 10, 11, 12]
     assert host.positions.tolist() == [0, 1, 2, 3, 4, 5, 0, 1]
     assert host.query_start_loc.tolist() == [0, 6, 8] and host.seq_lens.tolist() == [6, 2]

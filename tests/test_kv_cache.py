@@ -11,7 +11,7 @@ from worker.request import Request
 
 
 def make(rid: str, tokens: list[int]) -> Request:
-    return Request(rid, tokens, SamplingParams(max_tokens=4), 4, frozenset())
+    return Request(rid, tokens, SamplingParams(max_tokens=4), frozenset())
 
 
 def admit(kv: KVCacheManager, req: Request) -> int:
@@ -32,9 +32,10 @@ def test_allocation_and_free_return_all_blocks():
     kv.free("a")
     assert kv.num_free_blocks == 10
     with pytest.raises(RuntimeError):
-        blocks = kv.blocks[:1]
-        blocks[0].ref_cnt = 0
-        kv.req_blocks["x"] = blocks
+        table = kv_cache_module.BlockTable()
+        table.append(kv.blocks[0])
+        kv.blocks[0].ref_cnt = 0
+        kv.tables["x"] = table
         kv.free("x")  # freeing a block with ref_cnt 0 is a double free
 
 

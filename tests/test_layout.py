@@ -75,3 +75,43 @@ def test_gateway_imports_no_torch_and_no_worker() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def oversized(path: Path) -> list[str]:
+    """Modules over MAX_MODULE_LINES and functions over MAX_FUNCTION_LINES in `path`; lines
+    inside module-level string constants (kernel sources) do not count."""
+    source = path.read_text()
+    tree = ast.parse(source, str(path))
+    strings = 0
+    for node in tree.body:
+        value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            strings += (value.end_lineno or value.lineno) - value.lineno
+    found = []
+    name = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    lines = source.count("\n") - strings
+    if lines > MAX_MODULE_LINES:
+        found.append(f"{name}: {lines} lines")
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            n = (fn.end_lineno or fn.lineno) - fn.lineno + 1
+            if n > MAX_FUNCTION_LINES:
+                found.append(f"{name}:{fn.lineno} {fn.name}: {n} lines")
+    return found
+
+
+@pytest.mark.parametrize("floor", OURS)
+def test_no_module_or_function_too_long(floor: str) -> None:
+    assert [f for p in sorted((REPO / floor).rglob("*.py")) for f in oversized(p)] == []
+
+
+def test_the_size_check_counts_function_lines(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    kernel = "// line\n" * 600
+    source.write_text(f'KERNEL = """\n{kernel}"""\n\n\ndef f():\n{body}')
+    assert [s.split(": ")[0].rsplit(" ", 1)[-1] for s in oversized(source)] == ["f"]

@@ -27,6 +27,7 @@ def headrace(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.process
 def test_cli_generate_stories_greedy(stories_path):
     r = headrace(
         "generate",
@@ -43,6 +44,7 @@ def test_cli_generate_stories_greedy(stories_path):
     assert r.stdout.strip() == STORIES_GREEDY
 
 
+@pytest.mark.process
 def test_cli_generate_json(stories_path):
     r = headrace(
         "generate",
@@ -69,6 +71,7 @@ def test_cli_generate_json(stories_path):
     assert all(len(o["token_ids"]) == 8 for o in lines)
 
 
+@pytest.mark.process
 def test_cli_bad_flag_is_a_clear_error(stories_path):
     r = headrace("generate", "--model", str(stories_path), "--prompt", "x", "--block-size", "3")
     assert r.returncode == 2

@@ -58,7 +58,7 @@ def test_second_identical_request_computes_only_its_last_partial_block(stories_p
         engine.add_request(EngineRequest(rid, prompt, params))
         first = engine.scheduler.schedule()
         count = sum(sr.num_new_tokens for sr in first.scheduled)
-        result = engine.runner.execute(first, engine.kv)
+        result = engine.runner.execute(first)
         toks = []
         for o in engine._postprocess(first, result):
             toks += o.new_token_ids
@@ -94,7 +94,7 @@ def test_request_arriving_during_prefill_shares_full_blocks(stories_path):
     # a's last chunk (7 tokens) is scheduled first and keys its 7th block in the same step;
     # b then finds all 7 full blocks (28 tokens) and computes only its last 3 tokens.
     assert b.start == 28 and b.num_new_tokens == 3 and b.request.num_cached_tokens == 28
-    engine._postprocess(sched, engine.runner.execute(sched, engine.kv))
+    engine._postprocess(sched, engine.runner.execute(sched))
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
@@ -109,7 +109,7 @@ def test_gateway_prefix_routing_uses_the_workers_block_keys():
     prompt = list(range(100, 141))  # 41 tokens: 10 full blocks of 4
     router = Router("prefix", block_size=4)
     kv = KVCacheManager(num_blocks=32, block_size=4)
-    req = Request("a", prompt, SamplingParams(max_tokens=1), 1, frozenset())
+    req = Request("a", prompt, SamplingParams(max_tokens=1), frozenset())
     assert kv.allocate_slots(req, len(prompt))
-    worker_keys = [h for h, _ in kv.req_keys["a"]]
+    worker_keys = [h for h, _ in kv.tables["a"].keys]
     assert router._prefix_keys(prompt) == worker_keys == block_hashes(prompt, 4)

@@ -85,9 +85,7 @@ def test_random_workloads_end_and_free_everything(w):
             # Admission rule: prompt + max_tokens (+ lookahead) must fit the whole cache.
             if not kv.can_fit(len(prompt) + max_tokens + w["spec"]):
                 continue
-            req = Request(
-                rid, prompt, SamplingParams(max_tokens=max_tokens), max_tokens, frozenset({2})
-            )
+            req = Request(rid, prompt, SamplingParams(max_tokens=max_tokens), frozenset({2}))
             req.abort_at = abort_at  # type: ignore[attr-defined]
             sched.add_request(req)
             live[rid] = req
@@ -125,8 +123,8 @@ def test_preempts_newest_running_request():
     sched = Scheduler(
         SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=8), kv
     )
-    a = Request("a", [5, 6, 7], SamplingParams(max_tokens=4), 4, frozenset())
-    b = Request("b", [5, 6, 7], SamplingParams(max_tokens=4), 4, frozenset())
+    a = Request("a", [5, 6, 7], SamplingParams(max_tokens=4), frozenset())
+    b = Request("b", [5, 6, 7], SamplingParams(max_tokens=4), frozenset())
     sched.add_request(a)
     sched.add_request(b)
     out = sched.schedule()  # both prefills: 2 blocks each, cache full
@@ -147,7 +145,7 @@ def test_chunked_prefill_respects_budget():
     sched = Scheduler(
         SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10, max_model_len=256), kv
     )
-    req = Request("a", list(range(3, 28)), SamplingParams(max_tokens=2), 2, frozenset())
+    req = Request("a", list(range(3, 28)), SamplingParams(max_tokens=2), frozenset())
     sched.add_request(req)
     chunks = []
     while not req.is_finished:

@@ -23,6 +23,8 @@ from tests.server_harness import (
     wait_healthy,
 )
 
+pytestmark = pytest.mark.process
+
 MODEL = "stories"
 PROMPT = "Once upon a time"
 

@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import smollm2_gguf_path
 from tests.server_harness import REPO, Proc, free_port, make_chat_model, wait_healthy
 
+pytestmark = pytest.mark.process
+
 
 def test_missing_default_model_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util

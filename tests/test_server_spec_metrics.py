@@ -9,6 +9,8 @@ import pytest
 
 from tests.server_harness import free_port, metric, start_gateway, start_worker, wait_healthy
 
+pytestmark = pytest.mark.process
+
 
 def test_spec_decode_metrics_on_metrics_endpoint(tmp_path):
     from tests.conftest import STORIES

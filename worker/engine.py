@@ -20,6 +20,7 @@ from ipc.messages import (
     WorkerStats,
 )
 from ipc.model_folder import ModelFiles, open_model
+from ipc.sampling import check_request
 from worker.config import EngineConfig, SchedulerConfig
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
@@ -31,7 +32,7 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
-from worker.request import Request, RequestStatus, check_prompt
+from worker.request import Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals
 
@@ -44,9 +45,43 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
+        self._open_checkpoint()
+        self.runner = self._load_model()
+        max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
+        num_blocks = self._num_kv_blocks(max_batched)
+        self._allocate_kv_cache(num_blocks, max_batched)
+        self.model_info = ModelInfo(
+            model_name=config.served_model_name or config.model,
+            model_path=self.files.path,
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+            worker_id="",
+            tokenizer=config.tokenizer or self.files.tokenizer_path,
+            max_logprobs=config.max_logprobs,
+            block_size=config.block_size,
+        )
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.proposer = make_proposer(
+            config,
+            self.model_config,
+            self.device,
+            self.dtype,
+            num_blocks,
+            self.max_model_len,
+            set(self.eos_token_ids),
+        )
+        if self.proposer is not None:
+            self.runner.draft_probs = self.proposer.draft_probs
+        self.spec_stats = SpecStats()
+        # Async scheduling: a launched step whose tokens have not been read yet.
+        self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
+
+    def _open_checkpoint(self) -> None:
+        """The model's files and config, context length, device and dtype (no weights)."""
+        config = self.config
         self.files: ModelFiles = open_model(config.model, config.load_format)
-        self.model_config = ModelConfig.from_hf(self.files.config, source=self.files.path)
-        mc = self.model_config
+        self.model_config = mc = ModelConfig.from_hf(self.files.config, source=self.files.path)
         self.eos_token_ids = frozenset(_eos_ids(self.files, mc))
         self.max_model_len = config.max_model_len or mc.max_context
         if self.max_model_len > mc.max_context:
@@ -56,6 +91,9 @@ class EngineCore:
             )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
+
+    def _load_model(self) -> ModelRunner:
+        config, mc = self.config, self.model_config
         t0 = time.perf_counter()
         model = build_model(
             self.files,
@@ -68,11 +106,11 @@ class EngineCore:
             seed=config.seed,
         )
         log.info("loaded %s in %.1fs", self.files.path, time.perf_counter() - t0)
-        self.runner = ModelRunner(
-            model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed
-        )
-        max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
-        num_blocks = self._num_kv_blocks(max_batched)
+        return ModelRunner(model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed)
+
+    def _allocate_kv_cache(self, num_blocks: int, max_batched: int) -> None:
+        """The KV cache tensors (and CUDA graphs over them), their manager, the scheduler."""
+        config = self.config
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_cuda_graphs(
@@ -92,27 +130,6 @@ class EngineCore:
             ),
             self.kv,
         )
-        self.model_info = ModelInfo(
-            model_name=config.served_model_name or config.model,
-            model_path=self.files.path,
-            max_model_len=self.max_model_len,
-            vocab_size=mc.vocab_size,
-            worker_id="",
-            tokenizer=config.tokenizer or self.files.tokenizer_path,
-            max_logprobs=config.max_logprobs,
-            block_size=config.block_size,
-        )
-        self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
-        eos = set(self.eos_token_ids)
-        self.proposer = make_proposer(
-            config, mc, self.device, self.dtype, num_blocks, self.max_model_len, eos
-        )
-        if self.proposer is not None:
-            self.runner.draft_probs = self.proposer.draft_probs
-        self.spec_stats = SpecStats()
-        # Async scheduling: a launched step whose tokens have not been read yet.
-        self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
 
     def _num_kv_blocks(self, max_batched_tokens: int) -> int:
         c = self.config
@@ -154,30 +171,28 @@ class EngineCore:
     def add_request(self, req: EngineRequest) -> RequestOutput | None:
         """Admit a request; an ERROR output (and nothing else changes) if it is invalid."""
         try:
-            request = self._make_request(req)
+            self.scheduler.add_request(self._make_request(req))
         except ValueError as e:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
-        self.scheduler.add_request(request)
         return None
 
     def _make_request(self, req: EngineRequest) -> Request:
-        p = req.params
         prompt = req.prompt_token_ids
-        n = len(prompt)
-        max_tokens = check_prompt(
-            prompt, p, self.model_config.vocab_size, self.max_model_len, self.config.max_logprobs
+        params = check_request(
+            prompt,
+            req.params,
+            self.model_config.vocab_size,
+            self.max_model_len,
+            self.config.max_logprobs,
         )
-        need = n + max_tokens + self.config.num_speculative_tokens
+        assert params.max_tokens is not None
+        need = len(prompt) + params.max_tokens + self.config.num_speculative_tokens
         if not self.kv.can_fit(need):
             raise ValueError(
                 f"the request needs {self.kv.blocks_needed(need)} KV cache blocks but the cache "
                 f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
             )
-        if req.request_id in self.scheduler.requests:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
-        return Request(
-            req.request_id, list(prompt), p, max_tokens, self.eos_token_ids, req.arrival_time
-        )
+        return Request(req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
@@ -192,7 +207,7 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
-        result = self.runner.execute(sched, self.kv)
+        result = self.runner.execute(sched)
         return self._postprocess(sched, result)
 
     def _step_async(self) -> list[RequestOutput]:
@@ -212,14 +227,14 @@ class EngineCore:
             if sched.empty:
                 return []
             if not self.runner.can_launch(sched):
-                return self._postprocess(sched, self.runner.execute(sched, self.kv))
-            pending = self.runner.launch(sched, self.kv)
+                return self._postprocess(sched, self.runner.execute(sched))
+            pending = self.runner.launch(sched)
         if self._can_chain(sched):
             nxt = self.scheduler.schedule_chained(sched)
             if nxt is not None:
                 self._inflight = (
                     nxt,
-                    self.runner.launch(nxt, self.kv, input_ids=pending.token_ids, step_offset=1),
+                    self.runner.launch(nxt, input_ids=pending.token_ids, step_offset=1),
                 )
         return self._postprocess(sched, self.runner.finish(pending))
 

@@ -35,8 +35,8 @@ from ipc.messages import (
     TokenLogprobs,
     WorkerStats,
 )
+from ipc.sampling import check_request
 from worker.config import EngineConfig
-from worker.request import check_prompt
 
 DEFAULT_MAX_MODEL_LEN = 8192
 TEXT = (
@@ -107,7 +107,7 @@ class FakeEngineCore:
     def add_request(self, req: EngineRequest) -> RequestOutput | None:
         p = req.params
         try:
-            max_tokens = check_prompt(
+            params = check_request(
                 req.prompt_token_ids,
                 p,
                 self.vocab_size,
@@ -118,7 +118,8 @@ class FakeEngineCore:
                 raise ValueError(f"request id {req.request_id!r} is already in use")
         except ValueError as e:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
-        self.waiting[req.request_id] = _FakeRequest(req, max_tokens)
+        assert params.max_tokens is not None
+        self.waiting[req.request_id] = _FakeRequest(req, params.max_tokens)
         return None
 
     def abort_requests(self, request_ids: list[str]) -> None:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from worker.attention import AttentionMetadata
-from worker.kv_cache import KVCacheManager
 from worker.scheduler import SchedulerOutput
 
 
@@ -45,34 +44,6 @@ class HostInputs:
     sample_sched_index: list[int]
     prompt_logprobs: list[PromptLogprobsJob] = field(default_factory=list)
 
-    @classmethod
-    def from_lists(
-        cls,
-        ids: list[int],
-        pos: list[int],
-        slots: list[int],
-        qsl: list[int],
-        seq_lens: list[int],
-        tables: Sequence[Sequence[int]],
-        max_query_len: int,
-        sample_rows: list[list[int]] | None = None,
-        sample_sched_index: list[int] | None = None,
-        prompt_logprobs: list[PromptLogprobsJob] | None = None,
-    ) -> HostInputs:
-        return cls(
-            input_ids=np.asarray(ids, dtype=np.int64),
-            positions=np.asarray(pos, dtype=np.int64),
-            slot_mapping=np.asarray(slots, dtype=np.int64),
-            query_start_loc=np.asarray(qsl, dtype=np.int32),
-            seq_lens=np.asarray(seq_lens, dtype=np.int32),
-            block_tables=pack_block_tables(tables),
-            max_query_len=max_query_len,
-            max_seq_len=max(seq_lens, default=0),
-            sample_rows=sample_rows or [],
-            sample_sched_index=sample_sched_index or [],
-            prompt_logprobs=prompt_logprobs or [],
-        )
-
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
@@ -89,74 +60,83 @@ class StepInputs:
     md: AttentionMetadata
     host: HostInputs
 
-    @property
-    def sample_rows(self) -> list[list[int]]:
-        return self.host.sample_rows
 
-    @property
-    def sample_sched_index(self) -> list[int]:
-        return self.host.sample_sched_index
+@dataclass
+class HostBatch:
+    """A step's inputs as Python lists while they are built, one request at a time."""
 
-    @property
-    def prompt_logprobs(self) -> list[PromptLogprobsJob]:
-        return self.host.prompt_logprobs
+    block_size: int
+    ids: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    qsl: list[int] = field(default_factory=lambda: [0])
+    seq_lens: list[int] = field(default_factory=list)
+    tables: list[Sequence[int]] = field(default_factory=list)
+    max_query_len: int = 0
+    sample_rows: list[list[int]] = field(default_factory=list)
+    sample_sched_index: list[int] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobsJob] = field(default_factory=list)
+
+    def add(self, token_ids: Sequence[int], start: int, table: Sequence[int]) -> int:
+        """One request's tokens at positions start, start + 1, ...; returns its first row."""
+        bs, n = self.block_size, len(token_ids)
+        row0 = self.qsl[-1]
+        self.ids.extend(token_ids)
+        if n == 1:  # decode: skip numpy for the common case
+            self.pos.append(start)
+            self.slots.append(table[start // bs] * bs + start % bs)
+        else:
+            p = np.arange(start, start + n, dtype=np.int64)
+            self.pos.extend(range(start, start + n))
+            self.slots.extend((np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
+        self.qsl.append(row0 + n)
+        self.seq_lens.append(start + n)
+        self.tables.append(table)
+        self.max_query_len = max(self.max_query_len, n)
+        return row0
+
+    def finish(self) -> HostInputs:
+        return HostInputs(
+            input_ids=np.asarray(self.ids, dtype=np.int64),
+            positions=np.asarray(self.pos, dtype=np.int64),
+            slot_mapping=np.asarray(self.slots, dtype=np.int64),
+            query_start_loc=np.asarray(self.qsl, dtype=np.int32),
+            seq_lens=np.asarray(self.seq_lens, dtype=np.int32),
+            block_tables=pack_block_tables(self.tables),
+            max_query_len=self.max_query_len,
+            max_seq_len=max(self.seq_lens, default=0),
+            sample_rows=self.sample_rows,
+            sample_sched_index=self.sample_sched_index,
+            prompt_logprobs=self.prompt_logprobs,
+        )
 
 
-def build_host_inputs(out: SchedulerOutput, kv: KVCacheManager) -> HostInputs:
-    bs = kv.block_size
-    ids: list[int] = []
-    pos: list[int] = []
-    slots: list[int] = []
-    qsl = [0]
-    seq_lens: list[int] = []
-    tables: list[Sequence[int]] = []
-    sample_rows: list[list[int]] = []
-    sample_idx: list[int] = []
-    plp: list[PromptLogprobsJob] = []
+def build_host_inputs(out: SchedulerOutput) -> HostInputs:
+    """The flat batch of a scheduled step; block tables come with the schedule."""
+    batch = HostBatch(out.block_size)
     for i, sr in enumerate(out.scheduled):
         req = sr.request
         tokens = req.all_token_ids
         if sr.num_spec_tokens:
             tokens = tokens + req.spec_token_ids
-        table = kv.block_table(req.request_id)
-        row0 = qsl[-1]
-        if sr.num_new_tokens == 1:  # decode: skip numpy for the common case
-            p = sr.start
+        if sr.num_new_tokens == 1:
             # Past the known tokens: async scheduling feeds this id from the GPU.
-            ids.append(tokens[p] if p < len(tokens) else 0)
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
+            new = [tokens[sr.start] if sr.start < len(tokens) else 0]
         else:
-            p_np = np.arange(sr.start, sr.end, dtype=np.int64)
-            ids.extend(tokens[sr.start : sr.end])
-            pos.extend(range(sr.start, sr.end))
-            slots.extend((np.asarray(table, dtype=np.int64)[p_np // bs] * bs + p_np % bs).tolist())
-        qsl.append(row0 + sr.num_new_tokens)
-        seq_lens.append(sr.end)
-        tables.append(table)
+            new = tokens[sr.start : sr.end]
+        row0 = batch.add(new, sr.start, sr.block_table)
         if sr.samples:
             k = sr.num_spec_tokens
             last = row0 + sr.num_new_tokens - 1
-            sample_rows.append(list(range(last - k, last + 1)))
-            sample_idx.append(i)
+            batch.sample_rows.append(list(range(last - k, last + 1)))
+            batch.sample_sched_index.append(i)
         if req.wants_prompt_logprobs and sr.start < req.num_prompt_tokens - 1:
             # Row for position p predicts prompt token p + 1.
             hi = min(sr.end, req.num_prompt_tokens - 1)
             rows = list(range(row0, row0 + hi - sr.start))
             targets = req.prompt_token_ids[sr.start + 1 : hi + 1]
-            plp.append(PromptLogprobsJob(i, rows, targets))
-    return HostInputs.from_lists(
-        ids,
-        pos,
-        slots,
-        qsl,
-        seq_lens,
-        tables,
-        max((sr.num_new_tokens for sr in out.scheduled), default=0),
-        sample_rows,
-        sample_idx,
-        plp,
-    )
+            batch.prompt_logprobs.append(PromptLogprobsJob(i, rows, targets))
+    return batch.finish()
 
 
 def pack_block_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
@@ -225,10 +205,6 @@ def pad_inputs(host: HostInputs, dst: PaddedInputs, num_reqs: int, num_tokens: i
     dst.seq_lens[:b] = host.seq_lens
     dst.seq_lens[b:num_reqs] = 0
     dst.block_tables[:b, : host.block_tables.shape[1]] = host.block_tables
-
-
-def build_step_inputs(out: SchedulerOutput, kv: KVCacheManager, device: torch.device) -> StepInputs:
-    return to_device(build_host_inputs(out, kv), device)
 
 
 def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -22,7 +22,6 @@ from ipc.block_hash import ROOT_HASH, hash_block_tokens
 from worker.request import Request
 
 ROOT_UID = 0  # parent identity of a request's first block
-_EMPTY = array("i")
 
 
 class Block:
@@ -102,6 +101,32 @@ class FreeBlockQueue:
             b = b.next
 
 
+class BlockTable:
+    """One request's blocks, in token order: the only record of what a request holds.
+
+    `ids` mirrors `blocks` as int32 so the model runner copies it into numpy without a
+    per-element conversion; `append` keeps the two in step. `keys` holds (hash, uid) of
+    each full block keyed in the prefix cache so far (a prefix of `blocks`).
+    """
+
+    __slots__ = ("blocks", "ids", "keys")
+
+    def __init__(self) -> None:
+        self.blocks: list[Block] = []
+        self.ids = array("i")
+        self.keys: list[tuple[int, int]] = []
+
+    def append(self, block: Block) -> None:
+        self.blocks.append(block)
+        self.ids.append(block.block_id)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+_NO_TABLE = BlockTable()
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
         if num_blocks < 1:
@@ -113,12 +138,7 @@ class KVCacheManager:
         self.free_queue = FreeBlockQueue(self.blocks)
         # hash -> cache entries with that hash (a list, so collisions coexist)
         self.cached: dict[int, list[Block]] = {}
-        self.req_blocks: dict[str, list[Block]] = {}
-        # The block tables, kept in step with req_blocks as int32 arrays: the model runner
-        # copies them straight into numpy without a per-element conversion.
-        self.req_block_ids: dict[str, array] = {}
-        # Per request: (hash, uid) of each of its full blocks that have been keyed so far.
-        self.req_keys: dict[str, list[tuple[int, int]]] = {}
+        self.tables: dict[str, BlockTable] = {}  # request id -> its blocks
         self._next_uid = 1
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
@@ -129,11 +149,11 @@ class KVCacheManager:
         return len(self.free_queue)
 
     def block_ids(self, request_id: str) -> list[int]:
-        return list(self.req_block_ids.get(request_id, ()))
+        return list(self.block_table(request_id))
 
     def block_table(self, request_id: str) -> array:
-        """The request's block table (int32, shared: do not modify)."""
-        return self.req_block_ids.get(request_id, _EMPTY)
+        """The request's block ids (int32, shared: do not modify)."""
+        return self.tables.get(request_id, _NO_TABLE).ids
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -196,33 +216,30 @@ class KVCacheManager:
         that layer reads it, so a request scheduled later in the same step may share them.
         """
         rid = request.request_id
-        held = self.req_blocks.get(rid, [])
+        held = len(self.tables.get(rid, _NO_TABLE))
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens + num_lookahead_tokens
-        need = self.blocks_needed(total) - len(held) - len(computed_blocks)
+        need = self.blocks_needed(total) - held - len(computed_blocks)
         # Hits that are free right now leave the free queue, so they cost free blocks too.
         free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if need + free_hits > self.num_free_blocks:
             return False
-        held = self.req_blocks.setdefault(rid, held)
-        ids = self.req_block_ids.setdefault(rid, array("i"))
+        table = self.tables.get(rid)
+        if table is None:
+            table = self.tables[rid] = BlockTable()
         for b in computed_blocks:
             if b.ref_cnt == 0:
                 self.free_queue.remove(b)
             b.ref_cnt += 1
-            held.append(b)
-            ids.append(b.block_id)
-        if computed_blocks:
-            keys = self.req_keys.setdefault(rid, [])
-            for b in computed_blocks[len(keys) :]:
-                assert b.hash is not None
-                keys.append((b.hash, b.uid))
+            table.append(b)
+        for b in computed_blocks[len(table.keys) :]:
+            assert b.hash is not None
+            table.keys.append((b.hash, b.uid))
         for _ in range(max(need, 0)):
             b = self.free_queue.popleft()
             self._evict(b)
             b.ref_cnt = 1
-            held.append(b)
-            ids.append(b.block_id)
+            table.append(b)
         if self.enable_caching:
             upto = (
                 num_computed + num_new_tokens
@@ -234,9 +251,10 @@ class KVCacheManager:
 
     def cache_full_blocks(self, request: Request, num_tokens: int, extra_keys: tuple = ()) -> None:
         """Key the request's blocks that are full within its first `num_tokens` tokens."""
-        rid = request.request_id
-        held = self.req_blocks.get(rid, [])
-        keys = self.req_keys.setdefault(rid, [])
+        table = self.tables.get(request.request_id)
+        if table is None:
+            return
+        held, keys = table.blocks, table.keys
         num_full = min(num_tokens // self.block_size, len(held))
         if num_full <= len(keys):
             return
@@ -281,10 +299,8 @@ class KVCacheManager:
         Freed in reverse so a request's tail blocks are evicted before its head blocks,
         which other requests are more likely to share.
         """
-        held = self.req_blocks.pop(request_id, [])
-        self.req_block_ids.pop(request_id, None)
-        self.req_keys.pop(request_id, None)
-        for b in reversed(held):
+        table = self.tables.pop(request_id, _NO_TABLE)
+        for b in reversed(table.blocks):
             if b.ref_cnt <= 0:
                 raise RuntimeError(f"{b} freed twice (request {request_id})")
             b.ref_cnt -= 1
@@ -294,10 +310,8 @@ class KVCacheManager:
     def check_invariants(self) -> None:
         """For tests: reference counts match the block tables, free queue is consistent."""
         counts = [0] * self.num_blocks
-        for rid, held in self.req_blocks.items():
-            if [b.block_id for b in held] != self.block_ids(rid):
-                raise AssertionError(f"block table of {rid} out of step with its blocks")
-            for b in held:
+        for table in self.tables.values():
+            for b in table.blocks:
                 counts[b.block_id] += 1
         free_ids = {b.block_id for b in self.free_queue}
         if len(free_ids) != len(self.free_queue):

@@ -16,7 +16,6 @@ import torch
 from ipc.messages import SamplingParams, TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
 from worker.input_batch import HostInputs, build_host_inputs, take_rows, to_device
-from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
 from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
@@ -115,8 +114,8 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> StepResult:
-        host = build_host_inputs(out, kv)
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        host = build_host_inputs(out)
         if self.graph_runner is not None and self.graph_runner.can_run(host):
             hidden = self.graph_runner.run(host)
         else:
@@ -140,7 +139,6 @@ class ModelRunner:
     def launch(
         self,
         out: SchedulerOutput,
-        kv: KVCacheManager,
         input_ids: torch.Tensor | None = None,
         step_offset: int = 0,
     ) -> PendingStep:
@@ -150,7 +148,7 @@ class ModelRunner:
         been read yet; `step_offset` (1 then) counts its token in each request's output, so
         seeded draws stay the same as without async scheduling.
         """
-        host = build_host_inputs(out, kv)
+        host = build_host_inputs(out)
         if self.graph_runner is not None and self.graph_runner.can_run(host):
             hidden = self.graph_runner.run(host, input_ids)
         else:

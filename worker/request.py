@@ -25,14 +25,14 @@ class Request:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        max_tokens: int,
         eos_token_ids: frozenset[int],
         arrival_time: float = 0.0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
+        if params.max_tokens is None:
+            raise ValueError("params.max_tokens must be resolved (ipc.sampling.check_request)")
         self.params = params
-        self.max_tokens = max_tokens  # resolved against max_model_len
         self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
         self.arrival_time = arrival_time
         self.all_token_ids: list[int] = list(prompt_token_ids)
@@ -50,6 +50,11 @@ class Request:
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None
         self.prompt_logprobs_sent = False
         self.num_sent_tokens = 0  # output tokens already reported to the caller
+
+    @property
+    def max_tokens(self) -> int:
+        assert self.params.max_tokens is not None  # resolved on admission (see __init__)
+        return self.params.max_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -96,35 +101,3 @@ class Request:
             f"Request({self.request_id!r}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, status={self.status.name})"
         )
-
-
-def check_prompt(
-    prompt: list[int],
-    params: SamplingParams,
-    vocab_size: int,
-    max_model_len: int,
-    max_logprobs: int,
-) -> int:
-    """Validate a new request against the model; returns its resolved max_tokens.
-
-    Raises ValueError with a message meant for the client (it becomes a 400).
-    """
-    params.validate(max_logprobs)
-    n = len(prompt)
-    if n == 0:
-        raise ValueError("the prompt is empty")
-    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"prompt token id {bad} is out of range for vocab size {vocab_size}")
-    if n >= max_model_len:
-        raise ValueError(
-            f"the prompt is {n} tokens, but this model's maximum context length is "
-            f"{max_model_len} tokens (prompt plus at least one output token)"
-        )
-    max_tokens = max_model_len - n if params.max_tokens is None else params.max_tokens
-    if n + max_tokens > max_model_len:
-        raise ValueError(
-            f"this model's maximum context length is {max_model_len} tokens; the request "
-            f"asked for {n + max_tokens} ({n} in the prompt, {max_tokens} max_tokens)"
-        )
-    return max_tokens

@@ -11,7 +11,7 @@ its blocks are freed and it goes back to the front of the queue to be recomputed
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ipc.messages import FinishReason
@@ -26,6 +26,7 @@ class ScheduledRequest:
     num_new_tokens: int  # tokens computed this step, including speculative ones
     start: int  # num_computed_tokens when scheduled: the position of the first new token
     num_spec_tokens: int = 0  # of num_new_tokens, how many are unverified proposals
+    block_table: Sequence[int] = ()  # the request's KV block ids, set once the step is planned
 
     @property
     def end(self) -> int:
@@ -42,6 +43,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     num_batched_tokens: int = 0
     preempted: list[str] = field(default_factory=list)
+    block_size: int = 0  # tokens per KV block, to turn positions into slots
 
     @property
     def empty(self) -> bool:
@@ -165,6 +167,13 @@ class Scheduler:
             budget -= num_new
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return self._with_block_tables(out)
+
+    def _with_block_tables(self, out: SchedulerOutput) -> SchedulerOutput:
+        """What the model runner needs of the KV manager: each request's block table."""
+        out.block_size = self.kv.block_size
+        for sr in out.scheduled:
+            sr.block_table = self.kv.block_table(sr.request.request_id)
         return out
 
     def update(
@@ -228,7 +237,7 @@ class Scheduler:
                 return None  # slots taken so far are the ones the next steps use anyway
             out.scheduled.append(ScheduledRequest(req, 1, req.num_computed_tokens + 1))
         out.num_batched_tokens = len(out.scheduled)
-        return out
+        return self._with_block_tables(out)
 
     def _preempt(self, req: Request) -> None:
         """Free everything the request holds; it recomputes from scratch when readmitted."""

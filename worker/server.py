@@ -175,20 +175,22 @@ class WorkerServer:
         owners: dict[str, bytes] = {}  # request id -> the gateway that sent it
         while not self._stopping.is_set():
             busy = engine.has_unfinished_requests()
-            ready: list[RequestOutput] = []  # outputs made outside step(): rejections
+            # Rejections, made outside step(), go back to their sender directly: a request
+            # rejected for a duplicate id must not take the running one's owner.
+            rejected: list[tuple[bytes, RequestOutput]] = []
             for ident, msg in self._drain_inbox(block=not busy):
-                ready.extend(self._handle(engine, owners, ident, msg))
-            outputs = ready
+                rejected.extend(self._handle(engine, owners, ident, msg))
+            outputs: list[RequestOutput] = []
             if engine.has_unfinished_requests():
                 try:
-                    outputs = ready + engine.step()
+                    outputs = engine.step()
                 except Exception:
-                    outputs = ready + self._fail_all(engine, owners, traceback.format_exc())
+                    outputs = self._fail_all(engine, owners, traceback.format_exc())
                 self.stats = engine.stats()
-            elif ready or busy:
+            elif rejected or busy:
                 self.stats = engine.stats()
-            if outputs:
-                self._outbox.put(_group_by_gateway(outputs, owners, self.stats))
+            if outputs or rejected:
+                self._outbox.put(_group_by_gateway(rejected, outputs, owners, self.stats))
 
     def _drain_inbox(
         self, block: bool
@@ -209,17 +211,17 @@ class WorkerServer:
         owners: dict[str, bytes],
         ident: bytes,
         msg: EngineRequest | AbortRequests | _GatewayGone,
-    ) -> list[RequestOutput]:
+    ) -> list[tuple[bytes, RequestOutput]]:
         if isinstance(msg, EngineRequest):
             rid = msg.request_id
-            if rid in owners:
-                return [_error_output(rid, f"request id {rid!r} is already running")]
-            owners[rid] = ident
             try:
-                rejected = engine.add_request(msg)
+                rejected = engine.add_request(msg)  # checks the id is not in use
             except Exception as e:  # a bad request must not take the worker down
                 rejected = _error_output(rid, f"{type(e).__name__}: {e}")
-            return [rejected] if rejected is not None else []
+            if rejected is not None:
+                return [(ident, rejected)]
+            owners[rid] = ident
+            return []
         if isinstance(msg, AbortRequests):
             ids = [rid for rid in msg.request_ids if owners.get(rid) == ident]
             for rid in ids:
@@ -355,15 +357,20 @@ def _error_output(request_id: str, message: str) -> RequestOutput:
 
 
 def _group_by_gateway(
-    outputs: list[RequestOutput], owners: dict[str, bytes], stats: WorkerStats
+    rejected: list[tuple[bytes, RequestOutput]],
+    outputs: list[RequestOutput],
+    owners: dict[str, bytes],
+    stats: WorkerStats,
 ) -> list[tuple[bytes, EngineOutputs]]:
     """One EngineOutputs per gateway for this step; finished requests leave `owners`."""
     by_gateway: dict[bytes, list[RequestOutput]] = {}
+    for sender, out in rejected:
+        by_gateway.setdefault(sender, []).append(out)
     for out in outputs:
-        ident = owners.get(out.request_id)
-        if ident is None:
+        owner = owners.get(out.request_id)
+        if owner is None:
             continue  # aborted by its gateway while this step ran
-        by_gateway.setdefault(ident, []).append(out)
+        by_gateway.setdefault(owner, []).append(out)
         if out.finish_reason is not None:
             del owners[out.request_id]
     now = time.time()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from ipc.model_folder import ModelFiles, ModelLoadError, open_model
-from worker.input_batch import HostInputs, take_rows, to_device
+from worker.input_batch import HostBatch, take_rows, to_device
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_loader import build_model
@@ -167,32 +167,20 @@ class DraftProposer:
 
     def _forward(self, rids: list[str], feeds: list[list[int]]) -> torch.Tensor:
         """Append `feeds[b]` to request b's draft KV; logits at each request's last token."""
-        bs = self.kv.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        tables = [self.kv.block_table(rid) for rid in rids]
-        for rid, feed, table in zip(rids, feeds, tables, strict=True):
+        batch = HostBatch(self.kv.block_size)
+        for rid, feed in zip(rids, feeds, strict=True):
             seq = self.seqs[rid]
-            start = len(seq.tokens)
-            p = range(start, start + len(feed))
-            ids.extend(feed)
-            pos.extend(p)
-            slots.extend(table[x // bs] * bs + x % bs for x in p)
-            qsl.append(qsl[-1] + len(feed))
-            seq_lens.append(start + len(feed))
+            batch.add(feed, len(seq.tokens), self.kv.block_table(rid))
             seq.tokens.extend(feed)
-        host = HostInputs.from_lists(
-            ids, pos, slots, qsl, seq_lens, tables, max(len(f) for f in feeds)
-        )
+        host = batch.finish()
         if self.graph_runner is not None and self.graph_runner.can_run(host):
             hidden = self.graph_runner.run(host)
         else:
             inputs = to_device(host, self.device)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.md)
-        return self.model.compute_logits(take_rows(hidden, [q - 1 for q in qsl[1:]]))  # [B, V]
+        return self.model.compute_logits(
+            take_rows(hidden, [q - 1 for q in batch.qsl[1:]])
+        )  # [B, V]
 
     def _draw(
         self, logits: torch.Tensor, requests: list[Request], proposed: list[list[int]]
