@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -47,6 +48,8 @@ from gateway.router import ROUTING_POLICIES
 from gateway.serving_chat import chat_prompt_ids, create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
+from gateway.tool_calling import ToolOptions
+from gateway.tool_parsers import PARSERS
 
 logger = logging.getLogger("headrace.gateway")
 T = TypeVar("T")
@@ -65,6 +68,7 @@ class GatewayConfig:
     max_queued_requests: int | None = None  # 429 beyond this many requests waiting
     worker_timeout: float = 1.0  # seconds of silence before a worker counts as down
     tokenizer: str | None = None  # overrides the tokenizer path the workers announce
+    tools: ToolOptions = field(default_factory=ToolOptions)  # tool-call parser flags
     started: float = field(default_factory=time.time)
 
 
@@ -138,7 +142,8 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return await generate(request, CompletionRequest, create_completion)
 
     async def chat(request: Request) -> Any:
-        return await generate(request, ChatCompletionRequest, create_chat_completion)
+        create = functools.partial(create_chat_completion, tool_options=config.tools)
+        return await generate(request, ChatCompletionRequest, create)
 
     async def models(request: Request) -> Response:
         cards = [
@@ -258,6 +263,17 @@ def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True)
         default=1.0,
         help="seconds without a heartbeat before a worker counts as down",
     )
+    g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(PARSERS),
+        help="how the model writes tool calls (for tool_choice auto)",
+    )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="let the model decide when to call tools (needs --tool-call-parser)",
+    )
 
 
 def gateway_config_from_args(
@@ -267,6 +283,8 @@ def gateway_config_from_args(
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.worker_timeout <= 0:
         raise ValueError(f"--worker-timeout must be > 0, got {args.worker_timeout}")
+    tools = ToolOptions(args.tool_call_parser, args.enable_auto_tool_choice)
+    tools.validate()
     return GatewayConfig(
         workers=workers if workers is not None else list(args.worker),
         host=args.host,
@@ -276,6 +294,7 @@ def gateway_config_from_args(
         max_queued_requests=args.max_queued_requests,
         worker_timeout=args.worker_timeout,
         tokenizer=getattr(args, "tokenizer", None),
+        tools=tools,
     )
 
 

@@ -6,11 +6,15 @@ import msgspec
 
 from gateway.errors import BadRequest
 from gateway.protocol import SamplingExtras
-from ipc.messages import SamplingParams
+from ipc.messages import GuidedDecoding, SamplingParams
 
 
 def build_params(
-    req: SamplingExtras, max_tokens: int | None, logprobs: int | None, max_logprobs: int
+    req: SamplingExtras,
+    max_tokens: int | None,
+    logprobs: int | None,
+    max_logprobs: int,
+    guided: GuidedDecoding | None = None,
 ) -> SamplingParams:
     """Validated params for one prompt's n completions (n is fanned out by `fan_out`)."""
     if req.best_of is not None and req.best_of != req.n:
@@ -38,6 +42,7 @@ def build_params(
         prompt_logprobs=req.prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
+        guided=guided,
     )
     try:
         params.validate(max_logprobs)

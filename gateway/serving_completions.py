@@ -22,7 +22,8 @@ from gateway.sampling_params import build_params, check_length, fan_out
 from gateway.sequence import Delta, SequenceState, TokenStrings
 from gateway.serving_common import observe_all, sequence_updates, token_strings
 from gateway.sse import DONE, error_event, event
-from ipc.messages import TokenLogprobs
+from gateway.structured_output import checked_guided_decoding
+from ipc.messages import GuidedDecoding, TokenLogprobs
 
 
 def parse_prompts(req: CompletionRequest, entry: ModelEntry) -> list[tuple[str | None, list[int]]]:
@@ -62,7 +63,13 @@ def parse_prompts(req: CompletionRequest, entry: ModelEntry) -> list[tuple[str |
 class CompletionRun:
     """One /v1/completions call in flight: its sequences, and how to render them."""
 
-    def __init__(self, client: EngineClient, metrics: Metrics | None, req: CompletionRequest):
+    def __init__(
+        self,
+        client: EngineClient,
+        metrics: Metrics | None,
+        req: CompletionRequest,
+        guided: GuidedDecoding | None = None,
+    ):
         if req.suffix:
             raise BadRequest("suffix is not supported", "suffix")
         self.req = req
@@ -72,7 +79,7 @@ class CompletionRun:
         assert tok is not None
         self.prompts = parse_prompts(req, entry)
         want_prompt_lps = req.echo and req.logprobs is not None
-        base = build_params(req, req.max_tokens, req.logprobs, entry.info.max_logprobs)
+        base = build_params(req, req.max_tokens, req.logprobs, entry.info.max_logprobs, guided)
         if want_prompt_lps and base.prompt_logprobs is None:
             base = msgspec.structs.replace(base, prompt_logprobs=req.logprobs)
         self.request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -146,7 +153,8 @@ class CompletionRun:
 async def create_completion(
     client: EngineClient, metrics: Metrics | None, req: CompletionRequest
 ) -> CompletionResponse | AsyncGenerator[bytes, None]:
-    run = CompletionRun(client, metrics, req)
+    guided = await checked_guided_decoding(req)
+    run = CompletionRun(client, metrics, req, guided)
     if req.stream:
         return _stream(run)
     try:

@@ -34,6 +34,7 @@ from worker.model_runner import (
 from worker.request import Request, RequestStatus, check_prompt
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals
+from worker.structured import GrammarWaitlist, advance_grammars
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class EngineCore:
         if self.proposer is not None:
             self.runner.draft_probs = self.proposer.draft_probs
         self.spec_stats = SpecStats()
+        self.grammars = GrammarWaitlist(
+            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(eos)
+        )
         # Async scheduling: a launched step whose tokens have not been read yet.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
 
@@ -157,7 +161,10 @@ class EngineCore:
             request = self._make_request(req)
         except ValueError as e:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
-        self.scheduler.add_request(request)
+        if req.params.guided is not None:
+            self.grammars.add(request)  # joins the scheduler once its grammar compiles
+        else:
+            self.scheduler.add_request(request)
         return None
 
     def _make_request(self, req: EngineRequest) -> Request:
@@ -173,20 +180,27 @@ class EngineCore:
                 f"the request needs {self.kv.blocks_needed(need)} KV cache blocks but the cache "
                 f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
             )
-        if req.request_id in self.scheduler.requests:
+        if req.request_id in self.scheduler.requests or req.request_id in self.grammars:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         return Request(
             req.request_id, list(prompt), p, max_tokens, self.eos_token_ids, req.arrival_time
         )
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        self.grammars.abort(request_ids)
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.grammars)
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        ready, failed = self.grammars.take_ready(wait=not self.scheduler.has_unfinished_requests())
+        for request in ready:
+            self.scheduler.add_request(request)
+        return failed + self._step()
+
+    def _step(self) -> list[RequestOutput]:
         if self.config.async_scheduling:
             return self._step_async()
         sched = self.scheduler.schedule()
@@ -241,6 +255,9 @@ class EngineCore:
                 return False
             if req.num_output_tokens < p.min_tokens:
                 return False
+            # Its next mask depends on the token still in flight.
+            if req.grammar is not None:
+                return False
         # A normal schedule might admit a waiting request: keep the same policy.
         waiting = self.scheduler.waiting
         if waiting and self.scheduler.num_running < self.config.max_num_seqs:
@@ -260,6 +277,7 @@ class EngineCore:
             if sr.start < sr.request.num_prompt_tokens:
                 self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
         updates = self.scheduler.update(sched, result.new_tokens)
+        advance_grammars(updates)
         if self.proposer is not None:
             self.spec_stats.count(sched, result.new_tokens)
             set_proposals(

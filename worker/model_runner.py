@@ -22,9 +22,11 @@ from worker.models.llama import LlamaForCausalLM
 from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
 from worker.scheduler import SchedulerOutput
 from worker.spec_decode.verify import verify
+from worker.structured import grammar_bitmask
 
 if TYPE_CHECKING:
     from worker.cuda_graphs import CudaGraphRunner
+    from worker.structured import RequestGrammar
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +163,15 @@ class ModelRunner:
         # blocking host-to-device copy would wait for the GPU).
         logits = self.model.compute_logits(hidden[: len(out.scheduled)])
         reqs = [sr.request for sr in out.scheduled]
+        # A chained step's masks would need the tokens still in flight: the engine never
+        # chains constrained requests (EngineCore._can_chain).
+        assert input_ids is None or all(r.grammar is None for r in reqs)
         batch = SamplingBatch(
             params=[r.params for r in reqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
             steps=[len(r.output_token_ids) + step_offset for r in reqs] if step_offset else None,
+            bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
         )
         sampled = self.sampler(logits, batch)
         return PendingStep(out, sampled.token_ids, sampled.logprobs, [r.params for r in reqs])
@@ -191,13 +197,16 @@ class ModelRunner:
         spec = [j for j, r in enumerate(inputs.sample_rows) if len(r) > 1]
         if spec:
             sched_index = [inputs.sample_sched_index[j] for j in spec]
+            spec_reqs = [out.scheduled[i].request for i in sched_index]
+            spec_rows = [inputs.sample_rows[j] for j in spec]
+            bitmask = self._bitmask(
+                [
+                    (r.grammar, r.spec_token_ids[: len(rows) - 1])
+                    for r, rows in zip(spec_reqs, spec_rows, strict=True)
+                ]
+            )
             spec_tokens, spec_lps = verify(
-                self.model,
-                self.sampler,
-                [out.scheduled[i].request for i in sched_index],
-                [inputs.sample_rows[j] for j in spec],
-                hidden,
-                self.draft_probs,
+                self.model, self.sampler, spec_reqs, spec_rows, hidden, self.draft_probs, bitmask
             )
             for i, t, lp in zip(sched_index, spec_tokens, spec_lps, strict=True):
                 new_tokens[i], logprobs[i] = t, lp
@@ -210,6 +219,7 @@ class ModelRunner:
                 params=[r.params for r in reqs],
                 prompt_token_ids=[r.prompt_token_ids for r in reqs],
                 output_token_ids=[r.output_token_ids for r in reqs],
+                bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
             )
             sampled = self.sampler(logits, batch)
             tokens = sampled.token_ids.tolist()
@@ -228,6 +238,11 @@ class ModelRunner:
             lp = compute_logprobs(logits, targets, k).to_lists([k] * len(job.rows))
             result.prompt_logprobs[job.sched_index] = lp
         return result
+
+    def _bitmask(self, rows: list[tuple[RequestGrammar | None, list[int]]]) -> torch.Tensor | None:
+        """Structured output's masks for these rows, filled on the CPU (while the GPU runs
+        the forward this step queued) and sent to the device without a sync."""
+        return grammar_bitmask(rows, self.sampler.vocab_size, self.device)
 
     @torch.inference_mode()
     def profile_free_memory(self, max_num_batched_tokens: int, utilization: float) -> int:
