@@ -129,3 +129,21 @@ def test_grammar_holds_under_async_scheduling_and_speculation(stories_path, engi
             _check(out.outputs[0].text, p.guided)
         if p.temperature == 0:  # greedy: the same tokens as without async or speculation
             assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_bench_structured_runs_on_cpu(stories_path, llama3_tokenizer_path, tmp_path, capsys):
+    import argparse
+
+    from headrace.bench.structured import add_args, structured_main
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    out = tmp_path / "b.json"
+    args = p.parse_args(
+        ["--model", str(stories_path), "--tokenizer", str(llama3_tokenizer_path), "--device", "cpu"]
+        + ["--num-requests", "2", "--output-len", "8", "--output-json", str(out)]
+    )
+    assert structured_main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["constrained"]["output_tokens"] == result["free"]["output_tokens"] == 16
+    assert "JSON schema" in capsys.readouterr().out

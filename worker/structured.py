@@ -186,19 +186,40 @@ def grammar_bitmask(
     rows: list[tuple[RequestGrammar | None, list[int]]], vocab_size: int, device: torch.device
 ) -> torch.Tensor | None:
     """The step's bitmask [R, ceil(V/32)] int32 on `device`, one entry per request giving
-    1 + len(proposals) rows; None when no request is constrained (nothing to apply)."""
+    1 + len(proposals) rows; None when no request is constrained (nothing to apply).
+
+    Rows without proposals (plain decode) are filled together by xgrammar's threads."""
     if all(g is None for g, _ in rows):
         return None
     num_rows = sum(1 + len(p) for _, p in rows)
     bitmask = torch.full((num_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+    batch: list[xgr.GrammarMatcher] = []
+    batch_rows: list[int] = []
     row = 0
     for grammar, proposals in rows:
         if grammar is not None:
-            grammar.fill(bitmask, row, proposals)
+            if not proposals and grammar.active:
+                batch.append(grammar.matcher)
+                batch_rows.append(row)
+            else:
+                grammar.fill(bitmask, row, proposals)
         row += 1 + len(proposals)
+    if batch:
+        _batch_matcher().batch_fill_next_token_bitmask(batch, bitmask, batch_rows)
     if device.type == "cpu":
         return bitmask
     return bitmask.pin_memory().to(device, non_blocking=True)
+
+
+_BATCH: list[xgr.BatchGrammarMatcher] = []
+
+
+def _batch_matcher() -> xgr.BatchGrammarMatcher:
+    if not _BATCH:
+        import xgrammar as xgr
+
+        _BATCH.append(xgr.BatchGrammarMatcher("auto"))
+    return _BATCH[0]
 
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}

@@ -12,6 +12,12 @@ def _offline_args(p: argparse.ArgumentParser) -> None:
     add_args(p)
 
 
+def _structured_args(p: argparse.ArgumentParser) -> None:
+    from headrace.bench.structured import add_args
+
+    add_args(p)
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     from gateway.bench_serve import add_bench_serve_args
 
@@ -25,6 +31,12 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], str]] 
         "W2 / W3: offline throughput, all requests at once",
         _offline_args,
         "headrace.bench.offline:throughput_main",
+    ),
+    (
+        "structured",
+        "structured output: JSON-schema-constrained vs free decode, per output token",
+        _structured_args,
+        "headrace.bench.structured:structured_main",
     ),
     (
         "serve",
