@@ -33,6 +33,7 @@ pid is checked, so a dead reader or writer raises `PeerDied` instead of hanging 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -156,10 +157,9 @@ class _Ring:
         return self.slots_at + (seq % self.num_slots) * self.stride
 
     def close_map(self) -> None:
-        try:
+        # BufferError: a memoryview still points into the map; the OS frees it at exit.
+        with contextlib.suppress(BufferError):
             self.buf.close()
-        except BufferError:  # a memoryview still points into it; the OS frees it at exit
-            pass
 
 
 class ShmRingWriter:
