@@ -22,7 +22,7 @@ numba-cuda 0.30 imports `np.row_stack`, which numpy 2.5 removed: restored before
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, no_type_check
 
 import numpy as np
@@ -135,6 +135,7 @@ def launch_step_inputs(
     """
     max_reqs = out.seq_lens.shape[0]
     max_tokens = out.slot_mapping.shape[0]
+    stream = numba_stream(stream)
     _scan_kernel[1, SCAN_THREADS, stream](
         num_computed, num_new, num_reqs, max_reqs, out.query_start_loc, out.seq_lens
     )
@@ -182,3 +183,30 @@ def step_inputs_ref(
             p % block_size
         )
     return StepInputArrays(qsl, seq_lens, positions, input_ids, slots)
+
+
+_streams: dict[int, Any] = {}
+
+
+def numba_stream(stream: Any) -> Any:
+    """A raw CUstream handle (torch's `.cuda_stream`) as a Numba stream, made once per handle."""
+    if not isinstance(stream, int) or stream == 0:
+        return stream
+    wrapped = _streams.get(stream)
+    if wrapped is None:
+        wrapped = _streams[stream] = cuda.external_stream(stream)
+    return wrapped
+
+
+def as_numba(x: Any) -> Any:
+    """A device array Numba launches without re-reading __cuda_array_interface__.
+
+    Converting a torch tensor costs tens of microseconds per argument and launch; buffers
+    that live as long as the batch are converted once (numpy arrays pass through: CPU sim).
+    """
+    return cuda.as_cuda_array(x) if hasattr(x, "__cuda_array_interface__") else x
+
+
+def bind_outputs(out: StepInputArrays) -> StepInputArrays:
+    """`out` with every array converted by as_numba (keep the torch tensors for reading)."""
+    return StepInputArrays(**{f.name: as_numba(getattr(out, f.name)) for f in fields(out)})
