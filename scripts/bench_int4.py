@@ -87,7 +87,6 @@ def main() -> None:
         )
         rows.append(row)
         print(json.dumps({k_: round(v, 3) if isinstance(v, float) else v for k_, v in row.items()}))
-        del w, wb, xp, scratch
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(dict(copy_bandwidth=bw, group_size=args.group_size, rows=rows), f, indent=1)
