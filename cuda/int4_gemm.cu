@@ -12,8 +12,8 @@
 //   ROWS output channels (4; 2 for M = 4, for registers); each lane reads 16 bytes (32 weights of one group) per channel and
 //   step, so a warp step covers 1024 inputs; x is read once per warp step and reused for all
 //   ROWS channels. Per lane and group: sum(x * q) and sum(x) in fp32, then
-//   y += s * (sum(x q) - z * sum(x)), which is the dequantized dot product up to fp32
-//   rounding. Nibbles become floats without conversion instructions (unpack_word_f16th).
+//   y += s * (sum(x q) - z * sum(x)), which is the dequantized dot product exactly up to
+//   fp32 rounding. Nibbles become floats through the 0x6400 (1024.0 in fp16) trick: exact.
 // dequant: W -> [N, K] in the activation dtype, for prefill GEMMs through cuBLAS.
 
 #include <cuda_bf16.h>
@@ -56,19 +56,6 @@ __device__ __forceinline__ void unpack_word(unsigned int w, float (&f)[8]) {
         const float2 p = nib2(w >> (4 * s));
         f[s] = p.x;
         f[s + 4] = p.y;
-    }
-}
-
-// 8 weights of one word as floats 1 + q / 16, exactly: the nibble goes to the top of an
-// fp32 mantissa (bits 19-22) under the exponent of 1.0. One shift and one lop3 per weight,
-// no conversion instruction (those run at a quarter of the FMA rate and made the first
-// version of this kernel compute-bound). The dot product folds the offset back out:
-//   sum x q = 16 (sum x f - sum x).
-__device__ __forceinline__ void unpack_word_f16th(unsigned int w, float (&f)[8]) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const unsigned int v = 4 * j <= 19 ? (w << (19 - 4 * j)) : (w >> (4 * j - 19));
-        f[j] = __uint_as_float((v & 0x00780000u) | 0x3F800000u);
     }
 }
 
@@ -126,7 +113,7 @@ __device__ __forceinline__ void gemv_impl(
             for (int r = 0; r < ROWS; ++r) {
                 const unsigned int word = w == 0 ? wv[r].x : w == 1 ? wv[r].y : w == 2 ? wv[r].z : wv[r].w;
                 float q[8];
-                unpack_word_f16th(word, q);
+                unpack_word(word, q);
 #pragma unroll
                 for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -139,9 +126,7 @@ __device__ __forceinline__ void gemv_impl(
             const float s = __half2float(scales[(long long)n * G + g]);
             const float z = (float)zeros[(long long)n * G + g];
 #pragma unroll
-            // dot = sum x (1 + q/16): sum x q = 16 dot - 16 xsum, minus z xsum for the zero.
-            for (int m = 0; m < M; ++m)
-                acc[m][r] = fmaf(s, 16.f * dot[m][r] - (16.f + z) * xsum[m], acc[m][r]);
+            for (int m = 0; m < M; ++m) acc[m][r] = fmaf(s, dot[m][r] - z * xsum[m], acc[m][r]);
         }
     }
 #pragma unroll
