@@ -57,6 +57,13 @@ RECORDED = [
         [("get_weather", WEATHER)],
     ),
     ("mistral", "No tools [needed] here.", "No tools [needed] here.", []),
+    (  # [TOOL_CALLS] skipped as a special token
+        "mistral",
+        '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]',
+        None,
+        [("get_weather", WEATHER)],
+    ),
+    ("mistral", "[1] A list, not calls.", "[1] A list, not calls.", []),
 ]
 
 

@@ -75,6 +75,10 @@ def llama3_json(text: str, final: bool) -> Extraction:
 
 
 def mistral(text: str, final: bool) -> Extraction:
+    if MISTRAL_CALLS not in text:
+        bare = _bare_call_array(text, final)
+        if bare is not None:
+            return bare
     content, k = _content_before(text, MISTRAL_CALLS, final)
     out = Extraction(content)
     while k >= 0:
@@ -99,6 +103,22 @@ def mistral(text: str, final: bool) -> Extraction:
             break
         k = text.find(MISTRAL_CALLS, scan.end)
     return out
+
+
+def _bare_call_array(text: str, final: bool) -> Extraction | None:
+    """[TOOL_CALLS] is a special token: skipped in the text (skip_special_tokens), the
+    output starts with the calls' array itself. None when the text is not one."""
+    j = skip_ws(text, 0)
+    if j == len(text) or text[j] != "[":
+        return None
+    k = skip_ws(text, j + 1)
+    if k < len(text) and text[k] != "{":
+        return None  # "[1] ..." is text
+    calls = calls_in_array(text, j, ("arguments", "parameters"))
+    if any(c.name is not None for c in calls):
+        return Extraction("", calls)
+    # Undecided until a call is named; finished without one, it was plain text.
+    return None if final else Extraction("")
 
 
 def required_calls(text: str, final: bool) -> Extraction:
