@@ -126,7 +126,9 @@ def test_tool_options_validate():
 
 def test_guided_fields_become_one_grammar():
     req = msgspec.convert({"prompt": "x", "guided_choice": ['a "b"', "c"]}, CompletionRequest)
-    spec, field = guided_decoding(req)
+    found = guided_decoding(req)
+    assert found is not None
+    spec, field = found
     assert (spec.kind, field) == (GrammarKind.EBNF, "guided_choice")
     assert asyncio.run(checked_guided_decoding(req)) == spec  # parses
     obj = guided_decoding(chat(response_format={"type": "json_object"}))[0]
