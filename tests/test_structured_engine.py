@@ -115,6 +115,15 @@ def test_bad_grammar_fails_only_its_request(stories_path):
 )
 def test_grammar_holds_under_async_scheduling_and_speculation(stories_path, engine_args, llm):
     engine = LLM(str(stories_path), max_num_seqs=8, **engine_args)
+    runner = engine.engine.runner
+    deferred = []
+    sample_pending = runner.sample_pending
+
+    def counting(pending):
+        deferred.append(len(pending.params))
+        sample_pending(pending)
+
+    runner.sample_pending = counting  # type: ignore[method-assign]
     prompts = ["Once upon a time", "Lily", "The dog", "Tom"]
     params = [
         SamplingParams(temperature=0, max_tokens=60, guided=JSON),
@@ -129,6 +138,8 @@ def test_grammar_holds_under_async_scheduling_and_speculation(stories_path, engi
             _check(out.outputs[0].text, p.guided)
         if p.temperature == 0:  # greedy: the same tokens as without async or speculation
             assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    # Async: constrained steps were chained, their sampling deferred to after the tokens.
+    assert bool(deferred) == bool(engine_args.get("async_scheduling"))
 
 
 def test_bench_structured_runs_on_cpu(stories_path, llama3_tokenizer_path, tmp_path, capsys):

@@ -215,8 +215,10 @@ class EngineCore:
         While the GPU runs step N, the CPU schedules N+1 (same requests, one token each),
         builds its inputs and queues it, feeding N's sampled ids on the device; only then
         does it wait for N's tokens and apply them. A request that N finishes (EOS, stop
-        id) has its N+1 token dropped. Steps that are not plain decodes, or whose
-        successor would differ from a normal schedule, run as usual.
+        id) has its N+1 token dropped. With a constrained request in the batch, N+1's
+        sampling waits for N's tokens (its masks follow them) but its forward does not.
+        Steps that are not plain decodes, or whose successor would differ from a normal
+        schedule, run as usual.
         """
         if self._inflight is not None:
             sched, pending = self._inflight
@@ -228,14 +230,20 @@ class EngineCore:
             if not self.runner.can_launch(sched):
                 return self._postprocess(sched, self.runner.execute(sched, self.kv))
             pending = self.runner.launch(sched, self.kv)
+        nxt_pending = None
         if self._can_chain(sched):
             nxt = self.scheduler.schedule_chained(sched)
             if nxt is not None:
-                self._inflight = (
-                    nxt,
-                    self.runner.launch(nxt, self.kv, input_ids=pending.token_ids, step_offset=1),
+                # Constrained requests' masks need this step's tokens: sample after them.
+                defer = any(sr.request.grammar is not None for sr in nxt.scheduled)
+                nxt_pending = self.runner.launch(
+                    nxt, self.kv, pending.token_ids, step_offset=1, defer_sampling=defer
                 )
-        return self._postprocess(sched, self.runner.finish(pending))
+                self._inflight = (nxt, nxt_pending)
+        outputs = self._postprocess(sched, self.runner.finish(pending))
+        if nxt_pending is not None and nxt_pending.token_ids is None:
+            self.runner.sample_pending(nxt_pending)
+        return outputs
 
     def _can_chain(self, sched: SchedulerOutput) -> bool:
         """Would the step after `sched` be these same requests decoding one token each?"""
@@ -254,9 +262,6 @@ class EngineCore:
             if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
                 return False
             if req.num_output_tokens < p.min_tokens:
-                return False
-            # Its next mask depends on the token still in flight.
-            if req.grammar is not None:
                 return False
         # A normal schedule might admit a waiting request: keep the same policy.
         waiting = self.scheduler.waiting

@@ -43,9 +43,12 @@ class PendingStep:
     """A launched decode step: its sampled tokens are still on the device."""
 
     out: SchedulerOutput
-    token_ids: torch.Tensor  # [B] int64, one per scheduled request, in order
+    token_ids: torch.Tensor | None  # [B] int64 per scheduled request; None until sampled
     logprobs: LogprobsTensors | None
     params: list[SamplingParams]
+    # Deferred sampling (structured output): the logits wait for masks that need the
+    # previous step's tokens; sample_pending() draws once those are known.
+    logits: torch.Tensor | None = None
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -145,12 +148,15 @@ class ModelRunner:
         kv: KVCacheManager,
         input_ids: torch.Tensor | None = None,
         step_offset: int = 0,
+        defer_sampling: bool = False,
     ) -> PendingStep:
         """Queue a decode step on the GPU (model, logits, sampling) without waiting for it.
 
         `input_ids` (device) are the previous step's sampled tokens when that step has not
         been read yet; `step_offset` (1 then) counts its token in each request's output, so
-        seeded draws stay the same as without async scheduling.
+        seeded draws stay the same as without async scheduling. With `defer_sampling`
+        only the model and logits are queued: `sample_pending` draws later (a constrained
+        request's mask needs the previous step's token, read while this forward runs).
         """
         host = build_host_inputs(out, kv)
         if self.graph_runner is not None and self.graph_runner.can_run(host):
@@ -163,21 +169,43 @@ class ModelRunner:
         # blocking host-to-device copy would wait for the GPU).
         logits = self.model.compute_logits(hidden[: len(out.scheduled)])
         reqs = [sr.request for sr in out.scheduled]
-        # A chained step's masks would need the tokens still in flight: the engine never
-        # chains constrained requests (EngineCore._can_chain).
+        params = [r.params for r in reqs]
+        if defer_sampling:
+            return PendingStep(out, None, None, params, logits)
+        # A chained step's masks would need the tokens still in flight: it defers.
         assert input_ids is None or all(r.grammar is None for r in reqs)
         batch = SamplingBatch(
-            params=[r.params for r in reqs],
+            params=params,
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
             steps=[len(r.output_token_ids) + step_offset for r in reqs] if step_offset else None,
             bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
         )
         sampled = self.sampler(logits, batch)
-        return PendingStep(out, sampled.token_ids, sampled.logprobs, [r.params for r in reqs])
+        return PendingStep(out, sampled.token_ids, sampled.logprobs, params)
+
+    @torch.inference_mode()
+    def sample_pending(self, pending: PendingStep) -> None:
+        """Draw a deferred step's tokens, now that its requests' previous tokens are
+        applied (output lists and matchers): masks fill on the CPU while the forward runs."""
+        assert pending.logits is not None and pending.token_ids is None
+        reqs = [sr.request for sr in pending.out.scheduled]
+        batch = SamplingBatch(
+            params=pending.params,
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+            bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
+        )
+        sampled = self.sampler(pending.logits, batch)
+        pending.token_ids, pending.logprobs, pending.logits = (
+            sampled.token_ids,
+            sampled.logprobs,
+            None,
+        )
 
     def finish(self, pending: PendingStep) -> StepResult:
         """Wait for a launched step and read its tokens (the step's one host sync)."""
+        assert pending.token_ids is not None
         tokens = pending.token_ids.tolist()
         n = len(tokens)
         logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
