@@ -110,10 +110,13 @@ def test_bad_grammar_fails_only_its_request(stories_path):
     [
         {"async_scheduling": True},
         {"speculative_method": "ngram", "num_speculative_tokens": 3},
+        {"speculative_model": "stories", "num_speculative_tokens": 3},
     ],
-    ids=["async", "ngram"],
+    ids=["async", "ngram", "self-draft"],
 )
 def test_grammar_holds_under_async_scheduling_and_speculation(stories_path, engine_args, llm):
+    if engine_args.get("speculative_model") == "stories":
+        engine_args = {**engine_args, "speculative_model": str(stories_path)}
     engine = LLM(str(stories_path), max_num_seqs=8, **engine_args)
     runner = engine.engine.runner
     deferred = []
@@ -140,6 +143,9 @@ def test_grammar_holds_under_async_scheduling_and_speculation(stories_path, engi
             assert out.outputs[0].token_ids == ref.outputs[0].token_ids
     # Async: constrained steps were chained, their sampling deferred to after the tokens.
     assert bool(deferred) == bool(engine_args.get("async_scheduling"))
+    stats = engine.engine.spec_stats
+    if "num_speculative_tokens" in engine_args:  # proposals were verified, some accepted
+        assert stats.proposed > 0 and 0 < stats.accepted <= stats.proposed
 
 
 def test_bench_structured_runs_on_cpu(stories_path, llama3_tokenizer_path, tmp_path, capsys):
@@ -158,3 +164,31 @@ def test_bench_structured_runs_on_cpu(stories_path, llama3_tokenizer_path, tmp_p
     result = json.loads(out.read_text())
     assert result["constrained"]["output_tokens"] == result["free"]["output_tokens"] == 16
     assert "JSON schema" in capsys.readouterr().out
+
+
+def test_speculative_rows_mask_after_each_proposal_and_roll_back(stories_path):
+    from tokenizers import Tokenizer
+
+    from worker.structured import GrammarBackend, RequestGrammar, grammar_bitmask
+
+    tok = Tokenizer.from_file(str(stories_path / "tokenizer.json"))
+    backend = GrammarBackend(str(stories_path), 512, [2])
+    grammar = RequestGrammar(backend.submit(REGEX).result())
+    good = [int(tok.token_to_id(p) or 0) for p in ["n", "o", ",", "▁", "1"]]  # "no, 1"
+
+    def allowed(mask, row, token):
+        return bool((int(mask[row, token // 32]) >> (token % 32)) & 1)
+
+    mask = grammar_bitmask([(grammar, good)], 512, torch.device("cpu"))
+    assert mask.shape[0] == 1 + len(good)
+    for j, t in enumerate(good):
+        assert allowed(mask, j, t)  # row j: after the first j proposals
+    assert not allowed(mask, 0, good[1])  # the second token cannot come first
+    again = grammar_bitmask([(grammar, [])], 512, torch.device("cpu"))
+    assert torch.equal(again[0], mask[0])  # rolled back: the matcher is where it started
+    bad = [good[0], good[0], good[1]]  # "nn": the second "n" is refused
+    mask = grammar_bitmask([(None, [5]), (grammar, bad)], 512, torch.device("cpu"))
+    assert (mask[:2] == -1).all()  # the free request's rows allow everything
+    assert not allowed(mask, 3, good[0])
+    assert torch.equal(mask[4], mask[3]) and torch.equal(mask[5], mask[3])
+    backend.close()
