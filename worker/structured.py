@@ -44,7 +44,7 @@ def load_vocab_tokenizer(path: str):  # type: ignore[no-untyped-def]
     """The `tokenizers.Tokenizer` of a model folder or .gguf file (vocabulary only)."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from worker.model_files import find_gguf_file
+    from ipc.model_folder import find_gguf_file
 
     tokenizer_json = os.path.join(path, "tokenizer.json")
     if os.path.isdir(path) and os.path.exists(tokenizer_json):
@@ -52,7 +52,7 @@ def load_vocab_tokenizer(path: str):  # type: ignore[no-untyped-def]
     gguf = find_gguf_file(path)
     if gguf is None:
         raise ValueError(f"structured output needs a tokenizer: none found at {path}")
-    from worker.gguf_file import gguf_tokenizer
+    from ipc.gguf_metadata import gguf_tokenizer
 
     return gguf_tokenizer(gguf).tokenizer
 

@@ -50,7 +50,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def structured_main(args: argparse.Namespace) -> int:
     from headrace.bench.offline import Workload, _card, _commit, run_engine
-    from worker.args import engine_config_from_args
+    from headrace.engine_args import engine_config_from_args
     from worker.engine import EngineCore
 
     n = args.num_requests or 64
