@@ -110,6 +110,10 @@ class GrammarBackend:
                 self._cache.popitem(last=False)
             return fut
 
+    def warm_up(self) -> None:
+        """Build the vocabulary and compile a tiny grammar now, on this thread."""
+        compile_grammar(self.compiler(), GuidedDecoding(GrammarKind.REGEX, "[a-z]"))
+
     def _compile(self, spec: GuidedDecoding) -> xgr.CompiledGrammar:
         return compile_grammar(self.compiler(), spec)
 
