@@ -23,7 +23,7 @@ from worker.quant.fp8 import (
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-TINY = dict(
+TINY: dict[str, Any] = dict(
     architectures=["LlamaForCausalLM"],
     model_type="llama",
     vocab_size=512,
@@ -186,23 +186,25 @@ def _qconfig(fmt: str, strategy: str, activation: str, kv: bool) -> dict[str, An
     }
 
 
-def model_logits(path: Path | str, tokens: list[int], **engine_args: Any) -> torch.Tensor:
+def model_logits(
+    path: Path | str, tokens: list[int], prefill_only: bool = False, **engine_args: Any
+) -> torch.Tensor:
     """Logits [T, V] of one sequence, run through the engine's model and paged KV cache:
     the first half as a prefill, the rest one token at a time (decode reads the cache)."""
     from worker.config import EngineConfig
     from worker.engine import EngineCore
 
     args = dict(num_gpu_blocks=64, block_size=16, device="cpu") | engine_args
-    return model_logits_of(EngineCore(EngineConfig(model=str(path), **args)), tokens)
+    return model_logits_of(EngineCore(EngineConfig(model=str(path), **args)), tokens, prefill_only)
 
 
-def model_logits_of(eng: Any, tokens: list[int]) -> torch.Tensor:
+def model_logits_of(eng: Any, tokens: list[int], prefill_only: bool = False) -> torch.Tensor:
     from worker.attention import AttentionMetadata
 
     model, caches = eng.runner.model, eng.runner.kv_caches
     table = torch.arange(64, dtype=torch.int32)[None]
     out = []
-    half = max(1, len(tokens) // 2)
+    half = len(tokens) if prefill_only else max(1, len(tokens) // 2)
     chunks = [(0, half)] + [(t, t + 1) for t in range(half, len(tokens))]
     with torch.inference_mode():
         for a, b in chunks:

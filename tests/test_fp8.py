@@ -134,6 +134,7 @@ def _greedy(path: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
     return [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
 
 
+@pytest.mark.slow
 def test_stories260k_fp8_on_load_agrees_with_unquantized(stories_path):
     """Teacher-forced on the unquantized model's greedy continuations, the FP8 model picks
     the same next token at >= 93% of positions."""
@@ -141,18 +142,20 @@ def test_stories260k_fp8_on_load_agrees_with_unquantized(stories_path):
 
     tok = load_tokenizer(str(stories_path))
     texts = ["Once upon a time", "Lily went to the park", "The cat", "Tom had a big red ball"]
-    texts += ["One day, a little girl", "The sun was", "Sam and his dog", "She was sad because"]
+    texts += ["One day, a little girl", "Sam and his dog"]
     prompts = [tok.encode(t) for t in texts]
-    conts = _greedy(stories_path, prompts, 40)
+    conts = _greedy(stories_path, prompts, 32)
     same = total = 0
     for prompt, cont in zip(prompts, conts, strict=True):
         seq = prompt + cont
-        want = model_logits(stories_path, seq, num_gpu_blocks=16).argmax(-1)
-        got = model_logits(stories_path, seq, quantization="fp8", num_gpu_blocks=16).argmax(-1)
+        want = model_logits(stories_path, seq, True, num_gpu_blocks=16).argmax(-1)
+        got = model_logits(stories_path, seq, True, quantization="fp8", num_gpu_blocks=16)
+        got = got.argmax(-1)
         positions = range(len(prompt) - 1, len(seq) - 1)  # predictions of the continuation
         assert [int(want[p]) for p in positions] == cont  # teacher forcing reproduces greedy
         same += sum(int(got[p]) == int(want[p]) for p in positions)
         total += len(positions)
+    print(f"stories260K fp8 on load: same next token at {same}/{total} positions")
     assert same / total >= 0.93, f"{same}/{total}"
 
 
@@ -183,9 +186,9 @@ def test_fp8_kv_with_prefix_caching_and_speculation(base):
     common = dict(device="cpu", num_gpu_blocks=64, kv_cache_dtype="fp8", block_size=4)
     plain = LLM(str(base), enable_prefix_caching=False, **common).generate(prompts, params)
     cached = LLM(str(base), max_num_batched_tokens=8, **common).generate(prompts, params)
-    spec = LLM(
-        str(base), speculative_method="ngram", num_speculative_tokens=3, **common
-    ).generate(prompts, params)
+    spec = LLM(str(base), speculative_method="ngram", num_speculative_tokens=3, **common).generate(
+        prompts, params
+    )
     ids = [[r.outputs[0].token_ids for r in rs] for rs in (plain, cached, spec)]
     # Prefix hits, chunked prefill and verification read the same FP8 cache bytes.
     assert ids[0] == ids[1] == ids[2]
@@ -259,6 +262,7 @@ def test_bad_flags_and_checkpoints_give_clear_errors(tmp_path, base):
         EngineCore(EngineConfig(model=str(fp8_dir), num_gpu_blocks=8, device="cpu"))
 
 
+@pytest.mark.slow
 def test_gguf_quantized_on_load(smollm2_path):
     from worker.config import EngineConfig
     from worker.engine import EngineCore

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from worker.config import DEVICES, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS, EngineConfig
+from worker.config import (
+    DEVICES,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    LOAD_FORMATS,
+    QUANTIZATIONS,
+    EngineConfig,
+)
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:

@@ -24,8 +24,6 @@ from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_files import ModelFiles, open_model
 from worker.model_loader import build_model, resolve_device, resolve_dtype
-from worker.quant.config import resolve_fp8_scheme
-from worker.quant.kv import resolve_kv_cache_dtype
 from worker.model_runner import (
     ModelRunner,
     PendingStep,
@@ -33,6 +31,8 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
+from worker.quant.config import resolve_fp8_scheme
+from worker.quant.kv import resolve_kv_cache_dtype
 from worker.request import Request, RequestStatus, check_prompt
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals

@@ -147,9 +147,7 @@ class _Loader:
     def check_complete(self) -> None:
         expected: dict[str, str] = {}  # our key -> checkpoint name, for the message
         for pname, _ in self.model.named_parameters():  # a tied lm_head appears once
-            fused = [
-                (src, d, a, b) for src, (d, a, b) in self.slices.items() if f".{d}." in pname
-            ]
+            fused = [(src, d, a, b) for src, (d, a, b) in self.slices.items() if f".{d}." in pname]
             for src, fused_name, a, b in fused:
                 expected[f"{pname}[{a}:{b}]"] = "model." + pname.replace(fused_name, src)
             if not fused:
