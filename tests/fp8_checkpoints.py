@@ -202,21 +202,22 @@ def model_logits_of(eng: Any, tokens: list[int], prefill_only: bool = False) -> 
     from worker.attention import AttentionMetadata
 
     model, caches = eng.runner.model, eng.runner.kv_caches
-    table = torch.arange(64, dtype=torch.int32)[None]
+    dev = eng.device
+    table = torch.arange(64, dtype=torch.int32, device=dev)[None]
     out = []
     half = len(tokens) if prefill_only else max(1, len(tokens) // 2)
     chunks = [(0, half)] + [(t, t + 1) for t in range(half, len(tokens))]
     with torch.inference_mode():
         for a, b in chunks:
             md = AttentionMetadata(
-                query_start_loc=torch.tensor([0, b - a], dtype=torch.int32),
-                seq_lens=torch.tensor([b], dtype=torch.int32),
+                query_start_loc=torch.tensor([0, b - a], dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor([b], dtype=torch.int32, device=dev),
                 block_tables=table,
-                slot_mapping=torch.arange(a, b),
+                slot_mapping=torch.arange(a, b, device=dev),
                 max_query_len=b - a,
                 max_seq_len=b,
             )
-            ids = torch.tensor(tokens[a:b])
-            hidden = model(ids, torch.arange(a, b), caches, md)
-            out.append(model.compute_logits(hidden))
+            ids = torch.tensor(tokens[a:b], device=dev)
+            hidden = model(ids, torch.arange(a, b, device=dev), caches, md)
+            out.append(model.compute_logits(hidden).cpu())
     return torch.cat(out)

@@ -172,3 +172,37 @@ def test_dummy_fp8_weights_are_created_in_fp8() -> None:
     assert model.layers[0].mlp.gate_up_proj.weight.dtype == FP8
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weight_bytes < 10e9  # ~8 GB in FP8 (16 GB in bf16)
+
+
+TEXT = (
+    "The history of the city begins with a small settlement on the banks of the river. "
+    "Over the centuries it grew into a center of trade, where merchants from many lands "
+    "met to exchange grain, cloth and metal. Its people built bridges, markets and schools."
+)
+
+
+def test_smollm2_fp8_on_load_quality(smollm2_path):
+    """SmolLM2-135M (its GGUF dequantized, then FP8 on load): perplexity on a fixed text
+    within 2% of bf16, and it still answers Paris."""
+    from gateway.tokenizer import load_tokenizer
+    from headrace.llm import LLM
+    from ipc.messages import SamplingParams
+    from tests.fp8_checkpoints import model_logits
+
+    tokens = load_tokenizer(str(smollm2_path)).encode(TEXT)
+    args = dict(device="cuda", dtype="bfloat16", enforce_eager=True)
+
+    def ppl(**kw: object) -> float:
+        logits = model_logits(smollm2_path, tokens, True, **args, **kw).float()
+        nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(tokens[1:]))
+        return float(nll.exp())
+
+    bf16, fp8 = ppl(), ppl(quantization="fp8")
+    print(f"SmolLM2 perplexity: bf16 {bf16:.3f}, fp8 {fp8:.3f} ({100 * (fp8 / bf16 - 1):+.2f}%)")
+    assert fp8 <= 1.02 * bf16
+    llm = LLM(str(smollm2_path), quantization="fp8", **args)
+    r = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=20),
+    )[0]
+    assert "Paris" in r.outputs[0].text
