@@ -49,8 +49,8 @@ def paged_attention_ref(
             continue
         num_blocks = (seq_len + block_size - 1) // block_size
         blocks = block_tables[r, :num_blocks].long()
-        k = _dequant(kv_cache[0, blocks], k_scale).reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = _dequant(kv_cache[1, blocks], v_scale).reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        k = _rows(kv_cache, 0, blocks, k_scale).reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        v = _rows(kv_cache, 1, blocks, v_scale).reshape(-1, num_kv_heads, head_dim)[:seq_len]
         qr = q[q_start:q_end].float().view(q_len, num_kv_heads, group, head_dim)
         # scores: [Hkv, group, q_len, S], fp32 like the kernels
         scores = torch.einsum("qhgd,shd->hgqs", qr, k) * scale
@@ -66,11 +66,13 @@ def paged_attention_ref(
     return out
 
 
-def _dequant(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Cache rows in fp32; FP8 rows times their scale."""
-    if x.dtype == torch.float8_e4m3fn:
-        return x.float() * scale
-    return x.float()
+def _rows(kv_cache: torch.Tensor, kv: int, blocks: torch.Tensor, scale: float) -> torch.Tensor:
+    """Blocks `blocks` of K (kv=0) or V (kv=1) in fp32; FP8 rows times their scale (read as
+    uint8: indexing has no float8 kernel on every device)."""
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        raw = kv_cache.view(torch.uint8)[kv, blocks]
+        return raw.view(torch.float8_e4m3fn).float() * scale
+    return kv_cache[kv, blocks].float()
 
 
 def paged_attention(

@@ -148,7 +148,14 @@ def test_fp8_kv_doubles_gpu_blocks(tmp_path, stories_path):
     from headrace.llm import LLM
 
     path = tiny_model_hd64(tmp_path, stories_path)
-    args = dict(device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True)
+    # A small budget and large blocks keep the block count (Python objects) modest.
+    args = dict(
+        device="cuda",
+        dtype="bfloat16",
+        gpu_memory_utilization=0.05,
+        block_size=128,
+        enforce_eager=True,
+    )
     n16 = LLM(str(path), **args).engine.kv.num_blocks
     torch.cuda.empty_cache()
     n8 = LLM(str(path), kv_cache_dtype="fp8", **args).engine.kv.num_blocks
