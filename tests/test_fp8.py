@@ -271,3 +271,17 @@ def test_gguf_quantized_on_load(smollm2_path):
         EngineConfig(model=str(smollm2_path), quantization="fp8", device="cpu", num_gpu_blocks=4)
     )
     assert isinstance(eng.runner.model.layers[0].mlp.gate_up_proj, Fp8Linear)
+
+
+def test_gemv_reference_is_weight_only_math() -> None:
+    from cuda.fp8_gemv import fp8_gemv, fp8_gemv_ref
+    from worker.quant.fp8 import uses_gemv
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 32, generator=g), torch.randn(24, 32, generator=g)
+    wq, s = quantize_weight_per_channel(w)
+    bias = torch.randn(24, generator=g)
+    want = x @ dequantize_weight(wq, s).t() + bias
+    torch.testing.assert_close(fp8_gemv_ref(x, wq, s, bias), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fp8_gemv(x, wq, s, bias), want, rtol=1e-5, atol=1e-5)  # CPU: ref
+    assert not uses_gemv(x, wq)  # the kernel is GPU-only; CPU runs fp8_linear_ref

@@ -93,3 +93,19 @@ def test_compile_error_carries_log() -> None:
         compiler.compile_cubin(
             'extern "C" __global__ void k() { undefined_symbol(); }', name="bad", use_cache=False
         )
+
+
+@pytest.mark.parametrize("bf16", [1, 0])
+def test_fp8_gemv_compiles(bf16: int) -> None:
+    from cuda import fp8_gemv
+
+    _, log = compiler.compile_cubin(
+        fp8_gemv.SOURCE,
+        arch="sm_90",
+        defines={"HR_BF16": bf16},
+        name="fp8_gemv",
+        verbose_ptxas=True,
+    )
+    for m in range(1, 5):
+        assert f"Compiling entry function 'fp8_gemv_m{m}'" in log
+    _check_log(log)

@@ -9,13 +9,20 @@ import random
 import pytest
 import torch
 
+from cuda.fp8_gemv import fp8_gemv, fp8_gemv_ref
 from cuda.fp8_quant import FP8, quantize_per_token, quantize_per_token_ref
 from cuda.kv_write import quantize_kv, write_kv, write_kv_ref
 from cuda.paged_attention import paged_attention_ref
 from tests.gpu.helpers import generate, tiny_model_hd64
 from tests.gpu.test_gpu_kernels import CONTEXTS, Batch
 from tests.test_golden import check_logprobs_close, prompts_of_different_lengths
-from worker.quant.fp8 import fp8_linear, fp8_linear_ref, gemm_mode, quantize_weight_per_channel
+from worker.quant.fp8 import (
+    fp8_linear,
+    fp8_linear_ref,
+    gemm_mode,
+    quantize_weight_per_channel,
+    uses_gemv,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,7 +42,9 @@ def test_gemm_mode_is_rowwise_on_hopper() -> None:
 @pytest.mark.parametrize("static", [False, True])
 def test_fp8_linear_matches_reference(dtype: torch.dtype, static: bool) -> None:
     rng = random.Random(hash((dtype, static)) & 0xFFFF)
-    shapes = [(1, 4096, 6144), (7, 512, 1024), (rng.randint(2, 300), 1024, 14336 // 4)]
+    shapes = [(1, 4096, 6144), (7, 512, 1024), (rng.randint(5, 300), 1024, 14336 // 4)]
+    shapes += [(2, 14336, 4096), (3, 4096, 28672 // 7), (4, 1024, 4096 + 16 * rng.randint(1, 9))]
+    shapes += [(1, 16 * rng.randint(1, 300), 16 * rng.randint(1, 300) + 1)]  # odd N: GEMV tail
     shapes += [(rng.randint(1, 64), 16 * rng.randint(1, 64), 16 * rng.randint(1, 64))]
     shapes += [(5, 72, 40)]  # N not a multiple of 16: the dequantizing fallback
     for m, k, n in shapes:
@@ -45,11 +54,27 @@ def test_fp8_linear_matches_reference(dtype: torch.dtype, static: bool) -> None:
         bias = torch.randn(n, device=DEV, dtype=dtype)
         in_scale = (x.abs().amax().float() / 448).reshape(1) if static else None
         got = fp8_linear(x, wq, ws, in_scale, bias)
-        want = fp8_linear_ref(x, wq, ws, in_scale, bias)
+        if uses_gemv(x, wq):  # batches of <= 4 rows: weight-only math, x not rounded
+            want = fp8_gemv_ref(x, wq, ws, bias)
+        else:
+            want = fp8_linear_ref(x, wq, ws, in_scale, bias)
         assert got.dtype == dtype and got.shape == (m, n)
         assert bool(torch.isfinite(got).all())
         err = (got.float() - want.float()).abs().max() / want.float().abs().max()
         assert float(err) < 2e-2, (m, k, n, float(err))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_gemv_kernel_matches_reference(dtype: torch.dtype) -> None:
+    for m in range(1, 5):
+        for k, n in [(4096, 6144), (16, 3), (14336, 4096), (528, 1000)]:
+            x = torch.randn(m, k, device=DEV, dtype=dtype)
+            wq, ws = quantize_weight_per_channel(torch.randn(n, k, device=DEV))
+            bias = torch.randn(n, device=DEV, dtype=dtype) if n % 2 else None
+            out = torch.full((m, n), float("nan"), device=DEV, dtype=dtype)
+            fp8_gemv(x, wq, ws, bias, out=out)
+            want = fp8_gemv_ref(x, wq, ws, bias)
+            torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

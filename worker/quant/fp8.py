@@ -7,24 +7,30 @@ Weights keep one scale per output channel (a per-tensor checkpoint scale is broa
 its rows, so fused q/k/v or gate/up layers can hold shards with different scales).
 Activations get one scale per token (dynamic), or the checkpoint's static input_scale.
 
-GPU (sm_89+): torch._scaled_mm (cuBLASLt FP8 tensor cores, fp32 accumulate) with row-wise
-scales, after the activation-quantization kernel (cuda/fp8_quant.py). The path is picked
-once per device by a probe (`gemm_mode`); shapes _scaled_mm rejects (K or N not a multiple
-of 16) dequantize the weight instead. CPU: `fp8_linear_ref`, the same math in fp32.
+GPU (sm_89+): batches of 1-4 rows (decode at small batch: a weight read) run our FP8
+GEMV (cuda/fp8_gemv.py: 16-bit activations as they are, weights widened in registers;
+HEADRACE_FP8_GEMV=0 turns it off). Larger ones: torch._scaled_mm (cuBLASLt FP8 tensor
+cores, fp32 accumulate) with row-wise scales, after the activation-quantization kernel
+(cuda/fp8_quant.py). The path is picked once per device by a probe (`gemm_mode`); shapes
+_scaled_mm rejects (K or N not a multiple of 16) dequantize the weight instead.
+CPU: `fp8_linear_ref`, the same math in fp32.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
 
+from cuda.fp8_gemv import fp8_gemv, gemv_ok
 from cuda.fp8_quant import FP8, FP8_MAX, MIN_SCALE, quantize_per_token, quantize_per_token_ref
 
 log = logging.getLogger(__name__)
 
 _modes: dict[int, str] = {}
+GEMV = os.environ.get("HEADRACE_FP8_GEMV", "1") != "0"
 
 
 class Fp8UnsupportedError(ValueError):
@@ -137,13 +143,15 @@ def _fp8_linear_cuda(
     input_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if uses_gemv(x, weight):
+        return fp8_gemv(x, weight, weight_scale, bias)
     mode = gemm_mode(x.device)
     n, k = weight.shape
     if mode == "dequant" or k % 16 or n % 16 or x.shape[0] == 0:
         w = dequantize_weight(weight, weight_scale).to(x.dtype)
         return torch.nn.functional.linear(x, w, bias)
-    if not x.is_contiguous():
-        x = x.contiguous()
     if mode == "rowwise":
         xq, xs = quantize_per_token(x, input_scale)
         y = torch._scaled_mm(
@@ -161,6 +169,11 @@ def _fp8_linear_cuda(
     if bias is not None:
         y = y + bias
     return y.to(x.dtype)
+
+
+def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """This [M, K] activation runs the GEMV (weight-only math), not _scaled_mm."""
+    return GEMV and gemv_ok(x, weight)
 
 
 class Fp8Linear(nn.Module):
