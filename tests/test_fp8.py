@@ -285,3 +285,32 @@ def test_gemv_reference_is_weight_only_math() -> None:
     torch.testing.assert_close(fp8_gemv_ref(x, wq, s, bias), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fp8_gemv(x, wq, s, bias), want, rtol=1e-5, atol=1e-5)  # CPU: ref
     assert not uses_gemv(x, wq)  # the kernel is GPU-only; CPU runs fp8_linear_ref
+
+
+def test_gpu_without_fp8_names_the_card(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.quant import fp8
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(fp8.Fp8UnsupportedError, match=r"A100-SXM4-80GB.*capability 8\.0"):
+        fp8.check_fp8_gpu(0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    fp8.check_fp8_gpu(0)  # Hopper passes
+
+
+def test_dummy_fp8_weights_are_fp8_and_finite(base):
+    from worker.config import EngineConfig
+    from worker.engine import EngineCore
+
+    eng = EngineCore(
+        EngineConfig(
+            model=str(base), load_format="dummy", quantization="fp8", device="cpu", num_gpu_blocks=8
+        )
+    )
+    layer = eng.runner.model.layers[0].mlp.gate_up_proj
+    assert layer.weight.dtype == FP8 and float(layer.weight_scale.min()) > 0
+    w = dequantize_weight(layer.weight, layer.weight_scale)
+    assert 0.015 < float(w.abs().max()) <= 0.02  # uniform(-0.02, 0.02), as 16-bit dummies
+    from tests.fp8_checkpoints import model_logits_of
+
+    assert bool(torch.isfinite(model_logits_of(eng, TOKENS[:8], True)).all())
