@@ -1,7 +1,7 @@
 """The gateway's HTTP app (starlette) and `headrace gateway`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics, POST /tokenize, POST /detokenize. With `--api-key`, /v1/* needs
+GET /metrics, POST /tokenize, POST /detokenize, and the chat page at GET /. With `--api-key`, /v1/* needs
 `Authorization: Bearer KEY`. Every user error is an OpenAI error object.
 """
 
@@ -65,6 +65,7 @@ class GatewayConfig:
     max_queued_requests: int | None = None  # 429 beyond this many requests waiting
     worker_timeout: float = 1.0  # seconds of silence before a worker counts as down
     tokenizer: str | None = None  # overrides the tokenizer path the workers announce
+    chat_page: bool = True  # the built-in chat page at / (gateway/chat_page.py)
     started: float = field(default_factory=time.time)
 
 
@@ -210,6 +211,10 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
     ]
+    if config.chat_page:
+        from gateway.chat_page import chat_page_routes
+
+        routes += chat_page_routes()
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
@@ -258,6 +263,11 @@ def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True)
         default=1.0,
         help="seconds without a heartbeat before a worker counts as down",
     )
+    g.add_argument(
+        "--disable-chat-page",
+        action="store_true",
+        help="do not serve the built-in chat page at /",
+    )
 
 
 def gateway_config_from_args(
@@ -276,6 +286,7 @@ def gateway_config_from_args(
         max_queued_requests=args.max_queued_requests,
         worker_timeout=args.worker_timeout,
         tokenizer=getattr(args, "tokenizer", None),
+        chat_page=not args.disable_chat_page,
     )
 
 

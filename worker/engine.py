@@ -287,6 +287,9 @@ class EngineCore:
                 num_prompt_tokens=req.num_prompt_tokens,
                 num_cached_tokens=req.num_cached_tokens,
             )
+            if not req.queue_time_sent and req.first_scheduled_at is not None:
+                out.queue_time = req.first_scheduled_at - req.added_at
+                req.queue_time_sent = True
             if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
                 out.prompt_logprobs = req.prompt_logprobs or [None]
                 req.prompt_logprobs_sent = True
