@@ -19,6 +19,7 @@ from ipc.messages import (
     RequestOutput,
     WorkerStats,
 )
+from worker import progress
 from worker.config import EngineConfig, SchedulerConfig
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
@@ -57,16 +58,18 @@ class EngineCore:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
         t0 = time.perf_counter()
-        model = build_model(
-            self.files,
-            mc,
-            make_backend(self.device),
-            self.max_model_len,
-            self.device,
-            self.dtype,
-            dummy=config.load_format == "dummy",
-            seed=config.seed,
-        )
+        what = "random (dummy) weights" if config.load_format == "dummy" else "weights"
+        with progress.stage(f"loading {what} of {self.files.path}"):
+            model = build_model(
+                self.files,
+                mc,
+                make_backend(self.device),
+                self.max_model_len,
+                self.device,
+                self.dtype,
+                dummy=config.load_format == "dummy",
+                seed=config.seed,
+            )
         log.info("loaded %s in %.1fs", self.files.path, time.perf_counter() - t0)
         self.runner = ModelRunner(
             model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed
@@ -74,13 +77,15 @@ class EngineCore:
         max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
         num_blocks = self._num_kv_blocks(max_batched)
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_cuda_graphs(
-                config.max_num_seqs,
-                self.max_model_len,
-                config.block_size,
-                config.num_speculative_tokens,
-            )
+            with progress.stage("capturing CUDA graphs"):
+                self.runner.capture_cuda_graphs(
+                    config.max_num_seqs,
+                    self.max_model_len,
+                    config.block_size,
+                    config.num_speculative_tokens,
+                )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(

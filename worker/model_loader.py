@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from worker import progress
 from worker.attention import AttentionBackend
 from worker.model_config import ModelConfig
 from worker.model_files import ModelFiles
@@ -64,7 +65,9 @@ def build_model(
         fill_dummy_weights(model, seed)
     else:
         with torch.no_grad():
-            model.load_weights(files.iter_weights(), source=files.path)
+            total = sum(1 for _ in model.parameters())
+            weights = progress.bar(files.iter_weights(), total, "tensors")
+            model.load_weights(weights, source=files.path)
     model.rotary.build(device)
     model.eval()
     return model

@@ -129,6 +129,9 @@ class WorkerServer:
         t.start()
         self._threads.append(t)
         logger.info("worker %s serving %s at %s", self.worker_id, self._model_name(), self.address)
+        from worker import progress
+
+        progress.note(f"serving {self._model_name()} at {self.address}")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -434,8 +437,14 @@ def worker_main(args: argparse.Namespace) -> None:
     from worker.args import engine_config_from_args
 
     config = engine_config_from_args(args)
-
+    _enable_progress(args)
     _make_server(config, args).serve_forever()
+
+
+def _enable_progress(args: argparse.Namespace) -> None:
+    from worker import progress
+
+    progress.enable(args.worker_id or "worker")
 
 
 def _make_server(config: EngineConfig, args: argparse.Namespace) -> WorkerServer:
@@ -468,7 +477,7 @@ def _main_from_config_json(argv: list[str] | None = None) -> None:
     )
     config = msgspec.json.decode(args.config.encode(), type=EngineConfig)
     config.validate()
-
+    _enable_progress(args)
     _make_server(config, args).serve_forever(args.parent_pid)
 
 

@@ -66,12 +66,13 @@ function renderContent(el, text) {
   });
 }
 
-function messageElement(role, content) {
+function messageElement(role, content, done = true, stopped = false) {
   const div = document.createElement("div");
   div.className = `msg ${role}`;
+  if (done) div.dataset.done = "1"; // a reply still streaming has no data-done
   const label = document.createElement("span");
   label.className = "role";
-  label.textContent = role;
+  label.textContent = stopped ? `${role} · stopped` : role;
   const body = document.createElement("div");
   body.className = "content";
   renderContent(body, content);
@@ -81,7 +82,7 @@ function messageElement(role, content) {
 
 function showChat() {
   const box = $("messages");
-  box.replaceChildren(...(current ? current.messages.map((m) => messageElement(m.role, m.content)) : []));
+  box.replaceChildren(...(current ? current.messages.map((m) => messageElement(m.role, m.content, true, m.stopped)) : []));
   box.scrollTop = box.scrollHeight;
   const list = $("chats");
   list.replaceChildren();
@@ -201,7 +202,7 @@ async function send(text) {
   save();
   showChat();
   const reply = { role: "assistant", content: "" };
-  const el = messageElement("assistant", "");
+  const el = messageElement("assistant", "", false);
   $("messages").append(el);
   const body = el.querySelector(".content");
   controller = new AbortController();
@@ -247,7 +248,10 @@ async function send(text) {
       }
     });
   } catch (e) {
-    if (e.name !== "AbortError") {
+    if (e.name === "AbortError") {
+      reply.stopped = true;
+      el.querySelector(".role").textContent = "assistant · stopped";
+    } else {
       el.className = "msg error";
       reply.content += (reply.content ? "\n" : "") + `[error: ${e.message}]`;
     }
