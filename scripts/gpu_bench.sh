@@ -14,5 +14,15 @@ for step in $which; do
     w3q) for c in enable no-enable enable no-enable; do timeout 300 python -m headrace bench throughput --workload W3 --num-requests 300 --$c-prefix-caching --output-json "$OUT/w3q_$c.json" > "$OUT/w3q_$c.log" 2>&1; tail -1 "$OUT/w3q_$c.log"; done ;;
     w5) for c in enable no-enable; do timeout 300 python -m headrace bench throughput --workload W5 --$c-prefix-caching --output-json "$OUT/w5_$c.json" > "$OUT/w5_$c.log" 2>&1; tail -1 "$OUT/w5_$c.log"; done ;;
     w2) timeout 560 python -m headrace bench throughput --workload W2 --hf-requests 64 --hf-batch-size 64 --hf-time-limit 100 --output-json "$OUT/w2.json" > "$OUT/w2.log" 2>&1; tail -1 "$OUT/w2.log" ;;
+    # W4 sweep (issue 18): headrace serve on the Llama-3-8B shape (dummy weights), bench serve at 4 rates.
+    w4sweep) python -m headrace serve --model scripts/configs/llama-3-8b --load-format dummy \
+               --tokenizer "$HEADRACE_SHARED_MODELS/llama3-tokenizer" --served-model-name llama-3-8b-dummy \
+               --max-model-len 4096 --port 8300 > "$OUT/w4_serve.log" 2>&1 & serve_pid=$!
+             for _ in $(seq 300); do curl -sf http://127.0.0.1:8300/health > /dev/null && break; sleep 1; done
+             grep "start-up took" "$OUT/w4_serve.log"
+             timeout 480 python -m headrace bench serve --base-url http://127.0.0.1:8300 --num-prompts 200 \
+               --request-rate 4 16 64 inf --result-json "$OUT/w4_sweep.json" --plot "$OUT/w4_sweep.png" \
+               --no-progress > "$OUT/w4_sweep.log" 2>&1; cat "$OUT/w4_sweep.log"
+             kill "$serve_pid"; wait "$serve_pid" ;;
   esac
 done

@@ -43,7 +43,7 @@ def test_bench_serve_sweep_against_a_server(tmp_path: Path, stories_path: Path) 
     address = f"ipc://{tmp_path}/w.sock"
     worker = start_worker(stories_path, address, tmp_path)
     port = free_port()
-    gateway = start_gateway([address], port, tmp_path)
+    gateway = start_gateway([address], port, tmp_path, "--worker-timeout", "5")  # busy CI box
     out_json, out_png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     try:
         wait_healthy(f"http://127.0.0.1:{port}", [worker, gateway])

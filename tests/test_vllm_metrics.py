@@ -3,6 +3,7 @@ speculation on so the spec-decode counters move), so vLLM's dashboards work unch
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ HISTOGRAMS = (
     "vllm:request_prompt_tokens",
     "vllm:request_generation_tokens",
 )
+DASHBOARD = Path(__file__).resolve().parent.parent / "scripts/monitoring/grafana-dashboard.json"
 LINE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$")
 
 
@@ -67,7 +69,7 @@ def test_vllm_metric_names_after_traffic(tmp_path: Path, stories_path: Path) -> 
     spec = ("--speculative-method", "ngram", "--num-speculative-tokens", "3")
     worker = start_worker(stories_path, address, tmp_path, "--served-model-name", MODEL, *spec)
     port = free_port()
-    gateway = start_gateway([address], port, tmp_path)
+    gateway = start_gateway([address], port, tmp_path, "--worker-timeout", "5")  # busy CI box
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, [worker, gateway])
@@ -133,6 +135,16 @@ def test_vllm_metric_names_after_traffic(tmp_path: Path, stories_path: Path) -> 
     assert 0 < n["vllm:inter_token_latency_seconds"][MODEL] <= 3 * 23 + 4
     success = {lb["finished_reason"]: v for lb, v in got["vllm:request_success_total"]}
     assert success == {"length": 4.0}
+    # Every series the Grafana dashboard queries is exported.
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    queried = {
+        name
+        for p in panels
+        for t in p["targets"]
+        for name in re.findall(r"vllm:[a-z0-9_]+", t["expr"])
+    }
+    assert len(queried) >= 15
+    assert sorted(queried - set(got)) == []
     ttft_sum = dict((lb["model_name"], v) for lb, v in got["vllm:time_to_first_token_seconds_sum"])
     e2e_sum = dict((lb["model_name"], v) for lb, v in got["vllm:e2e_request_latency_seconds_sum"])
     assert 0 < ttft_sum[MODEL] <= e2e_sum[MODEL]
