@@ -148,5 +148,10 @@ class Metrics:
             if seq.num_tokens > 1:
                 self.tpot.labels(model).observe((end - first) / (seq.num_tokens - 1))
 
+    def observe_abort(self, model: str) -> None:
+        """A request that ended before finishing (its client went away): counted only."""
+        self.success.labels(model, "abort").inc()
+        self.vllm.success.labels(model, "abort").inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -88,11 +88,19 @@ def test_vllm_metric_names_after_traffic(tmp_path: Path, stories_path: Path) -> 
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as resp:
             assert resp.status_code == 200
             resp.read()
+        # A client that goes away mid-stream: an abort.
+        body = {"model": MODEL, "prompt": "Tom", "max_tokens": 300, "stream": True}
+        with httpx.stream(
+            "POST", f"{base}/v1/completions", json=body | {"ignore_eos": True}
+        ) as resp:
+            next(resp.iter_lines())
         text = ""
         for _ in range(30):  # worker stats arrive with outputs and heartbeats
             text = httpx.get(f"{base}/metrics", timeout=5).text
             got = samples(text)
-            if got.get("vllm:spec_decode_num_drafts_total", [({}, 0.0)])[0][1] > 0:
+            aborted = [v for lb, v in got.get("vllm:request_success_total", [])
+                       if lb.get("finished_reason") == "abort"]  # fmt: skip
+            if got.get("vllm:spec_decode_num_drafts_total", [({}, 0.0)])[0][1] > 0 and aborted:
                 break
             time.sleep(0.2)
         got, kinds = samples(text), types(text)
@@ -134,7 +142,7 @@ def test_vllm_metric_names_after_traffic(tmp_path: Path, stories_path: Path) -> 
     # ITL: one gap per output after the first, so at most (tokens - 1) per request.
     assert 0 < n["vllm:inter_token_latency_seconds"][MODEL] <= 3 * 23 + 4
     success = {lb["finished_reason"]: v for lb, v in got["vllm:request_success_total"]}
-    assert success == {"length": 4.0}
+    assert success == {"length": 4.0, "abort": 1.0}
     # Every series the Grafana dashboard queries is exported.
     panels = json.loads(DASHBOARD.read_text())["panels"]
     queried = {
