@@ -100,7 +100,9 @@ def test_vllm_metric_names_after_traffic(tmp_path: Path, stories_path: Path) -> 
             got = samples(text)
             aborted = [v for lb, v in got.get("vllm:request_success_total", [])
                        if lb.get("finished_reason") == "abort"]  # fmt: skip
-            if got.get("vllm:spec_decode_num_drafts_total", [({}, 0.0)])[0][1] > 0 and aborted:
+            drafts = got.get("vllm:spec_decode_num_drafts_total", [({}, 0.0)])[0][1]
+            idle = got.get("vllm:num_requests_running", [({}, 1.0)])[0][1] == 0  # abort reached
+            if drafts > 0 and aborted and idle:
                 break
             time.sleep(0.2)
         got, kinds = samples(text), types(text)
