@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench_report import latency_fields
-from gateway.bench_serve import prompt_ids
+from headrace.bench.report import latency_fields
+from headrace.bench.serve import prompt_ids
 from tests.server_harness import REPO, free_port, start_gateway, start_worker, wait_healthy
 
 VLLM_FIELDS = ["completed", "failed", "request_throughput", "output_throughput",

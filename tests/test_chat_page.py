@@ -41,7 +41,7 @@ def test_disable_chat_page(tmp_path: Path) -> None:
 def test_chat_page_from_args() -> None:
     import argparse
 
-    from gateway.app import add_gateway_args, gateway_config_from_args
+    from headrace.gateway_cmd import add_gateway_args, gateway_config_from_args
 
     p = argparse.ArgumentParser()
     add_gateway_args(p)

@@ -6,11 +6,12 @@ import logging
 
 import torch
 
+from ipc.model_folder import ModelFiles
 from worker import progress
 from worker.attention import AttentionBackend
 from worker.model_config import ModelConfig
-from worker.model_files import ModelFiles
 from worker.models.llama import LlamaForCausalLM
+from worker.weights import iter_weights
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def build_model(
     else:
         with torch.no_grad():
             total = sum(1 for _ in model.parameters())
-            weights = progress.bar(files.iter_weights(), total, "tensors")
+            weights = progress.bar(iter_weights(files), total, "tensors")
             model.load_weights(weights, source=files.path)
     model.rotary.build(device)
     model.eval()

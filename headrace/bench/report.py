@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.bench_serve import RequestResult
+    from headrace.bench.serve import RequestResult
 
 PERCENTILES = (50, 90, 99)
 

@@ -7,7 +7,7 @@ inf`) run one after the other on the same requests. Prompts are seeded random to
 different for every request, so no two share a prefix and the prefix cache never helps.
 Per request: TTFT (first streamed text), ITL (gaps between streamed chunks), TPOT = (E2E -
 TTFT) / (output tokens - 1), and output tokens from the usage chunk. Results (see
-gateway/bench_report.py): a JSON file with `vllm bench serve`'s field names per rate, and a
+headrace/bench/report.py): a JSON file with `vllm bench serve`'s field names per rate, and a
 PNG of TTFT, TPOT and throughput against the rate.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from gateway.bench_report import plot_sweep, print_sweep, summarize_run, sweep_result
+from headrace.bench.report import plot_sweep, print_sweep, summarize_run, sweep_result
 
 FILLER = (
     "The mill stood by the river, and a channel of cold water ran from the weir to its "
