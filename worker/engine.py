@@ -20,6 +20,7 @@ from ipc.messages import (
     WorkerStats,
 )
 from ipc.model_folder import ModelFiles, open_model
+from worker import progress
 from worker.config import EngineConfig, SchedulerConfig
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
@@ -61,17 +62,19 @@ class EngineCore:
         self.quant = resolve_fp8_scheme(self.files.config, config.quantization, self.files.path)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         t0 = time.perf_counter()
-        model = build_model(
-            self.files,
-            mc,
-            make_backend(self.device),
-            self.max_model_len,
-            self.device,
-            self.dtype,
-            dummy=config.load_format == "dummy",
-            seed=config.seed,
-            quant=self.quant,
-        )
+        what = "random (dummy) weights" if config.load_format == "dummy" else "weights"
+        with progress.stage(f"loading {what} of {self.files.path}"):
+            model = build_model(
+                self.files,
+                mc,
+                make_backend(self.device),
+                self.max_model_len,
+                self.device,
+                self.dtype,
+                dummy=config.load_format == "dummy",
+                seed=config.seed,
+                quant=self.quant,
+            )
         log.info(
             "loaded %s in %.1fs (weights: %s)",
             self.files.path,
@@ -91,13 +94,15 @@ class EngineCore:
             kv_bytes_per_block(mc, config.block_size, self.kv_dtype),
         )
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_cuda_graphs(
-                config.max_num_seqs,
-                self.max_model_len,
-                config.block_size,
-                config.num_speculative_tokens,
-            )
+            with progress.stage("capturing CUDA graphs"):
+                self.runner.capture_cuda_graphs(
+                    config.max_num_seqs,
+                    self.max_model_len,
+                    config.block_size,
+                    config.num_speculative_tokens,
+                )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -304,6 +309,9 @@ class EngineCore:
                 num_prompt_tokens=req.num_prompt_tokens,
                 num_cached_tokens=req.num_cached_tokens,
             )
+            if not req.queue_time_sent and req.first_scheduled_at is not None:
+                out.queue_time = req.first_scheduled_at - req.added_at
+                req.queue_time_sent = True
             if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
                 out.prompt_logprobs = req.prompt_logprobs or [None]
                 req.prompt_logprobs_sent = True

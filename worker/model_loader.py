@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ipc.model_folder import ModelFiles
+from worker import progress
 from worker.attention import AttentionBackend
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
@@ -72,7 +73,9 @@ def build_model(
         fill_dummy_weights(model, seed)
     else:
         with torch.no_grad():
-            model.load_weights(iter_weights(files), source=files.path)
+            total = sum(1 for _ in model.parameters())
+            weights = progress.bar(iter_weights(files), total, "tensors")
+            model.load_weights(weights, source=files.path)
     model.rotary.build(device)
     model.eval()
     return model
