@@ -51,6 +51,11 @@ def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True)
         action="store_true",
         help="let the model decide when to call tools (needs --tool-call-parser)",
     )
+    g.add_argument(
+        "--disable-chat-page",
+        action="store_true",
+        help="do not serve the built-in chat page at /",
+    )
 
 
 def gateway_config_from_args(
@@ -72,6 +77,7 @@ def gateway_config_from_args(
         worker_timeout=args.worker_timeout,
         tokenizer=getattr(args, "tokenizer", None),
         tools=tools,
+        chat_page=not args.disable_chat_page,
     )
 
 

@@ -8,6 +8,7 @@ speculative tokens are extra tokens appended for one step and verified.
 from __future__ import annotations
 
 import enum
+import time
 from typing import TYPE_CHECKING
 
 from ipc.messages import FinishReason, SamplingParams, TokenLogprobs
@@ -56,6 +57,10 @@ class Request:
         self.num_sent_tokens = 0  # output tokens already reported to the caller
         # Structured output: the matcher, set once the grammar has compiled.
         self.grammar: RequestGrammar | None = None
+        # Queue time for metrics: engine arrival -> first scheduled (time.monotonic()).
+        self.added_at = time.monotonic()
+        self.first_scheduled_at: float | None = None
+        self.queue_time_sent = False
 
     @property
     def num_prompt_tokens(self) -> int:
