@@ -1,7 +1,7 @@
 """The gateway's HTTP app (starlette) and `headrace gateway`.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics, POST /tokenize, POST /detokenize. With `--api-key`, /v1/* needs
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{model}],
+GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET /openapi.json. With `--api-key`, /v1/* needs
 `Authorization: Bearer KEY`. Every user error is an OpenAI error object.
 """
 
@@ -18,21 +18,26 @@ from typing import Any, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.cors import CorsConfig, add_cors, add_cors_args, cors_from_args
+from gateway.decode import decode_body, offload
+from gateway.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainMiddleware, DrainState
 from gateway.engine_client import EngineClient
 from gateway.errors import (
     APIError,
     BadRequest,
     InternalError,
     NotFound,
+    TooManyRequests,
     Unauthorized,
-    from_validation_error,
 )
+from gateway.limits import BodyGuard, LimitsConfig, add_limit_args, limits_from_args
 from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.openapi import openapi_document
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,7 +49,7 @@ from gateway.protocol import (
     TokenizeResponse,
 )
 from gateway.router import ROUTING_POLICIES
-from gateway.serving_chat import chat_prompt_ids, create_chat_completion
+from gateway.serving_chat import chat_chars, chat_prompt_ids, create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
 
@@ -65,6 +70,9 @@ class GatewayConfig:
     max_queued_requests: int | None = None  # 429 beyond this many requests waiting
     worker_timeout: float = 1.0  # seconds of silence before a worker counts as down
     tokenizer: str | None = None  # overrides the tokenizer path the workers announce
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # body size, HTTP timeouts
+    cors: CorsConfig = field(default_factory=CorsConfig)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # drain seconds after SIGTERM
     started: float = field(default_factory=time.time)
 
 
@@ -73,14 +81,10 @@ def json_response(body: msgspec.Struct | dict[str, Any], status: int = 200) -> R
 
 
 def error_response(err: APIError) -> Response:
-    return json_response(err.body(), err.status)
-
-
-def decode(body: bytes, kind: type[T]) -> T:
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise from_validation_error(e) from None
+    response = json_response(err.body(), err.status)
+    if isinstance(err, TooManyRequests):
+        response.headers["retry-after"] = str(err.retry_after)
+    return response
 
 
 class APIKeyMiddleware:
@@ -119,7 +123,8 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
                 return await handler(request)
             except APIError as e:
                 return error_response(e)
-            except ClientDisconnected:
+            except (ClientDisconnected, ClientDisconnect):
+                logger.debug("client disconnected from %s", request.url.path)
                 return Response(status_code=499)
             except Exception:
                 logger.exception("unexpected error in %s", request.url.path)
@@ -128,7 +133,7 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return wrapped
 
     async def generate(request: Request, kind: type[Any], create: Callable[..., Any]) -> Any:
-        req = decode(await request.body(), kind)
+        req = await decode_body(await request.body(), kind)
         result = await until_disconnect(create(client, metrics, req), request.receive)
         if isinstance(result, AsyncGenerator):
             return SSEResponse(result)
@@ -147,6 +152,19 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
             if m.tokenizer is not None  # listed once requests for it can be served
         ]
         return json_response(ModelList(cards))
+
+    async def model_card(request: Request) -> Response:
+        name = request.path_params["model"]
+        entry = client.models.get(name)
+        if entry is None or entry.tokenizer is None:
+            raise NotFound(f"The model `{name}` does not exist.", "model")
+        info = entry.info
+        return json_response(
+            ModelCard(name, int(config.started), info.model_path, info.max_model_len)
+        )
+
+    async def openapi(request: Request) -> Response:
+        return json_response(openapi_document())
 
     async def health(request: Request) -> Response:
         workers = [
@@ -171,20 +189,23 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def tokenize(request: Request) -> Response:
-        req = decode(await request.body(), TokenizeRequest)
+        req = await decode_body(await request.body(), TokenizeRequest)
         entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
         if req.messages is not None:
-            ids = chat_prompt_ids(entry, req.messages, req.add_generation_prompt)
+            size = chat_chars(req.messages)
+            ids = await offload(
+                size, chat_prompt_ids, entry, req.messages, req.add_generation_prompt
+            )
         elif req.prompt is not None:
-            ids = list(tok.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+            ids = await offload(len(req.prompt), tok.encode, req.prompt, req.add_special_tokens)
         else:
             raise BadRequest("either prompt or messages is required", "prompt")
         return json_response(TokenizeResponse(len(ids), entry.info.max_model_len, ids))
 
     async def detokenize(request: Request) -> Response:
-        req = decode(await request.body(), DetokenizeRequest)
+        req = await decode_body(await request.body(), DetokenizeRequest)
         entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
@@ -205,6 +226,8 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
         Route("/v1/models", endpoint(models), methods=["GET"]),
+        Route("/v1/models/{model:path}", endpoint(model_card), methods=["GET"]),
+        Route("/openapi.json", endpoint(openapi), methods=["GET"]),
         Route("/health", endpoint(health), methods=["GET"]),
         Route("/metrics", endpoint(metrics_endpoint), methods=["GET"]),
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
@@ -222,6 +245,10 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
     )
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(BodyGuard, limits=config.limits)
+    add_cors(app, config.cors)  # outermost but for drain: preflights need no key or body
+    app.state.drain = DrainState()
+    app.add_middleware(DrainMiddleware, state=app.state.drain)
     app.state.client = client
     app.state.metrics = metrics
     return app
@@ -258,6 +285,14 @@ def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True)
         default=1.0,
         help="seconds without a heartbeat before a worker counts as down",
     )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        help="on SIGTERM, seconds to let requests in flight finish (new ones get 503)",
+    )
+    add_limit_args(g)
+    add_cors_args(g)
 
 
 def gateway_config_from_args(
@@ -267,6 +302,8 @@ def gateway_config_from_args(
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.worker_timeout <= 0:
         raise ValueError(f"--worker-timeout must be > 0, got {args.worker_timeout}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     return GatewayConfig(
         workers=workers if workers is not None else list(args.worker),
         host=args.host,
@@ -276,6 +313,9 @@ def gateway_config_from_args(
         max_queued_requests=args.max_queued_requests,
         worker_timeout=args.worker_timeout,
         tokenizer=getattr(args, "tokenizer", None),
+        limits=limits_from_args(args),
+        cors=cors_from_args(args),
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
@@ -283,19 +323,29 @@ def run_gateway(config: GatewayConfig, log_level: str = "warning") -> None:
     """Serve the app with uvicorn (uvloop and httptools when installed) until SIGINT/SIGTERM."""
     import uvicorn
 
+    from gateway.drain import DrainingServer
+    from gateway.limits import HeaderTimeoutH11
+
     log_level = log_level.lower()
     logging.getLogger("headrace").setLevel(log_level.upper())
     app = build_app(config)
-    uvicorn.run(
+    limits = config.limits
+    protocol = type(
+        "Protocol", (HeaderTimeoutH11,), {"header_timeout": limits.request_header_timeout}
+    )
+    uv_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         loop="auto",
-        http="auto",
+        http=protocol,
         log_level=log_level,
         access_log=False,
-        timeout_keep_alive=30,
+        timeout_keep_alive=limits.timeout_keep_alive,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=limits.h11_max_incomplete_event_size,
+        timeout_graceful_shutdown=1,  # after our own drain (DrainingServer)
     )
+    DrainingServer(uv_config, app.state.drain, config.shutdown_timeout).run()
 
 
 def gateway_main(args: argparse.Namespace) -> None:

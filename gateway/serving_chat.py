@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from gateway.decode import offload
 from gateway.engine_client import Child, EngineClient, ModelEntry, Submission
 from gateway.errors import APIError, BadRequest
 from gateway.metrics import Metrics
@@ -42,6 +43,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if m.role not in ("system", "user", "assistant", "developer", "tool"):
             raise BadRequest(f"messages[{i}].role {m.role!r} is not supported", "messages")
         content: Any = m.content
+        if content is None and m.role in ("user", "system", "developer"):
+            raise BadRequest(f"messages[{i}].content is required for role {m.role!r}", "messages")
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
@@ -86,8 +89,24 @@ def chat_prompt_ids(
     return list(rendered)
 
 
+def chat_chars(messages: list[ChatMessage] | None) -> int:
+    total = 0
+    for m in messages or []:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content:
+            total += sum(len(p.text or "") for p in m.content)
+    return total
+
+
 class ChatRun:
-    def __init__(self, client: EngineClient, metrics: Metrics | None, req: ChatCompletionRequest):
+    def __init__(
+        self,
+        client: EngineClient,
+        metrics: Metrics | None,
+        req: ChatCompletionRequest,
+        prompt_ids: list[int] | None = None,  # rendered and tokenized already
+    ):
         if req.tools and req.tool_choice != "none":
             raise BadRequest("tool calling is not supported", "tools")
         if req.response_format is not None and req.response_format.type != "text":
@@ -99,14 +118,17 @@ class ChatRun:
         self.entry = entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
-        self.prompt_ids = chat_prompt_ids(
-            entry, req.messages, req.add_generation_prompt, req.add_special_tokens
-        )
+        if prompt_ids is None:
+            prompt_ids = chat_prompt_ids(
+                entry, req.messages, req.add_generation_prompt, req.add_special_tokens
+            )
+        self.prompt_ids = prompt_ids
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = build_params(req, max_tokens, logprobs, entry.info.max_logprobs)
+        info = entry.info
+        params = build_params(req, max_tokens, logprobs, info.max_logprobs, info.sampling_defaults)
         params = check_length(len(self.prompt_ids), params, entry.info.max_model_len, "messages")
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -140,7 +162,10 @@ class ChatRun:
 async def create_chat_completion(
     client: EngineClient, metrics: Metrics | None, req: ChatCompletionRequest
 ) -> ChatCompletionResponse | AsyncGenerator[bytes, None]:
-    run = ChatRun(client, metrics, req)
+    # Long chats are rendered and tokenized in a thread, so other streams keep flowing.
+    args = (client.model(req.model), req.messages, req.add_generation_prompt)
+    ids = await offload(chat_chars(req.messages), chat_prompt_ids, *args, req.add_special_tokens)
+    run = ChatRun(client, metrics, req, ids)
     if req.stream:
         return _stream(run)
     try:
