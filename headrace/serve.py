@@ -26,6 +26,7 @@ from pathlib import Path
 import msgspec
 
 from gateway.app import add_gateway_args, gateway_config_from_args, run_gateway
+from worker.admission import add_admission_args, admission_flags, admission_from_args
 from worker.config import EngineConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -55,6 +56,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser, model_required=False)
     add_gateway_args(parser, with_workers=False)
     g = parser.add_argument_group("serve")
+    add_admission_args(g)
     g.add_argument(
         "--data-parallel-size",
         type=int,
@@ -66,8 +68,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 class WorkerProcess:
     """One `python -m worker.server` child and how to (re)start it."""
 
-    def __init__(self, index: int, address: str, config: EngineConfig, gpu: bool) -> None:
+    def __init__(
+        self, index: int, address: str, config: EngineConfig, gpu: bool,
+        flags: list[str] | None = None,
+    ) -> None:  # fmt: skip
         self.index = index
+        self.flags = flags or []  # worker flags beyond the engine config (limits, drain)
         self.address = address
         self.config = config
         self.gpu = gpu
@@ -85,6 +91,7 @@ class WorkerProcess:
             "--worker-id", f"worker-{self.index}-{os.getpid()}",
             "--parent-pid", str(os.getpid()),
             "--config", msgspec.json.encode(self.config).decode(),
+            *self.flags,
         ]  # fmt: skip
         repo = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
@@ -150,8 +157,13 @@ def serve_main(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, served_model_name=args.model)
     sock_dir = Path(tempfile.mkdtemp(prefix="headrace-"))
     gpu = config.device != "cpu" and args.data_parallel_size > 1
+    flags = [
+        *admission_flags(admission_from_args(args)),
+        "--shutdown-timeout",
+        str(args.shutdown_timeout),
+    ]
     workers = [
-        WorkerProcess(i, f"ipc://{sock_dir}/worker-{i}.sock", config, gpu)
+        WorkerProcess(i, f"ipc://{sock_dir}/worker-{i}.sock", config, gpu, flags)
         for i in range(args.data_parallel_size)
     ]
     gw = gateway_config_from_args(args, workers=[w.address for w in workers])

@@ -19,7 +19,8 @@ from ipc.messages import (
     RequestOutput,
     WorkerStats,
 )
-from worker.config import EngineConfig, SchedulerConfig
+from worker.config import EngineConfig, SchedulerConfig, default_max_num_batched_tokens
+from worker.generation_defaults import sampling_defaults
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_files import ModelFiles, open_model
@@ -71,7 +72,9 @@ class EngineCore:
         self.runner = ModelRunner(
             model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed
         )
-        max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
+        max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
+            self.device.type, config.enable_chunked_prefill, self.max_model_len
+        )
         num_blocks = self._num_kv_blocks(max_batched)
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -101,6 +104,9 @@ class EngineCore:
             tokenizer=config.tokenizer or self.files.tokenizer_path,
             max_logprobs=config.max_logprobs,
             block_size=config.block_size,
+            sampling_defaults=sampling_defaults(
+                self.files.generation_config, config.generation_config
+            ),
         )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
