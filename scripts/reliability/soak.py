@@ -109,7 +109,7 @@ async def soak(c: Cluster, seconds: float, kill_every: float, clients: int) -> d
             "after_warmup": round(warm, 1),
             "end": round(memory[-1], 1),
             "max": round(max(memory), 1),
-        },  # fmt: skip
+        },
         "kv_blocks_free_at_end": f"{free:.0f}/{total:.0f}",
         "workers_at_end": [
             {
