@@ -72,11 +72,16 @@ def _reference(q, k, v, kv_cache, md, scale, window):  # type: ignore[no-untyped
 def test_cpu_backend_scales_with_work() -> None:
     torch.set_num_threads(1)  # comparable on any machine, and CI has 2 cores
     backend = TorchAttention()
-    short, long = _prefill_time(backend, 1024), _prefill_time(backend, 4096)
-    reference = _prefill_time(_reference, 4096)
-    # 4x the tokens is 16x the attention FLOPs but chunking keeps each step's scores small:
-    # the einsum reference takes ~16x; SDPA ~6x. And it is well ahead of the reference.
-    assert long / short < 11, (short, long)
+    # Interleaved best-of runs, so a busy machine slows both sides alike.
+    short = long = reference = float("inf")
+    for _ in range(4):
+        short = min(short, _prefill_time(backend, 1024, reps=1))
+        long = min(long, _prefill_time(backend, 4096, reps=1))
+        reference = min(reference, _prefill_time(_reference, 4096, reps=1))
+    # In 512-token chunks, 4x the tokens is 12x the attention work (sum of chunk x context).
+    # The einsum reference takes ~16x (its score matrices outgrow the caches); SDPA tracks
+    # the work. Loose bound on a shared machine; the speedup below is the sharp check.
+    assert long / short < 16, (short, long)
     assert reference / long > 1.4, (reference, long)
 
 

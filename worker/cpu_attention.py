@@ -38,9 +38,11 @@ def paged_attention_sdpa(
         blocks = block_tables[r, : (seq_len + block_size - 1) // block_size].long()
         k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, Hkv, D]
         v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        # SDPA wants [heads, tokens, D]; GQA shares each K/V head across its query group.
-        qh = q[q_start:q_end].transpose(0, 1)  # [Hq, q_len, D]
-        kh, vh = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
+        # SDPA wants [batch, heads, tokens, D] (3-D inputs take its slow math path, 3-4x
+        # slower); GQA shares each K/V head across its query group.
+        qh = q[q_start:q_end].transpose(0, 1)[None]  # [1, Hq, q_len, D]
+        kh = k.transpose(0, 1).to(q.dtype)[None]  # [1, Hkv, S, D]
+        vh = v.transpose(0, 1).to(q.dtype)[None]
         mask = _mask(q_len, seq_len, sliding_window, q.device)
         o = F.scaled_dot_product_attention(
             qh,
@@ -50,8 +52,8 @@ def paged_attention_sdpa(
             is_causal=mask is None and q_len > 1,
             scale=scale,
             enable_gqa=num_q_heads != num_kv_heads,
-        )  # [Hq, q_len, D]
-        out[q_start:q_end] = o.transpose(0, 1)
+        )  # [1, Hq, q_len, D]
+        out[q_start:q_end] = o[0].transpose(0, 1)
     return out
 
 
