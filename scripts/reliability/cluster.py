@@ -22,7 +22,7 @@ from tests.server_harness import (
 )
 
 SHARED = Path(os.environ.get("HEADRACE_SHARED_MODELS", Path(__file__).resolve().parents[3] / "shared" / "models"))  # fmt: skip
-MODEL = "model"
+MODEL = "fake"  # the name the hostile corpus (tests/test_hostile_input.py) sends
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from scripts.reliability.cluster import cluster
+from scripts.reliability.cluster import MODEL, cluster
 from tests.test_hostile_input import BAD_FIELDS, HOSTILE_BODIES, POST_ROUTES, VALID
 
 UNICODE = [
@@ -37,7 +37,7 @@ def corpus() -> list[tuple[str, bytes]]:
     for path in ("/v1/completions", "/v1/chat/completions"):
         items += [(path, b"{" + VALID + b", " + f + b"}") for f in BAD_FIELDS]
     for text in UNICODE:
-        body = {"model": "model", "prompt": text, "max_tokens": 3,
+        body = {"model": MODEL, "prompt": text, "max_tokens": 3,
                 "messages": [{"role": "user", "content": text}]}  # fmt: skip
         raw = json.dumps(body).encode()
         items += [("/v1/completions", raw), ("/v1/chat/completions", raw), ("/tokenize", raw)]
