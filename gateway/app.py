@@ -1,8 +1,9 @@
 """The gateway's HTTP app (starlette); `headrace gateway` (headrace/gateway_cmd.py) serves it.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{model}],
-GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET /openapi.json. With `--api-key`, /v1/* needs
-`Authorization: Bearer KEY`. Every user error is an OpenAI error object.
+GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET /openapi.json, and the
+chat page at GET /. With `--api-key`, /v1/* needs `Authorization: Bearer KEY`. Every user
+error is an OpenAI error object.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # body size, HTTP timeouts
     cors: CorsConfig = field(default_factory=CorsConfig)
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # drain seconds after SIGTERM
+    chat_page: bool = True  # the built-in chat page at / (gateway/chat_page.py)
     started: float = field(default_factory=time.time)
 
 
@@ -231,6 +233,10 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
     ]
+    if config.chat_page:
+        from gateway.chat_page import chat_page_routes
+
+        routes += chat_page_routes()
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)

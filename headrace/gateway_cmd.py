@@ -47,6 +47,11 @@ def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True)
         default=DEFAULT_SHUTDOWN_TIMEOUT,
         help="on SIGTERM, seconds to let requests in flight finish (new ones get 503)",
     )
+    g.add_argument(
+        "--disable-chat-page",
+        action="store_true",
+        help="do not serve the built-in chat page at /",
+    )
     add_limit_args(g)
     add_cors_args(g)
 
@@ -72,6 +77,7 @@ def gateway_config_from_args(
         limits=limits_from_args(args),
         cors=cors_from_args(args),
         shutdown_timeout=args.shutdown_timeout,
+        chat_page=not args.disable_chat_page,
     )
 
 

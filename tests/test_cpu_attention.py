@@ -33,12 +33,15 @@ def _batch(
     return q, kv, qsl, torch.tensor(seq_lens, dtype=torch.int32), tables
 
 
-@pytest.mark.parametrize("window", [None, 7])
-def test_sdpa_matches_the_reference(window: int | None) -> None:
+@pytest.mark.parametrize(("window", "fp8"), [(None, False), (7, False), (None, True)])
+def test_sdpa_matches_the_reference(window: int | None, fp8: bool) -> None:
     # A decode, a fresh prefill, a chunk after a cached prefix, and an empty row.
     q, kv, qsl, seq_lens, tables = _batch([1, 37, 20, 0, 1], [50, 37, 61, 9, 1])
-    ref = paged_attention_ref(q, kv, qsl, seq_lens, tables, 0.17, window)
-    got = paged_attention_sdpa(q, kv, qsl, seq_lens, tables, 0.17, window)
+    scales = {"k_scale": 0.5, "v_scale": 2.0} if fp8 else {}
+    if fp8:
+        kv = kv.to(torch.float8_e4m3fn)
+    ref = paged_attention_ref(q, kv, qsl, seq_lens, tables, 0.17, window, **scales)
+    got = paged_attention_sdpa(q, kv, qsl, seq_lens, tables, 0.17, window, **scales)
     live = torch.ones(q.shape[0], dtype=torch.bool)
     torch.testing.assert_close(got[live], ref[live], atol=2e-5, rtol=1e-4)
 

@@ -24,6 +24,8 @@ def paged_attention_sdpa(
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,  # [T, Hq, D]
+    k_scale: float = 1.0,  # FP8 caches: K = cache * k_scale (16/32-bit caches ignore it)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -36,13 +38,15 @@ def paged_attention_sdpa(
         if q_len == 0:
             continue
         blocks = block_tables[r, : (seq_len + block_size - 1) // block_size].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, Hkv, D]
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        k = _rows(kv_cache, 0, blocks, k_scale, q.dtype)
+        k = k.reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, Hkv, D]
+        v = _rows(kv_cache, 1, blocks, v_scale, q.dtype)
+        v = v.reshape(-1, num_kv_heads, head_dim)[:seq_len]
         # SDPA wants [batch, heads, tokens, D] (3-D inputs take its slow math path, 3-4x
         # slower); GQA shares each K/V head across its query group.
         qh = q[q_start:q_end].transpose(0, 1)[None]  # [1, Hq, q_len, D]
-        kh = k.transpose(0, 1).to(q.dtype)[None]  # [1, Hkv, S, D]
-        vh = v.transpose(0, 1).to(q.dtype)[None]
+        kh = k.transpose(0, 1)[None]  # [1, Hkv, S, D]
+        vh = v.transpose(0, 1)[None]
         mask = _mask(q_len, seq_len, sliding_window, q.device)
         o = F.scaled_dot_product_attention(
             qh,
@@ -55,6 +59,17 @@ def paged_attention_sdpa(
         )  # [1, Hq, q_len, D]
         out[q_start:q_end] = o[0].transpose(0, 1)
     return out
+
+
+def _rows(
+    kv_cache: torch.Tensor, kv: int, blocks: torch.Tensor, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Blocks `blocks` of K (kv=0) or V (kv=1) in `dtype`; FP8 rows times their scale (read
+    as uint8, as the reference does: indexing has no float8 kernel on every device)."""
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        raw = kv_cache.view(torch.uint8)[kv, blocks].view(torch.float8_e4m3fn)
+        return (raw.float() * scale).to(dtype)
+    return kv_cache[kv, blocks].to(dtype)
 
 
 def _mask(
