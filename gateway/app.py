@@ -9,6 +9,7 @@ error is an OpenAI error object.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -51,6 +52,7 @@ from gateway.protocol import (
 from gateway.serving_chat import chat_chars, chat_prompt_ids, create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
+from gateway.tool_calling import ToolOptions
 
 logger = logging.getLogger("headrace.gateway")
 T = TypeVar("T")
@@ -72,6 +74,7 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # body size, HTTP timeouts
     cors: CorsConfig = field(default_factory=CorsConfig)
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # drain seconds after SIGTERM
+    tools: ToolOptions = field(default_factory=ToolOptions)  # tool-call parser flags
     chat_page: bool = True  # the built-in chat page at / (gateway/chat_page.py)
     started: float = field(default_factory=time.time)
 
@@ -143,7 +146,8 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return await generate(request, CompletionRequest, create_completion)
 
     async def chat(request: Request) -> Any:
-        return await generate(request, ChatCompletionRequest, create_chat_completion)
+        create = functools.partial(create_chat_completion, tool_options=config.tools)
+        return await generate(request, ChatCompletionRequest, create)
 
     async def models(request: Request) -> Response:
         cards = [

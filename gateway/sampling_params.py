@@ -8,7 +8,7 @@ import msgspec
 
 from gateway.errors import BadRequest
 from gateway.protocol import SamplingExtras
-from ipc.messages import SamplingParams
+from ipc.messages import GuidedDecoding, SamplingParams
 
 
 def build_params(
@@ -16,6 +16,7 @@ def build_params(
     max_tokens: int | None,
     logprobs: int | None,
     max_logprobs: int,
+    guided: GuidedDecoding | None = None,
     defaults: Mapping[str, float] | None = None,
 ) -> SamplingParams:
     """Validated params for one prompt's n completions (n is fanned out by `fan_out`).
@@ -55,6 +56,7 @@ def build_params(
         prompt_logprobs=req.prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
+        guided=guided,
     )
     try:
         params.validate(max_logprobs)

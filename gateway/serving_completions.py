@@ -23,7 +23,8 @@ from gateway.sampling_params import build_params, check_length, fan_out
 from gateway.sequence import Delta, SequenceState, TokenStrings
 from gateway.serving_common import observe_aborted, observe_all, sequence_updates, token_strings
 from gateway.sse import DONE, error_event, event
-from ipc.messages import TokenLogprobs
+from gateway.structured_output import checked_guided_decoding
+from ipc.messages import GuidedDecoding, TokenLogprobs
 
 
 def parse_prompts(req: CompletionRequest, entry: ModelEntry) -> list[tuple[str | None, list[int]]]:
@@ -75,6 +76,7 @@ class CompletionRun:
         client: EngineClient,
         metrics: Metrics | None,
         req: CompletionRequest,
+        guided: GuidedDecoding | None = None,
         prompts: list[tuple[str | None, list[int]]] | None = None,  # parsed already
     ):
         if req.suffix:
@@ -91,7 +93,7 @@ class CompletionRun:
         if max_tokens is msgspec.UNSET:  # the model's max_new_tokens, else OpenAI's 16
             max_tokens = None if "max_tokens" in info.sampling_defaults else 16
         base = build_params(
-            req, max_tokens, req.logprobs, info.max_logprobs, info.sampling_defaults
+            req, max_tokens, req.logprobs, info.max_logprobs, guided, info.sampling_defaults
         )
         if want_prompt_lps and base.prompt_logprobs is None:
             base = msgspec.structs.replace(base, prompt_logprobs=req.logprobs)
@@ -166,9 +168,10 @@ class CompletionRun:
 async def create_completion(
     client: EngineClient, metrics: Metrics | None, req: CompletionRequest
 ) -> CompletionResponse | AsyncGenerator[bytes, None]:
+    guided = await checked_guided_decoding(req)
     # Long texts are tokenized in a thread, so other streams' tokens keep flowing.
     prompts = await offload(prompt_chars(req), parse_prompts, req, client.model(req.model))
-    run = CompletionRun(client, metrics, req, prompts)
+    run = CompletionRun(client, metrics, req, guided, prompts)
     if req.stream:
         return _stream(run)
     try:

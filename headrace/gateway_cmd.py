@@ -11,6 +11,8 @@ from gateway.cors import add_cors_args, cors_from_args
 from gateway.drain import DEFAULT_SHUTDOWN_TIMEOUT
 from gateway.limits import add_limit_args, limits_from_args
 from gateway.router import ROUTING_POLICIES
+from gateway.tool_calling import ToolOptions
+from gateway.tool_parsers import PARSERS
 
 
 def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True) -> None:
@@ -48,6 +50,17 @@ def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True)
         help="on SIGTERM, seconds to let requests in flight finish (new ones get 503)",
     )
     g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(PARSERS),
+        help="how the model writes tool calls (for tool_choice auto)",
+    )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="let the model decide when to call tools (needs --tool-call-parser)",
+    )
+    g.add_argument(
         "--disable-chat-page",
         action="store_true",
         help="do not serve the built-in chat page at /",
@@ -65,6 +78,8 @@ def gateway_config_from_args(
         raise ValueError(f"--worker-timeout must be > 0, got {args.worker_timeout}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    tools = ToolOptions(args.tool_call_parser, args.enable_auto_tool_choice)
+    tools.validate()
     return GatewayConfig(
         workers=workers if workers is not None else list(args.worker),
         host=args.host,
@@ -77,6 +92,7 @@ def gateway_config_from_args(
         limits=limits_from_args(args),
         cors=cors_from_args(args),
         shutdown_timeout=args.shutdown_timeout,
+        tools=tools,
         chat_page=not args.disable_chat_page,
     )
 

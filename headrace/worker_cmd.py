@@ -94,7 +94,12 @@ def engine_factory(config: EngineConfig, args: argparse.Namespace) -> Callable[[
             return FakeEngineCore(config, step_s=args.fake_step_ms / 1000)
         from worker.engine import EngineCore
 
-        return EngineCore(config)
+        engine = EngineCore(config)
+        # Structured output's first use imports xgrammar and reads the vocabulary (seconds
+        # of GIL-heavy work): done before the worker reports ready, so it never starves the
+        # heartbeat thread of a serving worker into looking dead.
+        engine.grammars.backend.warm_up()
+        return engine
 
     return build
 

@@ -167,9 +167,9 @@ def test_build_params_takes_unset_fields_from_the_model() -> None:
     req = msgspec.json.decode(
         b'{"model": "m", "prompt": "x", "top_p": 0.5}', type=CompletionRequest
     )
-    p = build_params(req, None, None, 20, defaults | {"max_tokens": 9})
+    p = build_params(req, None, None, 20, defaults=defaults | {"max_tokens": 9})
     assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_tokens) == (
         0.3, 0.5, 5, 1.1, 9,
     )  # fmt: skip
-    assert build_params(req, 4, None, 20, {"max_tokens": 9}).max_tokens == 4
-    assert build_params(req, None, None, 20, {}).temperature == 1.0
+    assert build_params(req, 4, None, 20, defaults={"max_tokens": 9}).max_tokens == 4
+    assert build_params(req, None, None, 20, defaults={}).temperature == 1.0

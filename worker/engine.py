@@ -38,6 +38,7 @@ from worker.quant.kv import resolve_kv_cache_dtype
 from worker.request import Request, RequestStatus, check_prompt
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals
+from worker.structured import GrammarWaitlist, advance_grammars
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,9 @@ class EngineCore:
         if self.proposer is not None:
             self.runner.draft_probs = self.proposer.draft_probs
         self.spec_stats = SpecStats()
+        self.grammars = GrammarWaitlist(
+            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(eos)
+        )
         # Async scheduling: a launched step whose tokens have not been read yet.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
 
@@ -185,7 +189,10 @@ class EngineCore:
             request = self._make_request(req)
         except ValueError as e:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
-        self.scheduler.add_request(request)
+        if req.params.guided is not None:
+            self.grammars.add(request)  # joins the scheduler once its grammar compiles
+        else:
+            self.scheduler.add_request(request)
         return None
 
     def _make_request(self, req: EngineRequest) -> Request:
@@ -201,20 +208,27 @@ class EngineCore:
                 f"the request needs {self.kv.blocks_needed(need)} KV cache blocks but the cache "
                 f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
             )
-        if req.request_id in self.scheduler.requests:
+        if req.request_id in self.scheduler.requests or req.request_id in self.grammars:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         return Request(
             req.request_id, list(prompt), p, max_tokens, self.eos_token_ids, req.arrival_time
         )
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        self.grammars.abort(request_ids)
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.grammars)
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        ready, failed = self.grammars.take_ready(wait=not self.scheduler.has_unfinished_requests())
+        for request in ready:
+            self.scheduler.add_request(request)
+        return failed + self._step()
+
+    def _step(self) -> list[RequestOutput]:
         if self.config.async_scheduling:
             return self._step_async()
         sched = self.scheduler.schedule()
@@ -229,8 +243,10 @@ class EngineCore:
         While the GPU runs step N, the CPU schedules N+1 (same requests, one token each),
         builds its inputs and queues it, feeding N's sampled ids on the device; only then
         does it wait for N's tokens and apply them. A request that N finishes (EOS, stop
-        id) has its N+1 token dropped. Steps that are not plain decodes, or whose
-        successor would differ from a normal schedule, run as usual.
+        id) has its N+1 token dropped. With a constrained request in the batch, N+1's
+        sampling waits for N's tokens (its masks follow them) but its forward does not.
+        Steps that are not plain decodes, or whose successor would differ from a normal
+        schedule, run as usual.
         """
         if self._inflight is not None:
             sched, pending = self._inflight
@@ -242,14 +258,20 @@ class EngineCore:
             if not self.runner.can_launch(sched):
                 return self._postprocess(sched, self.runner.execute(sched, self.kv))
             pending = self.runner.launch(sched, self.kv)
+        nxt_pending = None
         if self._can_chain(sched):
             nxt = self.scheduler.schedule_chained(sched)
             if nxt is not None:
-                self._inflight = (
-                    nxt,
-                    self.runner.launch(nxt, self.kv, input_ids=pending.token_ids, step_offset=1),
+                # Constrained requests' masks need this step's tokens: sample after them.
+                defer = any(sr.request.grammar is not None for sr in nxt.scheduled)
+                nxt_pending = self.runner.launch(
+                    nxt, self.kv, pending.token_ids, step_offset=1, defer_sampling=defer
                 )
-        return self._postprocess(sched, self.runner.finish(pending))
+                self._inflight = (nxt, nxt_pending)
+        outputs = self._postprocess(sched, self.runner.finish(pending))
+        if nxt_pending is not None and nxt_pending.token_ids is None:
+            self.runner.sample_pending(nxt_pending)
+        return outputs
 
     def _can_chain(self, sched: SchedulerOutput) -> bool:
         """Would the step after `sched` be these same requests decoding one token each?"""
@@ -288,6 +310,7 @@ class EngineCore:
             if sr.start < sr.request.num_prompt_tokens:
                 self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
         updates = self.scheduler.update(sched, result.new_tokens)
+        advance_grammars(updates)
         if self.proposer is not None:
             self.spec_stats.count(sched, result.new_tokens)
             set_proposals(
