@@ -8,9 +8,14 @@ follow vLLM's OpenAI server.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
+
+# OpenAI's ranges, enforced while decoding (a 400 naming the field) and shown in /openapi.json.
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+ModelName = Annotated[str, Meta(min_length=1)]
 
 # ------------------------------------------------------------------------- requests
 
@@ -35,10 +40,10 @@ class ResponseFormat(msgspec.Struct, kw_only=True):
 class SamplingExtras(msgspec.Struct, kw_only=True):
     """Sampling fields shared by completions and chat, with vLLM's extras."""
 
-    model: str | None = None
+    model: ModelName  # required, as OpenAI requires it
     n: int = 1
     best_of: int | None = None
-    temperature: float | None = None
+    temperature: Temperature | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -70,7 +75,7 @@ class SamplingExtras(msgspec.Struct, kw_only=True):
 class CompletionRequest(SamplingExtras, kw_only=True):
     # A string, a list of strings, a list of token ids, or a list of lists of token ids.
     prompt: str | list[str | int | list[int]] | None = None
-    max_tokens: int | None = 16
+    max_tokens: int | msgspec.UnsetType | None = msgspec.UNSET  # unset: 16, or the model's
     logprobs: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = True

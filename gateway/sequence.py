@@ -77,6 +77,7 @@ class SequenceState:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.error: str | None = None
+        self.error_status = 0  # the worker's hint: 429 overloaded, 503 draining / queue wait
         # Timings for metrics: arrival, first token, finish (time.monotonic()).
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
@@ -124,6 +125,7 @@ class SequenceState:
             delta.text += self.detok.flush()
             if out.finish_reason is FinishReason.ERROR:
                 self.error = out.error or "the worker failed this request"
+                self.error_status = out.error_status
             self._finish(str(out.finish_reason), out.stop_reason)
         self.text += delta.text
         delta.finished = self.finished

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from gateway.decode import offload
 from gateway.engine_client import Child, EngineClient, ModelEntry, Submission
 from gateway.errors import APIError, BadRequest
 from gateway.metrics import Metrics
@@ -47,6 +48,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if m.role not in ("system", "user", "assistant", "developer", "tool"):
             raise BadRequest(f"messages[{i}].role {m.role!r} is not supported", "messages")
         content: Any = m.content
+        if content is None and m.role in ("user", "system", "developer"):
+            raise BadRequest(f"messages[{i}].content is required for role {m.role!r}", "messages")
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
@@ -106,6 +109,16 @@ def chat_prompt_ids(
     return list(rendered)
 
 
+def chat_chars(messages: list[ChatMessage] | None) -> int:
+    total = 0
+    for m in messages or []:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content:
+            total += sum(len(p.text or "") for p in m.content)
+    return total
+
+
 class ChatRun:
     def __init__(
         self,
@@ -114,6 +127,7 @@ class ChatRun:
         req: ChatCompletionRequest,
         tools: ToolPlan | None = None,
         guided: GuidedDecoding | None = None,
+        prompt_ids: list[int] | None = None,  # rendered and tokenized already
     ):
         self.tools = tools or ToolPlan()
         if req.top_logprobs is not None and not req.logprobs:
@@ -123,18 +137,23 @@ class ChatRun:
         self.entry = entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
-        self.prompt_ids = chat_prompt_ids(
-            entry,
-            req.messages,
-            req.add_generation_prompt,
-            req.add_special_tokens,
-            self.tools.template_tools,
-        )
+        if prompt_ids is None:
+            prompt_ids = chat_prompt_ids(
+                entry,
+                req.messages,
+                req.add_generation_prompt,
+                req.add_special_tokens,
+                self.tools.template_tools,
+            )
+        self.prompt_ids = prompt_ids
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = build_params(req, max_tokens, logprobs, entry.info.max_logprobs, guided)
+        info = entry.info
+        params = build_params(
+            req, max_tokens, logprobs, info.max_logprobs, guided, info.sampling_defaults
+        )
         params = check_length(len(self.prompt_ids), params, entry.info.max_model_len, "messages")
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -173,7 +192,11 @@ async def create_chat_completion(
 ) -> ChatCompletionResponse | AsyncGenerator[bytes, None]:
     tools = plan_tools(req, tool_options or ToolOptions())
     guided = await checked_guided_decoding(req, tools.guided)
-    run = ChatRun(client, metrics, req, tools, guided)
+    # Long chats are rendered and tokenized in a thread, so other streams keep flowing.
+    args = (client.model(req.model), req.messages, req.add_generation_prompt)
+    size = chat_chars(req.messages)
+    ids = await offload(size, chat_prompt_ids, *args, req.add_special_tokens, tools.template_tools)
+    run = ChatRun(client, metrics, req, tools, guided, ids)
     if req.stream:
         return _stream(run)
     try:

@@ -62,13 +62,19 @@ class Tokenizer:
         return self._tok.id_to_token(token_id) or ""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # encode_batch releases the GIL (encode does not): a long text tokenized in a
+        # thread then leaves the event loop free.
+        encode = self._tok.encode if len(text) < 4096 else self._encode_unlocked
         try:
-            encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+            encoding = encode(text, add_special_tokens=add_special_tokens)
         except TypeError:
             # Lone surrogates (valid in JSON "\ud800" escapes) are not UTF-8: replace them.
             text = text.encode("utf-8", "replace").decode("utf-8")
-            encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+            encoding = encode(text, add_special_tokens=add_special_tokens)
         return list(encoding.ids)
+
+    def _encode_unlocked(self, text: str, add_special_tokens: bool = True) -> Any:
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -162,6 +162,7 @@ class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
     # In a request's first output only: seconds from its arrival in the engine to its
     # first scheduling (vllm:request_queue_time_seconds).
     queue_time: float | None = None
+    error_status: int = 0  # with ERROR: 429 overloaded, 503 draining / queue wait, else 0
 
     @property
     def finished(self) -> bool:
@@ -183,6 +184,10 @@ class WorkerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     spec_proposed: int = 0  # counter, tokens
     spec_accepted: int = 0  # counter, tokens
     spec_steps: int = 0  # counter, verification steps
+    num_queued: int = 0  # requests admitted with no first token yet (worker/admission.py)
+    num_queued_tokens: int = 0  # their prompt tokens
+    num_refused: int = 0  # counter: refused as overloaded or draining
+    draining: bool = False  # shutting down: routes new requests elsewhere
 
     @property
     def kv_cache_usage(self) -> float:
@@ -202,6 +207,11 @@ class ModelInfo(msgspec.Struct, tag=True, array_like=True, gc=False):
     tokenizer: str | None = None  # where the gateway loads the tokenizer; None: model_path
     max_logprobs: int = 20  # the largest logprobs / prompt_logprobs a request may ask for
     block_size: int = 16  # KV block size: the unit of prefix-cache keys (prefix routing)
+    # Request defaults from the model's generation_config.json (field -> value), see
+    # worker/generation_defaults.py; a request's own values win.
+    sampling_defaults: dict[str, float] = {}
+    max_num_queued_reqs: int | None = None  # the worker's overload limits (429 past them)
+    max_num_queued_tokens: int | None = None
 
 
 class EngineOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):

@@ -21,7 +21,8 @@ from ipc.messages import (
 )
 from ipc.model_folder import ModelFiles, open_model
 from worker import progress
-from worker.config import EngineConfig, SchedulerConfig
+from worker.config import EngineConfig, SchedulerConfig, default_max_num_batched_tokens
+from worker.generation_defaults import sampling_defaults
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_loader import build_model, resolve_device, resolve_dtype
@@ -85,7 +86,9 @@ class EngineCore:
         self.runner = ModelRunner(
             model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed, self.kv_dtype
         )
-        max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
+        max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
+            self.device.type, config.enable_chunked_prefill, self.max_model_len
+        )
         num_blocks = self._num_kv_blocks(max_batched)
         log.info(
             "KV cache: %d blocks of %d tokens, %s (%d bytes per block)",
@@ -124,6 +127,9 @@ class EngineCore:
             tokenizer=config.tokenizer or self.files.tokenizer_path,
             max_logprobs=config.max_logprobs,
             block_size=config.block_size,
+            sampling_defaults=sampling_defaults(
+                self.files.generation_config, config.generation_config
+            ),
         )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
