@@ -7,11 +7,13 @@ deltas, and the chunk that finishes a choice carries its `finish_reason`; with
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from gateway.decode import offload
 from gateway.engine_client import Child, EngineClient, ModelEntry, Submission
 from gateway.errors import BadRequest
 from gateway.metrics import Metrics
@@ -27,6 +29,7 @@ from gateway.protocol import (
     ChoiceLogprobs,
     DeltaMessage,
     StreamOptions,
+    ToolCall,
     TopLogprob,
     Usage,
 )
@@ -34,7 +37,10 @@ from gateway.sampling_params import build_params, check_length, fan_out
 from gateway.sequence import Delta, SequenceState, TokenStrings
 from gateway.serving_common import serve, token_strings
 from gateway.sse import event
-from ipc.messages import TokenLogprobs
+from gateway.structured_output import checked_guided_decoding
+from gateway.tool_calling import ToolOptions, ToolPlan, plan_tools
+from gateway.tool_parsers import ToolCallStream, parse_complete
+from ipc.messages import GuidedDecoding, TokenLogprobs
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -43,6 +49,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if m.role not in ("system", "user", "assistant", "developer", "tool"):
             raise BadRequest(f"messages[{i}].role {m.role!r} is not supported", "messages")
         content: Any = m.content
+        if content is None and m.role in ("user", "system", "developer"):
+            raise BadRequest(f"messages[{i}].content is required for role {m.role!r}", "messages")
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
@@ -58,8 +66,22 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         d["content"] = content if content is not None else ""
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [_call_dict(c) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
+
+
+def _call_dict(call: ToolCall) -> dict[str, Any]:
+    # Templates write `arguments | tojson`: they want the object, not its JSON text.
+    try:
+        arguments: Any = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        arguments = call.function.arguments
+    fn = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id, "type": call.type, "function": fn}
 
 
 def chat_prompt_ids(
@@ -67,6 +89,7 @@ def chat_prompt_ids(
     messages: list[ChatMessage] | None,
     add_generation_prompt: bool = True,
     add_special_tokens: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Render the chat template and tokenize it; a model without a template is a 400."""
     from gateway.chat_template import ChatTemplateError
@@ -79,18 +102,34 @@ def chat_prompt_ids(
         return tok.encode_chat(
             message_dicts(messages),
             add_generation_prompt=add_generation_prompt,
+            tools=tools,
             add_special_tokens=add_special_tokens,
         )
     except ChatTemplateError as e:
         raise BadRequest(str(e), "messages") from None
 
 
+def chat_chars(messages: list[ChatMessage] | None) -> int:
+    total = 0
+    for m in messages or []:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content:
+            total += sum(len(p.text or "") for p in m.content)
+    return total
+
+
 class ChatRun:
-    def __init__(self, client: EngineClient, metrics: Metrics | None, req: ChatCompletionRequest):
-        if req.tools and req.tool_choice != "none":
-            raise BadRequest("tool calling is not supported", "tools")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise BadRequest("only response_format type 'text' is supported", "response_format")
+    def __init__(
+        self,
+        client: EngineClient,
+        metrics: Metrics | None,
+        req: ChatCompletionRequest,
+        tools: ToolPlan | None = None,
+        guided: GuidedDecoding | None = None,
+        prompt_ids: list[int] | None = None,  # rendered and tokenized already
+    ):
+        self.tools = tools or ToolPlan()
         if req.top_logprobs is not None and not req.logprobs:
             raise BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
         self.req = req
@@ -98,14 +137,23 @@ class ChatRun:
         self.entry = entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
-        self.prompt_ids = chat_prompt_ids(
-            entry, req.messages, req.add_generation_prompt, req.add_special_tokens
-        )
+        if prompt_ids is None:
+            prompt_ids = chat_prompt_ids(
+                entry,
+                req.messages,
+                req.add_generation_prompt,
+                req.add_special_tokens,
+                self.tools.template_tools,
+            )
+        self.prompt_ids = prompt_ids
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = build_params(req, max_tokens, logprobs, entry.info.max_logprobs)
+        info = entry.info
+        params = build_params(
+            req, max_tokens, logprobs, info.max_logprobs, guided, info.sampling_defaults
+        )
         params = check_length(len(self.prompt_ids), params, entry.info.max_model_len, "messages")
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -115,6 +163,9 @@ class ChatRun:
         for i, p in enumerate(fan_out(params)):
             children.append(Child(f"{self.request_id}-{i}", self.prompt_ids, p))
             self.seqs.append(SequenceState(tok, self.prompt_ids, p))
+        extract = self.tools.extract
+        # Streaming with tools: each choice's calls are a diff of successive extractions.
+        self.call_streams = [ToolCallStream(extract) if extract else None for _ in self.seqs]
         self.sub: Submission = client.submit(entry.name, children)
 
     def usage(self) -> Usage:
@@ -145,12 +196,20 @@ class ChatRun:
         for index, d in updates:
             if not (d.text or d.finished):
                 continue
-            seq = self.seqs[index]
+            seq, stream = self.seqs[index], self.call_streams[index]
+            delta = DeltaMessage(content=d.text)
+            finish = seq.finish_reason if d.finished else None
+            if stream is not None:
+                content, calls = stream.feed(d.text, final=d.finished)
+                delta = DeltaMessage(content=content or None, tool_calls=calls or None)
+                finish = _tool_finish(finish, stream.called)
+                if not (content or calls or d.finished or d.logprobs):
+                    continue
             choice = ChatStreamChoice(
                 index,
-                DeltaMessage(content=d.text),
+                delta,
                 logprobs=self.logprobs(d.logprobs, d.token_ids) if d.logprobs else None,
-                finish_reason=seq.finish_reason if d.finished else None,
+                finish_reason=finish,
                 stop_reason=seq.stop_reason if d.finished else None,
             )
             events.append(self._chunk([choice]))
@@ -161,16 +220,16 @@ class ChatRun:
 
     def response(self, deltas: list[Delta]) -> ChatCompletionResponse:
         # The sequences hold their whole text and logprobs; the deltas are not needed.
-        choices = [
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=seq.text),
-                logprobs=self.logprobs(seq.logprobs, _ids(seq)),
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            )
-            for i, seq in enumerate(self.seqs)
-        ]
+        choices = []
+        for i, seq in enumerate(self.seqs):
+            message = AssistantMessage(content=seq.text)
+            finish = seq.finish_reason
+            if self.tools.extract is not None:
+                content, calls = parse_complete(self.tools.extract, seq.text)
+                message = AssistantMessage(content=content, tool_calls=calls)
+                finish = _tool_finish(finish, bool(calls))
+            logprobs = self.logprobs(seq.logprobs, _ids(seq))
+            choices.append(ChatChoice(i, message, logprobs, finish, seq.stop_reason))
         return ChatCompletionResponse(
             self.request_id, self.created, self.entry.name, choices, self.usage()
         )
@@ -191,12 +250,26 @@ class ChatRun:
 
 
 async def create_chat_completion(
-    client: EngineClient, metrics: Metrics | None, req: ChatCompletionRequest
+    client: EngineClient,
+    metrics: Metrics | None,
+    req: ChatCompletionRequest,
+    tool_options: ToolOptions | None = None,
 ) -> ChatCompletionResponse | AsyncGenerator[bytes, None]:
+    tools = plan_tools(req, tool_options or ToolOptions())
+    guided = await checked_guided_decoding(req, tools.guided)
+    # Long chats are rendered and tokenized in a thread, so other streams keep flowing.
+    args = (client.model(req.model), req.messages, req.add_generation_prompt)
+    size = chat_chars(req.messages)
+    ids = await offload(size, chat_prompt_ids, *args, req.add_special_tokens, tools.template_tools)
     result: ChatCompletionResponse | AsyncGenerator[bytes, None] = await serve(
-        ChatRun(client, metrics, req)
+        ChatRun(client, metrics, req, tools, guided, ids)
     )
     return result
+
+
+def _tool_finish(finish: str | None, called: bool) -> str | None:
+    """OpenAI ends a turn that called tools with finish_reason "tool_calls"."""
+    return "tool_calls" if called and finish == "stop" else finish
 
 
 def _ids(seq: SequenceState) -> list[int]:

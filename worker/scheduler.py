@@ -10,8 +10,9 @@ its blocks are freed and it goes back to the front of the queue to be recomputed
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ipc.messages import FinishReason
@@ -61,9 +62,14 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ---- request lifecycle -------------------------------------------------------------------
+    def check_new_id(self, request_id: str, also_taken: Container[str] = ()) -> None:
+        """ValueError if `request_id` is in use here (or in `also_taken`, requests held
+        elsewhere before they join, such as those waiting for a grammar)."""
+        if request_id in self.requests or request_id in also_taken:
+            raise ValueError(f"request id {request_id!r} is already in use")
+
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check_new_id(request.request_id)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -160,6 +166,7 @@ class Scheduler:
             self.waiting.popleft()
             if req.status == RequestStatus.WAITING:  # first admission: record prefix hits
                 req.num_cached_tokens = num_hit_tokens
+                req.first_scheduled_at = time.monotonic()
             req.num_computed_tokens += num_hit_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
