@@ -24,8 +24,9 @@ NUM_LOGPROBS = 5
 MAX_TOKENS = 12
 
 
-def make_tiny_model(kind: str, path: Path, tokenizer_src: Path) -> Path:
-    common = dict(
+def make_tiny_model(kind: str, path: Path, tokenizer_src: Path, **overrides: Any) -> Path:
+    """A tiny random `kind` model saved at `path`; `overrides` replace config fields."""
+    common: dict[str, Any] = dict(
         vocab_size=512,
         hidden_size=64,
         intermediate_size=128,
@@ -38,16 +39,18 @@ def make_tiny_model(kind: str, path: Path, tokenizer_src: Path) -> Path:
         initializer_range=0.3,  # peaked distributions, so greedy choices are not near-ties
     )
     if kind == "llama":
-        cfg: Any = transformers.LlamaConfig(**common, tie_word_embeddings=False, head_dim=8)
+        common.update(tie_word_embeddings=False, head_dim=8)
+        cfg_cls: Any = transformers.LlamaConfig
         cls: Any = transformers.LlamaForCausalLM
     elif kind == "mistral":
-        cfg = transformers.MistralConfig(**common, sliding_window=None, head_dim=8)
-        cls = transformers.MistralForCausalLM
+        common.update(sliding_window=None, head_dim=8)
+        cfg_cls, cls = transformers.MistralConfig, transformers.MistralForCausalLM
     elif kind == "qwen2":
-        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
-        cls = transformers.Qwen2ForCausalLM
+        common.update(tie_word_embeddings=True, use_sliding_window=False)
+        cfg_cls, cls = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
     else:
         raise ValueError(kind)
+    cfg = cfg_cls(**{**common, **overrides})
     torch.manual_seed(0)
     model = cls(cfg).float().eval()
     if kind == "qwen2":  # make the q/k/v biases matter
@@ -147,6 +150,24 @@ def test_tiny_random_models_match_transformers(kind, tmp_path, stories_path):
     ours, engine = run_headrace(path, prompts, **ENGINE_ARGS)
     assert engine.scheduler.num_preemptions > 0, "the test meant to force preemption"
     check_logprobs_close(ours, hf_greedy(path, prompts), kind)
+
+
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [
+        # Qwen2 windows only the layers from max_window_layers on (config layer_types).
+        ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=2)),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=0)),
+        ("mistral", dict(sliding_window=6)),  # every layer
+    ],
+)
+def test_sliding_window_layers_match_transformers(kind, overrides, tmp_path, stories_path):
+    """Prompts and outputs run past the window, so a layer windowed by mistake (or not
+    windowed) changes the logits."""
+    path = make_tiny_model(kind, tmp_path / kind, stories_path, **overrides)
+    prompts = prompts_of_different_lengths()[3:]
+    ours, _ = run_headrace(path, prompts, **ENGINE_ARGS)
+    check_logprobs_close(ours, hf_greedy(path, prompts), f"{kind} {overrides}")
 
 
 def test_stories260k_matches_transformers(stories_path):
