@@ -11,7 +11,9 @@ the difference:
     delta = decode(ids[prefix:]) - decode(ids[prefix:read])
 
 The window starts inside the prompt, so a leading space of the first output token
-survives. A delta that ends in U+FFFD (an incomplete UTF-8 character) is held back until
+survives. It starts on a character: the prompt suffix is the shortest of at least 5 tokens
+whose own decode is clean (no U+FFFD, as vLLM picks it), since a suffix starting inside a
+byte-fallback run would make the decoder turn the whole run, output bytes too, into U+FFFD. A delta that ends in U+FFFD (an incomplete UTF-8 character) is held back until
 the character's last byte arrives. With SentencePiece byte fallback, text ending in a
 `<0xNN>` token waits for the run of byte tokens to end: a later invalid byte turns the
 whole run into U+FFFD in `decode`. When special tokens are skipped they are dropped
@@ -26,8 +28,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-# Prompt tokens decoded as context before the first output token (vLLM uses 5 too).
+# Prompt tokens decoded as context before the first output token (vLLM uses 5 too), and
+# how far the context may grow to start on a character.
 PROMPT_CONTEXT_TOKENS = 5
+MAX_PROMPT_CONTEXT_TOKENS = 24
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -61,13 +65,29 @@ class IncrementalDetokenizer:
         self.include_stop_str_in_output = include_stop_str_in_output
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
 
-        context = [t for t in prompt_token_ids if self._keep(t)][-PROMPT_CONTEXT_TOKENS:]
+        context = self._prompt_context([t for t in prompt_token_ids if self._keep(t)])
         self._ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
         self._text = ""  # all decoded output text, emitted or held back for stop strings
         self.output_text = ""  # all text emitted so far
         self.stopped: str | None = None
+
+    def _prompt_context(self, prompt: list[int]) -> list[int]:
+        """The prompt suffix the window starts with: the shortest (of at least 5 tokens)
+        whose decode has no U+FFFD; else one that at least does not start with one."""
+        if len(prompt) <= PROMPT_CONTEXT_TOKENS:
+            return prompt
+        fallback = prompt[-PROMPT_CONTEXT_TOKENS:]
+        found_fallback = False
+        for n in range(PROMPT_CONTEXT_TOKENS, min(len(prompt), MAX_PROMPT_CONTEXT_TOKENS) + 1):
+            suffix = prompt[-n:]
+            text = self.tokenizer.decode(suffix, self.skip_special_tokens)
+            if REPLACEMENT_CHAR not in text:
+                return suffix
+            if not found_fallback and not text.startswith(REPLACEMENT_CHAR):
+                fallback, found_fallback = suffix, True
+        return fallback
 
     def _keep(self, token_id: int) -> bool:
         return not (self.skip_special_tokens and self.tokenizer.is_special(token_id))
