@@ -53,6 +53,11 @@ class Delta:
     offsets: list[int] = field(default_factory=list)  # text offset of each token's text
     finished: bool = False
 
+    def worth_sending(self, with_logprobs: bool) -> bool:
+        """Does a streamed chunk need to carry this delta? With logprobs, every token's
+        entry is sent when it arrives, also while its text is held back ("" for now)."""
+        return bool(self.text or self.finished or (with_logprobs and self.logprobs))
+
 
 class SequenceState:
     def __init__(
