@@ -68,26 +68,38 @@ def make_tiny_model(kind: str, path: Path, tokenizer_src: Path, **overrides: Any
     return path
 
 
+def load_hf(path: Path) -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_greedy_one(
+    model: Any, prompt: list[int], max_tokens: int = MAX_TOKENS
+) -> tuple[list[int], list[dict[int, float]], torch.Tensor]:
+    """Greedy tokens and their top logprobs, and the prompt rows' log-softmax [P, V] (row p
+    holds the logprobs of the token after prompt position p: prompt logprobs)."""
+    ids = list(prompt)
+    toks: list[int] = []
+    lps: list[dict[int, float]] = []
+    prompt_logp = torch.empty(0)
+    for step in range(max_tokens):
+        logits = model(torch.tensor([ids])).logits[0].float()
+        logp = torch.log_softmax(logits[-1], -1)
+        if step == 0:
+            prompt_logp = torch.log_softmax(logits, -1)
+        top = torch.topk(logp, NUM_LOGPROBS)
+        t = int(top.indices[0])
+        toks.append(t)
+        lps.append({int(i): float(v) for i, v in zip(top.indices, top.values, strict=True)})
+        ids.append(t)
+    return toks, lps, prompt_logp
+
+
 def hf_greedy(
     path: Path, prompts: list[list[int]]
 ) -> list[tuple[list[int], list[dict[int, float]]]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    results = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = list(prompt)
-            toks: list[int] = []
-            lps: list[dict[int, float]] = []
-            for _ in range(MAX_TOKENS):
-                logits = model(torch.tensor([ids])).logits[0, -1].float()
-                logp = torch.log_softmax(logits, -1)
-                top = torch.topk(logp, NUM_LOGPROBS)
-                t = int(top.indices[0])
-                toks.append(t)
-                lps.append({int(i): float(v) for i, v in zip(top.indices, top.values, strict=True)})
-                ids.append(t)
-            results.append((toks, lps))
-    return results
+    model = load_hf(path)
+    return [hf_greedy_one(model, prompt)[:2] for prompt in prompts]
 
 
 def check_logprobs_close(ours, theirs, name: str, atol: float = 1e-3) -> None:
