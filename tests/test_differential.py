@@ -42,9 +42,9 @@ def cases(config: pytest.Config, name: str, share: float, ci_cases: int) -> Iter
     deadline = time.monotonic() + share * minutes * 60
     n = 0
     while (n < ci_cases) if minutes <= 0 else (time.monotonic() < deadline):
+        DIFF_CASES[name] = n + 1  # cases started (a failing one counts)
         yield BASE_SEED * 1_000_003 + n
         n += 1
-        DIFF_CASES[name] = n
 
 
 # ---- models ----------------------------------------------------------------------------------
