@@ -31,6 +31,8 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
+from worker.quant.config import resolve_fp8_scheme
+from worker.quant.kv import resolve_kv_cache_dtype
 from worker.request import Request, RequestStatus, check_prompt
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals
@@ -56,6 +58,8 @@ class EngineCore:
             )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
+        self.quant = resolve_fp8_scheme(self.files.config, config.quantization, self.files.path)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         t0 = time.perf_counter()
         model = build_model(
             self.files,
@@ -66,13 +70,26 @@ class EngineCore:
             self.dtype,
             dummy=config.load_format == "dummy",
             seed=config.seed,
+            quant=self.quant,
         )
-        log.info("loaded %s in %.1fs", self.files.path, time.perf_counter() - t0)
+        log.info(
+            "loaded %s in %.1fs (weights: %s)",
+            self.files.path,
+            time.perf_counter() - t0,
+            f"fp8, {self.quant.source}" if self.quant else str(self.dtype),
+        )
         self.runner = ModelRunner(
-            model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed
+            model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed, self.kv_dtype
         )
         max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
         num_blocks = self._num_kv_blocks(max_batched)
+        log.info(
+            "KV cache: %d blocks of %d tokens, %s (%d bytes per block)",
+            num_blocks,
+            config.block_size,
+            self.kv_dtype,
+            kv_bytes_per_block(mc, config.block_size, self.kv_dtype),
+        )
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_cuda_graphs(
@@ -116,7 +133,7 @@ class EngineCore:
 
     def _num_kv_blocks(self, max_batched_tokens: int) -> int:
         c = self.config
-        per_block = kv_bytes_per_block(self.model_config, c.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.model_config, c.block_size, self.kv_dtype)
         if c.num_gpu_blocks is not None:
             return c.num_gpu_blocks
         if self.device.type == "cpu":
