@@ -194,7 +194,7 @@ class ChatRun:
     def events(self, updates: list[tuple[int, Delta]]) -> list[bytes]:
         events: list[bytes] = []
         for index, d in updates:
-            if not (d.text or d.finished):
+            if not d.worth_sending(self.req.logprobs):
                 continue
             seq, stream = self.seqs[index], self.call_streams[index]
             delta = DeltaMessage(content=d.text)

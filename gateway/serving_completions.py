@@ -17,6 +17,7 @@ from gateway.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
     StreamOptions,
     Usage,
 )
@@ -126,7 +127,8 @@ class CompletionRun:
         events: list[bytes] = []
         for index, d in updates:
             first = self.first[index]
-            if not (d.text or d.finished or (first and self.req.echo)):
+            with_lps = self.req.logprobs is not None
+            if not (d.worth_sending(with_lps) or (first and self.req.echo)):
                 continue
             choice = self.choice(index, d, first)
             self.first[index] = False
@@ -200,6 +202,7 @@ class CompletionRun:
             logprobs=lps,
             finish_reason=seq.finish_reason if delta.finished else None,
             stop_reason=seq.stop_reason if delta.finished else None,
+            prompt_logprobs=prompt_logprobs(seq, self.strings) if first else None,
         )
 
 
@@ -213,6 +216,26 @@ async def create_completion(
         CompletionRun(client, metrics, req, guided, prompts)
     )
     return result
+
+
+def prompt_logprobs(
+    seq: SequenceState, s: TokenStrings
+) -> list[dict[int, PromptLogprob] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first), the token's own
+    entry and its top alternatives, keyed by token id."""
+    if seq.prompt_logprobs is None:
+        return None
+    out: list[dict[int, PromptLogprob] | None] = []
+    for lp in seq.prompt_logprobs:
+        if lp is None:
+            out.append(None)
+            continue
+        entry: dict[int, PromptLogprob] = {}
+        ranks = [lp.rank, *range(1, len(lp.token_ids))]
+        for tid, value, rank in zip(lp.token_ids, lp.logprobs, ranks, strict=False):
+            entry.setdefault(tid, PromptLogprob(value, rank, s(tid)))
+        out.append(entry)
+    return out
 
 
 def _top_dict(lp: TokenLogprobs, s: TokenStrings) -> dict[str, float]:

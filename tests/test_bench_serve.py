@@ -14,6 +14,8 @@ from headrace.bench.report import latency_fields
 from headrace.bench.serve import prompt_ids
 from tests.server_harness import REPO, free_port, start_gateway, start_worker, wait_healthy
 
+pytestmark = pytest.mark.process
+
 VLLM_FIELDS = ["completed", "failed", "request_throughput", "output_throughput",
                "total_token_throughput", "duration", "total_input_tokens",
                "total_output_tokens"] + [

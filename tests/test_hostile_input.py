@@ -20,7 +20,7 @@ import pytest
 
 from tests.server_harness import Proc, free_port, start_gateway, start_worker, wait_healthy
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.process]
 
 MODEL = "fake"
 POST_ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]

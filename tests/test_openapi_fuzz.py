@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.server_harness import free_port, start_gateway, start_worker, wait_healthy
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.process]
 EXAMPLES = int(os.environ.get("HEADRACE_FUZZ_EXAMPLES", "30"))
 
 

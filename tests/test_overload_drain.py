@@ -17,7 +17,7 @@ from gateway.protocol import CompletionRequest
 from gateway.sampling_params import build_params
 from tests.server_harness import Proc, free_port, start_gateway, start_worker, wait_healthy
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.process]
 MODEL = "fake"
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from scripts.reliability import hostile, kill_worker, slow_clients, streams
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.process]
 
 
 def test_streams_with_a_third_cancelling() -> None:

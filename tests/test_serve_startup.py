@@ -11,6 +11,8 @@ import pytest
 
 from tests.server_harness import Proc, free_port
 
+pytestmark = pytest.mark.process
+
 
 @pytest.mark.slow
 def test_serve_reports_progress_and_503s_until_ready(tmp_path: Path, stories_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.server_harness import Proc, free_port, wait_healthy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 SCHEMAS: dict[str, dict] = {
     "object": {

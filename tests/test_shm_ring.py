@@ -132,6 +132,7 @@ def _python(code: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE)
 
 
+@pytest.mark.process
 def test_dead_reader_is_detected_by_the_writer() -> None:
     writer = ShmRingWriter(1, num_slots=2, slot_bytes=64)
     proc = _python(
@@ -148,6 +149,7 @@ def test_dead_reader_is_detected_by_the_writer() -> None:
     writer.close(drain_timeout=0)
 
 
+@pytest.mark.process
 def test_dead_writer_is_detected_by_a_reader(tmp_path: Path) -> None:
     marker = tmp_path / "path"
     proc = _python(

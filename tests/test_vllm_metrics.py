@@ -13,6 +13,8 @@ import pytest
 
 from tests.server_harness import free_port, start_gateway, start_worker, wait_healthy
 
+pytestmark = pytest.mark.process
+
 MODEL = "stories"
 # name -> (type, must be > 0 after the traffic below)
 EXPECTED = {
