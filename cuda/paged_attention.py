@@ -76,6 +76,7 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     workspace: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """The CUDA kernels on GPU tensors (see cuda/paged_attention_kernels.py), else the reference.
 
@@ -84,7 +85,7 @@ def paged_attention(
     """
     if not q.is_cuda:
         return paged_attention_ref(
-            q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out=out
+            q, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, out=out
         )
     from cuda.paged_attention_kernels import paged_attention_cuda
 
@@ -99,4 +100,5 @@ def paged_attention(
         max_query_len=max_query_len,
         max_seq_len=max_seq_len,
         workspace=workspace,
+        sliding_window=sliding_window,
     )

@@ -14,6 +14,8 @@ Decode (max_query_len == 1)::
 never from this step's lengths; each request's own split count is derived on the device
 from its seq_len, so a CUDA graph captured at short lengths stays right at long ones.
 
+Sliding-window attention (Mistral, Mixtral) runs in the same kernels (`sliding_window`).
+
 Unsupported shapes (head_dim not 64/128, other dtypes, block_size not a power of two) and
 CPU tensors fall back to the torch reference, which syncs the host and cannot be captured.
 """
@@ -186,6 +188,7 @@ def paged_attention_cuda(
     max_query_len: int,
     max_seq_len: int,
     workspace: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Paged attention on torch's current stream; no host sync, CUDA-graph capturable.
 
@@ -193,6 +196,7 @@ def paged_attention_cuda(
     max_seq_len: bound on every seq_len while the launch (or a graph of it) is used; it
     only sizes the decode split grid, so a larger bound costs nothing in correctness.
     workspace: fp32, at least `decode_workspace_numel(...)` elements (allocated if None).
+    sliding_window: a query at position p sees keys in (p - window, p]; None: all keys.
     """
     reason = unsupported_reason(q, kv_cache)
     if reason is not None:
@@ -200,7 +204,7 @@ def paged_attention_cuda(
             _warned.add(reason)
             log.warning("paged attention falls back to the torch reference: %s", reason)
         return paged_attention_ref(
-            q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out=out
+            q, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, out=out
         )
     _check_layout(q, "q")
     _check_layout(out, "out")
@@ -229,6 +233,9 @@ def paged_attention_cuda(
         np.int64(out.stride(0)),
     )
     scale_log2 = np.float32(scale * LOG2E)
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    window = np.int32(sliding_window or 0)
     if max_query_len == 1:
         gq = _group_chunk(group)
         kernel = _kernel(q.dtype, head_dim, f"decode_g{gq}")
@@ -254,6 +261,7 @@ def paged_attention_cuda(
             np.int32(group),
             np.int32(block_shift),
             scale_log2,
+            window,
         )
         if splits > 1:
             compiler.launch(
@@ -267,6 +275,7 @@ def paged_attention_cuda(
                 out.data_ptr(),
                 np.int64(out.stride(0)),
                 np.int32(splits),
+                window,
             )
         return out
     grid = (math.ceil(max_query_len * group / PREFILL_BLOCK_M), num_kv_heads, batch)
@@ -279,5 +288,6 @@ def paged_attention_cuda(
         np.int32(group),
         np.int32(block_shift),
         scale_log2,
+        window,
     )
     return out

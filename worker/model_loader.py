@@ -9,7 +9,11 @@ import torch
 from worker.attention import AttentionBackend
 from worker.model_config import ModelConfig
 from worker.model_files import ModelFiles
+from worker.models.base import CausalLM
+from worker.models.falcon import FalconForCausalLM
+from worker.models.gpt_neox import GPTNeoXForCausalLM
 from worker.models.llama import LlamaForCausalLM
+from worker.models.mixtral import MixtralForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +27,21 @@ _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+
+# config.json architecture -> the class that runs it (model_config.py lists what parses).
+MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "FalconForCausalLM": FalconForCausalLM,
+    "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
+}
+
+
+def model_class(config: ModelConfig) -> type[CausalLM]:
+    return MODEL_CLASSES[config.architecture]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,14 +71,13 @@ def build_model(
     dtype: torch.dtype,
     dummy: bool,
     seed: int = 0,
-) -> LlamaForCausalLM:
+) -> CausalLM:
     # Build on the meta device, then materialize directly on the target: no CPU copy of
     # the weights is ever made for a GPU model, and each checkpoint tensor is copied once.
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, max_positions)
+        model = model_class(config)(config, backend, max_positions)  # type: ignore[call-arg]
     model = model.to_empty(device=device).to(dtype)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model.tie_weights()
     if dummy:
         fill_dummy_weights(model, seed)
     else:
@@ -77,6 +95,9 @@ def fill_dummy_weights(model: torch.nn.Module, seed: int) -> None:
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
+            continue
+        if name.endswith("norm.bias"):
+            p.zero_()
             continue
         gen = gens.get(p.device)
         if gen is None:
