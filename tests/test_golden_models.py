@@ -88,12 +88,26 @@ LAYOUTS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
             sliding_window=None,
         ),
     ),
+    "mixtral-sliding-window": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=96,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,  # shorter than most prompts: the window changes the outputs
+        ),
+    ),
 }
 
 
-def make_tiny(kind: str, path: Path, tokenizer_src: Path) -> Path:
+def make_tiny(kind: str, path: Path, tokenizer_src: Path, **overrides: Any) -> Path:
+    """LAYOUTS[kind], saved with the tokenizer; `overrides` replace config fields."""
     cfg_cls, model_cls, kwargs = LAYOUTS[kind]
-    cfg = cfg_cls(**COMMON, **kwargs)
+    cfg = cfg_cls(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(0)
     model = model_cls(cfg).float().eval()
     with torch.no_grad():  # biases and LayerNorm affines start at 0 / 1: make them matter
