@@ -28,7 +28,7 @@ def _models(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         **{k: v for k, v in cfg.items() if k != "architectures"}
     )
     with torch.device("meta"):
-        ours = model_class(mc)(mc, TorchAttention(), 16)  # type: ignore[call-arg]
+        ours = model_class(mc)(mc, TorchAttention(), 16)
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     return ours, hf
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -29,8 +30,10 @@ _DTYPE_NAMES = {
 }
 
 
+ModelFactory = Callable[[ModelConfig, AttentionBackend, int], CausalLM]
+
 # config.json architecture -> the class that runs it (model_config.py lists what parses).
-MODEL_CLASSES: dict[str, type[CausalLM]] = {
+MODEL_CLASSES: dict[str, ModelFactory] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
@@ -40,7 +43,8 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 }
 
 
-def model_class(config: ModelConfig) -> type[CausalLM]:
+def model_class(config: ModelConfig) -> ModelFactory:
+    """The class for config's architecture, called as cls(config, backend, max_positions)."""
     return MODEL_CLASSES[config.architecture]
 
 
@@ -75,7 +79,7 @@ def build_model(
     # Build on the meta device, then materialize directly on the target: no CPU copy of
     # the weights is ever made for a GPU model, and each checkpoint tensor is copied once.
     with torch.device("meta"):
-        model = model_class(config)(config, backend, max_positions)  # type: ignore[call-arg]
+        model = model_class(config)(config, backend, max_positions)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
     if dummy:
