@@ -3,7 +3,8 @@
 Three things come out of one .gguf file, through the `gguf` package's GGUFReader:
 - a config.json-like dict built from the `{arch}.*` metadata (`gguf_config`);
 - the weights under Hugging Face names, dequantized to float32 one tensor at a time
-  (`iter_gguf_weights`), with llama.cpp's rotary row permutation of q/k undone;
+  (`iter_gguf_weights`), with llama.cpp's rotary row permutation of q/k undone (Mixtral:
+  a "llama" file with `expert_count`, its stacked expert tensors split per expert);
 - a `tokenizers.Tokenizer` built from the `tokenizer.ggml.*` metadata (`gguf_tokenizer`).
 
 GGUF stores a 2-D weight with its dimensions fastest-first (`ne = [in, out]`); its data is
@@ -39,7 +40,7 @@ ARCHITECTURES = {
 
 # convert_hf_to_gguf.py permutes q_proj/k_proj rows of these so llama.cpp's rotary can pair
 # adjacent elements; Hugging Face pairs element i with i + head_dim/2 (rotate_half).
-PERMUTED_QK_ARCHITECTURES = {"llama", "mistral"}
+PERMUTED_QK_ARCHITECTURES = {"llama", "mistral", "mixtral"}
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.").
 LAYER_TENSORS = {
@@ -54,7 +55,10 @@ LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "block_sparse_moe.gate",  # Mixtral's router
 }
+# Mixtral's experts, stacked in one [E, out, in] tensor per projection -> per-expert names.
+EXPERT_TENSORS = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
 GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -140,6 +144,11 @@ def gguf_config(path: str) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "torch_dtype": "float32",
     }
+    if get("expert_count"):  # llama.cpp stores Mixtral as "llama" with experts
+        config["architectures"] = ["MixtralForCausalLM"]
+        config["model_type"] = "mixtral"
+        config["num_local_experts"] = int(get("expert_count"))
+        config["num_experts_per_tok"] = int(get("expert_used_count", required=True))
     if get("attention.sliding_window") is not None:
         config["sliding_window"] = int(get("attention.sliding_window"))
     scaling = get("rope.scaling.type")
@@ -180,6 +189,18 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     return None
 
 
+def _expert_tensor(gguf_name: str) -> str | None:
+    """ "blk.3.ffn_gate_exps.weight" -> "model.layers.3.block_sparse_moe.experts.{}.w1.weight"
+    (a format string over the expert index); None for other tensors."""
+    if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name):
+        layer, part = m.groups()
+        if part in EXPERT_TENSORS:
+            return (
+                f"model.layers.{layer}.block_sparse_moe.experts.{{}}.{EXPERT_TENSORS[part]}.weight"
+            )
+    return None
+
+
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Invert convert_hf_to_gguf's `permute` of q_proj/k_proj rows (weight or bias).
 
@@ -207,6 +228,11 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     config = gguf_config(path)
     permute = config["model_type"] in PERMUTED_QK_ARCHITECTURES
     for t in _reader(path).tensors:
+        if experts := _expert_tensor(t.name):
+            stacked = torch.from_numpy(_dequantize(path, t))  # [E, out, in]
+            for e in range(stacked.shape[0]):
+                yield experts.format(e), stacked[e].contiguous()
+            continue
         name = hf_tensor_name(t.name)
         if name is None:
             if t.name in SKIPPED_TENSORS:
