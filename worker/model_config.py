@@ -91,16 +91,7 @@ class ModelConfig:
 
         hidden = int(need("hidden_size"))
         num_heads = int(need("num_attention_heads"))
-        rope = cfg.get("rope_parameters") or {}
-        rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        scaling = cfg.get("rope_scaling")
-        if scaling is None and rope.get("rope_type", "default") != "default":
-            scaling = dict(rope)
-        if scaling is not None:
-            scaling = dict(scaling)
-            scaling.setdefault("rope_type", scaling.get("type", "default"))
-            if scaling["rope_type"] == "default":
-                scaling = None
+        rope_theta, scaling = _rope(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         sliding = (
@@ -175,6 +166,21 @@ class ModelConfig:
     def max_context(self) -> int:
         """The longest context the model supports (rope scaling may extend training length)."""
         return self.max_position_embeddings
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope theta, rope scaling or None) from either config style."""
+    rope = cfg.get("rope_parameters") or {}
+    rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and rope.get("rope_type", "default") != "default":
+        scaling = dict(rope)
+    if scaling is not None:
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+        if scaling["rope_type"] == "default":
+            scaling = None
+    return rope_theta, scaling
 
 
 def _falcon_fields(cfg: dict[str, Any], source: str, hidden: int) -> dict[str, Any]:
