@@ -11,9 +11,9 @@ import torch
 import transformers
 
 from headrace.bench.offline import decode_weight_bytes
+from ipc.model_folder import open_model
 from worker.attention import TorchAttention
 from worker.model_config import ModelConfig
-from worker.model_files import open_model
 from worker.model_loader import model_class
 
 CONFIGS = sorted(

@@ -12,10 +12,11 @@ import gguf
 import torch
 from safetensors.torch import load_file
 
+from ipc.gguf_metadata import gguf_config
 from tests.test_gguf import _gguf_name, _spm_vocab
 from tests.test_golden import prompts_of_different_lengths, run_headrace
 from tests.test_golden_models import make_tiny
-from worker.gguf_file import gguf_config, iter_gguf_weights, permute_qk
+from worker.gguf_weights import iter_gguf_weights, permute_qk
 from worker.model_config import ModelConfig
 
 STACKED = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
