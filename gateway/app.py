@@ -1,8 +1,8 @@
 """The gateway's HTTP app (starlette); `headrace gateway` (headrace/gateway_cmd.py) serves it.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics, POST /tokenize, POST /detokenize. With `--api-key`, /v1/* needs
-`Authorization: Bearer KEY`. Every user error is an OpenAI error object.
+GET /metrics, POST /tokenize, POST /detokenize, and the chat page at GET /. With
+`--api-key`, /v1/* needs `Authorization: Bearer KEY`. Every user error is an OpenAI error object.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class GatewayConfig:
     max_queued_requests: int | None = None  # 429 beyond this many requests waiting
     worker_timeout: float = 1.0  # seconds of silence before a worker counts as down
     tokenizer: str | None = None  # overrides the tokenizer path the workers announce
+    chat_page: bool = True  # the built-in chat page at / (gateway/chat_page.py)
     started: float = field(default_factory=time.time)
 
 
@@ -208,6 +209,10 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
     ]
+    if config.chat_page:
+        from gateway.chat_page import chat_page_routes
+
+        routes += chat_page_routes()
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)

@@ -170,7 +170,10 @@ class EngineClient:
     def model(self, name: str | None) -> ModelEntry:
         """The model a request names (or the only one); NotFound or ServiceUnavailable."""
         if not self.models:
-            raise ServiceUnavailable("no worker has connected yet; try again shortly")
+            raise ServiceUnavailable(
+                "the server is starting: no worker has loaded its model yet; try again "
+                "shortly (GET /health answers 200 once it is ready)"
+            )
         if not name:
             if len(self.models) > 1:
                 raise NotFound(

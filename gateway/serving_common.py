@@ -41,6 +41,15 @@ def observe_all(metrics: Metrics | None, model: str, seqs: list[SequenceState]) 
         metrics.observe(model, seq)
 
 
+def observe_aborted(metrics: Metrics | None, model: str, seqs: list[SequenceState]) -> None:
+    """Count the sequences that never finished (client gone, or a sibling failed) as aborts."""
+    if metrics is None:
+        return
+    for seq in seqs:
+        if not seq.finished:
+            metrics.observe_abort(model)
+
+
 async def sequence_updates(
     sub: Submission, seqs: list[SequenceState]
 ) -> AsyncIterator[list[tuple[int, Delta]]]:

@@ -20,7 +20,7 @@ from gateway.protocol import (
 )
 from gateway.sampling_params import build_params, check_length, fan_out
 from gateway.sequence import Delta, SequenceState, TokenStrings
-from gateway.serving_common import observe_all, sequence_updates, token_strings
+from gateway.serving_common import observe_aborted, observe_all, sequence_updates, token_strings
 from gateway.sse import DONE, error_event, event
 from ipc.messages import TokenLogprobs
 
@@ -152,6 +152,7 @@ async def create_completion(
     try:
         return await _collect(run)
     finally:
+        observe_aborted(run.metrics, run.entry.name, run.seqs)
         run.sub.close()
 
 
@@ -197,6 +198,7 @@ async def _stream(run: CompletionRun) -> AsyncGenerator[bytes, None]:
         yield error_event(e)
         yield DONE
     finally:
+        observe_aborted(run.metrics, run.entry.name, run.seqs)
         run.sub.close()
 
 

@@ -38,6 +38,11 @@ def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True)
         default=1.0,
         help="seconds without a heartbeat before a worker counts as down",
     )
+    g.add_argument(
+        "--disable-chat-page",
+        action="store_true",
+        help="do not serve the built-in chat page at /",
+    )
 
 
 def gateway_config_from_args(
@@ -56,6 +61,7 @@ def gateway_config_from_args(
         max_queued_requests=args.max_queued_requests,
         worker_timeout=args.worker_timeout,
         tokenizer=getattr(args, "tokenizer", None),
+        chat_page=not args.disable_chat_page,
     )
 
 

@@ -119,17 +119,32 @@ def _supervise(workers: list[WorkerProcess], stopping: threading.Event) -> None:
 
 
 def _announce(
-    host: str, port: int, workers: list[WorkerProcess], stopping: threading.Event
+    host: str,
+    port: int,
+    workers: list[WorkerProcess],
+    stopping: threading.Event,
+    t0: float,
+    chat: bool,
 ) -> None:
+    """Print the start-up time once /health is 200 (requests before that get 503)."""
+    import logging
+
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll is noise
     url = f"http://{host}:{port}/health"
     while not stopping.wait(0.25):
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 for w in workers:
                     w.served = True
-                print(f"headrace: ready on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+                took = time.monotonic() - t0
+                page = f", chat page at http://{host}:{port}/" if chat else ""
+                print(
+                    f"headrace: ready on http://{host}:{port}/v1{page}; start-up took {took:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
         except httpx.HTTPError:
             pass
@@ -148,6 +163,7 @@ def serving_engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve_main(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
     if args.data_parallel_size < 1:
         raise ValueError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
     config = serving_engine_config(args)
@@ -163,11 +179,19 @@ def serve_main(args: argparse.Namespace) -> int:
         w.start()
     threads = [
         threading.Thread(target=_supervise, args=(workers, stopping), daemon=True),
-        threading.Thread(target=_announce, args=(gw.host, gw.port, workers, stopping), daemon=True),
+        threading.Thread(
+            target=_announce,
+            args=(gw.host, gw.port, workers, stopping, t0, gw.chat_page),
+            daemon=True,
+        ),
     ]
     for t in threads:
         t.start()
-    print(f"headrace: loading {config.model} in {len(workers)} worker(s)...", file=sys.stderr)
+    print(
+        f"headrace: loading {config.model} in {len(workers)} worker(s); until they are ready, "
+        "requests get 503",
+        file=sys.stderr,
+    )
     # uvicorn re-raises the SIGTERM it caught once it has shut down; exiting through this
     # handler (not the default one) lets the `finally` below stop the workers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

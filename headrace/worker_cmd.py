@@ -93,7 +93,10 @@ def engine_factory(config: EngineConfig, args: argparse.Namespace) -> Callable[[
 
 def worker_main(args: argparse.Namespace) -> int:
     """Build the engine from the flags and serve it until SIGTERM/SIGINT."""
+    from worker import progress
+
     config = worker_config(args)
+    progress.enable(args.worker_id or "worker")  # start-up stages on stderr
     server = WorkerServer(
         engine_factory(config, args),
         args.bind,

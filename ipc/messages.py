@@ -138,6 +138,9 @@ class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # with FinishReason.ERROR
+    # In a request's first output only: seconds from its arrival in the engine to its
+    # first scheduling (vllm:request_queue_time_seconds).
+    queue_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -3,7 +3,8 @@
 The metadata is built once per step by the model runner and passed down explicitly to
 every layer (never through a global). A backend writes the step's K/V into the paged cache
 and computes attention over it; the torch backend runs the reference functions from
-cuda/, the CUDA backend our kernels.
+cuda/, the CUDA backend our kernels. The KV cache is 16/32-bit (the model's dtype) or
+float8_e4m3fn (`--kv-cache-dtype fp8`), written with per-layer scales k_scale / v_scale.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class AttentionBackend(Protocol):
         md: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        k_scale: float = 1.0,  # FP8 KV cache: the cache holds K / k_scale
+        v_scale: float = 1.0,
     ) -> torch.Tensor: ...  # [T, Hq, D]
 
 
@@ -54,8 +57,18 @@ class TorchAttention:
         md: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        write_kv_ref(k, v, kv_cache, md.slot_mapping)
+        write_kv_ref(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
         return paged_attention_ref(
-            q, kv_cache, md.query_start_loc, md.seq_lens, md.block_tables, scale, sliding_window
+            q,
+            kv_cache,
+            md.query_start_loc,
+            md.seq_lens,
+            md.block_tables,
+            scale,
+            sliding_window,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )

@@ -13,6 +13,8 @@ from ipc.model_folder import LOAD_FORMATS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("fp8",)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's 16-bit type (or bf16) on GPU
     load_format: str = "auto"  # auto, safetensors, gguf or dummy (random weights)
     device: str = "auto"  # auto picks cuda when available
+    quantization: str | None = None  # "fp8": FP8 weights (an FP8 checkpoint implies it)
+    kv_cache_dtype: str = "auto"  # auto = the model's dtype; fp8 (= fp8_e4m3): 1 byte/element
     seed: int = 0  # seeds dummy weights and unseeded sampling
     max_model_len: int | None = None  # context length; defaults to the model's
     block_size: int = 16  # tokens per KV cache block
@@ -51,6 +55,15 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
             )
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")

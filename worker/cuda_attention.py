@@ -35,8 +35,10 @@ class CudaAttention:
         md: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        write_kv_cuda(k, v, kv_cache, md.slot_mapping)
+        write_kv_cuda(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
         out = torch.empty_like(q)
         return paged_attention_cuda(
             q,
@@ -50,6 +52,8 @@ class CudaAttention:
             max_seq_len=md.max_seq_len,
             workspace=self._workspace(q, md),
             sliding_window=sliding_window,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     @staticmethod

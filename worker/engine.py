@@ -20,6 +20,7 @@ from ipc.messages import (
     WorkerStats,
 )
 from ipc.model_folder import ModelFiles, open_model
+from worker import progress
 from worker.config import EngineConfig, SchedulerConfig
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
@@ -31,6 +32,8 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
+from worker.quant.config import resolve_fp8_scheme
+from worker.quant.kv import resolve_kv_cache_dtype
 from worker.request import Request, RequestStatus, check_prompt
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals
@@ -56,31 +59,50 @@ class EngineCore:
             )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
+        self.quant = resolve_fp8_scheme(self.files.config, config.quantization, self.files.path)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         t0 = time.perf_counter()
-        model = build_model(
-            self.files,
-            mc,
-            make_backend(self.device),
-            self.max_model_len,
-            self.device,
-            self.dtype,
-            dummy=config.load_format == "dummy",
-            seed=config.seed,
+        what = "random (dummy) weights" if config.load_format == "dummy" else "weights"
+        with progress.stage(f"loading {what} of {self.files.path}"):
+            model = build_model(
+                self.files,
+                mc,
+                make_backend(self.device),
+                self.max_model_len,
+                self.device,
+                self.dtype,
+                dummy=config.load_format == "dummy",
+                seed=config.seed,
+                quant=self.quant,
+            )
+        log.info(
+            "loaded %s in %.1fs (weights: %s)",
+            self.files.path,
+            time.perf_counter() - t0,
+            f"fp8, {self.quant.source}" if self.quant else str(self.dtype),
         )
-        log.info("loaded %s in %.1fs", self.files.path, time.perf_counter() - t0)
         self.runner = ModelRunner(
-            model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed
+            model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed, self.kv_dtype
         )
         max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
         num_blocks = self._num_kv_blocks(max_batched)
+        log.info(
+            "KV cache: %d blocks of %d tokens, %s (%d bytes per block)",
+            num_blocks,
+            config.block_size,
+            self.kv_dtype,
+            kv_bytes_per_block(mc, config.block_size, self.kv_dtype),
+        )
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_cuda_graphs(
-                config.max_num_seqs,
-                self.max_model_len,
-                config.block_size,
-                config.num_speculative_tokens,
-            )
+            with progress.stage("capturing CUDA graphs"):
+                self.runner.capture_cuda_graphs(
+                    config.max_num_seqs,
+                    self.max_model_len,
+                    config.block_size,
+                    config.num_speculative_tokens,
+                )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -116,7 +138,7 @@ class EngineCore:
 
     def _num_kv_blocks(self, max_batched_tokens: int) -> int:
         c = self.config
-        per_block = kv_bytes_per_block(self.model_config, c.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.model_config, c.block_size, self.kv_dtype)
         if c.num_gpu_blocks is not None:
             return c.num_gpu_blocks
         if self.device.type == "cpu":
@@ -287,6 +309,9 @@ class EngineCore:
                 num_prompt_tokens=req.num_prompt_tokens,
                 num_cached_tokens=req.num_cached_tokens,
             )
+            if not req.queue_time_sent and req.first_scheduled_at is not None:
+                out.queue_time = req.first_scheduled_at - req.added_at
+                req.queue_time_sent = True
             if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
                 out.prompt_logprobs = req.prompt_logprobs or [None]
                 req.prompt_logprobs_sent = True

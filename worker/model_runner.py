@@ -71,11 +71,13 @@ class ModelRunner:
         dtype: torch.dtype,
         eos_token_ids: set[int],
         seed: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.config = model_config
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # float8_e4m3fn for --kv-cache-dtype fp8
         self.sampler = Sampler(model_config.vocab_size, eos_token_ids, seed=seed)
         self.kv_caches: list[torch.Tensor] = []
         self.graph_runner: CudaGraphRunner | None = None
@@ -88,7 +90,7 @@ class ModelRunner:
         shape = (2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.kv_caches = [
             # Uninitialized: attention reads only slots a request has written.
-            torch.empty(shape, dtype=self.dtype, device=self.device)
+            torch.empty(shape, dtype=self.kv_dtype, device=self.device)
             for _ in range(c.num_layers)
         ]
 
@@ -245,7 +247,7 @@ class ModelRunner:
         block = 16
         scratch = [
             torch.zeros(
-                (2, 1, block, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device
+                (2, 1, block, c.num_kv_heads, c.head_dim), dtype=self.kv_dtype, device=self.device
             )
             for _ in range(c.num_layers)
         ]

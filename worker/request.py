@@ -8,6 +8,7 @@ speculative tokens are extra tokens appended for one step and verified.
 from __future__ import annotations
 
 import enum
+import time
 
 from ipc.messages import FinishReason, SamplingParams, TokenLogprobs
 
@@ -50,6 +51,10 @@ class Request:
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None
         self.prompt_logprobs_sent = False
         self.num_sent_tokens = 0  # output tokens already reported to the caller
+        # Queue time for metrics: engine arrival -> first scheduled (time.monotonic()).
+        self.added_at = time.monotonic()
+        self.first_scheduled_at: float | None = None
+        self.queue_time_sent = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -123,6 +123,9 @@ class WorkerServer:
         t.start()
         self._threads.append(t)
         logger.info("worker %s serving %s at %s", self.worker_id, self._model_name(), self.address)
+        from worker import progress
+
+        progress.note(f"serving {self._model_name()} at {self.address}")
 
     def stop(self) -> None:
         self._stopping.set()

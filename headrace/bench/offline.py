@@ -145,29 +145,39 @@ def measure_copy_bandwidth() -> float:
 
 
 def decode_weight_bytes(model: Any, batch: int) -> float:
-    """Weight bytes one decode step of `batch` tokens reads. Mixtures of experts read only
-    the experts the tokens are routed to: k/E of the expert bytes for one token; for more,
-    the expected share touched if every token picked its experts independently."""
+    """Weight bytes one decode step of `batch` tokens reads, as stored (FP8 layers 1 byte
+    per weight plus their scales). Mixtures of experts read only the experts the tokens
+    are routed to: k/E of the expert bytes for one token; for more, the expected share
+    touched if every token picked its experts independently."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     experts, share = model.expert_param_bytes()
     touched = 1.0 - (1.0 - share) ** batch if experts else 1.0
     return total - experts * (1.0 - touched)
 
 
-def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dict[str, float]:
-    """Decode floor: the weights a step reads plus its KV read, at the measured bandwidth."""
+def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dict[str, Any]:
+    """Decode floor: the weights a step reads plus its KV read, at the measured bandwidth.
+
+    Bytes as stored: with --quantization fp8 the FP8 layers count 1 byte per weight (plus
+    their scales; the lm_head and embeddings stay 16-bit), so this is the FP8 floor; with
+    --kv-cache-dtype fp8 the KV counts 1 byte per element.
+    """
     import torch
 
     model = engine.runner.model
     weight_bytes = decode_weight_bytes(model, batch)
+    fp8_bytes = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
     mc = engine.model_config
-    elem = torch.tensor([], dtype=engine.dtype).element_size()
+    elem = torch.tensor([], dtype=engine.kv_dtype).element_size()
     kv_bytes = batch * context * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
     floor_s = (weight_bytes + kv_bytes) / bandwidth
     return {
         "bandwidth_TBps": bandwidth / 1e12,
         "weight_GB": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
         "weight_GB_read_per_step": weight_bytes / 1e9,
+        "fp8_weight_GB": fp8_bytes / 1e9,
+        "weights": "fp8" if fp8_bytes else str(engine.dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),
         "floor_ms_per_step": floor_s * 1000,
         "floor_tok_s": batch / floor_s,
     }
@@ -303,7 +313,14 @@ def _main(args: argparse.Namespace, default_workload: str) -> int:
     if r["tpot_mean_ms"]:
         summary += f", TPOT {r['tpot_mean_ms']:.2f} ms"
     if "roofline" in result:
-        summary += f" (floor {result['roofline']['floor_ms_per_step']:.2f} ms/step)"
+        rl = result["roofline"]
+        summary += (
+            f" ({rl['weights']} weights, {rl['kv_cache_dtype']} KV, {result['num_kv_blocks']}"
+        )
+        summary += f" KV blocks; floor {rl['floor_ms_per_step']:.2f} ms/step"
+        if result.get("fraction_of_floor"):
+            summary += f", {100 * result['fraction_of_floor']:.1f}% of floor"
+        summary += ")"
     if "hf_generate" in result:
         summary += f"; HF generate {result['hf_generate']['useful_output_tok_s']:.1f} tok/s, {result['speedup_vs_hf']:.1f}x"
     print(summary)

@@ -15,8 +15,9 @@ from torch import nn
 
 from worker.attention import AttentionMetadata
 from worker.model_config import ModelConfig
-from worker.models.layers import RotaryEmbedding
-from worker.models.weights import Target, load_checkpoint
+from worker.models.layers import RotaryEmbedding, quantize_linears
+from worker.models.weights import Target, load_checkpoint, scale_targets
+from worker.quant.config import Fp8Scheme
 
 
 class CausalLM(nn.Module):
@@ -52,9 +53,30 @@ class CausalLM(nn.Module):
             return True
         return self.config.tie_word_embeddings and name in ("lm_head.weight", "embed_out.weight")
 
+    def load_targets(self) -> dict[str, Target]:
+        """checkpoint_targets() plus the FP8 scales that go with them (weights.scale_targets)."""
+        targets = self.checkpoint_targets()
+        return targets | scale_targets(self, targets)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into place, one at a time."""
-        load_checkpoint(self, weights, source, self.checkpoint_targets(), self.skip_tensor)
+        """Copy checkpoint tensors (Hugging Face names) into place, one at a time; FP8
+        layers take float8 weights and scales, or quantize 16/32-bit weights on the way."""
+        load_checkpoint(self, weights, source, self.load_targets(), self.skip_tensor)
+
+    # ---- FP8 ---------------------------------------------------------------------------------
+    def quantizable(self, module: str) -> bool:
+        """Linear layers FP8 may replace: all but the LM head (as vLLM, kept 16-bit)."""
+        return module != "lm_head"
+
+    def quantize(self, quant: Fp8Scheme) -> None:
+        """Swap the quantizable linear layers for Fp8Linear (on the meta device)."""
+        sources: dict[str, list[str]] = {}
+        for name, t in self.checkpoint_targets().items():
+            if t.kind == "param" and name.endswith(".weight") and t.param.endswith(".weight"):
+                module = t.param.removesuffix(".weight")
+                if self.quantizable(module):
+                    sources.setdefault(module, []).append(name.removesuffix(".weight"))
+        quantize_linears(self, quant, sources)
 
     def graph_blocker(self, dtype: torch.dtype) -> str | None:
         """Why this model's decode steps cannot run in a CUDA graph (beyond attention)."""

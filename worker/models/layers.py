@@ -5,6 +5,10 @@ over the paged KV cache, and the two MLP kinds (gated SiLU, two-layer GELU). Eac
 composes them in its own order; where two families do the same math they share the module.
 T is the number of tokens in the step's flat batch, H the hidden size, Hq / Hkv the query /
 key-value heads, D the head dim, R the rotary dims (R <= D).
+
+FP8 (--quantization fp8, or an FP8 checkpoint): the model is built with nn.Linear layers,
+then `quantize_linears` swaps each one the checkpoint names for an Fp8Linear unless the
+quantization_config's ignore list names it; so every family runs FP8 the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from cuda.fused_ops import add_rms_norm, rotary, silu_and_mul
 from cuda.layer_ops import gelu, layer_norm
 from worker.attention import AttentionBackend, AttentionMetadata
 from worker.model_config import ModelConfig, UnsupportedModelError
+from worker.quant.config import Fp8Scheme
+from worker.quant.fp8 import Fp8Linear
 
 
 class RMSNorm(nn.Module):
@@ -121,6 +127,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.rotary = rotary
         self.backend = backend
+        # FP8 KV cache: cache = K / k_scale (the checkpoint's k_scale / v_scale, else 1.0).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -135,7 +144,9 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         self.rotary(positions, q, k)
-        o = self.backend(q, k, v, kv_cache, md, self.scale, self.sliding_window)  # [T, Hq, D]
+        o = self.backend(
+            q, k, v, kv_cache, md, self.scale, self.sliding_window, self.k_scale, self.v_scale
+        )  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
 
@@ -173,3 +184,38 @@ class GeluMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dense_h_to_4h(x)  # [T, I]
         return self.dense_4h_to_h(gelu(h, self.approximate))
+
+
+def make_linear(
+    in_features: int, out_features: int, bias: bool, hf_names: list[str], quant: Fp8Scheme | None
+) -> nn.Module:
+    """nn.Linear, or Fp8Linear when the model runs FP8 and the module is not ignored.
+
+    hf_names: the checkpoint modules this (possibly fused) layer holds; all or none of them
+    may be ignored, since one layer has one weight dtype.
+    """
+    if quant is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    ignored = [quant.is_ignored(n) for n in hf_names]
+    if any(ignored) and not all(ignored):
+        raise UnsupportedModelError(
+            f"quantization_config ignore list: {', '.join(hf_names)} are fused into one layer "
+            "and must be ignored together or not at all"
+        )
+    if hf_names and all(ignored):
+        return nn.Linear(in_features, out_features, bias=bias)
+    return Fp8Linear(in_features, out_features, bias, static_input=quant.activation == "static")
+
+
+def quantize_linears(model: nn.Module, quant: Fp8Scheme, sources: dict[str, list[str]]) -> None:
+    """Replace each nn.Linear named in `sources` (our module -> the checkpoint modules it
+    holds) by make_linear's choice. Call on the meta device, before weights exist."""
+    for name, hf_names in sources.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        layer = make_linear(
+            module.in_features, module.out_features, module.bias is not None, hf_names, quant
+        )
+        setattr(model.get_submodule(parent), leaf, layer)

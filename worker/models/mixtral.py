@@ -36,6 +36,11 @@ class MixtralForCausalLM(LlamaForCausalLM):
             out[f"{x}.w2.weight"] = Target(f"{mlp}.w_down", (e,))
         return out
 
+    def quantizable(self, module: str) -> bool:
+        # The router stays 16-bit (routing is sensitive, and it is tiny), as in vLLM; the
+        # experts are stacked parameters, not linear layers, and stay in the model dtype.
+        return super().quantizable(module) and not module.endswith(".mlp.gate")
+
     def graph_blocker(self, dtype: torch.dtype) -> str | None:
         c = self.config
         if dtype != torch.bfloat16 or c.hidden_size % 8 or c.intermediate_size % 8:
