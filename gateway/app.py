@@ -1,13 +1,15 @@
 """The gateway's HTTP app (starlette); `headrace gateway` (headrace/gateway_cmd.py) serves it.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics, POST /tokenize, POST /detokenize, and the chat page at GET /. With
-`--api-key`, /v1/* needs `Authorization: Bearer KEY`. Every user error is an OpenAI error object.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{model}],
+GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET /openapi.json, and the
+chat page at GET /. With `--api-key`, /v1/* needs `Authorization: Bearer KEY`. Every user
+error is an OpenAI error object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -17,21 +19,26 @@ from typing import Any, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.cors import CorsConfig, add_cors
+from gateway.decode import decode_body, offload
+from gateway.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainMiddleware, DrainState
 from gateway.engine_client import EngineClient
 from gateway.errors import (
     APIError,
     BadRequest,
     InternalError,
     NotFound,
+    TooManyRequests,
     Unauthorized,
-    from_validation_error,
 )
+from gateway.limits import BodyGuard, LimitsConfig
 from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.openapi import openapi_document
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -42,9 +49,10 @@ from gateway.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from gateway.serving_chat import chat_prompt_ids, create_chat_completion
+from gateway.serving_chat import chat_chars, chat_prompt_ids, create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
+from gateway.tool_calling import ToolOptions
 
 logger = logging.getLogger("headrace.gateway")
 T = TypeVar("T")
@@ -63,6 +71,10 @@ class GatewayConfig:
     max_queued_requests: int | None = None  # 429 beyond this many requests waiting
     worker_timeout: float = 1.0  # seconds of silence before a worker counts as down
     tokenizer: str | None = None  # overrides the tokenizer path the workers announce
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # body size, HTTP timeouts
+    cors: CorsConfig = field(default_factory=CorsConfig)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # drain seconds after SIGTERM
+    tools: ToolOptions = field(default_factory=ToolOptions)  # tool-call parser flags
     chat_page: bool = True  # the built-in chat page at / (gateway/chat_page.py)
     started: float = field(default_factory=time.time)
 
@@ -72,14 +84,10 @@ def json_response(body: msgspec.Struct | dict[str, Any], status: int = 200) -> R
 
 
 def error_response(err: APIError) -> Response:
-    return json_response(err.body(), err.status)
-
-
-def decode(body: bytes, kind: type[T]) -> T:
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise from_validation_error(e) from None
+    response = json_response(err.body(), err.status)
+    if isinstance(err, TooManyRequests):
+        response.headers["retry-after"] = str(err.retry_after)
+    return response
 
 
 class APIKeyMiddleware:
@@ -118,7 +126,8 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
                 return await handler(request)
             except APIError as e:
                 return error_response(e)
-            except ClientDisconnected:
+            except (ClientDisconnected, ClientDisconnect):
+                logger.debug("client disconnected from %s", request.url.path)
                 return Response(status_code=499)
             except Exception:
                 logger.exception("unexpected error in %s", request.url.path)
@@ -127,7 +136,7 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return wrapped
 
     async def generate(request: Request, kind: type[Any], create: Callable[..., Any]) -> Any:
-        req = decode(await request.body(), kind)
+        req = await decode_body(await request.body(), kind)
         result = await until_disconnect(create(client, metrics, req), request.receive)
         if isinstance(result, AsyncGenerator):
             return SSEResponse(result)
@@ -137,7 +146,8 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return await generate(request, CompletionRequest, create_completion)
 
     async def chat(request: Request) -> Any:
-        return await generate(request, ChatCompletionRequest, create_chat_completion)
+        create = functools.partial(create_chat_completion, tool_options=config.tools)
+        return await generate(request, ChatCompletionRequest, create)
 
     async def models(request: Request) -> Response:
         cards = [
@@ -146,6 +156,19 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
             if m.tokenizer is not None  # listed once requests for it can be served
         ]
         return json_response(ModelList(cards))
+
+    async def model_card(request: Request) -> Response:
+        name = request.path_params["model"]
+        entry = client.models.get(name)
+        if entry is None or entry.tokenizer is None:
+            raise NotFound(f"The model `{name}` does not exist.", "model")
+        info = entry.info
+        return json_response(
+            ModelCard(name, int(config.started), info.model_path, info.max_model_len)
+        )
+
+    async def openapi(request: Request) -> Response:
+        return json_response(openapi_document())
 
     async def health(request: Request) -> Response:
         workers = [
@@ -170,20 +193,23 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def tokenize(request: Request) -> Response:
-        req = decode(await request.body(), TokenizeRequest)
+        req = await decode_body(await request.body(), TokenizeRequest)
         entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
         if req.messages is not None:
-            ids = chat_prompt_ids(entry, req.messages, req.add_generation_prompt)
+            size = chat_chars(req.messages)
+            ids = await offload(
+                size, chat_prompt_ids, entry, req.messages, req.add_generation_prompt
+            )
         elif req.prompt is not None:
-            ids = list(tok.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+            ids = await offload(len(req.prompt), tok.encode, req.prompt, req.add_special_tokens)
         else:
             raise BadRequest("either prompt or messages is required", "prompt")
         return json_response(TokenizeResponse(len(ids), entry.info.max_model_len, ids))
 
     async def detokenize(request: Request) -> Response:
-        req = decode(await request.body(), DetokenizeRequest)
+        req = await decode_body(await request.body(), DetokenizeRequest)
         entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
@@ -204,6 +230,8 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
         Route("/v1/models", endpoint(models), methods=["GET"]),
+        Route("/v1/models/{model:path}", endpoint(model_card), methods=["GET"]),
+        Route("/openapi.json", endpoint(openapi), methods=["GET"]),
         Route("/health", endpoint(health), methods=["GET"]),
         Route("/metrics", endpoint(metrics_endpoint), methods=["GET"]),
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
@@ -225,6 +253,10 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
     )
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(BodyGuard, limits=config.limits)
+    add_cors(app, config.cors)  # outermost but for drain: preflights need no key or body
+    app.state.drain = DrainState()
+    app.add_middleware(DrainMiddleware, state=app.state.drain)
     app.state.client = client
     app.state.metrics = metrics
     return app

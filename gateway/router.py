@@ -49,6 +49,8 @@ class Router:
         ]
         if not candidates:
             raise ServiceUnavailable(f"no worker serving model {model!r} is available")
+        # A draining worker (SIGTERM) refuses new requests: the others take them.
+        candidates = [w for w in candidates if not w.stats.draining] or candidates
         least = min(candidates, key=lambda w: (w.load, -w.stats.num_free_blocks))
         if self.policy != "prefix" or len(candidates) == 1:
             return least

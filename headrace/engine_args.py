@@ -75,6 +75,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     )
     g.add_argument("--ngram-prompt-lookup-min", type=int, default=1)
     g.add_argument("--ngram-prompt-lookup-max", type=int, default=4)
+    g.add_argument(
+        "--generation-config",
+        default="auto",
+        choices=["auto", "vllm"],
+        help="auto: unset request fields take the model's generation_config.json values "
+        "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); vllm: ignore it",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -112,6 +119,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_speculative_tokens=num_spec,
         ngram_prompt_lookup_min=args.ngram_prompt_lookup_min,
         ngram_prompt_lookup_max=args.ngram_prompt_lookup_max,
+        generation_config=args.generation_config,
     )
     try:
         config.validate()

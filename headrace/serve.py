@@ -27,6 +27,7 @@ import msgspec
 
 from headrace.engine_args import add_engine_args, engine_config_from_args
 from headrace.gateway_cmd import add_gateway_args, gateway_config_from_args, run_gateway
+from worker.admission import add_admission_args, admission_flags, admission_from_args
 from worker.config import EngineConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -54,6 +55,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser, model_required=False)
     add_gateway_args(parser, with_workers=False)
     g = parser.add_argument_group("serve")
+    add_admission_args(g)
     g.add_argument(
         "--data-parallel-size",
         type=int,
@@ -65,8 +67,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 class WorkerProcess:
     """One `python -m headrace worker` child and how to (re)start it."""
 
-    def __init__(self, index: int, address: str, config: EngineConfig, gpu: bool) -> None:
+    def __init__(
+        self, index: int, address: str, config: EngineConfig, gpu: bool,
+        flags: list[str] | None = None,
+    ) -> None:  # fmt: skip
         self.index = index
+        self.flags = flags or []  # worker flags beyond the engine config (limits, drain)
         self.address = address
         self.config = config
         self.gpu = gpu
@@ -84,6 +90,7 @@ class WorkerProcess:
             "--worker-id", f"worker-{self.index}-{os.getpid()}",
             "--parent-pid", str(os.getpid()),
             "--config-json", msgspec.json.encode(self.config).decode(),
+            *self.flags,
         ]  # fmt: skip
         repo = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
@@ -169,8 +176,13 @@ def serve_main(args: argparse.Namespace) -> int:
     config = serving_engine_config(args)
     sock_dir = Path(tempfile.mkdtemp(prefix="headrace-"))
     gpu = config.device != "cpu" and args.data_parallel_size > 1
+    flags = [
+        *admission_flags(admission_from_args(args)),
+        "--shutdown-timeout",
+        str(args.shutdown_timeout),
+    ]
     workers = [
-        WorkerProcess(i, f"ipc://{sock_dir}/worker-{i}.sock", config, gpu)
+        WorkerProcess(i, f"ipc://{sock_dir}/worker-{i}.sock", config, gpu, flags)
         for i in range(args.data_parallel_size)
     ]
     gw = gateway_config_from_args(args, workers=[w.address for w in workers])

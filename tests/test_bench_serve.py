@@ -71,3 +71,28 @@ def test_bench_serve_sweep_against_a_server(tmp_path: Path, stories_path: Path) 
     assert "mean_ttft_ms" not in result  # several rates: only under "runs"
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "TTFT mean/p99 ms" in run.stdout
+
+
+def test_sse_lines_split_at_newlines_only() -> None:
+    # JSON leaves U+2028 / U+0085 unescaped; httpx's aiter_lines would split there (as
+    # str.splitlines does) and hand the client half a JSON object.
+    import asyncio
+    import json
+
+    import httpx
+
+    from headrace.bench.serve import sse_lines
+
+    events = [{"text": "a\u2028b\u0085c"}, {"text": "d"}]
+    body = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\r\n\r\n" for e in events).encode()
+
+    async def chunks():  # 7-byte pieces: splits inside characters and inside CRLF
+        for i in range(0, len(body), 7):
+            yield body[i : i + 7]
+
+    async def lines() -> list[str]:
+        resp = httpx.Response(200, content=chunks())
+        return [line async for line in sse_lines(resp)]
+
+    got = [json.loads(line[6:]) for line in asyncio.run(lines()) if line.startswith("data: ")]
+    assert got == events

@@ -11,7 +11,9 @@ a socket:
 
     gateway --ROUTER--> zmq-io --inbox--> engine --outbox--> zmq-out --inproc--> zmq-io --> gateway
 
-The main thread only waits for SIGTERM/SIGINT. Gateways send Hello when they connect and
+The main thread only waits for SIGTERM/SIGINT; the first one drains (new requests get a
+503, those in flight finish for up to `--shutdown-timeout` seconds), a second one stops at
+once. `worker/admission.py` refuses requests past the queue limits. Gateways send Hello when they connect and
 every second after (keepalive); a gateway silent for `gateway_timeout` is presumed dead and
 its requests are aborted so their KV blocks return to the pool.
 """
@@ -28,6 +30,7 @@ import traceback
 from collections.abc import Callable
 from typing import Protocol
 
+import msgspec
 import zmq
 
 from ipc.messages import (
@@ -42,6 +45,7 @@ from ipc.messages import (
     WorkerStats,
 )
 from ipc.wire import WorkerCodec, bind_router, default_worker_id
+from worker.admission import Admission, AdmissionLimits
 
 logger = logging.getLogger("headrace.worker")
 
@@ -80,8 +84,13 @@ class WorkerServer:
         gateway_timeout: float = 10.0,
         tokenizer: str | None = None,
         max_logprobs: int | None = None,
+        admission: AdmissionLimits | None = None,
+        shutdown_timeout: float = 30.0,
     ) -> None:
         self.engine_factory = engine_factory
+        self.admission = Admission(admission or AdmissionLimits())
+        self.shutdown_timeout = shutdown_timeout
+        self.num_owned = 0  # requests in flight, for the drain (written by the engine thread)
         self.address = address
         self.worker_id = worker_id or default_worker_id()
         self.heartbeat_interval = heartbeat_interval
@@ -137,9 +146,16 @@ class WorkerServer:
     def serve_forever(self, parent_pid: int | None = None) -> None:
         """start(), then block until SIGTERM or SIGINT (or, given `parent_pid`, until that
         process is gone: a worker of `headrace serve` must not outlive it)."""
+        signals = 0
         done = threading.Event()
+
+        def on_signal(*_: object) -> None:
+            nonlocal signals
+            signals += 1
+            done.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
+            signal.signal(sig, on_signal)
         self.start()
         while not done.wait(0.5):
             if self._failure is not None:
@@ -147,9 +163,28 @@ class WorkerServer:
             if parent_pid is not None and os.getppid() != parent_pid:
                 logger.warning("parent process %d is gone: stopping", parent_pid)
                 break
+        if signals:
+            self._drain(lambda: signals > 1)
         self.stop()
         if self._failure is not None:
             raise RuntimeError("engine loop failed") from self._failure
+
+    def _drain(self, cut_short: Callable[[], bool]) -> None:
+        """Refuse new requests; wait for those in flight (or the timeout, or a 2nd signal)."""
+        self.admission.draining = True
+        logger.warning(
+            "draining: %d requests in flight, up to %.0f s (--shutdown-timeout)",
+            self.num_owned,
+            self.shutdown_timeout,
+        )
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.num_owned and time.monotonic() < deadline and not cut_short():
+            if self._failure is not None:
+                return
+            time.sleep(0.05)
+        if self.num_owned:
+            logger.warning("shutdown: cutting %d requests short", self.num_owned)
+        time.sleep(2 * self.heartbeat_interval)  # the last outputs leave through zmq-out
 
     def _model_name(self) -> str:
         return self.model_info.model_name if self.model_info else "?"
@@ -159,10 +194,16 @@ class WorkerServer:
     def _engine_main(self) -> None:
         try:
             engine = self.engine_factory()
-            self.model_info = _with_identity(
+            info = _with_identity(
                 engine.model_info, self.worker_id, self.tokenizer, self.max_logprobs
             )
-            self.stats = engine.stats()
+            limits = self.admission.limits
+            self.model_info = msgspec.structs.replace(
+                info,
+                max_num_queued_reqs=limits.max_num_queued_reqs,
+                max_num_queued_tokens=limits.max_num_queued_tokens,
+            )
+            self.stats = self._stats(engine)
         except BaseException as e:
             self._failure = e
             self._ready.set()
@@ -187,11 +228,27 @@ class WorkerServer:
                     outputs = ready + engine.step()
                 except Exception:
                     outputs = ready + self._fail_all(engine, owners, traceback.format_exc())
-                self.stats = engine.stats()
+                self.admission.started(outputs)
+                late = self.admission.expired()
+                if late:
+                    engine.abort_requests([o.request_id for o in late])
+                    outputs += late
+                self.stats = self._stats(engine)
             elif ready or busy:
-                self.stats = engine.stats()
+                self.stats = self._stats(engine)
             if outputs:
                 self._outbox.put(_group_by_gateway(outputs, owners, self.stats))
+            self.num_owned = len(owners)
+
+    def _stats(self, engine: Engine) -> WorkerStats:
+        a = self.admission
+        return msgspec.structs.replace(
+            engine.stats(),
+            num_queued=len(a.queued),
+            num_queued_tokens=a.queued_tokens,
+            num_refused=a.num_refused,
+            draining=a.draining,
+        )
 
     def _drain_inbox(
         self, block: bool
@@ -218,21 +275,28 @@ class WorkerServer:
             if rid in owners:
                 return [_error_output(rid, f"request id {rid!r} is already running")]
             owners[rid] = ident
+            refused = self.admission.refuse(msg)
+            if refused is not None:
+                return [refused]
             try:
                 rejected = engine.add_request(msg)
             except Exception as e:  # a bad request must not take the worker down
                 rejected = _error_output(rid, f"{type(e).__name__}: {e}")
+            if rejected is not None:
+                self.admission.forget(rid)
             return [rejected] if rejected is not None else []
         if isinstance(msg, AbortRequests):
             ids = [rid for rid in msg.request_ids if owners.get(rid) == ident]
             for rid in ids:
                 del owners[rid]
+                self.admission.forget(rid)
             if ids:
                 engine.abort_requests(ids)
             return []
         gone = [rid for rid, owner in owners.items() if owner == ident]
         for rid in gone:
             del owners[rid]
+            self.admission.forget(rid)
         if gone:
             logger.warning("gateway %r went silent: aborting %d requests", ident, len(gone))
             engine.abort_requests(gone)
@@ -350,6 +414,7 @@ def _with_identity(
         tokenizer=tokenizer or info.tokenizer,
         max_logprobs=info.max_logprobs if max_logprobs is None else max_logprobs,
         block_size=info.block_size,
+        sampling_defaults=info.sampling_defaults,
     )
 
 

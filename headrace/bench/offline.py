@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from headrace.engine_args import add_engine_args, engine_config_from_args
-from ipc.messages import EngineRequest, SamplingParams
+from ipc.messages import EngineRequest, GuidedDecoding, SamplingParams
 
 
 @dataclass
@@ -75,8 +75,11 @@ def _token_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(10, min(vocab, 128000)) for _ in range(n)]
 
 
-def run_engine(engine: Any, w: Workload, seed: int, progress: bool) -> dict[str, Any]:
-    """Submit all requests at once, step to completion; per-request token timestamps."""
+def run_engine(
+    engine: Any, w: Workload, seed: int, progress: bool, guided: GuidedDecoding | None = None
+) -> dict[str, Any]:
+    """Submit all requests at once, step to completion; per-request token timestamps.
+    With `guided`, every request follows that grammar (bench structured)."""
     from tqdm import tqdm
 
     rng = random.Random(seed + 1)
@@ -88,7 +91,7 @@ def run_engine(engine: Any, w: Workload, seed: int, progress: bool) -> dict[str,
     counts: dict[str, int] = {}
     t0 = time.perf_counter()
     for i, (prompt, out_len) in enumerate(zip(prompts, w.output_lens, strict=True)):
-        params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True, guided=guided)
         engine.add_request(EngineRequest(f"b{i}", prompt, params, arrival_time=t0))
     bar = tqdm(total=len(prompts), desc=w.name, unit="req", disable=not progress)
     steps = 0

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,21 @@ def prompt_ids(vocab: list[int], seed: int, index: int, n: int) -> list[int]:
     return rng.choices(vocab, k=n)
 
 
+async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """The lines of an SSE stream, split at CR / LF only, as the SSE spec says.
+
+    httpx's aiter_lines splits like str.splitlines, also at U+2028, U+0085 and friends,
+    which JSON leaves unescaped inside strings: random-token prompts make such text."""
+    buf = b""
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        *lines, buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8")
+    if buf:
+        yield buf.decode("utf-8")
+
+
 async def _one(
     client: httpx.AsyncClient, model: str, r: RequestResult, ids: list[int], t0: float
 ) -> None:
@@ -133,7 +149,7 @@ async def _one(
             if resp.status_code != 200:
                 r.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 ev = json.loads(line[6:])

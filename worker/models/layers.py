@@ -111,7 +111,11 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -120,7 +124,7 @@ class Attention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
-        self.sliding_window = config.sliding_window
+        self.sliding_window = sliding_window  # this layer's (config.layer_sliding_window)
         self.qkv_proj = nn.Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )

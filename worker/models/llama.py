@@ -5,7 +5,8 @@ attention over the paged KV cache, gated MLP) live in worker/models/layers.py.
 T is the number of tokens in the step's flat batch (all requests back to back, no padding),
 H the hidden size, Hq / Hkv the query / key-value heads, D the head dim.
 
-Differences handled here: Qwen2 has biases on q/k/v; Mistral may use a sliding window;
+Differences handled here: Qwen2 has biases on q/k/v; Mistral may use a sliding window
+(Qwen2 too, on the layers its config's `layer_types` name);
 Llama 3.1 scales rotary frequencies ("llama3" rope scaling); small models tie the LM head
 to the embedding. q/k/v and gate/up projections are fused into one matmul each; the
 checkpoint's separate tensors are copied into slices of them at load time. Mixtral
@@ -32,11 +33,12 @@ class DecoderLayer(nn.Module):
         config: ModelConfig,
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
+        index: int = 0,
         mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, rotary, backend)
+        self.self_attn = Attention(config, rotary, backend, config.layer_sliding_window(index))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp if mlp is not None else GatedMLP(config)
 
@@ -65,8 +67,8 @@ class LlamaForCausalLM(CausalLM):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             [
-                DecoderLayer(config, self.rotary, backend, self.make_mlp(config))
-                for _ in range(config.num_layers)
+                DecoderLayer(config, self.rotary, backend, i, self.make_mlp(config))
+                for i in range(config.num_layers)
             ]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
