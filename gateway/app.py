@@ -1,13 +1,16 @@
 """The gateway's HTTP app (starlette) and `headrace gateway`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics, POST /tokenize, POST /detokenize. With `--api-key`, /v1/* needs
-`Authorization: Bearer KEY`. Every user error is an OpenAI error object.
+GET /metrics, POST /tokenize, POST /detokenize, and /admin/workers (gateway/admin.py).
+With `--api-key`, /v1/* and /admin/* need `Authorization: Bearer KEY`. Every user error is
+an OpenAI error object. Completions name the worker(s) that served them in an
+`X-Headrace-Worker` header (worker ids), streamed or not.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -23,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.admin import admin_routes, worker_row
 from gateway.engine_client import EngineClient
 from gateway.errors import (
     APIError,
@@ -43,10 +47,12 @@ from gateway.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from gateway.route_note import SESSION_HEADER, RouteNote, noting, session_key
 from gateway.router import ROUTING_POLICIES
 from gateway.serving_chat import chat_prompt_ids, create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
+from gateway.workers_file import WorkersFileWatcher, check_worker_address
 
 logger = logging.getLogger("headrace.gateway")
 T = TypeVar("T")
@@ -58,10 +64,11 @@ class GatewayConfig:
     """Everything `headrace gateway` is told besides the engine's own flags."""
 
     workers: list[str]  # ZeroMQ addresses of the workers
+    workers_file: str | None = None  # more addresses, re-read when the file changes
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # required as a Bearer token on /v1/* when set
-    routing: str = "least-loaded"  # or "prefix"
+    routing: str = "least-loaded"  # or "prefix" or "session"
     max_queued_requests: int | None = None  # 429 beyond this many requests waiting
     worker_timeout: float = 1.0  # seconds of silence before a worker counts as down
     tokenizer: str | None = None  # overrides the tokenizer path the workers announce
@@ -91,7 +98,7 @@ class APIKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(("/v1/", "/admin/")):
             got = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 err = Unauthorized("invalid or missing API key (Authorization: Bearer ...)")
@@ -102,8 +109,11 @@ class APIKeyMiddleware:
 
 def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Starlette:
     """The ASGI app; it starts and stops its EngineClient with its lifespan."""
+    watcher = None
+    if config.workers_file:
+        watcher = WorkersFileWatcher(config.workers_file, keep=config.workers)
     client = client or EngineClient(
-        config.workers,
+        [*config.workers, *(watcher.current if watcher else [])],
         routing=config.routing,
         worker_timeout=config.worker_timeout,
         tokenizer=config.tokenizer,
@@ -129,10 +139,19 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
 
     async def generate(request: Request, kind: type[Any], create: Callable[..., Any]) -> Any:
         req = decode(await request.body(), kind)
-        result = await until_disconnect(create(client, metrics, req), request.receive)
+        note = RouteNote(session_key(request.headers.get(SESSION_HEADER), req.user))
+        try:
+            with noting(note):
+                result = await until_disconnect(create(client, metrics, req), request.receive)
+        except APIError as e:  # failed after routing (a lost worker): still say which one
+            response = error_response(e)
+            response.headers.update(note.headers())
+            return response
         if isinstance(result, AsyncGenerator):
-            return SSEResponse(result)
-        return json_response(result)
+            return SSEResponse(result, note.headers())
+        response = json_response(result)
+        response.headers.update(note.headers())
+        return response
 
     async def completions(request: Request) -> Any:
         return await generate(request, CompletionRequest, create_completion)
@@ -149,21 +168,9 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return json_response(ModelList(cards))
 
     async def health(request: Request) -> Response:
-        workers = [
-            {
-                "address": w.address,
-                "state": w.state.value,
-                "worker_id": w.info.worker_id if w.info else None,
-                "model": w.info.model_name if w.info else None,
-                "num_running": w.stats.num_running,
-                "num_waiting": w.stats.num_waiting,
-                "num_free_blocks": w.stats.num_free_blocks,
-                "inflight": len(w.inflight),
-            }
-            for w in client.workers
-        ]
+        workers = [worker_row(w) for w in client.workers]
         ready = any(m.tokenizer is not None for m in client.models.values())
-        ok = ready and any(w.up for w in client.workers)
+        ok = ready and any(w.routable for w in client.workers)
         body = {"status": "ok" if ok else "unavailable", "workers": workers}
         return json_response(body, 200 if ok else 503)
 
@@ -196,9 +203,14 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await client.start()
+        watching = None
+        if watcher is not None:
+            watching = asyncio.ensure_future(watcher.run(client))
         try:
             yield
         finally:
+            if watching is not None:
+                watching.cancel()
             await client.close()
 
     routes = [
@@ -209,6 +221,7 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         Route("/metrics", endpoint(metrics_endpoint), methods=["GET"]),
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
+        *admin_routes(client, config.api_key, endpoint, json_response),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -237,15 +250,29 @@ def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True)
         g.add_argument(
             "--worker",
             action="append",
-            required=True,
+            default=[],
             metavar="ADDR",
             help="a worker's ZeroMQ address (ipc:///path or tcp://host:port); repeat for more",
+        )
+        g.add_argument(
+            "--workers-file",
+            default=None,
+            metavar="PATH",
+            help="more worker addresses, one per line; re-read when it changes (workers that "
+            "disappear from it drain, then drop out)",
         )
         g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the worker's)")
     g.add_argument("--host", default="127.0.0.1", help="HTTP host to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     g.add_argument("--api-key", default=None, help="require this Bearer token on /v1/*")
-    g.add_argument("--routing", default="least-loaded", choices=ROUTING_POLICIES)
+    g.add_argument(
+        "--routing",
+        default="least-loaded",
+        choices=ROUTING_POLICIES,
+        help="least-loaded (default); prefix: keep shared prompt prefixes on one worker; "
+        "session: one worker per X-Session-ID header or `user` field, the same from every "
+        "gateway",
+    )
     g.add_argument(
         "--max-queued-requests",
         type=int,
@@ -267,8 +294,14 @@ def gateway_config_from_args(
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.worker_timeout <= 0:
         raise ValueError(f"--worker-timeout must be > 0, got {args.worker_timeout}")
+    workers_file = getattr(args, "workers_file", None)
+    if workers is None:
+        workers = [check_worker_address(a, "--worker") for a in args.worker]
+        if not workers and not workers_file:
+            raise ValueError("give at least one --worker ADDR or a --workers-file")
     return GatewayConfig(
-        workers=workers if workers is not None else list(args.worker),
+        workers=workers,
+        workers_file=workers_file,
         host=args.host,
         port=args.port,
         api_key=args.api_key,

@@ -145,7 +145,11 @@ class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
 
 
 class WorkerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """A worker's load and counters, sent with outputs and with heartbeats."""
+    """A worker's load and counters, sent with outputs and with heartbeats.
+
+    The first four fields are the load report every gateway routes by (running, waiting,
+    KV blocks), so N gateways see the same load however the requests were spread among them.
+    """
 
     num_running: int = 0
     num_waiting: int = 0
@@ -186,6 +190,9 @@ class EngineOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults=Tru
     outputs: list[RequestOutput] = []
     stats: WorkerStats | None = None
     timestamp: float = 0.0
+    # Requests this worker has taken from the receiving gateway so far, as of `stats`: the
+    # gateway counts the ones it sent beyond this as load the stats do not show yet.
+    received: int = 0
 
 
 class Heartbeat(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -194,6 +201,7 @@ class Heartbeat(msgspec.Struct, tag=True, array_like=True, gc=False):
     worker_id: str
     stats: WorkerStats
     timestamp: float
+    received: int = 0  # as in EngineOutputs: requests taken from this gateway, as of `stats`
 
 
 # The tagged union that travels gateway -> worker and worker -> gateway.

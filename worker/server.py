@@ -96,6 +96,9 @@ class WorkerServer:
         self.max_logprobs = max_logprobs
         self.model_info: ModelInfo | None = None
         self.stats = WorkerStats()  # latest snapshot, written by the engine thread only
+        # The load report heartbeats carry: the stats and, per gateway, how many of its
+        # requests they include (both from one moment, swapped in as one tuple).
+        self._published: tuple[WorkerStats, dict[bytes, int]] = (self.stats, {})
 
         self._ctx = zmq.Context()
         self._forward_addr = f"inproc://worker-out-{id(self)}"
@@ -179,10 +182,16 @@ class WorkerServer:
 
     def _engine_loop(self, engine: Engine) -> None:
         owners: dict[str, bytes] = {}  # request id -> the gateway that sent it
+        received: dict[bytes, int] = {}  # gateway -> requests taken from it so far
         while not self._stopping.is_set():
             busy = engine.has_unfinished_requests()
             ready: list[RequestOutput] = []  # outputs made outside step(): rejections
-            for ident, msg in self._drain_inbox(block=not busy):
+            inbox = self._drain_inbox(block=not busy)
+            for ident, msg in inbox:
+                if isinstance(msg, EngineRequest):
+                    received[ident] = received.get(ident, 0) + 1
+                elif isinstance(msg, _GatewayGone):
+                    received.pop(ident, None)
                 ready.extend(self._handle(engine, owners, ident, msg))
             outputs = ready
             if engine.has_unfinished_requests():
@@ -193,8 +202,10 @@ class WorkerServer:
                 self.stats = engine.stats()
             elif ready or busy:
                 self.stats = engine.stats()
+            if inbox or busy:
+                self._published = (self.stats, dict(received))
             if outputs:
-                self._outbox.put(_group_by_gateway(outputs, owners, self.stats))
+                self._outbox.put(_group_by_gateway(outputs, owners, self.stats, received))
 
     def _drain_inbox(
         self, block: bool
@@ -332,13 +343,18 @@ class WorkerServer:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_interval
-                    beat = codec.encode(Heartbeat(self.worker_id, self.stats, time.time()))
-                    with self._gateways_lock:
-                        idents = list(self._gateways)
-                    for ident in idents:
-                        push.send_multipart([ident, beat])
+                    self._send_heartbeats(codec, push)
         finally:
             push.close(linger=0)
+
+    def _send_heartbeats(self, codec: WorkerCodec, push: zmq.Socket) -> None:
+        stats, received = self._published
+        with self._gateways_lock:
+            idents = list(self._gateways)
+        now = time.time()
+        for ident in idents:
+            beat = Heartbeat(self.worker_id, stats, now, received.get(ident, 0))
+            push.send_multipart([ident, codec.encode(beat)])
 
 
 def _with_identity(
@@ -361,7 +377,10 @@ def _error_output(request_id: str, message: str) -> RequestOutput:
 
 
 def _group_by_gateway(
-    outputs: list[RequestOutput], owners: dict[str, bytes], stats: WorkerStats
+    outputs: list[RequestOutput],
+    owners: dict[str, bytes],
+    stats: WorkerStats,
+    received: dict[bytes, int],
 ) -> list[tuple[bytes, EngineOutputs]]:
     """One EngineOutputs per gateway for this step; finished requests leave `owners`."""
     by_gateway: dict[bytes, list[RequestOutput]] = {}
@@ -373,7 +392,9 @@ def _group_by_gateway(
         if out.finish_reason is not None:
             del owners[out.request_id]
     now = time.time()
-    return [(g, EngineOutputs(outs, stats, now)) for g, outs in by_gateway.items()]
+    return [
+        (g, EngineOutputs(outs, stats, now, received.get(g, 0))) for g, outs in by_gateway.items()
+    ]
 
 
 # -------------------------------------------------------------------- CLI
