@@ -18,7 +18,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
     from worker.args import add_engine_args
-    from worker.server import add_worker_args
+    from worker.server_cli import add_worker_args
 
     add_engine_args(p)
     add_worker_args(p)
@@ -43,7 +43,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
 
 def worker_main(args: argparse.Namespace) -> int:
-    from worker.server import worker_main as main
+    from worker.server_cli import worker_main as main
 
     main(args)
     return 0

@@ -1,6 +1,6 @@
 """`headrace serve`: worker process(es) and a gateway on one host, in one command.
 
-Each worker is a child process (`python -m worker.server`) bound to an ipc:// socket in a
+Each worker is a child process (`python -m worker.server_cli`) bound to an ipc:// socket in a
 private temporary directory; with `--data-parallel-size N` there are N, one per GPU
 (CUDA_VISIBLE_DEVICES=i). The gateway runs in this process and serves HTTP on
 127.0.0.1:8000 by default. A worker that crashes after it was serving is restarted; one
@@ -64,7 +64,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 class WorkerProcess:
-    """One `python -m worker.server` child and how to (re)start it."""
+    """One `python -m worker.server_cli` child and how to (re)start it."""
 
     def __init__(self, index: int, address: str, config: EngineConfig, gpu: bool) -> None:
         self.index = index
@@ -80,7 +80,7 @@ class WorkerProcess:
         if self.gpu:
             env["CUDA_VISIBLE_DEVICES"] = str(self.index)
         cmd = [
-            sys.executable, "-m", "worker.server",
+            sys.executable, "-m", "worker.server_cli",
             "--bind", self.address,
             "--worker-id", f"worker-{self.index}-{os.getpid()}",
             "--parent-pid", str(os.getpid()),

@@ -20,12 +20,12 @@ KEY = {"Authorization": "Bearer k"}
 
 
 def start_fake_worker(
-    model: Path, log_dir: Path, name: str, step_ms: float = 5
+    model: Path, log_dir: Path, name: str, step_ms: float = 5, *extra: str
 ) -> tuple[Proc, str]:
     address = f"tcp://127.0.0.1:{free_port()}"
     proc = start_worker(
         model, address, log_dir, "--fake-engine", "--fake-step-ms", str(step_ms),
-        "--served-model-name", MODEL, "--worker-id", name, "--gateway-timeout", "2",
+        "--served-model-name", MODEL, "--worker-id", name, "--gateway-timeout", "2", *extra,
     )  # fmt: skip
     proc.log = log_dir / f"worker-{name}.log"
     return proc, address
@@ -144,7 +144,10 @@ async def stream_tokens(
 def test_add_and_remove_workers_on_a_running_gateway(tmp_path: Path, stories_path: Path) -> None:
     procs: list[Proc] = []
     try:
-        wa, a = start_fake_worker(stories_path, tmp_path, "wa", step_ms=20)
+        health_port = free_port()
+        wa, a = start_fake_worker(
+            stories_path, tmp_path, "wa", 20, "--health-port", str(health_port)
+        )
         wb, b = start_fake_worker(stories_path, tmp_path, "wb", step_ms=20)
         procs += [wa, wb]
         workers_file = tmp_path / "workers"
@@ -156,6 +159,11 @@ def test_add_and_remove_workers_on_a_running_gateway(tmp_path: Path, stories_pat
         procs.append(gw)
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, procs, workers_up=1)
+        # The worker's own HTTP /health (for readiness probes), beside its ZeroMQ socket.
+        r = httpx.get(f"http://127.0.0.1:{health_port}/health", timeout=5)
+        assert r.status_code == 200 and r.json()["worker_id"] == "wa", r.text
+        assert r.json()["gateways"] == 1
+        assert httpx.get(f"http://127.0.0.1:{health_port}/nope", timeout=5).status_code == 404
 
         async def burst(n: int) -> list[str]:
             async with httpx.AsyncClient(timeout=30, headers=KEY) as c:

@@ -18,7 +18,6 @@ its requests are aborted so their KV blocks return to the pool.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import queue
@@ -27,6 +26,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Protocol
 
 import zmq
@@ -43,9 +43,10 @@ from ipc.messages import (
     WorkerStats,
 )
 from ipc.wire import WorkerCodec, bind_router, default_worker_id
+from worker.health_http import serve_health
 
 if TYPE_CHECKING:
-    from worker.config import EngineConfig
+    pass
 
 logger = logging.getLogger("headrace.worker")
 
@@ -86,8 +87,10 @@ class WorkerServer:
         gateway_timeout: float = 10.0,
         tokenizer: str | None = None,
         max_logprobs: int | None = None,
+        health: tuple[str, int] | None = None,
     ) -> None:
         self.engine_factory = engine_factory
+        self.health = health  # (host, port) of the HTTP /health endpoint, if any
         self.address = address
         self.worker_id = worker_id or default_worker_id()
         self.heartbeat_interval = heartbeat_interval
@@ -110,11 +113,14 @@ class WorkerServer:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._threads: list[threading.Thread] = []
+        self._health_server: ThreadingHTTPServer | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         """Build the engine (in its own thread), then bind and start the socket threads."""
+        if self.health is not None:  # first: a probe sees "loading" while the model loads
+            self._health_server = serve_health(*self.health, self._health_status)
         engine_thread = threading.Thread(target=self._engine_main, name="engine", daemon=True)
         engine_thread.start()
         self._threads.append(engine_thread)
@@ -134,6 +140,8 @@ class WorkerServer:
         logger.info("worker %s serving %s at %s", self.worker_id, self._model_name(), self.address)
 
     def stop(self) -> None:
+        if self._health_server is not None:
+            self._health_server.shutdown()
         self._stopping.set()
         self._outbox.put(None)
         for t in self._threads:
@@ -159,6 +167,22 @@ class WorkerServer:
 
     def _model_name(self) -> str:
         return self.model_info.model_name if self.model_info else "?"
+
+    def _health_status(self) -> tuple[int, dict[str, object]]:
+        if self._failure is not None:
+            return 503, {"status": "failed", "error": repr(self._failure)}
+        if not self._ready.is_set() or self.model_info is None:
+            return 503, {"status": "loading", "worker_id": self.worker_id}
+        stats = self._published[0]
+        return 200, {
+            "status": "ok",
+            "worker_id": self.worker_id,
+            "model": self.model_info.model_name,
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "kv_cache_usage": round(stats.kv_cache_usage, 4),
+            "gateways": len(self._gateways),
+        }
 
     # ---------------------------------------------------------------- engine thread
 
@@ -395,103 +419,3 @@ def _group_by_gateway(
     return [
         (g, EngineOutputs(outs, stats, now, received.get(g, 0))) for g, outs in by_gateway.items()
     ]
-
-
-# -------------------------------------------------------------------- CLI
-
-
-def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of `headrace worker` beyond the engine's (worker.args.add_engine_args)."""
-    g = parser.add_argument_group("worker")
-    g.add_argument(
-        "--bind",
-        default=DEFAULT_BIND,
-        help=f"ZeroMQ address to serve gateways on: ipc:///path or tcp://host:port "
-        f"(default {DEFAULT_BIND})",
-    )
-    g.add_argument("--worker-id", default=None, help="name in logs and /health (default: host:pid)")
-    g.add_argument(
-        "--heartbeat-interval", type=float, default=0.1, help="seconds between heartbeats"
-    )
-    g.add_argument(
-        "--gateway-timeout",
-        type=float,
-        default=10.0,
-        help="abort a gateway's requests after this many silent seconds",
-    )
-    g.add_argument(
-        "--fake-engine",
-        action="store_true",
-        help="BENCHMARKING TOOL, not for serving: run worker.fake_engine.FakeEngineCore, "
-        "which loads no model and emits one fixed-text token per running request per step; "
-        "--model only needs a tokenizer.json (see scripts/bench_gateway.py)",
-    )
-    g.add_argument(
-        "--fake-step-ms",
-        type=float,
-        default=0.0,
-        help="with --fake-engine: milliseconds from one step's start to the next, slept like "
-        "GPU time (default 0: back to back)",
-    )
-
-
-def _engine_factory(config: EngineConfig, args: argparse.Namespace) -> Callable[[], Engine]:
-    """EngineCore, or with --fake-engine the model-free benchmarking engine."""
-
-    def build() -> Engine:
-        if args.fake_engine:
-            from worker.fake_engine import FakeEngineCore
-
-            return FakeEngineCore(config, step_s=args.fake_step_ms / 1000)
-        from worker.engine import EngineCore
-
-        return EngineCore(config)
-
-    return build
-
-
-def worker_main(args: argparse.Namespace) -> None:
-    """`headrace worker`: build an EngineCore from the engine flags and serve it."""
-    from worker.args import engine_config_from_args
-
-    config = engine_config_from_args(args)
-
-    _make_server(config, args).serve_forever()
-
-
-def _make_server(config: EngineConfig, args: argparse.Namespace) -> WorkerServer:
-    return WorkerServer(
-        _engine_factory(config, args),
-        args.bind,
-        worker_id=args.worker_id,
-        heartbeat_interval=args.heartbeat_interval,
-        gateway_timeout=args.gateway_timeout,
-        tokenizer=config.tokenizer,
-        max_logprobs=config.max_logprobs,
-    )
-
-
-def _main_from_config_json(argv: list[str] | None = None) -> None:
-    """`python -m worker.server --bind ADDR --config JSON`: how `headrace serve` starts
-    its workers (the EngineConfig travels as JSON, not pickled)."""
-    import msgspec
-
-    from worker.config import EngineConfig
-
-    parser = argparse.ArgumentParser(prog="python -m worker.server")
-    add_worker_args(parser)
-    parser.add_argument("--config", required=True, help="EngineConfig as a JSON object")
-    parser.add_argument("--log-level", default="WARNING")
-    parser.add_argument("--parent-pid", type=int, default=None, help="exit when it exits")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    config = msgspec.json.decode(args.config.encode(), type=EngineConfig)
-    config.validate()
-
-    _make_server(config, args).serve_forever(args.parent_pid)
-
-
-if __name__ == "__main__":
-    _main_from_config_json()
