@@ -1,0 +1,200 @@
+"""W4A16 linear layers: 4-bit weights with per-group fp16 scales and 4-bit zero points.
+
+The layout the kernels read (cuda/int4_gemm.cu draws it), built once at load from AWQ or
+GPTQ tensors by worker/quant/int4.py::
+
+    qw      int32 [N, K / 8]   output channel n's inputs in order, 8 per word, nibble j = k 8w + j
+    scales  fp16  [N, G]       G = K / group_size
+    zeros   uint8 [N, G]
+    perm    int64 [K] or None  desc_act: inputs were sorted by group; x is gathered by perm
+
+Why this layout: a decode GEMV streams each output channel's weights as contiguous 16-byte
+vectors (32 weights of one group per lane), and both formats' packings reduce to it with
+one reorder at load (AWQ packs along N in an interleaved order, GPTQ along K).
+
+`int4_linear` runs the GEMV kernel for up to 4 rows of x (decode), else dequantizes into a
+scratch buffer and calls cuBLAS (prefill: the GEMM dominates); on CPU the reference
+`int4_linear_ref` (dequantize, then matmul).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cuda import compiler
+
+SOURCE_PATH = Path(__file__).with_name("int4_gemm.cu")
+DTYPES = {torch.bfloat16: 1, torch.float16: 0}
+GEMV_KERNELS = {1: "gemv_m1", 2: "gemv_m2", 4: "gemv_m4"}
+KERNELS = (*GEMV_KERNELS.values(), "dequant")
+ROWS_PER_BLOCK = {"gemv_m1": 16, "gemv_m2": 16, "gemv_m4": 8}  # ROWS x WARPS in the source
+THREADS = 128
+DEQUANT_THREADS = 256
+
+_source: str | None = None
+
+
+@dataclass
+class Int4Weight:
+    qw: torch.Tensor  # int32 [N, K / 8]
+    scales: torch.Tensor  # fp16 [N, G]
+    zeros: torch.Tensor  # uint8 [N, G]
+    group_size: int
+    perm: torch.Tensor | None = None  # int64 [K]
+
+    @property
+    def out_features(self) -> int:
+        return int(self.qw.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.qw.shape[1]) * 8
+
+    def to(self, device: torch.device) -> Int4Weight:
+        perm = None if self.perm is None else self.perm.to(device)
+        return Int4Weight(
+            self.qw.to(device),
+            self.scales.to(device),
+            self.zeros.to(device),
+            self.group_size,
+            perm,
+        )
+
+
+def pack_rows(values: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> int32 [N, K / 8], nibble j of word w = column 8w + j."""
+    n, k = values.shape
+    v = values.to(torch.int64).reshape(n, k // 8, 8)
+    words = (v << torch.arange(0, 32, 4, device=values.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_rows(qw: torch.Tensor) -> torch.Tensor:
+    """int32 [N, K / 8] -> [N, K] values 0..15 (inverse of pack_rows)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qw.device)
+    return ((qw.unsqueeze(-1) >> shifts) & 0xF).reshape(qw.shape[0], -1)
+
+
+def dequantize_ref(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in `dtype` (inputs in perm order when perm is set)."""
+    q = unpack_rows(w.qw).float()
+    g = torch.arange(w.in_features, device=q.device) // w.group_size
+    return ((q - w.zeros.float()[:, g]) * w.scales.float()[:, g]).to(dtype)
+
+
+def int4_linear_ref(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N]: the CPU path and what the kernels are tested against."""
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    return F.linear(x, dequantize_ref(w, x.dtype))
+
+
+def source() -> str:
+    global _source
+    if _source is None:
+        _source = SOURCE_PATH.read_text()
+    return _source
+
+
+def module_defines(dtype: torch.dtype) -> dict[str, int | str]:
+    return {"HR_BF16": DTYPES[dtype]}
+
+
+def unsupported_reason(x: torch.Tensor, w: Int4Weight) -> str | None:
+    if not x.is_cuda:
+        return "tensors are not on a CUDA device"
+    if x.dtype not in DTYPES:
+        return f"dtype {x.dtype} (kernels take bf16/fp16)"
+    if w.in_features % 32 or w.group_size % 32:
+        return f"K {w.in_features} / group_size {w.group_size} not multiples of 32"
+    if x.dim() != 2 or x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16:
+        return "x rows are not contiguous 16-byte aligned vectors"
+    return None
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return int(t.data_ptr())
+
+
+def gemv_launch(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> tuple[str, tuple[int], list]:
+    """(kernel name, grid, args) for y = x W^T with x of at most 4 rows; no device needed."""
+    m = x.shape[0]
+    name = GEMV_KERNELS[1 if m == 1 else 2 if m == 2 else 4]
+    rows = ROWS_PER_BLOCK[name]
+    grid = ((w.out_features + rows - 1) // rows,)
+    args = [
+        _ptr(x),
+        np.int64(x.stride(0)),
+        _ptr(w.qw),
+        _ptr(w.scales),
+        _ptr(w.zeros),
+        _ptr(y),
+        np.int64(y.stride(0)),
+        np.int32(w.out_features),
+        np.int32(w.in_features),
+        np.int32(w.group_size),
+    ]
+    return name, grid, args
+
+
+def _kernel(dtype: torch.dtype, name: str) -> object:
+    mod = compiler.load_module(source(), defines=module_defines(dtype), name="int4_gemm")
+    return mod.kernel(name)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    w: Int4Weight,
+    scratch: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] in x's dtype. `scratch` ([N, K], x's dtype) avoids an
+    allocation per call on the dequantize-then-GEMM path; `out` ([M, N]) is written on
+    the GEMV path (tests poison it)."""
+    if unsupported_reason(x, w) is not None:
+        return int4_linear_ref(x, w)
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    if x.shape[0] == 3:  # the GEMV instantiations take 1, 2 or 4 rows
+        x = F.pad(x, (0, 0, 0, 1))
+        y4 = int4_linear(x, Int4Weight(w.qw, w.scales, w.zeros, w.group_size), scratch)
+        if out is None:
+            return y4[:3]
+        return out.copy_(y4[:3])
+    if x.shape[0] <= 4:
+        y = (
+            out
+            if out is not None
+            else torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
+        )
+        name, grid, args = gemv_launch(x, w, y)
+        compiler.launch(_kernel(x.dtype, name), grid, THREADS, *args)
+        return y
+    wd = dequantize(w, x.dtype, scratch)
+    return F.linear(x, wd)
+
+
+def dequantize(w: Int4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W [N, K] in `dtype` on the GPU (the dequant kernel); reference elsewhere."""
+    if not w.qw.is_cuda or dtype not in DTYPES:
+        return dequantize_ref(w, dtype)
+    if out is None:
+        out = torch.empty(w.out_features, w.in_features, dtype=dtype, device=w.qw.device)
+    words = w.out_features * w.in_features // 8
+    grid = ((words + DEQUANT_THREADS - 1) // DEQUANT_THREADS,)
+    args = [
+        _ptr(w.qw),
+        _ptr(w.scales),
+        _ptr(w.zeros),
+        _ptr(out),
+        np.int32(w.out_features),
+        np.int32(w.in_features),
+        np.int32(w.group_size),
+    ]
+    compiler.launch(_kernel(dtype, "dequant"), grid, DEQUANT_THREADS, *args)
+    return out

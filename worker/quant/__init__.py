@@ -1,0 +1,1 @@
+"""Quantized weights: formats, loaders and their linear layers."""

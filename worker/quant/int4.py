@@ -1,0 +1,174 @@
+"""4-bit weight formats: AWQ (GEMM version) and GPTQ, read from their definitions.
+
+Both store a linear layer y = x W^T (W: [out, in]) as 4-bit integers q, per-group fp16
+scales s and 4-bit zero points z, with W[o, i] = (q[o, i] - z[g(i), o]) * s[g(i), o], where
+g(i) is input row i's group (in // group_size groups; GPTQ may permute them, see g_idx).
+They differ in how the 4-bit values are packed into int32 words::
+
+    AWQ  qweight int32 [in, out / 8]      word (i, j) holds columns 8j .. 8j+7 of row i,
+         qzeros  int32 [groups, out / 8]  nibble k (bits 4k..4k+3) = column 8j + AWQ_ORDER[k]
+         scales  fp16  [groups, out]      zero points as stored
+
+    GPTQ qweight int32 [in / 8, out]      word (r, o) holds rows 8r .. 8r+7 of column o,
+                                          nibble k = row 8r + k
+         qzeros  int32 [groups, out / 8]  nibble k of word (g, j) = column 8j + k, stored as
+                                          zero - 1 (AutoGPTQ's checkpoint format; sym: 7)
+         scales  fp16  [groups, out]
+         g_idx   int32 [in]               group of each input row (desc_act: not sorted)
+
+`Int4Config.from_hf` reads `quantization_config`; `dequantize_awq` / `dequantize_gptq` give
+W in the model's dtype: the CPU reference path (dequantize once, then matmul) and what
+the GPU kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds column AWQ_ORDER[k]
+PACK = 8  # 4-bit values per int32
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    """A checkpoint's 4-bit quantization settings."""
+
+    method: str  # "awq" or "gptq"
+    group_size: int  # input rows per scale group; -1: one group for all rows (GPTQ)
+    zero_point: bool  # AWQ: asymmetric with zeros; GPTQ: not sym
+    desc_act: bool  # GPTQ: groups follow g_idx (activation order), not row order
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    @classmethod
+    def from_hf(cls, qc: dict[str, Any]) -> Int4Config:
+        """From config.json's quantization_config; ValueError names the field that is off."""
+        method = str(qc.get("quant_method", "")).lower()
+        if method not in ("awq", "gptq"):
+            raise ValueError(f"quantization_config.quant_method {method!r} is not awq or gptq")
+        bits = qc.get("bits", qc.get("w_bit"))
+        if bits != 4:
+            raise ValueError(f"quantization_config.bits is {bits!r}: only 4-bit is supported")
+        group = qc.get("group_size", qc.get("q_group_size"))
+        if not isinstance(group, int) or not (group == -1 or group > 0):
+            raise ValueError(f"quantization_config.group_size {group!r} must be > 0 or -1")
+        if method == "awq":
+            version = str(qc.get("version", "gemm")).lower()
+            if version != "gemm":
+                raise ValueError(
+                    f"quantization_config.version {version!r}: only AWQ's GEMM packing is supported"
+                )
+            if group == -1:
+                raise ValueError("quantization_config.group_size -1 is not valid for AWQ")
+            if not qc.get("zero_point", True):
+                raise ValueError(
+                    "quantization_config.zero_point false: AWQ without zeros is not supported"
+                )
+            return cls(
+                "awq",
+                group,
+                zero_point=True,
+                desc_act=False,
+                modules_to_not_convert=tuple(qc.get("modules_to_not_convert") or ()),
+            )
+        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        if fmt != "gptq":
+            raise ValueError(
+                f"quantization_config.checkpoint_format {fmt!r}: only 'gptq' (zeros stored - 1)"
+            )
+        return cls(
+            "gptq",
+            group,
+            zero_point=not qc.get("sym", True),
+            desc_act=bool(qc.get("desc_act", False)),
+        )
+
+    def num_groups(self, in_features: int) -> int:
+        if self.group_size == -1:
+            return 1
+        if in_features % self.group_size:
+            raise ValueError(
+                f"in_features {in_features} is not a multiple of group_size {self.group_size}"
+            )
+        return in_features // self.group_size
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """[..., n] int32 -> [..., n, 8] values 0..15, nibble k at index k."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    return (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ words [R, C / 8] -> values [R, C] in column order."""
+    nib = _nibbles(packed)  # [R, C/8, 8], nibble k = column AWQ_ORDER[k]
+    inverse = torch.tensor([AWQ_ORDER.index(c) for c in range(PACK)], device=packed.device)
+    return nib[..., inverse].reshape(packed.shape[0], -1)
+
+
+def unpack_gptq_rows(packed: torch.Tensor) -> torch.Tensor:
+    """GPTQ qweight [R / 8, C] -> [R, C]: nibble k of word (r, c) is row 8r + k."""
+    nib = _nibbles(packed)  # [R/8, C, 8]
+    return nib.permute(0, 2, 1).reshape(-1, packed.shape[1])
+
+
+def unpack_gptq_cols(packed: torch.Tensor) -> torch.Tensor:
+    """GPTQ qzeros [G, C / 8] -> [G, C]: nibble k of word (g, j) is column 8j + k."""
+    return _nibbles(packed).reshape(packed.shape[0], -1)
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+
+
+def dequantize_awq(
+    qweight: torch.Tensor,  # int32 [in, out / 8]
+    qzeros: torch.Tensor,  # int32 [groups, out / 8]
+    scales: torch.Tensor,  # fp16 [groups, out]
+    cfg: Int4Config,
+    dtype: torch.dtype,
+    prefix: str = "",
+) -> torch.Tensor:
+    """W [out, in] in `dtype`."""
+    in_features, out_features = qweight.shape[0], qweight.shape[1] * PACK
+    groups = cfg.num_groups(in_features)
+    _check(f"{prefix}qzeros", qzeros, (groups, out_features // PACK))
+    _check(f"{prefix}scales", scales, (groups, out_features))
+    q = unpack_awq(qweight)  # [in, out]
+    z = unpack_awq(qzeros)
+    g = torch.arange(in_features, device=q.device) // cfg.group_size
+    w = (q - z[g]).to(torch.float32) * scales[g].to(torch.float32)
+    return w.t().contiguous().to(dtype)
+
+
+def dequantize_gptq(
+    qweight: torch.Tensor,  # int32 [in / 8, out]
+    qzeros: torch.Tensor,  # int32 [groups, out / 8]
+    scales: torch.Tensor,  # fp16 [groups, out]
+    g_idx: torch.Tensor | None,  # int32 [in]
+    cfg: Int4Config,
+    dtype: torch.dtype,
+    prefix: str = "",
+) -> torch.Tensor:
+    """W [out, in] in `dtype`."""
+    in_features, out_features = qweight.shape[0] * PACK, qweight.shape[1]
+    groups = cfg.num_groups(in_features)
+    _check(f"{prefix}qzeros", qzeros, (groups, out_features // PACK))
+    _check(f"{prefix}scales", scales, (groups, out_features))
+    if g_idx is None:
+        if cfg.desc_act:
+            raise ValueError(f"{prefix}g_idx is missing but desc_act is true")
+        size = in_features if cfg.group_size == -1 else cfg.group_size
+        g = torch.arange(in_features, device=qweight.device) // size
+    else:
+        _check(f"{prefix}g_idx", g_idx, (in_features,))
+        g = g_idx.long()
+        if int(g.min()) < 0 or int(g.max()) >= groups:
+            raise ValueError(f"{prefix}g_idx has group ids outside [0, {groups})")
+    q = unpack_gptq_rows(qweight)  # [in, out]
+    z = unpack_gptq_cols(qzeros) + 1  # stored zero - 1
+    w = (q - z[g]).to(torch.float32) * scales[g].to(torch.float32)
+    return w.t().contiguous().to(dtype)
