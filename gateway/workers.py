@@ -115,8 +115,10 @@ class WorkerConnection:
 
     def _report(self, stats: WorkerStats, received: int) -> None:
         self.stats = stats
-        if received < self.reported:
-            # The worker forgot us (it restarted, or timed us out): nothing is pending.
+        if received < self.reported or received > self.sent:
+            # The worker forgot us (it restarted, or timed us out), or counted this
+            # gateway's earlier connection too (a worker removed and added again): either
+            # way nothing of ours is pending beyond its count.
             self.sent = received
         self.reported = received
 

@@ -100,6 +100,10 @@ def test_load_counts_other_gateways_and_unreported_sends(
     assert w.load == 13
     w._report(WorkerStats(num_running=0), received=0)  # restarted: it knows none of ours
     assert (w.sent, w.load) == (0, 0)
+    w._report(WorkerStats(num_running=1), received=40)  # counted an earlier connection too
+    w.sent += 2
+    w._report(WorkerStats(num_running=2), received=41)
+    assert w.load == 2 + 1
     # Least loaded is the one with the fewest requests ahead, whoever sent them.
     workers[1]._report(WorkerStats(num_running=1), received=0)
     workers[2]._report(WorkerStats(num_running=1, num_free_blocks=1, num_total_blocks=10), 0)

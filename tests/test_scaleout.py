@@ -13,7 +13,15 @@ from pathlib import Path
 
 import httpx
 
-from tests.server_harness import Proc, free_port, health, start_gateway, start_worker, wait_healthy
+from tests.server_harness import (
+    Proc,
+    free_port,
+    health,
+    make_chat_model,
+    start_gateway,
+    start_worker,
+    wait_healthy,
+)
 
 MODEL = "fake"
 KEY = {"Authorization": "Bearer k"}
@@ -37,16 +45,27 @@ def stop_all(procs: list[Proc]) -> None:
 
 
 async def complete(
-    c: httpx.AsyncClient, base: str, session: str | None, *, by_header: bool, stream: bool
+    c: httpx.AsyncClient,
+    base: str,
+    session: str | None,
+    *,
+    by_header: bool,
+    stream: bool,
+    chat: bool = False,
 ) -> str:
     """One request; returns the X-Headrace-Worker header (checked: the stream ended well)."""
-    body: dict = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "stream": stream}
+    body: dict = {"model": MODEL, "max_tokens": 3, "stream": stream}
+    if chat:
+        body["messages"] = [{"role": "user", "content": "hello"}]
+    else:
+        body["prompt"] = "hello"
     headers = {}
     if session is not None and by_header:
         headers["X-Session-ID"] = session
     elif session is not None:
         body["user"] = session
-    async with c.stream("POST", f"{base}/v1/completions", json=body, headers=headers) as r:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    async with c.stream("POST", f"{base}{path}", json=body, headers=headers) as r:
         assert r.status_code == 200, await r.aread()
         text = (await r.aread()).decode()
     if stream:
@@ -58,7 +77,7 @@ async def complete(
 
 def run_sessions(bases: list[str], sessions: int = 50, per_session: int = 4) -> dict[str, set[str]]:
     """sessions x per_session requests, each session's alternating between the gateways;
-    half keyed by header, half by the `user` field; half streamed."""
+    half keyed by header, half by the `user` field; half streamed; a quarter chat."""
 
     async def go() -> dict[str, set[str]]:
         seen: dict[str, set[str]] = collections.defaultdict(set)
@@ -67,7 +86,9 @@ def run_sessions(bases: list[str], sessions: int = 50, per_session: int = 4) -> 
         async def one(c: httpx.AsyncClient, s: int, j: int) -> None:
             async with sem:
                 base = bases[(s + j) % len(bases)]
-                worker = await complete(c, base, f"s{s}", by_header=s % 2 == 0, stream=j % 2 == 0)
+                worker = await complete(
+                    c, base, f"s{s}", by_header=s % 2 == 0, stream=j % 2 == 0, chat=j % 4 == 1
+                )
                 seen[f"s{s}"].add(worker)
 
         async with httpx.AsyncClient(timeout=30) as c:
@@ -80,11 +101,12 @@ def run_sessions(bases: list[str], sessions: int = 50, per_session: int = 4) -> 
 
 
 def test_session_affinity_across_gateways_and_failover(tmp_path: Path, stories_path: Path) -> None:
+    model = make_chat_model(stories_path, tmp_path / "model")  # a chat template for chat
     procs: list[Proc] = []
     try:
         addrs = []
         for i in range(3):
-            proc, address = start_fake_worker(stories_path, tmp_path, f"w{i}")
+            proc, address = start_fake_worker(model, tmp_path, f"w{i}")
             procs.append(proc)
             addrs.append(address)
         workers = procs[:3]
