@@ -42,6 +42,7 @@ def worker_row(w: WorkerConnection) -> dict[str, Any]:
         "model": w.info.model_name if w.info else None,
         "num_running": w.stats.num_running,
         "num_waiting": w.stats.num_waiting,
+        "num_queued": w.stats.num_queued,
         "num_free_blocks": w.stats.num_free_blocks,
         "kv_cache_usage": round(w.stats.kv_cache_usage, 4),
         "load": w.load,

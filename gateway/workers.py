@@ -19,7 +19,7 @@ Load: every heartbeat and output batch carries the worker's own report (running,
 KV blocks: the same numbers every gateway sees) and how many of this gateway's requests
 that report already includes, so requests sent since count too:
 
-    load = running + waiting (the worker's, all gateways) + sent here but not yet reported
+    load = running + waiting + queued (the worker's, all gateways) + sent here, not reported
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ class WorkerConnection:
         """Requests ahead of a new one: the worker's own count (every gateway's requests)
         plus ours that its latest report does not include yet."""
         unreported = max(0, self.sent - self.reported)
-        reported = self.stats.num_running + self.stats.num_waiting
+        s = self.stats
+        reported = s.num_running + s.num_waiting + s.num_queued
         return max(len(self.inflight), reported + unreported)
 
     def _report(self, stats: WorkerStats, received: int) -> None:

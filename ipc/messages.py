@@ -147,8 +147,9 @@ class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
 class WorkerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """A worker's load and counters, sent with outputs and with heartbeats.
 
-    The first four fields are the load report every gateway routes by (running, waiting,
-    KV blocks), so N gateways see the same load however the requests were spread among them.
+    The first four fields and `num_queued` are the load report every gateway routes by
+    (running, waiting, queued, KV blocks), so N gateways see the same load however the
+    requests were spread among them.
     """
 
     num_running: int = 0
@@ -163,6 +164,9 @@ class WorkerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     spec_proposed: int = 0  # counter, tokens
     spec_accepted: int = 0  # counter, tokens
     spec_steps: int = 0  # counter, verification steps
+    # Requests that reached the worker's socket but not yet its engine loop (set by the
+    # worker server, not the engine): during a long step, other gateways see them here.
+    num_queued: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -190,8 +194,9 @@ class EngineOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults=Tru
     outputs: list[RequestOutput] = []
     stats: WorkerStats | None = None
     timestamp: float = 0.0
-    # Requests this worker has taken from the receiving gateway so far, as of `stats`: the
-    # gateway counts the ones it sent beyond this as load the stats do not show yet.
+    # Requests from the receiving gateway that have reached this worker so far (all of
+    # them are in `stats`: queued, waiting, running or done); the gateway counts the ones
+    # it sent beyond this as load no report shows yet.
     received: int = 0
 
 
@@ -201,7 +206,7 @@ class Heartbeat(msgspec.Struct, tag=True, array_like=True, gc=False):
     worker_id: str
     stats: WorkerStats
     timestamp: float
-    received: int = 0  # as in EngineOutputs: requests taken from this gateway, as of `stats`
+    received: int = 0  # as in EngineOutputs: this gateway's requests that reached the worker
 
 
 # The tagged union that travels gateway -> worker and worker -> gateway.

@@ -37,6 +37,8 @@ class Outcome:
     chunks: int = 0  # events with choices
     usage: int = -1  # usage.completion_tokens from the last event
     errors: int = 0  # error events
+    t_start: float = 0.0  # when the response headers came (the request was routed)
+    t_end: float = 0.0
 
 
 async def stream(
@@ -56,6 +58,7 @@ async def stream(
         async with c.stream("POST", f"{base}/v1/completions", json=body) as r:
             assert r.status_code == 200, await r.aread()
             out.worker = r.headers["x-headrace-worker"]
+            out.t_start = time.monotonic()
             async for line in r.aiter_lines():
                 if line == "data: [DONE]":
                     out.done = True
@@ -72,6 +75,7 @@ async def stream(
         out.closed = True
     if not out.done:
         out.closed = True
+    out.t_end = time.monotonic()
     return out
 
 
@@ -96,7 +100,9 @@ def test_nginx_two_gateways_three_workers(tmp_path: Path, stories_path: Path) ->
         for i, a in enumerate(addrs):
             procs.append(start_worker(model, a, tmp_path, *extra, "--worker-id", f"w{i}"))
         ports = [free_port(), free_port()]
-        gateways = [start_gateway(addrs, p, tmp_path) for p in ports]
+        # A generous worker timeout: on a loaded CI machine a busy worker's heartbeats can
+        # be late, and this test is about gateways dying, not workers.
+        gateways = [start_gateway(addrs, p, tmp_path, "--worker-timeout", "3") for p in ports]
         procs += gateways
         gw_bases = [f"http://127.0.0.1:{p}" for p in ports]
         for b in gw_bases:
@@ -109,15 +115,16 @@ def test_nginx_two_gateways_three_workers(tmp_path: Path, stories_path: Path) ->
         async def many() -> list[Outcome]:
             limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
             async with httpx.AsyncClient(timeout=120, limits=limits) as c:
-                return await asyncio.gather(*(stream(c, base, i, 16) for i in range(300)))
+                return await asyncio.gather(*(stream(c, base, i, 20) for i in range(300)))
 
         t0 = time.monotonic()
         results = asyncio.run(many())
         took = time.monotonic() - t0
-        assert all(r.done and not r.closed and r.errors == 0 for r in results)
+        bad = [r for r in results if not r.done or r.closed or r.errors]
+        assert not bad, (len(bad), bad[:5])
         # ignore_eos: exactly max_tokens each (events may hold several tokens, or none
         # while the detokenizer waits for the rest of a character).
-        assert all(r.usage == 16 and r.chunks > 0 for r in results)
+        assert all(r.usage == 20 and r.chunks > 0 for r in results), results
         per_worker = collections.Counter(r.worker for r in results)
         assert set(per_worker) == {"w0", "w1", "w2"}, per_worker
         most, least = max(per_worker.values()), min(per_worker.values())
@@ -125,14 +132,23 @@ def test_nginx_two_gateways_three_workers(tmp_path: Path, stories_path: Path) ->
         served = [metric(b, "headrace:e2e_request_latency_seconds_count") for b in gw_bases]
         assert sum(served) == 300 and min(served) > 0, served  # NGINX used both gateways
         print(f"300 streams in {took:.1f} s; per worker {dict(per_worker)}; per gateway {served}")
+        first_end = min(r.t_end for r in results)
+        print(
+            "routed before the first finished:",
+            sum(r.t_start < first_end for r in results),
+            "last routed",
+            max(r.t_start for r in results) - t0,
+            "first end",
+            first_end - t0,
+        )
 
-        # Kill one gateway while 40 long streams run: its clients see the stream close,
+        # Kill one gateway while 40 longer streams run: its clients see the stream close,
         # the other's finish, new requests succeed through the survivor.
         async def kill_mid_run() -> tuple[list[Outcome], list[Outcome], list[int]]:
             limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
             async with httpx.AsyncClient(timeout=120, limits=limits) as c:
                 started: list[int] = []
-                long = [asyncio.ensure_future(stream(c, base, i, 150, started)) for i in range(40)]
+                long = [asyncio.ensure_future(stream(c, base, i, 100, started)) for i in range(40)]
                 while len(started) < 40:
                     await asyncio.sleep(0.02)
                 inflight = [sum(w["inflight"] for w in health(b)["workers"]) for b in gw_bases]
@@ -147,31 +163,37 @@ def test_nginx_two_gateways_three_workers(tmp_path: Path, stories_path: Path) ->
         closed = [r for r in long if r.closed]
         finished = [r for r in long if r.done]
         assert len(closed) == inflight[1] and len(finished) == inflight[0], (inflight, long)
-        assert all(r.usage == 150 for r in finished), finished
+        assert all(r.usage == 100 for r in finished), finished
         assert all(r.done and r.usage == 8 for r in new), new
         # The dead gateway's requests are aborted by the workers (--gateway-timeout 2).
         h = wait_idle(gw_bases[0], timeout=10)
         assert all(w["num_running"] == w["num_waiting"] == 0 for w in h["workers"]), h
 
-        # A client that hangs up on NGINX: the worker stops that request at once.
-        async def hang_up() -> float:
-            body = {"model": MODEL, "prompt": "Once", "max_tokens": 2000, "ignore_eos": True}
-            async with httpx.AsyncClient(timeout=30) as c:
-                async with c.stream(
-                    "POST", f"{base}/v1/completions", json=body | {"stream": True}
-                ) as r:
-                    lines = 0
-                    async for line in r.aiter_lines():
-                        lines += line.startswith("data: ")
-                        if lines == 3:
-                            break
-                t = time.monotonic()
-            return t
+        # A client that hangs up on NGINX: the worker stops its request well before the
+        # end (the counters are the workers' own, as every gateway reports them).
+        def generated() -> float:
+            return metric(gw_bases[0], "headrace:generation_tokens_total")
 
-        t_hang = asyncio.run(hang_up())
+        async def hang_up() -> None:
+            body = {"model": MODEL, "prompt": "Once", "max_tokens": 480, "ignore_eos": True}
+            body |= {"stream": True, "n": 4}  # 1920 tokens in all if nobody stops it
+            url = f"{base}/v1/completions"
+            async with httpx.AsyncClient(timeout=30) as c, c.stream("POST", url, json=body) as r:
+                assert r.status_code == 200, await r.aread()
+                events = 0
+                async for line in r.aiter_lines():
+                    events += line.startswith("data: ")
+                    if events == 3:
+                        break
+
+        before = generated()
+        asyncio.run(hang_up())
         h = wait_idle(gw_bases[0], timeout=5)
         assert all(w["num_running"] == 0 for w in h["workers"]), h
-        assert time.monotonic() - t_hang < 5
+        time.sleep(0.3)  # the last counters in
+        spent = generated() - before
+        print(f"tokens generated for a hung-up request of 4 x 480: {spent:.0f}")
+        assert spent < 4 * 480 / 2, spent
     finally:
         if nginx is not None:
             nginx.stop()

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 import zmq
 
 from ipc.messages import (
@@ -99,9 +100,13 @@ class WorkerServer:
         self.max_logprobs = max_logprobs
         self.model_info: ModelInfo | None = None
         self.stats = WorkerStats()  # latest snapshot, written by the engine thread only
-        # The load report heartbeats carry: the stats and, per gateway, how many of its
-        # requests they include (both from one moment, swapped in as one tuple).
-        self._published: tuple[WorkerStats, dict[bytes, int]] = (self.stats, {})
+        # The load report (see _load_report): the engine's latest stats with how many
+        # requests the engine loop had taken from the inbox by then (one tuple, swapped
+        # in whole), and per gateway the requests that reached the socket (zmq-io counts
+        # them under _gateways_lock).
+        self._published: tuple[WorkerStats, int] = (self.stats, 0)
+        self._arrived: dict[bytes, int] = {}
+        self._arrived_total = 0
 
         self._ctx = zmq.Context()
         self._forward_addr = f"inproc://worker-out-{id(self)}"
@@ -206,16 +211,13 @@ class WorkerServer:
 
     def _engine_loop(self, engine: Engine) -> None:
         owners: dict[str, bytes] = {}  # request id -> the gateway that sent it
-        received: dict[bytes, int] = {}  # gateway -> requests taken from it so far
+        taken = 0  # requests taken from the inbox so far
         while not self._stopping.is_set():
             busy = engine.has_unfinished_requests()
             ready: list[RequestOutput] = []  # outputs made outside step(): rejections
             inbox = self._drain_inbox(block=not busy)
             for ident, msg in inbox:
-                if isinstance(msg, EngineRequest):
-                    received[ident] = received.get(ident, 0) + 1
-                elif isinstance(msg, _GatewayGone):
-                    received.pop(ident, None)
+                taken += isinstance(msg, EngineRequest)
                 ready.extend(self._handle(engine, owners, ident, msg))
             outputs = ready
             if engine.has_unfinished_requests():
@@ -227,9 +229,9 @@ class WorkerServer:
             elif ready or busy:
                 self.stats = engine.stats()
             if inbox or busy:
-                self._published = (self.stats, dict(received))
+                self._published = (self.stats, taken)
             if outputs:
-                self._outbox.put(_group_by_gateway(outputs, owners, self.stats, received))
+                self._outbox.put(self._group_by_gateway(outputs, owners))
 
     def _drain_inbox(
         self, block: bool
@@ -331,6 +333,9 @@ class WorkerServer:
         with self._gateways_lock:
             known = ident in self._gateways
             self._gateways[ident] = time.monotonic()
+            if isinstance(msg, EngineRequest):
+                self._arrived[ident] = self._arrived.get(ident, 0) + 1
+                self._arrived_total += 1
         if isinstance(msg, Hello):
             if not known:
                 logger.info("gateway %s connected", msg.gateway_id)
@@ -344,6 +349,7 @@ class WorkerServer:
             gone = [g for g, t in self._gateways.items() if now - t > self.gateway_timeout]
             for g in gone:
                 del self._gateways[g]
+                self._arrived.pop(g, None)  # it comes back (if ever) counting afresh
         for g in gone:
             self._inbox.put((g, _GONE))
 
@@ -371,14 +377,46 @@ class WorkerServer:
         finally:
             push.close(linger=0)
 
+    def _load_report(self, idents: list[bytes]) -> tuple[WorkerStats, list[int]]:
+        """The published stats plus the requests still queued in the inbox (arrived at
+        the socket, not yet taken by the engine loop), and per gateway how many of its
+        requests have arrived. Every request a gateway sent is then counted once: on the
+        wire (by that gateway alone), queued, or in the engine's running + waiting."""
+        stats, taken = self._published
+        with self._gateways_lock:
+            queued = self._arrived_total - taken
+            arrived = [self._arrived.get(ident, 0) for ident in idents]
+        if queued > 0:
+            stats = msgspec.structs.replace(stats, num_queued=queued)
+        return stats, arrived
+
     def _send_heartbeats(self, codec: WorkerCodec, push: zmq.Socket) -> None:
-        stats, received = self._published
         with self._gateways_lock:
             idents = list(self._gateways)
+        stats, arrived = self._load_report(idents)
         now = time.time()
-        for ident in idents:
-            beat = Heartbeat(self.worker_id, stats, now, received.get(ident, 0))
-            push.send_multipart([ident, codec.encode(beat)])
+        for ident, n in zip(idents, arrived, strict=True):
+            push.send_multipart([ident, codec.encode(Heartbeat(self.worker_id, stats, now, n))])
+
+    def _group_by_gateway(
+        self, outputs: list[RequestOutput], owners: dict[str, bytes]
+    ) -> list[tuple[bytes, EngineOutputs]]:
+        """One EngineOutputs per gateway for this step; finished requests leave `owners`."""
+        by_gateway: dict[bytes, list[RequestOutput]] = {}
+        for out in outputs:
+            ident = owners.get(out.request_id)
+            if ident is None:
+                continue  # aborted by its gateway while this step ran
+            by_gateway.setdefault(ident, []).append(out)
+            if out.finish_reason is not None:
+                del owners[out.request_id]
+        idents = list(by_gateway)
+        stats, arrived = self._load_report(idents)
+        now = time.time()
+        return [
+            (g, EngineOutputs(by_gateway[g], stats, now, n))
+            for g, n in zip(idents, arrived, strict=True)
+        ]
 
 
 def _with_identity(
@@ -398,24 +436,3 @@ def _with_identity(
 
 def _error_output(request_id: str, message: str) -> RequestOutput:
     return RequestOutput(request_id, finish_reason=FinishReason.ERROR, error=message)
-
-
-def _group_by_gateway(
-    outputs: list[RequestOutput],
-    owners: dict[str, bytes],
-    stats: WorkerStats,
-    received: dict[bytes, int],
-) -> list[tuple[bytes, EngineOutputs]]:
-    """One EngineOutputs per gateway for this step; finished requests leave `owners`."""
-    by_gateway: dict[bytes, list[RequestOutput]] = {}
-    for out in outputs:
-        ident = owners.get(out.request_id)
-        if ident is None:
-            continue  # aborted by its gateway while this step ran
-        by_gateway.setdefault(ident, []).append(out)
-        if out.finish_reason is not None:
-            del owners[out.request_id]
-    now = time.time()
-    return [
-        (g, EngineOutputs(outs, stats, now, received.get(g, 0))) for g, outs in by_gateway.items()
-    ]
