@@ -1,4 +1,4 @@
-"""The gateway's HTTP app (starlette) and `headrace gateway`.
+"""The gateway's HTTP app (starlette); `headrace gateway` (headrace/gateway_cmd.py) serves it.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics, POST /tokenize, POST /detokenize, and /admin/workers (gateway/admin.py).
@@ -9,7 +9,6 @@ an OpenAI error object. Completions name the worker(s) that served them in an
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
@@ -48,7 +47,6 @@ from gateway.protocol import (
     TokenizeResponse,
 )
 from gateway.route_note import SESSION_HEADER, RouteNote, noting, session_key
-from gateway.router import ROUTING_POLICIES
 from gateway.serving_chat import chat_prompt_ids, create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
@@ -238,99 +236,3 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
     app.state.client = client
     app.state.metrics = metrics
     return app
-
-
-# -------------------------------------------------------------------- CLI
-
-
-def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True) -> None:
-    """Flags of `headrace gateway` (and, without --worker, of `headrace serve`)."""
-    g = parser.add_argument_group("gateway")
-    if with_workers:
-        g.add_argument(
-            "--worker",
-            action="append",
-            default=[],
-            metavar="ADDR",
-            help="a worker's ZeroMQ address (ipc:///path or tcp://host:port); repeat for more",
-        )
-        g.add_argument(
-            "--workers-file",
-            default=None,
-            metavar="PATH",
-            help="more worker addresses, one per line; re-read when it changes (workers that "
-            "disappear from it drain, then drop out)",
-        )
-        g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the worker's)")
-    g.add_argument("--host", default="127.0.0.1", help="HTTP host to bind (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    g.add_argument("--api-key", default=None, help="require this Bearer token on /v1/*")
-    g.add_argument(
-        "--routing",
-        default="least-loaded",
-        choices=ROUTING_POLICIES,
-        help="least-loaded (default); prefix: keep shared prompt prefixes on one worker; "
-        "session: one worker per X-Session-ID header or `user` field, the same from every "
-        "gateway",
-    )
-    g.add_argument(
-        "--max-queued-requests",
-        type=int,
-        default=None,
-        help="answer 429 while this many requests wait for their first token",
-    )
-    g.add_argument(
-        "--worker-timeout",
-        type=float,
-        default=1.0,
-        help="seconds without a heartbeat before a worker counts as down",
-    )
-
-
-def gateway_config_from_args(
-    args: argparse.Namespace, workers: list[str] | None = None
-) -> GatewayConfig:
-    if args.max_queued_requests is not None and args.max_queued_requests < 0:
-        raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
-    if args.worker_timeout <= 0:
-        raise ValueError(f"--worker-timeout must be > 0, got {args.worker_timeout}")
-    workers_file = getattr(args, "workers_file", None)
-    if workers is None:
-        workers = [check_worker_address(a, "--worker") for a in args.worker]
-        if not workers and not workers_file:
-            raise ValueError("give at least one --worker ADDR or a --workers-file")
-    return GatewayConfig(
-        workers=workers,
-        workers_file=workers_file,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        routing=args.routing,
-        max_queued_requests=args.max_queued_requests,
-        worker_timeout=args.worker_timeout,
-        tokenizer=getattr(args, "tokenizer", None),
-    )
-
-
-def run_gateway(config: GatewayConfig, log_level: str = "warning") -> None:
-    """Serve the app with uvicorn (uvloop and httptools when installed) until SIGINT/SIGTERM."""
-    import uvicorn
-
-    log_level = log_level.lower()
-    logging.getLogger("headrace").setLevel(log_level.upper())
-    app = build_app(config)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        loop="auto",
-        http="auto",
-        log_level=log_level,
-        access_log=False,
-        timeout_keep_alive=30,
-    )
-
-
-def gateway_main(args: argparse.Namespace) -> None:
-    """`headrace gateway --worker ADDR [--worker ADDR ...]`."""
-    run_gateway(gateway_config_from_args(args), getattr(args, "log_level", "warning"))

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from gateway.errors import ServiceUnavailable
 from gateway.workers import WorkerConnection
-from worker.block_hash import block_hashes
+from ipc.block_hash import block_hashes
 
 ROUTING_POLICIES = ("least-loaded", "prefix", "session")
 
@@ -95,5 +95,5 @@ class Router:
         return chosen
 
     def _prefix_keys(self, prompt: Sequence[int]) -> list[int]:
-        # The workers' own prefix-cache keys (worker/block_hash.py: pure Python, no torch).
+        # The workers' own prefix-cache keys (ipc/block_hash.py: pure Python, no torch).
         return block_hashes(prompt, self.block_size, limit=self.max_prefix_blocks)

@@ -1,21 +1,18 @@
-"""`headrace run-batch -i in.jsonl -o out.jsonl`: the OpenAI batch file format, offline.
+"""The OpenAI batch file format, run offline (`headrace run-batch`: headrace/run_batch_cmd.py).
 
 Each input line: {"custom_id", "method": "POST", "url": "/v1/chat/completions" or
 "/v1/completions", "body": {...}}. Each output line, in input order:
 {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}, or
 "response": null and "error" {"code", "message"} when the line itself is unusable.
-It starts one worker process, then runs every line through the same serving code as the
-HTTP gateway (no HTTP), all at once: the worker's scheduler does the batching.
+Every line runs through the same serving code as the HTTP gateway (no HTTP), all at once:
+the worker's scheduler does the batching.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import dataclasses
 import json
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -39,16 +36,6 @@ class BatchLine(msgspec.Struct):
     url: str
     body: dict[str, Any]
     method: str = "POST"
-
-
-def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
-    from worker.args import add_engine_args
-
-    add_engine_args(parser, model_required=False)
-    g = parser.add_argument_group("run-batch")
-    g.add_argument("-i", "--input-file", required=True, help="OpenAI batch file (JSONL)")
-    g.add_argument("-o", "--output-file", required=True, help="where results go (JSONL)")
-    g.add_argument("--max-concurrency", type=int, default=256, help="lines in flight at once")
 
 
 async def run_line(client: EngineClient, raw: str) -> dict[str, Any]:
@@ -104,34 +91,3 @@ async def run_batch(client: EngineClient, lines: list[str], output: Path, concur
         for r in results:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return sum(1 for r in results if r["error"] or r["response"]["status_code"] != 200)
-
-
-def run_batch_main(args: argparse.Namespace) -> int:
-    from headrace.serve import DEFAULT_MODEL_NAME, WorkerProcess, default_model_path
-    from worker.args import engine_config_from_args
-
-    lines = [ln for ln in Path(args.input_file).read_text().splitlines() if ln.strip()]
-    if args.model is None:
-        args.model = str(default_model_path())
-        args.served_model_name = args.served_model_name or DEFAULT_MODEL_NAME
-    config = engine_config_from_args(args)
-    if config.served_model_name is None:
-        config = dataclasses.replace(config, served_model_name=args.model)
-    sock_dir = tempfile.mkdtemp(prefix="headrace-")
-    worker = WorkerProcess(0, f"ipc://{sock_dir}/worker-0.sock", config, gpu=False)
-    worker.start()
-
-    async def main() -> int:
-        client = EngineClient([worker.address], worker_timeout=5.0)
-        await client.start()
-        try:
-            return await run_batch(client, lines, Path(args.output_file), args.max_concurrency)
-        finally:
-            await client.close()
-
-    try:
-        failed = asyncio.run(main())
-    finally:
-        worker.stop()
-    print(f"run-batch: {len(lines) - failed} of {len(lines)} requests succeeded", file=sys.stderr)
-    return 0 if failed == 0 else 1

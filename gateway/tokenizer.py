@@ -17,7 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders
 
 from gateway.chat_template import ChatTemplateError, render_chat_template
-from worker.model_files import ModelLoadError, find_gguf_file, read_json
+from ipc.model_folder import ModelLoadError, find_gguf_file, read_json
 
 __all__ = ["ChatTemplateError", "Tokenizer", "load_tokenizer"]
 
@@ -174,7 +174,7 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def _load_gguf(path: str) -> Tokenizer:
-    from worker.gguf_file import gguf_tokenizer
+    from ipc.gguf_metadata import gguf_tokenizer
 
     info = gguf_tokenizer(path)
     return Tokenizer(

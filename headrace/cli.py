@@ -1,78 +1,148 @@
-"""The `headrace` command: generate, serve, worker, gateway, run-batch, bench."""
+"""The `headrace` command: generate, serve, worker, gateway, run-batch, bench.
+
+Each subcommand's flags and main live in one module of headrace/ (`*_cmd.py`, serve.py,
+bench/); they are imported only when the subcommand's parser is built or run, so
+`headrace --help` stays fast and a missing server dependency only disables its commands.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable
 
-from worker.args import add_engine_args, engine_config_from_args
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Main = Callable[[argparse.Namespace], int]
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    add_engine_args(p)
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--logprobs", type=int, default=None)
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    from headrace.generate_cmd import add_generate_args
+
+    add_generate_args(p)
 
 
-def generate_main(args: argparse.Namespace) -> int:
-    from headrace.llm import LLM
-    from ipc.messages import SamplingParams
+def _generate(args: argparse.Namespace) -> int:
+    from headrace.generate_cmd import generate_main
 
-    config = engine_config_from_args(args)
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        seed=args.sampling_seed,
-        stop=args.stop,
-        ignore_eos=args.ignore_eos,
-        logprobs=args.logprobs,
-    )
-    params.validate(config.max_logprobs)
-    fields = {f: getattr(config, f) for f in config.__dataclass_fields__ if f != "model"}
-    llm = LLM(config.model, **fields)
-    if args.chat:
-        results = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
-    else:
-        results = llm.generate(args.prompt, params)
-    for prompt, r in zip(args.prompt, results, strict=True):
-        o = r.outputs[0]
-        if args.json:
-            obj = {
-                "prompt": prompt,
-                "text": o.text,
-                "token_ids": o.token_ids,
-                "prompt_token_ids": r.prompt_token_ids,
-                "finish_reason": o.finish_reason,
-            }
-            if o.logprobs is not None:
-                obj["logprobs"] = [lp.logprobs[0] for lp in o.logprobs]
-            print(json.dumps(obj, ensure_ascii=False))
-        else:
-            print(o.text if args.chat else prompt + o.text)
-    return 0
+    return generate_main(args)
 
 
-def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from headrace.serve import add_serve_args
+
+    add_serve_args(p)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from headrace.serve import serve_main
+
+    return serve_main(args)
+
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    from headrace.engine_args import add_engine_args
+    from headrace.worker_cmd import add_worker_args
+
+    add_engine_args(p, model_required=False)
+    add_worker_args(p)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from headrace.worker_cmd import worker_main
+
+    return worker_main(args)
+
+
+def _gateway_args(p: argparse.ArgumentParser) -> None:
+    from headrace.gateway_cmd import add_gateway_args
+
+    add_gateway_args(p)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from headrace.gateway_cmd import gateway_main
+
+    return gateway_main(args)
+
+
+def _run_batch_args(p: argparse.ArgumentParser) -> None:
+    from headrace.run_batch_cmd import add_run_batch_args
+
+    add_run_batch_args(p)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from headrace.run_batch_cmd import run_batch_main
+
+    return run_batch_main(args)
+
+
+def _offline_bench_args(p: argparse.ArgumentParser) -> None:
+    from headrace.bench.offline import add_args
+
+    add_args(p)
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from headrace.bench.offline import latency_main
+
+    return latency_main(args)
+
+
+def _throughput(args: argparse.Namespace) -> int:
+    from headrace.bench.offline import throughput_main
+
+    return throughput_main(args)
+
+
+def _serve_bench_args(p: argparse.ArgumentParser) -> None:
+    from headrace.bench.serve import add_bench_serve_args
+
+    add_bench_serve_args(p)
+
+
+def _serve_bench(args: argparse.Namespace) -> int:
+    from headrace.bench.serve import bench_serve_main
+
+    return bench_serve_main(args)
+
+
+COMMANDS: list[tuple[str, str, AddArgs, Main]] = [
+    ("generate", "offline generation for a few prompts", _generate_args, _generate),
+    ("serve", "serve a model over the OpenAI API (workers + gateway)", _serve_args, _serve),
+    ("worker", "one engine behind a ZeroMQ socket", _worker_args, _worker),
+    ("gateway", "the OpenAI HTTP API in front of workers", _gateway_args, _gateway),
+    ("run-batch", "run an OpenAI batch file", _run_batch_args, _run_batch),
+]
+BENCH_COMMANDS: list[tuple[str, str, AddArgs, Main]] = [
+    ("latency", "W1: batch-1 decode latency", _offline_bench_args, _latency),
+    (
+        "throughput",
+        "W2 / W3: offline throughput, all requests at once",
+        _offline_bench_args,
+        _throughput,
+    ),
+    ("serve", "W4: OpenAI HTTP client with Poisson arrivals", _serve_bench_args, _serve_bench),
+]
+
+
+def _add_commands(
+    sub: argparse._SubParsersAction, commands: list[tuple[str, str, AddArgs, Main]], prefix: str
+) -> None:
+    for name, help_, add_args, main in commands:
+        p = sub.add_parser(name, help=help_)
+        try:
+            add_args(p)
+        except ImportError as e:  # e.g. starlette missing: the offline commands still work
+            p.set_defaults(func=_unavailable(prefix + name, e))
+            continue
+        p.set_defaults(func=main)
+
+
+def _unavailable(what: str, error: ImportError) -> Main:
     def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return int(getattr(importlib.import_module(module), func)(args) or 0)
+        raise ValueError(f"{what} is unavailable: {error}")
 
     return run
 
@@ -81,53 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headrace", description=__doc__)
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("generate", help="offline generation for a few prompts")
-    _generate_args(p)
-    p.set_defaults(func=generate_main)
-
-    _add_server_commands(sub)
-    _add_bench_commands(sub)
-    return parser
-
-
-def _add_server_commands(sub: argparse._SubParsersAction) -> None:
-    try:
-        from gateway import commands
-    except ImportError:  # gateway not installed in this build
-        return
-    for name, help_, add_args, main_name in commands.COMMANDS:
-        p = sub.add_parser(name, help=help_)
-        try:
-            add_args(p)
-        except ImportError as e:  # e.g. starlette missing: offline commands still work
-            p.set_defaults(func=_unavailable(name, e))
-            continue
-        p.set_defaults(func=_lazy("gateway.commands", main_name))
-
-
-def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
+    _add_commands(sub, COMMANDS, "")
     bench = sub.add_parser("bench", help="benchmarks (see BENCH.md)")
-    bsub = bench.add_subparsers(dest="bench", required=True)
-    try:
-        from headrace import bench as benches
-    except ImportError:
-        return
-    for name, help_, add_args, main_name in benches.COMMANDS:
-        p = bsub.add_parser(name, help=help_)
-        try:
-            add_args(p)
-        except ImportError as e:
-            p.set_defaults(func=_unavailable(f"bench {name}", e))
-            continue
-        p.set_defaults(func=_lazy(main_name.rsplit(":", 1)[0], main_name.rsplit(":", 1)[1]))
-
-
-def _unavailable(what: str, error: ImportError) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise ValueError(f"{what} is unavailable: {error}")
-
-    return run
+    _add_commands(bench.add_subparsers(dest="bench", required=True), BENCH_COMMANDS, "bench ")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

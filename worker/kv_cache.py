@@ -8,7 +8,7 @@ Free blocks sit in one doubly linked queue, least recently freed at the head. Wi
 caching, a full block keeps its key after its requests finish; it stays in the free queue
 and can be found again until it is taken for new data (evicted), head first: LRU in O(1).
 
-A cached block's key is a chained hash (worker/block_hash.py); a hit is confirmed by
+A cached block's key is a chained hash (ipc/block_hash.py); a hit is confirmed by
 comparing the block's own token ids, extra keys and the identity of its parent entry, so a
 hash collision can never hand one prompt another prompt's KV.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Sequence
 
-from worker.block_hash import ROOT_HASH, hash_block_tokens
+from ipc.block_hash import ROOT_HASH, hash_block_tokens
 from worker.request import Request
 
 ROOT_UID = 0  # parent identity of a request's first block

@@ -6,10 +6,11 @@ import logging
 
 import torch
 
+from ipc.model_folder import ModelFiles
 from worker.attention import AttentionBackend
 from worker.model_config import ModelConfig
-from worker.model_files import ModelFiles
 from worker.models.llama import LlamaForCausalLM
+from worker.weights import iter_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def build_model(
         fill_dummy_weights(model, seed)
     else:
         with torch.no_grad():
-            model.load_weights(files.iter_weights(), source=files.path)
+            model.load_weights(iter_weights(files), source=files.path)
     model.rotary.build(device)
     model.eval()
     return model

@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Callable
 from http.server import ThreadingHTTPServer
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import msgspec
 import zmq
@@ -46,12 +46,7 @@ from ipc.messages import (
 from ipc.wire import WorkerCodec, bind_router, default_worker_id
 from worker.health_http import serve_health
 
-if TYPE_CHECKING:
-    pass
-
 logger = logging.getLogger("headrace.worker")
-
-DEFAULT_BIND = "tcp://127.0.0.1:5550"
 
 
 class Engine(Protocol):

@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from headrace.engine_args import add_engine_args, engine_config_from_args
 from ipc.messages import EngineRequest, SamplingParams
-from worker.args import add_engine_args, engine_config_from_args
 
 
 @dataclass
@@ -166,7 +166,7 @@ def hf_baseline(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
     import torch
     import transformers
 
-    from worker.model_files import open_model
+    from ipc.model_folder import open_model
 
     cfg_dict = open_model(args.model, "dummy").config
     cfg = transformers.AutoConfig.for_model(

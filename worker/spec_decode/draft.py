@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
+from ipc.model_folder import ModelFiles, ModelLoadError, open_model
 from worker.input_batch import HostInputs, take_rows, to_device
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
-from worker.model_files import ModelFiles, ModelLoadError, open_model
 from worker.model_loader import build_model
 from worker.model_runner import make_backend
 from worker.request import Request

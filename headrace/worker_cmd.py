@@ -1,22 +1,25 @@
-"""`headrace worker`'s flags and main, and `python -m worker.server_cli --config JSON` (how
-`headrace serve` starts its workers): everything between the command line and
-worker.server.WorkerServer."""
+"""`headrace worker`: one engine behind a ZeroMQ socket (worker/server.py).
+
+The one way a worker process starts: by hand or systemd with engine flags, or by
+`headrace serve` / `run-batch` with `--config-json` (the EngineConfig as JSON, not pickled).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from worker.server import DEFAULT_BIND, Engine, WorkerServer
+import msgspec
 
-if TYPE_CHECKING:
-    from worker.config import EngineConfig
+from headrace.engine_args import engine_config_from_args
+from worker.config import EngineConfig
+from worker.server import Engine, WorkerServer
+
+DEFAULT_BIND = "tcp://127.0.0.1:5550"
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of `headrace worker` beyond the engine's (worker.args.add_engine_args)."""
+    """Flags of `headrace worker` beyond the engine's (headrace.engine_args)."""
     g = parser.add_argument_group("worker")
     g.add_argument(
         "--bind",
@@ -59,9 +62,32 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         help="with --fake-engine: milliseconds from one step's start to the next, slept like "
         "GPU time (default 0: back to back)",
     )
+    g.add_argument(
+        "--config-json",
+        default=None,
+        help="the whole EngineConfig as a JSON object instead of engine flags "
+        "(how `headrace serve` starts its workers)",
+    )
+    g.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when the process with this id exits"
+    )
 
 
-def _engine_factory(config: EngineConfig, args: argparse.Namespace) -> Callable[[], Engine]:
+def worker_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig from --config-json, else from the engine flags."""
+    if args.config_json is None:
+        if args.model is None:
+            raise ValueError("--model is required (or --config-json)")
+        return engine_config_from_args(args)
+    try:
+        config = msgspec.json.decode(args.config_json.encode(), type=EngineConfig)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ValueError(f"--config-json: {e}") from None
+    config.validate()
+    return config
+
+
+def engine_factory(config: EngineConfig, args: argparse.Namespace) -> Callable[[], Engine]:
     """EngineCore, or with --fake-engine the model-free benchmarking engine."""
 
     def build() -> Engine:
@@ -76,18 +102,11 @@ def _engine_factory(config: EngineConfig, args: argparse.Namespace) -> Callable[
     return build
 
 
-def worker_main(args: argparse.Namespace) -> None:
-    """`headrace worker`: build an EngineCore from the engine flags and serve it."""
-    from worker.args import engine_config_from_args
-
-    config = engine_config_from_args(args)
-
-    _make_server(config, args).serve_forever()
-
-
-def _make_server(config: EngineConfig, args: argparse.Namespace) -> WorkerServer:
-    return WorkerServer(
-        _engine_factory(config, args),
+def worker_main(args: argparse.Namespace) -> int:
+    """Build the engine from the flags and serve it until SIGTERM/SIGINT."""
+    config = worker_config(args)
+    server = WorkerServer(
+        engine_factory(config, args),
         args.bind,
         worker_id=args.worker_id,
         heartbeat_interval=args.heartbeat_interval,
@@ -96,38 +115,13 @@ def _make_server(config: EngineConfig, args: argparse.Namespace) -> WorkerServer
         max_logprobs=config.max_logprobs,
         health=_health_address(args),
     )
+    server.serve_forever(args.parent_pid)
+    return 0
 
 
 def _health_address(args: argparse.Namespace) -> tuple[str, int] | None:
-    port = getattr(args, "health_port", None)
-    if port is None:
+    if args.health_port is None:
         return None
-    if not 0 < port < 65536:
-        raise ValueError(f"--health-port must be in [1, 65535], got {port}")
-    return (args.health_host, port)
-
-
-def _main_from_config_json(argv: list[str] | None = None) -> None:
-    """`python -m worker.server_cli --bind ADDR --config JSON`: how `headrace serve` starts
-    its workers (the EngineConfig travels as JSON, not pickled)."""
-    import msgspec
-
-    from worker.config import EngineConfig
-
-    parser = argparse.ArgumentParser(prog="python -m worker.server_cli")
-    add_worker_args(parser)
-    parser.add_argument("--config", required=True, help="EngineConfig as a JSON object")
-    parser.add_argument("--log-level", default="WARNING")
-    parser.add_argument("--parent-pid", type=int, default=None, help="exit when it exits")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    config = msgspec.json.decode(args.config.encode(), type=EngineConfig)
-    config.validate()
-
-    _make_server(config, args).serve_forever(args.parent_pid)
-
-
-if __name__ == "__main__":
-    _main_from_config_json()
+    if not 0 < args.health_port < 65536:
+        raise ValueError(f"--health-port must be in [1, 65535], got {args.health_port}")
+    return (args.health_host, args.health_port)

@@ -1,25 +1,20 @@
-"""Finding and reading a model's files: config, generation config, tokenizer, weights.
+"""Finding and reading a model folder: config, generation config, tokenizer path, weight files.
 
 A model is one of:
 - a Hugging Face folder: `config.json`, `model.safetensors` or shards listed in
   `model.safetensors.index.json` (or any `*.safetensors`), tokenizer files beside them;
-- a `.gguf` file, or a folder holding exactly one (see worker/gguf_file.py).
+- a `.gguf` file, or a folder holding exactly one (see ipc/gguf_metadata.py).
 
-Weights stream one tensor at a time through `safetensors.safe_open` (memory-mapped), so a
-checkpoint is never held in RAM twice. torch and safetensors are imported only when weights
-are read: the gateway finds tokenizer paths through this module without them.
+No torch here: the gateway finds tokenizer paths through this module, the worker the config
+and weight files; reading the weights is the worker's (worker/weights.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import torch
+from typing import Any
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
@@ -30,7 +25,7 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class ModelFiles:
-    """One model's files, resolved; `iter_weights` streams its tensors."""
+    """One model's files, resolved (worker.weights.iter_weights streams its tensors)."""
 
     path: str  # the folder or .gguf file, as resolved
     format: str  # "safetensors" or "gguf"
@@ -39,27 +34,6 @@ class ModelFiles:
     tokenizer_path: str  # what gateway.tokenizer.load_tokenizer takes
     weight_files: list[str] = field(default_factory=list)  # safetensors files, in order
     dummy: bool = False  # load_format "dummy": no weights are read
-
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (Hugging Face tensor name, CPU tensor), one tensor at a time."""
-        if self.dummy:
-            return
-        if self.format == "gguf":
-            from worker.gguf_file import iter_gguf_weights
-
-            yield from iter_gguf_weights(self.path)
-            return
-        from safetensors import safe_open
-
-        for file in self.weight_files:
-            try:
-                f = safe_open(file, framework="pt", device="cpu")
-                names = list(f.keys())
-            except Exception as e:  # SafetensorError derives from Exception only
-                raise ModelLoadError(f"{file}: cannot read safetensors file: {e}") from e
-            for name in names:
-                yield name, f.get_tensor(name)
-            del f  # unmaps the file before the next one is opened
 
 
 def open_model(path: str, load_format: str = "auto") -> ModelFiles:
@@ -116,7 +90,7 @@ def read_json(path: str, required: bool = True) -> dict[str, Any]:
 
 
 def _open_gguf(gguf_path: str, dummy: bool) -> ModelFiles:
-    from worker.gguf_file import gguf_config
+    from ipc.gguf_metadata import gguf_config
 
     return ModelFiles(
         path=gguf_path,
