@@ -50,7 +50,7 @@ from gateway.route_note import SESSION_HEADER, RouteNote, noting, session_key
 from gateway.serving_chat import chat_prompt_ids, create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
-from gateway.workers_file import WorkersFileWatcher, check_worker_address
+from gateway.workers_file import WorkersFileWatcher
 
 logger = logging.getLogger("headrace.gateway")
 T = TypeVar("T")
