@@ -32,6 +32,8 @@ def paged_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,  # [T, Hq, D]
+    k_scale: float = 1.0,  # FP8 caches: K = cache * k_scale (16/32-bit caches ignore it)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -47,11 +49,11 @@ def paged_attention_ref(
             continue
         num_blocks = (seq_len + block_size - 1) // block_size
         blocks = block_tables[r, :num_blocks].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, Hkv, D]
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        k = _rows(kv_cache, 0, blocks, k_scale).reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        v = _rows(kv_cache, 1, blocks, v_scale).reshape(-1, num_kv_heads, head_dim)[:seq_len]
         qr = q[q_start:q_end].float().view(q_len, num_kv_heads, group, head_dim)
         # scores: [Hkv, group, q_len, S], fp32 like the kernels
-        scores = torch.einsum("qhgd,shd->hgqs", qr, k.float()) * scale
+        scores = torch.einsum("qhgd,shd->hgqs", qr, k) * scale
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
         k_pos = torch.arange(seq_len, device=q.device)[None, :]
         visible = k_pos <= q_pos
@@ -59,9 +61,18 @@ def paged_attention_ref(
             visible &= k_pos > q_pos - sliding_window
         scores.masked_fill_(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        o = torch.einsum("hgqs,shd->qhgd", probs, v.float())
+        o = torch.einsum("hgqs,shd->qhgd", probs, v)
         out[q_start:q_end] = o.reshape(q_len, num_q_heads, head_dim).to(out.dtype)
     return out
+
+
+def _rows(kv_cache: torch.Tensor, kv: int, blocks: torch.Tensor, scale: float) -> torch.Tensor:
+    """Blocks `blocks` of K (kv=0) or V (kv=1) in fp32; FP8 rows times their scale (read as
+    uint8: indexing has no float8 kernel on every device)."""
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        raw = kv_cache.view(torch.uint8)[kv, blocks]
+        return raw.view(torch.float8_e4m3fn).float() * scale
+    return kv_cache[kv, blocks].float()
 
 
 def paged_attention(
@@ -76,6 +87,8 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     workspace: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The CUDA kernels on GPU tensors (see cuda/paged_attention_kernels.py), else the reference.
 
@@ -84,7 +97,15 @@ def paged_attention(
     """
     if not q.is_cuda:
         return paged_attention_ref(
-            q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out=out
+            q,
+            kv_cache,
+            query_start_loc,
+            seq_lens,
+            block_tables,
+            scale,
+            out=out,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
     from cuda.paged_attention_kernels import paged_attention_cuda
 
@@ -99,4 +120,6 @@ def paged_attention(
         max_query_len=max_query_len,
         max_seq_len=max_seq_len,
         workspace=workspace,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )

@@ -1,7 +1,10 @@
 // Paged attention kernels for headrace (compiled at run time by NVRTC, see cuda/compiler.py).
 //
-// Macros set per compiled module: HR_BF16 (1: __nv_bfloat16, 0: __half), HR_HEAD_DIM (64|128).
+// Macros set per compiled module: HR_BF16 (1: __nv_bfloat16, 0: __half), HR_HEAD_DIM (64|128),
+// HR_KV_FP8 (the KV element type: 0 = elem_t, 1 = fp8 e4m3 bytes, __nv_fp8_e4m3).
 // KV cache layout: [2, num_blocks, block_size, num_kv_heads, head_dim], V at kc + v_off.
+// FP8 KV holds K / k_scale and V / v_scale: k_scale is folded into scale_log2 by the host,
+// v_scale multiplies the output (kernel argument; 1 for 16-bit caches).
 // block_size is a run-time power of two, passed as its log2 (block_shift).
 //
 // decode_g{1,2,4,8}: flash-decoding. Grid (max_splits, num_kv_heads * head_chunks, batch),
@@ -16,12 +19,16 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #ifndef HR_BF16
 #define HR_BF16 1
 #endif
 #ifndef HR_HEAD_DIM
 #define HR_HEAD_DIM 128
+#endif
+#ifndef HR_KV_FP8
+#define HR_KV_FP8 0
 #endif
 
 #if HR_BF16
@@ -65,6 +72,45 @@ __device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
     }
 }
 
+// KV element type. A thread's 8 elements of a row: one 16-byte vector (16-bit KV) or one
+// 8-byte vector (FP8 KV), unpacked to fp32 (FP8 -> half is exact, then -> float).
+#if HR_KV_FP8
+typedef unsigned char kv_t;  // __nv_fp8_e4m3 storage
+typedef uint2 kvvec_t;
+__device__ __forceinline__ float2 fp8x2_to_f2(unsigned short v) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(v, __NV_E4M3);
+    return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
+__device__ __forceinline__ void unpack8_kv(const kvvec_t& v, float (&f)[8]) {
+    const unsigned w[2] = {v.x, v.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const float2 a = fp8x2_to_f2(static_cast<unsigned short>(w[i] & 0xffffu));
+        const float2 b = fp8x2_to_f2(static_cast<unsigned short>(w[i] >> 16));
+        f[4 * i] = a.x;
+        f[4 * i + 1] = a.y;
+        f[4 * i + 2] = b.x;
+        f[4 * i + 3] = b.y;
+    }
+}
+__device__ __forceinline__ kvvec_t kv_zero() { return make_uint2(0u, 0u); }
+// 8 FP8 values -> 8 elem_t in one 16-byte vector (the prefill's shared-memory tiles).
+__device__ __forceinline__ uint4 fp8x8_to_elem8(const uint2& v) {
+    float f[8];
+    unpack8_kv(v, f);
+    uint4 out;
+    elem2_t* p = reinterpret_cast<elem2_t*>(&out);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p[i] = from_f2(f[2 * i], f[2 * i + 1]);
+    return out;
+}
+#else
+typedef elem_t kv_t;
+typedef uint4 kvvec_t;
+__device__ __forceinline__ void unpack8_kv(const kvvec_t& v, float (&f)[8]) { unpack8(v, f); }
+__device__ __forceinline__ kvvec_t kv_zero() { return make_uint4(0u, 0u, 0u, 0u); }
+#endif
+
 // ------------------------------------------------------------------------------------------
 // Decode
 // ------------------------------------------------------------------------------------------
@@ -74,11 +120,11 @@ constexpr int RPP = DEC_THREADS / LPR;     // rows (tokens) per pass of the bloc
 
 template <int GQ, int U>
 __device__ __forceinline__ void decode_impl(
-    const elem_t* __restrict__ q, long long q_stride, const elem_t* __restrict__ kc,
+    const elem_t* __restrict__ q, long long q_stride, const kv_t* __restrict__ kc,
     long long v_off, const int* __restrict__ query_start_loc, const int* __restrict__ seq_lens,
     const int* __restrict__ block_tables, int bt_stride, elem_t* __restrict__ out,
     long long out_stride, float* __restrict__ part_o, float* __restrict__ part_lse,
-    int num_kv_heads, int group, int block_shift, float scale_log2) {
+    int num_kv_heads, int group, int block_shift, float scale_log2, float v_scale) {
     __shared__ float sm_m[RPP][GQ];
     __shared__ float sm_l[RPP][GQ];
     __shared__ __align__(16) float sm_acc[RPP][GQ][D];
@@ -144,7 +190,7 @@ __device__ __forceinline__ void decode_impl(
             pg[u] = t < t_end ? bt[t >> block_shift] : 0;
         }
     };
-    auto load = [&](int t0, const int (&pg)[U], uint4 (&kk)[U], uint4 (&vv)[U]) {
+    auto load = [&](int t0, const int (&pg)[U], kvvec_t (&kk)[U], kvvec_t (&vv)[U]) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = t0 + u * RPP + row;
@@ -152,22 +198,22 @@ __device__ __forceinline__ void decode_impl(
                 const long long idx =
                     ((((long long)pg[u] << block_shift) + (t & bmask)) * num_kv_heads + kvh) * D +
                     lane_d * 8;
-                kk[u] = __ldg(reinterpret_cast<const uint4*>(kc + idx));
-                vv[u] = __ldg(reinterpret_cast<const uint4*>(kc + v_off + idx));
+                kk[u] = __ldg(reinterpret_cast<const kvvec_t*>(kc + idx));
+                vv[u] = __ldg(reinterpret_cast<const kvvec_t*>(kc + v_off + idx));
             } else {
-                kk[u] = make_uint4(0u, 0u, 0u, 0u);
-                vv[u] = make_uint4(0u, 0u, 0u, 0u);
+                kk[u] = kv_zero();
+                vv[u] = kv_zero();
             }
         }
     };
-    uint4 kcur[U], vcur[U];
+    kvvec_t kcur[U], vcur[U];
     int pg[U];
     pages(t_begin, pg);
     load(t_begin, pg, kcur, vcur);
     pages(t_begin + STEP, pg);
 
     for (int t0 = t_begin; t0 < t_end; t0 += STEP) {
-        uint4 knext[U], vnext[U];
+        kvvec_t knext[U], vnext[U];
         if (t0 + STEP < t_end) {
             load(t0 + STEP, pg, knext, vnext);
             pages(t0 + 2 * STEP, pg);
@@ -177,7 +223,7 @@ __device__ __forceinline__ void decode_impl(
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             float kf[8];
-            unpack8(kcur[u], kf);
+            unpack8_kv(kcur[u], kf);
 #pragma unroll
             for (int g = 0; g < GQ; ++g) {
                 float acc_s = 0.f;
@@ -203,7 +249,7 @@ __device__ __forceinline__ void decode_impl(
         }
         float vf[U][8];
 #pragma unroll
-        for (int u = 0; u < U; ++u) unpack8(vcur[u], vf[u]);
+        for (int u = 0; u < U; ++u) unpack8_kv(vcur[u], vf[u]);
 #pragma unroll
         for (int g = 0; g < GQ; ++g) {
             float mx = m[g];
@@ -257,7 +303,7 @@ __device__ __forceinline__ void decode_impl(
             L = fmaf(sm_l[rr][g], w, L);
             O = fmaf(sm_acc[rr][g][d], w, O);
         }
-        const float o = L > 0.f ? O / L : 0.f;
+        const float o = L > 0.f ? O / L * v_scale : 0.f;
         const int h = head0 + g;
         if (nsplit == 1) {
             out[(long long)qrow * out_stride + (long long)h * D + d] = from_f(o);
@@ -270,15 +316,15 @@ __device__ __forceinline__ void decode_impl(
 }
 
 #define HR_DECODE_ARGS                                                                      \
-    const elem_t *__restrict__ q, long long q_stride, const elem_t *__restrict__ kc,        \
+    const elem_t *__restrict__ q, long long q_stride, const kv_t *__restrict__ kc,          \
         long long v_off, const int *__restrict__ query_start_loc,                           \
         const int *__restrict__ seq_lens, const int *__restrict__ block_tables, int bt_stride, \
         elem_t *__restrict__ out, long long out_stride, float *__restrict__ part_o,         \
         float *__restrict__ part_lse, int num_kv_heads, int group, int block_shift,         \
-        float scale_log2
+        float scale_log2, float v_scale
 #define HR_DECODE_PASS                                                                   \
     q, q_stride, kc, v_off, query_start_loc, seq_lens, block_tables, bt_stride, out,     \
-        out_stride, part_o, part_lse, num_kv_heads, group, block_shift, scale_log2
+        out_stride, part_o, part_lse, num_kv_heads, group, block_shift, scale_log2, v_scale
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) decode_g1(HR_DECODE_ARGS) {
     decode_impl<1, 4>(HR_DECODE_PASS);
@@ -377,10 +423,11 @@ __device__ __forceinline__ unsigned pack2(float a, float b) {
 }
 
 extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill(
-    const elem_t* __restrict__ q, long long q_stride, const elem_t* __restrict__ kc,
+    const elem_t* __restrict__ q, long long q_stride, const kv_t* __restrict__ kc,
     long long v_off, const int* __restrict__ query_start_loc, const int* __restrict__ seq_lens,
     const int* __restrict__ block_tables, int bt_stride, elem_t* __restrict__ out,
-    long long out_stride, int num_kv_heads, int group, int block_shift, float scale_log2) {
+    long long out_stride, int num_kv_heads, int group, int block_shift, float scale_log2,
+    float v_scale) {
     __shared__ __align__(128) elem_t sQ[BM * D];
     __shared__ __align__(128) elem_t sK[BN * D];
     __shared__ __align__(128) elem_t sV[BN * D];
@@ -421,18 +468,31 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill(
         cp_async16(&sQ[swz(row, c)], src, ok);
     }
     auto load_kv = [&](elem_t* dst, long long base_off, int n0) {
+#if HR_KV_FP8
+#pragma unroll 4
+#else
 #pragma unroll
+#endif
         for (int i = tid; i < BN * CPR; i += PF_THREADS) {
             const int row = i / CPR, c = i % CPR;
             const int j = n0 + row;
             const bool ok = j < seq_len;
-            const elem_t* src = kc;
+            const kv_t* src = kc;
             if (ok) {
                 const long long page = bt[j >> block_shift];
                 src = kc + base_off +
                       (((page << block_shift) + (j & bmask)) * num_kv_heads + kvh) * D + c * 8;
             }
+#if HR_KV_FP8
+            // FP8 rows are widened to elem_t on the way into shared memory (a plain load
+            // and store, not cp.async), so the tile layout and the mma path stay the same.
+            // The barriers around each tile's use order these stores like the cp.async ones.
+            const uint4 val = ok ? fp8x8_to_elem8(__ldg(reinterpret_cast<const uint2*>(src)))
+                                 : make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(&dst[swz(row, c)]) = val;
+#else
             cp_async16(&dst[swz(row, c)], src, ok);
+#endif
         }
     };
     load_kv(sK, 0, 0);
@@ -554,7 +614,7 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill(
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         const int rr = r_lo + hh * 8;
         if (rr >= rows) continue;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float inv = l > 0.f ? v_scale / l : 0.f;
         const int tok = qs + rr / group;
         const int h = kvh * group + rr % group;
         elem_t* dst = out + (long long)tok * out_stride + (long long)h * D + (lane & 3) * 2;

@@ -53,8 +53,15 @@ def source() -> str:
     return _source
 
 
-def module_defines(dtype: torch.dtype, head_dim: int) -> dict[str, int | str]:
-    return {"HR_BF16": DTYPES[dtype], "HR_HEAD_DIM": head_dim}
+FP8 = torch.float8_e4m3fn
+KV_DTYPES = (FP8,)  # besides the query dtype itself
+
+
+def module_defines(
+    dtype: torch.dtype, head_dim: int, kv_dtype: torch.dtype | None = None
+) -> dict[str, int | str]:
+    """Macros of one compiled module: query/output dtype, head dim, KV element type."""
+    return {"HR_BF16": DTYPES[dtype], "HR_HEAD_DIM": head_dim, "HR_KV_FP8": int(kv_dtype == FP8)}
 
 
 def unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor) -> str | None:
@@ -63,8 +70,8 @@ def unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor) -> str | None:
         return "tensors are not on a CUDA device"
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} (kernels take bf16/fp16)"
-    if kv_cache.dtype != q.dtype:
-        return f"kv_cache dtype {kv_cache.dtype} != q dtype {q.dtype}"
+    if kv_cache.dtype != q.dtype and kv_cache.dtype not in KV_DTYPES:
+        return f"kv_cache dtype {kv_cache.dtype} (kernels take q's dtype or float8_e4m3fn)"
     head_dim = q.shape[2]
     if head_dim not in HEAD_DIMS:
         return f"head_dim {head_dim} (kernels take {HEAD_DIMS})"
@@ -140,10 +147,11 @@ def decode_splits(
     num_kv_heads: int,
     max_seq_len: int,
     device: torch.device,
+    kv_dtype: torch.dtype | None = None,
 ) -> int:
     """Split count the decode path will use for these fixed maxima (compiles if needed)."""
     group = num_q_heads // num_kv_heads
-    kernel = _kernel(dtype, head_dim, f"decode_g{_group_chunk(group)}")
+    kernel = _kernel(dtype, head_dim, f"decode_g{_group_chunk(group)}", kv_dtype)
     return decode_num_splits(batch, num_kv_heads, group, max_seq_len, decode_slots(kernel, device))
 
 
@@ -155,16 +163,21 @@ def decode_workspace(
     num_kv_heads: int,
     max_seq_len: int,
     device: torch.device,
+    kv_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """A decode workspace for a CUDA graph of this batch size and seq_len bound."""
-    splits = decode_splits(dtype, head_dim, batch, num_q_heads, num_kv_heads, max_seq_len, device)
+    splits = decode_splits(
+        dtype, head_dim, batch, num_q_heads, num_kv_heads, max_seq_len, device, kv_dtype
+    )
     numel = decode_workspace_numel(batch, num_q_heads, head_dim, splits)
     return torch.empty(numel, dtype=torch.float32, device=device)
 
 
-def _kernel(dtype: torch.dtype, head_dim: int, name: str) -> object:
+def _kernel(
+    dtype: torch.dtype, head_dim: int, name: str, kv_dtype: torch.dtype | None = None
+) -> object:
     mod = compiler.load_module(
-        source(), defines=module_defines(dtype, head_dim), name="paged_attention"
+        source(), defines=module_defines(dtype, head_dim, kv_dtype), name="paged_attention"
     )
     return mod.kernel(name)
 
@@ -186,9 +199,12 @@ def paged_attention_cuda(
     max_query_len: int,
     max_seq_len: int,
     workspace: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Paged attention on torch's current stream; no host sync, CUDA-graph capturable.
 
+    An FP8 (float8_e4m3fn) kv_cache holds K / k_scale and V / v_scale.
     max_query_len: bound on this step's q_len (1 selects the decode kernels).
     max_seq_len: bound on every seq_len while the launch (or a graph of it) is used; it
     only sizes the decode split grid, so a larger bound costs nothing in correctness.
@@ -200,7 +216,15 @@ def paged_attention_cuda(
             _warned.add(reason)
             log.warning("paged attention falls back to the torch reference: %s", reason)
         return paged_attention_ref(
-            q, kv_cache, query_start_loc, seq_lens, block_tables, scale, out=out
+            q,
+            kv_cache,
+            query_start_loc,
+            seq_lens,
+            block_tables,
+            scale,
+            out=out,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
     _check_layout(q, "q")
     _check_layout(out, "out")
@@ -228,10 +252,14 @@ def paged_attention_cuda(
         out.data_ptr(),
         np.int64(out.stride(0)),
     )
-    scale_log2 = np.float32(scale * LOG2E)
+    fp8 = kv_cache.dtype == FP8
+    kv_dtype = kv_cache.dtype if fp8 else None
+    # FP8: scores are (q . k_cache) * k_scale, so k_scale joins the softmax scale.
+    scale_log2 = np.float32(scale * LOG2E * (k_scale if fp8 else 1.0))
+    vs = np.float32(v_scale if fp8 else 1.0)
     if max_query_len == 1:
         gq = _group_chunk(group)
-        kernel = _kernel(q.dtype, head_dim, f"decode_g{gq}")
+        kernel = _kernel(q.dtype, head_dim, f"decode_g{gq}", kv_dtype)
         splits = decode_num_splits(
             batch, num_kv_heads, group, max_seq_len, decode_slots(kernel, q.device)
         )
@@ -254,10 +282,11 @@ def paged_attention_cuda(
             np.int32(group),
             np.int32(block_shift),
             scale_log2,
+            vs,
         )
         if splits > 1:
             compiler.launch(
-                _kernel(q.dtype, head_dim, "merge_splits"),
+                _kernel(q.dtype, head_dim, "merge_splits", kv_dtype),
                 (num_q_heads, batch),
                 head_dim,
                 part_o,
@@ -271,7 +300,7 @@ def paged_attention_cuda(
         return out
     grid = (math.ceil(max_query_len * group / PREFILL_BLOCK_M), num_kv_heads, batch)
     compiler.launch(
-        _kernel(q.dtype, head_dim, "prefill"),
+        _kernel(q.dtype, head_dim, "prefill", kv_dtype),
         grid,
         128,
         *common,
@@ -279,5 +308,6 @@ def paged_attention_cuda(
         np.int32(group),
         np.int32(block_shift),
         scale_log2,
+        vs,
     )
     return out

@@ -37,12 +37,13 @@ def worker_row(w: WorkerConnection) -> dict[str, Any]:
     """One worker as /health and /admin/workers show it."""
     return {
         "address": w.address,
-        "state": "draining" if w.draining else w.state.value,
+        "state": "draining" if w.draining or w.stats.draining else w.state.value,
         "worker_id": w.worker_id,
         "model": w.info.model_name if w.info else None,
         "num_running": w.stats.num_running,
         "num_waiting": w.stats.num_waiting,
         "num_queued": w.stats.num_queued,
+        "num_inbox": w.stats.num_inbox,
         "num_free_blocks": w.stats.num_free_blocks,
         "kv_cache_usage": round(w.stats.kv_cache_usage, 4),
         "load": w.load,

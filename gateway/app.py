@@ -1,16 +1,18 @@
 """The gateway's HTTP app (starlette); `headrace gateway` (headrace/gateway_cmd.py) serves it.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics, POST /tokenize, POST /detokenize, and /admin/workers (gateway/admin.py).
-With `--api-key`, /v1/* and /admin/* need `Authorization: Bearer KEY`. Every user error is
-an OpenAI error object. Completions name the worker(s) that served them in an
-`X-Headrace-Worker` header (worker ids), streamed or not.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{model}],
+GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET /openapi.json,
+/admin/workers (gateway/admin.py), and the chat page at GET /. With `--api-key`, /v1/* and
+/admin/* need `Authorization: Bearer KEY`. Every user error is an OpenAI error object.
+Completions name the worker(s) that served them in an `X-Headrace-Worker` header (worker
+ids), streamed or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -20,22 +22,27 @@ from typing import Any, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin import admin_routes, worker_row
+from gateway.cors import CorsConfig, add_cors
+from gateway.decode import decode_body, offload
+from gateway.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainMiddleware, DrainState
 from gateway.engine_client import EngineClient
 from gateway.errors import (
     APIError,
     BadRequest,
     InternalError,
     NotFound,
+    TooManyRequests,
     Unauthorized,
-    from_validation_error,
 )
+from gateway.limits import BodyGuard, LimitsConfig
 from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.openapi import openapi_document
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -47,9 +54,10 @@ from gateway.protocol import (
     TokenizeResponse,
 )
 from gateway.route_note import SESSION_HEADER, RouteNote, noting, session_key
-from gateway.serving_chat import chat_prompt_ids, create_chat_completion
+from gateway.serving_chat import chat_chars, chat_prompt_ids, create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
+from gateway.tool_calling import ToolOptions
 from gateway.workers_file import WorkersFileWatcher
 
 logger = logging.getLogger("headrace.gateway")
@@ -70,6 +78,11 @@ class GatewayConfig:
     max_queued_requests: int | None = None  # 429 beyond this many requests waiting
     worker_timeout: float = 1.0  # seconds of silence before a worker counts as down
     tokenizer: str | None = None  # overrides the tokenizer path the workers announce
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # body size, HTTP timeouts
+    cors: CorsConfig = field(default_factory=CorsConfig)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # drain seconds after SIGTERM
+    tools: ToolOptions = field(default_factory=ToolOptions)  # tool-call parser flags
+    chat_page: bool = True  # the built-in chat page at / (gateway/chat_page.py)
     started: float = field(default_factory=time.time)
 
 
@@ -78,14 +91,10 @@ def json_response(body: msgspec.Struct | dict[str, Any], status: int = 200) -> R
 
 
 def error_response(err: APIError) -> Response:
-    return json_response(err.body(), err.status)
-
-
-def decode(body: bytes, kind: type[T]) -> T:
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise from_validation_error(e) from None
+    response = json_response(err.body(), err.status)
+    if isinstance(err, TooManyRequests):
+        response.headers["retry-after"] = str(err.retry_after)
+    return response
 
 
 class APIKeyMiddleware:
@@ -127,7 +136,8 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
                 return await handler(request)
             except APIError as e:
                 return error_response(e)
-            except ClientDisconnected:
+            except (ClientDisconnected, ClientDisconnect):
+                logger.debug("client disconnected from %s", request.url.path)
                 return Response(status_code=499)
             except Exception:
                 logger.exception("unexpected error in %s", request.url.path)
@@ -136,7 +146,7 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return wrapped
 
     async def generate(request: Request, kind: type[Any], create: Callable[..., Any]) -> Any:
-        req = decode(await request.body(), kind)
+        req = await decode_body(await request.body(), kind)
         note = RouteNote(session_key(request.headers.get(SESSION_HEADER), req.user))
         try:
             with noting(note):
@@ -155,7 +165,8 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return await generate(request, CompletionRequest, create_completion)
 
     async def chat(request: Request) -> Any:
-        return await generate(request, ChatCompletionRequest, create_chat_completion)
+        create = functools.partial(create_chat_completion, tool_options=config.tools)
+        return await generate(request, ChatCompletionRequest, create)
 
     async def models(request: Request) -> Response:
         cards = [
@@ -164,6 +175,19 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
             if m.tokenizer is not None  # listed once requests for it can be served
         ]
         return json_response(ModelList(cards))
+
+    async def model_card(request: Request) -> Response:
+        name = request.path_params["model"]
+        entry = client.models.get(name)
+        if entry is None or entry.tokenizer is None:
+            raise NotFound(f"The model `{name}` does not exist.", "model")
+        info = entry.info
+        return json_response(
+            ModelCard(name, int(config.started), info.model_path, info.max_model_len)
+        )
+
+    async def openapi(request: Request) -> Response:
+        return json_response(openapi_document())
 
     async def health(request: Request) -> Response:
         workers = [worker_row(w) for w in client.workers]
@@ -176,20 +200,23 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def tokenize(request: Request) -> Response:
-        req = decode(await request.body(), TokenizeRequest)
+        req = await decode_body(await request.body(), TokenizeRequest)
         entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
         if req.messages is not None:
-            ids = chat_prompt_ids(entry, req.messages, req.add_generation_prompt)
+            size = chat_chars(req.messages)
+            ids = await offload(
+                size, chat_prompt_ids, entry, req.messages, req.add_generation_prompt
+            )
         elif req.prompt is not None:
-            ids = list(tok.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+            ids = await offload(len(req.prompt), tok.encode, req.prompt, req.add_special_tokens)
         else:
             raise BadRequest("either prompt or messages is required", "prompt")
         return json_response(TokenizeResponse(len(ids), entry.info.max_model_len, ids))
 
     async def detokenize(request: Request) -> Response:
-        req = decode(await request.body(), DetokenizeRequest)
+        req = await decode_body(await request.body(), DetokenizeRequest)
         entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
@@ -215,12 +242,18 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
         Route("/v1/models", endpoint(models), methods=["GET"]),
+        Route("/v1/models/{model:path}", endpoint(model_card), methods=["GET"]),
+        Route("/openapi.json", endpoint(openapi), methods=["GET"]),
         Route("/health", endpoint(health), methods=["GET"]),
         Route("/metrics", endpoint(metrics_endpoint), methods=["GET"]),
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
         *admin_routes(client, config.api_key, endpoint, json_response),
     ]
+    if config.chat_page:
+        from gateway.chat_page import chat_page_routes
+
+        routes += chat_page_routes()
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
@@ -233,6 +266,10 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
     )
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(BodyGuard, limits=config.limits)
+    add_cors(app, config.cors)  # outermost but for drain: preflights need no key or body
+    app.state.drain = DrainState()
+    app.add_middleware(DrainMiddleware, state=app.state.drain)
     app.state.client = client
     app.state.metrics = metrics
     return app

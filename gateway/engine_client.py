@@ -104,6 +104,27 @@ class Submission:
             self.client._abort(ids)
 
 
+def check_worker_queue(conn: WorkerConnection, children: list[Child]) -> None:
+    """429 before sending when the worker's last heartbeat shows its queue full: a stream
+    then gets a status, not an error event. (The worker enforces the limits exactly.)"""
+    info, stats = conn.info, conn.stats
+    if info is None:
+        return
+    limit = info.max_num_queued_reqs
+    if limit is not None and stats.num_queued + len(children) > limit:
+        raise TooManyRequests(
+            f"the server is overloaded: {stats.num_queued} requests are queued "
+            f"(--max-num-queued-reqs {limit}); retry later"
+        )
+    limit = info.max_num_queued_tokens
+    tokens = sum(len(c.prompt_token_ids) for c in children)
+    if limit is not None and stats.num_queued and stats.num_queued_tokens + tokens > limit:
+        raise TooManyRequests(
+            f"the server is overloaded: {stats.num_queued_tokens} prompt tokens are queued "
+            f"(--max-num-queued-tokens {limit}); retry later"
+        )
+
+
 class EngineClient:
     def __init__(
         self,
@@ -208,7 +229,10 @@ class EngineClient:
     def model(self, name: str | None) -> ModelEntry:
         """The model a request names (or the only one); NotFound or ServiceUnavailable."""
         if not self.models:
-            raise ServiceUnavailable("no worker has connected yet; try again shortly")
+            raise ServiceUnavailable(
+                "the server is starting: no worker has loaded its model yet; try again "
+                "shortly (GET /health answers 200 once it is ready)"
+            )
         if not name:
             if len(self.models) > 1:
                 raise NotFound(
@@ -272,6 +296,8 @@ class EngineClient:
                 chosen[key] = conn
                 if note is not None:
                     note.served_by(conn.worker_id)
+        for conn in set(chosen.values()):
+            check_worker_queue(conn, children)
         now = time.time()
         for index, child in enumerate(children):
             conn = chosen[id(child.prompt_token_ids)]

@@ -56,6 +56,7 @@ class NotFound(APIError):
 class TooManyRequests(APIError):
     status = 429
     type = "rate_limit_error"
+    retry_after = 1  # seconds, sent as the Retry-After header
 
 
 class ServiceUnavailable(APIError):
@@ -74,6 +75,8 @@ def from_validation_error(e: msgspec.ValidationError | msgspec.DecodeError) -> B
     param = None
     if " - at `$." in text:
         param = text.rsplit(" - at `$.", 1)[1].rstrip("`").split("[", 1)[0].split(".", 1)[0]
+    elif text.startswith("Object missing required field `"):
+        param = text.split("`", 2)[1]
     if isinstance(e, msgspec.ValidationError):
         return BadRequest(f"invalid request: {text}", param)
     return BadRequest(f"invalid JSON: {text}")

@@ -4,7 +4,8 @@ Two sources. Worker gauges and counters (requests running and waiting, KV cache 
 prompt and generation tokens, prefix cache queries and hits, preemptions) come from the
 latest WorkerStats each worker sent, read at scrape time, labelled by worker. Per-request
 histograms (time to first token, time per output token, end-to-end latency, token counts)
-are observed by this gateway when a request finishes.
+are observed by this gateway when a request finishes. gateway/vllm_metrics.py adds the
+same under vLLM's own names (`vllm:`), so dashboards made for vLLM work unchanged.
 """
 
 from __future__ import annotations
@@ -17,20 +18,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.sequence import SequenceState
+from gateway.vllm_metrics import ITL_BUCKETS as TPOT_BUCKETS
+from gateway.vllm_metrics import LATENCY_BUCKETS as E2E_BUCKETS
+from gateway.vllm_metrics import TOKEN_BUCKETS, TTFT_BUCKETS, VllmMetrics
 
 if TYPE_CHECKING:
     from gateway.engine_client import EngineClient
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
-                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
-TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
-                 100000)  # fmt: skip
 
 
 class WorkerStatsCollector(Collector):
@@ -103,6 +98,7 @@ class Metrics:
     def __init__(self, client: EngineClient) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(WorkerStatsCollector(client))
+        self.vllm = VllmMetrics(self.registry, client)
         labels = ["model_name"]
         r = self.registry
         self.ttft = Histogram(
@@ -141,6 +137,7 @@ class Metrics:
         end = seq.finished_at
         if end is None:
             return
+        self.vllm.observe(model, seq)
         self.success.labels(model, seq.finish_reason or "abort").inc()
         self.prompt_len.labels(model).observe(len(seq.prompt_token_ids))
         self.gen_len.labels(model).observe(seq.num_tokens)
@@ -150,6 +147,11 @@ class Metrics:
             self.ttft.labels(model).observe(first - seq.arrival)
             if seq.num_tokens > 1:
                 self.tpot.labels(model).observe((end - first) / (seq.num_tokens - 1))
+
+    def observe_abort(self, model: str) -> None:
+        """A request that ended before finishing (its client went away): counted only."""
+        self.success.labels(model, "abort").inc()
+        self.vllm.success.labels(model, "abort").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

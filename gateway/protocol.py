@@ -8,9 +8,14 @@ follow vLLM's OpenAI server.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
+
+# OpenAI's ranges, enforced while decoding (a 400 naming the field) and shown in /openapi.json.
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+ModelName = Annotated[str, Meta(min_length=1)]
 
 # ------------------------------------------------------------------------- requests
 
@@ -20,13 +25,25 @@ class StreamOptions(msgspec.Struct):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(msgspec.Struct, kw_only=True):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = msgspec.field(default=None, name="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    type: str = "text"  # text, json_object, json_schema
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingExtras(msgspec.Struct, kw_only=True):
     """Sampling fields shared by completions and chat, with vLLM's extras."""
 
-    model: str | None = None
+    model: ModelName  # required, as OpenAI requires it
     n: int = 1
     best_of: int | None = None
-    temperature: float | None = None
+    temperature: Temperature | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -47,12 +64,18 @@ class SamplingExtras(msgspec.Struct, kw_only=True):
     user: str | None = None
     echo: bool = False
     prompt_logprobs: int | None = None
+    # Structured output (gateway/structured_output.py): OpenAI's, then vLLM's extras.
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingExtras, kw_only=True):
     # A string, a list of strings, a list of token ids, or a list of lists of token ids.
     prompt: str | list[str | int | list[int]] | None = None
-    max_tokens: int | None = 16
+    max_tokens: int | msgspec.UnsetType | None = msgspec.UNSET  # unset: 16, or the model's
     logprobs: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
@@ -63,14 +86,35 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class ChatMessage(msgspec.Struct):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
 
-class ResponseFormat(msgspec.Struct):
-    type: str = "text"
+class FunctionDefinition(msgspec.Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    type: str = "function"
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(SamplingExtras, kw_only=True):
@@ -79,9 +123,9 @@ class ChatCompletionRequest(SamplingExtras, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none, auto, required, a function
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -153,6 +197,7 @@ class ChoiceLogprobs(msgspec.Struct):
 class AssistantMessage(msgspec.Struct):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(msgspec.Struct):
@@ -172,9 +217,24 @@ class ChatCompletionResponse(msgspec.Struct):
     object: str = "chat.completion"
 
 
+class DeltaFunctionCall(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(msgspec.Struct, omit_defaults=True):
+    """A piece of the index-th tool call: its first piece carries id, type and name."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(msgspec.Struct):

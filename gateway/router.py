@@ -72,6 +72,9 @@ class Router:
         ]
         if not candidates:
             raise ServiceUnavailable(f"no worker serving model {model!r} is available")
+        # A draining worker (SIGTERM) refuses new requests: the others take them (its
+        # sessions too, each to the worker rendezvous hashing picks among the rest).
+        candidates = [w for w in candidates if not w.stats.draining] or candidates
         if self.policy == "session" and session:
             return rendezvous_choice(session, candidates)
         # Fewest requests ahead; then the emptier KV cache (fewer preemptions to come).

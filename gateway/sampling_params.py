@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import msgspec
 
 from gateway.errors import BadRequest
 from gateway.protocol import SamplingExtras
-from ipc.messages import SamplingParams
+from ipc.messages import GuidedDecoding, SamplingParams
 
 
 def build_params(
-    req: SamplingExtras, max_tokens: int | None, logprobs: int | None, max_logprobs: int
+    req: SamplingExtras,
+    max_tokens: int | None,
+    logprobs: int | None,
+    max_logprobs: int,
+    guided: GuidedDecoding | None = None,
+    defaults: Mapping[str, float] | None = None,
 ) -> SamplingParams:
-    """Validated params for one prompt's n completions (n is fanned out by `fan_out`)."""
+    """Validated params for one prompt's n completions (n is fanned out by `fan_out`).
+
+    `defaults` (the model's generation_config.json, ModelInfo.sampling_defaults) fill the
+    fields the request leaves unset, as vLLM's `--generation-config auto` does.
+    """
+    d = defaults or {}
+
+    def pick(value: float | None, name: str, fallback: float) -> float:
+        return value if value is not None else d.get(name, fallback)
+
+    if max_tokens is None and "max_tokens" in d:
+        max_tokens = int(d["max_tokens"])
     if req.best_of is not None and req.best_of != req.n:
         raise BadRequest("best_of must equal n: best-of sampling is not supported", "best_of")
     if req.logit_bias:
@@ -20,14 +38,14 @@ def build_params(
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     params = SamplingParams(
         n=req.n,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=0 if req.top_k is None else req.top_k,
-        min_p=0.0 if req.min_p is None else req.min_p,
+        temperature=pick(req.temperature, "temperature", 1.0),
+        top_p=pick(req.top_p, "top_p", 1.0),
+        top_k=int(pick(req.top_k, "top_k", 0)),
+        min_p=pick(req.min_p, "min_p", 0.0),
         seed=req.seed,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        repetition_penalty=pick(req.repetition_penalty, "repetition_penalty", 1.0),
         max_tokens=max_tokens,
         min_tokens=req.min_tokens,
         stop=stop,
@@ -38,6 +56,7 @@ def build_params(
         prompt_logprobs=req.prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
+        guided=guided,
     )
     try:
         params.validate(max_logprobs)

@@ -77,10 +77,14 @@ class SequenceState:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.error: str | None = None
+        self.error_status = 0  # the worker's hint: 429 overloaded, 503 draining / queue wait
         # Timings for metrics: arrival, first token, finish (time.monotonic()).
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
+        self.last_token_at = 0.0
         self.finished_at: float | None = None
+        self.itl: list[float] = []  # gaps between outputs that brought tokens, in seconds
+        self.queue_time: float | None = None  # in the worker, before first scheduled
 
     @property
     def finished(self) -> bool:
@@ -99,9 +103,16 @@ class SequenceState:
             self.prompt_logprobs = out.prompt_logprobs
         if out.num_cached_tokens:
             self.num_cached_tokens = out.num_cached_tokens
+        if out.queue_time is not None:
+            self.queue_time = out.queue_time
         ids = out.new_token_ids
-        if ids and self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+        if ids:
+            now = time.monotonic()
+            if self.first_token_at is None:
+                self.first_token_at = now
+            else:
+                self.itl.append(now - self.last_token_at)
+            self.last_token_at = now
         if self._per_token:
             self._add_one_by_one(out, delta)
         elif ids:
@@ -114,6 +125,7 @@ class SequenceState:
             delta.text += self.detok.flush()
             if out.finish_reason is FinishReason.ERROR:
                 self.error = out.error or "the worker failed this request"
+                self.error_status = out.error_status
             self._finish(str(out.finish_reason), out.stop_reason)
         self.text += delta.text
         delta.finished = self.finished

@@ -7,11 +7,13 @@ deltas, and the chunk that finishes a choice carries its `finish_reason`; with
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from gateway.decode import offload
 from gateway.engine_client import Child, EngineClient, ModelEntry, Submission
 from gateway.errors import APIError, BadRequest
 from gateway.metrics import Metrics
@@ -26,14 +28,18 @@ from gateway.protocol import (
     ChatStreamChoice,
     ChoiceLogprobs,
     DeltaMessage,
+    ToolCall,
     TopLogprob,
     Usage,
 )
 from gateway.sampling_params import build_params, check_length, fan_out
 from gateway.sequence import SequenceState, TokenStrings
-from gateway.serving_common import observe_all, sequence_updates, token_strings
+from gateway.serving_common import observe_aborted, observe_all, sequence_updates, token_strings
 from gateway.sse import DONE, error_event, event
-from ipc.messages import TokenLogprobs
+from gateway.structured_output import checked_guided_decoding
+from gateway.tool_calling import ToolOptions, ToolPlan, plan_tools
+from gateway.tool_parsers import ToolCallStream, parse_complete
+from ipc.messages import GuidedDecoding, TokenLogprobs
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -42,6 +48,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if m.role not in ("system", "user", "assistant", "developer", "tool"):
             raise BadRequest(f"messages[{i}].role {m.role!r} is not supported", "messages")
         content: Any = m.content
+        if content is None and m.role in ("user", "system", "developer"):
+            raise BadRequest(f"messages[{i}].content is required for role {m.role!r}", "messages")
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
@@ -57,8 +65,22 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         d["content"] = content if content is not None else ""
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [_call_dict(c) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
+
+
+def _call_dict(call: ToolCall) -> dict[str, Any]:
+    # Templates write `arguments | tojson`: they want the object, not its JSON text.
+    try:
+        arguments: Any = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        arguments = call.function.arguments
+    fn = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id, "type": call.type, "function": fn}
 
 
 def chat_prompt_ids(
@@ -66,6 +88,7 @@ def chat_prompt_ids(
     messages: list[ChatMessage] | None,
     add_generation_prompt: bool = True,
     add_special_tokens: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Render the chat template and tokenize it; a model without a template is a 400."""
     from gateway.chat_template import ChatTemplateError
@@ -76,7 +99,7 @@ def chat_prompt_ids(
         raise BadRequest("messages must be a non-empty list", "messages")
     try:
         rendered = tok.apply_chat_template(
-            message_dicts(messages), add_generation_prompt=add_generation_prompt
+            message_dicts(messages), add_generation_prompt=add_generation_prompt, tools=tools
         )
     except ChatTemplateError as e:
         raise BadRequest(str(e), "messages") from None
@@ -86,12 +109,27 @@ def chat_prompt_ids(
     return list(rendered)
 
 
+def chat_chars(messages: list[ChatMessage] | None) -> int:
+    total = 0
+    for m in messages or []:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content:
+            total += sum(len(p.text or "") for p in m.content)
+    return total
+
+
 class ChatRun:
-    def __init__(self, client: EngineClient, metrics: Metrics | None, req: ChatCompletionRequest):
-        if req.tools and req.tool_choice != "none":
-            raise BadRequest("tool calling is not supported", "tools")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise BadRequest("only response_format type 'text' is supported", "response_format")
+    def __init__(
+        self,
+        client: EngineClient,
+        metrics: Metrics | None,
+        req: ChatCompletionRequest,
+        tools: ToolPlan | None = None,
+        guided: GuidedDecoding | None = None,
+        prompt_ids: list[int] | None = None,  # rendered and tokenized already
+    ):
+        self.tools = tools or ToolPlan()
         if req.top_logprobs is not None and not req.logprobs:
             raise BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
         self.req = req
@@ -99,14 +137,23 @@ class ChatRun:
         self.entry = entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
-        self.prompt_ids = chat_prompt_ids(
-            entry, req.messages, req.add_generation_prompt, req.add_special_tokens
-        )
+        if prompt_ids is None:
+            prompt_ids = chat_prompt_ids(
+                entry,
+                req.messages,
+                req.add_generation_prompt,
+                req.add_special_tokens,
+                self.tools.template_tools,
+            )
+        self.prompt_ids = prompt_ids
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = build_params(req, max_tokens, logprobs, entry.info.max_logprobs)
+        info = entry.info
+        params = build_params(
+            req, max_tokens, logprobs, info.max_logprobs, guided, info.sampling_defaults
+        )
         params = check_length(len(self.prompt_ids), params, entry.info.max_model_len, "messages")
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -138,14 +185,24 @@ class ChatRun:
 
 
 async def create_chat_completion(
-    client: EngineClient, metrics: Metrics | None, req: ChatCompletionRequest
+    client: EngineClient,
+    metrics: Metrics | None,
+    req: ChatCompletionRequest,
+    tool_options: ToolOptions | None = None,
 ) -> ChatCompletionResponse | AsyncGenerator[bytes, None]:
-    run = ChatRun(client, metrics, req)
+    tools = plan_tools(req, tool_options or ToolOptions())
+    guided = await checked_guided_decoding(req, tools.guided)
+    # Long chats are rendered and tokenized in a thread, so other streams keep flowing.
+    args = (client.model(req.model), req.messages, req.add_generation_prompt)
+    size = chat_chars(req.messages)
+    ids = await offload(size, chat_prompt_ids, *args, req.add_special_tokens, tools.template_tools)
+    run = ChatRun(client, metrics, req, tools, guided, ids)
     if req.stream:
         return _stream(run)
     try:
         return await _collect(run)
     finally:
+        observe_aborted(run.metrics, run.entry.name, run.seqs)
         run.sub.close()
 
 
@@ -153,17 +210,22 @@ async def _collect(run: ChatRun) -> ChatCompletionResponse:
     async for _ in sequence_updates(run.sub, run.seqs):
         pass  # the sequences accumulate their text and logprobs
     observe_all(run.metrics, run.entry.name, run.seqs)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=seq.text),
-            logprobs=run.logprobs(seq.logprobs, _ids(seq)),
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
-        for i, seq in enumerate(run.seqs)
-    ]
+    choices = []
+    for i, seq in enumerate(run.seqs):
+        message = AssistantMessage(content=seq.text)
+        finish = seq.finish_reason
+        if run.tools.extract is not None:
+            content, calls = parse_complete(run.tools.extract, seq.text)
+            message = AssistantMessage(content=content, tool_calls=calls)
+            finish = _tool_finish(finish, bool(calls))
+        logprobs = run.logprobs(seq.logprobs, _ids(seq))
+        choices.append(ChatChoice(i, message, logprobs, finish, seq.stop_reason))
     return ChatCompletionResponse(run.request_id, run.created, run.entry.name, choices, run.usage())
+
+
+def _tool_finish(finish: str | None, called: bool) -> str | None:
+    """OpenAI ends a turn that called tools with finish_reason "tool_calls"."""
+    return "tool_calls" if called and finish == "stop" else finish
 
 
 def _ids(seq: SequenceState) -> list[int]:
@@ -183,17 +245,27 @@ async def _stream(run: ChatRun) -> AsyncGenerator[bytes, None]:
             chunk([ChatStreamChoice(i, DeltaMessage(role="assistant", content=""))])
             for i in range(len(run.seqs))
         )
+        extract = run.tools.extract
+        streams = [ToolCallStream(extract) if extract else None for _ in run.seqs]
         async for updates in sequence_updates(run.sub, run.seqs):
             events: list[bytes] = []
             for index, d in updates:
                 if not (d.text or d.finished):
                     continue
-                seq = run.seqs[index]
+                seq, stream = run.seqs[index], streams[index]
+                delta = DeltaMessage(content=d.text)
+                finish = seq.finish_reason if d.finished else None
+                if stream is not None:
+                    content, calls = stream.feed(d.text, final=d.finished)
+                    delta = DeltaMessage(content=content or None, tool_calls=calls or None)
+                    finish = _tool_finish(finish, stream.called)
+                    if not (content or calls or d.finished or d.logprobs):
+                        continue
                 choice = ChatStreamChoice(
                     index,
-                    DeltaMessage(content=d.text),
+                    delta,
                     logprobs=run.logprobs(d.logprobs, d.token_ids) if d.logprobs else None,
-                    finish_reason=seq.finish_reason if d.finished else None,
+                    finish_reason=finish,
                     stop_reason=seq.stop_reason if d.finished else None,
                 )
                 events.append(chunk([choice]))
@@ -208,4 +280,5 @@ async def _stream(run: ChatRun) -> AsyncGenerator[bytes, None]:
         yield error_event(e)
         yield DONE
     finally:
+        observe_aborted(run.metrics, run.entry.name, run.seqs)
         run.sub.close()

@@ -6,7 +6,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from gateway.engine_client import ModelEntry, Submission
-from gateway.errors import APIError, BadRequest, InternalError, ServiceUnavailable
+from gateway.errors import (
+    APIError,
+    BadRequest,
+    InternalError,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 from gateway.metrics import Metrics
 from gateway.sequence import Delta, SequenceState, TokenStrings
 
@@ -27,8 +33,10 @@ def finish_error(sub: Submission, index: int, seq: SequenceState) -> APIError:
     """The API error for a sequence that ended in ERROR; its siblings are aborted."""
     sub.close()
     message = seq.error or "the request failed"
-    if index in sub.lost:
+    if index in sub.lost or seq.error_status == 503:
         return ServiceUnavailable(message)
+    if seq.error_status == 429:
+        return TooManyRequests(message)
     if seq.num_tokens == 0:
         return BadRequest(message)  # rejected at admission (does not fit, say)
     return InternalError(message)
@@ -39,6 +47,15 @@ def observe_all(metrics: Metrics | None, model: str, seqs: list[SequenceState]) 
         return
     for seq in seqs:
         metrics.observe(model, seq)
+
+
+def observe_aborted(metrics: Metrics | None, model: str, seqs: list[SequenceState]) -> None:
+    """Count the sequences that never finished (client gone, or a sibling failed) as aborts."""
+    if metrics is None:
+        return
+    for seq in seqs:
+        if not seq.finished:
+            metrics.observe_abort(model)
 
 
 async def sequence_updates(

@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator
 
 import msgspec
 
+from gateway.decode import offload
 from gateway.engine_client import Child, EngineClient, ModelEntry, Submission
 from gateway.errors import APIError, BadRequest
 from gateway.metrics import Metrics
@@ -20,9 +21,10 @@ from gateway.protocol import (
 )
 from gateway.sampling_params import build_params, check_length, fan_out
 from gateway.sequence import Delta, SequenceState, TokenStrings
-from gateway.serving_common import observe_all, sequence_updates, token_strings
+from gateway.serving_common import observe_aborted, observe_all, sequence_updates, token_strings
 from gateway.sse import DONE, error_event, event
-from ipc.messages import TokenLogprobs
+from gateway.structured_output import checked_guided_decoding
+from ipc.messages import GuidedDecoding, TokenLogprobs
 
 
 def parse_prompts(req: CompletionRequest, entry: ModelEntry) -> list[tuple[str | None, list[int]]]:
@@ -59,10 +61,24 @@ def parse_prompts(req: CompletionRequest, entry: ModelEntry) -> list[tuple[str |
     return [(None, ids) for ids in ids_list]
 
 
+def prompt_chars(req: CompletionRequest) -> int:
+    p = req.prompt
+    if isinstance(p, str):
+        return len(p)
+    return sum(len(x) for x in p if isinstance(x, str | list)) if p else 0
+
+
 class CompletionRun:
     """One /v1/completions call in flight: its sequences, and how to render them."""
 
-    def __init__(self, client: EngineClient, metrics: Metrics | None, req: CompletionRequest):
+    def __init__(
+        self,
+        client: EngineClient,
+        metrics: Metrics | None,
+        req: CompletionRequest,
+        guided: GuidedDecoding | None = None,
+        prompts: list[tuple[str | None, list[int]]] | None = None,  # parsed already
+    ):
         if req.suffix:
             raise BadRequest("suffix is not supported", "suffix")
         self.req = req
@@ -70,9 +86,15 @@ class CompletionRun:
         self.entry = entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
-        self.prompts = parse_prompts(req, entry)
+        self.prompts = prompts if prompts is not None else parse_prompts(req, entry)
         want_prompt_lps = req.echo and req.logprobs is not None
-        base = build_params(req, req.max_tokens, req.logprobs, entry.info.max_logprobs)
+        info = entry.info
+        max_tokens = req.max_tokens
+        if max_tokens is msgspec.UNSET:  # the model's max_new_tokens, else OpenAI's 16
+            max_tokens = None if "max_tokens" in info.sampling_defaults else 16
+        base = build_params(
+            req, max_tokens, req.logprobs, info.max_logprobs, guided, info.sampling_defaults
+        )
         if want_prompt_lps and base.prompt_logprobs is None:
             base = msgspec.structs.replace(base, prompt_logprobs=req.logprobs)
         self.request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -146,12 +168,16 @@ class CompletionRun:
 async def create_completion(
     client: EngineClient, metrics: Metrics | None, req: CompletionRequest
 ) -> CompletionResponse | AsyncGenerator[bytes, None]:
-    run = CompletionRun(client, metrics, req)
+    guided = await checked_guided_decoding(req)
+    # Long texts are tokenized in a thread, so other streams' tokens keep flowing.
+    prompts = await offload(prompt_chars(req), parse_prompts, req, client.model(req.model))
+    run = CompletionRun(client, metrics, req, guided, prompts)
     if req.stream:
         return _stream(run)
     try:
         return await _collect(run)
     finally:
+        observe_aborted(run.metrics, run.entry.name, run.seqs)
         run.sub.close()
 
 
@@ -197,6 +223,7 @@ async def _stream(run: CompletionRun) -> AsyncGenerator[bytes, None]:
         yield error_event(e)
         yield DONE
     finally:
+        observe_aborted(run.metrics, run.entry.name, run.seqs)
         run.sub.close()
 
 

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders
 
 from gateway.chat_template import ChatTemplateError, render_chat_template
+from ipc import token_bytes as tb
 from ipc.model_folder import ModelLoadError, find_gguf_file, read_json
 
 __all__ = ["ChatTemplateError", "Tokenizer", "load_tokenizer"]
@@ -44,10 +44,9 @@ class Tokenizer:
         )
         self.chat_template = chat_template
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
-        added = tokenizer.get_added_tokens_decoder()
-        self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
-        self.byte_fallback_ids = _byte_fallback_ids(tokenizer)
-        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+        self.special_ids: frozenset[int] = tb.special_ids(tokenizer)
+        self.byte_fallback_ids = tb.byte_fallback_ids(tokenizer)
+        self._byte_level = tb.is_byte_level(tokenizer)
 
     @property
     def bos_token(self) -> str:
@@ -63,13 +62,19 @@ class Tokenizer:
         return self._tok.id_to_token(token_id) or ""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # encode_batch releases the GIL (encode does not): a long text tokenized in a
+        # thread then leaves the event loop free.
+        encode = self._tok.encode if len(text) < 4096 else self._encode_unlocked
         try:
-            encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+            encoding = encode(text, add_special_tokens=add_special_tokens)
         except TypeError:
             # Lone surrogates (valid in JSON "\ud800" escapes) are not UTF-8: replace them.
             text = text.encode("utf-8", "replace").decode("utf-8")
-            encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+            encoding = encode(text, add_special_tokens=add_special_tokens)
         return list(encoding.ids)
+
+    def _encode_unlocked(self, text: str, add_special_tokens: bool = True) -> Any:
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -80,14 +85,12 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (OpenAI logprobs' `bytes`); may be part of a
         UTF-8 character, which `decode([token_id])` would show as U+FFFD."""
-        token = self._tok.id_to_token(token_id) or ""
-        if token_id in self.special_ids:
-            return token.encode()
-        if self._byte_level:
-            return bytes(_BYTE_LEVEL_DECODER.get(c, 0x3F) for c in token)
-        if token_id in self.byte_fallback_ids:
-            return bytes([int(token[3:5], 16)])  # "<0xNN>"
-        return token.replace("▁", " ").encode()
+        return tb.token_bytes(
+            self._tok.id_to_token(token_id) or "",
+            special=token_id in self.special_ids,
+            byte_level=self._byte_level,
+            byte_fallback=token_id in self.byte_fallback_ids,
+        )
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -130,35 +133,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
-
-
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: the printable character standing for a byte
-    -> the byte (printable bytes stand for themselves, the rest are shifted past 255)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table, shift = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + shift)] = b
-            shift += 1
-    return table
-
-
-_BYTE_LEVEL_DECODER = _byte_level_decoder()
-
-
-def _byte_fallback_ids(tokenizer: HFTokenizer) -> frozenset[int]:
-    """Ids of `<0xNN>` tokens when the model falls back to bytes (SentencePiece style).
-
-    Their decoder turns a whole run of byte tokens into U+FFFD per byte when the run is not
-    valid UTF-8, so a run's text is final only once a non-byte token ends it.
-    """
-    if not getattr(tokenizer.model, "byte_fallback", False):
-        return frozenset()
-    ids = (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256))
-    return frozenset(i for i in ids if i is not None)
 
 
 def load_tokenizer(path: str) -> Tokenizer:

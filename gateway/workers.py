@@ -111,7 +111,8 @@ class WorkerConnection:
         plus ours that its latest report does not include yet."""
         unreported = max(0, self.sent - self.reported)
         s = self.stats
-        reported = s.num_running + s.num_waiting + s.num_queued
+        # Not num_queued (admitted, no first token yet): those are in running + waiting.
+        reported = s.num_running + s.num_waiting + s.num_inbox
         return max(len(self.inflight), reported + unreported)
 
     def _report(self, stats: WorkerStats, received: int) -> None:

@@ -96,6 +96,18 @@ def _throughput(args: argparse.Namespace) -> int:
     return throughput_main(args)
 
 
+def _structured_bench_args(p: argparse.ArgumentParser) -> None:
+    from headrace.bench.structured import add_args
+
+    add_args(p)
+
+
+def _structured_bench(args: argparse.Namespace) -> int:
+    from headrace.bench.structured import structured_main
+
+    return structured_main(args)
+
+
 def _serve_bench_args(p: argparse.ArgumentParser) -> None:
     from headrace.bench.serve import add_bench_serve_args
 
@@ -122,6 +134,12 @@ BENCH_COMMANDS: list[tuple[str, str, AddArgs, Main]] = [
         "W2 / W3: offline throughput, all requests at once",
         _offline_bench_args,
         _throughput,
+    ),
+    (
+        "structured",
+        "structured output: JSON-schema-constrained vs free decode, per output token",
+        _structured_bench_args,
+        _structured_bench,
     ),
     ("serve", "W4: OpenAI HTTP client with Poisson arrivals", _serve_bench_args, _serve_bench),
 ]

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from worker.config import DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
+from worker.config import (
+    DEVICES,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    LOAD_FORMATS,
+    QUANTIZATIONS,
+    EngineConfig,
+)
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -15,6 +22,18 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     g.add_argument("--dtype", default="auto", choices=DTYPES)
     g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     g.add_argument("--device", default="auto", choices=DEVICES)
+    g.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="fp8: FP8 weights (quantized on load unless the checkpoint is FP8)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="auto: the model's dtype; fp8 (fp8_e4m3): half the bytes, twice the blocks",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
@@ -56,6 +75,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     )
     g.add_argument("--ngram-prompt-lookup-min", type=int, default=1)
     g.add_argument("--ngram-prompt-lookup-max", type=int, default=4)
+    g.add_argument(
+        "--generation-config",
+        default="auto",
+        choices=["auto", "vllm"],
+        help="auto: unset request fields take the model's generation_config.json values "
+        "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); vllm: ignore it",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -73,6 +99,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         load_format=args.load_format,
         device=args.device,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         seed=args.seed,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
@@ -91,6 +119,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_speculative_tokens=num_spec,
         ngram_prompt_lookup_min=args.ngram_prompt_lookup_min,
         ngram_prompt_lookup_max=args.ngram_prompt_lookup_max,
+        generation_config=args.generation_config,
     )
     try:
         config.validate()

@@ -7,7 +7,12 @@ import argparse
 import logging
 
 from gateway.app import GatewayConfig, build_app
+from gateway.cors import add_cors_args, cors_from_args
+from gateway.drain import DEFAULT_SHUTDOWN_TIMEOUT
+from gateway.limits import add_limit_args, limits_from_args
 from gateway.router import ROUTING_POLICIES
+from gateway.tool_calling import ToolOptions
+from gateway.tool_parsers import PARSERS
 from gateway.workers_file import check_worker_address
 
 
@@ -55,6 +60,30 @@ def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True)
         default=1.0,
         help="seconds without a heartbeat before a worker counts as down",
     )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        help="on SIGTERM, seconds to let requests in flight finish (new ones get 503)",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(PARSERS),
+        help="how the model writes tool calls (for tool_choice auto)",
+    )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="let the model decide when to call tools (needs --tool-call-parser)",
+    )
+    g.add_argument(
+        "--disable-chat-page",
+        action="store_true",
+        help="do not serve the built-in chat page at /",
+    )
+    add_limit_args(g)
+    add_cors_args(g)
 
 
 def gateway_config_from_args(
@@ -64,6 +93,10 @@ def gateway_config_from_args(
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.worker_timeout <= 0:
         raise ValueError(f"--worker-timeout must be > 0, got {args.worker_timeout}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    tools = ToolOptions(args.tool_call_parser, args.enable_auto_tool_choice)
+    tools.validate()
     workers_file = getattr(args, "workers_file", None)
     if workers is None:
         workers = [check_worker_address(a, "--worker") for a in args.worker]
@@ -79,26 +112,42 @@ def gateway_config_from_args(
         max_queued_requests=args.max_queued_requests,
         worker_timeout=args.worker_timeout,
         tokenizer=getattr(args, "tokenizer", None),
+        limits=limits_from_args(args),
+        cors=cors_from_args(args),
+        shutdown_timeout=args.shutdown_timeout,
+        tools=tools,
+        chat_page=not args.disable_chat_page,
     )
 
 
 def run_gateway(config: GatewayConfig, log_level: str = "warning") -> None:
-    """Serve the app with uvicorn (uvloop and httptools when installed) until SIGINT/SIGTERM."""
+    """Serve the app with uvicorn (uvloop when installed; h11 with a header timeout) until
+    SIGINT/SIGTERM, which drains first (gateway/drain.py)."""
     import uvicorn
+
+    from gateway.drain import DrainingServer
+    from gateway.limits import HeaderTimeoutH11
 
     log_level = log_level.lower()
     logging.getLogger("headrace").setLevel(log_level.upper())
     app = build_app(config)
-    uvicorn.run(
+    limits = config.limits
+    protocol = type(
+        "Protocol", (HeaderTimeoutH11,), {"header_timeout": limits.request_header_timeout}
+    )
+    uv_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         loop="auto",
-        http="auto",
+        http=protocol,
         log_level=log_level,
         access_log=False,
-        timeout_keep_alive=30,
+        timeout_keep_alive=limits.timeout_keep_alive,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=limits.h11_max_incomplete_event_size,
+        timeout_graceful_shutdown=1,  # after our own drain (DrainingServer)
     )
+    DrainingServer(uv_config, app.state.drain, config.shutdown_timeout).run()
 
 
 def gateway_main(args: argparse.Namespace) -> int:

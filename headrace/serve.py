@@ -27,6 +27,7 @@ import msgspec
 
 from headrace.engine_args import add_engine_args, engine_config_from_args
 from headrace.gateway_cmd import add_gateway_args, gateway_config_from_args, run_gateway
+from worker.admission import add_admission_args, admission_flags, admission_from_args
 from worker.config import EngineConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -54,6 +55,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser, model_required=False)
     add_gateway_args(parser, with_workers=False)
     g = parser.add_argument_group("serve")
+    add_admission_args(g)
     g.add_argument(
         "--data-parallel-size",
         type=int,
@@ -65,8 +67,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 class WorkerProcess:
     """One `python -m headrace worker` child and how to (re)start it."""
 
-    def __init__(self, index: int, address: str, config: EngineConfig, gpu: bool) -> None:
+    def __init__(
+        self, index: int, address: str, config: EngineConfig, gpu: bool,
+        flags: list[str] | None = None,
+    ) -> None:  # fmt: skip
         self.index = index
+        self.flags = flags or []  # worker flags beyond the engine config (limits, drain)
         self.address = address
         self.config = config
         self.gpu = gpu
@@ -84,6 +90,7 @@ class WorkerProcess:
             "--worker-id", f"worker-{self.index}-{os.getpid()}",
             "--parent-pid", str(os.getpid()),
             "--config-json", msgspec.json.encode(self.config).decode(),
+            *self.flags,
         ]  # fmt: skip
         repo = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
@@ -119,17 +126,32 @@ def _supervise(workers: list[WorkerProcess], stopping: threading.Event) -> None:
 
 
 def _announce(
-    host: str, port: int, workers: list[WorkerProcess], stopping: threading.Event
+    host: str,
+    port: int,
+    workers: list[WorkerProcess],
+    stopping: threading.Event,
+    t0: float,
+    chat: bool,
 ) -> None:
+    """Print the start-up time once /health is 200 (requests before that get 503)."""
+    import logging
+
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll is noise
     url = f"http://{host}:{port}/health"
     while not stopping.wait(0.25):
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 for w in workers:
                     w.served = True
-                print(f"headrace: ready on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+                took = time.monotonic() - t0
+                page = f", chat page at http://{host}:{port}/" if chat else ""
+                print(
+                    f"headrace: ready on http://{host}:{port}/v1{page}; start-up took {took:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
         except httpx.HTTPError:
             pass
@@ -148,13 +170,19 @@ def serving_engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve_main(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
     if args.data_parallel_size < 1:
         raise ValueError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
     config = serving_engine_config(args)
     sock_dir = Path(tempfile.mkdtemp(prefix="headrace-"))
     gpu = config.device != "cpu" and args.data_parallel_size > 1
+    flags = [
+        *admission_flags(admission_from_args(args)),
+        "--shutdown-timeout",
+        str(args.shutdown_timeout),
+    ]
     workers = [
-        WorkerProcess(i, f"ipc://{sock_dir}/worker-{i}.sock", config, gpu)
+        WorkerProcess(i, f"ipc://{sock_dir}/worker-{i}.sock", config, gpu, flags)
         for i in range(args.data_parallel_size)
     ]
     gw = gateway_config_from_args(args, workers=[w.address for w in workers])
@@ -163,11 +191,19 @@ def serve_main(args: argparse.Namespace) -> int:
         w.start()
     threads = [
         threading.Thread(target=_supervise, args=(workers, stopping), daemon=True),
-        threading.Thread(target=_announce, args=(gw.host, gw.port, workers, stopping), daemon=True),
+        threading.Thread(
+            target=_announce,
+            args=(gw.host, gw.port, workers, stopping, t0, gw.chat_page),
+            daemon=True,
+        ),
     ]
     for t in threads:
         t.start()
-    print(f"headrace: loading {config.model} in {len(workers)} worker(s)...", file=sys.stderr)
+    print(
+        f"headrace: loading {config.model} in {len(workers)} worker(s); until they are ready, "
+        "requests get 503",
+        file=sys.stderr,
+    )
     # uvicorn re-raises the SIGTERM it caught once it has shut down; exiting through this
     # handler (not the default one) lets the `finally` below stop the workers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import msgspec
 
 from headrace.engine_args import engine_config_from_args
+from worker.admission import add_admission_args, admission_from_args
 from worker.config import EngineConfig
 from worker.server import Engine, WorkerServer
 
@@ -36,6 +37,13 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=10.0,
         help="abort a gateway's requests after this many silent seconds",
+    )
+    add_admission_args(g)
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let requests in flight finish (new ones are refused)",
     )
     g.add_argument(
         "--health-port",
@@ -97,14 +105,22 @@ def engine_factory(config: EngineConfig, args: argparse.Namespace) -> Callable[[
             return FakeEngineCore(config, step_s=args.fake_step_ms / 1000)
         from worker.engine import EngineCore
 
-        return EngineCore(config)
+        engine = EngineCore(config)
+        # Structured output's first use imports xgrammar and reads the vocabulary (seconds
+        # of GIL-heavy work): done before the worker reports ready, so it never starves the
+        # heartbeat thread of a serving worker into looking dead.
+        engine.grammars.backend.warm_up()
+        return engine
 
     return build
 
 
 def worker_main(args: argparse.Namespace) -> int:
     """Build the engine from the flags and serve it until SIGTERM/SIGINT."""
+    from worker import progress
+
     config = worker_config(args)
+    progress.enable(args.worker_id or "worker")  # start-up stages on stderr
     server = WorkerServer(
         engine_factory(config, args),
         args.bind,
@@ -113,6 +129,8 @@ def worker_main(args: argparse.Namespace) -> int:
         gateway_timeout=args.gateway_timeout,
         tokenizer=config.tokenizer,
         max_logprobs=config.max_logprobs,
+        admission=admission_from_args(args),
+        shutdown_timeout=args.shutdown_timeout,
         health=_health_address(args),
     )
     server.serve_forever(args.parent_pid)

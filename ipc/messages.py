@@ -26,6 +26,26 @@ class FinishReason(enum.IntEnum):
         return self.name.lower()
 
 
+class GrammarKind(enum.IntEnum):
+    """What `GuidedDecoding.source` holds."""
+
+    JSON_SCHEMA = 0  # a JSON schema as JSON text (response_format json_object: {"type": "object"})
+    REGEX = 1
+    EBNF = 2  # xgrammar's EBNF (GBNF-like); guided_choice becomes one of these
+
+
+class GuidedDecoding(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A grammar the output must follow. The source travels, not the compiled grammar: the
+    worker compiles it against its vocabulary (a compiled JSON grammar for a 128k vocabulary
+    serializes to 0.25-0.8 MB; the source is a few hundred bytes and compiles in ~30 ms)."""
+
+    kind: GrammarKind
+    source: str = ""
+    # JSON only: allow any whitespace between tokens; off, separators are ", " and ": ",
+    # so a weak model cannot spend its tokens on newlines and never close the object.
+    any_whitespace: bool = False
+
+
 class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
     """How to pick tokens for one request. Names and defaults follow vLLM's SamplingParams."""
 
@@ -48,6 +68,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
     prompt_logprobs: int | None = None  # same, for every prompt token after the first
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    guided: GuidedDecoding | None = None  # structured output: the grammar to follow
 
     @property
     def greedy(self) -> bool:
@@ -138,6 +159,10 @@ class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # with FinishReason.ERROR
+    # In a request's first output only: seconds from its arrival in the engine to its
+    # first scheduling (vllm:request_queue_time_seconds).
+    queue_time: float | None = None
+    error_status: int = 0  # with ERROR: 429 overloaded, 503 draining / queue wait, else 0
 
     @property
     def finished(self) -> bool:
@@ -147,8 +172,8 @@ class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
 class WorkerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """A worker's load and counters, sent with outputs and with heartbeats.
 
-    The first four fields and `num_queued` are the load report every gateway routes by
-    (running, waiting, queued, KV blocks), so N gateways see the same load however the
+    The first four fields and `num_inbox` are the load report every gateway routes by
+    (running, waiting, inbox, KV blocks), so N gateways see the same load however the
     requests were spread among them.
     """
 
@@ -164,9 +189,15 @@ class WorkerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     spec_proposed: int = 0  # counter, tokens
     spec_accepted: int = 0  # counter, tokens
     spec_steps: int = 0  # counter, verification steps
+    # Requests admitted with no first token yet (worker/admission.py): a subset of
+    # num_running + num_waiting (the engine holds them), so no part of the load.
+    num_queued: int = 0
+    num_queued_tokens: int = 0  # their prompt tokens
+    num_refused: int = 0  # counter: refused as overloaded or draining
+    draining: bool = False  # shutting down: routes new requests elsewhere
     # Requests that reached the worker's socket but not yet its engine loop (set by the
     # worker server, not the engine): during a long step, other gateways see them here.
-    num_queued: int = 0
+    num_inbox: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -186,6 +217,11 @@ class ModelInfo(msgspec.Struct, tag=True, array_like=True, gc=False):
     tokenizer: str | None = None  # where the gateway loads the tokenizer; None: model_path
     max_logprobs: int = 20  # the largest logprobs / prompt_logprobs a request may ask for
     block_size: int = 16  # KV block size: the unit of prefix-cache keys (prefix routing)
+    # Request defaults from the model's generation_config.json (field -> value), see
+    # worker/generation_defaults.py; a request's own values win.
+    sampling_defaults: dict[str, float] = {}
+    max_num_queued_reqs: int | None = None  # the worker's overload limits (429 past them)
+    max_num_queued_tokens: int | None = None
 
 
 class EngineOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):

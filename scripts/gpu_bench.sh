@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call: GPU tests, profile, and the offline benchmarks with their baselines.
 # Usage on the device machine: bash scripts/gpu_bench.sh "<which: tests profile w1 w3 w2 w5>"
+# FP8 (issue 13): profile_fp8 fp8tests w1fp8 (bf16 then fp8 W1, each with its floor) w2fp8 (fp8 weights
+# + fp8 KV) w3fp8 (bf16, then fp8 + fp8 KV) w1_70b w2_70b (Llama-3-70B shape, fp8 dummy).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -14,5 +16,22 @@ for step in $which; do
     w3q) for c in enable no-enable enable no-enable; do timeout 300 python -m headrace bench throughput --workload W3 --num-requests 300 --$c-prefix-caching --output-json "$OUT/w3q_$c.json" > "$OUT/w3q_$c.log" 2>&1; tail -1 "$OUT/w3q_$c.log"; done ;;
     w5) for c in enable no-enable; do timeout 300 python -m headrace bench throughput --workload W5 --$c-prefix-caching --output-json "$OUT/w5_$c.json" > "$OUT/w5_$c.log" 2>&1; tail -1 "$OUT/w5_$c.log"; done ;;
     w2) timeout 560 python -m headrace bench throughput --workload W2 --hf-requests 64 --hf-batch-size 64 --hf-time-limit 100 --output-json "$OUT/w2.json" > "$OUT/w2.log" 2>&1; tail -1 "$OUT/w2.log" ;;
+    profile_fp8) for b in "1 128" "256 1024"; do set -- $b; timeout 200 python scripts/profile_step.py --batch $1 --context $2 --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/profile_fp8_b$1.json" > "$OUT/profile_fp8_b$1.log" 2>&1; head -14 "$OUT/profile_fp8_b$1.log"; done ;;
+    fp8tests) timeout 500 python -m pytest -m gpu tests/gpu/test_gpu_fp8.py tests/gpu/test_gpu_kernels.py -q -p no:cacheprovider > "$OUT/gpu_fp8_tests.log" 2>&1; tail -15 "$OUT/gpu_fp8_tests.log" ;;
+    w1fp8) for q in "" "--quantization fp8"; do n=w1${q:+_fp8}; timeout 280 python -m headrace bench latency $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
+    w2fp8) timeout 560 python -m headrace bench throughput --workload W2 --quantization fp8 --kv-cache-dtype fp8 --output-json "$OUT/w2_fp8.json" > "$OUT/w2_fp8.log" 2>&1; tail -1 "$OUT/w2_fp8.log" ;;
+    w3fp8) for q in "" "--quantization fp8 --kv-cache-dtype fp8"; do n=w3$(echo "$q" | tr -d ' -' | sed 's/quantizationfp8/_fp8/;s/kvcachedtypefp8/_kv8/'); timeout 280 python -m headrace bench throughput --workload W3 $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
+    w1_70b) timeout 560 python -m headrace bench latency --model scripts/configs/llama-3-70b --quantization fp8 --max-model-len 4096 --output-json "$OUT/w1_70b_fp8.json" > "$OUT/w1_70b_fp8.log" 2>&1; tail -1 "$OUT/w1_70b_fp8.log" ;;
+    w2_70b) timeout 560 python -m headrace bench throughput --model scripts/configs/llama-3-70b --workload W2 --num-requests 200 --quantization fp8 --kv-cache-dtype fp8 --max-model-len 4096 --output-json "$OUT/w2_70b_fp8.json" > "$OUT/w2_70b_fp8.log" 2>&1; tail -1 "$OUT/w2_70b_fp8.log" ;;
+    # W4 sweep (issue 18): headrace serve on the Llama-3-8B shape (dummy weights), bench serve at 4 rates.
+    w4sweep) python -m headrace serve --model scripts/configs/llama-3-8b --load-format dummy \
+               --tokenizer "$HEADRACE_SHARED_MODELS/llama3-tokenizer" --served-model-name llama-3-8b-dummy \
+               --max-model-len 4096 --port 8300 > "$OUT/w4_serve.log" 2>&1 & serve_pid=$!
+             for _ in $(seq 300); do curl -sf http://127.0.0.1:8300/health > /dev/null && break; sleep 1; done
+             grep "start-up took" "$OUT/w4_serve.log"
+             timeout 480 python -m headrace bench serve --base-url http://127.0.0.1:8300 --num-prompts 200 \
+               --request-rate 4 16 64 inf --result-json "$OUT/w4_sweep.json" --plot "$OUT/w4_sweep.png" \
+               --no-progress > "$OUT/w4_sweep.log" 2>&1; cat "$OUT/w4_sweep.log"
+             kill "$serve_pid"; wait "$serve_pid" ;;
   esac
 done

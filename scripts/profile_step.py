@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--quantization", default=None, choices=["fp8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -40,6 +42,8 @@ def main() -> None:
             load_format=args.load_format,
             max_num_seqs=max(args.batch, 1),
             enforce_eager=args.enforce_eager,
+            quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
     )
     rng = random.Random(0)

@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Numba CUDA kernels run on its simulator here. The switch is read when numba.cuda is
+    # first imported, which any test module may do: set it before they are collected.
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_MODELS = Path(os.environ.get("HEADRACE_SHARED_MODELS", REPO.parent / "shared" / "models"))

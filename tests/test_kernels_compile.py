@@ -28,18 +28,20 @@ def _check_log(log: str) -> None:
     assert not any(stack), f"local-memory stack frame:\n{log}"
 
 
+@pytest.mark.parametrize("kv_fp8", [False, True], ids=["kv16", "kvfp8"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
-def test_paged_attention_compiles(dtype_name: str, head_dim: int) -> None:
+def test_paged_attention_compiles(dtype_name: str, head_dim: int, kv_fp8: bool) -> None:
     import torch
 
     from cuda import paged_attention_kernels as pak
 
     dtype = getattr(torch, dtype_name)
+    kv_dtype = torch.float8_e4m3fn if kv_fp8 else None
     cubin, log = compiler.compile_cubin(
         pak.source(),
         arch="sm_90",
-        defines=pak.module_defines(dtype, head_dim),
+        defines=pak.module_defines(dtype, head_dim, kv_dtype),
         name="paged_attention",
         verbose_ptxas=True,
     )
@@ -52,10 +54,26 @@ def test_paged_attention_compiles(dtype_name: str, head_dim: int) -> None:
 def test_write_kv_compiles() -> None:
     from cuda import kv_write_kernel
 
-    cubin, log = compiler.compile_cubin(
+    _, log = compiler.compile_cubin(
         kv_write_kernel.SOURCE, arch="sm_90", name="write_kv", verbose_ptxas=True
     )
-    assert b"write_kv" in cubin
+    for name in ("write_kv", "write_kv_fp8_bf16", "write_kv_fp8_f16"):
+        assert f"Compiling entry function '{name}'" in log
+    _check_log(log)
+
+
+@pytest.mark.parametrize("bf16", [1, 0])
+def test_fp8_quant_compiles(bf16: int) -> None:
+    from cuda import fp8_quant
+
+    cubin, log = compiler.compile_cubin(
+        fp8_quant.SOURCE,
+        arch="sm_90",
+        defines={"HR_BF16": bf16},
+        name="fp8_quant",
+        verbose_ptxas=True,
+    )
+    assert b"quant_fp8_per_token" in cubin
     _check_log(log)
 
 
@@ -75,3 +93,19 @@ def test_compile_error_carries_log() -> None:
         compiler.compile_cubin(
             'extern "C" __global__ void k() { undefined_symbol(); }', name="bad", use_cache=False
         )
+
+
+@pytest.mark.parametrize("bf16", [1, 0])
+def test_fp8_gemv_compiles(bf16: int) -> None:
+    from cuda import fp8_gemv
+
+    _, log = compiler.compile_cubin(
+        fp8_gemv.SOURCE,
+        arch="sm_90",
+        defines={"HR_BF16": bf16},
+        name="fp8_gemv",
+        verbose_ptxas=True,
+    )
+    for m in range(1, 5):
+        assert f"Compiling entry function 'fp8_gemv_m{m}'" in log
+    _check_log(log)

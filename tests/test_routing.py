@@ -79,6 +79,10 @@ def test_session_router_falls_back_to_least_loaded_and_skips_draining(
     assert router.choose(workers, "m", [1, 2], key) is workers[0]  # busier, but its session
     workers[0].draining = True
     assert router.choose(workers, "m", [1, 2], key) is rendezvous_choice(key, workers[1:])
+    # A worker draining on SIGTERM (its own report) loses its sessions the same way.
+    workers[0].draining = False
+    workers[0].stats = WorkerStats(num_running=5, draining=True)
+    assert router.choose(workers, "m", [1, 2], key) is rendezvous_choice(key, workers[1:])
     for w in workers:
         w.state = WorkerState.DOWN
     with pytest.raises(ServiceUnavailable):
@@ -104,6 +108,10 @@ def test_load_counts_other_gateways_and_unreported_sends(
     w.sent += 2
     w._report(WorkerStats(num_running=2), received=41)
     assert w.load == 2 + 1
+    # The inbox (not yet taken by the engine loop) adds; num_queued (admitted, no first
+    # token yet) is inside running + waiting already, so it must not count twice.
+    w._report(WorkerStats(num_running=2, num_waiting=3, num_queued=4, num_inbox=5), 41)
+    assert w.load == 2 + 3 + 5 + 1
     # Least loaded is the one with the fewest requests ahead, whoever sent them.
     workers[1]._report(WorkerStats(num_running=1), received=0)
     workers[2]._report(WorkerStats(num_running=1, num_free_blocks=1, num_total_blocks=10), 0)

@@ -10,6 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -268,3 +269,27 @@ def test_gateways_route_from_the_workers_reported_load(tmp_path: Path, stories_p
         assert asyncio.run(run()) == ["wb"] * 5
     finally:
         stop_all(procs)
+
+
+def test_worker_health_and_load_report_say_draining() -> None:
+    """SIGTERM's drain (main's admission flag) reaches the readiness probe (503) and the
+    load report, even while the engine loop is idle and publishes nothing new."""
+    from ipc.messages import ModelInfo
+    from worker.health_http import worker_health
+    from worker.server import WorkerServer
+
+    def no_engine() -> Any:
+        raise AssertionError("not started")
+
+    server = WorkerServer(no_engine, "tcp://127.0.0.1:1", worker_id="w0")
+    try:
+        assert worker_health(server)[1]["status"] == "loading"
+        server.model_info = ModelInfo("m", "/m", 128, 100, "w0")
+        server._ready.set()
+        assert worker_health(server)[0] == 200
+        assert not server._load_report([])[0].draining
+        server.admission.draining = True
+        assert worker_health(server) == (503, {"status": "draining", "worker_id": "w0"})
+        assert server._load_report([])[0].draining
+    finally:
+        server._ctx.term()

@@ -2,8 +2,10 @@
 
 The metadata is built once per step by the model runner and passed down explicitly to
 every layer (never through a global). A backend writes the step's K/V into the paged cache
-and computes attention over it; the torch backend runs the reference functions from
-cuda/, the CUDA backend our kernels.
+and computes attention over it; the torch backend (CPU) runs torch's SDPA on each request's
+gathered K/V (worker/cpu_attention.py), the CUDA backend our kernels.
+The KV cache is 16/32-bit (the model's dtype) or float8_e4m3fn (`--kv-cache-dtype fp8`),
+written with per-layer scales k_scale / v_scale.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Protocol
 import torch
 
 from cuda.kv_write import write_kv_ref
-from cuda.paged_attention import paged_attention_ref
+from worker.cpu_attention import paged_attention_sdpa
 
 
 @dataclass
@@ -37,11 +39,14 @@ class AttentionBackend(Protocol):
         md: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        k_scale: float = 1.0,  # FP8 KV cache: the cache holds K / k_scale
+        v_scale: float = 1.0,
     ) -> torch.Tensor: ...  # [T, Hq, D]
 
 
 class TorchAttention:
-    """The reference path: what runs on CPU, and what the CUDA kernels are tested against."""
+    """What runs on CPU: the reference K/V write, then SDPA per request (linear memory in the
+    context length, unlike the einsum reference the CUDA kernels are tested against)."""
 
     name = "torch"
 
@@ -54,8 +59,18 @@ class TorchAttention:
         md: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        write_kv_ref(k, v, kv_cache, md.slot_mapping)
-        return paged_attention_ref(
-            q, kv_cache, md.query_start_loc, md.seq_lens, md.block_tables, scale, sliding_window
+        write_kv_ref(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
+        return paged_attention_sdpa(
+            q,
+            kv_cache,
+            md.query_start_loc,
+            md.seq_lens,
+            md.block_tables,
+            scale,
+            sliding_window,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )

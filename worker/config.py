@@ -13,6 +13,8 @@ from ipc.model_folder import LOAD_FORMATS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("fp8",)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's 16-bit type (or bf16) on GPU
     load_format: str = "auto"  # auto, safetensors, gguf or dummy (random weights)
     device: str = "auto"  # auto picks cuda when available
+    quantization: str | None = None  # "fp8": FP8 weights (an FP8 checkpoint implies it)
+    kv_cache_dtype: str = "auto"  # auto = the model's dtype; fp8 (= fp8_e4m3): 1 byte/element
     seed: int = 0  # seeds dummy weights and unseeded sampling
     max_model_len: int | None = None  # context length; defaults to the model's
     block_size: int = 16  # tokens per KV cache block
@@ -32,7 +36,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory the worker may use
     kv_cache_memory_gb: float = 1.0  # CPU: memory for the KV cache when num_gpu_blocks is unset
     max_num_seqs: int = 256  # requests in one step at most
-    max_num_batched_tokens: int | None = None  # token budget per step; default 8192 (2048 on CPU)
+    max_num_batched_tokens: int | None = None  # token budget per step; default 8192 (512 on CPU)
     enable_chunked_prefill: bool = True  # split long prompts across steps
     enable_prefix_caching: bool = True  # reuse KV of identical prompt prefixes
     enforce_eager: bool = False  # never use CUDA graphs
@@ -43,6 +47,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0  # tokens proposed per step when speculating
     ngram_prompt_lookup_min: int = 1  # shortest n-gram matched by the ngram proposer
     ngram_prompt_lookup_max: int = 4  # longest n-gram matched by the ngram proposer
+    generation_config: str = "auto"  # auto: the model's generation_config.json sets defaults
     extra: dict[str, str] = field(default_factory=dict)  # free-form, for experiments
 
     def validate(self) -> None:
@@ -51,6 +56,15 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
             )
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
@@ -99,6 +113,10 @@ class EngineConfig:
             )
         if self.speculative_method == "draft" and self.speculative_model is None:
             raise ValueError("speculative_method 'draft' needs speculative_model (a model folder)")
+        if self.generation_config not in ("auto", "vllm"):
+            raise ValueError(
+                f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}"
+            )
         if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:
             raise ValueError(
                 "ngram_prompt_lookup_min must be >= 1 and <= ngram_prompt_lookup_max, got "
@@ -107,6 +125,21 @@ class EngineConfig:
 
     def replace(self, **changes: object) -> EngineConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+# On CPU a step of 512 tokens of a 135M model takes about a second: a long prompt is
+# prefilled in such chunks, and a running stream gets its next token between them instead
+# of waiting for the whole prompt (2,048-token steps froze streams for seconds).
+CPU_MAX_NUM_BATCHED_TOKENS = 512
+GPU_MAX_NUM_BATCHED_TOKENS = 8192
+
+
+def default_max_num_batched_tokens(
+    device_type: str, chunked_prefill: bool, max_model_len: int
+) -> int:
+    """The per-step token budget when --max-num-batched-tokens is not given."""
+    budget = CPU_MAX_NUM_BATCHED_TOKENS if device_type == "cpu" else GPU_MAX_NUM_BATCHED_TOKENS
+    return budget if chunked_prefill else max(budget, max_model_len)
 
 
 @dataclass(frozen=True)

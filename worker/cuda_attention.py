@@ -37,8 +37,10 @@ class CudaAttention:
         md: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        write_kv_cuda(k, v, kv_cache, md.slot_mapping)
+        write_kv_cuda(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
         out = torch.empty_like(q)
         if sliding_window is not None and sliding_window < md.max_seq_len:
             if not self._warned:
@@ -53,6 +55,8 @@ class CudaAttention:
                 scale,
                 sliding_window,
                 out=out,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         return paged_attention_cuda(
             q,
@@ -65,6 +69,8 @@ class CudaAttention:
             max_query_len=md.max_query_len,
             max_seq_len=md.max_seq_len,
             workspace=self._workspace(q, md),
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     @staticmethod

@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from worker import progress
 from worker.attention import AttentionMetadata
 from worker.input_batch import HostInputs, PaddedInputs, pad_inputs
 from worker.models.llama import LlamaForCausalLM
@@ -152,22 +153,23 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for q in reversed(self.bounds):  # largest first: later ones reuse its pool
+            # Largest first: later ones reuse its pool.
+            shapes = [(q, bs) for q in reversed(self.bounds) for bs in reversed(self.buckets)]
+            for q, bs in progress.bar(shapes, len(shapes), "graphs"):
                 # Capture-time inputs: every request q tokens long in block 0, writes skipped.
                 qsl = torch.arange(self.max_bs + 1, dtype=torch.int32, device=self.device) * q
                 self.query_start_loc.copy_(qsl)
                 self.seq_lens.fill_(q)
                 self.slot_mapping.fill_(-1)
-                for bs in reversed(self.buckets):
-                    md = self._md(q, bs)
-                    ids, pos = self.input_ids[: bs * q], self.positions[: bs * q]
-                    args = (ids, pos, self.kv_caches, md)
-                    for _ in range(2):  # warm up: compile kernels, size workspaces, autotune
-                        self.model(*args)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        self.outputs[q, bs] = self.model(*args)
-                    self.graphs[q, bs] = graph
+                md = self._md(q, bs)
+                ids, pos = self.input_ids[: bs * q], self.positions[: bs * q]
+                args = (ids, pos, self.kv_caches, md)
+                for _ in range(2):  # warm up: compile kernels, size workspaces, autotune
+                    self.model(*args)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[q, bs] = self.model(*args)
+                self.graphs[q, bs] = graph
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)

@@ -20,7 +20,9 @@ from ipc.messages import (
     WorkerStats,
 )
 from ipc.model_folder import ModelFiles, open_model
-from worker.config import EngineConfig, SchedulerConfig
+from worker import progress
+from worker.config import EngineConfig, SchedulerConfig, default_max_num_batched_tokens
+from worker.generation_defaults import sampling_defaults
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_loader import build_model, resolve_device, resolve_dtype
@@ -31,9 +33,12 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
+from worker.quant.config import resolve_fp8_scheme
+from worker.quant.kv import resolve_kv_cache_dtype
 from worker.request import Request, RequestStatus, check_prompt
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals
+from worker.structured import GrammarWaitlist, advance_grammars
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +61,52 @@ class EngineCore:
             )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
+        self.quant = resolve_fp8_scheme(self.files.config, config.quantization, self.files.path)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         t0 = time.perf_counter()
-        model = build_model(
-            self.files,
-            mc,
-            make_backend(self.device),
-            self.max_model_len,
-            self.device,
-            self.dtype,
-            dummy=config.load_format == "dummy",
-            seed=config.seed,
-        )
-        log.info("loaded %s in %.1fs", self.files.path, time.perf_counter() - t0)
-        self.runner = ModelRunner(
-            model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed
-        )
-        max_batched = config.max_num_batched_tokens or (2048 if self.device.type == "cpu" else 8192)
-        num_blocks = self._num_kv_blocks(max_batched)
-        self.runner.allocate_kv_cache(num_blocks, config.block_size)
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_cuda_graphs(
-                config.max_num_seqs,
+        what = "random (dummy) weights" if config.load_format == "dummy" else "weights"
+        with progress.stage(f"loading {what} of {self.files.path}"):
+            model = build_model(
+                self.files,
+                mc,
+                make_backend(self.device),
                 self.max_model_len,
-                config.block_size,
-                config.num_speculative_tokens,
+                self.device,
+                self.dtype,
+                dummy=config.load_format == "dummy",
+                seed=config.seed,
+                quant=self.quant,
             )
+        log.info(
+            "loaded %s in %.1fs (weights: %s)",
+            self.files.path,
+            time.perf_counter() - t0,
+            f"fp8, {self.quant.source}" if self.quant else str(self.dtype),
+        )
+        self.runner = ModelRunner(
+            model, mc, self.device, self.dtype, set(self.eos_token_ids), config.seed, self.kv_dtype
+        )
+        max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
+            self.device.type, config.enable_chunked_prefill, self.max_model_len
+        )
+        num_blocks = self._num_kv_blocks(max_batched)
+        log.info(
+            "KV cache: %d blocks of %d tokens, %s (%d bytes per block)",
+            num_blocks,
+            config.block_size,
+            self.kv_dtype,
+            kv_bytes_per_block(mc, config.block_size, self.kv_dtype),
+        )
+        self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
+        if self.device.type == "cuda" and not config.enforce_eager:
+            with progress.stage("capturing CUDA graphs"):
+                self.runner.capture_cuda_graphs(
+                    config.max_num_seqs,
+                    self.max_model_len,
+                    config.block_size,
+                    config.num_speculative_tokens,
+                )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -101,6 +127,9 @@ class EngineCore:
             tokenizer=config.tokenizer or self.files.tokenizer_path,
             max_logprobs=config.max_logprobs,
             block_size=config.block_size,
+            sampling_defaults=sampling_defaults(
+                self.files.generation_config, config.generation_config
+            ),
         )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -111,12 +140,15 @@ class EngineCore:
         if self.proposer is not None:
             self.runner.draft_probs = self.proposer.draft_probs
         self.spec_stats = SpecStats()
+        self.grammars = GrammarWaitlist(
+            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(eos)
+        )
         # Async scheduling: a launched step whose tokens have not been read yet.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
 
     def _num_kv_blocks(self, max_batched_tokens: int) -> int:
         c = self.config
-        per_block = kv_bytes_per_block(self.model_config, c.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.model_config, c.block_size, self.kv_dtype)
         if c.num_gpu_blocks is not None:
             return c.num_gpu_blocks
         if self.device.type == "cpu":
@@ -157,7 +189,10 @@ class EngineCore:
             request = self._make_request(req)
         except ValueError as e:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
-        self.scheduler.add_request(request)
+        if req.params.guided is not None:
+            self.grammars.add(request)  # joins the scheduler once its grammar compiles
+        else:
+            self.scheduler.add_request(request)
         return None
 
     def _make_request(self, req: EngineRequest) -> Request:
@@ -173,20 +208,27 @@ class EngineCore:
                 f"the request needs {self.kv.blocks_needed(need)} KV cache blocks but the cache "
                 f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
             )
-        if req.request_id in self.scheduler.requests:
+        if req.request_id in self.scheduler.requests or req.request_id in self.grammars:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         return Request(
             req.request_id, list(prompt), p, max_tokens, self.eos_token_ids, req.arrival_time
         )
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        self.grammars.abort(request_ids)
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.grammars)
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        ready, failed = self.grammars.take_ready(wait=not self.scheduler.has_unfinished_requests())
+        for request in ready:
+            self.scheduler.add_request(request)
+        return failed + self._step()
+
+    def _step(self) -> list[RequestOutput]:
         if self.config.async_scheduling:
             return self._step_async()
         sched = self.scheduler.schedule()
@@ -201,8 +243,10 @@ class EngineCore:
         While the GPU runs step N, the CPU schedules N+1 (same requests, one token each),
         builds its inputs and queues it, feeding N's sampled ids on the device; only then
         does it wait for N's tokens and apply them. A request that N finishes (EOS, stop
-        id) has its N+1 token dropped. Steps that are not plain decodes, or whose
-        successor would differ from a normal schedule, run as usual.
+        id) has its N+1 token dropped. With a constrained request in the batch, N+1's
+        sampling waits for N's tokens (its masks follow them) but its forward does not.
+        Steps that are not plain decodes, or whose successor would differ from a normal
+        schedule, run as usual.
         """
         if self._inflight is not None:
             sched, pending = self._inflight
@@ -214,14 +258,20 @@ class EngineCore:
             if not self.runner.can_launch(sched):
                 return self._postprocess(sched, self.runner.execute(sched, self.kv))
             pending = self.runner.launch(sched, self.kv)
+        nxt_pending = None
         if self._can_chain(sched):
             nxt = self.scheduler.schedule_chained(sched)
             if nxt is not None:
-                self._inflight = (
-                    nxt,
-                    self.runner.launch(nxt, self.kv, input_ids=pending.token_ids, step_offset=1),
+                # Constrained requests' masks need this step's tokens: sample after them.
+                defer = any(sr.request.grammar is not None for sr in nxt.scheduled)
+                nxt_pending = self.runner.launch(
+                    nxt, self.kv, pending.token_ids, step_offset=1, defer_sampling=defer
                 )
-        return self._postprocess(sched, self.runner.finish(pending))
+                self._inflight = (nxt, nxt_pending)
+        outputs = self._postprocess(sched, self.runner.finish(pending))
+        if nxt_pending is not None and nxt_pending.token_ids is None:
+            self.runner.sample_pending(nxt_pending)
+        return outputs
 
     def _can_chain(self, sched: SchedulerOutput) -> bool:
         """Would the step after `sched` be these same requests decoding one token each?"""
@@ -260,6 +310,7 @@ class EngineCore:
             if sr.start < sr.request.num_prompt_tokens:
                 self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
         updates = self.scheduler.update(sched, result.new_tokens)
+        advance_grammars(updates)
         if self.proposer is not None:
             self.spec_stats.count(sched, result.new_tokens)
             set_proposals(
@@ -287,6 +338,9 @@ class EngineCore:
                 num_prompt_tokens=req.num_prompt_tokens,
                 num_cached_tokens=req.num_cached_tokens,
             )
+            if not req.queue_time_sent and req.first_scheduled_at is not None:
+                out.queue_time = req.first_scheduled_at - req.added_at
+                req.queue_time_sent = True
             if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
                 out.prompt_logprobs = req.prompt_logprobs or [None]
                 req.prompt_logprobs_sent = True

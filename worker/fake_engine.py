@@ -36,6 +36,7 @@ from ipc.messages import (
     WorkerStats,
 )
 from worker.config import EngineConfig
+from worker.generation_defaults import read_generation_config, sampling_defaults
 from worker.request import check_prompt
 
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -95,6 +96,9 @@ class FakeEngineCore:
             worker_id="",
             tokenizer=tok_path,
             max_logprobs=config.max_logprobs,
+            sampling_defaults=sampling_defaults(
+                read_generation_config(config.model), config.generation_config
+            ),
         )
         self.vocab_size = vocab_size
         self.waiting: collections.OrderedDict[str, _FakeRequest] = collections.OrderedDict()

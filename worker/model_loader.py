@@ -7,9 +7,12 @@ import logging
 import torch
 
 from ipc.model_folder import ModelFiles
+from worker import progress
 from worker.attention import AttentionBackend
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
+from worker.quant.config import Fp8Scheme
+from worker.quant.fp8 import Fp8Linear, cast_model, fill_dummy_fp8, gemm_mode
 from worker.weights import iter_weights
 
 log = logging.getLogger(__name__)
@@ -53,19 +56,26 @@ def build_model(
     dtype: torch.dtype,
     dummy: bool,
     seed: int = 0,
+    quant: Fp8Scheme | None = None,
 ) -> LlamaForCausalLM:
     # Build on the meta device, then materialize directly on the target: no CPU copy of
     # the weights is ever made for a GPU model, and each checkpoint tensor is copied once.
+    # FP8 layers are float8 from the start (never a 16-bit copy first: a 70B model fits).
+    if quant is not None and device.type == "cuda":
+        gemm_mode(device)  # fails early, naming the card, on a GPU without FP8
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, max_positions)
-    model = model.to_empty(device=device).to(dtype)
+        model = LlamaForCausalLM(config, backend, max_positions, quant)
+    model = model.to_empty(device=device)
+    cast_model(model, dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if dummy:
         fill_dummy_weights(model, seed)
     else:
         with torch.no_grad():
-            model.load_weights(iter_weights(files), source=files.path)
+            total = sum(1 for _ in model.parameters())
+            weights = progress.bar(iter_weights(files), total, "tensors")
+            model.load_weights(weights, source=files.path)
     model.rotary.build(device)
     model.eval()
     return model
@@ -75,7 +85,17 @@ def build_model(
 def fill_dummy_weights(model: torch.nn.Module, seed: int) -> None:
     """Random weights of the real shapes, small enough that activations stay finite."""
     gens: dict[torch.device, torch.Generator] = {}
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            gen = gens.get(module.weight.device)
+            if gen is None:
+                gen = gens[module.weight.device] = torch.Generator(
+                    device=module.weight.device
+                ).manual_seed(seed)
+            fill_dummy_fp8(module, gen, 0.02)
     for name, p in model.named_parameters():
+        if p.dtype == torch.float8_e4m3fn or name.endswith(("weight_scale", "input_scale")):
+            continue
         if name.endswith("norm.weight"):
             p.fill_(1.0)
             continue

@@ -22,9 +22,11 @@ from worker.models.llama import LlamaForCausalLM
 from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
 from worker.scheduler import SchedulerOutput
 from worker.spec_decode.verify import verify
+from worker.structured import grammar_bitmask
 
 if TYPE_CHECKING:
     from worker.cuda_graphs import CudaGraphRunner
+    from worker.structured import RequestGrammar
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,12 @@ class PendingStep:
     """A launched decode step: its sampled tokens are still on the device."""
 
     out: SchedulerOutput
-    token_ids: torch.Tensor  # [B] int64, one per scheduled request, in order
+    token_ids: torch.Tensor | None  # [B] int64 per scheduled request; None until sampled
     logprobs: LogprobsTensors | None
     params: list[SamplingParams]
+    # Deferred sampling (structured output): the logits wait for masks that need the
+    # previous step's tokens; sample_pending() draws once those are known.
+    logits: torch.Tensor | None = None
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -71,11 +76,13 @@ class ModelRunner:
         dtype: torch.dtype,
         eos_token_ids: set[int],
         seed: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.config = model_config
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # float8_e4m3fn for --kv-cache-dtype fp8
         self.sampler = Sampler(model_config.vocab_size, eos_token_ids, seed=seed)
         self.kv_caches: list[torch.Tensor] = []
         self.graph_runner: CudaGraphRunner | None = None
@@ -88,7 +95,7 @@ class ModelRunner:
         shape = (2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.kv_caches = [
             # Uninitialized: attention reads only slots a request has written.
-            torch.empty(shape, dtype=self.dtype, device=self.device)
+            torch.empty(shape, dtype=self.kv_dtype, device=self.device)
             for _ in range(c.num_layers)
         ]
 
@@ -143,12 +150,15 @@ class ModelRunner:
         kv: KVCacheManager,
         input_ids: torch.Tensor | None = None,
         step_offset: int = 0,
+        defer_sampling: bool = False,
     ) -> PendingStep:
         """Queue a decode step on the GPU (model, logits, sampling) without waiting for it.
 
         `input_ids` (device) are the previous step's sampled tokens when that step has not
         been read yet; `step_offset` (1 then) counts its token in each request's output, so
-        seeded draws stay the same as without async scheduling.
+        seeded draws stay the same as without async scheduling. With `defer_sampling`
+        only the model and logits are queued: `sample_pending` draws later (a constrained
+        request's mask needs the previous step's token, read while this forward runs).
         """
         host = build_host_inputs(out, kv)
         if self.graph_runner is not None and self.graph_runner.can_run(host):
@@ -161,17 +171,43 @@ class ModelRunner:
         # blocking host-to-device copy would wait for the GPU).
         logits = self.model.compute_logits(hidden[: len(out.scheduled)])
         reqs = [sr.request for sr in out.scheduled]
+        params = [r.params for r in reqs]
+        if defer_sampling:
+            return PendingStep(out, None, None, params, logits)
+        # A chained step's masks would need the tokens still in flight: it defers.
+        assert input_ids is None or all(r.grammar is None for r in reqs)
         batch = SamplingBatch(
-            params=[r.params for r in reqs],
+            params=params,
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
             steps=[len(r.output_token_ids) + step_offset for r in reqs] if step_offset else None,
+            bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
         )
         sampled = self.sampler(logits, batch)
-        return PendingStep(out, sampled.token_ids, sampled.logprobs, [r.params for r in reqs])
+        return PendingStep(out, sampled.token_ids, sampled.logprobs, params)
+
+    @torch.inference_mode()
+    def sample_pending(self, pending: PendingStep) -> None:
+        """Draw a deferred step's tokens, now that its requests' previous tokens are
+        applied (output lists and matchers): masks fill on the CPU while the forward runs."""
+        assert pending.logits is not None and pending.token_ids is None
+        reqs = [sr.request for sr in pending.out.scheduled]
+        batch = SamplingBatch(
+            params=pending.params,
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+            bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
+        )
+        sampled = self.sampler(pending.logits, batch)
+        pending.token_ids, pending.logprobs, pending.logits = (
+            sampled.token_ids,
+            sampled.logprobs,
+            None,
+        )
 
     def finish(self, pending: PendingStep) -> StepResult:
         """Wait for a launched step and read its tokens (the step's one host sync)."""
+        assert pending.token_ids is not None
         tokens = pending.token_ids.tolist()
         n = len(tokens)
         logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
@@ -191,13 +227,16 @@ class ModelRunner:
         spec = [j for j, r in enumerate(inputs.sample_rows) if len(r) > 1]
         if spec:
             sched_index = [inputs.sample_sched_index[j] for j in spec]
+            spec_reqs = [out.scheduled[i].request for i in sched_index]
+            spec_rows = [inputs.sample_rows[j] for j in spec]
+            bitmask = self._bitmask(
+                [
+                    (r.grammar, r.spec_token_ids[: len(rows) - 1])
+                    for r, rows in zip(spec_reqs, spec_rows, strict=True)
+                ]
+            )
             spec_tokens, spec_lps = verify(
-                self.model,
-                self.sampler,
-                [out.scheduled[i].request for i in sched_index],
-                [inputs.sample_rows[j] for j in spec],
-                hidden,
-                self.draft_probs,
+                self.model, self.sampler, spec_reqs, spec_rows, hidden, self.draft_probs, bitmask
             )
             for i, t, lp in zip(sched_index, spec_tokens, spec_lps, strict=True):
                 new_tokens[i], logprobs[i] = t, lp
@@ -210,6 +249,7 @@ class ModelRunner:
                 params=[r.params for r in reqs],
                 prompt_token_ids=[r.prompt_token_ids for r in reqs],
                 output_token_ids=[r.output_token_ids for r in reqs],
+                bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
             )
             sampled = self.sampler(logits, batch)
             tokens = sampled.token_ids.tolist()
@@ -229,6 +269,11 @@ class ModelRunner:
             result.prompt_logprobs[job.sched_index] = lp
         return result
 
+    def _bitmask(self, rows: list[tuple[RequestGrammar | None, list[int]]]) -> torch.Tensor | None:
+        """Structured output's masks for these rows, filled on the CPU (while the GPU runs
+        the forward this step queued) and sent to the device without a sync."""
+        return grammar_bitmask(rows, self.sampler.vocab_size, self.device)
+
     @torch.inference_mode()
     def profile_free_memory(self, max_num_batched_tokens: int, utilization: float) -> int:
         """Bytes left for the KV cache after a worst-case step, within `utilization`.
@@ -245,7 +290,7 @@ class ModelRunner:
         block = 16
         scratch = [
             torch.zeros(
-                (2, 1, block, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device
+                (2, 1, block, c.num_kv_heads, c.head_dim), dtype=self.kv_dtype, device=self.device
             )
             for _ in range(c.num_layers)
         ]

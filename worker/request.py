@@ -8,8 +8,13 @@ speculative tokens are extra tokens appended for one step and verified.
 from __future__ import annotations
 
 import enum
+import time
+from typing import TYPE_CHECKING
 
 from ipc.messages import FinishReason, SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from worker.structured import RequestGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -50,6 +55,12 @@ class Request:
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None
         self.prompt_logprobs_sent = False
         self.num_sent_tokens = 0  # output tokens already reported to the caller
+        # Structured output: the matcher, set once the grammar has compiled.
+        self.grammar: RequestGrammar | None = None
+        # Queue time for metrics: engine arrival -> first scheduled (time.monotonic()).
+        self.added_at = time.monotonic()
+        self.first_scheduled_at: float | None = None
+        self.queue_time_sent = False
 
     @property
     def num_prompt_tokens(self) -> int:

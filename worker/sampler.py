@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ipc.messages import SamplingParams, TokenLogprobs
+from worker.structured import apply_bitmask
 
 GREEDY_EPS = 1e-5  # temperature below this means greedy, as SamplingParams.greedy says
 _MASK32 = 0xFFFFFFFF
@@ -58,6 +59,9 @@ class SamplingBatch:
     # The step index of each row's draw; defaults to len(output_token_ids[i]). Speculative
     # decoding can set it when it samples several positions of one request in one call.
     steps: list[int] | None = field(default=None)
+    # Structured output: [B, ceil(V/32)] int32 on device, bit t of row i = token t allowed
+    # (worker/structured.py); None when no row is constrained.
+    bitmask: torch.Tensor | None = field(default=None)
 
 
 @dataclass
@@ -120,10 +124,7 @@ class Sampler:
             raise ValueError(f"logits must be [{len(params)}, V], got {list(logits.shape)}")
         # Columns past the vocabulary are padding of the embedding, never real tokens.
         raw = logits[:, : self.vocab_size]
-        x = raw.to(torch.float32, copy=True)  # [B, V], ours to modify in place
-
-        self._apply_min_tokens(x, batch)
-        _apply_penalties(x, batch)
+        x = self._processed_logits(raw, batch)  # [B, V] float32, ours to modify in place
 
         greedy = [p.temperature < GREEDY_EPS for p in params]
         if all(greedy):
@@ -138,6 +139,15 @@ class Sampler:
         num_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         logprobs = None if num_top is None else compute_logprobs(raw, token_ids, num_top)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    def _processed_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """A float32 copy of logits [B, >= V] after the grammar mask, min_tokens, penalties."""
+        x = logits[:, : self.vocab_size].to(torch.float32, copy=True)
+        if batch.bitmask is not None:
+            apply_bitmask(x, batch.bitmask)
+        self._apply_min_tokens(x, batch)
+        _apply_penalties(x, batch)
+        return x
 
     def _apply_min_tokens(self, x: torch.Tensor, batch: SamplingBatch) -> None:
         """Forbid EOS and stop ids in rows that have not yet produced min_tokens tokens."""
@@ -183,10 +193,7 @@ class Sampler:
 
     def greedy_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """[B] the token a greedy row picks: the argmax after min_tokens and penalties."""
-        x = logits[:, : self.vocab_size].to(torch.float32, copy=True)
-        self._apply_min_tokens(x, batch)
-        _apply_penalties(x, batch)
-        return x.argmax(dim=-1)
+        return self._processed_logits(logits, batch).argmax(dim=-1)
 
     def processed_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The distribution each row draws from after all processing: [B, V] float32.
@@ -194,9 +201,7 @@ class Sampler:
         What speculative decoding verifies against. Greedy rows are one-hot at the argmax
         the plain path would pick, so rejection sampling reduces to "proposal == argmax".
         """
-        x = logits[:, : self.vocab_size].to(torch.float32, copy=True)
-        self._apply_min_tokens(x, batch)
-        _apply_penalties(x, batch)
+        x = self._processed_logits(logits, batch)
         greedy = [p.temperature < GREEDY_EPS for p in batch.params]
         if all(greedy):
             return torch.zeros_like(x).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)

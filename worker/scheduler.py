@@ -10,6 +10,7 @@ its blocks are freed and it goes back to the front of the queue to be recomputed
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -158,6 +159,7 @@ class Scheduler:
             self.waiting.popleft()
             if req.status == RequestStatus.WAITING:  # first admission: record prefix hits
                 req.num_cached_tokens = num_hit_tokens
+                req.first_scheduled_at = time.monotonic()
             req.num_computed_tokens += num_hit_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -11,7 +11,9 @@ a socket:
 
     gateway --ROUTER--> zmq-io --inbox--> engine --outbox--> zmq-out --inproc--> zmq-io --> gateway
 
-The main thread only waits for SIGTERM/SIGINT. Gateways send Hello when they connect and
+The main thread only waits for SIGTERM/SIGINT; the first one drains (new requests get a
+503, those in flight finish for up to `--shutdown-timeout` seconds), a second one stops at
+once. `worker/admission.py` refuses requests past the queue limits. Gateways send Hello when they connect and
 every second after (keepalive); a gateway silent for `gateway_timeout` is presumed dead and
 its requests are aborted so their KV blocks return to the pool.
 """
@@ -44,7 +46,8 @@ from ipc.messages import (
     WorkerStats,
 )
 from ipc.wire import WorkerCodec, bind_router, default_worker_id
-from worker.health_http import serve_health
+from worker.admission import Admission, AdmissionLimits
+from worker.health_http import serve_health, worker_health
 
 logger = logging.getLogger("headrace.worker")
 
@@ -83,9 +86,14 @@ class WorkerServer:
         gateway_timeout: float = 10.0,
         tokenizer: str | None = None,
         max_logprobs: int | None = None,
+        admission: AdmissionLimits | None = None,
+        shutdown_timeout: float = 30.0,
         health: tuple[str, int] | None = None,
     ) -> None:
         self.engine_factory = engine_factory
+        self.admission = Admission(admission or AdmissionLimits())
+        self.shutdown_timeout = shutdown_timeout
+        self.num_owned = 0  # requests in flight, for the drain (written by the engine thread)
         self.health = health  # (host, port) of the HTTP /health endpoint, if any
         self.address = address
         self.worker_id = worker_id or default_worker_id()
@@ -120,7 +128,7 @@ class WorkerServer:
     def start(self) -> None:
         """Build the engine (in its own thread), then bind and start the socket threads."""
         if self.health is not None:  # first: a probe sees "loading" while the model loads
-            self._health_server = serve_health(*self.health, self._health_status)
+            self._health_server = serve_health(*self.health, lambda: worker_health(self))
         engine_thread = threading.Thread(target=self._engine_main, name="engine", daemon=True)
         engine_thread.start()
         self._threads.append(engine_thread)
@@ -138,6 +146,9 @@ class WorkerServer:
         t.start()
         self._threads.append(t)
         logger.info("worker %s serving %s at %s", self.worker_id, self._model_name(), self.address)
+        from worker import progress
+
+        progress.note(f"serving {self._model_name()} at {self.address}")
 
     def stop(self) -> None:
         if self._health_server is not None:
@@ -151,9 +162,16 @@ class WorkerServer:
     def serve_forever(self, parent_pid: int | None = None) -> None:
         """start(), then block until SIGTERM or SIGINT (or, given `parent_pid`, until that
         process is gone: a worker of `headrace serve` must not outlive it)."""
+        signals = 0
         done = threading.Event()
+
+        def on_signal(*_: object) -> None:
+            nonlocal signals
+            signals += 1
+            done.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
+            signal.signal(sig, on_signal)
         self.start()
         while not done.wait(0.5):
             if self._failure is not None:
@@ -161,38 +179,47 @@ class WorkerServer:
             if parent_pid is not None and os.getppid() != parent_pid:
                 logger.warning("parent process %d is gone: stopping", parent_pid)
                 break
+        if signals:
+            self._drain(lambda: signals > 1)
         self.stop()
         if self._failure is not None:
             raise RuntimeError("engine loop failed") from self._failure
 
+    def _drain(self, cut_short: Callable[[], bool]) -> None:
+        """Refuse new requests; wait for those in flight (or the timeout, or a 2nd signal)."""
+        self.admission.draining = True
+        logger.warning(
+            "draining: %d requests in flight, up to %.0f s (--shutdown-timeout)",
+            self.num_owned,
+            self.shutdown_timeout,
+        )
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.num_owned and time.monotonic() < deadline and not cut_short():
+            if self._failure is not None:
+                return
+            time.sleep(0.05)
+        if self.num_owned:
+            logger.warning("shutdown: cutting %d requests short", self.num_owned)
+        time.sleep(2 * self.heartbeat_interval)  # the last outputs leave through zmq-out
+
     def _model_name(self) -> str:
         return self.model_info.model_name if self.model_info else "?"
-
-    def _health_status(self) -> tuple[int, dict[str, object]]:
-        if self._failure is not None:
-            return 503, {"status": "failed", "error": repr(self._failure)}
-        if not self._ready.is_set() or self.model_info is None:
-            return 503, {"status": "loading", "worker_id": self.worker_id}
-        stats = self._published[0]
-        return 200, {
-            "status": "ok",
-            "worker_id": self.worker_id,
-            "model": self.model_info.model_name,
-            "num_running": stats.num_running,
-            "num_waiting": stats.num_waiting,
-            "kv_cache_usage": round(stats.kv_cache_usage, 4),
-            "gateways": len(self._gateways),
-        }
 
     # ---------------------------------------------------------------- engine thread
 
     def _engine_main(self) -> None:
         try:
             engine = self.engine_factory()
-            self.model_info = _with_identity(
+            info = _with_identity(
                 engine.model_info, self.worker_id, self.tokenizer, self.max_logprobs
             )
-            self.stats = engine.stats()
+            limits = self.admission.limits
+            self.model_info = msgspec.structs.replace(
+                info,
+                max_num_queued_reqs=limits.max_num_queued_reqs,
+                max_num_queued_tokens=limits.max_num_queued_tokens,
+            )
+            self.stats = self._stats(engine)
         except BaseException as e:
             self._failure = e
             self._ready.set()
@@ -220,13 +247,29 @@ class WorkerServer:
                     outputs = ready + engine.step()
                 except Exception:
                     outputs = ready + self._fail_all(engine, owners, traceback.format_exc())
-                self.stats = engine.stats()
+                self.admission.started(outputs)
+                late = self.admission.expired()
+                if late:
+                    engine.abort_requests([o.request_id for o in late])
+                    outputs += late
+                self.stats = self._stats(engine)
             elif ready or busy:
-                self.stats = engine.stats()
+                self.stats = self._stats(engine)
             if inbox or busy:
                 self._published = (self.stats, taken)
             if outputs:
                 self._outbox.put(self._group_by_gateway(outputs, owners))
+            self.num_owned = len(owners)
+
+    def _stats(self, engine: Engine) -> WorkerStats:
+        a = self.admission
+        return msgspec.structs.replace(
+            engine.stats(),
+            num_queued=len(a.queued),
+            num_queued_tokens=a.queued_tokens,
+            num_refused=a.num_refused,
+            draining=a.draining,
+        )
 
     def _drain_inbox(
         self, block: bool
@@ -253,21 +296,28 @@ class WorkerServer:
             if rid in owners:
                 return [_error_output(rid, f"request id {rid!r} is already running")]
             owners[rid] = ident
+            refused = self.admission.refuse(msg)
+            if refused is not None:
+                return [refused]
             try:
                 rejected = engine.add_request(msg)
             except Exception as e:  # a bad request must not take the worker down
                 rejected = _error_output(rid, f"{type(e).__name__}: {e}")
+            if rejected is not None:
+                self.admission.forget(rid)
             return [rejected] if rejected is not None else []
         if isinstance(msg, AbortRequests):
             ids = [rid for rid in msg.request_ids if owners.get(rid) == ident]
             for rid in ids:
                 del owners[rid]
+                self.admission.forget(rid)
             if ids:
                 engine.abort_requests(ids)
             return []
         gone = [rid for rid, owner in owners.items() if owner == ident]
         for rid in gone:
             del owners[rid]
+            self.admission.forget(rid)
         if gone:
             logger.warning("gateway %r went silent: aborting %d requests", ident, len(gone))
             engine.abort_requests(gone)
@@ -373,16 +423,18 @@ class WorkerServer:
             push.close(linger=0)
 
     def _load_report(self, idents: list[bytes]) -> tuple[WorkerStats, list[int]]:
-        """The published stats plus the requests still queued in the inbox (arrived at
+        """The published stats plus the requests still in the inbox (arrived at
         the socket, not yet taken by the engine loop), and per gateway how many of its
         requests have arrived. Every request a gateway sent is then counted once: on the
-        wire (by that gateway alone), queued, or in the engine's running + waiting."""
+        wire (by that gateway alone), in the inbox, or in the engine's running + waiting."""
         stats, taken = self._published
         with self._gateways_lock:
-            queued = self._arrived_total - taken
+            inbox = self._arrived_total - taken
             arrived = [self._arrived.get(ident, 0) for ident in idents]
-        if queued > 0:
-            stats = msgspec.structs.replace(stats, num_queued=queued)
+        if inbox > 0:
+            stats = msgspec.structs.replace(stats, num_inbox=inbox)
+        if self.admission.draining and not stats.draining:  # SIGTERM while idle
+            stats = msgspec.structs.replace(stats, draining=True)
         return stats, arrived
 
     def _send_heartbeats(self, codec: WorkerCodec, push: zmq.Socket) -> None:
@@ -426,6 +478,7 @@ def _with_identity(
         tokenizer=tokenizer or info.tokenizer,
         max_logprobs=info.max_logprobs if max_logprobs is None else max_logprobs,
         block_size=info.block_size,
+        sampling_defaults=info.sampling_defaults,
     )
 
 

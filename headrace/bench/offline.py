@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from headrace.engine_args import add_engine_args, engine_config_from_args
-from ipc.messages import EngineRequest, SamplingParams
+from ipc.messages import EngineRequest, GuidedDecoding, SamplingParams
 
 
 @dataclass
@@ -74,8 +74,11 @@ def _token_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(10, min(vocab, 128000)) for _ in range(n)]
 
 
-def run_engine(engine: Any, w: Workload, seed: int, progress: bool) -> dict[str, Any]:
-    """Submit all requests at once, step to completion; per-request token timestamps."""
+def run_engine(
+    engine: Any, w: Workload, seed: int, progress: bool, guided: GuidedDecoding | None = None
+) -> dict[str, Any]:
+    """Submit all requests at once, step to completion; per-request token timestamps.
+    With `guided`, every request follows that grammar (bench structured)."""
     from tqdm import tqdm
 
     rng = random.Random(seed + 1)
@@ -87,7 +90,7 @@ def run_engine(engine: Any, w: Workload, seed: int, progress: bool) -> dict[str,
     counts: dict[str, int] = {}
     t0 = time.perf_counter()
     for i, (prompt, out_len) in enumerate(zip(prompts, w.output_lens, strict=True)):
-        params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True, guided=guided)
         engine.add_request(EngineRequest(f"b{i}", prompt, params, arrival_time=t0))
     bar = tqdm(total=len(prompts), desc=w.name, unit="req", disable=not progress)
     steps = 0
@@ -143,19 +146,28 @@ def measure_copy_bandwidth() -> float:
     return 2 * n * 2 / secs
 
 
-def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dict[str, float]:
-    """Decode floor: weights plus the KV read per step, at the measured bandwidth."""
+def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dict[str, Any]:
+    """Decode floor: weights plus the KV read per step, at the measured bandwidth.
+
+    Bytes as stored: with --quantization fp8 the FP8 layers count 1 byte per weight (plus
+    their scales; the lm_head and embeddings stay 16-bit), so this is the FP8 floor; with
+    --kv-cache-dtype fp8 the KV counts 1 byte per element.
+    """
     import torch
 
     model = engine.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    fp8_bytes = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
     mc = engine.model_config
-    elem = torch.tensor([], dtype=engine.dtype).element_size()
+    elem = torch.tensor([], dtype=engine.kv_dtype).element_size()
     kv_bytes = batch * context * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
     floor_s = (weight_bytes + kv_bytes) / bandwidth
     return {
         "bandwidth_TBps": bandwidth / 1e12,
         "weight_GB": weight_bytes / 1e9,
+        "fp8_weight_GB": fp8_bytes / 1e9,
+        "weights": "fp8" if fp8_bytes else str(engine.dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),
         "floor_ms_per_step": floor_s * 1000,
         "floor_tok_s": batch / floor_s,
     }
@@ -290,7 +302,14 @@ def _main(args: argparse.Namespace, default_workload: str) -> int:
     if r["tpot_mean_ms"]:
         summary += f", TPOT {r['tpot_mean_ms']:.2f} ms"
     if "roofline" in result:
-        summary += f" (floor {result['roofline']['floor_ms_per_step']:.2f} ms/step)"
+        rl = result["roofline"]
+        summary += (
+            f" ({rl['weights']} weights, {rl['kv_cache_dtype']} KV, {result['num_kv_blocks']}"
+        )
+        summary += f" KV blocks; floor {rl['floor_ms_per_step']:.2f} ms/step"
+        if result.get("fraction_of_floor"):
+            summary += f", {100 * result['fraction_of_floor']:.1f}% of floor"
+        summary += ")"
     if "hf_generate" in result:
         summary += f"; HF generate {result['hf_generate']['useful_output_tok_s']:.1f} tok/s, {result['speedup_vs_hf']:.1f}x"
     print(summary)

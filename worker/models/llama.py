@@ -21,6 +21,29 @@ from torch import nn
 from cuda.fused_ops import add_rms_norm, rotary, silu_and_mul
 from worker.attention import AttentionBackend, AttentionMetadata
 from worker.model_config import ModelConfig, UnsupportedModelError
+from worker.quant.config import Fp8Scheme
+from worker.quant.fp8 import Fp8Linear
+
+
+def make_linear(
+    in_features: int, out_features: int, bias: bool, hf_names: list[str], quant: Fp8Scheme | None
+) -> nn.Module:
+    """nn.Linear, or Fp8Linear when the model runs FP8 and the module is not ignored.
+
+    hf_names: the checkpoint modules this (possibly fused) layer holds; all or none of them
+    may be ignored, since one layer has one weight dtype.
+    """
+    if quant is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    ignored = [quant.is_ignored(n) for n in hf_names]
+    if any(ignored) and not all(ignored):
+        raise UnsupportedModelError(
+            f"quantization_config ignore list: {', '.join(hf_names)} are fused into one layer "
+            "and must be ignored together or not at all"
+        )
+    if all(ignored):
+        return nn.Linear(in_features, out_features, bias=bias)
+    return Fp8Linear(in_features, out_features, bias, static_input=quant.activation == "static")
 
 
 class RMSNorm(nn.Module):
@@ -87,7 +110,12 @@ class RotaryEmbedding(nn.Module):
 
 class Attention(nn.Module):
     def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        prefix: str = "model.layers.0",
+        quant: Fp8Scheme | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -97,12 +125,20 @@ class Attention(nn.Module):
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
         self.sliding_window = config.sliding_window
-        self.qkv_proj = nn.Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        p = f"{prefix}.self_attn"
+        self.qkv_proj = make_linear(
+            config.hidden_size,
+            self.q_size + 2 * self.kv_size,
+            config.attention_bias,
+            [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"],
+            quant,
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = make_linear(self.q_size, config.hidden_size, False, [f"{p}.o_proj"], quant)
         self.rotary = rotary
         self.backend = backend
+        # FP8 KV cache: cache = K / k_scale (the checkpoint's k_scale / v_scale, else 1.0).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -117,19 +153,28 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         self.rotary(positions, q, k)
-        o = self.backend(q, k, v, kv_cache, md, self.scale, self.sliding_window)  # [T, Hq, D]
+        o = self.backend(
+            q, k, v, kv_cache, md, self.scale, self.sliding_window, self.k_scale, self.v_scale
+        )  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, prefix: str = "model.layers.0", quant: Fp8Scheme | None = None
+    ) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(
-            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
+        p = f"{prefix}.mlp"
+        self.gate_up_proj = make_linear(
+            config.hidden_size,
+            2 * config.intermediate_size,
+            config.mlp_bias,
+            [f"{p}.gate_proj", f"{p}.up_proj"],
+            quant,
         )
-        self.down_proj = nn.Linear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias
+        self.down_proj = make_linear(
+            config.intermediate_size, config.hidden_size, config.mlp_bias, [f"{p}.down_proj"], quant
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,13 +184,18 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        prefix: str = "model.layers.0",
+        quant: Fp8Scheme | None = None,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, rotary, backend)
+        self.self_attn = Attention(config, rotary, backend, prefix, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, prefix, quant)
 
     def forward(
         self,
@@ -165,13 +215,23 @@ class LlamaForCausalLM(nn.Module):
     """Also Mistral and Qwen2. forward() returns final hidden states [T, H]; compute_logits()
     projects the rows that need them."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        max_positions: int,
+        quant: Fp8Scheme | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
+        self.quant = quant
         self.rotary = RotaryEmbedding(config, max_positions)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, self.rotary, backend) for _ in range(config.num_layers)]
+            [
+                DecoderLayer(config, self.rotary, backend, f"model.layers.{i}", quant)
+                for i in range(config.num_layers)
+            ]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -209,48 +269,8 @@ class LlamaForCausalLM(nn.Module):
         }
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into place, one at a time."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        slices = self.param_slices()
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            target, rows = _map_name(name, slices)
-            param = params.get(target)
-            if param is None:
-                raise ValueError(f"{source}: unexpected tensor {name!r} in checkpoint")
-            dst = param.data if rows is None else param.data[rows[0] : rows[1]]
-            if tuple(dst.shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(dst.shape)}"
-                )
-            dst.copy_(tensor)
-            loaded.add(target if rows is None else f"{target}[{rows[0]}:{rows[1]}]")
-        expected: dict[str, str] = {}  # our key -> checkpoint name, for the message
-        for pname, _ in self.named_parameters():  # a tied lm_head appears once, as embed
-            fused = [(src, d, a, b) for src, (d, a, b) in slices.items() if f".{d}." in pname]
-            for src, fused_name, a, b in fused:
-                expected[f"{pname}[{a}:{b}]"] = "model." + pname.replace(fused_name, src)
-            if not fused:
-                expected[pname] = pname if pname.startswith("lm_head") else "model." + pname
-        missing = [hf for key, hf in expected.items() if key not in loaded]
-        if missing:
-            shown = ", ".join(missing[:5])
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise ValueError(f"{source}: checkpoint is missing tensors: {shown}{more}")
+        """Copy checkpoint tensors (Hugging Face names) into place, one at a time; FP8
+        layers take float8 weights and scales, or quantize 16/32-bit weights on the way."""
+        from worker.models.weight_loading import load_weights
 
-
-def _map_name(
-    name: str, slices: dict[str, tuple[str, int, int]]
-) -> tuple[str, tuple[int, int] | None]:
-    # HF: model.layers.N.self_attn.q_proj.weight -> layers.N.self_attn.qkv_proj.weight rows[a:b]
-    if name.startswith("model."):
-        name = name[len("model.") :]
-    for src, (dst, a, b) in slices.items():
-        if f".{src}." in name:
-            return name.replace(f".{src}.", f".{dst}."), (a, b)
-    return name, None
+        load_weights(self, weights, source)

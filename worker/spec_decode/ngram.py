@@ -80,6 +80,9 @@ class NgramProposer:
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n = min_n
         self.max_n = max_n
+        # Compile (or load from numba's cache) now, at start-up: a first call in the engine
+        # loop would stall it for seconds, long enough for gateways to miss heartbeats.
+        ngram_lookup([0, 0], 1, 1, 1)
         self.draft_probs: dict[str, torch.Tensor] = {}  # stays empty: q is a point mass
 
     def propose(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:

@@ -7,7 +7,7 @@
       row 3 logits -> p3 = p(. | o x1 x2 x3)   the bonus token if all are accepted
 
 Row j is processed as the plain sampler would process a request whose output is o plus
-the first j proposals (penalties, min_tokens), and its randomness is keyed by output
+the first j proposals (grammar mask, penalties, min_tokens), and its randomness is keyed by output
 position len(o) + j, so seeded requests stay reproducible.
 """
 
@@ -35,12 +35,15 @@ def verify(
     rows: list[list[int]],  # per request, its 1 + k rows of hidden
     hidden: torch.Tensor,  # [T, H]
     draft_probs: Mapping[str, torch.Tensor],  # request id -> [>= k, V]; empty for n-gram
+    bitmask: torch.Tensor | None = None,  # structured output: one mask per row (R rows)
 ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
     """Emitted tokens (accepted proposals + one) and, where asked, their logprobs."""
     ks = [len(r) - 1 for r in rows]
     K = max(ks)
     logits = model.compute_logits(take_rows(hidden, [i for r in rows for i in r]))  # [R, V]
-    batch = SamplingBatch(params=[], prompt_token_ids=[], output_token_ids=[], steps=[])
+    batch = SamplingBatch(
+        params=[], prompt_token_ids=[], output_token_ids=[], steps=[], bitmask=bitmask
+    )
     index: list[list[int]] = []  # [B, K+1] flat row of (request, position); padding repeats
     for req, k in zip(requests, ks, strict=True):
         spec = req.spec_token_ids[:k]

@@ -1,0 +1,1 @@
+"""Reliability runs against a real gateway and workers (see README, "Reliability")."""
