@@ -11,14 +11,20 @@ the difference:
     delta = decode(ids[prefix:]) - decode(ids[prefix:read])
 
 The window starts inside the prompt, so a leading space of the first output token
-survives. A delta that ends in U+FFFD (an incomplete UTF-8 character) is held back until
+survives. It starts on a character: the prompt suffix is the shortest of at least 5 tokens
+whose own decode is clean (no U+FFFD, as vLLM picks it), since a suffix starting inside a
+byte-fallback run would make the decoder turn the whole run, output bytes too, into U+FFFD. A delta that ends in U+FFFD (an incomplete UTF-8 character) is held back until
 the character's last byte arrives. With SentencePiece byte fallback, text ending in a
 `<0xNN>` token waits for the run of byte tokens to end: a later invalid byte turns the
 whole run into U+FFFD in `decode`. When special tokens are skipped they are dropped
 before decoding, so they never begin a window (where a decoder would strip a space).
 
 Stop strings are matched on the decoded text, across token boundaries; a tail that could
-be the start of a stop string is held back until it can't.
+be the start of a stop string is held back until it can't. The rules are vLLM's: of
+several stop strings in new text, the one that completes first wins (ties: list order); a
+match must end after the text of the first `min_tokens` tokens; and the token that stopped
+the request in the worker (EOS, a stop token id) adds no text unless
+`include_stop_str_in_output`.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-# Prompt tokens decoded as context before the first output token (vLLM uses 5 too).
+# Prompt tokens decoded as context before the first output token (vLLM uses 5 too), and
+# how far the context may grow to start on a character.
 PROMPT_CONTEXT_TOKENS = 5
+MAX_PROMPT_CONTEXT_TOKENS = 24
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -51,6 +59,7 @@ class IncrementalDetokenizer:
         spaces_between_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         # spaces_between_special_tokens only affects transformers' slow tokenizers; fast
         # tokenizers (ours) join special tokens without spaces either way.
@@ -60,8 +69,11 @@ class IncrementalDetokenizer:
         self.stop = [s for s in stop if s]
         self.include_stop_str_in_output = include_stop_str_in_output
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
+        self.min_tokens = min_tokens
+        self.num_tokens = 0  # output tokens fed so far, special or not
+        self._stop_floor = 0  # a stop match must end past this much text (min_tokens)
 
-        context = [t for t in prompt_token_ids if self._keep(t)][-PROMPT_CONTEXT_TOKENS:]
+        context = self._prompt_context([t for t in prompt_token_ids if self._keep(t)])
         self._ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
@@ -69,14 +81,44 @@ class IncrementalDetokenizer:
         self.output_text = ""  # all text emitted so far
         self.stopped: str | None = None
 
+    def _prompt_context(self, prompt: list[int]) -> list[int]:
+        """The prompt suffix the window starts with: the shortest (of at least 5 tokens)
+        whose decode has no U+FFFD; else one that at least does not start with one."""
+        if len(prompt) <= PROMPT_CONTEXT_TOKENS:
+            return prompt
+        fallback = prompt[-PROMPT_CONTEXT_TOKENS:]
+        found_fallback = False
+        for n in range(PROMPT_CONTEXT_TOKENS, min(len(prompt), MAX_PROMPT_CONTEXT_TOKENS) + 1):
+            suffix = prompt[-n:]
+            text = self.tokenizer.decode(suffix, self.skip_special_tokens)
+            if REPLACEMENT_CHAR not in text:
+                return suffix
+            if not found_fallback and not text.startswith(REPLACEMENT_CHAR):
+                fallback, found_fallback = suffix, True
+        return fallback
+
     def _keep(self, token_id: int) -> bool:
         return not (self.skip_special_tokens and self.tokenizer.is_special(token_id))
 
-    def add(self, new_token_ids: Sequence[int]) -> str:
-        """Feed new output tokens; returns the text that is now safe to emit (may be "")."""
+    def add(self, new_token_ids: Sequence[int], stop_terminated: bool = False) -> str:
+        """Feed new output tokens; returns the text that is now safe to emit (may be "").
+
+        `stop_terminated`: the last token ended the request in the worker (EOS or a stop
+        token id); its text is dropped unless include_stop_str_in_output.
+        """
         if self.stopped is not None:
             return ""
-        self._ids.extend(t for t in new_token_ids if self._keep(t))
+        ids = list(new_token_ids)
+        self.num_tokens += len(ids)
+        if stop_terminated and ids and not self.include_stop_str_in_output:
+            ids.pop()
+        inside = len(ids) - max(0, self.num_tokens - self.min_tokens)
+        if inside > 0:  # tokens among the first min_tokens: their text cannot end a stop
+            self._ids.extend(t for t in ids[:inside] if self._keep(t))
+            self._text += self._decode_new(final=False)
+            self._stop_floor = len(self._text)
+            ids = ids[inside:]
+        self._ids.extend(t for t in ids if self._keep(t))
         self._text += self._decode_new(final=False)
         return self._emit(final=False)
 
@@ -109,14 +151,7 @@ class IncrementalDetokenizer:
         """Emit text up to a stop string, holding back a tail that may begin one."""
         end = len(self._text)
         if self.stop:
-            # A match must end in text not yet emitted, so it starts at most max_len - 1
-            # characters before it.
-            search_from = max(0, len(self.output_text) - self._max_stop_len + 1)
-            first: tuple[int, str] | None = None
-            for s in self.stop:
-                i = self._text.find(s, search_from)
-                if i >= 0 and (first is None or i < first[0]):
-                    first = (i, s)
+            first = self._first_stop()
             if first is not None:
                 i, s = first
                 self.stopped = s
@@ -126,6 +161,18 @@ class IncrementalDetokenizer:
         delta = self._text[len(self.output_text) : end] if end > len(self.output_text) else ""
         self.output_text += delta
         return delta
+
+    def _first_stop(self) -> tuple[int, str] | None:
+        """(start, stop string) of the match that completes first; ties go by list order."""
+        first: tuple[int, str] | None = None
+        # A match must end in text not yet emitted (earlier text was searched already)
+        # and past the min_tokens text.
+        floor = max(len(self.output_text), self._stop_floor)
+        for s in self.stop:
+            i = self._text.find(s, max(0, floor - len(s) + 1))
+            if i >= 0 and (first is None or i + len(s) < first[0] + len(first[1])):
+                first = (i, s)
+        return first
 
     def _partial_stop_len(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""

@@ -53,6 +53,11 @@ class Delta:
     offsets: list[int] = field(default_factory=list)  # text offset of each token's text
     finished: bool = False
 
+    def worth_sending(self, with_logprobs: bool) -> bool:
+        """Does a streamed chunk need to carry this delta? With logprobs, every token's
+        entry is sent when it arrives, also while its text is held back ("" for now)."""
+        return bool(self.text or self.finished or (with_logprobs and self.logprobs))
+
 
 class SequenceState:
     def __init__(
@@ -67,6 +72,7 @@ class SequenceState:
             spaces_between_special_tokens=params.spaces_between_special_tokens,
             stop=list(params.stop),
             include_stop_str_in_output=params.include_stop_str_in_output,
+            min_tokens=params.min_tokens,
         )
         self._per_token = bool(params.stop) or params.logprobs is not None
         self.text = ""
@@ -113,10 +119,12 @@ class SequenceState:
             else:
                 self.itl.append(now - self.last_token_at)
             self.last_token_at = now
+        # EOS or a stop token id ended it in the worker: that token's text is dropped.
+        stop_token = out.finish_reason is FinishReason.STOP
         if self._per_token:
-            self._add_one_by_one(out, delta)
+            self._add_one_by_one(out, delta, stop_token)
         elif ids:
-            delta.text = self.detok.add(ids)
+            delta.text = self.detok.add(ids, stop_token)
             delta.token_ids = list(ids)
             self.num_tokens += len(ids)
         if self.detok.stopped is not None:
@@ -131,11 +139,12 @@ class SequenceState:
         delta.finished = self.finished
         return delta
 
-    def _add_one_by_one(self, out: RequestOutput, delta: Delta) -> None:
+    def _add_one_by_one(self, out: RequestOutput, delta: Delta, stop_token: bool) -> None:
         lps = out.new_logprobs
         offset = len(self.text)
+        last = len(out.new_token_ids) - 1
         for i, token_id in enumerate(out.new_token_ids):
-            piece = self.detok.add([token_id])
+            piece = self.detok.add([token_id], stop_token and i == last)
             delta.token_ids.append(token_id)
             delta.offsets.append(offset + len(delta.text))
             delta.text += piece

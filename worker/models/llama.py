@@ -4,7 +4,8 @@ Reads top to bottom: norm, rotary embedding, attention, MLP, decoder layer, mode
 T is the number of tokens in the step's flat batch (all requests back to back, no padding),
 H the hidden size, Hq / Hkv the query / key-value heads, D the head dim.
 
-Differences handled here: Qwen2 has biases on q/k/v; Mistral may use a sliding window;
+Differences handled here: Qwen2 has biases on q/k/v; Mistral may use a sliding window
+(Qwen2 too, on the layers its config's `layer_types` name);
 Llama 3.1 scales rotary frequencies ("llama3" rope scaling); small models tie the LM head
 to the embedding. q/k/v and gate/up projections are fused into one matmul each; the
 checkpoint's separate tensors are copied into slices of them at load time.
@@ -114,6 +115,7 @@ class Attention(nn.Module):
         config: ModelConfig,
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
+        sliding_window: int | None,
         prefix: str = "model.layers.0",
         quant: Fp8Scheme | None = None,
     ) -> None:
@@ -124,7 +126,7 @@ class Attention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
-        self.sliding_window = config.sliding_window
+        self.sliding_window = sliding_window
         p = f"{prefix}.self_attn"
         self.qkv_proj = make_linear(
             config.hidden_size,
@@ -188,12 +190,14 @@ class DecoderLayer(nn.Module):
         config: ModelConfig,
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
-        prefix: str = "model.layers.0",
+        index: int,
         quant: Fp8Scheme | None = None,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, rotary, backend, prefix, quant)
+        prefix = f"model.layers.{index}"
+        window = config.layer_sliding_window(index)
+        self.self_attn = Attention(config, rotary, backend, window, prefix, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, prefix, quant)
 
@@ -228,10 +232,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config, max_positions)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            [
-                DecoderLayer(config, self.rotary, backend, f"model.layers.{i}", quant)
-                for i in range(config.num_layers)
-            ]
+            [DecoderLayer(config, self.rotary, backend, i, quant) for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
