@@ -45,8 +45,8 @@ def test_chat_page_from_args() -> None:
 
     p = argparse.ArgumentParser()
     add_gateway_args(p)
-    assert gateway_config_from_args(p.parse_args(["--worker", "x"])).chat_page
-    args = p.parse_args(["--worker", "x", "--disable-chat-page"])
+    assert gateway_config_from_args(p.parse_args(["--worker", "tcp://127.0.0.1:5555"])).chat_page
+    args = p.parse_args(["--worker", "tcp://127.0.0.1:5555", "--disable-chat-page"])
     assert not gateway_config_from_args(args).chat_page
 
 
@@ -60,12 +60,12 @@ def test_page_never_parses_text_as_html_and_needs_no_network(name: str) -> None:
 
 def test_requests_before_ready_get_503_saying_so(tmp_path: Path) -> None:
     with TestClient(build_app(_config(tmp_path))) as client:  # lifespan: connects, waits
-        body = {"messages": [{"role": "user", "content": "hi"}]}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 503
         message = r.json()["error"]["message"]
         assert "starting" in message and "try again" in message, message
-        r = client.post("/v1/completions", json={"prompt": "hi"})
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
         assert r.status_code == 503 and "starting" in r.json()["error"]["message"]
         assert client.get("/health").status_code == 503
         models = client.get("/v1/models")
