@@ -11,7 +11,8 @@ Layouts::
 
     add_rms_norm   x, residual [T, H] (rows stride(1) == 1, any stride(0)), weight [H]
     rotary         q [T, Hq, D], k [T, Hkv, D]: views into a fused qkv row, stride(2) == 1
-                   cos_sin [max_pos, D] fp32 = [cos(pos * inv_freq) | sin(pos * inv_freq)]
+                   cos_sin [max_pos, R] fp32 = [cos(pos * inv_freq) | sin(pos * inv_freq)],
+                   R <= D: the first R dims of each head rotate (R < D: partial rotary)
     silu_and_mul   x [T, 2I] = [gate | up] -> [T, I]
 """
 
@@ -58,12 +59,14 @@ def add_rms_norm_ref(
 def rotary_ref(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
 ) -> None:
-    """Rotate-half rotary embedding of q and k, in place."""
-    cos, sin = cos_sin[positions].chunk(2, dim=-1)  # [T, D/2] each
+    """Rotate-half rotary embedding of the first R dims of q and k, in place (R = the
+    table's width; R < D is partial rotary, the other dims pass through)."""
+    rot = cos_sin.shape[1]
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)  # [T, R/2] each
     cos, sin = cos[:, None, :], sin[:, None, :]
     for x in (q, k):
-        x1, x2 = x.float().chunk(2, dim=-1)
-        x.copy_(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype))
+        x1, x2 = x[..., :rot].float().chunk(2, dim=-1)
+        x[..., :rot] = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,8 @@ def rotary_supported(
     return (
         cos_sin.dtype == torch.float32
         and cos_sin.dim() == 2
-        and cos_sin.shape[1] == d
+        and 0 < cos_sin.shape[1] <= d
+        and cos_sin.shape[1] % 2 == 0
         and cos_sin.stride(1) == 1
     )
 
@@ -205,8 +209,9 @@ def norm_launch(
 def rotary_launch(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
 ) -> Launch:
-    """rotary; positions int64 and contiguous."""
-    num_tokens, hq, d = q.shape
+    """rotary; positions int64 and contiguous. Rotates the first cos_sin.shape[1] dims."""
+    num_tokens, hq = q.shape[:2]
+    half = cos_sin.shape[1] // 2
     args = (
         positions.data_ptr(),
         q.data_ptr(),
@@ -219,9 +224,9 @@ def rotary_launch(
         cos_sin.data_ptr(),
         np.int64(cos_sin.stride(0)),
         np.int64(cos_sin.shape[0]),
-        np.int32(d // 2),
+        np.int32(half),
     )
-    return "rotary", (num_tokens, hq + k.shape[1]), _warp_round(d // 2), args
+    return "rotary", (num_tokens, hq + k.shape[1]), _warp_round(half), args
 
 
 def silu_launch(name: str, x: torch.Tensor, out: torch.Tensor) -> Launch:

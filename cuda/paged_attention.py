@@ -87,6 +87,7 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     workspace: torch.Tensor | None = None,
+    sliding_window: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
@@ -103,6 +104,7 @@ def paged_attention(
             seq_lens,
             block_tables,
             scale,
+            sliding_window,
             out=out,
             k_scale=k_scale,
             v_scale=v_scale,
@@ -120,6 +122,7 @@ def paged_attention(
         max_query_len=max_query_len,
         max_seq_len=max_seq_len,
         workspace=workspace,
+        sliding_window=sliding_window,
         k_scale=k_scale,
         v_scale=v_scale,
     )

@@ -16,6 +16,9 @@
 // prefill: FlashAttention-2 style, mma.sync m16n8k16 (fp32 accumulate). Grid
 //   (ceil(max_query_len * group / 64), num_kv_heads, batch), 128 threads (4 warps x 16 rows).
 //   Rows are (query token, query head of the group) pairs; causal mask is bottom-right.
+// window (every kernel's last argument): sliding-window attention, a query at position p
+//   sees keys in (p - window, p]; 0 = no window. Decode splits only the visible span;
+//   prefill starts at the first tile any of its rows can see.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -124,7 +127,8 @@ __device__ __forceinline__ void decode_impl(
     long long v_off, const int* __restrict__ query_start_loc, const int* __restrict__ seq_lens,
     const int* __restrict__ block_tables, int bt_stride, elem_t* __restrict__ out,
     long long out_stride, float* __restrict__ part_o, float* __restrict__ part_lse,
-    int num_kv_heads, int group, int block_shift, float scale_log2, float v_scale) {
+    int num_kv_heads, int group, int block_shift, float scale_log2, float v_scale,
+    int window) {
     __shared__ float sm_m[RPP][GQ];
     __shared__ float sm_l[RPP][GQ];
     __shared__ __align__(16) float sm_acc[RPP][GQ][D];
@@ -140,10 +144,11 @@ __device__ __forceinline__ void decode_impl(
     const int q_len = query_start_loc[r + 1] - qs;
     const int seq_len = seq_lens[r];
     if (q_len <= 0 || seq_len <= 0) return;
+    const int lo = window > 0 ? max(0, seq_len - window) : 0;  // first visible key
     int nsplit, chunk;
-    split_range(seq_len, max_splits, nsplit, chunk);
+    split_range(seq_len - lo, max_splits, nsplit, chunk);
     if (split >= nsplit) return;
-    const int t_begin = split * chunk;
+    const int t_begin = lo + split * chunk;
     const int t_end = min(seq_len, t_begin + chunk);
     const int qrow = qs + q_len - 1;
     const int num_q_heads = num_kv_heads * group;
@@ -321,10 +326,11 @@ __device__ __forceinline__ void decode_impl(
         const int *__restrict__ seq_lens, const int *__restrict__ block_tables, int bt_stride, \
         elem_t *__restrict__ out, long long out_stride, float *__restrict__ part_o,         \
         float *__restrict__ part_lse, int num_kv_heads, int group, int block_shift,         \
-        float scale_log2, float v_scale
+        float scale_log2, float v_scale, int window
 #define HR_DECODE_PASS                                                                   \
     q, q_stride, kc, v_off, query_start_loc, seq_lens, block_tables, bt_stride, out,     \
-        out_stride, part_o, part_lse, num_kv_heads, group, block_shift, scale_log2, v_scale
+        out_stride, part_o, part_lse, num_kv_heads, group, block_shift, scale_log2, v_scale, \
+        window
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) decode_g1(HR_DECODE_ARGS) {
     decode_impl<1, 4>(HR_DECODE_PASS);
@@ -344,15 +350,16 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) decode_g8(HR_DECODE_AR
 extern "C" __global__ void __launch_bounds__(D) merge_splits(
     const float* __restrict__ part_o, const float* __restrict__ part_lse,
     const int* __restrict__ query_start_loc, const int* __restrict__ seq_lens,
-    elem_t* __restrict__ out, long long out_stride, int max_splits) {
+    elem_t* __restrict__ out, long long out_stride, int max_splits, int window) {
     const int h = blockIdx.x;
     const int r = blockIdx.y;
     const int qs = query_start_loc[r];
     const int q_len = query_start_loc[r + 1] - qs;
     const int seq_len = seq_lens[r];
     if (q_len <= 0 || seq_len <= 0) return;
+    const int lo = window > 0 ? max(0, seq_len - window) : 0;
     int nsplit, chunk;
-    split_range(seq_len, max_splits, nsplit, chunk);
+    split_range(seq_len - lo, max_splits, nsplit, chunk);
     if (nsplit <= 1) return;
     const long long ph = ((long long)r * gridDim.x + h) * max_splits;
     float mx = neg_inf();
@@ -427,7 +434,7 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill(
     long long v_off, const int* __restrict__ query_start_loc, const int* __restrict__ seq_lens,
     const int* __restrict__ block_tables, int bt_stride, elem_t* __restrict__ out,
     long long out_stride, int num_kv_heads, int group, int block_shift, float scale_log2,
-    float v_scale) {
+    float v_scale, int window) {
     __shared__ __align__(128) elem_t sQ[BM * D];
     __shared__ __align__(128) elem_t sK[BN * D];
     __shared__ __align__(128) elem_t sV[BN * D];
@@ -446,6 +453,10 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill(
     const int kv_hi = min(seq_len, i_hi + ctx + 1);
     const int ntiles = (kv_hi + BN - 1) / BN;
     const int unmasked_below = min(seq_len, i_lo + ctx + 1);  // keys every row of tile sees
+    // Sliding window: keys below the first row's window are seen by no row of the tile;
+    // keys below the last row's window are hidden from some.
+    const int n_begin = window > 0 ? max(0, i_lo + ctx - window + 1) / BN : 0;
+    const int masked_below = window > 0 ? i_hi + ctx - window + 1 : 0;
 
     const int tid = threadIdx.x;
     const int warp = tid / 32;
@@ -495,8 +506,8 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill(
 #endif
         }
     };
-    load_kv(sK, 0, 0);
-    cp_async_commit();  // group: Q + K(0)
+    load_kv(sK, 0, n_begin * BN);
+    cp_async_commit();  // group: Q + K(n_begin)
 
     unsigned qf[D / 16][4];
     float o[D / 8][4];
@@ -508,19 +519,21 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill(
     // Rows this thread holds in the accumulators: r_lo and r_lo + 8 of the warp's 16.
     const int r_lo = m0 + warp * 16 + lane / 4;
     int limit[2];  // last visible key of each row (bottom-right causal)
+    int lower[2];  // keys <= lower are outside the row's sliding window
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int rr = r_lo + hh * 8;
         limit[hh] = rr < rows ? rr / group + ctx : -1;
+        lower[hh] = window > 0 ? limit[hh] - window : -1;
     }
 
-    for (int n = 0; n < ntiles; ++n) {
+    for (int n = n_begin; n < ntiles; ++n) {
         const int n0 = n * BN;
         load_kv(sV, v_off, n0);
         cp_async_commit();
         cp_async_wait<1>();  // Q and K(n) landed
         __syncthreads();
-        if (n == 0) {
+        if (n == n_begin) {
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
                 const int row = warp * 16 + (lane & 15);
@@ -545,7 +558,7 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill(
         if (n + 1 < ntiles) load_kv(sK, 0, n0 + BN);
         cp_async_commit();
 
-        const bool need_mask = n0 + BN > unmasked_below;
+        const bool need_mask = n0 + BN > unmasked_below || n0 < masked_below;
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             float mx = mrow[hh];
@@ -556,7 +569,7 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill(
                     float v = s[nt][hh * 2 + e] * scale_log2;
                     if (need_mask) {
                         const int j = n0 + nt * 8 + (lane & 3) * 2 + e;
-                        if (j > limit[hh]) v = neg_inf();
+                        if (j > limit[hh] || j <= lower[hh]) v = neg_inf();
                     }
                     s[nt][hh * 2 + e] = v;
                     mx = fmaxf(mx, v);

@@ -14,6 +14,8 @@ Decode (max_query_len == 1)::
 never from this step's lengths; each request's own split count is derived on the device
 from its seq_len, so a CUDA graph captured at short lengths stays right at long ones.
 
+Sliding-window attention (Mistral, Mixtral) runs in the same kernels (`sliding_window`).
+
 Unsupported shapes (head_dim not 64/128, other dtypes, block_size not a power of two) and
 CPU tensors fall back to the torch reference, which syncs the host and cannot be captured.
 """
@@ -200,6 +202,7 @@ def paged_attention_cuda(
     max_query_len: int,
     max_seq_len: int,
     workspace: torch.Tensor | None = None,
+    sliding_window: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
@@ -210,6 +213,7 @@ def paged_attention_cuda(
     max_seq_len: bound on every seq_len while the launch (or a graph of it) is used; it
     only sizes the decode split grid, so a larger bound costs nothing in correctness.
     workspace: fp32, at least `decode_workspace_numel(...)` elements (allocated if None).
+    sliding_window: a query at position p sees keys in (p - window, p]; None: all keys.
     """
     reason = unsupported_reason(q, kv_cache)
     if reason is not None:
@@ -223,6 +227,7 @@ def paged_attention_cuda(
             seq_lens,
             block_tables,
             scale,
+            sliding_window,
             out=out,
             k_scale=k_scale,
             v_scale=v_scale,
@@ -248,16 +253,9 @@ def paged_attention_cuda(
         np.int64(out.stride(0)),
     )
     group = q.shape[1] // num_kv_heads
-    fp8 = kv_cache.dtype == FP8
-    kv_dtype = kv_cache.dtype if fp8 else None
-    # Every kernel's trailing arguments: heads, group, log2(block_size), scale in log2 units
-    # (FP8: scores are (q . k_cache) * k_scale, so k_scale joins it), v_scale.
-    heads = (
-        np.int32(num_kv_heads),
-        np.int32(group),
-        np.int32(block_size.bit_length() - 1),
-        np.float32(scale * LOG2E * (k_scale if fp8 else 1.0)),
-        np.float32(v_scale if fp8 else 1.0),
+    kv_dtype = kv_cache.dtype if kv_cache.dtype == FP8 else None
+    heads = _trailing_args(
+        num_kv_heads, group, block_size, scale, kv_dtype, k_scale, v_scale, sliding_window
     )
     if max_query_len == 1:
         _launch_decode(
@@ -268,6 +266,32 @@ def paged_attention_cuda(
         kernel = _kernel(q.dtype, q.shape[2], "prefill", kv_dtype)
         compiler.launch(kernel, grid, 128, *common, *heads)
     return out
+
+
+def _trailing_args(
+    num_kv_heads: int,
+    group: int,
+    block_size: int,
+    scale: float,
+    kv_dtype: torch.dtype | None,
+    k_scale: float,
+    v_scale: float,
+    sliding_window: int | None,
+) -> tuple[Any, ...]:
+    """Every kernel's trailing arguments: heads, group, log2(block_size), scale in log2
+    units (FP8: scores are (q . k_cache) * k_scale, so k_scale joins it), v_scale, the
+    sliding window (0: none)."""
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    fp8 = kv_dtype is not None
+    return (
+        np.int32(num_kv_heads),
+        np.int32(group),
+        np.int32(block_size.bit_length() - 1),
+        np.float32(scale * LOG2E * (k_scale if fp8 else 1.0)),
+        np.float32(v_scale if fp8 else 1.0),
+        np.int32(sliding_window or 0),
+    )
 
 
 def _check_metadata(
@@ -320,4 +344,5 @@ def _launch_decode(
             out.data_ptr(),
             np.int64(out.stride(0)),
             np.int32(splits),
+            heads[5],  # the sliding window
         )

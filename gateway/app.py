@@ -1,13 +1,16 @@
 """The gateway's HTTP app (starlette); `headrace gateway` (headrace/gateway_cmd.py) serves it.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{model}],
-GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET /openapi.json, and the
-chat page at GET /. With `--api-key`, /v1/* needs `Authorization: Bearer KEY`. Every user
-error is an OpenAI error object.
+GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET /openapi.json,
+/admin/workers (gateway/admin.py), and the chat page at GET /. With `--api-key`, /v1/* and
+/admin/* need `Authorization: Bearer KEY`. Every user error is an OpenAI error object.
+Completions name the worker(s) that served them in an `X-Headrace-Worker` header (worker
+ids), streamed or not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hmac
@@ -24,6 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.admin import admin_routes, worker_row
 from gateway.cors import CorsConfig, add_cors
 from gateway.decode import decode_body, offload
 from gateway.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainMiddleware, DrainState
@@ -49,10 +53,12 @@ from gateway.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from gateway.route_note import SESSION_HEADER, RouteNote, noting, session_key
 from gateway.serving_chat import chat_chars, chat_prompt_ids, create_chat_completion
 from gateway.serving_completions import create_completion
 from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
 from gateway.tool_calling import ToolOptions
+from gateway.workers_file import WorkersFileWatcher
 
 logger = logging.getLogger("headrace.gateway")
 _json = msgspec.json.Encoder()
@@ -63,10 +69,11 @@ class GatewayConfig:
     """Everything `headrace gateway` is told besides the engine's own flags."""
 
     workers: list[str]  # ZeroMQ addresses of the workers
+    workers_file: str | None = None  # more addresses, re-read when the file changes
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # required as a Bearer token on /v1/* when set
-    routing: str = "least-loaded"  # or "prefix"
+    routing: str = "least-loaded"  # or "prefix" or "session"
     max_queued_requests: int | None = None  # 429 beyond this many requests waiting
     worker_timeout: float = 1.0  # seconds of silence before a worker counts as down
     tokenizer: str | None = None  # overrides the tokenizer path the workers announce
@@ -97,7 +104,7 @@ class APIKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(("/v1/", "/admin/")):
             got = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 err = Unauthorized("invalid or missing API key (Authorization: Bearer ...)")
@@ -108,8 +115,11 @@ class APIKeyMiddleware:
 
 def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Starlette:
     """The ASGI app; it starts and stops its EngineClient with its lifespan."""
+    watcher = None
+    if config.workers_file:
+        watcher = WorkersFileWatcher(config.workers_file, keep=config.workers)
     client = client or EngineClient(
-        config.workers,
+        [*config.workers, *(watcher.current if watcher else [])],
         routing=config.routing,
         worker_timeout=config.worker_timeout,
         tokenizer=config.tokenizer,
@@ -125,6 +135,7 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
         Route("/metrics", endpoint(metrics_endpoint), methods=["GET"]),
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
+        *admin_routes(client, config.api_key, endpoint, json_response),
     ]
     if config.chat_page:
         from gateway.chat_page import chat_page_routes
@@ -140,6 +151,7 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
     app.state.drain = DrainState()
     app.add_middleware(DrainMiddleware, state=app.state.drain)
     app.state.config = config
+    app.state.watcher = watcher
     app.state.client = client
     app.state.metrics = Metrics(client)
     return app
@@ -148,10 +160,16 @@ def build_app(config: GatewayConfig, client: EngineClient | None = None) -> Star
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     client: EngineClient = app.state.client
+    watcher: WorkersFileWatcher | None = app.state.watcher
     await client.start()
+    watching = None
+    if watcher is not None:
+        watching = asyncio.ensure_future(watcher.run(client))
     try:
         yield
     finally:
+        if watching is not None:
+            watching.cancel()
         await client.close()
 
 
@@ -186,13 +204,24 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def generate(request: Request, kind: type[Any], create: Callable[..., Any]) -> Any:
-    """A completion or chat completion: a JSON response, or an SSE stream."""
+    """A completion or chat completion: a JSON response, or an SSE stream; both say which
+    worker served it (gateway/route_note.py)."""
     req = await decode_body(await request.body(), kind)
     state = request.app.state
-    result = await until_disconnect(create(state.client, state.metrics, req), request.receive)
+    note = RouteNote(session_key(request.headers.get(SESSION_HEADER), req.user))
+    try:
+        with noting(note):
+            run = create(state.client, state.metrics, req)
+            result = await until_disconnect(run, request.receive)
+    except APIError as e:  # failed after routing (a lost worker): still say which one
+        response = error_response(e)
+        response.headers.update(note.headers())
+        return response
     if isinstance(result, AsyncGenerator):
-        return SSEResponse(result)
-    return json_response(result)
+        return SSEResponse(result, note.headers())
+    response = json_response(result)
+    response.headers.update(note.headers())
+    return response
 
 
 async def completions(request: Request) -> Any:
@@ -236,21 +265,9 @@ async def openapi(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     client: EngineClient = request.app.state.client
-    workers = [
-        {
-            "address": w.address,
-            "state": w.state.value,
-            "worker_id": w.info.worker_id if w.info else None,
-            "model": w.info.model_name if w.info else None,
-            "num_running": w.stats.num_running,
-            "num_waiting": w.stats.num_waiting,
-            "num_free_blocks": w.stats.num_free_blocks,
-            "inflight": len(w.inflight),
-        }
-        for w in client.workers
-    ]
+    workers = [worker_row(w) for w in client.workers]
     ready = any(m.tokenizer is not None for m in client.models.values())
-    ok = ready and any(w.up for w in client.workers)
+    ok = ready and any(w.routable for w in client.workers)
     body = {"status": "ok" if ok else "unavailable", "workers": workers}
     return json_response(body, 200 if ok else 503)
 

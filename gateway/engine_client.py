@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import zmq.asyncio
 
 from gateway.errors import NotFound, ServiceUnavailable, TooManyRequests
+from gateway.route_note import current_note
 from gateway.router import Router
 from gateway.workers import WorkerConnection
 from ipc.messages import (
@@ -135,8 +136,6 @@ class EngineClient:
         max_queued_requests: int | None = None,
         gateway_id: str | None = None,
     ) -> None:
-        if not worker_addresses:
-            raise ValueError("at least one worker address is needed")
         self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:12]}"
         self.addresses = list(worker_addresses)
         self.router = Router(routing)
@@ -149,23 +148,17 @@ class EngineClient:
         self._routes: dict[str, tuple[Submission, int, WorkerConnection]] = {}
         self._ctx: zmq.asyncio.Context | None = None
         self._loads: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
         for address in self.addresses:
-            conn = WorkerConnection(
-                self._ctx,
-                address,
-                self.gateway_id,
-                on_outputs=self._on_outputs,
-                on_model_info=self._on_model_info,
-                on_lost=self._on_lost,
-                timeout=self.worker_timeout,
-            )
-            conn.start()
-            self.workers.append(conn)
+            self._connect(address)
+        self._reaper = asyncio.ensure_future(self._reap_drained())
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         for conn in self.workers:
             if conn.up and conn.inflight:
                 conn.send(AbortRequests(list(conn.inflight)))
@@ -174,6 +167,51 @@ class EngineClient:
             task.cancel()
         if self._ctx is not None:
             self._ctx.term()
+
+    # ------------------------------------------------------------------ the worker list
+
+    def _connect(self, address: str) -> WorkerConnection:
+        assert self._ctx is not None, "start() first"
+        conn = WorkerConnection(
+            self._ctx,
+            address,
+            self.gateway_id,
+            on_outputs=self._on_outputs,
+            on_model_info=self._on_model_info,
+            on_lost=self._on_lost,
+            timeout=self.worker_timeout,
+        )
+        conn.start()
+        self.workers.append(conn)
+        return conn
+
+    def add_worker(self, address: str) -> bool:
+        """Connect to one more worker (or stop draining it); False if already in the list."""
+        for conn in self.workers:
+            if conn.address == address:
+                was_draining, conn.draining = conn.draining, False
+                return was_draining
+        self._connect(address)
+        logger.info("added worker %s", address)
+        return True
+
+    def remove_worker(self, address: str) -> bool:
+        """Drain a worker: no new requests; it is dropped once its streams have finished.
+        False if no such worker is in the list (or it is draining already)."""
+        for conn in self.workers:
+            if conn.address == address and not conn.draining:
+                conn.draining = True
+                logger.info("draining worker %s (%d in flight)", address, len(conn.inflight))
+                return True
+        return False
+
+    async def _reap_drained(self, interval: float = 0.1) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for conn in [w for w in self.workers if w.draining and not w.inflight]:
+                self.workers.remove(conn)
+                await conn.close()
+                logger.info("removed worker %s", conn.address)
 
     async def wait_ready(self, timeout: float) -> bool:
         """True once some worker is up and its model's tokenizer is loaded."""
@@ -208,7 +246,7 @@ class EngineClient:
         if entry.tokenizer is None:
             why = entry.error or "its tokenizer is still loading"
             raise ServiceUnavailable(f"model {entry.name!r} is not ready: {why}")
-        if not any(w.up and w.info and w.info.model_name == entry.name for w in self.workers):
+        if not any(w.routable and w.info and w.info.model_name == entry.name for w in self.workers):
             raise ServiceUnavailable(f"no worker serving model {entry.name!r} is available")
         return entry
 
@@ -247,12 +285,17 @@ class EngineClient:
                 f"too many requests waiting ({self.num_waiting}; --max-queued-requests {limit})"
             )
         sub = Submission(self, children)
+        note = current_note()
+        session = note.session if note is not None else None
         # Children sharing a prompt go to one worker, so they share its prefix cache.
         chosen: dict[int, WorkerConnection] = {}
         for child in children:
             key = id(child.prompt_token_ids)
             if key not in chosen:
-                chosen[key] = self.router.choose(self.workers, model, child.prompt_token_ids)
+                conn = self.router.choose(self.workers, model, child.prompt_token_ids, session)
+                chosen[key] = conn
+                if note is not None:
+                    note.served_by(conn.worker_id)
         for conn in set(chosen.values()):
             check_worker_queue(conn, children)
         now = time.time()

@@ -62,8 +62,11 @@ async def until_disconnect(work: Awaitable[T], receive: Receive) -> T:
 class SSEResponse:
     """An ASGI response streaming `events` (each already framed by `event()`)."""
 
-    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+    def __init__(
+        self, events: AsyncGenerator[bytes, None], headers: dict[str, str] | None = None
+    ) -> None:
         self.events = events
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
@@ -74,6 +77,7 @@ class SSEResponse:
                     (b"content-type", b"text/event-stream; charset=utf-8"),
                     (b"cache-control", b"no-cache"),
                     (b"x-accel-buffering", b"no"),
+                    *self.headers,
                 ],
             }
         )

@@ -11,6 +11,15 @@ by itself, so a worker restarted at the same address is used again with no gatew
 restart. While UP, a Hello every second is the gateway's keepalive (the worker aborts the
 requests of gateways it stops hearing from). A new worker id behind the same address means
 the worker restarted: whatever was in flight there is lost and fails at once.
+
+A worker removed from the gateway's list is `draining`: it gets no new requests, and its
+connection closes once the streams it still serves have finished.
+
+Load: every heartbeat and output batch carries the worker's own report (running, waiting,
+KV blocks: the same numbers every gateway sees) and how many of this gateway's requests
+that report already includes, so requests sent since count too:
+
+    load = running + waiting + queued (the worker's, all gateways) + sent here, not reported
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from ipc.messages import (
     EngineOutputs,
+    EngineRequest,
     Heartbeat,
     Hello,
     ModelInfo,
@@ -66,6 +76,9 @@ class WorkerConnection:
         self.info: ModelInfo | None = None
         self.stats = WorkerStats()
         self.inflight: set[str] = set()  # request ids this gateway has running there
+        self.draining = False  # removed from the list: no new requests, closes when idle
+        self.sent = 0  # requests this gateway has sent to the current worker process
+        self.reported = 0  # how many of them the worker's latest stats include
         self.last_seen = 0.0
         self.timeout = timeout
         self.hello_interval = hello_interval
@@ -84,9 +97,32 @@ class WorkerConnection:
         return self.state is WorkerState.UP
 
     @property
+    def worker_id(self) -> str | None:
+        return self.info.worker_id if self.info is not None else None
+
+    @property
+    def routable(self) -> bool:
+        """Up and not draining: may take new requests."""
+        return self.state is WorkerState.UP and not self.draining
+
+    @property
     def load(self) -> int:
-        """Requests ahead of a new one: ours counted at once, others' through the stats."""
-        return max(len(self.inflight), self.stats.num_running + self.stats.num_waiting)
+        """Requests ahead of a new one: the worker's own count (every gateway's requests)
+        plus ours that its latest report does not include yet."""
+        unreported = max(0, self.sent - self.reported)
+        s = self.stats
+        # Not num_queued (admitted, no first token yet): those are in running + waiting.
+        reported = s.num_running + s.num_waiting + s.num_inbox
+        return max(len(self.inflight), reported + unreported)
+
+    def _report(self, stats: WorkerStats, received: int) -> None:
+        self.stats = stats
+        if received < self.reported or received > self.sent:
+            # The worker forgot us (it restarted, or timed us out), or counted this
+            # gateway's earlier connection too (a worker removed and added again): either
+            # way nothing of ours is pending beyond its count.
+            self.sent = received
+        self.reported = received
 
     def start(self) -> None:
         self._tasks = [
@@ -111,7 +147,10 @@ class WorkerConnection:
         the receive loop asleep with messages waiting.
         """
         fut: asyncio.Future[None] = self._sock.send(self._codec.encode(msg), zmq.NOBLOCK)  # type: ignore[assignment]
-        return not (fut.done() and fut.exception() is not None)
+        ok = not (fut.done() and fut.exception() is not None)
+        if ok and isinstance(msg, EngineRequest):
+            self.sent += 1
+        return ok
 
     def mark_down(self, why: str) -> None:
         if self.state is WorkerState.DOWN:
@@ -135,10 +174,10 @@ class WorkerConnection:
             self.last_seen = time.monotonic()
             if isinstance(msg, EngineOutputs):
                 if msg.stats is not None:
-                    self.stats = msg.stats
+                    self._report(msg.stats, msg.received)
                 self._on_outputs(self, msg)
             elif isinstance(msg, Heartbeat):
-                self.stats = msg.stats
+                self._report(msg.stats, msg.received)
                 if self.info is None or msg.worker_id != self.info.worker_id:
                     # A worker we have not been introduced to (it restarted): ask who it is.
                     self.send(Hello(self.gateway_id))

@@ -1,4 +1,4 @@
-"""`headrace gateway --worker ADDR [--worker ADDR ...]`: the OpenAI HTTP API (gateway/app.py)
+"""`headrace gateway --worker ADDR ... | --workers-file PATH`: the OpenAI HTTP API (gateway/app.py)
 served by uvicorn in front of workers."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from gateway.limits import add_limit_args, limits_from_args
 from gateway.router import ROUTING_POLICIES
 from gateway.tool_calling import ToolOptions
 from gateway.tool_parsers import PARSERS
+from gateway.workers_file import check_worker_address
 
 
 def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True) -> None:
@@ -22,15 +23,31 @@ def add_gateway_args(parser: argparse.ArgumentParser, with_workers: bool = True)
         g.add_argument(
             "--worker",
             action="append",
-            required=True,
+            default=[],
             metavar="ADDR",
             help="a worker's ZeroMQ address (ipc:///path or tcp://host:port); repeat for more",
+        )
+        g.add_argument(
+            "--workers-file",
+            default=None,
+            metavar="PATH",
+            help="more worker addresses, one per line; re-read when it changes (workers that "
+            "disappear from it drain, then drop out)",
         )
         g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the worker's)")
     g.add_argument("--host", default="127.0.0.1", help="HTTP host to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    g.add_argument("--api-key", default=None, help="require this Bearer token on /v1/*")
-    g.add_argument("--routing", default="least-loaded", choices=ROUTING_POLICIES)
+    g.add_argument(
+        "--api-key", default=None, help="require this Bearer token on /v1/* and /admin/*"
+    )
+    g.add_argument(
+        "--routing",
+        default="least-loaded",
+        choices=ROUTING_POLICIES,
+        help="least-loaded (default); prefix: keep shared prompt prefixes on one worker; "
+        "session: one worker per X-Session-ID header or `user` field, the same from every "
+        "gateway",
+    )
     g.add_argument(
         "--max-queued-requests",
         type=int,
@@ -80,8 +97,14 @@ def gateway_config_from_args(
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     tools = ToolOptions(args.tool_call_parser, args.enable_auto_tool_choice)
     tools.validate()
+    workers_file = getattr(args, "workers_file", None)
+    if workers is None:
+        workers = [check_worker_address(a, "--worker") for a in args.worker]
+        if not workers and not workers_file:
+            raise ValueError("give at least one --worker ADDR or a --workers-file")
     return GatewayConfig(
-        workers=workers if workers is not None else list(args.worker),
+        workers=workers,
+        workers_file=workers_file,
         host=args.host,
         port=args.port,
         api_key=args.api_key,

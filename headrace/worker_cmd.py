@@ -46,6 +46,17 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, seconds to let requests in flight finish (new ones are refused)",
     )
     g.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="also answer GET /health over HTTP on this port (readiness probes); off by default",
+    )
+    g.add_argument(
+        "--health-host",
+        default="127.0.0.1",
+        help="host the --health-port endpoint binds (default 127.0.0.1; 0.0.0.0 in a pod)",
+    )
+    g.add_argument(
         "--fake-engine",
         action="store_true",
         help="BENCHMARKING TOOL, not for serving: run worker.fake_engine.FakeEngineCore, "
@@ -120,6 +131,15 @@ def worker_main(args: argparse.Namespace) -> int:
         max_logprobs=config.max_logprobs,
         admission=admission_from_args(args),
         shutdown_timeout=args.shutdown_timeout,
+        health=_health_address(args),
     )
     server.serve_forever(args.parent_pid)
     return 0
+
+
+def _health_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    if args.health_port is None:
+        return None
+    if not 0 < args.health_port < 65536:
+        raise ValueError(f"--health-port must be in [1, 65535], got {args.health_port}")
+    return (args.health_host, args.health_port)

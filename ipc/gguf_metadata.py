@@ -102,6 +102,11 @@ def gguf_config(path: str) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "torch_dtype": "float32",
     }
+    if get("expert_count"):  # llama.cpp stores Mixtral as "llama" with experts
+        config["architectures"] = ["MixtralForCausalLM"]
+        config["model_type"] = "mixtral"
+        config["num_local_experts"] = int(get("expert_count"))
+        config["num_experts_per_tok"] = int(get("expert_used_count", required=True))
     if get("attention.sliding_window") is not None:
         config["sliding_window"] = int(get("attention.sliding_window"))
     scaling = get("rope.scaling.type")

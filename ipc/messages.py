@@ -170,7 +170,12 @@ class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
 
 
 class WorkerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """A worker's load and counters, sent with outputs and with heartbeats."""
+    """A worker's load and counters, sent with outputs and with heartbeats.
+
+    The first four fields and `num_inbox` are the load report every gateway routes by
+    (running, waiting, inbox, KV blocks), so N gateways see the same load however the
+    requests were spread among them.
+    """
 
     num_running: int = 0
     num_waiting: int = 0
@@ -184,10 +189,15 @@ class WorkerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     spec_proposed: int = 0  # counter, tokens
     spec_accepted: int = 0  # counter, tokens
     spec_steps: int = 0  # counter, verification steps
-    num_queued: int = 0  # requests admitted with no first token yet (worker/admission.py)
+    # Requests admitted with no first token yet (worker/admission.py): a subset of
+    # num_running + num_waiting (the engine holds them), so no part of the load.
+    num_queued: int = 0
     num_queued_tokens: int = 0  # their prompt tokens
     num_refused: int = 0  # counter: refused as overloaded or draining
     draining: bool = False  # shutting down: routes new requests elsewhere
+    # Requests that reached the worker's socket but not yet its engine loop (set by the
+    # worker server, not the engine): during a long step, other gateways see them here.
+    num_inbox: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -220,6 +230,10 @@ class EngineOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults=Tru
     outputs: list[RequestOutput] = []
     stats: WorkerStats | None = None
     timestamp: float = 0.0
+    # Requests from the receiving gateway that have reached this worker so far (all of
+    # them are in `stats`: queued, waiting, running or done); the gateway counts the ones
+    # it sent beyond this as load no report shows yet.
+    received: int = 0
 
 
 class Heartbeat(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -228,6 +242,7 @@ class Heartbeat(msgspec.Struct, tag=True, array_like=True, gc=False):
     worker_id: str
     stats: WorkerStats
     timestamp: float
+    received: int = 0  # as in EngineOutputs: this gateway's requests that reached the worker
 
 
 # The tagged union that travels gateway -> worker and worker -> gateway.

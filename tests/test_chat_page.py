@@ -45,8 +45,8 @@ def test_chat_page_from_args() -> None:
 
     p = argparse.ArgumentParser()
     add_gateway_args(p)
-    assert gateway_config_from_args(p.parse_args(["--worker", "x"])).chat_page
-    args = p.parse_args(["--worker", "x", "--disable-chat-page"])
+    assert gateway_config_from_args(p.parse_args(["--worker", "tcp://127.0.0.1:5555"])).chat_page
+    args = p.parse_args(["--worker", "tcp://127.0.0.1:5555", "--disable-chat-page"])
     assert not gateway_config_from_args(args).chat_page
 
 

@@ -163,11 +163,11 @@ def test_rotary_plan() -> None:
 # --- launch arguments against the kernel signatures ----------------------------------------
 
 
-def _signatures() -> dict[str, list[type]]:
+def _signatures(source: str | None = None) -> dict[str, list[type]]:
     """Kernel name -> the Python type each parameter must be launched with."""
     sigs = {}
     for name, params in re.findall(
-        r'extern "C" __global__ void (\w+)\(([^)]*)\)', fo.source(), re.S
+        r'extern "C" __global__ void (\w+)\(([^)]*)\)', source or fo.source(), re.S
     ):
         types: list[type] = []
         for p in params.split(","):

@@ -1,8 +1,8 @@
 """The CUDA attention backend: our NVRTC kernels for the KV write and paged attention.
 
 Launches go on torch's current stream with no host sync, so a decode step can be captured
-in a CUDA graph. Shapes the kernels do not cover (sliding windows, head dims other than 64
-and 128) fall back to the torch reference inside the kernel wrappers.
+in a CUDA graph. Sliding windows run in the kernels; shapes they do not cover (head dims
+other than 64 and 128) fall back to the torch reference inside the kernel wrappers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import torch
 
 from cuda.kv_write_kernel import write_kv_cuda
-from cuda.paged_attention import paged_attention_ref
 from cuda.paged_attention_kernels import paged_attention_cuda
 from worker.attention import AttentionMetadata
 
@@ -26,7 +25,6 @@ class CudaAttention:
         # fp32 scratch for flash-decoding partials, grown on demand outside graph capture
         # (capture sizes it for the largest bucket first, so replays never grow it).
         self.workspace: torch.Tensor | None = None
-        self._warned = False
 
     def __call__(
         self,
@@ -42,22 +40,6 @@ class CudaAttention:
     ) -> torch.Tensor:
         write_kv_cuda(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
         out = torch.empty_like(q)
-        if sliding_window is not None and sliding_window < md.max_seq_len:
-            if not self._warned:
-                log.warning("sliding-window attention runs on the torch reference (slow)")
-                self._warned = True
-            return paged_attention_ref(
-                q,
-                kv_cache,
-                md.query_start_loc,
-                md.seq_lens,
-                md.block_tables,
-                scale,
-                sliding_window,
-                out=out,
-                k_scale=k_scale,
-                v_scale=v_scale,
-            )
         return paged_attention_cuda(
             q,
             kv_cache,
@@ -69,6 +51,7 @@ class CudaAttention:
             max_query_len=md.max_query_len,
             max_seq_len=md.max_seq_len,
             workspace=self._workspace(q, md),
+            sliding_window=sliding_window,
             k_scale=k_scale,
             v_scale=v_scale,
         )
@@ -85,8 +68,6 @@ class CudaAttention:
             return f"head_dim {head_dim} has no CUDA kernel (kernels take {HEAD_DIMS})"
         if dtype not in DTYPES:
             return f"dtype {dtype} has no CUDA kernel (kernels take bf16/fp16)"
-        if sliding_window is not None:
-            return "sliding-window attention has no CUDA kernel"
         return None
 
     def _workspace(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor | None:

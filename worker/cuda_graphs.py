@@ -34,7 +34,7 @@ import torch
 from worker import progress
 from worker.attention import AttentionMetadata
 from worker.input_batch import HostInputs, PaddedInputs, pad_inputs
-from worker.models.llama import LlamaForCausalLM
+from worker.models.base import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def pick_graph(
 
 
 def capture_graphs(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     kv_caches: list[torch.Tensor],
     dtype: torch.dtype,
     max_num_seqs: int,
@@ -79,6 +79,7 @@ def capture_graphs(
 
     c = model.config
     blocker = CudaAttention.graph_blocker(c.head_dim, dtype, c.sliding_window)
+    blocker = blocker or model.graph_blocker(dtype)
     if blocker is not None:
         log.warning("CUDA graphs off: %s; %s runs eagerly", blocker, what)
         return None
@@ -92,7 +93,7 @@ def capture_graphs(
 class CudaGraphRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         kv_caches: list[torch.Tensor],
         max_num_seqs: int,
         max_model_len: int,

@@ -395,11 +395,12 @@ def _eos_ids(files: ModelFiles, mc: ModelConfig) -> set[int]:
 
 
 def param_bytes(mc: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of a model's weights, from its shapes (for memory planning)."""
-    h, d, inter = mc.hidden_size, mc.head_dim, mc.intermediate_size
-    qkv = h * (mc.num_heads + 2 * mc.num_kv_heads) * d
-    if mc.attention_bias:
-        qkv += (mc.num_heads + 2 * mc.num_kv_heads) * d
-    layer = qkv + mc.num_heads * d * h + 3 * h * inter + 2 * h
-    total = mc.vocab_size * h * (1 if mc.tie_word_embeddings else 2) + mc.num_layers * layer + h
-    return total * torch.tensor([], dtype=dtype).element_size()
+    """Bytes of a model's weights, from its shapes (for memory planning): the model built on
+    the meta device, so every family's layout counts without allocating anything."""
+    from worker.attention import TorchAttention
+    from worker.model_loader import model_class
+
+    with torch.device("meta"):
+        model = model_class(mc)(mc, TorchAttention(), 1)
+    count = sum(p.numel() for p in model.parameters())
+    return count * torch.tensor([], dtype=dtype).element_size()

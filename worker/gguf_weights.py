@@ -1,5 +1,6 @@
 """GGUF weights under Hugging Face names, dequantized to float32 one tensor at a time
-(`iter_gguf_weights`), with llama.cpp's rotary row permutation of q/k undone.
+(`iter_gguf_weights`), with llama.cpp's rotary row permutation of q/k undone. Mixtral is a
+"llama" file with `expert_count`; its stacked expert tensors are split per expert.
 
 GGUF stores a 2-D weight with its dimensions fastest-first (`ne = [in, out]`); its data is
 row-major `[out, in]`, the torch layout, so the shape is the metadata shape reversed.
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 # convert_hf_to_gguf.py permutes q_proj/k_proj rows of these so llama.cpp's rotary can pair
 # adjacent elements; Hugging Face pairs element i with i + head_dim/2 (rotate_half).
-PERMUTED_QK_ARCHITECTURES = {"llama", "mistral"}
+PERMUTED_QK_ARCHITECTURES = {"llama", "mistral", "mixtral"}
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.").
 LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
@@ -35,7 +36,10 @@ LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "block_sparse_moe.gate",  # Mixtral's router
 }
+# Mixtral's experts, stacked in one [E, out, in] tensor per projection -> per-expert names.
+EXPERT_TENSORS = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
 GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -58,6 +62,18 @@ def hf_tensor_name(gguf_name: str) -> str | None:
             return f"model.layers.{layer}.{LAYER_TENSORS[part]}.{suffix}"
     elif base in GLOBAL_TENSORS:
         return f"{GLOBAL_TENSORS[base]}.{suffix}"
+    return None
+
+
+def _expert_tensor(gguf_name: str) -> str | None:
+    """ "blk.3.ffn_gate_exps.weight" -> "model.layers.3.block_sparse_moe.experts.{}.w1.weight"
+    (a format string over the expert index); None for other tensors."""
+    if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name):
+        layer, part = m.groups()
+        if part in EXPERT_TENSORS:
+            return (
+                f"model.layers.{layer}.block_sparse_moe.experts.{{}}.{EXPERT_TENSORS[part]}.weight"
+            )
     return None
 
 
@@ -88,6 +104,11 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     config = gguf_config(path)
     permute = config["model_type"] in PERMUTED_QK_ARCHITECTURES
     for t in gguf_reader(path).tensors:
+        if experts := _expert_tensor(t.name):
+            stacked = torch.from_numpy(_dequantize(path, t))  # [E, out, in]
+            for e in range(stacked.shape[0]):
+                yield experts.format(e), stacked[e].contiguous()
+            continue
         name = hf_tensor_name(t.name)
         if name is None:
             if t.name in SKIPPED_TENSORS:

@@ -1,7 +1,9 @@
 """The model's architecture, parsed from a Hugging Face config.json dict.
 
 Accepts both transformers-4 style (`rope_theta`, `rope_scaling`) and transformers-5 style
-(`rope_parameters`) configs.
+(`rope_parameters`) configs. One dataclass covers every family: the fields past
+`eos_token_ids` say where a family departs from Llama (norm kind, fused q/k/v layout,
+partial rotary, parallel attention and MLP, mixture of experts).
 """
 
 from __future__ import annotations
@@ -13,7 +15,25 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
+    "FalconForCausalLM": "falcon",
+    "GPTNeoXForCausalLM": "gpt_neox",
 }
+
+# How a checkpoint's fused query_key_value rows are laid out (we reorder them to q | k | v).
+QKV_LAYOUTS = (
+    "separate",  # q_proj, k_proj, v_proj tensors (Llama family)
+    "q_k_v",  # one tensor, rows [Hq*D | Hkv*D | Hkv*D] (Falcon-7B multi-query)
+    "per_head",  # one tensor, rows [H, 3, D]: each head's q, k, v (GPT-NeoX, Falcon MHA)
+    "per_kv_group",  # rows [Hkv, group + 2, D]: a group's q heads, its k, its v (Falcon-40B)
+)
+FALCON_ALIASES = {
+    "n_embed": "hidden_size",
+    "n_head": "num_attention_heads",
+    "n_layer": "num_hidden_layers",
+    "n_head_kv": "num_kv_heads",
+}
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
 
 
 class UnsupportedModelError(ValueError):
@@ -24,13 +44,13 @@ class UnsupportedModelError(ValueError):
 class ModelConfig:
     architecture: str  # e.g. LlamaForCausalLM
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # per expert for mixtures of experts
     num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # also the LayerNorm epsilon where norm == "layer"
     rope_theta: float
     rope_scaling: dict[str, Any] | None  # {"rope_type": "llama3" | "linear" | ..., ...}
     max_position_embeddings: int
@@ -41,6 +61,15 @@ class ModelConfig:
     torch_dtype: str | None  # the checkpoint's dtype name, e.g. "bfloat16"
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm with bias)
+    hidden_act: str = "silu"  # silu: gated MLP (gate, up, down); gelu*: two-layer MLP
+    o_proj_bias: bool = False  # the attention output projection carries a bias
+    qkv_layout: str = "separate"  # see QKV_LAYOUTS
+    rotary_dim: int = 0  # dims of each head that rotate (the first ones); 0 = head_dim
+    parallel_attn: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) instead of sequential
+    shared_norm: bool = False  # parallel_attn with one norm feeding both branches
+    num_experts: int = 0  # mixture of experts: experts per layer (0 = dense MLP)
+    num_experts_per_tok: int = 0  # experts each token is routed to
     # Per layer: "sliding_attention" or "full_attention" (config `layer_types`); empty means
     # every layer slides when sliding_window is set.
     layer_types: tuple[str, ...] = ()
@@ -55,6 +84,8 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         kind = SUPPORTED_ARCHITECTURES[arch]
+        if kind == "falcon":  # the original Falcon configs' names
+            cfg = {FALCON_ALIASES.get(k, k): v for k, v in cfg.items()}
 
         def need(key: str) -> Any:
             if key not in cfg:
@@ -63,21 +94,12 @@ class ModelConfig:
 
         hidden = int(need("hidden_size"))
         num_heads = int(need("num_attention_heads"))
-        rope = cfg.get("rope_parameters") or {}
-        rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        scaling = cfg.get("rope_scaling")
-        if scaling is None and rope.get("rope_type", "default") != "default":
-            scaling = dict(rope)
-        if scaling is not None:
-            scaling = dict(scaling)
-            scaling.setdefault("rope_type", scaling.get("type", "default"))
-            if scaling["rope_type"] == "default":
-                scaling = None
+        rope_theta, scaling = _rope(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         sliding = (
             cfg.get("sliding_window")
-            if kind == "mistral" or cfg.get("use_sliding_window")
+            if kind in ("mistral", "mixtral") or cfg.get("use_sliding_window")
             else None
         )
         num_layers = int(need("num_hidden_layers"))
@@ -85,10 +107,9 @@ class ModelConfig:
         if layer_types and "sliding_attention" not in layer_types:
             sliding = None
         dtype = cfg.get("torch_dtype", cfg.get("dtype"))
-        return cls(
+        base: dict[str, Any] = dict(
             architecture=arch,
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
@@ -107,6 +128,47 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             layer_types=layer_types,
         )
+        if kind == "falcon":
+            base.update(_falcon_fields(cfg, source, hidden))
+        elif kind == "gpt_neox":
+            base.update(_gpt_neox_fields(cfg, source, base))
+        else:
+            base["intermediate_size"] = int(need("intermediate_size"))
+            base["hidden_act"] = str(cfg.get("hidden_act", "silu"))
+            base["o_proj_bias"] = kind == "llama" and base["attention_bias"]
+        if kind == "mixtral":
+            base["num_experts"] = int(need("num_local_experts"))
+            base["num_experts_per_tok"] = int(need("num_experts_per_tok"))
+        config = cls(**base)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str) -> None:
+        """ValueErrors (UnsupportedModelError) naming the config.json field at fault."""
+        if self.hidden_act not in ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"{source}: hidden_act/activation {self.hidden_act!r} is not supported "
+                f"(supported: {', '.join(ACTIVATIONS)})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"{source}: num_attention_heads ({self.num_heads}) is not a multiple of the "
+                f"key/value heads ({self.num_kv_heads})"
+            )
+        if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise UnsupportedModelError(
+                f"{source}: rotary dims {self.rotary_dim} (rotary_pct / partial_rotary_factor "
+                f"x head_dim {self.head_dim}) must be even and in (0, head_dim]"
+            )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise UnsupportedModelError(
+                f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                f"[1, num_local_experts = {self.num_experts}]"
+            )
+
+    def __post_init__(self) -> None:
+        if self.rotary_dim == 0:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
 
     def layer_sliding_window(self, layer: int) -> int | None:
         """The attention window of one layer (None: it attends to the whole context)."""
@@ -118,6 +180,96 @@ class ModelConfig:
     def max_context(self) -> int:
         """The longest context the model supports (rope scaling may extend training length)."""
         return self.max_position_embeddings
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope theta, rope scaling or None) from either config style."""
+    rope = cfg.get("rope_parameters") or {}
+    rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and rope.get("rope_type", "default") != "default":
+        scaling = dict(rope)
+    if scaling is not None:
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+        if scaling["rope_type"] == "default":
+            scaling = None
+    return rope_theta, scaling
+
+
+def _falcon_fields(cfg: dict[str, Any], source: str, hidden: int) -> dict[str, Any]:
+    """Falcon: 7B (multi-query, one shared LayerNorm, parallel attention + MLP) and the
+    new decoder architecture of 40B/180B (grouped KV heads, ln_attn and ln_mlp)."""
+    if cfg.get("alibi"):
+        raise UnsupportedModelError(
+            f"{source}: Falcon with alibi: true is not supported (only rotary Falcon models)"
+        )
+    heads = int(cfg["num_attention_heads"])
+    new_arch = bool(cfg.get("new_decoder_architecture", False))
+    multi_query = bool(cfg.get("multi_query", True))
+    parallel = bool(cfg.get("parallel_attn", True))
+    kv = cfg.get("num_kv_heads")
+    if new_arch:
+        kv_heads, layout = int(kv or heads), "per_kv_group"
+        num_ln = cfg.get("num_ln_in_parallel_attn") or 2
+        if not parallel:  # transformers' FalconDecoderLayer has no such layer either
+            raise UnsupportedModelError(
+                f"{source}: new_decoder_architecture needs parallel_attn: true"
+            )
+        shared = num_ln == 1
+    elif multi_query:
+        kv_heads, layout, shared = 1, "q_k_v", parallel
+    else:
+        kv_heads, layout, shared = heads, "per_head", parallel
+    bias = bool(cfg.get("bias", False))
+    ffn = cfg.get("ffn_hidden_size") or 4 * hidden
+    return dict(
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        intermediate_size=int(ffn),
+        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        attention_bias=bias,
+        o_proj_bias=bias,
+        mlp_bias=bias,
+        norm="layer",
+        hidden_act=str(cfg.get("activation", "gelu")),
+        qkv_layout=layout,
+        parallel_attn=parallel,
+        shared_norm=shared,
+    )
+
+
+def _gpt_neox_fields(cfg: dict[str, Any], source: str, base: dict[str, Any]) -> dict[str, Any]:
+    """GPT-NeoX / Pythia: per-head fused q/k/v, partial rotary, optional parallel residual."""
+    rope = cfg.get("rope_parameters") or {}
+    pct = float(cfg.get("rotary_pct", rope.get("partial_rotary_factor", 0.25)))
+    theta = float(cfg.get("rotary_emb_base", rope.get("rope_theta", 10000.0)))
+    head_dim = base["hidden_size"] // base["num_heads"]
+    bias = bool(cfg.get("attention_bias", True))
+    if int(head_dim * pct) < 2:  # 0 would read as "all of head_dim" below
+        raise UnsupportedModelError(
+            f"{source}: rotary_pct / partial_rotary_factor {pct} rotates no dims of head_dim "
+            f"{head_dim}"
+        )
+    if "intermediate_size" not in cfg:
+        raise UnsupportedModelError(f"{source}: missing required field 'intermediate_size'")
+    return dict(
+        num_kv_heads=base["num_heads"],
+        head_dim=head_dim,
+        intermediate_size=int(cfg["intermediate_size"]),
+        rms_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+        rope_theta=theta,
+        attention_bias=bias,
+        o_proj_bias=bias,
+        mlp_bias=True,
+        norm="layer",
+        hidden_act=str(cfg.get("hidden_act", "gelu")),
+        qkv_layout="per_head",
+        rotary_dim=int(head_dim * pct),
+        parallel_attn=bool(cfg.get("use_parallel_residual", True)),
+    )
 
 
 def _layer_types(cfg: dict[str, Any], kind: str, num_layers: int, source: str) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -10,7 +11,11 @@ from ipc.model_folder import ModelFiles
 from worker import progress
 from worker.attention import AttentionBackend
 from worker.model_config import ModelConfig
+from worker.models.base import CausalLM
+from worker.models.falcon import FalconForCausalLM
+from worker.models.gpt_neox import GPTNeoXForCausalLM
 from worker.models.llama import LlamaForCausalLM
+from worker.models.mixtral import MixtralForCausalLM
 from worker.quant.config import Fp8Scheme
 from worker.quant.fp8 import Fp8Linear, cast_model, fill_dummy_fp8, gemm_mode
 from worker.weights import iter_weights
@@ -27,6 +32,24 @@ _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+
+ModelFactory = Callable[[ModelConfig, AttentionBackend, int], CausalLM]
+
+# config.json architecture -> the class that runs it (model_config.py lists what parses).
+MODEL_CLASSES: dict[str, ModelFactory] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "FalconForCausalLM": FalconForCausalLM,
+    "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
+}
+
+
+def model_class(config: ModelConfig) -> ModelFactory:
+    """The class for config's architecture, called as cls(config, backend, max_positions)."""
+    return MODEL_CLASSES[config.architecture]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,18 +80,19 @@ def build_model(
     dummy: bool,
     seed: int = 0,
     quant: Fp8Scheme | None = None,
-) -> LlamaForCausalLM:
+) -> CausalLM:
     # Build on the meta device, then materialize directly on the target: no CPU copy of
     # the weights is ever made for a GPU model, and each checkpoint tensor is copied once.
     # FP8 layers are float8 from the start (never a 16-bit copy first: a 70B model fits).
     if quant is not None and device.type == "cuda":
         gemm_mode(device)  # fails early, naming the card, on a GPU without FP8
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, max_positions, quant)
+        model = model_class(config)(config, backend, max_positions)
+        if quant is not None:
+            model.quantize(quant)
     model = model.to_empty(device=device)
     cast_model(model, dtype)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model.tie_weights()
     if dummy:
         fill_dummy_weights(model, seed)
     else:
@@ -98,6 +122,9 @@ def fill_dummy_weights(model: torch.nn.Module, seed: int) -> None:
             continue
         if name.endswith("norm.weight"):
             p.fill_(1.0)
+            continue
+        if name.endswith("norm.bias"):
+            p.zero_()
             continue
         gen = gens.get(p.device)
         if gen is None:

@@ -17,7 +17,7 @@ from ipc.messages import SamplingParams, TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
 from worker.input_batch import HostInputs, build_host_inputs, take_rows, to_device
 from worker.model_config import ModelConfig
-from worker.models.llama import LlamaForCausalLM
+from worker.models.base import CausalLM
 from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
 from worker.scheduler import SchedulerOutput
 from worker.spec_decode.verify import verify
@@ -69,7 +69,7 @@ def make_backend(device: torch.device) -> AttentionBackend:
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         model_config: ModelConfig,
         device: torch.device,
         dtype: torch.dtype,

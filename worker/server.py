@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from http.server import ThreadingHTTPServer
 from typing import Protocol
 
 import msgspec
@@ -46,6 +47,7 @@ from ipc.messages import (
 )
 from ipc.wire import WorkerCodec, bind_router, default_worker_id
 from worker.admission import Admission, AdmissionLimits
+from worker.health_http import serve_health, worker_health
 
 logger = logging.getLogger("headrace.worker")
 
@@ -86,11 +88,13 @@ class WorkerServer:
         max_logprobs: int | None = None,
         admission: AdmissionLimits | None = None,
         shutdown_timeout: float = 30.0,
+        health: tuple[str, int] | None = None,
     ) -> None:
         self.engine_factory = engine_factory
         self.admission = Admission(admission or AdmissionLimits())
         self.shutdown_timeout = shutdown_timeout
         self.num_owned = 0  # requests in flight, for the drain (written by the engine thread)
+        self.health = health  # (host, port) of the HTTP /health endpoint, if any
         self.address = address
         self.worker_id = worker_id or default_worker_id()
         self.heartbeat_interval = heartbeat_interval
@@ -99,6 +103,13 @@ class WorkerServer:
         self.max_logprobs = max_logprobs
         self.model_info: ModelInfo | None = None
         self.stats = WorkerStats()  # latest snapshot, written by the engine thread only
+        # The load report (see _load_report): the engine's latest stats with how many
+        # requests the engine loop had taken from the inbox by then (one tuple, swapped
+        # in whole), and per gateway the requests that reached the socket (zmq-io counts
+        # them under _gateways_lock).
+        self._published: tuple[WorkerStats, int] = (self.stats, 0)
+        self._arrived: dict[bytes, int] = {}
+        self._arrived_total = 0
 
         self._ctx = zmq.Context()
         self._forward_addr = f"inproc://worker-out-{id(self)}"
@@ -110,11 +121,14 @@ class WorkerServer:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._threads: list[threading.Thread] = []
+        self._health_server: ThreadingHTTPServer | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         """Build the engine (in its own thread), then bind and start the socket threads."""
+        if self.health is not None:  # first: a probe sees "loading" while the model loads
+            self._health_server = serve_health(*self.health, lambda: worker_health(self))
         engine_thread = threading.Thread(target=self._engine_main, name="engine", daemon=True)
         engine_thread.start()
         self._threads.append(engine_thread)
@@ -137,6 +151,8 @@ class WorkerServer:
         progress.note(f"serving {self._model_name()} at {self.address}")
 
     def stop(self) -> None:
+        if self._health_server is not None:
+            self._health_server.shutdown()
         self._stopping.set()
         self._outbox.put(None)
         for t in self._threads:
@@ -217,12 +233,15 @@ class WorkerServer:
 
     def _engine_loop(self, engine: Engine) -> None:
         owners: dict[str, bytes] = {}  # request id -> the gateway that sent it
+        taken = 0  # requests taken from the inbox so far
         while not self._stopping.is_set():
             busy = engine.has_unfinished_requests()
             # Rejections, made outside step(), go back to their sender directly: a request
             # rejected for a duplicate id must not take the running one's owner.
             rejected: list[tuple[bytes, RequestOutput]] = []
-            for ident, msg in self._drain_inbox(block=not busy):
+            inbox = self._drain_inbox(block=not busy)
+            for ident, msg in inbox:
+                taken += isinstance(msg, EngineRequest)
                 rejected.extend(self._handle(engine, owners, ident, msg))
             outputs: list[RequestOutput] = []
             if engine.has_unfinished_requests():
@@ -238,8 +257,10 @@ class WorkerServer:
                 self.stats = self._stats(engine)
             elif rejected or busy:
                 self.stats = self._stats(engine)
+            if inbox or busy:
+                self._published = (self.stats, taken)
             if outputs or rejected:
-                self._outbox.put(_group_by_gateway(rejected, outputs, owners, self.stats))
+                self._outbox.put(self._group_by_gateway(rejected, outputs, owners))
             self.num_owned = len(owners)
 
     def _stats(self, engine: Engine) -> WorkerStats:
@@ -359,6 +380,9 @@ class WorkerServer:
         with self._gateways_lock:
             known = ident in self._gateways
             self._gateways[ident] = time.monotonic()
+            if isinstance(msg, EngineRequest):
+                self._arrived[ident] = self._arrived.get(ident, 0) + 1
+                self._arrived_total += 1
         if isinstance(msg, Hello):
             if not known:
                 logger.info("gateway %s connected", msg.gateway_id)
@@ -372,6 +396,7 @@ class WorkerServer:
             gone = [g for g, t in self._gateways.items() if now - t > self.gateway_timeout]
             for g in gone:
                 del self._gateways[g]
+                self._arrived.pop(g, None)  # it comes back (if ever) counting afresh
         for g in gone:
             self._inbox.put((g, _GONE))
 
@@ -395,13 +420,58 @@ class WorkerServer:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_interval
-                    beat = codec.encode(Heartbeat(self.worker_id, self.stats, time.time()))
-                    with self._gateways_lock:
-                        idents = list(self._gateways)
-                    for ident in idents:
-                        push.send_multipart([ident, beat])
+                    self._send_heartbeats(codec, push)
         finally:
             push.close(linger=0)
+
+    def _load_report(self, idents: list[bytes]) -> tuple[WorkerStats, list[int]]:
+        """The published stats plus the requests still in the inbox (arrived at
+        the socket, not yet taken by the engine loop), and per gateway how many of its
+        requests have arrived. Every request a gateway sent is then counted once: on the
+        wire (by that gateway alone), in the inbox, or in the engine's running + waiting."""
+        stats, taken = self._published
+        with self._gateways_lock:
+            inbox = self._arrived_total - taken
+            arrived = [self._arrived.get(ident, 0) for ident in idents]
+        if inbox > 0:
+            stats = msgspec.structs.replace(stats, num_inbox=inbox)
+        if self.admission.draining and not stats.draining:  # SIGTERM while idle
+            stats = msgspec.structs.replace(stats, draining=True)
+        return stats, arrived
+
+    def _send_heartbeats(self, codec: WorkerCodec, push: zmq.Socket) -> None:
+        with self._gateways_lock:
+            idents = list(self._gateways)
+        stats, arrived = self._load_report(idents)
+        now = time.time()
+        for ident, n in zip(idents, arrived, strict=True):
+            push.send_multipart([ident, codec.encode(Heartbeat(self.worker_id, stats, now, n))])
+
+    def _group_by_gateway(
+        self,
+        rejected: list[tuple[bytes, RequestOutput]],
+        outputs: list[RequestOutput],
+        owners: dict[str, bytes],
+    ) -> list[tuple[bytes, EngineOutputs]]:
+        """One EngineOutputs per gateway for this step; finished requests leave `owners`.
+        Rejections go to their senders, not to the owner of their id."""
+        by_gateway: dict[bytes, list[RequestOutput]] = {}
+        for sender, out in rejected:
+            by_gateway.setdefault(sender, []).append(out)
+        for out in outputs:
+            ident = owners.get(out.request_id)
+            if ident is None:
+                continue  # aborted by its gateway while this step ran
+            by_gateway.setdefault(ident, []).append(out)
+            if out.finish_reason is not None:
+                del owners[out.request_id]
+        idents = list(by_gateway)
+        stats, arrived = self._load_report(idents)
+        now = time.time()
+        return [
+            (g, EngineOutputs(by_gateway[g], stats, now, n))
+            for g, n in zip(idents, arrived, strict=True)
+        ]
 
 
 def _with_identity(
@@ -422,24 +492,3 @@ def _with_identity(
 
 def _error_output(request_id: str, message: str) -> RequestOutput:
     return RequestOutput(request_id, finish_reason=FinishReason.ERROR, error=message)
-
-
-def _group_by_gateway(
-    rejected: list[tuple[bytes, RequestOutput]],
-    outputs: list[RequestOutput],
-    owners: dict[str, bytes],
-    stats: WorkerStats,
-) -> list[tuple[bytes, EngineOutputs]]:
-    """One EngineOutputs per gateway for this step; finished requests leave `owners`."""
-    by_gateway: dict[bytes, list[RequestOutput]] = {}
-    for sender, out in rejected:
-        by_gateway.setdefault(sender, []).append(out)
-    for out in outputs:
-        owner = owners.get(out.request_id)
-        if owner is None:
-            continue  # aborted by its gateway while this step ran
-        by_gateway.setdefault(owner, []).append(out)
-        if out.finish_reason is not None:
-            del owners[out.request_id]
-    now = time.time()
-    return [(g, EngineOutputs(outs, stats, now)) for g, outs in by_gateway.items()]

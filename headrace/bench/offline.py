@@ -9,6 +9,7 @@ exactly its output length.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import subprocess
@@ -146,8 +147,19 @@ def measure_copy_bandwidth() -> float:
     return 2 * n * 2 / secs
 
 
+def decode_weight_bytes(model: Any, batch: int) -> float:
+    """Weight bytes one decode step of `batch` tokens reads, as stored (FP8 layers 1 byte
+    per weight plus their scales). Mixtures of experts read only the experts the tokens
+    are routed to: k/E of the expert bytes for one token; for more, the expected share
+    touched if every token picked its experts independently."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts, share = model.expert_param_bytes()
+    touched = 1.0 - (1.0 - share) ** batch if experts else 1.0
+    return total - experts * (1.0 - touched)
+
+
 def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dict[str, Any]:
-    """Decode floor: weights plus the KV read per step, at the measured bandwidth.
+    """Decode floor: the weights a step reads plus its KV read, at the measured bandwidth.
 
     Bytes as stored: with --quantization fp8 the FP8 layers count 1 byte per weight (plus
     their scales; the lm_head and embeddings stay 16-bit), so this is the FP8 floor; with
@@ -156,7 +168,7 @@ def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dic
     import torch
 
     model = engine.runner.model
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = decode_weight_bytes(model, batch)
     fp8_bytes = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
     mc = engine.model_config
     elem = torch.tensor([], dtype=engine.kv_dtype).element_size()
@@ -164,7 +176,8 @@ def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dic
     floor_s = (weight_bytes + kv_bytes) / bandwidth
     return {
         "bandwidth_TBps": bandwidth / 1e12,
-        "weight_GB": weight_bytes / 1e9,
+        "weight_GB": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
+        "weight_GB_read_per_step": weight_bytes / 1e9,
         "fp8_weight_GB": fp8_bytes / 1e9,
         "weights": "fp8" if fp8_bytes else str(engine.dtype).removeprefix("torch."),
         "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),
@@ -286,6 +299,7 @@ def _main(args: argparse.Namespace, default_workload: str) -> int:
             result["roofline"]["floor_ms_per_step"] / best if w.name == "W1" else None
         )
     del engine
+    gc.collect()  # reference cycles would keep the engine's weights alive for HF's run
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if args.hf_requests and torch.cuda.is_available():

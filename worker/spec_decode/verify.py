@@ -19,7 +19,7 @@ import torch
 
 from ipc.messages import TokenLogprobs
 from worker.input_batch import take_rows
-from worker.models.llama import LlamaForCausalLM
+from worker.models.base import CausalLM
 from worker.request import Request
 from worker.sampler import GREEDY_EPS, Sampler, SamplingBatch, compute_logprobs
 from worker.spec_decode.rejection import rejection_sample
@@ -29,7 +29,7 @@ DRAFT_SALT = 2
 
 
 def verify(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     sampler: Sampler,
     requests: list[Request],
     rows: list[list[int]],  # per request, its 1 + k rows of hidden

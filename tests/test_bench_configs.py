@@ -1,0 +1,50 @@
+"""The benchmark model configs (scripts/configs/*) parse, build the model the Hugging Face
+baseline builds (same parameter count, on the meta device: no memory), and give the decode
+floor the right weight bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from headrace.bench.offline import decode_weight_bytes
+from ipc.model_folder import open_model
+from worker.attention import TorchAttention
+from worker.model_config import ModelConfig
+from worker.model_loader import model_class
+
+CONFIGS = sorted(
+    p.name for p in (Path(__file__).parent.parent / "scripts/configs").iterdir() if p.is_dir()
+)
+
+
+def _models(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    cfg = open_model(f"scripts/configs/{name}", "dummy").config
+    mc = ModelConfig.from_hf(cfg)
+    hf_cfg = transformers.AutoConfig.for_model(  # as headrace/bench/offline.py hf_baseline
+        **{k: v for k, v in cfg.items() if k != "architectures"}
+    )
+    with torch.device("meta"):
+        ours = model_class(mc)(mc, TorchAttention(), 16)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    return ours, hf
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_bench_config_matches_hf_parameter_count(name: str) -> None:
+    ours, hf = _models(name)
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in hf.parameters()), name
+
+
+def test_mixtral_floor_reads_only_routed_experts() -> None:
+    ours, _ = _models("mixtral-8x7b")
+    total = sum(p.numel() * 2 for p in ours.parameters())  # bf16 bytes
+    ours = ours.to(torch.bfloat16)
+    experts = 32 * 8 * 3 * 4096 * 14336 * 2
+    assert decode_weight_bytes(ours, 1) == pytest.approx(total - experts * 6 / 8)
+    assert 25e9 < decode_weight_bytes(ours, 1) < 27e9  # ~12.9B active parameters
+    assert decode_weight_bytes(ours, 64) == pytest.approx(total, rel=1e-3)

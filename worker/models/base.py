@@ -1,0 +1,87 @@
+"""What every causal LM in worker/models/ offers the runner, and the shared weight plumbing.
+
+A model's forward() takes the step's flat token batch and returns final hidden states
+[T, H]; compute_logits() projects the rows that need them. Our parameter names are the
+same across families (embed_tokens, layers.N...., norm, lm_head); each model maps its
+checkpoint's names onto them in checkpoint_targets().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from worker.attention import AttentionMetadata
+from worker.model_config import ModelConfig
+from worker.models.layers import RotaryEmbedding, quantize_linears
+from worker.models.weights import Target, load_checkpoint, scale_targets
+from worker.quant.config import Fp8Scheme
+
+
+class CausalLM(nn.Module):
+    config: ModelConfig
+    rotary: RotaryEmbedding
+    embed_tokens: nn.Embedding
+    lm_head: nn.Linear
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[torch.Tensor],  # one per layer
+        md: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, H]
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [N, V]
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    # ---- weights ----------------------------------------------------------------------------
+    def checkpoint_targets(self) -> dict[str, Target]:
+        """Every checkpoint tensor the model needs -> where it goes."""
+        raise NotImplementedError
+
+    def skip_tensor(self, name: str) -> bool:
+        """Checkpoint tensors we do not load (buffers the checkpoint saved, tied heads)."""
+        if name.endswith(("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")):
+            return True
+        return self.config.tie_word_embeddings and name in ("lm_head.weight", "embed_out.weight")
+
+    def load_targets(self) -> dict[str, Target]:
+        """checkpoint_targets() plus the FP8 scales that go with them (weights.scale_targets)."""
+        targets = self.checkpoint_targets()
+        return targets | scale_targets(self, targets)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into place, one at a time; FP8
+        layers take float8 weights and scales, or quantize 16/32-bit weights on the way."""
+        load_checkpoint(self, weights, source, self.load_targets(), self.skip_tensor)
+
+    # ---- FP8 ---------------------------------------------------------------------------------
+    def quantizable(self, module: str) -> bool:
+        """Linear layers FP8 may replace: all but the LM head (as vLLM, kept 16-bit)."""
+        return module != "lm_head"
+
+    def quantize(self, quant: Fp8Scheme) -> None:
+        """Swap the quantizable linear layers for Fp8Linear (on the meta device)."""
+        sources: dict[str, list[str]] = {}
+        for name, t in self.checkpoint_targets().items():
+            if t.kind == "param" and name.endswith(".weight") and t.param.endswith(".weight"):
+                module = t.param.removesuffix(".weight")
+                if self.quantizable(module):
+                    sources.setdefault(module, []).append(name.removesuffix(".weight"))
+        quantize_linears(self, quant, sources)
+
+    def graph_blocker(self, dtype: torch.dtype) -> str | None:
+        """Why this model's decode steps cannot run in a CUDA graph (beyond attention)."""
+        return None
+
+    def expert_param_bytes(self) -> tuple[int, float]:
+        """(bytes of expert weights, fraction of them one token reads); (0, 0) if dense."""
+        return 0, 0.0

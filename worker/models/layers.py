@@ -1,0 +1,225 @@
+"""The building blocks every decoder in worker/models/ is made of.
+
+Norms (RMSNorm, LayerNorm with bias), the rotary embedding (full or partial), attention
+over the paged KV cache, and the two MLP kinds (gated SiLU, two-layer GELU). Each model file
+composes them in its own order; where two families do the same math they share the module.
+T is the number of tokens in the step's flat batch, H the hidden size, Hq / Hkv the query /
+key-value heads, D the head dim, R the rotary dims (R <= D).
+
+FP8 (--quantization fp8, or an FP8 checkpoint): the model is built with nn.Linear layers,
+then `quantize_linears` swaps each one the checkpoint names for an Fp8Linear unless the
+quantization_config's ignore list names it; so every family runs FP8 the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cuda.fused_ops import add_rms_norm, rotary, silu_and_mul
+from cuda.layer_ops import gelu, layer_norm
+from worker.attention import AttentionBackend, AttentionMetadata
+from worker.model_config import ModelConfig, UnsupportedModelError
+from worker.quant.config import Fp8Scheme
+from worker.quant.fp8 import Fp8Linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (normed, new residual); with a residual, adds it first. One fused kernel
+        on GPU; the torch reference (same rounding) on CPU."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a bias (Falcon, GPT-NeoX): mean-centred, fp32 statistics."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [R/2], with rope scaling applied (fp32)."""
+    d = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return (inv_freq / float(scaling["factor"])).float()
+    if kind == "llama3":
+        # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, and blend
+        # smoothly between the two wavelength bounds.
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled).float()
+    raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half rotary embedding (the Hugging Face / NeoX layout) on the first R dims of
+    each head, with an fp32 cos/sin table. R < D is GPT-NeoX's partial rotary."""
+
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.max_positions = max_positions
+        self.cos_sin: torch.Tensor | None = None  # [max_positions, R] = cat(cos, sin) halves
+
+    def build(self, device: torch.device) -> None:
+        inv_freq = rope_inv_freq(self.config).to(device)
+        t = torch.arange(self.max_positions, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [P, R/2]
+        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Rotates q [T, Hq, D] and k [T, Hkv, D] in place (views into the fused qkv)."""
+        assert self.cos_sin is not None, "RotaryEmbedding.build() was not called"
+        rotary(positions, q, k, self.cos_sin)
+
+
+class Attention(nn.Module):
+    """Fused q/k/v projection (rows q | k | v), rotary, paged attention, output projection.
+
+    Checkpoints that fuse q/k/v differently (GPT-NeoX, Falcon) have their rows reordered
+    into this layout at load time (worker/models/weights.py qkv_rows), so one module serves
+    every family.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.sliding_window = sliding_window  # this layer's (config.layer_sliding_window)
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.rotary = rotary
+        self.backend = backend
+        # FP8 KV cache: cache = K / k_scale (the checkpoint's k_scale / v_scale, else 1.0).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        self.rotary(positions, q, k)
+        o = self.backend(
+            q, k, v, kv_cache, md, self.scale, self.sliding_window, self.k_scale, self.v_scale
+        )  # [T, Hq, D]
+        return self.o_proj(o.reshape(T, self.q_size))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), gate and up fused into one matmul (Llama family)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(
+            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
+        )
+        self.down_proj = nn.Linear(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [T, 2I]: gate | up
+        return self.down_proj(silu_and_mul(gate_up))
+
+
+class GeluMLP(nn.Module):
+    """dense_4h_to_h(gelu(dense_h_to_4h(x))) (Falcon, GPT-NeoX)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.approximate = "none" if config.hidden_act == "gelu" else "tanh"
+        self.dense_h_to_4h = nn.Linear(
+            config.hidden_size, config.intermediate_size, bias=config.mlp_bias
+        )
+        self.dense_4h_to_h = nn.Linear(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dense_h_to_4h(x)  # [T, I]
+        return self.dense_4h_to_h(gelu(h, self.approximate))
+
+
+def make_linear(
+    in_features: int, out_features: int, bias: bool, hf_names: list[str], quant: Fp8Scheme | None
+) -> nn.Module:
+    """nn.Linear, or Fp8Linear when the model runs FP8 and the module is not ignored.
+
+    hf_names: the checkpoint modules this (possibly fused) layer holds; all or none of them
+    may be ignored, since one layer has one weight dtype.
+    """
+    if quant is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    ignored = [quant.is_ignored(n) for n in hf_names]
+    if any(ignored) and not all(ignored):
+        raise UnsupportedModelError(
+            f"quantization_config ignore list: {', '.join(hf_names)} are fused into one layer "
+            "and must be ignored together or not at all"
+        )
+    if hf_names and all(ignored):
+        return nn.Linear(in_features, out_features, bias=bias)
+    return Fp8Linear(in_features, out_features, bias, static_input=quant.activation == "static")
+
+
+def quantize_linears(model: nn.Module, quant: Fp8Scheme, sources: dict[str, list[str]]) -> None:
+    """Replace each nn.Linear named in `sources` (our module -> the checkpoint modules it
+    holds) by make_linear's choice. Call on the meta device, before weights exist."""
+    for name, hf_names in sources.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        layer = make_linear(
+            module.in_features, module.out_features, module.bias is not None, hf_names, quant
+        )
+        setattr(model.get_submodule(parent), leaf, layer)
