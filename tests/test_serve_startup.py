@@ -18,7 +18,7 @@ def test_serve_reports_progress_and_503s_until_ready(tmp_path: Path, stories_pat
     args = ["serve", "--model", str(stories_path), "--device", "cpu", "--port", str(port)]
     proc = Proc(args, tmp_path / "serve.log")
     base = f"http://127.0.0.1:{port}"
-    body = {"prompt": "Once upon a time", "max_tokens": 4}
+    body = {"model": str(stories_path), "prompt": "Once upon a time", "max_tokens": 4}
     early: list[str] = []
     try:
         deadline = time.monotonic() + 120
