@@ -12,13 +12,15 @@ Why this layout: a decode GEMV streams each output channel's weights as contiguo
 vectors (32 weights of one group per lane), and both formats' packings reduce to it with
 one reorder at load (AWQ packs along N in an interleaved order, GPTQ along K).
 
-`int4_linear` runs the GEMV kernel for up to 4 rows of x (decode), else dequantizes into a
-scratch buffer and calls cuBLAS (prefill: the GEMM dominates); on CPU the reference
+`int4_linear` runs the GEMV kernel for up to 4 rows of x (decode), GEMVs of 4 rows each up
+to GEMV_MAX_ROWS (HEADRACE_INT4_GEMV_ROWS, default 8), else dequantizes into a scratch
+buffer and calls cuBLAS (prefill: the GEMM dominates); on CPU the reference
 `int4_linear_ref` (dequantize, then matmul).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,8 @@ GEMV_KERNELS = {1: "gemv_m1", 2: "gemv_m2", 4: "gemv_m4"}
 KERNELS = (*GEMV_KERNELS.values(), "dequant")
 ROWS_PER_BLOCK = {"gemv_m1": 16, "gemv_m2": 16, "gemv_m4": 8}  # ROWS x WARPS in the source
 THREADS = 128
+# Up to this many rows of x run as GEMVs of <= 4 rows; more: dequantize + cuBLAS.
+GEMV_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_GEMV_ROWS", "8"))
 DEQUANT_THREADS = 256
 
 _source: str | None = None
@@ -174,6 +178,18 @@ def int4_linear(
         )
         name, grid, args = gemv_launch(x, w, y)
         compiler.launch(_kernel(x.dtype, name), grid, THREADS, *args)
+        return y
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        # A few GEMVs of 4 rows read the 4-bit weight once each (0.5 B/weight a launch);
+        # dequantize + GEMM writes and reads a 16-bit copy (4.5 B/weight).
+        y = (
+            out
+            if out is not None
+            else torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
+        )
+        plain = Int4Weight(w.qw, w.scales, w.zeros, w.group_size)  # x is already gathered
+        for r in range(0, x.shape[0], 4):
+            int4_linear(x[r : r + 4], plain, out=y[r : r + 4])
         return y
     wd = dequantize(w, x.dtype, scratch)
     return F.linear(x, wd)

@@ -34,8 +34,9 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
-from worker.quant.config import resolve_fp8_scheme
 from worker.quant.kv import resolve_kv_cache_dtype
+from worker.quant.scheme import describe as describe_quant
+from worker.quant.scheme import resolve_quant_scheme
 from worker.request import Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals
@@ -100,7 +101,9 @@ class EngineCore:
             )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
-        self.quant = resolve_fp8_scheme(self.files.config, config.quantization, self.files.path)
+        self.quant = resolve_quant_scheme(
+            self.files.config, config.quantization, self.files.path, config.load_format == "dummy"
+        )
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
 
     def _load_model(self) -> ModelRunner:
@@ -123,7 +126,7 @@ class EngineCore:
             "loaded %s in %.1fs (weights: %s)",
             self.files.path,
             time.perf_counter() - t0,
-            f"fp8, {self.quant.source}" if self.quant else str(self.dtype),
+            describe_quant(self.quant, str(self.dtype)),
         )
         eos = set(self.eos_token_ids)
         return ModelRunner(model, mc, self.device, self.dtype, eos, config.seed, self.kv_dtype)

@@ -85,6 +85,29 @@ class Int4Config:
             desc_act=bool(qc.get("desc_act", False)),
         )
 
+    @classmethod
+    def for_dummy(cls, method: str) -> Int4Config:
+        """The settings random (dummy) weights get with --quantization awq|gptq and no
+        quantization_config: the common published ones (group 128; AWQ zero points,
+        GPTQ symmetric, no activation order)."""
+        if method == "awq":
+            return cls("awq", 128, zero_point=True, desc_act=False)
+        return cls("gptq", 128, zero_point=False, desc_act=False)
+
+    def group_for(self, in_features: int) -> int:
+        """group_size, with -1 (one group) resolved to in_features."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    def is_ignored(self, module: str) -> bool:
+        """module: a checkpoint module name. AWQ's modules_to_not_convert match as
+        substrings of the name, as AutoAWQ matches them."""
+        return any(key in module for key in self.modules_to_not_convert)
+
+    def describe(self) -> str:
+        zp = "zero points" if self.zero_point else "symmetric"
+        act = ", act order" if self.desc_act else ""
+        return f"int4 {self.method}, group {self.group_size}, {zp}{act}"
+
     def num_groups(self, in_features: int) -> int:
         if self.group_size == -1:
             return 1
