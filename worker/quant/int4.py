@@ -86,13 +86,15 @@ class Int4Config:
         )
 
     @classmethod
-    def for_dummy(cls, method: str) -> Int4Config:
+    def for_dummy(cls, method: str, in_features: tuple[int, ...] = ()) -> Int4Config:
         """The settings random (dummy) weights get with --quantization awq|gptq and no
         quantization_config: the common published ones (group 128; AWQ zero points,
-        GPTQ symmetric, no activation order)."""
+        GPTQ symmetric, no activation order); a smaller group (64, 32, 8) when 128 does
+        not divide every layer's in_features (tiny test models)."""
+        group = next(g for g in (128, 64, 32, 8) if all(k % g == 0 for k in in_features))
         if method == "awq":
-            return cls("awq", 128, zero_point=True, desc_act=False)
-        return cls("gptq", 128, zero_point=False, desc_act=False)
+            return cls("awq", group, zero_point=True, desc_act=False)
+        return cls("gptq", group, zero_point=False, desc_act=False)
 
     def group_for(self, in_features: int) -> int:
         """group_size, with -1 (one group) resolved to in_features."""

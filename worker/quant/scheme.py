@@ -33,7 +33,7 @@ def resolve_quant_scheme(
     if qc is None:
         assert quantization is not None
         if dummy:
-            return Int4Config.for_dummy(quantization)
+            return Int4Config.for_dummy(quantization, _in_features(hf_config))
         raise QuantConfigError(
             f"--quantization {quantization} needs a {quantization.upper()} checkpoint: "
             f"{source}/config.json has no quantization_config (headrace does not quantize "
@@ -50,6 +50,16 @@ def resolve_quant_scheme(
         return Int4Config.from_hf(qc)
     except ValueError as e:
         raise QuantConfigError(f"{source}: {e}") from None
+
+
+def _in_features(hf_config: dict[str, Any]) -> tuple[int, ...]:
+    """The linear layers' input sizes, as far as config.json names them."""
+    keys = ("hidden_size", "intermediate_size", "ffn_hidden_size", "n_embd")
+    sizes = [hf_config[k] for k in keys if isinstance(hf_config.get(k), int)]
+    heads, head_dim = hf_config.get("num_attention_heads"), hf_config.get("head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        sizes.append(heads * head_dim)  # o_proj's input when head_dim is set apart
+    return tuple(sizes)
 
 
 def describe(quant: QuantScheme | None, dtype: str) -> str:
