@@ -147,6 +147,9 @@ def measure_copy_bandwidth() -> float:
     return 2 * n * 2 / secs
 
 
+NOMINAL_BANDWIDTH = 4.25e12  # B/s: the H200 decode floors' bandwidth in the issues
+
+
 def decode_weight_bytes(model: Any, batch: int) -> float:
     """Weight bytes one decode step of `batch` tokens reads, as stored (FP8 layers 1 byte
     per weight plus their scales). Mixtures of experts read only the experts the tokens
@@ -163,13 +166,25 @@ def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dic
 
     Bytes as stored: with --quantization fp8 the FP8 layers count 1 byte per weight (plus
     their scales; the lm_head and embeddings stay 16-bit), so this is the FP8 floor; with
-    --kv-cache-dtype fp8 the KV counts 1 byte per element.
+    awq / gptq the 4-bit layers count 0.5 byte per weight plus their fp16 scales and uint8
+    zero points per group (the int4 floor); with --kv-cache-dtype fp8 the KV counts 1 byte
+    per element. `floor_ms_per_step_at_nominal` is the same bytes at NOMINAL_BANDWIDTH
+    (the target the issues state their fractions against).
     """
     import torch
+
+    from worker.quant.int4_linear import int4_layers
 
     model = engine.runner.model
     weight_bytes = decode_weight_bytes(model, batch)
     fp8_bytes = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
+    int4 = int4_layers(model)
+    int4_bytes = sum(p.numel() * p.element_size() for m in int4 for p in m.parameters())
+    weights = str(engine.dtype).removeprefix("torch.")
+    if fp8_bytes:
+        weights = "fp8"
+    elif int4:
+        weights = f"int4 {int4[0].cfg.method}"
     mc = engine.model_config
     elem = torch.tensor([], dtype=engine.kv_dtype).element_size()
     kv_bytes = batch * context * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
@@ -179,10 +194,12 @@ def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dic
         "weight_GB": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
         "weight_GB_read_per_step": weight_bytes / 1e9,
         "fp8_weight_GB": fp8_bytes / 1e9,
-        "weights": "fp8" if fp8_bytes else str(engine.dtype).removeprefix("torch."),
+        "int4_layer_GB": int4_bytes / 1e9,  # packed weights + scales + zeros of 4-bit layers
+        "weights": weights,
         "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),
         "floor_ms_per_step": floor_s * 1000,
         "floor_tok_s": batch / floor_s,
+        "floor_ms_per_step_at_nominal": (weight_bytes + kv_bytes) / NOMINAL_BANDWIDTH * 1000,
     }
 
 
@@ -298,6 +315,9 @@ def _main(args: argparse.Namespace, default_workload: str) -> int:
         result["fraction_of_floor"] = (
             result["roofline"]["floor_ms_per_step"] / best if w.name == "W1" else None
         )
+        result["fraction_of_nominal_floor"] = (
+            result["roofline"]["floor_ms_per_step_at_nominal"] / best if w.name == "W1" else None
+        )
     del engine
     gc.collect()  # reference cycles would keep the engine's weights alive for HF's run
     if torch.cuda.is_available():
@@ -323,6 +343,12 @@ def _main(args: argparse.Namespace, default_workload: str) -> int:
         summary += f" KV blocks; floor {rl['floor_ms_per_step']:.2f} ms/step"
         if result.get("fraction_of_floor"):
             summary += f", {100 * result['fraction_of_floor']:.1f}% of floor"
+        if result.get("fraction_of_nominal_floor"):
+            summary += (
+                f"; {rl['weight_GB_read_per_step']:.2f} GB/step at 4.25 TB/s: "
+                f"{rl['floor_ms_per_step_at_nominal']:.2f} ms, "
+                f"{100 * result['fraction_of_nominal_floor']:.1f}%"
+            )
         summary += ")"
     if "hf_generate" in result:
         summary += f"; HF generate {result['hf_generate']['useful_output_tok_s']:.1f} tok/s, {result['speedup_vs_hf']:.1f}x"
