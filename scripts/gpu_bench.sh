@@ -5,7 +5,8 @@
 # + fp8 KV) w3fp8 (bf16, then fp8 + fp8 KV) w1_70b w2_70b (Llama-3-70B shape, fp8 dummy).
 # Int4 (issue 14): int4tests (GPU int4 kernel + model tests) int4kernels (scripts/bench_int4.py)
 # w1awq (bf16 then AWQ W1 on the 8B shape, each with its floor; AWQ's line adds the int4 floor
-# at 4.25 TB/s and the fraction) w2awq (8B AWQ W2, 500 requests) w1_70b_awq w2_70b_awq (70B).
+# at 4.25 TB/s and the fraction) w2awq (8B AWQ W2, 500 requests) w1_70b_awq w2_70b_awq (70B);
+# w1awq_tiles (8B and 70B AWQ W1 with HEADRACE_INT4_LAYOUT=tiles: the tensor-core GEMV).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -29,6 +30,7 @@ for step in $which; do
     int4tests) timeout 400 python -m pytest -m gpu tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_int4_models.py -q -p no:cacheprovider > "$OUT/gpu_int4_tests.log" 2>&1; tail -15 "$OUT/gpu_int4_tests.log" ;;
     int4kernels) timeout 200 python scripts/bench_int4.py --output-json "$OUT/int4_kernels.json" > "$OUT/int4_kernels.log" 2>&1; cat "$OUT/int4_kernels.log" ;;
     w1awq) for q in "" "--quantization awq"; do n=w1${q:+_awq}; timeout 280 python -m headrace bench latency $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
+    w1awq_tiles) for m in scripts/configs/llama-3-8b scripts/configs/llama-3-70b; do n=w1_awq_tiles_$(basename $m); HEADRACE_INT4_LAYOUT=tiles timeout 280 python -m headrace bench latency --model $m --quantization awq --max-model-len 4096 --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
     w2awq) timeout 280 python -m headrace bench throughput --workload W2 --num-requests 500 --quantization awq --output-json "$OUT/w2_awq.json" > "$OUT/w2_awq.log" 2>&1; tail -1 "$OUT/w2_awq.log" ;;
     w1_70b_awq) timeout 280 python -m headrace bench latency --model scripts/configs/llama-3-70b --quantization awq --max-model-len 4096 --output-json "$OUT/w1_70b_awq.json" > "$OUT/w1_70b_awq.log" 2>&1; tail -1 "$OUT/w1_70b_awq.log" ;;
     w2_70b_awq) timeout 280 python -m headrace bench throughput --model scripts/configs/llama-3-70b --workload W2 --num-requests 150 --quantization awq --max-model-len 4096 --output-json "$OUT/w2_70b_awq.json" > "$OUT/w2_70b_awq.log" 2>&1; tail -1 "$OUT/w2_70b_awq.log" ;;

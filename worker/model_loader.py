@@ -18,7 +18,7 @@ from worker.models.llama import LlamaForCausalLM
 from worker.models.mixtral import MixtralForCausalLM
 from worker.quant.config import Fp8Scheme
 from worker.quant.fp8 import Fp8Linear, cast_model, fill_dummy_fp8, gemm_mode
-from worker.quant.int4_linear import Int4Linear, fill_dummy_int4, share_scratch
+from worker.quant.int4_linear import Int4Linear, fill_dummy_int4, prepare_int4_layers
 from worker.quant.scheme import QuantScheme
 from worker.weights import iter_weights
 
@@ -105,7 +105,7 @@ def build_model(
             total = sum(1 for _ in model.parameters())
             weights = progress.bar(iter_weights(files), total, "tensors")
             model.load_weights(weights, source=files.path)
-    share_scratch(model, dtype, device)  # 4-bit layers' one prefill dequant buffer
+    prepare_int4_layers(model, dtype, device)  # 4-bit: layout, one prefill dequant buffer
     model.rotary.build(device)
     model.eval()
     return model

@@ -34,8 +34,15 @@ def test_chunked_gemv_rows_match_reference(m: int) -> None:
     check(y, x, w)
 
 
-@pytest.mark.parametrize("fmt", ["awq", "gptq-desc-act"])
-def test_int4_model_close_to_its_dequantized_twin(fmt: str, tmp_path, stories_path) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "layout"), [("awq", "rows"), ("gptq-desc-act", "rows"), ("awq", "tiles")]
+)
+def test_int4_model_close_to_its_dequantized_twin(
+    fmt: str, layout: str, tmp_path, stories_path, monkeypatch
+) -> None:
+    from worker.quant import int4_linear
+
+    monkeypatch.setattr(int4_linear, "LAYOUT", layout)
     src = tiny_model_hd64(tmp_path, stories_path)
     int4_dir, deq_dir = write_int4(src, tmp_path, fmt)
     prompts = prompts_of_different_lengths()
@@ -57,9 +64,14 @@ def test_int4_graphs_equal_eager(tmp_path, stories_path) -> None:
     check_logprobs_close(graphed.out, eager.out, "int4-graphs", atol=5e-2)
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_dummy_int4_weights_are_created_in_int4(method: str, llama3_tokenizer_path: Path) -> None:
+@pytest.mark.parametrize(("method", "layout"), [("awq", "rows"), ("gptq", "tiles")])
+def test_dummy_int4_weights_are_created_in_int4(
+    method: str, layout: str, llama3_tokenizer_path: Path, monkeypatch
+) -> None:
     from headrace.llm import LLM
+    from worker.quant import int4_linear
+
+    monkeypatch.setattr(int4_linear, "LAYOUT", layout)
 
     llm = LLM(
         "scripts/configs/llama-3-8b",
@@ -74,6 +86,7 @@ def test_dummy_int4_weights_are_created_in_int4(method: str, llama3_tokenizer_pa
     model = llm.engine.runner.model
     layer = model.layers[0].mlp.gate_up_proj
     assert isinstance(layer, Int4Linear) and layer.qweight.dtype == torch.int32
+    assert {m.layout for m in int4_linear.int4_layers(model)} == {layout}  # 8B: all tile-able
     assert layer.scratch is not None and layer.scratch.numel() == 28672 * 4096
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weight_bytes < 6e9  # ~5.7 GB in 4 bits (16 GB in bf16)

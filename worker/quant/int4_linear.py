@@ -11,22 +11,28 @@ Parameters, in the kernels' layout (worker/quant/int4_repack.py converts at load
 Fused q/k/v and gate/up layers hold their shards' rows back to back, as 16-bit ones do.
 
 GPU: cuda/int4_gemm.int4_linear: the W4A16 GEMV for a few rows (decode), else the weight
-dequantized into one scratch buffer shared by every Int4Linear of the model (`share_scratch`:
-the size of the largest layer, so prefill never holds more than one 16-bit weight) and a
-cuBLAS matmul. CPU: the reference (dequantize, then matmul), with the dequantized weight
+dequantized into one scratch buffer shared by every Int4Linear of the model (the size of
+the largest layer, so prefill never holds more than one 16-bit weight) and a cuBLAS
+matmul. `prepare_int4_layers` makes that buffer after loading and, with
+HEADRACE_INT4_LAYOUT=tiles, reorders qweight for the tensor-core GEMV (cuda/int4_tiles.py). CPU: the reference (dequantize, then matmul), with the dequantized weight
 kept while it is small (the CPU path serves tests and tiny models).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cuda.int4_gemm import Int4Weight, dequantize_ref, int4_linear
+from cuda.int4_tiles import tiles_ok, to_tiles
 from worker.quant.int4 import PACK, Int4Config
 
 CPU_CACHE_BYTES = 64 << 20  # keep a layer's dequantized weight on CPU up to this size
+# "rows" or "tiles" (cuda/int4_tiles.py: the tensor-core GEMV's order), chosen on the GPU.
+LAYOUT = os.environ.get("HEADRACE_INT4_LAYOUT", "rows")
 
 
 class Int4Linear(nn.Module):
@@ -57,13 +63,26 @@ class Int4Linear(nn.Module):
         self.zeros = param(out_features, groups, dtype=torch.uint8)
         self.perm = param(in_features, dtype=torch.int64) if cfg.desc_act else None
         self.reorders = False  # perm holds a real order (set by the loader)
+        self.layout = "rows"  # qweight's order; "tiles" after use_tiles()
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.scratch: torch.Tensor | None = None  # shared [>= N*K] dequant buffer (GPU)
         self._cpu_weight: torch.Tensor | None = None
 
     def int4_weight(self) -> Int4Weight:
         perm = self.perm if self.reorders else None
-        return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, perm)
+        return Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, perm, self.layout)
+
+    @torch.no_grad()
+    def use_tiles(self) -> bool:
+        """Reorder qweight into the tiles layout, in place, if the shape allows it."""
+        if self.layout == "tiles" or not tiles_ok(
+            self.out_features, self.in_features, self.group_size
+        ):
+            return self.layout == "tiles"
+        self.qweight.data.copy_(to_tiles(self.qweight.data))
+        self.layout = "tiles"
+        self.weights_changed()
+        return True
 
     def weights_changed(self) -> None:
         """Forget the CPU's dequantized copy (the loader calls this after writing rows)."""
@@ -106,12 +125,17 @@ def int4_layers(model: nn.Module) -> list[Int4Linear]:
     return [m for m in model.modules() if isinstance(m, Int4Linear)]
 
 
-def share_scratch(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
-    """Give every Int4Linear one dequantization buffer, sized for the largest; bytes used.
-    Allocated before the memory profile and CUDA graph capture, so both see it."""
+def prepare_int4_layers(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """After the weights are in (GPU only): the tiles layout where it is asked for
+    (HEADRACE_INT4_LAYOUT=tiles) and the shape allows, and one dequantization buffer for
+    every Int4Linear, sized for the largest; returns its bytes. Allocated before the memory
+    profile and CUDA graph capture, so both see it."""
     layers = int4_layers(model)
     if not layers or device.type != "cuda":
         return 0
+    if LAYOUT == "tiles":
+        for m in layers:
+            m.use_tiles()
     size = max(m.out_features * m.in_features for m in layers)
     buf = torch.empty(size, dtype=dtype, device=device)
     for m in layers:
