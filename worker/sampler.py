@@ -200,8 +200,9 @@ class Sampler:
     def processed_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The distribution each row draws from after all processing: [B, V] float32.
 
-        What speculative decoding verifies against. Greedy rows are one-hot at the argmax
-        the plain path would pick, so rejection sampling reduces to "proposal == argmax".
+        What draft-model verification (rejection sampling) verifies against; n-gram
+        verification uses `draw` instead. Greedy rows are one-hot at the argmax the plain
+        path would pick, so rejection sampling reduces to "proposal == argmax".
         """
         x = self._processed_logits(logits, batch)
         greedy = [p.temperature < GREEDY_EPS for p in batch.params]
