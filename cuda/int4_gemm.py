@@ -17,9 +17,9 @@ bytes in the order of mma.sync's fragments: its GEMV (gemv_tiles) unpacks with a
 the instructions per weight and splits K across a block's warps, for up to 8 rows at once.
 
 `int4_linear` runs the GEMV kernel for up to 4 rows of x (decode; tiles: 8), GEMVs of 4
-(8) rows each up to GEMV_MAX_ROWS (HEADRACE_INT4_GEMV_ROWS, default 8), else dequantizes
-into a scratch buffer and calls cuBLAS (prefill: the GEMM dominates); on CPU the
-reference `int4_linear_ref` (dequantize, then matmul).
+rows each up to GEMV_MAX_ROWS (HEADRACE_INT4_GEMV_ROWS, default 8; tiles: 8 rows each up
+to 32), else dequantizes into a scratch buffer and calls cuBLAS (prefill: the GEMM
+dominates); on CPU the reference `int4_linear_ref` (dequantize, then matmul).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from cuda import compiler
-from cuda.int4_tiles import from_tiles, to_tiles
+from cuda.int4_tiles import from_tiles, tiles_ok, to_tiles
 
 SOURCE_PATH = Path(__file__).with_name("int4_gemm.cu")
 DTYPES = {torch.bfloat16: 1, torch.float16: 0}
@@ -46,6 +46,9 @@ GEMV_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_GEMV_ROWS", "8"))
 DEQUANT_THREADS = 256
 TILE_THREADS = 256  # TILE_WARPS x 32 in the source
 TILE_MAX_ROWS = 8  # gemv_tiles takes up to 8 rows of x (mma's B has 8 columns)
+# Tiles: up to this many rows run as gemv_tiles launches of 8 (4 launches read 2 B/weight;
+# dequantize + cuBLAS moves 4.5 B/weight).
+TILE_GEMV_MAX_ROWS = max(GEMV_MAX_ROWS, 32)
 
 _source: str | None = None
 
@@ -82,9 +85,14 @@ class Int4Weight:
         return Int4Weight(self.qw, self.scales, self.zeros, self.group_size, None, self.layout)
 
     def as_tiles(self) -> Int4Weight:
-        """The same weight in the tiles layout (check int4_tiles.tiles_ok first)."""
+        """The same weight in the tiles layout; ValueError if its shape has none."""
         if self.layout == "tiles":
             return self
+        if not tiles_ok(self.out_features, self.in_features, self.group_size):
+            raise ValueError(
+                f"no tiles layout for N {self.out_features}, K {self.in_features}, group_size "
+                f"{self.group_size} (N must be a multiple of 16, K and group_size of 64)"
+            )
         qw = to_tiles(self.qw)
         return Int4Weight(qw, self.scales, self.zeros, self.group_size, self.perm, "tiles")
 
@@ -220,9 +228,9 @@ def _tiles_linear(
     x: torch.Tensor, w: Int4Weight, scratch: torch.Tensor | None, out: torch.Tensor | None
 ) -> torch.Tensor:
     """The tiles layout: gemv_tiles for up to 8 rows (one launch), several up to
-    GEMV_MAX_ROWS, else dequantize + cuBLAS. x is gathered already (no perm)."""
+    TILE_GEMV_MAX_ROWS, else dequantize + cuBLAS. x is gathered already (no perm)."""
     m = x.shape[0]
-    if m > max(GEMV_MAX_ROWS, TILE_MAX_ROWS):
+    if m > TILE_GEMV_MAX_ROWS:
         return F.linear(x, dequantize(w, x.dtype, scratch))
     y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
     for r in range(0, m, TILE_MAX_ROWS):

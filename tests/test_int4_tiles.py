@@ -8,6 +8,7 @@ by thread. A wrong nibble, lane, k-step or x offset lands far from the reference
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cuda import int4_gemm as ig
@@ -118,6 +119,8 @@ def test_tiles_round_trip_and_shapes() -> None:
     assert torch.equal(from_tiles(qt), w.qw)
     assert tiles_ok(4096, 14336, 128) and not tiles_ok(4104, 4096, 128)
     assert not tiles_ok(4096, 4096, 32)  # a 64-wide tile must lie in one group
+    with pytest.raises(ValueError, match="group_size 32"):
+        random_weight(48, 256, 32, 0).as_tiles()
 
 
 def test_gemv_tiles_indexing_computes_the_matmul() -> None:
