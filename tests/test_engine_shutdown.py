@@ -57,6 +57,21 @@ def test_shutdown_frees_weights_and_kv_while_the_engine_is_held(stories_path: Pa
     assert engine.runner.kv_caches == []
 
 
+def test_release_model_reaches_our_helper_objects_tensors() -> None:
+    # The attention backend (not a module) keeps a decode workspace on the GPU.
+    from worker.cuda_attention import CudaAttention
+    from worker.release import release_model
+
+    backend = CudaAttention()
+    backend.workspace = torch.zeros(16)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model[0].backend = backend  # type: ignore[assignment]
+    model[0].table = torch.ones(3)  # type: ignore[assignment]
+    release_model(model)
+    assert backend.workspace is not None and backend.workspace.is_meta
+    assert model[0].table.is_meta and model[0].weight.is_meta
+
+
 def test_shutdown_drops_requests_refuses_work_and_is_idempotent(stories_path: Path) -> None:
     engine = EngineCore(EngineConfig(model=str(stories_path), **ENGINE_ARGS))
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
