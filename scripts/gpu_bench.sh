@@ -3,7 +3,7 @@
 # Usage on the device machine: bash scripts/gpu_bench.sh "<which: tests profile w1 w3 w2 w5>"
 # FP8 (issue 13): profile_fp8 fp8tests w1fp8 (bf16 then fp8 W1, each with its floor) w2fp8 (fp8 weights
 # + fp8 KV) w3fp8 (bf16, then fp8 + fp8 KV) w1_70b w2_70b (Llama-3-70B shape, fp8 dummy).
-# Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s).
+# Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -39,6 +39,9 @@ for step in $which; do
       run15 m15_falcon_w1 75 latency --model $f --hf-requests 1 --hf-batch-size 1 --hf-time-limit 20
       run15 m15_falcon_w3 150 throughput --model $f --workload W3 --num-requests 300 \
         --hf-requests 64 --hf-batch-size 16 --hf-time-limit 40 ;;
+    # One Mixtral MoE layer at decode batches 1-64 in CUDA graphs: whole layer, routing, each grouped GEMM,
+    # dense per-expert GEMMs, against the touched experts' bytes (issue 15: "measure which").
+    moe) timeout 150 python scripts/bench_moe.py --out "$OUT/bench_moe.json" > "$OUT/bench_moe.log" 2>&1; tail -8 "$OUT/bench_moe.log" ;;
     # W4 sweep (issue 18): headrace serve on the Llama-3-8B shape (dummy weights), bench serve at 4 rates.
     w4sweep) python -m headrace serve --model scripts/configs/llama-3-8b --load-format dummy \
                --tokenizer "$HEADRACE_SHARED_MODELS/llama3-tokenizer" --served-model-name llama-3-8b-dummy \
