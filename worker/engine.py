@@ -96,12 +96,17 @@ class EngineCore:
 
         Without it the memory goes only when the last reference to the engine does, which
         a caller's variable, a traceback or a test can postpone past the next allocation
-        (the benchmark's HF baseline loads a second copy of the model right after).
+        (the benchmark's HF baseline loads a second copy of the model right after). Even
+        `del engine` is not enough alone: the first model build in a process imports
+        torch._dynamo, whose torch.fx.wrap keeps its own frame in a cycle, and that frame's
+        callers up to EngineCore.__init__ (self) until the garbage collector runs.
         """
         if self.closed:
             return
         self.closed = True
         self._inflight = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no graph replay still running at reset
         self.grammars.close()
         self.scheduler.abort_requests([r.request_id for r in self.scheduler.running])
         self.scheduler.abort_requests([r.request_id for r in self.scheduler.waiting])
@@ -110,7 +115,6 @@ class EngineCore:
             self.proposer.release()
         gc.collect()  # reference cycles over what was just dropped
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
     def __enter__(self) -> EngineCore:
