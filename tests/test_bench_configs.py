@@ -73,3 +73,27 @@ def test_int4_floor_counts_packed_weights_scales_and_zeros(
     other = sum(p.numel() * 2 for n, p in ours.named_parameters() if "proj" not in n)
     assert decode_weight_bytes(ours, 1) == linear // 2 + per_group + other
     assert low < decode_weight_bytes(ours, 1) < high  # vs 16 GB / 141 GB in bf16
+
+
+def test_summary_line_prints_the_floor_at_nominal_bandwidth() -> None:
+    from headrace.bench.offline import summary_line
+
+    run = {"output_tok_s": 100.0, "total_tok_s": 150.0, "tpot_mean_ms": 4.0}
+    roofline = {
+        "weights": "int4 awq",
+        "kv_cache_dtype": "bfloat16",
+        "floor_ms_per_step": 1.4,
+        "weight_GB_read_per_step": 5.73,
+        "floor_ms_per_step_at_nominal": 1.35,
+    }
+    result = {
+        "workload": "W1",
+        "headrace": [run],
+        "roofline": roofline,
+        "num_kv_blocks": 10,
+        "fraction_of_floor": 1.4 / 4.0,
+        "fraction_of_nominal_floor": 1.35 / 4.0,
+    }
+    line = summary_line(result)
+    assert "int4 awq weights" in line and "35.0% of floor" in line
+    assert "5.73 GB/step at 4.25 TB/s: 1.35 ms, 33.8%" in line
