@@ -36,7 +36,7 @@ from worker.model_runner import (
 )
 from worker.quant.config import resolve_fp8_scheme
 from worker.quant.kv import resolve_kv_cache_dtype
-from worker.request import Request, RequestStatus
+from worker.request import OwnedOutput, Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, make_proposer, set_proposals
 from worker.structured import GrammarWaitlist, advance_grammars
@@ -197,10 +197,11 @@ class EngineCore:
         return ModelConfig.from_hf(files.config, source=files.path)
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, req: EngineRequest) -> RequestOutput | None:
-        """Admit a request; an ERROR output (and nothing else changes) if it is invalid."""
+    def add_request(self, req: EngineRequest, owner: bytes = b"") -> RequestOutput | None:
+        """Admit a request from `owner`; an ERROR output (and nothing else changes) if it is
+        invalid."""
         try:
-            request = self._make_request(req)
+            request = self._make_request(req, owner)
             # A constrained request joins the scheduler once its grammar compiles; its id
             # is taken from now.
             self.scheduler.check_new_id(req.request_id, also_taken=self.grammars)
@@ -212,7 +213,7 @@ class EngineCore:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
         return None
 
-    def _make_request(self, req: EngineRequest) -> Request:
+    def _make_request(self, req: EngineRequest, owner: bytes) -> Request:
         prompt = req.prompt_token_ids
         params = check_request(
             prompt,
@@ -228,7 +229,9 @@ class EngineCore:
                 f"the request needs {self.kv.blocks_needed(need)} KV cache blocks but the cache "
                 f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
             )
-        return Request(req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time)
+        return Request(
+            req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time, owner=owner
+        )
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.grammars.abort(request_ids)
@@ -237,14 +240,28 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self.grammars)
 
+    def owner_of(self, request_id: str) -> bytes | None:
+        """The owner of an unfinished request; None if there is no such request."""
+        req = self.scheduler.requests.get(request_id) or self.grammars.get(request_id)
+        return req.owner if req is not None else None
+
+    def request_ids(self, owner: bytes | None = None) -> list[str]:
+        """The unfinished requests (those waiting for a grammar too); only `owner`'s if given."""
+        reqs = [*self.scheduler.requests.values(), *self.grammars.requests()]
+        return [r.request_id for r in reqs if owner is None or r.owner == owner]
+
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        return [out for _, out in self.step_with_owners()]
+
+    def step_with_owners(self) -> list[OwnedOutput]:
+        """One step; each output with its request's owner (the worker server routes by it)."""
         ready, failed = self.grammars.take_ready(wait=not self.scheduler.has_unfinished_requests())
         for request in ready:
             self.scheduler.add_request(request)
         return failed + self._step()
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> list[OwnedOutput]:
         if self.config.async_scheduling:
             return self._step_async()
         sched = self.scheduler.schedule()
@@ -253,7 +270,7 @@ class EngineCore:
         result = self.runner.execute(sched)
         return self._postprocess(sched, result)
 
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_async(self) -> list[OwnedOutput]:
         """One step, with the next decode step launched before this one's tokens are read.
 
         While the GPU runs step N, the CPU schedules N+1 (same requests, one token each),
@@ -316,7 +333,7 @@ class EngineCore:
                 return False
         return True
 
-    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[OwnedOutput]:
         for i, lps in result.prompt_logprobs.items():
             sr = sched.scheduled[i]
             req = sr.request
@@ -340,7 +357,7 @@ class EngineCore:
                 self.config.num_speculative_tokens,
                 self.max_model_len,
             )
-        outputs = []
+        outputs: list[OwnedOutput] = []
         # update() skips requests that finished before this step's tokens arrived.
         index = {sr.request.request_id: i for i, sr in enumerate(sched.scheduled)}
         for req, tokens in updates:
@@ -364,7 +381,7 @@ class EngineCore:
             if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
                 out.prompt_logprobs = req.prompt_logprobs or [None]
                 req.prompt_logprobs_sent = True
-            outputs.append(out)
+            outputs.append((req.owner, out))
         return outputs
 
     def stats(self) -> WorkerStats:
