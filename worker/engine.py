@@ -38,7 +38,7 @@ from worker.quant.config import resolve_fp8_scheme
 from worker.quant.kv import resolve_kv_cache_dtype
 from worker.request import OwnedOutput, Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerOutput
-from worker.spec_decode import SpecStats, make_proposer, set_proposals
+from worker.spec_decode import SpecStats, Target, draft_extra_blocks, make_proposer, set_proposals
 from worker.structured import GrammarWaitlist, advance_grammars
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,15 @@ class EngineCore:
         )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        eos = set(self.eos_token_ids)
-        self.proposer = make_proposer(
-            config, mc, self.device, self.dtype, num_blocks, self.max_model_len, eos
+        target = Target(
+            mc, self.device, self.dtype, num_blocks, self.max_model_len, self.eos_token_ids
         )
+        self.proposer = make_proposer(config, target)
         if self.proposer is not None:
             self.runner.draft_probs = self.proposer.draft_probs
         self.spec_stats = SpecStats()
         self.grammars = GrammarWaitlist(
-            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(eos)
+            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(self.eos_token_ids)
         )
         # Async scheduling: a launched step whose tokens have not been read yet.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
@@ -141,13 +141,16 @@ class EngineCore:
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
         if self.device.type == "cuda" and not config.enforce_eager:
+            from worker.cuda_graphs import GraphShapes
+
+            shapes = GraphShapes(
+                config.max_num_seqs,
+                self.max_model_len,
+                config.block_size,
+                config.num_speculative_tokens,
+            )
             with progress.stage("capturing CUDA graphs"):
-                self.runner.capture_cuda_graphs(
-                    config.max_num_seqs,
-                    self.max_model_len,
-                    config.block_size,
-                    config.num_speculative_tokens,
-                )
+                self.runner.capture_cuda_graphs(shapes)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -172,12 +175,11 @@ class EngineCore:
         draft = self._draft_model_config()
         if draft is not None:
             # The draft model lives in the same budget: its weights, and a KV block beside
-            # each target block (plus k slots per request, see make_proposer).
+            # each target block (plus k slots per request, see draft_extra_blocks).
             draft_block = kv_bytes_per_block(draft, c.block_size, self.dtype)
-            extra = c.max_num_seqs * -(-c.num_speculative_tokens // c.block_size)
             if self.device.type == "cuda":
                 budget -= param_bytes(draft, self.dtype)
-            budget -= extra * draft_block
+            budget -= draft_extra_blocks(c) * draft_block
             per_block += draft_block
         num = budget // per_block
         if num < 1:
