@@ -74,9 +74,6 @@ class InFlight:
     def request_ids(self, worker: WorkerConnection) -> list[str]:
         return list(self._by_worker.get(worker, ()))
 
-    def route(self, request_id: str) -> Route | None:
-        return self._routes.get(request_id)
-
     # ------------------------------------------------------------------ changes
 
     def add(

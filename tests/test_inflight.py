@@ -53,8 +53,7 @@ def test_outputs_start_a_route_and_the_final_one_ends_it() -> None:
     table, w0, w1 = InFlight(), FakeWorker("w0"), FakeWorker("w1")
     sub = submit(table, ["a", "b"], [w0, w1])
     assert (len(table), table.num_waiting, table.count(w0), table.count(w1)) == (2, 2, 1, 1)
-    route = table.route("a")
-    assert route is not None and route.submission is sub and route.worker is w0
+    assert table.request_ids(w0) == ["a"] and table.request_ids(w1) == ["b"]
     table.deliver([RequestOutput("a", [5])])
     assert table.num_waiting == 1 and "a" in table and table.count(w0) == 1
     table.deliver([RequestOutput("a", [6], finish_reason=FinishReason.STOP)])
