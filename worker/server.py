@@ -48,6 +48,7 @@ from ipc.messages import (
 from ipc.wire import WorkerCodec, bind_router, default_worker_id
 from worker.admission import Admission, AdmissionLimits
 from worker.health_http import serve_health, worker_health
+from worker.request import OwnedOutput
 
 logger = logging.getLogger("headrace.worker")
 
@@ -60,7 +61,7 @@ class Engine(Protocol):
 
     def add_request(self, req: EngineRequest, owner: bytes = b"") -> RequestOutput | None: ...
     def abort_requests(self, request_ids: list[str]) -> None: ...
-    def step_with_owners(self) -> list[Owned]:
+    def step_with_owners(self) -> list[OwnedOutput]:
         """One step's outputs, each with its request's owner."""
         ...
 
@@ -81,7 +82,6 @@ class _GatewayGone:
 
 
 _GONE = _GatewayGone()
-Owned = tuple[bytes, RequestOutput]  # an output and the gateway it goes to
 Inbox = queue.Queue[tuple[bytes, EngineRequest | AbortRequests | _GatewayGone]]
 Outbox = queue.SimpleQueue[list[tuple[bytes, EngineOutputs]] | None]
 
@@ -250,7 +250,7 @@ class WorkerServer:
             busy = engine.has_unfinished_requests()
             # Rejections, made outside step(), go back to their sender directly: a request
             # rejected for a duplicate id must not take the running one's owner.
-            outputs: list[Owned] = []
+            outputs: list[OwnedOutput] = []
             inbox = self._drain_inbox(block=not busy)
             for ident, msg in inbox:
                 taken += isinstance(msg, EngineRequest)
@@ -267,7 +267,7 @@ class WorkerServer:
                 self._outbox.put(self._group_by_gateway(outputs))
             self.num_owned = len(engine.request_ids())
 
-    def _step(self, engine: Engine) -> list[Owned]:
+    def _step(self, engine: Engine) -> list[OwnedOutput]:
         """One engine step, failing every request if it raises; then the queue's deadline."""
         try:
             outputs = engine.step_with_owners()
@@ -307,7 +307,7 @@ class WorkerServer:
 
     def _handle(
         self, engine: Engine, ident: bytes, msg: EngineRequest | AbortRequests | _GatewayGone
-    ) -> list[Owned]:
+    ) -> list[OwnedOutput]:
         if isinstance(msg, EngineRequest):
             rid = msg.request_id
             refused = self.admission.refuse(msg)
@@ -334,7 +334,7 @@ class WorkerServer:
             engine.abort_requests(ids)
         return []
 
-    def _fail_all(self, engine: Engine, why: str) -> list[Owned]:
+    def _fail_all(self, engine: Engine, why: str) -> list[OwnedOutput]:
         ids = engine.request_ids()
         logger.error("engine step failed; failing %d requests:\n%s", len(ids), why)
         owned = [(o, rid) for rid in ids if (o := engine.owner_of(rid)) is not None]
@@ -457,7 +457,7 @@ class WorkerServer:
         for ident, n in zip(idents, arrived, strict=True):
             push.send_multipart([ident, codec.encode(Heartbeat(self.worker_id, stats, now, n))])
 
-    def _group_by_gateway(self, outputs: list[Owned]) -> list[tuple[bytes, EngineOutputs]]:
+    def _group_by_gateway(self, outputs: list[OwnedOutput]) -> list[tuple[bytes, EngineOutputs]]:
         """One EngineOutputs per gateway for this step."""
         by_gateway: dict[bytes, list[RequestOutput]] = {}
         for ident, out in outputs:
