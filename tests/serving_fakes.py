@@ -12,7 +12,8 @@ import json
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from gateway.engine_client import Child, ModelEntry
+from gateway.engine_client import ModelEntry
+from gateway.inflight import Child
 from gateway.tokenizer import Tokenizer
 from ipc.messages import FinishReason, ModelInfo, RequestOutput, TokenLogprobs
 
@@ -28,7 +29,6 @@ def logprobs_of(token_id: int, top: int, vocab: int) -> TokenLogprobs:
 class ScriptedSubmission:
     def __init__(self, batches: list[list[tuple[int, RequestOutput]]]) -> None:
         self.batches = batches
-        self.lost: set[int] = set()
         self.aborted: list[int] = []
 
     def __aiter__(self) -> ScriptedSubmission:

@@ -60,7 +60,7 @@ def test_second_identical_request_computes_only_its_last_partial_block(stories_p
         count = sum(sr.num_new_tokens for sr in first.scheduled)
         result = engine.runner.execute(first)
         toks = []
-        for o in engine._postprocess(first, result):
+        for _, o in engine._postprocess(first, result):
             toks += o.new_token_ids
         while engine.has_unfinished_requests():
             for o in engine.step():

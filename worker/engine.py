@@ -38,9 +38,9 @@ from worker.model_runner import (
 from worker.quant.kv import resolve_kv_cache_dtype
 from worker.quant.scheme import describe as describe_quant
 from worker.quant.scheme import resolve_quant_scheme
-from worker.request import Request, RequestStatus
+from worker.request import OwnedOutput, Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerOutput
-from worker.spec_decode import SpecStats, make_proposer, set_proposals
+from worker.spec_decode import SpecStats, Target, draft_extra_blocks, make_proposer, set_proposals
 from worker.structured import GrammarWaitlist, advance_grammars
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,15 @@ class EngineCore:
         )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        eos = set(self.eos_token_ids)
-        self.proposer = make_proposer(
-            config, mc, self.device, self.dtype, num_blocks, self.max_model_len, eos
+        target = Target(
+            mc, self.device, self.dtype, num_blocks, self.max_model_len, self.eos_token_ids
         )
+        self.proposer = make_proposer(config, target)
         if self.proposer is not None:
             self.runner.draft_probs = self.proposer.draft_probs
         self.spec_stats = SpecStats()
         self.grammars = GrammarWaitlist(
-            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(eos)
+            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(self.eos_token_ids)
         )
         # Async scheduling: a launched step whose tokens have not been read yet.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
@@ -185,13 +185,16 @@ class EngineCore:
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
         if self.device.type == "cuda" and not config.enforce_eager:
+            from worker.cuda_graphs import GraphShapes
+
+            shapes = GraphShapes(
+                config.max_num_seqs,
+                self.max_model_len,
+                config.block_size,
+                config.num_speculative_tokens,
+            )
             with progress.stage("capturing CUDA graphs"):
-                self.runner.capture_cuda_graphs(
-                    config.max_num_seqs,
-                    self.max_model_len,
-                    config.block_size,
-                    config.num_speculative_tokens,
-                )
+                self.runner.capture_cuda_graphs(shapes)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -218,12 +221,11 @@ class EngineCore:
         draft = self._draft_model_config()
         if draft is not None:
             # The draft model lives in the same budget: its weights, and a KV block beside
-            # each target block (plus k slots per request, see make_proposer).
+            # each target block (plus k slots per request, see draft_extra_blocks).
             draft_block = kv_bytes_per_block(draft, c.block_size, self.dtype)
-            extra = c.max_num_seqs * -(-c.num_speculative_tokens // c.block_size)
             if self.device.type == "cuda":
                 budget -= param_bytes(draft, self.dtype)
-            budget -= extra * draft_block
+            budget -= draft_extra_blocks(c) * draft_block
             per_block += draft_block
         num = budget // per_block
         if num < 1:
@@ -258,11 +260,12 @@ class EngineCore:
         return ModelConfig.from_hf(files.config, source=files.path)
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, req: EngineRequest) -> RequestOutput | None:
-        """Admit a request; an ERROR output (and nothing else changes) if it is invalid."""
+    def add_request(self, req: EngineRequest, owner: bytes = b"") -> RequestOutput | None:
+        """Admit a request from `owner`; an ERROR output (and nothing else changes) if it is
+        invalid."""
         self._check_open()
         try:
-            request = self._make_request(req)
+            request = self._make_request(req, owner)
             # A constrained request joins the scheduler once its grammar compiles; its id
             # is taken from now.
             self.scheduler.check_new_id(req.request_id, also_taken=self.grammars)
@@ -274,7 +277,7 @@ class EngineCore:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
         return None
 
-    def _make_request(self, req: EngineRequest) -> Request:
+    def _make_request(self, req: EngineRequest, owner: bytes) -> Request:
         prompt = req.prompt_token_ids
         params = check_request(
             prompt,
@@ -290,7 +293,9 @@ class EngineCore:
                 f"the request needs {self.kv.blocks_needed(need)} KV cache blocks but the cache "
                 f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
             )
-        return Request(req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time)
+        return Request(
+            req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time, owner=owner
+        )
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.grammars.abort(request_ids)
@@ -299,15 +304,29 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self.grammars)
 
+    def owner_of(self, request_id: str) -> bytes | None:
+        """The owner of an unfinished request; None if there is no such request."""
+        req = self.scheduler.requests.get(request_id) or self.grammars.get(request_id)
+        return req.owner if req is not None else None
+
+    def request_ids(self, owner: bytes | None = None) -> list[str]:
+        """The unfinished requests (those waiting for a grammar too); only `owner`'s if given."""
+        reqs = [*self.scheduler.requests.values(), *self.grammars.requests()]
+        return [r.request_id for r in reqs if owner is None or r.owner == owner]
+
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        return [out for _, out in self.step_with_owners()]
+
+    def step_with_owners(self) -> list[OwnedOutput]:
+        """One step; each output with its request's owner (the worker server routes by it)."""
         self._check_open()
         ready, failed = self.grammars.take_ready(wait=not self.scheduler.has_unfinished_requests())
         for request in ready:
             self.scheduler.add_request(request)
         return failed + self._step()
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> list[OwnedOutput]:
         if self.config.async_scheduling:
             return self._step_async()
         sched = self.scheduler.schedule()
@@ -316,7 +335,7 @@ class EngineCore:
         result = self.runner.execute(sched)
         return self._postprocess(sched, result)
 
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_async(self) -> list[OwnedOutput]:
         """One step, with the next decode step launched before this one's tokens are read.
 
         While the GPU runs step N, the CPU schedules N+1 (same requests, one token each),
@@ -379,7 +398,7 @@ class EngineCore:
                 return False
         return True
 
-    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[OwnedOutput]:
         for i, lps in result.prompt_logprobs.items():
             sr = sched.scheduled[i]
             req = sr.request
@@ -403,7 +422,7 @@ class EngineCore:
                 self.config.num_speculative_tokens,
                 self.max_model_len,
             )
-        outputs = []
+        outputs: list[OwnedOutput] = []
         # update() skips requests that finished before this step's tokens arrived.
         index = {sr.request.request_id: i for i, sr in enumerate(sched.scheduled)}
         for req, tokens in updates:
@@ -427,7 +446,7 @@ class EngineCore:
             if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
                 out.prompt_logprobs = req.prompt_logprobs or [None]
                 req.prompt_logprobs_sent = True
-            outputs.append(out)
+            outputs.append((req.owner, out))
         return outputs
 
     def stats(self) -> WorkerStats:

@@ -24,7 +24,7 @@ from worker.spec_decode.verify import verify
 from worker.structured import grammar_bitmask
 
 if TYPE_CHECKING:
-    from worker.cuda_graphs import CudaGraphRunner
+    from worker.cuda_graphs import CudaGraphRunner, GraphShapes
     from worker.structured import RequestGrammar
 
 log = logging.getLogger(__name__)
@@ -111,27 +111,12 @@ class ModelRunner:
         self.draft_probs.clear()
         release_model(self.model)
 
-    def capture_cuda_graphs(
-        self,
-        max_num_seqs: int,
-        max_model_len: int,
-        block_size: int,
-        num_speculative_tokens: int = 0,
-    ) -> None:
+    def capture_cuda_graphs(self, shapes: GraphShapes) -> None:
         """Capture graphs (GPU only); after this, steps whose requests each compute one
         token (decode), or at most 1 + num_speculative_tokens (verification), replay them."""
         from worker.cuda_graphs import capture_graphs
 
-        self.graph_runner = capture_graphs(
-            self.model,
-            self.kv_caches,
-            self.dtype,
-            max_num_seqs,
-            max_model_len,
-            block_size,
-            self.device,
-            num_speculative_tokens,
-        )
+        self.graph_runner = capture_graphs(self.model, self.kv_caches, self.dtype, shapes)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:

@@ -267,9 +267,17 @@ class GrammarWaitlist:
         self._waiting.clear()
         self.backend.close()
 
-    def take_ready(self, wait: bool) -> tuple[list[Request], list[RequestOutput]]:
-        """Requests whose grammar compiled (matcher set), and ERROR outputs for those whose
-        grammar did not. With `wait` (nothing else to run), block up to 5 ms for one."""
+    def get(self, request_id: str) -> Request | None:
+        entry = self._waiting.get(request_id)
+        return entry[0] if entry is not None else None
+
+    def requests(self) -> list[Request]:
+        return [request for request, _ in self._waiting.values()]
+
+    def take_ready(self, wait: bool) -> tuple[list[Request], list[tuple[bytes, RequestOutput]]]:
+        """Requests whose grammar compiled (matcher set), and ERROR outputs (with their
+        requests' owners) for those whose grammar did not. With `wait` (nothing else to
+        run), block up to 5 ms for one."""
         if not self._waiting:
             return [], []
         if wait:
@@ -284,11 +292,9 @@ class GrammarWaitlist:
                 request.grammar = RequestGrammar(fut.result())
             except Exception as e:  # xgrammar raises RuntimeError; anything else is ours
                 why = compiler_message(e)
-                failed.append(
-                    RequestOutput(
-                        rid, finish_reason=FinishReason.ERROR, error=f"invalid grammar: {why}"
-                    )
-                )
+                error = f"invalid grammar: {why}"
+                out = RequestOutput(rid, finish_reason=FinishReason.ERROR, error=error)
+                failed.append((request.owner, out))
                 continue
             ready.append(request)
         return ready, failed
