@@ -43,17 +43,13 @@ MIN_CHUNK = 128  # must match MIN_CHUNK in the .cu source
 PREFILL_BLOCK_M = 64
 LOG2E = 1.4426950408889634
 
-_source: str | None = None
 _num_sms: dict[int, int] = {}
 _warned: set[str] = set()
 _slots: dict[int, int] = {}
 
 
 def source() -> str:
-    global _source
-    if _source is None:
-        _source = SOURCE_PATH.read_text()
-    return _source
+    return compiler.read_source(SOURCE_PATH)
 
 
 FP8 = torch.float8_e4m3fn
