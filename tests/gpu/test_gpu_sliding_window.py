@@ -8,25 +8,12 @@ import math
 import pytest
 import torch
 
-from cuda.paged_attention import paged_attention_ref
 from tests.gpu.test_gpu_kernels import Batch, decode_reqs, prefill_reqs
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-def reference(b: Batch, window: int) -> torch.Tensor:
-    return paged_attention_ref(
-        b.q.float(),
-        b.kv_cache.float(),
-        b.query_start_loc,
-        b.seq_lens,
-        b.block_tables,
-        b.scale,
-        window,
-    )
 
 
 def lowp(b: Batch, window: int) -> torch.Tensor:
@@ -55,7 +42,7 @@ def lowp(b: Batch, window: int) -> torch.Tensor:
 def run(b: Batch, window: int, **kw: object) -> torch.Tensor:
     out = b.run(sliding_window=window, **kw)
     assert torch.isfinite(out).all(), "unwritten or NaN output elements"
-    ref = reference(b, window)
+    ref = b.reference(sliding_window=window)
     err = (out.float() - ref).abs().max().item()
     base = (lowp(b, window).float() - ref).abs().max().item()
     assert err <= 2 * base + 2e-3, f"window {window}: error {err:.3g} vs torch {base:.3g}"
