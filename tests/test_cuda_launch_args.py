@@ -8,7 +8,6 @@ CPU tensors' data pointers stand for device pointers.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -18,24 +17,7 @@ import torch
 from cuda import compiler, kv_write_kernel
 from cuda import paged_attention_kernels as pak
 from cuda.paged_attention import AttentionMetadata, AttentionParams
-
-
-def _parameters(source: str) -> dict[str, list[tuple[str, type]]]:
-    """Kernel name -> [(parameter name, the Python type it is launched with)]."""
-    for macro in re.findall(r"#define (HR_\w+_ARGS)", source):
-        body = re.search(rf"#define {macro}((?:.*\\\n)*.*)", source)
-        assert body is not None
-        source = source.replace(macro, body.group(1).replace("\\\n", " "))
-    kernels: dict[str, list[tuple[str, type]]] = {}
-    pattern = r'extern "C" __global__ void (?:__launch_bounds__\(\w+\) )?(\w+)\(([^)]*)\)'
-    for name, params in re.findall(pattern, source):
-        typed = []
-        for p in params.split(","):
-            words = p.replace("*", " * ").split()
-            scalars: dict[str, type] = {"long": np.int64, "int": np.int32, "float": np.float32}
-            typed.append((words[-1], int if "*" in words else scalars[words[0]]))
-        kernels[name] = typed
-    return kernels
+from tests.kernel_signatures import kernel_parameters
 
 
 def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], dict[str, Any]]:
@@ -81,7 +63,7 @@ def test_launch_arguments_follow_the_kernel_signatures(
     monkeypatch: pytest.MonkeyPatch, fp8: bool, window: int | None, q_lens, seq_lens, kernels
 ) -> None:
     calls, t = _launches(monkeypatch, q_lens=q_lens, seq_lens=seq_lens, fp8=fp8, window=window)
-    signatures = _parameters(pak.source())
+    signatures = kernel_parameters(pak.source())
     assert [c[0] for c in calls] == kernels
     for kernel, grid, block, *args in calls:
         names = [n for n, _ in signatures[kernel]]
@@ -130,7 +112,7 @@ def test_kv_write_arguments_follow_the_kernel_signatures(
     kv_write_kernel.write_kv_cuda(k, v, cache, slots, 0.5, 0.25)
     ((kernel, grid, block, *args),) = calls
     assert kernel == (kv_write_kernel.FP8_KERNELS[dtype] if fp8 else "write_kv")
-    signature = _parameters(kv_write_kernel.SOURCE)[kernel]
+    signature = kernel_parameters(kv_write_kernel.SOURCE)[kernel]
     assert [type(a) for a in args] == [t for _, t in signature]
     got = dict(zip([n for n, _ in signature], args, strict=True))
     pointers = {"k": k, "v": v, "cache": cache, "slot_mapping": slots}

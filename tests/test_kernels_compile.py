@@ -51,6 +51,28 @@ def test_paged_attention_compiles(dtype_name: str, head_dim: int, kv_fp8: bool) 
     _check_log(log)
 
 
+@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("module_name", ["fused_ops", "layer_ops"])
+def test_elementwise_modules_compile(module_name: str, dtype_name: str) -> None:
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(f"cuda.{module_name}")
+    cubin, log = compiler.compile_cubin(
+        module.source(),
+        arch="sm_90",
+        defines=module.module_defines(getattr(torch, dtype_name)),
+        name=module_name,
+        verbose_ptxas=True,
+    )
+    for name in module.KERNELS:
+        assert f"Compiling entry function '{name}'" in log
+        assert name.encode() in cubin
+    assert len(re.findall(r"bytes spill stores", log)) == len(module.KERNELS), log
+    _check_log(log)
+
+
 def test_write_kv_compiles() -> None:
     from cuda import kv_write_kernel
 
