@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ipc.gguf_metadata import gguf_config
 from tests.test_gguf import _gguf_name, _spm_vocab
 from tests.test_golden import prompts_of_different_lengths, run_headrace
-from tests.test_golden_models import make_tiny
+from tests.tiny_models import make_tiny_model
 from worker.gguf_weights import iter_gguf_weights, permute_qk
 from worker.model_config import ModelConfig
 
@@ -64,7 +64,7 @@ def write_mixtral_gguf(hf_path: Path, tokenizer_src: Path, out: Path) -> Path:
 
 
 def test_mixtral_gguf_equals_safetensors(tmp_path: Path, stories_path: Path) -> None:
-    hf = make_tiny("mixtral", tmp_path / "hf", stories_path)
+    hf = make_tiny_model("mixtral", tmp_path / "hf", stories_path)
     path = write_mixtral_gguf(hf, stories_path, tmp_path / "mixtral.gguf")
     config = gguf_config(str(path))
     mc = ModelConfig.from_hf(config)

@@ -14,9 +14,10 @@ from cuda.fp8_gemv import fp8_gemv, fp8_gemv_ref
 from cuda.fp8_quant import FP8, quantize_per_token, quantize_per_token_ref
 from cuda.kv_write import quantize_kv, write_kv, write_kv_ref
 from cuda.paged_attention import AttentionParams, paged_attention_ref
-from tests.gpu.helpers import generate, tiny_model_hd64
+from tests.gpu.helpers import generate
 from tests.gpu.test_gpu_kernels import CONTEXTS, Batch
 from tests.test_golden import check_logprobs_close, prompts_of_different_lengths
+from tests.tiny_models import tiny_model_hd64
 from worker.quant.fp8 import (
     fp8_linear,
     fp8_linear_ref,
