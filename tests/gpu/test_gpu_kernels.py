@@ -100,13 +100,14 @@ class Batch:
         md, layer = self.metadata(), AttentionParams(self.scale, **params)
         return paged_attention_ref(self.q.float(), self.kv_cache.float(), md, layer)
 
-    def lowp(self) -> torch.Tensor:
-        """Plain attention computed in the input dtype (scores, probabilities, P @ V)."""
+    def lowp(self, sliding_window: int | None = None) -> torch.Tensor:
+        """Plain attention computed in the input dtype (scores, probabilities, P @ V): the
+        accuracy bar's baseline."""
         q, cache = self.q, self.kv_cache
         hkv, d = cache.shape[3], cache.shape[4]
         bs = cache.shape[2]
         group = q.shape[1] // hkv
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q)
         starts = self.query_start_loc.tolist()
         for r, (ql, s) in enumerate(self.reqs):
             if ql == 0:
@@ -117,8 +118,11 @@ class Batch:
             qr = q[starts[r] : starts[r] + ql].transpose(0, 1)  # [Hq, ql, D]
             scores = (qr @ k.permute(1, 2, 0)) * self.scale  # [Hq, ql, S]
             qpos = torch.arange(s - ql, s, device=q.device)[:, None]
-            mask = torch.arange(s, device=q.device)[None, :] > qpos
-            scores = scores.masked_fill(mask, float("-inf"))
+            kpos = torch.arange(s, device=q.device)[None, :]
+            hidden = kpos > qpos
+            if sliding_window is not None:
+                hidden |= kpos <= qpos - sliding_window
+            scores = scores.masked_fill(hidden, float("-inf"))
             probs = torch.softmax(scores.float(), -1).to(q.dtype)
             out[starts[r] : starts[r] + ql] = (probs @ v.transpose(0, 1)).transpose(0, 1)
         return out
