@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ipc.messages import EngineRequest, SamplingParams
-from tests.test_golden import make_tiny_model
+from tests.tiny_models import make_tiny_model
 
 
 def shared_prefix_prompts() -> list[list[int]]:

@@ -11,32 +11,10 @@ from gateway.sequence import SequenceState
 from gateway.serving_common import sequence_updates
 from gateway.tokenizer import load_tokenizer
 from ipc.messages import FinishReason, RequestOutput, SamplingParams
+from tests.serving_fakes import ScriptedSubmission
 
 
-class FakeSubmission:
-    """Yields prepared batches of (child index, output); records aborts and closes."""
-
-    def __init__(self, batches: list[list[tuple[int, RequestOutput]]]) -> None:
-        self.batches = batches
-        self.aborted: list[int] = []
-        self.closed = False
-
-    def __aiter__(self) -> FakeSubmission:
-        return self
-
-    async def __anext__(self) -> list[tuple[int, RequestOutput]]:
-        if not self.batches:
-            raise StopAsyncIteration
-        return self.batches.pop(0)
-
-    def abort(self, index: int) -> None:
-        self.aborted.append(index)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def collect(sub: FakeSubmission, seqs: list[SequenceState]) -> list[list[tuple[int, str]]]:
+def collect(sub: ScriptedSubmission, seqs: list[SequenceState]) -> list[list[tuple[int, str]]]:
     async def run() -> list[list[tuple[int, str]]]:
         return [
             [(i, d.text) for i, d in updates]
@@ -57,7 +35,7 @@ def test_stop_string_aborts_and_later_outputs_are_dropped(tok):
         SequenceState(tok, [1], SamplingParams(max_tokens=50, stop=["time"])),
         SequenceState(tok, [1], SamplingParams(max_tokens=50)),
     ]
-    sub = FakeSubmission(
+    sub = ScriptedSubmission(
         [
             [(0, RequestOutput("a", ids[:2])), (1, RequestOutput("b", ids[:1]))],
             [(0, RequestOutput("a", ids[2:])), (1, RequestOutput("b", ids[1:2]))],
@@ -84,7 +62,7 @@ def test_an_error_raises_after_the_batch_updates_before_it(tok, lost, error):
     failed = RequestOutput(
         "b", [], finish_reason=FinishReason.ERROR, error="boom", error_status=status
     )
-    sub = FakeSubmission(
+    sub = ScriptedSubmission(
         [
             [(0, RequestOutput("a", ids)), (1, RequestOutput("b", ids))],
             [(0, RequestOutput("a", ids)), (1, failed)],

@@ -1,12 +1,10 @@
-"""What the GPU tests share: a tiny head_dim-64 model and a greedy generate() that reports
-which CUDA graphs ran."""
+"""What the GPU tests share: a greedy generate() that reports which CUDA graphs ran (their
+tiny head_dim-64 model is tests/tiny_models.py's tiny_model_hd64)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from ipc.messages import SamplingParams
 
@@ -48,30 +46,3 @@ def generate(path, prompts, max_tokens: int = 24, **engine_args) -> Generated:
     )
     llm.close()  # the KV cache, graphs and weights go now, not when a cycle is collected
     return result
-
-
-def tiny_model_hd64(tmp_path, stories_path):
-    """A random Llama with head_dim 64, so the CUDA kernels (not the fallback) run."""
-    import shutil
-
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    path = tmp_path / "hd64"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(stories_path / f, path / f)
-    return path
