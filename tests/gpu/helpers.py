@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ipc.messages import SamplingParams
 
 Output = tuple[list[int], list[dict[int, float]]]  # token ids, top-5 logprobs per token
