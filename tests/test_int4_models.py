@@ -22,7 +22,11 @@ from safetensors.torch import load_file
 
 from tests.int4_checkpoints import quantized_pair
 from tests.test_fp8_models import copy_folder
-from tests.test_golden import ENGINE_ARGS, prompts_of_different_lengths, run_headrace
+from tests.test_golden import (
+    ENGINE_ARGS,
+    prompts_of_different_lengths,
+    run_headrace,
+)
 from tests.tiny_models import make_tiny_model
 from worker.quant.int4_linear import Int4Linear
 
