@@ -192,3 +192,12 @@ def test_speculative_rows_mask_after_each_proposal_and_roll_back(stories_path):
     assert not allowed(mask, 3, good[0])
     assert torch.equal(mask[4], mask[3]) and torch.equal(mask[5], mask[3])
     backend.close()
+
+
+def test_bounded_schema_always_closes_on_cpu(stories_path):
+    """The CPU half of tests/gpu/test_gpu_structured.py's comparison: every constrained
+    answer is complete JSON within max_tokens (an unbounded integer never closed)."""
+    from tests.gpu.helpers import constrained_generation
+
+    outs = constrained_generation(stories_path, "cpu")
+    assert len(outs) == 3 and all(outs)

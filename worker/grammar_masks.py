@@ -1,0 +1,262 @@
+"""Each step's grammar bitmask, prepared on a worker thread while the GPU runs the forward.
+
+The mask for step N depends only on the tokens up to step N-1. So as soon as step N-1's
+tokens are applied (the engine's postprocess calls `prefetch`), one job on the mask thread
+advances every constrained request's matcher over its new tokens and fills its next mask,
+while the main thread builds and launches step N. The sampler's `bitmask` waits for that
+job only when it needs the mask, after the forward is queued:
+
+    main:   tokens(N-1) ─ prefetch ─ outputs ─ schedule N ─ launch N ─ bitmask ─ sample N
+    thread:                 └─ accept tokens(N-1) ─ fill masks(N) ──────┘ (waited here)
+    GPU:                                              [ forward N ..........][mask][sample]
+
+Both xgrammar calls the job makes (batch accept, batch fill) run without the GIL, the fill
+on xgrammar's own threads. The job writes into one preallocated host buffer (pinned on a
+GPU), laid out in the order of the requests that gained tokens:
+
+    host[0 .. n)  one row per request of `prefetch`: its mask, or all ones (-1) when it is
+                  free, finished or its grammar is done
+    host[cap]     all ones: the row gathered for rows the step does not constrain
+
+When the step samples exactly those requests in that order (the steady state), `host`
+itself goes to the device (one non-blocking copy); otherwise its rows are gathered into a
+second buffer, and rows the job did not fill (a request's first token, speculative rows
+after each proposal) are filled then. Only the mask thread and, after waiting for it, the
+main thread touch matchers: `wait` runs before any other use, so aborts and preemption
+(which only drop requests) never race a fill.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
+
+    from worker.request import Request
+    from worker.structured import RequestGrammar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MaskStats:
+    """Where the mask work went (seconds, summed over steps); `headrace bench structured`."""
+
+    steps: int = 0  # bitmasks handed to the sampler
+    job_s: float = 0.0  # on the mask thread: accepting tokens and filling rows
+    wait_s: float = 0.0  # the main thread blocked on a job: the cost the overlap failed to hide
+    assemble_s: float = 0.0  # main thread: gather, rows filled now, the copy to the device
+    rows_prefetched: int = 0  # rows the job had ready
+    rows_filled_now: int = 0  # rows filled at sampling time
+    gathers: int = 0  # steps whose rows were not the job's layout
+
+    def per_step(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        out = {f.name: float(getattr(self, f.name)) for f in fields(self)}
+        for k in ("job_s", "wait_s", "assemble_s"):
+            out[k.replace("_s", "_ms_per_step")] = 1000 * out.pop(k) / n
+        return out
+
+
+@dataclass
+class _Prefetched:
+    order: list[RequestGrammar | None]  # row i of the host buffer: whose mask (None: all ones)
+    row: dict[int, int]  # id(grammar) -> its row
+
+
+class StepMasks:
+    """The grammar bitmask of each step for one model runner (see the module docstring)."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self.device = device
+        self.stats = MaskStats()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._job: concurrent.futures.Future[_Prefetched] | None = None
+        self._ready: _Prefetched | None = None
+        self._host = self._gathered = torch.empty(0)
+        self._copied: torch.cuda.Event | None = None  # the last host -> device copy
+        self._filler: xgr.BatchGrammarMatcher | None = None
+
+    # ---- after a step: start the next step's masks --------------------------------------
+    def prefetch(self, updates: list[tuple[Request, list[int]]]) -> None:
+        """Advance matchers over the tokens each request gained and fill their next masks,
+        on the mask thread. Costs nothing when no request is constrained."""
+        self.wait()
+        self._ready = None
+        if all(req.grammar is None for req, _ in updates):
+            return
+        accepts = [
+            (req.request_id, req.grammar, tokens)
+            for req, tokens in updates
+            if req.grammar is not None and tokens and req.grammar.active
+        ]
+        # Rows for each request that will sample next; a finished one's row stays all ones.
+        targets = [None if req.is_finished else req.grammar for req, tokens in updates if tokens]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mask")
+        self._job = self._pool.submit(self._run_job, accepts, targets)
+
+    def _run_job(
+        self,
+        accepts: list[tuple[str, RequestGrammar, list[int]]],
+        targets: list[RequestGrammar | None],
+    ) -> _Prefetched:
+        t0 = time.perf_counter()
+        self._accept(accepts)
+        host = self._host_buffer(len(targets))
+        order = [g if g is not None and g.active else None for g in targets]
+        fill = [i for i, g in enumerate(order) if g is not None]
+        free = [i for i, g in enumerate(order) if g is None]
+        if free:
+            host[free] = -1
+        if fill:
+            matchers = [order[i].matcher for i in fill]  # type: ignore[union-attr]
+            self._batch_filler().batch_fill_next_token_bitmask(matchers, host, fill)
+        row = {id(g): i for i, g in enumerate(order) if g is not None}
+        self.stats.job_s += time.perf_counter() - t0
+        return _Prefetched(order, row)
+
+    def _accept(self, accepts: list[tuple[str, RequestGrammar, list[int]]]) -> None:
+        """Every request's tokens, one batched call per position (GIL released); a request
+        stops at its grammar's stop token, or at a token its grammar refuses (logged)."""
+        import xgrammar as xgr
+
+        live = accepts
+        j = 0
+        while live:
+            ok = xgr.BatchGrammarMatcher.batch_accept_token(
+                [g.matcher for _, g, _ in live], [tokens[j] for _, _, tokens in live]
+            )
+            for (rid, g, _), accepted in zip(live, ok, strict=True):
+                if not accepted:
+                    g.failed = True
+                    log.error(
+                        "request %s: its grammar rejected an emitted token; no longer constrained",
+                        rid,
+                    )
+            live = [
+                e
+                for e, accepted in zip(live, ok, strict=True)
+                if accepted and len(e[2]) > j + 1 and not e[1].matcher.is_terminated()
+            ]
+            j += 1
+
+    def wait(self) -> None:
+        """Join the job in flight, if any: after this, the calling thread owns the matchers."""
+        if self._job is None:
+            return
+        t0 = time.perf_counter()
+        job, self._job = self._job, None
+        self._ready = job.result()  # re-raises the job's error here, on the engine thread
+        self.stats.wait_s += time.perf_counter() - t0
+
+    # ---- at sampling time -------------------------------------------------------------------
+    def bitmask(self, rows: list[tuple[Request, list[int]]]) -> torch.Tensor | None:
+        """The step's mask [R, ceil(V / 32)] int32 on the device, 1 + len(proposals) rows per
+        entry; None when no row is constrained (nothing to apply)."""
+        self.wait()
+        t0 = time.perf_counter()
+        live = [
+            (None if r.is_finished or r.grammar is None or not r.grammar.active else r.grammar, p)
+            for r, p in rows
+        ]
+        if all(g is None for g, _ in live):
+            return None
+        self.stats.steps += 1
+        pre = self._ready
+        if pre is not None and self._is_layout(live, pre):
+            self.stats.rows_prefetched += sum(g is not None for g, _ in live)
+            mask = self._to_device(self._host[: len(live)])
+        else:
+            mask = self._to_device(self._assemble(live, pre))
+        self.stats.assemble_s += time.perf_counter() - t0
+        return mask
+
+    @staticmethod
+    def _is_layout(live: list[tuple[RequestGrammar | None, list[int]]], pre: _Prefetched) -> bool:
+        """Are these rows exactly the job's first rows (no proposals, same order)?"""
+        if len(live) > len(pre.order):
+            return False
+        return all(not p and g is pre.order[i] for i, (g, p) in enumerate(live))
+
+    def _assemble(
+        self, live: list[tuple[RequestGrammar | None, list[int]]], pre: _Prefetched | None
+    ) -> torch.Tensor:
+        from worker.structured import fill_rows
+
+        num_rows = sum(1 + len(p) for _, p in live)
+        ones = self._host_buffer(0).shape[0] - 1  # the all-ones row
+        index: list[int] = []
+        now: list[tuple[RequestGrammar, list[int], int]] = []  # filled here: grammar, props, row
+        for g, p in live:
+            done = pre.row.get(id(g)) if pre is not None and g is not None and not p else None
+            if done is not None:
+                index.append(done)
+            else:
+                if g is not None:
+                    now.append((g, p, len(index)))
+                index.extend([ones] * (1 + len(p)))
+        self._reuse_after_copy()
+        if self._gathered.shape[0] < num_rows:
+            self._gathered = self._alloc(num_rows)
+        out = self._gathered[:num_rows]
+        torch.index_select(self._host, 0, torch.tensor(index), out=out)
+        fill_rows(out, [(row, g, p) for g, p, row in now], self._batch_filler())
+        self.stats.gathers += 1
+        self.stats.rows_prefetched += len(live) - sum(1 for g, _ in live if g is None) - len(now)
+        self.stats.rows_filled_now += sum(1 + len(p) for _, p, _ in now)
+        return out
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return host.clone()  # the buffer is refilled next step; the caller keeps this
+        mask = torch.empty(host.shape, dtype=torch.int32, device=self.device)
+        mask.copy_(host, non_blocking=True)
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()  # the host buffers are rewritten only once this has run
+        return mask
+
+    # ---- buffers --------------------------------------------------------------------------
+    def _host_buffer(self, num_rows: int) -> torch.Tensor:
+        """The job's buffer with room for num_rows rows plus the all-ones row; safe to write."""
+        self._reuse_after_copy()
+        if self._host.shape[0] < num_rows + 1:
+            cap = max(64, 1 << num_rows.bit_length())
+            self._host = self._alloc(cap + 1)
+            self._host[cap] = -1
+        return self._host
+
+    def _reuse_after_copy(self) -> None:
+        # Normally long done: the step that read the buffer has returned its tokens.
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def _alloc(self, num_rows: int) -> torch.Tensor:
+        pin = self.device.type == "cuda"
+        # A normal tensor even under the runner's inference mode: the mask thread (outside
+        # it) writes these buffers, which an inference tensor would refuse.
+        with torch.inference_mode(False):
+            return torch.empty((num_rows, self.words), dtype=torch.int32, pin_memory=pin)
+
+    def _batch_filler(self) -> xgr.BatchGrammarMatcher:
+        if self._filler is None:
+            import xgrammar as xgr
+
+            self._filler = xgr.BatchGrammarMatcher("auto")
+        return self._filler
+
+    def close(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
