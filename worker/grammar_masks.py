@@ -65,6 +65,45 @@ class MaskStats:
         return out
 
 
+class _Staging:
+    """A host buffer of mask rows (pinned for a GPU) and the device copy that last read it."""
+
+    def __init__(self, words: int, device: torch.device) -> None:
+        self.words = words
+        self.device = device
+        self.tensor = torch.empty((0, words), dtype=torch.int32)
+        self.copied: torch.cuda.Event | None = None
+
+    def writable(self, num_rows: int) -> torch.Tensor:
+        """The buffer, with at least num_rows rows, once no copy still reads it (normally
+        long done: the step that read it has returned its tokens)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        if self.tensor.shape[0] < num_rows:
+            pin = self.device.type == "cuda"
+            # A normal tensor even under the runner's inference mode: the mask thread
+            # (outside it) writes these buffers, which an inference tensor would refuse.
+            with torch.inference_mode(False):
+                self.tensor = torch.empty(
+                    (max(64, 1 << (num_rows - 1).bit_length()), self.words),
+                    dtype=torch.int32,
+                    pin_memory=pin,
+                )
+        return self.tensor
+
+    def to_device(self, num_rows: int) -> torch.Tensor:
+        """Rows [0, num_rows) as the step's mask on the device."""
+        host = self.tensor[:num_rows]
+        if self.device.type != "cuda":
+            return host.clone()  # the buffer is refilled next step; the caller keeps this
+        mask = torch.empty(host.shape, dtype=torch.int32, device=self.device)
+        mask.copy_(host, non_blocking=True)
+        if self.copied is None:
+            self.copied = torch.cuda.Event()
+        self.copied.record()
+        return mask
+
+
 @dataclass
 class _Prefetched:
     order: list[RequestGrammar | None]  # row i of the host buffer: whose mask (None: all ones)
@@ -82,8 +121,11 @@ class StepMasks:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._job: concurrent.futures.Future[_Prefetched] | None = None
         self._ready: _Prefetched | None = None
-        self._host = self._gathered = torch.empty(0)
-        self._copied: torch.cuda.Event | None = None  # the last host -> device copy
+        # The job's rows (its last row all ones), and two buffers for gathered rows, used in
+        # turn: a speculative step's two masks never wait for each other's copy.
+        self._host = _Staging(self.words, device)
+        self._gathered = [_Staging(self.words, device) for _ in range(2)]
+        self._turn = 0
         self._filler: xgr.BatchGrammarMatcher | None = None
 
     # ---- after a step: start the next step's masks --------------------------------------
@@ -112,7 +154,7 @@ class StepMasks:
     ) -> _Prefetched:
         t0 = time.perf_counter()
         self._accept(accepts)
-        host = self._host_buffer(len(targets))
+        host = self._host_rows(len(targets))
         order = [g if g is not None and g.active else None for g in targets]
         fill = [i for i, g in enumerate(order) if g is not None]
         free = [i for i, g in enumerate(order) if g is None]
@@ -175,9 +217,9 @@ class StepMasks:
         pre = self._ready
         if pre is not None and self._is_layout(live, pre):
             self.stats.rows_prefetched += sum(g is not None for g, _ in live)
-            mask = self._to_device(self._host[: len(live)])
+            mask = self._host.to_device(len(live))
         else:
-            mask = self._to_device(self._assemble(live, pre))
+            mask = self._assemble(live, pre)
         self.stats.assemble_s += time.perf_counter() - t0
         return mask
 
@@ -191,10 +233,14 @@ class StepMasks:
     def _assemble(
         self, live: list[tuple[RequestGrammar | None, list[int]]], pre: _Prefetched | None
     ) -> torch.Tensor:
+        """Gather the job's rows into the step's order, fill the rows it lacks, send."""
         from worker.structured import fill_rows
 
         num_rows = sum(1 + len(p) for _, p in live)
-        ones = self._host_buffer(0).shape[0] - 1  # the all-ones row
+        if self._host.tensor.shape[0] == 0:
+            self._host_rows(0)  # no job yet: only the all-ones row is read
+        host = self._host.tensor
+        ones = host.shape[0] - 1
         index: list[int] = []
         now: list[tuple[RequestGrammar, list[int], int]] = []  # filled here: grammar, props, row
         for g, p in live:
@@ -205,48 +251,23 @@ class StepMasks:
                 if g is not None:
                     now.append((g, p, len(index)))
                 index.extend([ones] * (1 + len(p)))
-        self._reuse_after_copy()
-        if self._gathered.shape[0] < num_rows:
-            self._gathered = self._alloc(num_rows)
-        out = self._gathered[:num_rows]
-        torch.index_select(self._host, 0, torch.tensor(index), out=out)
+        staging = self._gathered[self._turn]
+        self._turn ^= 1
+        out = staging.writable(num_rows)[:num_rows]
+        torch.index_select(host, 0, torch.tensor(index), out=out)
         fill_rows(out, [(row, g, p) for g, p, row in now], self._batch_filler())
         self.stats.gathers += 1
         self.stats.rows_prefetched += len(live) - sum(1 for g, _ in live if g is None) - len(now)
         self.stats.rows_filled_now += sum(1 + len(p) for _, p, _ in now)
-        return out
+        return staging.to_device(num_rows)
 
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return host.clone()  # the buffer is refilled next step; the caller keeps this
-        mask = torch.empty(host.shape, dtype=torch.int32, device=self.device)
-        mask.copy_(host, non_blocking=True)
-        if self._copied is None:
-            self._copied = torch.cuda.Event()
-        self._copied.record()  # the host buffers are rewritten only once this has run
-        return mask
-
-    # ---- buffers --------------------------------------------------------------------------
-    def _host_buffer(self, num_rows: int) -> torch.Tensor:
-        """The job's buffer with room for num_rows rows plus the all-ones row; safe to write."""
-        self._reuse_after_copy()
-        if self._host.shape[0] < num_rows + 1:
-            cap = max(64, 1 << num_rows.bit_length())
-            self._host = self._alloc(cap + 1)
-            self._host[cap] = -1
-        return self._host
-
-    def _reuse_after_copy(self) -> None:
-        # Normally long done: the step that read the buffer has returned its tokens.
-        if self._copied is not None:
-            self._copied.synchronize()
-
-    def _alloc(self, num_rows: int) -> torch.Tensor:
-        pin = self.device.type == "cuda"
-        # A normal tensor even under the runner's inference mode: the mask thread (outside
-        # it) writes these buffers, which an inference tensor would refuse.
-        with torch.inference_mode(False):
-            return torch.empty((num_rows, self.words), dtype=torch.int32, pin_memory=pin)
+    def _host_rows(self, num_rows: int) -> torch.Tensor:
+        """The job's buffer: num_rows rows, then the all-ones row at its end."""
+        old = self._host.tensor.shape[0]
+        host = self._host.writable(num_rows + 1)
+        if host.shape[0] != old:
+            host[-1] = -1
+        return host
 
     def _batch_filler(self) -> xgr.BatchGrammarMatcher:
         if self._filler is None:

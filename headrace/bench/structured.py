@@ -55,7 +55,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def structured_main(args: argparse.Namespace) -> int:
-    import torch
 
     from headrace.bench.offline import Workload, _card, _commit, run_engine
     from headrace.engine_args import engine_config_from_args
