@@ -4,9 +4,9 @@
       │  SamplingParams.guided = GuidedDecoding(kind, source)
     worker:  GrammarCompiler (xgrammar, our vocabulary) on a thread pool, cached by source
       │  the request waits outside the scheduler until its grammar is compiled
-    each step, per constrained request (GPU loop thread, while the GPU runs the forward):
-      matcher fills its bitmask row(s) on the CPU  ─►  logits[~allowed] = -inf on device
-      sampled tokens ─► matcher.accept_token (EOS terminates it)
+    each step (worker/grammar_masks.py, on a mask thread while the GPU runs the forward):
+      sampled tokens ─► matchers accept them (EOS terminates one) ─► fill the next rows
+      sampler: waits for the rows ─► logits[~allowed] = -inf on device
 
 Speculative steps verify 1 + k rows per request: row j is the mask after the first j
 proposals, so the matcher accepts them one by one while filling and then rolls back; a
