@@ -234,8 +234,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--gpu-ms", type=float, default=4.0, help="idle main thread per step")
     ap.add_argument("--busy-ms", type=float, default=1.0, help="busy main thread per step")
+    ap.add_argument("--torch-threads", type=int, default=1, help="intra-op threads for torch")
     ap.add_argument("--output-json")
     args = ap.parse_args()
+    # Small host tensor ops (1 MB fills, clones) gain nothing from intra-op threads, and on a
+    # busy machine their barriers wait for descheduled threads for milliseconds.
+    torch.set_num_threads(args.torch_threads)
 
     backend = GrammarBackend(args.tokenizer, args.vocab_size, LLAMA3_STOP_IDS)
     t0 = time.perf_counter()

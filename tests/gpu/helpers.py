@@ -81,7 +81,7 @@ def tiny_model_hd64(tmp_path, stories_path):
     return path
 
 
-def constrained_generation(stories_path, device: str) -> list[list[int]]:
+def constrained_generation(stories_path, device: str, **engine_args: Any) -> list[list[int]]:
     """Greedy outputs of two constrained requests and a free one on `device`, after checking
     that every constrained answer is complete, valid JSON (the CPU half also runs
     in CI: tests/test_structured_engine.py)."""
@@ -105,7 +105,7 @@ def constrained_generation(stories_path, device: str) -> list[list[int]]:
         SamplingParams(temperature=0, max_tokens=16),
         SamplingParams(temperature=0, max_tokens=64, guided=guided),
     ]
-    llm = LLM(str(stories_path), device=device, dtype="float32", max_num_seqs=8)
+    llm = LLM(str(stories_path), device=device, dtype="float32", max_num_seqs=8, **engine_args)
     outs = [o.outputs[0] for o in llm.generate(prompts, params)]
     for o, p in zip(outs, params, strict=True):
         if p.guided is not None:

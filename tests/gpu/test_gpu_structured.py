@@ -30,10 +30,10 @@ def test_apply_bitmask_cuda_equals_cpu(vocab):
     assert torch.equal(cpu[3], logits[3])
 
 
-def test_constrained_generation_gpu_equals_cpu(stories_path):
-    assert constrained_generation(stories_path, "cuda") == constrained_generation(
-        stories_path, "cpu"
-    )
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_constrained_generation_gpu_equals_cpu(stories_path, async_scheduling):
+    gpu = constrained_generation(stories_path, "cuda", async_scheduling=async_scheduling)
+    assert gpu == constrained_generation(stories_path, "cpu")
 
 
 def test_step_masks_on_cuda_equal_the_synchronous_fill():
