@@ -53,17 +53,27 @@ class FakeRequest:
 
 @dataclass
 class Timings:
+    """Wall time and this thread's CPU time per call: on a shared machine the CPU time of
+    single-threaded work stays close to its cost on an idle one, the wall time does not."""
+
     ms: dict[str, list[float]] = field(default_factory=dict)
+    cpu_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def time(self, name: str, f: Callable[..., Any], *args: Any) -> Any:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         out = f(*args)
         self.ms.setdefault(name, []).append(1000 * (time.perf_counter() - t))
+        self.cpu_ms.setdefault(name, []).append(1000 * (time.thread_time() - c))
         return out
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {
-            k: {"mean": statistics.fmean(v), "p90": sorted(v)[int(0.9 * (len(v) - 1))]}
+            k: {
+                "mean": statistics.fmean(v),
+                "median": statistics.median(v),
+                "p90": sorted(v)[int(0.9 * (len(v) - 1))],
+                "cpu_median": statistics.median(self.cpu_ms[k]),
+            }
             for k, v in self.ms.items()
         }
 
@@ -261,8 +271,11 @@ def main() -> None:
         "overlap_stats": stats,
         "mask_bytes": args.batch * ((args.vocab_size + 31) // 32) * 4,
     }
+    print(f"{'ms per step':28s} {'median':>8s} {'mean':>8s} {'p90':>8s} {'thread cpu':>10s}")
     for k, v in result["ms_per_step"].items():
-        print(f"{k:28s} {v['mean']:8.3f} ms  (p90 {v['p90']:.3f})")
+        print(
+            f"{k:28s} {v['median']:8.3f} {v['mean']:8.3f} {v['p90']:8.3f} {v['cpu_median']:10.3f}"
+        )
     for k, share in gil.items():
         print(f"gil share while {k} runs (1.0 = released): {share:.2f}")
     for mode, s in stats.items():

@@ -136,10 +136,12 @@ class StepMasks:
         self._ready = None
         if all(req.grammar is None for req, _ in updates):
             return
+        # (Which grammars are still active is asked on the mask thread: it costs an
+        # xgrammar call per request, and this thread is on the step's critical path.)
         accepts = [
             (req.request_id, req.grammar, tokens)
             for req, tokens in updates
-            if req.grammar is not None and tokens and req.grammar.active
+            if req.grammar is not None and tokens
         ]
         # Rows for each request that will sample next; a finished one's row stays all ones.
         targets = [None if req.is_finished else req.grammar for req, tokens in updates if tokens]
@@ -172,7 +174,7 @@ class StepMasks:
         stops at its grammar's stop token, or at a token its grammar refuses (logged)."""
         import xgrammar as xgr
 
-        live = accepts
+        live = [e for e in accepts if e[1].active]
         j = 0
         while live:
             ok = xgr.BatchGrammarMatcher.batch_accept_token(
@@ -207,14 +209,19 @@ class StepMasks:
         entry; None when no row is constrained (nothing to apply)."""
         self.wait()
         t0 = time.perf_counter()
-        live = [
-            (None if r.is_finished or r.grammar is None or not r.grammar.active else r.grammar, p)
-            for r, p in rows
-        ]
+        pre = self._ready
+        known = pre.row if pre is not None else {}  # grammars the job found active
+
+        def live_grammar(r: Request) -> RequestGrammar | None:
+            g = r.grammar
+            if r.is_finished or g is None or (id(g) not in known and not g.active):
+                return None
+            return g
+
+        live = [(live_grammar(r), p) for r, p in rows]
         if all(g is None for g, _ in live):
             return None
         self.stats.steps += 1
-        pre = self._ready
         if pre is not None and self._is_layout(live, pre):
             self.stats.rows_prefetched += sum(g is not None for g, _ in live)
             mask = self._host.to_device(len(live))
