@@ -6,7 +6,8 @@ sample them):
   alloc      torch.full(-1) of a fresh [B, W] mask (the synchronous path) vs fill_(-1)
   fill       one matcher at a time vs xgrammar's BatchGrammarMatcher (its threads)
   accept     accept_token per request (a Python loop) vs batch_accept_token (one call)
-  apply      logits[~allowed] = -inf on a [B, V] float32 CPU tensor (the GPU's cost differs)
+  apply      logits[~allowed] = -inf on a [B, V] float32 CPU tensor: the torch ops a GPU runs,
+             and xgrammar's CPU loop (what a CPU engine runs); the GPU's cost differs
   gil        the share of a Python thread's work that goes on while another thread runs
              a batch fill / accepts (1.0: that call releases the GIL throughout)
 Part 2, the whole step as the engine runs it, main-thread milliseconds per step:
@@ -37,7 +38,7 @@ import torch
 from headrace.bench.structured import SCHEMA
 from ipc.messages import GrammarKind, GuidedDecoding
 from worker.grammar_masks import StepMasks
-from worker.structured import GrammarBackend, RequestGrammar, apply_bitmask, grammar_bitmask
+from worker.structured import GrammarBackend, RequestGrammar, apply_bitmask_torch, grammar_bitmask
 
 LLAMA3_STOP_IDS = [128001, 128008, 128009]
 
@@ -165,7 +166,7 @@ def bench_pieces(compiled: Any, args: argparse.Namespace, t: Timings) -> dict[st
             t.time(f"fill_batch_{n}t", f.batch_fill_next_token_bitmask, ms, mask, rows)
         if step % 16 == 0:
             x = logits.clone()
-            t.time("apply_ours_cpu", apply_bitmask, x, mask)
+            t.time("apply_torch_cpu", apply_bitmask_torch, x, mask)
             x = logits.clone()
             t.time("apply_xgrammar_cpu", xgr.apply_token_bitmask_inplace, x, mask)
         tokens = batch.sample(mask)

@@ -245,7 +245,18 @@ _BIT_VALUES: dict[torch.device, torch.Tensor] = {}
 
 
 def apply_bitmask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """x [R, V] float: tokens whose bit is 0 get -inf, in place (no host sync).
+    """x [R, V] float: tokens whose bit is 0 get -inf, in place (no host sync)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        import xgrammar as xgr
+
+        # Its C++ loop takes half the time of the torch expansion on a CPU.
+        xgr.apply_token_bitmask_inplace(x, bitmask.contiguous(), vocab_size=x.shape[1])
+        return
+    apply_bitmask_torch(x, bitmask)
+
+
+def apply_bitmask_torch(x: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """apply_bitmask in torch ops, for any device (no kernel to build).
 
     The int32 words are read as bytes (little-endian, as on x86, ARM and the GPU): byte k
     of word w holds tokens 32w + 8k .. 32w + 8k + 7, so the expanded mask is [R, 32W]
