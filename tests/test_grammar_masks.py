@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -222,6 +223,7 @@ def test_aborts_and_preemption_never_race_the_mask_thread(
     for spec in (JSON, REGEX):  # compiled up front: every request joins at the first step
         engine.grammars.backend.submit(spec).result()
     watch = MatcherWatch(monkeypatch, engine.runner.masks)
+    switch_interval = sys.getswitchinterval()
     prompts = [[1, 403, 407, 261, 378], [1, 317], [1, 403, 407], [1, 500, 17], [1, 9], [1, 44]]
     for i, prompt in enumerate(prompts):
         guided = [JSON, REGEX, None][i % 3]
@@ -244,6 +246,8 @@ def test_aborts_and_preemption_never_race_the_mask_thread(
     assert engine.scheduler.num_preemptions > 0, "the test meant to force preemption"
     assert watch.jobs > 5 and engine.runner.masks.stats.rows_prefetched > 0
     assert watch.violations == []
+    engine.runner.masks.wait()  # the interpreter's switch interval is back once joined
+    assert sys.getswitchinterval() == switch_interval
     tok = _stories_tokenizer(stories_path)
     for rid, reason in finish.items():
         i = int(rid[1:])

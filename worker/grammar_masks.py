@@ -11,7 +11,9 @@ job only when it needs the mask, after the forward is queued:
     GPU:                                              [ forward N ..........][mask][sample]
 
 Both xgrammar calls the job makes (batch accept, batch fill) run without the GIL, the fill
-on xgrammar's own threads. The job writes into one preallocated host buffer (pinned on a
+on xgrammar's own threads; between them the job needs the GIL for microseconds, so while
+it is in flight the switch interval is SWITCH_INTERVAL_S, not 5 ms (else the job would
+start only once the main thread blocks). The job writes into one preallocated host buffer (pinned on a
 GPU), laid out in the order of the requests that gained tokens:
 
     host[0 .. n)  one row per request of `prefetch`: its mask, or all ones (-1) when it is
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import sys
 import time
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
@@ -43,6 +46,8 @@ if TYPE_CHECKING:
     from worker.structured import RequestGrammar
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S = 0.0002  # the interpreter's GIL switch interval while a job is in flight
 
 
 @dataclass
@@ -127,6 +132,7 @@ class StepMasks:
         self._gathered = [_Staging(self.words, device) for _ in range(2)]
         self._turn = 0
         self._filler: xgr.BatchGrammarMatcher | None = None
+        self._switch_interval = sys.getswitchinterval()
 
     # ---- after a step: start the next step's masks --------------------------------------
     def prefetch(self, updates: list[tuple[Request, list[int]]]) -> None:
@@ -147,6 +153,12 @@ class StepMasks:
         targets = [None if req.is_finished else req.grammar for req, tokens in updates if tokens]
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mask")
+        # The job needs the GIL for microseconds around its two GIL-free calls; under the
+        # default 5 ms switch interval it would get it only once this thread blocks (at
+        # sampling time), so while it is in flight, a thread waiting for the GIL asks
+        # for it after SWITCH_INTERVAL_S instead.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
         self._job = self._pool.submit(self._run_job, accepts, targets)
 
     def _run_job(
@@ -200,8 +212,11 @@ class StepMasks:
             return
         t0 = time.perf_counter()
         job, self._job = self._job, None
-        self._ready = job.result()  # re-raises the job's error here, on the engine thread
-        self.stats.wait_s += time.perf_counter() - t0
+        try:
+            self._ready = job.result()  # re-raises the job's error here, on the engine thread
+        finally:
+            sys.setswitchinterval(self._switch_interval)
+            self.stats.wait_s += time.perf_counter() - t0
 
     # ---- at sampling time -------------------------------------------------------------------
     def bitmask(self, rows: list[tuple[Request, list[int]]]) -> torch.Tensor | None:
@@ -286,5 +301,7 @@ class StepMasks:
     def close(self) -> None:
         if self._job is not None:
             self._job.cancel()
+            self._job = None
+            sys.setswitchinterval(self._switch_interval)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
