@@ -14,7 +14,8 @@ Part 2, the whole step as the engine runs it, main-thread milliseconds per step:
   sync       accept on the main thread, then grammar_bitmask (the path before the overlap)
   overlap    StepMasks: prefetch after the tokens, then bitmask at sampling time, with the
              main thread meanwhile idle for --gpu-ms (waiting on the GPU, GIL released) or
-             busy in Python for --busy-ms (building the next step, GIL held)
+             busy in Python for --busy-ms (building the next step, GIL held; StepMasks
+             eager, as under async scheduling)
 
 Usage: python scripts/bench_grammar_mask.py [--batch 64] [--steps 64] [--output-json F]
 """
@@ -219,7 +220,7 @@ def bench_step(compiled: Any, args: argparse.Namespace, t: Timings) -> dict[str,
     stats: dict[str, Any] = {}
     for mode, pause in modes.items():
         overlap = Batch(compiled, B, V, 1)
-        masks = StepMasks(V, cpu)
+        masks = StepMasks(V, cpu, eager=mode == "busy")
         tokens = []
         for _ in range(args.steps):
             updates = (

@@ -85,6 +85,8 @@ class EngineCore:
         self.grammars = GrammarWaitlist(
             config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(eos)
         )
+        # Nothing blocks between a step's tokens and the next sampling: mask jobs run eagerly.
+        self.runner.masks.eager = config.async_scheduling
         # Async scheduling: a launched step whose tokens have not been read yet.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
 

@@ -11,9 +11,12 @@ job only when it needs the mask, after the forward is queued:
     GPU:                                              [ forward N ..........][mask][sample]
 
 Both xgrammar calls the job makes (batch accept, batch fill) run without the GIL, the fill
-on xgrammar's own threads; between them the job needs the GIL for microseconds, so while
-it is in flight the switch interval is SWITCH_INTERVAL_S, not 5 ms (else the job would
-start only once the main thread blocks). The job writes into one preallocated host buffer (pinned on a
+on xgrammar's own threads; around them the job needs the GIL for a little Python. Under the
+interpreter's 5 ms switch interval it gets it once the main thread blocks: in a synchronous
+engine that is at sampling time, with the forward queued, which hides the job behind it.
+With async scheduling the main thread runs Python until it samples (there is no forward to
+wait on in between), so there `eager` lowers the switch interval to SWITCH_INTERVAL_S while
+a job is in flight, and the job runs beside that Python. The job writes into one preallocated host buffer (pinned on a
 GPU), laid out in the order of the requests that gained tokens:
 
     host[0 .. n)  one row per request of `prefetch`: its mask, or all ones (-1) when it is
@@ -118,8 +121,9 @@ class _Prefetched:
 class StepMasks:
     """The grammar bitmask of each step for one model runner (see the module docstring)."""
 
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, eager: bool = False) -> None:
         self.vocab_size = vocab_size
+        self.eager = eager  # run jobs beside the main thread's Python (async scheduling)
         self.words = (vocab_size + 31) // 32
         self.device = device
         self.stats = MaskStats()
@@ -153,12 +157,9 @@ class StepMasks:
         targets = [None if req.is_finished else req.grammar for req, tokens in updates if tokens]
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mask")
-        # The job needs the GIL for microseconds around its two GIL-free calls; under the
-        # default 5 ms switch interval it would get it only once this thread blocks (at
-        # sampling time), so while it is in flight, a thread waiting for the GIL asks
-        # for it after SWITCH_INTERVAL_S instead.
         self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
+        if self.eager:  # see the module docstring
+            sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
         self._job = self._pool.submit(self._run_job, accepts, targets)
 
     def _run_job(
