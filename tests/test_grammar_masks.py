@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
 import pytest
 import torch
 
@@ -248,6 +247,8 @@ def test_aborts_and_preemption_never_race_the_mask_thread(
     assert watch.violations == []
     engine.runner.masks.wait()  # the interpreter's switch interval is back once joined
     assert sys.getswitchinterval() == switch_interval
+    import jsonschema
+
     tok = _stories_tokenizer(stories_path)
     for rid, reason in finish.items():
         i = int(rid[1:])
