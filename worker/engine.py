@@ -25,6 +25,7 @@ from ipc.sampling import check_request
 from worker import progress
 from worker.config import EngineConfig, SchedulerConfig, default_max_num_batched_tokens
 from worker.generation_defaults import sampling_defaults
+from worker.input_batch import build_host_inputs
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_loader import build_model, resolve_device, resolve_dtype
@@ -41,7 +42,7 @@ from worker.quant.scheme import resolve_quant_scheme
 from worker.request import OwnedOutput, Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, Target, draft_extra_blocks, make_proposer, set_proposals
-from worker.structured import GrammarWaitlist, advance_grammars
+from worker.structured import GrammarWaitlist
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class EngineCore:
         self.grammars = GrammarWaitlist(
             config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(self.eos_token_ids)
         )
+        # Nothing blocks between a step's tokens and the next sampling: mask jobs run eagerly.
+        self.runner.masks.eager = config.async_scheduling
         # Async scheduling: a launched step whose tokens have not been read yet.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
         self.closed = False
@@ -109,6 +112,7 @@ class EngineCore:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # no graph replay still running at reset
         self.grammars.close()
+        self.runner.masks.close()  # joins a mask job still running
         self.scheduler.abort_requests([r.request_id for r in self.scheduler.running])
         self.scheduler.abort_requests([r.request_id for r in self.scheduler.waiting])
         self.runner.release()
@@ -342,9 +346,10 @@ class EngineCore:
         builds its inputs and queues it, feeding N's sampled ids on the device; only then
         does it wait for N's tokens and apply them. A request that N finishes (EOS, stop
         id) has its N+1 token dropped. With a constrained request in the batch, N+1's
-        sampling waits for N's tokens (its masks follow them) but its forward does not.
-        Steps that are not plain decodes, or whose successor would differ from a normal
-        schedule, run as usual.
+        sampling waits for N's tokens (its masks follow them) but its forward does not:
+        N's postprocess starts N+1's masks on the mask thread, and N+1's sampling is queued
+        only in the next call, once N+2's inputs are built. Steps that are not plain
+        decodes, or whose successor would differ from a normal schedule, run as usual.
         """
         if self._inflight is not None:
             sched, pending = self._inflight
@@ -360,16 +365,18 @@ class EngineCore:
         if self._can_chain(sched):
             nxt = self.scheduler.schedule_chained(sched)
             if nxt is not None:
+                host = build_host_inputs(nxt)  # while `pending`'s masks may still fill
+                if pending.token_ids is None:  # nxt's forward reads these tokens
+                    self.runner.sample_pending(pending)
                 # Constrained requests' masks need this step's tokens: sample after them.
                 defer = any(sr.request.grammar is not None for sr in nxt.scheduled)
                 nxt_pending = self.runner.launch(
-                    nxt, pending.token_ids, step_offset=1, defer_sampling=defer
+                    nxt, pending.token_ids, step_offset=1, defer_sampling=defer, host=host
                 )
                 self._inflight = (nxt, nxt_pending)
-        outputs = self._postprocess(sched, self.runner.finish(pending))
-        if nxt_pending is not None and nxt_pending.token_ids is None:
-            self.runner.sample_pending(nxt_pending)
-        return outputs
+        if pending.token_ids is None:
+            self.runner.sample_pending(pending)
+        return self._postprocess(sched, self.runner.finish(pending))
 
     def _can_chain(self, sched: SchedulerOutput) -> bool:
         """Would the step after `sched` be these same requests decoding one token each?"""
@@ -412,7 +419,8 @@ class EngineCore:
             if sr.start < sr.request.num_prompt_tokens:
                 self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
         updates = self.scheduler.update(sched, result.new_tokens)
-        advance_grammars(updates)
+        # Matchers take the new tokens and fill the next masks on a thread, meanwhile.
+        self.runner.masks.prefetch(updates)
         if self.proposer is not None:
             self.spec_stats.count(sched, result.new_tokens)
             set_proposals(

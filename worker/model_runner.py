@@ -15,17 +15,16 @@ import torch
 
 from ipc.messages import SamplingParams, TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
+from worker.grammar_masks import StepMasks
 from worker.input_batch import HostInputs, build_host_inputs, take_rows, to_device
 from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
 from worker.scheduler import SchedulerOutput
 from worker.spec_decode.verify import verify
-from worker.structured import grammar_bitmask
 
 if TYPE_CHECKING:
     from worker.cuda_graphs import CudaGraphRunner, GraphShapes
-    from worker.structured import RequestGrammar
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +87,8 @@ class ModelRunner:
         # Speculative decoding: request id -> draft distributions q [k, V] (the draft
         # proposer's dict; empty for n-gram, whose q is a point mass).
         self.draft_probs: dict[str, torch.Tensor] = {}
+        # Structured output: each step's grammar masks, filled while the forward runs.
+        self.masks = StepMasks(model_config.vocab_size, device)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.config
@@ -147,6 +148,7 @@ class ModelRunner:
         input_ids: torch.Tensor | None = None,
         step_offset: int = 0,
         defer_sampling: bool = False,
+        host: HostInputs | None = None,
     ) -> PendingStep:
         """Queue a decode step on the GPU (model, logits, sampling) without waiting for it.
 
@@ -155,8 +157,10 @@ class ModelRunner:
         seeded draws stay the same as without async scheduling. With `defer_sampling`
         only the model and logits are queued: `sample_pending` draws later (a constrained
         request's mask needs the previous step's token, read while this forward runs).
+        `host` is `out`'s inputs when the caller built them already.
         """
-        host = build_host_inputs(out)
+        if host is None:
+            host = build_host_inputs(out)
         if self.graph_runner is not None and self.graph_runner.can_run(host):
             hidden = self.graph_runner.run(host, input_ids)
         else:
@@ -177,7 +181,7 @@ class ModelRunner:
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
             steps=[len(r.output_token_ids) + step_offset for r in reqs] if step_offset else None,
-            bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
+            bitmask=self.masks.bitmask([(r, []) for r in reqs]),
         )
         sampled = self.sampler(logits, batch)
         return PendingStep(out, sampled.token_ids, sampled.logprobs, params)
@@ -192,7 +196,7 @@ class ModelRunner:
             params=pending.params,
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
-            bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
+            bitmask=self.masks.bitmask([(r, []) for r in reqs]),
         )
         sampled = self.sampler(pending.logits, batch)
         pending.token_ids, pending.logprobs, pending.logits = (
@@ -225,9 +229,9 @@ class ModelRunner:
             sched_index = [inputs.sample_sched_index[j] for j in spec]
             spec_reqs = [out.scheduled[i].request for i in sched_index]
             spec_rows = [inputs.sample_rows[j] for j in spec]
-            bitmask = self._bitmask(
+            bitmask = self.masks.bitmask(
                 [
-                    (r.grammar, r.spec_token_ids[: len(rows) - 1])
+                    (r, r.spec_token_ids[: len(rows) - 1])
                     for r, rows in zip(spec_reqs, spec_rows, strict=True)
                 ]
             )
@@ -245,7 +249,7 @@ class ModelRunner:
                 params=[r.params for r in reqs],
                 prompt_token_ids=[r.prompt_token_ids for r in reqs],
                 output_token_ids=[r.output_token_ids for r in reqs],
-                bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
+                bitmask=self.masks.bitmask([(r, []) for r in reqs]),
             )
             sampled = self.sampler(logits, batch)
             tokens = sampled.token_ids.tolist()
@@ -264,11 +268,6 @@ class ModelRunner:
             lp = compute_logprobs(logits, targets, k).to_lists([k] * len(job.rows))
             result.prompt_logprobs[job.sched_index] = lp
         return result
-
-    def _bitmask(self, rows: list[tuple[RequestGrammar | None, list[int]]]) -> torch.Tensor | None:
-        """Structured output's masks for these rows, filled on the CPU (while the GPU runs
-        the forward this step queued) and sent to the device without a sync."""
-        return grammar_bitmask(rows, self.sampler.vocab_size, self.device)
 
     @torch.inference_mode()
     def profile_free_memory(self, max_num_batched_tokens: int, utilization: float) -> int:
