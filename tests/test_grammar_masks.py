@@ -97,6 +97,7 @@ def check_random_batch(compiled, seed: int, device: torch.device) -> None:
     reqs = [_new_request(i, rng, compiled) for i in range(6)]
     joined = len(reqs)
     preempted: dict[str, int] = {}  # request id -> steps left out
+    terminated = 0  # grammars seen ended by a stop token (their rows: all ones)
     for _step in range(40):
         if rng.random() < 0.2:  # a request joins
             reqs.append(_new_request(joined, rng, compiled))
@@ -118,6 +119,9 @@ def check_random_batch(compiled, seed: int, device: torch.device) -> None:
         ]
         got = masks.bitmask(list(zip(scheduled, props, strict=True)))  # type: ignore[arg-type]
         got = None if got is None else got.cpu()
+        for g in [g for r in reqs for g in (r.grammar, r.ref) if g is not None]:
+            assert g.terminated == g.matcher.is_terminated()  # tracked without asking xgrammar
+            terminated += g.terminated
         ref_rows = [
             (None if r.is_finished else r.ref, p) for r, p in zip(scheduled, props, strict=True)
         ]
@@ -146,6 +150,7 @@ def check_random_batch(compiled, seed: int, device: torch.device) -> None:
     s = masks.stats
     assert s.rows_prefetched > 0 and s.rows_filled_now > 0, s  # both paths were exercised
     assert 0 < s.gathers < s.steps, s
+    assert terminated > 0
     masks.close()
 
 

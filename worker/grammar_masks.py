@@ -11,7 +11,8 @@ job only when it needs the mask, after the forward is queued:
     GPU:                                              [ forward N ..........][mask][sample]
 
 Both xgrammar calls the job makes (batch accept, batch fill) run without the GIL, the fill
-on xgrammar's own threads; around them the job needs the GIL for a little Python. Under the
+on xgrammar's own threads; around them the job needs the GIL for a little Python (and no
+per-request xgrammar calls: each gives the GIL up and must win it back). Under the
 interpreter's 5 ms switch interval it gets it once the main thread blocks: in a synchronous
 engine that is at sampling time, with the forward queued, which hides the job behind it.
 With async scheduling the main thread runs Python until it samples (there is no forward to
@@ -146,12 +147,10 @@ class StepMasks:
         self._ready = None
         if all(req.grammar is None for req, _ in updates):
             return
-        # (Which grammars are still active is asked on the mask thread: it costs an
-        # xgrammar call per request, and this thread is on the step's critical path.)
         accepts = [
             (req.request_id, req.grammar, tokens)
             for req, tokens in updates
-            if req.grammar is not None and tokens
+            if req.grammar is not None and tokens and req.grammar.active
         ]
         # Rows for each request that will sample next; a finished one's row stays all ones.
         targets = [None if req.is_finished else req.grammar for req, tokens in updates if tokens]
@@ -187,25 +186,21 @@ class StepMasks:
         stops at its grammar's stop token, or at a token its grammar refuses (logged)."""
         import xgrammar as xgr
 
-        live = [e for e in accepts if e[1].active]
+        live = accepts
         j = 0
         while live:
             ok = xgr.BatchGrammarMatcher.batch_accept_token(
                 [g.matcher for _, g, _ in live], [tokens[j] for _, _, tokens in live]
             )
-            for (rid, g, _), accepted in zip(live, ok, strict=True):
+            for (rid, g, tokens), accepted in zip(live, ok, strict=True):
+                g.accepted(tokens[j], accepted)
                 if not accepted:
-                    g.failed = True
                     log.error(
                         "request %s: its grammar rejected an emitted token; no longer constrained",
                         rid,
                     )
-            live = [
-                e
-                for e, accepted in zip(live, ok, strict=True)
-                if accepted and len(e[2]) > j + 1 and not e[1].matcher.is_terminated()
-            ]
             j += 1
+            live = [e for e in live if len(e[2]) > j and e[1].active]
 
     def wait(self) -> None:
         """Join the job in flight, if any: after this, the calling thread owns the matchers."""
@@ -226,15 +221,10 @@ class StepMasks:
         self.wait()
         t0 = time.perf_counter()
         pre = self._ready
-        known = pre.row if pre is not None else {}  # grammars the job found active
-
-        def live_grammar(r: Request) -> RequestGrammar | None:
-            g = r.grammar
-            if r.is_finished or g is None or (id(g) not in known and not g.active):
-                return None
-            return g
-
-        live = [(live_grammar(r), p) for r, p in rows]
+        live = [
+            (None if r.is_finished or r.grammar is None or not r.grammar.active else r.grammar, p)
+            for r, p in rows
+        ]
         if all(g is None for g, _ in live):
             return None
         self.stats.steps += 1

@@ -144,19 +144,30 @@ class RequestGrammar:
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
+        self.stop_token_ids = frozenset(compiled.tokenizer_info.stop_token_ids)
         self.failed = False  # a token the grammar rejected was emitted (a bug): stop masking
+        # The matcher took a stop token and ended. Tracked here rather than asked of it:
+        # an xgrammar call lets go of the GIL, and the mask thread asks for every request.
+        self.terminated = False
 
     @property
     def active(self) -> bool:
-        return not (self.failed or self.matcher.is_terminated())
+        return not (self.failed or self.terminated)
+
+    def accepted(self, token: int, ok: bool) -> None:
+        """Record what accepting `token` did (ok: the matcher took it)."""
+        if not ok:
+            self.failed = True
+        elif token in self.stop_token_ids:
+            self.terminated = True
 
     def accept(self, tokens: list[int]) -> bool:
         """Advance over emitted tokens; False (and masking stops) if the grammar refuses one."""
         for t in tokens:
             if not self.active:
                 return True
-            if not self.matcher.accept_token(t):
-                self.failed = True
+            self.accepted(t, self.matcher.accept_token(t))
+            if self.failed:
                 return False
         return True
 
