@@ -180,6 +180,8 @@ class CudaGraphRunner:
             return None
         if host.max_query_len == 1 and host.prompt_logprobs:
             return None  # a one-token prompt's logprobs: rare, eager keeps it simple
+        if host.capture_rows or host.layer_seq_lens is not None:
+            return None  # KV compression's window capture, PyramidKV's per-layer lengths
         return pick_graph(self.bounds, self.buckets, len(host.seq_lens), host.max_query_len)
 
     def can_run(self, host: HostInputs) -> bool:

@@ -25,6 +25,7 @@ from worker import progress
 from worker.config import EngineConfig, SchedulerConfig, default_max_num_batched_tokens
 from worker.generation_defaults import sampling_defaults
 from worker.kv_cache import KVCacheManager
+from worker.kv_compression import kv_compression_for
 from worker.model_config import ModelConfig
 from worker.model_loader import build_model, resolve_device, resolve_dtype
 from worker.model_runner import (
@@ -228,7 +229,12 @@ class EngineCore:
                 f"the request needs {self.kv.blocks_needed(need)} KV cache blocks but the cache "
                 f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
             )
-        return Request(req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time)
+        request = Request(
+            req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time
+        )
+        request.kv_compression = kv_compression_for(self.config, self.model_config, params)
+        request.kv_compression_pending = request.kv_compression is not None
+        return request
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.grammars.abort(request_ids)
@@ -329,7 +335,10 @@ class EngineCore:
         for sr in sched.scheduled:
             if sr.start < sr.request.num_prompt_tokens:
                 self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
+        compressor = self.runner.kv_compressor
+        ending = compressor.prefills_ending(sched)
         updates = self.scheduler.update(sched, result.new_tokens)
+        compressor.compress(ending, self.kv, self.runner.kv_caches)
         advance_grammars(updates)
         if self.proposer is not None:
             self.spec_stats.count(sched, result.new_tokens)

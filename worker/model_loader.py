@@ -14,6 +14,7 @@ from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.models.falcon import FalconForCausalLM
 from worker.models.gpt_neox import GPTNeoXForCausalLM
+from worker.models.layers import number_layers
 from worker.models.llama import LlamaForCausalLM
 from worker.models.mixtral import MixtralForCausalLM
 from worker.quant.config import Fp8Scheme
@@ -101,6 +102,7 @@ def build_model(
             weights = progress.bar(iter_weights(files), total, "tensors")
             model.load_weights(weights, source=files.path)
     model.rotary.build(device)
+    number_layers(model)
     model.eval()
     return model
 

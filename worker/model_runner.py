@@ -16,6 +16,7 @@ import torch
 from ipc.messages import SamplingParams, TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
 from worker.input_batch import HostInputs, build_host_inputs, take_rows, to_device
+from worker.kv_compaction import KVCompressor
 from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
@@ -88,6 +89,8 @@ class ModelRunner:
         # Speculative decoding: request id -> draft distributions q [k, V] (the draft
         # proposer's dict; empty for n-gram, whose q is a point mass).
         self.draft_probs: dict[str, torch.Tensor] = {}
+        # KV cache compression: captured observation windows, and the compaction itself.
+        self.kv_compressor = KVCompressor(model_config.num_layers, model_config.head_dim)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.config
@@ -128,17 +131,20 @@ class ModelRunner:
         else:
             inputs = to_device(host, self.device)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.md)
+            self.kv_compressor.collect(inputs.md.capture, host.capture_jobs, out.scheduled)
         return self.sample(out, host, hidden)
 
     # ---- async scheduling: launch a decode step now, read its tokens later ------------------
     @staticmethod
     def can_launch(out: SchedulerOutput) -> bool:
-        """Steps launch() handles: every request computes and samples one token."""
+        """Steps launch() handles: every request computes and samples one token (and
+        none ends a prefill that compresses its KV cache before the next step)."""
         return all(
             sr.num_new_tokens == 1
             and sr.num_spec_tokens == 0
             and sr.samples
             and not sr.request.wants_prompt_logprobs
+            and not sr.request.kv_compression_pending
             for sr in out.scheduled
         )
 
