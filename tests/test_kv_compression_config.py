@@ -96,3 +96,20 @@ def test_gateway_carries_the_body_field():
     with pytest.raises(BadRequest) as e:
         params("nope")
     assert e.value.param == "kv_compression.method"
+
+
+def test_sliding_window_models_refuse_at_start_up(tmp_path, stories_path):
+    import json
+    import shutil
+
+    from worker.engine import EngineCore
+
+    for f in stories_path.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg |= {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 64}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    config = EngineConfig(model=str(tmp_path), device="cpu", load_format="dummy")
+    EngineCore(config)  # fine uncompressed
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        EngineCore(config.replace(kv_compression="snapkv"))

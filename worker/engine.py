@@ -17,6 +17,7 @@ from ipc.messages import (
     FinishReason,
     ModelInfo,
     RequestOutput,
+    SamplingParams,
     WorkerStats,
 )
 from ipc.model_folder import ModelFiles, open_model
@@ -104,6 +105,7 @@ class EngineCore:
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
         self.quant = resolve_fp8_scheme(self.files.config, config.quantization, self.files.path)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        kv_compression_for(config, mc, SamplingParams())  # a model that cannot: fail now
 
     def _load_model(self) -> ModelRunner:
         config, mc = self.config, self.model_config
