@@ -170,3 +170,21 @@ def test_compact_refuses_without_room_and_changes_nothing():
     assert kv.compact("a", 32, 12) is None  # 3 blocks needed; only a's last is its own
     assert kv.block_ids("a") == table and kv.kv_layout("a") == (0, None)
     kv.check_invariants()
+
+
+def test_fp8_cache_scores_with_its_scale_and_moves_bytes_exactly():
+    s, window, scale = 45, 5, 0.25
+    kv, req, caches, queries, _ = setup(s, "snapkv", 0.3, window)
+    caches = [c.to(torch.float8_e4m3fn) for c in caches]
+    comp = KVCompressor(LAYERS, D, k_scales=[scale] * LAYERS)
+    comp.windows["r"] = _Window(req, 0, [(s - window, queries)])
+    old_table = kv.block_ids("r")
+    before = [rows_of(c.view(torch.uint8), old_table, s).clone() for c in caches]
+    comp.compress([ScheduledRequest(req, s, 0)], kv, caches)
+    kept = req.kv_compression.kept_per_layer(s, LAYERS)[0]
+    for layer in range(LAYERS):
+        k = before[layer][0].view(torch.float8_e4m3fn).float() * scale  # as attention reads
+        keep = reference_keep(queries[layer], k, kept)
+        after = rows_of(caches[layer].view(torch.uint8), kv.block_ids("r"), kept)
+        for h in range(HKV):
+            assert torch.equal(after[:, :, h], before[layer][:, keep[h], h])

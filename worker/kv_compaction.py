@@ -37,13 +37,14 @@ log = logging.getLogger(__name__)
 
 
 def request_rows(
-    kv_cache: torch.Tensor, kv: int, block_ids: torch.Tensor, length: int
+    kv_cache: torch.Tensor, kv: int, block_ids: torch.Tensor, length: int, scale: float = 1.0
 ) -> torch.Tensor:
     """K (kv=0) or V (kv=1) of a request's first `length` cache indices, [S, Hkv, D] fp32
-    (FP8 caches as stored, unscaled: a common scale does not change the ranking)."""
+    (an FP8 cache's rows times their scale, as attention reads them)."""
     nb = -(-length // kv_cache.shape[2])
     if kv_cache.dtype == torch.float8_e4m3fn:
         rows = kv_cache.view(torch.uint8)[kv, block_ids[:nb]].view(torch.float8_e4m3fn)
+        rows = rows.float() * scale
     else:
         rows = kv_cache[kv, block_ids[:nb]]
     return rows.reshape(-1, kv_cache.shape[3], kv_cache.shape[4])[:length].float()
@@ -137,9 +138,16 @@ class CompressionStats:
 class KVCompressor:
     """Owns the captured windows; compresses requests whose prefill just completed."""
 
-    def __init__(self, num_layers: int, head_dim: int, timed: bool = False) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        head_dim: int,
+        timed: bool = False,
+        k_scales: list[float] | None = None,
+    ) -> None:
         self.num_layers = num_layers
         self.scale = head_dim**-0.5
+        self.k_scales = k_scales or [1.0] * num_layers  # FP8 KV caches: each layer's K scale
         self.timed = timed  # synchronize around each compression to time it (benchmarks)
         self.windows: dict[str, _Window] = {}
         self.stats = CompressionStats()
@@ -214,7 +222,7 @@ class KVCompressor:
                 keep = streaming_positions(cached_len, kept[layer], cache.shape[3], device)
             else:
                 q = window.queries(layer)
-                k = request_rows(cache, 0, old_ids, cached_len)
+                k = request_rows(cache, 0, old_ids, cached_len, self.k_scales[layer])
                 keep = select_positions(snapkv_votes(q, k, self.scale), cached_len, kept[layer])
             compact_layer(cache, old_ids, new_ids, keep)
         s = self.stats

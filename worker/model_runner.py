@@ -19,6 +19,7 @@ from worker.input_batch import HostInputs, build_host_inputs, take_rows, to_devi
 from worker.kv_compaction import KVCompressor
 from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
+from worker.models.layers import Attention
 from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
 from worker.scheduler import SchedulerOutput
 from worker.spec_decode.verify import verify
@@ -90,7 +91,10 @@ class ModelRunner:
         # proposer's dict; empty for n-gram, whose q is a point mass).
         self.draft_probs: dict[str, torch.Tensor] = {}
         # KV cache compression: captured observation windows, and the compaction itself.
-        self.kv_compressor = KVCompressor(model_config.num_layers, model_config.head_dim)
+        k_scales = [m.k_scale for m in model.modules() if isinstance(m, Attention)]
+        self.kv_compressor = KVCompressor(
+            model_config.num_layers, model_config.head_dim, k_scales=k_scales or None
+        )
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.config
