@@ -188,3 +188,33 @@ def test_fp8_cache_scores_with_its_scale_and_moves_bytes_exactly():
         after = rows_of(caches[layer].view(torch.uint8), kv.block_ids("r"), kept)
         for h in range(HKV):
             assert torch.equal(after[:, :, h], before[layer][:, keep[h], h])
+
+
+def test_graph_layer_inputs_pad_per_layer_rows_or_copy_the_shared_ones():
+    import numpy as np
+
+    from worker.cuda_graphs import LayerInputs
+    from worker.input_batch import HostInputs
+
+    li = LayerInputs(3, 4, 8, torch.device("cpu"), pin=False)
+    z = np.zeros(3, dtype=np.int64)
+    host = HostInputs(
+        input_ids=z, positions=z, slot_mapping=z,
+        query_start_loc=np.array([0, 1, 3], dtype=np.int32),
+        seq_lens=np.array([5, 9], dtype=np.int32), block_tables=np.zeros((2, 1), dtype=np.int32),
+        max_query_len=2, max_seq_len=9, sample_rows=[], sample_sched_index=[],
+    )  # fmt: skip
+    host.layer_seq_lens = np.array([[5, 9], [4, 8], [3, 7]], dtype=np.int32)
+    host.layer_slot_mapping = np.arange(9, dtype=np.int64).reshape(3, 3)
+    li.write(host, torch.empty(0), torch.empty(0), bs=4, n=6)
+    assert li.seq_lens.tolist() == [[5, 9, 0, 0], [4, 8, 0, 0], [3, 7, 0, 0]]
+    assert li.slot_mapping[:, :6].tolist() == [
+        [0, 1, 2, -1, -1, -1],
+        [3, 4, 5, -1, -1, -1],
+        [6, 7, 8, -1, -1, -1],
+    ]
+    host.layer_seq_lens = host.layer_slot_mapping = None
+    shared_seq, shared_slots = torch.tensor([6, 2, 0, 0], dtype=torch.int32), torch.arange(8)
+    li.write(host, shared_seq, shared_slots, bs=4, n=6)
+    assert li.seq_lens.tolist() == [[6, 2, 0, 0]] * 3
+    assert li.slot_mapping[:, :6].tolist() == [list(range(6))] * 3

@@ -151,6 +151,7 @@ class EngineCore:
                     self.max_model_len,
                     config.block_size,
                     config.num_speculative_tokens,
+                    per_layer_lengths=config.kv_compression == "pyramidkv",
                 )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(

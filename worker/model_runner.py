@@ -111,9 +111,11 @@ class ModelRunner:
         max_model_len: int,
         block_size: int,
         num_speculative_tokens: int = 0,
+        per_layer_lengths: bool = False,
     ) -> None:
         """Capture graphs (GPU only); after this, steps whose requests each compute one
-        token (decode), or at most 1 + num_speculative_tokens (verification), replay them."""
+        token (decode), or at most 1 + num_speculative_tokens (verification), replay them.
+        `per_layer_lengths`: the graphs also read PyramidKV's per-layer lengths."""
         from worker.cuda_graphs import capture_graphs
 
         self.graph_runner = capture_graphs(
@@ -125,6 +127,7 @@ class ModelRunner:
             block_size,
             self.device,
             num_speculative_tokens,
+            per_layer_lengths=per_layer_lengths,
         )
 
     @torch.inference_mode()

@@ -1,6 +1,7 @@
 """KV compression on a GPU: the compaction on CUDA equals the CPU's, and decode steps of
 compressed requests replay CUDA graphs with the same results as eager (SnapKV's lengths
-and positions are step inputs; PyramidKV's per-layer lengths run eagerly)."""
+and positions are step inputs; with --kv-compression pyramidkv the graphs also read
+per-layer lengths)."""
 
 from __future__ import annotations
 
@@ -48,13 +49,13 @@ def test_compressed_decode_graphs_equal_eager(tmp_path, stories_path, method):
     path = tiny_model_hd64(tmp_path, stories_path)
     args = dict(
         device="cuda", dtype="float16", block_size=16, max_num_seqs=16, max_model_len=512,
-        kv_compression=method, kv_compression_budget=0.25, kv_compression_min_prompt_len=0,
+        kv_compression=method, kv_compression_budget=0.25, kv_compression_min_prompt_len=100,
     )  # fmt: skip
-    eager = generate(path, long_prompts(), max_tokens=64, enforce_eager=True, **args)
-    graphed = generate(path, long_prompts(), max_tokens=64, **args)
+    prompts = [*long_prompts(), list(range(40, 60))]  # the short one stays uncompressed
+    eager = generate(path, prompts, max_tokens=64, enforce_eager=True, **args)
+    graphed = generate(path, prompts, max_tokens=64, **args)
     assert graphed.graphs
-    if method == "snapkv":
-        assert graphed.replays[1] > 0  # compressed requests' decode steps replayed graphs
+    assert graphed.replays[1] > 0  # compressed requests' decode steps replayed graphs
     check_logprobs_close(graphed.out, eager.out, f"kvcomp-{method}", atol=2e-2)
 
 
