@@ -27,7 +27,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
         "--quantization",
         default=None,
         choices=QUANTIZATIONS,
-        help="fp8: FP8 weights (quantized on load unless the checkpoint is FP8)",
+        help="fp8: FP8 weights (quantized on load unless the checkpoint is FP8); awq, gptq: "
+        "4-bit weights of an AWQ / GPTQ checkpoint (or random ones with --load-format dummy)",
     )
     g.add_argument(
         "--kv-cache-dtype",

@@ -229,6 +229,18 @@ class CudaGraphRunner:
         torch.cuda.synchronize(self.device)
         log.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
 
+    def release(self) -> None:
+        """Destroy the graphs, their outputs and the KV list they read (EngineCore.shutdown).
+
+        The shared pool's memory goes back to the caching allocator only once no graph
+        captured into it is alive; `torch.cuda.empty_cache()` then returns it to the card.
+        """
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+        self.kv_caches = []
+
     def _pick(self, host: HostInputs) -> tuple[int, int] | None:
         if host.block_tables.shape[1] > self.max_blocks:
             return None

@@ -105,6 +105,19 @@ class ModelRunner:
             for _ in range(c.num_layers)
         ]
 
+    def release(self) -> None:
+        """Free the device memory this runner holds: the CUDA graphs (so their pool can be
+        returned), the KV cache and the weights. It runs no steps afterwards."""
+        from worker.release import release_model
+
+        if self.graph_runner is not None:
+            self.graph_runner.release()
+            self.graph_runner = None
+        self.kv_caches.clear()  # the list the models and graphs were handed
+        self.kv_caches = []
+        self.draft_probs.clear()
+        release_model(self.model)
+
     def capture_cuda_graphs(
         self,
         max_num_seqs: int,

@@ -262,6 +262,11 @@ class GrammarWaitlist:
         for rid in request_ids:
             self._waiting.pop(rid, None)
 
+    def close(self) -> None:
+        """Drop the waiting requests and stop the compiler's thread (EngineCore.shutdown)."""
+        self._waiting.clear()
+        self.backend.close()
+
     def take_ready(self, wait: bool) -> tuple[list[Request], list[RequestOutput]]:
         """Requests whose grammar compiled (matcher set), and ERROR outputs for those whose
         grammar did not. With `wait` (nothing else to run), block up to 5 ms for one."""

@@ -37,6 +37,10 @@ class Proposer(Protocol):
         """Forget (and free the state of) every request not in `request_ids`."""
         ...
 
+    def release(self) -> None:
+        """Free the proposer's device memory (EngineCore.shutdown); it proposes no more."""
+        ...
+
 
 def make_proposer(
     config: EngineConfig,

@@ -117,6 +117,18 @@ class DraftProposer:
             what="the draft model",
         )
 
+    def release(self) -> None:
+        """Free the draft model's graphs, KV cache and weights (EngineCore.shutdown)."""
+        from worker.release import release_model
+
+        if self.graph_runner is not None:
+            self.graph_runner.release()
+            self.graph_runner = None
+        self.kv_caches.clear()
+        self.seqs.clear()
+        self.draft_probs.clear()
+        release_model(self.model)
+
     def retain(self, request_ids: set[str]) -> None:
         """Free the draft state of every request not in `request_ids`."""
         for rid in [r for r in self.seqs if r not in request_ids]:
