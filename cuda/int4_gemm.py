@@ -158,7 +158,12 @@ def gemv_launch(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> tuple[str, t
     name = GEMV_KERNELS[1 if m == 1 else 2 if m == 2 else 4]
     rows = ROWS_PER_BLOCK[name]
     grid = ((w.out_features + rows - 1) // rows,)
-    args = [
+    return name, grid, _gemv_args(x, w, y)
+
+
+def _gemv_args(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> list:
+    """The arguments every GEMV kernel (rows and tiles layouts) starts with."""
+    return [
         _ptr(x),
         np.int64(x.stride(0)),
         _ptr(w.qw),
@@ -170,7 +175,6 @@ def gemv_launch(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> tuple[str, t
         np.int32(w.in_features),
         np.int32(w.group_size),
     ]
-    return name, grid, args
 
 
 def _kernel(dtype: torch.dtype, name: str) -> object:
@@ -243,19 +247,7 @@ def _tiles_linear(
 def tiles_launch(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> tuple[str, tuple[int], list]:
     """(kernel name, grid, args) of gemv_tiles for x of at most 8 rows; one block per 16
     output channels."""
-    args = [
-        _ptr(x),
-        np.int64(x.stride(0)),
-        _ptr(w.qw),
-        _ptr(w.scales),
-        _ptr(w.zeros),
-        _ptr(y),
-        np.int64(y.stride(0)),
-        np.int32(w.out_features),
-        np.int32(w.in_features),
-        np.int32(w.group_size),
-        np.int32(x.shape[0]),
-    ]
+    args = [*_gemv_args(x, w, y), np.int32(x.shape[0])]  # then the row count
     return "gemv_tiles", (w.out_features // 16,), args
 
 

@@ -10,6 +10,7 @@
 # at 4.25 TB/s and the fraction) w2awq (8B AWQ W2, 500 requests) w1_70b_awq w2_70b_awq (70B);
 # w1awq_tiles (8B and 70B AWQ W1 with HEADRACE_INT4_LAYOUT=tiles: the tensor-core GEMV).
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
+# Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -56,6 +57,12 @@ for step in $which; do
     # One Mixtral MoE layer at decode batches 1-64 in CUDA graphs: whole layer, routing, each grouped GEMM,
     # dense per-expert GEMMs, against the touched experts' bytes (issue 15: "measure which").
     moe) timeout 150 python scripts/bench_moe.py --out "$OUT/bench_moe.json" > "$OUT/bench_moe.log" 2>&1; tail -8 "$OUT/bench_moe.log" ;;
+    # Structured output (issue 16): batch 64, free vs JSON-schema decode on the Llama-3-8B shape
+    # (dummy weights), sync then --async-scheduling: both TPOTs, the overhead, the mask work per
+    # step (waited-at-sampling ~0 means the overlap works); then the CPU mask micro-benchmark.
+    structured) for m in "" "--async-scheduling"; do n=structured${m:+_async}
+                  timeout 125 python -m headrace bench structured $m --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -2 "$OUT/$n.log"; done
+                timeout 45 python scripts/bench_grammar_mask.py --threads 1 8 --steps 48 --output-json "$OUT/structured_mask_cpu.json" > "$OUT/structured_mask_cpu.log" 2>&1; tail -20 "$OUT/structured_mask_cpu.log" ;;
     # W4 sweep (issue 18): headrace serve on the Llama-3-8B shape (dummy weights), bench serve at 4 rates.
     w4sweep) python -m headrace serve --model scripts/configs/llama-3-8b --load-format dummy \
                --tokenizer "$HEADRACE_SHARED_MODELS/llama3-tokenizer" --served-model-name llama-3-8b-dummy \

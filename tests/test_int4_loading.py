@@ -60,7 +60,7 @@ def engine(path: Path, **kwargs: Any) -> Any:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from tests.conftest import STORIES
-    from tests.test_golden import make_tiny_model
+    from tests.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("int4load")
     src = make_tiny_model("llama", root / "src", STORIES)

@@ -24,11 +24,10 @@ from tests.int4_checkpoints import quantized_pair
 from tests.test_fp8_models import copy_folder
 from tests.test_golden import (
     ENGINE_ARGS,
-    make_tiny_model,
     prompts_of_different_lengths,
     run_headrace,
 )
-from tests.test_golden_models import make_tiny
+from tests.tiny_models import make_tiny_model
 from worker.quant.int4_linear import Int4Linear
 
 ATOL = 1e-4
@@ -140,7 +139,7 @@ def test_int4_other_families(kind: str, fmt: str, tmp_path: Path, stories_path: 
     """Falcon's per-KV-group q/k/v rows reorder with their scales and zeros; GPT-NeoX has a
     bias on every layer; Mixtral's 4-bit experts are dequantized on load (kept 16-bit, as
     under FP8) while its attention runs Int4Linear."""
-    src = make_tiny(kind, tmp_path / kind, stories_path)
+    src = make_tiny_model(kind, tmp_path / kind, stories_path)
     int4_dir, deq_dir = write_int4(src, tmp_path, fmt)
     prompts = prompts_of_different_lengths()[:5]
     ours, engine = run_headrace(int4_dir, prompts, **ENGINE_ARGS)

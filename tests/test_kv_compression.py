@@ -75,7 +75,7 @@ class MaskedDense:
     def __init__(self, keeps: list[torch.Tensor], cached_len: int) -> None:
         self.keeps, self.cached_len, self.layer = keeps, cached_len, 0
 
-    def __call__(self, q, k, v, kv_cache, md, scale, sliding_window, k_scale=1.0, v_scale=1.0):
+    def __call__(self, q, k, v, kv_cache, md, params):
         keep, s = self.keeps[self.layer], self.cached_len
         self.layer = (self.layer + 1) % len(self.keeps)
         t, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
@@ -87,7 +87,7 @@ class MaskedDense:
         visible = visible.repeat_interleave(hq // hkv, dim=0)  # [Hq, T, T]
         kk = k.repeat_interleave(hq // hkv, dim=1)
         vv = v.repeat_interleave(hq // hkv, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q, kk) * scale
+        scores = torch.einsum("qhd,khd->hqk", q, kk) * params.scale
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         return torch.einsum("hqk,khd->qhd", probs, vv)
 

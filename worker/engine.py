@@ -18,7 +18,6 @@ from ipc.messages import (
     FinishReason,
     ModelInfo,
     RequestOutput,
-    SamplingParams,
     WorkerStats,
 )
 from ipc.model_folder import ModelFiles, open_model
@@ -26,8 +25,8 @@ from ipc.sampling import check_request
 from worker import progress
 from worker.config import EngineConfig, SchedulerConfig, default_max_num_batched_tokens
 from worker.generation_defaults import sampling_defaults
+from worker.input_batch import build_host_inputs
 from worker.kv_cache import KVCacheManager
-from worker.kv_compression import kv_compression_for
 from worker.model_config import ModelConfig
 from worker.model_loader import build_model, resolve_device, resolve_dtype
 from worker.model_runner import (
@@ -40,10 +39,10 @@ from worker.model_runner import (
 from worker.quant.kv import resolve_kv_cache_dtype
 from worker.quant.scheme import describe as describe_quant
 from worker.quant.scheme import resolve_quant_scheme
-from worker.request import Request, RequestStatus
+from worker.request import OwnedOutput, Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerOutput
-from worker.spec_decode import SpecStats, make_proposer, set_proposals
-from worker.structured import GrammarWaitlist, advance_grammars
+from worker.spec_decode import SpecStats, Target, draft_extra_blocks, make_proposer, set_proposals
+from worker.structured import GrammarWaitlist
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,7 @@ class EngineCore:
         self.config = config
         self._open_checkpoint()
         self.runner = self._load_model()
+        self.runner.kv_compressor.configure(config, self.model_config)  # or a ValueError
         max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
             self.device.type, config.enable_chunked_prefill, self.max_model_len
         )
@@ -78,16 +78,18 @@ class EngineCore:
         )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        eos = set(self.eos_token_ids)
-        self.proposer = make_proposer(
-            config, mc, self.device, self.dtype, num_blocks, self.max_model_len, eos
+        target = Target(
+            mc, self.device, self.dtype, num_blocks, self.max_model_len, self.eos_token_ids
         )
+        self.proposer = make_proposer(config, target)
         if self.proposer is not None:
             self.runner.draft_probs = self.proposer.draft_probs
         self.spec_stats = SpecStats()
         self.grammars = GrammarWaitlist(
-            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(eos)
+            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(self.eos_token_ids)
         )
+        # Nothing blocks between a step's tokens and the next sampling: mask jobs run eagerly.
+        self.runner.masks.eager = config.async_scheduling
         # Async scheduling: a launched step whose tokens have not been read yet.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
         self.closed = False
@@ -111,6 +113,7 @@ class EngineCore:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # no graph replay still running at reset
         self.grammars.close()
+        self.runner.masks.close()  # joins a mask job still running
         self.scheduler.abort_requests([r.request_id for r in self.scheduler.running])
         self.scheduler.abort_requests([r.request_id for r in self.scheduler.waiting])
         self.runner.release()
@@ -148,7 +151,6 @@ class EngineCore:
             self.files.config, config.quantization, self.files.path, config.load_format == "dummy"
         )
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        kv_compression_for(config, mc, SamplingParams())  # a model that cannot: fail now
 
     def _load_model(self) -> ModelRunner:
         config, mc = self.config, self.model_config
@@ -188,14 +190,16 @@ class EngineCore:
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
         if self.device.type == "cuda" and not config.enforce_eager:
+            from worker.cuda_graphs import GraphShapes
+
+            shapes = GraphShapes(
+                config.max_num_seqs,
+                self.max_model_len,
+                config.block_size,
+                config.num_speculative_tokens,
+            )
             with progress.stage("capturing CUDA graphs"):
-                self.runner.capture_cuda_graphs(
-                    config.max_num_seqs,
-                    self.max_model_len,
-                    config.block_size,
-                    config.num_speculative_tokens,
-                    per_layer_lengths=config.kv_compression == "pyramidkv",
-                )
+                self.runner.capture_cuda_graphs(shapes)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -222,12 +226,11 @@ class EngineCore:
         draft = self._draft_model_config()
         if draft is not None:
             # The draft model lives in the same budget: its weights, and a KV block beside
-            # each target block (plus k slots per request, see make_proposer).
+            # each target block (plus k slots per request, see draft_extra_blocks).
             draft_block = kv_bytes_per_block(draft, c.block_size, self.dtype)
-            extra = c.max_num_seqs * -(-c.num_speculative_tokens // c.block_size)
             if self.device.type == "cuda":
                 budget -= param_bytes(draft, self.dtype)
-            budget -= extra * draft_block
+            budget -= draft_extra_blocks(c) * draft_block
             per_block += draft_block
         num = budget // per_block
         if num < 1:
@@ -262,11 +265,12 @@ class EngineCore:
         return ModelConfig.from_hf(files.config, source=files.path)
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, req: EngineRequest) -> RequestOutput | None:
-        """Admit a request; an ERROR output (and nothing else changes) if it is invalid."""
+    def add_request(self, req: EngineRequest, owner: bytes = b"") -> RequestOutput | None:
+        """Admit a request from `owner`; an ERROR output (and nothing else changes) if it is
+        invalid."""
         self._check_open()
         try:
-            request = self._make_request(req)
+            request = self._make_request(req, owner)
             # A constrained request joins the scheduler once its grammar compiles; its id
             # is taken from now.
             self.scheduler.check_new_id(req.request_id, also_taken=self.grammars)
@@ -278,7 +282,7 @@ class EngineCore:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
         return None
 
-    def _make_request(self, req: EngineRequest) -> Request:
+    def _make_request(self, req: EngineRequest, owner: bytes) -> Request:
         prompt = req.prompt_token_ids
         params = check_request(
             prompt,
@@ -295,11 +299,9 @@ class EngineCore:
                 f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
             )
         request = Request(
-            req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time
+            req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time, owner=owner
         )
-        request.kv_compression = kv_compression_for(self.config, self.model_config, params)
-        request.kv_compression_pending = request.kv_compression is not None
-        return request
+        return self.runner.kv_compressor.attach(request)  # its KV compression, if any
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.grammars.abort(request_ids)
@@ -308,15 +310,29 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self.grammars)
 
+    def owner_of(self, request_id: str) -> bytes | None:
+        """The owner of an unfinished request; None if there is no such request."""
+        req = self.scheduler.requests.get(request_id) or self.grammars.get(request_id)
+        return req.owner if req is not None else None
+
+    def request_ids(self, owner: bytes | None = None) -> list[str]:
+        """The unfinished requests (those waiting for a grammar too); only `owner`'s if given."""
+        reqs = [*self.scheduler.requests.values(), *self.grammars.requests()]
+        return [r.request_id for r in reqs if owner is None or r.owner == owner]
+
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        return [out for _, out in self.step_with_owners()]
+
+    def step_with_owners(self) -> list[OwnedOutput]:
+        """One step; each output with its request's owner (the worker server routes by it)."""
         self._check_open()
         ready, failed = self.grammars.take_ready(wait=not self.scheduler.has_unfinished_requests())
         for request in ready:
             self.scheduler.add_request(request)
         return failed + self._step()
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> list[OwnedOutput]:
         if self.config.async_scheduling:
             return self._step_async()
         sched = self.scheduler.schedule()
@@ -325,16 +341,17 @@ class EngineCore:
         result = self.runner.execute(sched)
         return self._postprocess(sched, result)
 
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_async(self) -> list[OwnedOutput]:
         """One step, with the next decode step launched before this one's tokens are read.
 
         While the GPU runs step N, the CPU schedules N+1 (same requests, one token each),
         builds its inputs and queues it, feeding N's sampled ids on the device; only then
         does it wait for N's tokens and apply them. A request that N finishes (EOS, stop
         id) has its N+1 token dropped. With a constrained request in the batch, N+1's
-        sampling waits for N's tokens (its masks follow them) but its forward does not.
-        Steps that are not plain decodes, or whose successor would differ from a normal
-        schedule, run as usual.
+        sampling waits for N's tokens (its masks follow them) but its forward does not:
+        N's postprocess starts N+1's masks on the mask thread, and N+1's sampling is queued
+        only in the next call, once N+2's inputs are built. Steps that are not plain
+        decodes, or whose successor would differ from a normal schedule, run as usual.
         """
         if self._inflight is not None:
             sched, pending = self._inflight
@@ -350,16 +367,18 @@ class EngineCore:
         if self._can_chain(sched):
             nxt = self.scheduler.schedule_chained(sched)
             if nxt is not None:
+                host = build_host_inputs(nxt)  # while `pending`'s masks may still fill
+                if pending.token_ids is None:  # nxt's forward reads these tokens
+                    self.runner.sample_pending(pending)
                 # Constrained requests' masks need this step's tokens: sample after them.
                 defer = any(sr.request.grammar is not None for sr in nxt.scheduled)
                 nxt_pending = self.runner.launch(
-                    nxt, pending.token_ids, step_offset=1, defer_sampling=defer
+                    nxt, pending.token_ids, step_offset=1, defer_sampling=defer, host=host
                 )
                 self._inflight = (nxt, nxt_pending)
-        outputs = self._postprocess(sched, self.runner.finish(pending))
-        if nxt_pending is not None and nxt_pending.token_ids is None:
-            self.runner.sample_pending(nxt_pending)
-        return outputs
+        if pending.token_ids is None:
+            self.runner.sample_pending(pending)
+        return self._postprocess(sched, self.runner.finish(pending))
 
     def _can_chain(self, sched: SchedulerOutput) -> bool:
         """Would the step after `sched` be these same requests decoding one token each?"""
@@ -388,7 +407,7 @@ class EngineCore:
                 return False
         return True
 
-    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[OwnedOutput]:
         for i, lps in result.prompt_logprobs.items():
             sr = sched.scheduled[i]
             req = sr.request
@@ -401,11 +420,10 @@ class EngineCore:
         for sr in sched.scheduled:
             if sr.start < sr.request.num_prompt_tokens:
                 self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
-        compressor = self.runner.kv_compressor
-        ending = compressor.prefills_ending(sched)
+        self.runner.kv_compressor.compress_step(sched, self.kv, self.runner.kv_caches)
         updates = self.scheduler.update(sched, result.new_tokens)
-        compressor.compress(ending, self.kv, self.runner.kv_caches)
-        advance_grammars(updates)
+        # Matchers take the new tokens and fill the next masks on a thread, meanwhile.
+        self.runner.masks.prefetch(updates)
         if self.proposer is not None:
             self.spec_stats.count(sched, result.new_tokens)
             set_proposals(
@@ -415,7 +433,7 @@ class EngineCore:
                 self.config.num_speculative_tokens,
                 self.max_model_len,
             )
-        outputs = []
+        outputs: list[OwnedOutput] = []
         # update() skips requests that finished before this step's tokens arrived.
         index = {sr.request.request_id: i for i, sr in enumerate(sched.scheduled)}
         for req, tokens in updates:
@@ -439,7 +457,7 @@ class EngineCore:
             if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
                 out.prompt_logprobs = req.prompt_logprobs or [None]
                 req.prompt_logprobs_sent = True
-            outputs.append(out)
+            outputs.append((req.owner, out))
         return outputs
 
     def stats(self) -> WorkerStats:

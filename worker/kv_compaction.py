@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ipc.messages import SamplingParams
 from worker.attention import QueryCapture
+from worker.config import EngineConfig
 from worker.kv_cache import KVCacheManager
-from worker.kv_compression import NUM_SINKS, POOL_KERNEL
+from worker.kv_compression import NUM_SINKS, POOL_KERNEL, kv_compression_for
+from worker.model_config import ModelConfig
 from worker.request import Request
 from worker.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -151,6 +154,26 @@ class KVCompressor:
         self.timed = timed  # synchronize around each compression to time it (benchmarks)
         self.windows: dict[str, _Window] = {}
         self.stats = CompressionStats()
+        self.config: EngineConfig | None = None  # the worker's flags (configure)
+        self.model: ModelConfig | None = None
+
+    def configure(self, config: EngineConfig, model: ModelConfig) -> None:
+        """Take the worker's flags; ValueError when this model cannot compress."""
+        kv_compression_for(config, model, SamplingParams())
+        self.config, self.model = config, model
+
+    @property
+    def pyramid(self) -> bool:
+        """Do the worker's flags ask for PyramidKV (so CUDA graphs read per-layer lengths)?"""
+        return self.config is not None and self.config.kv_compression == "pyramidkv"
+
+    def attach(self, request: Request) -> Request:
+        """Give a new request its compression settings (ValueError when they are invalid)."""
+        if self.config is not None and self.model is not None:
+            settings = kv_compression_for(self.config, self.model, request.params)
+            request.kv_compression = settings
+            request.kv_compression_pending = settings is not None
+        return request
 
     def collect(
         self,
@@ -170,6 +193,18 @@ class KVCompressor:
                 w = self.windows[req.request_id] = _Window(req, req.num_preemptions)
             w.chunks.append((first, [layer[row : row + n] for layer in capture.layers]))
             row += n
+
+    def compress_step(
+        self, out: SchedulerOutput, kv: KVCacheManager, kv_caches: list[torch.Tensor]
+    ) -> None:
+        """Before the scheduler applies a step: compress the prefills it completed (not
+        those sure to finish with this step's token: their blocks are about to go)."""
+        ending = [
+            sr
+            for sr in self.prefills_ending(out)
+            if sr.request.num_output_tokens + 1 < sr.request.max_tokens
+        ]
+        self.compress(ending, kv, kv_caches)
 
     @staticmethod
     def prefills_ending(out: SchedulerOutput) -> list[ScheduledRequest]:

@@ -10,8 +10,9 @@ import random
 import pytest
 import torch
 
-from tests.gpu.helpers import generate, tiny_model_hd64
+from tests.gpu.helpers import generate
 from tests.test_golden import check_logprobs_close
+from tests.tiny_models import tiny_model_hd64
 
 pytestmark = pytest.mark.gpu
 

@@ -8,7 +8,7 @@ checkpoint's names onto them in checkpoint_targets().
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -37,6 +37,24 @@ class CausalLM(nn.Module):
         md: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H]
         raise NotImplementedError
+
+    def build_stack(
+        self,
+        config: ModelConfig,
+        max_positions: int,
+        make_layer: Callable[[int], nn.Module],
+        norm: Callable[[int, float], nn.Module],
+    ) -> None:
+        """What every family's model holds, in this order: the rotary tables, the token
+        embedding, decoder layers `make_layer(0..L-1)` (which may use self.rotary), the final
+        `norm`, and the LM head (tied to the embedding when the config says so)."""
+        self.config = config
+        self.rotary = RotaryEmbedding(config, max_positions)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([make_layer(i) for i in range(config.num_layers)])
+        self.norm = norm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, V]

@@ -21,7 +21,7 @@ from torch import nn
 
 from cuda.fused_ops import add_rms_norm, rotary, silu_and_mul
 from cuda.layer_ops import gelu, layer_norm
-from worker.attention import AttentionBackend, AttentionMetadata
+from worker.attention import AttentionBackend, AttentionMetadata, AttentionParams
 from worker.model_config import ModelConfig, UnsupportedModelError
 from worker.quant.fp8 import Fp8Linear
 from worker.quant.int4 import Int4Config
@@ -155,9 +155,8 @@ class Attention(nn.Module):
         if md.capture is not None:  # KV compression's window: rotated, as K is cached
             md.capture.layers.append(q.index_select(0, md.capture.rows))
         md = md.for_layer(self.layer_index)
-        o = self.backend(
-            q, k, v, kv_cache, md, self.scale, self.sliding_window, self.k_scale, self.v_scale
-        )  # [T, Hq, D]
+        params = AttentionParams(self.scale, self.sliding_window, self.k_scale, self.v_scale)
+        o = self.backend(q, k, v, kv_cache, md, params)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
 
