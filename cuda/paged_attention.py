@@ -24,20 +24,48 @@ runner), and `AttentionParams`, one layer's constants.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
+class QueryCapture:
+    """KV compression's observation windows: each layer's rotated queries of some rows."""
+
+    rows: torch.Tensor  # [R] int64: rows of the flat batch to keep
+    layers: list[torch.Tensor] = field(default_factory=list)  # per layer, [R, Hq, D]
+
+
+@dataclass
 class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] int32: request r's tokens are rows qsl[r]:qsl[r+1]
-    seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
+    seq_lens: torch.Tensor  # [B] int32: cached length including this step's tokens
     block_tables: torch.Tensor  # [B, max_blocks] int32
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each token; -1 = padding
     max_query_len: int  # upper bound on q_len (host int; fixed in a CUDA graph)
     max_seq_len: int  # upper bound on seq_len (host int; fixed in a CUDA graph)
+    # KV compression (worker/kv_compression.py): queries to keep, and PyramidKV's per-layer
+    # lengths and slots ([L, B] / [L, T]) when layers hold different numbers of tokens.
+    capture: QueryCapture | None = None
+    layer_seq_lens: torch.Tensor | None = None
+    layer_slot_mapping: torch.Tensor | None = None
+
+    def for_layer(self, index: int) -> AttentionMetadata:
+        """The metadata layer `index` reads: itself unless layers differ in length."""
+        if self.layer_seq_lens is None or self.layer_slot_mapping is None:
+            return self
+        if index < 0:
+            raise RuntimeError("per-layer KV lengths need numbered layers (number_layers)")
+        return dataclasses.replace(
+            self,
+            seq_lens=self.layer_seq_lens[index],
+            slot_mapping=self.layer_slot_mapping[index],
+            layer_seq_lens=None,
+            layer_slot_mapping=None,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,14 @@ class ResponseFormat(msgspec.Struct, kw_only=True):
     json_schema: JsonSchemaFormat | None = None
 
 
+class KVCompressionOptions(msgspec.Struct, kw_only=True):
+    """`kv_compression` as an object; a plain string is its method alone."""
+
+    method: str  # snapkv, pyramidkv, streaming, or none (off for this request)
+    budget: float | None = None  # ratio in (0, 1) of the prompt, or tokens kept per layer
+    window: int | None = None  # observation window: the prompt's last `window` queries
+
+
 class SamplingExtras(msgspec.Struct, kw_only=True):
     """Sampling fields shared by completions and chat, with vLLM's extras."""
 
@@ -71,6 +79,8 @@ class SamplingExtras(msgspec.Struct, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # headrace's extra: compress this request's KV cache after its prefill (README).
+    kv_compression: str | KVCompressionOptions | None = None
 
 
 class CompletionRequest(SamplingExtras, kw_only=True):

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import msgspec
 
 from gateway.errors import BadRequest
-from gateway.protocol import SamplingExtras
-from ipc.messages import GuidedDecoding, SamplingParams
+from gateway.protocol import KVCompressionOptions, SamplingExtras
+from ipc.messages import GuidedDecoding, KVCompression, SamplingParams
 from ipc.sampling import ParamError, resolve_max_tokens, validate_params
 
 
@@ -58,12 +58,22 @@ def build_params(
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
         guided=guided,
+        kv_compression=kv_compression_params(req.kv_compression),
     )
     try:
         validate_params(params, max_logprobs)
     except ParamError as e:
         raise BadRequest(str(e), e.field) from None
     return params
+
+
+def kv_compression_params(body: str | KVCompressionOptions | None) -> KVCompression | None:
+    """The body's `kv_compression` (a method name, or an object) as the worker's params."""
+    if body is None:
+        return None
+    if isinstance(body, str):
+        return KVCompression(body)
+    return KVCompression(body.method, body.budget or 0.0, body.window or 0)
 
 
 def check_length(

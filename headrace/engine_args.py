@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ipc.messages import KV_COMPRESSION_METHODS
 from worker.config import (
     DEVICES,
     DTYPES,
@@ -87,6 +88,36 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
         help="auto: unset request fields take the model's generation_config.json values "
         "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); vllm: ignore it",
     )
+    add_kv_compression_args(g)
+
+
+def add_kv_compression_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--kv-compression",
+        default=None,
+        choices=KV_COMPRESSION_METHODS,
+        help="compress each long prompt's KV cache after its prefill (off by default; "
+        "streaming is the sinks + recent tokens baseline)",
+    )
+    g.add_argument(
+        "--kv-compression-budget",
+        type=float,
+        default=0.25,
+        help="KV kept per layer and KV head, the window included: a ratio of the prompt in "
+        "(0, 1), or a token count (default 0.25: 4x smaller)",
+    )
+    g.add_argument(
+        "--kv-compression-window",
+        type=int,
+        default=32,
+        help="observation window: the prompt's last W queries score the earlier positions",
+    )
+    g.add_argument(
+        "--kv-compression-min-prompt-len",
+        type=int,
+        default=256,
+        help="prompts shorter than this are never compressed",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -125,6 +156,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         ngram_prompt_lookup_min=args.ngram_prompt_lookup_min,
         ngram_prompt_lookup_max=args.ngram_prompt_lookup_max,
         generation_config=args.generation_config,
+        kv_compression=args.kv_compression,
+        kv_compression_budget=args.kv_compression_budget,
+        kv_compression_window=args.kv_compression_window,
+        kv_compression_min_prompt_len=args.kv_compression_min_prompt_len,
     )
     try:
         config.validate()

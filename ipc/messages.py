@@ -46,6 +46,41 @@ class GuidedDecoding(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     any_whitespace: bool = False
 
 
+# KV cache compression methods (worker/kv_compression.py): SnapKV, PyramidKV (SnapKV's
+# scores with budgets shrinking with depth), and StreamingLLM's sinks + recent tokens.
+KV_COMPRESSION_METHODS = ("snapkv", "pyramidkv", "streaming")
+
+
+def check_kv_budget(budget: float, window: int, field: str) -> None:
+    """ValueError naming `field` unless `budget` is a ratio in (0, 1) of the prompt, or a
+    whole number of tokens (kept per layer and KV head, the window included) > window."""
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"{field} must be a ratio in (0, 1) or a token count, got {budget!r}")
+    if budget >= 1 and budget != int(budget):
+        raise ValueError(f"{field} must be a ratio in (0, 1) or a whole token count, got {budget}")
+    if budget >= 1 and window and budget <= window:
+        raise ValueError(
+            f"{field} ({int(budget)} tokens) must be larger than the observation window ({window})"
+        )
+
+
+class KVCompression(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A request's KV cache compression; zero fields take the worker's flags."""
+
+    method: str  # one of KV_COMPRESSION_METHODS, or "none" (off for this request)
+    budget: float = 0.0  # ratio in (0, 1) or tokens kept per layer and KV head; 0: the flag's
+    window: int = 0  # observation window (the prompt's last queries); 0: the flag's
+
+    def validate(self) -> None:
+        if self.method not in (*KV_COMPRESSION_METHODS, "none"):
+            methods = ", ".join((*KV_COMPRESSION_METHODS, "none"))
+            raise ValueError(f"kv_compression.method must be one of {methods}, got {self.method!r}")
+        if not 0 <= self.window <= 4096:
+            raise ValueError(f"kv_compression.window must be in [0, 4096], got {self.window}")
+        if self.budget:
+            check_kv_budget(self.budget, self.window, "kv_compression.budget")
+
+
 class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
     """How to pick tokens for one request. Names and defaults follow vLLM's SamplingParams."""
 
@@ -69,6 +104,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     guided: GuidedDecoding | None = None  # structured output: the grammar to follow
+    kv_compression: KVCompression | None = None  # None: the worker's --kv-compression
 
     @property
     def greedy(self) -> bool:
@@ -112,6 +148,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
             raise bad("stop_token_ids", "non-negative token ids", self.stop_token_ids)
         if any(not s for s in self.stop):
             raise bad("stop", "non-empty strings", self.stop)
+        if self.kv_compression is not None:
+            self.kv_compression.validate()
 
 
 class EngineRequest(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):

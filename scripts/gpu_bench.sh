@@ -3,6 +3,8 @@
 # Usage on the device machine: bash scripts/gpu_bench.sh "<which: tests profile w1 w3 w2 w5>"
 # FP8 (issue 13): profile_fp8 fp8tests w1fp8 (bf16 then fp8 W1, each with its floor) w2fp8 (fp8 weights
 # + fp8 KV) w3fp8 (bf16, then fp8 + fp8 KV) w1_70b w2_70b (Llama-3-70B shape, fp8 dummy).
+# KV compression (issue 20): kvcomp (W2-shaped requests, SnapKV 4x vs none in the same KV
+# memory: blocks per request, concurrency, output tok/s, compression cost; GPU tests in `tests`).
 # Int4 (issue 14): int4tests (GPU int4 kernel + model tests) int4kernels (scripts/bench_int4.py)
 # w1awq (bf16 then AWQ W1 on the 8B shape, each with its floor; AWQ's line adds the int4 floor
 # at 4.25 TB/s and the fraction) w2awq (8B AWQ W2, 500 requests) w1_70b_awq w2_70b_awq (70B);
@@ -29,6 +31,7 @@ for step in $which; do
     w3fp8) for q in "" "--quantization fp8 --kv-cache-dtype fp8"; do n=w3$(echo "$q" | tr -d ' -' | sed 's/quantizationfp8/_fp8/;s/kvcachedtypefp8/_kv8/'); timeout 280 python -m headrace bench throughput --workload W3 $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
     w1_70b) timeout 560 python -m headrace bench latency --model scripts/configs/llama-3-70b --quantization fp8 --max-model-len 4096 --output-json "$OUT/w1_70b_fp8.json" > "$OUT/w1_70b_fp8.log" 2>&1; tail -1 "$OUT/w1_70b_fp8.log" ;;
     w2_70b) timeout 560 python -m headrace bench throughput --model scripts/configs/llama-3-70b --workload W2 --num-requests 200 --quantization fp8 --kv-cache-dtype fp8 --max-model-len 4096 --output-json "$OUT/w2_70b_fp8.json" > "$OUT/w2_70b_fp8.log" 2>&1; tail -1 "$OUT/w2_70b_fp8.log" ;;
+    kvcomp) timeout 280 python scripts/bench_kv_compression.py --output-json "$OUT/kvcomp.json" > "$OUT/kvcomp.log" 2>&1; tail -3 "$OUT/kvcomp.log" ;;
     int4tests) timeout 400 python -m pytest -m gpu tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_int4_models.py -q -p no:cacheprovider > "$OUT/gpu_int4_tests.log" 2>&1; tail -15 "$OUT/gpu_int4_tests.log" ;;
     int4kernels) timeout 200 python scripts/bench_int4.py --output-json "$OUT/int4_kernels.json" > "$OUT/int4_kernels.log" 2>&1; cat "$OUT/int4_kernels.log" ;;
     w1awq) for q in "" "--quantization awq"; do n=w1${q:+_awq}; timeout 280 python -m headrace bench latency $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;

@@ -3,19 +3,24 @@
 Random arrivals, prompt lengths, shared prefixes, output lengths and aborts, with so few
 blocks that preemption happens. After every step the manager's invariants hold (reference
 counts equal block-table membership, free queue consistent); every request ends; at the
-end every block is free again.
+end every block is free again. With KV compression on, prefills that end compact their
+tables (the real KVCompressor, StreamingLLM's choice on a tiny cache): the accounting stays
+exact, compacted blocks are never in the prefix cache, preempted requests recompress.
 """
 
 from __future__ import annotations
 
 import random
 
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipc.messages import SamplingParams
 from worker.config import SchedulerConfig
 from worker.kv_cache import KVCacheManager
+from worker.kv_compaction import KVCompressor
+from worker.kv_compression import KVCompressionSettings
 from worker.request import Request, RequestStatus
 from worker.scheduler import Scheduler
 
@@ -56,6 +61,8 @@ def workloads(draw):
         budget=draw(st.integers(1, 64)),
         caching=draw(st.booleans()),
         spec=draw(st.integers(0, 3)),
+        compress=draw(st.one_of(st.none(), st.sampled_from([0.3, 0.5, 6, 9]))),
+        min_prompt_len=draw(st.integers(0, 12)),
         reqs=reqs,
         seed=draw(st.integers(0, 2**16)),
     )
@@ -75,6 +82,11 @@ def test_random_workloads_end_and_free_everything(w):
         ),
         kv,
     )
+    compressor = KVCompressor(num_layers=2, head_dim=2)
+    caches = [torch.zeros(2, w["num_blocks"], w["block_size"], 1, 2) for _ in range(2)]
+    settings = None
+    if w["compress"] is not None:
+        settings = KVCompressionSettings("streaming", w["compress"], 2, w["min_prompt_len"])
     pending = sorted(w["reqs"], key=lambda r: r[3])
     live: dict[str, Request] = {}
     finished: set[str] = set()
@@ -87,6 +99,7 @@ def test_random_workloads_end_and_free_everything(w):
                 continue
             req = Request(rid, prompt, SamplingParams(max_tokens=max_tokens), frozenset({2}))
             req.abort_at = abort_at  # type: ignore[attr-defined]
+            req.kv_compression, req.kv_compression_pending = settings, settings is not None
             sched.add_request(req)
             live[rid] = req
         for req in list(live.values()):
@@ -103,9 +116,16 @@ def test_random_workloads_end_and_free_everything(w):
         for sr in out.scheduled:
             assert sr.request.status == RequestStatus.RUNNING
             # every scheduled token has a slot in the request's blocks
-            assert len(kv.block_ids(sr.request.request_id)) * w["block_size"] >= sr.end
+            held = len(kv.block_ids(sr.request.request_id)) * w["block_size"]
+            assert held >= sr.end - sr.kv_offset
+        ending = compressor.prefills_ending(out)
         sched.update(out, fake_tokens(out, rng))
+        compressor.compress(ending, kv, caches)
         kv.check_invariants()
+        for table in kv.tables.values():
+            if table.offset:  # compacted: never in the prefix cache
+                assert all(b.hash is None for b in table.blocks)
+                assert len(table) >= kv.blocks_needed(1)
         for rid, req in live.items():
             if req.is_finished:
                 finished.add(rid)
@@ -116,6 +136,9 @@ def test_random_workloads_end_and_free_everything(w):
     assert finished == set(live)
     assert kv.num_free_blocks == kv.num_blocks
     kv.check_invariants()
+    assert not compressor.windows
+    if settings is None:
+        assert compressor.stats.requests == 0
 
 
 def test_preempts_newest_running_request():
@@ -153,3 +176,34 @@ def test_chunked_prefill_respects_budget():
         chunks.append(out.scheduled[0].num_new_tokens)
         sched.update(out, [[1] if sr.samples else [] for sr in out.scheduled])
     assert chunks == [10, 10, 5, 1]
+
+
+def test_preempted_compressed_request_recomputes_and_recompresses():
+    kv = KVCacheManager(num_blocks=8, block_size=2, enable_caching=True)
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=20), kv
+    )
+    compressor = KVCompressor(num_layers=1, head_dim=2)
+    caches = [torch.zeros(2, 8, 2, 1, 2)]
+    settings = KVCompressionSettings("streaming", 5, 2, 0)
+    a = Request("a", list(range(3, 11)), SamplingParams(max_tokens=8), frozenset())
+    b = Request("b", list(range(13, 21)), SamplingParams(max_tokens=8), frozenset())
+    for r in (a, b):
+        r.kv_compression, r.kv_compression_pending = settings, True
+        sched.add_request(r)
+    layouts = []
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        ending = compressor.prefills_ending(out)
+        sched.update(out, [[3] if sr.samples else [] for sr in out.scheduled])
+        compressor.compress(ending, kv, caches)
+        kv.check_invariants()
+        layouts.extend(
+            (sr.request.request_id, kv.kv_layout(sr.request.request_id)) for sr in ending
+        )
+    # a once; b once, then again after its preemption (8 prompt + 4 output tokens -> 5)
+    assert b.num_preemptions == 1 and a.num_preemptions == 0
+    assert layouts == [("a", (3, None)), ("b", (3, None)), ("b", (7, None))]
+    assert compressor.stats.requests == 3
+    assert a.num_output_tokens == b.num_output_tokens == 8
+    assert kv.num_free_blocks == 8

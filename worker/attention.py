@@ -16,10 +16,16 @@ from typing import Protocol
 import torch
 
 from cuda.kv_write import write_kv_ref
-from cuda.paged_attention import AttentionMetadata, AttentionParams
+from cuda.paged_attention import AttentionMetadata, AttentionParams, QueryCapture
 from worker.cpu_attention import paged_attention_sdpa
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "AttentionParams", "TorchAttention"]
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "AttentionParams",
+    "QueryCapture",
+    "TorchAttention",
+]
 
 
 class AttentionBackend(Protocol):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ipc.messages import KV_COMPRESSION_METHODS, check_kv_budget
 from ipc.model_folder import LOAD_FORMATS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
@@ -50,6 +51,10 @@ class EngineConfig:
     ngram_prompt_lookup_min: int = 1  # shortest n-gram matched by the ngram proposer
     ngram_prompt_lookup_max: int = 4  # longest n-gram matched by the ngram proposer
     generation_config: str = "auto"  # auto: the model's generation_config.json sets defaults
+    kv_compression: str | None = None  # None (off), snapkv, pyramidkv or streaming (baseline)
+    kv_compression_budget: float = 0.25  # ratio of the prompt in (0, 1), or tokens kept per layer
+    kv_compression_window: int = 32  # observation window: the prompt's last queries that score
+    kv_compression_min_prompt_len: int = 256  # shorter prompts are never compressed
     extra: dict[str, str] = field(default_factory=dict)  # free-form, for experiments
 
     def validate(self) -> None:
@@ -123,6 +128,27 @@ class EngineConfig:
             raise ValueError(
                 "ngram_prompt_lookup_min must be >= 1 and <= ngram_prompt_lookup_max, got "
                 f"{self.ngram_prompt_lookup_min} and {self.ngram_prompt_lookup_max}"
+            )
+
+        self._validate_kv_compression()
+
+    def _validate_kv_compression(self) -> None:
+        if self.kv_compression is not None and self.kv_compression not in KV_COMPRESSION_METHODS:
+            raise ValueError(
+                f"kv_compression must be one of {', '.join(KV_COMPRESSION_METHODS)}, "
+                f"got {self.kv_compression!r}"
+            )
+        if not 1 <= self.kv_compression_window <= 4096:
+            raise ValueError(
+                f"kv_compression_window must be in [1, 4096], got {self.kv_compression_window}"
+            )
+        check_kv_budget(
+            self.kv_compression_budget, self.kv_compression_window, "kv_compression_budget"
+        )
+        if self.kv_compression_min_prompt_len < 0:
+            raise ValueError(
+                "kv_compression_min_prompt_len must be >= 0, got "
+                f"{self.kv_compression_min_prompt_len}"
             )
 
     def replace(self, **changes: object) -> EngineConfig:

@@ -17,6 +17,7 @@ left is padding (worker/input_batch.py pad_inputs):
     query_start_loc         [B real + 1 | T T ...]    (padding requests have q_len 0)
     seq_lens                [B real | 0 ...]          (kernels exit early on 0)
     block_tables            [B rows | stale ...]
+    layer seq_lens / slots  [L, ...] the same per layer (--kv-compression pyramidkv only)
 
 So requests with fewer than k proposals (or none) need no filler tokens, and the rejection
 sampler sees exactly the proposals it would see eagerly. The graphs are captured largest
@@ -71,6 +72,7 @@ class GraphShapes:
     max_model_len: int  # the seq_len bound the graphs are captured with
     block_size: int  # tokens per KV block (block tables are max_model_len / block_size wide)
     num_speculative_tokens: int = 0  # k > 0: a q = 1 + k family beside decode's q = 1
+    per_layer_lengths: bool = False  # the graphs also read PyramidKV's per-layer lengths
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "block_size"):
@@ -101,8 +103,51 @@ def capture_graphs(
         log.warning("CUDA graphs off: %s; %s runs eagerly", blocker, what)
         return None
     runner = CudaGraphRunner(model, kv_caches, shapes)
+    if shapes.per_layer_lengths:
+        t = runner.max_bs * runner.bounds[-1]
+        runner.layers = LayerInputs(len(kv_caches), runner.max_bs, t, runner.device)
     runner.capture()
     return runner
+
+
+class LayerInputs:
+    """PyramidKV's per-layer seq_lens [L, n] and slot_mapping [L, t] as graph inputs (when
+    the worker compresses with pyramidkv): steps without such requests copy the shared
+    lengths and slots into every layer's row on the device."""
+
+    def __init__(
+        self, num_layers: int, n: int, t: int, device: torch.device, pin: bool = True
+    ) -> None:
+        self.seq_lens = torch.zeros((num_layers, n), dtype=torch.int32, device=device)
+        self.slot_mapping = torch.full((num_layers, t), -1, dtype=torch.int64, device=device)
+        self._staging = [
+            (
+                torch.zeros((num_layers, n), dtype=torch.int32, pin_memory=pin),
+                torch.zeros((num_layers, t), dtype=torch.int64, pin_memory=pin),
+            )
+            for _ in range(2)
+        ]
+        self._turn = 0
+
+    def write(
+        self, host: HostInputs, seq_lens: torch.Tensor, slots: torch.Tensor, bs: int, n: int
+    ) -> None:
+        """This step's rows: the host's per-layer arrays padded as pad_inputs pads, else the
+        shared device buffers `seq_lens` [bs] and `slots` [n] (already this step's)."""
+        if host.layer_seq_lens is None or host.layer_slot_mapping is None:
+            self.seq_lens[:, :bs].copy_(seq_lens[:bs].expand(self.seq_lens.shape[0], -1))
+            self.slot_mapping[:, :n].copy_(slots[:n].expand(self.slot_mapping.shape[0], -1))
+            return
+        lsl, lsm = self._staging[self._turn]
+        self._turn ^= 1
+        b, t = host.layer_seq_lens.shape[1], host.layer_slot_mapping.shape[1]
+        lsl_np, lsm_np = lsl.numpy(), lsm.numpy()
+        lsl_np[:, :b] = host.layer_seq_lens
+        lsl_np[:, b:bs] = 0
+        lsm_np[:, :t] = host.layer_slot_mapping
+        lsm_np[:, t:n] = -1
+        self.seq_lens[:, :bs].copy_(lsl[:, :bs], non_blocking=True)
+        self.slot_mapping[:, :n].copy_(lsm[:, :n], non_blocking=True)
 
 
 class CudaGraphRunner:
@@ -133,6 +178,7 @@ class CudaGraphRunner:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (q bound, bucket)
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.replays = dict.fromkeys(self.bounds, 0)  # per q bound: steps that replayed
+        self.layers: LayerInputs | None = None  # PyramidKV's per-layer lengths, if captured
 
     def _make_staging(
         self, n: int, t: int
@@ -145,7 +191,7 @@ class CudaGraphRunner:
         return h64_t, h32_t, hbt_t, padded
 
     def _md(self, q: int, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(
+        md = AttentionMetadata(
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs],
@@ -153,6 +199,10 @@ class CudaGraphRunner:
             max_query_len=q,
             max_seq_len=self.max_model_len,
         )
+        if self.layers is not None:
+            md.layer_seq_lens = self.layers.seq_lens[:, :bs]
+            md.layer_slot_mapping = self.layers.slot_mapping[:, : bs * q]
+        return md
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -169,6 +219,9 @@ class CudaGraphRunner:
                 self.query_start_loc.copy_(qsl)
                 self.seq_lens.fill_(q)
                 self.slot_mapping.fill_(-1)
+                if self.layers is not None:
+                    self.layers.seq_lens.fill_(q)
+                    self.layers.slot_mapping.fill_(-1)
                 md = self._md(q, bs)
                 ids, pos = self.input_ids[: bs * q], self.positions[: bs * q]
                 args = (ids, pos, self.kv_caches, md)
@@ -199,6 +252,10 @@ class CudaGraphRunner:
             return None
         if host.max_query_len == 1 and host.prompt_logprobs:
             return None  # a one-token prompt's logprobs: rare, eager keeps it simple
+        if host.capture_rows:
+            return None  # KV compression's window capture: prefill steps, eager anyway
+        if host.layer_seq_lens is not None and self.layers is None:
+            return None  # PyramidKV's per-layer lengths, not captured in these graphs
         return pick_graph(self.bounds, self.buckets, len(host.seq_lens), host.max_query_len)
 
     def can_run(self, host: HostInputs) -> bool:
@@ -229,6 +286,8 @@ class CudaGraphRunner:
         seq = h32[self.max_bs + 1 :]
         self.seq_lens[:bs].copy_(seq[:bs], non_blocking=True)
         self.block_tables[:b, :width].copy_(hbt[:b, :width], non_blocking=True)
+        if self.layers is not None:
+            self.layers.write(host, self.seq_lens, self.slot_mapping, bs, n)
         self.graphs[q, bs].replay()
         self.replays[q] += 1
         return self.outputs[q, bs][:t]

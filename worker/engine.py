@@ -56,6 +56,7 @@ class EngineCore:
         self.config = config
         self._open_checkpoint()
         self.runner = self._load_model()
+        self.runner.kv_compressor.configure(config, self.model_config)  # or a ValueError
         max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
             self.device.type, config.enable_chunked_prefill, self.max_model_len
         )
@@ -297,9 +298,10 @@ class EngineCore:
                 f"the request needs {self.kv.blocks_needed(need)} KV cache blocks but the cache "
                 f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
             )
-        return Request(
+        request = Request(
             req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time, owner=owner
         )
+        return self.runner.kv_compressor.attach(request)  # its KV compression, if any
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.grammars.abort(request_ids)
@@ -418,6 +420,7 @@ class EngineCore:
         for sr in sched.scheduled:
             if sr.start < sr.request.num_prompt_tokens:
                 self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
+        self.runner.kv_compressor.compress_step(sched, self.kv, self.runner.kv_caches)
         updates = self.scheduler.update(sched, result.new_tokens)
         # Matchers take the new tokens and fill the next masks on a thread, meanwhile.
         self.runner.masks.prefetch(updates)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from worker.attention import AttentionMetadata
+from worker.attention import AttentionMetadata, QueryCapture
+from worker.kv_compression import layer_inputs, window_positions
 from worker.scheduler import SchedulerOutput
 
 
@@ -43,6 +44,13 @@ class HostInputs:
     sample_rows: list[list[int]]
     sample_sched_index: list[int]
     prompt_logprobs: list[PromptLogprobsJob] = field(default_factory=list)
+    # KV compression: rows whose queries to keep (the observation windows) and, per
+    # scheduled request that has some, (sched index, first position, rows) in row order.
+    capture_rows: list[int] = field(default_factory=list)
+    capture_jobs: list[tuple[int, int, int]] = field(default_factory=list)
+    # PyramidKV requests in the step: per-layer seq_lens [L, B] and slot_mapping [L, T].
+    layer_seq_lens: np.ndarray | None = None
+    layer_slot_mapping: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -72,21 +80,30 @@ class HostBatch:
     sample_rows: list[list[int]] = field(default_factory=list)
     sample_sched_index: list[int] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobsJob] = field(default_factory=list)
+    capture_rows: list[int] = field(default_factory=list)
+    capture_jobs: list[tuple[int, int, int]] = field(default_factory=list)
 
-    def add(self, token_ids: Sequence[int], start: int, table: Sequence[int]) -> int:
-        """One request's tokens at positions start, start + 1, ...; returns its first row."""
+    def add(
+        self, token_ids: Sequence[int], start: int, table: Sequence[int], kv_offset: int = 0
+    ) -> int:
+        """One request's tokens at positions start, start + 1, ...; returns its first row.
+
+        They go to cache indices start - kv_offset, ... (a compressed cache holds fewer
+        tokens than the positions before it: rotary takes the position, the slot the index).
+        """
         bs, n = self.block_size, len(token_ids)
         row0 = self.qsl[-1]
         self.ids.extend(token_ids)
+        c = start - kv_offset
         if n == 1:  # decode: skip numpy for the common case
             self.pos.append(start)
-            self.slots.append(table[start // bs] * bs + start % bs)
+            self.slots.append(table[c // bs] * bs + c % bs)
         else:
-            p = np.arange(start, start + n, dtype=np.int64)
+            p = np.arange(c, c + n, dtype=np.int64)
             self.pos.extend(range(start, start + n))
             self.slots.extend((np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
         self.qsl.append(row0 + n)
-        self.seq_lens.append(start + n)
+        self.seq_lens.append(c + n)
         self.tables.append(table)
         self.max_query_len = max(self.max_query_len, n)
         return row0
@@ -104,6 +121,8 @@ class HostBatch:
             sample_rows=self.sample_rows,
             sample_sched_index=self.sample_sched_index,
             prompt_logprobs=self.prompt_logprobs,
+            capture_rows=self.capture_rows,
+            capture_jobs=self.capture_jobs,
         )
 
 
@@ -120,7 +139,13 @@ def build_host_inputs(out: SchedulerOutput) -> HostInputs:
             new = [tokens[sr.start] if sr.start < len(tokens) else 0]
         else:
             new = tokens[sr.start : sr.end]
-        row0 = batch.add(new, sr.start, sr.block_table)
+        row0 = batch.add(new, sr.start, sr.block_table, sr.kv_offset)
+        if req.kv_compression_pending and req.kv_compression is not None:
+            window = window_positions(req.kv_compression, req.num_tokens, sr.start, sr.end)
+            if window:
+                lo = row0 + window.start - sr.start
+                batch.capture_rows.extend(range(lo, lo + len(window)))
+                batch.capture_jobs.append((i, window.start, len(window)))
         if sr.samples:
             k = sr.num_spec_tokens
             last = row0 + sr.num_new_tokens - 1
@@ -132,7 +157,31 @@ def build_host_inputs(out: SchedulerOutput) -> HostInputs:
             rows = list(range(row0, row0 + hi - sr.start))
             targets = req.prompt_token_ids[sr.start + 1 : hi + 1]
             batch.prompt_logprobs.append(PromptLogprobsJob(i, rows, targets))
-    return batch.finish()
+    host = batch.finish()
+    _add_layer_inputs(host, out)
+    return host
+
+
+def _add_layer_inputs(host: HostInputs, out: SchedulerOutput) -> None:
+    """PyramidKV: each layer's own seq_lens and slots, when some request needs them."""
+    shifts = [sr.layer_shift for sr in out.scheduled]
+    first = next((s for s in shifts if s is not None), None)
+    if first is None:
+        return
+    qsl = host.query_start_loc
+    reqs = [
+        (
+            int(qsl[b]),
+            int(qsl[b + 1] - qsl[b]),
+            sr.start - sr.kv_offset,
+            sr.block_table,
+            sr.layer_shift,
+        )
+        for b, sr in enumerate(out.scheduled)
+    ]
+    host.layer_seq_lens, host.layer_slot_mapping = layer_inputs(
+        reqs, host.slot_mapping, host.seq_lens, len(first), out.block_size
+    )
 
 
 def pack_block_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
@@ -158,6 +207,11 @@ def to_device(host: HostInputs, device: torch.device) -> StepInputs:
         max_query_len=host.max_query_len,
         max_seq_len=host.max_seq_len,
     )
+    if host.capture_rows:
+        md.capture = QueryCapture(dev(np.asarray(host.capture_rows, dtype=np.int64)))
+    if host.layer_seq_lens is not None and host.layer_slot_mapping is not None:
+        md.layer_seq_lens = dev(host.layer_seq_lens)
+        md.layer_slot_mapping = dev(host.layer_slot_mapping)
     return StepInputs(dev(host.input_ids), dev(host.positions), md, host)
 
 

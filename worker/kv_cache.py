@@ -109,12 +109,16 @@ class BlockTable:
     each full block keyed in the prefix cache so far (a prefix of `blocks`).
     """
 
-    __slots__ = ("blocks", "ids", "keys")
+    __slots__ = ("blocks", "ids", "keys", "layer_shift", "offset")
 
     def __init__(self) -> None:
         self.blocks: list[Block] = []
         self.ids = array("i")
         self.keys: list[tuple[int, int]] = []
+        # KV compression (worker/kv_compression.py): position - cache index of new tokens
+        # (> 0: compacted, never keyed in the prefix cache), PyramidKV's per-layer shifts.
+        self.offset = 0
+        self.layer_shift: tuple[int, ...] | None = None
 
     def append(self, block: Block) -> None:
         self.blocks.append(block)
@@ -155,6 +159,11 @@ class KVCacheManager:
         """The request's block ids (int32, shared: do not modify)."""
         return self.tables.get(request_id, _NO_TABLE).ids
 
+    def kv_layout(self, request_id: str) -> tuple[int, tuple[int, ...] | None]:
+        """(position - cache index, PyramidKV layer shifts) of the request's new tokens."""
+        table = self.tables.get(request_id, _NO_TABLE)
+        return table.offset, table.layer_shift
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -178,7 +187,11 @@ class KVCacheManager:
         if not self.enable_caching or request.wants_prompt_logprobs:
             return [], 0
         tokens = request.all_token_ids
-        max_blocks = (len(tokens) - 1) // self.block_size
+        # A prefill that ends in a compression computes its window's queries itself.
+        tail, comp = 1, request.kv_compression
+        if request.kv_compression_pending and comp is not None and comp.will_score(len(tokens)):
+            tail = max(1, comp.window)
+        max_blocks = max(0, len(tokens) - tail) // self.block_size
         found: list[Block] = []
         parent_hash, parent_uid = ROOT_HASH, ROOT_UID
         for i in range(max_blocks):
@@ -216,8 +229,10 @@ class KVCacheManager:
         that layer reads it, so a request scheduled later in the same step may share them.
         """
         rid = request.request_id
-        held = len(self.tables.get(rid, _NO_TABLE))
+        held_table = self.tables.get(rid, _NO_TABLE)
+        held = len(held_table)
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_computed -= held_table.offset  # cached tokens: compression dropped `offset`
         total = num_computed + num_new_tokens + num_lookahead_tokens
         need = self.blocks_needed(total) - held - len(computed_blocks)
         # Hits that are free right now leave the free queue, so they cost free blocks too.
@@ -240,7 +255,7 @@ class KVCacheManager:
             self._evict(b)
             b.ref_cnt = 1
             table.append(b)
-        if self.enable_caching:
+        if self.enable_caching and not table.offset:
             upto = (
                 num_computed + num_new_tokens
                 if num_tokens_to_cache is None
@@ -252,7 +267,7 @@ class KVCacheManager:
     def cache_full_blocks(self, request: Request, num_tokens: int, extra_keys: tuple = ()) -> None:
         """Key the request's blocks that are full within its first `num_tokens` tokens."""
         table = self.tables.get(request.request_id)
-        if table is None:
+        if table is None or table.offset:
             return
         held, keys = table.blocks, table.keys
         num_full = min(num_tokens // self.block_size, len(held))
@@ -291,6 +306,52 @@ class KVCacheManager:
         block.hash = None
         block.token_ids = ()
         block.uid = 0
+
+    # ---- compression ---------------------------------------------------------------------
+    def compact(
+        self,
+        request_id: str,
+        cached_len: int,
+        num_kept: int,
+        layer_shift: tuple[int, ...] | None = None,
+    ) -> tuple[list[int], list[int]] | None:
+        """Give a request a compacted table of blocks for `num_kept` of its `cached_len`
+        cached tokens; returns (old block ids, new block ids) for the device copy, or None
+        (nothing changed) when there is no room.
+
+        New blocks come from the free queue first, so the old ones keep their prefix-cache
+        keys (the uncompressed prompt stays reusable); short of free blocks, the request's
+        own unshared blocks are rewritten in place (un-keyed first). The old blocks are
+        released here: the copy is queued before any later step can reuse them.
+        """
+        table = self.tables[request_id]
+        if table.offset or num_kept >= cached_len:
+            raise ValueError(f"request {request_id!r} cannot be compacted again")
+        need = self.blocks_needed(num_kept)
+        fresh = min(need, self.num_free_blocks)
+        own = [b for b in reversed(table.blocks) if b.ref_cnt == 1][: need - fresh]
+        if fresh + len(own) < need:
+            return None
+        old_ids = list(table.ids)
+        new = BlockTable()
+        new.offset, new.layer_shift = cached_len - num_kept, layer_shift
+        for _ in range(fresh):
+            b = self.free_queue.popleft()
+            self._evict(b)
+            b.ref_cnt = 1
+            new.append(b)
+        reused = {id(b) for b in own}
+        for b in own:
+            self._evict(b)  # its content changes: it can no longer answer a lookup
+            new.append(b)
+        for b in reversed(table.blocks):
+            if id(b) in reused:
+                continue
+            b.ref_cnt -= 1
+            if b.ref_cnt == 0:
+                self.free_queue.append(b)
+        self.tables[request_id] = new
+        return old_ids, list(new.ids)
 
     # ---- release ---------------------------------------------------------------------------
     def free(self, request_id: str) -> None:

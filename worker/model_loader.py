@@ -14,6 +14,7 @@ from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.models.falcon import FalconForCausalLM
 from worker.models.gpt_neox import GPTNeoXForCausalLM
+from worker.models.layers import number_layers
 from worker.models.llama import LlamaForCausalLM
 from worker.models.mixtral import MixtralForCausalLM
 from worker.quant.config import Fp8Scheme
@@ -107,6 +108,7 @@ def build_model(
             model.load_weights(weights, source=files.path)
     prepare_int4_layers(model, dtype, device)  # 4-bit: layout, one prefill dequant buffer
     model.rotary.build(device)
+    number_layers(model)
     model.eval()
     return model
 

@@ -7,6 +7,7 @@ the memory left after a worst-case step at `gpu_memory_utilization`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -17,8 +18,10 @@ from ipc.messages import SamplingParams, TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
 from worker.grammar_masks import StepMasks
 from worker.input_batch import HostInputs, build_host_inputs, take_rows, to_device
+from worker.kv_compaction import KVCompressor
 from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
+from worker.models.layers import Attention
 from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
 from worker.scheduler import SchedulerOutput
 from worker.spec_decode.verify import verify
@@ -87,6 +90,11 @@ class ModelRunner:
         # Speculative decoding: request id -> draft distributions q [k, V] (the draft
         # proposer's dict; empty for n-gram, whose q is a point mass).
         self.draft_probs: dict[str, torch.Tensor] = {}
+        # KV cache compression: captured observation windows, and the compaction itself.
+        k_scales = [m.k_scale for m in model.modules() if isinstance(m, Attention)]
+        self.kv_compressor = KVCompressor(
+            model_config.num_layers, model_config.head_dim, k_scales=k_scales or None
+        )
         # Structured output: each step's grammar masks, filled while the forward runs.
         self.masks = StepMasks(model_config.vocab_size, device)
 
@@ -114,9 +122,12 @@ class ModelRunner:
 
     def capture_cuda_graphs(self, shapes: GraphShapes) -> None:
         """Capture graphs (GPU only); after this, steps whose requests each compute one
-        token (decode), or at most 1 + num_speculative_tokens (verification), replay them."""
+        token (decode), or at most 1 + num_speculative_tokens (verification), replay them
+        (and PyramidKV's per-layer lengths, when the worker compresses with it)."""
         from worker.cuda_graphs import capture_graphs
 
+        if self.kv_compressor.pyramid:
+            shapes = dataclasses.replace(shapes, per_layer_lengths=True)
         self.graph_runner = capture_graphs(self.model, self.kv_caches, self.dtype, shapes)
 
     @torch.inference_mode()
@@ -127,17 +138,20 @@ class ModelRunner:
         else:
             inputs = to_device(host, self.device)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.md)
+            self.kv_compressor.collect(inputs.md.capture, host.capture_jobs, out.scheduled)
         return self.sample(out, host, hidden)
 
     # ---- async scheduling: launch a decode step now, read its tokens later ------------------
     @staticmethod
     def can_launch(out: SchedulerOutput) -> bool:
-        """Steps launch() handles: every request computes and samples one token."""
+        """Steps launch() handles: every request computes and samples one token (and
+        none ends a prefill that compresses its KV cache before the next step)."""
         return all(
             sr.num_new_tokens == 1
             and sr.num_spec_tokens == 0
             and sr.samples
             and not sr.request.wants_prompt_logprobs
+            and not sr.request.kv_compression_pending
             for sr in out.scheduled
         )
 

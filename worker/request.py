@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ipc.messages import FinishReason, RequestOutput, SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
+    from worker.kv_compression import KVCompressionSettings
     from worker.structured import RequestGrammar
 
 
@@ -70,6 +71,10 @@ class Request:
         self.added_at = time.monotonic()
         self.first_scheduled_at: float | None = None
         self.queue_time_sent = False
+        # KV cache compression (worker/kv_compression.py): the settings, and whether the
+        # prefill still has to end in a compression (again after a preemption).
+        self.kv_compression: KVCompressionSettings | None = None
+        self.kv_compression_pending = False
 
     @property
     def max_tokens(self) -> int:

@@ -28,6 +28,8 @@ class ScheduledRequest:
     start: int  # num_computed_tokens when scheduled: the position of the first new token
     num_spec_tokens: int = 0  # of num_new_tokens, how many are unverified proposals
     block_table: Sequence[int] = ()  # the request's KV block ids, set once the step is planned
+    kv_offset: int = 0  # position - cache index (> 0 once the KV cache is compressed)
+    layer_shift: Sequence[int] | None = None  # PyramidKV: per-layer extra index shift
 
     @property
     def end(self) -> int:
@@ -180,7 +182,9 @@ class Scheduler:
         """What the model runner needs of the KV manager: each request's block table."""
         out.block_size = self.kv.block_size
         for sr in out.scheduled:
-            sr.block_table = self.kv.block_table(sr.request.request_id)
+            rid = sr.request.request_id
+            sr.block_table = self.kv.block_table(rid)
+            sr.kv_offset, sr.layer_shift = self.kv.kv_layout(rid)
         return out
 
     def update(
@@ -251,6 +255,7 @@ class Scheduler:
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.spec_token_ids = []
+        req.kv_compression_pending = req.kv_compression is not None  # recompress
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1

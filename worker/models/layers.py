@@ -134,6 +134,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.rotary = rotary
         self.backend = backend
+        self.layer_index = -1  # set by number_layers (per-layer KV lengths need it)
         # FP8 KV cache: cache = K / k_scale (the checkpoint's k_scale / v_scale, else 1.0).
         self.k_scale = 1.0
         self.v_scale = 1.0
@@ -151,9 +152,18 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         self.rotary(positions, q, k)
+        if md.capture is not None:  # KV compression's window: rotated, as K is cached
+            md.capture.layers.append(q.index_select(0, md.capture.rows))
+        md = md.for_layer(self.layer_index)
         params = AttentionParams(self.scale, self.sliding_window, self.k_scale, self.v_scale)
         o = self.backend(q, k, v, kv_cache, md, params)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))
+
+
+def number_layers(model: nn.Module) -> None:
+    """Give each Attention its layer index (in module order, which is layer order)."""
+    for i, m in enumerate(m for m in model.modules() if isinstance(m, Attention)):
+        m.layer_index = i
 
 
 class GatedMLP(nn.Module):
