@@ -35,6 +35,14 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
         help="auto: the model's dtype; fp8 (fp8_e4m3): half the bytes, twice the blocks",
     )
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "-tp",
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model across N GPUs (N processes; on CPU, gloo): a leader and "
+        "N-1 followers",
+    )
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument(
@@ -120,6 +128,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         ngram_prompt_lookup_min=args.ngram_prompt_lookup_min,
         ngram_prompt_lookup_max=args.ngram_prompt_lookup_max,
         generation_config=args.generation_config,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     try:
         config.validate()

@@ -103,9 +103,9 @@ def engine_factory(config: EngineConfig, args: argparse.Namespace) -> Callable[[
             from worker.fake_engine import FakeEngineCore
 
             return FakeEngineCore(config, step_s=args.fake_step_ms / 1000)
-        from worker.engine import EngineCore
+        from headrace.tp_group import start_engine
 
-        engine = EngineCore(config)
+        engine = start_engine(config, exit_on_failure=True)
         # Structured output's first use imports xgrammar and reads the vocabulary (seconds
         # of GIL-heavy work): done before the worker reports ready, so it never starves the
         # heartbeat thread of a serving worker into looking dead.

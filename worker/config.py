@@ -48,6 +48,7 @@ class EngineConfig:
     ngram_prompt_lookup_min: int = 1  # shortest n-gram matched by the ngram proposer
     ngram_prompt_lookup_max: int = 4  # longest n-gram matched by the ngram proposer
     generation_config: str = "auto"  # auto: the model's generation_config.json sets defaults
+    tensor_parallel_size: int = 1  # ranks (GPUs) one model is split across; 1 = no split
     extra: dict[str, str] = field(default_factory=dict)  # free-form, for experiments
 
     def validate(self) -> None:
@@ -117,6 +118,8 @@ class EngineConfig:
             raise ValueError(
                 f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}"
             )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:
             raise ValueError(
                 "ngram_prompt_lookup_min must be >= 1 and <= ngram_prompt_lookup_max, got "

@@ -34,6 +34,8 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
+from worker.parallel.plan import ShardPlan
+from worker.parallel.state import TpGroup
 from worker.quant.config import resolve_fp8_scheme
 from worker.quant.kv import resolve_kv_cache_dtype
 from worker.request import Request, RequestStatus
@@ -47,16 +49,16 @@ GiB = 1 << 30
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp: TpGroup | None = None) -> None:
+        """`tp`: this engine is one rank of a tensor-parallel group (headrace/tp_group.py
+        starts them). The leader (rank 0) is a whole engine; a follower stops after its
+        model and KV cache, and runs worker/parallel/follower.py's loop."""
         config.validate()
         self.config = config
-        self._open_checkpoint()
-        self.runner = self._load_model()
-        max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
-            self.device.type, config.enable_chunked_prefill, self.max_model_len
-        )
-        num_blocks = self._num_kv_blocks(max_batched)
-        self._allocate_kv_cache(num_blocks, max_batched)
+        self.tp = tp
+        num_blocks = self._init_device()
+        if tp is not None and not tp.is_leader:
+            return
         mc = self.model_config
         self.model_info = ModelInfo(
             model_name=config.served_model_name or config.model,
@@ -86,6 +88,22 @@ class EngineCore:
         # Async scheduling: a launched step whose tokens have not been read yet.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
 
+    def _init_device(self) -> int:
+        """Checkpoint, model, KV cache and CUDA graphs; returns the KV block count. Every
+        rank of a tensor-parallel group runs this, in this order: its collectives (the
+        memory profile's forward, the block count's minimum, graph capture) must match."""
+        config = self.config
+        self._open_checkpoint()
+        self.runner = self._load_model()
+        max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
+            self.device.type, config.enable_chunked_prefill, self.max_model_len
+        )
+        num_blocks = self._num_kv_blocks(max_batched)
+        if self.tp is not None:  # every rank holds the same blocks: the smallest count
+            num_blocks = self.tp.min_int(num_blocks)
+        self._allocate_kv_cache(num_blocks, max_batched)
+        return num_blocks
+
     def _open_checkpoint(self) -> None:
         """The model's files and config, context length, device, dtypes (no weights)."""
         config = self.config
@@ -99,6 +117,11 @@ class EngineCore:
                 f"length ({mc.max_context}, max_position_embeddings in {self.files.path})"
             )
         self.device = resolve_device(config.device)
+        # Tensor parallel: this rank's heads (the KV cache holds only those).
+        self.rank_config = mc
+        if self.tp is not None:
+            self.device = self.tp.device if self.device.type == "cuda" else self.device
+            self.rank_config = ShardPlan.make(mc, self.tp.rank, self.tp.size).rank_config(mc)
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
         self.quant = resolve_fp8_scheme(self.files.config, config.quantization, self.files.path)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -118,6 +141,7 @@ class EngineCore:
                 dummy=config.load_format == "dummy",
                 seed=config.seed,
                 quant=self.quant,
+                group=self.tp,
             )
         log.info(
             "loaded %s in %.1fs (weights: %s)",
@@ -126,7 +150,8 @@ class EngineCore:
             f"fp8, {self.quant.source}" if self.quant else str(self.dtype),
         )
         eos = set(self.eos_token_ids)
-        return ModelRunner(model, mc, self.device, self.dtype, eos, config.seed, self.kv_dtype)
+        rc = self.rank_config
+        return ModelRunner(model, rc, self.device, self.dtype, eos, config.seed, self.kv_dtype)
 
     def _allocate_kv_cache(self, num_blocks: int, max_batched: int) -> None:
         """The KV cache tensors (and CUDA graphs over them), their manager, the scheduler."""
@@ -136,7 +161,7 @@ class EngineCore:
             num_blocks,
             config.block_size,
             self.kv_dtype,
-            kv_bytes_per_block(self.model_config, config.block_size, self.kv_dtype),
+            kv_bytes_per_block(self.rank_config, config.block_size, self.kv_dtype),
         )
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
@@ -162,7 +187,7 @@ class EngineCore:
 
     def _num_kv_blocks(self, max_batched_tokens: int) -> int:
         c = self.config
-        per_block = kv_bytes_per_block(self.model_config, c.block_size, self.kv_dtype)
+        per_block = kv_bytes_per_block(self.rank_config, c.block_size, self.kv_dtype)
         if c.num_gpu_blocks is not None:
             return c.num_gpu_blocks
         if self.device.type == "cpu":
@@ -235,10 +260,24 @@ class EngineCore:
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self.grammars)
+        # A broken tensor-parallel group has work: step() raises, and the worker exits.
+        broken = self.tp is not None and self.tp.failure is not None
+        return self.scheduler.has_unfinished_requests() or bool(self.grammars) or broken
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.tp is None:
+            return self._step_all()
+        # Tensor parallel: any failure may leave the followers mid-collective, out of step
+        # with us; the group cannot go on (FatalEngineError: the worker restarts it).
+        self.tp.check()
+        try:
+            return self._step_all()
+        except Exception as e:
+            self.tp.check(e)
+            raise
+
+    def _step_all(self) -> list[RequestOutput]:
         ready, failed = self.grammars.take_ready(wait=not self.scheduler.has_unfinished_requests())
         for request in ready:
             self.scheduler.add_request(request)

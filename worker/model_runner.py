@@ -8,6 +8,7 @@ the memory left after a worst-case step at `gpu_memory_utilization`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from worker.structured import RequestGrammar
 
 log = logging.getLogger(__name__)
+
+# (host inputs, whether the step replays a CUDA graph, device input ids or None) -> ids
+StepHook = Callable[[HostInputs, bool, "torch.Tensor | None"], "torch.Tensor | None"]
 
 
 @dataclass
@@ -88,6 +92,9 @@ class ModelRunner:
         # Speculative decoding: request id -> draft distributions q [k, V] (the draft
         # proposer's dict; empty for n-gram, whose q is a point mass).
         self.draft_probs: dict[str, torch.Tensor] = {}
+        # Tensor-parallel leader: publishes each forward to the followers before running
+        # it (worker/parallel/leader.py); returns the input ids every rank then uses.
+        self.step_hook: StepHook | None = None
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.config
@@ -123,12 +130,25 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         host = build_host_inputs(out)
-        if self.graph_runner is not None and self.graph_runner.can_run(host):
-            hidden = self.graph_runner.run(host)
-        else:
-            inputs = to_device(host, self.device)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.md)
-        return self.sample(out, host, hidden)
+        return self.sample(out, host, self.forward(host))
+
+    def forward(self, host: HostInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, H] of a step: its CUDA graph replayed, or the model eagerly.
+        `input_ids` (device) replaces the host's ids (async scheduling's chained step)."""
+        use_graph = self.graph_runner is not None and self.graph_runner.can_run(host)
+        if self.step_hook is not None:  # tensor parallel: the followers run it too
+            input_ids = self.step_hook(host, use_graph, input_ids)
+        return self.run_forward(host, use_graph, input_ids)
+
+    def run_forward(
+        self, host: HostInputs, use_graph: bool, input_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        if use_graph:
+            assert self.graph_runner is not None
+            return self.graph_runner.run(host, input_ids)
+        inputs = to_device(host, self.device)
+        ids = inputs.input_ids if input_ids is None else input_ids
+        return self.model(ids, inputs.positions, self.kv_caches, inputs.md)
 
     # ---- async scheduling: launch a decode step now, read its tokens later ------------------
     @staticmethod
@@ -159,12 +179,7 @@ class ModelRunner:
         request's mask needs the previous step's token, read while this forward runs).
         """
         host = build_host_inputs(out)
-        if self.graph_runner is not None and self.graph_runner.can_run(host):
-            hidden = self.graph_runner.run(host, input_ids)
-        else:
-            inputs = to_device(host, self.device)
-            ids = inputs.input_ids if input_ids is None else input_ids
-            hidden = self.model(ids, inputs.positions, self.kv_caches, inputs.md)
+        hidden = self.forward(host, input_ids)
         # Decode rows are the requests in order: a slice, not an index tensor (whose
         # blocking host-to-device copy would wait for the GPU).
         logits = self.model.compute_logits(hidden[: len(out.scheduled)])

@@ -265,7 +265,7 @@ def _commit() -> str:
 def _main(args: argparse.Namespace, default_workload: str) -> int:
     import torch
 
-    from worker.engine import EngineCore
+    from headrace.tp_group import start_engine
 
     w = make_workload(args.workload or default_workload, args.num_requests, args.workload_seed)
     if w.name == "W1" and args.max_num_seqs == 256:
@@ -280,7 +280,7 @@ def _main(args: argparse.Namespace, default_workload: str) -> int:
         "config": {k: v for k, v in asdict(config).items() if k != "extra"},
     }
     t = time.perf_counter()
-    engine = EngineCore(config)
+    engine = start_engine(config)
     result["startup_s"] = time.perf_counter() - t
     result["num_kv_blocks"] = engine.kv.num_blocks
     # Warm-up: one short request through every path (prefill, decode, graphs).
