@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = EngineCore(config, tp=group)
     try:
         steps = run_follower(engine, ring)
-    except PeerDied as e:
-        log.error("the leader died (%s): exiting", e)
+    except Exception as e:  # PeerDied, or a collective failing with its peers
+        log.error("rank %d stops: %s: %s", args.rank, type(e).__name__, e)
+        if isinstance(e, PeerDied):  # the leader could not remove its ring: do it here
+            for f in ring.path.parent.glob(ring.path.name + "*"):
+                f.unlink(missing_ok=True)
         return 1
     log.info("leader closed the ring after %d steps", steps)
     ring.close()

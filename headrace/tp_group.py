@@ -77,9 +77,17 @@ def start_engine(
     from worker.parallel.state import TpGroup, join_group, make_store, rank_device
 
     device = rank_device(resolve_device(config.device).type, 0)
+    env = dict(os.environ)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in env:
+        # N ranks share the cores: N x all-cores OpenMP threads would thrash at barriers.
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // size)
+        torch.set_num_threads(threads)
+        env["OMP_NUM_THREADS"] = str(threads)
     store = make_store(size)
     ring = ShmRingWriter(size - 1, num_slots=RING_SLOTS, slot_bytes=ring_slot_bytes)
-    procs = [_spawn_follower(config, r, store.port, str(ring.path)) for r in range(1, size)]
+    procs = [_spawn_follower(config, r, store.port, str(ring.path), env) for r in range(1, size)]
     group = TpGroup(0, size, device)
     link = LeaderLink(group, ring, procs, _force_exit if exit_on_failure else None)
     try:
@@ -96,9 +104,9 @@ def start_engine(
 
 
 def _spawn_follower(
-    config: EngineConfig, rank: int, port: int, ring: str
+    config: EngineConfig, rank: int, port: int, ring: str, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
+    env = dict(env)
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     cmd = [

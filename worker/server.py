@@ -47,6 +47,7 @@ from ipc.messages import (
 )
 from ipc.wire import WorkerCodec, bind_router, default_worker_id
 from worker.admission import Admission, AdmissionLimits
+from worker.errors import FatalEngineError
 from worker.health_http import serve_health, worker_health
 
 logger = logging.getLogger("headrace.worker")
@@ -181,6 +182,8 @@ class WorkerServer:
                 break
         if signals:
             self._drain(lambda: signals > 1)
+        elif isinstance(self._failure, FatalEngineError):
+            time.sleep(3 * self.heartbeat_interval)  # the failed requests' errors leave first
         self.stop()
         if self._failure is not None:
             raise RuntimeError("engine loop failed") from self._failure
@@ -234,7 +237,7 @@ class WorkerServer:
     def _engine_loop(self, engine: Engine) -> None:
         owners: dict[str, bytes] = {}  # request id -> the gateway that sent it
         taken = 0  # requests taken from the inbox so far
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and self._failure is None:
             busy = engine.has_unfinished_requests()
             # Rejections, made outside step(), go back to their sender directly: a request
             # rejected for a duplicate id must not take the running one's owner.
@@ -247,8 +250,8 @@ class WorkerServer:
             if engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
-                except Exception:
-                    outputs = self._fail_all(engine, owners, traceback.format_exc())
+                except Exception as e:
+                    outputs = self._fail_all(engine, owners, e)
                 self.admission.started(outputs)
                 late = self.admission.expired()
                 if late:
@@ -325,14 +328,20 @@ class WorkerServer:
             engine.abort_requests(gone)
         return []
 
-    def _fail_all(self, engine: Engine, owners: dict[str, bytes], why: str) -> list[RequestOutput]:
+    def _fail_all(
+        self, engine: Engine, owners: dict[str, bytes], e: Exception
+    ) -> list[RequestOutput]:
+        why = traceback.format_exc()  # called in the except block of the step
         logger.error("engine step failed; failing %d requests:\n%s", len(owners), why)
+        if isinstance(e, FatalEngineError):  # the worker exits; its supervisor restarts it
+            self._failure = e
         ids = list(owners)
         try:
             engine.abort_requests(ids)
         except Exception:
             logger.exception("abort after a failed step failed too")
-        return [_error_output(rid, "internal error in the engine step") for rid in ids]
+        why = f"the worker failed: {e}" if self._failure else "internal error in the engine step"
+        return [_error_output(rid, why) for rid in ids]
 
     # ---------------------------------------------------------------- socket threads
 
@@ -477,16 +486,10 @@ class WorkerServer:
 def _with_identity(
     info: ModelInfo, worker_id: str, tokenizer: str | None, max_logprobs: int | None
 ) -> ModelInfo:
-    return ModelInfo(
-        model_name=info.model_name,
-        model_path=info.model_path,
-        max_model_len=info.max_model_len,
-        vocab_size=info.vocab_size,
-        worker_id=worker_id,
-        tokenizer=tokenizer or info.tokenizer,
-        max_logprobs=info.max_logprobs if max_logprobs is None else max_logprobs,
-        block_size=info.block_size,
-        sampling_defaults=info.sampling_defaults,
+    logprobs = info.max_logprobs if max_logprobs is None else max_logprobs
+    tokenizer = tokenizer or info.tokenizer
+    return msgspec.structs.replace(
+        info, worker_id=worker_id, tokenizer=tokenizer, max_logprobs=logprobs
     )
 
 

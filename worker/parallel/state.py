@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # sooner: gloo fails at once, the leader's watchdog aborts NCCL).
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 STORE_TIMEOUT = timedelta(seconds=120)  # every rank joins within this of the leader
+EXPLAIN_WAIT_S = 1.0  # see TpGroup.check
 
 
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name); GPU images may
@@ -81,7 +83,14 @@ class TpGroup:
     def check(self, cause: BaseException | None = None) -> None:
         """Raise FatalEngineError if the group is broken (or `cause` broke it)."""
         if self.failure is None and cause is not None:
-            self.failure = f"tensor-parallel step failed: {type(cause).__name__}: {cause}"
+            # A collective failing on a dead peer (gloo) beats the leader's watchdog to it:
+            # give the watchdog a moment to say which rank died.
+            deadline = time.monotonic() + EXPLAIN_WAIT_S
+            while self.failure is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if self.failure is None:
+                what = str(cause).splitlines()[0][:300] if str(cause) else ""
+                self.failure = f"tensor-parallel step failed: {type(cause).__name__}: {what}"
         if self.failure is not None:
             raise FatalEngineError(self.failure) from cause
 
