@@ -50,7 +50,11 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     )
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument(
-        "--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size on CPU (GiB)"
+        "--kv-cache-memory-gb",
+        type=float,
+        default=None,
+        help="KV cache size in GiB (on a GPU it replaces --gpu-memory-utilization's sizing; "
+        "default 1 on CPU)",
     )
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)

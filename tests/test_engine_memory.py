@@ -41,3 +41,13 @@ def test_kv_budget_is_shared_with_the_draft_model(stories_path):
     assert plain.kv.num_blocks == budget // per_block
     # The draft (the same model here) needs a block per target block plus 8 requests x 1.
     assert spec.kv.num_blocks == (budget - 8 * per_block) // (2 * per_block)
+
+
+def test_kv_cache_memory_gb_defaults_to_one_gib_on_cpu_and_is_validated(stories_path):
+    import pytest
+
+    engine = EngineCore(EngineConfig(model=str(stories_path), device="cpu"))
+    per_block = kv_bytes_per_block(engine.model_config, 16, torch.float32)
+    assert engine.kv.num_blocks == (1 << 30) // per_block
+    with pytest.raises(ValueError, match="kv_cache_memory_gb"):
+        EngineConfig(model=str(stories_path), device="cpu", kv_cache_memory_gb=0).validate()

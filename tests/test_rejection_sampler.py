@@ -3,16 +3,27 @@
 All draws run as one batch (the batch dimension is the draw), with a fixed seed. A
 deliberately biased variant (on a rejection it draws from p instead of norm(max(0, p - q)))
 must fail the same test, so the test has the power to catch the usual mistake.
+
+n-gram proposals are verified without rejection_sample: verify() takes each row's plain
+draw and accepts while it equals the proposal. Its emitted tokens must follow the target
+too, seeded or not; a fresh redraw after a mismatch, or one noise stream for all of a
+request's rows, must fail.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import scipy.stats as scipy_stats
 import torch
 
+import worker.spec_decode.verify as verify_module
+from ipc.messages import SamplingParams
+from worker.request import Request
+from worker.sampler import Sampler
 from worker.spec_decode.rejection import rejection_sample
-from worker.spec_decode.verify import greedy_accept
+from worker.spec_decode.verify import greedy_accept, verify
 
 V, K, N = 6, 3, 200_000
 P = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.07, 0.03])  # target
@@ -155,3 +166,68 @@ def test_greedy_shortcut_matches_rejection_sampling_with_one_hot_targets():
         assert got == [t for t in out[b] if t >= 0]
         lengths.add(len(got))
     assert len(lengths) >= 4  # both early rejections and full acceptance were exercised
+
+
+# ---- n-gram verification: the plain draw at each row -------------------------------------
+
+PROPOSALS = [0, 1, 0]  # likely tokens, so every position sees enough emitted tokens
+N_POINT = 60_000
+
+
+class TableModel:
+    """compute_logits is the identity: the verified rows of `hidden` are the logits."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def point_mass_verify(seeded: bool, n: int = N_POINT) -> torch.Tensor:
+    """[n, K+1] tokens emitted by verify() for n requests proposing PROPOSALS against P at
+    every row (-1 past the end), each request with its own seed when seeded."""
+    requests = []
+    for i in range(n):
+        params = SamplingParams(temperature=1.0, seed=i if seeded else None, max_tokens=16)
+        req = Request(str(i), [1], params, frozenset())
+        req.spec_token_ids = list(PROPOSALS)
+        requests.append(req)
+    rows = [list(range(i * (K + 1), (i + 1) * (K + 1))) for i in range(n)]
+    logits = P.log().expand(n * (K + 1), V)
+    model: Any = TableModel()
+    tokens, _ = verify(model, Sampler(V, {5}), requests, rows, logits, {})
+    return torch.tensor([t + [-1] * (K + 1 - len(t)) for t in tokens])
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_point_mass_verification_follows_the_target_distribution(seeded):
+    out = point_mass_verify(seeded)
+    pvalues = positions_pvalues(out)
+    assert len(pvalues) == K + 1
+    assert min(pvalues) > 1e-3, pvalues
+    # Proposal j is accepted with probability p(x_j), as rejection sampling would.
+    assert float((out[:, 1] >= 0).double().mean()) == pytest.approx(float(P[0]), abs=0.01)
+    both = float((out[:, 2] >= 0).double().mean())
+    assert both == pytest.approx(float(P[0] * P[1]), abs=0.005)
+
+
+def test_point_mass_with_a_fresh_redraw_after_a_mismatch_fails():
+    """The residual bug again: after a mismatch, emit a new draw from p (d included)."""
+    out = point_mass_verify(seeded=True)
+    n = (out >= 0).sum(dim=1) - 1  # index of the last emitted token
+    rejected = n < K
+    rows = torch.arange(out.shape[0])[rejected]
+    g = torch.Generator().manual_seed(5)
+    out[rows, n[rejected]] = torch.multinomial(P, len(rows), replacement=True, generator=g)
+    assert max(positions_pvalues(out)[:K]) < 1e-6
+
+
+def test_point_mass_with_one_noise_stream_per_request_fails(monkeypatch):
+    """Every row of a request keyed by the same step: the draws repeat across positions."""
+    row_batch = verify_module._row_batch
+
+    def same_step(requests, ks, bitmask):
+        batch, index = row_batch(requests, ks, bitmask)
+        batch.steps = [0] * len(batch.params)  # every output here is empty: step 0
+        return batch, index
+
+    monkeypatch.setattr(verify_module, "_row_batch", same_step)
+    assert min(positions_pvalues(point_mass_verify(seeded=True))[1:]) < 1e-6

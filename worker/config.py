@@ -34,7 +34,9 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV cache block
     num_gpu_blocks: int | None = None  # KV blocks; overrides the memory-based sizing
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory the worker may use
-    kv_cache_memory_gb: float = 1.0  # CPU: memory for the KV cache when num_gpu_blocks is unset
+    # KV cache size when num_gpu_blocks is unset; on a GPU it replaces the sizing from
+    # gpu_memory_utilization (None: that sizing; 1 GiB on CPU).
+    kv_cache_memory_gb: float | None = None
     max_num_seqs: int = 256  # requests in one step at most
     max_num_batched_tokens: int | None = None  # token budget per step; default 8192 (512 on CPU)
     enable_chunked_prefill: bool = True  # split long prompts across steps
@@ -81,7 +83,7 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if self.kv_cache_memory_gb <= 0:
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")

@@ -46,6 +46,7 @@ from worker.structured import GrammarWaitlist, advance_grammars
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
+CPU_KV_CACHE_GB = 1.0  # the KV cache on CPU when neither a size nor a block count is given
 
 
 class EngineCore:
@@ -191,7 +192,9 @@ class EngineCore:
         if c.num_gpu_blocks is not None:
             return c.num_gpu_blocks
         if self.device.type == "cpu":
-            budget = int(c.kv_cache_memory_gb * GiB)
+            budget = int((c.kv_cache_memory_gb or CPU_KV_CACHE_GB) * GiB)
+        elif c.kv_cache_memory_gb is not None:
+            budget = self._fixed_gpu_kv_budget(c.kv_cache_memory_gb, max_batched_tokens)
         else:
             budget = self.runner.profile_free_memory(max_batched_tokens, c.gpu_memory_utilization)
         draft = self._draft_model_config()
@@ -211,6 +214,21 @@ class EngineCore:
                 "raise --gpu-memory-utilization / --kv-cache-memory-gb or shrink the model"
             )
         return int(num)
+
+    def _fixed_gpu_kv_budget(self, gb: float, max_batched_tokens: int) -> int:
+        """--kv-cache-memory-gb on a GPU: that many bytes, if they fit beside a worst-case step.
+
+        Other processes on the same GPU do not change it (unlike the utilization sizing),
+        so several engines can share a card.
+        """
+        budget = int(gb * GiB)
+        room = self.runner.profile_free_memory(max_batched_tokens, 1.0)
+        if budget > room:
+            raise ValueError(
+                f"--kv-cache-memory-gb {gb:g} does not fit: {room / GiB:.2f} GiB of GPU memory "
+                "is free after the weights and a worst-case step"
+            )
+        return budget
 
     def _draft_model_config(self) -> ModelConfig | None:
         c = self.config

@@ -104,8 +104,10 @@ def build_model(
             shard_model(model, plan, group)  # type: ignore[arg-type]
         if quant is not None:
             model.quantize(quant)
+        # Cast while still on meta, so to_empty allocates the final dtype: a float32 copy
+        # first would need twice the memory (Mixtral-8x7B: 187 GB, past an H200).
+        cast_model(model, dtype)
     model = model.to_empty(device=device)
-    cast_model(model, dtype)
     model.tie_weights()
     if dummy:
         fill_dummy_weights(model, seed)

@@ -122,23 +122,25 @@ class Sampler:
         params = batch.params
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"logits must be [{len(params)}, V], got {list(logits.shape)}")
+        token_ids = self.draw(logits, batch)
+        num_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         # Columns past the vocabulary are padding of the embedding, never real tokens.
         raw = logits[:, : self.vocab_size]
-        x = self._processed_logits(raw, batch)  # [B, V] float32, ours to modify in place
-
-        greedy = [p.temperature < GREEDY_EPS for p in params]
-        if all(greedy):
-            token_ids = x.argmax(dim=-1)
-        elif any(greedy):
-            argmax = x.argmax(dim=-1)  # before _sample rescales and filters x in place
-            is_greedy = _host_tensor(greedy, torch.bool, x.device)
-            token_ids = torch.where(is_greedy, argmax, self._sample(x, batch, greedy))
-        else:
-            token_ids = self._sample(x, batch, greedy)
-
-        num_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         logprobs = None if num_top is None else compute_logprobs(raw, token_ids, num_top)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    def draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """[B] each row's token: the plain decode draw, also n-gram verification's (a seeded
+        row's token depends only on its logits, seed and step)."""
+        x = self._processed_logits(logits, batch)  # [B, V] float32, ours to modify in place
+        greedy = [p.temperature < GREEDY_EPS for p in batch.params]
+        if all(greedy):
+            return x.argmax(dim=-1)
+        if any(greedy):
+            argmax = x.argmax(dim=-1)  # before _sample rescales and filters x in place
+            is_greedy = _host_tensor(greedy, torch.bool, x.device)
+            return torch.where(is_greedy, argmax, self._sample(x, batch, greedy))
+        return self._sample(x, batch, greedy)
 
     def _processed_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """A float32 copy of logits [B, >= V] after the grammar mask, min_tokens, penalties."""
@@ -198,8 +200,9 @@ class Sampler:
     def processed_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The distribution each row draws from after all processing: [B, V] float32.
 
-        What speculative decoding verifies against. Greedy rows are one-hot at the argmax
-        the plain path would pick, so rejection sampling reduces to "proposal == argmax".
+        What draft-model verification (rejection sampling) verifies against; n-gram
+        verification uses `draw` instead. Greedy rows are one-hot at the argmax the plain
+        path would pick, so rejection sampling reduces to "proposal == argmax".
         """
         x = self._processed_logits(logits, batch)
         greedy = [p.temperature < GREEDY_EPS for p in batch.params]

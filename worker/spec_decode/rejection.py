@@ -3,6 +3,10 @@
 Leviathan et al. 2023 / Chen et al. 2023. Given the target's distribution p at each of the
 1 + k verified rows and the draft's q at the k proposal rows, the emitted tokens are
 distributed exactly as k + 1 sequential draws from p would be.
+
+verify() uses this for draft models only. A point-mass q (draft_probs None) is supported
+and tested, but n-gram verification takes the equivalent, batch-independent route of
+accepting while the plain draw equals the proposal (verify.py's docstring).
 """
 
 from __future__ import annotations

@@ -7,8 +7,22 @@
       row 3 logits -> p3 = p(. | o x1 x2 x3)   the bonus token if all are accepted
 
 Row j is processed as the plain sampler would process a request whose output is o plus
-the first j proposals (grammar mask, penalties, min_tokens), and its randomness is keyed by output
-position len(o) + j, so seeded requests stay reproducible.
+the first j proposals (grammar mask, penalties, min_tokens), and its randomness is keyed by
+output position len(o) + j.
+
+n-gram proposals are a point mass (q = one-hot at x_j). Rejection sampling then accepts x_j
+with probability p_j(x_j) and on a rejection draws from p_j without x_j, so the emitted
+token's marginal is exactly p_j: the same as drawing t_j ~ p_j and accepting iff t_j == x_j.
+We do the latter, with the plain decode draw itself (the exponential race on the request's
+seeded stream for position len(o) + j): the emitted tokens are then exactly the tokens the
+plain sampler would draw one step at a time, so a seeded request's tokens do not depend on
+speculation, on how many proposals the token budget kept, or on its batch. Greedy rows are
+the special case where p_j is one-hot (greedy_accept).
+
+Draft-model proposals (q a distribution) go through true rejection sampling (rejection.py)
+with separate acceptance noise: lossless, and reproducible for a fixed configuration, but
+a seeded request's tokens can change with speculation or with how many proposals survive
+the budget. Only the n-gram path claims batch-independent seeded draws.
 """
 
 from __future__ import annotations
@@ -39,12 +53,35 @@ def verify(
 ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
     """Emitted tokens (accepted proposals + one) and, where asked, their logprobs."""
     ks = [len(r) - 1 for r in rows]
-    K = max(ks)
     logits = model.compute_logits(take_rows(hidden, [i for r in rows for i in r]))  # [R, V]
+    batch, index = _row_batch(requests, ks, bitmask)
+    if all(p.temperature < GREEDY_EPS for p in batch.params):
+        # Greedy: p is one-hot at the processed argmax. One argmax and one read of R ints
+        # instead of [R, V] probabilities and noise.
+        target = sampler.greedy_tokens(logits, batch).tolist()
+    elif not draft_probs:
+        # Point-mass proposals (n-gram): each row's plain draw decides (module docstring).
+        target = sampler.draw(logits, batch).tolist()
+    else:
+        tokens = _rejection_tokens(sampler, requests, ks, index, logits, batch, draft_probs)
+        return tokens, _logprobs(logits, sampler.vocab_size, requests, tokens, index)
+    tokens = [
+        greedy_accept(req.spec_token_ids[:k], target[idx[0] : idx[0] + k + 1])
+        for req, k, idx in zip(requests, ks, index, strict=True)
+    ]
+    return tokens, _logprobs(logits, sampler.vocab_size, requests, tokens, index)
+
+
+def _row_batch(
+    requests: list[Request], ks: list[int], bitmask: torch.Tensor | None
+) -> tuple[SamplingBatch, list[list[int]]]:
+    """The sampling inputs of every verified row, and per request its K + 1 flat row
+    indices (padding past its own k repeats its last row)."""
+    K = max(ks)
     batch = SamplingBatch(
         params=[], prompt_token_ids=[], output_token_ids=[], steps=[], bitmask=bitmask
     )
-    index: list[list[int]] = []  # [B, K+1] flat row of (request, position); padding repeats
+    index: list[list[int]] = []  # [B, K+1]
     for req, k in zip(requests, ks, strict=True):
         spec = req.spec_token_ids[:k]
         start = len(batch.params)
@@ -54,16 +91,22 @@ def verify(
             batch.output_token_ids.append(req.output_token_ids + spec[:j])
             batch.steps.append(req.num_output_tokens + j)  # type: ignore[union-attr]
         index.append([start + min(j, k) for j in range(K + 1)])
-    if all(p.temperature < GREEDY_EPS for p in batch.params):
-        # Greedy: p is one-hot at the processed argmax, so rejection sampling reduces to
-        # "accept while the proposal is the argmax, then emit the argmax" (greedy_accept).
-        # One argmax and one read of R ints instead of [R, V] probabilities and noise.
-        target = sampler.greedy_tokens(logits, batch).tolist()
-        tokens = [
-            greedy_accept(req.spec_token_ids[:k], target[idx[0] : idx[0] + k + 1])
-            for req, k, idx in zip(requests, ks, index, strict=True)
-        ]
-        return tokens, _logprobs(logits, sampler.vocab_size, requests, tokens, index)
+    return batch, index
+
+
+def _rejection_tokens(
+    sampler: Sampler,
+    requests: list[Request],
+    ks: list[int],
+    index: list[list[int]],
+    logits: torch.Tensor,
+    batch: SamplingBatch,
+    draft_probs: Mapping[str, torch.Tensor],
+) -> list[list[int]]:
+    """Draft-model proposals: true rejection sampling against the draft's q. Lossless, but
+    its acceptance noise is not the plain draw's, so seeded tokens are reproducible only
+    for the same configuration and budget (not claimed beyond that)."""
+    K = max(ks)
     probs = sampler.processed_probs(logits, batch)  # [R, V]
     noise = sampler.exponential_noise(probs, batch, salt=0)  # the plain draw's stream
     uniform = (-sampler.exponential_noise(probs[:, :1], batch, salt=ACCEPT_SALT)).exp_()  # [R, 1]
@@ -74,11 +117,9 @@ def verify(
         [r.spec_token_ids[:k] + [0] * (K - k) for r, k in zip(requests, ks, strict=True)],
         probs.device,
     )
-    q = None
-    if draft_probs:
-        q = torch.zeros((len(requests), K, probs.shape[1]), device=probs.device)
-        for b, (req, k) in enumerate(zip(requests, ks, strict=True)):
-            q[b, :k] = draft_probs[req.request_id][:k, : probs.shape[1]]
+    q = torch.zeros((len(requests), K, probs.shape[1]), device=probs.device)
+    for b, (req, k) in enumerate(zip(requests, ks, strict=True)):
+        q[b, :k] = draft_probs[req.request_id][:k, : probs.shape[1]]
     out = rejection_sample(
         probs[idx],
         drafts,
@@ -87,14 +128,14 @@ def verify(
         uniform[idx[:, :K], 0],
         noise[idx],
     ).tolist()
-    tokens = [[t for t in row if t >= 0] for row in out]
-    return tokens, _logprobs(logits, sampler.vocab_size, requests, tokens, index)
+    return [[t for t in row if t >= 0] for row in out]
 
 
 def greedy_accept(proposals: list[int], target: list[int]) -> list[int]:
-    """Emitted tokens under greedy: the proposals that match the target's argmax at their
-    row (target[j] verifies proposals[j]), then the argmax of the first row that did not
-    match, or of the last row (the bonus token). Always len(matched) + 1 tokens."""
+    """Emitted tokens when each row's token is already drawn (greedy: the argmax; n-gram:
+    the plain draw): the proposals that match their row's token (target[j] verifies
+    proposals[j]), then the token of the first row that did not match, or of the last row
+    (the bonus token). Always len(matched) + 1 tokens."""
     n = 0
     while n < len(proposals) and proposals[n] == target[n]:
         n += 1
