@@ -50,11 +50,12 @@ def check_model_splits(config: EngineConfig) -> None:
     """ValueError before any process starts when the model cannot be split N ways."""
     from ipc.model_folder import open_model
     from worker.model_config import ModelConfig
-    from worker.parallel.plan import check_tensor_parallel
+    from worker.parallel.plan import check_checkpoint_splits, check_tensor_parallel
 
     files = open_model(config.model, config.load_format)
     mc = ModelConfig.from_hf(files.config, source=files.path)
     check_tensor_parallel(mc, config.tensor_parallel_size, files.path)
+    check_checkpoint_splits(files.config, config.tensor_parallel_size, files.path)
 
 
 def start_engine(

@@ -100,6 +100,16 @@ def test_sizes_that_do_not_split_the_model_are_refused(
         check_tensor_parallel(mc, size)
 
 
+def test_4_bit_checkpoints_are_refused() -> None:
+    from worker.parallel.plan import check_checkpoint_splits
+
+    awq = {"quantization_config": {"quant_method": "awq", "bits": 4}}
+    with pytest.raises(ValueError, match="awq checkpoints"):
+        check_checkpoint_splits(awq, 2)
+    check_checkpoint_splits(awq, 1)
+    check_checkpoint_splits({"quantization_config": {"quant_method": "fp8"}}, 2)
+
+
 def test_engine_refuses_a_bad_size_with_a_clear_error(models: dict) -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         EngineConfig(model=str(models["llama"]), tensor_parallel_size=0).validate()
@@ -215,6 +225,21 @@ def test_each_rank_holds_its_share_of_the_weights(models: dict) -> None:
     total = sum(p.numel() for p in full.parameters())
     per_rank = sum(p.numel() for p in shards[0].parameters())
     assert per_rank < total / 3  # all but norms (and the replicated KV head) split 4 ways
+
+
+def test_every_rank_sizes_its_kv_cache_to_the_smallest_ranks_count(
+    models: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if each rank's free memory differed (on GPU: its profile): rank 2 fits the least.
+    def blocks(self: EngineCore, max_batched_tokens: int) -> int:
+        assert self.tp is not None
+        return {0: 90, 1: 70, 2: 40, 3: 80}[self.tp.rank]
+
+    monkeypatch.setattr(EngineCore, "_num_kv_blocks", blocks)
+    engines = run_ranks(4, lambda g: EngineCore(config_of(models["llama"]), tp=g))
+    assert [e.kv.num_blocks for e in engines] == [40] * 4
+    assert all(e.runner.kv_caches[0].shape[1] == 40 for e in engines)
+    assert engines[0].runner.kv_caches[0].shape[3] == 1  # this rank's one KV head
 
 
 def test_a_broken_group_fails_the_step(models: dict) -> None:

@@ -34,7 +34,7 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
-from worker.parallel.plan import ShardPlan
+from worker.parallel.plan import ShardPlan, check_checkpoint_splits
 from worker.parallel.state import TpGroup
 from worker.quant.config import resolve_fp8_scheme
 from worker.quant.kv import resolve_kv_cache_dtype
@@ -122,6 +122,7 @@ class EngineCore:
         self.rank_config = mc
         if self.tp is not None:
             self.device = self.tp.device if self.device.type == "cuda" else self.device
+            check_checkpoint_splits(self.files.config, self.tp.size, self.files.path)
             self.rank_config = ShardPlan.make(mc, self.tp.rank, self.tp.size).rank_config(mc)
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
         self.quant = resolve_fp8_scheme(self.files.config, config.quantization, self.files.path)

@@ -62,6 +62,21 @@ def check_tensor_parallel(config: ModelConfig, size: int, source: str = "config.
         )
 
 
+# 4-bit checkpoints pack several input rows per stored element, in per-group blocks:
+# slicing them per rank is not written yet.
+UNSPLIT_QUANT_METHODS = ("awq", "gptq", "marlin", "gptq_marlin", "awq_marlin")
+
+
+def check_checkpoint_splits(hf_config: dict, size: int, source: str = "config.json") -> None:
+    """ValueError when the checkpoint's quantization cannot be split `size` ways."""
+    method = str((hf_config.get("quantization_config") or {}).get("quant_method", "")).lower()
+    if size > 1 and method in UNSPLIT_QUANT_METHODS:
+        raise ValueError(
+            f"tensor_parallel_size {size}: {method} checkpoints ({source}) cannot be split "
+            "yet; use tensor_parallel_size 1, or a 16-bit / FP8 checkpoint"
+        )
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     """Rank `rank` of `size`: the ranges of heads, MLP rows and vocabulary rows it holds."""
