@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from worker.config import EngineConfig
+from worker.errors import FatalEngineError
 
 log = logging.getLogger(__name__)
 RING_SLOT_BYTES = 1 << 20  # most steps fit; a long prefill's batch overflows to its own segment
@@ -43,7 +44,10 @@ RING_SLOTS = 8
 FORCED_EXIT_AFTER_S = 10.0
 
 if TYPE_CHECKING:  # importing the engine pulls in torch: done when an engine starts
+    from torch.distributed import Store
+
     from worker.engine import EngineCore
+    from worker.parallel.leader import LeaderLink
 
 
 def check_model_splits(config: EngineConfig) -> None:
@@ -68,21 +72,44 @@ def start_engine(
     """
     from worker.engine import EngineCore
 
-    size = config.tensor_parallel_size
-    if size == 1:
+    if config.tensor_parallel_size == 1:
         return EngineCore(config)
     check_model_splits(config)
+    link, store = _start_followers(config, ring_slot_bytes, exit_on_failure)
+    try:
+        _join(link, store)
+        engine = EngineCore(config, tp=link.group)
+    except BaseException:
+        link.close(timeout=2.0)
+        raise
+    link.attach(engine.runner)
+    atexit.register(link.close)
+    log.info("tensor-parallel group of %d ranks ready (followers %s)", config.tensor_parallel_size,
+             ", ".join(str(p.pid) for p in link.followers))  # fmt: skip
+    return engine
+
+
+def _start_followers(
+    config: EngineConfig, ring_slot_bytes: int, exit_on_failure: bool
+) -> tuple[LeaderLink, Store]:
+    """The store, the ring and the follower processes, watched from now on."""
+    import torch
+
     from ipc.shm_ring import ShmRingWriter
     from worker.model_loader import resolve_device
     from worker.parallel.leader import LeaderLink
-    from worker.parallel.state import TpGroup, join_group, make_store, rank_device
+    from worker.parallel.state import TpGroup, make_store, rank_device
 
+    size = config.tensor_parallel_size
     device = rank_device(resolve_device(config.device).type, 0)
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise ValueError(
+            f"tensor_parallel_size {size} needs {size} GPUs, {torch.cuda.device_count()} "
+            "visible (CUDA_VISIBLE_DEVICES)"
+        )
     env = dict(os.environ)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in env:
         # N ranks share the cores: N x all-cores OpenMP threads would thrash at barriers.
-        import torch
-
         threads = max(1, (os.cpu_count() or 1) // size)
         torch.set_num_threads(threads)
         env["OMP_NUM_THREADS"] = str(threads)
@@ -90,18 +117,30 @@ def start_engine(
     ring = ShmRingWriter(size - 1, num_slots=RING_SLOTS, slot_bytes=ring_slot_bytes)
     procs = [_spawn_follower(config, r, store.port, str(ring.path), env) for r in range(1, size)]
     group = TpGroup(0, size, device)
-    link = LeaderLink(group, ring, procs, _force_exit if exit_on_failure else None)
-    try:
-        join_group(group, store)
-        engine = EngineCore(config, tp=group)
-    except BaseException:
-        link.close(timeout=2.0)
-        raise
-    link.attach(engine.runner)
-    atexit.register(link.close)
-    log.info("tensor-parallel group of %d ranks ready (followers %s)", size,
-             ", ".join(str(p.pid) for p in procs))  # fmt: skip
-    return engine
+    return LeaderLink(group, ring, procs, _force_exit if exit_on_failure else None), store
+
+
+def _join(link: LeaderLink, store: Store) -> None:
+    """Join the group, unless a follower dies first: the rendezvous would wait for it
+    until its timeout, so it runs in a thread while the watchdog's verdict is awaited."""
+    from worker.parallel.state import join_group
+
+    errors: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            join_group(link.group, store)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=join, name="tp-join", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.1)
+        if link.group.failure is not None:
+            raise FatalEngineError(f"while starting: {link.group.failure}")
+    if errors:
+        raise errors[0]
 
 
 def _spawn_follower(

@@ -175,3 +175,33 @@ def test_data_parallel_workers_get_their_groups_gpus() -> None:
     assert [worker_gpus(i, 1) for i in range(3)] == ["0", "1", "2"]
     assert [worker_gpus(i, 2) for i in range(2)] == ["0,1", "2,3"]
     assert worker_gpus(1, 4) == "4,5,6,7"
+
+
+FAILING_FOLLOWER = """
+import subprocess, sys, time
+import headrace.tp_group as tg
+from worker.config import EngineConfig
+from worker.errors import FatalEngineError
+
+def crash(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+tg._spawn_follower = crash
+t = time.monotonic()
+try:
+    tg.start_engine(EngineConfig(model=sys.argv[1], device="cpu", tensor_parallel_size=2))
+except FatalEngineError as e:
+    print(f"{time.monotonic() - t:.1f}", e)
+"""
+
+
+def test_a_follower_that_dies_while_starting_fails_the_start_fast(stories_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", FAILING_FOLLOWER, str(stories_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    took, _, message = out.stdout.strip().partition(" ")
+    assert "while starting: tensor-parallel follower rank 1" in message, out.stderr[-2000:]
+    assert "exited with status 3" in message
+    assert float(took) < 30  # not the rendezvous timeout (120 s)
