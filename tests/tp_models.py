@@ -21,14 +21,16 @@ def write_tiny_model(
     num_layers: int = 2,
     seed: int = 0,
 ) -> Path:
-    """A random `kind` ("llama", "qwen2" or "mistral") model with 8 heads of 8 dims, hidden 64."""
+    """A random `kind` ("llama", "qwen2", "mistral" or "mixtral": 4 experts, top 2) model with 8 heads of 8 dims, hidden 64."""
     hidden, heads, head_dim, inter = 64, 8, 8, 128
     qwen = kind == "qwen2"
     arch = {
         "llama": "LlamaForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "mistral": "MistralForCausalLM",
+        "mixtral": "MixtralForCausalLM",
     }[kind]
+    experts = 4 if kind == "mixtral" else 0
     config = {
         "architectures": [arch],
         "model_type": kind,
@@ -47,6 +49,8 @@ def write_tiny_model(
         "eos_token_id": 2,
         "torch_dtype": "float32",
     }
+    if experts:
+        config |= {"num_local_experts": experts, "num_experts_per_tok": 2}
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, std: float = 0.3) -> torch.Tensor:
@@ -66,9 +70,16 @@ def write_tiny_model(
             if qwen:
                 t[f"{p}.self_attn.{name}.bias"] = rand(rows)
         t[f"{p}.self_attn.o_proj.weight"] = rand(hidden, heads * head_dim, std=hidden**-0.5)
-        t[f"{p}.mlp.gate_proj.weight"] = rand(inter, hidden, std=hidden**-0.5)
-        t[f"{p}.mlp.up_proj.weight"] = rand(inter, hidden, std=hidden**-0.5)
-        t[f"{p}.mlp.down_proj.weight"] = rand(hidden, inter, std=inter**-0.5)
+        names = ("gate_proj", "up_proj", "down_proj")
+        mlps = [f"{p}.mlp"]
+        if experts:
+            t[f"{p}.block_sparse_moe.gate.weight"] = rand(experts, hidden)
+            names = ("w1", "w3", "w2")
+            mlps = [f"{p}.block_sparse_moe.experts.{e}" for e in range(experts)]
+        for m in mlps:
+            t[f"{m}.{names[0]}.weight"] = rand(inter, hidden, std=hidden**-0.5)
+            t[f"{m}.{names[1]}.weight"] = rand(inter, hidden, std=hidden**-0.5)
+            t[f"{m}.{names[2]}.weight"] = rand(hidden, inter, std=inter**-0.5)
     path.mkdir(parents=True, exist_ok=True)
     save_file(t, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config))

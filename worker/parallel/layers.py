@@ -6,6 +6,8 @@ construction: each rank's slice of output features needs no communication. `shar
 then makes the rest parallel:
 
     attention out (o_proj), MLP down   row-parallel: partial sums, `out_reduce` all-reduces
+    mixture of experts (Mixtral)       each expert's I/N rows (w_down: columns); the router
+                                       is replicated, so every rank routes alike
     embed_tokens                       VocabParallelEmbedding: masked lookup, all-reduce
     lm_head                            ParallelLMHead: local logits, all-gather
 
@@ -21,6 +23,7 @@ from torch import nn
 
 from worker.models.base import CausalLM
 from worker.models.layers import Attention, GatedMLP
+from worker.models.moe import SparseMoE
 from worker.parallel.plan import ShardPlan
 from worker.parallel.state import TpGroup
 
@@ -70,5 +73,5 @@ def shard_model(model: CausalLM, plan: ShardPlan, group: TpGroup) -> None:
     model.embed_tokens = VocabParallelEmbedding(per, hidden, plan.vocab[0], group)  # type: ignore[assignment]
     model.lm_head = ParallelLMHead(per, hidden, plan.vocab_size, group)  # type: ignore[assignment]
     for module in model.modules():
-        if isinstance(module, Attention | GatedMLP):
+        if isinstance(module, Attention | GatedMLP | SparseMoE):
             module.out_reduce = group.all_reduce

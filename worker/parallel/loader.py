@@ -7,7 +7,8 @@ the checkpoint's own names, shaped as the rank's model expects, so the usual
 `load_checkpoint` (worker/models/weights.py) copies them in and checks their shapes.
 
     q_proj, k_proj, v_proj, gate_proj, up_proj   rows of the rank's heads / MLP rows
-    o_proj, down_proj (weights)                  the matching columns
+      (Mixtral's experts.E.w1, w3)
+    o_proj, down_proj, experts.E.w2 (weights)    the matching columns
     o_proj, down_proj (biases)                   rank 0: whole; others: zeros (summed once)
     embed_tokens, lm_head                        rows of the rank's vocabulary, zero-padded
     weight_scale (FP8, per channel)              the same rows as its weight
@@ -47,11 +48,11 @@ def shard_of(name: str, plan: ShardPlan, numel: int = 2) -> Shard:
         end = min(plan.vocab[1], plan.vocab_size)
         return Shard(ROWS, plan.vocab[0], end, plan.vocab_per_rank)
     column = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": plan.inter}
-    column["up_proj"] = plan.inter
+    column |= {"up_proj": plan.inter, "w1": plan.inter, "w3": plan.inter}  # w1/w3: experts
     per_row = kind in ("weight", "bias") or (kind == "weight_scale" and numel > 1)
     if leaf in column and per_row:
         return Shard(ROWS, *column[leaf])
-    row = {"o_proj": q, "down_proj": plan.inter}
+    row = {"o_proj": q, "down_proj": plan.inter, "w2": plan.inter}
     if leaf in row and kind == "weight":
         return Shard(COLS, *row[leaf])
     if leaf in row and kind == "bias":

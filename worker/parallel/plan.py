@@ -31,7 +31,12 @@ from dataclasses import dataclass
 from worker.model_config import ModelConfig
 
 # Families whose layers worker/parallel/layers.py knows how to split.
-TP_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+TP_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "MixtralForCausalLM",  # experts split like the MLP: each holds I/N of its rows
+)
 
 
 def check_tensor_parallel(config: ModelConfig, size: int, source: str = "config.json") -> None:
