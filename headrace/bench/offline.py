@@ -163,14 +163,15 @@ def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dic
 
     Bytes as stored: with --quantization fp8 the FP8 layers count 1 byte per weight (plus
     their scales; the lm_head and embeddings stay 16-bit), so this is the FP8 floor; with
-    --kv-cache-dtype fp8 the KV counts 1 byte per element.
+    --kv-cache-dtype fp8 the KV counts 1 byte per element. Tensor parallel: the leader's
+    shard and KV heads, the bytes each GPU reads while the others read theirs.
     """
     import torch
 
     model = engine.runner.model
     weight_bytes = decode_weight_bytes(model, batch)
     fp8_bytes = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
-    mc = engine.model_config
+    mc = engine.rank_config
     elem = torch.tensor([], dtype=engine.kv_dtype).element_size()
     kv_bytes = batch * context * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
     floor_s = (weight_bytes + kv_bytes) / bandwidth

@@ -119,7 +119,7 @@ def join_group(group: TpGroup, store: dist.Store) -> None:
     """Join the process group of `group.size` ranks that meet at `store`: gloo on CPU,
     NCCL on GPU (NVLink multicast off: NCCL_NVLS_ENABLE=0)."""
     if group.device.type == "cuda":
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ["NCCL_NVLS_ENABLE"] = "0"  # always: see the device notes (NVLS)
         torch.cuda.set_device(group.device)
         dist.init_process_group(
             "nccl",
