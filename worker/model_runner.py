@@ -145,6 +145,8 @@ class ModelRunner:
     ) -> torch.Tensor:
         if use_graph:
             assert self.graph_runner is not None
+            if input_ids is None:
+                return self.graph_runner.run(host)
             return self.graph_runner.run(host, input_ids)
         inputs = to_device(host, self.device)
         ids = inputs.input_ids if input_ids is None else input_ids
