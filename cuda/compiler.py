@@ -13,13 +13,16 @@ cuda.core's `__cuda_stream__` protocol, so they are ordered with torch's own wor
 captured into a CUDA graph. Nothing here synchronizes the host.
 
 `compile_cubin` needs only NVRTC (no GPU): the CPU tests use it to compile every kernel.
+`read_source` reads a .cu file with our own headers (`#include "x.cuh"`) pasted in.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -34,6 +37,31 @@ CACHE_DIR = Path(
 
 class KernelCompileError(RuntimeError):
     """NVRTC rejected a kernel source; the message carries the compiler log."""
+
+
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#include[ \t]+"([^"]+)"[^\n]*$', re.MULTILINE)
+
+
+@functools.cache
+def read_source(path: Path) -> str:
+    """The text of kernel source `path`, each `#include "name"` of a file beside it replaced
+    by that file's text (once per module, as `#pragma once` would).
+
+    Pasting instead of passing NVRTC an include path keeps the cubin cache key honest: the
+    key hashes the source text, so an edited header is a new key, not a stale cubin.
+    """
+    seen: set[Path] = set()
+
+    def expand(file: Path) -> str:
+        seen.add(file)
+
+        def paste(m: re.Match[str]) -> str:
+            header = file.with_name(m.group(1))
+            return "" if header in seen else expand(header)
+
+        return _LOCAL_INCLUDE.sub(paste, file.read_text())
+
+    return expand(path)
 
 
 def nvrtc_available() -> str | None:

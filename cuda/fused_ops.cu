@@ -1,6 +1,7 @@
 // Fused elementwise kernels for headrace (compiled at run time by NVRTC, see cuda/compiler.py).
 //
-// Macro set per compiled module: HR_DTYPE (0: float, 1: __half, 2: __nv_bfloat16).
+// Macro set per compiled module: HR_DTYPE (0: float, 1: __half, 2: __nv_bfloat16), see
+// elem_type.cuh.
 // Each kernel reproduces the rounding of the torch code it replaces (cuda/fused_ops.py has
 // the references): fp32 math, rounded to the element type exactly where torch rounds.
 // Products and sums that torch computes as separate ops use the __f*_rn intrinsics, which
@@ -18,26 +19,7 @@
 // *_vec kernels move 16-byte vectors (rows, strides and pointers 16-byte aligned, checked by
 // the caller); *_scalar kernels move one element at a time.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#ifndef HR_DTYPE
-#define HR_DTYPE 2
-#endif
-
-#if HR_DTYPE == 0
-typedef float elem_t;
-__device__ __forceinline__ float to_f(elem_t v) { return v; }
-__device__ __forceinline__ elem_t from_f(float v) { return v; }
-#elif HR_DTYPE == 1
-typedef __half elem_t;
-__device__ __forceinline__ float to_f(elem_t v) { return __half2float(v); }
-__device__ __forceinline__ elem_t from_f(float v) { return __float2half_rn(v); }
-#else
-typedef __nv_bfloat16 elem_t;
-__device__ __forceinline__ float to_f(elem_t v) { return __bfloat162float(v); }
-__device__ __forceinline__ elem_t from_f(float v) { return __float2bfloat16_rn(v); }
-#endif
+#include "elem_type.cuh"  // elem_t, to_f, from_f for HR_DTYPE
 
 constexpr int VEC = 16 / sizeof(elem_t);  // elements per 16-byte vector
 

@@ -38,8 +38,6 @@ KERNELS = (
 SILU_BLOCK = 256
 MAX_GRID_Y = 65535
 
-_source: str | None = None
-
 
 # --- references (the model's torch code) ---------------------------------------------------
 
@@ -152,10 +150,7 @@ def silu_kernel(x: torch.Tensor) -> str | None:
 
 
 def source() -> str:
-    global _source
-    if _source is None:
-        _source = SOURCE_PATH.read_text()
-    return _source
+    return compiler.read_source(SOURCE_PATH)
 
 
 def module_defines(dtype: torch.dtype) -> dict[str, int | str]:

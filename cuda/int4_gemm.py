@@ -12,13 +12,19 @@ Why this layout: a decode GEMV streams each output channel's weights as contiguo
 vectors (32 weights of one group per lane), and both formats' packings reduce to it with
 one reorder at load (AWQ packs along N in an interleaved order, GPTQ along K).
 
-`int4_linear` runs the GEMV kernel for up to 4 rows of x (decode), else dequantizes into a
-scratch buffer and calls cuBLAS (prefill: the GEMM dominates); on CPU the reference
-`int4_linear_ref` (dequantize, then matmul).
+A second layout, "tiles" (cuda/int4_tiles.py; `Int4Weight.as_tiles`), holds the same
+bytes in the order of mma.sync's fragments: its GEMV (gemv_tiles) unpacks with about half
+the instructions per weight and splits K across a block's warps, for up to 8 rows at once.
+
+`int4_linear` runs the GEMV kernel for up to 4 rows of x (decode; tiles: 8), GEMVs of 4
+rows each up to GEMV_MAX_ROWS (HEADRACE_INT4_GEMV_ROWS, default 8; tiles: 8 rows each up
+to 32), else dequantizes into a scratch buffer and calls cuBLAS (prefill: the GEMM
+dominates); on CPU the reference `int4_linear_ref` (dequantize, then matmul).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +33,22 @@ import torch
 import torch.nn.functional as F
 
 from cuda import compiler
+from cuda.int4_tiles import from_tiles, tiles_ok, to_tiles
 
 SOURCE_PATH = Path(__file__).with_name("int4_gemm.cu")
 DTYPES = {torch.bfloat16: 1, torch.float16: 0}
 GEMV_KERNELS = {1: "gemv_m1", 2: "gemv_m2", 4: "gemv_m4"}
-KERNELS = (*GEMV_KERNELS.values(), "dequant")
+KERNELS = (*GEMV_KERNELS.values(), "dequant", "gemv_tiles", "dequant_tiles")
 ROWS_PER_BLOCK = {"gemv_m1": 16, "gemv_m2": 16, "gemv_m4": 8}  # ROWS x WARPS in the source
 THREADS = 128
+# Up to this many rows of x run as GEMVs of <= 4 rows; more: dequantize + cuBLAS.
+GEMV_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_GEMV_ROWS", "8"))
 DEQUANT_THREADS = 256
+TILE_THREADS = 256  # TILE_WARPS x 32 in the source
+TILE_MAX_ROWS = 8  # gemv_tiles takes up to 8 rows of x (mma's B has 8 columns)
+# Tiles: up to this many rows run as gemv_tiles launches of 8 (4 launches read 2 B/weight;
+# dequantize + cuBLAS moves 4.5 B/weight).
+TILE_GEMV_MAX_ROWS = max(GEMV_MAX_ROWS, 32)
 
 _source: str | None = None
 
@@ -46,6 +60,7 @@ class Int4Weight:
     zeros: torch.Tensor  # uint8 [N, G]
     group_size: int
     perm: torch.Tensor | None = None  # int64 [K]
+    layout: str = "rows"  # or "tiles" (cuda/int4_tiles.py): same bytes, the mma GEMV's order
 
     @property
     def out_features(self) -> int:
@@ -63,7 +78,23 @@ class Int4Weight:
             self.zeros.to(device),
             self.group_size,
             perm,
+            self.layout,
         )
+
+    def without_perm(self) -> Int4Weight:
+        return Int4Weight(self.qw, self.scales, self.zeros, self.group_size, None, self.layout)
+
+    def as_tiles(self) -> Int4Weight:
+        """The same weight in the tiles layout; ValueError if its shape has none."""
+        if self.layout == "tiles":
+            return self
+        if not tiles_ok(self.out_features, self.in_features, self.group_size):
+            raise ValueError(
+                f"no tiles layout for N {self.out_features}, K {self.in_features}, group_size "
+                f"{self.group_size} (N must be a multiple of 16, K and group_size of 64)"
+            )
+        qw = to_tiles(self.qw)
+        return Int4Weight(qw, self.scales, self.zeros, self.group_size, self.perm, "tiles")
 
 
 def pack_rows(values: torch.Tensor) -> torch.Tensor:
@@ -82,7 +113,7 @@ def unpack_rows(qw: torch.Tensor) -> torch.Tensor:
 
 def dequantize_ref(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in `dtype` (inputs in perm order when perm is set)."""
-    q = unpack_rows(w.qw).float()
+    q = unpack_rows(w.qw if w.layout == "rows" else from_tiles(w.qw)).float()
     g = torch.arange(w.in_features, device=q.device) // w.group_size
     return ((q - w.zeros.float()[:, g]) * w.scales.float()[:, g]).to(dtype)
 
@@ -127,7 +158,12 @@ def gemv_launch(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> tuple[str, t
     name = GEMV_KERNELS[1 if m == 1 else 2 if m == 2 else 4]
     rows = ROWS_PER_BLOCK[name]
     grid = ((w.out_features + rows - 1) // rows,)
-    args = [
+    return name, grid, _gemv_args(x, w, y)
+
+
+def _gemv_args(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> list:
+    """The arguments every GEMV kernel (rows and tiles layouts) starts with."""
+    return [
         _ptr(x),
         np.int64(x.stride(0)),
         _ptr(w.qw),
@@ -139,7 +175,6 @@ def gemv_launch(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> tuple[str, t
         np.int32(w.in_features),
         np.int32(w.group_size),
     ]
-    return name, grid, args
 
 
 def _kernel(dtype: torch.dtype, name: str) -> object:
@@ -160,9 +195,12 @@ def int4_linear(
         return int4_linear_ref(x, w)
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
+        w = w.without_perm()
+    if w.layout == "tiles":
+        return _tiles_linear(x, w, scratch, out)
     if x.shape[0] == 3:  # the GEMV instantiations take 1, 2 or 4 rows
         x = F.pad(x, (0, 0, 0, 1))
-        y4 = int4_linear(x, Int4Weight(w.qw, w.scales, w.zeros, w.group_size), scratch)
+        y4 = int4_linear(x, w, scratch)
         if out is None:
             return y4[:3]
         return out.copy_(y4[:3])
@@ -175,8 +213,42 @@ def int4_linear(
         name, grid, args = gemv_launch(x, w, y)
         compiler.launch(_kernel(x.dtype, name), grid, THREADS, *args)
         return y
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        # A few GEMVs of 4 rows read the 4-bit weight once each (0.5 B/weight a launch);
+        # dequantize + GEMM writes and reads a 16-bit copy (4.5 B/weight).
+        y = (
+            out
+            if out is not None
+            else torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
+        )
+        for r in range(0, x.shape[0], 4):
+            int4_linear(x[r : r + 4], w, out=y[r : r + 4])
+        return y
     wd = dequantize(w, x.dtype, scratch)
     return F.linear(x, wd)
+
+
+def _tiles_linear(
+    x: torch.Tensor, w: Int4Weight, scratch: torch.Tensor | None, out: torch.Tensor | None
+) -> torch.Tensor:
+    """The tiles layout: gemv_tiles for up to 8 rows (one launch), several up to
+    TILE_GEMV_MAX_ROWS, else dequantize + cuBLAS. x is gathered already (no perm)."""
+    m = x.shape[0]
+    if m > TILE_GEMV_MAX_ROWS:
+        return F.linear(x, dequantize(w, x.dtype, scratch))
+    y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+    for r in range(0, m, TILE_MAX_ROWS):
+        xr, yr = x[r : r + TILE_MAX_ROWS], y[r : r + TILE_MAX_ROWS]
+        name, grid, args = tiles_launch(xr, w, yr)
+        compiler.launch(_kernel(x.dtype, name), grid, TILE_THREADS, *args)
+    return y
+
+
+def tiles_launch(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> tuple[str, tuple[int], list]:
+    """(kernel name, grid, args) of gemv_tiles for x of at most 8 rows; one block per 16
+    output channels."""
+    args = [*_gemv_args(x, w, y), np.int32(x.shape[0])]  # then the row count
+    return "gemv_tiles", (w.out_features // 16,), args
 
 
 def dequantize(w: Int4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,5 +268,6 @@ def dequantize(w: Int4Weight, dtype: torch.dtype, out: torch.Tensor | None = Non
         np.int32(w.in_features),
         np.int32(w.group_size),
     ]
-    compiler.launch(_kernel(dtype, "dequant"), grid, DEQUANT_THREADS, *args)
+    name = "dequant" if w.layout == "rows" else "dequant_tiles"
+    compiler.launch(_kernel(dtype, name), grid, DEQUANT_THREADS, *args)
     return out

@@ -23,27 +23,6 @@ SOURCE = r"""
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-// Grid (num_tokens), block (min(row_vecs, 256) rounded to a warp). Rows of row_vecs
-// 16-byte vectors; cache rows are slot-major: [2][num_slots][row_vecs].
-extern "C" __global__ void write_kv(
-    const uint4* __restrict__ k, long long k_stride, const uint4* __restrict__ v,
-    long long v_stride, uint4* __restrict__ cache, long long v_off,
-    const long long* __restrict__ slot_mapping, int row_vecs) {
-    const long long t = blockIdx.x;
-    const long long slot = slot_mapping[t];
-    if (slot < 0) return;
-    uint4* dk = cache + slot * row_vecs;
-    uint4* dv = dk + v_off;
-    const uint4* sk = k + t * k_stride;
-    const uint4* sv = v + t * v_stride;
-    for (int i = threadIdx.x; i < row_vecs; i += blockDim.x) {
-        const uint4 a = __ldg(sk + i);
-        const uint4 b = __ldg(sv + i);
-        dk[i] = a;
-        dv[i] = b;
-    }
-}
-
 template <typename T2>
 __device__ __forceinline__ float2 to_f2(T2 v);
 template <>
@@ -66,38 +45,60 @@ __device__ __forceinline__ uint2 to_fp8x8(const uint4& v, float inv) {
     return make_uint2(q[0] | ((unsigned)q[1] << 16), q[2] | ((unsigned)q[3] << 16));
 }
 
-// Like write_kv, with row_vecs counting 8-element groups: 16 source bytes, 8 cache bytes.
-template <typename T2>
-__device__ __forceinline__ void write_kv_fp8_impl(
+// Grid (num_tokens), block (min(row_vecs, 256) rounded to a warp). Rows of row_vecs
+// 16-byte source vectors; cache rows are slot-major: [2][num_slots][row_vecs] of Out, the
+// cache's unit per source vector (uint4: a 16-bit cache, uint2: 8 FP8 bytes). Convert
+// turns a loaded vector into it, given 1 / scale.
+template <typename Out, typename Convert>
+__device__ __forceinline__ void write_rows(
     const uint4* __restrict__ k, long long k_stride, const uint4* __restrict__ v,
-    long long v_stride, uint2* __restrict__ cache, long long v_off,
+    long long v_stride, Out* __restrict__ cache, long long v_off,
     const long long* __restrict__ slot_mapping, int row_vecs, float k_inv, float v_inv) {
     const long long t = blockIdx.x;
     const long long slot = slot_mapping[t];
     if (slot < 0) return;
-    uint2* dk = cache + slot * row_vecs;
-    uint2* dv = dk + v_off;
+    Out* dk = cache + slot * row_vecs;
+    Out* dv = dk + v_off;
     const uint4* sk = k + t * k_stride;
     const uint4* sv = v + t * v_stride;
     for (int i = threadIdx.x; i < row_vecs; i += blockDim.x) {
         const uint4 a = __ldg(sk + i);
         const uint4 b = __ldg(sv + i);
-        dk[i] = to_fp8x8<T2>(a, k_inv);
-        dv[i] = to_fp8x8<T2>(b, v_inv);
+        dk[i] = Convert::apply(a, k_inv);
+        dv[i] = Convert::apply(b, v_inv);
     }
 }
 
+struct Copy {  // 16-bit caches take the bytes as they are
+    static __device__ __forceinline__ uint4 apply(const uint4& x, float) { return x; }
+};
+template <typename T2>
+struct ToFp8 {
+    static __device__ __forceinline__ uint2 apply(const uint4& x, float inv) {
+        return to_fp8x8<T2>(x, inv);
+    }
+};
+
+extern "C" __global__ void write_kv(
+    const uint4* __restrict__ k, long long k_stride, const uint4* __restrict__ v,
+    long long v_stride, uint4* __restrict__ cache, long long v_off,
+    const long long* __restrict__ slot_mapping, int row_vecs) {
+    write_rows<uint4, Copy>(k, k_stride, v, v_stride, cache, v_off, slot_mapping, row_vecs,
+                            1.0f, 1.0f);
+}
+
+// FP8: row_vecs counts 8-element groups (16 source bytes, 8 cache bytes).
 #define HR_WRITE_FP8_ARGS                                                                     \
     const uint4 *__restrict__ k, long long k_stride, const uint4 *__restrict__ v,             \
         long long v_stride, uint2 *__restrict__ cache, long long v_off,                       \
         const long long *__restrict__ slot_mapping, int row_vecs, float k_inv, float v_inv
 extern "C" __global__ void write_kv_fp8_bf16(HR_WRITE_FP8_ARGS) {
-    write_kv_fp8_impl<__nv_bfloat162>(k, k_stride, v, v_stride, cache, v_off, slot_mapping,
-                                      row_vecs, k_inv, v_inv);
+    write_rows<uint2, ToFp8<__nv_bfloat162>>(k, k_stride, v, v_stride, cache, v_off,
+                                             slot_mapping, row_vecs, k_inv, v_inv);
 }
 extern "C" __global__ void write_kv_fp8_f16(HR_WRITE_FP8_ARGS) {
-    write_kv_fp8_impl<__half2>(k, k_stride, v, v_stride, cache, v_off, slot_mapping, row_vecs,
-                               k_inv, v_inv);
+    write_rows<uint2, ToFp8<__half2>>(k, k_stride, v, v_stride, cache, v_off, slot_mapping,
+                                      row_vecs, k_inv, v_inv);
 }
 """
 
@@ -131,54 +132,13 @@ def write_kv_cuda(
     if not kv_cache.is_cuda:
         write_kv_ref(k, v, kv_cache, slot_mapping, k_scale, v_scale)
         return
-    if kv_cache.dtype == FP8:
-        _write_kv_fp8(k, v, kv_cache, slot_mapping, k_scale, v_scale)
-        return
-    if k.dtype != kv_cache.dtype:
-        k = k.to(kv_cache.dtype)
-    if v.dtype != kv_cache.dtype:
-        v = v.to(kv_cache.dtype)
+    fp8 = kv_cache.dtype == FP8
+    if not fp8:  # the copy kernel moves bytes: sources must already be the cache's dtype
+        k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
+    kernel = FP8_KERNELS.get(k.dtype) if fp8 else "write_kv"
     k_stride, v_stride = _vec_layout(k), _vec_layout(v)
     if (
-        k_stride is None
-        or v_stride is None
-        or not kv_cache.is_contiguous()
-        or kv_cache.data_ptr() % 16
-        or slot_mapping.dtype != torch.int64
-        or not slot_mapping.is_contiguous()
-    ):
-        write_kv_ref(k, v, kv_cache, slot_mapping)
-        return
-    row_vecs = k.shape[1] * k.shape[2] * k.element_size() // 16
-    num_slots = kv_cache.shape[1] * kv_cache.shape[2]
-    threads = min(256, (row_vecs + 31) // 32 * 32)
-    kernel = compiler.load_module(SOURCE, name="write_kv").kernel("write_kv")
-    compiler.launch(
-        kernel,
-        (num_tokens,),
-        threads,
-        k.data_ptr(),
-        np.int64(k_stride),
-        v.data_ptr(),
-        np.int64(v_stride),
-        kv_cache.data_ptr(),
-        np.int64(num_slots * row_vecs),
-        slot_mapping.data_ptr(),
-        np.int32(row_vecs),
-    )
-
-
-def _write_kv_fp8(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k_scale: float,
-    v_scale: float,
-) -> None:
-    k_stride, v_stride = _vec_layout(k), _vec_layout(v)
-    if (
-        k.dtype not in FP8_KERNELS
+        kernel is None
         or v.dtype != k.dtype
         or k_stride is None
         or v_stride is None
@@ -189,13 +149,14 @@ def _write_kv_fp8(
     ):
         write_kv_ref(k, v, kv_cache, slot_mapping, k_scale, v_scale)
         return
-    row_vecs = k.shape[1] * k.shape[2] // 8
+    # 16-byte source vectors per row; a cache row holds as many units (FP8: 8 bytes each).
+    row_vecs = k.shape[1] * k.shape[2] * k.element_size() // 16
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     threads = min(256, (row_vecs + 31) // 32 * 32)
-    kernel = compiler.load_module(SOURCE, name="write_kv").kernel(FP8_KERNELS[k.dtype])
+    inv_scales = (np.float32(1.0 / k_scale), np.float32(1.0 / v_scale)) if fp8 else ()
     compiler.launch(
-        kernel,
-        (k.shape[0],),
+        compiler.load_module(SOURCE, name="write_kv").kernel(kernel),
+        (num_tokens,),
         threads,
         k.data_ptr(),
         np.int64(k_stride),
@@ -205,6 +166,5 @@ def _write_kv_fp8(
         np.int64(num_slots * row_vecs),
         slot_mapping.data_ptr(),
         np.int32(row_vecs),
-        np.float32(1.0 / k_scale),
-        np.float32(1.0 / v_scale),
+        *inv_scales,
     )

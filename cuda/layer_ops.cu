@@ -1,7 +1,8 @@
 // LayerNorm with bias and GELU for headrace (compiled at run time by NVRTC, see
 // cuda/compiler.py; references in cuda/layer_ops.py).
 //
-// Macro set per compiled module: HR_DTYPE (0: float, 1: __half, 2: __nv_bfloat16).
+// Macro set per compiled module: HR_DTYPE (0: float, 1: __half, 2: __nv_bfloat16), see
+// elem_type.cuh.
 // Math in fp32, one rounding to the element type at the end, as torch's kernels do.
 //
 // layer_norm: grid (T), block = H rounded up to a warp (<= 1024). The row is read three
@@ -11,26 +12,7 @@
 // gelu_erf / gelu_tanh: grid (T, ceil(n / 256)), block 256; torch's exact GELU
 //   x/2 (1 + erf(x / sqrt 2)) and its tanh approximation.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#ifndef HR_DTYPE
-#define HR_DTYPE 2
-#endif
-
-#if HR_DTYPE == 0
-typedef float elem_t;
-__device__ __forceinline__ float to_f(elem_t v) { return v; }
-__device__ __forceinline__ elem_t from_f(float v) { return v; }
-#elif HR_DTYPE == 1
-typedef __half elem_t;
-__device__ __forceinline__ float to_f(elem_t v) { return __half2float(v); }
-__device__ __forceinline__ elem_t from_f(float v) { return __float2half_rn(v); }
-#else
-typedef __nv_bfloat16 elem_t;
-__device__ __forceinline__ float to_f(elem_t v) { return __bfloat162float(v); }
-__device__ __forceinline__ elem_t from_f(float v) { return __float2bfloat16_rn(v); }
-#endif
+#include "elem_type.cuh"  // elem_t, to_f, from_f for HR_DTYPE
 
 // Sum over the block; every thread gets the total. blockDim.x is a multiple of 32. The
 // leading barrier lets one kernel call this more than once with the same shared array.

@@ -27,8 +27,6 @@ KERNELS = ("layer_norm", "gelu_erf", "gelu_tanh")
 GELU_BLOCK = 256
 MAX_GRID_Y = 65535
 
-_source: str | None = None
-
 
 # --- references ------------------------------------------------------------------------------
 
@@ -74,10 +72,7 @@ def gelu_supported(x: torch.Tensor, approximate: str) -> bool:
 
 
 def source() -> str:
-    global _source
-    if _source is None:
-        _source = SOURCE_PATH.read_text()
-    return _source
+    return compiler.read_source(SOURCE_PATH)
 
 
 def module_defines(dtype: torch.dtype) -> dict[str, int | str]:

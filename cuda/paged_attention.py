@@ -14,51 +14,60 @@ rows `query_start_loc[r]:query_start_loc[r+1]`, which are its last `q_len` posit
 `seq_lens[r]` (bottom-right causal alignment: query i of q_len sees keys <= i + seq_len -
 q_len). Prefill, chunked prefill and decode are the same call with different q_len.
 
-`paged_attention_ref` is the pure-torch reference: what runs on CPU and what the CUDA
-kernels are tested against.
+Every attention path (this reference, worker/cpu_attention.py's SDPA, the CUDA kernels in
+cuda/paged_attention_kernels.py, the backends in worker/attention.py) takes the same two
+objects: `AttentionMetadata`, the step's batch layout (built once per step by the model
+runner), and `AttentionParams`, one layer's constants.
+
+`paged_attention_ref` is the pure-torch reference: what the CUDA kernels are tested against.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [B + 1] int32: request r's tokens are rows qsl[r]:qsl[r+1]
+    seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each token; -1 = padding
+    max_query_len: int  # upper bound on q_len (host int; fixed in a CUDA graph)
+    max_seq_len: int  # upper bound on seq_len (host int; fixed in a CUDA graph)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionParams:
+    """One attention layer's constants."""
+
+    scale: float  # on q . k, usually head_dim ** -0.5
+    sliding_window: int | None = None  # a query at p sees keys in (p - window, p]; None: all
+    k_scale: float = 1.0  # FP8 caches: K = cache * k_scale (16/32-bit caches ignore it)
+    v_scale: float = 1.0  # likewise for V
 
 
 def paged_attention_ref(
     q: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
-    query_start_loc: torch.Tensor,  # [B + 1] int32
-    seq_lens: torch.Tensor,  # [B] int32, context length including this step's tokens
-    block_tables: torch.Tensor,  # [B, max_blocks] int32
-    scale: float,
-    sliding_window: int | None = None,
+    md: AttentionMetadata,
+    params: AttentionParams,
     out: torch.Tensor | None = None,  # [T, Hq, D]
-    k_scale: float = 1.0,  # FP8 caches: K = cache * k_scale (16/32-bit caches ignore it)
-    v_scale: float = 1.0,
 ) -> torch.Tensor:
     num_q_heads, head_dim = q.shape[1], q.shape[2]
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    num_kv_heads = kv_cache.shape[3]
     group = num_q_heads // num_kv_heads
     if out is None:
         out = torch.empty_like(q)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for r, seq_len in enumerate(lens):
-        q_start, q_end = starts[r], starts[r + 1]
+    for q_start, q_end, seq_len, k, v in request_kv(kv_cache, md, params, torch.float32):
         q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        num_blocks = (seq_len + block_size - 1) // block_size
-        blocks = block_tables[r, :num_blocks].long()
-        k = _rows(kv_cache, 0, blocks, k_scale).reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = _rows(kv_cache, 1, blocks, v_scale).reshape(-1, num_kv_heads, head_dim)[:seq_len]
         qr = q[q_start:q_end].float().view(q_len, num_kv_heads, group, head_dim)
         # scores: [Hkv, group, q_len, S], fp32 like the kernels
-        scores = torch.einsum("qhgd,shd->hgqs", qr, k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-        k_pos = torch.arange(seq_len, device=q.device)[None, :]
-        visible = k_pos <= q_pos
-        if sliding_window is not None:
-            visible &= k_pos > q_pos - sliding_window
+        scores = torch.einsum("qhgd,shd->hgqs", qr, k) * params.scale
+        visible = causal_mask(q_len, seq_len, params.sliding_window, q.device)
         scores.masked_fill_(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         o = torch.einsum("hgqs,shd->qhgd", probs, v)
@@ -66,63 +75,63 @@ def paged_attention_ref(
     return out
 
 
-def _rows(kv_cache: torch.Tensor, kv: int, blocks: torch.Tensor, scale: float) -> torch.Tensor:
-    """Blocks `blocks` of K (kv=0) or V (kv=1) in fp32; FP8 rows times their scale (read as
+def request_kv(
+    kv_cache: torch.Tensor, md: AttentionMetadata, params: AttentionParams, dtype: torch.dtype
+) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor]]:
+    """(q_start, q_end, seq_len, K, V) of each request with query rows this step: K and V
+    [seq_len, Hkv, D] in `dtype`, gathered from its blocks (FP8: times their scales)."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4]
+    starts = md.query_start_loc.tolist()
+    for r, seq_len in enumerate(md.seq_lens.tolist()):
+        q_start, q_end = starts[r], starts[r + 1]
+        if q_end == q_start:
+            continue
+        blocks = md.block_tables[r, : (seq_len + block_size - 1) // block_size].long()
+        k = _rows(kv_cache, 0, blocks, params.k_scale, dtype)
+        v = _rows(kv_cache, 1, blocks, params.v_scale, dtype)
+        shape = (-1, num_kv_heads, head_dim)
+        yield q_start, q_end, seq_len, k.reshape(shape)[:seq_len], v.reshape(shape)[:seq_len]
+
+
+def _rows(
+    kv_cache: torch.Tensor, kv: int, blocks: torch.Tensor, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Blocks `blocks` of K (kv=0) or V (kv=1) in `dtype`; FP8 rows times their scale (read as
     uint8: indexing has no float8 kernel on every device)."""
     if kv_cache.dtype == torch.float8_e4m3fn:
-        raw = kv_cache.view(torch.uint8)[kv, blocks]
-        return raw.view(torch.float8_e4m3fn).float() * scale
-    return kv_cache[kv, blocks].float()
+        raw = kv_cache.view(torch.uint8)[kv, blocks].view(torch.float8_e4m3fn)
+        return (raw.float() * scale).to(dtype)
+    return kv_cache[kv, blocks].to(dtype)
+
+
+def causal_mask(
+    q_len: int, seq_len: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor:
+    """[q_len, S] bool, True where a query sees a key: bottom-right causal alignment (query i
+    sees keys <= i + S - q_len), narrowed to the window."""
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    visible = k_pos <= q_pos
+    if sliding_window is not None:
+        visible &= k_pos > q_pos - sliding_window
+    return visible
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
-    query_start_loc: torch.Tensor,  # [B + 1] int32
-    seq_lens: torch.Tensor,  # [B] int32
-    block_tables: torch.Tensor,  # [B, max_blocks] int32
-    scale: float,
+    md: AttentionMetadata,
+    params: AttentionParams,
     out: torch.Tensor,  # [T, Hq, D]
-    *,
-    max_query_len: int,
-    max_seq_len: int,
     workspace: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The CUDA kernels on GPU tensors (see cuda/paged_attention_kernels.py), else the reference.
 
-    max_query_len / max_seq_len are upper bounds the caller guarantees (for CUDA graphs:
-    fixed maxima, not this step's lengths). No host sync on the CUDA path.
+    md.max_query_len / md.max_seq_len are upper bounds the caller guarantees (for CUDA
+    graphs: fixed maxima, not this step's lengths). No host sync on the CUDA path.
     """
     if not q.is_cuda:
-        return paged_attention_ref(
-            q,
-            kv_cache,
-            query_start_loc,
-            seq_lens,
-            block_tables,
-            scale,
-            sliding_window,
-            out=out,
-            k_scale=k_scale,
-            v_scale=v_scale,
-        )
+        return paged_attention_ref(q, kv_cache, md, params, out)
     from cuda.paged_attention_kernels import paged_attention_cuda
 
-    return paged_attention_cuda(
-        q,
-        kv_cache,
-        query_start_loc,
-        seq_lens,
-        block_tables,
-        scale,
-        out,
-        max_query_len=max_query_len,
-        max_seq_len=max_seq_len,
-        workspace=workspace,
-        sliding_window=sliding_window,
-        k_scale=k_scale,
-        v_scale=v_scale,
-    )
+    return paged_attention_cuda(q, kv_cache, md, params, out, workspace)

@@ -1,7 +1,7 @@
 """CUDA paged attention: flash-decoding for q_len == 1, a tensor-core kernel otherwise.
 
-Same arguments and result as `cuda.paged_attention.paged_attention_ref` (layout and
-metadata are drawn there). Kernels live in paged_attention_kernels.cu, one compiled module
+Same arguments and result as `cuda.paged_attention.paged_attention` (layout and
+metadata are drawn in cuda/paged_attention.py). Kernels live in paged_attention_kernels.cu, one compiled module
 per (dtype, head_dim); block_size is a run-time power of two.
 
 Decode (max_query_len == 1)::
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from cuda import compiler
-from cuda.paged_attention import paged_attention_ref
+from cuda.paged_attention import AttentionMetadata, AttentionParams, paged_attention_ref
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +43,13 @@ MIN_CHUNK = 128  # must match MIN_CHUNK in the .cu source
 PREFILL_BLOCK_M = 64
 LOG2E = 1.4426950408889634
 
-_source: str | None = None
 _num_sms: dict[int, int] = {}
 _warned: set[str] = set()
 _slots: dict[int, int] = {}
 
 
 def source() -> str:
-    global _source
-    if _source is None:
-        _source = SOURCE_PATH.read_text()
-    return _source
+    return compiler.read_source(SOURCE_PATH)
 
 
 FP8 = torch.float8_e4m3fn
@@ -193,51 +189,31 @@ def _check_layout(t: torch.Tensor, what: str) -> None:
 def paged_attention_cuda(
     q: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
-    query_start_loc: torch.Tensor,  # [B + 1] int32
-    seq_lens: torch.Tensor,  # [B] int32
-    block_tables: torch.Tensor,  # [B, max_blocks] int32
-    scale: float,
+    md: AttentionMetadata,
+    params: AttentionParams,
     out: torch.Tensor,  # [T, Hq, D]
-    *,
-    max_query_len: int,
-    max_seq_len: int,
     workspace: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Paged attention on torch's current stream; no host sync, CUDA-graph capturable.
 
     An FP8 (float8_e4m3fn) kv_cache holds K / k_scale and V / v_scale.
-    max_query_len: bound on this step's q_len (1 selects the decode kernels).
-    max_seq_len: bound on every seq_len while the launch (or a graph of it) is used; it
+    md.max_query_len: bound on this step's q_len (1 selects the decode kernels).
+    md.max_seq_len: bound on every seq_len while the launch (or a graph of it) is used; it
     only sizes the decode split grid, so a larger bound costs nothing in correctness.
     workspace: fp32, at least `decode_workspace_numel(...)` elements (allocated if None).
-    sliding_window: a query at position p sees keys in (p - window, p]; None: all keys.
     """
     reason = unsupported_reason(q, kv_cache)
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
             log.warning("paged attention falls back to the torch reference: %s", reason)
-        return paged_attention_ref(
-            q,
-            kv_cache,
-            query_start_loc,
-            seq_lens,
-            block_tables,
-            scale,
-            sliding_window,
-            out=out,
-            k_scale=k_scale,
-            v_scale=v_scale,
-        )
+        return paged_attention_ref(q, kv_cache, md, params, out)
     _check_layout(q, "q")
     _check_layout(out, "out")
-    batch = seq_lens.shape[0]
-    if batch == 0 or max_query_len <= 0 or q.shape[0] == 0:
+    batch = md.seq_lens.shape[0]
+    if batch == 0 or md.max_query_len <= 0 or q.shape[0] == 0:
         return out
-    _check_metadata(query_start_loc, seq_lens, block_tables)
+    _check_metadata(md)
     num_blocks, block_size, num_kv_heads = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3]
     v_off = num_blocks * block_size * num_kv_heads * q.shape[2]
     common = (
@@ -245,24 +221,20 @@ def paged_attention_cuda(
         np.int64(q.stride(0)),
         kv_cache.data_ptr(),
         np.int64(v_off),
-        query_start_loc.data_ptr(),
-        seq_lens.data_ptr(),
-        block_tables.data_ptr(),
-        np.int32(block_tables.stride(0)),
+        md.query_start_loc.data_ptr(),
+        md.seq_lens.data_ptr(),
+        md.block_tables.data_ptr(),
+        np.int32(md.block_tables.stride(0)),
         out.data_ptr(),
         np.int64(out.stride(0)),
     )
     group = q.shape[1] // num_kv_heads
     kv_dtype = kv_cache.dtype if kv_cache.dtype == FP8 else None
-    heads = _trailing_args(
-        num_kv_heads, group, block_size, scale, kv_dtype, k_scale, v_scale, sliding_window
-    )
-    if max_query_len == 1:
-        _launch_decode(
-            q, out, query_start_loc, seq_lens, common, heads, max_seq_len, workspace, kv_dtype
-        )
+    heads = _trailing_args(num_kv_heads, group, block_size, params, kv_dtype)
+    if md.max_query_len == 1:
+        _launch_decode(q, out, md, common, heads, workspace, kv_dtype)
     else:
-        grid = (math.ceil(max_query_len * group / PREFILL_BLOCK_M), num_kv_heads, batch)
+        grid = (math.ceil(md.max_query_len * group / PREFILL_BLOCK_M), num_kv_heads, batch)
         kernel = _kernel(q.dtype, q.shape[2], "prefill", kv_dtype)
         compiler.launch(kernel, grid, 128, *common, *heads)
     return out
@@ -272,56 +244,50 @@ def _trailing_args(
     num_kv_heads: int,
     group: int,
     block_size: int,
-    scale: float,
+    params: AttentionParams,
     kv_dtype: torch.dtype | None,
-    k_scale: float,
-    v_scale: float,
-    sliding_window: int | None,
 ) -> tuple[Any, ...]:
     """Every kernel's trailing arguments: heads, group, log2(block_size), scale in log2
     units (FP8: scores are (q . k_cache) * k_scale, so k_scale joins it), v_scale, the
     sliding window (0: none)."""
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    window = params.sliding_window
+    if window is not None and window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {window}")
     fp8 = kv_dtype is not None
     return (
         np.int32(num_kv_heads),
         np.int32(group),
         np.int32(block_size.bit_length() - 1),
-        np.float32(scale * LOG2E * (k_scale if fp8 else 1.0)),
-        np.float32(v_scale if fp8 else 1.0),
-        np.int32(sliding_window or 0),
+        np.float32(params.scale * LOG2E * (params.k_scale if fp8 else 1.0)),
+        np.float32(params.v_scale if fp8 else 1.0),
+        np.int32(window or 0),
     )
 
 
-def _check_metadata(
-    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor
-) -> None:
-    if query_start_loc.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+def _check_metadata(md: AttentionMetadata) -> None:
+    if md.query_start_loc.dtype != torch.int32 or md.seq_lens.dtype != torch.int32:
         raise ValueError("query_start_loc and seq_lens must be int32")
-    if block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
+    if md.block_tables.dtype != torch.int32 or md.block_tables.stride(1) != 1:
         raise ValueError("block_tables must be int32 with contiguous rows")
 
 
 def _launch_decode(
     q: torch.Tensor,
     out: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
+    md: AttentionMetadata,
     common: tuple[Any, ...],
     heads: tuple[Any, ...],
-    max_seq_len: int,
     workspace: torch.Tensor | None,
     kv_dtype: torch.dtype | None,
 ) -> None:
     """Flash-decoding: each (split of a sequence, KV head) writes a partial result to the
     workspace; a second kernel merges the splits when there is more than one."""
-    batch, num_q_heads, head_dim = seq_lens.shape[0], q.shape[1], q.shape[2]
+    batch, num_q_heads, head_dim = md.seq_lens.shape[0], q.shape[1], q.shape[2]
     num_kv_heads, group = int(heads[0]), int(heads[1])
     gq = _group_chunk(group)
     kernel = _kernel(q.dtype, head_dim, f"decode_g{gq}", kv_dtype)
     splits = decode_num_splits(
-        batch, num_kv_heads, group, max_seq_len, decode_slots(kernel, q.device)
+        batch, num_kv_heads, group, md.max_seq_len, decode_slots(kernel, q.device)
     )
     need = decode_workspace_numel(batch, num_q_heads, head_dim, splits)
     if workspace is None:
@@ -339,8 +305,8 @@ def _launch_decode(
             head_dim,
             part_o,
             part_lse,
-            query_start_loc.data_ptr(),
-            seq_lens.data_ptr(),
+            md.query_start_loc.data_ptr(),
+            md.seq_lens.data_ptr(),
             out.data_ptr(),
             np.int64(out.stride(0)),
             np.int32(splits),

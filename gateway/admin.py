@@ -47,7 +47,7 @@ def worker_row(w: WorkerConnection) -> dict[str, Any]:
         "num_free_blocks": w.stats.num_free_blocks,
         "kv_cache_usage": round(w.stats.kv_cache_usage, 4),
         "load": w.load,
-        "inflight": len(w.inflight),
+        "inflight": w.num_inflight,
     }
 
 

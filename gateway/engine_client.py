@@ -1,10 +1,10 @@
 """The gateway's view of its workers: submit token-id requests, stream their outputs, abort.
 
 One `EngineClient` per gateway process holds a `WorkerConnection` per worker address, the
-`Router`, and the tokenizer of every model the workers serve (loaded when a worker first
-introduces its model). A `Submission` is one API call's requests (n completions of one or
-more prompts); its outputs arrive batched per engine step and are handed over in one list
-per wake-up, so a slow reader catches up in one go instead of one output at a time.
+`Router`, the `InFlight` table of its requests (gateway/inflight.py), and the tokenizer of
+every model the workers serve (loaded when a worker first introduces its model). `submit`
+routes one API call's requests (n completions of one or more prompts) and returns their
+`Submission`; the connections deliver the outputs through the table.
 """
 
 from __future__ import annotations
@@ -20,18 +20,11 @@ from typing import TYPE_CHECKING
 import zmq.asyncio
 
 from gateway.errors import NotFound, ServiceUnavailable, TooManyRequests
+from gateway.inflight import Child, InFlight, Submission
 from gateway.route_note import current_note
 from gateway.router import Router
-from gateway.workers import WorkerConnection
-from ipc.messages import (
-    AbortRequests,
-    EngineOutputs,
-    EngineRequest,
-    FinishReason,
-    ModelInfo,
-    RequestOutput,
-    SamplingParams,
-)
+from gateway.workers import ConnectionConfig, WorkerConnection
+from ipc.messages import AbortRequests, EngineRequest, ModelInfo
 
 if TYPE_CHECKING:
     from gateway.tokenizer import Tokenizer
@@ -48,60 +41,6 @@ class ModelEntry:
     tokenizer: Tokenizer | None = None
     error: str | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass
-class Child:
-    """One engine request of a submission."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-
-
-class Submission:
-    """The engine requests of one API call; iterate it for lists of (child index, output)."""
-
-    def __init__(self, client: EngineClient, children: list[Child]) -> None:
-        self.client = client
-        self.children = children
-        self.unfinished = set(range(len(children)))
-        self.lost: set[int] = set()  # children whose worker died under them
-        self.started: set[int] = set()  # children no longer waiting (output seen or gone)
-        self._items: list[tuple[int, RequestOutput]] = []
-        self._event = asyncio.Event()
-
-    def put(self, index: int, out: RequestOutput) -> None:
-        self._items.append((index, out))
-        self._event.set()
-
-    def __aiter__(self) -> Submission:
-        return self
-
-    async def __anext__(self) -> list[tuple[int, RequestOutput]]:
-        while not self._items:
-            if not self.unfinished:
-                raise StopAsyncIteration
-            self._event.clear()
-            await self._event.wait()
-        items, self._items = self._items, []
-        for index, out in items:
-            if out.finish_reason is not None:
-                self.unfinished.discard(index)
-        return items
-
-    def abort(self, index: int) -> None:
-        """Stop one child (its stop string matched); its worker frees it within one step."""
-        if index in self.unfinished:
-            self.unfinished.discard(index)
-            self.client._abort([self.children[index].request_id])
-
-    def close(self) -> None:
-        """Abort whatever has not finished (client gone, error); safe to call twice."""
-        ids = [self.children[i].request_id for i in self.unfinished]
-        self.unfinished.clear()
-        if ids:
-            self.client._abort(ids)
 
 
 def check_worker_queue(conn: WorkerConnection, children: list[Child]) -> None:
@@ -139,13 +78,12 @@ class EngineClient:
         self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:12]}"
         self.addresses = list(worker_addresses)
         self.router = Router(routing)
-        self.worker_timeout = worker_timeout
+        self.connection = ConnectionConfig(self.gateway_id, timeout=worker_timeout)
         self.tokenizer_override = tokenizer
         self.max_queued_requests = max_queued_requests
         self.workers: list[WorkerConnection] = []
         self.models: dict[str, ModelEntry] = {}
-        self.num_waiting = 0  # submitted children with no output yet
-        self._routes: dict[str, tuple[Submission, int, WorkerConnection]] = {}
+        self.inflight = InFlight()
         self._ctx: zmq.asyncio.Context | None = None
         self._loads: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -160,8 +98,9 @@ class EngineClient:
         if self._reaper is not None:
             self._reaper.cancel()
         for conn in self.workers:
-            if conn.up and conn.inflight:
-                conn.send(AbortRequests(list(conn.inflight)))
+            ids = self.inflight.request_ids(conn)
+            if conn.up and ids:
+                conn.send(AbortRequests(ids))
             await conn.close()
         for task in self._loads:
             task.cancel()
@@ -173,13 +112,7 @@ class EngineClient:
     def _connect(self, address: str) -> WorkerConnection:
         assert self._ctx is not None, "start() first"
         conn = WorkerConnection(
-            self._ctx,
-            address,
-            self.gateway_id,
-            on_outputs=self._on_outputs,
-            on_model_info=self._on_model_info,
-            on_lost=self._on_lost,
-            timeout=self.worker_timeout,
+            self._ctx, address, self.connection, self.inflight, on_model_info=self._on_model_info
         )
         conn.start()
         self.workers.append(conn)
@@ -201,14 +134,14 @@ class EngineClient:
         for conn in self.workers:
             if conn.address == address and not conn.draining:
                 conn.draining = True
-                logger.info("draining worker %s (%d in flight)", address, len(conn.inflight))
+                logger.info("draining worker %s (%d in flight)", address, conn.num_inflight)
                 return True
         return False
 
     async def _reap_drained(self, interval: float = 0.1) -> None:
         while True:
             await asyncio.sleep(interval)
-            for conn in [w for w in self.workers if w.draining and not w.inflight]:
+            for conn in [w for w in self.workers if w.draining and not w.num_inflight]:
                 self.workers.remove(conn)
                 await conn.close()
                 logger.info("removed worker %s", conn.address)
@@ -277,6 +210,11 @@ class EngineClient:
 
     # ------------------------------------------------------------------ requests
 
+    @property
+    def num_waiting(self) -> int:
+        """Submitted requests with no output yet."""
+        return self.inflight.num_waiting
+
     def submit(self, model: str, children: list[Child]) -> Submission:
         """Route and send; raises TooManyRequests or ServiceUnavailable before sending any."""
         limit = self.max_queued_requests
@@ -284,7 +222,7 @@ class EngineClient:
             raise TooManyRequests(
                 f"too many requests waiting ({self.num_waiting}; --max-queued-requests {limit})"
             )
-        sub = Submission(self, children)
+        sub = Submission(self.inflight, children)
         note = current_note()
         session = note.session if note is not None else None
         # Children sharing a prompt go to one worker, so they share its prefix cache.
@@ -305,56 +243,5 @@ class EngineClient:
             if not conn.send(req):
                 sub.close()
                 raise ServiceUnavailable(f"worker {conn.address} is not reachable")
-            self._routes[child.request_id] = (sub, index, conn)
-            conn.inflight.add(child.request_id)
-            self.num_waiting += 1
+            self.inflight.add(child, sub, index, conn)
         return sub
-
-    def _abort(self, request_ids: list[str]) -> None:
-        by_conn: dict[WorkerConnection, list[str]] = {}
-        for rid in request_ids:
-            route = self._routes.pop(rid, None)
-            if route is None:
-                continue
-            sub, index, conn = route
-            conn.inflight.discard(rid)
-            self._mark_started(sub, index)
-            by_conn.setdefault(conn, []).append(rid)
-        for conn, ids in by_conn.items():
-            conn.send(AbortRequests(ids))
-
-    def _mark_started(self, sub: Submission, index: int) -> None:
-        if index not in sub.started:
-            sub.started.add(index)
-            self.num_waiting -= 1
-
-    def _on_outputs(self, conn: WorkerConnection, msg: EngineOutputs) -> None:
-        routes = self._routes
-        for out in msg.outputs:
-            route = routes.get(out.request_id)
-            if route is None:
-                continue  # aborted here while the worker was still computing it
-            sub, index, _ = route
-            if index not in sub.started:
-                sub.started.add(index)
-                self.num_waiting -= 1
-            if out.finish_reason is not None:
-                del routes[out.request_id]
-                conn.inflight.discard(out.request_id)
-            sub.put(index, out)
-
-    def _on_lost(self, conn: WorkerConnection, why: str) -> None:
-        """Fail everything in flight on `conn` at once, and tell the worker in case it lives."""
-        ids = list(conn.inflight)
-        conn.inflight.clear()
-        for rid in ids:
-            route = self._routes.pop(rid, None)
-            if route is None:
-                continue
-            sub, index, _ = route
-            sub.lost.add(index)
-            self._mark_started(sub, index)
-            message = f"worker {conn.address} stopped answering: {why}"
-            sub.put(index, RequestOutput(rid, finish_reason=FinishReason.ERROR, error=message))
-        if ids:
-            conn.send(AbortRequests(ids))

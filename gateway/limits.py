@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from gateway.errors import APIError, ErrorInfo, ErrorResponse
+from gateway.errors import APIError
 
 logger = logging.getLogger("headrace.gateway")
 
@@ -56,50 +56,29 @@ class LimitsConfig:
             )
 
 
+# Each field's flag is its name in kebab case; the help ends with the default.
+_HELP = {
+    "max_request_body_bytes": "413 for bodies larger than this",
+    "request_body_timeout": "408 when a body takes longer than this many seconds",
+    "request_header_timeout": "close connections whose headers take longer than this many seconds",
+    "timeout_keep_alive": "close idle keep-alive connections after this many seconds",
+    "h11_max_incomplete_event_size": "largest request line plus headers, in bytes",
+}
+
+
 def add_limit_args(g: argparse._ArgumentGroup) -> None:
-    d = LimitsConfig()
-    g.add_argument(
-        "--max-request-body-bytes",
-        type=int,
-        default=d.max_request_body_bytes,
-        help=f"413 for bodies larger than this (default {d.max_request_body_bytes})",
-    )
-    g.add_argument(
-        "--request-body-timeout",
-        type=float,
-        default=d.request_body_timeout,
-        help=f"408 when a body takes longer than this many seconds (default {d.request_body_timeout})",
-    )
-    g.add_argument(
-        "--request-header-timeout",
-        type=float,
-        default=d.request_header_timeout,
-        help="close connections whose headers take longer than this many seconds "
-        f"(default {d.request_header_timeout})",
-    )
-    g.add_argument(
-        "--timeout-keep-alive",
-        type=float,
-        default=d.timeout_keep_alive,
-        help=f"close idle keep-alive connections after this many seconds (default {d.timeout_keep_alive})",
-    )
-    g.add_argument(
-        "--h11-max-incomplete-event-size",
-        type=int,
-        default=d.h11_max_incomplete_event_size,
-        help="largest request line plus headers, in bytes "
-        f"(default {d.h11_max_incomplete_event_size})",
-    )
+    for f in fields(LimitsConfig):
+        default = f.default
+        g.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"{_HELP[f.name]} (default {default})",
+        )
 
 
 def limits_from_args(args: argparse.Namespace) -> LimitsConfig:
-    limits = LimitsConfig(
-        max_request_body_bytes=args.max_request_body_bytes,
-        request_body_timeout=args.request_body_timeout,
-        request_header_timeout=args.request_header_timeout,
-        timeout_keep_alive=args.timeout_keep_alive,
-        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
-    )
+    limits = LimitsConfig(**{f.name: getattr(args, f.name) for f in fields(LimitsConfig)})
     limits.validate()
     return limits
 
@@ -202,7 +181,7 @@ def _content_length(scope: Scope) -> int | None:
 async def _send_error(send: Send, err: APIError, close: bool = False) -> None:
     import msgspec
 
-    body = msgspec.json.encode(ErrorResponse(ErrorInfo(err.message, err.type, None, err.status)))
+    body = msgspec.json.encode(err.body())  # the same OpenAI error object routes send
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if close:  # the unread body (or a slow client) must not hold the connection
         headers.append((b"connection", b"close"))

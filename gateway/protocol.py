@@ -8,7 +8,7 @@ follow vLLM's OpenAI server.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -16,6 +16,7 @@ from msgspec import Meta
 # OpenAI's ranges, enforced while decoding (a 400 naming the field) and shown in /openapi.json.
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 ModelName = Annotated[str, Meta(min_length=1)]
+C = TypeVar("C")  # a response's choice type
 
 # ------------------------------------------------------------------------- requests
 
@@ -178,12 +179,18 @@ class CompletionChoice(msgspec.Struct):
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
-class CompletionResponse(msgspec.Struct):
+class Completion(msgspec.Struct, Generic[C]):
+    """What every completion body and stream chunk carries; subclasses name the choice type
+    and set `object` (msgspec keeps the fields in this order, `object` last)."""
+
     id: str
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[C]
     usage: Usage | None = None
+
+
+class CompletionResponse(Completion[CompletionChoice]):
     object: str = "text_completion"
 
 
@@ -218,12 +225,7 @@ class ChatChoice(msgspec.Struct):
     stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
+class ChatCompletionResponse(Completion[ChatChoice]):
     object: str = "chat.completion"
 
 
@@ -255,12 +257,7 @@ class ChatStreamChoice(msgspec.Struct):
     stop_reason: int | str | None = None
 
 
-class ChatCompletionChunk(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: Usage | None = None
+class ChatCompletionChunk(Completion[ChatStreamChoice]):
     object: str = "chat.completion.chunk"
 
 

@@ -14,8 +14,9 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from gateway.decode import offload
-from gateway.engine_client import Child, EngineClient, ModelEntry, Submission
+from gateway.engine_client import EngineClient, ModelEntry
 from gateway.errors import BadRequest
+from gateway.inflight import Child, Submission
 from gateway.metrics import Metrics
 from gateway.protocol import (
     AssistantMessage,
@@ -125,9 +126,9 @@ class ChatRun:
         client: EngineClient,
         metrics: Metrics | None,
         req: ChatCompletionRequest,
+        prompt_ids: list[int],  # rendered and tokenized already (chat_prompt_ids)
         tools: ToolPlan | None = None,
         guided: GuidedDecoding | None = None,
-        prompt_ids: list[int] | None = None,  # rendered and tokenized already
     ):
         self.tools = tools or ToolPlan()
         if req.top_logprobs is not None and not req.logprobs:
@@ -137,14 +138,6 @@ class ChatRun:
         self.entry = entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
-        if prompt_ids is None:
-            prompt_ids = chat_prompt_ids(
-                entry,
-                req.messages,
-                req.add_generation_prompt,
-                req.add_special_tokens,
-                self.tools.template_tools,
-            )
         self.prompt_ids = prompt_ids
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -262,7 +255,7 @@ async def create_chat_completion(
     size = chat_chars(req.messages)
     ids = await offload(size, chat_prompt_ids, *args, req.add_special_tokens, tools.template_tools)
     result: ChatCompletionResponse | AsyncGenerator[bytes, None] = await serve(
-        ChatRun(client, metrics, req, tools, guided, ids)
+        ChatRun(client, metrics, req, ids, tools, guided)
     )
     return result
 

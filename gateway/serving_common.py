@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
-from gateway.engine_client import ModelEntry, Submission
+from gateway.engine_client import ModelEntry
 from gateway.errors import (
     APIError,
     BadRequest,
@@ -19,6 +19,7 @@ from gateway.errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
+from gateway.inflight import Submission
 from gateway.metrics import Metrics
 from gateway.protocol import StreamOptions
 from gateway.sequence import Delta, SequenceState, TokenStrings
@@ -41,7 +42,7 @@ def finish_error(sub: Submission, index: int, seq: SequenceState) -> APIError:
     """The API error for a sequence that ended in ERROR; its siblings are aborted."""
     sub.close()
     message = seq.error or "the request failed"
-    if index in sub.lost or seq.error_status == 503:
+    if seq.error_status == 503:  # draining, queue wait, or its worker was lost
         return ServiceUnavailable(message)
     if seq.error_status == 429:
         return TooManyRequests(message)

@@ -9,8 +9,9 @@ from collections.abc import AsyncGenerator
 import msgspec
 
 from gateway.decode import offload
-from gateway.engine_client import Child, EngineClient, ModelEntry, Submission
+from gateway.engine_client import EngineClient, ModelEntry
 from gateway.errors import BadRequest
+from gateway.inflight import Child, Submission
 from gateway.metrics import Metrics
 from gateway.protocol import (
     CompletionChoice,

@@ -29,6 +29,8 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
@@ -45,6 +47,9 @@ from ipc.messages import (
 )
 from ipc.wire import GatewayCodec, connect_dealer
 
+if TYPE_CHECKING:
+    from gateway.inflight import InFlight
+
 logger = logging.getLogger("headrace.gateway")
 
 
@@ -54,6 +59,22 @@ class WorkerState(enum.Enum):
     DOWN = "down"
 
 
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """How this gateway talks to every worker."""
+
+    gateway_id: str  # this gateway's socket identity: the worker's key for its requests
+    timeout: float = 1.0  # seconds of silence before a worker counts as down
+    hello_interval: float = 0.2  # seconds between Hellos while a worker is not up
+    keepalive_interval: float = 1.0  # seconds between Hellos while it is up
+
+    def __post_init__(self) -> None:
+        for name in ("timeout", "hello_interval", "keepalive_interval"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"the worker connection's {name} must be > 0, got {value}")
+
+
 class WorkerConnection:
     """A DEALER socket to one worker plus what the gateway knows about that worker."""
 
@@ -61,34 +82,24 @@ class WorkerConnection:
         self,
         ctx: zmq.asyncio.Context,
         address: str,
-        gateway_id: str,
-        *,
-        on_outputs: Callable[[WorkerConnection, EngineOutputs], None],
+        config: ConnectionConfig,
+        inflight: InFlight,
         on_model_info: Callable[[WorkerConnection, ModelInfo], None],
-        on_lost: Callable[[WorkerConnection, str], None],
-        timeout: float = 1.0,
-        hello_interval: float = 0.2,
-        keepalive_interval: float = 1.0,
     ) -> None:
         self.address = address
-        self.gateway_id = gateway_id
+        self.config = config
         self.state = WorkerState.CONNECTING
         self.info: ModelInfo | None = None
         self.stats = WorkerStats()
-        self.inflight: set[str] = set()  # request ids this gateway has running there
         self.draining = False  # removed from the list: no new requests, closes when idle
         self.sent = 0  # requests this gateway has sent to the current worker process
         self.reported = 0  # how many of them the worker's latest stats include
         self.last_seen = 0.0
-        self.timeout = timeout
-        self.hello_interval = hello_interval
-        self.keepalive_interval = keepalive_interval
-        self._on_outputs = on_outputs
+        self._inflight = inflight  # the gateway's requests (outputs go there)
         self._on_model_info = on_model_info
-        self._on_lost = on_lost
         self._codec = GatewayCodec()
         # An asyncio context makes asyncio sockets.
-        self._sock: zmq.asyncio.Socket = connect_dealer(ctx, address, gateway_id)  # type: ignore[arg-type,assignment]
+        self._sock: zmq.asyncio.Socket = connect_dealer(ctx, address, config.gateway_id)  # type: ignore[arg-type,assignment]
         self._monitor: zmq.asyncio.Socket = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -106,6 +117,11 @@ class WorkerConnection:
         return self.state is WorkerState.UP and not self.draining
 
     @property
+    def num_inflight(self) -> int:
+        """This gateway's requests in flight there."""
+        return self._inflight.count(self)
+
+    @property
     def load(self) -> int:
         """Requests ahead of a new one: the worker's own count (every gateway's requests)
         plus ours that its latest report does not include yet."""
@@ -113,7 +129,7 @@ class WorkerConnection:
         s = self.stats
         # Not num_queued (admitted, no first token yet): those are in running + waiting.
         reported = s.num_running + s.num_waiting + s.num_inbox
-        return max(len(self.inflight), reported + unreported)
+        return max(self.num_inflight, reported + unreported)
 
     def _report(self, stats: WorkerStats, received: int) -> None:
         self.stats = stats
@@ -157,9 +173,9 @@ class WorkerConnection:
             return
         was_up = self.state is WorkerState.UP
         self.state = WorkerState.DOWN
-        if was_up or self.inflight:
+        if was_up or self.num_inflight:
             logger.warning("worker %s is down: %s", self.address, why)
-        self._on_lost(self, why)
+        self._inflight.fail_worker(self, why)
 
     # ------------------------------------------------------------------ loops
 
@@ -175,18 +191,18 @@ class WorkerConnection:
             if isinstance(msg, EngineOutputs):
                 if msg.stats is not None:
                     self._report(msg.stats, msg.received)
-                self._on_outputs(self, msg)
+                self._inflight.deliver(msg.outputs)
             elif isinstance(msg, Heartbeat):
                 self._report(msg.stats, msg.received)
                 if self.info is None or msg.worker_id != self.info.worker_id:
                     # A worker we have not been introduced to (it restarted): ask who it is.
-                    self.send(Hello(self.gateway_id))
+                    self.send(Hello(self.config.gateway_id))
             else:
                 self._accept(msg)
 
     def _accept(self, info: ModelInfo) -> None:
-        if self.info is not None and info.worker_id != self.info.worker_id and self.inflight:
-            self._on_lost(self, f"worker {self.info.worker_id} restarted")
+        if self.info is not None and info.worker_id != self.info.worker_id:
+            self._inflight.fail_worker(self, f"worker {self.info.worker_id} restarted")
         if self.state is not WorkerState.UP:
             logger.info("worker %s is up: %s (%s)", self.address, info.model_name, info.worker_id)
         self.info = info
@@ -195,14 +211,16 @@ class WorkerConnection:
 
     async def _hello_loop(self) -> None:
         while True:
-            self.send(Hello(self.gateway_id))
-            await asyncio.sleep(self.keepalive_interval if self.up else self.hello_interval)
+            c = self.config
+            self.send(Hello(c.gateway_id))
+            await asyncio.sleep(c.keepalive_interval if self.up else c.hello_interval)
 
     async def _watch_loop(self) -> None:
         """Down on socket disconnect (immediate) or on silence longer than `timeout`."""
         monitor = asyncio.ensure_future(self._monitor_loop())
         try:
-            interval = min(0.05, self.timeout / 4)
+            timeout = self.config.timeout
+            interval = min(0.05, timeout / 4)
             while True:
                 before = time.monotonic()
                 await asyncio.sleep(interval)
@@ -211,8 +229,8 @@ class WorkerConnection:
                 # If this loop itself woke late, the event loop was stalled (an overloaded
                 # gateway): heartbeats may be sitting unread in the socket. Give the
                 # receive loop a turn before calling a live worker dead.
-                stalled = now - before - interval > self.timeout / 2
-                if self.up and silent > self.timeout and not stalled:
+                stalled = now - before - interval > timeout / 2
+                if self.up and silent > timeout and not stalled:
                     self.mark_down(f"no heartbeat for {silent:.2f} s")
         finally:
             monitor.cancel()

@@ -14,30 +14,23 @@ from collections.abc import Callable
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Main = Callable[[argparse.Namespace], int]
+Group = Callable[[], dict[str, tuple[AddArgs, Main]]]
 
 
-def _generate_args(p: argparse.ArgumentParser) -> None:
-    from headrace.generate_cmd import add_generate_args
+# Each group imports the modules of its commands (flags, main) when the parser is built; a
+# group whose packages are missing leaves its commands unavailable, not the whole CLI.
+def _engine_commands() -> dict[str, tuple[AddArgs, Main]]:
+    """Commands that need only the engine's packages (torch, pyzmq, tokenizers)."""
+    from headrace import generate_cmd, worker_cmd
+    from headrace.bench import offline, structured
 
-    add_generate_args(p)
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from headrace.generate_cmd import generate_main
-
-    return generate_main(args)
-
-
-def _serve_args(p: argparse.ArgumentParser) -> None:
-    from headrace.serve import add_serve_args
-
-    add_serve_args(p)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from headrace.serve import serve_main
-
-    return serve_main(args)
+    return {
+        "generate": (generate_cmd.add_generate_args, generate_cmd.generate_main),
+        "worker": (_worker_args, worker_cmd.worker_main),
+        "bench latency": (offline.add_args, offline.latency_main),
+        "bench throughput": (offline.add_args, offline.throughput_main),
+        "bench structured": (structured.add_args, structured.structured_main),
+    }
 
 
 def _worker_args(p: argparse.ArgumentParser) -> None:
@@ -48,109 +41,50 @@ def _worker_args(p: argparse.ArgumentParser) -> None:
     add_worker_args(p)
 
 
-def _worker(args: argparse.Namespace) -> int:
-    from headrace.worker_cmd import worker_main
+def _gateway_commands() -> dict[str, tuple[AddArgs, Main]]:
+    """Commands that also need the gateway's packages (starlette, uvicorn)."""
+    from headrace import gateway_cmd, run_batch_cmd, serve
 
-    return worker_main(args)
-
-
-def _gateway_args(p: argparse.ArgumentParser) -> None:
-    from headrace.gateway_cmd import add_gateway_args
-
-    add_gateway_args(p)
-
-
-def _gateway(args: argparse.Namespace) -> int:
-    from headrace.gateway_cmd import gateway_main
-
-    return gateway_main(args)
+    return {
+        "serve": (serve.add_serve_args, serve.serve_main),
+        "gateway": (gateway_cmd.add_gateway_args, gateway_cmd.gateway_main),
+        "run-batch": (run_batch_cmd.add_run_batch_args, run_batch_cmd.run_batch_main),
+    }
 
 
-def _run_batch_args(p: argparse.ArgumentParser) -> None:
-    from headrace.run_batch_cmd import add_run_batch_args
+def _client_commands() -> dict[str, tuple[AddArgs, Main]]:
+    """Commands that only talk HTTP to a running server (httpx)."""
+    from headrace.bench import serve as bench_serve
 
-    add_run_batch_args(p)
-
-
-def _run_batch(args: argparse.Namespace) -> int:
-    from headrace.run_batch_cmd import run_batch_main
-
-    return run_batch_main(args)
+    return {"bench serve": (bench_serve.add_bench_serve_args, bench_serve.bench_serve_main)}
 
 
-def _offline_bench_args(p: argparse.ArgumentParser) -> None:
-    from headrace.bench.offline import add_args
-
-    add_args(p)
-
-
-def _latency(args: argparse.Namespace) -> int:
-    from headrace.bench.offline import latency_main
-
-    return latency_main(args)
-
-
-def _throughput(args: argparse.Namespace) -> int:
-    from headrace.bench.offline import throughput_main
-
-    return throughput_main(args)
-
-
-def _structured_bench_args(p: argparse.ArgumentParser) -> None:
-    from headrace.bench.structured import add_args
-
-    add_args(p)
-
-
-def _structured_bench(args: argparse.Namespace) -> int:
-    from headrace.bench.structured import structured_main
-
-    return structured_main(args)
-
-
-def _serve_bench_args(p: argparse.ArgumentParser) -> None:
-    from headrace.bench.serve import add_bench_serve_args
-
-    add_bench_serve_args(p)
-
-
-def _serve_bench(args: argparse.Namespace) -> int:
-    from headrace.bench.serve import bench_serve_main
-
-    return bench_serve_main(args)
-
-
-COMMANDS: list[tuple[str, str, AddArgs, Main]] = [
-    ("generate", "offline generation for a few prompts", _generate_args, _generate),
-    ("serve", "serve a model over the OpenAI API (workers + gateway)", _serve_args, _serve),
-    ("worker", "one engine behind a ZeroMQ socket", _worker_args, _worker),
-    ("gateway", "the OpenAI HTTP API in front of workers", _gateway_args, _gateway),
-    ("run-batch", "run an OpenAI batch file", _run_batch_args, _run_batch),
+COMMANDS: list[tuple[str, str, Group]] = [
+    ("generate", "offline generation for a few prompts", _engine_commands),
+    ("serve", "serve a model over the OpenAI API (workers + gateway)", _gateway_commands),
+    ("worker", "one engine behind a ZeroMQ socket", _engine_commands),
+    ("gateway", "the OpenAI HTTP API in front of workers", _gateway_commands),
+    ("run-batch", "run an OpenAI batch file", _gateway_commands),
 ]
-BENCH_COMMANDS: list[tuple[str, str, AddArgs, Main]] = [
-    ("latency", "W1: batch-1 decode latency", _offline_bench_args, _latency),
-    (
-        "throughput",
-        "W2 / W3: offline throughput, all requests at once",
-        _offline_bench_args,
-        _throughput,
-    ),
+BENCH_COMMANDS: list[tuple[str, str, Group]] = [
+    ("latency", "W1: batch-1 decode latency", _engine_commands),
+    ("throughput", "W2 / W3: offline throughput, all requests at once", _engine_commands),
     (
         "structured",
         "structured output: JSON-schema-constrained vs free decode, per output token",
-        _structured_bench_args,
-        _structured_bench,
+        _engine_commands,
     ),
-    ("serve", "W4: OpenAI HTTP client with Poisson arrivals", _serve_bench_args, _serve_bench),
+    ("serve", "W4: OpenAI HTTP client with Poisson arrivals", _client_commands),
 ]
 
 
 def _add_commands(
-    sub: argparse._SubParsersAction, commands: list[tuple[str, str, AddArgs, Main]], prefix: str
+    sub: argparse._SubParsersAction, commands: list[tuple[str, str, Group]], prefix: str
 ) -> None:
-    for name, help_, add_args, main in commands:
+    for name, help_, group in commands:
         p = sub.add_parser(name, help=help_)
         try:
+            add_args, main = group()[prefix + name]
             add_args(p)
         except ImportError as e:  # e.g. starlette missing: the offline commands still work
             p.set_defaults(func=_unavailable(prefix + name, e))

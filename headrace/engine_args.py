@@ -26,7 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
         "--quantization",
         default=None,
         choices=QUANTIZATIONS,
-        help="fp8: FP8 weights (quantized on load unless the checkpoint is FP8)",
+        help="fp8: FP8 weights (quantized on load unless the checkpoint is FP8); awq, gptq: "
+        "4-bit weights of an AWQ / GPTQ checkpoint (or random ones with --load-format dummy)",
     )
     g.add_argument(
         "--kv-cache-dtype",
@@ -35,14 +36,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
         help="auto: the model's dtype; fp8 (fp8_e4m3): half the bytes, twice the blocks",
     )
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument(
-        "-tp",
-        "--tensor-parallel-size",
-        type=int,
-        default=1,
-        help="split the model across N GPUs (N processes; on CPU, gloo): a leader and "
-        "N-1 followers",
-    )
+    _add_parallel_args(g)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument(
@@ -93,6 +87,17 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
         choices=["auto", "vllm"],
         help="auto: unset request fields take the model's generation_config.json values "
         "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); vllm: ignore it",
+    )
+
+
+def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "-tp",
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model across N GPUs (N processes; on CPU, gloo): a leader and "
+        "N-1 followers",
     )
 
 

@@ -74,6 +74,17 @@ class LLM:
         )
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Free the engine's GPU memory (weights, KV cache, CUDA graphs) now; the LLM
+        generates no more. `with LLM(...) as llm:` closes it on the way out."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     config = msgspec.json.decode(args.config_json.encode(), type=EngineConfig)
 
     from ipc.shm_ring import PeerDied, ShmRingReader
-    from worker.engine import EngineCore
     from worker.model_loader import resolve_device
+    from worker.parallel.engine import TpFollowerEngine
     from worker.parallel.follower import run_follower
     from worker.parallel.state import TpGroup, connect_store, join_group, rank_device
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ring = ShmRingReader(args.ring, args.rank - 1)  # first: the leader sees our pid
     group = TpGroup(args.rank, size, rank_device(resolve_device(config.device).type, args.rank))
     join_group(group, connect_store(args.store_port, size))
-    engine = EngineCore(config, tp=group)
+    engine = TpFollowerEngine(config, group)
     try:
         steps = run_follower(engine, ring)
     except Exception as e:  # PeerDied, or a collective failing with its peers

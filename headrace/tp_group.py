@@ -59,7 +59,9 @@ def check_model_splits(config: EngineConfig) -> None:
     files = open_model(config.model, config.load_format)
     mc = ModelConfig.from_hf(files.config, source=files.path)
     check_tensor_parallel(mc, config.tensor_parallel_size, files.path)
-    check_checkpoint_splits(files.config, config.tensor_parallel_size, files.path)
+    check_checkpoint_splits(
+        files.config, config.quantization, config.tensor_parallel_size, files.path
+    )
 
 
 def start_engine(
@@ -71,6 +73,7 @@ def start_engine(
     report it within FORCED_EXIT_AFTER_S, exit the process anyway.
     """
     from worker.engine import EngineCore
+    from worker.parallel.engine import TpEngineCore
 
     if config.tensor_parallel_size == 1:
         return EngineCore(config)
@@ -78,7 +81,7 @@ def start_engine(
     link, store = _start_followers(config, ring_slot_bytes, exit_on_failure)
     try:
         _join(link, store)
-        engine = EngineCore(config, tp=link.group)
+        engine = TpEngineCore(config, link.group)
     except BaseException:
         link.close(timeout=2.0)
         raise

@@ -1,5 +1,6 @@
 """W4A16 GEMV bandwidth and dequantize+GEMM TFLOP/s on Llama-3-8B / 70B linear shapes,
-against cuBLAS bf16 on the same shapes and the device copy bandwidth (one run)."""
+against cuBLAS bf16 on the same shapes and the device copy bandwidth (one run); each for
+the rows layout (gemv_m*) and the tiles layout (gemv_tiles, tensor cores), 1 and 8 rows."""
 
 from __future__ import annotations
 
@@ -66,11 +67,18 @@ def main() -> None:
         x1 = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
         y1 = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
         t_gemv = timed(lambda: ig.int4_linear(x1, w, out=y1))  # noqa: B023
+        wt = w.as_tiles()  # the same weight for the tensor-core GEMV (gemv_tiles)
+        t_tiles = timed(lambda: ig.int4_linear(x1, wt, out=y1))  # noqa: B023
+        x8 = torch.randn(8, k, dtype=torch.bfloat16, device="cuda")
+        y8 = torch.empty(8, n, dtype=torch.bfloat16, device="cuda")
+        t_rows8 = timed(lambda: ig.int4_linear(x8, w, out=y8))  # noqa: B023
+        t_tiles8 = timed(lambda: ig.int4_linear(x8, wt, out=y8))  # noqa: B023
         t_bf16 = timed(lambda: torch.nn.functional.linear(x1, wb))  # noqa: B023
         q_bytes = w.qw.numel() * 4 + w.scales.numel() * 2 + w.zeros.numel()
         xp = torch.randn(args.prefill_tokens, k, dtype=torch.bfloat16, device="cuda")
         scratch = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
         t_pre = timed(lambda: ig.int4_linear(xp, w, scratch=scratch), 20)  # noqa: B023
+        t_pre_tiles = timed(lambda: ig.int4_linear(xp, wt, scratch=scratch), 20)  # noqa: B023
         t_pre_bf16 = timed(lambda: torch.nn.functional.linear(xp, wb), 20)  # noqa: B023
         flops = 2 * args.prefill_tokens * n * k
         row = dict(
@@ -80,9 +88,14 @@ def main() -> None:
             gemv_us=t_gemv * 1e6,
             gemv_tb_s=q_bytes / t_gemv / 1e12,
             gemv_frac_copy=q_bytes / t_gemv / bw,
+            tiles_gemv_us=t_tiles * 1e6,
+            tiles_gemv_frac_copy=q_bytes / t_tiles / bw,
+            rows_m8_us=t_rows8 * 1e6,
+            tiles_m8_us=t_tiles8 * 1e6,
             cublas_bf16_gemv_us=t_bf16 * 1e6,
             cublas_bf16_tb_s=n * k * 2 / t_bf16 / 1e12,
             prefill_tflops=flops / t_pre / 1e12,
+            tiles_prefill_tflops=flops / t_pre_tiles / 1e12,
             cublas_bf16_prefill_tflops=flops / t_pre_bf16 / 1e12,
         )
         rows.append(row)

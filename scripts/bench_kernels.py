@@ -16,12 +16,13 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from cuda.kv_write import write_kv
-from cuda.paged_attention import paged_attention
+from cuda.paged_attention import AttentionMetadata, AttentionParams, paged_attention
 from cuda.paged_attention_kernels import decode_splits
 
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -66,9 +67,12 @@ def copy_bandwidth() -> float:
     return 2 * n / t
 
 
+PARAMS = AttentionParams(D**-0.5)
+
+
 def paged_batch(
     batch: int, q_len: int, ctx: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     nblk = (ctx + BS - 1) // BS
     num_blocks = batch * nblk
     cache = torch.randn(2, num_blocks, BS, HKV, D, dtype=DTYPE, device="cuda")
@@ -76,38 +80,24 @@ def paged_batch(
     q = torch.randn(batch * q_len, HQ, D, dtype=DTYPE, device="cuda")
     qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * q_len
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    return q, cache, qsl, seq_lens, tables
+    slots = torch.empty(0, dtype=torch.int64, device="cuda")  # attention only: no KV write
+    return q, cache, AttentionMetadata(qsl, seq_lens, tables, slots, q_len, ctx)
 
 
 def bench_decode(results: list[dict], copy_bw: float) -> None:
     for batch in (1, 8, 64):
         for ctx in (1024, 4096, 16384):
-            q, cache, qsl, seq_lens, tables = paged_batch(batch, 1, ctx)
+            q, cache, md = paged_batch(batch, 1, ctx)
             out = torch.empty_like(q)
 
-            def run(
-                q=q, cache=cache, qsl=qsl, seq_lens=seq_lens, tables=tables, out=out, ctx=ctx
-            ) -> None:
-                paged_attention(
-                    q, cache, qsl, seq_lens, tables, D**-0.5, out, max_query_len=1, max_seq_len=ctx
-                )
+            def run(q=q, cache=cache, md=md, out=out) -> None:
+                paged_attention(q, cache, md, PARAMS, out)
 
             t = time_op(graphed(run))
 
-            def run_bound(
-                q=q, cache=cache, qsl=qsl, seq_lens=seq_lens, tables=tables, out=out
-            ) -> None:  # graph-style bound on seq_len: a 128k-token context
-                paged_attention(
-                    q,
-                    cache,
-                    qsl,
-                    seq_lens,
-                    tables,
-                    D**-0.5,
-                    out,
-                    max_query_len=1,
-                    max_seq_len=131072,
-                )
+            # graph-style bound on seq_len: a 128k-token context
+            def run_bound(q=q, cache=cache, md=replace(md, max_seq_len=131072), out=out) -> None:
+                paged_attention(q, cache, md, PARAMS, out)
 
             t_bound = time_op(graphed(run_bound))
             torch.cuda.synchronize()
@@ -137,7 +127,7 @@ def bench_decode(results: list[dict], copy_bw: float) -> None:
                 f"[bound 128k: {t_bound * 1e6:7.1f} us] eager {wall * 1e6:6.1f} us/call",
                 flush=True,
             )
-            del q, cache, tables, out
+            del q, cache, md, out
 
 
 def sdpa_time(batch: int, q_len: int, ctx: int) -> float | None:
@@ -165,22 +155,11 @@ def bench_prefill(results: list[dict]) -> None:
         (1, 16384, 16384),
         (8, 512, 4096),
     ):
-        q, cache, qsl, seq_lens, tables = paged_batch(batch, q_len, ctx)
+        q, cache, md = paged_batch(batch, q_len, ctx)
         out = torch.empty_like(q)
 
-        def run(
-            q=q,
-            cache=cache,
-            qsl=qsl,
-            seq_lens=seq_lens,
-            tables=tables,
-            out=out,
-            q_len=q_len,
-            ctx=ctx,
-        ) -> None:
-            paged_attention(
-                q, cache, qsl, seq_lens, tables, D**-0.5, out, max_query_len=q_len, max_seq_len=ctx
-            )
+        def run(q=q, cache=cache, md=md, out=out) -> None:
+            paged_attention(q, cache, md, PARAMS, out)
 
         t = time_op(run, iters=10)
         # visible (query, key) pairs under bottom-right causal alignment
@@ -204,7 +183,7 @@ def bench_prefill(results: list[dict]) -> None:
             f"{flops / t / 1e12:6.1f} TFLOP/s | {sd}",
             flush=True,
         )
-        del q, cache, tables, out
+        del q, cache, md, out
 
 
 def bench_write_kv(results: list[dict], copy_bw: float) -> None:
@@ -230,13 +209,11 @@ def profile_launch() -> None:
     import cProfile
     import pstats
 
-    q, cache, qsl, seq_lens, tables = paged_batch(8, 1, 1024)
+    q, cache, md = paged_batch(8, 1, 1024)
     out = torch.empty_like(q)
 
     def run() -> None:
-        paged_attention(
-            q, cache, qsl, seq_lens, tables, D**-0.5, out, max_query_len=1, max_seq_len=1024
-        )
+        paged_attention(q, cache, md, PARAMS, out)
 
     run()
     torch.cuda.synchronize()

@@ -215,6 +215,7 @@ def bench_w6(args: argparse.Namespace) -> dict[str, Any]:
             prof.runcall(run_w6, engine, prompts, args.max_tokens)
             with open(f"{args.w6_profile}.{name}.txt", "w") as f:
                 pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
+        engine.shutdown()  # its GPU memory now, before the next case's engine sizes its KV
         del engine
     plain = min(r["seconds"] for r in results["cases"]["plain"])
     ref = results["cases"]["plain"][0]["outputs"]

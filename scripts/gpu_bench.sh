@@ -3,6 +3,12 @@
 # Usage on the device machine: bash scripts/gpu_bench.sh "<which: tests profile w1 w3 w2 w5>"
 # FP8 (issue 13): profile_fp8 fp8tests w1fp8 (bf16 then fp8 W1, each with its floor) w2fp8 (fp8 weights
 # + fp8 KV) w3fp8 (bf16, then fp8 + fp8 KV) w1_70b w2_70b (Llama-3-70B shape, fp8 dummy).
+# Int4 (issue 14): int4tests (GPU int4 kernel + model tests) int4kernels (scripts/bench_int4.py)
+# w1awq (bf16 then AWQ W1 on the 8B shape, each with its floor; AWQ's line adds the int4 floor
+# at 4.25 TB/s and the fraction) w2awq (8B AWQ W2, 500 requests) w1_70b_awq w2_70b_awq (70B);
+# w1awq_tiles (8B and 70B AWQ W1 with HEADRACE_INT4_LAYOUT=tiles: the tensor-core GEMV).
+# Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
+# Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -23,6 +29,37 @@ for step in $which; do
     w3fp8) for q in "" "--quantization fp8 --kv-cache-dtype fp8"; do n=w3$(echo "$q" | tr -d ' -' | sed 's/quantizationfp8/_fp8/;s/kvcachedtypefp8/_kv8/'); timeout 280 python -m headrace bench throughput --workload W3 $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
     w1_70b) timeout 560 python -m headrace bench latency --model scripts/configs/llama-3-70b --quantization fp8 --max-model-len 4096 --output-json "$OUT/w1_70b_fp8.json" > "$OUT/w1_70b_fp8.log" 2>&1; tail -1 "$OUT/w1_70b_fp8.log" ;;
     w2_70b) timeout 560 python -m headrace bench throughput --model scripts/configs/llama-3-70b --workload W2 --num-requests 200 --quantization fp8 --kv-cache-dtype fp8 --max-model-len 4096 --output-json "$OUT/w2_70b_fp8.json" > "$OUT/w2_70b_fp8.log" 2>&1; tail -1 "$OUT/w2_70b_fp8.log" ;;
+    int4tests) timeout 400 python -m pytest -m gpu tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_int4_models.py -q -p no:cacheprovider > "$OUT/gpu_int4_tests.log" 2>&1; tail -15 "$OUT/gpu_int4_tests.log" ;;
+    int4kernels) timeout 200 python scripts/bench_int4.py --output-json "$OUT/int4_kernels.json" > "$OUT/int4_kernels.log" 2>&1; cat "$OUT/int4_kernels.log" ;;
+    w1awq) for q in "" "--quantization awq"; do n=w1${q:+_awq}; timeout 280 python -m headrace bench latency $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
+    w1awq_tiles) for m in scripts/configs/llama-3-8b scripts/configs/llama-3-70b; do n=w1_awq_tiles_$(basename $m); HEADRACE_INT4_LAYOUT=tiles timeout 280 python -m headrace bench latency --model $m --quantization awq --max-model-len 4096 --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
+    w2awq) timeout 280 python -m headrace bench throughput --workload W2 --num-requests 500 --quantization awq --output-json "$OUT/w2_awq.json" > "$OUT/w2_awq.log" 2>&1; tail -1 "$OUT/w2_awq.log" ;;
+    w1_70b_awq) timeout 280 python -m headrace bench latency --model scripts/configs/llama-3-70b --quantization awq --max-model-len 4096 --output-json "$OUT/w1_70b_awq.json" > "$OUT/w1_70b_awq.log" 2>&1; tail -1 "$OUT/w1_70b_awq.log" ;;
+    w2_70b_awq) timeout 280 python -m headrace bench throughput --model scripts/configs/llama-3-70b --workload W2 --num-requests 150 --quantization awq --max-model-len 4096 --output-json "$OUT/w2_70b_awq.json" > "$OUT/w2_70b_awq.log" 2>&1; tail -1 "$OUT/w2_70b_awq.log" ;;
+    # Issue 15's models with HF generate() beside them, 525 s of timeouts in all: Mixtral-8x7B W1 and
+    # W2-shaped (128 requests), Falcon-7B W1 and W3 (300 requests; HF batch 16: Falcon's MQA sends HF's
+    # SDPA to the math kernel, ~3 GB of fp32 [71, T, T] scores per 2k-token prompt). Each log's last
+    # "W?:" line is its summary; the engine's line and JSON come out before HF starts.
+    models15)
+      m=scripts/configs/mixtral-8x7b; f=scripts/configs/falcon-7b; b="python -m headrace bench"
+      run15() { local name=$1 secs=$2; shift 2; timeout "$secs" $b "$@" --load-format dummy \
+                  --output-json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+                echo "$name (rc $?): $(grep '^W[0-9]:' "$OUT/$name.log" | tail -1)"; grep -m1 'HF generate baseline failed' "$OUT/$name.log"; }
+      run15 m15_mixtral_w1 120 latency --model $m --hf-requests 1 --hf-batch-size 1 --hf-time-limit 30
+      run15 m15_mixtral_w2 180 throughput --model $m --workload W2 --num-requests 128 --max-num-seqs 128 \
+        --hf-requests 8 --hf-batch-size 8 --hf-time-limit 40
+      run15 m15_falcon_w1 75 latency --model $f --hf-requests 1 --hf-batch-size 1 --hf-time-limit 20
+      run15 m15_falcon_w3 150 throughput --model $f --workload W3 --num-requests 300 \
+        --hf-requests 64 --hf-batch-size 16 --hf-time-limit 40 ;;
+    # One Mixtral MoE layer at decode batches 1-64 in CUDA graphs: whole layer, routing, each grouped GEMM,
+    # dense per-expert GEMMs, against the touched experts' bytes (issue 15: "measure which").
+    moe) timeout 150 python scripts/bench_moe.py --out "$OUT/bench_moe.json" > "$OUT/bench_moe.log" 2>&1; tail -8 "$OUT/bench_moe.log" ;;
+    # Structured output (issue 16): batch 64, free vs JSON-schema decode on the Llama-3-8B shape
+    # (dummy weights), sync then --async-scheduling: both TPOTs, the overhead, the mask work per
+    # step (waited-at-sampling ~0 means the overlap works); then the CPU mask micro-benchmark.
+    structured) for m in "" "--async-scheduling"; do n=structured${m:+_async}
+                  timeout 125 python -m headrace bench structured $m --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -2 "$OUT/$n.log"; done
+                timeout 45 python scripts/bench_grammar_mask.py --threads 1 8 --steps 48 --output-json "$OUT/structured_mask_cpu.json" > "$OUT/structured_mask_cpu.log" 2>&1; tail -20 "$OUT/structured_mask_cpu.log" ;;
     # W4 sweep (issue 18): headrace serve on the Llama-3-8B shape (dummy weights), bench serve at 4 rates.
     w4sweep) python -m headrace serve --model scripts/configs/llama-3-8b --load-format dummy \
                --tokenizer "$HEADRACE_SHARED_MODELS/llama3-tokenizer" --served-model-name llama-3-8b-dummy \

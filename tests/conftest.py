@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the models in ../shared/models beside the checkout; the
+"""Shared fixtures: paths to the models in ../shared/models beside the checkout (and the
+stories model with a chat template); the
 differential suite's `--minutes` option and its case counts in the summary."""
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ def stories_path() -> Path:
     if not (STORIES / "config.json").exists():
         pytest.skip(f"stories260K not found at {STORIES}")
     return STORIES
+
+
+@pytest.fixture
+def chat_model(tmp_path: Path, stories_path: Path) -> Path:
+    """stories260K with a tiny chat template, in tmp_path (tests/server_harness.py)."""
+    from tests.server_harness import make_chat_model
+
+    return make_chat_model(stories_path, tmp_path / "model")
 
 
 @pytest.fixture

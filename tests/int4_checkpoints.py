@@ -103,3 +103,29 @@ def gptq_tensors(
         "scales": s,
         "g_idx": g_idx,
     }
+
+
+def quantized_pair(
+    w: torch.Tensor,
+    method: str,
+    group_size: int,
+    sym: bool = False,
+    desc_act: bool = False,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(the format's tensors for w [out, in], the fp32 weight [out, in] they encode).
+
+    desc_act: the input order is randperm(in) drawn from `seed` (fused shards that share
+    their inputs pass the same seed, as GPTQ's act order is the same for them)."""
+    if method == "awq":
+        q, z, s, g_idx = quantize_groups(w, group_size, sym=False)
+        return awq_tensors(w, group_size), dequantized(q, z, s, g_idx)
+    tensors = gptq_tensors(w, group_size, sym, desc_act, seed)
+    perm = (
+        torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(seed))
+        if desc_act
+        else None
+    )
+    q, z, s, g_idx = quantize_groups(w, group_size, sym, perm)
+    assert torch.equal(g_idx, tensors["g_idx"])
+    return tensors, dequantized(q, z, s, g_idx)

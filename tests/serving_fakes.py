@@ -12,7 +12,8 @@ import json
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from gateway.engine_client import Child, ModelEntry
+from gateway.engine_client import ModelEntry
+from gateway.inflight import Child
 from gateway.tokenizer import Tokenizer
 from ipc.messages import FinishReason, ModelInfo, RequestOutput, TokenLogprobs
 
@@ -26,10 +27,12 @@ def logprobs_of(token_id: int, top: int, vocab: int) -> TokenLogprobs:
 
 
 class ScriptedSubmission:
+    """Yields prepared batches of (child index, output); records aborts and closes."""
+
     def __init__(self, batches: list[list[tuple[int, RequestOutput]]]) -> None:
         self.batches = batches
-        self.lost: set[int] = set()
         self.aborted: list[int] = []
+        self.closed = False
 
     def __aiter__(self) -> ScriptedSubmission:
         return self
@@ -43,7 +46,7 @@ class ScriptedSubmission:
         self.aborted.append(index)
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 class ScriptedClient:

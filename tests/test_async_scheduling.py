@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ipc.messages import EngineRequest, SamplingParams
-from tests.test_golden import make_tiny_model, prompts_of_different_lengths
+from tests.test_golden import prompts_of_different_lengths
+from tests.tiny_models import make_tiny_model
 from worker.config import EngineConfig
 from worker.engine import EngineCore
 

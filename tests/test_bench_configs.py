@@ -48,3 +48,52 @@ def test_mixtral_floor_reads_only_routed_experts() -> None:
     assert decode_weight_bytes(ours, 1) == pytest.approx(total - experts * 6 / 8)
     assert 25e9 < decode_weight_bytes(ours, 1) < 27e9  # ~12.9B active parameters
     assert decode_weight_bytes(ours, 64) == pytest.approx(total, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"), [("llama-3-8b", 5.5e9, 6.0e9), ("llama-3-70b", 39e9, 41e9)]
+)
+def test_int4_floor_counts_packed_weights_scales_and_zeros(
+    name: str, low: float, high: float
+) -> None:
+    from worker.quant.fp8 import cast_model
+    from worker.quant.int4 import Int4Config
+    from worker.quant.int4_linear import int4_layers
+
+    cfg = open_model(f"scripts/configs/{name}", "dummy").config
+    mc = ModelConfig.from_hf(cfg)
+    with torch.device("meta"):
+        ours = model_class(mc)(mc, TorchAttention(), 16)
+        ours.quantize(Int4Config.for_dummy("awq"))
+    cast_model(ours, torch.bfloat16)
+    layers = int4_layers(ours)
+    assert len(layers) == 4 * mc.num_layers  # qkv, o, gate_up, down
+    linear = sum(m.out_features * m.in_features for m in layers)
+    per_group = sum(m.out_features * m.in_features // 128 for m in layers) * 3  # fp16 + uint8
+    other = sum(p.numel() * 2 for n, p in ours.named_parameters() if "proj" not in n)
+    assert decode_weight_bytes(ours, 1) == linear // 2 + per_group + other
+    assert low < decode_weight_bytes(ours, 1) < high  # vs 16 GB / 141 GB in bf16
+
+
+def test_summary_line_prints_the_floor_at_nominal_bandwidth() -> None:
+    from headrace.bench.offline import summary_line
+
+    run = {"output_tok_s": 100.0, "total_tok_s": 150.0, "tpot_mean_ms": 4.0}
+    roofline = {
+        "weights": "int4 awq",
+        "kv_cache_dtype": "bfloat16",
+        "floor_ms_per_step": 1.4,
+        "weight_GB_read_per_step": 5.73,
+        "floor_ms_per_step_at_nominal": 1.35,
+    }
+    result = {
+        "workload": "W1",
+        "headrace": [run],
+        "roofline": roofline,
+        "num_kv_blocks": 10,
+        "fraction_of_floor": 1.4 / 4.0,
+        "fraction_of_nominal_floor": 1.35 / 4.0,
+    }
+    line = summary_line(result)
+    assert "int4 awq weights" in line and "35.0% of floor" in line
+    assert "5.73 GB/step at 4.25 TB/s: 1.35 ms, 33.8%" in line

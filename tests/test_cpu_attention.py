@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cuda.paged_attention import paged_attention_ref
-from worker.attention import AttentionMetadata, TorchAttention
+from worker.attention import AttentionMetadata, AttentionParams, TorchAttention
 from worker.config import SchedulerConfig
 from worker.cpu_attention import paged_attention_sdpa
 from worker.kv_cache import KVCacheManager
@@ -37,11 +37,12 @@ def _batch(
 def test_sdpa_matches_the_reference(window: int | None, fp8: bool) -> None:
     # A decode, a fresh prefill, a chunk after a cached prefix, and an empty row.
     q, kv, qsl, seq_lens, tables = _batch([1, 37, 20, 0, 1], [50, 37, 61, 9, 1])
-    scales = {"k_scale": 0.5, "v_scale": 2.0} if fp8 else {}
+    params = AttentionParams(0.17, window, *((0.5, 2.0) if fp8 else ()))
     if fp8:
         kv = kv.to(torch.float8_e4m3fn)
-    ref = paged_attention_ref(q, kv, qsl, seq_lens, tables, 0.17, window, **scales)
-    got = paged_attention_sdpa(q, kv, qsl, seq_lens, tables, 0.17, window, **scales)
+    md = AttentionMetadata(qsl, seq_lens, tables, torch.empty(0, dtype=torch.int64), 37, 61)
+    ref = paged_attention_ref(q, kv, md, params)
+    got = paged_attention_sdpa(q, kv, md, params)
     live = torch.ones(q.shape[0], dtype=torch.bool)
     torch.testing.assert_close(got[live], ref[live], atol=2e-5, rtol=1e-4)
 
@@ -62,14 +63,13 @@ def _prefill_time(fn: object, total: int, chunk: int = 512, reps: int = 3) -> fl
             qsl = torch.tensor([0, n], dtype=torch.int32)
             md = AttentionMetadata(qsl, torch.tensor([start + n], dtype=torch.int32), tables,
                                    torch.full((n,), -1, dtype=torch.int64), n, start + n)  # fmt: skip
-            fn(q, q[:, :hkv], q[:, :hkv], kv, md, 0.125, None)  # type: ignore[operator]
+            fn(q, q[:, :hkv], q[:, :hkv], kv, md, AttentionParams(0.125))  # type: ignore[operator]
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def _reference(q, k, v, kv_cache, md, scale, window):  # type: ignore[no-untyped-def]
-    return paged_attention_ref(q, kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
-                               scale, window)  # fmt: skip
+def _reference(q, k, v, kv_cache, md, params):  # type: ignore[no-untyped-def]
+    return paged_attention_ref(q, kv_cache, md, params)
 
 
 def test_cpu_backend_scales_with_work() -> None:

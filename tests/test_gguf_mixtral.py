@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import gguf
 import torch
 from safetensors.torch import load_file
 
 from ipc.gguf_metadata import gguf_config
-from tests.test_gguf import _gguf_name, _spm_vocab
+from tests.gguf_files import add_hf_tensor, finish, llama_writer
 from tests.test_golden import prompts_of_different_lengths, run_headrace
-from tests.test_golden_models import make_tiny
-from worker.gguf_weights import iter_gguf_weights, permute_qk
+from tests.tiny_models import make_tiny_model
+from worker.gguf_weights import iter_gguf_weights
 from worker.model_config import ModelConfig
 
 STACKED = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
@@ -25,25 +24,10 @@ STACKED = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
 def write_mixtral_gguf(hf_path: Path, tokenizer_src: Path, out: Path) -> Path:
     config = json.loads((hf_path / "config.json").read_text())
     tensors = load_file(str(hf_path / "model.safetensors"))
-    w = gguf.GGUFWriter(str(out), "llama")
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
-    w.add_head_count_kv(config["num_key_value_heads"])
+    w = llama_writer(out, config, tokenizer_src)
     w.add_key_length(config["head_dim"])
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     w.add_expert_count(config["num_local_experts"])
     w.add_expert_used_count(config["num_experts_per_tok"])
-    tokens, scores, types = _spm_vocab(json.loads((tokenizer_src / "tokenizer.json").read_text()))
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
     experts = config["num_local_experts"]
     for i in range(config["num_hidden_layers"]):
         moe = f"model.layers.{i}.block_sparse_moe"
@@ -51,20 +35,13 @@ def write_mixtral_gguf(hf_path: Path, tokenizer_src: Path, out: Path) -> Path:
             t = torch.stack([tensors.pop(f"{moe}.experts.{e}.{hf}.weight") for e in range(experts)])
             w.add_tensor(f"blk.{i}.{stacked}.weight", t.numpy())  # [E, out, in]
     for name, t in tensors.items():
-        if name.endswith("q_proj.weight"):
-            t = permute_qk(t, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            t = permute_qk(t, config["num_key_value_heads"])
-        w.add_tensor(_gguf_name(name), t.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        add_hf_tensor(w, name, t, config)
+    finish(w)
     return out
 
 
 def test_mixtral_gguf_equals_safetensors(tmp_path: Path, stories_path: Path) -> None:
-    hf = make_tiny("mixtral", tmp_path / "hf", stories_path)
+    hf = make_tiny_model("mixtral", tmp_path / "hf", stories_path)
     path = write_mixtral_gguf(hf, stories_path, tmp_path / "mixtral.gguf")
     config = gguf_config(str(path))
     mc = ModelConfig.from_hf(config)

@@ -1,6 +1,7 @@
 """Golden tests: headrace's greedy tokens and logprobs against Hugging Face transformers.
 
-Tiny random Llama, Mistral and Qwen2 models are built and saved by the test; stories260K is
+Tiny random Llama, Mistral and Qwen2 models are built and saved by the test
+(tests/tiny_models.py); stories260K is
 a real trained model. The engine runs with block_size 4, a small token budget (prefills are
 chunked) and so few KV blocks that requests are preempted and recomputed.
 """
@@ -8,7 +9,6 @@ chunked) and so few KV blocks that requests are preempted and recomputed.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,55 +17,12 @@ import torch
 import transformers
 
 from ipc.messages import SamplingParams
+from tests.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.golden
 
 NUM_LOGPROBS = 5
 MAX_TOKENS = 12
-
-
-def make_tiny_model(kind: str, path: Path, tokenizer_src: Path, **overrides: Any) -> Path:
-    """A tiny random `kind` model saved at `path`; `overrides` replace config fields."""
-    common: dict[str, Any] = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.3,  # peaked distributions, so greedy choices are not near-ties
-    )
-    if kind == "llama":
-        common.update(tie_word_embeddings=False, head_dim=8)
-        cfg_cls: Any = transformers.LlamaConfig
-        cls: Any = transformers.LlamaForCausalLM
-    elif kind == "mistral":
-        common.update(sliding_window=None, head_dim=8)
-        cfg_cls, cls = transformers.MistralConfig, transformers.MistralForCausalLM
-    elif kind == "qwen2":
-        common.update(tie_word_embeddings=True, use_sliding_window=False)
-        cfg_cls, cls = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
-    else:
-        raise ValueError(kind)
-    cfg = cfg_cls(**{**common, **overrides})
-    torch.manual_seed(0)
-    model = cls(cfg).float().eval()
-    if kind == "qwen2":  # make the q/k/v biases matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (
-                    layer.self_attn.q_proj,
-                    layer.self_attn.k_proj,
-                    layer.self_attn.v_proj,
-                ):
-                    proj.bias.normal_(0, 0.3)
-    model.save_pretrained(path, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_src / f, path / f)
-    return path
 
 
 def load_hf(path: Path) -> Any:

@@ -51,6 +51,28 @@ def test_paged_attention_compiles(dtype_name: str, head_dim: int, kv_fp8: bool) 
     _check_log(log)
 
 
+@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("module_name", ["fused_ops", "layer_ops"])
+def test_elementwise_modules_compile(module_name: str, dtype_name: str) -> None:
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(f"cuda.{module_name}")
+    cubin, log = compiler.compile_cubin(
+        module.source(),
+        arch="sm_90",
+        defines=module.module_defines(getattr(torch, dtype_name)),
+        name=module_name,
+        verbose_ptxas=True,
+    )
+    for name in module.KERNELS:
+        assert f"Compiling entry function '{name}'" in log
+        assert name.encode() in cubin
+    assert len(re.findall(r"bytes spill stores", log)) == len(module.KERNELS), log
+    _check_log(log)
+
+
 def test_write_kv_compiles() -> None:
     from cuda import kv_write_kernel
 
@@ -109,3 +131,22 @@ def test_fp8_gemv_compiles(bf16: int) -> None:
     for m in range(1, 5):
         assert f"Compiling entry function 'fp8_gemv_m{m}'" in log
     _check_log(log)
+
+
+def test_read_source_pastes_local_headers(tmp_path: Path) -> None:
+    (tmp_path / "a.cuh").write_text('#pragma once\n#include "b.cuh"\nint a;\n')
+    (tmp_path / "b.cuh").write_text("int b;\n")
+    (tmp_path / "k.cu").write_text(
+        '#include <cuda_fp16.h>\n#include "a.cuh"  // a\n#include "b.cuh"\nint k;\n'
+    )
+    text = compiler.read_source(tmp_path / "k.cu")
+    # System headers stay for NVRTC; ours are pasted once each, in include order.
+    assert text == "#include <cuda_fp16.h>\n#pragma once\nint b;\n\nint a;\n\n\nint k;\n"
+
+
+def test_shared_header_is_in_every_including_source() -> None:
+    from cuda import fused_ops, layer_ops
+
+    header = (Path(compiler.__file__).parent / "elem_type.cuh").read_text()
+    for module in (fused_ops, layer_ops):
+        assert header in module.source() and '#include "' not in module.source()

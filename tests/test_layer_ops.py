@@ -1,19 +1,16 @@
 """LayerNorm, GELU and partial rotary on CPU: references against transformers' formulas,
-kernel plans, launch arguments against the kernel signatures, an sm_90 compile."""
+kernel plans, launch arguments against the kernel signatures (tests/test_kernels_compile.py
+compiles them)."""
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 import pytest
 import torch
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
-from cuda import compiler
 from cuda import fused_ops as fo
 from cuda import layer_ops as lo
-from tests.test_fused_ops import _signatures
+from tests.kernel_signatures import launch_types
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -82,7 +79,7 @@ def test_plans() -> None:
 
 
 def test_launch_args_match_signatures() -> None:
-    sigs = _signatures(lo.source())
+    sigs = launch_types(lo.source())
     assert sorted(sigs) == sorted(lo.KERNELS)
     x = torch.randn(3, 2048)[:, :1500]
     w, b = torch.randn(1500), torch.randn(1500)
@@ -95,22 +92,3 @@ def test_launch_args_match_signatures() -> None:
     assert launches[0][1:3] == ((3,), 1024) and launches[0][3][1] == 2048
     assert launches[1][0] == "gelu_erf" and launches[2][0] == "gelu_tanh"
     assert launches[1][1] == (3, 6)  # ceil(1500 / 256)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_layer_ops_compile(
-    dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(compiler, "CACHE_DIR", tmp_path)  # a cache hit would skip the compile
-    cubin, log = compiler.compile_cubin(
-        lo.source(),
-        arch="sm_90",
-        defines=lo.module_defines(dtype),
-        name="layer_ops",
-        verbose_ptxas=True,
-    )
-    for name in lo.KERNELS:
-        assert f"Compiling entry function '{name}'" in log
-        assert name.encode() in cubin
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
-    assert len(spills) == len(lo.KERNELS) and not any(spills), log

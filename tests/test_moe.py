@@ -1,11 +1,16 @@
 """Mixture-of-experts routing and expert sums on CPU: routing as transformers computes it,
-the grouped (sorted, one GEMM per expert) path against the per-expert reference loop."""
+the grouped (sorted, one GEMM per expert) path against the per-expert reference loop, and
+the grouped path's ops: none that syncs the host (CUDA graphs capture it), few kernels."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from worker.model_config import ModelConfig
@@ -79,3 +84,56 @@ def test_grouped_experts_equal_reference(num_tokens: int) -> None:
     ref = experts_ref(x, weights, ids, w_gate_up, w_down)
     grouped = experts_grouped(x, weights, ids, w_gate_up, w_down)
     torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-5)
+
+
+class _OpLog(TorchDispatchMode):
+    """The aten ops a block of code dispatches (each non-view op is a kernel on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[Any] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that read a device value on the host (data-dependent shapes, Python scalars): each
+# stalls the step and breaks CUDA graph capture.
+HOST_SYNC_OPS = {
+    "nonzero",
+    "_local_scalar_dense",
+    "masked_select",
+    "_unique2",
+    "unique_dim",
+    "bincount",
+    "equal",
+    "is_nonzero",
+    "repeat_interleave",
+}
+
+
+@pytest.mark.parametrize("num_tokens", [1, 8])
+def test_grouped_moe_layer_has_no_host_sync_and_few_kernels(num_tokens: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    E, H, inter, k = 8, 64, 96, 2
+    x = torch.randn(num_tokens, H, generator=g).bfloat16()
+    gate = torch.randn(E, H, generator=g).bfloat16()
+    w_gate_up = torch.randn(E, 2 * inter, H, generator=g).bfloat16()
+    w_down = torch.randn(E, H, inter, generator=g).bfloat16()
+    with _OpLog() as log:
+        weights, ids = route(F.linear(x, gate), k)
+        experts_grouped(x, weights, ids, w_gate_up, w_down)
+    names = [op.overloadpacket.__name__ for op in log.ops]
+    assert not HOST_SYNC_OPS & set(names), names
+    kernels = [n for op, n in zip(log.ops, names, strict=True) if not op.is_view]
+    kernels = [n for n in kernels if n not in ("empty", "empty_like")]
+    # The decode step replays these per MoE layer (x32 for Mixtral): the router's GEMM,
+    # top-k and softmax, 9 for the counting sort, 2 grouped GEMMs, the rest gathers and
+    # the weighted sum. On a GPU two fewer: the softmax casts in its kernel, silu_and_mul
+    # is one fused kernel (two ops here).
+    assert len(kernels) <= 25, kernels
+    # The detector sees a sync where there is one: the reference loop's torch.where.
+    with _OpLog() as log:
+        experts_ref(x, weights, ids, w_gate_up, w_down)
+    assert "nonzero" in {op.overloadpacket.__name__ for op in log.ops}

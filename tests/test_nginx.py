@@ -18,7 +18,6 @@ from tests.server_harness import (
     Proc,
     free_port,
     health,
-    make_chat_model,
     metric,
     start_gateway,
     start_worker,
@@ -90,15 +89,14 @@ def wait_idle(base: str, timeout: float) -> dict:
         time.sleep(0.1)
 
 
-def test_nginx_two_gateways_three_workers(tmp_path: Path, stories_path: Path) -> None:
-    model = make_chat_model(stories_path, tmp_path / "model")
+def test_nginx_two_gateways_three_workers(tmp_path: Path, chat_model: Path) -> None:
     procs: list[Proc] = []
     nginx: Nginx | None = None
     try:
         addrs = [f"tcp://127.0.0.1:{free_port()}" for _ in range(3)]
         extra = ["--served-model-name", MODEL, "--gateway-timeout", "2"]
         for i, a in enumerate(addrs):
-            procs.append(start_worker(model, a, tmp_path, *extra, "--worker-id", f"w{i}"))
+            procs.append(start_worker(chat_model, a, tmp_path, *extra, "--worker-id", f"w{i}"))
         ports = [free_port(), free_port()]
         # A generous worker timeout: on a loaded CI machine a busy worker's heartbeats can
         # be late, and this test is about gateways dying, not workers.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ipc.messages import EngineRequest, SamplingParams
-from tests.test_golden import make_tiny_model
+from tests.tiny_models import make_tiny_model
 
 
 def shared_prefix_prompts() -> list[list[int]]:
@@ -60,7 +60,7 @@ def test_second_identical_request_computes_only_its_last_partial_block(stories_p
         count = sum(sr.num_new_tokens for sr in first.scheduled)
         result = engine.runner.execute(first)
         toks = []
-        for o in engine._postprocess(first, result):
+        for _, o in engine._postprocess(first, result):
             toks += o.new_token_ids
         while engine.has_unfinished_requests():
             for o in engine.step():

@@ -13,22 +13,19 @@ from starlette.testclient import TestClient
 
 from gateway.app import GatewayConfig, build_app
 from gateway.errors import ServiceUnavailable
+from gateway.inflight import InFlight
 from gateway.route_note import RouteNote, session_key
 from gateway.router import Router, rendezvous_choice
-from gateway.workers import WorkerConnection, WorkerState
+from gateway.workers import ConnectionConfig, WorkerConnection, WorkerState
 from gateway.workers_file import WorkersFileWatcher, check_worker_address, read_workers_file
 from ipc.messages import ModelInfo, WorkerStats
 
 
 def fake_worker(ctx: zmq.asyncio.Context, index: int, running: int = 0) -> WorkerConnection:
     """A connection that never starts its loops: state and info set by hand."""
+    address = f"tcp://127.0.0.1:{40000 + index}"
     conn = WorkerConnection(
-        ctx,
-        f"tcp://127.0.0.1:{40000 + index}",
-        "gw-test",
-        on_outputs=lambda *_: None,
-        on_model_info=lambda *_: None,
-        on_lost=lambda *_: None,
+        ctx, address, ConnectionConfig("gw-test"), InFlight(), on_model_info=lambda *_: None
     )
     conn.info = ModelInfo("m", "/m", 128, 100, f"worker-{index}")
     conn.state = WorkerState.UP

@@ -18,7 +18,6 @@ from tests.server_harness import (
     Proc,
     free_port,
     health,
-    make_chat_model,
     start_gateway,
     start_worker,
     wait_healthy,
@@ -101,13 +100,12 @@ def run_sessions(bases: list[str], sessions: int = 50, per_session: int = 4) -> 
     return asyncio.run(go())
 
 
-def test_session_affinity_across_gateways_and_failover(tmp_path: Path, stories_path: Path) -> None:
-    model = make_chat_model(stories_path, tmp_path / "model")  # a chat template for chat
+def test_session_affinity_across_gateways_and_failover(tmp_path: Path, chat_model: Path) -> None:
     procs: list[Proc] = []
     try:
         addrs = []
         for i in range(3):
-            proc, address = start_fake_worker(model, tmp_path, f"w{i}")
+            proc, address = start_fake_worker(chat_model, tmp_path, f"w{i}")
             procs.append(proc)
             addrs.append(address)
         workers = procs[:3]

@@ -11,33 +11,10 @@ from gateway.sequence import SequenceState
 from gateway.serving_common import sequence_updates
 from gateway.tokenizer import load_tokenizer
 from ipc.messages import FinishReason, RequestOutput, SamplingParams
+from tests.serving_fakes import ScriptedSubmission
 
 
-class FakeSubmission:
-    """Yields prepared batches of (child index, output); records aborts and closes."""
-
-    def __init__(self, batches: list[list[tuple[int, RequestOutput]]]) -> None:
-        self.batches = batches
-        self.aborted: list[int] = []
-        self.closed = False
-        self.lost: set[int] = set()
-
-    def __aiter__(self) -> FakeSubmission:
-        return self
-
-    async def __anext__(self) -> list[tuple[int, RequestOutput]]:
-        if not self.batches:
-            raise StopAsyncIteration
-        return self.batches.pop(0)
-
-    def abort(self, index: int) -> None:
-        self.aborted.append(index)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def collect(sub: FakeSubmission, seqs: list[SequenceState]) -> list[list[tuple[int, str]]]:
+def collect(sub: ScriptedSubmission, seqs: list[SequenceState]) -> list[list[tuple[int, str]]]:
     async def run() -> list[list[tuple[int, str]]]:
         return [
             [(i, d.text) for i, d in updates]
@@ -58,7 +35,7 @@ def test_stop_string_aborts_and_later_outputs_are_dropped(tok):
         SequenceState(tok, [1], SamplingParams(max_tokens=50, stop=["time"])),
         SequenceState(tok, [1], SamplingParams(max_tokens=50)),
     ]
-    sub = FakeSubmission(
+    sub = ScriptedSubmission(
         [
             [(0, RequestOutput("a", ids[:2])), (1, RequestOutput("b", ids[:1]))],
             [(0, RequestOutput("a", ids[2:])), (1, RequestOutput("b", ids[1:2]))],
@@ -80,15 +57,17 @@ def test_stop_string_aborts_and_later_outputs_are_dropped(tok):
 def test_an_error_raises_after_the_batch_updates_before_it(tok, lost, error):
     seqs = [SequenceState(tok, [1], SamplingParams(max_tokens=50)) for _ in range(2)]
     ids = tok.encode(" once", add_special_tokens=False)
-    failed = RequestOutput("b", [], finish_reason=FinishReason.ERROR, error="boom")
-    sub = FakeSubmission(
+    # A lost worker's failure carries a 503 (gateway/inflight.py fail_worker).
+    status = 503 if lost else 0
+    failed = RequestOutput(
+        "b", [], finish_reason=FinishReason.ERROR, error="boom", error_status=status
+    )
+    sub = ScriptedSubmission(
         [
             [(0, RequestOutput("a", ids)), (1, RequestOutput("b", ids))],
             [(0, RequestOutput("a", ids)), (1, failed)],
         ]
     )
-    if lost:
-        sub.lost.add(1)
     seen: list[list[int]] = []
 
     async def run() -> None:

@@ -16,7 +16,6 @@ from tests.server_harness import (
     Proc,
     free_port,
     health,
-    make_chat_model,
     metric,
     start_gateway,
     start_worker,
@@ -29,19 +28,14 @@ MODEL = "stories"
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture
-def model(tmp_path: Path, stories_path: Path) -> Path:
-    return make_chat_model(stories_path, tmp_path / "model")
-
-
 def stop_all(procs: list[Proc]) -> None:
     for p in reversed(procs):
         p.stop()
 
 
-def test_two_gateways_share_one_worker(tmp_path: Path, model: Path) -> None:
+def test_two_gateways_share_one_worker(tmp_path: Path, chat_model: Path) -> None:
     address = f"ipc://{tmp_path}/w.sock"
-    procs = [start_worker(model, address, tmp_path, "--served-model-name", MODEL)]
+    procs = [start_worker(chat_model, address, tmp_path, "--served-model-name", MODEL)]
     ports = [free_port(), free_port()]
     procs += [start_gateway([address], p, tmp_path) for p in ports]
     try:
@@ -88,9 +82,9 @@ def _stream_until_error(base: str, body: dict, on_first: object) -> tuple[list, 
     return events, None
 
 
-def test_one_gateway_two_workers_kill_and_recover(tmp_path: Path, model: Path) -> None:
+def test_one_gateway_two_workers_kill_and_recover(tmp_path: Path, chat_model: Path) -> None:
     addrs = [f"ipc://{tmp_path}/w{i}.sock" for i in range(2)]
-    workers = [start_worker(model, a, tmp_path, "--served-model-name", MODEL) for a in addrs]
+    workers = [start_worker(chat_model, a, tmp_path, "--served-model-name", MODEL) for a in addrs]
     port = free_port()
     gw = start_gateway(addrs, port, tmp_path)
     procs = [*workers, gw]
@@ -145,7 +139,9 @@ def test_one_gateway_two_workers_kill_and_recover(tmp_path: Path, model: Path) -
         assert e.value.status_code == 503
 
         # Restart one at the same address: used again with no gateway restart.
-        workers[dead] = start_worker(model, addrs[dead], tmp_path, "--served-model-name", MODEL)
+        workers[dead] = start_worker(
+            chat_model, addrs[dead], tmp_path, "--served-model-name", MODEL
+        )
         procs.append(workers[dead])
         wait_healthy(base, [gw, workers[dead]], workers_up=1)
         r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
@@ -154,9 +150,9 @@ def test_one_gateway_two_workers_kill_and_recover(tmp_path: Path, model: Path) -
         stop_all(procs)
 
 
-def test_prefix_routing_keeps_a_prefix_on_one_worker(tmp_path: Path, model: Path) -> None:
+def test_prefix_routing_keeps_a_prefix_on_one_worker(tmp_path: Path, chat_model: Path) -> None:
     addrs = [f"ipc://{tmp_path}/p{i}.sock" for i in range(2)]
-    workers = [start_worker(model, a, tmp_path, "--served-model-name", MODEL) for a in addrs]
+    workers = [start_worker(chat_model, a, tmp_path, "--served-model-name", MODEL) for a in addrs]
     port = free_port()
     gw = start_gateway(addrs, port, tmp_path, "--routing", "prefix")
     procs = [*workers, gw]
@@ -175,10 +171,10 @@ def test_prefix_routing_keeps_a_prefix_on_one_worker(tmp_path: Path, model: Path
         stop_all(procs)
 
 
-def test_429_when_too_many_wait(tmp_path: Path, model: Path) -> None:
+def test_429_when_too_many_wait(tmp_path: Path, chat_model: Path) -> None:
     address = f"ipc://{tmp_path}/q.sock"
     worker = start_worker(
-        model, address, tmp_path, "--served-model-name", MODEL, "--max-num-seqs", "1"
+        chat_model, address, tmp_path, "--served-model-name", MODEL, "--max-num-seqs", "1"
     )
     port = free_port()
     gw = start_gateway([address], port, tmp_path, "--max-queued-requests", "1")
@@ -204,9 +200,9 @@ def test_429_when_too_many_wait(tmp_path: Path, model: Path) -> None:
         stop_all(procs)
 
 
-def test_200_concurrent_streams(tmp_path: Path, model: Path) -> None:
+def test_200_concurrent_streams(tmp_path: Path, chat_model: Path) -> None:
     address = f"ipc://{tmp_path}/load.sock"
-    worker = start_worker(model, address, tmp_path, "--served-model-name", MODEL)
+    worker = start_worker(chat_model, address, tmp_path, "--served-model-name", MODEL)
     port = free_port()
     gw = start_gateway([address], port, tmp_path)
     procs = [worker, gw]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import smollm2_gguf_path
-from tests.server_harness import REPO, Proc, free_port, make_chat_model, wait_healthy
+from tests.server_harness import REPO, Proc, free_port, wait_healthy
 
 pytestmark = pytest.mark.process
 
@@ -75,8 +75,7 @@ def test_serve_with_no_arguments_knows_paris(tmp_path: Path) -> None:
         proc.stop()
 
 
-def test_run_batch(tmp_path: Path, stories_path: Path) -> None:
-    model = make_chat_model(stories_path, tmp_path / "model")
+def test_run_batch(tmp_path: Path, chat_model: Path) -> None:
     lines = [
         {
             "custom_id": "a",
@@ -100,7 +99,7 @@ def test_run_batch(tmp_path: Path, stories_path: Path) -> None:
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "headrace", "run-batch", "-i", str(src), "-o", str(out)]
-    cmd += ["--model", str(model), "--served-model-name", "s", "--device", "cpu"]
+    cmd += ["--model", str(chat_model), "--served-model-name", "s", "--device", "cpu"]
     cmd += ["--num-gpu-blocks-override", "256"]
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode == 1, done.stderr  # line c is a bad request

@@ -12,7 +12,7 @@ import torch
 
 from headrace import LLM
 from ipc.messages import EngineRequest, FinishReason, GrammarKind, GuidedDecoding, SamplingParams
-from worker.structured import apply_bitmask
+from worker.structured import apply_bitmask, apply_bitmask_torch
 
 SCHEMA = {
     "type": "object",
@@ -28,18 +28,29 @@ JSON = GuidedDecoding(GrammarKind.JSON_SCHEMA, json.dumps(SCHEMA))
 REGEX = GuidedDecoding(GrammarKind.REGEX, "(yes|no), [0-9]{2}")
 
 
-def test_apply_bitmask_matches_xgrammar():
+@pytest.mark.parametrize("vocab", [100, 128256])
+def test_apply_bitmask_matches_xgrammar(vocab):
     import xgrammar as xgr
 
     gen = torch.Generator().manual_seed(0)
-    vocab = 100
+    words = (vocab + 31) // 32
     logits = torch.randn(3, vocab, generator=gen)
-    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32, generator=gen)
-    ours, ref = logits.clone(), logits.clone()
-    apply_bitmask(ours, bitmask)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=gen)
+    bitmask[1] = -1  # a free row
+    ours, ref, cpu = logits.clone(), logits.clone(), logits.clone()
+    apply_bitmask_torch(ours, bitmask)  # what a GPU runs
+    apply_bitmask(cpu, bitmask)
     xgr.apply_token_bitmask_inplace(ref, bitmask, vocab_size=vocab)
-    assert torch.equal(ours, ref)
+    assert torch.equal(ours, ref) and torch.equal(cpu, ref)
     assert torch.isinf(ours).any() and torch.isfinite(ours).any()
+    assert torch.equal(ours[1], logits[1])
+    # An odd view (a slice of wider logits) takes the torch path on a CPU too.
+    wide = torch.randn(3, vocab + 7, generator=gen)
+    view = wide[:, :vocab]
+    want = view.clone()
+    xgr.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab)
+    apply_bitmask(view, bitmask)
+    assert torch.equal(view, want)
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +203,12 @@ def test_speculative_rows_mask_after_each_proposal_and_roll_back(stories_path):
     assert not allowed(mask, 3, good[0])
     assert torch.equal(mask[4], mask[3]) and torch.equal(mask[5], mask[3])
     backend.close()
+
+
+def test_bounded_schema_always_closes_on_cpu(stories_path):
+    """The CPU half of tests/gpu/test_gpu_structured.py's comparison: every constrained
+    answer is complete JSON within max_tokens (an unbounded integer never closed)."""
+    from tests.gpu.helpers import constrained_generation
+
+    outs = constrained_generation(stories_path, "cpu")
+    assert len(outs) == 3 and all(outs)

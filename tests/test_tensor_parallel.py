@@ -24,6 +24,7 @@ from worker.config import EngineConfig
 from worker.engine import EngineCore
 from worker.errors import FatalEngineError
 from worker.model_config import ModelConfig
+from worker.parallel.engine import TpEngineCore, TpFollowerEngine
 from worker.parallel.follower import run_follower
 from worker.parallel.leader import LeaderLink
 from worker.parallel.loader import iter_shard_weights
@@ -106,16 +107,18 @@ def test_4_bit_checkpoints_are_refused() -> None:
 
     awq = {"quantization_config": {"quant_method": "awq", "bits": 4}}
     with pytest.raises(ValueError, match="awq checkpoints"):
-        check_checkpoint_splits(awq, 2)
-    check_checkpoint_splits(awq, 1)
-    check_checkpoint_splits({"quantization_config": {"quant_method": "fp8"}}, 2)
+        check_checkpoint_splits(awq, None, 2)
+    with pytest.raises(ValueError, match="gptq checkpoints"):
+        check_checkpoint_splits({}, "gptq", 2)  # --load-format dummy --quantization gptq
+    check_checkpoint_splits(awq, None, 1)
+    check_checkpoint_splits({"quantization_config": {"quant_method": "fp8"}}, "fp8", 2)
 
 
 def test_engine_refuses_a_bad_size_with_a_clear_error(models: dict) -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         EngineConfig(model=str(models["llama"]), tensor_parallel_size=0).validate()
     with pytest.raises(ValueError, match="num_attention_heads"):
-        run_ranks(3, lambda g: EngineCore(config_of(models["llama"]), tp=g))
+        run_ranks(3, lambda g: TpEngineCore(config_of(models["llama"]), g))
 
 
 def test_every_engine_command_takes_the_flag() -> None:
@@ -207,7 +210,7 @@ def test_tp_2_and_4_give_tp_1_greedy_tokens(models: dict, kind: str) -> None:
     config = config_of(models[kind])
     reference = greedy(EngineCore(config))
     for size in (2, 4):
-        results = run_ranks(size, lambda g: (greedy(EngineCore(config, tp=g)), g))
+        results = run_ranks(size, lambda g: (greedy(TpEngineCore(config, g)), g))
         for tokens, group in results:
             assert tokens == reference, (kind, size, group.rank)
             assert group.collectives > 0
@@ -216,7 +219,7 @@ def test_tp_2_and_4_give_tp_1_greedy_tokens(models: dict, kind: str) -> None:
 def test_each_rank_holds_its_share_of_the_weights(models: dict) -> None:
     config = config_of(models["llama"])
     full = EngineCore(config).runner.model
-    shards = run_ranks(4, lambda g: EngineCore(config, tp=g).runner.model)
+    shards = run_ranks(4, lambda g: TpEngineCore(config, g).runner.model)
     attn = shards[2].layers[0].self_attn
     assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
     assert attn.qkv_proj.weight.shape == (2 * 8 + 2 * 8, 64)
@@ -233,11 +236,11 @@ def test_every_rank_sizes_its_kv_cache_to_the_smallest_ranks_count(
 ) -> None:
     # As if each rank's free memory differed (on GPU: its profile): rank 2 fits the least.
     def blocks(self: EngineCore, max_batched_tokens: int) -> int:
-        assert self.tp is not None
+        assert self.tp is not None  # the rank's engine asks the base class for its count
         return {0: 90, 1: 70, 2: 40, 3: 80}[self.tp.rank]
 
     monkeypatch.setattr(EngineCore, "_num_kv_blocks", blocks)
-    engines = run_ranks(4, lambda g: EngineCore(config_of(models["llama"]), tp=g))
+    engines = run_ranks(4, lambda g: TpEngineCore(config_of(models["llama"]), g))
     assert [e.kv.num_blocks for e in engines] == [40] * 4
     assert all(e.runner.kv_caches[0].shape[1] == 40 for e in engines)
     assert engines[0].runner.kv_caches[0].shape[3] == 1  # this rank's one KV head
@@ -245,7 +248,7 @@ def test_every_rank_sizes_its_kv_cache_to_the_smallest_ranks_count(
 
 def test_a_broken_group_fails_the_step(models: dict) -> None:
     def broken(g: ThreadedGroup) -> None:
-        engine = EngineCore(config_of(models["qwen2"]), tp=g)
+        engine = TpEngineCore(config_of(models["qwen2"]), g)
         assert not engine.has_unfinished_requests()
         g.failure = "tensor-parallel follower rank 1 (pid 7) exited with status -9"
         assert engine.has_unfinished_requests()  # so the worker loop steps, and exits
@@ -285,10 +288,11 @@ def leader_and_followers(config: EngineConfig, size: int, slot_bytes: int) -> li
     attached = threading.Barrier(size)
 
     def rank(g: ThreadedGroup) -> Any:
-        engine = EngineCore(config, tp=g)
         if g.rank > 0:
+            follower = TpFollowerEngine(config, g)
             attached.wait()
-            return run_follower(engine, readers[g.rank - 1])
+            return run_follower(follower, readers[g.rank - 1])
+        engine = TpEngineCore(config, g)
         link = LeaderLink(g, ring, [_Alive() for _ in range(size - 1)])
         link.attach(engine.runner)
         attached.wait()
@@ -297,7 +301,7 @@ def leader_and_followers(config: EngineConfig, size: int, slot_bytes: int) -> li
         finally:
             link.close()
 
-    return run_ranks(size, rank, whole_engines=False)
+    return run_ranks(size, rank)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -328,7 +332,7 @@ def test_fp8_checkpoints_split(tmp_path: Path, fmt: str, strategy: str, activati
     fp8, _ = write_fp8(base, tmp_path, fmt, strategy, activation, kv_scale=0.5)
     config = config_of(fp8)
     reference = greedy(EngineCore(config))
-    for tokens in run_ranks(2, lambda g: greedy(EngineCore(config, tp=g))):
+    for tokens in run_ranks(2, lambda g: greedy(TpEngineCore(config, g))):
         if activation == "static":
             assert tokens == reference
         else:

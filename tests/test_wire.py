@@ -83,14 +83,16 @@ class FakeEngine:
         self.model_info = ModelInfo("fake", "/fake", 64, 100, "")
         self.running: dict[str, list[int]] = {}
         self.limits: dict[str, int] = {}
+        self.owners: dict[str, bytes] = {}
         self.aborted: list[str] = []
         self.steps = 0
 
-    def add_request(self, req: EngineRequest) -> RequestOutput | None:
+    def add_request(self, req: EngineRequest, owner: bytes = b"") -> RequestOutput | None:
         if len(req.prompt_token_ids) >= 64:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error="long")
         self.running[req.request_id] = []
         self.limits[req.request_id] = req.params.max_tokens or 8
+        self.owners[req.request_id] = owner
         return None
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -98,19 +100,24 @@ class FakeEngine:
             if self.running.pop(rid, None) is not None:
                 self.aborted.append(rid)
 
-    def step(self) -> list[RequestOutput]:
+    def step_with_owners(self) -> list[tuple[bytes, RequestOutput]]:
         self.steps += 1
         time.sleep(0.005)
         outs = []
         for rid, toks in list(self.running.items()):
             toks.append(10 + len(toks))
             done = len(toks) >= self.limits[rid]
-            outs.append(
-                RequestOutput(rid, [toks[-1]], finish_reason=FinishReason.LENGTH if done else None)
-            )
+            reason = FinishReason.LENGTH if done else None
+            outs.append((self.owners[rid], RequestOutput(rid, [toks[-1]], finish_reason=reason)))
             if done:
                 del self.running[rid]
         return outs
+
+    def owner_of(self, request_id: str) -> bytes | None:
+        return self.owners[request_id] if request_id in self.running else None
+
+    def request_ids(self, owner: bytes | None = None) -> list[str]:
+        return [r for r in self.running if owner is None or self.owners[r] == owner]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.running)

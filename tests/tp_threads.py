@@ -25,18 +25,10 @@ class Exchange:
 
 
 class ThreadedGroup(TpGroup):
-    """whole_engines: every rank runs a whole engine (see the module's docstring); else
-    ranks 1.. are followers, as in processes."""
-
-    def __init__(self, rank: int, size: int, exchange: Exchange, whole_engines: bool) -> None:
+    def __init__(self, rank: int, size: int, exchange: Exchange) -> None:
         super().__init__(rank, size, torch.device("cpu"))
         self.exchange = exchange
-        self.whole_engines = whole_engines
         self.collectives = 0
-
-    @property
-    def is_leader(self) -> bool:
-        return self.whole_engines or self.rank == 0
 
     def _all(self, x: Any) -> list[Any]:
         ex = self.exchange
@@ -64,9 +56,7 @@ class ThreadedGroup(TpGroup):
         return min(self._all(n))
 
 
-def run_ranks(
-    size: int, fn: Callable[[ThreadedGroup], Any], whole_engines: bool = True
-) -> list[Any]:
+def run_ranks(size: int, fn: Callable[[ThreadedGroup], Any]) -> list[Any]:
     """fn(group) on `size` threads, one per rank; their results in rank order."""
     exchange = Exchange(size)
     results: list[Any] = [None] * size
@@ -74,7 +64,7 @@ def run_ranks(
 
     def main(rank: int) -> None:
         try:
-            results[rank] = fn(ThreadedGroup(rank, size, exchange, whole_engines))
+            results[rank] = fn(ThreadedGroup(rank, size, exchange))
         except BaseException as e:
             errors.append(e)
             exchange.barrier.abort()

@@ -1,7 +1,8 @@
 """Attention metadata for one flat token batch, and the backends that consume it.
 
-The metadata is built once per step by the model runner and passed down explicitly to
-every layer (never through a global). A backend writes the step's K/V into the paged cache
+The metadata (`AttentionMetadata`, defined beside the kernels in cuda/paged_attention.py with
+the layer constants `AttentionParams`) is built once per step by the model runner and passed
+down explicitly to every layer (never through a global). A backend writes the step's K/V into the paged cache
 and computes attention over it; the torch backend (CPU) runs torch's SDPA on each request's
 gathered K/V (worker/cpu_attention.py), the CUDA backend our kernels.
 The KV cache is 16/32-bit (the model's dtype) or float8_e4m3fn (`--kv-cache-dtype fp8`),
@@ -10,23 +11,15 @@ written with per-layer scales k_scale / v_scale.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from cuda.kv_write import write_kv_ref
+from cuda.paged_attention import AttentionMetadata, AttentionParams
 from worker.cpu_attention import paged_attention_sdpa
 
-
-@dataclass
-class AttentionMetadata:
-    query_start_loc: torch.Tensor  # [B + 1] int32: request r's tokens are rows qsl[r]:qsl[r+1]
-    seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
-    block_tables: torch.Tensor  # [B, max_blocks] int32
-    slot_mapping: torch.Tensor  # [T] int64: cache slot of each token; -1 = padding
-    max_query_len: int  # upper bound on q_len (host int; fixed in a CUDA graph)
-    max_seq_len: int  # upper bound on seq_len (host int; fixed in a CUDA graph)
+__all__ = ["AttentionBackend", "AttentionMetadata", "AttentionParams", "TorchAttention"]
 
 
 class AttentionBackend(Protocol):
@@ -37,10 +30,7 @@ class AttentionBackend(Protocol):
         v: torch.Tensor,  # [T, Hkv, D]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         md: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None,
-        k_scale: float = 1.0,  # FP8 KV cache: the cache holds K / k_scale
-        v_scale: float = 1.0,
+        params: AttentionParams,
     ) -> torch.Tensor: ...  # [T, Hq, D]
 
 
@@ -57,20 +47,7 @@ class TorchAttention:
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None,
-        k_scale: float = 1.0,
-        v_scale: float = 1.0,
+        params: AttentionParams,
     ) -> torch.Tensor:
-        write_kv_ref(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
-        return paged_attention_sdpa(
-            q,
-            kv_cache,
-            md.query_start_loc,
-            md.seq_lens,
-            md.block_tables,
-            scale,
-            sliding_window,
-            k_scale=k_scale,
-            v_scale=v_scale,
-        )
+        write_kv_ref(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
+        return paged_attention_sdpa(q, kv_cache, md, params)

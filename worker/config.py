@@ -13,7 +13,7 @@ from ipc.model_folder import LOAD_FORMATS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZATIONS = ("fp8",)
+QUANTIZATIONS = ("fp8", "awq", "gptq")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
@@ -27,7 +27,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's 16-bit type (or bf16) on GPU
     load_format: str = "auto"  # auto, safetensors, gguf or dummy (random weights)
     device: str = "auto"  # auto picks cuda when available
-    quantization: str | None = None  # "fp8": FP8 weights (an FP8 checkpoint implies it)
+    quantization: str | None = None  # fp8, awq or gptq (a quantized checkpoint implies its own)
     kv_cache_dtype: str = "auto"  # auto = the model's dtype; fp8 (= fp8_e4m3): 1 byte/element
     seed: int = 0  # seeds dummy weights and unseeded sampling
     max_model_len: int | None = None  # context length; defaults to the model's

@@ -13,7 +13,7 @@ import torch
 
 from cuda.kv_write_kernel import write_kv_cuda
 from cuda.paged_attention_kernels import paged_attention_cuda
-from worker.attention import AttentionMetadata
+from worker.attention import AttentionMetadata, AttentionParams
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +33,11 @@ class CudaAttention:
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None,
-        k_scale: float = 1.0,
-        v_scale: float = 1.0,
+        params: AttentionParams,
     ) -> torch.Tensor:
-        write_kv_cuda(k, v, kv_cache, md.slot_mapping, k_scale, v_scale)
+        write_kv_cuda(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
         out = torch.empty_like(q)
-        return paged_attention_cuda(
-            q,
-            kv_cache,
-            md.query_start_loc,
-            md.seq_lens,
-            md.block_tables,
-            scale,
-            out,
-            max_query_len=md.max_query_len,
-            max_seq_len=md.max_seq_len,
-            workspace=self._workspace(q, md),
-            sliding_window=sliding_window,
-            k_scale=k_scale,
-            v_scale=v_scale,
-        )
+        return paged_attention_cuda(q, kv_cache, md, params, out, self._workspace(q, md))
 
     @staticmethod
     def graph_blocker(head_dim: int, dtype: torch.dtype, sliding_window: int | None) -> str | None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -62,15 +63,31 @@ def pick_graph(
     return q, bs
 
 
+@dataclass(frozen=True)
+class GraphShapes:
+    """The steps a set of graphs covers."""
+
+    max_num_seqs: int  # requests per step at most: the largest batch bucket
+    max_model_len: int  # the seq_len bound the graphs are captured with
+    block_size: int  # tokens per KV block (block tables are max_model_len / block_size wide)
+    num_speculative_tokens: int = 0  # k > 0: a q = 1 + k family beside decode's q = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_model_len", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CUDA graphs: {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(
+                f"CUDA graphs: num_speculative_tokens must be >= 0, "
+                f"got {self.num_speculative_tokens}"
+            )
+
+
 def capture_graphs(
     model: CausalLM,
     kv_caches: list[torch.Tensor],
     dtype: torch.dtype,
-    max_num_seqs: int,
-    max_model_len: int,
-    block_size: int,
-    device: torch.device,
-    num_speculative_tokens: int = 0,
+    shapes: GraphShapes,
     what: str = "decode",
 ) -> CudaGraphRunner | None:
     """A CudaGraphRunner with its graphs captured; None (and a warning) when the model's
@@ -83,32 +100,22 @@ def capture_graphs(
     if blocker is not None:
         log.warning("CUDA graphs off: %s; %s runs eagerly", blocker, what)
         return None
-    runner = CudaGraphRunner(
-        model, kv_caches, max_num_seqs, max_model_len, block_size, device, num_speculative_tokens
-    )
+    runner = CudaGraphRunner(model, kv_caches, shapes)
     runner.capture()
     return runner
 
 
 class CudaGraphRunner:
-    def __init__(
-        self,
-        model: CausalLM,
-        kv_caches: list[torch.Tensor],
-        max_num_seqs: int,
-        max_model_len: int,
-        block_size: int,
-        device: torch.device,
-        num_speculative_tokens: int = 0,
-    ) -> None:
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], shapes: GraphShapes) -> None:
         self.model = model
         self.kv_caches = kv_caches
-        self.buckets = bucket_sizes(max_num_seqs)
-        self.bounds = query_bounds(num_speculative_tokens)
+        self.buckets = bucket_sizes(shapes.max_num_seqs)
+        self.bounds = query_bounds(shapes.num_speculative_tokens)
         self.max_bs = self.buckets[-1]
-        self.max_model_len = max_model_len
-        self.max_blocks = -(-max_model_len // block_size)
-        self.device = device
+        self.max_model_len = shapes.max_model_len
+        self.max_blocks = -(-shapes.max_model_len // shapes.block_size)
+        # The cache's device (the graphs run where the KV cache lives).
+        self.device = device = kv_caches[0].device
         n, t = self.max_bs, self.max_bs * self.bounds[-1]
         i32, i64 = torch.int32, torch.int64
         # Device buffers the graphs read, and pinned host twins they are refilled from.
@@ -174,6 +181,18 @@ class CudaGraphRunner:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
+
+    def release(self) -> None:
+        """Destroy the graphs, their outputs and the KV list they read (EngineCore.shutdown).
+
+        The shared pool's memory goes back to the caching allocator only once no graph
+        captured into it is alive; `torch.cuda.empty_cache()` then returns it to the card.
+        """
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+        self.kv_caches = []
 
     def _pick(self, host: HostInputs) -> tuple[int, int] | None:
         if host.block_tables.shape[1] > self.max_blocks:

@@ -7,6 +7,7 @@ in process.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -24,6 +25,7 @@ from ipc.sampling import check_request
 from worker import progress
 from worker.config import EngineConfig, SchedulerConfig, default_max_num_batched_tokens
 from worker.generation_defaults import sampling_defaults
+from worker.input_batch import build_host_inputs
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_loader import build_model, resolve_device, resolve_dtype
@@ -34,14 +36,14 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
-from worker.parallel.plan import ShardPlan, check_checkpoint_splits
 from worker.parallel.state import TpGroup
-from worker.quant.config import resolve_fp8_scheme
 from worker.quant.kv import resolve_kv_cache_dtype
-from worker.request import Request, RequestStatus
+from worker.quant.scheme import describe as describe_quant
+from worker.quant.scheme import resolve_quant_scheme
+from worker.request import OwnedOutput, Request, RequestStatus
 from worker.scheduler import Scheduler, SchedulerOutput
-from worker.spec_decode import SpecStats, make_proposer, set_proposals
-from worker.structured import GrammarWaitlist, advance_grammars
+from worker.spec_decode import SpecStats, Target, draft_extra_blocks, make_proposer, set_proposals
+from worker.structured import GrammarWaitlist
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,18 @@ CPU_KV_CACHE_GB = 1.0  # the KV cache on CPU when neither a size nor a block cou
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, tp: TpGroup | None = None) -> None:
-        """`tp`: this engine is one rank of a tensor-parallel group (headrace/tp_group.py
-        starts them). The leader (rank 0) is a whole engine; a follower stops after its
-        model and KV cache, and runs worker/parallel/follower.py's loop."""
+    tp: TpGroup | None = None  # tensor parallel: this rank's group (worker/parallel/engine.py)
+
+    def __init__(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
-        self.tp = tp
-        num_blocks = self._init_device()
-        if tp is not None and not tp.is_leader:
-            return
+        self._open_checkpoint()
+        self.runner = self._load_model()
+        max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
+            self.device.type, config.enable_chunked_prefill, self.max_model_len
+        )
+        num_blocks = self._num_kv_blocks(max_batched)
+        self._allocate_kv_cache(num_blocks, max_batched)
         mc = self.model_config
         self.model_info = ModelInfo(
             model_name=config.served_model_name or config.model,
@@ -76,34 +80,60 @@ class EngineCore:
         )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        eos = set(self.eos_token_ids)
-        self.proposer = make_proposer(
-            config, mc, self.device, self.dtype, num_blocks, self.max_model_len, eos
+        target = Target(
+            mc, self.device, self.dtype, num_blocks, self.max_model_len, self.eos_token_ids
         )
+        self.proposer = make_proposer(config, target)
         if self.proposer is not None:
             self.runner.draft_probs = self.proposer.draft_probs
         self.spec_stats = SpecStats()
         self.grammars = GrammarWaitlist(
-            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(eos)
+            config.tokenizer or self.files.tokenizer_path, mc.vocab_size, sorted(self.eos_token_ids)
         )
+        # Nothing blocks between a step's tokens and the next sampling: mask jobs run eagerly.
+        self.runner.masks.eager = config.async_scheduling
         # Async scheduling: a launched step whose tokens have not been read yet.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
+        self.closed = False
 
-    def _init_device(self) -> int:
-        """Checkpoint, model, KV cache and CUDA graphs; returns the KV block count. Every
-        rank of a tensor-parallel group runs this, in this order: its collectives (the
-        memory profile's forward, the block count's minimum, graph capture) must match."""
-        config = self.config
-        self._open_checkpoint()
-        self.runner = self._load_model()
-        max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
-            self.device.type, config.enable_chunked_prefill, self.max_model_len
-        )
-        num_blocks = self._num_kv_blocks(max_batched)
-        if self.tp is not None:  # every rank holds the same blocks: the smallest count
-            num_blocks = self.tp.min_int(num_blocks)
-        self._allocate_kv_cache(num_blocks, max_batched)
-        return num_blocks
+    def shutdown(self) -> None:
+        """Free the engine's device memory now, whoever still holds the engine: the CUDA
+        graphs (and their memory pool), the KV cache, the weights, the draft model's.
+        Unfinished requests are dropped; the engine takes no more. Safe to call twice.
+
+        Without it the memory goes only when the last reference to the engine does, which
+        a caller's variable, a traceback or a test can postpone past the next allocation
+        (the benchmark's HF baseline loads a second copy of the model right after). Even
+        `del engine` is not enough alone: the first model build in a process imports
+        torch._dynamo, whose torch.fx.wrap keeps its own frame in a cycle, and that frame's
+        callers up to EngineCore.__init__ (self) until the garbage collector runs.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self._inflight = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no graph replay still running at reset
+        self.grammars.close()
+        self.runner.masks.close()  # joins a mask job still running
+        self.scheduler.abort_requests([r.request_id for r in self.scheduler.running])
+        self.scheduler.abort_requests([r.request_id for r in self.scheduler.waiting])
+        self.runner.release()
+        if self.proposer is not None:
+            self.proposer.release()
+        gc.collect()  # reference cycles over what was just dropped
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> EngineCore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the engine is shut down")
 
     def _open_checkpoint(self) -> None:
         """The model's files and config, context length, device, dtypes (no weights)."""
@@ -118,14 +148,10 @@ class EngineCore:
                 f"length ({mc.max_context}, max_position_embeddings in {self.files.path})"
             )
         self.device = resolve_device(config.device)
-        # Tensor parallel: this rank's heads (the KV cache holds only those).
-        self.rank_config = mc
-        if self.tp is not None:
-            self.device = self.tp.device if self.device.type == "cuda" else self.device
-            check_checkpoint_splits(self.files.config, self.tp.size, self.files.path)
-            self.rank_config = ShardPlan.make(mc, self.tp.rank, self.tp.size).rank_config(mc)
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)
-        self.quant = resolve_fp8_scheme(self.files.config, config.quantization, self.files.path)
+        self.quant = resolve_quant_scheme(
+            self.files.config, config.quantization, self.files.path, config.load_format == "dummy"
+        )
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
 
     def _load_model(self) -> ModelRunner:
@@ -149,11 +175,10 @@ class EngineCore:
             "loaded %s in %.1fs (weights: %s)",
             self.files.path,
             time.perf_counter() - t0,
-            f"fp8, {self.quant.source}" if self.quant else str(self.dtype),
+            describe_quant(self.quant, str(self.dtype)),
         )
         eos = set(self.eos_token_ids)
-        rc = self.rank_config
-        return ModelRunner(model, rc, self.device, self.dtype, eos, config.seed, self.kv_dtype)
+        return ModelRunner(model, mc, self.device, self.dtype, eos, config.seed, self.kv_dtype)
 
     def _allocate_kv_cache(self, num_blocks: int, max_batched: int) -> None:
         """The KV cache tensors (and CUDA graphs over them), their manager, the scheduler."""
@@ -163,18 +188,21 @@ class EngineCore:
             num_blocks,
             config.block_size,
             self.kv_dtype,
-            kv_bytes_per_block(self.rank_config, config.block_size, self.kv_dtype),
+            kv_bytes_per_block(self.runner.config, config.block_size, self.kv_dtype),
         )
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
         if self.device.type == "cuda" and not config.enforce_eager:
+            from worker.cuda_graphs import GraphShapes
+
+            shapes = GraphShapes(
+                config.max_num_seqs,
+                self.max_model_len,
+                config.block_size,
+                config.num_speculative_tokens,
+            )
             with progress.stage("capturing CUDA graphs"):
-                self.runner.capture_cuda_graphs(
-                    config.max_num_seqs,
-                    self.max_model_len,
-                    config.block_size,
-                    config.num_speculative_tokens,
-                )
+                self.runner.capture_cuda_graphs(shapes)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -189,7 +217,7 @@ class EngineCore:
 
     def _num_kv_blocks(self, max_batched_tokens: int) -> int:
         c = self.config
-        per_block = kv_bytes_per_block(self.rank_config, c.block_size, self.kv_dtype)
+        per_block = kv_bytes_per_block(self.runner.config, c.block_size, self.kv_dtype)
         if c.num_gpu_blocks is not None:
             return c.num_gpu_blocks
         if self.device.type == "cpu":
@@ -201,12 +229,11 @@ class EngineCore:
         draft = self._draft_model_config()
         if draft is not None:
             # The draft model lives in the same budget: its weights, and a KV block beside
-            # each target block (plus k slots per request, see make_proposer).
+            # each target block (plus k slots per request, see draft_extra_blocks).
             draft_block = kv_bytes_per_block(draft, c.block_size, self.dtype)
-            extra = c.max_num_seqs * -(-c.num_speculative_tokens // c.block_size)
             if self.device.type == "cuda":
                 budget -= param_bytes(draft, self.dtype)
-            budget -= extra * draft_block
+            budget -= draft_extra_blocks(c) * draft_block
             per_block += draft_block
         num = budget // per_block
         if num < 1:
@@ -241,10 +268,12 @@ class EngineCore:
         return ModelConfig.from_hf(files.config, source=files.path)
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, req: EngineRequest) -> RequestOutput | None:
-        """Admit a request; an ERROR output (and nothing else changes) if it is invalid."""
+    def add_request(self, req: EngineRequest, owner: bytes = b"") -> RequestOutput | None:
+        """Admit a request from `owner`; an ERROR output (and nothing else changes) if it is
+        invalid."""
+        self._check_open()
         try:
-            request = self._make_request(req)
+            request = self._make_request(req, owner)
             # A constrained request joins the scheduler once its grammar compiles; its id
             # is taken from now.
             self.scheduler.check_new_id(req.request_id, also_taken=self.grammars)
@@ -256,7 +285,7 @@ class EngineCore:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
         return None
 
-    def _make_request(self, req: EngineRequest) -> Request:
+    def _make_request(self, req: EngineRequest, owner: bytes) -> Request:
         prompt = req.prompt_token_ids
         params = check_request(
             prompt,
@@ -272,37 +301,40 @@ class EngineCore:
                 f"the request needs {self.kv.blocks_needed(need)} KV cache blocks but the cache "
                 f"has only {self.kv.num_blocks}; shorten the prompt or max_tokens"
             )
-        return Request(req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time)
+        return Request(
+            req.request_id, list(prompt), params, self.eos_token_ids, req.arrival_time, owner=owner
+        )
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.grammars.abort(request_ids)
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        # A broken tensor-parallel group has work: step() raises, and the worker exits.
-        broken = self.tp is not None and self.tp.failure is not None
-        return self.scheduler.has_unfinished_requests() or bool(self.grammars) or broken
+        return self.scheduler.has_unfinished_requests() or bool(self.grammars)
+
+    def owner_of(self, request_id: str) -> bytes | None:
+        """The owner of an unfinished request; None if there is no such request."""
+        req = self.scheduler.requests.get(request_id) or self.grammars.get(request_id)
+        return req.owner if req is not None else None
+
+    def request_ids(self, owner: bytes | None = None) -> list[str]:
+        """The unfinished requests (those waiting for a grammar too); only `owner`'s if given."""
+        reqs = [*self.scheduler.requests.values(), *self.grammars.requests()]
+        return [r.request_id for r in reqs if owner is None or r.owner == owner]
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self.tp is None:
-            return self._step_all()
-        # Tensor parallel: any failure may leave the followers mid-collective, out of step
-        # with us; the group cannot go on (FatalEngineError: the worker restarts it).
-        self.tp.check()
-        try:
-            return self._step_all()
-        except Exception as e:
-            self.tp.check(e)
-            raise
+        return [out for _, out in self.step_with_owners()]
 
-    def _step_all(self) -> list[RequestOutput]:
+    def step_with_owners(self) -> list[OwnedOutput]:
+        """One step; each output with its request's owner (the worker server routes by it)."""
+        self._check_open()
         ready, failed = self.grammars.take_ready(wait=not self.scheduler.has_unfinished_requests())
         for request in ready:
             self.scheduler.add_request(request)
         return failed + self._step()
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> list[OwnedOutput]:
         if self.config.async_scheduling:
             return self._step_async()
         sched = self.scheduler.schedule()
@@ -311,16 +343,17 @@ class EngineCore:
         result = self.runner.execute(sched)
         return self._postprocess(sched, result)
 
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_async(self) -> list[OwnedOutput]:
         """One step, with the next decode step launched before this one's tokens are read.
 
         While the GPU runs step N, the CPU schedules N+1 (same requests, one token each),
         builds its inputs and queues it, feeding N's sampled ids on the device; only then
         does it wait for N's tokens and apply them. A request that N finishes (EOS, stop
         id) has its N+1 token dropped. With a constrained request in the batch, N+1's
-        sampling waits for N's tokens (its masks follow them) but its forward does not.
-        Steps that are not plain decodes, or whose successor would differ from a normal
-        schedule, run as usual.
+        sampling waits for N's tokens (its masks follow them) but its forward does not:
+        N's postprocess starts N+1's masks on the mask thread, and N+1's sampling is queued
+        only in the next call, once N+2's inputs are built. Steps that are not plain
+        decodes, or whose successor would differ from a normal schedule, run as usual.
         """
         if self._inflight is not None:
             sched, pending = self._inflight
@@ -336,16 +369,18 @@ class EngineCore:
         if self._can_chain(sched):
             nxt = self.scheduler.schedule_chained(sched)
             if nxt is not None:
+                host = build_host_inputs(nxt)  # while `pending`'s masks may still fill
+                if pending.token_ids is None:  # nxt's forward reads these tokens
+                    self.runner.sample_pending(pending)
                 # Constrained requests' masks need this step's tokens: sample after them.
                 defer = any(sr.request.grammar is not None for sr in nxt.scheduled)
                 nxt_pending = self.runner.launch(
-                    nxt, pending.token_ids, step_offset=1, defer_sampling=defer
+                    nxt, pending.token_ids, step_offset=1, defer_sampling=defer, host=host
                 )
                 self._inflight = (nxt, nxt_pending)
-        outputs = self._postprocess(sched, self.runner.finish(pending))
-        if nxt_pending is not None and nxt_pending.token_ids is None:
-            self.runner.sample_pending(nxt_pending)
-        return outputs
+        if pending.token_ids is None:
+            self.runner.sample_pending(pending)
+        return self._postprocess(sched, self.runner.finish(pending))
 
     def _can_chain(self, sched: SchedulerOutput) -> bool:
         """Would the step after `sched` be these same requests decoding one token each?"""
@@ -374,7 +409,7 @@ class EngineCore:
                 return False
         return True
 
-    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[OwnedOutput]:
         for i, lps in result.prompt_logprobs.items():
             sr = sched.scheduled[i]
             req = sr.request
@@ -388,7 +423,8 @@ class EngineCore:
             if sr.start < sr.request.num_prompt_tokens:
                 self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
         updates = self.scheduler.update(sched, result.new_tokens)
-        advance_grammars(updates)
+        # Matchers take the new tokens and fill the next masks on a thread, meanwhile.
+        self.runner.masks.prefetch(updates)
         if self.proposer is not None:
             self.spec_stats.count(sched, result.new_tokens)
             set_proposals(
@@ -398,7 +434,7 @@ class EngineCore:
                 self.config.num_speculative_tokens,
                 self.max_model_len,
             )
-        outputs = []
+        outputs: list[OwnedOutput] = []
         # update() skips requests that finished before this step's tokens arrived.
         index = {sr.request.request_id: i for i, sr in enumerate(sched.scheduled)}
         for req, tokens in updates:
@@ -422,7 +458,7 @@ class EngineCore:
             if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
                 out.prompt_logprobs = req.prompt_logprobs or [None]
                 req.prompt_logprobs_sent = True
-            outputs.append(out)
+            outputs.append((req.owner, out))
         return outputs
 
     def stats(self) -> WorkerStats:

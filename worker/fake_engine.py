@@ -1,16 +1,16 @@
 """A model-free engine for benchmarking the gateway and the IPC path: `headrace worker
 --fake-engine`.
 
-FakeEngineCore has EngineCore's interface (add_request / abort_requests / step /
-has_unfinished_requests / stats / model_info) but runs no model. Each step admits waiting
-requests up to `max_num_seqs`, waits until `step_s` seconds after the previous step began
-(a stand-in for GPU time, spent sleeping: the step rate is 1/step_s whatever the worker's
-own CPU time, as long as that fits) and gives every running request one token. Tokens are
-deterministic: every request's k-th token is the k-th token (cycling) of a fixed English
-text in the model folder's tokenizer, so the gateway detokenizes realistic text. Requests
-end at max_tokens (finish_reason `length`) or on one of their stop_token_ids; EOS is never
-produced. Logprobs, when asked for, are placeholders (the chosen token at 0.0,
-alternatives at -20.0).
+FakeEngineCore has EngineCore's interface (add_request / abort_requests / step(_with_owners)
+/ has_unfinished_requests / owner_of / request_ids / stats / model_info) but runs no model.
+Each step admits waiting requests up to `max_num_seqs`, waits until `step_s` seconds after
+the previous step began (a stand-in for GPU time, spent sleeping: the step rate is 1/step_s
+whatever the worker's own CPU time, as long as that fits) and gives every running request
+one token. Tokens are deterministic: every request's k-th token is the k-th token (cycling)
+of a fixed English text in the model folder's tokenizer, so the gateway detokenizes
+realistic text. Requests end at max_tokens (finish_reason `length`) or on one of their
+stop_token_ids; EOS is never produced. Logprobs, when asked for, are placeholders (the
+chosen token at 0.0, alternatives at -20.0).
 
 It exists so a benchmark can drive one gateway with a worker that is never the bottleneck
 (see scripts/bench_gateway.py); nothing in the serving path uses it unless asked to.
@@ -56,14 +56,16 @@ class _FakeRequest:
         "max_tokens",
         "min_tokens",
         "num_prompt",
+        "owner",
         "prompt",
         "prompt_logprobs",
         "stop_ids",
     )
 
-    def __init__(self, req: EngineRequest, max_tokens: int) -> None:
+    def __init__(self, req: EngineRequest, max_tokens: int, owner: bytes) -> None:
         p = req.params
         self.id = req.request_id
+        self.owner = owner
         self.prompt = req.prompt_token_ids
         self.num_prompt = len(req.prompt_token_ids)
         self.max_tokens = max_tokens
@@ -108,7 +110,7 @@ class FakeEngineCore:
         self._next_step = 0.0  # perf_counter() time the next step may start
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, req: EngineRequest) -> RequestOutput | None:
+    def add_request(self, req: EngineRequest, owner: bytes = b"") -> RequestOutput | None:
         p = req.params
         try:
             params = check_request(
@@ -123,7 +125,7 @@ class FakeEngineCore:
         except ValueError as e:
             return RequestOutput(req.request_id, finish_reason=FinishReason.ERROR, error=str(e))
         assert params.max_tokens is not None
-        self.waiting[req.request_id] = _FakeRequest(req, params.max_tokens)
+        self.waiting[req.request_id] = _FakeRequest(req, params.max_tokens, owner)
         return None
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -134,8 +136,19 @@ class FakeEngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def owner_of(self, request_id: str) -> bytes | None:
+        r = self.waiting.get(request_id) or self.running.get(request_id)
+        return r.owner if r is not None else None
+
+    def request_ids(self, owner: bytes | None = None) -> list[str]:
+        reqs = [*self.waiting.values(), *self.running.values()]
+        return [r.id for r in reqs if owner is None or r.owner == owner]
+
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        return [out for _, out in self.step_with_owners()]
+
+    def step_with_owners(self) -> list[tuple[bytes, RequestOutput]]:
         while self.waiting and len(self.running) < self.max_num_seqs:
             _, r = self.waiting.popitem(last=False)
             self.running[r.id] = r
@@ -148,7 +161,7 @@ class FakeEngineCore:
                 time.sleep(self._next_step - now)
             self._next_step = max(now, self._next_step) + self.step_s
         text, n_text = self.text_ids, len(self.text_ids)
-        outputs = []
+        outputs: list[tuple[bytes, RequestOutput]] = []
         finished = []
         for r in self.running.values():
             tok = text[r.generated % n_text]
@@ -172,7 +185,7 @@ class FakeEngineCore:
                 out.prompt_logprobs = [None] + [
                     self._placeholder_logprobs(t, r.prompt_logprobs) for t in r.prompt[1:]
                 ]
-            outputs.append(out)
+            outputs.append((r.owner, out))
             if reason is not None:
                 finished.append(r.id)
         for rid in finished:

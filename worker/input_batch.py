@@ -48,10 +48,6 @@ class HostInputs:
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1 and not self.prompt_logprobs
-
 
 @dataclass
 class StepInputs:

@@ -22,6 +22,8 @@ from worker.parallel.plan import ShardPlan
 from worker.parallel.state import TpGroup
 from worker.quant.config import Fp8Scheme
 from worker.quant.fp8 import Fp8Linear, cast_model, fill_dummy_fp8, gemm_mode
+from worker.quant.int4_linear import Int4Linear, fill_dummy_int4, prepare_int4_layers
+from worker.quant.scheme import QuantScheme
 from worker.weights import iter_weights
 
 log = logging.getLogger(__name__)
@@ -83,15 +85,15 @@ def build_model(
     dtype: torch.dtype,
     dummy: bool,
     seed: int = 0,
-    quant: Fp8Scheme | None = None,
+    quant: QuantScheme | None = None,
     group: TpGroup | None = None,
 ) -> CausalLM:
     # Build on the meta device, then materialize directly on the target: no CPU copy of
     # the weights is ever made for a GPU model, and each checkpoint tensor is copied once.
-    # FP8 layers are float8 from the start (never a 16-bit copy first: a 70B model fits).
-    # Tensor parallel (`group` of 2+ ranks): the rank's share of the layers, and of the
-    # checkpoint (worker/parallel/).
-    if quant is not None and device.type == "cuda":
+    # FP8 and 4-bit layers are quantized from the start (never a 16-bit copy first: a 70B
+    # model fits). Tensor parallel (`group` of 2+ ranks): the rank's share of the layers,
+    # and of the checkpoint (worker/parallel/).
+    if isinstance(quant, Fp8Scheme) and device.type == "cuda":
         gemm_mode(device)  # fails early, naming the card, on a GPU without FP8
     plan = None
     if group is not None and group.size > 1:
@@ -117,6 +119,7 @@ def build_model(
             tensors = iter_weights(files) if plan is None else iter_shard_weights(files, plan)
             weights = progress.bar(tensors, total, "tensors")
             model.load_weights(weights, source=files.path)
+    prepare_int4_layers(model, dtype, device)  # 4-bit: layout, one prefill dequant buffer
     model.rotary.build(device)
     model.eval()
     return model
@@ -126,16 +129,23 @@ def build_model(
 def fill_dummy_weights(model: torch.nn.Module, seed: int) -> None:
     """Random weights of the real shapes, small enough that activations stay finite."""
     gens: dict[torch.device, torch.Generator] = {}
+
+    def gen_for(device: torch.device) -> torch.Generator:
+        if device not in gens:
+            gens[device] = torch.Generator(device=device).manual_seed(seed)
+        return gens[device]
+
+    done: set[int] = set()  # quantized layers' parameters, filled in their own format
     for module in model.modules():
         if isinstance(module, Fp8Linear):
-            gen = gens.get(module.weight.device)
-            if gen is None:
-                gen = gens[module.weight.device] = torch.Generator(
-                    device=module.weight.device
-                ).manual_seed(seed)
-            fill_dummy_fp8(module, gen, 0.02)
+            fill_dummy_fp8(module, gen_for(module.weight.device), 0.02)
+        elif isinstance(module, Int4Linear):
+            fill_dummy_int4(module, gen_for(module.qweight.device), 0.02)
+            done.update(id(p) for n, p in module.named_parameters() if n != "bias")
     for name, p in model.named_parameters():
         if p.dtype == torch.float8_e4m3fn or name.endswith(("weight_scale", "input_scale")):
+            continue
+        if id(p) in done:
             continue
         if name.endswith("norm.weight"):
             p.fill_(1.0)
@@ -143,7 +153,4 @@ def fill_dummy_weights(model: torch.nn.Module, seed: int) -> None:
         if name.endswith("norm.bias"):
             p.zero_()
             continue
-        gen = gens.get(p.device)
-        if gen is None:
-            gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-        p.data.uniform_(-0.02, 0.02, generator=gen)
+        p.data.uniform_(-0.02, 0.02, generator=gen_for(p.device))

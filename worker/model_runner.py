@@ -16,17 +16,16 @@ import torch
 
 from ipc.messages import SamplingParams, TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
+from worker.grammar_masks import StepMasks
 from worker.input_batch import HostInputs, build_host_inputs, take_rows, to_device
 from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
 from worker.scheduler import SchedulerOutput
 from worker.spec_decode.verify import verify
-from worker.structured import grammar_bitmask
 
 if TYPE_CHECKING:
-    from worker.cuda_graphs import CudaGraphRunner
-    from worker.structured import RequestGrammar
+    from worker.cuda_graphs import CudaGraphRunner, GraphShapes
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +91,8 @@ class ModelRunner:
         # Speculative decoding: request id -> draft distributions q [k, V] (the draft
         # proposer's dict; empty for n-gram, whose q is a point mass).
         self.draft_probs: dict[str, torch.Tensor] = {}
+        # Structured output: each step's grammar masks, filled while the forward runs.
+        self.masks = StepMasks(model_config.vocab_size, device)
         # Tensor-parallel leader: publishes each forward to the followers before running
         # it (worker/parallel/leader.py); returns the input ids every rank then uses.
         self.step_hook: StepHook | None = None
@@ -105,27 +106,25 @@ class ModelRunner:
             for _ in range(c.num_layers)
         ]
 
-    def capture_cuda_graphs(
-        self,
-        max_num_seqs: int,
-        max_model_len: int,
-        block_size: int,
-        num_speculative_tokens: int = 0,
-    ) -> None:
+    def release(self) -> None:
+        """Free the device memory this runner holds: the CUDA graphs (so their pool can be
+        returned), the KV cache and the weights. It runs no steps afterwards."""
+        from worker.release import release_model
+
+        if self.graph_runner is not None:
+            self.graph_runner.release()
+            self.graph_runner = None
+        self.kv_caches.clear()  # the list the models and graphs were handed
+        self.kv_caches = []
+        self.draft_probs.clear()
+        release_model(self.model)
+
+    def capture_cuda_graphs(self, shapes: GraphShapes) -> None:
         """Capture graphs (GPU only); after this, steps whose requests each compute one
         token (decode), or at most 1 + num_speculative_tokens (verification), replay them."""
         from worker.cuda_graphs import capture_graphs
 
-        self.graph_runner = capture_graphs(
-            self.model,
-            self.kv_caches,
-            self.dtype,
-            max_num_seqs,
-            max_model_len,
-            block_size,
-            self.device,
-            num_speculative_tokens,
-        )
+        self.graph_runner = capture_graphs(self.model, self.kv_caches, self.dtype, shapes)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -171,6 +170,7 @@ class ModelRunner:
         input_ids: torch.Tensor | None = None,
         step_offset: int = 0,
         defer_sampling: bool = False,
+        host: HostInputs | None = None,
     ) -> PendingStep:
         """Queue a decode step on the GPU (model, logits, sampling) without waiting for it.
 
@@ -179,8 +179,10 @@ class ModelRunner:
         seeded draws stay the same as without async scheduling. With `defer_sampling`
         only the model and logits are queued: `sample_pending` draws later (a constrained
         request's mask needs the previous step's token, read while this forward runs).
+        `host` is `out`'s inputs when the caller built them already.
         """
-        host = build_host_inputs(out)
+        if host is None:
+            host = build_host_inputs(out)
         hidden = self.forward(host, input_ids)
         # Decode rows are the requests in order: a slice, not an index tensor (whose
         # blocking host-to-device copy would wait for the GPU).
@@ -196,7 +198,7 @@ class ModelRunner:
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
             steps=[len(r.output_token_ids) + step_offset for r in reqs] if step_offset else None,
-            bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
+            bitmask=self.masks.bitmask([(r, []) for r in reqs]),
         )
         sampled = self.sampler(logits, batch)
         return PendingStep(out, sampled.token_ids, sampled.logprobs, params)
@@ -211,7 +213,7 @@ class ModelRunner:
             params=pending.params,
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
-            bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
+            bitmask=self.masks.bitmask([(r, []) for r in reqs]),
         )
         sampled = self.sampler(pending.logits, batch)
         pending.token_ids, pending.logprobs, pending.logits = (
@@ -244,9 +246,9 @@ class ModelRunner:
             sched_index = [inputs.sample_sched_index[j] for j in spec]
             spec_reqs = [out.scheduled[i].request for i in sched_index]
             spec_rows = [inputs.sample_rows[j] for j in spec]
-            bitmask = self._bitmask(
+            bitmask = self.masks.bitmask(
                 [
-                    (r.grammar, r.spec_token_ids[: len(rows) - 1])
+                    (r, r.spec_token_ids[: len(rows) - 1])
                     for r, rows in zip(spec_reqs, spec_rows, strict=True)
                 ]
             )
@@ -264,7 +266,7 @@ class ModelRunner:
                 params=[r.params for r in reqs],
                 prompt_token_ids=[r.prompt_token_ids for r in reqs],
                 output_token_ids=[r.output_token_ids for r in reqs],
-                bitmask=self._bitmask([(r.grammar, []) for r in reqs]),
+                bitmask=self.masks.bitmask([(r, []) for r in reqs]),
             )
             sampled = self.sampler(logits, batch)
             tokens = sampled.token_ids.tolist()
@@ -283,11 +285,6 @@ class ModelRunner:
             lp = compute_logprobs(logits, targets, k).to_lists([k] * len(job.rows))
             result.prompt_logprobs[job.sched_index] = lp
         return result
-
-    def _bitmask(self, rows: list[tuple[RequestGrammar | None, list[int]]]) -> torch.Tensor | None:
-        """Structured output's masks for these rows, filled on the CPU (while the GPU runs
-        the forward this step queued) and sent to the device without a sync."""
-        return grammar_bitmask(rows, self.sampler.vocab_size, self.device)
 
     @torch.inference_mode()
     def profile_free_memory(self, max_num_batched_tokens: int, utilization: float) -> int:

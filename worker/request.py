@@ -11,10 +11,14 @@ import enum
 import time
 from typing import TYPE_CHECKING
 
-from ipc.messages import FinishReason, SamplingParams, TokenLogprobs
+from ipc.messages import FinishReason, RequestOutput, SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
     from worker.structured import RequestGrammar
+
+
+# An engine output and the owner of its request (see Request.owner).
+OwnedOutput = tuple[bytes, RequestOutput]
 
 
 class RequestStatus(enum.IntEnum):
@@ -32,8 +36,13 @@ class Request:
         params: SamplingParams,
         eos_token_ids: frozenset[int],
         arrival_time: float = 0.0,
+        *,
+        owner: bytes = b"",
     ) -> None:
         self.request_id = request_id
+        # Who sent it, opaque here: the worker server's key (a gateway's socket identity)
+        # for where its outputs go and who may abort it; b"" in process.
+        self.owner = owner
         self.prompt_token_ids = prompt_token_ids
         if params.max_tokens is None:
             raise ValueError("params.max_tokens must be resolved (ipc.sampling.check_request)")

@@ -49,18 +49,31 @@ from ipc.wire import WorkerCodec, bind_router, default_worker_id
 from worker.admission import Admission, AdmissionLimits
 from worker.errors import FatalEngineError
 from worker.health_http import serve_health, worker_health
+from worker.request import OwnedOutput
 
 logger = logging.getLogger("headrace.worker")
 
 
 class Engine(Protocol):
-    """What the worker needs from worker.engine.EngineCore (tests use a fake)."""
+    """What the worker needs from worker.engine.EngineCore (tests use a fake). The engine
+    owns the requests: each remembers its owner, the gateway identity that sent it."""
 
     model_info: ModelInfo
 
-    def add_request(self, req: EngineRequest) -> RequestOutput | None: ...
+    def add_request(self, req: EngineRequest, owner: bytes = b"") -> RequestOutput | None: ...
     def abort_requests(self, request_ids: list[str]) -> None: ...
-    def step(self) -> list[RequestOutput]: ...
+    def step_with_owners(self) -> list[OwnedOutput]:
+        """One step's outputs, each with its request's owner."""
+        ...
+
+    def owner_of(self, request_id: str) -> bytes | None:
+        """The owner of an unfinished request; None if there is none."""
+        ...
+
+    def request_ids(self, owner: bytes | None = None) -> list[str]:
+        """The unfinished requests, only `owner`'s if given."""
+        ...
+
     def has_unfinished_requests(self) -> bool: ...
     def stats(self) -> WorkerStats: ...
 
@@ -94,7 +107,7 @@ class WorkerServer:
         self.engine_factory = engine_factory
         self.admission = Admission(admission or AdmissionLimits())
         self.shutdown_timeout = shutdown_timeout
-        self.num_owned = 0  # requests in flight, for the drain (written by the engine thread)
+        self.num_owned = 0  # the engine's requests, for the drain (written by the engine thread)
         self.health = health  # (host, port) of the HTTP /health endpoint, if any
         self.address = address
         self.worker_id = worker_id or default_worker_id()
@@ -235,36 +248,42 @@ class WorkerServer:
             self._failure = e
 
     def _engine_loop(self, engine: Engine) -> None:
-        owners: dict[str, bytes] = {}  # request id -> the gateway that sent it
         taken = 0  # requests taken from the inbox so far
         while not self._stopping.is_set() and self._failure is None:
             busy = engine.has_unfinished_requests()
             # Rejections, made outside step(), go back to their sender directly: a request
             # rejected for a duplicate id must not take the running one's owner.
-            rejected: list[tuple[bytes, RequestOutput]] = []
+            outputs: list[OwnedOutput] = []
             inbox = self._drain_inbox(block=not busy)
             for ident, msg in inbox:
                 taken += isinstance(msg, EngineRequest)
-                rejected.extend(self._handle(engine, owners, ident, msg))
-            outputs: list[RequestOutput] = []
+                outputs.extend(self._handle(engine, ident, msg))
+            rejected = bool(outputs)
             if engine.has_unfinished_requests():
-                try:
-                    outputs = engine.step()
-                except Exception as e:
-                    outputs = self._fail_all(engine, owners, e)
-                self.admission.started(outputs)
-                late = self.admission.expired()
-                if late:
-                    engine.abort_requests([o.request_id for o in late])
-                    outputs += late
+                outputs += self._step(engine)
                 self.stats = self._stats(engine)
             elif rejected or busy:
                 self.stats = self._stats(engine)
             if inbox or busy:
                 self._published = (self.stats, taken)
-            if outputs or rejected:
-                self._outbox.put(self._group_by_gateway(rejected, outputs, owners))
-            self.num_owned = len(owners)
+            if outputs:
+                self._outbox.put(self._group_by_gateway(outputs))
+            self.num_owned = len(engine.request_ids())
+
+    def _step(self, engine: Engine) -> list[OwnedOutput]:
+        """One engine step, failing every request if it raises; then the queue's deadline."""
+        try:
+            outputs = engine.step_with_owners()
+        except Exception as e:
+            outputs = self._fail_all(engine, traceback.format_exc(), e)
+        self.admission.started([out for _, out in outputs])
+        late = self.admission.expired()
+        if late:
+            owners = [(engine.owner_of(out.request_id), out) for out in late]
+            owned = [(o, out) for o, out in owners if o is not None]
+            engine.abort_requests([out.request_id for out in late])
+            outputs += owned
+        return outputs
 
     def _stats(self, engine: Engine) -> WorkerStats:
         a = self.admission
@@ -290,58 +309,46 @@ class WorkerServer:
         return items
 
     def _handle(
-        self,
-        engine: Engine,
-        owners: dict[str, bytes],
-        ident: bytes,
-        msg: EngineRequest | AbortRequests | _GatewayGone,
-    ) -> list[tuple[bytes, RequestOutput]]:
+        self, engine: Engine, ident: bytes, msg: EngineRequest | AbortRequests | _GatewayGone
+    ) -> list[OwnedOutput]:
         if isinstance(msg, EngineRequest):
             rid = msg.request_id
             refused = self.admission.refuse(msg)
             if refused is not None:
                 return [(ident, refused)]
             try:
-                rejected = engine.add_request(msg)  # checks the id is not in use
+                rejected = engine.add_request(msg, owner=ident)  # checks the id is not in use
             except Exception as e:  # a bad request must not take the worker down
                 rejected = _error_output(rid, f"{type(e).__name__}: {e}")
             if rejected is not None:
-                if rid not in owners:  # a duplicate id leaves the running one queued
+                if engine.owner_of(rid) is None:  # a duplicate id leaves the running one queued
                     self.admission.forget(rid)
                 return [(ident, rejected)]
-            owners[rid] = ident
             return []
         if isinstance(msg, AbortRequests):
-            ids = [rid for rid in msg.request_ids if owners.get(rid) == ident]
-            for rid in ids:
-                del owners[rid]
-                self.admission.forget(rid)
+            ids = [rid for rid in msg.request_ids if engine.owner_of(rid) == ident]
+        else:
+            ids = engine.request_ids(owner=ident)
             if ids:
-                engine.abort_requests(ids)
-            return []
-        gone = [rid for rid, owner in owners.items() if owner == ident]
-        for rid in gone:
-            del owners[rid]
+                logger.warning("gateway %r went silent: aborting %d requests", ident, len(ids))
+        for rid in ids:
             self.admission.forget(rid)
-        if gone:
-            logger.warning("gateway %r went silent: aborting %d requests", ident, len(gone))
-            engine.abort_requests(gone)
+        if ids:
+            engine.abort_requests(ids)
         return []
 
-    def _fail_all(
-        self, engine: Engine, owners: dict[str, bytes], e: Exception
-    ) -> list[RequestOutput]:
-        why = traceback.format_exc()  # called in the except block of the step
-        logger.error("engine step failed; failing %d requests:\n%s", len(owners), why)
+    def _fail_all(self, engine: Engine, why: str, e: Exception) -> list[OwnedOutput]:
         if isinstance(e, FatalEngineError):  # the worker exits; its supervisor restarts it
             self._failure = e
-        ids = list(owners)
+        ids = engine.request_ids()
+        logger.error("engine step failed; failing %d requests:\n%s", len(ids), why)
+        owned = [(o, rid) for rid in ids if (o := engine.owner_of(rid)) is not None]
         try:
             engine.abort_requests(ids)
         except Exception:
             logger.exception("abort after a failed step failed too")
-        why = f"the worker failed: {e}" if self._failure else "internal error in the engine step"
-        return [_error_output(rid, why) for rid in ids]
+        msg = f"the worker failed: {e}" if self._failure else "internal error in the engine step"
+        return [(o, _error_output(rid, msg)) for o, rid in owned]
 
     # ---------------------------------------------------------------- socket threads
 
@@ -456,24 +463,11 @@ class WorkerServer:
         for ident, n in zip(idents, arrived, strict=True):
             push.send_multipart([ident, codec.encode(Heartbeat(self.worker_id, stats, now, n))])
 
-    def _group_by_gateway(
-        self,
-        rejected: list[tuple[bytes, RequestOutput]],
-        outputs: list[RequestOutput],
-        owners: dict[str, bytes],
-    ) -> list[tuple[bytes, EngineOutputs]]:
-        """One EngineOutputs per gateway for this step; finished requests leave `owners`.
-        Rejections go to their senders, not to the owner of their id."""
+    def _group_by_gateway(self, outputs: list[OwnedOutput]) -> list[tuple[bytes, EngineOutputs]]:
+        """One EngineOutputs per gateway for this step."""
         by_gateway: dict[bytes, list[RequestOutput]] = {}
-        for sender, out in rejected:
-            by_gateway.setdefault(sender, []).append(out)
-        for out in outputs:
-            ident = owners.get(out.request_id)
-            if ident is None:
-                continue  # aborted by its gateway while this step ran
+        for ident, out in outputs:
             by_gateway.setdefault(ident, []).append(out)
-            if out.finish_reason is not None:
-                del owners[out.request_id]
         idents = list(by_gateway)
         stats, arrived = self._load_report(idents)
         now = time.time()
@@ -486,10 +480,16 @@ class WorkerServer:
 def _with_identity(
     info: ModelInfo, worker_id: str, tokenizer: str | None, max_logprobs: int | None
 ) -> ModelInfo:
-    logprobs = info.max_logprobs if max_logprobs is None else max_logprobs
-    tokenizer = tokenizer or info.tokenizer
-    return msgspec.structs.replace(
-        info, worker_id=worker_id, tokenizer=tokenizer, max_logprobs=logprobs
+    return ModelInfo(
+        model_name=info.model_name,
+        model_path=info.model_path,
+        max_model_len=info.max_model_len,
+        vocab_size=info.vocab_size,
+        worker_id=worker_id,
+        tokenizer=tokenizer or info.tokenizer,
+        max_logprobs=info.max_logprobs if max_logprobs is None else max_logprobs,
+        block_size=info.block_size,
+        sampling_defaults=info.sampling_defaults,
     )
 
 

@@ -4,9 +4,9 @@
       │  SamplingParams.guided = GuidedDecoding(kind, source)
     worker:  GrammarCompiler (xgrammar, our vocabulary) on a thread pool, cached by source
       │  the request waits outside the scheduler until its grammar is compiled
-    each step, per constrained request (GPU loop thread, while the GPU runs the forward):
-      matcher fills its bitmask row(s) on the CPU  ─►  logits[~allowed] = -inf on device
-      sampled tokens ─► matcher.accept_token (EOS terminates it)
+    each step (worker/grammar_masks.py, on a mask thread while the GPU runs the forward):
+      sampled tokens ─► matchers accept them (EOS terminates one) ─► fill the next rows
+      sampler: waits for the rows ─► logits[~allowed] = -inf on device
 
 Speculative steps verify 1 + k rows per request: row j is the mask after the first j
 proposals, so the matcher accepts them one by one while filling and then rolls back; a
@@ -186,30 +186,45 @@ class RequestGrammar:
             m.rollback(accepted)
 
 
+def fill_rows(
+    bitmask: torch.Tensor,
+    entries: list[tuple[int, RequestGrammar, list[int]]],
+    filler: xgr.BatchGrammarMatcher,
+) -> None:
+    """Fill each entry's rows `row .. row + len(proposals)` of a host bitmask in place.
+
+    Rows without proposals (plain decode) are filled together by xgrammar's threads."""
+    batch: list[xgr.GrammarMatcher] = []
+    batch_rows: list[int] = []
+    for row, grammar, proposals in entries:
+        if not proposals and grammar.active:
+            batch.append(grammar.matcher)
+            batch_rows.append(row)
+        else:
+            grammar.fill(bitmask, row, proposals)
+    if batch:
+        filler.batch_fill_next_token_bitmask(batch, bitmask, batch_rows)
+
+
 def grammar_bitmask(
     rows: list[tuple[RequestGrammar | None, list[int]]], vocab_size: int, device: torch.device
 ) -> torch.Tensor | None:
     """The step's bitmask [R, ceil(V/32)] int32 on `device`, one entry per request giving
     1 + len(proposals) rows; None when no request is constrained (nothing to apply).
 
-    Rows without proposals (plain decode) are filled together by xgrammar's threads."""
+    The synchronous reference of worker/grammar_masks.py's StepMasks, which prepares the
+    same rows on a thread while the GPU runs the forward."""
     if all(g is None for g, _ in rows):
         return None
     num_rows = sum(1 + len(p) for _, p in rows)
     bitmask = torch.full((num_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
-    batch: list[xgr.GrammarMatcher] = []
-    batch_rows: list[int] = []
+    entries: list[tuple[int, RequestGrammar, list[int]]] = []
     row = 0
     for grammar, proposals in rows:
         if grammar is not None:
-            if not proposals and grammar.active:
-                batch.append(grammar.matcher)
-                batch_rows.append(row)
-            else:
-                grammar.fill(bitmask, row, proposals)
+            entries.append((row, grammar, proposals))
         row += 1 + len(proposals)
-    if batch:
-        _batch_matcher().batch_fill_next_token_bitmask(batch, bitmask, batch_rows)
+    fill_rows(bitmask, entries, _batch_matcher())
     if device.type == "cpu":
         return bitmask
     return bitmask.pin_memory().to(device, non_blocking=True)
@@ -226,17 +241,33 @@ def _batch_matcher() -> xgr.BatchGrammarMatcher:
     return _BATCH[0]
 
 
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_BIT_VALUES: dict[torch.device, torch.Tensor] = {}
 
 
 def apply_bitmask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
     """x [R, V] float: tokens whose bit is 0 get -inf, in place (no host sync)."""
-    shifts = _SHIFTS.get(x.device)
-    if shifts is None:
-        shifts = _SHIFTS[x.device] = torch.arange(32, dtype=torch.int32, device=x.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]: bit b of word w is token 32w+b
-    allowed = bits.view(bitmask.shape[0], -1)[:, : x.shape[1]].bool()
-    x.masked_fill_(~allowed, -float("inf"))
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        import xgrammar as xgr
+
+        # Its C++ loop takes half the time of the torch expansion on a CPU.
+        xgr.apply_token_bitmask_inplace(x, bitmask.contiguous(), vocab_size=x.shape[1])
+        return
+    apply_bitmask_torch(x, bitmask)
+
+
+def apply_bitmask_torch(x: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """apply_bitmask in torch ops, for any device (no kernel to build).
+
+    The int32 words are read as bytes (little-endian, as on x86, ARM and the GPU): byte k
+    of word w holds tokens 32w + 8k .. 32w + 8k + 7, so the expanded mask is [R, 32W]
+    uint8, a quarter of an int32 expansion's traffic."""
+    bit_values = _BIT_VALUES.get(x.device)
+    if bit_values is None:
+        bit_values = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=x.device)
+        _BIT_VALUES[x.device] = bit_values
+    by = bitmask.contiguous().view(torch.uint8)  # [R, 4W]
+    allowed = (by.unsqueeze(-1) & bit_values).view(bitmask.shape[0], -1)[:, : x.shape[1]]
+    x.masked_fill_(allowed == 0, -float("inf"))
 
 
 class GrammarWaitlist:
@@ -262,9 +293,22 @@ class GrammarWaitlist:
         for rid in request_ids:
             self._waiting.pop(rid, None)
 
-    def take_ready(self, wait: bool) -> tuple[list[Request], list[RequestOutput]]:
-        """Requests whose grammar compiled (matcher set), and ERROR outputs for those whose
-        grammar did not. With `wait` (nothing else to run), block up to 5 ms for one."""
+    def close(self) -> None:
+        """Drop the waiting requests and stop the compiler's thread (EngineCore.shutdown)."""
+        self._waiting.clear()
+        self.backend.close()
+
+    def get(self, request_id: str) -> Request | None:
+        entry = self._waiting.get(request_id)
+        return entry[0] if entry is not None else None
+
+    def requests(self) -> list[Request]:
+        return [request for request, _ in self._waiting.values()]
+
+    def take_ready(self, wait: bool) -> tuple[list[Request], list[tuple[bytes, RequestOutput]]]:
+        """Requests whose grammar compiled (matcher set), and ERROR outputs (with their
+        requests' owners) for those whose grammar did not. With `wait` (nothing else to
+        run), block up to 5 ms for one."""
         if not self._waiting:
             return [], []
         if wait:
@@ -279,21 +323,9 @@ class GrammarWaitlist:
                 request.grammar = RequestGrammar(fut.result())
             except Exception as e:  # xgrammar raises RuntimeError; anything else is ours
                 why = compiler_message(e)
-                failed.append(
-                    RequestOutput(
-                        rid, finish_reason=FinishReason.ERROR, error=f"invalid grammar: {why}"
-                    )
-                )
+                error = f"invalid grammar: {why}"
+                out = RequestOutput(rid, finish_reason=FinishReason.ERROR, error=error)
+                failed.append((request.owner, out))
                 continue
             ready.append(request)
         return ready, failed
-
-
-def advance_grammars(updates: list[tuple[Request, list[int]]]) -> None:
-    """After a step: every constrained request's matcher accepts the tokens it gained."""
-    for req, tokens in updates:
-        if req.grammar is not None and tokens and not req.grammar.accept(tokens):
-            log.error(
-                "request %s: its grammar rejected an emitted token; no longer constrained",
-                req.request_id,
-            )

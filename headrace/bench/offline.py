@@ -1,7 +1,10 @@
 """Offline benchmarks: W1 (batch-1 latency), W2 and W3 (throughput), with baselines.
 
 Baselines in the same run (BENCH.md): the measured copy-bandwidth roofline, and Hugging
-Face transformers' `generate()` with static batches (`--hf-requests N`, 0 to skip).
+Face transformers' `generate()` with static batches (`--hf-requests N`, 0 to skip;
+headrace/bench/hf_baseline.py). The engine's summary line and JSON are written before the
+HF baseline starts (and the engine is shut down, freeing its GPU memory), then rewritten
+with the HF fields.
 Requests are seeded random token ids; generation ignores EOS, so every request produces
 exactly its output length.
 """
@@ -13,12 +16,14 @@ import gc
 import json
 import random
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from headrace.engine_args import add_engine_args, engine_config_from_args
 from ipc.messages import EngineRequest, GuidedDecoding, SamplingParams
+from worker.config import EngineConfig
 
 
 @dataclass
@@ -66,7 +71,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--hf-requests", type=int, default=0, help="HF generate() baseline on this many requests"
     )
     p.add_argument("--hf-batch-size", type=int, default=64)
-    p.add_argument("--hf-time-limit", type=float, default=120.0, help="seconds for the HF baseline")
+    p.add_argument(
+        "--hf-time-limit",
+        type=float,
+        default=120.0,
+        help="seconds for the HF baseline's batches (a batch is cut short at the limit)",
+    )
     p.add_argument("--no-roofline", action="store_true")
     p.add_argument("--output-json", default=None)
 
@@ -147,6 +157,9 @@ def measure_copy_bandwidth() -> float:
     return 2 * n * 2 / secs
 
 
+NOMINAL_BANDWIDTH = 4.25e12  # B/s: the H200 decode floors' bandwidth in the issues
+
+
 def decode_weight_bytes(model: Any, batch: int) -> float:
     """Weight bytes one decode step of `batch` tokens reads, as stored (FP8 layers 1 byte
     per weight plus their scales). Mixtures of experts read only the experts the tokens
@@ -163,15 +176,27 @@ def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dic
 
     Bytes as stored: with --quantization fp8 the FP8 layers count 1 byte per weight (plus
     their scales; the lm_head and embeddings stay 16-bit), so this is the FP8 floor; with
-    --kv-cache-dtype fp8 the KV counts 1 byte per element. Tensor parallel: the leader's
+    awq / gptq the 4-bit layers count 0.5 byte per weight plus their fp16 scales and uint8
+    zero points per group (the int4 floor); with --kv-cache-dtype fp8 the KV counts 1 byte
+    per element. `floor_ms_per_step_at_nominal` is the same bytes at NOMINAL_BANDWIDTH
+    (the target the issues state their fractions against). Tensor parallel: the leader's
     shard and KV heads, the bytes each GPU reads while the others read theirs.
     """
     import torch
 
+    from worker.quant.int4_linear import int4_layers
+
     model = engine.runner.model
     weight_bytes = decode_weight_bytes(model, batch)
     fp8_bytes = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
-    mc = engine.rank_config
+    int4 = int4_layers(model)
+    int4_bytes = sum(p.numel() * p.element_size() for m in int4 for p in m.parameters())
+    weights = str(engine.dtype).removeprefix("torch.")
+    if fp8_bytes:
+        weights = "fp8"
+    elif int4:
+        weights = f"int4 {int4[0].cfg.method}"
+    mc = engine.runner.config  # tensor parallel: this rank's KV heads
     elem = torch.tensor([], dtype=engine.kv_dtype).element_size()
     kv_bytes = batch * context * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
     floor_s = (weight_bytes + kv_bytes) / bandwidth
@@ -180,65 +205,12 @@ def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dic
         "weight_GB": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
         "weight_GB_read_per_step": weight_bytes / 1e9,
         "fp8_weight_GB": fp8_bytes / 1e9,
-        "weights": "fp8" if fp8_bytes else str(engine.dtype).removeprefix("torch."),
+        "int4_layer_GB": int4_bytes / 1e9,  # packed weights + scales + zeros of 4-bit layers
+        "weights": weights,
         "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),
         "floor_ms_per_step": floor_s * 1000,
         "floor_tok_s": batch / floor_s,
-    }
-
-
-def hf_baseline(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
-    """transformers generate() on left-padded static batches, as many as fit the time."""
-    import torch
-    import transformers
-
-    from ipc.model_folder import open_model
-
-    cfg_dict = open_model(args.model, "dummy").config
-    cfg = transformers.AutoConfig.for_model(
-        **{k: v for k, v in cfg_dict.items() if k != "architectures"}
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    rng = random.Random(args.workload_seed + 1)
-    n = min(args.hf_requests, len(w.prompt_lens))
-    prompts = [_token_ids(rng, w.prompt_lens[i], cfg.vocab_size) for i in range(n)]
-    useful = 0
-    t0 = time.perf_counter()
-    done = 0
-    bs = min(args.hf_batch_size, n)
-    for i in range(0, n, bs):
-        batch = prompts[i : i + bs]
-        outs = w.output_lens[i : i + bs]
-        width = max(map(len, batch))
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(batch):
-            ids[r, width - len(p) :] = torch.tensor(p)
-            mask[r, width - len(p) :] = 1
-        with torch.no_grad():
-            model.generate(
-                input_ids=ids.cuda(),
-                attention_mask=mask.cuda(),
-                max_new_tokens=max(outs),
-                min_new_tokens=max(outs),
-                do_sample=False,
-                pad_token_id=0,
-            )
-        torch.cuda.synchronize()
-        useful += sum(outs)  # tokens each request asked for; the rest is padding waste
-        done += len(batch)
-        if time.perf_counter() - t0 > args.hf_time_limit:
-            break
-    elapsed = time.perf_counter() - t0
-    del model
-    torch.cuda.empty_cache()
-    return {
-        "requests": done,
-        "batch_size": bs,
-        "elapsed_s": elapsed,
-        "useful_output_tok_s": useful / elapsed,
+        "floor_ms_per_step_at_nominal": (weight_bytes + kv_bytes) / NOMINAL_BANDWIDTH * 1000,
     }
 
 
@@ -264,10 +236,9 @@ def _commit() -> str:
 
 
 def _main(args: argparse.Namespace, default_workload: str) -> int:
-    import torch
-
-    from headrace.tp_group import start_engine
-
+    """The engine's run, its summary line and JSON written at once; then, with
+    --hf-requests, the HF baseline, whose failure (OOM, an exception) is recorded in the
+    JSON as hf_generate.error without losing the engine's result (still exit 0)."""
     w = make_workload(args.workload or default_workload, args.num_requests, args.workload_seed)
     if w.name == "W1" and args.max_num_seqs == 256:
         args.max_num_seqs = 1  # one request: capture only the batch-1 graph
@@ -280,55 +251,99 @@ def _main(args: argparse.Namespace, default_workload: str) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "config": {k: v for k, v in asdict(config).items() if k != "extra"},
     }
+    _bench_engine(args, config, w, result)
+    _write_json(args.output_json, result)
+    print(summary_line(result), flush=True)
+    if args.hf_requests:
+        result["hf_generate"] = _hf_or_error(args, w)
+        hf_rate = result["hf_generate"].get("useful_output_tok_s")
+        if hf_rate:
+            result["speedup_vs_hf"] = result["headrace"][-1]["output_tok_s"] / hf_rate
+        _write_json(args.output_json, result)
+        print(summary_line(result), flush=True)
+    return 0
+
+
+def _bench_engine(
+    args: argparse.Namespace, config: EngineConfig, w: Workload, result: dict[str, Any]
+) -> None:
+    """Start the engine, warm it up, run the workload (twice for W1), its floor; then shut
+    it down, so its GPU memory is free for whatever runs next (the HF baseline)."""
+    import torch
+
+    from headrace.tp_group import start_engine
+
     t = time.perf_counter()
-    engine = start_engine(config)
-    result["startup_s"] = time.perf_counter() - t
-    result["num_kv_blocks"] = engine.kv.num_blocks
-    # Warm-up: one short request through every path (prefill, decode, graphs).
-    warm = Workload("warmup", [64], [16])
-    run_engine(engine, warm, args.workload_seed, progress=False)
-    runs = [
-        run_engine(engine, w, args.workload_seed, progress=True)
-        for _ in range(2 if w.name == "W1" else 1)
-    ]
-    result["headrace"] = runs
-    if torch.cuda.is_available() and not args.no_roofline:
-        ctx = (w.prompt_lens[0] + w.output_lens[0] // 2) if w.name == "W1" else 0
-        result["roofline"] = roofline(engine, measure_copy_bandwidth(), ctx)
-        best = min(r["tpot_mean_ms"] for r in runs if r["tpot_mean_ms"])
-        result["fraction_of_floor"] = (
-            result["roofline"]["floor_ms_per_step"] / best if w.name == "W1" else None
-        )
-    del engine
-    gc.collect()  # reference cycles would keep the engine's weights alive for HF's run
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if args.hf_requests and torch.cuda.is_available():
-        result["hf_generate"] = hf_baseline(args, w)
-        result["speedup_vs_hf"] = (
-            runs[-1]["output_tok_s"] / result["hf_generate"]["useful_output_tok_s"]
-        )
-    text = json.dumps(result, indent=2)
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            f.write(text)
-    r = runs[-1]
-    summary = f"{w.name}: {r['output_tok_s']:.1f} output tok/s, {r['total_tok_s']:.1f} total tok/s"
+    with start_engine(config) as engine:
+        result["startup_s"] = time.perf_counter() - t
+        result["num_kv_blocks"] = engine.kv.num_blocks
+        # Warm-up: one short request through every path (prefill, decode, graphs).
+        run_engine(engine, Workload("warmup", [64], [16]), args.workload_seed, progress=False)
+        runs = [
+            run_engine(engine, w, args.workload_seed, progress=True)
+            for _ in range(2 if w.name == "W1" else 1)
+        ]
+        result["headrace"] = runs
+        if torch.cuda.is_available() and not args.no_roofline:
+            ctx = (w.prompt_lens[0] + w.output_lens[0] // 2) if w.name == "W1" else 0
+            result["roofline"] = roofline(engine, measure_copy_bandwidth(), ctx)
+            best = min(r["tpot_mean_ms"] for r in runs if r["tpot_mean_ms"])
+            result["fraction_of_floor"] = (
+                result["roofline"]["floor_ms_per_step"] / best if w.name == "W1" else None
+            )
+            result["fraction_of_nominal_floor"] = (
+                result["roofline"]["floor_ms_per_step_at_nominal"] / best
+                if w.name == "W1"
+                else None
+            )
+
+
+def _hf_or_error(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
+    from headrace.bench.hf_baseline import hf_baseline
+
+    try:
+        return hf_baseline(args, w.prompt_lens, w.output_lens)
+    except Exception as e:  # OOM or anything else: the engine's result stands
+        message = f"{type(e).__name__}: {e}"[:1000]
+        print(f"HF generate baseline failed: {message}", file=sys.stderr, flush=True)
+        gc.collect()  # the traceback held the HF model
+        return {"error": message}
+
+
+def _write_json(path: str | None, result: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(result, indent=2))
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    r = result["headrace"][-1]
+    line = f"{result['workload']}: {r['output_tok_s']:.1f} output tok/s, {r['total_tok_s']:.1f} total tok/s"
     if r["tpot_mean_ms"]:
-        summary += f", TPOT {r['tpot_mean_ms']:.2f} ms"
+        line += f", TPOT {r['tpot_mean_ms']:.2f} ms"
     if "roofline" in result:
         rl = result["roofline"]
-        summary += (
-            f" ({rl['weights']} weights, {rl['kv_cache_dtype']} KV, {result['num_kv_blocks']}"
-        )
-        summary += f" KV blocks; floor {rl['floor_ms_per_step']:.2f} ms/step"
+        line += f" ({rl['weights']} weights, {rl['kv_cache_dtype']} KV, {result['num_kv_blocks']}"
+        line += f" KV blocks; floor {rl['floor_ms_per_step']:.2f} ms/step"
         if result.get("fraction_of_floor"):
-            summary += f", {100 * result['fraction_of_floor']:.1f}% of floor"
-        summary += ")"
-    if "hf_generate" in result:
-        summary += f"; HF generate {result['hf_generate']['useful_output_tok_s']:.1f} tok/s, {result['speedup_vs_hf']:.1f}x"
-    print(summary)
-    return 0
+            line += f", {100 * result['fraction_of_floor']:.1f}% of floor"
+        if result.get("fraction_of_nominal_floor"):
+            line += (
+                f"; {rl['weight_GB_read_per_step']:.2f} GB/step at 4.25 TB/s: "
+                f"{rl['floor_ms_per_step_at_nominal']:.2f} ms, "
+                f"{100 * result['fraction_of_nominal_floor']:.1f}%"
+            )
+        line += ")"
+    hf = result.get("hf_generate")
+    if hf is not None and "error" in hf:
+        line += f"; HF generate failed: {hf['error'][:120]}"
+    elif hf is not None:
+        line += (
+            f"; HF generate {hf['useful_output_tok_s']:.1f} tok/s ({hf['attn_implementation']}"
+            f"{', cut at the time limit' if hf['truncated'] else ''}), "
+            f"{result['speedup_vs_hf']:.1f}x"
+        )
+    return line
 
 
 def latency_main(args: argparse.Namespace) -> int:

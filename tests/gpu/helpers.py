@@ -1,15 +1,13 @@
-"""What the GPU tests share: a tiny head_dim-64 model and a greedy generate() that reports
-which CUDA graphs ran."""
+"""What the GPU tests share: a greedy generate() that reports which CUDA graphs ran (their
+tiny head_dim-64 model is tests/tiny_models.py's tiny_model_hd64)."""
 
 from __future__ import annotations
 
-import gc
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from ipc.messages import SamplingParams
+from ipc.messages import GrammarKind, GuidedDecoding, SamplingParams
 
 Output = tuple[list[int], list[dict[int, float]]]  # token ids, top-5 logprobs per token
 
@@ -47,34 +45,40 @@ def generate(path, prompts, max_tokens: int = 24, **engine_args) -> Generated:
         dict(draft.replays) if draft is not None else {},
         llm.engine.stats(),
     )
-    del llm
-    gc.collect()  # the engine's reference cycles would keep its KV cache for the next test
-    torch.cuda.empty_cache()
+    llm.close()  # the KV cache, graphs and weights go now, not when a cycle is collected
     return result
 
 
-def tiny_model_hd64(tmp_path, stories_path):
-    """A random Llama with head_dim 64, so the CUDA kernels (not the fallback) run."""
-    import shutil
+def constrained_generation(stories_path, device: str, **engine_args: Any) -> list[list[int]]:
+    """Greedy outputs of two constrained requests and a free one on `device`, after checking
+    that every constrained answer is complete, valid JSON (the CPU half also runs
+    in CI: tests/test_structured_engine.py)."""
+    from headrace import LLM
 
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    path = tmp_path / "hd64"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(stories_path / f, path / f)
-    return path
+    # Bounded everywhere (a name of at most 8 characters, n in 0..99), so the object always
+    # closes within max_tokens: unbounded, stories260K wrote an endless integer.
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    }
+    guided = GuidedDecoding(GrammarKind.JSON_SCHEMA, json.dumps(schema))
+    prompts = ["Once upon a time", "Lily", "The dog"]
+    params = [
+        SamplingParams(temperature=0, max_tokens=64, guided=guided),
+        SamplingParams(temperature=0, max_tokens=16),
+        SamplingParams(temperature=0, max_tokens=64, guided=guided),
+    ]
+    llm = LLM(str(stories_path), device=device, dtype="float32", max_num_seqs=8, **engine_args)
+    outs = [o.outputs[0] for o in llm.generate(prompts, params)]
+    for o, p in zip(outs, params, strict=True):
+        if p.guided is not None:
+            assert o.finish_reason == "stop", o.text
+            value = json.loads(o.text)
+            assert set(value) == {"name", "n"} and 0 <= value["n"] <= 99, o.text
+    llm.close()
+    return [o.token_ids for o in outs]

@@ -13,10 +13,11 @@ import torch
 from cuda.fp8_gemv import fp8_gemv, fp8_gemv_ref
 from cuda.fp8_quant import FP8, quantize_per_token, quantize_per_token_ref
 from cuda.kv_write import quantize_kv, write_kv, write_kv_ref
-from cuda.paged_attention import paged_attention_ref
-from tests.gpu.helpers import generate, tiny_model_hd64
+from cuda.paged_attention import AttentionParams, paged_attention_ref
+from tests.gpu.helpers import generate
 from tests.gpu.test_gpu_kernels import CONTEXTS, Batch
 from tests.test_golden import check_logprobs_close, prompts_of_different_lengths
+from tests.tiny_models import tiny_model_hd64
 from worker.quant.fp8 import (
     fp8_linear,
     fp8_linear_ref,
@@ -130,16 +131,8 @@ def test_fp8_kv_attention_matches_reference(head_dim, group, dtype, q_len) -> No
     cache16 = b.kv_cache
     b.kv_cache = torch.stack([quantize_kv(cache16[0], k_scale), quantize_kv(cache16[1], v_scale)])
     got = b.run(k_scale=k_scale, v_scale=v_scale)
-    want = paged_attention_ref(
-        b.q.float(),
-        b.kv_cache,
-        b.query_start_loc,
-        b.seq_lens,
-        b.block_tables,
-        b.scale,
-        k_scale=k_scale,
-        v_scale=v_scale,
-    )
+    params = AttentionParams(b.scale, k_scale=k_scale, v_scale=v_scale)
+    want = paged_attention_ref(b.q.float(), b.kv_cache, b.metadata(), params)
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 

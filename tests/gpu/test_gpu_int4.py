@@ -72,3 +72,35 @@ def test_graph_replay_equals_eager() -> None:
     graph.replay()
     torch.cuda.synchronize()
     check(y, x, w)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_tiles_layout_matches_reference(seed: int) -> None:
+    """gemv_tiles (1-8 rows, and chunks of 8), dequant_tiles (prefill) on the tiles layout."""
+    rng = random.Random(100 + seed)
+    dtype = rng.choice([torch.bfloat16, torch.float16])
+    k = rng.choice([64, 576, 4096, 14336])
+    group_size = rng.choice([g for g in (64, 128, k) if k % g == 0])
+    n = rng.choice([16, 112, 4096, 6144 + 16 * rng.randrange(0, 4)])
+    m = rng.choice([1, 2, 3, 5, 8, 8, 11, 32, 300])
+    w = random_weight(n, k, group_size, perm=rng.random() < 0.3, seed=seed).as_tiles()
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    gemv = m <= ig.TILE_GEMV_MAX_ROWS
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype) if gemv else None
+    y = ig.int4_linear(x, w, out=out)
+    torch.cuda.synchronize()
+    check(y, x, w)
+
+
+def test_tiles_graph_replay_equals_eager() -> None:
+    w = random_weight(4096, 4096, 128, perm=False, seed=98).as_tiles()
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(8, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = ig.int4_linear(x, w).clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ig.int4_linear(x, w, out=y)
+    y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)

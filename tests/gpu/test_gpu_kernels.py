@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 import torch
 
 from cuda.kv_write import write_kv, write_kv_ref
-from cuda.paged_attention import paged_attention, paged_attention_ref
+from cuda.paged_attention import (
+    AttentionMetadata,
+    AttentionParams,
+    paged_attention,
+    paged_attention_ref,
+)
 from cuda.paged_attention_kernels import decode_workspace
 
 pytestmark = [
@@ -70,40 +76,38 @@ class Batch:
         self.max_seq_len = max(s for _, s in reqs)
         self.scale = head_dim**-0.5
 
-    def run(self, **kw: object) -> torch.Tensor:
-        out = torch.full_like(self.q, float("nan"))
-        args = dict(max_query_len=self.max_query_len, max_seq_len=self.max_seq_len)
-        args.update(kw)  # type: ignore[arg-type]
-        paged_attention(
-            self.q,
-            self.kv_cache,
+    def metadata(self, max_seq_len: int | None = None) -> AttentionMetadata:
+        """This batch's layout; max_seq_len: a larger bound (a CUDA graph's) than its own."""
+        no_slots = torch.empty(0, dtype=torch.int64, device=self.q.device)  # attention only
+        return AttentionMetadata(
             self.query_start_loc,
             self.seq_lens,
             self.block_tables,
-            self.scale,
-            out,
-            **args,  # type: ignore[arg-type]
+            no_slots,
+            self.max_query_len,
+            max_seq_len or self.max_seq_len,
         )
+
+    def run(self, max_seq_len: int | None = None, **params: Any) -> torch.Tensor:
+        """The dispatcher's output; params: AttentionParams fields besides the scale."""
+        out = torch.full_like(self.q, float("nan"))
+        md, layer = self.metadata(max_seq_len), AttentionParams(self.scale, **params)
+        paged_attention(self.q, self.kv_cache, md, layer, out)
         torch.cuda.synchronize()
         return out
 
-    def reference(self) -> torch.Tensor:
-        return paged_attention_ref(
-            self.q.float(),
-            self.kv_cache.float(),
-            self.query_start_loc,
-            self.seq_lens,
-            self.block_tables,
-            self.scale,
-        )
+    def reference(self, **params: Any) -> torch.Tensor:
+        md, layer = self.metadata(), AttentionParams(self.scale, **params)
+        return paged_attention_ref(self.q.float(), self.kv_cache.float(), md, layer)
 
-    def lowp(self) -> torch.Tensor:
-        """Plain attention computed in the input dtype (scores, probabilities, P @ V)."""
+    def lowp(self, sliding_window: int | None = None) -> torch.Tensor:
+        """Plain attention computed in the input dtype (scores, probabilities, P @ V): the
+        accuracy bar's baseline."""
         q, cache = self.q, self.kv_cache
         hkv, d = cache.shape[3], cache.shape[4]
         bs = cache.shape[2]
         group = q.shape[1] // hkv
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q)
         starts = self.query_start_loc.tolist()
         for r, (ql, s) in enumerate(self.reqs):
             if ql == 0:
@@ -114,8 +118,11 @@ class Batch:
             qr = q[starts[r] : starts[r] + ql].transpose(0, 1)  # [Hq, ql, D]
             scores = (qr @ k.permute(1, 2, 0)) * self.scale  # [Hq, ql, S]
             qpos = torch.arange(s - ql, s, device=q.device)[:, None]
-            mask = torch.arange(s, device=q.device)[None, :] > qpos
-            scores = scores.masked_fill(mask, float("-inf"))
+            kpos = torch.arange(s, device=q.device)[None, :]
+            hidden = kpos > qpos
+            if sliding_window is not None:
+                hidden |= kpos <= qpos - sliding_window
+            scores = scores.masked_fill(hidden, float("-inf"))
             probs = torch.softmax(scores.float(), -1).to(q.dtype)
             out[starts[r] : starts[r] + ql] = (probs @ v.transpose(0, 1)).transpose(0, 1)
         return out
@@ -230,17 +237,7 @@ def test_strided_q_and_out() -> None:
     b.q = qkv[:, : hq * d].view(t, hq, d)
     wide = torch.full((t, (hq + 2) * d), float("nan"), dtype=b.q.dtype, device="cuda")
     out = wide[:, : hq * d].view(t, hq, d)
-    paged_attention(
-        b.q,
-        b.kv_cache,
-        b.query_start_loc,
-        b.seq_lens,
-        b.block_tables,
-        b.scale,
-        out,
-        max_query_len=b.max_query_len,
-        max_seq_len=b.max_seq_len,
-    )
+    paged_attention(b.q, b.kv_cache, b.metadata(), AttentionParams(b.scale), out)
     torch.cuda.synchronize()
     check(b, out)
     assert wide[:, hq * d :].isnan().all(), "wrote outside out"
@@ -306,20 +303,12 @@ def test_cuda_graph_replay_at_longer_lengths() -> None:
         sl[seq_lens == 0] = -1
         slots.copy_(sl)
 
+    md = AttentionMetadata(qsl, seq_lens, tables, slots, max_query_len=1, max_seq_len=max_len)
+    params = AttentionParams(d**-0.5)
+
     def step() -> None:
         write_kv(k_new, v_new, cache, slots)
-        paged_attention(
-            q,
-            cache,
-            qsl,
-            seq_lens,
-            tables,
-            d**-0.5,
-            out,
-            max_query_len=1,
-            max_seq_len=max_len,
-            workspace=workspace,
-        )
+        paged_attention(q, cache, md, params, out, workspace)
 
     # The last entry is graph padding: q_len 0 (repeated start), seq_len 0, slot -1.
     qsl.copy_(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 7], dtype=torch.int32))
@@ -349,6 +338,6 @@ def test_cuda_graph_replay_at_longer_lengths() -> None:
         torch.cuda.synchronize()
         assert torch.equal(cache_replayed.view(torch.int16), cache.view(torch.int16))
         assert torch.equal(replayed[:-1], out[:-1])  # row 7 belongs to no request
-        ref = paged_attention_ref(q.float(), cache.float(), qsl, seq_lens, tables, d**-0.5)
+        ref = paged_attention_ref(q.float(), cache.float(), md, params)
         assert torch.isfinite(out[:-1]).all()
         assert (out[:-1].float() - ref[:-1]).abs().max().item() < 2e-2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.helpers import tiny_model_hd64
+from tests.tiny_models import tiny_model_hd64
 
 pytestmark = pytest.mark.gpu
 

@@ -1,5 +1,5 @@
 """Falcon, GPT-NeoX and Mixtral on the GPU: greedy tokens equal the CPU path's, and CUDA
-graph replays equal eager steps (GPU only). The tiny models are test_golden_models.py's
+graph replays equal eager steps (GPU only). The tiny models are tests/tiny_models.py's
 layouts with head_dim 64, so the CUDA attention kernels (not the fallback) run."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 from tests.gpu.helpers import generate
 from tests.test_golden import check_logprobs_close, prompts_of_different_lengths
-from tests.test_golden_models import LAYOUTS, make_tiny
+from tests.tiny_models import LAYOUTS, make_tiny_model
 
 pytestmark = pytest.mark.gpu
 
@@ -33,7 +33,7 @@ assert set(HD64) == set(LAYOUTS)
 
 @pytest.mark.parametrize("kind", list(LAYOUTS))
 def test_gpu_fp32_equals_cpu(kind, tmp_path, stories_path):
-    path = make_tiny(kind, tmp_path / kind, stories_path, **HD64[kind])
+    path = make_tiny_model(kind, tmp_path / kind, stories_path, **HD64[kind])
     prompts = prompts_of_different_lengths()
     cpu = generate(path, prompts, device="cpu", block_size=4, max_num_batched_tokens=16)
     gpu = generate(path, prompts, device="cuda", dtype="float32", block_size=16)
@@ -42,7 +42,7 @@ def test_gpu_fp32_equals_cpu(kind, tmp_path, stories_path):
 
 @pytest.mark.parametrize("kind", list(LAYOUTS))
 def test_gpu_bf16_graphs_equal_eager_and_cpu(kind, tmp_path, stories_path):
-    path = make_tiny(kind, tmp_path / kind, stories_path, **HD64[kind])
+    path = make_tiny_model(kind, tmp_path / kind, stories_path, **HD64[kind])
     prompts = prompts_of_different_lengths()
     args = dict(device="cuda", dtype="bfloat16", block_size=16, max_num_seqs=32, max_model_len=256)
     eager = generate(path, prompts, max_tokens=60, enforce_eager=True, **args)

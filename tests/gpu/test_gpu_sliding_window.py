@@ -3,12 +3,9 @@ reference (GPU only), with test_gpu_kernels.py's poisoned paged batches and accu
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from cuda.paged_attention import paged_attention_ref
 from tests.gpu.test_gpu_kernels import Batch, decode_reqs, prefill_reqs
 
 pytestmark = [
@@ -17,47 +14,12 @@ pytestmark = [
 ]
 
 
-def reference(b: Batch, window: int) -> torch.Tensor:
-    return paged_attention_ref(
-        b.q.float(),
-        b.kv_cache.float(),
-        b.query_start_loc,
-        b.seq_lens,
-        b.block_tables,
-        b.scale,
-        window,
-    )
-
-
-def lowp(b: Batch, window: int) -> torch.Tensor:
-    """Windowed attention computed in the input dtype (the accuracy bar's baseline)."""
-    q, cache = b.q, b.kv_cache
-    hkv, d, bs = cache.shape[3], cache.shape[4], cache.shape[2]
-    group = q.shape[1] // hkv
-    out = torch.zeros_like(q)
-    starts = b.query_start_loc.tolist()
-    for r, (ql, s) in enumerate(b.reqs):
-        if ql == 0:
-            continue
-        blocks = b.block_tables[r, : math.ceil(s / bs)].long()
-        k = cache[0, blocks].reshape(-1, hkv, d)[:s].repeat_interleave(group, 1)
-        v = cache[1, blocks].reshape(-1, hkv, d)[:s].repeat_interleave(group, 1)
-        qr = q[starts[r] : starts[r] + ql].transpose(0, 1)
-        scores = (qr @ k.permute(1, 2, 0)) * b.scale
-        qpos = torch.arange(s - ql, s, device=q.device)[:, None]
-        kpos = torch.arange(s, device=q.device)[None, :]
-        hidden = (kpos > qpos) | (kpos <= qpos - window)
-        probs = torch.softmax(scores.float().masked_fill(hidden, float("-inf")), -1).to(q.dtype)
-        out[starts[r] : starts[r] + ql] = (probs @ v.transpose(0, 1)).transpose(0, 1)
-    return out
-
-
 def run(b: Batch, window: int, **kw: object) -> torch.Tensor:
     out = b.run(sliding_window=window, **kw)
     assert torch.isfinite(out).all(), "unwritten or NaN output elements"
-    ref = reference(b, window)
+    ref = b.reference(sliding_window=window)
     err = (out.float() - ref).abs().max().item()
-    base = (lowp(b, window).float() - ref).abs().max().item()
+    base = (b.lowp(window).float() - ref).abs().max().item()
     assert err <= 2 * base + 2e-3, f"window {window}: error {err:.3g} vs torch {base:.3g}"
     return out
 

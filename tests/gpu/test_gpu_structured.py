@@ -3,12 +3,10 @@ a CUDA-graph engine's constrained outputs follow their grammar and match the CPU
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from ipc.messages import GrammarKind, GuidedDecoding, SamplingParams
+from tests.gpu.helpers import constrained_generation
 from worker.structured import apply_bitmask
 
 pytestmark = pytest.mark.gpu
@@ -32,27 +30,16 @@ def test_apply_bitmask_cuda_equals_cpu(vocab):
     assert torch.equal(cpu[3], logits[3])
 
 
-def test_constrained_generation_gpu_equals_cpu(stories_path):
-    from headrace import LLM
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_constrained_generation_gpu_equals_cpu(stories_path, async_scheduling):
+    gpu = constrained_generation(stories_path, "cuda", async_scheduling=async_scheduling)
+    assert gpu == constrained_generation(stories_path, "cpu")
 
-    schema = {
-        "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
-        "required": ["name", "n"],
-        "additionalProperties": False,
-    }
-    guided = GuidedDecoding(GrammarKind.JSON_SCHEMA, json.dumps(schema))
-    prompts = ["Once upon a time", "Lily", "The dog"]
-    params = [
-        SamplingParams(temperature=0, max_tokens=48, guided=guided),
-        SamplingParams(temperature=0, max_tokens=16),
-        SamplingParams(temperature=0, max_tokens=48, guided=guided),
-    ]
-    outs = {}
-    for device in ("cpu", "cuda"):
-        llm = LLM(str(stories_path), device=device, dtype="float32", max_num_seqs=8)
-        outs[device] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        text = llm.generate(prompts[:1], params[:1])[0].outputs[0].text
-        assert set(json.loads(text)) == {"name", "n"}
-        del llm
-    assert outs["cuda"] == outs["cpu"]
+
+def test_step_masks_on_cuda_equal_the_synchronous_fill():
+    """Pinned buffers, non-blocking copies and the mask thread on a real device."""
+    from tests.test_grammar_masks import check_random_batch, compile_grammars
+
+    compiled = compile_grammars()
+    for seed in range(3):
+        check_random_batch(compiled, seed, torch.device("cuda"))

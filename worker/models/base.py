@@ -8,16 +8,18 @@ checkpoint's names onto them in checkpoint_targets().
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from worker.attention import AttentionMetadata
 from worker.model_config import ModelConfig
+from worker.models.int4_weights import int4_targets
 from worker.models.layers import RotaryEmbedding, quantize_linears
 from worker.models.weights import Target, load_checkpoint, scale_targets
-from worker.quant.config import Fp8Scheme
+from worker.quant.int4 import Int4Config
+from worker.quant.scheme import QuantScheme
 
 
 class CausalLM(nn.Module):
@@ -25,6 +27,7 @@ class CausalLM(nn.Module):
     rotary: RotaryEmbedding
     embed_tokens: nn.Embedding
     lm_head: nn.Linear
+    quant_scheme: QuantScheme | None = None  # set by quantize()
 
     def forward(
         self,
@@ -34,6 +37,24 @@ class CausalLM(nn.Module):
         md: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H]
         raise NotImplementedError
+
+    def build_stack(
+        self,
+        config: ModelConfig,
+        max_positions: int,
+        make_layer: Callable[[int], nn.Module],
+        norm: Callable[[int, float], nn.Module],
+    ) -> None:
+        """What every family's model holds, in this order: the rotary tables, the token
+        embedding, decoder layers `make_layer(0..L-1)` (which may use self.rotary), the final
+        `norm`, and the LM head (tied to the embedding when the config says so)."""
+        self.config = config
+        self.rotary = RotaryEmbedding(config, max_positions)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([make_layer(i) for i in range(config.num_layers)])
+        self.norm = norm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, V]
@@ -54,9 +75,13 @@ class CausalLM(nn.Module):
         return self.config.tie_word_embeddings and name in ("lm_head.weight", "embed_out.weight")
 
     def load_targets(self) -> dict[str, Target]:
-        """checkpoint_targets() plus the FP8 scales that go with them (weights.scale_targets)."""
+        """checkpoint_targets() plus the FP8 scales that go with them (weights.scale_targets);
+        a 4-bit model's quantized layers by their AWQ / GPTQ parts (int4_weights)."""
         targets = self.checkpoint_targets()
-        return targets | scale_targets(self, targets)
+        scales = scale_targets(self, targets)
+        if isinstance(self.quant_scheme, Int4Config):
+            targets = int4_targets(self, targets, self.quant_scheme, self.int4_dequantized)
+        return targets | scales
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
         """Copy checkpoint tensors (Hugging Face names) into place, one at a time; FP8
@@ -68,8 +93,9 @@ class CausalLM(nn.Module):
         """Linear layers FP8 may replace: all but the LM head (as vLLM, kept 16-bit)."""
         return module != "lm_head"
 
-    def quantize(self, quant: Fp8Scheme) -> None:
-        """Swap the quantizable linear layers for Fp8Linear (on the meta device)."""
+    def quantize(self, quant: QuantScheme) -> None:
+        """Swap the quantizable linear layers for Fp8Linear / Int4Linear (on the meta device)."""
+        self.quant_scheme = quant
         sources: dict[str, list[str]] = {}
         for name, t in self.checkpoint_targets().items():
             if t.kind == "param" and name.endswith(".weight") and t.param.endswith(".weight"):
@@ -77,6 +103,11 @@ class CausalLM(nn.Module):
                 if self.quantizable(module):
                     sources.setdefault(module, []).append(name.removesuffix(".weight"))
         quantize_linears(self, quant, sources)
+
+    def int4_dequantized(self, module: str) -> bool:
+        """Checkpoint modules that are 4-bit in an AWQ / GPTQ file but that this model keeps
+        16-bit (dequantized on load): none, but Mixtral's experts."""
+        return False
 
     def graph_blocker(self, dtype: torch.dtype) -> str | None:
         """Why this model's decode steps cannot run in a CUDA graph (beyond attention)."""

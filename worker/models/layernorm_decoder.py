@@ -53,15 +53,12 @@ class LayerNormDecoderLayer(nn.Module):
 class LayerNormCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
         super().__init__()
-        self.config = config
-        self.rotary = RotaryEmbedding(config, max_positions)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            [LayerNormDecoderLayer(config, self.rotary, backend) for _ in range(config.num_layers)]
+        self.build_stack(
+            config,
+            max_positions,
+            lambda i: LayerNormDecoderLayer(config, self.rotary, backend),
+            LayerNorm,
         )
-        self.norm = LayerNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
 
     def forward(
         self,

@@ -8,7 +8,8 @@ key-value heads, D the head dim, R the rotary dims (R <= D).
 
 FP8 (--quantization fp8, or an FP8 checkpoint): the model is built with nn.Linear layers,
 then `quantize_linears` swaps each one the checkpoint names for an Fp8Linear unless the
-quantization_config's ignore list names it; so every family runs FP8 the same way.
+quantization_config's ignore list names it; so every family runs FP8 the same way. AWQ /
+GPTQ checkpoints swap in Int4Linear layers the same way (modules_to_not_convert stay).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from torch import nn
 
 from cuda.fused_ops import add_rms_norm, rotary, silu_and_mul
 from cuda.layer_ops import gelu, layer_norm
-from worker.attention import AttentionBackend, AttentionMetadata
+from worker.attention import AttentionBackend, AttentionMetadata, AttentionParams
 from worker.model_config import ModelConfig, UnsupportedModelError
-from worker.quant.config import Fp8Scheme
 from worker.quant.fp8 import Fp8Linear
+from worker.quant.int4 import Int4Config
+from worker.quant.int4_linear import Int4Linear
+from worker.quant.scheme import QuantScheme
 
 
 def no_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -156,9 +159,8 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         self.rotary(positions, q, k)
-        o = self.backend(
-            q, k, v, kv_cache, md, self.scale, self.sliding_window, self.k_scale, self.v_scale
-        )  # [T, Hq, D]
+        params = AttentionParams(self.scale, self.sliding_window, self.k_scale, self.v_scale)
+        o = self.backend(q, k, v, kv_cache, md, params)  # [T, Hq, D]
         return self.out_reduce(self.o_proj(o.reshape(T, self.q_size)))
 
 
@@ -201,9 +203,15 @@ class GeluMLP(nn.Module):
 
 
 def make_linear(
-    in_features: int, out_features: int, bias: bool, hf_names: list[str], quant: Fp8Scheme | None
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    hf_names: list[str],
+    quant: QuantScheme | None,
+    name: str = "",
 ) -> nn.Module:
-    """nn.Linear, or Fp8Linear when the model runs FP8 and the module is not ignored.
+    """nn.Linear, or Fp8Linear / Int4Linear when the model runs FP8 / AWQ / GPTQ and the
+    module is not ignored (name: ours, for error messages).
 
     hf_names: the checkpoint modules this (possibly fused) layer holds; all or none of them
     may be ignored, since one layer has one weight dtype.
@@ -218,10 +226,12 @@ def make_linear(
         )
     if hf_names and all(ignored):
         return nn.Linear(in_features, out_features, bias=bias)
+    if isinstance(quant, Int4Config):
+        return Int4Linear(in_features, out_features, bias, quant, name)
     return Fp8Linear(in_features, out_features, bias, static_input=quant.activation == "static")
 
 
-def quantize_linears(model: nn.Module, quant: Fp8Scheme, sources: dict[str, list[str]]) -> None:
+def quantize_linears(model: nn.Module, quant: QuantScheme, sources: dict[str, list[str]]) -> None:
     """Replace each nn.Linear named in `sources` (our module -> the checkpoint modules it
     holds) by make_linear's choice. Call on the meta device, before weights exist."""
     for name, hf_names in sources.items():
@@ -230,6 +240,6 @@ def quantize_linears(model: nn.Module, quant: Fp8Scheme, sources: dict[str, list
             continue
         parent, _, leaf = name.rpartition(".")
         layer = make_linear(
-            module.in_features, module.out_features, module.bias is not None, hf_names, quant
+            module.in_features, module.out_features, module.bias is not None, hf_names, quant, name
         )
         setattr(model.get_submodule(parent), leaf, layer)

@@ -62,18 +62,12 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
         super().__init__()
-        self.config = config
-        self.rotary = RotaryEmbedding(config, max_positions)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            [
-                DecoderLayer(config, self.rotary, backend, i, self.make_mlp(config))
-                for i in range(config.num_layers)
-            ]
+        self.build_stack(
+            config,
+            max_positions,
+            lambda i: DecoderLayer(config, self.rotary, backend, i, self.make_mlp(config)),
+            RMSNorm,
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
 
     def make_mlp(self, config: ModelConfig) -> nn.Module:
         return GatedMLP(config)

@@ -41,6 +41,11 @@ class MixtralForCausalLM(LlamaForCausalLM):
         # experts are stacked parameters, not linear layers, and stay in the model dtype.
         return super().quantizable(module) and not module.endswith(".mlp.gate")
 
+    def int4_dequantized(self, module: str) -> bool:
+        # AWQ / GPTQ Mixtral checkpoints quantize the experts too; they are stacked
+        # parameters here, not linear layers, so they are dequantized on load (16-bit).
+        return ".experts." in module
+
     def graph_blocker(self, dtype: torch.dtype) -> str | None:
         c = self.config
         if dtype != torch.bfloat16 or c.hidden_size % 8 or c.intermediate_size % 8:

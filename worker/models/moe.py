@@ -6,6 +6,7 @@ Routing, as transformers computes it::
     probs  = softmax(logits in fp32)           [T, E]
     w, e   = topk(probs, k)                    [T, k]  weights and expert ids
     w      = w / w.sum(-1)                     renormalized over the chosen k
+           = softmax(the k chosen logits)      (how `route` computes it)
     out    = sum_j w[:, j] * expert_{e[:, j]}(x)
 
 Experts are stacked: w_gate_up [E, 2I, H] (gate | up rows), w_down [E, H, I].
@@ -36,9 +37,11 @@ from worker.models.layers import no_reduce
 def route(
     logits: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [T, E] -> weights [T, k] fp32, ids [T, k] int64
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), ids
+    """transformers' routing in two kernels instead of five: the top k of softmax(logits)
+    are the top k logits (softmax keeps order), and the softmax renormalized over them is
+    the softmax of those k logits alone (the other terms of its sum cancel)."""
+    top, ids = torch.topk(logits, k, dim=-1)
+    return torch.softmax(top, dim=-1, dtype=torch.float32), ids
 
 
 def experts_ref(
@@ -64,15 +67,20 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     """(dest [T*k]: the sorted row of each (token, slot) pair; group ends [E] int32).
 
     A stable counting sort on the device: pair p goes after every pair of a smaller
-    expert and after the earlier pairs of its own expert.
+    expert and after the earlier pairs of its own expert. Nine small kernels, none of
+    which reads a count on the host (a decode step stays capturable)::
+
+        running[p, e] = pairs <= p routed to e      (one-hot, cumsum over pairs)
+        counts = running[-1]; ends = cumsum(counts)
+        dest[p] = ends[e_p] - counts[e_p] + running[p, e_p] - 1
     """
     flat = ids.flatten()  # [P], P = T*k
     experts = torch.arange(num_experts, device=ids.device)
-    onehot = (flat[:, None] == experts).to(torch.int32)  # [P, E] (F.one_hot may sync)
-    ends = onehot.sum(0).cumsum(0, dtype=torch.int32)  # [E]
-    rank = onehot.cumsum(0).gather(1, flat[:, None]).squeeze(1) - 1  # [P] within expert
-    starts = ends - onehot.sum(0)  # [E]
-    return starts[flat].long() + rank.long(), ends
+    running = (flat[:, None] == experts).cumsum(0)  # [P, E] int64 (F.one_hot would sync)
+    counts = running[-1]  # [E]
+    ends = counts.cumsum(0, dtype=torch.int32)  # [E]
+    rank = running.gather(1, flat[:, None]).squeeze(1) - 1  # [P] within its expert
+    return (ends - counts)[flat] + rank, ends
 
 
 def experts_grouped(

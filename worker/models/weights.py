@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from worker.quant.fp8 import FP8, Fp8Linear, quantize_weight_per_channel
+from worker.quant.int4_load import Int4Assembler
 
 Index = tuple[int | slice, ...]
 
@@ -33,7 +34,8 @@ class Target:
     rows: torch.Tensor | None = None  # reorder the checkpoint's rows: ours = tensor[rows]
     # "param": a copy (an Fp8Linear weight: float8 as is, 16/32-bit quantized on the way);
     # "weight_scale" / "input_scale": an Fp8Linear's scales; "kv_scale": an attention
-    # module's k_scale / v_scale attribute (param names the attribute).
+    # module's k_scale / v_scale attribute (param names the attribute); "int4" /
+    # "int4_dequant": an AWQ / GPTQ part (worker/quant/int4_load.py; param names the layer).
     kind: str = "param"
     optional: bool = False  # the checkpoint may leave it out
 
@@ -55,6 +57,8 @@ def load_checkpoint(
         shown = ", ".join(missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{source}: checkpoint is missing tensors: {shown}{more}")
+    if loader.int4 is not None:
+        loader.int4.finish()
 
 
 def scale_targets(model: nn.Module, targets: dict[str, Target]) -> dict[str, Target]:
@@ -94,11 +98,18 @@ class _Loader:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.loaded: set[str] = set()  # checkpoint names
         self.started: set[str] = set()  # input_scale parameters given a first value
+        self.int4: Int4Assembler | None = None  # AWQ / GPTQ parts, made on the first one
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         target = self.targets.get(name)
         if target is not None and target.kind == "kv_scale":
             self._kv_scale(name, target, tensor)
+            return
+        if target is not None and target.kind in ("int4", "int4_dequant"):
+            if self.int4 is None:
+                self.int4 = Int4Assembler(self.model, self.source, self.params)
+            self.int4.add(name, target, tensor)
+            self.loaded.add(name)
             return
         param = self.params.get(target.param) if target is not None else None
         if target is None or (param is None and target.kind != "input_scale"):

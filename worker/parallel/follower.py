@@ -1,8 +1,8 @@
 """A follower rank of a tensor-parallel group: run whatever forward the leader publishes.
 
 A follower builds the same engine as the leader up to its KV cache and CUDA graphs
-(EngineCore stops there for a follower: no scheduler work, no sampler, no requests), then
-loops over the ring:
+(worker/parallel/engine.py TpFollowerEngine: no scheduler work, no sampler, no requests),
+then loops over the ring:
 
     TpStep    run the forward on this rank's shard (eager, or the same graph as the leader)
     TpLogits  take the broadcast hidden rows, compute this rank's logits, join the gather
@@ -22,8 +22,8 @@ import torch
 
 from ipc.messages import TpMessage, TpStep
 from ipc.shm_ring import RingClosed, ShmRingReader
-from worker.engine import EngineCore
 from worker.input_batch import HostInputs
+from worker.parallel.engine import TpFollowerEngine
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,10 @@ def host_inputs(msg: TpStep) -> HostInputs:
 
 
 @torch.inference_mode()
-def run_follower(engine: EngineCore, ring: ShmRingReader) -> int:
+def run_follower(engine: TpFollowerEngine, ring: ShmRingReader) -> int:
     """Serve the leader's steps until it closes the ring; returns the steps run.
     Raises PeerDied if the leader dies."""
     group, runner = engine.tp, engine.runner
-    assert group is not None and not group.is_leader
     decoder = msgspec.msgpack.Decoder(TpMessage)
     hidden_size, steps = engine.model_config.hidden_size, 0
     while True:

@@ -72,9 +72,12 @@ def check_tensor_parallel(config: ModelConfig, size: int, source: str = "config.
 UNSPLIT_QUANT_METHODS = ("awq", "gptq", "marlin", "gptq_marlin", "awq_marlin")
 
 
-def check_checkpoint_splits(hf_config: dict, size: int, source: str = "config.json") -> None:
-    """ValueError when the checkpoint's quantization cannot be split `size` ways."""
+def check_checkpoint_splits(
+    hf_config: dict, quantization: str | None, size: int, source: str = "config.json"
+) -> None:
+    """ValueError when the checkpoint's (or --quantization's) weights cannot be split."""
     method = str((hf_config.get("quantization_config") or {}).get("quant_method", "")).lower()
+    method = quantization if quantization in UNSPLIT_QUANT_METHODS else method
     if size > 1 and method in UNSPLIT_QUANT_METHODS:
         raise ValueError(
             f"tensor_parallel_size {size}: {method} checkpoints ({source}) cannot be split "

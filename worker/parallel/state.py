@@ -54,10 +54,6 @@ class TpGroup:
         # the group serves; during start-up every rank makes the same calls by itself).
         self.on_logits: Callable[[int], None] | None = None
 
-    @property
-    def is_leader(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place."""
         dist.all_reduce(x)

@@ -90,7 +90,8 @@ def resolve_fp8_scheme(
         return _vllm_fp8(qc, where)
     raise QuantConfigError(
         f"{where}.quant_method {method!r} is not supported (headrace loads FP8 checkpoints: "
-        "'compressed-tensors' or 'fp8'; or pass an unquantized model with --quantization fp8)"
+        "'compressed-tensors' or 'fp8', and 4-bit ones: 'awq' or 'gptq'; or pass an "
+        "unquantized model with --quantization fp8)"
     )
 
 

@@ -208,12 +208,14 @@ class Fp8Linear(nn.Module):
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> None:
     """model.to(dtype), except FP8 weights and their fp32 scales (nn.Module.to would cast
-    float8 too: it counts as floating point)."""
+    float8 too: it counts as floating point), and integer (4-bit packed) parameters and
+    the fp16 scales of any module that says its parameters keep their dtype."""
     for module in model.modules():
+        keep = getattr(module, "KEEPS_PARAM_DTYPES", False)
         for name, p in module._parameters.items():
-            if p is None or p.dtype == FP8:
+            if p is None or p.dtype == FP8 or not p.dtype.is_floating_point:
                 continue
-            if isinstance(module, Fp8Linear) and name != "bias":
+            if (isinstance(module, Fp8Linear) or keep) and name != "bias":
                 continue
             p.data = p.data.to(dtype)
 

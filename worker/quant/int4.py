@@ -85,6 +85,31 @@ class Int4Config:
             desc_act=bool(qc.get("desc_act", False)),
         )
 
+    @classmethod
+    def for_dummy(cls, method: str, in_features: tuple[int, ...] = ()) -> Int4Config:
+        """The settings random (dummy) weights get with --quantization awq|gptq and no
+        quantization_config: the common published ones (group 128; AWQ zero points,
+        GPTQ symmetric, no activation order); a smaller group (64, 32, 8) when 128 does
+        not divide every layer's in_features (tiny test models)."""
+        group = next(g for g in (128, 64, 32, 8) if all(k % g == 0 for k in in_features))
+        if method == "awq":
+            return cls("awq", group, zero_point=True, desc_act=False)
+        return cls("gptq", group, zero_point=False, desc_act=False)
+
+    def group_for(self, in_features: int) -> int:
+        """group_size, with -1 (one group) resolved to in_features."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    def is_ignored(self, module: str) -> bool:
+        """module: a checkpoint module name. AWQ's modules_to_not_convert match as
+        substrings of the name, as AutoAWQ matches them."""
+        return any(key in module for key in self.modules_to_not_convert)
+
+    def describe(self) -> str:
+        zp = "zero points" if self.zero_point else "symmetric"
+        act = ", act order" if self.desc_act else ""
+        return f"int4 {self.method}, group {self.group_size}, {zp}{act}"
+
     def num_groups(self, in_features: int) -> int:
         if self.group_size == -1:
             return 1

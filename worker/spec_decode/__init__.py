@@ -37,16 +37,30 @@ class Proposer(Protocol):
         """Forget (and free the state of) every request not in `request_ids`."""
         ...
 
+    def release(self) -> None:
+        """Free the proposer's device memory (EngineCore.shutdown); it proposes no more."""
+        ...
 
-def make_proposer(
-    config: EngineConfig,
-    target_config: ModelConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    num_blocks: int,
-    max_model_len: int,
-    eos_token_ids: set[int],
-) -> Proposer | None:
+
+@dataclass(frozen=True)
+class Target:
+    """What a proposer is told of the model it proposes for."""
+
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    num_blocks: int  # the target's KV cache blocks
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+
+
+def draft_extra_blocks(config: EngineConfig) -> int:
+    """KV blocks a draft model needs beyond the target's: k slots per request (the draft
+    holds the same tokens as the target, plus the proposals it fed)."""
+    return config.max_num_seqs * -(-config.num_speculative_tokens // config.block_size)
+
+
+def make_proposer(config: EngineConfig, target: Target) -> Proposer | None:
     """The proposer the config asks for; None without speculation (k == 0 or no method)."""
     method = config.speculative_method or ("draft" if config.speculative_model else None)
     if method is None or config.num_speculative_tokens == 0:
@@ -55,26 +69,11 @@ def make_proposer(
         from worker.spec_decode.ngram import NgramProposer
 
         return NgramProposer(config.ngram_prompt_lookup_min, config.ngram_prompt_lookup_max)
-    assert config.speculative_model is not None  # EngineConfig.validate
     from worker.spec_decode.draft import DraftProposer
 
-    # As many draft blocks as target blocks plus k slots per request: the draft holds the
-    # same tokens as the target, plus the proposals it fed.
-    extra = config.max_num_seqs * -(-config.num_speculative_tokens // config.block_size)
-    proposer = DraftProposer(
-        config.speculative_model,
-        target_config,
-        device,
-        dtype,
-        num_blocks + extra,
-        config.block_size,
-        max_model_len,
-        eos_token_ids,
-        dummy=config.load_format == "dummy",
-        seed=config.seed,
-    )
-    if device.type == "cuda" and not config.enforce_eager:
-        proposer.capture_cuda_graphs(config.max_num_seqs, max_model_len)
+    proposer = DraftProposer(config, target)
+    if target.device.type == "cuda" and not config.enforce_eager:
+        proposer.capture_cuda_graphs(config.max_num_seqs)
     return proposer
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from ipc.model_folder import ModelFiles, ModelLoadError, open_model
+from worker.config import EngineConfig
 from worker.input_batch import HostBatch, take_rows, to_device
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
@@ -36,6 +37,7 @@ from worker.model_loader import build_model
 from worker.model_runner import make_backend
 from worker.request import Request
 from worker.sampler import GREEDY_EPS, Sampler, SamplingBatch
+from worker.spec_decode import Target, draft_extra_blocks
 from worker.spec_decode.verify import DRAFT_SALT
 
 if TYPE_CHECKING:
@@ -65,57 +67,58 @@ def open_draft_model(path: str, load_format: str) -> ModelFiles:
 
 
 class DraftProposer:
-    def __init__(
-        self,
-        model_path: str,
-        target_config: ModelConfig,
-        device: torch.device,
-        dtype: torch.dtype,
-        num_blocks: int,
-        block_size: int,
-        max_model_len: int,
-        eos_token_ids: set[int],
-        dummy: bool = False,
-        seed: int = 0,
-    ) -> None:
-        files = open_draft_model(model_path, "dummy" if dummy else "auto")
+    def __init__(self, config: EngineConfig, target: Target) -> None:
+        """The draft model `config.speculative_model`, with as many KV blocks as the target
+        plus k slots per request (draft_extra_blocks)."""
+        assert config.speculative_model is not None  # EngineConfig.validate
+        path = config.speculative_model
+        dummy = config.load_format == "dummy"
+        files = open_draft_model(path, "dummy" if dummy else "auto")
         mc = ModelConfig.from_hf(files.config, source=files.path)
-        if mc.vocab_size != target_config.vocab_size:
+        if mc.vocab_size != target.config.vocab_size:
             raise ValueError(
-                f"speculative_model {model_path} has vocab size {mc.vocab_size}, but the target "
-                f"has {target_config.vocab_size}; a draft model must share the target's vocabulary"
+                f"speculative_model {path} has vocab size {mc.vocab_size}, but the target "
+                f"has {target.config.vocab_size}; a draft model must share the target's vocabulary"
             )
         self.config = mc
-        self.device = device
-        self.dtype = dtype
+        self.device = device = target.device
+        self.dtype = dtype = target.dtype
+        self.max_model_len = target.max_model_len
         self.model = build_model(
-            files, mc, make_backend(device), max_model_len, device, dtype, dummy, seed
+            files, mc, make_backend(device), target.max_model_len, device, dtype, dummy, config.seed
         )
-        self.kv = KVCacheManager(num_blocks, block_size, enable_caching=False)
-        shape = (2, num_blocks, block_size, mc.num_kv_heads, mc.head_dim)
+        num_blocks = target.num_blocks + draft_extra_blocks(config)
+        self.kv = KVCacheManager(num_blocks, config.block_size, enable_caching=False)
+        shape = (2, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [
             torch.empty(shape, dtype=dtype, device=device) for _ in range(mc.num_layers)
         ]
-        self.sampler = Sampler(mc.vocab_size, eos_token_ids, seed=seed + 1)
+        self.sampler = Sampler(mc.vocab_size, set(target.eos_token_ids), seed=config.seed + 1)
         self.seqs: dict[str, _DraftSeq] = {}
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [k, V] of its proposals
         self.graph_runner: CudaGraphRunner | None = None
 
-    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+    def capture_cuda_graphs(self, max_num_seqs: int) -> None:
         """Graphs for the draft's one- and two-token-per-request steps (GPU only)."""
-        from worker.cuda_graphs import capture_graphs
+        from worker.cuda_graphs import GraphShapes, capture_graphs
 
+        # The q = 2 family: the bonus token + the last proposal.
+        shapes = GraphShapes(max_num_seqs, self.max_model_len, self.kv.block_size, 1)
         self.graph_runner = capture_graphs(
-            self.model,
-            self.kv_caches,
-            self.dtype,
-            max_num_seqs,
-            max_model_len,
-            self.kv.block_size,
-            self.device,
-            num_speculative_tokens=1,  # q = 2 family: the bonus token + the last proposal
-            what="the draft model",
+            self.model, self.kv_caches, self.dtype, shapes, what="the draft model"
         )
+
+    def release(self) -> None:
+        """Free the draft model's graphs, KV cache and weights (EngineCore.shutdown)."""
+        from worker.release import release_model
+
+        if self.graph_runner is not None:
+            self.graph_runner.release()
+            self.graph_runner = None
+        self.kv_caches.clear()
+        self.seqs.clear()
+        self.draft_probs.clear()
+        release_model(self.model)
 
     def retain(self, request_ids: set[str]) -> None:
         """Free the draft state of every request not in `request_ids`."""

@@ -91,5 +91,8 @@ class NgramProposer:
             for r, k in zip(requests, num_tokens, strict=True)
         ]
 
+    def release(self) -> None:
+        """Nothing on the device to free."""
+
     def retain(self, request_ids: set[str]) -> None:
         """Nothing is kept per request."""

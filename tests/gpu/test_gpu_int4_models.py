@@ -1,0 +1,97 @@
+"""4-bit checkpoints on the GPU: Int4Linear layers through the W4A16 GEMV (decode), chunked
+GEMVs (a few rows) and dequantize + cuBLAS (prefill, one shared scratch buffer), against
+the dequantized bf16 twin; CUDA graphs equal eager; dummy 8B AWQ weights made in 4 bits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cuda import int4_gemm as ig
+from tests.gpu.helpers import generate
+from tests.gpu.test_gpu_int4 import check, random_weight
+from tests.test_golden import check_logprobs_close, prompts_of_different_lengths
+from tests.test_int4_models import write_int4
+from tests.tiny_models import tiny_model_hd64
+from worker.quant.int4_linear import Int4Linear
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+ARGS = dict(device="cuda", dtype="bfloat16", block_size=16, max_num_seqs=32, max_model_len=512)
+
+
+@pytest.mark.parametrize("m", [5, 6, 7, 8, 9])
+def test_chunked_gemv_rows_match_reference(m: int) -> None:
+    w = random_weight(1000, 1024, 128, perm=m == 7, seed=m)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((m, 1000), float("nan"), device="cuda", dtype=torch.bfloat16)
+    y = ig.int4_linear(x, w, out=out if m <= ig.GEMV_MAX_ROWS else None)
+    torch.cuda.synchronize()
+    check(y, x, w)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "layout"), [("awq", "rows"), ("gptq-desc-act", "rows"), ("awq", "tiles")]
+)
+def test_int4_model_close_to_its_dequantized_twin(
+    fmt: str, layout: str, tmp_path, stories_path, monkeypatch
+) -> None:
+    from worker.quant import int4_linear
+
+    monkeypatch.setattr(int4_linear, "LAYOUT", layout)
+    src = tiny_model_hd64(tmp_path, stories_path)
+    int4_dir, deq_dir = write_int4(src, tmp_path, fmt)
+    prompts = prompts_of_different_lengths()
+    ours = generate(int4_dir, prompts, max_tokens=16, **ARGS)
+    twin = generate(deq_dir, prompts, max_tokens=16, **ARGS)
+    assert ours.graphs
+    # The twin's weights are rounded to bf16; the int4 kernels use (q - z) * s in fp32.
+    first = [o[0][0] == t[0][0] for o, t in zip(ours.out, twin.out, strict=True)]
+    assert sum(first) >= 0.8 * len(first), first
+    check_logprobs_close(ours.out, twin.out, fmt, atol=5e-2)
+
+
+def test_int4_graphs_equal_eager(tmp_path, stories_path) -> None:
+    int4_dir, _ = write_int4(tiny_model_hd64(tmp_path, stories_path), tmp_path, "awq")
+    prompts = prompts_of_different_lengths()
+    eager = generate(int4_dir, prompts, max_tokens=64, enforce_eager=True, **ARGS)
+    graphed = generate(int4_dir, prompts, max_tokens=64, **ARGS)
+    assert graphed.graphs and not eager.graphs
+    check_logprobs_close(graphed.out, eager.out, "int4-graphs", atol=5e-2)
+
+
+@pytest.mark.parametrize(("method", "layout"), [("awq", "rows"), ("gptq", "tiles")])
+def test_dummy_int4_weights_are_created_in_int4(
+    method: str, layout: str, llama3_tokenizer_path: Path, monkeypatch
+) -> None:
+    from headrace.llm import LLM
+    from worker.quant import int4_linear
+
+    monkeypatch.setattr(int4_linear, "LAYOUT", layout)
+
+    llm = LLM(
+        "scripts/configs/llama-3-8b",
+        tokenizer=str(llama3_tokenizer_path),  # the config folder holds no tokenizer
+        load_format="dummy",
+        quantization=method,
+        max_model_len=1024,
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+        max_num_seqs=4,
+    )
+    model = llm.engine.runner.model
+    layer = model.layers[0].mlp.gate_up_proj
+    assert isinstance(layer, Int4Linear) and layer.qweight.dtype == torch.int32
+    assert {m.layout for m in int4_linear.int4_layers(model)} == {layout}  # 8B: all tile-able
+    assert layer.scratch is not None and layer.scratch.numel() == 28672 * 4096
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weight_bytes < 6e9  # ~5.7 GB in 4 bits (16 GB in bf16)
+    from ipc.messages import SamplingParams
+
+    out = llm.generate([[1, 2, 3] * 50], SamplingParams(temperature=0, max_tokens=8))
+    assert len(out[0].outputs[0].token_ids) == 8

@@ -1,0 +1,129 @@
+"""The CUDA paged attention and KV-write wrappers' launches, checked on CPU against the
+kernels' own parameter lists: every argument in the order, type and meaning the source
+declares.
+
+No GPU: the kernels are never loaded; `compiler.launch` records what it is given, and the
+CPU tensors' data pointers stand for device pointers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from cuda import compiler, kv_write_kernel
+from cuda import paged_attention_kernels as pak
+from cuda.paged_attention import AttentionMetadata, AttentionParams
+from tests.kernel_signatures import kernel_parameters
+
+
+def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], dict[str, Any]]:
+    calls: list[Any] = []
+    monkeypatch.setattr(pak, "unsupported_reason", lambda q, kv: None)
+    monkeypatch.setattr(pak, "_kernel", lambda dtype, head_dim, name, kv_dtype=None: name)
+    monkeypatch.setattr(pak, "decode_slots", lambda kernel, device: 264)
+    monkeypatch.setattr(compiler, "launch", lambda *call, shmem=0: calls.append(call))
+    q_lens, seq_lens = case["q_lens"], case["seq_lens"]
+    kv_dtype = torch.float8_e4m3fn if case.get("fp8") else torch.bfloat16
+    t = {
+        "q": torch.randn(sum(q_lens), 8, 64, dtype=torch.bfloat16),
+        "kc": torch.zeros(2, 700, 32, 2, 64, dtype=kv_dtype),
+        "query_start_loc": torch.tensor([0, *np.cumsum(q_lens)], dtype=torch.int32),
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
+        "block_tables": torch.zeros(len(q_lens), 600, dtype=torch.int32),
+        "part_o": torch.empty(10**6, dtype=torch.float32),  # the workspace
+    }
+    t["out"] = torch.empty_like(t["q"])
+    md = AttentionMetadata(
+        t["query_start_loc"],
+        t["seq_lens"],
+        t["block_tables"],
+        torch.empty(0, dtype=torch.int64),
+        max(q_lens),
+        max(seq_lens),
+    )
+    params = AttentionParams(0.125, case.get("window"), 0.5, 0.25)
+    pak.paged_attention_cuda(t["q"], t["kc"], md, params, t["out"], t["part_o"])
+    return calls, t
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("window", [None, 64])
+@pytest.mark.parametrize(
+    ("q_lens", "seq_lens", "kernels"),
+    [
+        ([1, 1, 1], [5, 300, 9000], ["decode_g4", "merge_splits"]),
+        ([7, 1, 0], [7, 40, 3], ["prefill"]),
+    ],
+)
+def test_launch_arguments_follow_the_kernel_signatures(
+    monkeypatch: pytest.MonkeyPatch, fp8: bool, window: int | None, q_lens, seq_lens, kernels
+) -> None:
+    calls, t = _launches(monkeypatch, q_lens=q_lens, seq_lens=seq_lens, fp8=fp8, window=window)
+    signatures = kernel_parameters(pak.source())
+    assert [c[0] for c in calls] == kernels
+    for kernel, grid, block, *args in calls:
+        names = [n for n, _ in signatures[kernel]]
+        assert [type(a) for a in args] == [k for _, k in signatures[kernel]], kernel
+        got = dict(zip(names, args, strict=True))
+        # Grids: decode (splits, Hkv x query-head chunks, B), merge (Hq, B), prefill
+        # (ceil(q_len x group / 64), Hkv, B); merge runs one thread per head-dim element.
+        expect = {"decode_g4": (grid[0], 2, 3), "merge_splits": (8, 3), "prefill": (1, 2, 3)}
+        assert tuple(grid) == expect[kernel] and block == (64 if kernel == "merge_splits" else 128)
+        for name, tensor in t.items():
+            if name in got:
+                assert got[name] == tensor.data_ptr(), (kernel, name)
+        if "part_lse" in got:  # after the partial outputs: fp32 [splits, B, Hq, D]
+            splits = calls[0][1][0]  # the decode grid's width
+            assert got["part_lse"] - got["part_o"] == splits * 3 * 8 * 64 * 4
+            assert got.get("max_splits", splits) == splits
+        assert got["window"] == (window or 0)
+        if "scale_log2" in got:
+            scale = 0.125 * (0.5 if fp8 else 1.0) * pak.LOG2E
+            assert got["scale_log2"] == np.float32(scale)
+            assert got["v_scale"] == np.float32(0.25 if fp8 else 1.0)
+            assert (got["num_kv_heads"], got["group"], got["block_shift"]) == (2, 4, 5)
+            assert got["bt_stride"] == 600 and got["v_off"] == 700 * 32 * 2 * 64
+
+
+class _OnDevice(torch.Tensor):
+    """A CPU tensor the wrappers take for a CUDA one (is_cuda is all they ask)."""
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kv_write_arguments_follow_the_kernel_signatures(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, fp8: bool
+) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr(compiler, "load_module", lambda source, name: _Names())
+    monkeypatch.setattr(compiler, "launch", lambda *call, shmem=0: calls.append(call))
+    k, v = torch.randn(5, 2, 64, dtype=dtype), torch.randn(5, 2, 64, dtype=dtype)
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    cache = torch.zeros(2, 10, 16, 2, 64, dtype=cache_dtype).as_subclass(_OnDevice)
+    slots = torch.arange(5, dtype=torch.int64)
+    kv_write_kernel.write_kv_cuda(k, v, cache, slots, 0.5, 0.25)
+    ((kernel, grid, block, *args),) = calls
+    assert kernel == (kv_write_kernel.FP8_KERNELS[dtype] if fp8 else "write_kv")
+    signature = kernel_parameters(kv_write_kernel.SOURCE)[kernel]
+    assert [type(a) for a in args] == [t for _, t in signature]
+    got = dict(zip([n for n, _ in signature], args, strict=True))
+    pointers = {"k": k, "v": v, "cache": cache, "slot_mapping": slots}
+    assert all(got[n] == t.data_ptr() for n, t in pointers.items())
+    row_vecs = 2 * 64 * 2 // 16  # 16-byte source vectors per token
+    assert (got["k_stride"], got["v_stride"], got["row_vecs"]) == (row_vecs, row_vecs, row_vecs)
+    assert got["v_off"] == 10 * 16 * row_vecs and grid == (5,) and block == 32
+    if fp8:
+        assert (got["k_inv"], got["v_inv"]) == (2.0, 4.0)
+
+
+class _Names:
+    def kernel(self, name: str) -> str:
+        return name
