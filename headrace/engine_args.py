@@ -37,6 +37,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
         help="auto: the model's dtype; fp8 (fp8_e4m3): half the bytes, twice the blocks",
     )
     g.add_argument("--seed", type=int, default=0)
+    _add_parallel_args(g)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument(
@@ -120,6 +121,17 @@ def add_kv_compression_args(g: argparse._ArgumentGroup) -> None:
     )
 
 
+def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "-tp",
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model across N GPUs (N processes; on CPU, gloo): a leader and "
+        "N-1 followers",
+    )
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """Build and validate an EngineConfig; raises ValueError naming the bad flag."""
     method = args.speculative_method
@@ -160,6 +172,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_compression_budget=args.kv_compression_budget,
         kv_compression_window=args.kv_compression_window,
         kv_compression_min_prompt_len=args.kv_compression_min_prompt_len,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     try:
         config.validate()

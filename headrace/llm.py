@@ -15,9 +15,9 @@ from typing import Any
 from gateway.sampling_params import fan_out
 from gateway.sequence import SequenceState
 from gateway.tokenizer import Tokenizer, load_tokenizer
+from headrace.tp_group import start_engine
 from ipc.messages import EngineRequest, RequestOutput, SamplingParams, TokenLogprobs
 from worker.config import EngineConfig
-from worker.engine import EngineCore
 
 Prompt = str | Sequence[int]
 
@@ -67,7 +67,8 @@ class _Pending:
 class LLM:
     def __init__(self, model: str, **engine_args: Any) -> None:
         config = EngineConfig(model=model, **engine_args)
-        self.engine = EngineCore(config)
+        # tensor_parallel_size=N > 1: this process leads N-1 follower processes.
+        self.engine = start_engine(config)
         self.tokenizer: Tokenizer = load_tokenizer(
             config.tokenizer or self.engine.files.tokenizer_path
         )

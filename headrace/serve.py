@@ -2,7 +2,9 @@
 
 Each worker is a child process (`python -m headrace worker`) bound to an ipc:// socket in a
 private temporary directory; with `--data-parallel-size N` there are N, one per GPU
-(CUDA_VISIBLE_DEVICES=i). The gateway runs in this process and serves HTTP on
+(CUDA_VISIBLE_DEVICES=i), or with `--tensor-parallel-size T` one per group of T GPUs (a
+leader that starts T-1 followers, headrace/tp_group.py). A restarted worker restarts its
+whole group. The gateway runs in this process and serves HTTP on
 127.0.0.1:8000 by default. A worker that crashes after it was serving is restarted; one
 that fails while starting stops the whole command with its exit status.
 
@@ -57,11 +59,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("serve")
     add_admission_args(g)
     g.add_argument(
+        "-dp",
         "--data-parallel-size",
         type=int,
         default=1,
-        help="worker processes, one per GPU (CUDA_VISIBLE_DEVICES=0, 1, ...)",
+        help="worker processes behind the gateway, one per GPU, or per tensor-parallel "
+        "group of GPUs (CUDA_VISIBLE_DEVICES=0, 1, ...; with -tp 2: 0,1 and 2,3, ...)",
     )
+
+
+def worker_gpus(index: int, tensor_parallel_size: int) -> str:
+    """CUDA_VISIBLE_DEVICES of data-parallel worker `index`: its group's GPUs, in turn
+    (dp x tp GPUs in all: worker 1 of tp = 2 gets "2,3")."""
+    first = index * tensor_parallel_size
+    return ",".join(str(g) for g in range(first, first + tensor_parallel_size))
 
 
 class WorkerProcess:
@@ -83,7 +94,7 @@ class WorkerProcess:
     def start(self) -> None:
         env = dict(os.environ)
         if self.gpu:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.index)
+            env["CUDA_VISIBLE_DEVICES"] = worker_gpus(self.index, self.config.tensor_parallel_size)
         cmd = [
             sys.executable, "-m", "headrace", "worker",
             "--bind", self.address,

@@ -7,6 +7,7 @@ The one way a worker process starts: by hand or systemd with engine flags, or by
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 import msgspec
@@ -14,6 +15,7 @@ import msgspec
 from headrace.engine_args import engine_config_from_args
 from worker.admission import add_admission_args, admission_from_args
 from worker.config import EngineConfig
+from worker.errors import FatalEngineError
 from worker.server import Engine, WorkerServer
 
 DEFAULT_BIND = "tcp://127.0.0.1:5550"
@@ -103,9 +105,9 @@ def engine_factory(config: EngineConfig, args: argparse.Namespace) -> Callable[[
             from worker.fake_engine import FakeEngineCore
 
             return FakeEngineCore(config, step_s=args.fake_step_ms / 1000)
-        from worker.engine import EngineCore
+        from headrace.tp_group import start_engine
 
-        engine = EngineCore(config)
+        engine = start_engine(config, exit_on_failure=True)
         # Structured output's first use imports xgrammar and reads the vocabulary (seconds
         # of GIL-heavy work): done before the worker reports ready, so it never starves the
         # heartbeat thread of a serving worker into looking dead.
@@ -133,7 +135,13 @@ def worker_main(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         health=_health_address(args),
     )
-    server.serve_forever(args.parent_pid)
+    try:
+        server.serve_forever(args.parent_pid)
+    except RuntimeError as e:
+        if not isinstance(e.__cause__, FatalEngineError):
+            raise
+        print(f"headrace worker: {e.__cause__}; exiting", file=sys.stderr)
+        return 1
     return 0
 
 

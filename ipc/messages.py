@@ -286,3 +286,33 @@ class Heartbeat(msgspec.Struct, tag=True, array_like=True, gc=False):
 # The tagged union that travels gateway -> worker and worker -> gateway.
 ToWorker = EngineRequest | AbortRequests | Hello
 ToGateway = EngineOutputs | Heartbeat | ModelInfo
+
+
+# ---- tensor parallel: leader -> followers, through the shared-memory ring (ipc/shm_ring.py)
+
+
+class TpStep(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
+    """One forward of the leader's step: the followers run it on their shards. The flat
+    batch travels as raw little-endian arrays (worker/input_batch.py HostInputs)."""
+
+    input_ids: bytes  # [T] int64
+    positions: bytes  # [T] int64
+    slot_mapping: bytes  # [T] int64
+    query_start_loc: bytes  # [B + 1] int32
+    seq_lens: bytes  # [B] int32
+    block_tables: bytes  # [B, block_table_width] int32, row-major
+    block_table_width: int
+    max_query_len: int
+    max_seq_len: int
+    use_graph: bool = False  # the leader replays a CUDA graph: every rank must
+    ids_from_leader: bool = False  # the ids come next by broadcast (async scheduling)
+
+
+class TpLogits(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """The leader computes logits of `num_rows` hidden rows: they come next by broadcast,
+    and every rank's slice of the vocabulary is gathered."""
+
+    num_rows: int
+
+
+TpMessage = TpStep | TpLogits

@@ -5,7 +5,10 @@
 Runs decode steps of `--batch` requests (dummy Llama-3-8B-shaped weights by default) and
 reports, per step: wall time, GPU kernel time (sum of kernel durations from the torch
 profiler), number of kernels, and the CPU time of schedule / build inputs / model + sample
-/ postprocess. The top kernels by total time go to the JSON file.
+/ postprocess. The top kernels by total time go to the JSON file. With
+`--tensor-parallel-size N` the leader's steps are profiled (its followers run the same),
+and `allreduce_ms_per_step` is the NCCL kernels' share (eager: `--enforce-eager` names
+every kernel; in a CUDA graph the profiler may see only the graph).
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from collections import defaultdict
 
 import torch
 
+from headrace.tp_group import start_engine
 from ipc.messages import EngineRequest, SamplingParams
 from worker.config import EngineConfig
-from worker.engine import EngineCore
 
 
 def main() -> None:
@@ -33,10 +36,11 @@ def main() -> None:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--quantization", default=None, choices=["fp8"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    engine = EngineCore(
+    engine = start_engine(
         EngineConfig(
             model=args.model,
             load_format=args.load_format,
@@ -44,6 +48,7 @@ def main() -> None:
             enforce_eager=args.enforce_eager,
             quantization=args.quantization,
             kv_cache_dtype=args.kv_cache_dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
     )
     rng = random.Random(0)
@@ -86,6 +91,11 @@ def main() -> None:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
     cuda_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+    nccl_us = sum(
+        getattr(e, "self_device_time_total", 0)
+        for e in prof.key_averages()
+        if "nccl" in e.key.lower()
+    )
     report = {
         "card": torch.cuda.get_device_name(),
         "batch": args.batch,
@@ -94,6 +104,8 @@ def main() -> None:
         "wall_ms_per_step": wall_ms,
         "cpu_phases_ms_per_step": phases,
         "gpu_ms_per_step": cuda_us / 1000 / args.steps,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "allreduce_ms_per_step": nccl_us / 1000 / args.steps,
         "table": table,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))

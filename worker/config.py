@@ -55,6 +55,7 @@ class EngineConfig:
     kv_compression_budget: float = 0.25  # ratio of the prompt in (0, 1), or tokens kept per layer
     kv_compression_window: int = 32  # observation window: the prompt's last queries that score
     kv_compression_min_prompt_len: int = 256  # shorter prompts are never compressed
+    tensor_parallel_size: int = 1  # ranks (GPUs) one model is split across; 1 = no split
     extra: dict[str, str] = field(default_factory=dict)  # free-form, for experiments
 
     def validate(self) -> None:
@@ -124,6 +125,8 @@ class EngineConfig:
             raise ValueError(
                 f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}"
             )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:
             raise ValueError(
                 "ngram_prompt_lookup_min must be >= 1 and <= ngram_prompt_lookup_max, got "

@@ -36,6 +36,7 @@ from worker.model_runner import (
     kv_bytes_per_block,
     make_backend,
 )
+from worker.parallel.state import TpGroup
 from worker.quant.kv import resolve_kv_cache_dtype
 from worker.quant.scheme import describe as describe_quant
 from worker.quant.scheme import resolve_quant_scheme
@@ -51,6 +52,8 @@ CPU_KV_CACHE_GB = 1.0  # the KV cache on CPU when neither a size nor a block cou
 
 
 class EngineCore:
+    tp: TpGroup | None = None  # tensor parallel: this rank's group (worker/parallel/engine.py)
+
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
@@ -167,6 +170,7 @@ class EngineCore:
                 dummy=config.load_format == "dummy",
                 seed=config.seed,
                 quant=self.quant,
+                group=self.tp,
             )
         log.info(
             "loaded %s in %.1fs (weights: %s)",
@@ -185,7 +189,7 @@ class EngineCore:
             num_blocks,
             config.block_size,
             self.kv_dtype,
-            kv_bytes_per_block(self.model_config, config.block_size, self.kv_dtype),
+            kv_bytes_per_block(self.runner.config, config.block_size, self.kv_dtype),
         )
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
@@ -214,7 +218,7 @@ class EngineCore:
 
     def _num_kv_blocks(self, max_batched_tokens: int) -> int:
         c = self.config
-        per_block = kv_bytes_per_block(self.model_config, c.block_size, self.kv_dtype)
+        per_block = kv_bytes_per_block(self.runner.config, c.block_size, self.kv_dtype)
         if c.num_gpu_blocks is not None:
             return c.num_gpu_blocks
         if self.device.type == "cpu":

@@ -115,6 +115,12 @@ def kv_compression_for(
             f"kv_compression: models with sliding-window attention are not supported "
             f"(this model's sliding_window is {model.sliding_window})"
         )
+    if settings is not None and config.tensor_parallel_size > 1:
+        # Compaction moves the leader's KV blocks only; the followers' shards would diverge.
+        raise ValueError(
+            "kv_compression is not supported with tensor parallel "
+            f"(tensor_parallel_size={config.tensor_parallel_size})"
+        )
     return settings
 
 

@@ -17,6 +17,10 @@ from worker.models.gpt_neox import GPTNeoXForCausalLM
 from worker.models.layers import number_layers
 from worker.models.llama import LlamaForCausalLM
 from worker.models.mixtral import MixtralForCausalLM
+from worker.parallel.layers import shard_model
+from worker.parallel.loader import iter_shard_weights
+from worker.parallel.plan import ShardPlan
+from worker.parallel.state import TpGroup
 from worker.quant.config import Fp8Scheme
 from worker.quant.fp8 import Fp8Linear, cast_model, fill_dummy_fp8, gemm_mode
 from worker.quant.int4_linear import Int4Linear, fill_dummy_int4, prepare_int4_layers
@@ -83,15 +87,24 @@ def build_model(
     dummy: bool,
     seed: int = 0,
     quant: QuantScheme | None = None,
+    group: TpGroup | None = None,
 ) -> CausalLM:
     # Build on the meta device, then materialize directly on the target: no CPU copy of
     # the weights is ever made for a GPU model, and each checkpoint tensor is copied once.
     # FP8 and 4-bit layers are quantized from the start (never a 16-bit copy first: a 70B
-    # model fits).
+    # model fits). Tensor parallel (`group` of 2+ ranks): the rank's share of the layers,
+    # and of the checkpoint (worker/parallel/).
     if isinstance(quant, Fp8Scheme) and device.type == "cuda":
         gemm_mode(device)  # fails early, naming the card, on a GPU without FP8
+    plan = None
+    if group is not None and group.size > 1:
+        plan = ShardPlan.make(config, group.rank, group.size)
     with torch.device("meta"):
-        model = model_class(config)(config, backend, max_positions)
+        model = model_class(config)(
+            config if plan is None else plan.rank_config(config), backend, max_positions
+        )
+        if plan is not None:
+            shard_model(model, plan, group)  # type: ignore[arg-type]
         if quant is not None:
             model.quantize(quant)
         # Cast while still on meta, so to_empty allocates the final dtype: a float32 copy
@@ -104,7 +117,8 @@ def build_model(
     else:
         with torch.no_grad():
             total = sum(1 for _ in model.parameters())
-            weights = progress.bar(iter_weights(files), total, "tensors")
+            tensors = iter_weights(files) if plan is None else iter_shard_weights(files, plan)
+            weights = progress.bar(tensors, total, "tensors")
             model.load_weights(weights, source=files.path)
     prepare_int4_layers(model, dtype, device)  # 4-bit: layout, one prefill dequant buffer
     model.rotary.build(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,13 +24,16 @@ from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.models.layers import Attention
 from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
-from worker.scheduler import SchedulerOutput
+from worker.scheduler import ScheduledRequest, SchedulerOutput
 from worker.spec_decode.verify import verify
 
 if TYPE_CHECKING:
     from worker.cuda_graphs import CudaGraphRunner, GraphShapes
 
 log = logging.getLogger(__name__)
+
+# (host inputs, whether the step replays a CUDA graph, device input ids or None) -> ids
+StepHook = Callable[[HostInputs, bool, "torch.Tensor | None"], "torch.Tensor | None"]
 
 
 @dataclass
@@ -97,6 +101,9 @@ class ModelRunner:
         )
         # Structured output: each step's grammar masks, filled while the forward runs.
         self.masks = StepMasks(model_config.vocab_size, device)
+        # Tensor-parallel leader: publishes each forward to the followers before running
+        # it (worker/parallel/leader.py); returns the input ids every rank then uses.
+        self.step_hook: StepHook | None = None
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.config
@@ -133,13 +140,40 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         host = build_host_inputs(out)
-        if self.graph_runner is not None and self.graph_runner.can_run(host):
-            hidden = self.graph_runner.run(host)
-        else:
-            inputs = to_device(host, self.device)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.md)
-            self.kv_compressor.collect(inputs.md.capture, host.capture_jobs, out.scheduled)
-        return self.sample(out, host, hidden)
+        return self.sample(out, host, self.forward(host, scheduled=out.scheduled))
+
+    def forward(
+        self,
+        host: HostInputs,
+        input_ids: torch.Tensor | None = None,
+        scheduled: list[ScheduledRequest] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [T, H] of a step: its CUDA graph replayed, or the model eagerly.
+        `input_ids` (device) replaces the host's ids (async scheduling's chained step);
+        `scheduled` receives the KV-compression windows the step captured."""
+        use_graph = self.graph_runner is not None and self.graph_runner.can_run(host)
+        if self.step_hook is not None:  # tensor parallel: the followers run it too
+            input_ids = self.step_hook(host, use_graph, input_ids)
+        return self.run_forward(host, use_graph, input_ids, scheduled)
+
+    def run_forward(
+        self,
+        host: HostInputs,
+        use_graph: bool,
+        input_ids: torch.Tensor | None,
+        scheduled: list[ScheduledRequest] | None = None,
+    ) -> torch.Tensor:
+        if use_graph:
+            assert self.graph_runner is not None
+            if input_ids is None:
+                return self.graph_runner.run(host)
+            return self.graph_runner.run(host, input_ids)
+        inputs = to_device(host, self.device)
+        ids = inputs.input_ids if input_ids is None else input_ids
+        hidden = self.model(ids, inputs.positions, self.kv_caches, inputs.md)
+        if scheduled is not None:
+            self.kv_compressor.collect(inputs.md.capture, host.capture_jobs, scheduled)
+        return hidden
 
     # ---- async scheduling: launch a decode step now, read its tokens later ------------------
     @staticmethod
@@ -175,12 +209,7 @@ class ModelRunner:
         """
         if host is None:
             host = build_host_inputs(out)
-        if self.graph_runner is not None and self.graph_runner.can_run(host):
-            hidden = self.graph_runner.run(host, input_ids)
-        else:
-            inputs = to_device(host, self.device)
-            ids = inputs.input_ids if input_ids is None else input_ids
-            hidden = self.model(ids, inputs.positions, self.kv_caches, inputs.md)
+        hidden = self.forward(host, input_ids)
         # Decode rows are the requests in order: a slice, not an index tensor (whose
         # blocking host-to-device copy would wait for the GPU).
         logits = self.model.compute_logits(hidden[: len(out.scheduled)])

@@ -47,6 +47,7 @@ from ipc.messages import (
 )
 from ipc.wire import WorkerCodec, bind_router, default_worker_id
 from worker.admission import Admission, AdmissionLimits
+from worker.errors import FatalEngineError
 from worker.health_http import serve_health, worker_health
 from worker.request import OwnedOutput
 
@@ -194,6 +195,8 @@ class WorkerServer:
                 break
         if signals:
             self._drain(lambda: signals > 1)
+        elif isinstance(self._failure, FatalEngineError):
+            time.sleep(3 * self.heartbeat_interval)  # the failed requests' errors leave first
         self.stop()
         if self._failure is not None:
             raise RuntimeError("engine loop failed") from self._failure
@@ -246,7 +249,7 @@ class WorkerServer:
 
     def _engine_loop(self, engine: Engine) -> None:
         taken = 0  # requests taken from the inbox so far
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and self._failure is None:
             busy = engine.has_unfinished_requests()
             # Rejections, made outside step(), go back to their sender directly: a request
             # rejected for a duplicate id must not take the running one's owner.
@@ -271,8 +274,8 @@ class WorkerServer:
         """One engine step, failing every request if it raises; then the queue's deadline."""
         try:
             outputs = engine.step_with_owners()
-        except Exception:
-            outputs = self._fail_all(engine, traceback.format_exc())
+        except Exception as e:
+            outputs = self._fail_all(engine, traceback.format_exc(), e)
         self.admission.started([out for _, out in outputs])
         late = self.admission.expired()
         if late:
@@ -334,7 +337,9 @@ class WorkerServer:
             engine.abort_requests(ids)
         return []
 
-    def _fail_all(self, engine: Engine, why: str) -> list[OwnedOutput]:
+    def _fail_all(self, engine: Engine, why: str, e: Exception) -> list[OwnedOutput]:
+        if isinstance(e, FatalEngineError):  # the worker exits; its supervisor restarts it
+            self._failure = e
         ids = engine.request_ids()
         logger.error("engine step failed; failing %d requests:\n%s", len(ids), why)
         owned = [(o, rid) for rid in ids if (o := engine.owner_of(rid)) is not None]
@@ -342,7 +347,8 @@ class WorkerServer:
             engine.abort_requests(ids)
         except Exception:
             logger.exception("abort after a failed step failed too")
-        return [(o, _error_output(rid, "internal error in the engine step")) for o, rid in owned]
+        msg = f"the worker failed: {e}" if self._failure else "internal error in the engine step"
+        return [(o, _error_output(rid, msg)) for o, rid in owned]
 
     # ---------------------------------------------------------------- socket threads
 

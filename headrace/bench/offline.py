@@ -179,7 +179,8 @@ def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dic
     awq / gptq the 4-bit layers count 0.5 byte per weight plus their fp16 scales and uint8
     zero points per group (the int4 floor); with --kv-cache-dtype fp8 the KV counts 1 byte
     per element. `floor_ms_per_step_at_nominal` is the same bytes at NOMINAL_BANDWIDTH
-    (the target the issues state their fractions against).
+    (the target the issues state their fractions against). Tensor parallel: the leader's
+    shard and KV heads, the bytes each GPU reads while the others read theirs.
     """
     import torch
 
@@ -195,7 +196,7 @@ def roofline(engine: Any, bandwidth: float, context: int, batch: int = 1) -> dic
         weights = "fp8"
     elif int4:
         weights = f"int4 {int4[0].cfg.method}"
-    mc = engine.model_config
+    mc = engine.runner.config  # tensor parallel: this rank's KV heads
     elem = torch.tensor([], dtype=engine.kv_dtype).element_size()
     kv_bytes = batch * context * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
     floor_s = (weight_bytes + kv_bytes) / bandwidth
@@ -270,10 +271,10 @@ def _bench_engine(
     it down, so its GPU memory is free for whatever runs next (the HF baseline)."""
     import torch
 
-    from worker.engine import EngineCore
+    from headrace.tp_group import start_engine
 
     t = time.perf_counter()
-    with EngineCore(config) as engine:
+    with start_engine(config) as engine:
         result["startup_s"] = time.perf_counter() - t
         result["num_kv_blocks"] = engine.kv.num_blocks
         # Warm-up: one short request through every path (prefill, decode, graphs).

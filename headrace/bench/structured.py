@@ -58,12 +58,12 @@ def structured_main(args: argparse.Namespace) -> int:
 
     from headrace.bench.offline import Workload, _card, _commit, run_engine
     from headrace.engine_args import engine_config_from_args
-    from worker.engine import EngineCore
+    from headrace.tp_group import start_engine
     from worker.grammar_masks import MaskStats
 
     n = args.num_requests or 64
     config = engine_config_from_args(args)
-    engine = EngineCore(config)
+    engine = start_engine(config)
     guided = GuidedDecoding(GrammarKind.JSON_SCHEMA, json.dumps(SCHEMA))
     w = Workload("structured", [args.prompt_len] * n, [args.output_len] * n)
     # Warm-up: every path, and the grammar compiled (and its vocabulary built) once.

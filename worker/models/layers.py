@@ -15,6 +15,7 @@ GPTQ checkpoints swap in Int4Linear layers the same way (modules_to_not_convert 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,6 +28,10 @@ from worker.quant.fp8 import Fp8Linear
 from worker.quant.int4 import Int4Config
 from worker.quant.int4_linear import Int4Linear
 from worker.quant.scheme import QuantScheme
+
+
+def no_reduce(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class RMSNorm(nn.Module):
@@ -138,6 +143,9 @@ class Attention(nn.Module):
         # FP8 KV cache: cache = K / k_scale (the checkpoint's k_scale / v_scale, else 1.0).
         self.k_scale = 1.0
         self.v_scale = 1.0
+        # Tensor parallel: o_proj is row-parallel and this sums the ranks' partial outputs
+        # (worker/parallel/layers.py shard_model); one rank: nothing to sum.
+        self.out_reduce: Callable[[torch.Tensor], torch.Tensor] = no_reduce
 
     def forward(
         self,
@@ -157,7 +165,7 @@ class Attention(nn.Module):
         md = md.for_layer(self.layer_index)
         params = AttentionParams(self.scale, self.sliding_window, self.k_scale, self.v_scale)
         o = self.backend(q, k, v, kv_cache, md, params)  # [T, Hq, D]
-        return self.o_proj(o.reshape(T, self.q_size))
+        return self.out_reduce(self.o_proj(o.reshape(T, self.q_size)))
 
 
 def number_layers(model: nn.Module) -> None:
@@ -178,10 +186,12 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias
         )
+        # Tensor parallel: down_proj is row-parallel, as Attention's o_proj.
+        self.out_reduce: Callable[[torch.Tensor], torch.Tensor] = no_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I]: gate | up
-        return self.down_proj(silu_and_mul(gate_up))
+        return self.out_reduce(self.down_proj(silu_and_mul(gate_up)))
 
 
 class GeluMLP(nn.Module):

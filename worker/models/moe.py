@@ -23,12 +23,15 @@ Two implementations of the expert sum, same math:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cuda.fused_ops import silu_and_mul
 from worker.model_config import ModelConfig
+from worker.models.layers import no_reduce
 
 
 def route(
@@ -116,8 +119,11 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(h, e, bias=False)  # the router
         self.w_gate_up = nn.Parameter(torch.empty(e, 2 * i, h))
         self.w_down = nn.Parameter(torch.empty(e, h, i))
+        # Tensor parallel: every rank holds I/N rows of each expert (w_down: its columns)
+        # and routes the same; this sums the ranks' partial outputs (worker/parallel/).
+        self.out_reduce: Callable[[torch.Tensor], torch.Tensor] = no_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         weights, ids = route(self.gate(x), self.top_k)
         run = experts_grouped if grouped_supported(x, self.w_gate_up) else experts_ref
-        return run(x, weights, ids, self.w_gate_up, self.w_down)
+        return self.out_reduce(run(x, weights, ids, self.w_gate_up, self.w_down))
