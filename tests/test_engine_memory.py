@@ -6,8 +6,9 @@ import torch
 
 from ipc.model_folder import open_model
 from worker.config import EngineConfig
-from worker.engine import EngineCore, param_bytes
+from worker.engine import EngineCore
 from worker.model_config import ModelConfig
+from worker.model_facts import param_bytes
 from worker.model_runner import kv_bytes_per_block
 
 

@@ -28,6 +28,7 @@ from worker.generation_defaults import sampling_defaults
 from worker.input_batch import build_host_inputs
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
+from worker.model_facts import eos_ids, param_bytes
 from worker.model_loader import build_model, resolve_device, resolve_dtype
 from worker.model_runner import (
     ModelRunner,
@@ -141,7 +142,7 @@ class EngineCore:
         config = self.config
         self.files: ModelFiles = open_model(config.model, config.load_format)
         self.model_config = mc = ModelConfig.from_hf(self.files.config, source=self.files.path)
-        self.eos_token_ids = frozenset(_eos_ids(self.files, mc))
+        self.eos_token_ids = frozenset(eos_ids(self.files, mc))
         self.max_model_len = config.max_model_len or mc.max_context
         if self.max_model_len > mc.max_context:
             raise ValueError(
@@ -479,25 +480,3 @@ class EngineCore:
             spec_accepted=self.spec_stats.accepted,
             spec_steps=self.spec_stats.steps,
         )
-
-
-def _eos_ids(files: ModelFiles, mc: ModelConfig) -> set[int]:
-    ids = set(mc.eos_token_ids)
-    gen = files.generation_config.get("eos_token_id")
-    if isinstance(gen, list):
-        ids.update(int(t) for t in gen)
-    elif gen is not None:
-        ids.add(int(gen))
-    return ids
-
-
-def param_bytes(mc: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of a model's weights, from its shapes (for memory planning): the model built on
-    the meta device, so every family's layout counts without allocating anything."""
-    from worker.attention import TorchAttention
-    from worker.model_loader import model_class
-
-    with torch.device("meta"):
-        model = model_class(mc)(mc, TorchAttention(), 1)
-    count = sum(p.numel() for p in model.parameters())
-    return count * torch.tensor([], dtype=dtype).element_size()
