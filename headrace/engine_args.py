@@ -110,8 +110,9 @@ def add_kv_compression_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--kv-compression-window",
         type=int,
-        default=32,
-        help="observation window: the prompt's last W queries score the earlier positions",
+        default=64,
+        help="observation window: the prompt's last W queries score the earlier positions "
+        "(64: it must cover the question)",
     )
     g.add_argument(
         "--kv-compression-min-prompt-len",

@@ -53,7 +53,7 @@ def test_request_field_resolves_over_the_flags():
     assert resolve_settings(off, None) is None
     assert resolve_settings(on, KVCompression("none")) is None
     s = resolve_settings(on, None)
-    assert s is not None and (s.method, s.budget, s.window) == ("snapkv", 0.125, 32)
+    assert s is not None and (s.method, s.budget, s.window) == ("snapkv", 0.125, 64)
     s = resolve_settings(off, KVCompression("pyramidkv", 300, 8))
     assert s is not None and (s.method, s.budget, s.window) == ("pyramidkv", 300, 8)
     with pytest.raises(ValueError, match=r"kv_compression\.budget"):

@@ -53,7 +53,7 @@ class EngineConfig:
     generation_config: str = "auto"  # auto: the model's generation_config.json sets defaults
     kv_compression: str | None = None  # None (off), snapkv, pyramidkv or streaming (baseline)
     kv_compression_budget: float = 0.25  # ratio of the prompt in (0, 1), or tokens kept per layer
-    kv_compression_window: int = 32  # observation window: the prompt's last queries that score
+    kv_compression_window: int = 64  # observation window: the prompt's last queries that score
     kv_compression_min_prompt_len: int = 256  # shorter prompts are never compressed
     tensor_parallel_size: int = 1  # ranks (GPUs) one model is split across; 1 = no split
     extra: dict[str, str] = field(default_factory=dict)  # free-form, for experiments
