@@ -90,11 +90,11 @@ def drive(path: str, w: Workload, async_scheduling: bool, **extra: object) -> Ru
         for rid, prompt, params, at in w.requests:
             if at == step:
                 assert engine.add_request(EngineRequest(rid, prompt, params)) is None
-        rid = w.abort_at_step.get(step)
+        cut = w.abort_at_step.get(step)
         # Only once it has produced a token: before that there is nothing to compare.
-        if rid is not None and rid not in run.finish and run.tokens.get(rid):
-            engine.abort_requests([rid])
-            run.finish[rid] = "abort"
+        if cut is not None and cut not in run.finish and run.tokens.get(cut):
+            engine.abort_requests([cut])
+            run.finish[cut] = "abort"
         for o in engine.step():
             assert o.request_id not in run.finish, f"output after {o.request_id} finished"
             run.tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
@@ -137,8 +137,8 @@ def assert_same(sync: Run, asyn: Run, what: object, cut: tuple[str, ...] = ()) -
         )
     assert asyn.prompt_logprobs.keys() == sync.prompt_logprobs.keys()
     for rid, lps in sync.prompt_logprobs.items():
-        got = torch.tensor(asyn.prompt_logprobs[rid])
-        assert torch.allclose(got, torch.tensor(lps), atol=1e-4), what
+        plp = torch.tensor(asyn.prompt_logprobs[rid])
+        assert torch.allclose(plp, torch.tensor(lps), atol=1e-4), what
 
 
 @pytest.mark.parametrize("seed", range(10))
