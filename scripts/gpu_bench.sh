@@ -11,6 +11,8 @@
 # w1awq_tiles (8B and 70B AWQ W1 with HEADRACE_INT4_LAYOUT=tiles: the tensor-core GEMV).
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
+# Async scheduling (issue 12, overlap): async (tests/gpu/test_gpu_async.py, then W3 offline with 300
+# requests, --no-async-scheduling then the default (async), side by side; <= 280 s in all).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -60,9 +62,14 @@ for step in $which; do
     # Structured output (issue 16): batch 64, free vs JSON-schema decode on the Llama-3-8B shape
     # (dummy weights), sync then --async-scheduling: both TPOTs, the overhead, the mask work per
     # step (waited-at-sampling ~0 means the overlap works); then the CPU mask micro-benchmark.
-    structured) for m in "" "--async-scheduling"; do n=structured${m:+_async}
+    structured) for m in "--no-async-scheduling" "--async-scheduling"; do n=structured; [ "$m" = "--async-scheduling" ] && n=structured_async
                   timeout 125 python -m headrace bench structured $m --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -2 "$OUT/$n.log"; done
                 timeout 45 python scripts/bench_grammar_mask.py --threads 1 8 --steps 48 --output-json "$OUT/structured_mask_cpu.json" > "$OUT/structured_mask_cpu.log" 2>&1; tail -20 "$OUT/structured_mask_cpu.log" ;;
+    async) timeout 100 python -m pytest -m gpu tests/gpu/test_gpu_async.py -q -s -p no:cacheprovider > "$OUT/gpu_async_tests.log" 2>&1
+           echo "gpu async tests (rc $?): $(tail -1 "$OUT/gpu_async_tests.log")"; grep "near-tie" "$OUT/gpu_async_tests.log"
+           for m in sync async; do flag=""; [ $m = sync ] && flag=--no-async-scheduling
+             timeout 90 python -m headrace bench throughput --workload W3 --num-requests 300 $flag --output-json "$OUT/w3_$m.json" > "$OUT/w3_$m.log" 2>&1
+             echo "W3 300 $m (rc $?): $(tail -1 "$OUT/w3_$m.log")"; done ;;
     # W4 sweep (issue 18): headrace serve on the Llama-3-8B shape (dummy weights), bench serve at 4 rates.
     w4sweep) python -m headrace serve --model scripts/configs/llama-3-8b --load-format dummy \
                --tokenizer "$HEADRACE_SHARED_MODELS/llama3-tokenizer" --served-model-name llama-3-8b-dummy \

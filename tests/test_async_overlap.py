@@ -77,11 +77,13 @@ class Run:
     engine: EngineCore
 
 
-def drive(path: str, w: Workload, async_scheduling: bool, **extra: object) -> Run:
+def drive(
+    path: str, w: Workload, async_scheduling: bool, device: str = "cpu", **extra: object
+) -> Run:
     """Feed the workload by step count; an abort-at-token fires once that id comes out
     (what a gateway does for a stop string), so both engines abort after the same token."""
     config = EngineConfig(
-        model=path, device="cpu", async_scheduling=async_scheduling, **w.engine_args, **extra
+        model=path, device=device, async_scheduling=async_scheduling, **w.engine_args, **extra
     )
     engine = EngineCore(config)
     run = Run({}, {}, {}, {}, engine)

@@ -57,7 +57,7 @@ def test_apply_bitmask_matches_xgrammar(vocab):
 def llm(request) -> LLM:
     from tests.conftest import STORIES
 
-    return LLM(str(STORIES), max_num_seqs=8)
+    return LLM(str(STORIES), max_num_seqs=8, async_scheduling=False)
 
 
 def _check(text: str, spec: GuidedDecoding) -> None:
