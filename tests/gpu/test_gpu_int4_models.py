@@ -45,12 +45,16 @@ def test_int4_model_close_to_its_dequantized_twin(
 
     monkeypatch.setattr(int4_linear, "LAYOUT", layout)
     src = tiny_model_hd64(tmp_path, stories_path)
-    int4_dir, deq_dir = write_int4(src, tmp_path, fmt)
+    # Power-of-two scales make every dequantized weight exact in 16 bits, so the twin holds
+    # the kernels' very weights; fp16 because these random models are chaotic enough that
+    # one bf16 rounding flip moves top logprobs past the tolerance (seen on CPU emulating
+    # the kernels' fp32 math: bf16 fails, fp16 passes; an ignored perm gives 0/9 tokens).
+    int4_dir, deq_dir = write_int4(src, tmp_path, fmt, pow2_scales=True)
     prompts = prompts_of_different_lengths()
-    ours = generate(int4_dir, prompts, max_tokens=16, **ARGS)
-    twin = generate(deq_dir, prompts, max_tokens=16, **ARGS)
+    args = dict(ARGS, dtype="float16")
+    ours = generate(int4_dir, prompts, max_tokens=16, **args)
+    twin = generate(deq_dir, prompts, max_tokens=16, **args)
     assert ours.graphs
-    # The twin's weights are rounded to bf16; the int4 kernels use (q - z) * s in fp32.
     first = [o[0][0] == t[0][0] for o, t in zip(ours.out, twin.out, strict=True)]
     assert sum(first) >= 0.8 * len(first), first
     check_logprobs_close(ours.out, twin.out, fmt, atol=5e-2)
