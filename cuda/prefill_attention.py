@@ -113,7 +113,9 @@ def config_for(choice: str, head_dim: int) -> TileConfig | None:
     return BY_NAME[choice]
 
 
-def unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata) -> str | None:
+def unsupported_reason(
+    q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata
+) -> str | None:
     """Why this kernel cannot run these tensors, or None if it can."""
     if not q.is_cuda:
         return "tensors are not on a CUDA device"

@@ -2,8 +2,10 @@
 
 Launches go on torch's current stream with no host sync, so a decode step can be captured
 in a CUDA graph. Steps with q_len > 1 run cuda/prefill_attention.py's kernel
-(HEADRACE_PREFILL_KERNEL=old: the older one in cuda/paged_attention_kernels.py). Sliding windows run in the kernels; shapes they do not cover (head dims
-other than 64 and 128) fall back to the torch reference inside the kernel wrappers.
+(HEADRACE_PREFILL_KERNEL=old: the older one in cuda/paged_attention_kernels.py, which also
+takes what the new one does not cover, such as FP8 caches). Sliding windows run in the
+kernels; shapes they do not cover (head dims other than 64 and 128) fall back to the torch
+reference inside the kernel wrappers.
 """
 
 from __future__ import annotations
