@@ -431,3 +431,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n64w8s3(HR_PREF
 extern "C" __global__ void __launch_bounds__(128, 2) prefill_m64n64w4s2(HR_PREFILL_ARGS) {
     pf::prefill_impl<64, 64, 4, 2>(HR_PREFILL_PASS);
 }
+extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n128w8s2(HR_PREFILL_ARGS) {
+    pf::prefill_impl<128, 128, 8, 2>(HR_PREFILL_PASS);
+}

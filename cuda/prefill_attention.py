@@ -77,6 +77,7 @@ CONFIGS = (
     TileConfig(128, 64, 8, 2),
     TileConfig(128, 64, 8, 3),
     TileConfig(64, 64, 4, 2),
+    TileConfig(128, 128, 8, 2),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 # FlashAttention-2's Hopper choice at both head dims: 128 x 64 tiles, 4 warps of 32 rows,

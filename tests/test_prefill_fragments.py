@@ -162,7 +162,9 @@ def emulate_warp(
 
 
 @pytest.mark.parametrize("stage", [0, 1])
-@pytest.mark.parametrize(("bm", "bn", "warps"), [(128, 64, 4), (128, 64, 8), (64, 64, 4)])
+@pytest.mark.parametrize(
+    ("bm", "bn", "warps"), [(128, 64, 4), (128, 64, 8), (64, 64, 4), (128, 128, 8)]
+)
 @pytest.mark.parametrize("d", [64, 128])
 def test_fragments_compute_q_kt_and_p_v(d: int, bm: int, bn: int, warps: int, stage: int) -> None:
     rng = np.random.default_rng(d + bm + warps + stage)
