@@ -167,14 +167,19 @@ def _allow_smem(kernel: Any, nbytes: int) -> None:
     from cuda.bindings import driver
 
     attr = driver.CUfunction_attribute
-    device = driver.CUdevice(dev)
+    handle = getattr(kernel, "handle", None) or kernel._handle
+    err, device = driver.cuDeviceGet(dev)
     for which, value in (
         (attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
         (attr.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
     ):
-        (err,) = driver.cuKernelSetAttribute(which, value, kernel.handle, device)
+        if err == driver.CUresult.CUDA_SUCCESS:
+            if isinstance(handle, driver.CUfunction):  # cuda.core loading through cuModule
+                (err,) = driver.cuFuncSetAttribute(handle, which, value)
+            else:  # a CUkernel from cuLibraryGetKernel
+                (err,) = driver.cuKernelSetAttribute(which, value, handle, device)
         if err != driver.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"cuKernelSetAttribute({which.name}, {value}) failed: {err}")
+            raise RuntimeError(f"setting {which.name} = {value} failed: {err}")
     _attr_set.add(key)
 
 

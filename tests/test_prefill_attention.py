@@ -302,3 +302,36 @@ def test_unsupported_reasons() -> None:
     assert "head_dim" in str(
         pa.unsupported_reason(wide, torch.zeros(2, 10, 32, 2, 96, dtype=torch.bfloat16), md)
     )
+
+
+def test_smem_opt_in_calls_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuda.bindings import driver
+
+    calls: list[tuple[Any, ...]] = []
+    ok = driver.CUresult.CUDA_SUCCESS
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(driver, "cuDeviceGet", lambda ordinal: (ok, f"dev{ordinal}"))
+
+    def set_attribute(*a: Any) -> tuple[Any]:
+        calls.append(a)
+        return (ok,)
+
+    monkeypatch.setattr(driver, "cuKernelSetAttribute", set_attribute)
+
+    class FakeKernel:
+        handle = "kernel-handle"
+
+    kernel = FakeKernel()
+    pa._allow_smem(kernel, 100352)
+    pa._allow_smem(kernel, 100352)  # once per kernel and device
+    attr = driver.CUfunction_attribute
+    assert calls == [
+        (attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 100352, "kernel-handle", "dev0"),
+        (attr.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100, "kernel-handle", "dev0"),
+    ]
+    with pytest.raises(ValueError, match="shared memory"):
+        pa._allow_smem(FakeKernel(), pa.SMEM_LIMIT + 1)
+    bad = driver.CUresult.CUDA_ERROR_INVALID_VALUE
+    monkeypatch.setattr(driver, "cuKernelSetAttribute", lambda *a: (bad,))
+    with pytest.raises(RuntimeError, match="MAX_DYNAMIC_SHARED"):
+        pa._allow_smem(FakeKernel(), 1000)
