@@ -133,6 +133,9 @@ def unsupported_reason(
         return "num_q_heads is not a multiple of num_kv_heads"
     if not kv_cache.is_contiguous():
         return "kv_cache is not contiguous"
+    rows = md.max_query_len * (q.shape[1] // kv_cache.shape[3])
+    if math.ceil(rows / min(c.block_m for c in CONFIGS)) > MAX_GRID_Z:
+        return f"{rows} query rows need more than {MAX_GRID_Z} row tiles"
     return None
 
 

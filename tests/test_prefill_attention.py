@@ -298,6 +298,10 @@ def test_unsupported_reasons() -> None:
     assert "CUDA" in str(pa.unsupported_reason(t["q"].as_subclass(torch.Tensor), t["kc"], md))
     odd = torch.zeros(2, 10, 24, 2, 64, dtype=torch.bfloat16)
     assert "power of two" in str(pa.unsupported_reason(t["q"], odd, md))
+    huge = AttentionMetadata(
+        md.query_start_loc, md.seq_lens, md.block_tables, md.slot_mapping, 2_000_000, 9
+    )
+    assert "row tiles" in str(pa.unsupported_reason(t["q"], t["kc"], huge))
     wide = torch.zeros(5, 8, 96, dtype=torch.bfloat16).as_subclass(_OnDevice)
     assert "head_dim" in str(
         pa.unsupported_reason(wide, torch.zeros(2, 10, 32, 2, 96, dtype=torch.bfloat16), md)
