@@ -132,6 +132,7 @@ struct Tile {
     static_assert(BN % 16 == 0 && THREADS % CPR == 0, "tile shape");
     static_assert((BM * CPR) % THREADS == 0 && (BN * CPR) % THREADS == 0, "copy split");
     static_assert(STAGES >= 2, "at least double buffering");
+    static_assert(THREADS >= BN, "one thread per key row reads the tile's page ids");
 };
 
 #define HR_PREFILL_ARGS                                                                      \

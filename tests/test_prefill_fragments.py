@@ -200,3 +200,20 @@ def test_xor_addressing_equals_the_swizzle() -> None:
                     got = (1024 + swz(key0, hi, d)) ^ (kk << 5)
                     want = 1024 + swz(key0 + 16 * p, kk * 2 + hi, d)
                     assert got + p * 16 * d * 2 == want
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(
+    ("bm", "bn", "warps"), [(128, 64, 4), (128, 64, 8), (64, 64, 4), (128, 128, 8)]
+)
+def test_copies_cover_every_chunk_of_the_tiles_once(d: int, bm: int, bn: int, warps: int) -> None:
+    # Thread tid copies chunk tid % CPR of rows tid / CPR + it * ROW_STEP (Q and K/V loops).
+    threads, cpr = warps * 32, d // 8
+    row_step = threads // cpr
+    for rows in (bm, bn):
+        iters = rows * cpr // threads
+        got = [
+            (tid // cpr + it * row_step, tid % cpr) for tid in range(threads) for it in range(iters)
+        ]
+        assert sorted(got) == [(r, c) for r in range(rows) for c in range(cpr)]
+    assert threads >= bn  # page ids: thread `row` reads row `row`'s
