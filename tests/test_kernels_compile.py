@@ -51,6 +51,32 @@ def test_paged_attention_compiles(dtype_name: str, head_dim: int, kv_fp8: bool) 
     _check_log(log)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_decode_attention_compiles(dtype_name: str, head_dim: int) -> None:
+    """The tensor-core decode kernel: both KV types (one template) and the merge, no spills,
+    and within the 48 KB of static shared memory a block may have."""
+    import torch
+
+    from cuda import decode_attention as da
+
+    cubin, log = compiler.compile_cubin(
+        da.source(),
+        arch="sm_90",
+        defines=da.module_defines(getattr(torch, dtype_name), head_dim),
+        name="decode_attention",
+        verbose_ptxas=True,
+    )
+    for name in ("decode_tc", "decode_tc_fp8", "decode_tc_merge"):
+        assert f"Compiling entry function '{name}'" in log
+        assert name.encode() in cubin
+    _check_log(log)
+    smem = [int(n) for n in re.findall(r"(\d+) bytes smem", log)]
+    assert len(smem) == 2 and max(smem) <= 48 * 1024, log
+    regs = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    assert max(regs) <= 168, log  # 4 blocks of 64 threads per SM need at most 255
+
+
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("module_name", ["fused_ops", "layer_ops"])
 def test_elementwise_modules_compile(module_name: str, dtype_name: str) -> None:
