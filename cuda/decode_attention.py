@@ -177,9 +177,7 @@ def launch_decode(
 
     batch, num_q_heads, head_dim = seq_lens.shape[0], q.shape[1], q.shape[2]
     num_kv_heads, group = int(heads[0]), int(heads[1])
-    plan = plan_for(
-        q.dtype, head_dim, batch, num_kv_heads, group, max_seq_len, q.device, kv_fp8
-    )
+    plan = plan_for(q.dtype, head_dim, batch, num_kv_heads, group, max_seq_len, q.device, kv_fp8)
     need = decode_workspace_numel(batch, num_q_heads, head_dim, plan.splits)
     if workspace is None:
         workspace = torch.empty(need, dtype=torch.float32, device=q.device)
