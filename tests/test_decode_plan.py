@@ -18,7 +18,7 @@ H200_SMS = 132
 
 @pytest.mark.parametrize(
     ("batch", "ctx", "splits"),
-    [(64, 1024, 1), (64, 4096, 1), (64, 16384, 1), (8, 16384, 8), (1, 1024, 4), (1, 65536, 60)],
+    [(64, 1024, 1), (64, 4096, 1), (64, 16384, 1), (8, 16384, 8), (1, 1024, 8), (1, 65536, 60)],
 )
 def test_llama3_8b_cells(batch: int, ctx: int, splits: int) -> None:
     # 8 KV heads, group 4, 4 blocks per SM (48 KB of shared memory each): 528 slots.
