@@ -17,6 +17,7 @@ always take the old kernels (a 16-token tile must sit in one page).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class DecodePlan:
         return self.splits > 1
 
 
+@functools.lru_cache(maxsize=4096)  # eager decode asks once per layer and step
 def plan_decode(
     batch: int,
     num_kv_heads: int,
