@@ -57,6 +57,23 @@ def applies(block_size: int) -> bool:
     return kernel_choice() == "new" and block_size >= MIN_BLOCK_SIZE
 
 
+TILE = 16  # tokens per warp per pipeline stage (the k of one P V mma)
+WARPS = THREADS // 32
+SMEM_BYTES = 48 * 1024  # static shared memory of a block
+
+
+def pipeline_stages(head_dim: int, kv_bytes: int) -> int:
+    """cp.async stages of a warp (the kernel's STAGES): as many 16-token K+V tiles as fit
+    48 KB for the block's warps, at most 4."""
+    stage = TILE * 2 * head_dim * kv_bytes  # one warp's tile of K and V
+    return min(4, SMEM_BYTES // (WARPS * stage))
+
+
+def smem_bytes(head_dim: int, kv_bytes: int) -> int:
+    """The kernel's static shared memory: every warp's stages."""
+    return WARPS * pipeline_stages(head_dim, kv_bytes) * TILE * 2 * head_dim * kv_bytes
+
+
 @dataclass(frozen=True)
 class DecodePlan:
     splits: int  # grid width: the most splits any request may use
