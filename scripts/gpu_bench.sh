@@ -13,6 +13,8 @@
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 # Prefill attention (issue 11): prefill (tests/gpu/test_gpu_prefill_attention.py, then old kernel /
 # new kernel per tile config / torch SDPA flash TFLOP/s at causal 2k-16k; <= 200 s).
+# Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
+# kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -67,6 +69,10 @@ for step in $which; do
     structured) for m in "" "--async-scheduling"; do n=structured${m:+_async}
                   timeout 125 python -m headrace bench structured $m --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -2 "$OUT/$n.log"; done
                 timeout 45 python scripts/bench_grammar_mask.py --threads 1 8 --steps 48 --output-json "$OUT/structured_mask_cpu.json" > "$OUT/structured_mask_cpu.log" 2>&1; tail -20 "$OUT/structured_mask_cpu.log" ;;
+    decode) timeout 90 python -m pytest -m gpu tests/gpu/test_gpu_decode_attention.py -q -p no:cacheprovider --maxfail=10 > "$OUT/gpu_decode_tests.log" 2>&1
+            echo "decode tests (rc $?): $(tail -1 "$OUT/gpu_decode_tests.log")"; grep -m5 "^FAILED\|Error" "$OUT/gpu_decode_tests.log"
+            timeout 60 python -m headrace bench kernels --fp8 --output-json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1
+            echo "bench kernels (rc $?):"; cat "$OUT/bench_kernels.log" ;;
     # W4 sweep (issue 18): headrace serve on the Llama-3-8B shape (dummy weights), bench serve at 4 rates.
     w4sweep) python -m headrace serve --model scripts/configs/llama-3-8b --load-format dummy \
                --tokenizer "$HEADRACE_SHARED_MODELS/llama3-tokenizer" --served-model-name llama-3-8b-dummy \

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cuda import compiler, kv_write_kernel
+from cuda import compiler, decode_attention, kv_write_kernel
 from cuda import paged_attention_kernels as pak
 from cuda.paged_attention import AttentionMetadata, AttentionParams
 from tests.kernel_signatures import kernel_parameters
@@ -25,6 +25,10 @@ def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], 
     monkeypatch.setattr(pak, "unsupported_reason", lambda q, kv: None)
     monkeypatch.setattr(pak, "_kernel", lambda dtype, head_dim, name, kv_dtype=None: name)
     monkeypatch.setattr(pak, "decode_slots", lambda kernel, device: 264)
+    monkeypatch.setattr(decode_attention, "_kernel", lambda dtype, head_dim, name: name)
+    monkeypatch.setattr(decode_attention, "_slots_per_sm", lambda kernel, device, key: 2)
+    monkeypatch.setattr(pak, "num_sms", lambda device: 132)
+    monkeypatch.setenv(decode_attention.ENV, case.get("decode_kernel", "new"))
     monkeypatch.setattr(compiler, "launch", lambda *call, shmem=0: calls.append(call))
     q_lens, seq_lens = case["q_lens"], case["seq_lens"]
     kv_dtype = torch.float8_e4m3fn if case.get("fp8") else torch.bfloat16
@@ -53,17 +57,27 @@ def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], 
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("window", [None, 64])
 @pytest.mark.parametrize(
-    ("q_lens", "seq_lens", "kernels"),
+    ("q_lens", "seq_lens", "kernels", "decode_kernel"),
     [
-        ([1, 1, 1], [5, 300, 9000], ["decode_g4", "merge_splits"]),
-        ([7, 1, 0], [7, 40, 3], ["prefill"]),
+        ([1, 1, 1], [5, 300, 9000], ["decode_g4", "merge_splits"], "old"),
+        ([1, 1, 1], [5, 300, 9000], ["decode_tc", "decode_tc_merge"], "new"),
+        ([7, 1, 0], [7, 40, 3], ["prefill"], "new"),
     ],
 )
 def test_launch_arguments_follow_the_kernel_signatures(
-    monkeypatch: pytest.MonkeyPatch, fp8: bool, window: int | None, q_lens, seq_lens, kernels
+    monkeypatch: pytest.MonkeyPatch,
+    fp8: bool,
+    window: int | None,
+    q_lens,
+    seq_lens,
+    kernels,
+    decode_kernel: str,
 ) -> None:
-    calls, t = _launches(monkeypatch, q_lens=q_lens, seq_lens=seq_lens, fp8=fp8, window=window)
-    signatures = kernel_parameters(pak.source())
+    case = {"q_lens": q_lens, "seq_lens": seq_lens, "fp8": fp8, "window": window}
+    calls, t = _launches(monkeypatch, decode_kernel=decode_kernel, **case)
+    signatures = kernel_parameters(pak.source()) | kernel_parameters(decode_attention.source())
+    if fp8 and kernels[0] == "decode_tc":
+        kernels = ["decode_tc_fp8", *kernels[1:]]
     assert [c[0] for c in calls] == kernels
     for kernel, grid, block, *args in calls:
         names = [n for n, _ in signatures[kernel]]
@@ -71,8 +85,12 @@ def test_launch_arguments_follow_the_kernel_signatures(
         got = dict(zip(names, args, strict=True))
         # Grids: decode (splits, Hkv x query-head chunks, B), merge (Hq, B), prefill
         # (ceil(q_len x group / 64), Hkv, B); merge runs one thread per head-dim element.
+        # The new decode kernel: (splits, Hkv x chunks of 8 query heads, B), 64 threads.
         expect = {"decode_g4": (grid[0], 2, 3), "merge_splits": (8, 3), "prefill": (1, 2, 3)}
-        assert tuple(grid) == expect[kernel] and block == (64 if kernel == "merge_splits" else 128)
+        expect |= {"decode_tc": (grid[0], 2, 3), "decode_tc_fp8": (grid[0], 2, 3)}
+        expect["decode_tc_merge"] = (8, 3)
+        threads = {"merge_splits": 64, "decode_tc_merge": 64, "decode_tc": 64, "decode_tc_fp8": 64}
+        assert tuple(grid) == expect[kernel] and block == threads.get(kernel, 128)
         for name, tensor in t.items():
             if name in got:
                 assert got[name] == tensor.data_ptr(), (kernel, name)
@@ -81,6 +99,11 @@ def test_launch_arguments_follow_the_kernel_signatures(
             assert got["part_lse"] - got["part_o"] == splits * 3 * 8 * 64 * 4
             assert got.get("max_splits", splits) == splits
         assert got["window"] == (window or 0)
+        if decode_kernel == "new" and kernel != "prefill":
+            # 2 KV heads x 3 requests = 6 blocks a split on 132 x 2 slots: 40 splits are
+            # the fewest that fill 90% of the wave (9000 tokens allow 64 of 128).
+            assert got["min_chunk"] == decode_attention.MIN_CHUNK == 128
+            assert calls[0][1][0] == 40
         if "scale_log2" in got:
             scale = 0.125 * (0.5 if fp8 else 1.0) * pak.LOG2E
             assert got["scale_log2"] == np.float32(scale)

@@ -81,6 +81,42 @@ def test_prefill_attention_compiles(dtype_name: str, head_dim: int) -> None:
         assert max(spills) <= PREFILL_SPILL_ALLOWED.get((name, head_dim), 0), (name, report)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_decode_attention_compiles(dtype_name: str, head_dim: int) -> None:
+    """The tensor-core decode kernel: both KV types (one template) and the merge, no spills,
+    and within the 48 KB of static shared memory a block may have."""
+    import torch
+
+    from cuda import decode_attention as da
+
+    cubin, log = compiler.compile_cubin(
+        da.source(),
+        arch="sm_90",
+        defines=da.module_defines(getattr(torch, dtype_name), head_dim),
+        name="decode_attention",
+        verbose_ptxas=True,
+    )
+    for name in ("decode_tc", "decode_tc_fp8", "decode_tc_merge"):
+        assert f"Compiling entry function '{name}'" in log
+        assert name.encode() in cubin
+    _check_log(log)
+    # The host's view of the pipeline (cuda/decode_attention.py) is the compiled one.
+    smem: dict[str, int] = {}
+    for entry in log.split("Compiling entry function '")[1:]:
+        found = re.search(r"(\d+) bytes smem", entry)
+        smem[entry.split("'")[0]] = int(found.group(1)) if found else 0
+    assert smem == {
+        "decode_tc_merge": 0,
+        "decode_tc_fp8": da.smem_bytes(head_dim, 1),
+        "decode_tc": da.smem_bytes(head_dim, 2),
+    }, log
+    assert max(smem.values()) <= 48 * 1024
+    assert da.pipeline_stages(head_dim, 2) == (3 if head_dim == 128 else 4)
+    regs = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    assert max(regs) <= 168, log  # 4 blocks of 64 threads per SM need at most 255
+
+
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("module_name", ["fused_ops", "layer_ops"])
 def test_elementwise_modules_compile(module_name: str, dtype_name: str) -> None:
