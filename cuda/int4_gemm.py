@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cuda import compiler
+from cuda import compiler, int4_gemv
 from cuda.int4_tiles import from_tiles, tiles_ok, to_tiles
 
 SOURCE_PATH = Path(__file__).with_name("int4_gemm.cu")
@@ -41,8 +41,13 @@ GEMV_KERNELS = {1: "gemv_m1", 2: "gemv_m2", 4: "gemv_m4"}
 KERNELS = (*GEMV_KERNELS.values(), "dequant", "gemv_tiles", "dequant_tiles")
 ROWS_PER_BLOCK = {"gemv_m1": 16, "gemv_m2": 16, "gemv_m4": 8}  # ROWS x WARPS in the source
 THREADS = 128
-# Up to this many rows of x run as GEMVs of <= 4 rows; more: dequantize + cuBLAS.
+# Up to this many rows of x run as GEMVs (split: 8 rows a launch; old: 4); more:
+# dequantize + cuBLAS.
 GEMV_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_GEMV_ROWS", "8"))
+# Rows-layout GEMV: "split" (cuda/int4_gemv.cu, split-K, the default) or "old" (gemv_m*).
+GEMV_IMPL = os.environ.get("HEADRACE_INT4_GEMV", "split")
+if GEMV_IMPL not in ("split", "old"):
+    raise ValueError(f"HEADRACE_INT4_GEMV {GEMV_IMPL!r} must be 'split' or 'old'")
 DEQUANT_THREADS = 256
 TILE_THREADS = 256  # TILE_WARPS x 32 in the source
 TILE_MAX_ROWS = 8  # gemv_tiles takes up to 8 rows of x (mma's B has 8 columns)
@@ -198,9 +203,34 @@ def int4_linear(
         w = w.without_perm()
     if w.layout == "tiles":
         return _tiles_linear(x, w, scratch, out)
+    if GEMV_IMPL == "split" and x.shape[0] <= GEMV_MAX_ROWS:
+        y = _split_linear(x, w, out)
+        if y is not None:
+            return y
+    return _old_linear(x, w, scratch, out)
+
+
+def _split_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> torch.Tensor | None:
+    """The split-K GEMV, 8 rows of x a launch; None (nothing launched) if a launch would
+    not fit its shared memory or split workspace."""
+    m, step = x.shape[0], int4_gemv.MAX_ROWS
+    chunks = [(r, int4_gemv.plan_for(min(step, m - r), w, x.device)) for r in range(0, m, step)]
+    if not all(plan.fits(w.out_features, min(step, m - r)) for r, plan in chunks):
+        return None
+    y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+    for r, plan in chunks:
+        int4_gemv.gemv(x[r : r + step], w, y[r : r + step], plan)
+    return y
+
+
+def _old_linear(
+    x: torch.Tensor, w: Int4Weight, scratch: torch.Tensor | None, out: torch.Tensor | None
+) -> torch.Tensor:
+    """gemv_m1/m2/m4 (HEADRACE_INT4_GEMV=old) up to GEMV_MAX_ROWS rows, else dequantize +
+    cuBLAS. x is gathered already (no perm)."""
     if x.shape[0] == 3:  # the GEMV instantiations take 1, 2 or 4 rows
         x = F.pad(x, (0, 0, 0, 1))
-        y4 = int4_linear(x, w, scratch)
+        y4 = _old_linear(x, w, scratch, None)
         if out is None:
             return y4[:3]
         return out.copy_(y4[:3])
@@ -222,7 +252,7 @@ def int4_linear(
             else torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
         )
         for r in range(0, x.shape[0], 4):
-            int4_linear(x[r : r + 4], w, out=y[r : r + 4])
+            _old_linear(x[r : r + 4], w, scratch, y[r : r + 4])
         return y
     wd = dequantize(w, x.dtype, scratch)
     return F.linear(x, wd)
