@@ -150,3 +150,26 @@ def test_shared_header_is_in_every_including_source() -> None:
     header = (Path(compiler.__file__).parent / "elem_type.cuh").read_text()
     for module in (fused_ops, layer_ops):
         assert header in module.source() and '#include "' not in module.source()
+
+
+@pytest.mark.slow  # ~35 s a dtype on a small CPU: 14 instantiations
+@pytest.mark.parametrize("bf16", [1, 0])
+def test_int4_split_gemv_compiles(bf16: int) -> None:
+    from cuda import int4_gemv
+
+    cubin, log = compiler.compile_cubin(
+        int4_gemv.source(),
+        arch="sm_90",
+        defines={"HR_BF16": bf16},
+        name="int4_gemv",
+        verbose_ptxas=True,
+    )
+    for name in int4_gemv.kernel_names():
+        assert f"Compiling entry function '{name}'" in log
+        assert name.encode() in cubin
+    assert len(re.findall(r"bytes spill stores", log)) == len(int4_gemv.kernel_names()), log
+    _check_log(log)
+    # Batch 1 (W1) kernels keep two 256-thread blocks per SM resident: <= 128 registers.
+    regs = dict(re.findall(r"entry function '(\w+)'.*?Used (\d+) registers", log, re.S))
+    assert set(regs) == set(int4_gemv.kernel_names())
+    assert all(int(n) <= 128 for name, n in regs.items() if name.startswith("gemv_sk_m1_")), regs
