@@ -20,6 +20,7 @@ prints the measured best per shape):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def split_plan(n: int, k: int, m: int, rows: int, wk: int, splits: int = 0) -> P
         splits += 1
 
 
+@functools.lru_cache(maxsize=4096)  # decode calls it per layer and step (eager)
 def choose(
     n: int, k: int, m: int, sms: int = SMS, variants: tuple[tuple[int, int], ...] = ()
 ) -> Plan:
@@ -148,6 +150,8 @@ def workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 partials, int32 zeroed counters) for split launches on `device`: made once,
     before CUDA graph capture (prepare_int4_layers), never freed or regrown, so a captured
     graph's pointers stay valid. One stream at a time may use it."""
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one workspace
+        device = torch.device("cuda", torch.cuda.current_device())
     ws = _workspaces.get(device)
     if ws is None:
         part = torch.empty(PART_FLOATS, dtype=torch.float32, device=device)
