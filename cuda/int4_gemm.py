@@ -16,9 +16,9 @@ A second layout, "tiles" (cuda/int4_tiles.py; `Int4Weight.as_tiles`), holds the 
 bytes in the order of mma.sync's fragments: its GEMV (gemv_tiles) unpacks with about half
 the instructions per weight and splits K across a block's warps, for up to 8 rows at once.
 
-`int4_linear` runs the GEMV kernel for up to 4 rows of x (decode; tiles: 8), GEMVs of 4
-rows each up to GEMV_MAX_ROWS (HEADRACE_INT4_GEMV_ROWS, default 8; tiles: 8 rows each up
-to 32), else dequantizes into a scratch buffer and calls cuBLAS (prefill: the GEMM
+`int4_linear` runs, up to GEMV_MAX_ROWS rows of x (HEADRACE_INT4_GEMV_ROWS, default 8;
+tiles: 32), the split-K GEMV of cuda/int4_gemv.py (8 rows a launch; HEADRACE_INT4_GEMV=old:
+gemv_m1/m2/m4 here, 4 rows a launch; tiles: gemv_tiles, 8 rows a launch), else dequantizes into a scratch buffer and calls cuBLAS (prefill: the GEMM
 dominates); on CPU the reference `int4_linear_ref` (dequantize, then matmul).
 """
 

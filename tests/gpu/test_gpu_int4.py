@@ -109,6 +109,19 @@ def test_tiles_graph_replay_equals_eager() -> None:
 # ---- the split-K GEMV (cuda/int4_gemv.cu): every variant, forced splits, loader layouts ----
 
 
+def gpu_weight(n: int, k: int, group_size: int, perm: bool, seed: int) -> ig.Int4Weight:
+    """random_weight made on the GPU (any int32 is 8 valid nibbles): big shapes in ms."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    groups = k // group_size
+    return ig.Int4Weight(
+        qw=torch.randint(-(2**31), 2**31 - 1, (n, k // 8), generator=g, device="cuda").int(),
+        scales=(torch.rand(n, groups, generator=g, device="cuda") * 0.02 + 0.001).half(),
+        zeros=torch.randint(0, 17, (n, groups), generator=g, device="cuda").to(torch.uint8),
+        group_size=group_size,
+        perm=torch.randperm(k, generator=g, device="cuda") if perm else None,
+    )
+
+
 @pytest.mark.parametrize("seed", range(16))
 def test_split_gemv_every_variant_matches_reference(seed: int) -> None:
     """Each instantiated variant for a fresh shape, M in 1..8, group 32/64/128/K, with the
@@ -121,7 +134,7 @@ def test_split_gemv_every_variant_matches_reference(seed: int) -> None:
     group_size = rng.choice([g for g in (32, 64, 128, k) if k % g == 0])
     n = rng.choice([1, 15, 40, 333, 4096, 6144 + rng.randrange(0, 40)])
     m = rng.randint(1, 8)
-    w = random_weight(n, k, group_size, perm=False, seed=seed)
+    w = gpu_weight(n, k, group_size, perm=False, seed=seed)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     for rows, wk in sk.VARIANTS[sk.m_template(m)]:
         fewest = sk.split_plan(n, k, m, rows, wk)
@@ -142,7 +155,7 @@ def test_gemv_impls_match_reference_for_every_row_count(
 ) -> None:
     monkeypatch.setattr(ig, "GEMV_IMPL", impl)
     for n, k, group_size in ((4096, 14336, 128), (1000, 576, 64), (6144, 4096, 32)):
-        w = random_weight(n, k, group_size, perm=m == 5, seed=m + n)
+        w = gpu_weight(n, k, group_size, perm=m == 5, seed=m + n)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         y = ig.int4_linear(x, w, out=out)
@@ -191,7 +204,7 @@ def test_split_gemv_graph_replay_equals_eager() -> None:
     eager bit for bit, twice, and right for new inputs."""
     from cuda import int4_gemv as sk
 
-    w = random_weight(4096, 14336, 128, perm=False, seed=97)
+    w = gpu_weight(4096, 14336, 128, perm=False, seed=97)
     x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
     assert sk.choose(4096, 14336, 1, sk._sms(x.device)).splits > 1
     y = torch.empty(1, 4096, device="cuda", dtype=torch.bfloat16)
