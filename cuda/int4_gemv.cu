@@ -1,5 +1,6 @@
 // W4A16 split-K decode GEMV on the rows layout (cuda/int4_gemm.cu draws it), for up to 8
-// rows of x in one launch. Compiled by NVRTC; HR_BF16 picks the activation dtype.
+// rows of x in one launch. Compiled by NVRTC; HR_BF16 picks the activation dtype, HR_SK_M
+// the x row count the module's kernels are instantiated for.
 //
 // Work split: a block of 8 warps owns RB = ROWS * (8 / WK) output channels and one K slice
 // (blockIdx.y of `splits`, `chunks_per_split` chunks of 32 inputs). Inside the block the
@@ -237,9 +238,17 @@ __device__ __forceinline__ void gemv_sk(HR_SK_ARGS) {
     extern "C" __global__ void __launch_bounds__(SK_THREADS) gemv_sk_m##M##_r##R##_w##W(HR_SK_ARGS) { \
         gemv_sk<M, R, W>(HR_SK_PASS);                                                                 \
     }
-// The rule (cuda/int4_gemv.py) picks among these; the bench measures each on M = 1.
+// The rule (cuda/int4_gemv.py) picks among these; the bench measures each on M = 1. One
+// module per M_T (HR_SK_M), so each compiles on its own (in parallel: scripts/warm_kernels.py).
+#if HR_SK_M == 1
 HR_SK_KERNEL(1, 2, 8) HR_SK_KERNEL(1, 4, 8) HR_SK_KERNEL(1, 2, 4) HR_SK_KERNEL(1, 4, 4)
 HR_SK_KERNEL(1, 8, 4) HR_SK_KERNEL(1, 8, 2)
+#elif HR_SK_M == 2
 HR_SK_KERNEL(2, 4, 4) HR_SK_KERNEL(2, 8, 4) HR_SK_KERNEL(2, 8, 2)
+#elif HR_SK_M == 4
 HR_SK_KERNEL(4, 2, 4) HR_SK_KERNEL(4, 4, 4) HR_SK_KERNEL(4, 4, 8)
+#elif HR_SK_M == 8
 HR_SK_KERNEL(8, 2, 4) HR_SK_KERNEL(8, 2, 8)
+#else
+#error "HR_SK_M must be 1, 2, 4 or 8"
+#endif

@@ -34,7 +34,9 @@ THREADS = 256  # SK_THREADS
 WARPS = 8
 CHUNK = 32  # inputs per 16-byte weight vector
 SMEM_PER_CHUNK_ROW = 8 * 16 + 8  # 8 float4 of x + float2 (C, X)
-SMEM_MAX = 48 * 1024  # dynamic shared memory without an opt-in attribute
+# Dynamic shared memory a block may take: 48 KB (static + dynamic, without an opt-in
+# attribute) less 1 KB for the kernel's static arrays (red, last: <= 516 bytes).
+SMEM_MAX = 47 * 1024
 MAX_LOADS = 16  # 16-byte weight loads per thread (two rounds of 8 in flight)
 MAX_IDLE = 0.25
 SMS = 132  # H200; `choose` takes the real count
@@ -142,8 +144,13 @@ def source() -> str:
     return _source
 
 
-def kernel_names() -> list[str]:
-    return [f"gemv_sk_m{m}_r{r}_w{w}" for m, vs in VARIANTS.items() for r, w in vs]
+def kernel_names(m_t: int) -> list[str]:
+    """The kernels of the module for M_T rows (macro HR_SK_M)."""
+    return [f"gemv_sk_m{m_t}_r{r}_w{w}" for r, w in VARIANTS[m_t]]
+
+
+def module_defines(dtype: torch.dtype, m_t: int) -> dict[str, int | str]:
+    return {"HR_BF16": 1 if dtype == torch.bfloat16 else 0, "HR_SK_M": m_t}
 
 
 def workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,10 +192,9 @@ def launch_args(x: torch.Tensor, w: object, y: torch.Tensor, plan: Plan, ws: tup
     ]
 
 
-def _kernel(dtype: torch.dtype, name: str) -> object:
-    defines = {"HR_BF16": 1 if dtype == torch.bfloat16 else 0}
-    mod = compiler.load_module(source(), defines=defines, name="int4_gemv")
-    return mod.kernel(name)
+def _kernel(dtype: torch.dtype, plan: Plan) -> object:
+    mod = compiler.load_module(source(), defines=module_defines(dtype, plan.m_t), name="int4_gemv")
+    return mod.kernel(plan.name)
 
 
 def plan_for(m: int, w: object, device: torch.device) -> Plan:
@@ -200,7 +206,7 @@ def gemv(x: torch.Tensor, w: object, y: torch.Tensor, plan: Plan) -> None:
     """y [M, N] = x [M, K] W^T for M <= 8 on the GPU; `plan` must fit (Plan.fits)."""
     n, m = w.out_features, x.shape[0]  # type: ignore[attr-defined]
     args = launch_args(x, w, y, plan, workspace(x.device))
-    compiler.launch(_kernel(x.dtype, plan.name), plan.grid(n), THREADS, *args, shmem=plan.shmem(m))
+    compiler.launch(_kernel(x.dtype, plan), plan.grid(n), THREADS, *args, shmem=plan.shmem(m))
 
 
 _sm_counts: dict[torch.device, int] = {}

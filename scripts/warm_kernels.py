@@ -23,7 +23,8 @@ def jobs() -> list[Job]:
     """The modules as their loaders compile them (same name, source and defines)."""
     out: list[Job] = []
     for dtype in (torch.bfloat16, torch.float16):
-        out.append(("int4_gemv", int4_gemv.source(), {"HR_BF16": int(dtype == torch.bfloat16)}))
+        for m_t in int4_gemv.M_TEMPLATES:
+            out.append(("int4_gemv", int4_gemv.source(), int4_gemv.module_defines(dtype, m_t)))
         out.append(("int4_gemm", int4_gemm.source(), int4_gemm.module_defines(dtype)))
     bf16 = torch.bfloat16
     out.append(("paged_attention", pak.source(), pak.module_defines(bf16, 128, None)))
@@ -43,7 +44,7 @@ def _compile(job: Job, arch: str) -> tuple[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90")
-    ap.add_argument("--jobs", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=14)
     args = ap.parse_args()
     t0 = time.perf_counter()
     todo = jobs()

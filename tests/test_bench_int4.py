@@ -81,7 +81,8 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(compiler, "load_module", load_module)
     for dtype in (torch.bfloat16, torch.float16):
-        sk._kernel(dtype, "k")
+        for m_t in sk.M_TEMPLATES:
+            sk._kernel(dtype, sk.split_plan(64, 256, m_t, *sk.VARIANTS[m_t][0]))
         int4_gemm._kernel(dtype, "k")
     pak._kernel(torch.bfloat16, 128, "k")
     fused_ops._kernel(torch.bfloat16, "k")

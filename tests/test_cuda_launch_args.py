@@ -152,7 +152,7 @@ def test_int4_split_gemv_arguments_follow_the_kernel_signature(
     from cuda import int4_gemv as sk
 
     calls: list[Any] = []
-    monkeypatch.setattr(sk, "_kernel", lambda dtype, name: name)
+    monkeypatch.setattr(sk, "_kernel", lambda dtype, plan: plan.name)
     monkeypatch.setattr(sk, "_sms", lambda device: 132)
     monkeypatch.setattr(ig, "GEMV_MAX_ROWS", 16)
     monkeypatch.setattr(ig, "GEMV_IMPL", "split")
@@ -176,7 +176,7 @@ def test_int4_split_gemv_arguments_follow_the_kernel_signature(
             256,
             rows * plan.chunks_per_split * 136,
         )
-        assert shmem <= 48 * 1024 and plan.grid(n)[0] <= sk.COUNTERS
+        assert shmem + 1024 <= 48 * 1024 and plan.grid(n)[0] <= sk.COUNTERS
         assert [type(a) for a in args] == [t for _, t in signature]
         got = dict(zip([name for name, _ in signature], args, strict=True))
         assert got["x"] == x.data_ptr() + 8 * i * (k + 8) * 2 and got["x_stride"] == k + 8
