@@ -115,6 +115,7 @@ __device__ __forceinline__ void stage_x(const sk_elem_t* __restrict__ x, long lo
 template <int M, int ROWS, int WK>
 __device__ __forceinline__ void finish(float (&acc)[M][ROWS], HR_SK_ARGS) {
     constexpr int RB = ROWS * (SK_WARPS / WK);
+    static_assert(RB * M <= SK_THREADS, "one thread per output of the tile");
     __shared__ float red[SK_WARPS][ROWS * M];
     __shared__ int last;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
