@@ -51,11 +51,11 @@ for step in $which; do
       run4() { local secs=$1; shift; echo "== $* (timeout $secs s)" >> "$log"; local t0=$SECONDS
                timeout "$secs" "$@" > "$OUT/.int4perf_part" 2>&1; local rc=$?; cat "$OUT/.int4perf_part" >> "$log"
                echo "== rc $rc, $((SECONDS - t0)) s" >> "$log"; echo "[$(echo "$*" | cut -c1-70) ... rc $rc, $((SECONDS - t0)) s]"; }
-      run4 45 python scripts/warm_kernels.py; tail -1 "$OUT/.int4perf_part"
+      run4 60 python scripts/warm_kernels.py; tail -1 "$OUT/.int4perf_part"
       run4 70 python -m pytest -m gpu tests/gpu/test_gpu_int4.py -q -p no:cacheprovider; tail -4 "$OUT/.int4perf_part"
-      run4 55 python scripts/bench_int4.py --output-json "$OUT/int4perf_bench.json"; grep -v '^    ' "$OUT/.int4perf_part"
-      for g in split old; do
-        HEADRACE_INT4_GEMV=$g run4 55 python -m headrace bench latency --quantization awq
+      run4 45 python scripts/bench_int4.py --output-json "$OUT/int4perf_bench.json"; grep -v '^    ' "$OUT/.int4perf_part"
+      for g in split old; do  # 55 + 50 s: the first run also compiles what warm_kernels did not
+        HEADRACE_INT4_GEMV=$g run4 $([ $g = split ] && echo 55 || echo 50) python -m headrace bench latency --quantization awq
         echo "W1 AWQ, GEMV $g: $(grep '^W1' "$OUT/.int4perf_part" | tail -1)"; done
       rm -f "$OUT/.int4perf_part" ;;
     # Issue 15's models with HF generate() beside them, 525 s of timeouts in all: Mixtral-8x7B W1 and
