@@ -148,7 +148,12 @@ def unsupported_reason(x: torch.Tensor, w: Int4Weight) -> str | None:
         return f"dtype {x.dtype} (kernels take bf16/fp16)"
     if w.in_features % 32 or w.group_size % 32:
         return f"K {w.in_features} / group_size {w.group_size} not multiples of 32"
-    if x.dim() != 2 or x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16:
+    if (
+        x.dim() != 2
+        or x.stride(1) != 1
+        or (x.stride(0) * x.element_size()) % 16
+        or x.data_ptr() % 16
+    ):
         return "x rows are not contiguous 16-byte aligned vectors"
     return None
 
