@@ -21,6 +21,8 @@ prints the measured best per shape):
 from __future__ import annotations
 
 import functools
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,9 +199,29 @@ def _kernel(dtype: torch.dtype, plan: Plan) -> object:
     return mod.kernel(plan.name)
 
 
+def forced_variant(text: str) -> tuple[int, int] | None:
+    """HEADRACE_INT4_GEMV_VARIANT "r{ROWS}_w{WK}" (e.g. r8_w4): use that variant, with its
+    best split, where the row count has it (to try a bench's best in W1 without a code
+    change); "" : the rule."""
+    if not text:
+        return None
+    m = re.fullmatch(r"r(\d+)_w(\d+)", text)
+    variant = (int(m.group(1)), int(m.group(2))) if m else None
+    if variant is None or not any(variant in vs for vs in VARIANTS.values()):
+        known = sorted({f"r{r}_w{w}" for vs in VARIANTS.values() for r, w in vs})
+        raise ValueError(f"HEADRACE_INT4_GEMV_VARIANT {text!r} is not one of {known}")
+    return variant
+
+
+FORCED = forced_variant(os.environ.get("HEADRACE_INT4_GEMV_VARIANT", ""))
+
+
 def plan_for(m: int, w: object, device: torch.device) -> Plan:
     """The rule's plan for x of m rows times w (an Int4Weight) on `device`."""
-    return choose(w.out_features, w.in_features, m, _sms(device))  # type: ignore[attr-defined]
+    n, k = w.out_features, w.in_features  # type: ignore[attr-defined]
+    if FORCED is not None and FORCED in VARIANTS[m_template(m)]:
+        return choose(n, k, m, _sms(device), (FORCED,))
+    return choose(n, k, m, _sms(device))
 
 
 def gemv(x: torch.Tensor, w: object, y: torch.Tensor, plan: Plan) -> None:

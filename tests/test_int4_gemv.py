@@ -189,3 +189,15 @@ def test_split_plan_has_no_empty_split_and_fits_shared_memory() -> None:
         sk.m_template(9)
     big = sk.split_plan(10**6, 8192, 8, 2, 4)  # more partials than the workspace holds
     assert not big.fits(10**6, 8)
+
+
+def test_forced_variant_env_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sk.forced_variant("") is None and sk.forced_variant("r8_w4") == (8, 4)
+    with pytest.raises(ValueError, match="HEADRACE_INT4_GEMV_VARIANT 'r3_w4'"):
+        sk.forced_variant("r3_w4")
+    monkeypatch.setattr(sk, "_sms", lambda device: 132)
+    monkeypatch.setattr(sk, "FORCED", (4, 4))
+    w = random_weight(4096, 4096, 128, 0)
+    plan = sk.plan_for(1, w, torch.device("cpu"))
+    assert (plan.rows, plan.wk) == (4, 4)
+    assert sk.plan_for(8, w, torch.device("cpu")) == sk.choose(4096, 4096, 8)  # M_T 8 lacks it
