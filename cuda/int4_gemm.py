@@ -18,8 +18,8 @@ the instructions per weight and splits K across a block's warps, for up to 8 row
 
 `int4_linear` runs, up to GEMV_MAX_ROWS rows of x (HEADRACE_INT4_GEMV_ROWS, default 8;
 tiles: 32), the split-K GEMV of cuda/int4_gemv.py (8 rows a launch; HEADRACE_INT4_GEMV=old:
-gemv_m1/m2/m4 here, 4 rows a launch; tiles: gemv_tiles, 8 rows a launch), else dequantizes into a scratch buffer and calls cuBLAS (prefill: the GEMM
-dominates); on CPU the reference `int4_linear_ref` (dequantize, then matmul).
+gemv_m1/m2/m4 here, 4 rows a launch; tiles: gemv_tiles, 8 rows a launch), else
+dequantizes into a scratch buffer and calls cuBLAS (prefill: the GEMM dominates); on CPU the reference `int4_linear_ref` (dequantize, then matmul).
 """
 
 from __future__ import annotations
