@@ -150,3 +150,77 @@ def test_kv_write_arguments_follow_the_kernel_signatures(
 class _Names:
     def kernel(self, name: str) -> str:
         return name
+
+
+def _int4_weight(n: int, k: int, group_size: int) -> Any:
+    from cuda import int4_gemm as ig
+
+    g = torch.Generator().manual_seed(n + k)
+    return ig.Int4Weight(
+        qw=ig.pack_rows(torch.randint(0, 16, (n, k), generator=g)),
+        scales=torch.rand(n, k // group_size, generator=g).half(),
+        zeros=torch.randint(0, 16, (n, k // group_size), generator=g).to(torch.uint8),
+        group_size=group_size,
+    )
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "group_size"),
+    [(1, 4096, 4096, 128), (3, 100, 576, 64), (8, 4096, 14336, 32), (11, 40, 8192, 8192)],
+)
+def test_int4_split_gemv_arguments_follow_the_kernel_signature(
+    monkeypatch: pytest.MonkeyPatch, m: int, n: int, k: int, group_size: int
+) -> None:
+    from cuda import int4_gemm as ig
+    from cuda import int4_gemv as sk
+
+    calls: list[Any] = []
+    monkeypatch.setattr(sk, "_kernel", lambda dtype, plan: plan.name)
+    monkeypatch.setattr(sk, "_sms", lambda device: 132)
+    monkeypatch.setattr(ig, "GEMV_MAX_ROWS", 16)
+    monkeypatch.setattr(ig, "GEMV_IMPL", "split")
+    monkeypatch.setattr(compiler, "launch", lambda *c, shmem=0: calls.append((*c, shmem)))
+    w = _int4_weight(n, k, group_size)
+    x = torch.randn(m, k + 8, dtype=torch.bfloat16)[:, :k].as_subclass(_OnDevice)  # strided
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    assert ig.int4_linear(x, w, out=y) is y
+    text = sk.source()
+    args_macro = text[text.index("#define HR_SK_ARGS") : text.index("#define HR_SK_PASS")]
+    source = args_macro + '\nextern "C" __global__ void signature(HR_SK_ARGS) {}\n'
+    signature = kernel_parameters(source)["signature"]
+    part, counters = sk.workspace(x.device)
+    assert len(calls) == -(-m // 8)  # 8 rows of x a launch
+    for i, (kernel, grid, block, *args, shmem) in enumerate(calls):
+        rows = min(8, m - 8 * i)
+        plan = sk.choose(n, k, rows, 132)
+        assert (kernel, tuple(grid), block, shmem) == (
+            plan.name,
+            plan.grid(n),
+            256,
+            rows * plan.chunks_per_split * 136,
+        )
+        assert shmem + 1024 <= 48 * 1024 and plan.grid(n)[0] <= sk.COUNTERS
+        assert [type(a) for a in args] == [t for _, t in signature]
+        got = dict(zip([name for name, _ in signature], args, strict=True))
+        assert got["x"] == x.data_ptr() + 8 * i * (k + 8) * 2 and got["x_stride"] == k + 8
+        assert got["y"] == y.data_ptr() + 8 * i * n * 2 and got["y_stride"] == n
+        assert (got["qw"], got["scales"], got["zeros"]) == tuple(
+            t.data_ptr() for t in (w.qw, w.scales, w.zeros)
+        )
+        assert (got["N"], got["K"], got["group_size"], got["Mr"]) == (n, k, group_size, rows)
+        assert got["chunks_per_split"] == plan.chunks_per_split
+        assert (got["part"], got["counters"]) == (part.data_ptr(), counters.data_ptr())
+        assert plan.splits * rows * n <= part.numel()
+
+
+def test_int4_old_gemv_is_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuda import int4_gemm as ig
+
+    calls: list[Any] = []
+    monkeypatch.setattr(ig, "_kernel", lambda dtype, name: name)
+    monkeypatch.setattr(ig, "GEMV_IMPL", "old")
+    monkeypatch.setattr(compiler, "launch", lambda *c, shmem=0: calls.append(c))
+    w = _int4_weight(100, 256, 128)
+    x = torch.randn(6, 256, dtype=torch.bfloat16).as_subclass(_OnDevice)
+    ig.int4_linear(x, w, out=torch.empty(6, 100, dtype=torch.bfloat16))
+    assert [(c[0], c[1], c[2]) for c in calls] == [("gemv_m4", (13,), 128), ("gemv_m2", (7,), 128)]

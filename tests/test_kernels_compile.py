@@ -216,3 +216,32 @@ def test_shared_header_is_in_every_including_source() -> None:
     header = (Path(compiler.__file__).parent / "elem_type.cuh").read_text()
     for module in (fused_ops, layer_ops):
         assert header in module.source() and '#include "' not in module.source()
+
+
+@pytest.mark.slow  # ~35 s a dtype on a small CPU: 14 instantiations in 4 modules
+@pytest.mark.parametrize("m_t", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_int4_split_gemv_compiles(dtype_name: str, m_t: int) -> None:
+    import torch
+
+    from cuda import int4_gemv
+
+    cubin, log = compiler.compile_cubin(
+        int4_gemv.source(),
+        arch="sm_90",
+        defines=int4_gemv.module_defines(getattr(torch, dtype_name), m_t),
+        name="int4_gemv",
+        verbose_ptxas=True,
+    )
+    for name in int4_gemv.kernel_names(m_t):
+        assert f"Compiling entry function '{name}'" in log
+        assert name.encode() in cubin
+    assert len(re.findall(r"bytes spill stores", log)) == len(int4_gemv.kernel_names(m_t)), log
+    _check_log(log)
+    # Batch 1 (W1) kernels keep two 256-thread blocks per SM resident: <= 128 registers.
+    regs = dict(re.findall(r"entry function '(\w+)'.*?Used (\d+) registers", log, re.S))
+    assert set(regs) == set(int4_gemv.kernel_names(m_t))
+    assert all(int(n) <= 128 for name, n in regs.items() if name.startswith("gemv_sk_m1_")), regs
+    # Static shared memory fits the 1 KB that int4_gemv.SMEM_MAX leaves under 48 KB.
+    static = [int(n) for n in re.findall(r"(\d+) bytes smem", log)]
+    assert static and max(static) + int4_gemv.SMEM_MAX <= 48 * 1024, static
