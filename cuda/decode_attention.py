@@ -10,8 +10,9 @@ group, the bound on seq_len and the GPU's block slots, computed from fixed maxim
 CUDA graph captured at short lengths stays right at long ones: each request's own split
 count comes from its seq_len on the device, with the same `min_chunk`).
 
-HEADRACE_DECODE_KERNEL=old selects the previous CUDA-core kernels (decode_g1..g8 in
-cuda/paged_attention_kernels.cu); the default, `new`, this one. Block sizes under 16 tokens
+HEADRACE_DECODE_KERNEL picks: `auto` (the default) this kernel for FP8 KV caches and the
+previous CUDA-core kernels (decode_g1..g8 in cuda/paged_attention_kernels.cu) for 16-bit
+ones, where they measured faster; `new` or `old` forces one. Block sizes under 16 tokens
 always take the old kernels (a 16-token tile must sit in one page).
 """
 
@@ -31,7 +32,7 @@ from cuda import compiler
 
 SOURCE_PATH = Path(__file__).with_name("decode_attention.cu")
 ENV = "HEADRACE_DECODE_KERNEL"
-CHOICES = ("new", "old")
+CHOICES = ("auto", "new", "old")
 MAX_SPLITS = 64  # worker/cuda_attention.py sizes its workspace for this many
 MIN_CHUNK = 128  # tokens: the shortest split (as the old kernels); large batches take fewer
 HEADS_PER_BLOCK = 8
@@ -44,17 +45,22 @@ _slots: dict[tuple[int, str], int] = {}
 
 
 def kernel_choice() -> str:
-    """`new` or `old`, from HEADRACE_DECODE_KERNEL (read at each call, so a benchmark can
-    time both in one process)."""
-    value = os.environ.get(ENV, "new").strip().lower() or "new"
+    """`auto`, `new` or `old`, from HEADRACE_DECODE_KERNEL (read at each call, so a
+    benchmark can time both in one process)."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in CHOICES:
         raise ValueError(f"{ENV} must be one of {CHOICES}, got {value!r}")
     return value
 
 
-def applies(block_size: int) -> bool:
-    """Whether decode steps of a cache with this block size run the new kernel."""
-    return kernel_choice() == "new" and block_size >= MIN_BLOCK_SIZE
+def applies(block_size: int, kv_fp8: bool = False) -> bool:
+    """Whether decode steps of a cache with this block size run the new kernel. `auto`
+    (the default) takes it for FP8 KV caches only: on an H200 (52e44f0) it reads FP8 at
+    54-78% of copy bandwidth against the old kernels' 33-44%, but 16-bit KV at 63-75%
+    against their 62-86% (BENCHMARKS.md, kernel micro-benchmarks)."""
+    choice = kernel_choice()
+    wanted = choice == "new" or (choice == "auto" and kv_fp8)
+    return wanted and block_size >= MIN_BLOCK_SIZE
 
 
 TILE = 16  # tokens per warp per pipeline stage (the k of one P V mma)

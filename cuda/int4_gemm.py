@@ -44,8 +44,11 @@ THREADS = 128
 # Up to this many rows of x run as GEMVs (split: 8 rows a launch; old: 4); more:
 # dequantize + cuBLAS.
 GEMV_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_GEMV_ROWS", "8"))
-# Rows-layout GEMV: "split" (cuda/int4_gemv.cu, split-K, the default) or "old" (gemv_m*).
-GEMV_IMPL = os.environ.get("HEADRACE_INT4_GEMV", "split")
+# Rows-layout GEMV: "old" (gemv_m*, the default) or "split" (cuda/int4_gemv.cu, split-K).
+# On an H200 (52e44f0) the split-K variants' best per shape only matched gemv_m1 (8B qkv
+# 15.2 vs 16.3 us, down 22.9 vs 27.7, gate_up 34.4 vs 31.0) and the rule's pick was slower
+# everywhere (BENCHMARKS.md, W4A16 GEMV round 2), so it stays opt-in.
+GEMV_IMPL = os.environ.get("HEADRACE_INT4_GEMV", "old")
 if GEMV_IMPL not in ("split", "old"):
     raise ValueError(f"HEADRACE_INT4_GEMV {GEMV_IMPL!r} must be 'split' or 'old'")
 DEQUANT_THREADS = 256

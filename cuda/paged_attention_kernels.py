@@ -155,8 +155,8 @@ def decode_splits(
     """Split count the decode path will use for these fixed maxima (compiles if needed);
     block_size None: a block size the new kernel takes."""
     group = num_q_heads // num_kv_heads
-    if decode_attention.applies(block_size or decode_attention.MIN_BLOCK_SIZE):
-        fp8 = kv_dtype == FP8
+    fp8 = kv_dtype == FP8
+    if decode_attention.applies(block_size or decode_attention.MIN_BLOCK_SIZE, fp8):
         args = (dtype, head_dim, batch, num_kv_heads, group, max_seq_len, device, fp8)
         return decode_attention.plan_for(*args).splits
     return _old_decode_splits(
@@ -309,7 +309,7 @@ def _launch_decode(
 ) -> None:
     """Flash-decoding: each (split of a sequence, KV head) writes a partial result to the
     workspace; a second kernel merges the splits when there is more than one."""
-    if decode_attention.applies(1 << int(heads[2])):  # HEADRACE_DECODE_KERNEL=old: below
+    if decode_attention.applies(1 << int(heads[2]), kv_dtype is not None):  # else: below
         args = (md.seq_lens, md.query_start_loc, md.max_seq_len, common, heads, workspace)
         decode_attention.launch_decode(q, out, *args, kv_dtype is not None)
         return

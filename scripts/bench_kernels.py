@@ -133,8 +133,17 @@ def bench_decode(results: list[dict], copy_bw: float) -> None:
 def bench_prefill(results: list[dict]) -> None:
     """Old kernel, new kernel (each tile configuration) and torch SDPA flash, side by side:
     scripts/bench_prefill.py."""
-    import bench_prefill as prefill  # a sibling script: scripts/ is sys.path[0]
+    # The sibling script by path: `headrace bench kernels` loads this file from elsewhere,
+    # so scripts/ is not on sys.path then.
+    import importlib.util
+    from pathlib import Path
 
+    spec = importlib.util.spec_from_file_location(
+        "bench_prefill", Path(__file__).with_name("bench_prefill.py")
+    )
+    assert spec is not None and spec.loader is not None
+    prefill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prefill)
     prefill.bench_prefill(results)
 
 

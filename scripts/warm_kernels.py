@@ -1,4 +1,4 @@
-"""Compile the NVRTC modules a W1 run and the int4 GPU tests load, in parallel processes,
+"""Compile the NVRTC modules a W1 run, the attention and the int4 GPU tests load, in parallel processes,
 into the on-disk cubin cache (cuda/compiler.py), so that the timed steps of
 scripts/gpu_bench.sh do not each wait for compiles one after another on a fresh machine.
 
@@ -13,7 +13,16 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from cuda import compiler, fused_ops, int4_gemm, int4_gemv, kv_write_kernel, layer_ops
+from cuda import (
+    compiler,
+    decode_attention,
+    fused_ops,
+    int4_gemm,
+    int4_gemv,
+    kv_write_kernel,
+    layer_ops,
+    prefill_attention,
+)
 from cuda import paged_attention_kernels as pak
 
 Job = tuple[str, str, dict[str, int | str]]  # (module name, source, defines)
@@ -26,6 +35,10 @@ def jobs() -> list[Job]:
         for m_t in int4_gemv.M_TEMPLATES:
             out.append(("int4_gemv", int4_gemv.source(), int4_gemv.module_defines(dtype, m_t)))
         out.append(("int4_gemm", int4_gemm.source(), int4_gemm.module_defines(dtype)))
+        for head_dim in (64, 128):  # the attention kernels the GPU tests and benches load
+            for mod in (prefill_attention, decode_attention):
+                name = mod.__name__.rsplit(".", 1)[1]
+                out.append((name, mod.source(), mod.module_defines(dtype, head_dim)))
     bf16 = torch.bfloat16
     out.append(("paged_attention", pak.source(), pak.module_defines(bf16, 128, None)))
     out.append(("fused_ops", fused_ops.source(), fused_ops.module_defines(bf16)))

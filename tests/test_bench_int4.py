@@ -62,8 +62,9 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
     """scripts/warm_kernels.py's jobs hit the cache keys the kernels' loaders ask for."""
     import torch
 
-    from cuda import compiler, fused_ops, int4_gemm, kv_write_kernel, layer_ops
+    from cuda import compiler, decode_attention, fused_ops, int4_gemm, kv_write_kernel, layer_ops
     from cuda import paged_attention_kernels as pak
+    from cuda import prefill_attention as pa
 
     spec = importlib.util.spec_from_file_location("warm", ROOT / "scripts" / "warm_kernels.py")
     assert spec is not None and spec.loader is not None
@@ -84,6 +85,10 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
         for m_t in sk.M_TEMPLATES:
             sk._kernel(dtype, sk.split_plan(64, 256, m_t, *sk.VARIANTS[m_t][0]))
         int4_gemm._kernel(dtype, "k")
+        for head_dim in (64, 128):
+            decode_attention._kernel(dtype, head_dim, "k")
+            monkeypatch.setattr(pa, "_allow_smem", lambda *a: None)
+            pa._kernel(dtype, head_dim, pa.CONFIGS[0])
     pak._kernel(torch.bfloat16, 128, "k")
     fused_ops._kernel(torch.bfloat16, "k")
     monkeypatch.setattr(compiler, "launch", lambda *a, **k: None)

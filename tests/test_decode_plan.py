@@ -55,6 +55,9 @@ def test_bad_inputs_name_the_field(field: str) -> None:
 
 def test_kernel_choice_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(da.ENV, raising=False)
+    assert da.kernel_choice() == "auto" and not da.applies(16)  # 16-bit KV: the old kernels
+    assert da.applies(16, kv_fp8=True) and not da.applies(8, kv_fp8=True)
+    monkeypatch.setenv(da.ENV, "new")
     assert da.kernel_choice() == "new" and da.applies(16) and not da.applies(8)
     monkeypatch.setenv(da.ENV, "OLD")
     assert da.kernel_choice() == "old" and not da.applies(16)
