@@ -7,9 +7,9 @@ Weights keep one scale per output channel (a per-tensor checkpoint scale is broa
 its rows, so fused q/k/v or gate/up layers can hold shards with different scales).
 Activations get one scale per token (dynamic), or the checkpoint's static input_scale.
 
-GPU (sm_89+): batches of 1-4 rows (decode at small batch: a weight read) run our FP8
+GPU (sm_89+): batches of 1-8 rows (decode at small batch: a weight read) run our FP8
 GEMV (cuda/fp8_gemv.py: 16-bit activations as they are, weights widened in registers;
-HEADRACE_FP8_GEMV=0 turns it off). Larger ones: torch._scaled_mm (cuBLASLt FP8 tensor
+HEADRACE_FP8_GEMV=old: the first kernel, 1-4 rows; =0 turns it off). Larger ones: torch._scaled_mm (cuBLASLt FP8 tensor
 cores, fp32 accumulate) with row-wise scales, after the activation-quantization kernel
 (cuda/fp8_quant.py). The path is picked once per device by a probe (`gemm_mode`); shapes
 _scaled_mm rejects (K or N not a multiple of 16) dequantize the weight instead.
@@ -19,7 +19,6 @@ CPU: `fp8_linear_ref`, the same math in fp32.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -30,7 +29,6 @@ from cuda.fp8_quant import FP8, FP8_MAX, MIN_SCALE, quantize_per_token, quantize
 log = logging.getLogger(__name__)
 
 _modes: dict[int, str] = {}
-GEMV = os.environ.get("HEADRACE_FP8_GEMV", "1") != "0"
 
 
 class Fp8UnsupportedError(ValueError):
@@ -173,7 +171,7 @@ def _fp8_linear_cuda(
 
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """This [M, K] activation runs the GEMV (weight-only math), not _scaled_mm."""
-    return GEMV and gemv_ok(x, weight)
+    return gemv_ok(x, weight)
 
 
 class Fp8Linear(nn.Module):
