@@ -152,9 +152,7 @@ def _fp8_linear_cuda(
         return torch.nn.functional.linear(x, w, bias)
     if mode == "rowwise":
         xq, xs = quantize_per_token(x, input_scale)
-        y = torch._scaled_mm(
-            xq, weight.t(), scale_a=xs, scale_b=weight_scale.view(1, n), out_dtype=torch.bfloat16
-        )
+        return scaled_mm_rowwise(xq, xs, weight, weight_scale, bias, x.dtype)
     else:  # tensorwise: one scale for the whole activation, weight scales after the GEMM
         if input_scale is None:
             xs = (x.abs().amax().float() / FP8_MAX).clamp(min=MIN_SCALE)
@@ -167,6 +165,48 @@ def _fp8_linear_cuda(
     if bias is not None:
         y = y + bias
     return y.to(x.dtype)
+
+
+def scaled_mm_rowwise(
+    xq: torch.Tensor,  # [T, K] fp8
+    xs: torch.Tensor,  # [T, 1] fp32
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    n = weight.shape[0]
+    y = torch._scaled_mm(
+        xq, weight.t(), scale_a=xs, scale_b=weight_scale.view(1, n), out_dtype=torch.bfloat16
+    )
+    if bias is not None:
+        y = y + bias
+    return y.to(dtype)
+
+
+def silu_mul_fp8_linear(gate_up: torch.Tensor, layer: Fp8Linear) -> torch.Tensor:
+    """layer(silu_and_mul(gate_up)) for a [T, 2I] gate_up. Where the layer runs the
+    row-wise _scaled_mm (GPU, more rows than the GEMV takes), the activation quantization
+    is fused into the SiLU kernel (cuda/fp8_fused.cu: h is never written in 16 bits);
+    elsewhere (CPU, the GEMV at small batch, HEADRACE_FP8_FUSED=0) the two steps as before."""
+    from cuda import fp8_fused
+    from cuda.fused_ops import silu_and_mul
+
+    w = layer.weight
+    n, k = w.shape
+    fused = (
+        fp8_fused.ENABLED
+        and fp8_fused.kernel_ok(gate_up)
+        and gate_up.shape[1] == 2 * k
+        and not gemv_ok(gate_up[:, :k], w)  # M <= 8: the GEMV reads x unquantized
+        and n % 16 == 0
+        and k % 16 == 0
+        and gemm_mode(gate_up.device) == "rowwise"
+    )
+    if not fused:
+        return layer(silu_and_mul(gate_up))
+    xq, xs = fp8_fused.silu_mul_quant(gate_up, layer.input_scale)
+    return scaled_mm_rowwise(xq, xs, w, layer.weight_scale, layer.bias, gate_up.dtype)
 
 
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -199,6 +239,10 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias)
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu_and_mul(gate_up)), the activation quantization fused where it pays."""
+        return silu_mul_fp8_linear(gate_up, self)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fp8 e4m3"
