@@ -10,7 +10,7 @@ batch <= 8 GEMV math (activations not rounded) by swapping the reference in this
 
 Perplexity: teacher-forced on scripts/english_prose.py's text (prompt logprobs of every
 token after the first). Baseline: the same model unquantized, same dtype. Usage:
-    python scripts/fp8_quality.py [--dtype bfloat16|float32] [--weight-only]
+    python scripts/fp8_quality.py [--dtype bfloat16|float32] [--weight-only] [--threads N]
 """
 
 from __future__ import annotations
@@ -108,7 +108,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--weight-only", action="store_true")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (the bf16 rounding depends on it)"
+    )
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     rows = run(args.dtype, args.weight_only)
     base = rows[0].perplexity
     print(f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized), CPU, {rows[0].tokens} tokens")
