@@ -35,7 +35,8 @@ class CudaAttention:
         md: AttentionMetadata,
         params: AttentionParams,
     ) -> torch.Tensor:
-        write_kv_cuda(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
+        if not params.kv_written:
+            write_kv_cuda(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
         out = torch.empty_like(q)
         return paged_attention_cuda(q, kv_cache, md, params, out, self._workspace(q, md))
 
