@@ -23,7 +23,13 @@ from worker.kv_compaction import KVCompressor
 from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.models.layers import Attention
-from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
+from worker.sampler import (
+    LogprobsTensors,
+    Sampler,
+    SamplingBatch,
+    compute_logprobs,
+    plain_greedy,
+)
 from worker.scheduler import ScheduledRequest, SchedulerOutput
 from worker.spec_decode.verify import verify
 
@@ -140,7 +146,28 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         host = build_host_inputs(out)
+        token_ids = self.greedy_step(out, host)
+        if token_ids is not None:
+            params = [sr.request.params for sr in out.scheduled]
+            return self.finish(PendingStep(out, token_ids, None, params))
         return self.sample(out, host, self.forward(host, scheduled=out.scheduled))
+
+    def greedy_step(
+        self, out: SchedulerOutput, host: HostInputs, input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Token ids [B] (device) of a decode step whose rows are all plain greedy, from one
+        replay of the graph that ends in the argmax; None: the step takes the usual path
+        (graph or eager forward, then compute_logits and the sampler)."""
+        g = self.graph_runner
+        if g is None or self.step_hook is not None or not self.can_launch(out):
+            return None
+        for sr in out.scheduled:
+            r = sr.request
+            if r.grammar is not None or not plain_greedy(r.params, len(r.output_token_ids)):
+                return None
+        if not g.can_run_greedy(host):
+            return None
+        return g.run_greedy(host, input_ids)
 
     def forward(
         self,
@@ -209,12 +236,15 @@ class ModelRunner:
         """
         if host is None:
             host = build_host_inputs(out)
+        reqs = [sr.request for sr in out.scheduled]
+        params = [r.params for r in reqs]
+        token_ids = None if defer_sampling else self.greedy_step(out, host, input_ids)
+        if token_ids is not None:
+            return PendingStep(out, token_ids, None, params)
         hidden = self.forward(host, input_ids)
         # Decode rows are the requests in order: a slice, not an index tensor (whose
         # blocking host-to-device copy would wait for the GPU).
         logits = self.model.compute_logits(hidden[: len(out.scheduled)])
-        reqs = [sr.request for sr in out.scheduled]
-        params = [r.params for r in reqs]
         if defer_sampling:
             return PendingStep(out, None, None, params, logits)
         # A chained step's masks would need the tokens still in flight: it defers.

@@ -49,6 +49,27 @@ _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
+def plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether `draw` gives this row the raw argmax of its logits and nothing else is asked
+    of the sampler: greedy, no logprobs, no penalties, no min_tokens ban in force (a
+    grammar mask is the caller's to rule out). Such rows can take their token from the
+    decode CUDA graph's own argmax (worker/cuda_graphs.py)."""
+    return (
+        params.temperature < GREEDY_EPS
+        and params.logprobs is None
+        and params.repetition_penalty == 1.0
+        and params.frequency_penalty == 0.0
+        and params.presence_penalty == 0.0
+        and num_output_tokens >= params.min_tokens
+    )
+
+
+def argmax_tokens(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B] each row's argmax over the real vocabulary (columns past it are embedding
+    padding): what `draw` returns when every row is `plain_greedy`."""
+    return logits[:, :vocab_size].argmax(dim=-1)
+
+
 @dataclass
 class SamplingBatch:
     """One step's sampling inputs, built on the host by the model runner; one entry per row."""
