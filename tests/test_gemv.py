@@ -164,3 +164,42 @@ def test_models_build_dense_linears() -> None:
 
     layer = make_linear(64, 32, False, ["q_proj"], None)
     assert isinstance(layer, DenseLinear) and isinstance(layer, nn.Linear)
+
+
+def test_argmax_kernel_compiles_and_launches() -> None:
+    from cuda import argmax
+
+    _, log = compiler.compile_cubin(argmax.SOURCE, arch="sm_90", name="argmax", verbose_ptxas=True)
+    assert "Compiling entry function 'argmax_rows'" in log
+    assert not any(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)), log
+    x = torch.randn(3, 128256)[:, :128000]
+    keys, counts = torch.zeros(8, dtype=torch.int64), torch.zeros(8, dtype=torch.int32)
+    out = torch.empty(3, dtype=torch.int64)
+    name, grid, block, args = argmax.argmax_launch(x, keys, counts, out)
+    assert [type(a) for a in args] == launch_types(argmax.SOURCE)[name]
+    assert grid == (125, 3) and block == 256  # 125 * 1024 = 128000: every column once
+    assert args[1] == 128256 and args[2] == 128000 and args[3] == argmax.PER_BLOCK
+    assert argmax.argmax_supported(x) and not argmax.argmax_supported(x.half())
+    # CPU: torch's argmax
+    assert torch.equal(argmax.argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_argmax_keys_order_as_torch() -> None:
+    """The kernel's 64-bit keys, computed here in numpy: the largest key is torch's argmax
+    (first index of the maximum), -inf rows included."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 300, generator=g)
+    x[1, 17] = x[1, 250] = 9.0  # a tie
+    x[2] = float("-inf")
+    x[3, :] = -0.0
+    x[3, 40] = 0.0  # +0 and -0 tie for torch
+    x[4] = -torch.rand(300, generator=g) - 1.0  # all negative
+    import numpy as np
+
+    u = (x + 0.0).numpy().view(np.uint32).astype(np.uint64)  # + 0.0: -0 -> +0, as the kernel
+    ordered = np.where(u & 0x80000000, ~u & 0xFFFFFFFF, u | 0x80000000)
+    keys = (ordered << 32) | (0xFFFFFFFF - np.arange(300, dtype=np.uint64))
+    ids = 0xFFFFFFFF - (keys.max(axis=1) & 0xFFFFFFFF)
+    want = x.argmax(dim=-1).numpy()
+    assert list(ids) == list(want)
+    assert ids[1] == 17 and ids[2] == 0 and ids[3] == 0

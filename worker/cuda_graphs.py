@@ -197,6 +197,7 @@ class CudaGraphRunner:
         self.greedy = isinstance(model.lm_head, nn.Linear)
         self.greedy_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.greedy_outputs: dict[int, torch.Tensor] = {}
+        self.greedy_replays = 0  # decode steps that replayed a greedy graph (also in replays)
 
     def _make_staging(
         self, n: int, t: int
@@ -318,6 +319,7 @@ class CudaGraphRunner:
         q, bs = self._stage(host, input_ids)
         self.greedy_graphs[bs].replay()
         self.replays[q] += 1
+        self.greedy_replays += 1
         return self.greedy_outputs[bs][: len(host.seq_lens)].clone()
 
     def _stage(self, host: HostInputs, input_ids: torch.Tensor | None) -> tuple[int, int]:

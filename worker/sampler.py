@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cuda.argmax import argmax_rows
 from ipc.messages import SamplingParams, TokenLogprobs
 from worker.structured import apply_bitmask
 
@@ -67,7 +68,7 @@ def plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
 def argmax_tokens(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B] each row's argmax over the real vocabulary (columns past it are embedding
     padding): what `draw` returns when every row is `plain_greedy`."""
-    return logits[:, :vocab_size].argmax(dim=-1)
+    return argmax_rows(logits[:, :vocab_size])
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Sampler:
         x = self._processed_logits(logits, batch)  # [B, V] float32, ours to modify in place
         greedy = [p.temperature < GREEDY_EPS for p in batch.params]
         if all(greedy):
-            return x.argmax(dim=-1)
+            return argmax_rows(x)  # what argmax_tokens computes: the same kernel
         if any(greedy):
             argmax = x.argmax(dim=-1)  # before _sample rescales and filters x in place
             is_greedy = _host_tensor(greedy, torch.bool, x.device)
