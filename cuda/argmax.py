@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cuda import compiler
+from cuda.step_fusion import step_fusion
 
 BLOCK = 256
 PER_BLOCK = 1024  # elements of a row per block (4 per thread)
@@ -122,7 +123,7 @@ def _scratch_for(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.T
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """[B] int64 argmax of each row of x [B, V]: the kernel for fp32 CUDA rows, else torch."""
-    if not (x.is_cuda and argmax_supported(x)):
+    if not (x.is_cuda and argmax_supported(x) and step_fusion()):
         return argmax_ref(x)
     keys, counts = _scratch_for(x.device, x.shape[0])
     out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)

@@ -19,6 +19,7 @@ import torch
 from cuda import fused_ops
 from cuda.fused_ops import rotary, rotary_ref, rotary_supported
 from cuda.kv_write import write_kv, write_kv_ref
+from cuda.step_fusion import step_fusion
 
 
 def rotary_write_kv_ref(
@@ -121,7 +122,7 @@ def rotary_write_kv(
         return
     if positions.dtype != torch.int64 or not positions.is_contiguous():
         positions = positions.to(torch.int64).contiguous()
-    if not fused_supported(positions, q, k, v, kv_cache, slot_mapping, cos_sin):
+    if not (step_fusion() and fused_supported(positions, q, k, v, kv_cache, slot_mapping, cos_sin)):
         rotary(positions, q, k, cos_sin)
         write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
         return

@@ -11,6 +11,8 @@
 # w1awq_tiles (8B and 70B AWQ W1 with HEADRACE_INT4_LAYOUT=tiles: the tensor-core GEMV).
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
+# Issue 11 batch-1 step: step1 (GPU tests of the GEMV, rotary + KV write, argmax and greedy
+# graphs; GEMV vs cuBLAS on the 8B/70B shapes; W1 with HEADRACE_GEMV=cublas, then default; <= 300 s).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -73,5 +75,9 @@ for step in $which; do
                --request-rate 4 16 64 inf --result-json "$OUT/w4_sweep.json" --plot "$OUT/w4_sweep.png" \
                --no-progress > "$OUT/w4_sweep.log" 2>&1; cat "$OUT/w4_sweep.log"
              kill "$serve_pid"; wait "$serve_pid" ;;
+    step1) timeout 115 python -m pytest -m gpu tests/gpu/test_gpu_step_kernels.py -q -p no:cacheprovider > "$OUT/step1_tests.log" 2>&1; tail -4 "$OUT/step1_tests.log"
+           timeout 45 python scripts/bench_gemv.py --output-json "$OUT/step1_gemv.json" > "$OUT/step1_gemv.log" 2>&1; cat "$OUT/step1_gemv.log"
+           for g in cublas auto; do HEADRACE_GEMV=$g timeout 70 python -m headrace bench latency --output-json "$OUT/step1_w1_$g.json" > "$OUT/step1_w1_$g.log" 2>&1
+             echo "HEADRACE_GEMV=$g (rc $?): $(grep '^W1' "$OUT/step1_w1_$g.log" | tail -1)"; done ;;
   esac
 done

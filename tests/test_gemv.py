@@ -169,7 +169,9 @@ def test_models_build_dense_linears() -> None:
 def test_argmax_kernel_compiles_and_launches() -> None:
     from cuda import argmax
 
-    _, log = compiler.compile_cubin(argmax.SOURCE, arch="sm_90", name="argmax", verbose_ptxas=True)
+    _, log = compiler.compile_cubin(
+        argmax.SOURCE, arch="sm_90", name="argmax", verbose_ptxas=True, use_cache=False
+    )
     assert "Compiling entry function 'argmax_rows'" in log
     assert not any(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)), log
     x = torch.randn(3, 128256)[:, :128000]
@@ -203,3 +205,14 @@ def test_argmax_keys_order_as_torch() -> None:
     want = x.argmax(dim=-1).numpy()
     assert list(ids) == list(want)
     assert ids[1] == 17 and ids[2] == 0 and ids[3] == 0
+
+
+def test_bench_suggests_the_largest_size_where_the_gemv_never_loses() -> None:
+    from scripts.bench_gemv import suggest_threshold
+
+    def row(size: int, gemv_us: float, cublas_us: float) -> dict:
+        return {"weight_bytes": size, "gemv_us": gemv_us, "cublas_us": cublas_us}
+
+    rows = [row(32, 8, 10), row(32, 9, 10), row(48, 12, 16), row(112, 31, 30), row(224, 50, 60)]
+    assert suggest_threshold(rows) == 48  # loses at 112: nothing above counts
+    assert suggest_threshold([row(32, 11, 10)]) == 0

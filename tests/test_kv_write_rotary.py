@@ -66,3 +66,15 @@ def test_reference_is_rotary_then_write(rot: int, dtype: torch.dtype) -> None:
     flat = a["kv_cache"].view(2, 64, 2, 64)
     assert torch.equal(flat[0, 63], a["k"][2]) and torch.equal(flat[1, 17], a["v"][4])
     assert not flat[:, 1].any()  # the skipped token's slot was not written
+
+
+def test_step_fusion_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuda.step_fusion import step_fusion
+
+    monkeypatch.delenv("HEADRACE_STEP_FUSION", raising=False)
+    assert step_fusion()
+    monkeypatch.setenv("HEADRACE_STEP_FUSION", "0")
+    assert not step_fusion()
+    monkeypatch.setenv("HEADRACE_STEP_FUSION", "off")
+    with pytest.raises(ValueError, match="HEADRACE_STEP_FUSION"):
+        step_fusion()

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from cuda.step_fusion import step_fusion
 from worker import progress
 from worker.attention import AttentionMetadata
 from worker.input_batch import HostInputs, PaddedInputs, pad_inputs
@@ -194,7 +195,7 @@ class CudaGraphRunner:
         self.replays = dict.fromkeys(self.bounds, 0)  # per q bound: steps that replayed
         self.layers: LayerInputs | None = None  # PyramidKV's per-layer lengths, if captured
         # Greedy decode graphs by bucket, and their token ids [bs] int64.
-        self.greedy = isinstance(model.lm_head, nn.Linear)
+        self.greedy = isinstance(model.lm_head, nn.Linear) and step_fusion()
         self.greedy_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.greedy_outputs: dict[int, torch.Tensor] = {}
         self.greedy_replays = 0  # decode steps that replayed a greedy graph (also in replays)

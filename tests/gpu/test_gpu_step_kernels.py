@@ -156,7 +156,7 @@ def _greedy_generate(path: Any, prompts: list[list[int]], **engine_args: Any) ->
     return outs, greedy
 
 
-@pytest.mark.parametrize("batch", [1, 4, 8])  # bucket sizes: the LM head sees M = batch
+@pytest.mark.parametrize("batch", [1, 8])  # bucket sizes: the LM head sees M = batch
 def test_greedy_graph_equals_sampler_path(batch: int, tmp_path: Any, stories_path: Any) -> None:
     """Greedy graphs vs the plain graphs + compute_logits + sampler (logprobs asked, so the
     greedy graphs are not used): the same captured kernels, so the same tokens exactly."""
