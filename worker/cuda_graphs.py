@@ -106,9 +106,11 @@ def capture_graphs(
     dtype: torch.dtype,
     shapes: GraphShapes,
     what: str = "decode",
+    greedy: bool = True,
 ) -> CudaGraphRunner | None:
     """A CudaGraphRunner with its graphs captured; None (and a warning) when the model's
-    attention cannot run inside a graph, so `what` runs eagerly."""
+    attention cannot run inside a graph, so `what` runs eagerly. `greedy`: also the greedy
+    decode graphs (a model whose tokens the engine samples; not a draft model)."""
     from worker.cuda_attention import CudaAttention
 
     c = model.config
@@ -117,7 +119,7 @@ def capture_graphs(
     if blocker is not None:
         log.warning("CUDA graphs off: %s; %s runs eagerly", blocker, what)
         return None
-    runner = CudaGraphRunner(model, kv_caches, shapes)
+    runner = CudaGraphRunner(model, kv_caches, shapes, greedy)
     if shapes.per_layer_lengths:
         t = runner.max_bs * runner.bounds[-1]
         runner.layers = LayerInputs(len(kv_caches), runner.max_bs, t, runner.device)
@@ -166,7 +168,13 @@ class LayerInputs:
 
 
 class CudaGraphRunner:
-    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], shapes: GraphShapes) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_caches: list[torch.Tensor],
+        shapes: GraphShapes,
+        greedy: bool = True,
+    ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.buckets = bucket_sizes(shapes.max_num_seqs)
@@ -195,7 +203,7 @@ class CudaGraphRunner:
         self.replays = dict.fromkeys(self.bounds, 0)  # per q bound: steps that replayed
         self.layers: LayerInputs | None = None  # PyramidKV's per-layer lengths, if captured
         # Greedy decode graphs by bucket, and their token ids [bs] int64.
-        self.greedy = isinstance(model.lm_head, nn.Linear) and step_fusion()
+        self.greedy = greedy and isinstance(model.lm_head, nn.Linear) and step_fusion()
         self.greedy_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.greedy_outputs: dict[int, torch.Tensor] = {}
         self.greedy_replays = 0  # decode steps that replayed a greedy graph (also in replays)
