@@ -121,10 +121,16 @@ class RotaryEmbedding(nn.Module):
         slot_mapping: torch.Tensor,  # [T]
         k_scale: float,
         v_scale: float,
-    ) -> None:
-        """forward(), then the step's K/V into the cache (cuda/kv_write_rotary.py)."""
+    ) -> bool:
+        """forward(), and on the GPU the step's K/V into the cache in the same launch
+        (cuda/kv_write_rotary.py); returns whether it wrote them. On CPU the backend writes
+        them, as before (test backends may hold no cache at all)."""
         assert self.cos_sin is not None, "RotaryEmbedding.build() was not called"
+        if not kv_cache.is_cuda:
+            rotary(positions, q, k, self.cos_sin)
+            return False
         rotary_write_kv(positions, q, k, v, kv_cache, slot_mapping, self.cos_sin, k_scale, v_scale)
+        return True
 
 
 class Attention(nn.Module):
@@ -177,14 +183,14 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         md = md.for_layer(self.layer_index)
-        # Rotates q and k in place and writes K/V to the cache (one launch on the GPU).
-        self.rotary.rotate_and_write(
+        # Rotates q and k in place; on the GPU also writes K/V to the cache (one launch).
+        written = self.rotary.rotate_and_write(
             positions, q, k, v, kv_cache, md.slot_mapping, self.k_scale, self.v_scale
         )
         if md.capture is not None:  # KV compression's window: rotated, as K is cached
             md.capture.layers.append(q.index_select(0, md.capture.rows))
         params = AttentionParams(
-            self.scale, self.sliding_window, self.k_scale, self.v_scale, kv_written=True
+            self.scale, self.sliding_window, self.k_scale, self.v_scale, kv_written=written
         )
         o = self.backend(q, k, v, kv_cache, md, params)  # [T, Hq, D]
         return self.out_reduce(self.o_proj(o.reshape(T, self.q_size)))
