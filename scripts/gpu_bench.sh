@@ -21,6 +21,8 @@
 # new kernel per tile config / torch SDPA flash TFLOP/s at causal 2k-16k; <= 200 s).
 # Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
 # kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
+# Issue 11 batch-1 step: step1 (GPU tests of the GEMV, rotary + KV write, argmax and greedy
+# graphs; GEMV vs cuBLAS on the 8B/70B shapes; W1 with HEADRACE_GEMV=cublas, then default; <= 300 s).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -114,5 +116,9 @@ for step in $which; do
                --request-rate 4 16 64 inf --result-json "$OUT/w4_sweep.json" --plot "$OUT/w4_sweep.png" \
                --no-progress > "$OUT/w4_sweep.log" 2>&1; cat "$OUT/w4_sweep.log"
              kill "$serve_pid"; wait "$serve_pid" ;;
+    step1) timeout 115 python -m pytest -m gpu tests/gpu/test_gpu_step_kernels.py -q -p no:cacheprovider > "$OUT/step1_tests.log" 2>&1; tail -4 "$OUT/step1_tests.log"
+           timeout 45 python scripts/bench_gemv.py --output-json "$OUT/step1_gemv.json" > "$OUT/step1_gemv.log" 2>&1; cat "$OUT/step1_gemv.log"
+           for g in cublas auto; do HEADRACE_GEMV=$g timeout 70 python -m headrace bench latency --output-json "$OUT/step1_w1_$g.json" > "$OUT/step1_w1_$g.log" 2>&1
+             echo "HEADRACE_GEMV=$g (rc $?): $(grep '^W1' "$OUT/step1_w1_$g.log" | tail -1)"; done ;;
   esac
 done

@@ -23,7 +23,7 @@ from worker.kv_compaction import KVCompressor
 from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.models.layers import Attention
-from worker.sampler import Sampler, SamplingBatch, compute_logprobs
+from worker.sampler import Sampler, SamplingBatch, compute_logprobs, plain_greedy
 from worker.scheduler import ScheduledRequest, SchedulerOutput
 from worker.spec_decode.verify import verify
 
@@ -127,7 +127,41 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         host = build_host_inputs(out)
+        token_ids = self.greedy_step(out, host)
+        if token_ids is not None:
+            tokens = token_ids.tolist()  # the step's one host sync
+            return StepResult([[int(t)] for t in tokens], [[] for _ in tokens])
         return self.sample(out, host, self.forward(host, scheduled=out.scheduled))
+
+    def greedy_step(
+        self, out: SchedulerOutput, host: HostInputs, input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Token ids [B] (device) of a decode step whose rows are all plain greedy, from one
+        replay of the graph that ends in the argmax; None: the step takes the usual path
+        (graph or eager forward, then compute_logits and the sampler)."""
+        g = self.graph_runner
+        if g is None or self.step_hook is not None or not self._plain_decode(out):
+            return None
+        for sr in out.scheduled:
+            r = sr.request
+            if r.grammar is not None or not plain_greedy(r.params, len(r.output_token_ids)):
+                return None
+        if not g.can_run_greedy(host):
+            return None
+        return g.run_greedy(host, input_ids)
+
+    @staticmethod
+    def _plain_decode(out: SchedulerOutput) -> bool:
+        """Every request computes and samples one token (no speculation, no prompt
+        logprobs, no prefill that compresses its KV cache before the next step)."""
+        return all(
+            sr.num_new_tokens == 1
+            and sr.num_spec_tokens == 0
+            and sr.samples
+            and not sr.request.wants_prompt_logprobs
+            and not sr.request.kv_compression_pending
+            for sr in out.scheduled
+        )
 
     def forward(
         self,

@@ -110,10 +110,16 @@ def launch(
     scheduler advances past it; `prev`, the step in flight, must be sampled."""
     host = build_host_inputs(sched)
     ids = fed_input_ids(host, sched, prev, runner.device)
-    hidden = runner.forward(host, ids, scheduled=sched.scheduled)
     index = host.sample_sched_index
     reqs = [sched.scheduled[i].request for i in index]
     step = LaunchedStep(sched, index, {r.request_id: j for j, r in enumerate(reqs)})
+    if index == list(range(len(sched.scheduled))) and not host.prompt_logprobs:
+        # All rows plain greedy decodes: one replay of the graph that ends in the argmax.
+        step.token_ids = runner.greedy_step(sched, host, ids)
+        if step.token_ids is not None:
+            step.copy = HostCopy.start([step.token_ids], stream)
+            return step
+    hidden = runner.forward(host, ids, scheduled=sched.scheduled)
     if index:
         rows = [r[0] for r in host.sample_rows]
         step.logits = runner.model.compute_logits(take_rows(hidden, rows))  # [S, V]
