@@ -3,6 +3,8 @@
 # Usage on the device machine: bash scripts/gpu_bench.sh "<which: tests profile w1 w3 w2 w5>"
 # FP8 (issue 13): profile_fp8 fp8tests w1fp8 (bf16 then fp8 W1, each with its floor) w2fp8 (fp8 weights
 # + fp8 KV) w3fp8 (bf16, then fp8 + fp8 KV) w1_70b w2_70b (Llama-3-70B shape, fp8 dummy).
+# fp8perf (<= 250 s): FP8 GEMV + fused SiLU-quant GPU tests, scripts/bench_fp8_gemv.py (new / old / cuBLAS bf16 /
+# _scaled_mm, TB/s), W1 fp8 with the new GEMV then HEADRACE_FP8_GEMV=old (same call).
 # KV compression (issue 20): kvcomp (W2-shaped requests, SnapKV 4x vs none in the same KV
 # memory: blocks per request, concurrency, output tok/s, compression cost; GPU tests in `tests`).
 # Int4 (issue 14): int4tests (GPU int4 kernel + model tests) int4kernels (scripts/bench_int4.py)
@@ -35,6 +37,9 @@ for step in $which; do
     profile_fp8) for b in "1 128" "256 1024"; do set -- $b; timeout 200 python scripts/profile_step.py --batch $1 --context $2 --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/profile_fp8_b$1.json" > "$OUT/profile_fp8_b$1.log" 2>&1; head -14 "$OUT/profile_fp8_b$1.log"; done ;;
     fp8tests) timeout 500 python -m pytest -m gpu tests/gpu/test_gpu_fp8.py tests/gpu/test_gpu_kernels.py -q -p no:cacheprovider > "$OUT/gpu_fp8_tests.log" 2>&1; tail -15 "$OUT/gpu_fp8_tests.log" ;;
     w1fp8) for q in "" "--quantization fp8"; do n=w1${q:+_fp8}; timeout 280 python -m headrace bench latency $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
+    fp8perf) timeout 60 python -m pytest -m gpu tests/gpu/test_gpu_fp8_gemv.py tests/gpu/test_gpu_fp8_fused.py "tests/gpu/test_gpu_fp8.py::test_fp8_linear_matches_reference" -q -p no:cacheprovider > "$OUT/fp8perf_tests.log" 2>&1; tail -3 "$OUT/fp8perf_tests.log"
+             timeout 35 python scripts/bench_fp8_gemv.py --output-json "$OUT/bench_fp8_gemv.json" > "$OUT/bench_fp8_gemv.log" 2>&1; cat "$OUT/bench_fp8_gemv.log"
+             for g in new old; do HEADRACE_FP8_GEMV=$g timeout $([ $g = new ] && echo 85 || echo 70) python -m headrace bench latency --quantization fp8 --max-num-seqs 1 --max-model-len 4096 --output-json "$OUT/w1_fp8_gemv_$g.json" > "$OUT/w1_fp8_gemv_$g.log" 2>&1; echo "GEMV $g (rc $?): $(tail -1 "$OUT/w1_fp8_gemv_$g.log")"; done ;;
     w2fp8) timeout 560 python -m headrace bench throughput --workload W2 --quantization fp8 --kv-cache-dtype fp8 --output-json "$OUT/w2_fp8.json" > "$OUT/w2_fp8.log" 2>&1; tail -1 "$OUT/w2_fp8.log" ;;
     w3fp8) for q in "" "--quantization fp8 --kv-cache-dtype fp8"; do n=w3$(echo "$q" | tr -d ' -' | sed 's/quantizationfp8/_fp8/;s/kvcachedtypefp8/_kv8/'); timeout 280 python -m headrace bench throughput --workload W3 $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
     w1_70b) timeout 560 python -m headrace bench latency --model scripts/configs/llama-3-70b --quantization fp8 --max-model-len 4096 --output-json "$OUT/w1_70b_fp8.json" > "$OUT/w1_70b_fp8.log" 2>&1; tail -1 "$OUT/w1_70b_fp8.log" ;;

@@ -191,6 +191,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I]: gate | up
+        fp8_down = getattr(self.down_proj, "forward_silu_mul", None)  # FP8: quant fused in
+        if fp8_down is not None:
+            return self.out_reduce(fp8_down(gate_up))
         return self.out_reduce(self.down_proj(silu_and_mul(gate_up)))
 
 
