@@ -97,11 +97,12 @@ for step in $which; do
     structured) for m in "--no-async-scheduling" "--async-scheduling"; do n=structured; [ "$m" = "--async-scheduling" ] && n=structured_async
                   timeout 125 python -m headrace bench structured $m --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -2 "$OUT/$n.log"; done
                 timeout 45 python scripts/bench_grammar_mask.py --threads 1 8 --steps 48 --output-json "$OUT/structured_mask_cpu.json" > "$OUT/structured_mask_cpu.log" 2>&1; tail -20 "$OUT/structured_mask_cpu.log" ;;
-    async) timeout 100 python -m pytest -m gpu tests/gpu/test_gpu_async.py -q -s -p no:cacheprovider > "$OUT/gpu_async_tests.log" 2>&1
-           echo "gpu async tests (rc $?): $(tail -1 "$OUT/gpu_async_tests.log")"; grep "near-tie" "$OUT/gpu_async_tests.log"
-           for m in sync async; do flag=""; [ $m = sync ] && flag=--no-async-scheduling
-             timeout 90 python -m headrace bench throughput --workload W3 --num-requests 300 $flag --output-json "$OUT/w3_$m.json" > "$OUT/w3_$m.log" 2>&1
-             echo "W3 300 $m (rc $?): $(tail -1 "$OUT/w3_$m.log")"; done ;;
+    async) t0=$SECONDS; timeout 40 python scripts/warm_kernels.py > "$OUT/async_warm.log" 2>&1; echo "warm kernels (rc $?, $((SECONDS - t0)) s)"
+           t0=$SECONDS; timeout 85 python -m pytest -m gpu tests/gpu/test_gpu_async.py -q -s -p no:cacheprovider > "$OUT/gpu_async_tests.log" 2>&1
+           echo "gpu async tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/gpu_async_tests.log")"; grep "near-tie\|^FAILED" "$OUT/gpu_async_tests.log"
+           for m in sync async; do flag=""; [ $m = sync ] && flag=--no-async-scheduling; t0=$SECONDS
+             timeout $([ $m = sync ] && echo 80 || echo 75) python -m headrace bench throughput --workload W3 --num-requests 300 $flag --output-json "$OUT/w3_$m.json" > "$OUT/w3_$m.log" 2>&1
+             echo "W3 300 $m (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/w3_$m.log")"; done ;;
     decode) timeout 90 python -m pytest -m gpu tests/gpu/test_gpu_decode_attention.py -q -p no:cacheprovider --maxfail=10 > "$OUT/gpu_decode_tests.log" 2>&1
             echo "decode tests (rc $?): $(tail -1 "$OUT/gpu_decode_tests.log")"; grep -m5 "^FAILED\|Error" "$OUT/gpu_decode_tests.log"
             timeout 60 python -m headrace bench kernels --fp8 --output-json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1
