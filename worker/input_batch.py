@@ -164,8 +164,7 @@ def build_host_inputs(out: SchedulerOutput) -> HostInputs:
 
 def _add_layer_inputs(host: HostInputs, out: SchedulerOutput) -> None:
     """PyramidKV: each layer's own seq_lens and slots, when some request needs them."""
-    shifts = [sr.layer_shift for sr in out.scheduled]
-    first = next((s for s in shifts if s is not None), None)
+    first = next((sr.layer_shift for sr in out.scheduled if sr.layer_shift is not None), None)
     if first is None:
         return
     qsl = host.query_start_loc
