@@ -11,6 +11,8 @@
 # w1awq_tiles (8B and 70B AWQ W1 with HEADRACE_INT4_LAYOUT=tiles: the tensor-core GEMV).
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
+# Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
+# W1 with its timeline, with the persistent input batch and with HEADRACE_INPUT_BATCH=rebuild).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -63,6 +65,16 @@ for step in $which; do
     structured) for m in "" "--async-scheduling"; do n=structured${m:+_async}
                   timeout 125 python -m headrace bench structured $m --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -2 "$OUT/$n.log"; done
                 timeout 45 python scripts/bench_grammar_mask.py --threads 1 8 --steps 48 --output-json "$OUT/structured_mask_cpu.json" > "$OUT/structured_mask_cpu.log" 2>&1; tail -20 "$OUT/structured_mask_cpu.log" ;;
+    # Host path (issue 12): per step kind, host phases / GPU busy / idle gap (worker/step_timeline.py);
+    # then W1 twice, the new input batch and the old rebuild-every-step builder, side by side.
+    hostpath)
+      for b in 1 256; do timeout 50 python scripts/profile_step.py --batch $b --context 1024 --steps 30 \
+          --out "$OUT/hostpath_profile_b$b.json" > "$OUT/hostpath_profile_b$b.log" 2>&1
+        echo "batch $b (rc $?):"; grep -A4 "^step timeline" "$OUT/hostpath_profile_b$b.log"; done
+      for ib in persistent rebuild; do HEADRACE_INPUT_BATCH=$ib timeout 45 python -m headrace bench latency \
+          --profile --no-roofline --output-json "$OUT/hostpath_w1_$ib.json" > "$OUT/hostpath_w1_$ib.log" 2>&1
+        echo "W1 HEADRACE_INPUT_BATCH=$ib (rc $?): $(tail -1 "$OUT/hostpath_w1_$ib.log")"
+        grep -A3 "^step kind" "$OUT/hostpath_w1_$ib.log"; done ;;
     # W4 sweep (issue 18): headrace serve on the Llama-3-8B shape (dummy weights), bench serve at 4 rates.
     w4sweep) python -m headrace serve --model scripts/configs/llama-3-8b --load-format dummy \
                --tokenizer "$HEADRACE_SHARED_MODELS/llama3-tokenizer" --served-model-name llama-3-8b-dummy \
