@@ -25,7 +25,6 @@ from ipc.sampling import check_request
 from worker import progress
 from worker.config import EngineConfig, SchedulerConfig, default_max_num_batched_tokens
 from worker.generation_defaults import sampling_defaults
-from worker.input_batch import build_host_inputs
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_facts import eos_ids, param_bytes
@@ -374,7 +373,7 @@ class EngineCore:
         if self._can_chain(sched):
             nxt = self.scheduler.schedule_chained(sched)
             if nxt is not None:
-                host = build_host_inputs(nxt)  # while `pending`'s masks may still fill
+                host = self.runner.build_inputs(nxt)  # while `pending`'s masks may still fill
                 if pending.token_ids is None:  # nxt's forward reads these tokens
                     self.runner.sample_pending(pending)
                 # Constrained requests' masks need this step's tokens: sample after them.

@@ -4,7 +4,7 @@
 `detach()` restores them and nothing changes for other engines) and records, per call of
 `step_with_owners`:
 
-    host   schedule | inputs (build_host_inputs) | forward (graph copies + replay, or eager
+    host   schedule | inputs (runner.build_inputs) | forward (graph copies + replay, or eager
            launches) | sample (logits + sampler launches) | wait (reading the tokens: the
            step's host sync) | outputs (postprocess) | other (the rest of the call)
     GPU    two events on torch's stream: `start` before the step's first forward, `end`
@@ -96,7 +96,6 @@ class StepTimeline:
         self.records: list[StepRecord] = []
         self._cur: StepRecord | None = None
         self._patched: list[tuple[Any, str, Any]] = []
-        self._globals: list[tuple[Any, str, Any]] = []
 
     # ---- wrapping ------------------------------------------------------------------------
     def attach(self) -> StepTimeline:
@@ -112,14 +111,7 @@ class StepTimeline:
         self._wrap(r, "sampler", lambda real: _TimedSampler(real, self._sampler(real)))
         for name in ("sample", "finish"):  # what remains of them is the wait for the tokens
             self._wrap(r, name, self._read_tokens)
-        import worker.engine
-        import worker.model_runner
-
-        for module in (worker.model_runner, worker.engine):
-            if hasattr(module, "build_host_inputs"):
-                real = module.build_host_inputs
-                self._globals.append((module, "build_host_inputs", real))
-                module.build_host_inputs = self._timed(real, "inputs")  # type: ignore[attr-defined]
+        self._wrap(r, "build_inputs", self._phase("inputs"))
         return self
 
     def detach(self) -> None:
@@ -129,9 +121,7 @@ class StepTimeline:
                 delattr(obj, name)  # a bound method: the class's is found again
             else:
                 setattr(obj, name, old)
-        for module, name, real in self._globals:
-            setattr(module, name, real)
-        self._patched, self._globals = [], []
+        self._patched = []
 
     def _wrap(
         self, obj: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -139,9 +129,6 @@ class StepTimeline:
         old = vars(obj).get(name, _UNSET)
         setattr(obj, name, make(getattr(obj, name)))
         self._patched.append((obj, name, old))
-
-    def _timed(self, real: Callable[..., Any], phase: str) -> Callable[..., Any]:
-        return self._phase(phase)(real)
 
     def _phase(
         self, phase: str, exclusive: bool = False
