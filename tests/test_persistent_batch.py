@@ -79,7 +79,7 @@ def test_persistent_batch_equals_the_rebuilt_inputs(seed: int) -> None:
         num_lookahead_tokens=k,
     )
     s = Scheduler(config, kv)
-    batch = PersistentInputBatch()
+    batch = PersistentInputBatch(small_batch=rng.choice([0, 0, 3]))  # 0: never rebuilt
     n_req = steps = decode_steps = 0
     while steps < 250:
         if n_req < 60 and rng.random() < 0.3:
@@ -120,7 +120,7 @@ def test_rows_are_updated_by_diffs_and_moved_on_a_finish() -> None:
         s.add_request(
             Request(f"r{i}", list(range(1, 7)), SamplingParams(max_tokens=10), frozenset())
         )
-    batch = PersistentInputBatch()
+    batch = PersistentInputBatch(small_batch=0)
     out = s.schedule()
     batch.build(out)
     tables = list(batch.tables)
@@ -142,6 +142,13 @@ def test_the_builder_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatc
     assert make_input_builder() is build_host_inputs
     monkeypatch.delenv("HEADRACE_INPUT_BATCH")
     assert isinstance(make_input_builder().__self__, PersistentInputBatch)  # type: ignore[attr-defined]
+    small = PersistentInputBatch()  # default: fewer than SMALL_BATCH rows are rebuilt
+    kv = KVCacheManager(8, 4, False)
+    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=8, max_model_len=16), kv)
+    s.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=4), frozenset()))
+    out = s.schedule()
+    assert_same_inputs(small.build(out), build_host_inputs(out))
+    assert small.order == []  # rebuilt: no row kept
     with pytest.raises(ValueError, match="HEADRACE_INPUT_BATCH must be one of"):
         make_input_builder("rows")
     assert RequestStatus.RUNNING  # the module's enums import cleanly beside the batch

@@ -35,6 +35,7 @@ from worker.scheduler import ScheduledRequest, SchedulerOutput
 
 ENV = "HEADRACE_INPUT_BATCH"
 MODES = ("persistent", "rebuild")
+SMALL_BATCH = 8  # steps of fewer requests are rebuilt (measured: the rebuild is cheaper)
 
 InputBuilder = Callable[[SchedulerOutput], HostInputs]
 
@@ -50,7 +51,8 @@ def make_input_builder(mode: str | None = None) -> InputBuilder:
 
 
 class PersistentInputBatch:
-    def __init__(self) -> None:
+    def __init__(self, small_batch: int = SMALL_BATCH) -> None:
+        self.small_batch = small_batch  # steps of fewer requests are simply rebuilt
         self.order: list[str] = []  # request id of each row
         self.tables: list[Sequence[int] | None] = []
         self.written: list[int] = []
@@ -58,6 +60,10 @@ class PersistentInputBatch:
 
     def build(self, out: SchedulerOutput) -> HostInputs:
         scheduled = out.scheduled
+        if len(scheduled) < self.small_batch:
+            # A few rows: rebuilding them costs less than the numpy calls that update them.
+            # The kept rows stay right: the next large step finds what changed by itself.
+            return build_host_inputs(out)
         self._layout([sr.request.request_id for sr in scheduled])
         self._write_tables(scheduled)
         b = len(scheduled)
@@ -65,8 +71,9 @@ class PersistentInputBatch:
         if width > self.bt.shape[1]:
             self._grow(b, width)
         tables = self.bt[:b, :width].copy()  # the step keeps its own: rows change next step
-        if _plain_decode(scheduled):
-            host = _decode_inputs(out, tables)
+        columns = _decode_columns(scheduled)
+        if columns is not None:
+            host = _decode_inputs(out, tables, columns)
             add_layer_inputs(host, out)
             return host
         return build_host_inputs(out, tables)
@@ -120,35 +127,47 @@ def _ids(t: Sequence[int]) -> np.ndarray:
     return np.asarray(t, dtype=np.int32)
 
 
-def _plain_decode(scheduled: list[ScheduledRequest]) -> bool:
-    """Does every request compute one token, without proposals, prompt logprobs to score
-    or a KV-compression window to capture (what _decode_inputs covers)?"""
-    for sr in scheduled:
+def _decode_columns(
+    scheduled: list[ScheduledRequest],
+) -> tuple[list[int], list[int], list[int], list[int]] | None:
+    """(starts, kv offsets, input ids, sampling rows) when every request computes one
+    token, without proposals, prompt logprobs to score or a KV-compression window to
+    capture; None otherwise. One pass: this runs for every request of every step."""
+    starts, offsets, ids, sampling = [], [], [], []
+    for i, sr in enumerate(scheduled):
         req = sr.request
         if sr.num_new_tokens != 1 or sr.num_spec_tokens or req.kv_compression_pending:
-            return False
-        if req.wants_prompt_logprobs and sr.start < req.num_prompt_tokens - 1:
-            return False
-    return bool(scheduled)
+            return None
+        st, tokens = sr.start, req.all_token_ids
+        if req.wants_prompt_logprobs and st < req.num_prompt_tokens - 1:
+            return None
+        starts.append(st)
+        offsets.append(sr.kv_offset)
+        # Past the known tokens: async scheduling feeds this id from the GPU (0 here).
+        ids.append(tokens[st] if st < len(tokens) else 0)
+        if st + 1 >= len(tokens):  # sr.samples
+            sampling.append(i)
+    return starts, offsets, ids, sampling
 
 
-def _decode_inputs(out: SchedulerOutput, tables: np.ndarray) -> HostInputs:
+def _decode_inputs(
+    out: SchedulerOutput,
+    tables: np.ndarray,
+    columns: tuple[list[int], list[int], list[int], list[int]],
+) -> HostInputs:
     """build_host_inputs' arrays for a step of one token per request, vectorized:
 
     row b = request b;  position p = start[b];  cache index c = p - kv_offset[b]
     slot = tables[b, c // block_size] * block_size + c % block_size;  seq_len = c + 1
     """
-    scheduled, bs = out.scheduled, out.block_size
-    b = len(scheduled)
-    start = np.fromiter((sr.start for sr in scheduled), dtype=np.int64, count=b)
-    c = start - np.fromiter((sr.kv_offset for sr in scheduled), dtype=np.int64, count=b)
-    # Past the known tokens: async scheduling feeds this id from the GPU (0 here).
-    ids = [_token_at(sr) for sr in scheduled]
+    starts, offsets, ids, sampling = columns
+    bs, b = out.block_size, len(starts)
+    start = np.array(starts, dtype=np.int64)
+    c = start - np.array(offsets, dtype=np.int64)
     slots = tables[np.arange(b), c // bs].astype(np.int64) * bs + c % bs
     seq_lens = (c + 1).astype(np.int32)
-    sampling = [i for i, sr in enumerate(scheduled) if sr.samples]
     return HostInputs(
-        input_ids=np.asarray(ids, dtype=np.int64),
+        input_ids=np.array(ids, dtype=np.int64),
         positions=start,
         slot_mapping=slots,
         query_start_loc=np.arange(b + 1, dtype=np.int32),
@@ -159,8 +178,3 @@ def _decode_inputs(out: SchedulerOutput, tables: np.ndarray) -> HostInputs:
         sample_rows=[[i] for i in sampling],
         sample_sched_index=sampling,
     )
-
-
-def _token_at(sr: ScheduledRequest) -> int:
-    tokens = sr.request.all_token_ids
-    return tokens[sr.start] if sr.start < len(tokens) else 0
