@@ -65,6 +65,15 @@ def smollm2_path() -> Path:
     return path
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (the GPU suite runs -n 8+), each worker's torch would use every core
+    # for its CPU reference runs: 12 processes x 16 threads thrashed a 16-core machine until
+    # the suite timed out. Share the cores instead.
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """tests/gpu is collected only when the run selects gpu tests (`-m gpu`): on CPU runs
     its modules would only show up as skipped."""

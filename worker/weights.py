@@ -7,7 +7,7 @@ is never held in RAM twice; GGUF tensors are dequantized one by one (worker/gguf
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ipc.model_folder import ModelFiles, ModelLoadError
 
@@ -24,14 +24,20 @@ def iter_weights(files: ModelFiles) -> Iterator[tuple[str, torch.Tensor]]:
 
         yield from iter_gguf_weights(files.path)
         return
-    from safetensors import safe_open
-
     for file in files.weight_files:
-        try:
-            f = safe_open(file, framework="pt", device="cpu")
-            names = list(f.keys())
-        except Exception as e:  # SafetensorError derives from Exception only
-            raise ModelLoadError(f"{file}: cannot read safetensors file: {e}") from e
+        f, names = open_safetensors(file)
         for name in names:
             yield name, f.get_tensor(name)
+
+
+def open_safetensors(file: str) -> tuple[Any, list[str]]:
+    """A memory-mapped safetensors file and its tensor names; ModelLoadError naming the file
+    when it cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(file, framework="pt", device="cpu")
+        return f, list(f.keys())
+    except Exception as e:  # SafetensorError derives from Exception only
+        raise ModelLoadError(f"{file}: cannot read safetensors file: {e}") from e
         del f  # unmaps the file before the next one is opened

@@ -173,11 +173,12 @@ def test_fp8_kv_doubles_gpu_blocks(tmp_path, stories_path):
     from headrace.llm import LLM
 
     path = tiny_model_hd64(tmp_path, stories_path)
-    # A small budget and large blocks keep the block count (Python objects) modest.
+    # A fixed KV size (not a share of the card, which other test processes use too) and
+    # large blocks keep the block count (Python objects) modest.
     args = dict(
         device="cuda",
         dtype="bfloat16",
-        gpu_memory_utilization=0.05,
+        kv_cache_memory_gb=0.5,
         block_size=128,
         enforce_eager=True,
     )
@@ -197,7 +198,7 @@ def test_dummy_fp8_weights_are_created_in_fp8(llama3_tokenizer_path: Path) -> No
         load_format="dummy",
         quantization="fp8",
         max_model_len=1024,
-        gpu_memory_utilization=0.5,
+        kv_cache_memory_gb=1.0,  # fixed: other test processes share the card
         enforce_eager=True,
         max_num_seqs=4,
     )

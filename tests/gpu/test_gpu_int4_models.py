@@ -80,7 +80,7 @@ def test_dummy_int4_weights_are_created_in_int4(
         load_format="dummy",
         quantization=method,
         max_model_len=1024,
-        gpu_memory_utilization=0.3,
+        kv_cache_memory_gb=1.0,  # fixed: other test processes share the card
         enforce_eager=True,
         max_num_seqs=4,
     )

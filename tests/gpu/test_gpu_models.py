@@ -49,5 +49,9 @@ def test_gpu_bf16_graphs_equal_eager_and_cpu(kind, tmp_path, stories_path):
     graphed = generate(path, prompts, max_tokens=60, **args)
     assert graphed.graphs and graphed.replays[1] > 0, "decode steps should replay graphs"
     check_logprobs_close(graphed.out, eager.out, f"{kind}-graphs", atol=2e-2)
-    cpu = generate(path, prompts, max_tokens=60, device="cpu", block_size=16)
-    check_logprobs_close(graphed.out, cpu.out, f"{kind}-bf16-vs-cpu", atol=1.0)
+    # Against the CPU path in bf16 too: these random models are ill-conditioned enough that
+    # bf16 itself moves top logprobs by ~1.0 from fp32 (transformers' bf16 vs fp32 as well:
+    # 1.04 for gpt-neox-parallel), so an fp32 reference would test bf16, not the kernels.
+    # Exact agreement with fp32 is test_gpu_fp32_equals_cpu's job.
+    cpu = generate(path, prompts, max_tokens=60, device="cpu", dtype="bfloat16", block_size=16)
+    check_logprobs_close(graphed.out, cpu.out, f"{kind}-bf16-vs-cpu-bf16", atol=1.0)

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from ipc.model_folder import ModelFiles, ModelLoadError
+from ipc.model_folder import ModelFiles
 from worker.parallel.plan import ShardPlan
+from worker.weights import open_safetensors
 
 REPLICATED, ROWS, COLS, RANK0 = "replicated", "rows", "cols", "rank0"
 
@@ -88,14 +89,8 @@ def iter_shard_weights(files: ModelFiles, plan: ShardPlan) -> Iterator[tuple[str
             # A slice is a view: copy it, so the whole dequantized tensor can be freed.
             yield name, part.clone() if shard.how in (ROWS, COLS) else part
         return
-    from safetensors import safe_open
-
     for file in files.weight_files:
-        try:
-            f = safe_open(file, framework="pt", device="cpu")
-            names = list(f.keys())
-        except Exception as e:  # SafetensorError derives from Exception only
-            raise ModelLoadError(f"{file}: cannot read safetensors file: {e}") from e
+        f, names = open_safetensors(file)
         for name in names:
             sl = f.get_slice(name)
             numel = 1
