@@ -97,7 +97,7 @@ def test_timeline_on_cpu_records_every_step_and_changes_nothing(stories_path: Pa
     timed = _run(engine, "t")
     tl.detach()
     assert engine.runner.sampler is sampler and engine.scheduler.schedule == schedule
-    assert "step_with_owners" not in vars(engine) and "forward" not in vars(engine.runner)
+    assert "step_with_owners" not in vars(engine) and "forward" not in vars(engine.runner.model)
     assert list(timed.values()) == list(plain.values())  # same tokens with the timeline on
     kinds = [r.kind for r in tl.records]
     assert {"prefill", "mixed", "decode"} <= set(kinds)

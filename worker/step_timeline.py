@@ -2,11 +2,12 @@
 
 `StepTimeline(engine)` wraps a few of the engine's bound methods (instance attributes, so
 `detach()` restores them and nothing changes for other engines) and records, per call of
-`step_with_owners`:
+`step_with_owners` (`step` in an older engine: this module times an older checkout too):
 
-    host   schedule | inputs (runner.build_inputs) | forward (graph copies + replay, or eager
-           launches) | sample (logits + sampler launches) | wait (reading the tokens: the
-           step's host sync) | outputs (postprocess) | other (the rest of the call)
+    host   schedule | inputs (runner.build_inputs) | forward (around the model's forward,
+           or the graph runner's input copies and replay) | sample (logits and sampler
+           launches) | wait (the rest of reading the tokens: the step's host sync) |
+           outputs (postprocess) | other (the rest of the call)
     GPU    two events on torch's stream: `start` before the step's first forward, `end`
            after its last sampler call. busy = end - start; gap = start - previous end
            (0 when the GPU was still busy with the previous step: the host kept ahead)
@@ -100,18 +101,27 @@ class StepTimeline:
     # ---- wrapping ------------------------------------------------------------------------
     def attach(self) -> StepTimeline:
         e, r = self.engine, self.engine.runner
-        self._wrap(e, "step_with_owners", self._step)
+        # Only names older engines have too, where it can (an older checkout's engine can be
+        # timed with this module copied in): step, not step_with_owners, if that is missing.
+        self._wrap(e, "step_with_owners" if hasattr(e, "step_with_owners") else "step", self._step)
         self._wrap(e, "_postprocess", self._phase("outputs"))
         self._wrap(e.scheduler, "schedule", self._scheduled)
         if hasattr(e.scheduler, "schedule_chained"):
             self._wrap(e.scheduler, "schedule_chained", self._scheduled)
-        self._wrap(r, "forward", self._forward)
-        self._wrap(r, "run_forward", self._run_forward)
+        # The forward's launch: the model eagerly, or a CUDA graph's input copies and replay.
+        self._wrap(r.model, "forward", self._forward(graph=False))
+        if r.graph_runner is not None:
+            self._wrap(r.graph_runner, "run", self._forward(graph=True))
         self._wrap(r.model, "compute_logits", self._phase("sample"))
         self._wrap(r, "sampler", lambda real: _TimedSampler(real, self._sampler(real)))
         for name in ("sample", "finish"):  # what remains of them is the wait for the tokens
             self._wrap(r, name, self._read_tokens)
-        self._wrap(r, "build_inputs", self._phase("inputs"))
+        if hasattr(r, "build_inputs"):
+            self._wrap(r, "build_inputs", self._phase("inputs"))
+        else:  # an older runner: the module function it calls
+            import worker.model_runner as mr
+
+            self._wrap(mr, "build_host_inputs", self._phase("inputs"))
         return self
 
     def detach(self) -> None:
@@ -183,24 +193,21 @@ class StepTimeline:
 
         return schedule
 
-    def _forward(self, real: Callable[..., Any]) -> Callable[..., Any]:
-        timed = self._phase("forward")(real)
+    def _forward(self, graph: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def make(real: Callable[..., Any]) -> Callable[..., Any]:
+            timed = self._phase("forward")(real)
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            rec = self._cur
-            if rec is not None and self.clock is not None and rec.start is None:
-                rec.start = self.clock.mark()
-            return timed(*args, **kwargs)
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                rec = self._cur
+                if rec is not None:
+                    rec.graph = rec.graph or graph
+                    if self.clock is not None and rec.start is None:
+                        rec.start = self.clock.mark()
+                return timed(*args, **kwargs)
 
-        return forward
+            return forward
 
-    def _run_forward(self, real: Callable[..., Any]) -> Callable[..., Any]:
-        def run_forward(host: Any, use_graph: bool, *args: Any, **kwargs: Any) -> Any:
-            if self._cur is not None:
-                self._cur.graph = self._cur.graph or bool(use_graph)
-            return real(host, use_graph, *args, **kwargs)
-
-        return run_forward
+        return make
 
     def _sampler(self, real: Callable[..., Any]) -> Callable[..., Any]:
         timed = self._phase("sample")(real)
