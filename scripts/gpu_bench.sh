@@ -12,7 +12,8 @@
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 # Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
-# W1 with its timeline, with the persistent input batch and with HEADRACE_INPUT_BATCH=rebuild).
+# W1 with its timeline, with the persistent input batch and with HEADRACE_INPUT_BATCH=rebuild);
+# hostpath_base (HEADRACE_BASE_TREE=checkout of 3d6250b: its batch-1 timeline, 40 s).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -65,16 +66,24 @@ for step in $which; do
     structured) for m in "" "--async-scheduling"; do n=structured${m:+_async}
                   timeout 125 python -m headrace bench structured $m --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -2 "$OUT/$n.log"; done
                 timeout 45 python scripts/bench_grammar_mask.py --threads 1 8 --steps 48 --output-json "$OUT/structured_mask_cpu.json" > "$OUT/structured_mask_cpu.log" 2>&1; tail -20 "$OUT/structured_mask_cpu.log" ;;
-    # Host path (issue 12): per step kind, host phases / GPU busy / idle gap (worker/step_timeline.py);
-    # then W1 twice, the new input batch and the old rebuild-every-step builder, side by side.
+    # Host path (issue 12): per step kind, host phases / GPU busy / idle gap (worker/step_timeline.py)
+    # at batch 1 and 256, context 1k; then W1 with the persistent input batch and with the old
+    # rebuild-every-step builder, side by side (<= 195 s of timeouts).
     hostpath)
-      for b in 1 256; do timeout 50 python scripts/profile_step.py --batch $b --context 1024 --steps 30 \
-          --out "$OUT/hostpath_profile_b$b.json" > "$OUT/hostpath_profile_b$b.log" 2>&1
-        echo "batch $b (rc $?):"; grep -A4 "^step timeline" "$OUT/hostpath_profile_b$b.log"; done
-      for ib in persistent rebuild; do HEADRACE_INPUT_BATCH=$ib timeout 45 python -m headrace bench latency \
+      for b in "1 40" "256 75"; do set -- $b; timeout $2 python scripts/timeline_step.py --batch $1 --steps 150 \
+          --out "$OUT/hostpath_timeline_b$1.json" > "$OUT/hostpath_timeline_b$1.log" 2>&1
+        echo "rc $?: $(grep -A3 '^step timeline' "$OUT/hostpath_timeline_b$1.log")"; done
+      for ib in persistent rebuild; do HEADRACE_INPUT_BATCH=$ib timeout 40 python -m headrace bench latency \
           --profile --no-roofline --output-json "$OUT/hostpath_w1_$ib.json" > "$OUT/hostpath_w1_$ib.log" 2>&1
         echo "W1 HEADRACE_INPUT_BATCH=$ib (rc $?): $(tail -1 "$OUT/hostpath_w1_$ib.log")"
         grep -A3 "^step kind" "$OUT/hostpath_w1_$ib.log"; done ;;
+    # The same batch-1 timeline on another checkout (HEADRACE_BASE_TREE=/path/to/3d6250b): the W1
+    # regression's host phases and gap, old beside new (the timeline module is copied in).
+    hostpath_base)
+      cp worker/step_timeline.py "$HEADRACE_BASE_TREE/worker/" && cp scripts/timeline_step.py "$HEADRACE_BASE_TREE/scripts/"
+      (cd "$HEADRACE_BASE_TREE" && PYTHONPATH=. timeout 40 python scripts/timeline_step.py --batch 1 --steps 150 \
+          --out "$OUT/hostpath_base_timeline_b1.json" > "$OUT/hostpath_base_timeline_b1.log" 2>&1)
+      echo "base rc $?: $(grep -A3 '^step timeline' "$OUT/hostpath_base_timeline_b1.log")" ;;
     # W4 sweep (issue 18): headrace serve on the Llama-3-8B shape (dummy weights), bench serve at 4 rates.
     w4sweep) python -m headrace serve --model scripts/configs/llama-3-8b --load-format dummy \
                --tokenizer "$HEADRACE_SHARED_MODELS/llama3-tokenizer" --served-model-name llama-3-8b-dummy \
