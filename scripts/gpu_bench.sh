@@ -68,9 +68,9 @@ for step in $which; do
                 timeout 45 python scripts/bench_grammar_mask.py --threads 1 8 --steps 48 --output-json "$OUT/structured_mask_cpu.json" > "$OUT/structured_mask_cpu.log" 2>&1; tail -20 "$OUT/structured_mask_cpu.log" ;;
     # Host path (issue 12): per step kind, host phases / GPU busy / idle gap (worker/step_timeline.py)
     # at batch 1 and 256, context 1k; then W1 with the persistent input batch and with the old
-    # rebuild-every-step builder, side by side (<= 195 s of timeouts).
+    # rebuild-every-step builder, side by side (<= 200 s of timeouts).
     hostpath)
-      for b in "1 40" "256 75"; do set -- $b; timeout $2 python scripts/timeline_step.py --batch $1 --steps 150 \
+      for b in "1 35" "256 85"; do set -- $b; timeout $2 python scripts/timeline_step.py --batch $1 --steps 150 \
           --out "$OUT/hostpath_timeline_b$1.json" > "$OUT/hostpath_timeline_b$1.log" 2>&1
         echo "rc $?: $(grep -A3 '^step timeline' "$OUT/hostpath_timeline_b$1.log")"; done
       for ib in persistent rebuild; do HEADRACE_INPUT_BATCH=$ib timeout 40 python -m headrace bench latency \
