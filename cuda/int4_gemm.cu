@@ -153,15 +153,15 @@ __device__ __forceinline__ void gemv_impl(
         elem_t *__restrict__ y, long long y_stride, int N, int K, int group_size
 #define HR_GEMV_PASS x, x_stride, qw, scales, zeros, y, y_stride, N, K, group_size
 
-extern "C" __global__ void __launch_bounds__(WARP* WARPS) gemv_m1(HR_GEMV_ARGS) {
-    gemv_impl<1, 4>(HR_GEMV_PASS);
-}
-extern "C" __global__ void __launch_bounds__(WARP* WARPS) gemv_m2(HR_GEMV_ARGS) {
-    gemv_impl<2, 4>(HR_GEMV_PASS);
-}
-extern "C" __global__ void __launch_bounds__(WARP* WARPS) gemv_m4(HR_GEMV_ARGS) {
-    gemv_impl<4, 2>(HR_GEMV_PASS);  // fewer channels: registers
-}
+// gemv_m{M}: ROWS channels per warp (2 for M = 4, for registers); int4_gemm.py's
+// ROWS_PER_BLOCK says ROWS x WARPS.
+#define HR_GEMV_KERNEL(M, ROWS)                                                               \
+    extern "C" __global__ void __launch_bounds__(WARP* WARPS) gemv_m##M(HR_GEMV_ARGS) {       \
+        gemv_impl<M, ROWS>(HR_GEMV_PASS);                                                     \
+    }
+HR_GEMV_KERNEL(1, 4)
+HR_GEMV_KERNEL(2, 4)
+HR_GEMV_KERNEL(4, 2)
 
 // ---- tiles layout: tensor-core GEMV (cuda/int4_tiles.py draws the layout) ---------------
 //

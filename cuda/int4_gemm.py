@@ -16,10 +16,10 @@ A second layout, "tiles" (cuda/int4_tiles.py; `Int4Weight.as_tiles`), holds the 
 bytes in the order of mma.sync's fragments: its GEMV (gemv_tiles) unpacks with about half
 the instructions per weight and splits K across a block's warps, for up to 8 rows at once.
 
-`int4_linear` runs the GEMV kernel for up to 4 rows of x (decode; tiles: 8), GEMVs of 4
-rows each up to GEMV_MAX_ROWS (HEADRACE_INT4_GEMV_ROWS, default 8; tiles: 8 rows each up
-to 32), else dequantizes into a scratch buffer and calls cuBLAS (prefill: the GEMM
-dominates); on CPU the reference `int4_linear_ref` (dequantize, then matmul).
+`int4_linear` runs, up to GEMV_MAX_ROWS rows of x (HEADRACE_INT4_GEMV_ROWS, default 8;
+tiles: 32), the split-K GEMV of cuda/int4_gemv.py (8 rows a launch; HEADRACE_INT4_GEMV=old:
+gemv_m1/m2/m4 here, 4 rows a launch; tiles: gemv_tiles, 8 rows a launch), else
+dequantizes into a scratch buffer and calls cuBLAS (prefill: the GEMM dominates); on CPU the reference `int4_linear_ref` (dequantize, then matmul).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cuda import compiler
+from cuda import compiler, int4_gemv
 from cuda.int4_tiles import from_tiles, tiles_ok, to_tiles
 
 SOURCE_PATH = Path(__file__).with_name("int4_gemm.cu")
@@ -41,8 +41,16 @@ GEMV_KERNELS = {1: "gemv_m1", 2: "gemv_m2", 4: "gemv_m4"}
 KERNELS = (*GEMV_KERNELS.values(), "dequant", "gemv_tiles", "dequant_tiles")
 ROWS_PER_BLOCK = {"gemv_m1": 16, "gemv_m2": 16, "gemv_m4": 8}  # ROWS x WARPS in the source
 THREADS = 128
-# Up to this many rows of x run as GEMVs of <= 4 rows; more: dequantize + cuBLAS.
+# Up to this many rows of x run as GEMVs (split: 8 rows a launch; old: 4); more:
+# dequantize + cuBLAS.
 GEMV_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_GEMV_ROWS", "8"))
+# Rows-layout GEMV: "old" (gemv_m*, the default) or "split" (cuda/int4_gemv.cu, split-K).
+# On an H200 (52e44f0) the split-K variants' best per shape only matched gemv_m1 (8B qkv
+# 15.2 vs 16.3 us, down 22.9 vs 27.7, gate_up 34.4 vs 31.0) and the rule's pick was slower
+# everywhere (BENCHMARKS.md, W4A16 GEMV round 2), so it stays opt-in.
+GEMV_IMPL = os.environ.get("HEADRACE_INT4_GEMV", "old")
+if GEMV_IMPL not in ("split", "old"):
+    raise ValueError(f"HEADRACE_INT4_GEMV {GEMV_IMPL!r} must be 'split' or 'old'")
 DEQUANT_THREADS = 256
 TILE_THREADS = 256  # TILE_WARPS x 32 in the source
 TILE_MAX_ROWS = 8  # gemv_tiles takes up to 8 rows of x (mma's B has 8 columns)
@@ -143,7 +151,12 @@ def unsupported_reason(x: torch.Tensor, w: Int4Weight) -> str | None:
         return f"dtype {x.dtype} (kernels take bf16/fp16)"
     if w.in_features % 32 or w.group_size % 32:
         return f"K {w.in_features} / group_size {w.group_size} not multiples of 32"
-    if x.dim() != 2 or x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16:
+    if (
+        x.dim() != 2
+        or x.stride(1) != 1
+        or (x.stride(0) * x.element_size()) % 16
+        or x.data_ptr() % 16
+    ):
         return "x rows are not contiguous 16-byte aligned vectors"
     return None
 
@@ -198,9 +211,34 @@ def int4_linear(
         w = w.without_perm()
     if w.layout == "tiles":
         return _tiles_linear(x, w, scratch, out)
+    if GEMV_IMPL == "split" and x.shape[0] <= GEMV_MAX_ROWS:
+        y = _split_linear(x, w, out)
+        if y is not None:
+            return y
+    return _old_linear(x, w, scratch, out)
+
+
+def _split_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> torch.Tensor | None:
+    """The split-K GEMV, 8 rows of x a launch; None (nothing launched) if a launch would
+    not fit its shared memory or split workspace."""
+    m, step = x.shape[0], int4_gemv.MAX_ROWS
+    chunks = [(r, int4_gemv.plan_for(min(step, m - r), w, x.device)) for r in range(0, m, step)]
+    if not all(plan.fits(w.out_features, min(step, m - r)) for r, plan in chunks):
+        return None
+    y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+    for r, plan in chunks:
+        int4_gemv.gemv(x[r : r + step], w, y[r : r + step], plan)
+    return y
+
+
+def _old_linear(
+    x: torch.Tensor, w: Int4Weight, scratch: torch.Tensor | None, out: torch.Tensor | None
+) -> torch.Tensor:
+    """gemv_m1/m2/m4 (HEADRACE_INT4_GEMV=old) up to GEMV_MAX_ROWS rows, else dequantize +
+    cuBLAS. x is gathered already (no perm)."""
     if x.shape[0] == 3:  # the GEMV instantiations take 1, 2 or 4 rows
         x = F.pad(x, (0, 0, 0, 1))
-        y4 = int4_linear(x, w, scratch)
+        y4 = _old_linear(x, w, scratch, None)
         if out is None:
             return y4[:3]
         return out.copy_(y4[:3])
@@ -222,7 +260,7 @@ def int4_linear(
             else torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
         )
         for r in range(0, x.shape[0], 4):
-            int4_linear(x[r : r + 4], w, out=y[r : r + 4])
+            _old_linear(x[r : r + 4], w, scratch, y[r : r + 4])
         return y
     wd = dequantize(w, x.dtype, scratch)
     return F.linear(x, wd)

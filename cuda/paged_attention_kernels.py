@@ -14,6 +14,9 @@ Decode (max_query_len == 1)::
 never from this step's lengths; each request's own split count is derived on the device
 from its seq_len, so a CUDA graph captured at short lengths stays right at long ones.
 
+Decode runs cuda/decode_attention.py's tensor-core kernel (block sizes >= 16) unless
+HEADRACE_DECODE_KERNEL=old, which keeps the CUDA-core decode_g* kernels here.
+
 Sliding-window attention (Mistral, Mixtral) runs in the same kernels (`sliding_window`).
 
 Unsupported shapes (head_dim not 64/128, other dtypes, block_size not a power of two) and
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cuda import compiler
+from cuda import compiler, decode_attention
 from cuda.paged_attention import AttentionMetadata, AttentionParams, paged_attention_ref
 
 log = logging.getLogger(__name__)
@@ -147,8 +150,30 @@ def decode_splits(
     max_seq_len: int,
     device: torch.device,
     kv_dtype: torch.dtype | None = None,
+    block_size: int | None = None,
 ) -> int:
-    """Split count the decode path will use for these fixed maxima (compiles if needed)."""
+    """Split count the decode path will use for these fixed maxima (compiles if needed);
+    block_size None: a block size the new kernel takes."""
+    group = num_q_heads // num_kv_heads
+    fp8 = kv_dtype == FP8
+    if decode_attention.applies(block_size or decode_attention.MIN_BLOCK_SIZE, fp8):
+        args = (dtype, head_dim, batch, num_kv_heads, group, max_seq_len, device, fp8)
+        return decode_attention.plan_for(*args).splits
+    return _old_decode_splits(
+        dtype, head_dim, batch, num_q_heads, num_kv_heads, max_seq_len, device, kv_dtype
+    )
+
+
+def _old_decode_splits(
+    dtype: torch.dtype,
+    head_dim: int,
+    batch: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    device: torch.device,
+    kv_dtype: torch.dtype | None = None,
+) -> int:
     group = num_q_heads // num_kv_heads
     kernel = _kernel(dtype, head_dim, f"decode_g{_group_chunk(group)}", kv_dtype)
     return decode_num_splits(batch, num_kv_heads, group, max_seq_len, decode_slots(kernel, device))
@@ -164,10 +189,12 @@ def decode_workspace(
     device: torch.device,
     kv_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """A decode workspace for a CUDA graph of this batch size and seq_len bound."""
-    splits = decode_splits(
-        dtype, head_dim, batch, num_q_heads, num_kv_heads, max_seq_len, device, kv_dtype
-    )
+    """A decode workspace for a CUDA graph of this batch size and seq_len bound (big enough
+    for either decode kernel, whatever HEADRACE_DECODE_KERNEL and the block size pick)."""
+    args = (dtype, head_dim, batch, num_q_heads, num_kv_heads, max_seq_len, device, kv_dtype)
+    group = num_q_heads // num_kv_heads
+    new = (dtype, head_dim, batch, num_kv_heads, group, max_seq_len, device, kv_dtype == FP8)
+    splits = max(_old_decode_splits(*args), decode_attention.plan_for(*new).splits)
     numel = decode_workspace_numel(batch, num_q_heads, head_dim, splits)
     return torch.empty(numel, dtype=torch.float32, device=device)
 
@@ -282,6 +309,10 @@ def _launch_decode(
 ) -> None:
     """Flash-decoding: each (split of a sequence, KV head) writes a partial result to the
     workspace; a second kernel merges the splits when there is more than one."""
+    if decode_attention.applies(1 << int(heads[2]), kv_dtype is not None):  # else: below
+        args = (md.seq_lens, md.query_start_loc, md.max_seq_len, common, heads, workspace)
+        decode_attention.launch_decode(q, out, *args, kv_dtype is not None)
+        return
     batch, num_q_heads, head_dim = md.seq_lens.shape[0], q.shape[1], q.shape[2]
     num_kv_heads, group = int(heads[0]), int(heads[1])
     gq = _group_chunk(group)

@@ -22,7 +22,7 @@ Group = Callable[[], dict[str, tuple[AddArgs, Main]]]
 def _engine_commands() -> dict[str, tuple[AddArgs, Main]]:
     """Commands that need only the engine's packages (torch, pyzmq, tokenizers)."""
     from headrace import generate_cmd, worker_cmd
-    from headrace.bench import offline, structured
+    from headrace.bench import kernels, offline, structured
 
     return {
         "generate": (generate_cmd.add_generate_args, generate_cmd.generate_main),
@@ -30,6 +30,7 @@ def _engine_commands() -> dict[str, tuple[AddArgs, Main]]:
         "bench latency": (offline.add_args, offline.latency_main),
         "bench throughput": (offline.add_args, offline.throughput_main),
         "bench structured": (structured.add_args, structured.structured_main),
+        "bench kernels": (kernels.add_args, kernels.kernels_main),
     }
 
 
@@ -75,6 +76,7 @@ BENCH_COMMANDS: list[tuple[str, str, Group]] = [
         _engine_commands,
     ),
     ("serve", "W4: OpenAI HTTP client with Poisson arrivals", _client_commands),
+    ("kernels", "attention kernels: decode old vs new, prefill vs SDPA (GPU)", _engine_commands),
 ]
 
 

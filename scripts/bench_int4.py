@@ -1,30 +1,37 @@
-"""W4A16 GEMV bandwidth and dequantize+GEMM TFLOP/s on Llama-3-8B / 70B linear shapes,
-against cuBLAS bf16 on the same shapes and the device copy bandwidth (one run); each for
-the rows layout (gemv_m*) and the tiles layout (gemv_tiles, tensor cores), 1 and 8 rows."""
+"""W4A16 decode GEMV bandwidth on Llama-3-8B / 70B linear shapes, in one run: the old rows
+kernel (gemv_m*), every split-K variant (cuda/int4_gemv.cu) with its best split and with
+the fewest splits, the rule's pick, the tiles layout (gemv_tiles, tensor cores) and cuBLAS
+bf16 on the same shape, each as TB/s and % of the device copy bandwidth, L2 flushed before
+every call; then the best variant per shape (what cuda/int4_gemv.choose should pick), the
+8-row GEMVs, and dequantize+GEMM prefill TFLOP/s against cuBLAS bf16."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 import torch
 
 from cuda import int4_gemm as ig
+from cuda import int4_gemv as sk
 
+DEVICE = "cuda"  # tests/test_bench_int4.py runs the script's logic on CPU
 SHAPES = {  # name: (N, K)
     "8b.qkv": (6144, 4096),
     "8b.o": (4096, 4096),
     "8b.gate_up": (28672, 4096),
     "8b.down": (4096, 14336),
     "70b.qkv": (10240, 8192),
+    "70b.o": (8192, 8192),
     "70b.gate_up": (57344, 8192),
     "70b.down": (8192, 28672),
 }
 
 
-def timed(fn, iters: int = 50) -> float:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[[], object], iters: int = 50) -> float:
     """Mean seconds per call, L2 flushed before each call (weights come from HBM)."""
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
     for _ in range(3):
         fn()
     total = 0.0
@@ -40,66 +47,123 @@ def timed(fn, iters: int = 50) -> float:  # type: ignore[no-untyped-def]
 
 
 def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
     b = torch.empty_like(a)
     t = timed(lambda: b.copy_(a), 10)
     return 2 * a.numel() / t
 
 
+def random_weight(n: int, k: int, group_size: int) -> ig.Int4Weight:
+    g = k // group_size
+    return ig.Int4Weight(
+        qw=torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device=DEVICE),
+        scales=(torch.rand(n, g, device=DEVICE) * 0.01).half(),
+        zeros=torch.randint(0, 16, (n, g), dtype=torch.uint8, device=DEVICE),
+        group_size=group_size,
+    )
+
+
+def split_plans(n: int, k: int, m: int) -> dict[str, sk.Plan]:
+    """Every variant for m rows, with the rule's best split for it and the fewest."""
+    sms = sk._sms(torch.device(DEVICE))
+    plans: dict[str, sk.Plan] = {}
+    for rows, wk in sk.VARIANTS[sk.m_template(m)]:
+        for plan in (sk.choose(n, k, m, sms, ((rows, wk),)), sk.split_plan(n, k, m, rows, wk)):
+            plans[f"r{rows}_w{wk}_s{plan.splits}"] = plan
+    return plans
+
+
+def gemv_row(name: str, n: int, k: int, args: argparse.Namespace, bw: float) -> dict:
+    """Decode (M = 1) times of every implementation on one shape, in us and % of copy bw."""
+    w = random_weight(n, k, args.group_size)
+    q_bytes = w.qw.numel() * 4 + w.scales.numel() * 2 + w.zeros.numel()
+    x1 = torch.randn(1, k, dtype=torch.bfloat16, device=DEVICE)
+    y1 = torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE)
+    times: dict[str, float] = {}
+    ig.GEMV_IMPL = "old"
+    times["old"] = timed(lambda: ig.int4_linear(x1, w, out=y1))
+    ig.GEMV_IMPL = "split"
+    times["rule"] = timed(lambda: ig.int4_linear(x1, w, out=y1))
+    for label, plan in split_plans(n, k, 1).items():
+        times[label] = timed(lambda p=plan: sk.gemv(x1, w, y1, p))  # type: ignore[misc]
+    wt = w.as_tiles()
+    times["tiles"] = timed(lambda: ig.int4_linear(x1, wt, out=y1))
+    wb = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE)
+    t_bf16 = timed(lambda: torch.nn.functional.linear(x1, wb))
+    variants = {lb: t for lb, t in times.items() if lb not in ("old", "rule", "tiles")}
+    best = min(variants, key=variants.__getitem__)
+    rule = sk.choose(n, k, 1, sk._sms(x1.device))
+    row = dict(
+        shape=name,
+        n=n,
+        k=k,
+        us={lb: t * 1e6 for lb, t in times.items()},
+        tb_s={lb: q_bytes / t / 1e12 for lb, t in times.items()},
+        frac_copy={lb: q_bytes / t / bw for lb, t in times.items()},
+        rule_pick=f"r{rule.rows}_w{rule.wk}_s{rule.splits}",
+        best_variant=best,
+        cublas_bf16_us=t_bf16 * 1e6,
+        cublas_bf16_frac_copy=n * k * 2 / t_bf16 / bw,
+    )
+    if args.rows8:
+        x8 = torch.randn(8, k, dtype=torch.bfloat16, device=DEVICE)
+        y8 = torch.empty(8, n, dtype=torch.bfloat16, device=DEVICE)
+        for impl in ("old", "split"):
+            ig.GEMV_IMPL = impl
+            row[f"m8_{impl}_us"] = timed(lambda: ig.int4_linear(x8, w, out=y8)) * 1e6
+        row["m8_tiles_us"] = timed(lambda: ig.int4_linear(x8, wt, out=y8)) * 1e6
+    if args.prefill_tokens:
+        xp = torch.randn(args.prefill_tokens, k, dtype=torch.bfloat16, device=DEVICE)
+        scratch = torch.empty(n, k, dtype=torch.bfloat16, device=DEVICE)
+        flops = 2 * args.prefill_tokens * n * k
+        t_pre = timed(lambda: ig.int4_linear(xp, w, scratch=scratch), 10)
+        t_ref = timed(lambda: torch.nn.functional.linear(xp, wb), 10)
+        row["prefill_tflops"] = flops / t_pre / 1e12
+        row["cublas_bf16_prefill_tflops"] = flops / t_ref / 1e12
+    return row
+
+
+def summary(row: dict) -> str:
+    f = row["frac_copy"]
+    best = row["best_variant"]
+    parts = [
+        f"{row['shape']:12s}",
+        f"old {row['us']['old']:6.1f}us {f['old']:4.0%}",
+        f"rule[{row['rule_pick']}] {row['us']['rule']:6.1f}us {f['rule']:4.0%}",
+        f"best[{best}] {row['us'][best]:6.1f}us {f[best]:4.0%}",
+        f"tiles {row['us']['tiles']:6.1f}us {f['tiles']:4.0%}",
+        f"cuBLAS bf16 {row['cublas_bf16_us']:6.1f}us {row['cublas_bf16_frac_copy']:4.0%}",
+    ]
+    return " | ".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--prefill-tokens", type=int, default=2048, help="0: no prefill GEMMs")
+    ap.add_argument("--no-rows8", dest="rows8", action="store_false")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--output-json")
     args = ap.parse_args()
     bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; group size {args.group_size}; M = 1 unless said")
     rows = []
-    for name, (n, k) in SHAPES.items():
-        g = k // args.group_size
-        w = ig.Int4Weight(
-            qw=torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device="cuda"),
-            scales=(torch.rand(n, g, device="cuda") * 0.01).half(),
-            zeros=torch.randint(0, 16, (n, g), dtype=torch.uint8, device="cuda"),
-            group_size=args.group_size,
-        )
-        wb = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
-        x1 = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-        y1 = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
-        t_gemv = timed(lambda: ig.int4_linear(x1, w, out=y1))  # noqa: B023
-        wt = w.as_tiles()  # the same weight for the tensor-core GEMV (gemv_tiles)
-        t_tiles = timed(lambda: ig.int4_linear(x1, wt, out=y1))  # noqa: B023
-        x8 = torch.randn(8, k, dtype=torch.bfloat16, device="cuda")
-        y8 = torch.empty(8, n, dtype=torch.bfloat16, device="cuda")
-        t_rows8 = timed(lambda: ig.int4_linear(x8, w, out=y8))  # noqa: B023
-        t_tiles8 = timed(lambda: ig.int4_linear(x8, wt, out=y8))  # noqa: B023
-        t_bf16 = timed(lambda: torch.nn.functional.linear(x1, wb))  # noqa: B023
-        q_bytes = w.qw.numel() * 4 + w.scales.numel() * 2 + w.zeros.numel()
-        xp = torch.randn(args.prefill_tokens, k, dtype=torch.bfloat16, device="cuda")
-        scratch = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
-        t_pre = timed(lambda: ig.int4_linear(xp, w, scratch=scratch), 20)  # noqa: B023
-        t_pre_tiles = timed(lambda: ig.int4_linear(xp, wt, scratch=scratch), 20)  # noqa: B023
-        t_pre_bf16 = timed(lambda: torch.nn.functional.linear(xp, wb), 20)  # noqa: B023
-        flops = 2 * args.prefill_tokens * n * k
-        row = dict(
-            shape=name,
-            n=n,
-            k=k,
-            gemv_us=t_gemv * 1e6,
-            gemv_tb_s=q_bytes / t_gemv / 1e12,
-            gemv_frac_copy=q_bytes / t_gemv / bw,
-            tiles_gemv_us=t_tiles * 1e6,
-            tiles_gemv_frac_copy=q_bytes / t_tiles / bw,
-            rows_m8_us=t_rows8 * 1e6,
-            tiles_m8_us=t_tiles8 * 1e6,
-            cublas_bf16_gemv_us=t_bf16 * 1e6,
-            cublas_bf16_tb_s=n * k * 2 / t_bf16 / 1e12,
-            prefill_tflops=flops / t_pre / 1e12,
-            tiles_prefill_tflops=flops / t_pre_tiles / 1e12,
-            cublas_bf16_prefill_tflops=flops / t_pre_bf16 / 1e12,
-        )
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        row = gemv_row(name, n, k, args, bw)
         rows.append(row)
-        print(json.dumps({k_: round(v, 3) if isinstance(v, float) else v for k_, v in row.items()}))
+        print(summary(row), flush=True)
+        variants = "  ".join(
+            f"{lb} {us:.1f}" for lb, us in row["us"].items() if lb not in ("old", "rule", "tiles")
+        )
+        print(f"    variants (us): {variants}")
+        extra = {key: round(v, 1) for key, v in row.items() if key.startswith(("m8_", "prefill"))}
+        extra |= {key: round(v, 1) for key, v in row.items() if key.startswith("cublas_bf16_pre")}
+        print(f"    {json.dumps(extra)}")
+    print(
+        "best variant per shape (M = 1): "
+        + ", ".join(f"{r['shape']} {r['best_variant']}" for r in rows)
+    )
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(dict(copy_bandwidth=bw, group_size=args.group_size, rows=rows), f, indent=1)

@@ -3,10 +3,11 @@ head_dim 128, bf16, block_size 16, shuffled pages).
 
 Decode: batch 1/8/64 at contexts 1k/4k/16k; achieved bandwidth = KV bytes read / kernel time,
 against the device copy bandwidth (2 GiB device-to-device copy, bytes read + written).
-Prefill: TFLOP/s (causal: 2 * L_q * L_kv_visible * D * Hq * 2) against torch SDPA (flash) on
-the same shapes. Times are medians of CUDA-event timings with L2 flushed before each run.
+Prefill: TFLOP/s (causal: 2 * L_q * L_kv_visible * D * Hq * 2) of the old and the new
+prefill kernel (each tile configuration) against torch SDPA (flash) on the same shapes
+(scripts/bench_prefill.py). Times are medians of CUDA-event timings with L2 flushed before each run.
 
-    PYTHONPATH=. python scripts/bench_kernels.py --out bench_kernels.json
+    PYTHONPATH=. python scripts/bench_kernels.py --out bench_kernels.json [--parts prefill]
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from cuda.kv_write import write_kv
 from cuda.paged_attention import AttentionMetadata, AttentionParams, paged_attention
@@ -130,60 +130,21 @@ def bench_decode(results: list[dict], copy_bw: float) -> None:
             del q, cache, md, out
 
 
-def sdpa_time(batch: int, q_len: int, ctx: int) -> float | None:
-    q = torch.randn(batch, HQ, q_len, D, dtype=DTYPE, device="cuda")
-    k = torch.randn(batch, HKV, ctx, D, dtype=DTYPE, device="cuda")
-    v = torch.randn_like(k)
-    k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if q_len != ctx:  # SDPA's is_causal is top-left aligned: use an explicit bottom-right mask
-        return None
-    try:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return time_op(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    except RuntimeError as exc:
-        print("sdpa flash failed:", exc)
-        return None
-
-
 def bench_prefill(results: list[dict]) -> None:
-    for batch, q_len, ctx in (
-        (1, 1024, 1024),
-        (1, 4096, 4096),
-        (4, 2048, 2048),
-        (1, 16384, 16384),
-        (8, 512, 4096),
-    ):
-        q, cache, md = paged_batch(batch, q_len, ctx)
-        out = torch.empty_like(q)
+    """Old kernel, new kernel (each tile configuration) and torch SDPA flash, side by side:
+    scripts/bench_prefill.py."""
+    # The sibling script by path: `headrace bench kernels` loads this file from elsewhere,
+    # so scripts/ is not on sys.path then.
+    import importlib.util
+    from pathlib import Path
 
-        def run(q=q, cache=cache, md=md, out=out) -> None:
-            paged_attention(q, cache, md, PARAMS, out)
-
-        t = time_op(run, iters=10)
-        # visible (query, key) pairs under bottom-right causal alignment
-        pairs = batch * sum(ctx - q_len + i + 1 for i in range(q_len))
-        flops = 4 * pairs * D * HQ
-        ts = sdpa_time(batch, q_len, ctx)
-        row = {
-            "kind": "prefill",
-            "batch": batch,
-            "q_len": q_len,
-            "ctx": ctx,
-            "us": t * 1e6,
-            "TFLOPs": flops / t / 1e12,
-            "sdpa_flash_us": ts * 1e6 if ts else None,
-            "sdpa_flash_TFLOPs": flops / ts / 1e12 if ts else None,
-        }
-        results.append(row)
-        sd = f"sdpa flash {flops / ts / 1e12:6.1f} TFLOP/s" if ts else "sdpa n/a"
-        print(
-            f"prefill B={batch} q_len={q_len:5d} ctx={ctx:5d} {t * 1e6:9.1f} us "
-            f"{flops / t / 1e12:6.1f} TFLOP/s | {sd}",
-            flush=True,
-        )
-        del q, cache, md, out
+    spec = importlib.util.spec_from_file_location(
+        "bench_prefill", Path(__file__).with_name("bench_prefill.py")
+    )
+    assert spec is not None and spec.loader is not None
+    prefill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prefill)
+    prefill.bench_prefill(results)
 
 
 def bench_write_kv(results: list[dict], copy_bw: float) -> None:
@@ -226,10 +187,16 @@ def profile_launch() -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
+PARTS = ("decode", "prefill", "write_kv")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_kernels.json")
     ap.add_argument("--profile-launch", action="store_true", help="cProfile eager launches")
+    ap.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which benchmarks to run"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.profile_launch:
@@ -237,9 +204,12 @@ def main() -> None:
     copy_bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device copy bandwidth {copy_bw / 1e12:.2f} TB/s")
     results: list[dict] = []
-    bench_decode(results, copy_bw)
-    bench_prefill(results)
-    bench_write_kv(results, copy_bw)
+    if "decode" in args.parts:
+        bench_decode(results, copy_bw)
+    if "prefill" in args.parts:
+        bench_prefill(results)
+    if "write_kv" in args.parts:
+        bench_write_kv(results, copy_bw)
     with open(args.out, "w") as f:
         json.dump(
             {

@@ -9,11 +9,17 @@
 # w1awq (bf16 then AWQ W1 on the 8B shape, each with its floor; AWQ's line adds the int4 floor
 # at 4.25 TB/s and the fraction) w2awq (8B AWQ W2, 500 requests) w1_70b_awq w2_70b_awq (70B);
 # w1awq_tiles (8B and 70B AWQ W1 with HEADRACE_INT4_LAYOUT=tiles: the tensor-core GEMV).
+# int4perf (<= 280 s): int4 GPU tests, bench_int4 (old vs split-K variants vs tiles vs cuBLAS), W1 AWQ
+# with the split-K GEMV and with HEADRACE_INT4_GEMV=old.
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 # Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
 # W1 with its timeline, with the persistent input batch and with HEADRACE_INPUT_BATCH=rebuild);
 # hostpath_base (HEADRACE_BASE_TREE=checkout of 3d6250b: its batch-1 timeline, 40 s).
+# Prefill attention (issue 11): prefill (tests/gpu/test_gpu_prefill_attention.py, then old kernel /
+# new kernel per tile config / torch SDPA flash TFLOP/s at causal 2k-16k; <= 200 s).
+# Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
+# kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -34,6 +40,8 @@ for step in $which; do
     w3fp8) for q in "" "--quantization fp8 --kv-cache-dtype fp8"; do n=w3$(echo "$q" | tr -d ' -' | sed 's/quantizationfp8/_fp8/;s/kvcachedtypefp8/_kv8/'); timeout 280 python -m headrace bench throughput --workload W3 $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
     w1_70b) timeout 560 python -m headrace bench latency --model scripts/configs/llama-3-70b --quantization fp8 --max-model-len 4096 --output-json "$OUT/w1_70b_fp8.json" > "$OUT/w1_70b_fp8.log" 2>&1; tail -1 "$OUT/w1_70b_fp8.log" ;;
     w2_70b) timeout 560 python -m headrace bench throughput --model scripts/configs/llama-3-70b --workload W2 --num-requests 200 --quantization fp8 --kv-cache-dtype fp8 --max-model-len 4096 --output-json "$OUT/w2_70b_fp8.json" > "$OUT/w2_70b_fp8.log" 2>&1; tail -1 "$OUT/w2_70b_fp8.log" ;;
+    prefill) timeout 130 python -m pytest -m gpu tests/gpu/test_gpu_prefill_attention.py -q -p no:cacheprovider > "$OUT/gpu_prefill_tests.log" 2>&1; tail -6 "$OUT/gpu_prefill_tests.log"
+             timeout 70 python scripts/bench_kernels.py --parts prefill --out "$OUT/bench_prefill.json" > "$OUT/bench_prefill.log" 2>&1; cat "$OUT/bench_prefill.log" ;;
     kvcomp) timeout 280 python scripts/bench_kv_compression.py --output-json "$OUT/kvcomp.json" > "$OUT/kvcomp.log" 2>&1; tail -3 "$OUT/kvcomp.log" ;;
     int4tests) timeout 400 python -m pytest -m gpu tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_int4_models.py -q -p no:cacheprovider > "$OUT/gpu_int4_tests.log" 2>&1; tail -15 "$OUT/gpu_int4_tests.log" ;;
     int4kernels) timeout 200 python scripts/bench_int4.py --output-json "$OUT/int4_kernels.json" > "$OUT/int4_kernels.log" 2>&1; cat "$OUT/int4_kernels.log" ;;
@@ -42,6 +50,23 @@ for step in $which; do
     w2awq) timeout 280 python -m headrace bench throughput --workload W2 --num-requests 500 --quantization awq --output-json "$OUT/w2_awq.json" > "$OUT/w2_awq.log" 2>&1; tail -1 "$OUT/w2_awq.log" ;;
     w1_70b_awq) timeout 280 python -m headrace bench latency --model scripts/configs/llama-3-70b --quantization awq --max-model-len 4096 --output-json "$OUT/w1_70b_awq.json" > "$OUT/w1_70b_awq.log" 2>&1; tail -1 "$OUT/w1_70b_awq.log" ;;
     w2_70b_awq) timeout 280 python -m headrace bench throughput --model scripts/configs/llama-3-70b --workload W2 --num-requests 150 --quantization awq --max-model-len 4096 --output-json "$OUT/w2_70b_awq.json" > "$OUT/w2_70b_awq.log" 2>&1; tail -1 "$OUT/w2_70b_awq.log" ;;
+    # Issue 14, the decode GEMV, <= 280 s in all: warm the NVRTC cache in parallel (a fresh machine
+    # compiles nothing twice), the int4 GPU kernel tests, scripts/bench_int4.py (old, every split-K variant,
+    # tiles, cuBLAS bf16 on the 8B/70B shapes; best variant per shape), then W1 AWQ on the 8B shape with
+    # the split-K GEMV (default) and with HEADRACE_INT4_GEMV=old. Two files (the device returns few):
+    # $OUT/int4perf.log (every log, in order) and $OUT/int4perf_bench.json.
+    int4perf)
+      log="$OUT/int4perf.log"; : > "$log"
+      run4() { local secs=$1; shift; echo "== $* (timeout $secs s)" >> "$log"; local t0=$SECONDS
+               timeout "$secs" "$@" > "$OUT/.int4perf_part" 2>&1; local rc=$?; cat "$OUT/.int4perf_part" >> "$log"
+               echo "== rc $rc, $((SECONDS - t0)) s" >> "$log"; echo "[$(echo "$*" | cut -c1-70) ... rc $rc, $((SECONDS - t0)) s]"; }
+      run4 60 python scripts/warm_kernels.py; tail -1 "$OUT/.int4perf_part"
+      run4 70 python -m pytest -m gpu tests/gpu/test_gpu_int4.py -q -p no:cacheprovider; tail -4 "$OUT/.int4perf_part"
+      run4 45 python scripts/bench_int4.py --output-json "$OUT/int4perf_bench.json"; grep -v '^    ' "$OUT/.int4perf_part"
+      for g in split old; do  # 55 + 50 s: the first run also compiles what warm_kernels did not
+        HEADRACE_INT4_GEMV=$g run4 $([ $g = split ] && echo 55 || echo 50) python -m headrace bench latency --quantization awq
+        echo "W1 AWQ, GEMV $g: $(grep '^W1' "$OUT/.int4perf_part" | tail -1)"; done
+      rm -f "$OUT/.int4perf_part" ;;
     # Issue 15's models with HF generate() beside them, 525 s of timeouts in all: Mixtral-8x7B W1 and
     # W2-shaped (128 requests), Falcon-7B W1 and W3 (300 requests; HF batch 16: Falcon's MQA sends HF's
     # SDPA to the math kernel, ~3 GB of fp32 [71, T, T] scores per 2k-token prompt). Each log's last
@@ -84,6 +109,10 @@ for step in $which; do
       (cd "$HEADRACE_BASE_TREE" && PYTHONPATH=. timeout 40 python scripts/timeline_step.py --batch 1 --steps 150 \
           --out "$OUT/hostpath_base_timeline_b1.json" > "$OUT/hostpath_base_timeline_b1.log" 2>&1)
       echo "base rc $?: $(grep -A3 '^step timeline' "$OUT/hostpath_base_timeline_b1.log")" ;;
+    decode) timeout 90 python -m pytest -m gpu tests/gpu/test_gpu_decode_attention.py -q -p no:cacheprovider --maxfail=10 > "$OUT/gpu_decode_tests.log" 2>&1
+            echo "decode tests (rc $?): $(tail -1 "$OUT/gpu_decode_tests.log")"; grep -m5 "^FAILED\|Error" "$OUT/gpu_decode_tests.log"
+            timeout 60 python -m headrace bench kernels --fp8 --output-json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1
+            echo "bench kernels (rc $?):"; cat "$OUT/bench_kernels.log" ;;
     # W4 sweep (issue 18): headrace serve on the Llama-3-8B shape (dummy weights), bench serve at 4 rates.
     w4sweep) python -m headrace serve --model scripts/configs/llama-3-8b --load-format dummy \
                --tokenizer "$HEADRACE_SHARED_MODELS/llama3-tokenizer" --served-model-name llama-3-8b-dummy \

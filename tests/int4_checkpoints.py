@@ -12,11 +12,18 @@ AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word = colum
 
 
 def quantize_groups(
-    w: torch.Tensor, group_size: int, sym: bool, perm: torch.Tensor | None = None
+    w: torch.Tensor,
+    group_size: int,
+    sym: bool,
+    perm: torch.Tensor | None = None,
+    pow2_scales: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [out, in] -> (q [in, out] 0..15, zeros [G, out], scales [G, out] fp16, g_idx [in]).
 
     perm (desc_act): input rows are grouped in this order, so g_idx is not sorted.
+    pow2_scales: each scale rounded up to a power of two, so every (q - z) * s is exact in
+    bf16 (4 significant bits times a power of two): a 16-bit twin then holds the very
+    weights the 4-bit kernels compute with, and only summation order tells them apart.
     """
     out_f, in_f = w.shape
     size = in_f if group_size == -1 else group_size
@@ -36,6 +43,9 @@ def quantize_groups(
             lo, hi = rows.amin(0), rows.amax(0)
             s = ((hi - lo) / 15).clamp(min=1e-6)
             z = torch.round(-lo / s).clamp(0, 15).to(torch.int32)
+        if pow2_scales:
+            s = torch.exp2(torch.ceil(torch.log2(s)))
+            z = z if sym else torch.round(-lo / s).clamp(0, 15).to(torch.int32)
         scales[g], zeros[g] = s, z
     scales = scales.half()
     q = torch.round(wt / scales.float()[g_idx.long()] + zeros[g_idx.long()]).clamp(0, 15)
@@ -83,20 +93,27 @@ def _as_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def awq_tensors(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    q, z, s, _ = quantize_groups(w, group_size, sym=False)
+def awq_tensors(
+    w: torch.Tensor, group_size: int, pow2_scales: bool = False
+) -> dict[str, torch.Tensor]:
+    q, z, s, _ = quantize_groups(w, group_size, sym=False, pow2_scales=pow2_scales)
     return {"qweight": pack_awq(q), "qzeros": pack_awq(z), "scales": s}
 
 
 def gptq_tensors(
-    w: torch.Tensor, group_size: int, sym: bool, desc_act: bool, seed: int = 0
+    w: torch.Tensor,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    seed: int = 0,
+    pow2_scales: bool = False,
 ) -> dict[str, torch.Tensor]:
     perm = (
         torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(seed))
         if desc_act
         else None
     )
-    q, z, s, g_idx = quantize_groups(w, group_size, sym, perm)
+    q, z, s, g_idx = quantize_groups(w, group_size, sym, perm, pow2_scales)
     return {
         "qweight": pack_gptq_rows(q),
         "qzeros": pack_gptq_cols(z - 1),  # AutoGPTQ stores zero - 1
@@ -112,20 +129,21 @@ def quantized_pair(
     sym: bool = False,
     desc_act: bool = False,
     seed: int = 0,
+    pow2_scales: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(the format's tensors for w [out, in], the fp32 weight [out, in] they encode).
 
     desc_act: the input order is randperm(in) drawn from `seed` (fused shards that share
     their inputs pass the same seed, as GPTQ's act order is the same for them)."""
     if method == "awq":
-        q, z, s, g_idx = quantize_groups(w, group_size, sym=False)
-        return awq_tensors(w, group_size), dequantized(q, z, s, g_idx)
-    tensors = gptq_tensors(w, group_size, sym, desc_act, seed)
+        q, z, s, g_idx = quantize_groups(w, group_size, sym=False, pow2_scales=pow2_scales)
+        return awq_tensors(w, group_size, pow2_scales), dequantized(q, z, s, g_idx)
+    tensors = gptq_tensors(w, group_size, sym, desc_act, seed, pow2_scales)
     perm = (
         torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(seed))
         if desc_act
         else None
     )
-    q, z, s, g_idx = quantize_groups(w, group_size, sym, perm)
+    q, z, s, g_idx = quantize_groups(w, group_size, sym, perm, pow2_scales)
     assert torch.equal(g_idx, tensors["g_idx"])
     return tensors, dequantized(q, z, s, g_idx)

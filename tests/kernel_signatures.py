@@ -8,7 +8,9 @@ import re
 
 import numpy as np
 
-_KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\w+\) )?(\w+)\(([^)]*)\)')
+_KERNEL = re.compile(
+    r'extern "C" __global__ void (?:__launch_bounds__\([\w, ]+\) )?(\w+)\(([^)]*)\)'
+)
 _SCALARS: dict[str, type] = {"long": np.int64, "int": np.int32, "float": np.float32}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cuda import compiler, kv_write_kernel
+from cuda import compiler, decode_attention, kv_write_kernel
 from cuda import paged_attention_kernels as pak
 from cuda.paged_attention import AttentionMetadata, AttentionParams
 from tests.kernel_signatures import kernel_parameters
@@ -25,6 +25,10 @@ def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], 
     monkeypatch.setattr(pak, "unsupported_reason", lambda q, kv: None)
     monkeypatch.setattr(pak, "_kernel", lambda dtype, head_dim, name, kv_dtype=None: name)
     monkeypatch.setattr(pak, "decode_slots", lambda kernel, device: 264)
+    monkeypatch.setattr(decode_attention, "_kernel", lambda dtype, head_dim, name: name)
+    monkeypatch.setattr(decode_attention, "_slots_per_sm", lambda kernel, device, key: 2)
+    monkeypatch.setattr(pak, "num_sms", lambda device: 132)
+    monkeypatch.setenv(decode_attention.ENV, case.get("decode_kernel", "new"))
     monkeypatch.setattr(compiler, "launch", lambda *call, shmem=0: calls.append(call))
     q_lens, seq_lens = case["q_lens"], case["seq_lens"]
     kv_dtype = torch.float8_e4m3fn if case.get("fp8") else torch.bfloat16
@@ -53,17 +57,27 @@ def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], 
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("window", [None, 64])
 @pytest.mark.parametrize(
-    ("q_lens", "seq_lens", "kernels"),
+    ("q_lens", "seq_lens", "kernels", "decode_kernel"),
     [
-        ([1, 1, 1], [5, 300, 9000], ["decode_g4", "merge_splits"]),
-        ([7, 1, 0], [7, 40, 3], ["prefill"]),
+        ([1, 1, 1], [5, 300, 9000], ["decode_g4", "merge_splits"], "old"),
+        ([1, 1, 1], [5, 300, 9000], ["decode_tc", "decode_tc_merge"], "new"),
+        ([7, 1, 0], [7, 40, 3], ["prefill"], "new"),
     ],
 )
 def test_launch_arguments_follow_the_kernel_signatures(
-    monkeypatch: pytest.MonkeyPatch, fp8: bool, window: int | None, q_lens, seq_lens, kernels
+    monkeypatch: pytest.MonkeyPatch,
+    fp8: bool,
+    window: int | None,
+    q_lens,
+    seq_lens,
+    kernels,
+    decode_kernel: str,
 ) -> None:
-    calls, t = _launches(monkeypatch, q_lens=q_lens, seq_lens=seq_lens, fp8=fp8, window=window)
-    signatures = kernel_parameters(pak.source())
+    case = {"q_lens": q_lens, "seq_lens": seq_lens, "fp8": fp8, "window": window}
+    calls, t = _launches(monkeypatch, decode_kernel=decode_kernel, **case)
+    signatures = kernel_parameters(pak.source()) | kernel_parameters(decode_attention.source())
+    if fp8 and kernels[0] == "decode_tc":
+        kernels = ["decode_tc_fp8", *kernels[1:]]
     assert [c[0] for c in calls] == kernels
     for kernel, grid, block, *args in calls:
         names = [n for n, _ in signatures[kernel]]
@@ -71,8 +85,12 @@ def test_launch_arguments_follow_the_kernel_signatures(
         got = dict(zip(names, args, strict=True))
         # Grids: decode (splits, Hkv x query-head chunks, B), merge (Hq, B), prefill
         # (ceil(q_len x group / 64), Hkv, B); merge runs one thread per head-dim element.
+        # The new decode kernel: (splits, Hkv x chunks of 8 query heads, B), 64 threads.
         expect = {"decode_g4": (grid[0], 2, 3), "merge_splits": (8, 3), "prefill": (1, 2, 3)}
-        assert tuple(grid) == expect[kernel] and block == (64 if kernel == "merge_splits" else 128)
+        expect |= {"decode_tc": (grid[0], 2, 3), "decode_tc_fp8": (grid[0], 2, 3)}
+        expect["decode_tc_merge"] = (8, 3)
+        threads = {"merge_splits": 64, "decode_tc_merge": 64, "decode_tc": 64, "decode_tc_fp8": 64}
+        assert tuple(grid) == expect[kernel] and block == threads.get(kernel, 128)
         for name, tensor in t.items():
             if name in got:
                 assert got[name] == tensor.data_ptr(), (kernel, name)
@@ -81,6 +99,11 @@ def test_launch_arguments_follow_the_kernel_signatures(
             assert got["part_lse"] - got["part_o"] == splits * 3 * 8 * 64 * 4
             assert got.get("max_splits", splits) == splits
         assert got["window"] == (window or 0)
+        if decode_kernel == "new" and kernel != "prefill":
+            # 2 KV heads x 3 requests = 6 blocks a split on 132 x 2 slots: 40 splits are
+            # the fewest that fill 90% of the wave (9000 tokens allow 64 of 128).
+            assert got["min_chunk"] == decode_attention.MIN_CHUNK == 128
+            assert calls[0][1][0] == 40
         if "scale_log2" in got:
             scale = 0.125 * (0.5 if fp8 else 1.0) * pak.LOG2E
             assert got["scale_log2"] == np.float32(scale)
@@ -127,3 +150,77 @@ def test_kv_write_arguments_follow_the_kernel_signatures(
 class _Names:
     def kernel(self, name: str) -> str:
         return name
+
+
+def _int4_weight(n: int, k: int, group_size: int) -> Any:
+    from cuda import int4_gemm as ig
+
+    g = torch.Generator().manual_seed(n + k)
+    return ig.Int4Weight(
+        qw=ig.pack_rows(torch.randint(0, 16, (n, k), generator=g)),
+        scales=torch.rand(n, k // group_size, generator=g).half(),
+        zeros=torch.randint(0, 16, (n, k // group_size), generator=g).to(torch.uint8),
+        group_size=group_size,
+    )
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "group_size"),
+    [(1, 4096, 4096, 128), (3, 100, 576, 64), (8, 4096, 14336, 32), (11, 40, 8192, 8192)],
+)
+def test_int4_split_gemv_arguments_follow_the_kernel_signature(
+    monkeypatch: pytest.MonkeyPatch, m: int, n: int, k: int, group_size: int
+) -> None:
+    from cuda import int4_gemm as ig
+    from cuda import int4_gemv as sk
+
+    calls: list[Any] = []
+    monkeypatch.setattr(sk, "_kernel", lambda dtype, plan: plan.name)
+    monkeypatch.setattr(sk, "_sms", lambda device: 132)
+    monkeypatch.setattr(ig, "GEMV_MAX_ROWS", 16)
+    monkeypatch.setattr(ig, "GEMV_IMPL", "split")
+    monkeypatch.setattr(compiler, "launch", lambda *c, shmem=0: calls.append((*c, shmem)))
+    w = _int4_weight(n, k, group_size)
+    x = torch.randn(m, k + 8, dtype=torch.bfloat16)[:, :k].as_subclass(_OnDevice)  # strided
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    assert ig.int4_linear(x, w, out=y) is y
+    text = sk.source()
+    args_macro = text[text.index("#define HR_SK_ARGS") : text.index("#define HR_SK_PASS")]
+    source = args_macro + '\nextern "C" __global__ void signature(HR_SK_ARGS) {}\n'
+    signature = kernel_parameters(source)["signature"]
+    part, counters = sk.workspace(x.device)
+    assert len(calls) == -(-m // 8)  # 8 rows of x a launch
+    for i, (kernel, grid, block, *args, shmem) in enumerate(calls):
+        rows = min(8, m - 8 * i)
+        plan = sk.choose(n, k, rows, 132)
+        assert (kernel, tuple(grid), block, shmem) == (
+            plan.name,
+            plan.grid(n),
+            256,
+            rows * plan.chunks_per_split * 136,
+        )
+        assert shmem + 1024 <= 48 * 1024 and plan.grid(n)[0] <= sk.COUNTERS
+        assert [type(a) for a in args] == [t for _, t in signature]
+        got = dict(zip([name for name, _ in signature], args, strict=True))
+        assert got["x"] == x.data_ptr() + 8 * i * (k + 8) * 2 and got["x_stride"] == k + 8
+        assert got["y"] == y.data_ptr() + 8 * i * n * 2 and got["y_stride"] == n
+        assert (got["qw"], got["scales"], got["zeros"]) == tuple(
+            t.data_ptr() for t in (w.qw, w.scales, w.zeros)
+        )
+        assert (got["N"], got["K"], got["group_size"], got["Mr"]) == (n, k, group_size, rows)
+        assert got["chunks_per_split"] == plan.chunks_per_split
+        assert (got["part"], got["counters"]) == (part.data_ptr(), counters.data_ptr())
+        assert plan.splits * rows * n <= part.numel()
+
+
+def test_int4_old_gemv_is_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cuda import int4_gemm as ig
+
+    calls: list[Any] = []
+    monkeypatch.setattr(ig, "_kernel", lambda dtype, name: name)
+    monkeypatch.setattr(ig, "GEMV_IMPL", "old")
+    monkeypatch.setattr(compiler, "launch", lambda *c, shmem=0: calls.append(c))
+    w = _int4_weight(100, 256, 128)
+    x = torch.randn(6, 256, dtype=torch.bfloat16).as_subclass(_OnDevice)
+    ig.int4_linear(x, w, out=torch.empty(6, 100, dtype=torch.bfloat16))
+    assert [(c[0], c[1], c[2]) for c in calls] == [("gemv_m4", (13,), 128), ("gemv_m2", (7,), 128)]

@@ -70,8 +70,11 @@ def input_seed(name: str, shared_orders: bool) -> int:
     return zlib.crc32(key.encode())
 
 
-def write_int4(src: Path, dest: Path, fmt: str, shared_orders: bool = True) -> tuple[Path, Path]:
-    """(the 4-bit checkpoint folder, its dequantized fp32 twin)."""
+def write_int4(
+    src: Path, dest: Path, fmt: str, shared_orders: bool = True, pow2_scales: bool = False
+) -> tuple[Path, Path]:
+    """(the 4-bit checkpoint folder, its dequantized fp32 twin); pow2_scales: see
+    tests/int4_checkpoints.quantize_groups."""
     qc, kwargs = FORMATS[fmt]
     tensors = load_file(str(src / "model.safetensors"))
     packed, deq = {}, {}
@@ -79,7 +82,8 @@ def write_int4(src: Path, dest: Path, fmt: str, shared_orders: bool = True) -> t
         if not quantized_weight(name, w):
             packed[name] = deq[name] = w
             continue
-        parts, w_deq = quantized_pair(w, seed=input_seed(name, shared_orders), **kwargs)
+        seed = input_seed(name, shared_orders)
+        parts, w_deq = quantized_pair(w, seed=seed, pow2_scales=pow2_scales, **kwargs)
         for part, t in parts.items():
             packed[name.removesuffix("weight") + part] = t
         deq[name] = w_deq

@@ -1,8 +1,11 @@
 """The CUDA attention backend: our NVRTC kernels for the KV write and paged attention.
 
 Launches go on torch's current stream with no host sync, so a decode step can be captured
-in a CUDA graph. Sliding windows run in the kernels; shapes they do not cover (head dims
-other than 64 and 128) fall back to the torch reference inside the kernel wrappers.
+in a CUDA graph. Steps with q_len > 1 run cuda/prefill_attention.py's kernel
+(HEADRACE_PREFILL_KERNEL=old: the older one in cuda/paged_attention_kernels.py, which also
+takes what the new one does not cover, such as FP8 caches). Sliding windows run in the
+kernels; shapes they do not cover (head dims other than 64 and 128) fall back to the torch
+reference inside the kernel wrappers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import torch
 
 from cuda.kv_write_kernel import write_kv_cuda
-from cuda.paged_attention_kernels import paged_attention_cuda
+from cuda.prefill_attention import attention_cuda, choice_from_env
 from worker.attention import AttentionMetadata, AttentionParams
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,9 @@ class CudaAttention:
         # fp32 scratch for flash-decoding partials, grown on demand outside graph capture
         # (capture sizes it for the largest bucket first, so replays never grow it).
         self.workspace: torch.Tensor | None = None
+        # Steps with q_len > 1: cuda/prefill_attention.py's kernel unless
+        # HEADRACE_PREFILL_KERNEL=old (or a tile configuration name, see that module).
+        self.prefill_kernel = choice_from_env()
 
     def __call__(
         self,
@@ -37,7 +43,8 @@ class CudaAttention:
     ) -> torch.Tensor:
         write_kv_cuda(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
         out = torch.empty_like(q)
-        return paged_attention_cuda(q, kv_cache, md, params, out, self._workspace(q, md))
+        workspace = self._workspace(q, md)
+        return attention_cuda(q, kv_cache, md, params, out, workspace, self.prefill_kernel)
 
     @staticmethod
     def graph_blocker(head_dim: int, dtype: torch.dtype, sliding_window: int | None) -> str | None:

@@ -53,5 +53,9 @@ def test_gpu_bf16_graphs_equal_eager_and_cpu(kind, tmp_path, stories_path):
     # bf16 itself moves top logprobs by ~1.0 from fp32 (transformers' bf16 vs fp32 as well:
     # 1.04 for gpt-neox-parallel), so an fp32 reference would test bf16, not the kernels.
     # Exact agreement with fp32 is test_gpu_fp32_equals_cpu's job.
+    # Mixtral's router is discontinuous: a bf16 near-tie between two experts' gates picks the
+    # other expert on one side (H200: a top logprob -3.67 vs -4.71 on the CPU), so MoE gets
+    # twice the room; graphs vs eager above stays strict, and fp32 matches token for token.
     cpu = generate(path, prompts, max_tokens=60, device="cpu", dtype="bfloat16", block_size=16)
-    check_logprobs_close(graphed.out, cpu.out, f"{kind}-bf16-vs-cpu-bf16", atol=1.0)
+    atol = 2.0 if kind.startswith("mixtral") else 1.0
+    check_logprobs_close(graphed.out, cpu.out, f"{kind}-bf16-vs-cpu-bf16", atol=atol)

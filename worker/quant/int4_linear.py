@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cuda import int4_gemv
 from cuda.int4_gemm import Int4Weight, dequantize_ref, int4_linear
 from cuda.int4_tiles import tiles_ok, to_tiles
 from worker.quant.int4 import PACK, Int4Config
@@ -136,6 +137,7 @@ def prepare_int4_layers(model: nn.Module, dtype: torch.dtype, device: torch.devi
     if LAYOUT == "tiles":
         for m in layers:
             m.use_tiles()
+    int4_gemv.workspace(device)  # the split GEMV's partials, before any graph capture
     size = max(m.out_features * m.in_features for m in layers)
     buf = torch.empty(size, dtype=dtype, device=device)
     for m in layers:

@@ -1,0 +1,454 @@
+// Decode attention (one query token per request) on tensor cores, for paged KV caches.
+// Compiled at run time by NVRTC (cuda/compiler.py); cuda/decode_attention.py launches it.
+//
+// Macros per compiled module: HR_BF16 (1: __nv_bfloat16, 0: __half), HR_HEAD_DIM (64|128).
+// The KV element type is a template parameter: decode_tc reads a 16-bit cache (elem_t),
+// decode_tc_fp8 an FP8 e4m3 cache holding K / k_scale and V / v_scale (k_scale is folded
+// into scale_log2 by the host, v_scale multiplies the output).
+// KV cache layout: [2, num_blocks, block_size, num_kv_heads, head_dim], V at kc + v_off;
+// block_size is a power of two >= 16 (passed as its log2), so a 16-token tile aligned to 16
+// sits in one page and needs one block-table read.
+//
+// Grid (max_splits, num_kv_heads * ceil(group / 8), batch), WARPS warps. A block owns up to 8
+// query heads sharing one KV head (each K/V byte leaves HBM once) over one split of the
+// request's visible keys; a request's split count comes from its seq_len on the device
+// (split_range), so a graph captured at short lengths is right at long ones.
+//
+// Each warp streams its own 16-token tiles (tile w, w + WARPS, ...) through a STAGES-deep
+// cp.async pipeline in shared memory. Every thread copies exactly the 16-byte vectors it
+// later reads, in the register layout of the mma fragments, so the pipeline needs no
+// barrier: cp.async.wait_group alone makes a thread's own copies visible to it.
+//
+// Math per tile, mma.sync m16n8k16 with fp32 accumulators (rows past the group are zero):
+//   S [16 heads x 8 tokens] = Q [16 heads x D] . K^T           (two n8 tiles of tokens)
+//   O^T [D x 8 heads]      += V^T [D x 16 tokens] . P^T [16 tokens x 8 heads]
+// Q K^T is a sum over head dims, so Q and K may take the dims in any common order: thread
+// (row n = lane / 4, quad q = lane % 4) holds dims 8 * (4p + q) .. + 7 of its token (16 bytes)
+// and uses them as k-steps 2p and 2p + 1. The C fragment of S is then exactly the B
+// fragment of P^T. In O^T, m-tile i = 4c + j row m is head dim 64c + 8 (m % 8) + 4 (m / 8) + j,
+// so the thread's V rows (dims 64c + 8n .. + 7 of four tokens) are again 16-byte vectors,
+// repacked into token pairs with byte permutes.
+//
+// One split: the block writes the output. Several: an fp32 partial output (times v_scale)
+// and a log2-domain log-sum-exp per split, combined by decode_tc_merge.
+// window: sliding-window attention, the query (at seq_len - 1) sees keys >= seq_len - window;
+// 0 = no window. Splits cover only the visible span (from its 16-aligned start).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#ifndef HR_BF16
+#define HR_BF16 1
+#endif
+#ifndef HR_HEAD_DIM
+#define HR_HEAD_DIM 128
+#endif
+
+#if HR_BF16
+typedef __nv_bfloat16 elem_t;
+typedef __nv_bfloat162 elem2_t;
+__device__ __forceinline__ elem2_t f2_to_e2(float a, float b) { return __floats2bfloat162_rn(a, b); }
+__device__ __forceinline__ elem_t f_to_e(float a) { return __float2bfloat16(a); }
+#define HR_MMA_TYPE "bf16"
+#else
+typedef __half elem_t;
+typedef __half2 elem2_t;
+__device__ __forceinline__ elem2_t f2_to_e2(float a, float b) { return __floats2half2_rn(a, b); }
+__device__ __forceinline__ elem_t f_to_e(float a) { return __float2half(a); }
+#define HR_MMA_TYPE "f16"
+#endif
+
+constexpr int D = HR_HEAD_DIM;
+constexpr int WARPS = 2;
+constexpr int THREADS = WARPS * 32;
+constexpr int TILE = 16;                   // tokens per warp per pipeline stage
+constexpr int GQ = 8;                      // query heads per block (the n of P V)
+constexpr int KVEC = D / 32;               // K vectors per thread per 8-token half tile
+constexpr int VVEC = D / 64;               // V vectors per thread per token
+constexpr int VECS = 2 * KVEC + 4 * VVEC;  // 8-element vectors per thread per tile (D / 8)
+constexpr int MT = D / 16;                 // k-steps of Q K^T, m-tiles of O^T
+constexpr int SMEM_BYTES = 48 * 1024;      // static shared memory limit of a block
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// Splits used by one request: visible keys [first, seq_len) with first = the window start
+// rounded down to a tile, cut into at most max_splits splits of >= min_chunk tokens, each a
+// whole number of tiles. The decode and merge kernels must agree, so both call this.
+__device__ __forceinline__ void split_range(int seq_len, int window, int max_splits,
+                                            int min_chunk, int& lo, int& first, int& nsplit,
+                                            int& chunk) {
+    lo = window > 0 ? max(0, seq_len - window) : 0;
+    first = lo & ~(TILE - 1);
+    const int span = seq_len - first;
+    int n = (span + min_chunk - 1) / min_chunk;
+    n = max(1, min(n, max_splits));
+    chunk = (span + n - 1) / n;
+    chunk = (chunk + TILE - 1) & ~(TILE - 1);
+    nsplit = (span + chunk - 1) / chunk;
+}
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ unsigned pack_e2(float a, float b) {
+    elem2_t v = f2_to_e2(a, b);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// The KV element type: bytes per 8-element vector, its copy, and its widening to 8 elem_t.
+template <typename KV>
+struct KvVec;
+
+template <>
+struct KvVec<elem_t> {
+    static constexpr int BYTES = 16;
+    typedef uint4 raw_t;
+    __device__ static __forceinline__ void copy(void* smem, const void* gmem, bool pred) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
+                     "l"(gmem), "r"(pred ? 16 : 0)
+                     : "memory");
+    }
+    __device__ static __forceinline__ uint4 widen(const uint4& v) { return v; }
+};
+
+template <>
+struct KvVec<__nv_fp8_e4m3> {
+    static constexpr int BYTES = 8;
+    typedef uint2 raw_t;
+    __device__ static __forceinline__ void copy(void* smem, const void* gmem, bool pred) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(smem)),
+                     "l"(gmem), "r"(pred ? 8 : 0)
+                     : "memory");
+    }
+    // Two FP8 values (low byte first) -> two elem_t in one word; e4m3 -> half is exact, and
+    // so is half -> bf16 through float (3 mantissa bits).
+    __device__ static __forceinline__ unsigned widen2(unsigned short v) {
+        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(v, __NV_E4M3);
+#if HR_BF16
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+        return pack_e2(f.x, f.y);
+#else
+        return *reinterpret_cast<const unsigned*>(&h);
+#endif
+    }
+    __device__ static __forceinline__ uint4 widen(const uint2& v) {
+        uint4 o;
+        o.x = widen2(static_cast<unsigned short>(v.x & 0xffffu));
+        o.y = widen2(static_cast<unsigned short>(v.x >> 16));
+        o.z = widen2(static_cast<unsigned short>(v.y & 0xffffu));
+        o.w = widen2(static_cast<unsigned short>(v.y >> 16));
+        return o;
+    }
+};
+
+// c += a . b, m16n8k16, fp32 accumulators; a0..a3 and b0, b1 in PTX's fragment order.
+__device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." HR_MMA_TYPE "." HR_MMA_TYPE
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+// Element e (0..7) of vector x in the low half, the same element of y in the high half.
+__device__ __forceinline__ unsigned pair(const uint4& x, const uint4& y, int e) {
+    return __byte_perm(word(x, e >> 1), word(y, e >> 1), (e & 1) ? 0x7632 : 0x5410);
+}
+
+#define HR_DECODE_TC_ARGS                                                                     \
+    const elem_t *__restrict__ q, long long q_stride, const unsigned char *__restrict__ kc,  \
+        long long v_off, const int *__restrict__ query_start_loc,                            \
+        const int *__restrict__ seq_lens, const int *__restrict__ block_tables, int bt_stride, \
+        elem_t *__restrict__ out, long long out_stride, float *__restrict__ part_o,          \
+        float *__restrict__ part_lse, int num_kv_heads, int group, int block_shift,          \
+        float scale_log2, float v_scale, int window, int min_chunk
+#define HR_DECODE_TC_PASS                                                                    \
+    q, q_stride, kc, v_off, query_start_loc, seq_lens, block_tables, bt_stride, out,         \
+        out_stride, part_o, part_lse, num_kv_heads, group, block_shift, scale_log2, v_scale, \
+        window, min_chunk
+
+// One block's combine of its warps' softmax states, then the output or the split's partial.
+__device__ __forceinline__ void finish(float* scratch, int warp, int lane, float m_run,
+                                       float l_run, const float (&o)[MT][4], int gcount,
+                                       int nsplit, int split, int r, int head0,
+                                       int num_q_heads, int qrow, elem_t* __restrict__ out,
+                                       long long out_stride, float* __restrict__ part_o,
+                                       float* __restrict__ part_lse, float v_scale) {
+    float* sm_m = scratch;                    // [WARPS][GQ]
+    float* sm_l = sm_m + WARPS * GQ;          // [WARPS][GQ]
+    float* sm_o = sm_l + WARPS * GQ;          // [WARPS][GQ][D]
+    const int n = lane >> 2, qd = lane & 3;
+    float l = l_run;
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (qd == 0) {
+        sm_m[warp * GQ + n] = m_run;
+        sm_l[warp * GQ + n] = l;
+    }
+    float* ow = sm_o + warp * GQ * D;
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        const int d = 64 * (i / 4) + 8 * n + (i % 4);
+        ow[(2 * qd) * D + d] = o[i][0];
+        ow[(2 * qd + 1) * D + d] = o[i][1];
+        ow[(2 * qd) * D + d + 4] = o[i][2];
+        ow[(2 * qd + 1) * D + d + 4] = o[i][3];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < gcount * D; idx += THREADS) {
+        const int g = idx / D, d = idx % D;
+        float mx = neg_inf();
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w * GQ + g]);
+        const float base = mx == neg_inf() ? 0.f : mx;
+        float L = 0.f, O = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float wt = exp2f(sm_m[w * GQ + g] - base);  // an idle warp: -inf -> 0
+            L = fmaf(sm_l[w * GQ + g], wt, L);
+            O = fmaf(sm_o[(w * GQ + g) * D + d], wt, O);
+        }
+        const float val = L > 0.f ? O / L * v_scale : 0.f;
+        const int h = head0 + g;
+        if (nsplit == 1) {
+            out[(long long)qrow * out_stride + (long long)h * D + d] = f_to_e(val);
+        } else {
+            const long long ph = ((long long)r * num_q_heads + h) * gridDim.x + split;
+            part_o[ph * D + d] = val;
+            if (d == 0) part_lse[ph] = L > 0.f ? base + log2f(L) : neg_inf();
+        }
+    }
+}
+
+template <typename KV>
+__device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
+    typedef KvVec<KV> Vec;
+    typedef typename Vec::raw_t raw_t;
+    constexpr int STAGE = VECS * 32 * Vec::BYTES;  // one warp's tile in shared memory
+    constexpr int FIT = SMEM_BYTES / (WARPS * STAGE);
+    constexpr int STAGES = FIT < 4 ? FIT : 4;
+    static_assert(STAGES >= 2, "a pipeline needs two stages");
+    static_assert(WARPS * GQ * (D + 2) * 4 <= WARPS * STAGES * STAGE, "combine scratch");
+    __shared__ __align__(16) unsigned char smem[WARPS * STAGES * STAGE];
+
+    const int split = blockIdx.x;
+    const int hc = (group + GQ - 1) / GQ;
+    const int kvh = blockIdx.y / hc;
+    const int g0 = (blockIdx.y % hc) * GQ;
+    const int gcount = min(GQ, group - g0);
+    const int r = blockIdx.z;
+    const int qs = query_start_loc[r];
+    const int q_len = query_start_loc[r + 1] - qs;
+    const int seq_len = seq_lens[r];
+    if (q_len <= 0 || seq_len <= 0) return;
+    int lo, first, nsplit, chunk;
+    split_range(seq_len, window, gridDim.x, min_chunk, lo, first, nsplit, chunk);
+    if (split >= nsplit) return;
+    const int t_begin = first + split * chunk;
+    const int t_end = min(seq_len, t_begin + chunk);
+    const int qrow = qs + q_len - 1;
+    const int num_q_heads = num_kv_heads * group;
+    const int head0 = kvh * group + g0;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n = lane >> 2, qd = lane & 3;
+
+    // Q as the A fragment of each k-step: rows n < gcount are heads head0 + n, the rest 0.
+    unsigned qa[MT][2];
+#pragma unroll
+    for (int p = 0; p < KVEC; ++p) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (n < gcount)
+            v = *reinterpret_cast<const uint4*>(q + (long long)qrow * q_stride +
+                                                (long long)(head0 + n) * D + 8 * (4 * p + qd));
+        qa[2 * p][0] = v.x;
+        qa[2 * p][1] = v.y;
+        qa[2 * p + 1][0] = v.z;
+        qa[2 * p + 1][1] = v.w;
+    }
+
+    const int ntiles = (t_end - t_begin + TILE - 1) / TILE;
+    const int my_tiles = ntiles > warp ? (ntiles - warp + WARPS - 1) / WARPS : 0;
+    const int* bt = block_tables + (long long)r * bt_stride;
+    const int bmask = (1 << block_shift) - 1;
+    const long long row_stride = (long long)num_kv_heads * D;  // elements between tokens
+    const KV* kbase = reinterpret_cast<const KV*>(kc) + (long long)kvh * D;
+    const KV* vbase = kbase + v_off;
+
+    // Page ids, 32 tiles per lane-parallel read: pg_a holds tiles [32w, 32w + 32) of the
+    // warp's sequence, pg_b the next 32 (read a window ahead, so it is there when needed).
+    auto read_pages = [&](int w) {
+        const int k = w * 32 + lane;
+        return k < my_tiles ? bt[(t_begin + (k * WARPS + warp) * TILE) >> block_shift] : 0;
+    };
+    int pg_a = read_pages(0), pg_b = read_pages(1);
+
+    // Tile k of this warp into stage `stage`: this thread's VECS vectors, zero-filled for
+    // tokens outside [lo, t_end). Called once per k, in increasing k.
+    auto issue = [&](int k, int stage) {
+        if (k > 0 && (k & 31) == 0) {
+            pg_a = pg_b;
+            pg_b = read_pages((k >> 5) + 1);
+        }
+        const int page = __shfl_sync(0xffffffffu, pg_a, k & 31);
+        const int tb = t_begin + (k * WARPS + warp) * TILE;
+        const long long row0 = ((long long)page << block_shift) + (tb & bmask);
+        unsigned char* dst = smem + (warp * STAGES + stage) * STAGE + lane * Vec::BYTES;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int t = tb + 8 * h + n;
+            const bool ok = t >= lo && t < t_end;
+            const KV* src = kbase + (row0 + 8 * h + n) * row_stride;
+#pragma unroll
+            for (int p = 0; p < KVEC; ++p)
+                Vec::copy(dst + (h * KVEC + p) * 32 * Vec::BYTES,
+                          ok ? src + 8 * (4 * p + qd) : kbase, ok);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int tok = 2 * qd + (u & 1) + 8 * (u >> 1);
+            const bool ok = tb + tok >= lo && tb + tok < t_end;
+            const KV* src = vbase + (row0 + tok) * row_stride;
+#pragma unroll
+            for (int c = 0; c < VVEC; ++c)
+                Vec::copy(dst + (2 * KVEC + u * VVEC + c) * 32 * Vec::BYTES,
+                          ok ? src + 64 * c + 8 * n : vbase, ok);
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < my_tiles) issue(s, s);
+        cp_async_commit();
+    }
+
+    float o[MT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_run = neg_inf();  // running max of head n (log2 units), same in its 4 lanes
+    float l_run = 0.f;        // this thread's share of head n's running sum
+
+    for (int k = 0; k < my_tiles; ++k) {
+        cp_async_wait<STAGES - 2>();  // tile k landed (this thread's copies)
+        // Refill the stage read in the previous iteration: its values were consumed by that
+        // iteration's mma, so these copies cannot overwrite them early.
+        if (k + STAGES - 1 < my_tiles) issue(k + STAGES - 1, (k + STAGES - 1) % STAGES);
+        cp_async_commit();
+
+        const raw_t* src =
+            reinterpret_cast<const raw_t*>(smem + (warp * STAGES + k % STAGES) * STAGE) + lane;
+        float s[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            s[h][0] = s[h][1] = s[h][2] = s[h][3] = 0.f;
+#pragma unroll
+            for (int p = 0; p < KVEC; ++p) {
+                const uint4 kv = Vec::widen(src[(h * KVEC + p) * 32]);
+                mma16816(s[h], qa[2 * p][0], 0u, qa[2 * p][1], 0u, kv.x, kv.y);
+                mma16816(s[h], qa[2 * p + 1][0], 0u, qa[2 * p + 1][1], 0u, kv.z, kv.w);
+            }
+        }
+        // This thread's scores: head n, tokens tb + 2qd, +1 (s[0]) and tb + 8 + 2qd, +1 (s[1]).
+        const int tb = t_begin + (k * WARPS + warp) * TILE;
+        float sc[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int t = tb + 2 * qd + (e & 1) + 8 * (e >> 1);
+            const float v = s[e >> 1][e & 1] * scale_log2;
+            sc[e] = (t >= lo && t < t_end) ? v : neg_inf();
+        }
+        float mx = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run, mx);
+        if (__any_sync(0xffffffffu, m_new > m_run)) {  // some head's max rose: rescale
+            const float corr = m_new == m_run ? 1.f : exp2f(m_run - m_new);
+            l_run *= corr;
+            // O^T columns are heads 2qd and 2qd + 1, whose factors live in lanes 8qd, 8qd + 4.
+            const float ca = __shfl_sync(0xffffffffu, corr, 8 * qd);
+            const float cb = __shfl_sync(0xffffffffu, corr, 8 * qd + 4);
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                o[i][0] *= ca;
+                o[i][1] *= cb;
+                o[i][2] *= ca;
+                o[i][3] *= cb;
+            }
+            m_run = m_new;
+        }
+        const float base = m_run == neg_inf() ? 0.f : m_run;
+        float pr[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            pr[e] = exp2f(sc[e] - base);
+            l_run += pr[e];
+        }
+        const unsigned pb0 = pack_e2(pr[0], pr[1]);  // P^T rows (tokens) 2qd, 2qd + 1
+        const unsigned pb1 = pack_e2(pr[2], pr[3]);  // rows 2qd + 8, 2qd + 9
+#pragma unroll
+        for (int c = 0; c < VVEC; ++c) {
+            const uint4 v0 = Vec::widen(src[(2 * KVEC + 0 * VVEC + c) * 32]);
+            const uint4 v1 = Vec::widen(src[(2 * KVEC + 1 * VVEC + c) * 32]);
+            const uint4 v2 = Vec::widen(src[(2 * KVEC + 2 * VVEC + c) * 32]);
+            const uint4 v3 = Vec::widen(src[(2 * KVEC + 3 * VVEC + c) * 32]);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                mma16816(o[4 * c + j], pair(v0, v1, j), pair(v0, v1, 4 + j), pair(v2, v3, j),
+                         pair(v2, v3, 4 + j), pb0, pb1);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the stages: they become the combine scratch
+    finish(reinterpret_cast<float*>(smem), warp, lane, m_run, l_run, o, gcount, nsplit, split,
+           r, head0, num_q_heads, qrow, out, out_stride, part_o, part_lse, v_scale);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) decode_tc(HR_DECODE_TC_ARGS) {
+    decode_tc_impl<elem_t>(HR_DECODE_TC_PASS);
+}
+extern "C" __global__ void __launch_bounds__(THREADS) decode_tc_fp8(HR_DECODE_TC_ARGS) {
+    decode_tc_impl<__nv_fp8_e4m3>(HR_DECODE_TC_PASS);
+}
+
+// Grid (num_q_heads, batch), D threads. Log-sum-exp merge of a request's splits; requests
+// that used one split were written by the decode kernel and are skipped here.
+extern "C" __global__ void __launch_bounds__(D) decode_tc_merge(
+    const float* __restrict__ part_o, const float* __restrict__ part_lse,
+    const int* __restrict__ query_start_loc, const int* __restrict__ seq_lens,
+    elem_t* __restrict__ out, long long out_stride, int max_splits, int window, int min_chunk) {
+    const int h = blockIdx.x;
+    const int r = blockIdx.y;
+    const int qs = query_start_loc[r];
+    const int q_len = query_start_loc[r + 1] - qs;
+    const int seq_len = seq_lens[r];
+    if (q_len <= 0 || seq_len <= 0) return;
+    int lo, first, nsplit, chunk;
+    split_range(seq_len, window, max_splits, min_chunk, lo, first, nsplit, chunk);
+    if (nsplit <= 1) return;
+    const long long ph = ((long long)r * gridDim.x + h) * max_splits;
+    float mx = neg_inf();
+    for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, part_lse[ph + s]);
+    const float base = mx == neg_inf() ? 0.f : mx;
+    float L = 0.f, O = 0.f;
+    const int d = threadIdx.x;
+    for (int s = 0; s < nsplit; ++s) {
+        const float w = exp2f(part_lse[ph + s] - base);  // -inf (empty split) -> 0
+        L += w;
+        O = fmaf(w, part_o[(ph + s) * D + d], O);
+    }
+    const int qrow = qs + q_len - 1;
+    out[(long long)qrow * out_stride + (long long)h * D + d] = f_to_e(L > 0.f ? O / L : 0.f);
+}

@@ -1,0 +1,142 @@
+"""Prefill attention, side by side: the old kernel (cuda/paged_attention_kernels.py), the new
+one (cuda/prefill_attention.py) in each tile configuration, and torch SDPA (flash), at the
+Llama-3-8B shape (32 q heads, 8 KV heads, head_dim 128, block_size 16, shuffled pages).
+
+TFLOP/s count only the visible (query, key) pairs: 4 * pairs * head_dim * q_heads.
+Times are medians of CUDA-event timings with L2 flushed before each run. Also printed: the
+largest difference between the new default kernel's output and the old kernel's.
+
+    PYTHONPATH=. python scripts/bench_prefill.py --out bench_prefill.json
+(scripts/bench_kernels.py runs the same as its prefill part.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cuda import prefill_attention as pa
+from cuda.paged_attention import AttentionMetadata, AttentionParams
+from cuda.paged_attention_kernels import paged_attention_cuda
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+# (batch, q_len, ctx): causal whole prompts, then a chunked-prefill batch (no SDPA twin)
+SHAPES = ((1, 2048, 2048), (1, 4096, 4096), (1, 8192, 8192), (1, 16384, 16384), (4, 2048, 2048))
+CHUNKED = ((8, 512, 4096),)
+
+
+def time_op(fn: Callable[[], object], iters: int = 10, flush_mb: int = 256) -> float:
+    """Median seconds of fn() over iters runs, L2 flushed before each."""
+    flush = torch.empty(flush_mb << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def paged_batch(
+    batch: int, q_len: int, ctx: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    nblk = (ctx + BS - 1) // BS
+    num_blocks = batch * nblk
+    cache = torch.randn(2, num_blocks, BS, HKV, D, dtype=dtype, device="cuda")
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, nblk)
+    q = torch.randn(batch * q_len, HQ, D, dtype=dtype, device="cuda")
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * q_len
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    slots = torch.empty(0, dtype=torch.int64, device="cuda")  # attention only: no KV write
+    return q, cache, AttentionMetadata(qsl, seq_lens, tables, slots, q_len, ctx)
+
+
+def sdpa_time(batch: int, q_len: int, dtype: torch.dtype) -> float | None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(batch, HQ, q_len, D, dtype=dtype, device="cuda")
+    k = torch.randn(batch, HKV, q_len, D, dtype=dtype, device="cuda")
+    v = torch.randn_like(k)
+    k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return time_op(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    except RuntimeError as exc:
+        print("sdpa flash failed:", exc)
+        return None
+
+
+def one_shape(batch: int, q_len: int, ctx: int, dtype: torch.dtype, sdpa: bool) -> dict:
+    q, cache, md = paged_batch(batch, q_len, ctx, dtype)
+    params = AttentionParams(D**-0.5)
+    pairs = batch * sum(ctx - q_len + i + 1 for i in range(q_len))
+    flops = 4 * pairs * D * HQ
+    outs = {"old": torch.empty_like(q), "new": torch.empty_like(q)}
+    tflops: dict[str, float | None] = {}
+    tflops["old"] = (
+        flops / time_op(lambda: paged_attention_cuda(q, cache, md, params, outs["old"])) / 1e12
+    )
+    for c in pa.CONFIGS:
+        out = outs["new"] if c == pa.DEFAULT_CONFIG[D] else torch.empty_like(q)
+
+        def run(c: pa.TileConfig = c, out: torch.Tensor = out) -> None:
+            pa.prefill_attention_cuda(q, cache, md, params, out, c)
+
+        tflops[c.name] = flops / time_op(run) / 1e12
+    ts = sdpa_time(batch, q_len, dtype) if sdpa else None
+    tflops["sdpa_flash"] = flops / ts / 1e12 if ts else None
+    diff = (outs["new"].float() - outs["old"].float()).abs().max().item()
+    return {
+        "kind": "prefill",
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": batch,
+        "q_len": q_len,
+        "ctx": ctx,
+        "TFLOPs": tflops,
+        "max_abs_new_minus_old": diff,
+    }
+
+
+def show(row: dict) -> str:
+    t = row["TFLOPs"]
+    cells = " | ".join(f"{k} {v:6.1f}" if v else f"{k}    n/a" for k, v in t.items())
+    news = [v for k, v in t.items() if k in pa.BY_NAME]
+    ratio = f"best new / sdpa {max(news) / t['sdpa_flash']:.2f}x" if t["sdpa_flash"] else ""
+    return (
+        f"prefill {row['dtype']:8s} B={row['batch']} q={row['q_len']:5d} ctx={row['ctx']:5d} "
+        f"TFLOP/s: {cells} | {ratio} | max|new-old| {row['max_abs_new_minus_old']:.2g}"
+    )
+
+
+def bench_prefill(results: list[dict]) -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        for batch, q_len, ctx in SHAPES + CHUNKED:
+            row = one_shape(batch, q_len, ctx, dtype, sdpa=q_len == ctx)
+            results.append(row)
+            print(show(row), flush=True)
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_prefill.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results: list[dict] = []
+    bench_prefill(results)
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

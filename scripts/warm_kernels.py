@@ -1,0 +1,71 @@
+"""Compile the NVRTC modules a W1 run, the attention and the int4 GPU tests load, in parallel processes,
+into the on-disk cubin cache (cuda/compiler.py), so that the timed steps of
+scripts/gpu_bench.sh do not each wait for compiles one after another on a fresh machine.
+
+    python scripts/warm_kernels.py [--arch sm_90] [--jobs 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from cuda import (
+    compiler,
+    decode_attention,
+    fused_ops,
+    int4_gemm,
+    int4_gemv,
+    kv_write_kernel,
+    layer_ops,
+    prefill_attention,
+)
+from cuda import paged_attention_kernels as pak
+
+Job = tuple[str, str, dict[str, int | str]]  # (module name, source, defines)
+
+
+def jobs() -> list[Job]:
+    """The modules as their loaders compile them (same name, source and defines)."""
+    out: list[Job] = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for m_t in int4_gemv.M_TEMPLATES:
+            out.append(("int4_gemv", int4_gemv.source(), int4_gemv.module_defines(dtype, m_t)))
+        out.append(("int4_gemm", int4_gemm.source(), int4_gemm.module_defines(dtype)))
+        for head_dim in (64, 128):  # the attention kernels the GPU tests and benches load
+            for mod in (prefill_attention, decode_attention):
+                name = mod.__name__.rsplit(".", 1)[1]
+                out.append((name, mod.source(), mod.module_defines(dtype, head_dim)))
+    bf16 = torch.bfloat16
+    out.append(("paged_attention", pak.source(), pak.module_defines(bf16, 128, None)))
+    out.append(("fused_ops", fused_ops.source(), fused_ops.module_defines(bf16)))
+    out.append(("layer_ops", layer_ops.source(), layer_ops.module_defines(bf16)))
+    out.append(("write_kv", kv_write_kernel.SOURCE, {}))
+    return out
+
+
+def _compile(job: Job, arch: str) -> tuple[str, float]:
+    name, source, defines = job
+    t0 = time.perf_counter()
+    compiler.compile_cubin(source, arch=arch, defines=defines, name=name)
+    return f"{name} {defines}", time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--jobs", type=int, default=14)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    todo = jobs()
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for what, secs in pool.map(_compile, todo, [args.arch] * len(todo)):
+            print(f"{what}: {secs:.1f} s", flush=True)
+    print(f"warmed {len(todo)} modules in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""scripts/bench_int4.py's logic on CPU (no GPU here; the lead runs it once on the H200, so
+it must work the first time): every label, the best-variant pick, the summary and JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cuda import int4_gemm as ig
+from cuda import int4_gemv as sk
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_int4", ROOT / "scripts" / "bench_int4.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_int4_runs_and_reports_every_variant(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _bench()
+    launched: list[str] = []
+    clock = iter(range(1, 10**6))
+    monkeypatch.setattr(ig, "GEMV_IMPL", ig.GEMV_IMPL)  # the bench switches it: restored after
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "SHAPES", {"tiny": (64, 256), "tall": (128, 1024)})
+    monkeypatch.setattr(bench, "timed", lambda fn, iters=50: (fn(), 1e-6 * next(clock))[1])
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 4.0e12)
+    monkeypatch.setattr(sk, "_sms", lambda device: 132)
+    monkeypatch.setattr(sk, "gemv", lambda x, w, y, plan: launched.append(plan.name))
+    out = tmp_path / "int4.json"
+    monkeypatch.setattr(
+        sys, "argv", ["bench_int4.py", "--prefill-tokens", "16", "--output-json", str(out)]
+    )
+    bench.main()
+    text = capsys.readouterr().out
+    print(text)
+    result = json.loads(out.read_text())
+    assert [r["shape"] for r in result["rows"]] == ["tiny", "tall"]
+    for row in result["rows"]:
+        labels = set(row["us"]) - {"old", "rule", "tiles"}
+        assert {lb.rsplit("_s", 1)[0] for lb in labels} == {f"r{r}_w{w}" for r, w in sk.VARIANTS[1]}
+        # The fake clock grows with each call: the first variant timed is the fastest.
+        assert row["best_variant"] == next(lb for lb in row["us"] if lb in labels)
+        assert row["rule_pick"].startswith("r") and row["frac_copy"]["old"] > 0
+        assert {"m8_old_us", "m8_split_us", "m8_tiles_us", "prefill_tflops"} <= set(row)
+    assert "best variant per shape (M = 1): tiny r" in text
+    assert set(launched) >= {f"gemv_sk_m1_r{r}_w{w}" for r, w in sk.VARIANTS[1]}
+
+
+def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/warm_kernels.py's jobs hit the cache keys the kernels' loaders ask for."""
+    import torch
+
+    from cuda import compiler, decode_attention, fused_ops, int4_gemm, kv_write_kernel, layer_ops
+    from cuda import paged_attention_kernels as pak
+    from cuda import prefill_attention as pa
+
+    spec = importlib.util.spec_from_file_location("warm", ROOT / "scripts" / "warm_kernels.py")
+    assert spec is not None and spec.loader is not None
+    warm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(warm)
+    asked: list[tuple[str, str, dict]] = []
+
+    class _Mod:
+        def kernel(self, name: str) -> str:
+            return name
+
+    def load_module(source: str, *, defines: dict | None = None, name: str = "") -> _Mod:
+        asked.append((name, source, dict(defines or {})))
+        return _Mod()
+
+    monkeypatch.setattr(compiler, "load_module", load_module)
+    for dtype in (torch.bfloat16, torch.float16):
+        for m_t in sk.M_TEMPLATES:
+            sk._kernel(dtype, sk.split_plan(64, 256, m_t, *sk.VARIANTS[m_t][0]))
+        int4_gemm._kernel(dtype, "k")
+        for head_dim in (64, 128):
+            decode_attention._kernel(dtype, head_dim, "k")
+            monkeypatch.setattr(pa, "_allow_smem", lambda *a: None)
+            pa._kernel(dtype, head_dim, pa.CONFIGS[0])
+    pak._kernel(torch.bfloat16, 128, "k")
+    fused_ops._kernel(torch.bfloat16, "k")
+    monkeypatch.setattr(compiler, "launch", lambda *a, **k: None)
+    layer_ops._launch(torch.bfloat16, ("k", (1,), 32, ()))
+    compiler.load_module(kv_write_kernel.SOURCE, name="write_kv")  # as write_kv_cuda does
+    assert sorted(map(repr, asked)) == sorted(map(repr, warm.jobs()))

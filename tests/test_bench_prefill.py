@@ -1,0 +1,45 @@
+"""scripts/bench_prefill.py's CPU half: the side-by-side line and the FLOP count's shapes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+from cuda import prefill_attention as pa
+
+
+def _script() -> ModuleType:
+    path = Path(__file__).parents[1] / "scripts" / "bench_prefill.py"
+    spec = importlib.util.spec_from_file_location("bench_prefill", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_line_shows_old_each_config_and_sdpa() -> None:
+    bench = _script()
+    tflops: dict[str, float | None] = {"old": 150.0}
+    tflops |= {c.name: 200.0 + i for i, c in enumerate(pa.CONFIGS)}
+    row = {
+        "dtype": "bfloat16",
+        "batch": 1,
+        "q_len": 16384,
+        "ctx": 16384,
+        "TFLOPs": tflops,
+        "max_abs_new_minus_old": 0.0039,
+    }
+    line = bench.show(row | {"TFLOPs": tflops | {"sdpa_flash": 330.0}})
+    assert "old  150.0" in line and "sdpa_flash  330.0" in line
+    assert all(c.name in line for c in pa.CONFIGS)
+    assert f"best new / sdpa {(200 + len(pa.CONFIGS) - 1) / 330:.2f}x" in line
+    chunked = bench.show(row | {"TFLOPs": tflops | {"sdpa_flash": None}})
+    assert "sdpa_flash    n/a" in chunked and "best new" not in chunked
+
+
+def test_shapes_cover_causal_2k_to_16k() -> None:
+    bench = _script()
+    causal = {q for b, q, c in bench.SHAPES if q == c and b == 1}
+    assert {2048, 4096, 8192, 16384} <= causal
+    assert all(q < c for _, q, c in bench.CHUNKED)

@@ -1,0 +1,186 @@
+"""A lane-by-lane NumPy model of cuda/decode_attention.cu's data layout, on CPU.
+
+The kernel cannot run here, so this test replays its index arithmetic: which K/V elements
+each lane copies (the `issue` lambda), how they are handed to mma.sync m16n8k16 (registers
+as the PTX ISA lays out A, B and C fragments, modelled independently below), the online
+softmax with its lane shuffles, and the block's combine (`finish`). If the model matches
+plain attention for any shape, the kernel's fragment bookkeeping is consistent; what it
+cannot catch is a typo between this model and the CUDA source, which the GPU tests cover.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+LANES = np.arange(32)
+G, T = LANES // 4, LANES % 4  # groupID (lane / 4) and thread in group (lane % 4)
+
+
+def mma(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """c [32, 4] += A . B with A from a [32, 4 regs, 2 halves], B from b [32, 2, 2], in the
+    PTX ISA's m16n8k16 fragment layout."""
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    for e in range(2):
+        A[G, 2 * T + e] = a[:, 0, e]
+        A[G + 8, 2 * T + e] = a[:, 1, e]
+        A[G, 2 * T + 8 + e] = a[:, 2, e]
+        A[G + 8, 2 * T + 8 + e] = a[:, 3, e]
+        B[2 * T + e, G] = b[:, 0, e]
+        B[2 * T + 8 + e, G] = b[:, 1, e]
+    C = A @ B
+    out = c.copy()
+    for e in range(2):
+        out[:, e] += C[G, 2 * T + e]
+        out[:, 2 + e] += C[G + 8, 2 * T + e]
+    return out
+
+
+def shfl(x: np.ndarray, src: np.ndarray) -> np.ndarray:
+    return x[src]
+
+
+def k_vector(k, tb, h, p, lo, t_end):
+    """The `issue` lambda's K copy: token tb + 8h + n, dims 8 (4p + q) .. + 7, zero outside."""
+    t = tb + 8 * h + G
+    out = np.zeros((32, 8))
+    for i in LANES[(t >= lo) & (t < t_end)]:
+        out[i] = k[t[i], 8 * (4 * p + T[i]) : 8 * (4 * p + T[i]) + 8]
+    return out
+
+
+def v_vector(v, tb, u, c, lo, t_end):
+    """Its V copy: token tb + 2q + (u & 1) + 8 (u >> 1), dims 64c + 8n .. + 7."""
+    tok = tb + 2 * T + (u & 1) + 8 * (u >> 1)
+    out = np.zeros((32, 8))
+    for i in LANES[(tok >= lo) & (tok < t_end)]:
+        out[i] = v[tok[i], 64 * c + 8 * G[i] : 64 * c + 8 * G[i] + 8]
+    return out
+
+
+def pair(x, y, e):
+    """pair(): element e of x in the low half, of y in the high half."""
+    return np.stack([x[:, e], y[:, e]], 1)
+
+
+def q_fragments(q, gcount, d):
+    """qa[ks][0 | 1] (two elements a register), rows n < gcount only."""
+    qa = np.zeros((32, d // 16, 2, 2))
+    for p in range(d // 32):
+        vec = np.zeros((32, 8))
+        for i in LANES[G < gcount]:  # noqa: SIM300 (the kernel's n < gcount)
+            vec[i] = q[G[i], 8 * (4 * p + T[i]) : 8 * (4 * p + T[i]) + 8]
+        words = vec.reshape(32, 4, 2)
+        qa[:, 2 * p, 0], qa[:, 2 * p, 1] = words[:, 0], words[:, 1]
+        qa[:, 2 * p + 1, 0], qa[:, 2 * p + 1, 1] = words[:, 2], words[:, 3]
+    return qa
+
+
+def scores(qa, k, tb, lo, t_end, scale_log2, d):
+    """Q K^T of one tile, scaled and masked: [32, 4] (tokens 2q, 2q+1, 8+2q, 9+2q)."""
+    s = np.zeros((2, 32, 4))
+    zero = np.zeros((32, 2))
+    for h in range(2):
+        for p in range(d // 32):
+            kv = k_vector(k, tb, h, p, lo, t_end).reshape(32, 4, 2)
+            for j in range(2):
+                a = np.stack([qa[:, 2 * p + j, 0], zero, qa[:, 2 * p + j, 1], zero], 1)
+                s[h] = mma(s[h], a, np.stack([kv[:, 2 * j], kv[:, 2 * j + 1]], 1))
+    sc = np.zeros((32, 4))
+    for e in range(4):
+        t = tb + 2 * T + (e & 1) + 8 * (e >> 1)
+        val = s[e >> 1][:, e & 1] * scale_log2
+        sc[:, e] = np.where((t >= lo) & (t < t_end), val, -np.inf)
+    return sc
+
+
+def warp_state(q, k, v, tokens, lo, t_end, gcount, scale_log2, d):
+    """One warp over its tiles (16-token bases): m, l, o as the kernel holds them per lane."""
+    qa = q_fragments(q, gcount, d)
+    o = np.zeros((32, d // 16, 4))
+    m_run = np.full(32, -np.inf)
+    l_run = np.zeros(32)
+    for tb in tokens:
+        sc = scores(qa, k, tb, lo, t_end, scale_log2, d)
+        mx = sc.max(1)
+        mx = np.maximum(mx, shfl(mx, LANES ^ 1))
+        mx = np.maximum(mx, shfl(mx, LANES ^ 2))
+        m_new = np.maximum(m_run, mx)
+        if (m_new > m_run).any():
+            with np.errstate(invalid="ignore"):
+                corr = np.where(m_new == m_run, 1.0, np.exp2(m_run - m_new))
+            l_run = l_run * corr
+            ca, cb = shfl(corr, 8 * T), shfl(corr, 8 * T + 4)
+            o[:, :, 0] *= ca[:, None]
+            o[:, :, 1] *= cb[:, None]
+            o[:, :, 2] *= ca[:, None]
+            o[:, :, 3] *= cb[:, None]
+            m_run = m_new
+        base = np.where(m_run == -np.inf, 0.0, m_run)
+        pr = np.exp2(sc - base[:, None])
+        l_run = l_run + pr.sum(1)
+        pb = np.stack([pr[:, 0:2], pr[:, 2:4]], 1)
+        for c in range(d // 64):
+            vv = [v_vector(v, tb, u, c, lo, t_end) for u in range(4)]
+            for j in range(4):
+                a = np.stack(
+                    [pair(vv[0], vv[1], j), pair(vv[0], vv[1], 4 + j)]
+                    + [pair(vv[2], vv[3], j), pair(vv[2], vv[3], 4 + j)],
+                    1,
+                )
+                o[:, 4 * c + j] = mma(o[:, 4 * c + j], a, pb)
+    return m_run, l_run, o
+
+
+def block_output(states, gcount, d):
+    """finish(): the warps' states combined; returns [gcount, d] (before v_scale)."""
+    mt = d // 16
+    sm_m, sm_l, sm_o = [], [], []
+    for m_run, l_run, o in states:
+        lsum = l_run + shfl(l_run, LANES ^ 1)
+        lsum = lsum + shfl(lsum, LANES ^ 2)
+        sm_m.append(m_run[::4][:8])
+        sm_l.append(lsum[::4][:8])
+        ow = np.zeros((8, d))
+        for i in range(mt):
+            dd = 64 * (i // 4) + 8 * G + (i % 4)
+            ow[2 * T, dd] = o[:, i, 0]
+            ow[2 * T + 1, dd] = o[:, i, 1]
+            ow[2 * T, dd + 4] = o[:, i, 2]
+            ow[2 * T + 1, dd + 4] = o[:, i, 3]
+        sm_o.append(ow)
+    mx = np.max(sm_m, 0)
+    base = np.where(mx == -np.inf, 0.0, mx)
+    w = np.exp2(np.array(sm_m) - base)  # [W, 8]
+    total = (np.array(sm_l) * w).sum(0)
+    acc = (np.array(sm_o) * w[:, :, None]).sum(0)
+    return (acc / total[:, None])[:gcount]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(
+    ("gcount", "seq_len", "window"), [(4, 100, 0), (1, 37, 0), (7, 77, 21), (8, 16, 0)]
+)
+def test_fragment_layout_computes_attention(d: int, gcount: int, seq_len: int, window: int) -> None:
+    rng = np.random.default_rng(d + seq_len)
+    q = rng.standard_normal((8, d))
+    k = rng.standard_normal((seq_len + 32, d))
+    v = rng.standard_normal((seq_len + 32, d))
+    k[seq_len:] = v[seq_len:] = np.nan  # past the end: must never be read
+    scale = d**-0.5
+    lo = max(0, seq_len - window) if window else 0
+    first = lo & ~15
+    if lo > first:
+        k[first:lo] = v[first:lo] = np.nan  # before the window: likewise
+    warps = 2
+    tiles = list(range(first, seq_len, 16))
+    states = [
+        warp_state(q, k, v, tiles[w::warps], lo, seq_len, gcount, scale * np.log2(np.e), d)
+        for w in range(warps)
+    ]
+    got = block_output(states, gcount, d)
+    s = q[:gcount] @ k[lo:seq_len].T * scale
+    p = np.exp(s - s.max(1, keepdims=True))
+    want = (p / p.sum(1, keepdims=True)) @ v[lo:seq_len]
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
