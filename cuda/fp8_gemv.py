@@ -1,15 +1,22 @@
 """FP8-weight GEMV for decode-sized batches (W8A16): y = (x @ wq^T) * w_scale (+ bias).
 
-    x [M, K] bf16/fp16 (M <= 4), wq [N, K] float8_e4m3fn, w_scale [N] fp32 -> y [M, N]
+    x [M, K] bf16/fp16 (M <= 8), wq [N, K] float8_e4m3fn, w_scale [N] or [1] fp32 -> y [M, N]
 
-At batch 1-4 a decode step is a weight read: this kernel streams each weight row once with
-16-byte loads (16 FP8 values per lane), widens to fp32 and multiplies by the activations
-as they are (no activation quantization, so no extra launch and no rounding of x),
-accumulating in fp32. One warp per output row pair, 8 warps per block; x rows are re-read
-from L1. `fp8_gemv_ref` is the torch reference.
+At batch 1-8 a decode step is a weight read, so no activation quantization (no extra
+launch, no rounding of x): weights widen to fp32 in registers, fp32 accumulate.
+HEADRACE_FP8_GEMV picks the kernel:
+- `new` (default): cuda/fp8_gemv.cu, M <= 8; a block of 128 threads owns 4 rows (8 at
+  M > 4), 16-byte L1-bypassing weight loads, every load of a round issued first;
+- `old`: the first kernel (SOURCE below), M <= 4: one warp per row pair, 8 warps a block;
+- `0`: no GEMV: every batch runs torch._scaled_mm after activation quantization.
+`fp8_gemv_ref` is the torch reference; `plan` is the launch math (CPU-tested).
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,9 +24,24 @@ import torch
 from cuda import compiler
 
 FP8 = torch.float8_e4m3fn
-MAX_ROWS = 4  # largest M the kernel takes
-ROWS_PER_WARP = 2
-WARPS = 8
+MODES = ("new", "old", "0")
+MAX_ROWS = {"new": 8, "old": 4, "0": 0}  # largest M each kernel takes
+ROWS_PER_WARP = 2  # old kernel
+WARPS = 8  # old kernel
+THREADS = 128  # new kernel (fp8_gemv.cu THREADS)
+V2_PATH = Path(__file__).with_name("fp8_gemv.cu")
+
+
+def gemv_mode(value: str | None = None) -> str:
+    """HEADRACE_FP8_GEMV, validated: new (default; also 1), old, or 0 (off)."""
+    raw = os.environ.get("HEADRACE_FP8_GEMV", "new") if value is None else value
+    mode = {"1": "new", "off": "0"}.get(raw.strip().lower(), raw.strip().lower())
+    if mode not in MODES:
+        raise ValueError(f"HEADRACE_FP8_GEMV must be one of new, old, 0; got {raw!r}")
+    return mode
+
+
+MODE = gemv_mode()
 
 SOURCE = r"""
 #include <cuda_bf16.h>
@@ -154,21 +176,46 @@ IN_DTYPES = {torch.bfloat16: 1, torch.float16: 0}
 def fp8_gemv_ref(
     x: torch.Tensor,  # [M, K]
     weight: torch.Tensor,  # [N, K] fp8
-    weight_scale: torch.Tensor,  # [N] fp32
+    weight_scale: torch.Tensor,  # [N] or [1] / [] fp32
     bias: torch.Tensor | None,  # [N]
 ) -> torch.Tensor:
-    y = (x.float() @ weight.float().t()) * weight_scale.float()
+    s = weight_scale.float().reshape(-1)
+    y = (x.float() @ weight.float().t()) * s
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
 
 
-def gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Shapes and layouts the kernel takes."""
+@dataclass(frozen=True)
+class Plan:
+    """One launch: kernel name, grid, threads, rows per block, unroll (new kernel)."""
+
+    kernel: str
+    grid: int
+    threads: int
+    rows: int
+    unroll: int
+
+
+def tile(m: int) -> tuple[int, int]:
+    """(rows per block, unroll) of the new kernel at batch m (fp8_gemv.cu Tile<M>)."""
+    return (4, 2) if m <= 4 else (8, 1)
+
+
+def plan(m: int, n: int, mode: str = "new") -> Plan:
+    if mode == "old":
+        rows = WARPS * ROWS_PER_WARP
+        return Plan(f"fp8_gemv_m{m}", -(-n // rows), WARPS * 32, rows, 2)
+    rows, unroll = tile(m)
+    return Plan(f"fp8_gemv_v2_m{m}", -(-n // rows), THREADS, rows, unroll)
+
+
+def gemv_ok(x: torch.Tensor, weight: torch.Tensor, mode: str | None = None) -> bool:
+    """Shapes and layouts the kernel takes (mode None: HEADRACE_FP8_GEMV's)."""
     m, k = x.shape
     return (
         x.is_cuda
-        and 1 <= m <= MAX_ROWS
+        and 1 <= m <= MAX_ROWS[MODE if mode is None else mode]
         and x.dtype in IN_DTYPES
         and k % 16 == 0
         and x.stride(1) == 1
@@ -179,15 +226,21 @@ def gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def source(mode: str) -> str:
+    return compiler.read_source(V2_PATH) if mode == "new" else SOURCE
+
+
 def fp8_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out: torch.Tensor | None = None,  # [M, N], x's dtype
+    mode: str | None = None,  # new / old (None: HEADRACE_FP8_GEMV, "new" if that is 0)
 ) -> torch.Tensor:
     """The kernel on tensors it takes (see gemv_ok), else the reference."""
-    if not gemv_ok(x, weight):
+    mode = mode or (MODE if MODE != "0" else "new")
+    if not gemv_ok(x, weight, mode):
         y = fp8_gemv_ref(x, weight, weight_scale, bias)
         if out is not None:
             out.copy_(y)
@@ -199,17 +252,24 @@ def fp8_gemv(
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    kernel = compiler.load_module(
-        SOURCE, defines={"HR_BF16": IN_DTYPES[x.dtype]}, name="fp8_gemv"
-    ).kernel(f"fp8_gemv_m{m}")
+    per_tensor = weight_scale.numel() == 1
+    if mode == "old" and per_tensor:
+        weight_scale = weight_scale.reshape(1).expand(n).contiguous()
+    pl = plan(m, n, mode)
+    mod = compiler.load_module(
+        source(mode), defines={"HR_BF16": IN_DTYPES[x.dtype]}, name=f"fp8_gemv_{mode}"
+    )
+    scale_args: list[object] = [weight_scale.data_ptr()]
+    if mode == "new":
+        scale_args.append(np.int32(0 if per_tensor else 1))
     compiler.launch(
-        kernel,
-        (-(-n // (WARPS * ROWS_PER_WARP)),),
-        WARPS * 32,
+        mod.kernel(pl.kernel),
+        (pl.grid,),
+        pl.threads,
         x.data_ptr(),
         np.int64(x.stride(0)),
         weight.data_ptr(),
-        weight_scale.data_ptr(),
+        *scale_args,
         0 if bias is None else bias.data_ptr(),
         out.data_ptr(),
         np.int64(out.stride(0)),

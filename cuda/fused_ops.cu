@@ -153,3 +153,60 @@ extern "C" __global__ void silu_and_mul_scalar(
     const elem_t* __restrict__ x, long long x_stride, elem_t* __restrict__ out, int units) {
     silu_and_mul_impl<1>(x, x_stride, out, units);
 }
+
+// rotary_kv_write: rotary and the KV-cache write in one launch (cuda/kv_write_rotary.py).
+// grid (T, Hq + Hkv), block = D/2 rounded up to a warp (<= 1024), as `rotary`.
+//   y <  Hq: rotate query head y of token t in place (exactly `rotary`).
+//   y >= Hq: rotate key head y - Hq in place, then, unless slot_mapping[t] < 0, store the
+//            rotated key row and the value row into the cache slot. cache is [2][slots][Hkv]
+//            [D] of elem_t (the cache's dtype is q's); v_off = slots * Hkv * D elements.
+// Dims >= 2 * half (partial rotary) and tokens outside the table pass through unrotated.
+// Thread i owns dims i and i + half of the rotated part, so each thread copies to the cache
+// only what it wrote (or what no thread writes): no barrier is needed.
+extern "C" __global__ void rotary_kv_write(
+    const long long* __restrict__ positions, elem_t* __restrict__ q, long long q_tok,
+    long long q_head, int hq, elem_t* __restrict__ k, long long k_tok, long long k_head,
+    const elem_t* __restrict__ v, long long v_tok, long long v_head, elem_t* __restrict__ cache,
+    long long v_off, const long long* __restrict__ slot_mapping, int hkv, int head_dim,
+    const float* __restrict__ cos_sin, long long cs_stride, long long max_pos, int half) {
+    const int i = threadIdx.x;
+    const long long t = blockIdx.x;
+    const int h = blockIdx.y;
+    const long long pos = positions[t];
+    const bool rotate = pos >= 0 && pos < max_pos;
+    float c = 1.0f, s = 0.0f;
+    if (rotate && i < half) {
+        c = cos_sin[pos * cs_stride + i];
+        s = cos_sin[pos * cs_stride + half + i];
+    }
+    if (h < hq) {
+        if (!rotate || i >= half) return;
+        elem_t* row = q + t * q_tok + h * q_head;
+        const float x1 = to_f(row[i]);
+        const float x2 = to_f(row[i + half]);
+        row[i] = from_f(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+        row[i + half] = from_f(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+        return;
+    }
+    const int kh = h - hq;
+    elem_t* krow = k + t * k_tok + kh * k_head;
+    const long long slot = slot_mapping[t];
+    elem_t* ck = slot >= 0 ? cache + (slot * hkv + kh) * (long long)head_dim : nullptr;
+    if (rotate && i < half) {
+        const float x1 = to_f(krow[i]);
+        const float x2 = to_f(krow[i + half]);
+        const elem_t r1 = from_f(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+        const elem_t r2 = from_f(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+        krow[i] = r1;
+        krow[i + half] = r2;
+        if (ck != nullptr) {
+            ck[i] = r1;
+            ck[i + half] = r2;
+        }
+    }
+    if (ck == nullptr) return;
+    for (int d = (rotate ? 2 * half : 0) + i; d < head_dim; d += blockDim.x) ck[d] = krow[d];
+    const elem_t* vrow = v + t * v_tok + kh * v_head;
+    elem_t* cv = ck + v_off;
+    for (int d = i; d < head_dim; d += blockDim.x) cv[d] = vrow[d];
+}

@@ -34,6 +34,7 @@ KERNELS = (
     "rotary",
     "silu_and_mul_vec",
     "silu_and_mul_scalar",
+    "rotary_kv_write",  # cuda/kv_write_rotary.py
 )
 SILU_BLOCK = 256
 MAX_GRID_Y = 65535

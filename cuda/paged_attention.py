@@ -76,6 +76,7 @@ class AttentionParams:
     sliding_window: int | None = None  # a query at p sees keys in (p - window, p]; None: all
     k_scale: float = 1.0  # FP8 caches: K = cache * k_scale (16/32-bit caches ignore it)
     v_scale: float = 1.0  # likewise for V
+    kv_written: bool = False  # the step's K/V are in the cache already (cuda/kv_write_rotary.py)
 
 
 def paged_attention_ref(

@@ -68,8 +68,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     g.add_argument(
         "--async-scheduling",
-        action="store_true",
-        help="overlap the CPU's next decode step with the GPU's current one",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="schedule and launch the next step while the GPU runs this one (on by default; "
+        "--no-async-scheduling steps synchronously)",
     )
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("--speculative-method", default=None, choices=["ngram", "draft"])

@@ -3,6 +3,8 @@
 # Usage on the device machine: bash scripts/gpu_bench.sh "<which: tests profile w1 w3 w2 w5>"
 # FP8 (issue 13): profile_fp8 fp8tests w1fp8 (bf16 then fp8 W1, each with its floor) w2fp8 (fp8 weights
 # + fp8 KV) w3fp8 (bf16, then fp8 + fp8 KV) w1_70b w2_70b (Llama-3-70B shape, fp8 dummy).
+# fp8perf (<= 250 s): FP8 GEMV + fused SiLU-quant GPU tests, scripts/bench_fp8_gemv.py (new / old / cuBLAS bf16 /
+# _scaled_mm, TB/s), W1 fp8 with the new GEMV then HEADRACE_FP8_GEMV=old (same call).
 # KV compression (issue 20): kvcomp (W2-shaped requests, SnapKV 4x vs none in the same KV
 # memory: blocks per request, concurrency, output tok/s, compression cost; GPU tests in `tests`).
 # Int4 (issue 14): int4tests (GPU int4 kernel + model tests) int4kernels (scripts/bench_int4.py)
@@ -16,10 +18,14 @@
 # Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
 # W1 with its timeline, with the persistent input batch and with HEADRACE_INPUT_BATCH=rebuild);
 # hostpath_base (HEADRACE_BASE_TREE=checkout of 3d6250b: its batch-1 timeline, 40 s).
+# Async scheduling (issue 12, overlap): async (tests/gpu/test_gpu_async.py, then W3 offline with 300
+# requests, --no-async-scheduling then the default (async), side by side; <= 280 s in all).
 # Prefill attention (issue 11): prefill (tests/gpu/test_gpu_prefill_attention.py, then old kernel /
 # new kernel per tile config / torch SDPA flash TFLOP/s at causal 2k-16k; <= 200 s).
 # Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
 # kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
+# Issue 11 batch-1 step: step1 (GPU tests of the GEMV, rotary + KV write, argmax and greedy
+# graphs; GEMV vs cuBLAS on the 8B/70B shapes; W1 with HEADRACE_GEMV=cublas, then default; <= 300 s).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -36,6 +42,9 @@ for step in $which; do
     profile_fp8) for b in "1 128" "256 1024"; do set -- $b; timeout 200 python scripts/profile_step.py --batch $1 --context $2 --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/profile_fp8_b$1.json" > "$OUT/profile_fp8_b$1.log" 2>&1; head -14 "$OUT/profile_fp8_b$1.log"; done ;;
     fp8tests) timeout 500 python -m pytest -m gpu tests/gpu/test_gpu_fp8.py tests/gpu/test_gpu_kernels.py -q -p no:cacheprovider > "$OUT/gpu_fp8_tests.log" 2>&1; tail -15 "$OUT/gpu_fp8_tests.log" ;;
     w1fp8) for q in "" "--quantization fp8"; do n=w1${q:+_fp8}; timeout 280 python -m headrace bench latency $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
+    fp8perf) timeout 60 python -m pytest -m gpu tests/gpu/test_gpu_fp8_gemv.py tests/gpu/test_gpu_fp8_fused.py "tests/gpu/test_gpu_fp8.py::test_fp8_linear_matches_reference" -q -p no:cacheprovider > "$OUT/fp8perf_tests.log" 2>&1; tail -3 "$OUT/fp8perf_tests.log"
+             timeout 35 python scripts/bench_fp8_gemv.py --output-json "$OUT/bench_fp8_gemv.json" > "$OUT/bench_fp8_gemv.log" 2>&1; cat "$OUT/bench_fp8_gemv.log"
+             for g in new old; do HEADRACE_FP8_GEMV=$g timeout $([ $g = new ] && echo 85 || echo 70) python -m headrace bench latency --quantization fp8 --max-num-seqs 1 --max-model-len 4096 --output-json "$OUT/w1_fp8_gemv_$g.json" > "$OUT/w1_fp8_gemv_$g.log" 2>&1; echo "GEMV $g (rc $?): $(tail -1 "$OUT/w1_fp8_gemv_$g.log")"; done ;;
     w2fp8) timeout 560 python -m headrace bench throughput --workload W2 --quantization fp8 --kv-cache-dtype fp8 --output-json "$OUT/w2_fp8.json" > "$OUT/w2_fp8.log" 2>&1; tail -1 "$OUT/w2_fp8.log" ;;
     w3fp8) for q in "" "--quantization fp8 --kv-cache-dtype fp8"; do n=w3$(echo "$q" | tr -d ' -' | sed 's/quantizationfp8/_fp8/;s/kvcachedtypefp8/_kv8/'); timeout 280 python -m headrace bench throughput --workload W3 $q --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -1 "$OUT/$n.log"; done ;;
     w1_70b) timeout 560 python -m headrace bench latency --model scripts/configs/llama-3-70b --quantization fp8 --max-model-len 4096 --output-json "$OUT/w1_70b_fp8.json" > "$OUT/w1_70b_fp8.log" 2>&1; tail -1 "$OUT/w1_70b_fp8.log" ;;
@@ -88,7 +97,7 @@ for step in $which; do
     # Structured output (issue 16): batch 64, free vs JSON-schema decode on the Llama-3-8B shape
     # (dummy weights), sync then --async-scheduling: both TPOTs, the overhead, the mask work per
     # step (waited-at-sampling ~0 means the overlap works); then the CPU mask micro-benchmark.
-    structured) for m in "" "--async-scheduling"; do n=structured${m:+_async}
+    structured) for m in "--no-async-scheduling" "--async-scheduling"; do n=structured; [ "$m" = "--async-scheduling" ] && n=structured_async
                   timeout 125 python -m headrace bench structured $m --output-json "$OUT/$n.json" > "$OUT/$n.log" 2>&1; tail -2 "$OUT/$n.log"; done
                 timeout 45 python scripts/bench_grammar_mask.py --threads 1 8 --steps 48 --output-json "$OUT/structured_mask_cpu.json" > "$OUT/structured_mask_cpu.log" 2>&1; tail -20 "$OUT/structured_mask_cpu.log" ;;
     # Host path (issue 12): per step kind, host phases / GPU busy / idle gap (worker/step_timeline.py)
@@ -109,6 +118,11 @@ for step in $which; do
       (cd "$HEADRACE_BASE_TREE" && PYTHONPATH=. timeout 40 python scripts/timeline_step.py --batch 1 --steps 150 \
           --out "$OUT/hostpath_base_timeline_b1.json" > "$OUT/hostpath_base_timeline_b1.log" 2>&1)
       echo "base rc $?: $(grep -A3 '^step timeline' "$OUT/hostpath_base_timeline_b1.log")" ;;
+    async) timeout 100 python -m pytest -m gpu tests/gpu/test_gpu_async.py -q -s -p no:cacheprovider > "$OUT/gpu_async_tests.log" 2>&1
+           echo "gpu async tests (rc $?): $(tail -1 "$OUT/gpu_async_tests.log")"; grep "near-tie" "$OUT/gpu_async_tests.log"
+           for m in sync async; do flag=""; [ $m = sync ] && flag=--no-async-scheduling
+             timeout 90 python -m headrace bench throughput --workload W3 --num-requests 300 $flag --output-json "$OUT/w3_$m.json" > "$OUT/w3_$m.log" 2>&1
+             echo "W3 300 $m (rc $?): $(tail -1 "$OUT/w3_$m.log")"; done ;;
     decode) timeout 90 python -m pytest -m gpu tests/gpu/test_gpu_decode_attention.py -q -p no:cacheprovider --maxfail=10 > "$OUT/gpu_decode_tests.log" 2>&1
             echo "decode tests (rc $?): $(tail -1 "$OUT/gpu_decode_tests.log")"; grep -m5 "^FAILED\|Error" "$OUT/gpu_decode_tests.log"
             timeout 60 python -m headrace bench kernels --fp8 --output-json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1
@@ -123,5 +137,9 @@ for step in $which; do
                --request-rate 4 16 64 inf --result-json "$OUT/w4_sweep.json" --plot "$OUT/w4_sweep.png" \
                --no-progress > "$OUT/w4_sweep.log" 2>&1; cat "$OUT/w4_sweep.log"
              kill "$serve_pid"; wait "$serve_pid" ;;
+    step1) timeout 115 python -m pytest -m gpu tests/gpu/test_gpu_step_kernels.py -q -p no:cacheprovider > "$OUT/step1_tests.log" 2>&1; tail -4 "$OUT/step1_tests.log"
+           timeout 45 python scripts/bench_gemv.py --output-json "$OUT/step1_gemv.json" > "$OUT/step1_gemv.log" 2>&1; cat "$OUT/step1_gemv.log"
+           for g in cublas auto; do HEADRACE_GEMV=$g timeout 70 python -m headrace bench latency --output-json "$OUT/step1_w1_$g.json" > "$OUT/step1_w1_$g.log" 2>&1
+             echo "HEADRACE_GEMV=$g (rc $?): $(grep '^W1' "$OUT/step1_w1_$g.log" | tail -1)"; done ;;
   esac
 done

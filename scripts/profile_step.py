@@ -78,6 +78,8 @@ def main() -> None:
     timeline = {"prefill_and_warmup": warm.summary(), "decode": decode.summary()}
 
     phases: dict[str, float] = defaultdict(float)
+    graphs = engine.runner.graph_runner
+    replays_before = sum(graphs.replays.values()) if graphs is not None else 0
     t_all = time.perf_counter()
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -91,6 +93,8 @@ def main() -> None:
         phases["execute_ms"] += (t2 - t1) * 1000
         phases["postprocess_ms"] += (t3 - t2) * 1000
     wall_ms = (time.perf_counter() - t_all) * 1000 / args.steps
+    # How many of the timed steps replayed a CUDA graph (the rest ran eagerly).
+    replayed = (sum(graphs.replays.values()) if graphs is not None else 0) - replays_before
     phases = {k: v / args.steps for k, v in phases.items()}
 
     from torch.profiler import ProfilerActivity, profile
@@ -111,6 +115,7 @@ def main() -> None:
         "batch": args.batch,
         "context": args.context,
         "graphs": engine.runner.graph_runner is not None,
+        "graph_replayed_steps": f"{replayed} of {args.steps}",
         "wall_ms_per_step": wall_ms,
         "cpu_phases_ms_per_step": phases,
         "gpu_ms_per_step": cuda_us / 1000 / args.steps,

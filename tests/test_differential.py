@@ -138,8 +138,8 @@ def random_engine_args(rng: random.Random, need_tokens: int, speculate: bool) ->
             ngram_prompt_lookup_min=lo,
             ngram_prompt_lookup_max=rng.randint(lo, 4),
         )
-    elif rng.random() < 0.5:
-        args["async_scheduling"] = True
+    else:  # the default (async) half the time, synchronous steps the other half
+        args["async_scheduling"] = rng.random() < 0.5
     return args
 
 

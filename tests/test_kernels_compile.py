@@ -183,19 +183,20 @@ def test_compile_error_carries_log() -> None:
         )
 
 
+@pytest.mark.parametrize("mode", ["new", "old"])
 @pytest.mark.parametrize("bf16", [1, 0])
-def test_fp8_gemv_compiles(bf16: int) -> None:
+def test_fp8_gemv_compiles(bf16: int, mode: str) -> None:
     from cuda import fp8_gemv
 
     _, log = compiler.compile_cubin(
-        fp8_gemv.SOURCE,
+        fp8_gemv.source(mode),
         arch="sm_90",
         defines={"HR_BF16": bf16},
-        name="fp8_gemv",
+        name=f"fp8_gemv_{mode}",
         verbose_ptxas=True,
     )
-    for m in range(1, 5):
-        assert f"Compiling entry function 'fp8_gemv_m{m}'" in log
+    for m in range(1, fp8_gemv.MAX_ROWS[mode] + 1):
+        assert f"Compiling entry function '{fp8_gemv.plan(m, 64, mode).kernel}'" in log
     _check_log(log)
 
 

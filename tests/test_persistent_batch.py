@@ -2,7 +2,7 @@
 
 Randomized schedules from the real scheduler and KV cache manager: arrivals, finishes,
 aborts, preemption (a small cache), chunked prefill (a small token budget), speculative
-proposals, prompt logprobs, async scheduling's chained steps and KV compaction (a request's
+proposals, prompt logprobs and KV compaction (a request's
 table replaced by a shorter one, with a position offset).
 """
 
@@ -103,13 +103,6 @@ def test_persistent_batch_equals_the_rebuilt_inputs(seed: int) -> None:
         steps += 1
         assert_same_inputs(batch.build(out), build_host_inputs(out))
         decode_steps += all(sr.num_new_tokens == 1 for sr in out.scheduled)
-        if rng.random() < 0.3 and all(
-            sr.num_new_tokens == 1 and sr.samples and sr.num_spec_tokens == 0
-            for sr in out.scheduled
-        ):
-            chained = s.schedule_chained(out)  # async scheduling: next step's rows first
-            if chained is not None:
-                assert_same_inputs(batch.build(chained), build_host_inputs(chained))
         s.update(out, _tokens(rng, out))
     assert decode_steps > 10, "the fast path must be exercised"
 

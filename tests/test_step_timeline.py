@@ -106,10 +106,11 @@ def test_timeline_on_cpu_records_every_step_and_changes_nothing(stories_path: Pa
     assert sum(r.num_tokens for r in tl.records) == 77 + 40 + 2 * 11
     for r in tl.records:
         assert not r.graph and r.start is None and r.busy_ms is None  # CPU: no GPU marks
-        assert r.host_s["schedule"] > 0 and r.host_s["forward"] > 0 and r.host_s["outputs"] > 0
+        assert r.host_s["schedule"] > 0 and r.host_s["forward"] > 0 and r.host_s["outputs"] >= 0
         assert sum(r.host_s.values()) == pytest.approx(r.wall_s, rel=1e-6, abs=1e-6)
     s = tl.summary()
     assert sum(row["steps"] for row in s.values()) == len(tl.records)  # type: ignore[misc]
+    assert sum(r.host_s["outputs"] for r in tl.records) > 0
     table = format_summary(s)
     assert "decode/eager" in table and "prefill/eager" in table
     assert all(p in table for p in PHASES)

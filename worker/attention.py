@@ -55,5 +55,6 @@ class TorchAttention:
         md: AttentionMetadata,
         params: AttentionParams,
     ) -> torch.Tensor:
-        write_kv_ref(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
+        if not params.kv_written:
+            write_kv_ref(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
         return paged_attention_sdpa(q, kv_cache, md, params)

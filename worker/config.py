@@ -43,7 +43,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True  # split long prompts across steps
     enable_prefix_caching: bool = True  # reuse KV of identical prompt prefixes
     enforce_eager: bool = False  # never use CUDA graphs
-    async_scheduling: bool = False  # launch the next decode step before reading this one's
+    async_scheduling: bool = True  # schedule and launch step N+1 before reading step N's
     max_logprobs: int = 20  # the largest logprobs / prompt_logprobs a request may ask for
     speculative_method: str | None = None  # None, "ngram" or "draft"
     speculative_model: str | None = None  # draft model folder (implies method "draft")

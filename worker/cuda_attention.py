@@ -41,7 +41,8 @@ class CudaAttention:
         md: AttentionMetadata,
         params: AttentionParams,
     ) -> torch.Tensor:
-        write_kv_cuda(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
+        if not params.kv_written:
+            write_kv_cuda(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
         out = torch.empty_like(q)
         workspace = self._workspace(q, md)
         return attention_cuda(q, kv_cache, md, params, out, workspace, self.prefill_kernel)

@@ -23,6 +23,12 @@ So requests with fewer than k proposals (or none) need no filler tokens, and the
 sampler sees exactly the proposals it would see eagerly. The graphs are captured largest
 first into one shared memory pool, with the seq_len bound fixed at max_model_len, so
 replaying at longer contexts than at capture stays right.
+
+Greedy decode graphs: for decode buckets up to GREEDY_MAX_BS (and a model whose LM head is
+one local nn.Linear, not tensor parallel) a second graph per bucket goes on past the hidden
+states through compute_logits and the argmax (worker/sampler.py argmax_tokens), so a step
+whose rows are all plain greedy (sampler.plain_greedy, no grammar) is one replay that gives
+token ids: no eager lm_head, cast, copy and argmax launches after it.
 """
 
 from __future__ import annotations
@@ -30,15 +36,24 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from cuda.step_fusion import step_fusion
 from worker import progress
 from worker.attention import AttentionMetadata
 from worker.input_batch import HostInputs, PaddedInputs, pad_inputs
 from worker.models.base import CausalLM
+from worker.sampler import argmax_tokens
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 log = logging.getLogger(__name__)
+
+GREEDY_MAX_BS = 64  # largest decode bucket with a greedy graph (its logits: bs x V fp32)
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -91,9 +106,11 @@ def capture_graphs(
     dtype: torch.dtype,
     shapes: GraphShapes,
     what: str = "decode",
+    greedy: bool = True,
 ) -> CudaGraphRunner | None:
     """A CudaGraphRunner with its graphs captured; None (and a warning) when the model's
-    attention cannot run inside a graph, so `what` runs eagerly."""
+    attention cannot run inside a graph, so `what` runs eagerly. `greedy`: also the greedy
+    decode graphs (a model whose tokens the engine samples; not a draft model)."""
     from worker.cuda_attention import CudaAttention
 
     c = model.config
@@ -102,7 +119,7 @@ def capture_graphs(
     if blocker is not None:
         log.warning("CUDA graphs off: %s; %s runs eagerly", blocker, what)
         return None
-    runner = CudaGraphRunner(model, kv_caches, shapes)
+    runner = CudaGraphRunner(model, kv_caches, shapes, greedy)
     if shapes.per_layer_lengths:
         t = runner.max_bs * runner.bounds[-1]
         runner.layers = LayerInputs(len(kv_caches), runner.max_bs, t, runner.device)
@@ -151,7 +168,13 @@ class LayerInputs:
 
 
 class CudaGraphRunner:
-    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], shapes: GraphShapes) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_caches: list[torch.Tensor],
+        shapes: GraphShapes,
+        greedy: bool = True,
+    ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.buckets = bucket_sizes(shapes.max_num_seqs)
@@ -179,6 +202,11 @@ class CudaGraphRunner:
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.replays = dict.fromkeys(self.bounds, 0)  # per q bound: steps that replayed
         self.layers: LayerInputs | None = None  # PyramidKV's per-layer lengths, if captured
+        # Greedy decode graphs by bucket, and their token ids [bs] int64.
+        self.greedy = greedy and isinstance(model.lm_head, nn.Linear) and step_fusion()
+        self.greedy_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.greedy_outputs: dict[int, torch.Tensor] = {}
+        self.greedy_replays = 0  # decode steps that replayed a greedy graph (also in replays)
 
     def _make_staging(
         self, n: int, t: int
@@ -231,9 +259,23 @@ class CudaGraphRunner:
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.outputs[q, bs] = self.model(*args)
                 self.graphs[q, bs] = graph
+                if q == 1 and self.greedy and bs <= GREEDY_MAX_BS:
+                    self._capture_greedy(bs, args, pool, stream)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
+
+    def _greedy_tail(self, hidden: torch.Tensor, bs: int) -> torch.Tensor:
+        return argmax_tokens(self.model.compute_logits(hidden[:bs]), self.model.config.vocab_size)
+
+    def _capture_greedy(
+        self, bs: int, args: tuple, pool: _POOL_HANDLE, stream: torch.cuda.Stream
+    ) -> None:
+        self._greedy_tail(self.model(*args), bs)  # warm up the LM head's GEMM
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            self.greedy_outputs[bs] = self._greedy_tail(self.model(*args), bs)
+        self.greedy_graphs[bs] = graph
 
     def release(self) -> None:
         """Destroy the graphs, their outputs and the KV list they read (EngineCore.shutdown).
@@ -241,10 +283,12 @@ class CudaGraphRunner:
         The shared pool's memory goes back to the caching allocator only once no graph
         captured into it is alive; `torch.cuda.empty_cache()` then returns it to the card.
         """
-        for graph in self.graphs.values():
+        for graph in [*self.graphs.values(), *self.greedy_graphs.values()]:
             graph.reset()
         self.graphs.clear()
         self.outputs.clear()
+        self.greedy_graphs.clear()
+        self.greedy_outputs.clear()
         self.kv_caches = []
 
     def _pick(self, host: HostInputs) -> tuple[int, int] | None:
@@ -261,12 +305,34 @@ class CudaGraphRunner:
     def can_run(self, host: HostInputs) -> bool:
         return self._pick(host) is not None
 
+    def can_run_greedy(self, host: HostInputs) -> bool:
+        """Whether a greedy decode graph fits this step (its rows' params are the caller's)."""
+        key = self._pick(host)
+        return key is not None and key[0] == 1 and key[1] in self.greedy_graphs
+
     def run(self, host: HostInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the step's graph on its inputs; returns hidden states [T, H].
 
         `input_ids` (on the device) replaces the host's token ids: async scheduling feeds
         the previous step's sampled tokens straight from the GPU.
         """
+        q, bs = self._stage(host, input_ids)
+        self.graphs[q, bs].replay()
+        self.replays[q] += 1
+        return self.outputs[q, bs][: host.num_tokens]
+
+    def run_greedy(self, host: HostInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the step's greedy decode graph (check can_run_greedy first); returns the
+        argmax token of each request [B] int64, a copy: the next replay overwrites the
+        graph's own buffer while a chained step may still read these."""
+        q, bs = self._stage(host, input_ids)
+        self.greedy_graphs[bs].replay()
+        self.replays[q] += 1
+        self.greedy_replays += 1
+        return self.greedy_outputs[bs][: len(host.seq_lens)].clone()
+
+    def _stage(self, host: HostInputs, input_ids: torch.Tensor | None) -> tuple[int, int]:
+        """Copy the step's inputs into the graphs' buffers; returns its (q bound, bucket)."""
         key = self._pick(host)
         if key is None:
             raise ValueError("no CUDA graph fits this step (check can_run first)")
@@ -288,6 +354,4 @@ class CudaGraphRunner:
         self.block_tables[:b, :width].copy_(hbt[:b, :width], non_blocking=True)
         if self.layers is not None:
             self.layers.write(host, self.seq_lens, self.slot_mapping, bs, n)
-        self.graphs[q, bs].replay()
-        self.replays[q] += 1
-        return self.outputs[q, bs][:t]
+        return q, bs

@@ -23,24 +23,19 @@ from ipc.messages import (
 from ipc.model_folder import ModelFiles, open_model
 from ipc.sampling import check_request
 from worker import progress
+from worker.async_step import AsyncStepper
 from worker.config import EngineConfig, SchedulerConfig, default_max_num_batched_tokens
 from worker.generation_defaults import sampling_defaults
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
 from worker.model_facts import eos_ids, param_bytes
 from worker.model_loader import build_model, resolve_device, resolve_dtype
-from worker.model_runner import (
-    ModelRunner,
-    PendingStep,
-    StepResult,
-    kv_bytes_per_block,
-    make_backend,
-)
+from worker.model_runner import ModelRunner, StepResult, kv_bytes_per_block, make_backend
 from worker.parallel.state import TpGroup
 from worker.quant.kv import resolve_kv_cache_dtype
 from worker.quant.scheme import describe as describe_quant
 from worker.quant.scheme import resolve_quant_scheme
-from worker.request import OwnedOutput, Request, RequestStatus
+from worker.request import OwnedOutput, Request
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.spec_decode import SpecStats, Target, draft_extra_blocks, make_proposer, set_proposals
 from worker.structured import GrammarWaitlist
@@ -93,8 +88,10 @@ class EngineCore:
         )
         # Nothing blocks between a step's tokens and the next sampling: mask jobs run eagerly.
         self.runner.masks.eager = config.async_scheduling
-        # Async scheduling: a launched step whose tokens have not been read yet.
-        self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
+        # Async scheduling (worker/async_step.py); speculative decoding steps synchronously.
+        self.stepper = (
+            AsyncStepper(self) if config.async_scheduling and self.proposer is None else None
+        )
         self.closed = False
 
     def shutdown(self) -> None:
@@ -112,7 +109,8 @@ class EngineCore:
         if self.closed:
             return
         self.closed = True
-        self._inflight = None
+        if self.stepper is not None:
+            self.stepper.drop()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # no graph replay still running at reset
         self.grammars.close()
@@ -339,81 +337,19 @@ class EngineCore:
         return failed + self._step()
 
     def _step(self) -> list[OwnedOutput]:
-        if self.config.async_scheduling:
-            return self._step_async()
+        if self.stepper is not None:
+            return self.stepper.step()
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
         result = self.runner.execute(sched)
         return self._postprocess(sched, result)
 
-    def _step_async(self) -> list[OwnedOutput]:
-        """One step, with the next decode step launched before this one's tokens are read.
-
-        While the GPU runs step N, the CPU schedules N+1 (same requests, one token each),
-        builds its inputs and queues it, feeding N's sampled ids on the device; only then
-        does it wait for N's tokens and apply them. A request that N finishes (EOS, stop
-        id) has its N+1 token dropped. With a constrained request in the batch, N+1's
-        sampling waits for N's tokens (its masks follow them) but its forward does not:
-        N's postprocess starts N+1's masks on the mask thread, and N+1's sampling is queued
-        only in the next call, once N+2's inputs are built. Steps that are not plain
-        decodes, or whose successor would differ from a normal schedule, run as usual.
-        """
-        if self._inflight is not None:
-            sched, pending = self._inflight
-            self._inflight = None
-        else:
-            sched = self.scheduler.schedule()
-            if sched.empty:
-                return []
-            if not self.runner.can_launch(sched):
-                return self._postprocess(sched, self.runner.execute(sched))
-            pending = self.runner.launch(sched)
-        nxt_pending = None
-        if self._can_chain(sched):
-            nxt = self.scheduler.schedule_chained(sched)
-            if nxt is not None:
-                host = self.runner.build_inputs(nxt)  # while `pending`'s masks may still fill
-                if pending.token_ids is None:  # nxt's forward reads these tokens
-                    self.runner.sample_pending(pending)
-                # Constrained requests' masks need this step's tokens: sample after them.
-                defer = any(sr.request.grammar is not None for sr in nxt.scheduled)
-                nxt_pending = self.runner.launch(
-                    nxt, pending.token_ids, step_offset=1, defer_sampling=defer, host=host
-                )
-                self._inflight = (nxt, nxt_pending)
-        if pending.token_ids is None:
-            self.runner.sample_pending(pending)
-        return self._postprocess(sched, self.runner.finish(pending))
-
-    def _can_chain(self, sched: SchedulerOutput) -> bool:
-        """Would the step after `sched` be these same requests decoding one token each?"""
-        if self.proposer is not None:
-            return False
-        for sr in sched.scheduled:
-            req, p = sr.request, sr.request.params
-            if req.is_finished or req.status != RequestStatus.RUNNING:
-                return False
-            # Finishes for sure at this step (length): nothing to chain for it.
-            if req.num_output_tokens + 1 >= req.max_tokens:
-                return False
-            if req.num_tokens + 1 >= self.max_model_len:
-                return False
-            # Sampling that reads the generated tokens would miss the one in flight.
-            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
-                return False
-            if req.num_output_tokens < p.min_tokens:
-                return False
-        # A normal schedule might admit a waiting request: keep the same policy.
-        waiting = self.scheduler.waiting
-        if waiting and self.scheduler.num_running < self.config.max_num_seqs:
-            first = waiting[0]
-            reserve = self.scheduler.num_running  # the running requests' next slots
-            if self.kv.blocks_needed(first.num_tokens) + reserve <= self.kv.num_free_blocks:
-                return False
-        return True
-
-    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[OwnedOutput]:
+    def _postprocess(
+        self, sched: SchedulerOutput, result: StepResult, placeholders: bool = False
+    ) -> list[OwnedOutput]:
+        """Apply a step's results; `placeholders`: a step the scheduler advanced past
+        at launch (async scheduling), whose tokens replace its placeholders."""
         for i, lps in result.prompt_logprobs.items():
             sr = sched.scheduled[i]
             req = sr.request
@@ -427,7 +363,8 @@ class EngineCore:
             if sr.start < sr.request.num_prompt_tokens:
                 self.prompt_tokens_total += min(sr.end, sr.request.num_prompt_tokens) - sr.start
         self.runner.kv_compressor.compress_step(sched, self.kv, self.runner.kv_caches)
-        updates = self.scheduler.update(sched, result.new_tokens)
+        apply = self.scheduler.resolve if placeholders else self.scheduler.update
+        updates = apply(sched, result.new_tokens)
         # Matchers take the new tokens and fill the next masks on a thread, meanwhile.
         self.runner.masks.prefetch(updates)
         if self.proposer is not None:

@@ -270,6 +270,8 @@ class KVCacheManager:
         if table is None or table.offset:
             return
         held, keys = table.blocks, table.keys
+        # Async scheduling: a placeholder's id is unknown yet; its block is keyed later.
+        num_tokens = min(num_tokens, len(request.all_token_ids))
         num_full = min(num_tokens // self.block_size, len(held))
         if num_full <= len(keys):
             return

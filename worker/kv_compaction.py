@@ -33,7 +33,7 @@ from worker.config import EngineConfig
 from worker.kv_cache import KVCacheManager
 from worker.kv_compression import NUM_SINKS, POOL_KERNEL, kv_compression_for
 from worker.model_config import ModelConfig
-from worker.request import Request
+from worker.request import Request, RequestStatus
 from worker.scheduler import ScheduledRequest, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -212,8 +212,15 @@ class KVCompressor:
     @staticmethod
     def prefills_ending(out: SchedulerOutput) -> list[ScheduledRequest]:
         """Before the scheduler applies a step: the requests whose prefill it completes
-        and that may compress (once per admission; a preempted request recompresses)."""
-        return [sr for sr in out.scheduled if sr.request.kv_compression_pending and sr.samples]
+        and that may compress (once per admission; a preempted request recompresses). Not
+        one preempted since (async scheduling: by the schedule of the step after `out`)."""
+        return [
+            sr
+            for sr in out.scheduled
+            if sr.request.kv_compression_pending
+            and sr.samples
+            and sr.request.status != RequestStatus.PREEMPTED
+        ]
 
     def compress(
         self, ending: list[ScheduledRequest], kv: KVCacheManager, kv_caches: list[torch.Tensor]

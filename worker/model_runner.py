@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ipc.messages import SamplingParams, TokenLogprobs
+from ipc.messages import TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
 from worker.grammar_masks import StepMasks
 from worker.input_batch import HostInputs, take_rows, to_device
@@ -24,7 +24,7 @@ from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.models.layers import Attention
 from worker.persistent_batch import InputBuilder, make_input_builder
-from worker.sampler import LogprobsTensors, Sampler, SamplingBatch, compute_logprobs
+from worker.sampler import Sampler, SamplingBatch, compute_logprobs, plain_greedy
 from worker.scheduler import ScheduledRequest, SchedulerOutput
 from worker.spec_decode.verify import verify
 
@@ -42,19 +42,6 @@ class StepResult:
     new_tokens: list[list[int]]  # per scheduled request (empty when it did not sample)
     logprobs: list[list[TokenLogprobs]]  # per scheduled request, one per new token if asked
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # by index
-
-
-@dataclass
-class PendingStep:
-    """A launched decode step: its sampled tokens are still on the device."""
-
-    out: SchedulerOutput
-    token_ids: torch.Tensor | None  # [B] int64 per scheduled request; None until sampled
-    logprobs: LogprobsTensors | None
-    params: list[SamplingParams]
-    # Deferred sampling (structured output): the logits wait for masks that need the
-    # previous step's tokens; sample_pending() draws once those are known.
-    logits: torch.Tensor | None = None
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -144,7 +131,41 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         host = self.build_inputs(out)
+        token_ids = self.greedy_step(out, host)
+        if token_ids is not None:
+            tokens = token_ids.tolist()  # the step's one host sync
+            return StepResult([[int(t)] for t in tokens], [[] for _ in tokens])
         return self.sample(out, host, self.forward(host, scheduled=out.scheduled))
+
+    def greedy_step(
+        self, out: SchedulerOutput, host: HostInputs, input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Token ids [B] (device) of a decode step whose rows are all plain greedy, from one
+        replay of the graph that ends in the argmax; None: the step takes the usual path
+        (graph or eager forward, then compute_logits and the sampler)."""
+        g = self.graph_runner
+        if g is None or self.step_hook is not None or not self._plain_decode(out):
+            return None
+        for sr in out.scheduled:
+            r = sr.request
+            if r.grammar is not None or not plain_greedy(r.params, len(r.output_token_ids)):
+                return None
+        if not g.can_run_greedy(host):
+            return None
+        return g.run_greedy(host, input_ids)
+
+    @staticmethod
+    def _plain_decode(out: SchedulerOutput) -> bool:
+        """Every request computes and samples one token (no speculation, no prompt
+        logprobs, no prefill that compresses its KV cache before the next step)."""
+        return all(
+            sr.num_new_tokens == 1
+            and sr.num_spec_tokens == 0
+            and sr.samples
+            and not sr.request.wants_prompt_logprobs
+            and not sr.request.kv_compression_pending
+            for sr in out.scheduled
+        )
 
     def forward(
         self,
@@ -178,92 +199,6 @@ class ModelRunner:
         if scheduled is not None:
             self.kv_compressor.collect(inputs.md.capture, host.capture_jobs, scheduled)
         return hidden
-
-    # ---- async scheduling: launch a decode step now, read its tokens later ------------------
-    @staticmethod
-    def can_launch(out: SchedulerOutput) -> bool:
-        """Steps launch() handles: every request computes and samples one token (and
-        none ends a prefill that compresses its KV cache before the next step)."""
-        return all(
-            sr.num_new_tokens == 1
-            and sr.num_spec_tokens == 0
-            and sr.samples
-            and not sr.request.wants_prompt_logprobs
-            and not sr.request.kv_compression_pending
-            for sr in out.scheduled
-        )
-
-    @torch.inference_mode()
-    def launch(
-        self,
-        out: SchedulerOutput,
-        input_ids: torch.Tensor | None = None,
-        step_offset: int = 0,
-        defer_sampling: bool = False,
-        host: HostInputs | None = None,
-    ) -> PendingStep:
-        """Queue a decode step on the GPU (model, logits, sampling) without waiting for it.
-
-        `input_ids` (device) are the previous step's sampled tokens when that step has not
-        been read yet; `step_offset` (1 then) counts its token in each request's output, so
-        seeded draws stay the same as without async scheduling. With `defer_sampling`
-        only the model and logits are queued: `sample_pending` draws later (a constrained
-        request's mask needs the previous step's token, read while this forward runs).
-        `host` is `out`'s inputs when the caller built them already.
-        """
-        if host is None:
-            host = self.build_inputs(out)
-        hidden = self.forward(host, input_ids)
-        # Decode rows are the requests in order: a slice, not an index tensor (whose
-        # blocking host-to-device copy would wait for the GPU).
-        logits = self.model.compute_logits(hidden[: len(out.scheduled)])
-        reqs = [sr.request for sr in out.scheduled]
-        params = [r.params for r in reqs]
-        if defer_sampling:
-            return PendingStep(out, None, None, params, logits)
-        # A chained step's masks would need the tokens still in flight: it defers.
-        assert input_ids is None or all(r.grammar is None for r in reqs)
-        batch = SamplingBatch(
-            params=params,
-            prompt_token_ids=[r.prompt_token_ids for r in reqs],
-            output_token_ids=[r.output_token_ids for r in reqs],
-            steps=[len(r.output_token_ids) + step_offset for r in reqs] if step_offset else None,
-            bitmask=self.masks.bitmask([(r, []) for r in reqs]),
-        )
-        sampled = self.sampler(logits, batch)
-        return PendingStep(out, sampled.token_ids, sampled.logprobs, params)
-
-    @torch.inference_mode()
-    def sample_pending(self, pending: PendingStep) -> None:
-        """Draw a deferred step's tokens, now that its requests' previous tokens are
-        applied (output lists and matchers): masks fill on the CPU while the forward runs."""
-        assert pending.logits is not None and pending.token_ids is None
-        reqs = [sr.request for sr in pending.out.scheduled]
-        batch = SamplingBatch(
-            params=pending.params,
-            prompt_token_ids=[r.prompt_token_ids for r in reqs],
-            output_token_ids=[r.output_token_ids for r in reqs],
-            bitmask=self.masks.bitmask([(r, []) for r in reqs]),
-        )
-        sampled = self.sampler(pending.logits, batch)
-        pending.token_ids, pending.logprobs, pending.logits = (
-            sampled.token_ids,
-            sampled.logprobs,
-            None,
-        )
-
-    def finish(self, pending: PendingStep) -> StepResult:
-        """Wait for a launched step and read its tokens (the step's one host sync)."""
-        assert pending.token_ids is not None
-        tokens = pending.token_ids.tolist()
-        n = len(tokens)
-        logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
-        if pending.logprobs is not None:
-            lps = pending.logprobs.to_lists([p.logprobs or 0 for p in pending.params])
-            for i, p in enumerate(pending.params):
-                if p.logprobs is not None:
-                    logprobs[i] = [lps[i]]
-        return StepResult([[int(t)] for t in tokens], logprobs)
 
     def sample(self, out: SchedulerOutput, inputs: HostInputs, hidden: torch.Tensor) -> StepResult:
         n = len(out.scheduled)

@@ -52,6 +52,9 @@ class Request:
         self.arrival_time = arrival_time
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
+        # Async scheduling: tokens launched steps will sample, not known on the host yet
+        # (at most two: the step in flight's and the one just scheduled after it).
+        self.num_placeholders = 0
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (first time)
         self.status = RequestStatus.WAITING
@@ -87,7 +90,8 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.all_token_ids)
+        """Tokens known or being sampled: what the scheduler computes up to."""
+        return len(self.all_token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:
@@ -106,7 +110,8 @@ class Request:
         self.output_token_ids.append(token_id)
 
     def check_stop(self, max_model_len: int) -> bool:
-        """After appending a token: set finish_reason if the request is done."""
+        """After appending a token: set finish_reason if the request is done (the known
+        tokens decide: a placeholder behind this token is not counted)."""
         last = self.output_token_ids[-1]
         if self.num_output_tokens >= self.params.min_tokens:
             if last in self.eos_token_ids:
@@ -116,7 +121,7 @@ class Request:
                 self.finish_reason = FinishReason.STOP
                 self.stop_reason = last
                 return True
-        if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+        if self.num_output_tokens >= self.max_tokens or len(self.all_token_ids) >= max_model_len:
             self.finish_reason = FinishReason.LENGTH
             return True
         return False

@@ -41,12 +41,34 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cuda.argmax import argmax_rows
 from ipc.messages import SamplingParams, TokenLogprobs
 from worker.structured import apply_bitmask
 
 GREEDY_EPS = 1e-5  # temperature below this means greedy, as SamplingParams.greedy says
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether `draw` gives this row the raw argmax of its logits and nothing else is asked
+    of the sampler: greedy, no logprobs, no penalties, no min_tokens ban in force (a
+    grammar mask is the caller's to rule out). Such rows can take their token from the
+    decode CUDA graph's own argmax (worker/cuda_graphs.py)."""
+    return (
+        params.temperature < GREEDY_EPS
+        and params.logprobs is None
+        and params.repetition_penalty == 1.0
+        and params.frequency_penalty == 0.0
+        and params.presence_penalty == 0.0
+        and num_output_tokens >= params.min_tokens
+    )
+
+
+def argmax_tokens(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B] each row's argmax over the real vocabulary (columns past it are embedding
+    padding): what `draw` returns when every row is `plain_greedy`."""
+    return argmax_rows(logits[:, :vocab_size])
 
 
 @dataclass
@@ -135,7 +157,7 @@ class Sampler:
         x = self._processed_logits(logits, batch)  # [B, V] float32, ours to modify in place
         greedy = [p.temperature < GREEDY_EPS for p in batch.params]
         if all(greedy):
-            return x.argmax(dim=-1)
+            return argmax_rows(x)  # what argmax_tokens computes: the same kernel
         if any(greedy):
             argmax = x.argmax(dim=-1)  # before _sample rescales and filters x in place
             is_greedy = _host_tensor(greedy, torch.bool, x.device)

@@ -30,15 +30,16 @@ class ScheduledRequest:
     block_table: Sequence[int] = ()  # the request's KV block ids, set once the step is planned
     kv_offset: int = 0  # position - cache index (> 0 once the KV cache is compressed)
     layer_shift: Sequence[int] | None = None  # PyramidKV: per-layer extra index shift
+    # Does this step reach the end of the request's tokens (so it samples)? Fixed when
+    # scheduled: async scheduling adds a placeholder token right after the launch.
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.end >= self.request.num_tokens
 
     @property
     def end(self) -> int:
         return self.start + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Does this step reach the end of the request's known tokens (so it samples)?"""
-        return self.end >= self.request.num_tokens
 
 
 @dataclass
@@ -120,8 +121,13 @@ class Scheduler:
 
         # 1. Running requests, oldest first; preempt from the newest end when out of blocks.
         i = 0
+        num_done = 0  # async scheduling: requests the step in flight finishes for sure
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_placeholders and self._finishes_in_flight(req):
+                num_done += 1  # a sync schedule would not see it: it takes no slot
+                i += 1
+                continue
             num_spec = len(req.spec_token_ids)
             num_new = min(req.num_tokens + num_spec - req.num_computed_tokens, budget)
             num_spec = max(0, min(num_spec, req.num_computed_tokens + num_new - req.num_tokens))
@@ -152,9 +158,11 @@ class Scheduler:
             self.waiting
             and budget > 0
             and not out.preempted
-            and len(self.running) < self.config.max_num_seqs
+            and len(self.running) - num_done < self.config.max_num_seqs
         ):
             req = self.waiting[0]
+            if req.num_placeholders:  # preempted with its token in flight: not yet
+                break
             hits: list[Block] = []
             num_hit_tokens = 0
             if req.num_computed_tokens == 0:
@@ -225,30 +233,56 @@ class Scheduler:
             results.append((req, kept))
         return results
 
-    def schedule_chained(self, prev: SchedulerOutput) -> SchedulerOutput | None:
-        """The decode step after `prev`, scheduled before prev's tokens are known.
-
-        Async scheduling: `prev` (every request decoding one token) is still running; each
-        of its requests will compute, next, the token prev samples for it. Only slots are
-        reserved here; the caller feeds the token ids on the device. None (with nothing
-        preempted) when some request cannot get its next slot: the caller then waits for
-        prev and schedules normally.
-        """
-        out = SchedulerOutput()
-        lookahead = self.config.num_lookahead_tokens
-        for sr in prev.scheduled:
+    # ---- async scheduling: schedule the next step before this one's tokens are known ---------
+    def advance(self, out: SchedulerOutput) -> None:
+        """Account for a step just launched as if it had run: its computed tokens count,
+        and each request that samples holds a placeholder for its token until `resolve`.
+        The next schedule() then plans exactly what a synchronous one would after this
+        step, for requests this step does not finish (vLLM v1's async scheduler)."""
+        for sr in out.scheduled:
             req = sr.request
-            # prev computes position num_computed_tokens; the next step the one after it.
-            if not self.kv.allocate_slots(
-                req,
-                2,
-                num_lookahead_tokens=lookahead,
-                num_tokens_to_cache=req.num_computed_tokens + 1,
-            ):
-                return None  # slots taken so far are the ones the next steps use anyway
-            out.scheduled.append(ScheduledRequest(req, 1, req.num_computed_tokens + 1))
-        out.num_batched_tokens = len(out.scheduled)
-        return self._with_block_tables(out)
+            req.num_computed_tokens = sr.end
+            req.spec_token_ids = []
+            if sr.samples:
+                req.num_placeholders += 1
+
+    def resolve(
+        self, out: SchedulerOutput, new_tokens: list[list[int]]
+    ) -> list[tuple[Request, list[int]]]:
+        """Apply an advanced step's sampled tokens (`update` for async scheduling).
+
+        Each placeholder becomes its token; a request that this token finishes is retired,
+        and whatever the step launched after this one computed for it is dropped later
+        (update() and resolve() skip finished requests). A request preempted since the
+        launch still takes its token: it recomputes it with the rest when readmitted.
+        """
+        results: list[tuple[Request, list[int]]] = []
+        for sr, tokens in zip(out.scheduled, new_tokens, strict=True):
+            req = sr.request
+            if req.is_finished:
+                continue
+            if not sr.samples:
+                results.append((req, []))
+                continue
+            assert len(tokens) == 1 and req.num_placeholders > 0, (req, tokens)
+            req.num_placeholders -= 1
+            req.append_token(tokens[0])
+            if req.check_stop(self.config.max_model_len):
+                req.num_placeholders = 0  # the next step's token for it is void
+                if req.status == RequestStatus.RUNNING:
+                    self.running.remove(req)
+                else:
+                    self.waiting.remove(req)
+                self._finish(req)
+            results.append((req, tokens))
+        return results
+
+    def _finishes_in_flight(self, req: Request) -> bool:
+        """Will the token in flight end `req` by length (known before the token is)?"""
+        return (
+            req.num_output_tokens + req.num_placeholders >= req.max_tokens
+            or req.num_tokens >= self.config.max_model_len
+        )
 
     def _preempt(self, req: Request) -> None:
         """Free everything the request holds; it recomputes from scratch when readmitted."""

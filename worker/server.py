@@ -6,7 +6,7 @@ a socket:
     zmq-io      owns the ROUTER socket: decodes requests and aborts into `inbox`, answers
                 Hello with ModelInfo, forwards encoded frames from zmq-out to gateways
     engine      builds the engine, then loops: drain inbox -> engine.step() -> outbox
-    zmq-out     encodes each step's outputs, one EngineOutputs per gateway, and sends
+    zmq-out     groups each step's outputs, one EngineOutputs per gateway, encodes, sends
                 heartbeats (WorkerStats) to every known gateway every interval
 
     gateway --ROUTER--> zmq-io --inbox--> engine --outbox--> zmq-out --inproc--> zmq-io --> gateway
@@ -84,7 +84,7 @@ class _GatewayGone:
 
 _GONE = _GatewayGone()
 Inbox = queue.Queue[tuple[bytes, EngineRequest | AbortRequests | _GatewayGone]]
-Outbox = queue.SimpleQueue[list[tuple[bytes, EngineOutputs]] | None]
+Outbox = queue.SimpleQueue[list[OwnedOutput] | None]  # a step's outputs, grouped by zmq-out
 
 
 class WorkerServer:
@@ -267,7 +267,7 @@ class WorkerServer:
             if inbox or busy:
                 self._published = (self.stats, taken)
             if outputs:
-                self._outbox.put(self._group_by_gateway(outputs))
+                self._outbox.put(outputs)  # zmq-out groups, encodes and sends them
             self.num_owned = len(engine.request_ids())
 
     def _step(self, engine: Engine) -> list[OwnedOutput]:
@@ -431,7 +431,7 @@ class WorkerServer:
                     batch = []
                 if batch is None:
                     break
-                for ident, outs in batch:
+                for ident, outs in self._group_by_gateway(batch):
                     push.send_multipart([ident, codec.encode(outs)], copy=False)
                 now = time.monotonic()
                 if now >= next_beat:

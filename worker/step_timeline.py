@@ -112,10 +112,14 @@ class StepTimeline:
         self._wrap(r.model, "forward", self._forward(graph=False))
         if r.graph_runner is not None:
             self._wrap(r.graph_runner, "run", self._forward(graph=True))
+            if hasattr(r.graph_runner, "run_greedy"):  # the graph ends in the argmax: the
+                # step's GPU work is all queued when it returns (its token read is `other`)
+                self._wrap(r.graph_runner, "run_greedy", self._greedy)
         self._wrap(r.model, "compute_logits", self._phase("sample"))
         self._wrap(r, "sampler", lambda real: _TimedSampler(real, self._sampler(real)))
         for name in ("sample", "finish"):  # what remains of them is the wait for the tokens
-            self._wrap(r, name, self._read_tokens)
+            if hasattr(r, name):
+                self._wrap(r, name, self._read_tokens)
         if hasattr(r, "build_inputs"):
             self._wrap(r, "build_inputs", self._phase("inputs"))
         else:  # an older runner: the module function it calls
@@ -208,6 +212,18 @@ class StepTimeline:
             return forward
 
         return make
+
+    def _greedy(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        forward = self._forward(graph=True)(real)
+
+        def greedy(*args: Any, **kwargs: Any) -> Any:
+            out = forward(*args, **kwargs)
+            rec = self._cur
+            if rec is not None and self.clock is not None:
+                rec.end = self.clock.mark()
+            return out
+
+        return greedy
 
     def _sampler(self, real: Callable[..., Any]) -> Callable[..., Any]:
         timed = self._phase("sample")(real)

@@ -57,7 +57,7 @@ def test_async_scheduling_equals_sync_with_graphs(tmp_path, stories_path):
     path = tiny_model_hd64(tmp_path, stories_path)
     prompts = prompts_of_different_lengths()
     args = dict(device="cuda", dtype="float16", block_size=16, max_num_seqs=32, max_model_len=512)
-    sync = generate(path, prompts, max_tokens=120, **args)
+    sync = generate(path, prompts, max_tokens=120, async_scheduling=False, **args)
     assert sync.graphs
     asyn = generate(path, prompts, max_tokens=120, async_scheduling=True, **args)
     assert asyn.graphs

@@ -15,6 +15,7 @@ from torch import nn
 
 from worker.attention import AttentionMetadata
 from worker.model_config import ModelConfig
+from worker.models.dense import DenseLinear
 from worker.models.int4_weights import int4_targets
 from worker.models.layers import RotaryEmbedding, quantize_linears
 from worker.models.weights import Target, load_checkpoint, scale_targets
@@ -53,7 +54,7 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([make_layer(i) for i in range(config.num_layers)])
         self.norm = norm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = DenseLinear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

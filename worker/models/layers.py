@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from cuda.fused_ops import add_rms_norm, rotary, silu_and_mul
+from cuda.kv_write_rotary import rotary_write_kv
 from cuda.layer_ops import gelu, layer_norm
 from worker.attention import AttentionBackend, AttentionMetadata, AttentionParams
 from worker.model_config import ModelConfig, UnsupportedModelError
+from worker.models.dense import DenseLinear
 from worker.quant.fp8 import Fp8Linear
 from worker.quant.int4 import Int4Config
 from worker.quant.int4_linear import Int4Linear
@@ -109,6 +111,27 @@ class RotaryEmbedding(nn.Module):
         assert self.cos_sin is not None, "RotaryEmbedding.build() was not called"
         rotary(positions, q, k, self.cos_sin)
 
+    def rotate_and_write(
+        self,
+        positions: torch.Tensor,  # [T]
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [T]
+        k_scale: float,
+        v_scale: float,
+    ) -> bool:
+        """forward(), and on the GPU the step's K/V into the cache in the same launch
+        (cuda/kv_write_rotary.py); returns whether it wrote them. On CPU the backend writes
+        them, as before (test backends may hold no cache at all)."""
+        assert self.cos_sin is not None, "RotaryEmbedding.build() was not called"
+        if not kv_cache.is_cuda:
+            rotary(positions, q, k, self.cos_sin)
+            return False
+        rotary_write_kv(positions, q, k, v, kv_cache, slot_mapping, self.cos_sin, k_scale, v_scale)
+        return True
+
 
 class Attention(nn.Module):
     """Fused q/k/v projection (rows q | k | v), rotary, paged attention, output projection.
@@ -133,10 +156,10 @@ class Attention(nn.Module):
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
         self.sliding_window = sliding_window  # this layer's (config.layer_sliding_window)
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = DenseLinear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.o_proj = DenseLinear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.rotary = rotary
         self.backend = backend
         self.layer_index = -1  # set by number_layers (per-layer KV lengths need it)
@@ -159,11 +182,16 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        self.rotary(positions, q, k)
+        md = md.for_layer(self.layer_index)
+        # Rotates q and k in place; on the GPU also writes K/V to the cache (one launch).
+        written = self.rotary.rotate_and_write(
+            positions, q, k, v, kv_cache, md.slot_mapping, self.k_scale, self.v_scale
+        )
         if md.capture is not None:  # KV compression's window: rotated, as K is cached
             md.capture.layers.append(q.index_select(0, md.capture.rows))
-        md = md.for_layer(self.layer_index)
-        params = AttentionParams(self.scale, self.sliding_window, self.k_scale, self.v_scale)
+        params = AttentionParams(
+            self.scale, self.sliding_window, self.k_scale, self.v_scale, kv_written=written
+        )
         o = self.backend(q, k, v, kv_cache, md, params)  # [T, Hq, D]
         return self.out_reduce(self.o_proj(o.reshape(T, self.q_size)))
 
@@ -180,10 +208,10 @@ class GatedMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(
+        self.gate_up_proj = DenseLinear(
             config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
         )
-        self.down_proj = nn.Linear(
+        self.down_proj = DenseLinear(
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias
         )
         # Tensor parallel: down_proj is row-parallel, as Attention's o_proj.
@@ -191,6 +219,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I]: gate | up
+        fp8_down = getattr(self.down_proj, "forward_silu_mul", None)  # FP8: quant fused in
+        if fp8_down is not None:
+            return self.out_reduce(fp8_down(gate_up))
         return self.out_reduce(self.down_proj(silu_and_mul(gate_up)))
 
 
@@ -200,10 +231,10 @@ class GeluMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.approximate = "none" if config.hidden_act == "gelu" else "tanh"
-        self.dense_h_to_4h = nn.Linear(
+        self.dense_h_to_4h = DenseLinear(
             config.hidden_size, config.intermediate_size, bias=config.mlp_bias
         )
-        self.dense_4h_to_h = nn.Linear(
+        self.dense_4h_to_h = DenseLinear(
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias
         )
 
@@ -227,7 +258,7 @@ def make_linear(
     may be ignored, since one layer has one weight dtype.
     """
     if quant is None:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return DenseLinear(in_features, out_features, bias=bias)
     ignored = [quant.is_ignored(n) for n in hf_names]
     if any(ignored) and not all(ignored):
         raise UnsupportedModelError(
@@ -235,7 +266,7 @@ def make_linear(
             "and must be ignored together or not at all"
         )
     if hf_names and all(ignored):
-        return nn.Linear(in_features, out_features, bias=bias)
+        return DenseLinear(in_features, out_features, bias=bias)
     if isinstance(quant, Int4Config):
         return Int4Linear(in_features, out_features, bias, quant, name)
     return Fp8Linear(in_features, out_features, bias, static_input=quant.activation == "static")

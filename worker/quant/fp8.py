@@ -7,9 +7,9 @@ Weights keep one scale per output channel (a per-tensor checkpoint scale is broa
 its rows, so fused q/k/v or gate/up layers can hold shards with different scales).
 Activations get one scale per token (dynamic), or the checkpoint's static input_scale.
 
-GPU (sm_89+): batches of 1-4 rows (decode at small batch: a weight read) run our FP8
+GPU (sm_89+): batches of 1-8 rows (decode at small batch: a weight read) run our FP8
 GEMV (cuda/fp8_gemv.py: 16-bit activations as they are, weights widened in registers;
-HEADRACE_FP8_GEMV=0 turns it off). Larger ones: torch._scaled_mm (cuBLASLt FP8 tensor
+HEADRACE_FP8_GEMV=old: the first kernel, 1-4 rows; =0 turns it off). Larger ones: torch._scaled_mm (cuBLASLt FP8 tensor
 cores, fp32 accumulate) with row-wise scales, after the activation-quantization kernel
 (cuda/fp8_quant.py). The path is picked once per device by a probe (`gemm_mode`); shapes
 _scaled_mm rejects (K or N not a multiple of 16) dequantize the weight instead.
@@ -19,7 +19,6 @@ CPU: `fp8_linear_ref`, the same math in fp32.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -30,7 +29,6 @@ from cuda.fp8_quant import FP8, FP8_MAX, MIN_SCALE, quantize_per_token, quantize
 log = logging.getLogger(__name__)
 
 _modes: dict[int, str] = {}
-GEMV = os.environ.get("HEADRACE_FP8_GEMV", "1") != "0"
 
 
 class Fp8UnsupportedError(ValueError):
@@ -154,9 +152,7 @@ def _fp8_linear_cuda(
         return torch.nn.functional.linear(x, w, bias)
     if mode == "rowwise":
         xq, xs = quantize_per_token(x, input_scale)
-        y = torch._scaled_mm(
-            xq, weight.t(), scale_a=xs, scale_b=weight_scale.view(1, n), out_dtype=torch.bfloat16
-        )
+        return scaled_mm_rowwise(xq, xs, weight, weight_scale, bias, x.dtype)
     else:  # tensorwise: one scale for the whole activation, weight scales after the GEMM
         if input_scale is None:
             xs = (x.abs().amax().float() / FP8_MAX).clamp(min=MIN_SCALE)
@@ -171,9 +167,51 @@ def _fp8_linear_cuda(
     return y.to(x.dtype)
 
 
+def scaled_mm_rowwise(
+    xq: torch.Tensor,  # [T, K] fp8
+    xs: torch.Tensor,  # [T, 1] fp32
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    n = weight.shape[0]
+    y = torch._scaled_mm(
+        xq, weight.t(), scale_a=xs, scale_b=weight_scale.view(1, n), out_dtype=torch.bfloat16
+    )
+    if bias is not None:
+        y = y + bias
+    return y.to(dtype)
+
+
+def silu_mul_fp8_linear(gate_up: torch.Tensor, layer: Fp8Linear) -> torch.Tensor:
+    """layer(silu_and_mul(gate_up)) for a [T, 2I] gate_up. Where the layer runs the
+    row-wise _scaled_mm (GPU, more rows than the GEMV takes), the activation quantization
+    is fused into the SiLU kernel (cuda/fp8_fused.cu: h is never written in 16 bits);
+    elsewhere (CPU, the GEMV at small batch, HEADRACE_FP8_FUSED=0) the two steps as before."""
+    from cuda import fp8_fused
+    from cuda.fused_ops import silu_and_mul
+
+    w = layer.weight
+    n, k = w.shape
+    fused = (
+        fp8_fused.ENABLED
+        and fp8_fused.kernel_ok(gate_up)
+        and gate_up.shape[1] == 2 * k
+        and not gemv_ok(gate_up[:, :k], w)  # M <= 8: the GEMV reads x unquantized
+        and n % 16 == 0
+        and k % 16 == 0
+        and gemm_mode(gate_up.device) == "rowwise"
+    )
+    if not fused:
+        return layer(silu_and_mul(gate_up))
+    xq, xs = fp8_fused.silu_mul_quant(gate_up, layer.input_scale)
+    return scaled_mm_rowwise(xq, xs, w, layer.weight_scale, layer.bias, gate_up.dtype)
+
+
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """This [M, K] activation runs the GEMV (weight-only math), not _scaled_mm."""
-    return GEMV and gemv_ok(x, weight)
+    return gemv_ok(x, weight)
 
 
 class Fp8Linear(nn.Module):
@@ -201,6 +239,10 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias)
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu_and_mul(gate_up)), the activation quantization fused where it pays."""
+        return silu_mul_fp8_linear(gate_up, self)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fp8 e4m3"

@@ -105,7 +105,7 @@ class DraftProposer:
         # The q = 2 family: the bonus token + the last proposal.
         shapes = GraphShapes(max_num_seqs, self.max_model_len, self.kv.block_size, 1)
         self.graph_runner = capture_graphs(
-            self.model, self.kv_caches, self.dtype, shapes, what="the draft model"
+            self.model, self.kv_caches, self.dtype, shapes, what="the draft model", greedy=False
         )
 
     def release(self) -> None:

@@ -1,0 +1,155 @@
+"""Small-M GEMV for decode-sized linear layers: y = x @ w^T (+ bias), x [M, K] with M <= 8.
+
+    x [M, K] bf16/fp16, w [N, K] (x's dtype), bias [N] or None -> y [M, N]
+
+cuBLAS reaches only 1.2-2.4 TB/s on an H200 for the 8B model's q/k/v and o matrices at
+batch 1 (and adds a split-K reduce kernel); cuda/gemv.cu streams the weight once at copy
+bandwidth with no second kernel. `gemv_ref` is the torch reference.
+
+Which path a linear layer takes (`use_gemv`, pure host logic, tested on CPU):
+
+    HEADRACE_GEMV=cublas   never the GEMV (the previous path: F.linear)
+    HEADRACE_GEMV=all      every call the kernel takes (M <= 8, aligned rows)
+    unset / auto           those calls whose weight is at most GEMV_MAX_WEIGHT_BYTES: the
+                           small matrices where cuBLAS is weak. scripts/bench_gemv.py
+                           measures both on the Llama-3-8B / 70B shapes and prints the
+                           threshold its numbers support.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cuda import compiler
+
+SOURCE_PATH = Path(__file__).with_name("gemv.cu")
+DTYPES = {torch.float16: 1, torch.bfloat16: 2}  # HR_DTYPE in the source
+MAX_ROWS = 8  # largest M the kernel takes
+UNROLL = 2  # chunks per weight row in flight per thread (UNROLL in gemv.cu)
+VEC = 8  # elements per 16-byte chunk
+MAX_THREADS = 256
+KERNELS = tuple(f"gemv_m{m}" for m in range(1, MAX_ROWS + 1))
+# The rule's data: weights up to this size go to the GEMV under HEADRACE_GEMV=auto. 64 MiB
+# covers the 8B model's fused q/k/v (48 MiB) and o (32 MiB), where cuBLAS is weakest.
+GEMV_MAX_WEIGHT_BYTES = 64 * 2**20
+MODES = ("auto", "cublas", "all")
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 products and sums, one rounding to x's dtype (the kernel's math)."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def gemv_mode() -> str:
+    """HEADRACE_GEMV, validated (read per call: tests and benchmarks switch it)."""
+    mode = os.environ.get("HEADRACE_GEMV", "auto") or "auto"
+    if mode not in MODES:
+        raise ValueError(f"HEADRACE_GEMV must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def use_gemv(m: int, n: int, k: int, elem_bytes: int, mode: str) -> bool:
+    """The rule: does an [m, k] x [n, k]^T product go to the GEMV (layouts aside)?"""
+    if mode == "cublas" or not 1 <= m <= MAX_ROWS:
+        return False
+    return mode == "all" or n * k * elem_bytes <= GEMV_MAX_WEIGHT_BYTES
+
+
+def gemv_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Shapes, dtypes and layouts the kernel takes (device aside)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.dtype not in DTYPES or weight.dtype != x.dtype:
+        return False
+    m, k = x.shape
+    n = weight.shape[0]
+    if not (1 <= m <= MAX_ROWS and n >= 1 and k >= VEC and k % VEC == 0 and weight.shape[1] == k):
+        return False
+    if n >= 2**31 or m * n >= 2**31:
+        return False
+    if x.stride(1) != 1 or x.stride(0) % VEC or x.data_ptr() % 16:
+        return False
+    if not weight.is_contiguous() or weight.data_ptr() % 16:
+        return False
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or bias.stride(0) != 1):
+        return False
+    devices = {x.device, weight.device} | ({bias.device} if bias is not None else set())
+    return len(devices) == 1
+
+
+def rows_for(m: int) -> int:
+    """Output features per block for M rows (Rows<M> in gemv.cu)."""
+    return 4 if m <= 4 else 2
+
+
+def threads_for(k: int) -> int:
+    """Block size: enough threads that each has UNROLL chunks of a row, at most 256."""
+    chunks = k // VEC
+    per = -(-chunks // UNROLL)
+    return max(32, min(MAX_THREADS, -(-per // 32) * 32))
+
+
+Launch = tuple[str, tuple[int, ...], int, tuple[object, ...]]
+
+
+def gemv_launch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> Launch:
+    """(kernel, grid, block, args) of one GEMV; out [M, N] with stride(1) == 1."""
+    m, k = x.shape
+    n = weight.shape[0]
+    args = (
+        x.data_ptr(),
+        np.int64(x.stride(0)),
+        weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        np.int64(out.stride(0)),
+        np.int32(n),
+        np.int32(k),
+    )
+    return f"gemv_m{m}", (-(-n // rows_for(m)),), threads_for(k), args
+
+
+def source() -> str:
+    return compiler.read_source(SOURCE_PATH)
+
+
+def module_defines(dtype: torch.dtype) -> dict[str, int | str]:
+    return {"HR_DTYPE": DTYPES[dtype]}
+
+
+def gemv(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+    out: torch.Tensor | None = None,  # [M, N]
+) -> torch.Tensor:
+    """The kernel on CUDA tensors it takes (gemv_supported), else the reference."""
+    if not (x.is_cuda and gemv_supported(x, weight, bias)):
+        y = gemv_ref(x, weight, bias)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    name, grid, block, args = gemv_launch(x, weight, bias, out)
+    mod = compiler.load_module(source(), defines=module_defines(x.dtype), name="gemv")
+    compiler.launch(mod.kernel(name), grid, block, *args)
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, with decode-sized CUDA calls that the rule picks sent to the GEMV."""
+    if (
+        x.is_cuda
+        and x.dim() == 2
+        and use_gemv(x.shape[0], weight.shape[0], x.shape[1], x.element_size(), gemv_mode())
+        and gemv_supported(x, weight, bias)
+    ):
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)

@@ -1,0 +1,80 @@
+"""The fused SiLU-and-mul + FP8 quantization path on the CPU: its reference equals the two
+steps it replaces, the FP8 down_proj hook gives the same output as the unfused layers, and
+the kernel compiles for sm_90 without spills."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from cuda import compiler, fp8_fused
+from cuda.fp8_quant import quantize_per_token_ref
+from cuda.fused_ops import silu_and_mul_ref
+from worker.quant.fp8 import Fp8Linear, quantize_weight_per_channel
+
+
+def test_reference_is_silu_mul_then_quant() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g).to(torch.bfloat16)
+    hq, hs = fp8_fused.silu_mul_quant(x)  # CPU: the reference
+    rq, rs = quantize_per_token_ref(silu_and_mul_ref(x))
+    assert hq.dtype == torch.float8_e4m3fn and hs.shape == (5, 1)
+    assert torch.equal(hq.float(), rq.float()) and torch.equal(hs, rs)
+    static = torch.tensor([0.02])
+    _, ss = fp8_fused.silu_mul_quant(x, static)
+    assert bool((ss == 0.02).all())
+    assert not fp8_fused.kernel_ok(x)  # CPU tensors never take the kernel
+
+
+def test_fp8_down_proj_hook_matches_unfused() -> None:
+    g = torch.Generator().manual_seed(1)
+    k, n = 32, 48
+    layer = Fp8Linear(k, n, bias=True)
+    wq, ws = quantize_weight_per_channel(torch.randn(n, k, generator=g))
+    layer.weight.data, layer.weight_scale.data = wq, ws
+    layer.bias.data = torch.randn(n, generator=g)  # type: ignore[union-attr]
+    gate_up = torch.randn(7, 2 * k, generator=g)
+    want = layer(silu_and_mul_ref(gate_up))
+    torch.testing.assert_close(layer.forward_silu_mul(gate_up), want, rtol=0, atol=0)
+
+
+def test_gated_mlp_calls_the_fp8_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.models.layers import GatedMLP
+
+    class Cfg:
+        hidden_size, intermediate_size, mlp_bias = 16, 32, False
+
+    mlp = GatedMLP(Cfg())  # type: ignore[arg-type]
+    down = Fp8Linear(32, 16, bias=False)
+    wq, ws = quantize_weight_per_channel(torch.randn(16, 32))
+    down.weight.data, down.weight_scale.data = wq, ws
+    mlp.down_proj = down  # type: ignore[assignment]
+    calls: list[tuple[int, ...]] = []
+    real = Fp8Linear.forward_silu_mul
+
+    def spy(self: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return real(self, x)
+
+    monkeypatch.setattr(Fp8Linear, "forward_silu_mul", spy)
+    x = torch.randn(3, 16)
+    y = mlp(x)
+    assert calls == [(3, 64)] and y.shape == (3, 16)
+
+
+@pytest.mark.parametrize("bf16", [1, 0])
+def test_fused_kernel_compiles(bf16: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiler, "CACHE_DIR", tmp_path)
+    cubin, log = compiler.compile_cubin(
+        compiler.read_source(fp8_fused.SOURCE_PATH),
+        arch="sm_90",
+        defines={"HR_BF16": bf16},
+        name="fp8_fused",
+        verbose_ptxas=True,
+    )
+    assert b"silu_mul_quant_fp8" in cubin
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
+    assert spills and not any(spills)
