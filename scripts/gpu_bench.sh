@@ -15,6 +15,9 @@
 # with the split-K GEMV and with HEADRACE_INT4_GEMV=old.
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
+# Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
+# W1 with its timeline, with the persistent input batch and with HEADRACE_INPUT_BATCH=rebuild);
+# hostpath_base (HEADRACE_BASE_TREE=checkout of 3d6250b: its batch-1 timeline, 40 s).
 # Async scheduling (issue 12, overlap): async (tests/gpu/test_gpu_async.py, then W3 offline with 300
 # requests, --no-async-scheduling then the default (async), side by side; <= 280 s in all).
 # Prefill attention (issue 11): prefill (tests/gpu/test_gpu_prefill_attention.py, then old kernel /
@@ -103,6 +106,24 @@ for step in $which; do
            for m in sync async; do flag=""; [ $m = sync ] && flag=--no-async-scheduling; t0=$SECONDS
              timeout $([ $m = sync ] && echo 80 || echo 75) python -m headrace bench throughput --workload W3 --num-requests 300 $flag --output-json "$OUT/w3_$m.json" > "$OUT/w3_$m.log" 2>&1
              echo "W3 300 $m (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/w3_$m.log")"; done ;;
+    # Host path (issue 12): per step kind, host phases / GPU busy / idle gap (worker/step_timeline.py)
+    # at batch 1 and 256, context 1k; then W1 with the persistent input batch and with the old
+    # rebuild-every-step builder, side by side (<= 200 s of timeouts).
+    hostpath)
+      for b in "1 35" "256 85"; do set -- $b; timeout $2 python scripts/timeline_step.py --batch $1 --steps 150 \
+          --out "$OUT/hostpath_timeline_b$1.json" > "$OUT/hostpath_timeline_b$1.log" 2>&1
+        echo "rc $?: $(grep -A3 '^step timeline' "$OUT/hostpath_timeline_b$1.log")"; done
+      for ib in persistent rebuild; do HEADRACE_INPUT_BATCH=$ib timeout 40 python -m headrace bench latency \
+          --profile --no-roofline --output-json "$OUT/hostpath_w1_$ib.json" > "$OUT/hostpath_w1_$ib.log" 2>&1
+        echo "W1 HEADRACE_INPUT_BATCH=$ib (rc $?): $(tail -1 "$OUT/hostpath_w1_$ib.log")"
+        grep -A3 "^step kind" "$OUT/hostpath_w1_$ib.log"; done ;;
+    # The same batch-1 timeline on another checkout (HEADRACE_BASE_TREE=/path/to/3d6250b): the W1
+    # regression's host phases and gap, old beside new (the timeline module is copied in).
+    hostpath_base)
+      cp worker/step_timeline.py "$HEADRACE_BASE_TREE/worker/" && cp scripts/timeline_step.py "$HEADRACE_BASE_TREE/scripts/"
+      (cd "$HEADRACE_BASE_TREE" && PYTHONPATH=. timeout 40 python scripts/timeline_step.py --batch 1 --steps 150 \
+          --out "$OUT/hostpath_base_timeline_b1.json" > "$OUT/hostpath_base_timeline_b1.log" 2>&1)
+      echo "base rc $?: $(grep -A3 '^step timeline' "$OUT/hostpath_base_timeline_b1.log")" ;;
     decode) timeout 90 python -m pytest -m gpu tests/gpu/test_gpu_decode_attention.py -q -p no:cacheprovider --maxfail=10 > "$OUT/gpu_decode_tests.log" 2>&1
             echo "decode tests (rc $?): $(tail -1 "$OUT/gpu_decode_tests.log")"; grep -m5 "^FAILED\|Error" "$OUT/gpu_decode_tests.log"
             timeout 60 python -m headrace bench kernels --fp8 --output-json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.log" 2>&1

@@ -5,7 +5,9 @@
 Runs decode steps of `--batch` requests (dummy Llama-3-8B-shaped weights by default) and
 reports, per step: wall time, GPU kernel time (sum of kernel durations from the torch
 profiler), number of kernels, and the CPU time of schedule / build inputs / model + sample
-/ postprocess. The top kernels by total time go to the JSON file. With
+/ postprocess; and the step timeline (worker/step_timeline.py) of the prefill and warm-up
+steps and of `--steps` decode steps: per step kind, host time by phase, GPU busy time
+between CUDA events, and the idle gap between steps. The top kernels by total time go to the JSON file. With
 `--tensor-parallel-size N` the leader's steps are profiled (its followers run the same),
 and `allreduce_ms_per_step` is the NCCL kernels' share (eager: `--enforce-eager` names
 every kernel; in a CUDA graph the profiler may see only the graph).
@@ -24,6 +26,7 @@ import torch
 from headrace.tp_group import start_engine
 from ipc.messages import EngineRequest, SamplingParams
 from worker.config import EngineConfig
+from worker.step_timeline import StepTimeline, format_summary
 
 
 def main() -> None:
@@ -58,14 +61,21 @@ def main() -> None:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         error = engine.add_request(EngineRequest(f"r{i}", prompt, params))
         assert error is None, error
-    # Prefill, then a few decode steps to warm up.
+    # Prefill, then a few decode steps to warm up (their timeline: prefill and mixed steps).
+    warm = StepTimeline(engine).attach()
     while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running) or (
         engine.scheduler.waiting
     ):
         engine.step()
     for _ in range(5):
         engine.step()
+    warm.detach()
     torch.cuda.synchronize()
+    decode = StepTimeline(engine).attach()
+    for _ in range(args.steps):
+        engine.step()
+    decode.detach()
+    timeline = {"prefill_and_warmup": warm.summary(), "decode": decode.summary()}
 
     phases: dict[str, float] = defaultdict(float)
     graphs = engine.runner.graph_runner
@@ -112,8 +122,11 @@ def main() -> None:
         "tensor_parallel_size": args.tensor_parallel_size,
         "allreduce_ms_per_step": nccl_us / 1000 / args.steps,
         "table": table,
+        "timeline": timeline,
     }
-    print(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
+    for what, summary in timeline.items():
+        print(f"step timeline, {what}:\n{format_summary(summary)}")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("table", "timeline")}, indent=1))
     print(table)
     if args.out:
         with open(args.out, "w") as f:

@@ -106,3 +106,18 @@ def test_hf_batches_halve_on_out_of_memory_and_count_useful_tokens(
     assert r["batch_size"] == 1 and r["oom_retries"] == 1
     assert r["requests"] == 3 and r["useful_output_tokens"] == 14
     assert not r["truncated"]
+
+
+def test_profile_prints_the_step_timeline_and_writes_it_to_the_json(
+    stories_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    _tiny_workload(monkeypatch)
+    args = _args(stories_path, tmp_path, "--workload", "W3", "--num-requests", "3", "--profile")
+    assert offline.throughput_main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("step kind") and lines[-1].startswith("W3: ")
+    timeline = json.loads((tmp_path / "out.json").read_text())["timeline"]
+    assert set(timeline) == {"prefill/eager", "decode/eager"}  # 3 prompts of 8 in one step
+    assert timeline["prefill/eager"]["steps"] == 1 and timeline["prefill/eager"]["tokens"] == 24
+    assert timeline["decode/eager"]["steps"] == 3  # 4 outputs: the first comes with prefill
+    assert timeline["decode/eager"]["gpu_busy_ms"] is None  # CPU: no GPU marks

@@ -329,6 +329,8 @@ class EngineCore:
     def step_with_owners(self) -> list[OwnedOutput]:
         """One step; each output with its request's owner (the worker server routes by it)."""
         self._check_open()
+        if not self.grammars:  # the usual step: no grammar compiling
+            return self._step()
         ready, failed = self.grammars.take_ready(wait=not self.scheduler.has_unfinished_requests())
         for request in ready:
             self.scheduler.add_request(request)

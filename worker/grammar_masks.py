@@ -143,9 +143,11 @@ class StepMasks:
     def prefetch(self, updates: list[tuple[Request, list[int]]]) -> None:
         """Advance matchers over the tokens each request gained and fill their next masks,
         on the mask thread. Costs nothing when no request is constrained."""
+        if self._job is None and self._ready is None and _unconstrained(updates):
+            return  # the common step: nothing to join, nothing prefetched, nothing to start
         self.wait()
         self._ready = None
-        if all(req.grammar is None for req, _ in updates):
+        if _unconstrained(updates):
             return
         accepts = [
             (req.request_id, req.grammar, tokens)
@@ -218,6 +220,9 @@ class StepMasks:
     def bitmask(self, rows: list[tuple[Request, list[int]]]) -> torch.Tensor | None:
         """The step's mask [R, ceil(V / 32)] int32 on the device, 1 + len(proposals) rows per
         entry; None when no row is constrained (nothing to apply)."""
+        if _unconstrained(rows):
+            # No matcher is read: the job in flight (if any) is joined by whoever needs it.
+            return None
         self.wait()
         t0 = time.perf_counter()
         pre = self._ready
@@ -296,3 +301,8 @@ class StepMasks:
             sys.setswitchinterval(self._switch_interval)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+def _unconstrained(rows: list[tuple[Request, list[int]]]) -> bool:
+    """No row's request has a grammar (the usual step)."""
+    return all(req.grammar is None for req, _ in rows)

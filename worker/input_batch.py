@@ -108,14 +108,16 @@ class HostBatch:
         self.max_query_len = max(self.max_query_len, n)
         return row0
 
-    def finish(self) -> HostInputs:
+    def finish(self, block_tables: np.ndarray | None = None) -> HostInputs:
+        """The step's arrays; `block_tables` [B, longest] when the caller keeps them already
+        (worker/persistent_batch.py), else packed from each request's table."""
         return HostInputs(
             input_ids=np.asarray(self.ids, dtype=np.int64),
             positions=np.asarray(self.pos, dtype=np.int64),
             slot_mapping=np.asarray(self.slots, dtype=np.int64),
             query_start_loc=np.asarray(self.qsl, dtype=np.int32),
             seq_lens=np.asarray(self.seq_lens, dtype=np.int32),
-            block_tables=pack_block_tables(self.tables),
+            block_tables=pack_block_tables(self.tables) if block_tables is None else block_tables,
             max_query_len=self.max_query_len,
             max_seq_len=max(self.seq_lens, default=0),
             sample_rows=self.sample_rows,
@@ -126,8 +128,9 @@ class HostBatch:
         )
 
 
-def build_host_inputs(out: SchedulerOutput) -> HostInputs:
-    """The flat batch of a scheduled step; block tables come with the schedule."""
+def build_host_inputs(out: SchedulerOutput, block_tables: np.ndarray | None = None) -> HostInputs:
+    """The flat batch of a scheduled step, every row rebuilt; block tables come with the
+    schedule (or, packed already, as `block_tables`: see worker/persistent_batch.py)."""
     batch = HostBatch(out.block_size)
     for i, sr in enumerate(out.scheduled):
         req = sr.request
@@ -157,15 +160,14 @@ def build_host_inputs(out: SchedulerOutput) -> HostInputs:
             rows = list(range(row0, row0 + hi - sr.start))
             targets = req.prompt_token_ids[sr.start + 1 : hi + 1]
             batch.prompt_logprobs.append(PromptLogprobsJob(i, rows, targets))
-    host = batch.finish()
-    _add_layer_inputs(host, out)
+    host = batch.finish(block_tables)
+    add_layer_inputs(host, out)
     return host
 
 
-def _add_layer_inputs(host: HostInputs, out: SchedulerOutput) -> None:
+def add_layer_inputs(host: HostInputs, out: SchedulerOutput) -> None:
     """PyramidKV: each layer's own seq_lens and slots, when some request needs them."""
-    shifts = [sr.layer_shift for sr in out.scheduled]
-    first = next((s for s in shifts if s is not None), None)
+    first = next((sr.layer_shift for sr in out.scheduled if sr.layer_shift is not None), None)
     if first is None:
         return
     qsl = host.query_start_loc

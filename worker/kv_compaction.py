@@ -201,10 +201,13 @@ class KVCompressor:
         those sure to finish with this step's token: their blocks are about to go)."""
         ending = [
             sr
-            for sr in self.prefills_ending(out)
-            if sr.request.num_output_tokens + 1 < sr.request.max_tokens
-        ]
-        self.compress(ending, kv, kv_caches)
+            for sr in out.scheduled
+            if sr.request.kv_compression_pending
+            and sr.samples
+            and sr.request.num_output_tokens + 1 < sr.request.max_tokens
+        ]  # prefills_ending's test, inline: this runs every step
+        if ending:
+            self.compress(ending, kv, kv_caches)
 
     @staticmethod
     def prefills_ending(out: SchedulerOutput) -> list[ScheduledRequest]:

@@ -18,11 +18,12 @@ import torch
 from ipc.messages import TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
 from worker.grammar_masks import StepMasks
-from worker.input_batch import HostInputs, build_host_inputs, take_rows, to_device
+from worker.input_batch import HostInputs, take_rows, to_device
 from worker.kv_compaction import KVCompressor
 from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.models.layers import Attention
+from worker.persistent_batch import InputBuilder, make_input_builder
 from worker.sampler import Sampler, SamplingBatch, compute_logprobs, plain_greedy
 from worker.scheduler import ScheduledRequest, SchedulerOutput
 from worker.spec_decode.verify import verify
@@ -88,6 +89,9 @@ class ModelRunner:
         )
         # Structured output: each step's grammar masks, filled while the forward runs.
         self.masks = StepMasks(model_config.vocab_size, device)
+        # Step inputs: the persistent input batch, or every row rebuilt each step
+        # (HEADRACE_INPUT_BATCH=rebuild; worker/persistent_batch.py).
+        self.build_inputs: InputBuilder = make_input_builder()
         # Tensor-parallel leader: publishes each forward to the followers before running
         # it (worker/parallel/leader.py); returns the input ids every rank then uses.
         self.step_hook: StepHook | None = None
@@ -126,7 +130,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        host = build_host_inputs(out)
+        host = self.build_inputs(out)
         token_ids = self.greedy_step(out, host)
         if token_ids is not None:
             tokens = token_ids.tolist()  # the step's one host sync

@@ -24,6 +24,7 @@ from typing import Any
 from headrace.engine_args import add_engine_args, engine_config_from_args
 from ipc.messages import EngineRequest, GuidedDecoding, SamplingParams
 from worker.config import EngineConfig
+from worker.step_timeline import StepTimeline, format_summary
 
 
 @dataclass
@@ -78,6 +79,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="seconds for the HF baseline's batches (a batch is cut short at the limit)",
     )
     p.add_argument("--no-roofline", action="store_true")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a step timeline of the run: per step kind, host time by phase, GPU busy "
+        "time and the idle gap between steps (worker/step_timeline.py)",
+    )
     p.add_argument("--output-json", default=None)
 
 
@@ -279,11 +286,16 @@ def _bench_engine(
         result["num_kv_blocks"] = engine.kv.num_blocks
         # Warm-up: one short request through every path (prefill, decode, graphs).
         run_engine(engine, Workload("warmup", [64], [16]), args.workload_seed, progress=False)
+        timeline = StepTimeline(engine).attach() if getattr(args, "profile", False) else None
         runs = [
             run_engine(engine, w, args.workload_seed, progress=True)
             for _ in range(2 if w.name == "W1" else 1)
         ]
         result["headrace"] = runs
+        if timeline is not None:
+            timeline.detach()
+            result["timeline"] = timeline.summary()
+            print(format_summary(result["timeline"]), flush=True)
         if torch.cuda.is_available() and not args.no_roofline:
             ctx = (w.prompt_lens[0] + w.output_lens[0] // 2) if w.name == "W1" else 0
             result["roofline"] = roofline(engine, measure_copy_bandwidth(), ctx)
