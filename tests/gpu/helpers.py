@@ -73,6 +73,8 @@ def constrained_generation(stories_path, device: str, **engine_args: Any) -> lis
         SamplingParams(temperature=0, max_tokens=16),
         SamplingParams(temperature=0, max_tokens=64, guided=guided),
     ]
+    if device == "cuda":  # a fixed KV size: other test processes share the card
+        engine_args.setdefault("kv_cache_memory_gb", 1.0)
     llm = LLM(str(stories_path), device=device, dtype="float32", max_num_seqs=8, **engine_args)
     outs = [o.outputs[0] for o in llm.generate(prompts, params)]
     for o, p in zip(outs, params, strict=True):

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import torch
 
-from tests.gpu.helpers import generate, tiny_model_hd64
+from tests.gpu.helpers import generate
 from tests.test_golden import check_logprobs_close, prompts_of_different_lengths
+from tests.tiny_models import tiny_model_hd64
 
 pytestmark = pytest.mark.gpu
 
