@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -24,47 +22,10 @@ import torch
 from cuda.kv_write import write_kv
 from cuda.paged_attention import AttentionMetadata, AttentionParams, paged_attention
 from cuda.paged_attention_kernels import decode_splits
+from headrace.bench.gpu_timing import copy_bandwidth, graphed, time_op
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
-
-
-def time_op(fn: Callable[[], object], iters: int = 20, flush_mb: int = 256) -> float:
-    """Median seconds of fn() over iters runs, L2 flushed before each."""
-    flush = torch.empty(flush_mb << 20, dtype=torch.uint8, device="cuda")
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    """fn captured in a CUDA graph: replays time the kernels, not Python's launch cost."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
-def copy_bandwidth() -> float:
-    n = 1 << 30  # 1 GiB each way: 2 GiB moved
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = time_op(lambda: dst.copy_(src), iters=10, flush_mb=64)
-    return 2 * n / t
 
 
 PARAMS = AttentionParams(D**-0.5)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from cuda import prefill_attention as pa
 from cuda.paged_attention import AttentionMetadata, AttentionParams
 from cuda.paged_attention_kernels import paged_attention_cuda
+from headrace.bench import gpu_timing
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 # (batch, q_len, ctx): causal whole prompts, then a chunked-prefill batch (no SDPA twin)
@@ -30,21 +30,9 @@ SHAPES = ((1, 2048, 2048), (1, 4096, 4096), (1, 8192, 8192), (1, 16384, 16384), 
 CHUNKED = ((8, 512, 4096),)
 
 
-def time_op(fn: Callable[[], object], iters: int = 10, flush_mb: int = 256) -> float:
-    """Median seconds of fn() over iters runs, L2 flushed before each."""
-    flush = torch.empty(flush_mb << 20, dtype=torch.uint8, device="cuda")
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+def time_op(fn: Callable[[], object], iters: int = 10) -> float:
+    """Median seconds over iters runs, L2 flushed before each (two warm-up runs)."""
+    return gpu_timing.time_op(fn, iters, warmup=2)
 
 
 def paged_batch(

@@ -16,10 +16,10 @@ import importlib.util
 import inspect
 import json
 import os
-import statistics
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from headrace.bench.gpu_timing import copy_bandwidth, graphed, time_op
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 CELLS = ((64, 1024), (64, 4096), (64, 16384), (8, 16384))
@@ -32,49 +32,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=20, help="timed replays per cell (median)")
     p.add_argument("--fp8", action="store_true", help="also FP8 KV cache cells")
     p.add_argument("--no-prefill", action="store_true", help="decode rows only")
-
-
-def time_op(fn: Callable[[], object], iters: int = 20, flush_mb: int = 256) -> float:
-    """Median seconds of fn() over iters runs, L2 flushed before each."""
-    import torch
-
-    flush = torch.empty(flush_mb << 20, dtype=torch.uint8, device="cuda")
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    """fn captured in a CUDA graph: replays time the kernels, not Python's launch cost."""
-    import torch
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
-def copy_bandwidth() -> float:
-    import torch
-
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * n / time_op(lambda: dst.copy_(src), iters=10, flush_mb=64)
 
 
 def decode_cell(batch: int, ctx: int, fp8: bool, iters: int, copy_bw: float) -> dict[str, Any]:
