@@ -11,6 +11,7 @@ written with per-layer scales k_scale / v_scale.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
     "AttentionParams",
+    "PagedBackend",
     "QueryCapture",
     "TorchAttention",
 ]
@@ -40,11 +42,9 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...  # [T, Hq, D]
 
 
-class TorchAttention:
-    """What runs on CPU: the reference K/V write, then SDPA per request (linear memory in the
-    context length, unlike the einsum reference the CUDA kernels are tested against)."""
-
-    name = "torch"
+class PagedBackend:
+    """A backend in two parts: write the step's K/V into the cache (unless the layer's fused
+    rotary + KV write did it: `params.kv_written`), then attend over the cache."""
 
     def __call__(
         self,
@@ -56,5 +56,35 @@ class TorchAttention:
         params: AttentionParams,
     ) -> torch.Tensor:
         if not params.kv_written:
-            write_kv_ref(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
+            self.write_kv(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
+        return self.attend(q, kv_cache, md, params)
+
+    # (k, v, kv_cache, slot_mapping, k_scale, v_scale) -> None: the cache write
+    write_kv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float], None]
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+        params: AttentionParams,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchAttention(PagedBackend):
+    """What runs on CPU: the reference K/V write, then SDPA per request (linear memory in the
+    context length, unlike the einsum reference the CUDA kernels are tested against)."""
+
+    name = "torch"
+
+    write_kv = staticmethod(write_kv_ref)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+        params: AttentionParams,
+    ) -> torch.Tensor:
         return paged_attention_sdpa(q, kv_cache, md, params)

@@ -16,12 +16,12 @@ import torch
 
 from cuda.kv_write_kernel import write_kv_cuda
 from cuda.prefill_attention import attention_cuda, choice_from_env
-from worker.attention import AttentionMetadata, AttentionParams
+from worker.attention import AttentionMetadata, AttentionParams, PagedBackend
 
 log = logging.getLogger(__name__)
 
 
-class CudaAttention:
+class CudaAttention(PagedBackend):
     name = "cuda"
 
     def __init__(self) -> None:
@@ -32,17 +32,15 @@ class CudaAttention:
         # HEADRACE_PREFILL_KERNEL=old (or a tile configuration name, see that module).
         self.prefill_kernel = choice_from_env()
 
-    def __call__(
+    write_kv = staticmethod(write_kv_cuda)
+
+    def attend(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
         params: AttentionParams,
     ) -> torch.Tensor:
-        if not params.kv_written:
-            write_kv_cuda(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
         out = torch.empty_like(q)
         workspace = self._workspace(q, md)
         return attention_cuda(q, kv_cache, md, params, out, workspace, self.prefill_kernel)
