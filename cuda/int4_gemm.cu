@@ -16,25 +16,7 @@
 //   fp32 rounding. Nibbles become floats through the 0x6400 (1024.0 in fp16) trick: exact.
 // dequant: W -> [N, K] in the activation dtype, for prefill GEMMs through cuBLAS.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-
-#ifndef HR_BF16
-#define HR_BF16 1
-#endif
-
-#if HR_BF16
-typedef __nv_bfloat16 elem_t;
-typedef __nv_bfloat162 elem2_t;
-__device__ __forceinline__ float2 to_f2(elem2_t v) { return __bfloat1622float2(v); }
-__device__ __forceinline__ elem_t from_f(float a) { return __float2bfloat16(a); }
-#else
-typedef __half elem_t;
-typedef __half2 elem2_t;
-__device__ __forceinline__ float2 to_f2(elem2_t v) { return __half22float2(v); }
-__device__ __forceinline__ elem_t from_f(float a) { return __float2half(a); }
-#endif
+#include "elem2_type.cuh"  // elem_t, elem2_t, to_f2, from_f for HR_BF16
 
 constexpr int WARP = 32;
 constexpr int WARPS = 4;          // warps per block

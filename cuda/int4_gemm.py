@@ -136,7 +136,7 @@ def int4_linear_ref(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 def source() -> str:
     global _source
     if _source is None:
-        _source = SOURCE_PATH.read_text()
+        _source = compiler.read_source(SOURCE_PATH)  # pastes elem2_type.cuh
     return _source
 
 

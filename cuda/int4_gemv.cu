@@ -22,24 +22,7 @@
 // channel tile to finish (a per-tile counter) sums them in split order, deterministically,
 // writes y, and resets the counter for the next launch (CUDA graphs replay it as is).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#ifndef HR_BF16
-#define HR_BF16 1
-#endif
-
-#if HR_BF16
-typedef __nv_bfloat16 sk_elem_t;
-typedef __nv_bfloat162 sk_elem2_t;
-__device__ __forceinline__ float2 sk_to_f2(sk_elem2_t v) { return __bfloat1622float2(v); }
-__device__ __forceinline__ sk_elem_t sk_from_f(float a) { return __float2bfloat16(a); }
-#else
-typedef __half sk_elem_t;
-typedef __half2 sk_elem2_t;
-__device__ __forceinline__ float2 sk_to_f2(sk_elem2_t v) { return __half22float2(v); }
-__device__ __forceinline__ sk_elem_t sk_from_f(float a) { return __float2half(a); }
-#endif
+#include "elem2_type.cuh"  // elem_t, elem2_t, to_f2, from_f for HR_BF16
 
 constexpr int SK_WARPS = 8;
 constexpr int SK_THREADS = 256;  // SK_WARPS x 32
@@ -76,7 +59,7 @@ __device__ __forceinline__ unsigned int word_of(const uint4& v, int i) {
 // Shared memory: xs float4 [M][8 quads][nc] (quad q of chunk c = inputs 4q .. 4q + 3;
 // lanes read consecutive chunks: conflict-free), then cx float2 [M][nc] = (C, X).
 // One thread per (m, chunk): fixed summation order, so results are deterministic.
-__device__ __forceinline__ void stage_x(const sk_elem_t* __restrict__ x, long long x_stride, int Mr,
+__device__ __forceinline__ void stage_x(const elem_t* __restrict__ x, long long x_stride, int Mr,
                                         int c_lo, int nc, float4* xs, float2* cx) {
     for (int i = threadIdx.x; i < Mr * nc; i += SK_THREADS) {
         const int m = i / nc, c = i % nc;
@@ -85,11 +68,11 @@ __device__ __forceinline__ void stage_x(const sk_elem_t* __restrict__ x, long lo
 #pragma unroll
         for (int h = 0; h < 4; ++h) {  // 8 inputs = one word's worth
             const uint4 u = __ldg(src + h);
-            const sk_elem2_t* e = reinterpret_cast<const sk_elem2_t*>(&u);
+            const elem2_t* e = reinterpret_cast<const elem2_t*>(&u);
             float f[8];
 #pragma unroll
             for (int p = 0; p < 4; ++p) {
-                const float2 v = sk_to_f2(e[p]);
+                const float2 v = to_f2(e[p]);
                 f[2 * p] = v.x;
                 f[2 * p + 1] = v.y * 16.f;  // odd inputs: the 2^-11 nibble position
                 X += v.x + v.y;
@@ -104,9 +87,9 @@ __device__ __forceinline__ void stage_x(const sk_elem_t* __restrict__ x, long lo
 }
 
 #define HR_SK_ARGS                                                                              \
-    const sk_elem_t *__restrict__ x, long long x_stride, const uint4 *__restrict__ qw,          \
+    const elem_t *__restrict__ x, long long x_stride, const uint4 *__restrict__ qw,          \
         const __half *__restrict__ scales, const unsigned char *__restrict__ zeros,             \
-        sk_elem_t *__restrict__ y, long long y_stride, int N, int K, int group_size, int Mr,     \
+        elem_t *__restrict__ y, long long y_stride, int N, int K, int group_size, int Mr,     \
         int chunks_per_split, float *__restrict__ part, int *__restrict__ counters
 #define HR_SK_PASS \
     x, x_stride, qw, scales, zeros, y, y_stride, N, K, group_size, Mr, chunks_per_split, part, counters
@@ -140,7 +123,7 @@ __device__ __forceinline__ void finish(float (&acc)[M][ROWS], HR_SK_ARGS) {
         for (int k = 0; k < WK; ++k) v += red[wr * WK + k][r * M + m];
     }
     if (splits == 1) {
-        if (mine) y[m * y_stride + n] = sk_from_f(v);
+        if (mine) y[m * y_stride + n] = from_f(v);
         return;
     }
     if (mine) part[((long long)blockIdx.y * Mr + m) * N + n] = v;
@@ -153,7 +136,7 @@ __device__ __forceinline__ void finish(float (&acc)[M][ROWS], HR_SK_ARGS) {
     if (mine) {
         float s = 0.f;
         for (int i = 0; i < splits; ++i) s += __ldcg(part + ((long long)i * Mr + m) * N + n);
-        y[m * y_stride + n] = sk_from_f(s);
+        y[m * y_stride + n] = from_f(s);
     }
     if (t == 0) counters[blockIdx.x] = 0;
 }

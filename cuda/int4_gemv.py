@@ -142,7 +142,7 @@ def choose(
 def source() -> str:
     global _source
     if _source is None:
-        _source = SOURCE_PATH.read_text()
+        _source = compiler.read_source(SOURCE_PATH)  # pastes elem2_type.cuh
     return _source
 
 
