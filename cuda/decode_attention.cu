@@ -71,6 +71,7 @@ constexpr int MT = D / 16;                 // k-steps of Q K^T, m-tiles of O^T
 constexpr int SMEM_BYTES = 48 * 1024;      // static shared memory limit of a block
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+#include "split_merge.cuh"  // merged_split_output: the splits' merge
 
 // Splits used by one request: visible keys [first, seq_len) with first = the window start
 // rounded down to a tile, cut into at most max_splits splits of >= min_chunk tokens, each a
@@ -439,16 +440,8 @@ extern "C" __global__ void __launch_bounds__(D) decode_tc_merge(
     split_range(seq_len, window, max_splits, min_chunk, lo, first, nsplit, chunk);
     if (nsplit <= 1) return;
     const long long ph = ((long long)r * gridDim.x + h) * max_splits;
-    float mx = neg_inf();
-    for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, part_lse[ph + s]);
-    const float base = mx == neg_inf() ? 0.f : mx;
-    float L = 0.f, O = 0.f;
     const int d = threadIdx.x;
-    for (int s = 0; s < nsplit; ++s) {
-        const float w = exp2f(part_lse[ph + s] - base);  // -inf (empty split) -> 0
-        L += w;
-        O = fmaf(w, part_o[(ph + s) * D + d], O);
-    }
     const int qrow = qs + q_len - 1;
-    out[(long long)qrow * out_stride + (long long)h * D + d] = f_to_e(L > 0.f ? O / L : 0.f);
+    out[(long long)qrow * out_stride + (long long)h * D + d] =
+        f_to_e(merged_split_output(part_lse, part_o, ph, nsplit, d));
 }

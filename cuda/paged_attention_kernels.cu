@@ -54,6 +54,7 @@ constexpr int D = HR_HEAD_DIM;
 constexpr int MIN_CHUNK = 128;  // tokens: smallest flash-decoding split worth a block
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+#include "split_merge.cuh"  // merged_split_output: the splits' merge
 
 // Splits used by one request: at most max_splits, none shorter than MIN_CHUNK.
 // decode and merge_splits must agree, so both call this.
@@ -362,18 +363,10 @@ extern "C" __global__ void __launch_bounds__(D) merge_splits(
     split_range(seq_len - lo, max_splits, nsplit, chunk);
     if (nsplit <= 1) return;
     const long long ph = ((long long)r * gridDim.x + h) * max_splits;
-    float mx = neg_inf();
-    for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, part_lse[ph + s]);
-    const float base = mx == neg_inf() ? 0.f : mx;
-    float L = 0.f, O = 0.f;
     const int d = threadIdx.x;
-    for (int s = 0; s < nsplit; ++s) {
-        const float w = exp2f(part_lse[ph + s] - base);  // -inf (empty split) -> 0
-        L += w;
-        O = fmaf(w, part_o[(ph + s) * D + d], O);
-    }
     const int qrow = qs + q_len - 1;
-    out[(long long)qrow * out_stride + (long long)h * D + d] = from_f(L > 0.f ? O / L : 0.f);
+    out[(long long)qrow * out_stride + (long long)h * D + d] =
+        from_f(merged_split_output(part_lse, part_o, ph, nsplit, d));
 }
 
 // ------------------------------------------------------------------------------------------
