@@ -72,6 +72,7 @@ constexpr int SMEM_BYTES = 48 * 1024;      // static shared memory limit of a bl
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 #include "split_merge.cuh"  // merged_split_output: the splits' merge
+#include "decode_block.cuh"  // decode_block: a block's split, heads and request
 
 // Splits used by one request: visible keys [first, seq_len) with first = the window start
 // rounded down to a tile, cut into at most max_splits splits of >= min_chunk tokens, each a
@@ -244,15 +245,9 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     static_assert(WARPS * GQ * (D + 2) * 4 <= WARPS * STAGES * STAGE, "combine scratch");
     __shared__ __align__(16) unsigned char smem[WARPS * STAGES * STAGE];
 
-    const int split = blockIdx.x;
-    const int hc = (group + GQ - 1) / GQ;
-    const int kvh = blockIdx.y / hc;
-    const int g0 = (blockIdx.y % hc) * GQ;
-    const int gcount = min(GQ, group - g0);
-    const int r = blockIdx.z;
-    const int qs = query_start_loc[r];
-    const int q_len = query_start_loc[r + 1] - qs;
-    const int seq_len = seq_lens[r];
+    const DecodeBlock blk = decode_block<GQ>(group, query_start_loc, seq_lens);
+    const int split = blk.split, kvh = blk.kvh, g0 = blk.g0, gcount = blk.gcount;
+    const int r = blk.r, qs = blk.qs, q_len = blk.q_len, seq_len = blk.seq_len;
     if (q_len <= 0 || seq_len <= 0) return;
     int lo, first, nsplit, chunk;
     split_range(seq_len, window, gridDim.x, min_chunk, lo, first, nsplit, chunk);

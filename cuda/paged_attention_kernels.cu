@@ -55,6 +55,7 @@ constexpr int MIN_CHUNK = 128;  // tokens: smallest flash-decoding split worth a
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 #include "split_merge.cuh"  // merged_split_output: the splits' merge
+#include "decode_block.cuh"  // decode_block: a block's split, heads and request
 
 // Splits used by one request: at most max_splits, none shorter than MIN_CHUNK.
 // decode and merge_splits must agree, so both call this.
@@ -135,15 +136,9 @@ __device__ __forceinline__ void decode_impl(
     __shared__ __align__(16) float sm_acc[RPP][GQ][D];
 
     const int max_splits = gridDim.x;
-    const int split = blockIdx.x;
-    const int hc = (group + GQ - 1) / GQ;
-    const int kvh = blockIdx.y / hc;
-    const int g0 = (blockIdx.y % hc) * GQ;
-    const int gcount = min(GQ, group - g0);
-    const int r = blockIdx.z;
-    const int qs = query_start_loc[r];
-    const int q_len = query_start_loc[r + 1] - qs;
-    const int seq_len = seq_lens[r];
+    const DecodeBlock blk = decode_block<GQ>(group, query_start_loc, seq_lens);
+    const int split = blk.split, kvh = blk.kvh, g0 = blk.g0, gcount = blk.gcount;
+    const int r = blk.r, qs = blk.qs, q_len = blk.q_len, seq_len = blk.seq_len;
     if (q_len <= 0 || seq_len <= 0) return;
     const int lo = window > 0 ? max(0, seq_len - window) : 0;  // first visible key
     int nsplit, chunk;
