@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Callable
 
 import torch
 
 from cuda import fp8_gemv as g
 from cuda.fp8_quant import quantize_per_token
+from headrace.bench import gpu_timing
 from worker.quant.fp8 import quantize_weight_per_channel
 
 SHAPES = {  # name: (N, K)
@@ -34,26 +36,11 @@ SHAPES = {  # name: (N, K)
 
 def timed(fn: Callable[[], object], iters: int = 40) -> float:
     """Mean seconds per call, L2 flushed before each call (weights come from HBM)."""
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    for _ in range(3):
-        fn()
-    total = 0.0
-    for _ in range(iters):
-        flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        total += s.elapsed_time(e) / 1e3
-    return total / iters
+    return gpu_timing.time_op(fn, iters, reduce=statistics.fmean)
 
 
 def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = timed(lambda: b.copy_(a), 10)
-    return 2 * a.numel() / t
+    return gpu_timing.copy_bandwidth()
 
 
 def scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:

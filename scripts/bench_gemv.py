@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Callable
 from functools import partial
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cuda import gemv
+from headrace.bench import gpu_timing
 
 SHAPES = {  # name: (N, K)
     "8b.qkv": (6144, 4096),
@@ -38,25 +40,11 @@ ROWS = (1, 2, 4, 8)
 
 def timed(fn: Callable[[], object], iters: int) -> float:
     """Mean seconds per call, L2 flushed before each (the weight comes from HBM)."""
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    for _ in range(3):
-        fn()
-    total = 0.0
-    for _ in range(iters):
-        flush.zero_()  # also keeps the GPU busy while the timed call is queued
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        total += s.elapsed_time(e) / 1e3
-    return total / iters
+    return gpu_timing.time_op(fn, iters, reduce=statistics.fmean)
 
 
 def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * a.numel() / timed(lambda: b.copy_(a), 10)
+    return gpu_timing.copy_bandwidth()
 
 
 def suggest_threshold(rows: list[dict]) -> int:

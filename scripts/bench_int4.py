@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Callable
 
 import torch
 
 from cuda import int4_gemm as ig
 from cuda import int4_gemv as sk
+from headrace.bench import gpu_timing
 
 DEVICE = "cuda"  # tests/test_bench_int4.py runs the script's logic on CPU
 SHAPES = {  # name: (N, K)
@@ -31,26 +33,11 @@ SHAPES = {  # name: (N, K)
 
 def timed(fn: Callable[[], object], iters: int = 50) -> float:
     """Mean seconds per call, L2 flushed before each call (weights come from HBM)."""
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
-    for _ in range(3):
-        fn()
-    total = 0.0
-    for _ in range(iters):
-        flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        total += s.elapsed_time(e) / 1e3
-    return total / iters
+    return gpu_timing.time_op(fn, iters, reduce=statistics.fmean)
 
 
 def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    b = torch.empty_like(a)
-    t = timed(lambda: b.copy_(a), 10)
-    return 2 * a.numel() / t
+    return gpu_timing.copy_bandwidth()
 
 
 def random_weight(n: int, k: int, group_size: int) -> ig.Int4Weight:

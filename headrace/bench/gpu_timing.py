@@ -9,9 +9,13 @@ from collections.abc import Callable
 
 
 def time_op(
-    fn: Callable[[], object], iters: int = 20, flush_mb: int = 256, warmup: int = 3
+    fn: Callable[[], object],
+    iters: int = 20,
+    flush_mb: int = 256,
+    warmup: int = 3,
+    reduce: Callable[[list[float]], float] = statistics.median,
 ) -> float:
-    """Median seconds of fn() over iters runs, L2 flushed before each."""
+    """Seconds of fn() over iters runs (their median, or `reduce`), L2 flushed before each."""
     import torch
 
     flush = torch.empty(flush_mb << 20, dtype=torch.uint8, device="cuda")
@@ -26,7 +30,7 @@ def time_op(
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return reduce(times)
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], object]:
