@@ -208,21 +208,33 @@ def rotary_launch(
     """rotary; positions int64 and contiguous. Rotates the first cos_sin.shape[1] dims."""
     num_tokens, hq = q.shape[:2]
     half = cos_sin.shape[1] // 2
-    args = (
+    args = (*rotary_qk_args(positions, q, k), *rotary_table_args(cos_sin))
+    return "rotary", (num_tokens, hq + k.shape[1]), _warp_round(half), args
+
+
+def rotary_qk_args(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """The leading arguments of the rotary kernels (rotary, rotary_kv_write): positions,
+    then q and k with their token and head strides."""
+    return (
         positions.data_ptr(),
         q.data_ptr(),
         np.int64(q.stride(0)),
         np.int64(q.stride(1)),
-        np.int32(hq),
+        np.int32(q.shape[1]),
         k.data_ptr(),
         np.int64(k.stride(0)),
         np.int64(k.stride(1)),
+    )
+
+
+def rotary_table_args(cos_sin: torch.Tensor) -> tuple:
+    """The trailing arguments of the rotary kernels: the cos | sin table and half its width."""
+    return (
         cos_sin.data_ptr(),
         np.int64(cos_sin.stride(0)),
         np.int64(cos_sin.shape[0]),
-        np.int32(half),
+        np.int32(cos_sin.shape[1] // 2),
     )
-    return "rotary", (num_tokens, hq + k.shape[1]), _warp_round(half), args
 
 
 def silu_launch(name: str, x: torch.Tensor, out: torch.Tensor) -> Launch:

@@ -77,14 +77,7 @@ def fused_launch(
     half = cos_sin.shape[1] // 2
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     args = (
-        positions.data_ptr(),
-        q.data_ptr(),
-        np.int64(q.stride(0)),
-        np.int64(q.stride(1)),
-        np.int32(hq),
-        k.data_ptr(),
-        np.int64(k.stride(0)),
-        np.int64(k.stride(1)),
+        *fused_ops.rotary_qk_args(positions, q, k),
         v.data_ptr(),
         np.int64(v.stride(0)),
         np.int64(v.stride(1)),
@@ -93,10 +86,7 @@ def fused_launch(
         slot_mapping.data_ptr(),
         np.int32(hkv),
         np.int32(head_dim),
-        cos_sin.data_ptr(),
-        np.int64(cos_sin.stride(0)),
-        np.int64(cos_sin.shape[0]),
-        np.int32(half),
+        *fused_ops.rotary_table_args(cos_sin),
     )
     block = max(32, (half + 31) // 32 * 32)
     return "rotary_kv_write", (num_tokens, hq + hkv), block, args
