@@ -137,10 +137,14 @@ def test_graph_runner_release_destroys_graphs_and_drops_outputs() -> None:
     out = torch.zeros(4)
     out_ref = weakref.ref(out)
     runner.outputs = {(1, 1): out}
+    greedy = {2: _FakeGraph()}  # the decode graphs that end in the argmax
+    runner.greedy_graphs = greedy  # type: ignore[assignment]
+    runner.greedy_outputs = {2: torch.zeros(2, dtype=torch.int64)}
     kv = [torch.zeros(2)]
     runner.kv_caches = kv
     del out
     runner.release()
-    assert all(g.was_reset for g in graphs.values())
+    assert all(g.was_reset for g in [*graphs.values(), *greedy.values()])
     assert runner.graphs == {} and runner.outputs == {} and runner.kv_caches == []
+    assert runner.greedy_graphs == {} and runner.greedy_outputs == {}
     assert out_ref() is None
