@@ -204,6 +204,7 @@ class KVCompressor:
             for sr in out.scheduled
             if sr.request.kv_compression_pending
             and sr.samples
+            and sr.request.status != RequestStatus.PREEMPTED
             and sr.request.num_output_tokens + 1 < sr.request.max_tokens
         ]  # prefills_ending's test, inline: this runs every step
         if ending:
