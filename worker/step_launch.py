@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker.input_batch import HostInputs, build_host_inputs, take_rows
+from worker.input_batch import HostInputs, take_rows
 from worker.model_runner import StepResult
 from worker.request import Request
 from worker.sampler import LogprobsTensors, SamplingBatch, compute_logprobs
@@ -108,7 +108,7 @@ def launch(
     """Queue `sched` (no speculative tokens) on the device: forward, logits, prompt
     logprobs, and sampling unless it must wait (then `deferred`). Call before the
     scheduler advances past it; `prev`, the step in flight, must be sampled."""
-    host = build_host_inputs(sched)
+    host = runner.build_inputs(sched)  # the persistent input batch (or a rebuild)
     ids = fed_input_ids(host, sched, prev, runner.device)
     index = host.sample_sched_index
     reqs = [sched.scheduled[i].request for i in index]
