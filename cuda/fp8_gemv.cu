@@ -17,26 +17,9 @@
 // Partial sums: warp shuffles, then one shared-memory pass across the block's warps.
 // Requirements (fp8_gemv.py checks them): K % 16 == 0, x rows and w 16-byte aligned.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#ifndef HR_BF16
-#define HR_BF16 1
-#endif
-#if HR_BF16
-typedef __nv_bfloat16 elem_t;
-typedef __nv_bfloat162 elem2_t;
-__device__ __forceinline__ float2 to_f2(elem2_t v) { return __bfloat1622float2(v); }
-__device__ __forceinline__ elem_t from_f(float a) { return __float2bfloat16_rn(a); }
-__device__ __forceinline__ float to_f(elem_t a) { return __bfloat162float(a); }
-#else
-typedef __half elem_t;
-typedef __half2 elem2_t;
-__device__ __forceinline__ float2 to_f2(elem2_t v) { return __half22float2(v); }
-__device__ __forceinline__ elem_t from_f(float a) { return __float2half_rn(a); }
-__device__ __forceinline__ float to_f(elem_t a) { return __half2float(a); }
-#endif
+#include "elem2_type.cuh"  // elem_t, elem2_t, to_f, to_f2, from_f for HR_BF16
 
 namespace hr_fp8_gemv {
 
