@@ -49,14 +49,30 @@ def test_gpu_bf16_graphs_equal_eager_and_cpu(kind, tmp_path, stories_path):
     graphed = generate(path, prompts, max_tokens=60, **args)
     assert graphed.graphs and graphed.replays[1] > 0, "decode steps should replay graphs"
     check_logprobs_close(graphed.out, eager.out, f"{kind}-graphs", atol=2e-2)
-    # Against the CPU path in bf16, at the first generated token (the prefill's logits). These
-    # random models are chaotic in bf16: transformers' own bf16 moves top logprobs by ~1.0
-    # from its fp32, and once a rounding flip (or, in Mixtral, a router near-tie picking the
-    # other expert) changes a hidden state, later positions drift by more than any useful
-    # bound (H200, 4f22da2: -4.23 vs -3.19, and Mixtral tokens outside each other's top 5 at
-    # positions 10 and 16) while graphs vs eager above still agree to 2e-2. Wrong kernels
-    # show at the first token; exactness over whole sequences is test_gpu_fp32_equals_cpu's.
-    cpu = generate(path, prompts, max_tokens=60, device="cpu", dtype="bfloat16", block_size=16)
-    first = [(toks[:1], lps[:1]) for toks, lps in graphed.out]
-    cpu_first = [(toks[:1], lps[:1]) for toks, lps in cpu.out]
-    check_logprobs_close(first, cpu_first, f"{kind}-bf16-vs-cpu-bf16", atol=1.0)
+    # Against exact arithmetic at the first generated token (the prefill's logits): the GPU's
+    # bf16 is about as far from the CPU's fp32 as the CPU's own bf16 is. These random models
+    # are chaotic in bf16: on CPU, bf16 moves first-token logprobs from fp32 by 0.1-0.96 on
+    # average over the prompts (Mixtral most: router near-ties pick the other expert) and by
+    # up to 2.8 on one prompt, so no fixed bound on GPU bf16 vs CPU bf16 holds (H200,
+    # e1522b4: Mixtral -4.70 vs -3.25), while a wrong kernel moves every prompt by more.
+    # Exactness over whole sequences is test_gpu_fp32_equals_cpu's.
+    exact = first_token_logprobs(path, prompts, device="cpu", dtype="float32", block_size=16)
+    cpu = first_token_logprobs(path, prompts, device="cpu", dtype="bfloat16", block_size=16)
+    gpu = [lps[0] for _, lps in graphed.out]
+    gpu_err, cpu_err = mean_logprob_error(gpu, exact), mean_logprob_error(cpu, exact)
+    assert gpu_err <= 2 * cpu_err + 0.25, f"{kind}: GPU bf16 {gpu_err:.3f} vs CPU {cpu_err:.3f}"
+    for i, (g, e) in enumerate(zip(gpu, exact, strict=True)):
+        assert max(g, key=g.__getitem__) in e, f"{kind} prompt {i}: GPU's top token not in top 5"
+
+
+def first_token_logprobs(path, prompts, **engine_args) -> list[dict[int, float]]:
+    return [lps[0] for _, lps in generate(path, prompts, max_tokens=1, **engine_args).out]
+
+
+def mean_logprob_error(ours: list[dict[int, float]], exact: list[dict[int, float]]) -> float:
+    """Mean over prompts of the largest logprob difference on the tokens both top-5s hold."""
+    errs = [
+        max((abs(o[t] - e[t]) for t in o.keys() & e.keys()), default=10.0)  # disjoint: far off
+        for o, e in zip(ours, exact, strict=True)
+    ]
+    return sum(errs) / len(errs)
