@@ -33,12 +33,16 @@ def _bench_kernels():  # type: ignore[no-untyped-def]
 
 
 def attention(batch: int, q_len: int, ctx: int) -> Callable[[], object]:
-    from cuda.paged_attention import paged_attention
+    """The engine's entry (worker/cuda_attention.py): prefill steps on the prefill kernel
+    that HEADRACE_PREFILL_KERNEL names, decode steps on HEADRACE_DECODE_KERNEL's."""
+    from cuda.prefill_attention import attention_cuda, choice_from_env
 
     bk = _bench_kernels()
     q, cache, md = bk.paged_batch(batch, q_len, ctx)
     out = torch.empty_like(q)
-    return lambda: paged_attention(q, cache, md, bk.PARAMS, out)
+    workspace = torch.empty(64 << 20, dtype=torch.float32, device="cuda")
+    choice = choice_from_env()
+    return lambda: attention_cuda(q, cache, md, bk.PARAMS, out, workspace, choice)
 
 
 def sdpa(batch: int, q_len: int) -> Callable[[], object]:
