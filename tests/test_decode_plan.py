@@ -8,6 +8,7 @@ import math
 import re
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,10 +54,24 @@ def test_bad_inputs_name_the_field(field: str) -> None:
         da.plan_decode(max_seq_len=1024, **args)
 
 
+def test_config_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(da.CONFIG_ENV, raising=False)
+    assert da.config_for(2) == da.DecodeConfig(4, 2) and da.config_for(1) == da.DecodeConfig(4, 4)
+    assert da.config_for(2).smem_bytes(128, 2) == da.config_for(1).smem_bytes(128, 1) == 65536
+    monkeypatch.setenv(da.CONFIG_ENV, " W2S3 ")
+    assert da.config_for(1) == da.config_for(2) == da.DecodeConfig(2, 3)
+    assert da.config_for(2).threads == 64 and da.config_for(2).name == "w2s3"
+    assert all(da.parse_config(c).name == c for c in da.CONFIGS)
+    defines = da.module_defines(torch.float16, 64, da.DecodeConfig(3, 5))
+    assert defines == {"HR_BF16": 0, "HR_HEAD_DIM": 64, "HR_DECODE_WARPS": 3, "HR_DECODE_STAGES": 5}
+
+
 def test_kernel_choice_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(da.ENV, raising=False)
-    assert da.kernel_choice() == "auto" and not da.applies(16)  # 16-bit KV: the old kernels
+    assert da.kernel_choice() == "auto" and da.applies(16) == da.AUTO_16BIT
     assert da.applies(16, kv_fp8=True) and not da.applies(8, kv_fp8=True)
+    monkeypatch.setattr(da, "AUTO_16BIT", False)  # the one-line fallback: 16-bit KV on old
+    assert not da.applies(16) and da.applies(16, kv_fp8=True)
     monkeypatch.setenv(da.ENV, "new")
     assert da.kernel_choice() == "new" and da.applies(16) and not da.applies(8)
     monkeypatch.setenv(da.ENV, "OLD")
