@@ -35,7 +35,8 @@
 // repacked into token pairs with byte permutes.
 //
 // One split: the block writes the output. Several: an fp32 partial output (times v_scale)
-// and a log2-domain log-sum-exp per split, combined by decode_tc_merge.
+// and a log2-domain log-sum-exp per split, combined by the last split to finish (counters:
+// merge_if_last), or by decode_tc_merge when counters is null.
 // window: sliding-window attention, the query (at seq_len - 1) sees keys >= seq_len - window;
 // 0 = no window. Splits cover only the visible span (from its 16-aligned start).
 
@@ -200,11 +201,48 @@ __device__ __forceinline__ unsigned pair(const uint4& x, const uint4& y, int e) 
         const int *__restrict__ seq_lens, const int *__restrict__ block_tables, int bt_stride, \
         elem_t *__restrict__ out, long long out_stride, float *__restrict__ part_o,          \
         float *__restrict__ part_lse, int num_kv_heads, int group, int block_shift,          \
-        float scale_log2, float v_scale, int window, int min_chunk
+        float scale_log2, float v_scale, int window, int min_chunk, int *__restrict__ counters
 #define HR_DECODE_TC_PASS                                                                    \
     q, q_stride, kc, v_off, query_start_loc, seq_lens, block_tables, bt_stride, out,         \
         out_stride, part_o, part_lse, num_kv_heads, group, block_shift, scale_log2, v_scale, \
-        window, min_chunk
+        window, min_chunk, counters
+
+// The fused merge: the last of a request's live splits to finish (per KV head and head
+// chunk: counters[r * gridDim.y + blockIdx.y]) combines every split's partial into the
+// output and puts the counter back to 0 for the next launch (stream-ordered after this one,
+// so a graph replays it as well). Partials are read through L2 (__ldcg): other SMs wrote them.
+__device__ __forceinline__ void merge_if_last(int* __restrict__ counters, int nsplit, int r,
+                                           int head0, int gcount, int num_q_heads, int qrow,
+                                           elem_t* __restrict__ out, long long out_stride,
+                                           const float* __restrict__ part_o,
+                                           const float* __restrict__ part_lse) {
+    __shared__ int last;
+    __threadfence();  // this block's partials are visible device-wide before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* c = counters + (long long)r * gridDim.y + blockIdx.y;
+        last = atomicAdd(c, 1) == nsplit - 1;
+        if (last) *c = 0;  // every live split has counted: none touches it again
+        __threadfence();
+    }
+    __syncthreads();
+    if (!last) return;
+    for (int idx = threadIdx.x; idx < gcount * D; idx += THREADS) {
+        const int g = idx / D, d = idx % D;
+        const long long ph = ((long long)r * num_q_heads + head0 + g) * gridDim.x;
+        float mx = neg_inf();
+        for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, __ldcg(part_lse + ph + s));
+        const float base = mx == neg_inf() ? 0.f : mx;
+        float L = 0.f, O = 0.f;
+        for (int s = 0; s < nsplit; ++s) {
+            const float w = exp2f(__ldcg(part_lse + ph + s) - base);  // empty split: 0
+            L += w;
+            O = fmaf(w, __ldcg(part_o + (ph + s) * D + d), O);
+        }
+        out[(long long)qrow * out_stride + (long long)(head0 + g) * D + d] =
+            f_to_e(L > 0.f ? O / L : 0.f);
+    }
+}
 
 // One block's combine of its warps' softmax states, then the output or the split's partial.
 __device__ __forceinline__ void finish(float* scratch, int warp, int lane, float m_run,
@@ -212,7 +250,8 @@ __device__ __forceinline__ void finish(float* scratch, int warp, int lane, float
                                        int nsplit, int split, int r, int head0,
                                        int num_q_heads, int qrow, elem_t* __restrict__ out,
                                        long long out_stride, float* __restrict__ part_o,
-                                       float* __restrict__ part_lse, float v_scale) {
+                                       float* __restrict__ part_lse, float v_scale,
+                                       int* __restrict__ counters) {
     float* sm_m = scratch;                    // [WARPS][GQ]
     float* sm_l = sm_m + WARPS * GQ;          // [WARPS][GQ]
     float* sm_o = sm_l + WARPS * GQ;          // [WARPS][GQ][D]
@@ -257,6 +296,9 @@ __device__ __forceinline__ void finish(float* scratch, int warp, int lane, float
             if (d == 0) part_lse[ph] = L > 0.f ? base + log2f(L) : neg_inf();
         }
     }
+    if (nsplit > 1 && counters != nullptr)
+        merge_if_last(counters, nsplit, r, head0, gcount, num_q_heads, qrow, out, out_stride,
+                      part_o, part_lse);
 }
 
 // Shared memory of one warp's stage: a tile's K rows then its V rows, KB bytes an element.
@@ -442,7 +484,7 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     cp_async_wait<0>();
     __syncthreads();  // every warp is done with the stages: they become the combine scratch
     finish(reinterpret_cast<float*>(smem), warp, lane, m_run, l_run, o, gcount, nsplit, split,
-           r, head0, num_q_heads, qrow, out, out_stride, part_o, part_lse, v_scale);
+           r, head0, num_q_heads, qrow, out, out_stride, part_o, part_lse, v_scale, counters);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_tc(HR_DECODE_TC_ARGS) {

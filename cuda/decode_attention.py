@@ -50,7 +50,12 @@ SATURATING_BLOCKS_PER_SM = 4  # ~128 KB of loads in flight per SM: more blocks a
 STATIC_SMEM_LIMIT = 48 * 1024  # past this a kernel must opt in (cudaFuncSetAttribute)
 SMEM_LIMIT = 227 * 1024  # sm_90's most dynamic shared memory per block
 
+FUSED_MERGE_ENV = "HEADRACE_DECODE_FUSED_MERGE"  # 0: the separate merge kernel instead
+COUNTERS = 1 << 16  # merge counters allocated at once: batch x KV heads x head chunks
+
 _slots: dict[tuple[int, str], int] = {}
+_counters: dict[str, torch.Tensor] = {}
+_old_counters: list[torch.Tensor] = []  # a captured graph may still point at one
 _smem_set: set[tuple[int, int]] = set()
 
 
@@ -272,6 +277,32 @@ def plan_for(
     return plan_decode(batch, num_kv_heads, group, max_seq_len, num_sms(device), per_sm)
 
 
+def fused_merge() -> bool:
+    """Whether the last split of each request merges (HEADRACE_DECODE_FUSED_MERGE, default
+    1) rather than a second kernel: in a CUDA graph the merge kernel costs its launch even
+    when every request fits one split (2.6 us a layer in W1's profile)."""
+    value = os.environ.get(FUSED_MERGE_ENV, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", ""):
+        raise ValueError(f"{FUSED_MERGE_ENV} must be 0 or 1, got {value!r}")
+    return value not in ("0", "false")
+
+
+def merge_counters(device: torch.device, need: int) -> int:
+    """Device address of `need` zeroed int32 merge counters (the kernel leaves them zero),
+    or 0 if none can be had now (graph capture before any eager call allocated them): the
+    caller then launches the merge kernel."""
+    key = str(device)
+    t = _counters.get(key)
+    if t is None or t.numel() < need:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return 0
+        if t is not None:
+            _old_counters.append(t)
+        t = torch.zeros(max(need, COUNTERS), dtype=torch.int32, device=device)
+        _counters[key] = t
+    return t.data_ptr()
+
+
 def launch_decode(
     q: torch.Tensor,
     out: torch.Tensor,
@@ -283,7 +314,8 @@ def launch_decode(
     workspace: torch.Tensor | None,
     kv_fp8: bool,
 ) -> None:
-    """The decode kernel, then the merge if the plan has several splits.
+    """The decode kernel; if the plan has several splits, its last split per request merges
+    them (fused_merge), else the merge kernel does.
 
     common: paged_attention_kernels' leading arguments (q .. out_stride); heads: its
     trailing ones (num_kv_heads, group, block_shift, scale_log2, v_scale, window).
@@ -306,9 +338,10 @@ def launch_decode(
     cfg = _config(name)
     shmem = cfg.smem_bytes(head_dim, 1 if kv_fp8 else 2)
     kernel = _kernel(q.dtype, head_dim, name)
-    args = (*common, part_o, part_lse, *heads, min_chunk)
+    counters = merge_counters(q.device, grid[1] * batch) if plan.merge and fused_merge() else 0
+    args = (*common, part_o, part_lse, *heads, min_chunk, counters)
     compiler.launch(kernel, grid, cfg.threads, *args, shmem=shmem)
-    if plan.merge:
+    if plan.merge and not counters:
         compiler.launch(
             _kernel(q.dtype, head_dim, "decode_tc_merge"),
             (num_q_heads, batch),

@@ -2,7 +2,11 @@
 into the on-disk cubin cache (cuda/compiler.py), so that the timed steps of
 scripts/gpu_bench.sh do not each wait for compiles one after another on a fresh machine.
 
-    python scripts/warm_kernels.py [--arch sm_90] [--jobs 8]
+    python scripts/warm_kernels.py [--arch sm_90] [--jobs 8] [--only decode]
+
+--only decode: the decode-attention modules alone (every HEADRACE_DECODE_CONFIG variant of
+the tensor-core kernel and the old kernels, bf16/fp16 x head_dim 64/128), for gpu_bench's
+decode2 step.
 """
 
 from __future__ import annotations
@@ -47,6 +51,22 @@ def jobs() -> list[Job]:
     return out
 
 
+def decode_jobs() -> list[Job]:
+    """What tests/gpu/test_gpu_decode_*.py and scripts/bench_decode.py load."""
+    out: list[Job] = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for head_dim in (64, 128):
+            for text in decode_attention.CONFIGS:
+                cfg = decode_attention.parse_config(text)
+                defines = decode_attention.module_defines(dtype, head_dim, cfg)
+                out.append(("decode_attention", decode_attention.source(), defines))
+            for kv_dtype in (None, torch.float8_e4m3fn):
+                defines = pak.module_defines(dtype, head_dim, kv_dtype)
+                out.append(("paged_attention", pak.source(), defines))
+    out.append(("write_kv", kv_write_kernel.SOURCE, {}))
+    return out
+
+
 def _compile(job: Job, arch: str) -> tuple[str, float]:
     name, source, defines = job
     t0 = time.perf_counter()
@@ -58,9 +78,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--jobs", type=int, default=14)
+    ap.add_argument("--only", choices=["decode"], help="one family of modules")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    todo = jobs()
+    todo = decode_jobs() if args.only == "decode" else jobs()
     with ProcessPoolExecutor(args.jobs) as pool:
         for what, secs in pool.map(_compile, todo, [args.arch] * len(todo)):
             print(f"{what}: {secs:.1f} s", flush=True)

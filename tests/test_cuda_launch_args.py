@@ -28,7 +28,9 @@ def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], 
     monkeypatch.setattr(decode_attention, "_kernel", lambda dtype, head_dim, name: name)
     monkeypatch.setattr(decode_attention, "_slots_per_sm", lambda kernel, device, key: 2)
     monkeypatch.setattr(pak, "num_sms", lambda device: 132)
-    monkeypatch.setenv(decode_attention.ENV, case.get("decode_kernel", "new"))
+    kernel = case.get("decode_kernel", "new")
+    monkeypatch.setenv(decode_attention.ENV, "new" if kernel == "unfused" else kernel)
+    monkeypatch.setenv(decode_attention.FUSED_MERGE_ENV, "0" if kernel == "unfused" else "1")
     monkeypatch.setattr(compiler, "launch", lambda *call, shmem=0: calls.append((*call, shmem)))
     q_lens, seq_lens = case["q_lens"], case["seq_lens"]
     kv_dtype = torch.float8_e4m3fn if case.get("fp8") else torch.bfloat16
@@ -60,8 +62,9 @@ def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], 
     ("q_lens", "seq_lens", "kernels", "decode_kernel"),
     [
         ([1, 1, 1], [5, 300, 9000], ["decode_g4", "merge_splits"], "old"),
-        ([1, 1, 1], [5, 300, 9000], ["decode_tc", "decode_tc_merge"], "new"),
-        ([1, 1, 1], [5, 300, 9000], ["decode_tc", "decode_tc_merge"], "auto"),
+        ([1, 1, 1], [5, 300, 9000], ["decode_tc"], "new"),  # its last split merges
+        ([1, 1, 1], [5, 300, 9000], ["decode_tc"], "auto"),
+        ([1, 1, 1], [5, 300, 9000], ["decode_tc", "decode_tc_merge"], "unfused"),
         ([7, 1, 0], [7, 40, 3], ["prefill"], "new"),
     ],
 )
@@ -108,6 +111,15 @@ def test_launch_arguments_follow_the_kernel_signatures(
             # the fewest that fill 90% of the wave (9000 tokens allow 64 of 128).
             assert got["min_chunk"] == decode_attention.MIN_CHUNK == 128
             assert calls[0][1][0] == 40
+        if kernel.startswith("decode_tc") and "merge" not in kernel:
+            # 40 splits: the fused merge's counters, one per (request, KV head x chunk),
+            # unless HEADRACE_DECODE_FUSED_MERGE=0 (null: the merge kernel runs).
+            fused = decode_kernel != "unfused"
+            assert (got["counters"] != 0) == fused
+            if fused:
+                counters = decode_attention._counters["cpu"]
+                assert got["counters"] == counters.data_ptr() and counters.numel() >= 2 * 3
+                assert not counters.any()
         if "scale_log2" in got:
             scale = 0.125 * (0.5 if fp8 else 1.0) * pak.LOG2E
             assert got["scale_log2"] == np.float32(scale)

@@ -149,3 +149,35 @@ def test_splits_tile_the_visible_keys(seq_len: int, window: int, max_splits: int
         assert max(begin, lo) < end
     if nsplit > 1:
         assert chunk >= da.MIN_CHUNK // 2
+
+
+def test_merge_counters_grow_keep_old_and_refuse_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused merge's counters: zeroed once, grown outside capture only (the old buffer
+    kept: a graph may point at it), 0 (the merge kernel) when capture finds too few."""
+    monkeypatch.setattr(da, "_counters", {})
+    monkeypatch.setattr(da, "_old_counters", [])
+    dev = torch.device("cpu")
+    first = da.merge_counters(dev, 10)
+    assert first == da._counters["cpu"].data_ptr() and da._counters["cpu"].numel() == da.COUNTERS
+    assert da.merge_counters(dev, da.COUNTERS) == first  # big enough: the same buffer
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert da.merge_counters(dev, da.COUNTERS + 1) == 0  # capturing: no allocation
+    assert da.merge_counters(dev, 5) == first
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    grown = da.merge_counters(dev, da.COUNTERS + 1)
+    assert grown != 0 and not da._counters["cpu"].any() and len(da._old_counters) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "fused"), [("", True), ("1", True), ("0", False), ("false", False)]
+)
+def test_fused_merge_env(monkeypatch: pytest.MonkeyPatch, value: str, fused: bool) -> None:
+    monkeypatch.setenv(da.FUSED_MERGE_ENV, value)
+    assert da.fused_merge() == fused
+
+
+def test_fused_merge_env_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(da.FUSED_MERGE_ENV, "maybe")
+    with pytest.raises(ValueError, match=da.FUSED_MERGE_ENV):
+        da.fused_merge()

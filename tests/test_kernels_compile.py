@@ -116,13 +116,14 @@ def _decode_entries(log: str) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
 def test_decode_attention_compiles(dtype_name: str, head_dim: int) -> None:
     """The tensor-core decode kernel: both KV types (one template) and the merge, no spills,
-    no static shared memory (the stages are dynamic: cuda/decode_attention.py sizes them),
+    no static shared memory but the fused merge's flag (the stages are dynamic:
+    cuda/decode_attention.py sizes them),
     and registers for 3 blocks of 4 warps per SM."""
     from cuda import decode_attention as da
 
     entries = _decode_entries(_decode_log(dtype_name, head_dim))
     assert set(entries) == {"decode_tc", "decode_tc_fp8", "decode_tc_merge"}
-    assert all(smem == 0 for _, smem in entries.values()), entries
+    assert all(smem <= 16 for _, smem in entries.values()), entries  # the merge flag
     assert max(regs for regs, _ in entries.values()) <= 168, entries  # 12 warps per SM
     for kv_bytes, cfg in da.DEFAULT_CONFIGS.items():
         assert cfg.smem_bytes(head_dim, kv_bytes) <= 64 * 1024  # 3 blocks fit 227 KB
