@@ -163,6 +163,11 @@ __device__ __forceinline__ void copy16(void* smem, const void* gmem, bool pred) 
                  : "memory");
 }
 
+__device__ __forceinline__ void copy16(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem)
+                 : "memory");
+}
+
 // The XOR applied to the 16-byte unit index of token t's row (t = 0..15 within a tile),
 // masked to the row's units. Reads of one 8-lane phase then fall on distinct banks: K's
 // (tokens 2j, 2j + 1, units 4p + q) through bit 0 of t, V's (tokens 2q + e, units 8c + n)
@@ -313,6 +318,12 @@ struct Stage {
     static_assert(U >= 4 && U <= 32 && (U & (U - 1)) == 0, "4..32 units a row");
 };
 
+// The byte XOR of copy instruction i's swizzle beyond the lane's own: swz(TPI * i), masked.
+template <typename St>
+__device__ __forceinline__ int copy_xor(int i) {
+    return (swz(St::TPI * i) & (St::U - 1)) << 4;
+}
+
 template <typename KV>
 __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     typedef KvVec<KV> Vec;
@@ -369,8 +380,14 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     };
     int pg_a = read_pages(0), pg_b = read_pages(1);
 
-    // This lane's unit of each copy instruction: unit `cu` of tokens ct + TPI * i.
+    // This lane's unit of each copy instruction: unit `cu` of tokens ct + TPI * i. swz is
+    // linear over the bits of t and ct, TPI * i have disjoint bits, so the swizzled offset
+    // of token ct + TPI * i is the lane's own (lane_soff) XOR a constant of i (copy_xor):
+    // one LOP3 a copy, the row offset going into the instruction's immediate.
     const int cu = lane % St::U, ct = lane / St::U;
+    const int lane_goff = ct * (int)row_bytes + cu * 16;  // < 2^31: a row is < 64 KB
+    const int gstep = St::TPI * (int)row_bytes;           // between copy instructions
+    const int lane_soff = ct * St::RB + ((cu ^ (swz(ct) & (St::U - 1))) << 4);
     // Tile k of this warp into stage `stage`, zero-filled for tokens outside [lo, t_end).
     // Called once per k, in increasing k.
     auto issue = [&](int k, int stage) {
@@ -381,16 +398,25 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
         const int page = __shfl_sync(0xffffffffu, pg_a, k & 31);
         const int tb = t_begin + (k * WARPS + warp) * TILE;
         const long long row0 = ((long long)page << block_shift) + (tb & bmask);
-        const unsigned char* src = kbase + row0 * row_bytes + cu * 16;
+        const unsigned char* ksrc = kbase + row0 * row_bytes + lane_goff;
+        const unsigned char* vsrc = ksrc + v_bytes;
         unsigned char* dst = wsmem + stage * STAGE;
+        if (tb >= lo && tb + TILE <= t_end) {  // every token visible: no predicates
 #pragma unroll
-        for (int i = 0; i < St::CPY; ++i) {
-            const int t = ct + St::TPI * i;
-            const bool ok = tb + t >= lo && tb + t < t_end;
-            const unsigned char* g = src + t * row_bytes;
-            const int off = t * St::RB + ((cu ^ (swz(t) & (St::U - 1))) << 4);
-            copy16(dst + off, ok ? g : kc, ok);
-            copy16(dst + St::HALF + off, ok ? g + v_bytes : kc, ok);
+            for (int i = 0; i < St::CPY; ++i) {
+                const int off = St::TPI * i * St::RB + (lane_soff ^ copy_xor<St>(i));
+                copy16(dst + off, ksrc + i * gstep);
+                copy16(dst + St::HALF + off, vsrc + i * gstep);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < St::CPY; ++i) {
+                const int t = tb + ct + St::TPI * i;
+                const bool ok = t >= lo && t < t_end;
+                const int off = St::TPI * i * St::RB + (lane_soff ^ copy_xor<St>(i));
+                copy16(dst + off, ok ? ksrc + i * gstep : kc, ok);
+                copy16(dst + St::HALF + off, ok ? vsrc + i * gstep : kc, ok);
+            }
         }
     };
 

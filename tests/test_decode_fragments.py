@@ -68,7 +68,11 @@ def stage_tile(x, tb, lo, t_end, d, kb):
             ok = lo <= tb + t < t_end
             src = x[tb + t, cu * epu : (cu + 1) * epu] if ok else np.zeros(epu)
             phys = t * u + (cu ^ (swz(t) & (u - 1)))
-            assert phys * 16 == t * d * kb + ((cu ^ (swz(t) & (u - 1))) << 4)
+            # The kernel's form: the lane's offset XOR instruction i's constant.
+            tpi, rb = 32 // u, d * kb
+            lane_soff = ct * rb + ((cu ^ (swz(ct) & (u - 1))) << 4)
+            copy_xor = (swz(tpi * i) & (u - 1)) << 4
+            assert phys * 16 == tpi * i * rb + (lane_soff ^ copy_xor)
             half[phys * epu : (phys + 1) * epu] = src
             written[phys] += 1
     assert (written == 1).all()  # the swizzle is a bijection within each row
