@@ -16,7 +16,8 @@
 // (split_range), so a graph captured at short lengths is right at long ones.
 //
 // Each warp streams its own 16-token tiles (tile w, w + WARPS, ...) through a STAGES-deep
-// cp.async pipeline in shared memory. The copies are coalesced: consecutive lanes take
+// cp.async pipeline in shared memory (all STAGES in flight before the first wait, each stage
+// refilled as soon as the warp has read it). The copies are coalesced: consecutive lanes take
 // consecutive 16-byte units of one token's row (a head's D elements), so every request
 // covers whole 128-byte lines (with fragment-shaped copies, half of K's requests were
 // 64-byte halves of a line: L2 at 91% busy for 65% of DRAM bandwidth). A stage holds the
@@ -421,7 +422,7 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     };
 
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
+    for (int s = 0; s < STAGES; ++s) {  // every stage in flight before the first wait
         if (s < my_tiles) issue(s, s);
         cp_async_commit();
     }
@@ -433,11 +434,8 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     float l_run = 0.f;        // this thread's share of head n's running sum
 
     for (int k = 0; k < my_tiles; ++k) {
-        cp_async_wait<STAGES - 2>();  // tile k landed (this thread's copies)
-        __syncwarp();  // ... and every lane's; and the warp is done reading tile k - 1
-        // Refill the stage read in the previous iteration (its values are in registers).
-        if (k + STAGES - 1 < my_tiles) issue(k + STAGES - 1, (k + STAGES - 1) % STAGES);
-        cp_async_commit();
+        cp_async_wait<STAGES - 1>();  // tile k landed (this thread's copies)
+        __syncwarp();                 // ... and every lane's
 
         const unsigned char* kst = wsmem + (k % STAGES) * STAGE;
         const unsigned char* vst = kst + St::HALF;
@@ -506,6 +504,11 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
                          pair(v2, v3, 4 + j), pb0, pb1);
             }
         }
+        // Refill the stage just read, once every lane has its values in registers: while
+        // tile k + 1 is computed, tiles k + 2 .. k + STAGES are in flight.
+        __syncwarp();
+        if (k + STAGES < my_tiles) issue(k + STAGES, k % STAGES);
+        cp_async_commit();
     }
     cp_async_wait<0>();
     __syncthreads();  // every warp is done with the stages: they become the combine scratch

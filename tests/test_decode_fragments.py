@@ -282,3 +282,31 @@ def test_stage_layout_fp8(d: int) -> None:
         for c in range(d // 64):
             got = v_vector(x, tb, uu, c, lo, t_end, d, kb=1)
             np.testing.assert_array_equal(got, v_vector(x, tb, uu, c, lo, t_end, d, kb=2))
+
+
+def pipeline_trace(my_tiles: int, stages: int) -> list[tuple[int, int]]:
+    """The main loop's cp.async schedule (prologue: a group per stage; each iteration:
+    wait_group<STAGES - 1>, read stage k % STAGES, refill it with tile k + STAGES, commit):
+    the (tile, stage) each iteration reads, checked against what landed where."""
+    groups: list[list[tuple[int, int]]] = []  # committed groups: (tile, stage) copies
+    content: dict[int, int] = {}
+    reads = []
+    for s in range(stages):
+        groups.append([(s, s)] if s < my_tiles else [])
+    for k in range(my_tiles):
+        done = len(groups) - (stages - 1)  # wait_group<STAGES - 1>: all but the newest
+        for g in groups[:done]:
+            for tile, stage in g:
+                content[stage] = tile
+        assert content.get(k % stages) == k, (k, content)
+        reads.append((k, k % stages))
+        pending = [c for g in groups[done:] for c in g]
+        assert all(st != k % stages for _, st in pending)  # nothing in flight into it
+        groups.append([(k + stages, k % stages)] if k + stages < my_tiles else [])
+    return reads
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 5])
+def test_pipeline_reads_each_tile_once_from_its_stage(stages: int) -> None:
+    for my_tiles in range(0, 13):
+        assert pipeline_trace(my_tiles, stages) == [(k, k % stages) for k in range(my_tiles)]
