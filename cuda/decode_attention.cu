@@ -157,32 +157,7 @@ struct KvVec<__nv_fp8_e4m3> {
     }
 };
 
-// 16 bytes global -> shared, bypassing L1; zero-filled (nothing read) when !pred.
-__device__ __forceinline__ void copy16(void* smem, const void* gmem, bool pred) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-                 "l"(gmem), "r"(pred ? 16 : 0)
-                 : "memory");
-}
-
-__device__ __forceinline__ void copy16(void* smem, const void* gmem) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem)
-                 : "memory");
-}
-
-// The XOR applied to the 16-byte unit index of token t's row (t = 0..15 within a tile),
-// masked to the row's units. Reads of one 8-lane phase then fall on distinct banks: K's
-// (tokens 2j, 2j + 1, units 4p + q) through bit 0 of t, V's (tokens 2q + e, units 8c + n)
-// through bits 1-2.
-__device__ __forceinline__ int swz(int t) { return (((t >> 1) & 3) << 1) ^ ((t & 1) << 2); }
-
-// Byte offset in a stage's K (or V) half of 8-element vector `vec` of token t's row, for a
-// KV element of KB bytes (D * KB bytes per row, in 16-byte units).
-template <int KB>
-__device__ __forceinline__ int smem_off(int t, int vec) {
-    constexpr int RB = D * KB, U = RB / 16;
-    const int vb = vec * 8 * KB;  // the vector's byte offset in the row
-    return t * RB + ((((vb >> 4) ^ (swz(t) & (U - 1)))) << 4) + (vb & 15);
-}
+#include "decode_stage.cuh"  // copy16, swz, smem_off, Stage, copy_xor: the stage layout
 
 // c += a . b, m16n8k16, fp32 accumulators; a0..a3 and b0, b1 in PTX's fragment order.
 __device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
@@ -213,42 +188,7 @@ __device__ __forceinline__ unsigned pair(const uint4& x, const uint4& y, int e) 
         out_stride, part_o, part_lse, num_kv_heads, group, block_shift, scale_log2, v_scale, \
         window, min_chunk, counters
 
-// The fused merge: the last of a request's live splits to finish (per KV head and head
-// chunk: counters[r * gridDim.y + blockIdx.y]) combines every split's partial into the
-// output and puts the counter back to 0 for the next launch (stream-ordered after this one,
-// so a graph replays it as well). Partials are read through L2 (__ldcg): other SMs wrote them.
-__device__ __forceinline__ void merge_if_last(int* __restrict__ counters, int nsplit, int r,
-                                           int head0, int gcount, int num_q_heads, int qrow,
-                                           elem_t* __restrict__ out, long long out_stride,
-                                           const float* __restrict__ part_o,
-                                           const float* __restrict__ part_lse) {
-    __shared__ int last;
-    __threadfence();  // this block's partials are visible device-wide before it is counted
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int* c = counters + (long long)r * gridDim.y + blockIdx.y;
-        last = atomicAdd(c, 1) == nsplit - 1;
-        if (last) *c = 0;  // every live split has counted: none touches it again
-        __threadfence();
-    }
-    __syncthreads();
-    if (!last) return;
-    for (int idx = threadIdx.x; idx < gcount * D; idx += THREADS) {
-        const int g = idx / D, d = idx % D;
-        const long long ph = ((long long)r * num_q_heads + head0 + g) * gridDim.x;
-        float mx = neg_inf();
-        for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, __ldcg(part_lse + ph + s));
-        const float base = mx == neg_inf() ? 0.f : mx;
-        float L = 0.f, O = 0.f;
-        for (int s = 0; s < nsplit; ++s) {
-            const float w = exp2f(__ldcg(part_lse + ph + s) - base);  // empty split: 0
-            L += w;
-            O = fmaf(w, __ldcg(part_o + (ph + s) * D + d), O);
-        }
-        out[(long long)qrow * out_stride + (long long)(head0 + g) * D + d] =
-            f_to_e(L > 0.f ? O / L : 0.f);
-    }
-}
+#include "decode_merge.cuh"  // merge_if_last: the fused merge of a request's splits
 
 // One block's combine of its warps' softmax states, then the output or the split's partial.
 __device__ __forceinline__ void finish(float* scratch, int warp, int lane, float m_run,
@@ -305,24 +245,6 @@ __device__ __forceinline__ void finish(float* scratch, int warp, int lane, float
     if (nsplit > 1 && counters != nullptr)
         merge_if_last(counters, nsplit, r, head0, gcount, num_q_heads, qrow, out, out_stride,
                       part_o, part_lse);
-}
-
-// Shared memory of one warp's stage: a tile's K rows then its V rows, KB bytes an element.
-template <int KB>
-struct Stage {
-    static constexpr int RB = D * KB;        // bytes of one token's row (one head)
-    static constexpr int U = RB / 16;        // its 16-byte units
-    static constexpr int TPI = 32 / U;       // tokens per warp-wide copy instruction
-    static constexpr int CPY = TILE / TPI;   // copy instructions per tile, for K (and V)
-    static constexpr int HALF = TILE * RB;   // bytes of the tile's K (and of its V)
-    static constexpr int BYTES = 2 * HALF;
-    static_assert(U >= 4 && U <= 32 && (U & (U - 1)) == 0, "4..32 units a row");
-};
-
-// The byte XOR of copy instruction i's swizzle beyond the lane's own: swz(TPI * i), masked.
-template <typename St>
-__device__ __forceinline__ int copy_xor(int i) {
-    return (swz(St::TPI * i) & (St::U - 1)) << 4;
 }
 
 template <typename KV>

@@ -1,10 +1,12 @@
 """Tensor-core decode attention (cuda/decode_attention.cu): the split plan and the launches.
 
-    grid (splits, Hkv * ceil(group / 8), B), 32 W threads   merge grid (Hq, B), D threads
-    a block = one KV head x up to 8 query heads over one    log-sum-exp of the splits
-    split of the context; W warps stream 16-token tiles     (only launched if splits > 1;
-    through an S-stage cp.async pipeline (dynamic shared    requests with one split skip it)
-    memory, W * S * 32 * D * KV bytes)
+    grid (splits, Hkv * ceil(group / 8), B), 32 W threads; a block = one KV head x up to 8
+    query heads over one split of the context; W warps stream 16-token tiles through an
+    S-stage cp.async pipeline (dynamic shared memory, W * S * 32 * D * KV bytes). A request
+    of one split is written by its block; of several, by the last of its splits to finish
+    (log-sum-exp of the splits' partials; merge counters, `merge_counters`). With
+    HEADRACE_DECODE_FUSED_MERGE=0 (or no counters inside a capture) the merge kernel does
+    it instead: grid (Hq, B), D threads, launched only if the plan has several splits.
 
 W and S are a `DecodeConfig`: 4 warps, 2 stages for 16-bit KV (64 KB, 3 blocks and 12 warps
 per SM with <= 168 registers), 4 warps, 4 stages for FP8 (same bytes, twice the tiles).
@@ -131,7 +133,8 @@ class DecodePlan:
 
     @property
     def merge(self) -> bool:
-        """Whether the merge kernel runs (no request can use more than one split if not)."""
+        """Whether a request may have several splits to merge (if not: no counters, no merge
+        kernel)."""
         return self.splits > 1
 
 
