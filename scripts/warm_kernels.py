@@ -48,6 +48,9 @@ def jobs() -> list[Job]:
     out.append(("fused_ops", fused_ops.source(), fused_ops.module_defines(bf16)))
     out.append(("layer_ops", layer_ops.source(), layer_ops.module_defines(bf16)))
     out.append(("write_kv", kv_write_kernel.SOURCE, {}))
+    for job in decode_jobs():  # every decode variant the GPU tests load (FP8's default too)
+        if job not in out:
+            out.append(job)
     return out
 
 
