@@ -29,6 +29,18 @@ def test_llama3_8b_cells(batch: int, ctx: int, splits: int) -> None:
     assert plan.min_chunk == da.MIN_CHUNK
 
 
+@pytest.mark.parametrize(
+    ("batch", "ctx", "splits"),
+    [(64, 1024, 3), (64, 4096, 3), (64, 16384, 3), (8, 16384, 6), (1, 131072, 45), (1, 256, 2)],
+)
+def test_llama3_8b_cells_round2(batch: int, ctx: int, splits: int) -> None:
+    """The default variant (4 warps, 64 KB): 3 blocks per SM, 396 slots; batch 64 takes 3
+    splits (1,536 blocks, 3.9 waves at 97%) where 1 split would leave its second wave 29%
+    full; a batch-1 graph bound gets 45, of which a 128-token context uses 1."""
+    plan = da.plan_decode(batch, 8, 4, ctx, H200_SMS, 3)
+    assert plan.splits == splits and plan.slots == 396
+
+
 def test_batch_64_fills_one_wave_without_splitting() -> None:
     plan = da.plan_decode(64, 8, 4, 131072, H200_SMS, 4)  # a graph's bound: still 1 split
     assert plan.splits == 1 and plan.blocks / plan.slots > 0.9
