@@ -311,6 +311,9 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     const int lane_goff = ct * (int)row_bytes + cu * 16;  // < 2^31: a row is < 64 KB
     const int gstep = St::TPI * (int)row_bytes;           // between copy instructions
     const int lane_soff = ct * St::RB + ((cu ^ (swz(ct) & (St::U - 1))) << 4);
+    // The lane's reads (k_read_off, v_read_off): K's token n, vector qd; V's token 2qd,
+    // vector n; every other read is one of these XOR a constant, plus an immediate.
+    const int kl = smem_off<sizeof(KV)>(n, qd), vl = smem_off<sizeof(KV)>(2 * qd, n);
     // Tile k of this warp into stage `stage`, zero-filled for tokens outside [lo, t_end).
     // Called once per k, in increasing k.
     auto issue = [&](int k, int stage) {
@@ -367,8 +370,8 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
             s[h][0] = s[h][1] = s[h][2] = s[h][3] = 0.f;
 #pragma unroll
             for (int p = 0; p < KVEC; ++p) {
-                const raw_t raw = *reinterpret_cast<const raw_t*>(
-                    kst + smem_off<sizeof(KV)>(8 * h + n, 4 * p + qd));
+                const raw_t raw =
+                    *reinterpret_cast<const raw_t*>(kst + k_read_off<St>(kl, h, p));
                 const uint4 kv = Vec::widen(raw);
                 mma16816(s[h], qa[2 * p][0], 0u, qa[2 * p][1], 0u, kv.x, kv.y);
                 mma16816(s[h], qa[2 * p + 1][0], 0u, qa[2 * p + 1][1], 0u, kv.z, kv.w);
@@ -413,9 +416,7 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
         const unsigned pb1 = pack_e2(pr[2], pr[3]);  // rows 2qd + 8, 2qd + 9
         // V rows: tokens 2qd + (u & 1) + 8 (u >> 1), dims 64c + 8n .. + 7.
         auto vrow = [&](int u, int c) {
-            const int tok = 2 * qd + (u & 1) + 8 * (u >> 1);
-            return Vec::widen(*reinterpret_cast<const raw_t*>(
-                vst + smem_off<sizeof(KV)>(tok, 8 * c + n)));
+            return Vec::widen(*reinterpret_cast<const raw_t*>(vst + v_read_off<St>(vl, u, c)));
         };
 #pragma unroll
         for (int c = 0; c < VVEC; ++c) {

@@ -48,3 +48,19 @@ template <typename St>
 __device__ __forceinline__ int copy_xor(int i) {
     return (swz(St::TPI * i) & (St::U - 1)) << 4;
 }
+
+// Fragment reads: K of token 8h + n, vector 4p + q, is smem_off(n, q) (kl) with the vector's
+// p part XORed into the unit field and 8h rows added; V of token 2q + (u & 1) + 8 (u >> 1),
+// vector 8c + n, is smem_off(2q, n) (vl) likewise (swz is linear in t; the fields are
+// disjoint bits). tests/test_decode_fragments.py checks both against smem_off.
+template <typename St>
+__device__ __forceinline__ int k_read_off(int kl, int h, int p) {
+    constexpr int KB = St::RB / D;
+    return 8 * h * St::RB + (kl ^ (32 * KB * p));
+}
+template <typename St>
+__device__ __forceinline__ int v_read_off(int vl, int u, int c) {
+    constexpr int KB = St::RB / D;
+    return ((u & 1) + 8 * (u >> 1)) * St::RB +
+           (vl ^ (((swz(u & 1) & (St::U - 1)) << 4) ^ (64 * KB * c)));
+}

@@ -79,25 +79,42 @@ def stage_tile(x, tb, lo, t_end, d, kb):
     return half
 
 
-def read_vec(half, t, vec, d, kb):
-    """One lane's 8-element read of the stage (smem_off bytes = elements times kb)."""
-    e = smem_off(t, vec, d, kb) // kb
+def read_vec(half, off, kb):
+    """One lane's 8-element read of the stage at byte offset `off` (elements times kb)."""
+    e = off // kb
     return half[e : e + 8]
+
+
+def k_read_off(lane, h, p, d, kb):
+    """The kernel's k_read_off: the lane's kl = smem_off(n, q) XOR p's part, 8h rows on."""
+    kl = smem_off(G[lane], T[lane], d, kb)
+    off = 8 * h * d * kb + (kl ^ (32 * kb * p))
+    assert off == smem_off(8 * h + G[lane], 4 * p + T[lane], d, kb)
+    return off
+
+
+def v_read_off(lane, u, c, d, kb):
+    """The kernel's v_read_off: vl = smem_off(2q, n) XOR u's and c's parts, rows on."""
+    rb, units = d * kb, d * kb // 16
+    vl = smem_off(2 * T[lane], G[lane], d, kb)
+    off = ((u & 1) + 8 * (u >> 1)) * rb + (vl ^ ((swz(u & 1) & (units - 1)) << 4) ^ (64 * kb * c))
+    tok = 2 * T[lane] + (u & 1) + 8 * (u >> 1)
+    assert off == smem_off(tok, 8 * c + G[lane], d, kb)
+    return off
 
 
 def k_vector(k, tb, h, p, lo, t_end, d=None, kb=2):
     """Lane (n, q)'s K read: token 8h + n, vector 4p + q (dims 8 (4p + q) .. + 7)."""
     d = k.shape[1] if d is None else d
     half = stage_tile(k, tb, lo, t_end, d, kb)
-    return np.stack([read_vec(half, 8 * h + G[i], 4 * p + T[i], d, kb) for i in LANES])
+    return np.stack([read_vec(half, k_read_off(i, h, p, d, kb), kb) for i in LANES])
 
 
 def v_vector(v, tb, u, c, lo, t_end, d=None, kb=2):
     """Its V read: token 2q + (u & 1) + 8 (u >> 1), vector 8c + n (dims 64c + 8n .. + 7)."""
     d = v.shape[1] if d is None else d
     half = stage_tile(v, tb, lo, t_end, d, kb)
-    tok = 2 * T + (u & 1) + 8 * (u >> 1)
-    return np.stack([read_vec(half, tok[i], 8 * c + G[i], d, kb) for i in LANES])
+    return np.stack([read_vec(half, v_read_off(i, u, c, d, kb), kb) for i in LANES])
 
 
 def pair(x, y, e):
@@ -310,3 +327,16 @@ def pipeline_trace(my_tiles: int, stages: int) -> list[tuple[int, int]]:
 def test_pipeline_reads_each_tile_once_from_its_stage(stages: int) -> None:
     for my_tiles in range(0, 13):
         assert pipeline_trace(my_tiles, stages) == [(k, k % stages) for k in range(my_tiles)]
+
+
+@pytest.mark.parametrize("kb", [1, 2])
+@pytest.mark.parametrize("d", [64, 128])
+def test_read_offsets_are_smem_off(d: int, kb: int) -> None:
+    """k_read_off / v_read_off (the lane's base XOR a constant) equal smem_off everywhere."""
+    for lane in LANES:
+        for h in range(2):
+            for p in range(d // 32):
+                k_read_off(lane, h, p, d, kb)
+        for u in range(4):
+            for c in range(d // 64):
+                v_read_off(lane, u, c, d, kb)
