@@ -13,6 +13,7 @@ import pytest
 
 from cuda import int4_gemm as ig
 from cuda import int4_gemv as sk
+from cuda import int4_mma_gemv as mg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,11 @@ def test_bench_int4_runs_and_reports_every_variant(
     monkeypatch.setattr(bench, "copy_bandwidth", lambda: 4.0e12)
     monkeypatch.setattr(sk, "_sms", lambda device: 132)
     monkeypatch.setattr(sk, "gemv", lambda x, w, y, plan: launched.append(plan.name))
+    monkeypatch.setattr(bench, "graphed", lambda fn: fn)
+    monkeypatch.setattr(mg, "_sms", lambda device: 132)
+    monkeypatch.setattr(
+        mg, "gemv", lambda x, w, y, v=None: launched.append(mg.kernel_name(*(v or (0, 0))))
+    )
     out = tmp_path / "int4.json"
     monkeypatch.setattr(
         sys, "argv", ["bench_int4.py", "--prefill-tokens", "16", "--output-json", str(out)]
@@ -48,14 +54,20 @@ def test_bench_int4_runs_and_reports_every_variant(
     result = json.loads(out.read_text())
     assert [r["shape"] for r in result["rows"]] == ["tiny", "tall"]
     for row in result["rows"]:
-        labels = set(row["us"]) - {"old", "rule", "tiles"}
+        labels = set(row["us"]) - {"old", "rule", "tiles", "mma"}
         assert {lb.rsplit("_s", 1)[0] for lb in labels} == {f"r{r}_w{w}" for r, w in sk.VARIANTS[1]}
         # The fake clock grows with each call: the first variant timed is the fastest.
         assert row["best_variant"] == next(lb for lb in row["us"] if lb in labels)
         assert row["rule_pick"].startswith("r") and row["frac_copy"]["old"] > 0
         assert {"m8_old_us", "m8_split_us", "m8_tiles_us", "prefill_tflops"} <= set(row)
+        assert {"m2_old_us", "m2_mma_us", "m4_mma_us", "m8_mma_us"} <= set(row)
+        assert set(row["mma_variants_us"]) == {f"w{wk}_u{u}" for wk, u in mg.VARIANTS}
+        assert row["mma_best"] == "w4_u2"  # timed first: the fake clock's fastest
+        assert set(row["graph_us"]) == {"old", "mma", "cublas_bf16"}
     assert "best variant per shape (M = 1): tiny r" in text
+    assert "graphs | graph old" in text and "mma rule[w4_u2]" in text
     assert set(launched) >= {f"gemv_sk_m1_r{r}_w{w}" for r, w in sk.VARIANTS[1]}
+    assert set(launched) >= set(mg.kernel_names())
 
 
 def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,6 +97,7 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
         for m_t in sk.M_TEMPLATES:
             sk._kernel(dtype, sk.split_plan(64, 256, m_t, *sk.VARIANTS[m_t][0]))
         int4_gemm._kernel(dtype, "k")
+        mg._kernel(dtype, "k")
         for head_dim in (64, 128):
             decode_attention._kernel(dtype, head_dim, "k")
             monkeypatch.setattr(pa, "_allow_smem", lambda *a: None)
