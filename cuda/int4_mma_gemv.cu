@@ -6,7 +6,9 @@
 // into contiguous runs of 128-input k-blocks; a shared-memory sum at the end (no workspace,
 // no atomics: deterministic and graph-safe). Per k-block a lane (g = lane / 4, c = lane % 4)
 // loads two 16-byte weight vectors, channels g and g + 8, inputs 32 c .. 32 c + 31 (the
-// warp: 16 channels x 64 contiguous bytes), MW_U k-blocks' worth before any math.
+// warp: 16 channels x 64 contiguous bytes), U k-blocks' worth before any math. PF = 1:
+// then the next U k-blocks are prefetched into L2 (prefetch.global.L2 holds no registers),
+// so a warp keeps ~2 U k-blocks in flight at the 64 registers that give 32 warps an SM.
 //
 // Math: mma.m16n8k16 with A = 16 channels x 16 inputs of W (exact small integers q - z),
 // B = x^T (16 inputs x 8 rows of x), fp32 accumulate, so every product is exact and the
@@ -44,6 +46,10 @@ __device__ __forceinline__ uint4 mw_ld_stream(const uint4* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
     return v;
+}
+
+__device__ __forceinline__ void mw_prefetch(const uint4* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 __device__ __forceinline__ unsigned int mw_fma2(unsigned int a, unsigned int b, unsigned int c) {
@@ -123,7 +129,7 @@ __device__ __forceinline__ void mw_kblock(float (&t)[4], uint4 wl, uint4 wh, MwZ
         elem_t *__restrict__ y, long long y_stride, int N, int K, int group_size, int M
 #define HR_MW_PASS x, x_stride, qw, scales, zeros, y, y_stride, N, K, group_size, M
 
-template <int WK, int U>
+template <int WK, int U, int PF>
 __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
     __shared__ float red[WK][4][32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -140,6 +146,15 @@ __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
     const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)(g < M ? g : 0) * x_stride) + 4 * c;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int b = b0; b < b1; b += U) {
+        if (PF) {  // the next round (first: no registers are live yet)
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (b + U + u < b1) {
+                    mw_prefetch(wlp + 4 * (b + U + u));
+                    mw_prefetch(whp + 4 * (b + U + u));
+                }
+            }
+        }
         uint4 wl[U], wh[U];
         float sl[U], sh[U], zl[U], zh[U];
 #pragma unroll
@@ -181,18 +196,20 @@ __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
     }
 }
 
-// mma_gemv_w{WK}_u{U}: WK warps a block split K, U k-blocks loaded together per warp.
-// cuda/int4_mma_gemv.py's VARIANTS lists the same set. U = 2 is capped at 64 registers (32
-// warps an SM, no spills); U = 4 needs ~96 (80 spills), so it keeps ~20 warps an SM.
+// mma_gemv_w{WK}_u{U}[_pf]: WK warps a block split K, U k-blocks loaded together per warp,
+// _pf: the next U prefetched. cuda/int4_mma_gemv.py's VARIANTS lists the same set. U = 2 is
+// capped at 64 registers (32 warps an SM, no spills); U = 4 needs ~96 (80 spills), so it
+// keeps ~20 warps an SM.
 #define HR_MW_MIN_BLOCKS(WK, U) ((U) == 2 ? 32 / (WK) : 1)
-#define HR_MW_KERNEL(WK, U)                                                            \
+#define HR_MW_KERNEL(WK, U, PF, SUFFIX)                                                \
     extern "C" __global__ void __launch_bounds__(WK * 32, HR_MW_MIN_BLOCKS(WK, U))     \
-        mma_gemv_w##WK##_u##U(HR_MW_ARGS) {                                            \
-        mma_gemv<WK, U>(HR_MW_PASS);                                                              \
+        mma_gemv_w##WK##_u##U##SUFFIX(HR_MW_ARGS) {                                    \
+        mma_gemv<WK, U, PF>(HR_MW_PASS);                                               \
     }
-HR_MW_KERNEL(4, 2)
-HR_MW_KERNEL(4, 4)
-HR_MW_KERNEL(8, 2)
-HR_MW_KERNEL(8, 4)
-HR_MW_KERNEL(16, 2)
-HR_MW_KERNEL(16, 4)
+#define HR_MW_KERNELS(WK, U) HR_MW_KERNEL(WK, U, 0, ) HR_MW_KERNEL(WK, U, 1, _pf)
+HR_MW_KERNELS(4, 2)
+HR_MW_KERNELS(4, 4)
+HR_MW_KERNELS(8, 2)
+HR_MW_KERNELS(8, 4)
+HR_MW_KERNELS(16, 2)
+HR_MW_KERNELS(16, 4)

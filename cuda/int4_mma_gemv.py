@@ -8,17 +8,19 @@ is the A operand of mma.m16n8k16 once the kernel maps mma's columns to inputs so
 how). So the layout both formats load into already suits the kernel, the dequantize and
 prefill paths stay as they are, and HEADRACE_INT4_GEMV=old/split still read the same bytes.
 
-A variant is (WK, U): WK warps of a block split one 16-channel tile's k-blocks into
-contiguous runs; each warp loads U k-blocks (2 U 16-byte vectors a lane) before the math.
+A variant is (WK, U, PF): WK warps of a block split one 16-channel tile's k-blocks into
+contiguous runs; each warp loads U k-blocks (2 U 16-byte vectors a lane) before the math,
+and with PF = 1 prefetches the next U into L2 first.
 Needs K % 128 == 0 and group_size % 128 == 0 (a k-block's mma sums over 128 inputs, so it
 must lie in one group); other shapes run the old kernels. x: up to MAX_ROWS rows a launch.
 
 The rule (`choose`), by reasoning until the GPU says otherwise (scripts/bench_int4.py
-prints every variant's time and the best per shape): the fewest warps a block (4, 8, 16)
-whose grid has >= WARPS_PER_SM warps per SM (ncu: gemv_m1 on 8B down had 12% achieved
-occupancy with 256 blocks of 4 warps), at most one warp per k-block; U = 4 (more bytes in
-flight a warp, ~96 registers) only with 4-warp blocks whose warps have >= 8 k-blocks each
-(then 5 blocks an SM still hold 20 warps), else U = 2 (64 registers, 32 warps an SM).
+prints every variant's time and the best per shape): U = 2 with the prefetch (64 registers:
+32 warps an SM, ~4 k-blocks in flight a warp); the most warps a block (16, 8, 4) whose grid
+still runs in one wave (tiles <= SMs x 32 / WK): ncu found gemv_m1 on 8B down at 12%
+achieved occupancy with 256 blocks of 4 warps, and a second, partial wave of blocks that
+each make one round trip to HBM costs a whole round trip more; shapes too tall for one
+wave even at 4 warps take 4 (the longest runs a warp). At most one warp per k-block.
 """
 
 from __future__ import annotations
@@ -39,19 +41,19 @@ TILE_N = 16  # channels per block
 MAX_ROWS = 8  # x rows a launch (mma's B has 8 columns)
 WKS = (4, 8, 16)
 US = (2, 4)
-VARIANTS = tuple((wk, u) for wk in WKS for u in US)
-WARPS_PER_SM = 32
+VARIANTS = tuple((wk, u, pf) for wk in WKS for u in US for pf in (0, 1))
+WARPS_PER_SM = 32  # resident at 64 registers (U = 2)
 SMS = 132  # H200; `plan_for` takes the real count
 
 _source: str | None = None
 
 
-def kernel_name(wk: int, u: int) -> str:
-    return f"mma_gemv_w{wk}_u{u}"
+def kernel_name(wk: int, u: int, pf: int) -> str:
+    return f"mma_gemv_w{wk}_u{u}" + ("_pf" if pf else "")
 
 
 def kernel_names() -> list[str]:
-    return [kernel_name(wk, u) for wk, u in VARIANTS]
+    return [kernel_name(*v) for v in VARIANTS]
 
 
 def supported(n: int, k: int, group_size: int) -> bool:
@@ -59,29 +61,31 @@ def supported(n: int, k: int, group_size: int) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def choose(n: int, k: int, sms: int = SMS) -> tuple[int, int]:
-    """(WK, U) for W [n, k] (module docstring)."""
+def choose(n: int, k: int, sms: int = SMS) -> tuple[int, int, int]:
+    """(WK, U, PF) for W [n, k] (module docstring)."""
     tiles, kblocks = -(-n // TILE_N), k // KB
-    wk = next((w for w in WKS if tiles * w >= WARPS_PER_SM * sms), WKS[-1])
-    while wk > WKS[0] and wk > kblocks:
-        wk //= 2
-    per_warp = -(-kblocks // wk)
-    return wk, 4 if per_warp >= 8 and wk == WKS[0] else 2
+    one_wave = [w for w in WKS if tiles <= sms * (WARPS_PER_SM // w) and w <= max(kblocks, 4)]
+    return (max(one_wave) if one_wave else WKS[0]), 2, 1
 
 
 def grid(n: int) -> tuple[int]:
     return (-(-n // TILE_N),)
 
 
-def forced_variant(text: str) -> tuple[int, int] | None:
-    """HEADRACE_INT4_MMA_VARIANT "w{WK}_u{U}" (e.g. w16_u2): that variant for every shape
-    (to try a bench's best in W1 without a code change); "": the rule."""
+def label(variant: tuple[int, int, int]) -> str:
+    """w{WK}_u{U}[_pf], as the bench and HEADRACE_INT4_MMA_VARIANT name a variant."""
+    return kernel_name(*variant).removeprefix("mma_gemv_")
+
+
+def forced_variant(text: str) -> tuple[int, int, int] | None:
+    """HEADRACE_INT4_MMA_VARIANT "w{WK}_u{U}[_pf]" (e.g. w16_u2_pf): that variant for every
+    shape (to try a bench's best in W1 without a code change); "": the rule."""
     if not text:
         return None
-    m = re.fullmatch(r"w(\d+)_u(\d+)", text)
-    variant = (int(m.group(1)), int(m.group(2))) if m else None
+    m = re.fullmatch(r"w(\d+)_u(\d+)(_pf)?", text)
+    variant = (int(m.group(1)), int(m.group(2)), int(bool(m.group(3)))) if m else None
     if variant not in VARIANTS:
-        known = [f"w{wk}_u{u}" for wk, u in VARIANTS]
+        known = [label(v) for v in VARIANTS]
         raise ValueError(f"HEADRACE_INT4_MMA_VARIANT {text!r} is not one of {known}")
     return variant
 
@@ -136,7 +140,7 @@ def _sms(device: torch.device) -> int:
     return count
 
 
-def plan_for(w: object, device: torch.device) -> tuple[int, int]:
+def plan_for(w: object, device: torch.device) -> tuple[int, int, int]:
     """The variant for w (an Int4Weight) on `device`: HEADRACE_INT4_MMA_VARIANT or the rule."""
     if FORCED is not None:
         return FORCED
@@ -144,12 +148,12 @@ def plan_for(w: object, device: torch.device) -> tuple[int, int]:
 
 
 def gemv(
-    x: torch.Tensor, w: object, y: torch.Tensor, variant: tuple[int, int] | None = None
+    x: torch.Tensor, w: object, y: torch.Tensor, variant: tuple[int, int, int] | None = None
 ) -> None:
     """y [M, N] = x [M, K] W^T for M <= 8 rows on the GPU (w: rows layout, no perm,
-    `supported`); `variant` (WK, U) overrides the rule (the bench)."""
+    `supported`); `variant` (WK, U, PF) overrides the rule (the bench)."""
     if not 1 <= x.shape[0] <= MAX_ROWS:
         raise ValueError(f"x rows {x.shape[0]} outside 1..{MAX_ROWS}")
-    wk, u = variant or plan_for(w, x.device)
-    args = launch_args(x, w, y)
-    compiler.launch(_kernel(x.dtype, kernel_name(wk, u)), grid(w.out_features), wk * 32, *args)  # type: ignore[attr-defined]
+    v = variant or plan_for(w, x.device)
+    kernel = _kernel(x.dtype, kernel_name(*v))
+    compiler.launch(kernel, grid(w.out_features), v[0] * 32, *launch_args(x, w, y))  # type: ignore[attr-defined]

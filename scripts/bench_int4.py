@@ -65,9 +65,9 @@ def mma_rows(row: dict, w: ig.Int4Weight, x1: torch.Tensor, y1: torch.Tensor) ->
     """The tensor-core GEMV's variants at M = 1, and old vs mma at 2 and 4 rows (8: --rows8)."""
     if not mg.supported(w.out_features, w.in_features, w.group_size):
         return
-    v = {f"w{wk}_u{u}": timed(partial(mg.gemv, x1, w, y1, (wk, u))) * 1e6 for wk, u in mg.VARIANTS}
-    wk, u = mg.choose(w.out_features, w.in_features, mg._sms(x1.device))
-    row |= dict(mma_variants_us=v, mma_rule=f"w{wk}_u{u}", mma_best=min(v, key=v.__getitem__))
+    v = {mg.label(a): timed(partial(mg.gemv, x1, w, y1, a)) * 1e6 for a in mg.VARIANTS}
+    rule = mg.label(mg.choose(w.out_features, w.in_features, mg._sms(x1.device)))
+    row |= dict(mma_variants_us=v, mma_rule=rule, mma_best=min(v, key=v.__getitem__))
     k, n = w.in_features, w.out_features
     for m in (2, 4):
         xm = torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE)

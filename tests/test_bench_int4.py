@@ -42,7 +42,7 @@ def test_bench_int4_runs_and_reports_every_variant(
     monkeypatch.setattr(bench, "graphed", lambda fn: fn)
     monkeypatch.setattr(mg, "_sms", lambda device: 132)
     monkeypatch.setattr(
-        mg, "gemv", lambda x, w, y, v=None: launched.append(mg.kernel_name(*(v or (0, 0))))
+        mg, "gemv", lambda x, w, y, v=None: launched.append(mg.kernel_name(*(v or (0, 0, 0))))
     )
     out = tmp_path / "int4.json"
     monkeypatch.setattr(
@@ -61,11 +61,11 @@ def test_bench_int4_runs_and_reports_every_variant(
         assert row["rule_pick"].startswith("r") and row["frac_copy"]["old"] > 0
         assert {"m8_old_us", "m8_split_us", "m8_tiles_us", "prefill_tflops"} <= set(row)
         assert {"m2_old_us", "m2_mma_us", "m4_mma_us", "m8_mma_us"} <= set(row)
-        assert set(row["mma_variants_us"]) == {f"w{wk}_u{u}" for wk, u in mg.VARIANTS}
+        assert set(row["mma_variants_us"]) == {mg.label(v) for v in mg.VARIANTS}
         assert row["mma_best"] == "w4_u2"  # timed first: the fake clock's fastest
         assert set(row["graph_us"]) == {"old", "mma", "cublas_bf16"}
     assert "best variant per shape (M = 1): tiny r" in text
-    assert "graphs | graph old" in text and "mma rule[w4_u2]" in text
+    assert "graphs | graph old" in text and "mma rule[w4_u2_pf] best[w4_u2]" in text
     assert set(launched) >= {f"gemv_sk_m1_r{r}_w{w}" for r, w in sk.VARIANTS[1]}
     assert set(launched) >= set(mg.kernel_names())
 

@@ -69,25 +69,27 @@ def test_source_has_the_emulated_constants() -> None:
 
 
 def test_rule_on_llama_shapes() -> None:
-    # 8B: qkv, o, gate_up, down; 70B: qkv, o, gate_up, down. >= 32 warps per SM where
-    # the tiles allow it; U = 4 on long runs.
+    # The most warps a block that still runs in one wave (tiles <= 132 x 32 / WK); too
+    # tall for one wave: 4. Always U = 2 with the prefetch.
     picks = {
-        (n, k): mg.choose(n, k, 132)
+        (n, k): mg.choose(n, k, 132)[0]
         for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
         + [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
     }
     assert picks == {
-        (6144, 4096): (16, 2),
-        (4096, 4096): (16, 2),
-        (28672, 4096): (4, 4),
-        (4096, 14336): (16, 2),
-        (10240, 8192): (8, 2),
-        (8192, 8192): (16, 2),
-        (57344, 8192): (4, 4),
-        (8192, 28672): (16, 2),
+        (6144, 4096): 8,  # 384 tiles: 16 warps would need 1.45 waves
+        (4096, 4096): 16,
+        (28672, 4096): 4,
+        (4096, 14336): 16,
+        (10240, 8192): 4,
+        (8192, 8192): 8,
+        (57344, 8192): 4,
+        (8192, 28672): 8,
     }
-    assert mg.choose(16, 128, 132) == (4, 2)  # one k-block: the fewest warps
-    assert mg.choose(64, 1024, 132) == (8, 2)  # at most one warp per k-block
+    assert {mg.choose(n, 4096, 132)[1:] for n in (16, 4096, 28672)} == {(2, 1)}
+    assert mg.choose(16, 128, 132)[0] == 4  # one k-block: the fewest warps
+    assert mg.choose(64, 1024, 132)[0] == 8  # at most one warp per k-block
+    assert all(mg.choose(n, 4096, 132) in mg.VARIANTS for n in (16, 1000, 4096, 10**5))
 
 
 def test_supported_shapes() -> None:
@@ -97,7 +99,8 @@ def test_supported_shapes() -> None:
 
 
 def test_forced_variant() -> None:
-    assert mg.forced_variant("") is None and mg.forced_variant("w16_u2") == (16, 2)
+    assert mg.forced_variant("") is None and mg.forced_variant("w16_u2") == (16, 2, 0)
+    assert mg.forced_variant("w4_u4_pf") == (4, 4, 1) and mg.label((4, 4, 1)) == "w4_u4_pf"
     with pytest.raises(ValueError, match="HEADRACE_INT4_MMA_VARIANT"):
         mg.forced_variant("w3_u2")
 
@@ -116,10 +119,11 @@ def test_mma_launch_arguments(monkeypatch: pytest.MonkeyPatch, m: int, n: int, k
     text = mg.source()
     macro = text[text.index("#define HR_MW_ARGS") : text.index("#define HR_MW_PASS")]
     signature = kernel_parameters(macro + '\nextern "C" __global__ void s(HR_MW_ARGS) {}\n')["s"]
-    wk, u = mg.choose(n, k, 132)
+    wk, u, pf = mg.choose(n, k, 132)
+    name = f"mma_gemv_w{wk}_u{u}" + ("_pf" if pf else "")
     assert len(calls) == -(-m // 8)
     for i, (kernel, grid, block, *args) in enumerate(calls):
-        assert (kernel, tuple(grid), block) == (f"mma_gemv_w{wk}_u{u}", (-(-n // 16),), wk * 32)
+        assert (kernel, tuple(grid), block) == (name, (-(-n // 16),), wk * 32)
         assert [type(a) for a in args] == [t for _, t in signature]
         got = dict(zip([name for name, _ in signature], args, strict=True))
         assert got["x"] == x.data_ptr() + 8 * i * (k + 8) * 2 and got["x_stride"] == k + 8
