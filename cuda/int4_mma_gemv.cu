@@ -81,17 +81,20 @@ __device__ __forceinline__ MwZero mw_zero(float z) {
 #endif
 }
 
-// q[s] = (nibble s - z, nibble s + 4 - z) of word w as a 16-bit pair, s = 0..3.
-__device__ __forceinline__ void mw_dequant(unsigned int w, MwZero z, unsigned int (&q)[4]) {
+// q[s] = (nibble s - z, nibble s + 4 - z) of word w as a 16-bit pair, s = 0..3. `lo` is
+// 0x000F000F in a register: the kernel takes it as an argument (lo_mask), because as a
+// known constant next to the magic immediate ptxas re-made it with a MOV before every LOP3
+// (26 of ~200 instructions a k-block).
+__device__ __forceinline__ void mw_dequant(unsigned int w, MwZero z, unsigned int lo, unsigned int (&q)[4]) {
 #if HR_BF16
 #pragma unroll
-    for (int s = 0; s < 4; ++s) q[s] = mw_fma2(((w >> (4 * s)) & 0x000F000Fu) | MW_MAGIC, MW_ONE, z.lo);
+    for (int s = 0; s < 4; ++s) q[s] = mw_fma2(((w >> (4 * s)) & lo) | MW_MAGIC, MW_ONE, z.lo);
 #else
-    const unsigned int w8 = w >> 8;
-    q[0] = mw_fma2((w & 0x000F000Fu) | MW_MAGIC, MW_ONE, z.lo);
-    q[1] = mw_fma2((w & 0x00F000F0u) | MW_MAGIC, MW_SIXTEENTH, z.hi);
-    q[2] = mw_fma2((w8 & 0x000F000Fu) | MW_MAGIC, MW_ONE, z.lo);
-    q[3] = mw_fma2((w8 & 0x00F000F0u) | MW_MAGIC, MW_SIXTEENTH, z.hi);
+    const unsigned int w8 = w >> 8, hi = lo << 4;
+    q[0] = mw_fma2((w & lo) | MW_MAGIC, MW_ONE, z.lo);
+    q[1] = mw_fma2((w & hi) | MW_MAGIC, MW_SIXTEENTH, z.hi);
+    q[2] = mw_fma2((w8 & lo) | MW_MAGIC, MW_ONE, z.lo);
+    q[3] = mw_fma2((w8 & hi) | MW_MAGIC, MW_SIXTEENTH, z.hi);
 #endif
 }
 
@@ -109,15 +112,15 @@ __device__ __forceinline__ unsigned int mw_word(const uint4& v, int i) {
 // One k-block: t += the 16 x 8 tile's 8 k-steps. wl / wh: channels g / g + 8; xr: the
 // lane's 32 inputs of its x row (4 uint4).
 __device__ __forceinline__ void mw_kblock(float (&t)[4], uint4 wl, uint4 wh, MwZero zl, MwZero zh,
-                                          const uint4* __restrict__ xr) {
+                                          const uint4* __restrict__ xr, unsigned int lo) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const uint4 xv = __ldg(xr + i);  // inputs 8 i .. 8 i + 7 (pairs (0,1) (2,3) (4,5) (6,7))
         const unsigned int b00 = __byte_perm(xv.x, xv.z, 0x5410), b01 = __byte_perm(xv.x, xv.z, 0x7632);
         const unsigned int b10 = __byte_perm(xv.y, xv.w, 0x5410), b11 = __byte_perm(xv.y, xv.w, 0x7632);
         unsigned int ql[4], qh[4];
-        mw_dequant(mw_word(wl, i), zl, ql);
-        mw_dequant(mw_word(wh, i), zh, qh);
+        mw_dequant(mw_word(wl, i), zl, lo, ql);
+        mw_dequant(mw_word(wh, i), zh, lo, qh);
         mw_mma(t, ql[0], qh[0], ql[1], qh[1], b00, b01);  // t = 0: inputs 0, 4 | 1, 5
         mw_mma(t, ql[2], qh[2], ql[3], qh[3], b10, b11);  // t = 1: inputs 2, 6 | 3, 7
     }
@@ -126,8 +129,8 @@ __device__ __forceinline__ void mw_kblock(float (&t)[4], uint4 wl, uint4 wh, MwZ
 #define HR_MW_ARGS                                                                              \
     const elem_t *__restrict__ x, long long x_stride, const uint4 *__restrict__ qw,          \
         const __half *__restrict__ scales, const unsigned char *__restrict__ zeros,             \
-        elem_t *__restrict__ y, long long y_stride, int N, int K, int group_size, int M
-#define HR_MW_PASS x, x_stride, qw, scales, zeros, y, y_stride, N, K, group_size, M
+        elem_t *__restrict__ y, long long y_stride, int N, int K, int group_size, int M, int lo_mask
+#define HR_MW_PASS x, x_stride, qw, scales, zeros, y, y_stride, N, K, group_size, M, lo_mask
 
 template <int WK, int U, int PF>
 __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
@@ -140,18 +143,26 @@ __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
     // Channels past N (N % 16 != 0) re-read row N - 1; their outputs are not written.
     const int ch = blockIdx.x * 16 + g;
     const int nl = min(ch, N - 1), nh = min(ch + 8, N - 1);
-    const uint4* wlp = qw + (long long)nl * (K / 32) + c;  // + 4 b: k-block b
-    const uint4* whp = qw + (long long)nh * (K / 32) + c;
+    // Pointers at k-block b0, stepped U k-blocks a round (no 64-bit index math per load).
+    const uint4* wlp = qw + (long long)nl * (K / 32) + c + 4 * b0;
+    const uint4* whp = qw + (long long)nh * (K / 32) + c + 4 * b0;
     // B column g is x row g; lanes past the last row re-read row 0 (columns >= M not written).
-    const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)(g < M ? g : 0) * x_stride) + 4 * c;
+    const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)(g < M ? g : 0) * x_stride) + 4 * c + 16 * b0;
+    const __half* slp = scales + (long long)nl * G;
+    const __half* shp = scales + (long long)nh * G;
+    const unsigned char* zlp = zeros + (long long)nl * G;
+    const unsigned char* zhp = zeros + (long long)nh * G;
+    const unsigned int lo = (unsigned int)lo_mask;  // 0x000F000F (mw_dequant)
+    // The warp walks its k-blocks in order: the group changes every bpg (no division a block).
+    int gi = b0 / bpg, g_next = (gi + 1) * bpg;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int b = b0; b < b1; b += U) {
+    for (int b = b0; b < b1; b += U, wlp += 4 * U, whp += 4 * U, xr += 16 * U) {
         if (PF) {  // the next round (first: no registers are live yet)
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 if (b + U + u < b1) {
-                    mw_prefetch(wlp + 4 * (b + U + u));
-                    mw_prefetch(whp + 4 * (b + U + u));
+                    mw_prefetch(wlp + 4 * (U + u));
+                    mw_prefetch(whp + 4 * (U + u));
                 }
             }
         }
@@ -160,20 +171,23 @@ __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (b + u < b1) {
-                wl[u] = mw_ld_stream(wlp + 4 * (b + u));
-                wh[u] = mw_ld_stream(whp + 4 * (b + u));
-                const int gi = (b + u) / bpg;
-                sl[u] = __half2float(__ldg(scales + (long long)nl * G + gi));
-                sh[u] = __half2float(__ldg(scales + (long long)nh * G + gi));
-                zl[u] = (float)__ldg(zeros + (long long)nl * G + gi);
-                zh[u] = (float)__ldg(zeros + (long long)nh * G + gi);
+                wl[u] = mw_ld_stream(wlp + 4 * u);
+                wh[u] = mw_ld_stream(whp + 4 * u);
+                if (b + u == g_next) {
+                    ++gi;
+                    g_next += bpg;
+                }
+                sl[u] = __half2float(__ldg(slp + gi));
+                sh[u] = __half2float(__ldg(shp + gi));
+                zl[u] = (float)__ldg(zlp + gi);
+                zh[u] = (float)__ldg(zhp + gi);
             }
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (b + u < b1) {
                 float t[4] = {0.f, 0.f, 0.f, 0.f};
-                mw_kblock(t, wl[u], wh[u], mw_zero(zl[u]), mw_zero(zh[u]), xr + 16 * (b + u));
+                mw_kblock(t, wl[u], wh[u], mw_zero(zl[u]), mw_zero(zh[u]), xr + 16 * u, lo);
                 acc[0] = fmaf(sl[u], t[0], acc[0]);  // C: (channel g, x rows 2c, 2c + 1),
                 acc[1] = fmaf(sl[u], t[1], acc[1]);  //    (channel g + 8, x rows 2c, 2c + 1)
                 acc[2] = fmaf(sh[u], t[2], acc[2]);

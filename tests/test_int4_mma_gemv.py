@@ -64,8 +64,9 @@ def test_source_has_the_emulated_constants() -> None:
     text = mg.source()
     for const in ("0x43004300u", "0x64006400u", "0x3F803F80u", "0x3C003C00u", "0x2C002C00u"):
         assert const in text
-    for sel in ("0x5410", "0x7632", "0x000F000Fu", "0x00F000F0u"):
+    for sel in ("0x5410", "0x7632", "lo << 4", "& lo) | MW_MAGIC"):
         assert sel in text
+    assert mg.LO_MASK == 0x000F000F
 
 
 def test_rule_on_llama_shapes() -> None:
@@ -129,6 +130,7 @@ def test_mma_launch_arguments(monkeypatch: pytest.MonkeyPatch, m: int, n: int, k
         assert got["x"] == x.data_ptr() + 8 * i * (k + 8) * 2 and got["x_stride"] == k + 8
         assert got["y"] == y.data_ptr() + 8 * i * n * 2 and got["y_stride"] == n
         assert (got["N"], got["K"], got["group_size"], got["M"]) == (n, k, 128, min(8, m - 8 * i))
+        assert got["lo_mask"] == 0x000F000F
 
 
 def test_unsupported_group_falls_back_to_old(monkeypatch: pytest.MonkeyPatch) -> None:
