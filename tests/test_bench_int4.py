@@ -108,3 +108,42 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
     layer_ops._launch(torch.bfloat16, ("k", (1,), 32, ()))
     compiler.load_module(kv_write_kernel.SOURCE, name="write_kv")  # as write_kv_cuda does
     assert sorted(map(repr, asked)) == sorted(map(repr, warm.jobs()))
+
+
+def test_bench_int4_mma_prints_one_line_per_shape(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """scripts/bench_int4_mma.py (the gpu_bench step int4w1) on CPU with a fake clock."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_mma", ROOT / "scripts" / "bench_int4_mma.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    clock = iter(range(1, 10**6))
+    launched: list[str] = []
+    monkeypatch.setattr(ig, "GEMV_IMPL", ig.GEMV_IMPL)
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench.B4, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "SHAPES", {"8b.tiny": (64, 256), "8b.tall": (32, 1024)})
+    monkeypatch.setattr(bench.B4, "timed", lambda fn, iters=50: (fn(), 1e-6 * next(clock))[1])
+    monkeypatch.setattr(bench.B4, "copy_bandwidth", lambda: 4.0e12)
+    monkeypatch.setattr(bench, "graphed", lambda fn: fn)
+    monkeypatch.setattr(mg, "_sms", lambda device: 132)
+    monkeypatch.setattr(mg, "gemv", lambda x, w, y, v=None: launched.append(mg.label(v)))
+    out = tmp_path / "mma.json"
+    argv = ["bench_int4_mma.py", "--shapes", "8b.tiny", "8b.tall", "--output-json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    print("\n".join(lines))
+    assert len(lines) == 3 and lines[1].startswith("8b.tiny") and lines[2].startswith("8b.tall")
+    assert "mma[w4_u2_pf]" in lines[1] and "M=2/4/8 old" in lines[1]
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        assert set(row["us"]) == set(row["graph_us"]) == {"old", "mma", "cublas_bf16"}
+        assert set(row["mma_variants_us"]) == {mg.label(v) for v in mg.VARIANTS}
+        assert row["mma_best"] == mg.label(mg.VARIANTS[0])  # timed first: the fastest
+        assert set(row["rows_us"]) == {f"m{m}_{i}" for m in (2, 4, 8) for i in ("old", "mma")}
+        assert row["frac_copy"]["mma"] > 0 and row["graph_frac_copy"]["cublas_bf16"] > 0
+    assert launched == [mg.label(v) for v in mg.VARIANTS] * 2
