@@ -20,9 +20,9 @@
 // and one FMA2 turns into q - z (the zero point folded into the constant); x's pairs
 // (x_s, x_s+4) are one PRMT each. fp16 skips the shifts for odd s: 0x00F000F0 | 0x6400 is
 // 1024 + 16 q, and FMA2 by 1/16 minus (64 + z) gives q - z (bf16's 7-bit mantissa cannot).
-// SASS (sm_90, U = 2): ~178 instructions a lane per k-block of 64 weights in bf16 (~170 in
-// fp16): 32 LOP3 + 32 HADD2 + 24 SHF (fp16: 8) + 16 PRMT + 8 HMMA + 10 loads + ~55 of
-// addressing, scales and the loop; ~2.8 a weight, against gemv_m1's ~4-5, which ncu found
+// SASS (sm_90, U = 2): ~174 instructions a lane per k-block of 64 weights in bf16 (~164 in
+// fp16): 32 LOP3 + 32 HADD2 + 24 SHF (fp16: 8) + 16 PRMT + 8 HMMA + 10 loads + ~50 of
+// addressing, scales and the loop; ~2.7 a weight, against gemv_m1's ~4-5, which ncu found
 // issue-bound (SM 70%, ALU 60%, DRAM 47% on 8B gate_up).
 
 #include "elem2_type.cuh"  // elem_t, from_f for HR_BF16
@@ -60,26 +60,20 @@ __device__ __forceinline__ unsigned int mw_fma2(unsigned int a, unsigned int b, 
     return d;
 }
 
-__device__ __forceinline__ unsigned int mw_bits2(float v) {  // v on both 16-bit lanes
-#if HR_BF16
-    const __nv_bfloat162 h = __floats2bfloat162_rn(v, v);
-#else
-    const __half2 h = __floats2half2_rn(v, v);
-#endif
-    return *reinterpret_cast<const unsigned int*>(&h);
-}
-
-// The constants that make (magic | nibbles) q - z for a zero point z: [0] for nibbles at
-// bits 0-3 of each half (-(magic + z)), [1] (fp16) for bits 4-7 (-(magic / 16 + z)).
+// The constants that make (magic | nibbles) q - z for a zero point z (0..16), on both
+// 16-bit lanes, as integer bit patterns (one IMAD each, no float conversions): lo for
+// nibbles at bits 0-3 of each half, -(magic + z): bf16 -(128 + z) = 0xC300 + z, fp16
+// -(1024 + z) = 0xE400 + z (both step 1 there); hi (fp16) for bits 4-7, -(magic / 16 + z):
+// -(64 + z) = 0xD400 + 16 z (fp16 steps 1/16 in [64, 128)).
 struct MwZero {
     unsigned int lo, hi;
 };
 
-__device__ __forceinline__ MwZero mw_zero(float z) {
+__device__ __forceinline__ MwZero mw_zero(unsigned int z) {
 #if HR_BF16
-    return {mw_bits2(-(128.f + z)), 0u};
+    return {0xC300C300u + z * 0x00010001u, 0u};
 #else
-    return {mw_bits2(-(1024.f + z)), mw_bits2(-(64.f + z))};
+    return {0xE400E400u + z * 0x00010001u, 0xD400D400u + z * 0x00100010u};
 #endif
 }
 
@@ -169,7 +163,8 @@ __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
             }
         }
         uint4 wl[U], wh[U];
-        float sl[U], sh[U], zl[U], zh[U];
+        float sl[U], sh[U];
+        unsigned int zl[U], zh[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (b + u < b1) {
@@ -181,8 +176,8 @@ __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
                 }
                 sl[u] = __half2float(__ldg(slp + gi));
                 sh[u] = __half2float(__ldg(shp + gi));
-                zl[u] = (float)__ldg(zlp + gi);
-                zh[u] = (float)__ldg(zhp + gi);
+                zl[u] = __ldg(zlp + gi);
+                zh[u] = __ldg(zhp + gi);
             }
         }
 #pragma unroll

@@ -49,10 +49,12 @@ def byte_perm(a: np.ndarray, b: np.ndarray, s: int) -> np.ndarray:
 
 
 def zero_consts(z: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """mw_zero: (-(magic + z), -(magic / 16 + z)) on both halves."""
-    base = 1024.0 if dtype == torch.float16 else 128.0
-    lo = to_bits(np.stack([-(base + z)] * 2, -1), dtype)
-    return lo, to_bits(np.stack([-(base / 16 + z)] * 2, -1), dtype)
+    """mw_zero's integer bit patterns (test_zero_constants_are_the_float_values checks them
+    against -(magic + z) and -(magic / 16 + z) rounded to the dtype)."""
+    zi = z.astype(np.uint32)
+    if dtype == torch.bfloat16:
+        return (0xC300C300 + zi * 0x00010001) & 0xFFFFFFFF, np.zeros_like(zi)
+    return 0xE400E400 + zi * 0x00010001, 0xD400D400 + zi * 0x00100010
 
 
 def dequant(w: np.ndarray, z: np.ndarray, dtype: torch.dtype) -> list[np.ndarray]:

@@ -44,6 +44,21 @@ def test_emulated_kernel_equals_reference(
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_zero_constants_are_the_float_values(dtype: torch.dtype) -> None:
+    from tests.int4_mma_emulation import halves, zero_consts
+
+    z = np.arange(17, dtype=np.float64)  # GPTQ's stored zero + 1 reaches 16
+    lo, hi = zero_consts(z, dtype)
+    magic = 1024.0 if dtype == torch.float16 else 128.0
+    np.testing.assert_array_equal(halves(lo, dtype), np.stack([-(magic + z)] * 2, -1))
+    if dtype == torch.float16:
+        np.testing.assert_array_equal(halves(hi, dtype), np.stack([-(magic / 16 + z)] * 2, -1))
+    text = mg.source()
+    for const in ("0xC300C300u", "0xE400E400u", "0xD400D400u", "0x00010001u", "0x00100010u"):
+        assert const in text
+
+
 def test_emulation_catches_a_wrong_pairing() -> None:
     """The check has teeth: pairing x as (0, 1) instead of (0, 4) breaks the result."""
     from tests import int4_mma_emulation as em
