@@ -31,11 +31,15 @@ def test_every_variant_matches_reference(seed: int) -> None:
     w = gpu_weight(n, k, group_size, perm=False, seed=seed)
     wide = torch.randn(m, k + 64, device="cuda", dtype=dtype)
     x = wide[:, 32 : 32 + k] if rng.random() < 0.5 else wide[:, :k].contiguous()  # strided x
+    ref = ig.int4_linear_ref(x.float(), w)  # check()'s bound, computed once for all variants
+    base = (ig.int4_linear_ref(x, w).float() - ref).abs().max().item()
     for variant in mg.VARIANTS:
         y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         mg.gemv(x, w, y, variant)
         torch.cuda.synchronize()
-        check(y, x, w)
+        assert not torch.isnan(y).any(), (variant, "an output element was not written")
+        err = (y.float() - ref).abs().max().item()
+        assert err <= 2 * base + 1e-3 * ref.abs().max().item(), (variant, err, base)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 17, 32, 40])
