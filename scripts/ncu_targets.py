@@ -121,9 +121,13 @@ TARGETS: dict[str, Callable[[], Callable[[], object]]] = {
     "fp8_8b_qkv": lambda: fp8_gemv(6144, 4096),
     "fp8_8b_gate_up": lambda: fp8_gemv(28672, 4096),
     "fp8_8b_down": lambda: fp8_gemv(4096, 14336),
+    # int4 rows layout: HEADRACE_INT4_GEMV picks the kernel (mma, the default; old; split).
+    "int4_8b_qkv": lambda: int4_gemv(6144, 4096),
+    "int4_8b_o": lambda: int4_gemv(4096, 4096),
     "int4_8b_gate_up": lambda: int4_gemv(28672, 4096),
     "int4_8b_down": lambda: int4_gemv(4096, 14336),
     "int4_8b_gate_up_tiles_m8": lambda: int4_gemv(28672, 4096, m=8, tiles=True),
+    "int4_8b_gate_up_m8": lambda: int4_gemv(28672, 4096, m=8),
     "bf16_8b_qkv": lambda: bf16_linear(6144, 4096),
     "bf16_8b_down": lambda: bf16_linear(4096, 14336),
 }

@@ -23,6 +23,7 @@ from cuda import (
     fused_ops,
     int4_gemm,
     int4_gemv,
+    int4_mma_gemv,
     kv_write_kernel,
     layer_ops,
     prefill_attention,
@@ -39,6 +40,7 @@ def jobs() -> list[Job]:
         for m_t in int4_gemv.M_TEMPLATES:
             out.append(("int4_gemv", int4_gemv.source(), int4_gemv.module_defines(dtype, m_t)))
         out.append(("int4_gemm", int4_gemm.source(), int4_gemm.module_defines(dtype)))
+        out.append(("int4_mma_gemv", int4_mma_gemv.source(), int4_mma_gemv.module_defines(dtype)))
         for head_dim in (64, 128):  # the attention kernels the GPU tests and benches load
             for mod in (prefill_attention, decode_attention):
                 name = mod.__name__.rsplit(".", 1)[1]
