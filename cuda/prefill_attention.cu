@@ -112,7 +112,7 @@ __device__ __forceinline__ unsigned pack2(float a, float b) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-template <int BM, int BN, int WARPS, int STAGES>
+template <int BM, int BN, int WARPS, int STAGES, bool V2>
 struct Tile {
     static constexpr int THREADS = WARPS * 32;
     static constexpr int MT = BM / (16 * WARPS);        // 16-row mma tiles per warp
@@ -124,9 +124,11 @@ struct Tile {
     static constexpr int KV_BYTES = BN * D * 2;          // one K or one V tile
     // Dynamic shared memory: [pad to 1024][Q][K x STAGES][V x STAGES][pages 2 x BN][limits BM]
     // (the ldmatrix address math needs 256-byte aligned tiles; the pad makes sure of it).
+    // Round 1 keeps page ids (4 bytes) per key row; V2 keeps each row's byte offset (8 bytes).
     static constexpr int ALIGN = 1024;
     static constexpr int PAGE_OFF = Q_BYTES + 2 * STAGES * KV_BYTES;
-    static constexpr int LIMIT_OFF = PAGE_OFF + 2 * BN * 4;
+    static constexpr int PAGE_ENTRY = V2 ? 8 : 4;
+    static constexpr int LIMIT_OFF = PAGE_OFF + 2 * BN * PAGE_ENTRY;
     static constexpr int SMEM_BYTES = ALIGN + LIMIT_OFF + BM * 4;
     static_assert(BM % (16 * WARPS) == 0, "whole 16-row mma tiles per warp");
     static_assert(BN % 16 == 0 && THREADS % CPR == 0, "tile shape");
@@ -145,9 +147,76 @@ struct Tile {
     q, q_stride, kc, v_off, query_start_loc, seq_lens, block_tables, bt_stride, out,     \
         out_stride, num_kv_heads, group, block_shift, scale_log2, window
 
-template <int BM, int BN, int WARPS, int STAGES>
+// RESCALE_LOG2: how far (log2 units) a row's scores may pass its running max before V2
+// rescales O and l (the exponentials stay <= 2^RESCALE_LOG2 = 256: exact enough in fp32 sums
+// and in the bf16/fp16 P operand, whose relative precision does not depend on magnitude).
+constexpr float RESCALE_LOG2 = 8.f;
+
+// V2's online softmax over one S tile (raw scores in, P out; FlashAttention-4's lazy
+// rescaling): a row keeps its running max until a tile's max passes it by more than
+// RESCALE_LOG2, and O and the row sums are rescaled only when some row of the warp moved its
+// max, a warp-uniform branch that after a row's first tiles is rarely taken. Round 1 rescaled
+// all of O every tile (D / 4 FMULs per row-half per thread, ~11% of the loop's instructions).
+// The row sums are not added here: P V's mma adds them (lacc, P times a ones column).
+template <int MT, int BN>
+__device__ __forceinline__ void online_softmax_lazy(float (&s)[MT][BN / 8][4],
+                                                    float (&m_run)[MT][2], float (&lacc)[MT][4],
+                                                    float (&o)[MT][D / 8][4], float scale_log2) {
+    float mx[MT][2];
+    bool moved = false;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float m = fmaxf(s[mt][0][hh * 2], s[mt][0][hh * 2 + 1]);
+#pragma unroll
+            for (int nt = 1; nt < BN / 8; ++nt)
+                m = fmaxf(m, fmaxf(s[mt][nt][hh * 2], s[mt][nt][hh * 2 + 1]));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            mx[mt][hh] = m * scale_log2;
+            // -inf + 8 = -inf: a row's first visible score always moves it
+            moved |= mx[mt][hh] > m_run[mt][hh] + RESCALE_LOG2;
+        }
+    }
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const bool move = mx[mt][hh] > m_run[mt][hh] + RESCALE_LOG2;
+                // exp2(-inf - finite) = +0: a row's first visible tile zeroes nothing it had
+                const float corr = move ? exp2_approx(m_run[mt][hh] - mx[mt][hh]) : 1.f;
+                m_run[mt][hh] = move ? mx[mt][hh] : m_run[mt][hh];
+                lacc[mt][hh * 2] *= corr;
+                lacc[mt][hh * 2 + 1] *= corr;
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    o[mt][dt][hh * 2] *= corr;
+                    o[mt][dt][hh * 2 + 1] *= corr;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const float base = m_run[mt][hh] == neg_inf() ? 0.f : m_run[mt][hh];  // sees nothing yet
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    s[mt][nt][hh * 2 + e] =
+                        exp2_approx(fmaf(s[mt][nt][hh * 2 + e], scale_log2, -base));
+            }
+        }
+    }
+}
+
+template <int BM, int BN, int WARPS, int STAGES, bool V2>
 __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
-    using T = Tile<BM, BN, WARPS, STAGES>;
+    using T = Tile<BM, BN, WARPS, STAGES, V2>;
     constexpr int MT = T::MT;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((T::ALIGN - smem_u32(smem_raw) % T::ALIGN) % T::ALIGN);
@@ -156,6 +225,7 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
     if (dyn_bytes < T::SMEM_BYTES) __trap();  // the host's smem_bytes() disagrees with Tile
     const unsigned sQ = smem_u32(smem);
     int (*sPage)[BN] = reinterpret_cast<int (*)[BN]>(smem + T::PAGE_OFF);
+    long long (*sOff)[BN] = reinterpret_cast<long long (*)[BN]>(smem + T::PAGE_OFF);  // V2
     int* sLimit = reinterpret_cast<int*>(smem + T::LIMIT_OFF);  // each row's last visible key
     const unsigned sK = sQ + T::Q_BYTES;               // STAGES K tiles
     const unsigned sV = sK + STAGES * T::KV_BYTES;     // STAGES V tiles
@@ -216,16 +286,41 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
         const int j = n * BN + row;
         return j < kv_hi ? bt[j >> block_shift] : 0;
     };
+    // V2 stores each key row's byte offset instead of its page id: one thread per row computes
+    // it once per tile, where round 1 had each of the row's CPR copying threads redo the 64-bit
+    // page arithmetic (~20 instructions per copied chunk).
+    const char* kv_bytes = reinterpret_cast<const char*>(kv_head);
+    const long long v_bytes = v_off * 2;
+    auto row_off = [&](int n, int row, int page) {
+        const int j = n * BN + row;
+        return ((((long long)page) << block_shift) + (j & bmask)) * (tok_stride * 2);
+    };
     auto load_tile = [&](int n, int stage, bool from_table) {
 #pragma unroll
         for (int it = 0; it < T::KV_ITERS; ++it) {
             const int row = row0 + it * T::ROW_STEP;
             const int j = n * BN + row;
-            const int page = from_table ? page_of(n, row) : sPage[n & 1][row];
-            const long long off = (((long long)page << block_shift) + (j & bmask)) * tok_stride;
             const unsigned dst = stage * T::KV_BYTES + swz(row, chunk);
-            cp_async16(sK + dst, kv_head + off, j < kv_hi);
-            cp_async16(sV + dst, kv_head + v_off + off, j < kv_hi);
+            if constexpr (V2) {
+                const long long off =
+                    from_table ? row_off(n, row, page_of(n, row)) : sOff[n & 1][row];
+                cp_async16(sK + dst, kv_bytes + off, j < kv_hi);
+                cp_async16(sV + dst, kv_bytes + off + v_bytes, j < kv_hi);
+            } else {
+                const int page = from_table ? page_of(n, row) : sPage[n & 1][row];
+                const long long off =
+                    (((long long)page << block_shift) + (j & bmask)) * tok_stride;
+                cp_async16(sK + dst, kv_head + off, j < kv_hi);
+                cp_async16(sV + dst, kv_head + v_off + off, j < kv_hi);
+            }
+        }
+    };
+    // Stores the page of row `tid` of tile n (read earlier: `page`) where load_tile finds it.
+    auto put_page = [&](int n, int page) {
+        if constexpr (V2) {
+            sOff[n & 1][tid] = row_off(n, tid, page);
+        } else {
+            sPage[n & 1][tid] = page;
         }
     };
 #pragma unroll
@@ -233,12 +328,16 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
         if (n_begin + s < n_end) load_tile(n_begin + s, s, true);
         cp_async_commit();  // group s: tile n_begin + s (group 0 also holds Q)
     }
-    if (tid < BN) sPage[(n_begin + STAGES - 1) & 1][tid] = page_of(n_begin + STAGES - 1, tid);
+    if (tid < BN) put_page(n_begin + STAGES - 1, page_of(n_begin + STAGES - 1, tid));
 
     float o[MT][D / 8][4];
     float m_run[MT][2], l_run[MT][2];  // running max (log2 units) and partial row sums
+    // V2's row sums, from the mma of P with a ones column: C fragment layout, so c0 = c1 is row
+    // lane / 4's whole sum (all 4 lanes of the row hold it) and c2 = c3 row lane / 4 + 8's.
+    float lacc[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
+        lacc[mt][0] = lacc[mt][1] = lacc[mt][2] = lacc[mt][3] = 0.f;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
         m_run[mt][0] = m_run[mt][1] = neg_inf();
@@ -326,35 +425,39 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
         }
 
         // Online softmax; a row's 4 owning lanes (lane / 4 equal) agree on the max.
+        if constexpr (V2) {
+            online_softmax_lazy<MT, BN>(s, m_run, lacc, o, scale_log2);
+        } else {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
+            for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                float mx = neg_inf();
+                for (int hh = 0; hh < 2; ++hh) {
+                    float mx = neg_inf();
 #pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt)
-                    mx = fmaxf(mx, fmaxf(s[mt][nt][hh * 2], s[mt][nt][hh * 2 + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_run[mt][hh], mx * scale_log2);
-                const float base = m_new == neg_inf() ? 0.f : m_new;  // a row seeing nothing yet
-                const float corr = exp2_approx(m_run[mt][hh] - base);
-                m_run[mt][hh] = m_new;
-                float lsum = 0.f;
+                    for (int nt = 0; nt < BN / 8; ++nt)
+                        mx = fmaxf(mx, fmaxf(s[mt][nt][hh * 2], s[mt][nt][hh * 2 + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float m_new = fmaxf(m_run[mt][hh], mx * scale_log2);
+                    const float base = m_new == neg_inf() ? 0.f : m_new;  // a row seeing nothing yet
+                    const float corr = exp2_approx(m_run[mt][hh] - base);
+                    m_run[mt][hh] = m_new;
+                    float lsum = 0.f;
 #pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) {
+                    for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = exp2_approx(fmaf(s[mt][nt][hh * 2 + e], scale_log2, -base));
-                        s[mt][nt][hh * 2 + e] = p;
-                        lsum += p;
+                        for (int e = 0; e < 2; ++e) {
+                            const float p = exp2_approx(fmaf(s[mt][nt][hh * 2 + e], scale_log2, -base));
+                            s[mt][nt][hh * 2 + e] = p;
+                            lsum += p;
+                        }
                     }
-                }
-                l_run[mt][hh] = l_run[mt][hh] * corr + lsum;
+                    l_run[mt][hh] = l_run[mt][hh] * corr + lsum;
 #pragma unroll
-                for (int dt = 0; dt < D / 8; ++dt) {
-                    o[mt][dt][hh * 2] *= corr;
-                    o[mt][dt][hh * 2 + 1] *= corr;
+                    for (int dt = 0; dt < D / 8; ++dt) {
+                        o[mt][dt][hh * 2] *= corr;
+                        o[mt][dt][hh * 2 + 1] *= corr;
+                    }
                 }
             }
         }
@@ -390,7 +493,14 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
                 }
             }
         }
-        if (tid < BN) sPage[(n + STAGES) & 1][tid] = page_ahead;  // read after the next barrier
+        if constexpr (V2) {
+            const unsigned ones = pack2(1.f, 1.f);  // B = ones[16 keys, 8]: C = row sums of P
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk) mma16816(lacc[mt], pk[mt][kk], ones, ones);
+        }
+        if (tid < BN) put_page(n + STAGES, page_ahead);  // read after the next barrier
         stage = stage + 1 == STAGES ? 0 : stage + 1;
     }
     cp_async_wait<0>();
@@ -400,8 +510,12 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             float l = l_run[mt][hh];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            if constexpr (V2) {
+                l = lacc[mt][hh * 2];  // already the whole row's sum
+            } else {
+                l += __shfl_xor_sync(0xffffffffu, l, 1);
+                l += __shfl_xor_sync(0xffffffffu, l, 2);
+            }
             const int rr = m0 + warp_row + mt * 16 + hh * 8;
             if (rr < 0) continue;  // before the request (rr < m_end <= rows always)
             const float inv = l > 0.f ? 1.f / l : 0.f;
@@ -418,20 +532,30 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
 
 }  // namespace pf
 
-// One entry point per tile configuration: prefill_m{BM}n{BN}w{WARPS}s{STAGES}; the list must
+// One entry point per tile configuration: prefill_m{BM}n{BN}w{WARPS}s{STAGES}, and with a v2
+// suffix the round-2 kernel (row offsets in shared memory, lazy rescaling); the list must
 // match CONFIGS in cuda/prefill_attention.py (tests/test_prefill_attention.py checks it).
 extern "C" __global__ void __launch_bounds__(128, 2) prefill_m128n64w4s2(HR_PREFILL_ARGS) {
-    pf::prefill_impl<128, 64, 4, 2>(HR_PREFILL_PASS);
+    pf::prefill_impl<128, 64, 4, 2, false>(HR_PREFILL_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n64w8s2(HR_PREFILL_ARGS) {
-    pf::prefill_impl<128, 64, 8, 2>(HR_PREFILL_PASS);
+    pf::prefill_impl<128, 64, 8, 2, false>(HR_PREFILL_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n64w8s3(HR_PREFILL_ARGS) {
-    pf::prefill_impl<128, 64, 8, 3>(HR_PREFILL_PASS);
+    pf::prefill_impl<128, 64, 8, 3, false>(HR_PREFILL_PASS);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) prefill_m64n64w4s2(HR_PREFILL_ARGS) {
-    pf::prefill_impl<64, 64, 4, 2>(HR_PREFILL_PASS);
+    pf::prefill_impl<64, 64, 4, 2, false>(HR_PREFILL_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n128w8s2(HR_PREFILL_ARGS) {
-    pf::prefill_impl<128, 128, 8, 2>(HR_PREFILL_PASS);
+    pf::prefill_impl<128, 128, 8, 2, false>(HR_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) prefill_m128n64w4s2v2(HR_PREFILL_ARGS) {
+    pf::prefill_impl<128, 64, 4, 2, true>(HR_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n64w8s2v2(HR_PREFILL_ARGS) {
+    pf::prefill_impl<128, 64, 8, 2, true>(HR_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n128w8s2v2(HR_PREFILL_ARGS) {
+    pf::prefill_impl<128, 128, 8, 2, true>(HR_PREFILL_PASS);
 }

@@ -2,7 +2,7 @@
 into the on-disk cubin cache (cuda/compiler.py), so that the timed steps of
 scripts/gpu_bench.sh do not each wait for compiles one after another on a fresh machine.
 
-    python scripts/warm_kernels.py [--arch sm_90] [--jobs 8]
+    python scripts/warm_kernels.py [--arch sm_90] [--jobs 8] [--only prefill_attention ...]
 """
 
 from __future__ import annotations
@@ -58,9 +58,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--jobs", type=int, default=14)
+    ap.add_argument(
+        "--only", nargs="+", metavar="MODULE", help="module names to warm (default all)"
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
-    todo = jobs()
+    todo = [job for job in jobs() if args.only is None or job[0] in args.only]
     with ProcessPoolExecutor(args.jobs) as pool:
         for what, secs in pool.map(_compile, todo, [args.arch] * len(todo)):
             print(f"{what}: {secs:.1f} s", flush=True)
