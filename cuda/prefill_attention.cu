@@ -158,6 +158,17 @@ constexpr float RESCALE_LOG2 = 8.f;
 // max, a warp-uniform branch that after a row's first tiles is rarely taken. Round 1 rescaled
 // all of O every tile (D / 4 FMULs per row-half per thread, ~11% of the loop's instructions).
 // The row sums are not added here: P V's mma adds them (lacc, P times a ones column).
+// Max of a row half's scores in n-tiles [0, N) of one mma row tile: a tree, not a chain
+// (fmax has a fixed latency; the tree is log2 N deep).
+template <int N>
+__device__ __forceinline__ float row_max(const float (*s)[4], int hh) {
+    if constexpr (N == 1) {
+        return fmaxf(s[0][hh * 2], s[0][hh * 2 + 1]);
+    } else {
+        return fmaxf(row_max<N / 2>(s, hh), row_max<N - N / 2>(s + N / 2, hh));
+    }
+}
+
 template <int MT, int BN>
 __device__ __forceinline__ void online_softmax_lazy(float (&s)[MT][BN / 8][4],
                                                     float (&m_run)[MT][2], float (&lacc)[MT][4],
@@ -168,10 +179,7 @@ __device__ __forceinline__ void online_softmax_lazy(float (&s)[MT][BN / 8][4],
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            float m = fmaxf(s[mt][0][hh * 2], s[mt][0][hh * 2 + 1]);
-#pragma unroll
-            for (int nt = 1; nt < BN / 8; ++nt)
-                m = fmaxf(m, fmaxf(s[mt][nt][hh * 2], s[mt][nt][hh * 2 + 1]));
+            float m = row_max<BN / 8>(s[mt], hh);
             m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
             m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
             mx[mt][hh] = m * scale_log2;
@@ -479,26 +487,41 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
         // transposed matrices: keys 0-7 x dims lo, keys 8-15 x lo, keys 0-7 x hi, 8-15 x hi
         const unsigned vaddr = sV + stage * T::KV_BYTES +
                                swz((lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-            const unsigned dp_addr = vaddr ^ (dp << 5);
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                unsigned b[4];
-                ldsm_x4_t(b, dp_addr + kk * 16 * D * 2);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma16816(o[mt][2 * dp], pk[mt][kk], b[0], b[1]);
-                    mma16816(o[mt][2 * dp + 1], pk[mt][kk], b[2], b[3]);
-                }
-            }
-        }
         if constexpr (V2) {
+            // Key steps outermost: an accumulator's next mma comes D / 8 * MT mmas later (round
+            // 1's dims-outer order chained each one 2 * MT apart, and mma.sync's fixed latency
+            // was the top stall in its profile). The row sums ride along once per key step.
             const unsigned ones = pack2(1.f, 1.f);  // B = ones[16 keys, 8]: C = row sums of P
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
+            for (int kk = 0; kk < BN / 16; ++kk) {
 #pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) mma16816(lacc[mt], pk[mt][kk], ones, ones);
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    unsigned b[4];
+                    ldsm_x4_t(b, (vaddr + kk * 16 * D * 2) ^ (dp << 5));  // row bits: no carry
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(o[mt][2 * dp], pk[mt][kk], b[0], b[1]);
+                        mma16816(o[mt][2 * dp + 1], pk[mt][kk], b[2], b[3]);
+                    }
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) mma16816(lacc[mt], pk[mt][kk], ones, ones);
+            }
+        } else {
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                const unsigned dp_addr = vaddr ^ (dp << 5);
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk) {
+                    unsigned b[4];
+                    ldsm_x4_t(b, dp_addr + kk * 16 * D * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(o[mt][2 * dp], pk[mt][kk], b[0], b[1]);
+                        mma16816(o[mt][2 * dp + 1], pk[mt][kk], b[2], b[3]);
+                    }
+                }
+            }
         }
         if (tid < BN) put_page(n + STAGES, page_ahead);  // read after the next barrier
         stage = stage + 1 == STAGES ? 0 : stage + 1;

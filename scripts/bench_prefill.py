@@ -9,6 +9,7 @@ over SDPA, side by side, and the largest difference between the new default kern
 and the old kernel's.
 
     PYTHONPATH=. python scripts/bench_prefill.py --out bench_prefill.json [--configs NAME ...]
+        [--dtypes bf16] [--short]
 (scripts/bench_kernels.py runs the same as its prefill part.)
 """
 
@@ -129,6 +130,24 @@ def ratios(row: dict) -> str:
     )
 
 
+def summary(row: dict) -> str:
+    """One short line: `new` and round 1's default against SDPA (or against each other)."""
+    t = row["TFLOPs"]
+    new, r1, sdpa = t.get(row["new_config"]), t.get(pa.ROUND1_CONFIG.name), t["sdpa_flash"]
+    shape = f"{row['dtype']} {row['batch']}x{row['q_len']}" + (
+        f" on {row['ctx']}" if row["ctx"] != row["q_len"] else ""
+    )
+    best = max((v, k) for k, v in t.items() if k in pa.BY_NAME and v)
+
+    def cell(v: float | None) -> str:
+        return f"{v:6.1f}" + (f" = {v / sdpa:.2f}x sdpa" if v and sdpa else "")
+
+    return (
+        f"prefill {shape}: new {row['new_config']} {cell(new)} | r1 {pa.ROUND1_CONFIG.name} "
+        f"{cell(r1)} | sdpa {sdpa or 0:.1f} | best {best[1]} {best[0]:.1f} TFLOP/s"
+    )
+
+
 def show(row: dict) -> str:
     t = row["TFLOPs"]
     cells = " | ".join(f"{k} {v:6.1f}" if v else f"{k}    n/a" for k, v in t.items())
@@ -139,13 +158,16 @@ def show(row: dict) -> str:
 
 
 def bench_prefill(
-    results: list[dict], names: list[str] | None = None, dtypes: tuple[str, ...] = ("bf16", "fp16")
+    results: list[dict],
+    names: list[str] | None = None,
+    dtypes: tuple[str, ...] = ("bf16", "fp16"),
+    short: bool = False,
 ) -> None:
     for dtype in [{"bf16": torch.bfloat16, "fp16": torch.float16}[d] for d in dtypes]:
         for batch, q_len, ctx in SHAPES + CHUNKED:
             row = one_shape(batch, q_len, ctx, dtype, q_len == ctx, names)
             results.append(row)
-            print(show(row), flush=True)
+            print(summary(row) if short else show(row), flush=True)
             torch.cuda.empty_cache()
 
 
@@ -156,10 +178,11 @@ def main() -> None:
         "--configs", nargs="+", choices=sorted(pa.BY_NAME), help="tiles to time (default all)"
     )
     ap.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16"), default=["bf16", "fp16"])
+    ap.add_argument("--short", action="store_true", help="one summary line per shape")
     args = ap.parse_args()
     torch.manual_seed(0)
     results: list[dict] = []
-    bench_prefill(results, args.configs, tuple(args.dtypes))
+    bench_prefill(results, args.configs, tuple(args.dtypes), args.short)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
 

@@ -45,6 +45,25 @@ def test_line_shows_old_each_config_and_sdpa() -> None:
     assert f"new (m128n64w4s2v2) / r1 {t_new / t_r1:.2f}x" in chunked
 
 
+def test_summary_line_puts_new_and_round_1_side_by_side() -> None:
+    bench = _script()
+    tflops: dict[str, float | None] = {
+        "old": 150.0,
+        "m128n64w4s2": 330.0,
+        "m128n128w8s2v2": 352.0,
+        "m128n64w4s2v2": 360.0,
+    }
+    row = {"dtype": "bfloat16", "batch": 1, "q_len": 16384, "ctx": 16384}
+    row |= {"new_config": "m128n128w8s2v2", "max_abs_new_minus_old": 0.0}
+    line = bench.summary(row | {"TFLOPs": tflops | {"sdpa_flash": 340.0}})
+    assert line == (
+        "prefill bfloat16 1x16384: new m128n128w8s2v2  352.0 = 1.04x sdpa | r1 m128n64w4s2 "
+        " 330.0 = 0.97x sdpa | sdpa 340.0 | best m128n64w4s2v2 360.0 TFLOP/s"
+    )
+    chunked = bench.summary(row | {"ctx": 20000, "TFLOPs": tflops | {"sdpa_flash": None}})
+    assert "1x16384 on 20000" in chunked and "x sdpa" not in chunked
+
+
 def test_configs_to_run_keep_round_1_and_the_default() -> None:
     bench = _script()
     long = pa.BY_NAME["m128n128w8s2v2"]
@@ -61,7 +80,7 @@ def test_shapes_cover_causal_2k_to_16k() -> None:
 
 
 def test_gpu_bench_step_names_real_configs_within_its_budget() -> None:
-    # scripts/gpu_bench.sh's prefill2 step: the tiles it times exist, its timeouts fit 150 s.
+    # scripts/gpu_bench.sh's prefill2 step: the tiles it times exist, its timeouts fit 90 s.
     import re
 
     script = (Path(__file__).parents[1] / "scripts" / "gpu_bench.sh").read_text()
@@ -73,4 +92,5 @@ def test_gpu_bench_step_names_real_configs_within_its_budget() -> None:
     assert {pa.ROUND1_CONFIG.name, *(c.name for c in pa.DEFAULT_CONFIG.values())} <= set(
         names.group(1).split()
     )
-    assert sum(int(t) for t in re.findall(r"timeout (\d+)", step)) <= 150
+    assert sum(int(t) for t in re.findall(r"timeout (\d+)", step)) <= 90
+    assert "--short" in step
