@@ -158,6 +158,7 @@ constexpr float RESCALE_LOG2 = 8.f;
 // max, a warp-uniform branch that after a row's first tiles is rarely taken. Round 1 rescaled
 // all of O every tile (D / 4 FMULs per row-half per thread, ~11% of the loop's instructions).
 // The row sums are not added here: P V's mma adds them (lacc, P times a ones column).
+// softmax_rescale does the max and the rescaling, softmax_exp(_slices) the exponentials.
 // Max of a row half's scores in n-tiles [0, N) of one mma row tile: a tree, not a chain
 // (fmax has a fixed latency; the tree is log2 N deep).
 template <int N>
@@ -170,9 +171,9 @@ __device__ __forceinline__ float row_max(const float (*s)[4], int hh) {
 }
 
 template <int MT, int BN>
-__device__ __forceinline__ void online_softmax_lazy(float (&s)[MT][BN / 8][4],
-                                                    float (&m_run)[MT][2], float (&lacc)[MT][4],
-                                                    float (&o)[MT][D / 8][4], float scale_log2) {
+__device__ __forceinline__ void softmax_rescale(float (&s)[MT][BN / 8][4], float (&m_run)[MT][2],
+                                                float (&lacc)[MT][4], float (&o)[MT][D / 8][4],
+                                                float scale_log2) {
     float mx[MT][2];
     bool moved = false;
 #pragma unroll
@@ -206,25 +207,42 @@ __device__ __forceinline__ void online_softmax_lazy(float (&s)[MT][BN / 8][4],
             }
         }
     }
+}
+
+// P = exp2(S * scale_log2 - base) for the n-tiles [LO, HI) of S, in place.
+template <int MT, int BN, int LO, int HI>
+__device__ __forceinline__ void softmax_exp(float (&s)[MT][BN / 8][4], const float (&base)[MT][2],
+                                            float scale_log2) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const float base = m_run[mt][hh] == neg_inf() ? 0.f : m_run[mt][hh];  // sees nothing yet
+        for (int nt = LO; nt < HI; ++nt) {
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e)
-                    s[mt][nt][hh * 2 + e] =
-                        exp2_approx(fmaf(s[mt][nt][hh * 2 + e], scale_log2, -base));
-            }
+            for (int e = 0; e < 4; ++e)
+                s[mt][nt][e] = exp2_approx(fmaf(s[mt][nt][e], scale_log2, -base[mt][e >> 1]));
         }
     }
 }
 
-template <int BM, int BN, int WARPS, int STAGES, bool V2>
+// V2's online softmax, then P: softmax_rescale, then the exponentials in K_STEPS slices with
+// between(i) called before slice i (the pipelined loop issues k-step i of the next tile's
+// S = Q K^T there, so the tensor cores work through the softmax; otherwise a no-op).
+template <int MT, int BN, int K_STEPS, int I = 0, typename F>
+__device__ __forceinline__ void softmax_exp_slices(float (&s)[MT][BN / 8][4],
+                                                   const float (&base)[MT][2], float scale_log2,
+                                                   F&& between) {
+    if constexpr (I < K_STEPS) {
+        between(I);
+        softmax_exp<MT, BN, I * (BN / 8) / K_STEPS, (I + 1) * (BN / 8) / K_STEPS>(s, base,
+                                                                                   scale_log2);
+        softmax_exp_slices<MT, BN, K_STEPS, I + 1>(s, base, scale_log2, between);
+    }
+}
+
+template <int BM, int BN, int WARPS, int STAGES, bool V2, bool PIPE = false>
 __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
     using T = Tile<BM, BN, WARPS, STAGES, V2>;
+    static_assert(!PIPE || (V2 && STAGES >= 3), "the pipelined loop needs tile n + 1 resident");
     constexpr int MT = T::MT;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((T::ALIGN - smem_u32(smem_raw) % T::ALIGN) % T::ALIGN);
@@ -355,63 +373,51 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
     const int warp_row = warp * MT * 16 + lane / 4;
     unsigned qf[T::QREG ? D / 16 : 1][4];
 
-    int stage = 0;
-    for (int n = n_begin; n < n_end; ++n) {
-        cp_async_wait<STAGES - 2>();  // tile n (and Q) landed for this thread ...
-        __syncthreads();              // ... and for all; every warp is done with tile n - 1
-        {
-            const int nn = n + STAGES - 1;  // refill the buffer tile n - 1 used
-            const int st = stage == 0 ? STAGES - 1 : stage - 1;
-            if (nn < n_end) load_tile(nn, st, false);
-            cp_async_commit();
+    // S = Q K^T of the K tile in stage stg: [MT x 16 rows, BN keys] per warp.
+    // qk_step(s, stg, kk): k-step kk (head dims 16 kk .. 16 kk + 15) of it, into s.
+    auto qk_step = [&](float (&s)[MT][BN / 8][4], int stg, int kk) {
+        if (kk == 0) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
         }
-        const int page_ahead = tid < BN ? page_of(n + STAGES, tid) : 0;
-        if constexpr (T::QREG) {
-            if (n == n_begin) {
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk)
-                    ldsm_x4(qf[kk], sQ + swz(warp * 16 + (lane & 15), (kk * 2) | (lane >> 4)));
-            }
-        }
-
-        // S = Q K^T: [MT x 16 rows, BN keys] per warp.
-        float s[MT][BN / 8][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
         // ldmatrix addresses: a tile row's chunk c sits at chunk c ^ (row & 7), and every row a
         // lane addresses has row & 7 == lane & 7, so the k-step's chunk offset is an XOR of
         // the lane's k-step-0 address (tiles are 256-byte aligned: row bits never change).
-        const unsigned kaddr = sK + stage * T::KV_BYTES +
+        const unsigned kaddr = sK + stg * T::KV_BYTES +
                                swz((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
         const unsigned qaddr = sQ + swz(warp * MT * 16 + (lane & 15), lane >> 4);
+        unsigned a[MT][4];
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned a[MT][4];
+        for (int mt = 0; mt < MT; ++mt) {
+            if constexpr (T::QREG) {
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                if constexpr (T::QREG) {
-#pragma unroll
-                    for (int x = 0; x < 4; ++x) a[mt][x] = qf[kk][x];
-                } else {
-                    ldsm_x4(a[mt], (qaddr ^ (kk << 5)) + mt * 16 * D * 2);
-                }
-            }
-            const unsigned kk_addr = kaddr ^ (kk << 5);
-#pragma unroll
-            for (int p = 0; p < BN / 16; ++p) {
-                // matrices: keys 0-7 x dims lo, keys 0-7 x dims hi, keys 8-15 x lo, 8-15 x hi
-                unsigned b[4];
-                ldsm_x4(b, kk_addr + p * 16 * D * 2);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma16816(s[mt][2 * p], a[mt], b[0], b[1]);
-                    mma16816(s[mt][2 * p + 1], a[mt], b[2], b[3]);
-                }
+                for (int x = 0; x < 4; ++x) a[mt][x] = qf[kk][x];
+            } else {
+                ldsm_x4(a[mt], (qaddr ^ (kk << 5)) + mt * 16 * D * 2);
             }
         }
-
+        const unsigned kk_addr = kaddr ^ (kk << 5);
+#pragma unroll
+        for (int p = 0; p < BN / 16; ++p) {
+            // matrices: keys 0-7 x dims lo, keys 0-7 x dims hi, keys 8-15 x lo, 8-15 x hi
+            unsigned b[4];
+            ldsm_x4(b, kk_addr + p * 16 * D * 2);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma16816(s[mt][2 * p], a[mt], b[0], b[1]);
+                mma16816(s[mt][2 * p + 1], a[mt], b[2], b[3]);
+            }
+        }
+    };
+    auto qk = [&](float (&s)[MT][BN / 8][4], int stg) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) qk_step(s, stg, kk);
+    };
+    // Mask (tiles some row sees partly), online softmax and O += P V of tile n (V in stage stg).
+    // between(i): see softmax_exp_slices (v2 only).
+    auto consume = [&](float (&s)[MT][BN / 8][4], int n, int stg, auto&& between) {
         const int n0 = n * BN;
         if (n0 + BN > unmasked_below || n0 < masked_below) {
 #pragma unroll
@@ -434,7 +440,14 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
 
         // Online softmax; a row's 4 owning lanes (lane / 4 equal) agree on the max.
         if constexpr (V2) {
-            online_softmax_lazy<MT, BN>(s, m_run, lacc, o, scale_log2);
+            softmax_rescale<MT, BN>(s, m_run, lacc, o, scale_log2);
+            float base[MT][2];  // a row that sees nothing yet: 0 (its scores are -inf)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+                    base[mt][hh] = m_run[mt][hh] == neg_inf() ? 0.f : m_run[mt][hh];
+            softmax_exp_slices<MT, BN, D / 16>(s, base, scale_log2, between);
         } else {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
@@ -485,7 +498,7 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
             }
         }
         // transposed matrices: keys 0-7 x dims lo, keys 8-15 x lo, keys 0-7 x hi, 8-15 x hi
-        const unsigned vaddr = sV + stage * T::KV_BYTES +
+        const unsigned vaddr = sV + stg * T::KV_BYTES +
                                swz((lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
         if constexpr (V2) {
             // Key steps outermost: an accumulator's next mma comes D / 8 * MT mmas later (round
@@ -523,8 +536,75 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
                 }
             }
         }
-        if (tid < BN) put_page(n + STAGES, page_ahead);  // read after the next barrier
-        stage = stage + 1 == STAGES ? 0 : stage + 1;
+    };
+    auto load_q_fragments = [&]() {
+        if constexpr (T::QREG) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+                ldsm_x4(qf[kk], sQ + swz(warp * 16 + (lane & 15), (kk * 2) | (lane >> 4)));
+        }
+    };
+
+    int stage = 0;
+    if constexpr (!PIPE) {
+        for (int n = n_begin; n < n_end; ++n) {
+            cp_async_wait<STAGES - 2>();  // tile n (and Q) landed for this thread ...
+            __syncthreads();              // ... and for all; every warp is done with tile n - 1
+            {
+                const int nn = n + STAGES - 1;  // refill the buffer tile n - 1 used
+                const int st = stage == 0 ? STAGES - 1 : stage - 1;
+                if (nn < n_end) load_tile(nn, st, false);
+                cp_async_commit();
+            }
+            const int page_ahead = tid < BN ? page_of(n + STAGES, tid) : 0;
+            if (n == n_begin) load_q_fragments();
+            float s[MT][BN / 8][4];
+            qk(s, stage);
+            consume(s, n, stage, [](int) {});
+            if (tid < BN) put_page(n + STAGES, page_ahead);  // read after the next barrier
+            stage = stage + 1 == STAGES ? 0 : stage + 1;
+        }
+    } else {
+        // Software-pipelined (STAGES >= 3): iteration n issues S = Q K^T of tile n + 1 before
+        // tile n's softmax and P V, so one warp's tensor-core work and softmax overlap (a
+        // block's warps meet at every tile's barrier, in the same phase: the warps sharing a
+        // scheduler in a one-block-per-SM tile cannot cover each other's softmax).
+        cp_async_wait<STAGES - 2>();  // tile n_begin (and Q)
+        __syncthreads();
+        load_q_fragments();
+        // One tile with a successor: its S is in cur, the successor's goes to nxt.
+        auto step = [&](float (&cur)[MT][BN / 8][4], float (&nxt)[MT][BN / 8][4], int n) {
+            cp_async_wait<STAGES - 3>();  // tile n + 1 landed for this thread ...
+            __syncthreads();  // ... and for all; every warp is done with tile n - 1 (K and V)
+            {
+                const int nn = n + STAGES - 1;  // refill the buffer tile n - 1 used
+                const int st = stage == 0 ? STAGES - 1 : stage - 1;
+                if (nn < n_end) load_tile(nn, st, false);
+                cp_async_commit();
+            }
+            const int page_ahead = tid < BN ? page_of(n + STAGES, tid) : 0;
+            const int next = stage + 1 == STAGES ? 0 : stage + 1;
+            // S of tile n + 1, one k-step before each slice of tile n's exponentials (in source
+            // order: ptxas kept a whole S = Q K^T ahead of the softmax as one block otherwise)
+            consume(cur, n, stage, [&](int kk) { qk_step(nxt, next, kk); });
+            if (tid < BN) put_page(n + STAGES, page_ahead);  // read after the next barrier
+            stage = next;
+        };
+        // Unrolled by two so the two S buffers swap roles without copies; the last tile has
+        // no successor (its V landed by the previous step's wait and barrier, or the first's).
+        float sa[MT][BN / 8][4], sb[MT][BN / 8][4];
+        qk(sa, 0);
+        int n = n_begin;
+        for (; n + 2 < n_end; n += 2) {
+            step(sa, sb, n);
+            step(sb, sa, n + 1);
+        }
+        if (n + 1 < n_end) {
+            step(sa, sb, n);
+            consume(sb, n + 1, stage, [](int) {});
+        } else {
+            consume(sa, n, stage, [](int) {});
+        }
     }
     cp_async_wait<0>();
 
@@ -581,4 +661,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n64w8s2v2(HR_PR
 }
 extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n128w8s2v2(HR_PREFILL_ARGS) {
     pf::prefill_impl<128, 128, 8, 2, true>(HR_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n64w8s3v2p(HR_PREFILL_ARGS) {
+    pf::prefill_impl<128, 64, 8, 3, true, true>(HR_PREFILL_PASS);
 }

@@ -9,6 +9,8 @@ One compiled module per (dtype, head_dim), one kernel per tile configuration::
     prefill_m...s{STAGES}v2               round 2: key-row byte offsets in shared memory
                                           (one thread per row computes them), lazy
                                           rescaling, row sums on the tensor cores
+    prefill_m...s{STAGES}v2p              v2, software-pipelined: S of tile n + 1 is issued
+                                          before tile n's softmax (STAGES >= 3)
     grid  (num_kv_heads, batch, ceil(max_query_len * group / BM))   z = 0: heaviest tiles
     smem  1 KiB alignment pad + Q tile + 2 x STAGES K/V tiles + page ids + row limits
 
@@ -59,10 +61,11 @@ class TileConfig:
     warps: int  # warps per block; each owns block_m / warps rows
     stages: int  # K/V tiles in the cp.async ring
     v2: bool = False  # round 2: key-row byte offsets in shared memory, lazy rescaling
+    pipe: bool = False  # v2 with S of tile n + 1 issued before tile n's softmax (stages >= 3)
 
     @property
     def name(self) -> str:
-        v2 = "v2" if self.v2 else ""
+        v2 = ("v2" if self.v2 else "") + ("p" if self.pipe else "")
         return f"m{self.block_m}n{self.block_n}w{self.warps}s{self.stages}{v2}"
 
     @property
@@ -89,6 +92,7 @@ CONFIGS = (
     TileConfig(128, 64, 4, 2, v2=True),
     TileConfig(128, 64, 8, 2, v2=True),
     TileConfig(128, 128, 8, 2, v2=True),
+    TileConfig(128, 64, 8, 3, v2=True, pipe=True),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 # Round 1's default at both head dims (FlashAttention-2's Hopper choice: 128 x 64 tiles, 4

@@ -58,7 +58,7 @@ for step in $which; do
     prefill2) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --jobs 8 --only prefill_attention paged_attention > "$OUT/prefill2_warm.log" 2>&1
               echo "prefill2 warm (rc $?, $((SECONDS - t0)) s)"; t0=$SECONDS
               timeout 60 python scripts/bench_prefill.py --dtypes bf16 --short --out "$OUT/prefill2_bench.json" \
-                --configs m128n64w4s2 m128n128w8s2 m128n64w4s2v2 m128n64w8s2v2 m128n128w8s2v2 > "$OUT/prefill2_bench.log" 2>&1
+                --configs m128n64w4s2 m128n128w8s2 m128n64w4s2v2 m128n64w8s2v2 m128n64w8s3v2p m128n128w8s2v2 > "$OUT/prefill2_bench.log" 2>&1
               echo "prefill2 bench (rc $?, $((SECONDS - t0)) s):"; grep "^prefill\|Error" "$OUT/prefill2_bench.log" ;;
     kvcomp) timeout 280 python scripts/bench_kv_compression.py --output-json "$OUT/kvcomp.json" > "$OUT/kvcomp.log" 2>&1; tail -3 "$OUT/kvcomp.log" ;;
     int4tests) timeout 400 python -m pytest -m gpu tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_int4_models.py -q -p no:cacheprovider > "$OUT/gpu_int4_tests.log" 2>&1; tail -15 "$OUT/gpu_int4_tests.log" ;;

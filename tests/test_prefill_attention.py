@@ -164,7 +164,7 @@ def lazy_step(
     return l_run * corr + p.sum(1), o * corr[:, None] + p @ vt, m_run
 
 
-EMULATED = [pa.CONFIGS[0], pa.CONFIGS[3], pa.BY_NAME["m128n64w4s2v2"], pa.BY_NAME["m128n128w8s2v2"]]
+EMULATED = [pa.CONFIGS[0], pa.CONFIGS[3], *(c for c in pa.CONFIGS if c.v2)]
 
 
 @pytest.mark.parametrize("config", EMULATED, ids=lambda c: c.name)
@@ -219,10 +219,10 @@ def test_configs_match_the_source_and_fit_shared_memory() -> None:
     assert [name for _, _, name in entries] == [c.name for c in pa.CONFIGS]
     for (threads, min_blocks, name), config in zip(entries, pa.CONFIGS, strict=True):
         assert int(threads) == config.threads
-        v2 = "true" if config.v2 else "false"
+        flags = ("true" if config.v2 else "false") + (", true" if config.pipe else "")
         impl = (
             f"pf::prefill_impl<{config.block_m}, {config.block_n}, {config.warps}, "
-            f"{config.stages}, {v2}>"
+            f"{config.stages}, {flags}>"
         )
         assert f"prefill_{name}(HR_PREFILL_ARGS) {{\n    {impl}(HR_PREFILL_PASS);" in src
         for d in pa.HEAD_DIMS:
@@ -233,6 +233,7 @@ def test_configs_match_the_source_and_fit_shared_memory() -> None:
     # 16 rows per mma tile, whole tiles per warp, copies split evenly over the threads
     for c in pa.CONFIGS:
         assert c.block_m % (16 * c.warps) == 0 and c.block_n % 16 == 0 and c.stages >= 2
+        assert not c.pipe or (c.v2 and c.stages >= 3), c.name  # the kernel's static_assert
     assert all(c.name in pa.BY_NAME for c in pa.DEFAULT_CONFIG.values())
 
 
