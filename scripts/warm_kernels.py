@@ -2,11 +2,11 @@
 into the on-disk cubin cache (cuda/compiler.py), so that the timed steps of
 scripts/gpu_bench.sh do not each wait for compiles one after another on a fresh machine.
 
-    python scripts/warm_kernels.py [--arch sm_90] [--jobs 8] [--only decode]
+    python scripts/warm_kernels.py [--arch sm_90] [--jobs 8] [--only decode | MODULE ...]
 
 --only decode: the decode-attention modules alone (every HEADRACE_DECODE_CONFIG variant of
 the tensor-core kernel and the old kernels, bf16/fp16 x head_dim 64/128), for gpu_bench's
-decode2 step.
+decode2 step; --only MODULE ...: the modules of those names (e.g. prefill_attention).
 """
 
 from __future__ import annotations
@@ -79,14 +79,25 @@ def _compile(job: Job, arch: str) -> tuple[str, float]:
     return f"{name} {defines}", time.perf_counter() - t0
 
 
+def select(only: list[str]) -> list[Job]:
+    """The jobs --only names: the decode family for `decode`, else jobs by module name."""
+    picked = decode_jobs() if "decode" in only else []
+    return picked + [job for job in jobs() if job[0] in only and job not in picked]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--jobs", type=int, default=14)
-    ap.add_argument("--only", choices=["decode"], help="one family of modules")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="MODULE",
+        help="`decode` (the decode-attention family) or module names to warm (default all)",
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
-    todo = decode_jobs() if args.only == "decode" else jobs()
+    todo = jobs() if args.only is None else select(args.only)
     with ProcessPoolExecutor(args.jobs) as pool:
         for what, secs in pool.map(_compile, todo, [args.arch] * len(todo)):
             print(f"{what}: {secs:.1f} s", flush=True)
