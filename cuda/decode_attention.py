@@ -8,8 +8,10 @@
     HEADRACE_DECODE_FUSED_MERGE=0 (or no counters inside a capture) the merge kernel does
     it instead: grid (Hq, B), D threads, launched only if the plan has several splits.
 
-W and S are a `DecodeConfig`: 4 warps, 2 stages for 16-bit KV (64 KB, 3 blocks and 12 warps
-per SM with <= 168 registers), 4 warps, 4 stages for FP8 (same bytes, twice the tiles).
+W and S are a `DecodeConfig`: 2 warps, 3 stages for 16-bit KV (48 KB, 4 blocks and 8 warps
+per SM), 4 warps, 4 stages for FP8 (64 KB). On an H200 (cc98fa0, scripts/bench_decode.py, % of
+copy bandwidth at batch 64 x 1k / 4k / 16k and 8 x 16k) w2s3 read bf16 KV at 76.9 / 90.2 /
+93.9 / 79.4 against w4s2's 64.3 / 86.7 / 93.3 / 81.0 (w4s3: 74.5 / 89.2 / 93.9 / 83.4).
 HEADRACE_DECODE_CONFIG=w<W>s<S> overrides both (the benchmark compares variants).
 
 The split count is `plan_decode`'s: a pure function of the batch, the KV heads, the query
@@ -103,7 +105,7 @@ class DecodeConfig:
         return self.warps * self.stages * TILE * 2 * head_dim * kv_bytes
 
 
-DEFAULT_CONFIGS = {2: DecodeConfig(4, 2), 1: DecodeConfig(4, 4)}  # by KV element bytes
+DEFAULT_CONFIGS = {2: DecodeConfig(2, 3), 1: DecodeConfig(4, 4)}  # by KV element bytes
 CONFIGS = ("w2s3", "w3s3", "w4s2", "w4s3", "w4s4")  # what the benchmark compares
 
 

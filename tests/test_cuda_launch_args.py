@@ -89,15 +89,17 @@ def test_launch_arguments_follow_the_kernel_signatures(
         got = dict(zip(names, args, strict=True))
         # Grids: decode (splits, Hkv x query-head chunks, B), merge (Hq, B), prefill
         # (ceil(q_len x group / 64), Hkv, B); merge runs one thread per head-dim element.
-        # The new decode kernel: (splits, Hkv x chunks of 8 query heads, B), 4 warps, and
-        # its stages in dynamic shared memory: 4 warps x 2 stages (FP8: 4) x 16 tokens x
-        # K + V x 64 dims x 2 bytes (FP8: 1) = 32 KB either way.
+        # The new decode kernel: (splits, Hkv x chunks of 8 query heads, B), its default
+        # variant's warps, and its stages in dynamic shared memory: 16-bit KV 2 warps x 3
+        # stages x 16 tokens x K + V x 64 dims x 2 bytes = 24 KB; FP8 4 x 4 x 16 x 2 x 64 x 1
+        # = 32 KB.
         expect = {"decode_g4": (grid[0], 2, 3), "merge_splits": (8, 3), "prefill": (1, 2, 3)}
         expect |= {"decode_tc": (grid[0], 2, 3), "decode_tc_fp8": (grid[0], 2, 3)}
         expect["decode_tc_merge"] = (8, 3)
-        threads = {"merge_splits": 64, "decode_tc_merge": 64}
+        threads = {"merge_splits": 64, "decode_tc_merge": 64, "decode_tc": 64, "decode_tc_fp8": 128}
+        smem = {"decode_tc": 24576, "decode_tc_fp8": 32768}
         assert tuple(grid) == expect[kernel] and block == threads.get(kernel, 128)
-        assert shmem == (32768 if kernel.startswith("decode_tc") and "merge" not in kernel else 0)
+        assert shmem == smem.get(kernel, 0)
         for name, tensor in t.items():
             if name in got:
                 assert got[name] == tensor.data_ptr(), (kernel, name)

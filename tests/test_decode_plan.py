@@ -34,7 +34,7 @@ def test_llama3_8b_cells(batch: int, ctx: int, splits: int) -> None:
     [(64, 1024, 3), (64, 4096, 3), (64, 16384, 3), (8, 16384, 6), (1, 131072, 45), (1, 256, 2)],
 )
 def test_llama3_8b_cells_round2(batch: int, ctx: int, splits: int) -> None:
-    """The default variant (4 warps, 64 KB): 3 blocks per SM, 396 slots; batch 64 takes 3
+    """A variant with 3 blocks per SM (w4s2: 4 warps, 64 KB), 396 slots; batch 64 takes 3
     splits (1,536 blocks, 3.9 waves at 97%) where 1 split would leave its second wave 29%
     full; a batch-1 graph bound gets 45, of which a 128-token context uses 1."""
     plan = da.plan_decode(batch, 8, 4, ctx, H200_SMS, 3)
@@ -68,8 +68,11 @@ def test_bad_inputs_name_the_field(field: str) -> None:
 
 def test_config_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(da.CONFIG_ENV, raising=False)
-    assert da.config_for(2) == da.DecodeConfig(4, 2) and da.config_for(1) == da.DecodeConfig(4, 4)
-    assert da.config_for(2).smem_bytes(128, 2) == da.config_for(1).smem_bytes(128, 1) == 65536
+    assert da.config_for(2) == da.DecodeConfig(2, 3) and da.config_for(1) == da.DecodeConfig(4, 4)
+    assert (
+        da.config_for(2).smem_bytes(128, 2) == 49152
+        and da.config_for(1).smem_bytes(128, 1) == 65536
+    )
     monkeypatch.setenv(da.CONFIG_ENV, " W2S3 ")
     assert da.config_for(1) == da.config_for(2) == da.DecodeConfig(2, 3)
     assert da.config_for(2).threads == 64 and da.config_for(2).name == "w2s3"
