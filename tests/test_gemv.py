@@ -225,7 +225,7 @@ def test_bench_suggests_the_largest_size_where_the_gemv_never_loses() -> None:
     from scripts.bench_gemv import suggest_threshold
 
     def row(size: int, gemv_us: float, cublas_us: float) -> dict:
-        return {"weight_bytes": size, "gemv_us": gemv_us, "cublas_us": cublas_us}
+        return {"weight_bytes": size, "gemv2_us": gemv_us, "cublas_us": cublas_us}
 
     rows = [row(32, 8, 10), row(32, 9, 10), row(48, 12, 16), row(112, 31, 30), row(224, 50, 60)]
     assert suggest_threshold(rows) == 48  # loses at 112: nothing above counts

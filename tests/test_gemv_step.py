@@ -152,6 +152,10 @@ def test_fusion_switches(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- the fused layer, on CPU with the kernels' references standing in for the launches -----
 
 
+def _attend(positions: Any, qkv: torch.Tensor, kv_cache: Any, md: Any) -> torch.Tensor:
+    return (qkv[:, :64] * 0.5).contiguous()
+
+
 def _layers(dtype: torch.dtype) -> list[DecoderLayer]:
     config = ModelConfig.from_hf(
         {
@@ -174,7 +178,7 @@ def _layers(dtype: torch.dtype) -> list[DecoderLayer]:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.weight.data = (1 + 0.1 * torch.randn(64)).to(dtype)
         # attention stand-in: a fixed function of q/k/v (its kernels have their own tests)
-        layer.self_attn.attend = lambda pos, qkv, cache, md: (qkv[:, :64] * 0.5).contiguous()
+        layer.self_attn.attend = _attend  # type: ignore[method-assign]
         layers.append(layer)
     return layers
 

@@ -50,7 +50,7 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # residual None: x is the hidden state
         if fused_step.applies(self, x):  # batch-1 decode: norms and adds inside the GEMVs
             return fused_step.layer_forward(self, positions, x, residual, kv_cache, md)
         h, residual = self.input_layernorm(x, residual)
