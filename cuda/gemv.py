@@ -42,6 +42,7 @@ KERNELS = tuple(f"gemv_m{m}" for m in range(1, MAX_ROWS + 1))
 GEMV_MAX_WEIGHT_BYTES = 64 * 2**20
 # Round 2's: 128 MiB takes the 8B model's q/k/v, o and down (112 MiB; cuBLAS splits K there
 # and launches a reduce kernel), not gate/up (224 MiB, where cuBLAS reaches 93% of copy).
+# HEADRACE_GEMV_MAX_MIB overrides it (64: q/k/v and o only, down back on cuBLAS).
 GEMV2_MAX_WEIGHT_BYTES = 128 * 2**20
 MODES = ("auto", "cublas", "all", "old")
 
@@ -64,11 +65,21 @@ def gemv_mode() -> str:
     return mode
 
 
+def gemv2_max_weight_bytes() -> int:
+    """GEMV2_MAX_WEIGHT_BYTES, or HEADRACE_GEMV_MAX_MIB (validated) where set."""
+    value = os.environ.get("HEADRACE_GEMV_MAX_MIB", "")
+    if not value:
+        return GEMV2_MAX_WEIGHT_BYTES
+    if not value.isdigit():
+        raise ValueError(f"HEADRACE_GEMV_MAX_MIB must be a whole number of MiB, got {value!r}")
+    return int(value) * 2**20
+
+
 def use_gemv(m: int, n: int, k: int, elem_bytes: int, mode: str) -> bool:
     """The rule: does an [m, k] x [n, k]^T product go to the GEMV (layouts aside)?"""
     if mode == "cublas" or not 1 <= m <= MAX_ROWS:
         return False
-    limit = GEMV_MAX_WEIGHT_BYTES if mode == "old" else GEMV2_MAX_WEIGHT_BYTES
+    limit = GEMV_MAX_WEIGHT_BYTES if mode == "old" else gemv2_max_weight_bytes()
     return mode == "all" or n * k * elem_bytes <= limit
 
 

@@ -88,6 +88,17 @@ def test_rule() -> None:
     assert 48 * mib <= gemv.GEMV_MAX_WEIGHT_BYTES  # the q/k/v matrix above
 
 
+def test_round2_threshold_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADRACE_GEMV_MAX_MIB", "64")
+    assert gemv.use_gemv(1, 6144, 4096, 2, "auto") and gemv.use_gemv(1, 4096, 4096, 2, "auto")
+    assert not gemv.use_gemv(1, 4096, 14336, 2, "auto")  # down back on cuBLAS
+    monkeypatch.setenv("HEADRACE_GEMV_MAX_MIB", "lots")
+    with pytest.raises(ValueError, match="HEADRACE_GEMV_MAX_MIB"):
+        gemv.use_gemv(1, 6144, 4096, 2, "auto")
+    monkeypatch.delenv("HEADRACE_GEMV_MAX_MIB")
+    assert gemv.gemv2_max_weight_bytes() == gemv.GEMV2_MAX_WEIGHT_BYTES
+
+
 def test_mode_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HEADRACE_GEMV", raising=False)
     assert gemv.gemv_mode() == "auto"  # round 2 by default
