@@ -17,8 +17,9 @@ its row groups; prologue kernels get M * K elements of dynamic shared memory (<=
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +37,10 @@ MAX_SHMEM = 48 * 1024  # dynamic shared memory without an opt-in attribute
 # (R rows per warp, U chunks per row in flight per lane): 8 x 16-byte loads per lane.
 DEFAULT_VARIANT = (2, 4)
 VARIANTS = ((2, 4), (1, 8), (4, 2), (1, 4))  # what scripts/bench_gemv.py compares
+# One row of x: one row per warp where the rows fit one resident wave (twice the warps of
+# R = 2, so twice the bytes in flight: 8B o and down), else two. More rows of x keep R = 2:
+# each weight chunk then serves M x chunks from L1 / shared memory, twice over.
+M1_CANDIDATES = ((1, 8), (2, 4))
 
 
 class Plan(NamedTuple):
@@ -50,6 +55,19 @@ def kernel_name(prologue: str, m: int) -> str:
 
 
 KERNELS = tuple(kernel_name(p, m) for p, top in MAX_ROWS.items() for m in range(1, top + 1))
+
+
+def pick_variant(
+    m: int, n: int, resident_warps: Callable[[tuple[int, int]], int]
+) -> tuple[int, int]:
+    """The variant for an [m, K] x [n, K]^T launch: the first M1_CANDIDATES entry whose row
+    groups all fit one wave (resident_warps(v): warps of variant v resident on the card),
+    else the default."""
+    if m == 1:
+        for v in M1_CANDIDATES:
+            if -(-n // v[0]) <= resident_warps(v):
+                return v
+    return DEFAULT_VARIANT
 
 
 def shmem_bytes(prologue: str, m: int, k: int, elem_bytes: int) -> int:
@@ -206,6 +224,44 @@ def _blocks_per_sm(kernel: object, key: tuple[object, ...], shmem: int) -> int:
     return n
 
 
+def _kernel(prologue: str, m: int, dtype: torch.dtype, variant: tuple[int, int]) -> Any:
+    mod = compiler.load_module(source(), defines=module_defines(dtype, variant), name="gemv_step")
+    return mod.kernel(kernel_name(prologue, m))
+
+
+_launches: dict[tuple[object, ...], tuple[Any, Plan, tuple[int, int]]] = {}
+
+
+def _choose(
+    prologue: str,
+    m: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    dev: int,
+    variant: tuple[int, int] | None,
+) -> tuple[Any, Plan, tuple[int, int]]:
+    """(kernel, plan, variant) of a launch shape: pick_variant's variant where None."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    shmem = shmem_bytes(prologue, m, k, elem)
+    sms = _sms(dev)
+
+    def bps(v: tuple[int, int]) -> int:
+        key = (prologue, m, dtype, v, shmem, dev)
+        return _blocks_per_sm(_kernel(prologue, m, dtype, v), key, shmem)
+
+    if variant is None:
+        variant = pick_variant(m, n, lambda v: sms * bps(v) * WARPS)
+    p = plan(prologue, m, n, k, elem, sms, bps(variant), variant[0])
+    return _kernel(prologue, m, dtype, variant), p, variant
+
+
+def chosen_variant(prologue: str, m: int, n: int, k: int, dtype: torch.dtype) -> tuple[int, int]:
+    """The variant run() launches for this shape on the current device (for the bench)."""
+    dev = torch.cuda.current_device()
+    return _choose(prologue, m, n, k, dtype, dev, None)[2]
+
+
 def run(
     prologue: str,
     x: torch.Tensor,
@@ -215,20 +271,20 @@ def run(
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     out: torch.Tensor | None = None,
-    variant: tuple[int, int] = DEFAULT_VARIANT,
+    variant: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """One launch on CUDA tensors that `supported` takes (the caller checks)."""
+    """One launch on CUDA tensors that `supported` takes (the caller checks); variant None:
+    pick_variant's."""
     m = x.shape[0]
     n, k = weight.shape
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    mod = compiler.load_module(source(), defines=module_defines(x.dtype, variant), name="gemv_step")
-    name = kernel_name(prologue, m)
-    kernel = mod.kernel(name)
-    shmem = shmem_bytes(prologue, m, k, x.element_size())
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    bps = _blocks_per_sm(kernel, (name, x.dtype, variant, shmem, dev), shmem)
-    p = plan(prologue, m, n, k, x.element_size(), _sms(dev), bps, variant[0])
+    key = (prologue, m, n, k, x.dtype, dev, variant)
+    hit = _launches.get(key)
+    if hit is None:
+        hit = _launches[key] = _choose(prologue, m, n, k, x.dtype, dev, variant)
+    kernel, p, _ = hit
     args = launch_args(x, weight, bias, residual, out, norm_weight, eps)
     compiler.launch(kernel, (p.grid,), p.block, *args, shmem=p.shmem)
     return out
@@ -240,7 +296,7 @@ def gemv2(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    variant: tuple[int, int] = DEFAULT_VARIANT,
+    variant: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """x @ w^T (+ bias) (+ residual): the kernel where it applies, else the reference."""
     if x.is_cuda and supported("", x, weight, bias, residual):

@@ -78,8 +78,9 @@ def measure(name: str, n: int, k: int, m: int, iters: int, bw: float) -> dict:
     row["cublas_us"] = timed(partial(F.linear, x, w), iters) * 1e6
     row["gemv_us"] = timed(partial(gemv.gemv, x, w, None, out), iters) * 1e6
     row["gemv2_us"] = timed(partial(gemv_step.gemv2, x, w, None, None, out), iters) * 1e6
+    row["gemv2_variant"] = "r{}u{}".format(*gemv_step.chosen_variant("", m, n, k, torch.bfloat16))
     if m == 1:
-        for v in gemv_step.VARIANTS[1:]:
+        for v in gemv_step.VARIANTS:
             fn = partial(gemv_step.gemv2, x, w, None, None, out, v)
             row[f"gemv2_r{v[0]}u{v[1]}_us"] = timed(fn, iters) * 1e6
     ref = F.linear(x, w)
@@ -98,13 +99,13 @@ def print_row(r: dict, bw: float) -> None:
 
     variants = " ".join(
         f"r{v[0]}u{v[1]} {r[f'gemv2_r{v[0]}u{v[1]}_us']:.1f}"
-        for v in gemv_step.VARIANTS[1:]
+        for v in gemv_step.VARIANTS
         if f"gemv2_r{v[0]}u{v[1]}_us" in r
     )
     print(
         f"{r['shape']:<12} {r['n']:>6} {r['k']:>6} {r['m']:>2} {size / 2**20:>5.0f} | "
         f"{cell(r['cublas_us'])} | {cell(r['gemv_us'])} | {cell(r['gemv2_us'])} | "
-        f"{r['cublas_us'] / r['gemv2_us']:>5.2f}x {r['rule']:<6} {variants}"
+        f"{r['cublas_us'] / r['gemv2_us']:>5.2f}x {r['rule']:<6} {r['gemv2_variant']} | {variants}"
     )
 
 
@@ -153,7 +154,7 @@ def main() -> None:
     cols = f"{'us':>7} {'TB/s':>5} {'%copy':>5}"
     print(
         f"{'shape':<12} {'N':>6} {'K':>6} {'M':>2} {'MiB':>5} | cuBLAS {cols[7:]} | "
-        f"round 1 {cols[8:]} | round 2 {cols[8:]} | vs cuBLAS, rule, other variants (us, M=1)"
+        f"round 1 {cols[8:]} | round 2 {cols[8:]} | vs cuBLAS, rule, variant | variants (us, M=1)"
     )
     rows = []
     for name, (n, k) in SHAPES.items():

@@ -91,6 +91,19 @@ def test_plan_is_one_resident_wave_over_all_rows() -> None:
     assert gemv_step.plan("", 8, 128256, 4096, 2, 132, 4).grid == 528
 
 
+def test_variant_is_the_fewest_rows_per_warp_that_fit_one_wave() -> None:
+    def resident(v: tuple[int, int]) -> int:  # H200: 132 SMs; R = 1 holds 5 blocks, R = 2 four
+        return 132 * (5 if v[0] == 1 else 4) * 8
+
+    assert gemv_step.pick_variant(1, 4096, resident) == (1, 8)  # 8B o and down: 4,096 warps
+    assert gemv_step.pick_variant(1, 5280, resident) == (1, 8)
+    assert gemv_step.pick_variant(1, 6144, resident) == (2, 4)  # 8B q/k/v: 3,072 warps of 2
+    assert gemv_step.pick_variant(1, 28672, resident) == gemv_step.DEFAULT_VARIANT  # gate/up
+    assert gemv_step.pick_variant(2, 64, resident) == gemv_step.DEFAULT_VARIANT
+    for v in gemv_step.M1_CANDIDATES:
+        assert v in gemv_step.VARIANTS and v[0] * v[1] == 8
+
+
 def test_sizes_and_layouts() -> None:
     bf = torch.bfloat16
     assert gemv_step.fits("norm", 4, 6144, 4096, 2) and not gemv_step.fits("norm", 5, 6144, 4096, 2)
