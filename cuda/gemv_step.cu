@@ -56,6 +56,24 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     return v;
 }
 
+// Programmatic Dependent Launch (HEADRACE_PDL=1, cuda/compiler.py launch(pdl=True)): a kernel
+// so launched may start while the previous kernel of the stream still runs; everything
+// before griddep_wait() touches only the weights (never written by a kernel), everything
+// that reads x / residual or writes y comes after it. Launched without the attribute, the
+// wait returns at once. griddep_launch_dependents() lets the next PDL kernel start its own
+// weight prefetch during this one's tail.
+__device__ __forceinline__ void griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
@@ -255,6 +273,9 @@ __device__ __forceinline__ void rows_loop(const uint4* const (&xr)[M], const ele
 
 template <int M>
 __device__ __forceinline__ void gemv2_plain(HR_GEMV2_ARGS) {
+    hr_gemv2::prefetch_first_rows(w, N, K);
+    hr_gemv2::griddep_wait();
+    hr_gemv2::griddep_launch_dependents();
     const uint4* xr[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) xr[m] = reinterpret_cast<const uint4*>(x + m * x_stride);
@@ -265,6 +286,8 @@ template <int M, int PRO>  // PRO 1: RMSNorm, 2: SiLU-and-mul
 __device__ __forceinline__ void gemv2_fused(HR_GEMV2_ARGS) {
     extern __shared__ uint4 hr_gemv2_xs[];
     hr_gemv2::prefetch_first_rows(w, N, K);
+    hr_gemv2::griddep_wait();
+    hr_gemv2::griddep_launch_dependents();
     if (PRO == 1)
         hr_gemv2::norm_prologue<M>(x, x_stride, nw, eps, K, hr_gemv2_xs);
     else

@@ -12,6 +12,7 @@ cuda/fused_ops.py's kernels and of cuda/gemv.py's fp32 sums).
 The launch plan (`plan`, pure host logic, tested on CPU): one resident wave of 256-thread
 blocks (SMs x blocks per SM, capped by the rows: R rows per warp), each warp looping over
 its row groups; prologue kernels get M * K elements of dynamic shared memory (<= 48 KiB).
+HEADRACE_PDL=1 launches them by Programmatic Dependent Launch (cuda/step_fusion.py pdl).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from cuda import compiler
 from cuda.fused_ops import add_rms_norm_ref, silu_and_mul_ref
+from cuda.step_fusion import pdl
 
 SOURCE_PATH = Path(__file__).with_name("gemv_step.cu")
 DTYPES = {torch.float16: 1, torch.bfloat16: 2}  # HR_DTYPE in the source
@@ -286,7 +288,7 @@ def run(
         hit = _launches[key] = _choose(prologue, m, n, k, x.dtype, dev, variant)
     kernel, p, _ = hit
     args = launch_args(x, weight, bias, residual, out, norm_weight, eps)
-    compiler.launch(kernel, (p.grid,), p.block, *args, shmem=p.shmem)
+    compiler.launch(kernel, (p.grid,), p.block, *args, shmem=p.shmem, pdl=pdl())
     return out
 
 

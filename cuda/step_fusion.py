@@ -19,6 +19,15 @@ import os
 GEMV_FUSIONS = ("norm", "silu", "residual")
 
 
+def pdl() -> bool:
+    """HEADRACE_PDL=1 (opt-in): cuda/gemv_step.cu's GEMVs start by Programmatic Dependent
+    Launch, their weight prefetch overlapping the previous kernel's tail."""
+    value = os.environ.get("HEADRACE_PDL", "0") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"HEADRACE_PDL must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def step_fusion() -> bool:
     value = os.environ.get("HEADRACE_STEP_FUSION", "1") or "1"
     if value not in ("0", "1"):

@@ -1,6 +1,7 @@
 """Small-M GEMVs against cuBLAS (F.linear, its split-K reduce included) on the Llama-3-8B and
 70B linear shapes at M = 1, 2, 4, 8 rows, bf16: microseconds, TB/s of weight read, and the
-fraction of the device's copy bandwidth, L2 flushed before each call, CUDA events. Side by
+fraction of the device's copy bandwidth, L2 flushed before each call, CUDA events around
+one replay of a CUDA graph holding the call (as the decode graphs run them). Side by
 side: cuBLAS, round 1 (cuda/gemv.cu, HEADRACE_GEMV=old), round 2 (cuda/gemv_step.cu, the
 default plan) and round 2's other (rows per warp, chunks in flight) variants at M = 1, with
 what the rule (HEADRACE_GEMV=auto) picks.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from collections.abc import Callable
 from functools import partial
@@ -50,6 +52,12 @@ def timed(fn: Callable[[], object], iters: int) -> float:
     return gpu_timing.time_op(fn, iters, reduce=statistics.fmean)
 
 
+def timed_graph(fn: Callable[[], object], iters: int) -> float:
+    """timed() of fn captured in a CUDA graph: the kernels' time as a decode graph replays
+    them, without Python's launch cost in the window (cuBLAS's reduce kernel included)."""
+    return timed(gpu_timing.graphed(fn), iters)
+
+
 def copy_bandwidth() -> float:
     return gpu_timing.copy_bandwidth()
 
@@ -75,14 +83,14 @@ def measure(name: str, n: int, k: int, m: int, iters: int, bw: float) -> dict:
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     size = n * k * 2
     row: dict = {"shape": name, "n": n, "k": k, "m": m, "weight_bytes": size}
-    row["cublas_us"] = timed(partial(F.linear, x, w), iters) * 1e6
-    row["gemv_us"] = timed(partial(gemv.gemv, x, w, None, out), iters) * 1e6
-    row["gemv2_us"] = timed(partial(gemv_step.gemv2, x, w, None, None, out), iters) * 1e6
+    row["cublas_us"] = timed_graph(partial(F.linear, x, w), iters) * 1e6
+    row["gemv_us"] = timed_graph(partial(gemv.gemv, x, w, None, out), iters) * 1e6
+    row["gemv2_us"] = timed_graph(partial(gemv_step.gemv2, x, w, None, None, out), iters) * 1e6
     row["gemv2_variant"] = "r{}u{}".format(*gemv_step.chosen_variant("", m, n, k, torch.bfloat16))
     if m == 1:
         for v in gemv_step.VARIANTS:
             fn = partial(gemv_step.gemv2, x, w, None, None, out, v)
-            row[f"gemv2_r{v[0]}u{v[1]}_us"] = timed(fn, iters) * 1e6
+            row[f"gemv2_r{v[0]}u{v[1]}_us"] = timed_graph(fn, iters) * 1e6
     ref = F.linear(x, w)
     row["max_abs_diff"] = (gemv_step.gemv2(x, w) - ref).abs().max().item()
     row["rule"] = "gemv2" if gemv.use_gemv(m, n, k, 2, "auto") else "cublas"
@@ -134,11 +142,29 @@ def fused_pairs(iters: int) -> list[dict]:
         ),
     }
     rows = []
+
+    def layer() -> object:  # four dependent round-2 GEMVs of a layer at batch 1
+        q = gemv_step.gemv2_norm(h, nw, 1e-5, qkv)
+        hid = gemv_step.gemv2(q[:, :4096], o, None, h)
+        gemv_step.gemv2_norm(hid, nw, 1e-5, o)  # stands in for gate/up (on cuBLAS)
+        return gemv_step.gemv2_silu(gu, down, None, hid)
+
     for name, (unfused, fused) in cases.items():
-        a = timed(gpu_timing.graphed(unfused), iters) * 1e6
-        b = timed(gpu_timing.graphed(fused), iters) * 1e6
+        a = timed_graph(unfused, iters) * 1e6
+        b = timed_graph(fused, iters) * 1e6
         rows.append({"case": name, "unfused_us": a, "fused_us": b})
         print(f"{name:<28} unfused {a:>7.1f} us   fused {b:>7.1f} us   saves {a - b:>5.1f} us")
+    for flag in ("0", "1"):  # the same graph captured without and with PDL
+        os.environ["HEADRACE_PDL"] = flag
+        try:
+            t = timed_graph(layer, iters) * 1e6
+        except Exception as exc:  # a driver or cuda.core without PDL in graphs: say so
+            print(f"layer chain, HEADRACE_PDL={flag}: failed: {exc!r}")
+            continue
+        finally:
+            os.environ.pop("HEADRACE_PDL")
+        rows.append({"case": f"layer chain, HEADRACE_PDL={flag}", "us": t})
+        print(f"{'layer chain, PDL ' + flag:<28} {t:>7.1f} us (qkv+norm, o+res, norm, down)")
     return rows
 
 

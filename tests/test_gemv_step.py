@@ -47,6 +47,29 @@ def test_compiles_for_sm90_without_spills(
     assert max(regs) <= 255 and (variant != gemv_step.DEFAULT_VARIANT or max(regs) <= 128), regs
 
 
+def test_pdl_launch_sets_the_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cuda.core
+
+    from cuda.step_fusion import pdl
+
+    seen: list[Any] = []
+    monkeypatch.setattr(compiler, "current_stream", lambda: None)
+    monkeypatch.setattr(cuda.core, "launch", lambda stream, cfg, k, *a: seen.append(cfg))
+    compiler.launch("k", (7,), 256, 1, shmem=128, pdl=True)
+    compiler.launch("k", (7,), 256, 1, shmem=128)
+    assert seen[0].programmatic_stream_serialization and seen[0].shmem_size == 128
+    assert not seen[1].programmatic_stream_serialization
+    monkeypatch.delenv("HEADRACE_PDL", raising=False)
+    assert not pdl()  # opt-in
+    monkeypatch.setenv("HEADRACE_PDL", "1")
+    assert pdl()
+    monkeypatch.setenv("HEADRACE_PDL", "yes")
+    with pytest.raises(ValueError, match="HEADRACE_PDL"):
+        pdl()
+    src = gemv_step.source()  # every kernel waits for the previous grid before reading x
+    assert src.count("hr_gemv2::griddep_wait();") == 2 and "griddepcontrol.wait" in src
+
+
 def test_kernels_in_the_source_are_the_ones_named() -> None:
     assert set(launch_types(gemv_step.source())) == set(gemv_step.KERNELS)
 

@@ -160,3 +160,40 @@ def test_fused_step_generation_close_to_unfused(
     check_logprobs_close(
         new.out, old.out, "fused-vs-unfused", atol=0.1 if dtype == "float16" else 1.0
     )
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_pdl_chain_waits_for_the_previous_kernel(
+    graph: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEADRACE_PDL=1: each GEMV reads what the one before it wrote (a missing wait would
+    read stale or poisoned values), eagerly and inside a CUDA graph."""
+    bf = torch.bfloat16
+    ws = [(torch.randn(4096, 4096, device=DEV) * 0.02).to(bf) for _ in range(3)]
+    nw = (1 + 0.1 * torch.randn(4096, device=DEV)).to(bf)
+    gu_w = (torch.randn(2 * 4096, 4096, device=DEV) * 0.02).to(bf)
+    x = torch.randn(1, 4096, device=DEV).to(bf)
+
+    def chain() -> torch.Tensor:
+        h = gemv_step.gemv2(x, ws[0])  # o-like
+        h = gemv_step.gemv2(h, ws[1], None, x)  # + residual
+        gu = gemv_step.gemv2_norm(h, nw, 1e-5, gu_w)  # gate/up
+        return gemv_step.gemv2_silu(gu, ws[2], None, h)  # down + residual
+
+    monkeypatch.setenv("HEADRACE_PDL", "0")
+    want = chain()
+    monkeypatch.setenv("HEADRACE_PDL", "1")
+    if not graph:
+        for _ in range(5):
+            torch.testing.assert_close(chain(), want, rtol=0, atol=0)
+        return
+    chain()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = chain()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        monkeypatch.setenv("HEADRACE_PDL", "0")
+        torch.testing.assert_close(got, chain(), rtol=0, atol=0)
+        monkeypatch.setenv("HEADRACE_PDL", "1")
