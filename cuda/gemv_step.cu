@@ -87,20 +87,28 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc)
     return acc;
 }
 
-// Warm L2 with the first round of this warp's first rows while the prologue runs.
+// Warm L2 with the first rounds of this warp's first rows while the prologue (or, under PDL,
+// the previous kernel) runs: the SiLU prologue is issue-bound (~2 us per block at K = 14336:
+// every block computes the whole activation), so HBM keeps streaming meanwhile. Up to
+// MAX_ROUNDS rounds, within ~16 MiB over the grid so the lines are still in L2 when read
+// (one round for the 8B shapes' single-row warps: 4 KB x 4,096 warps).
+template <int MAX_ROUNDS>
 __device__ __forceinline__ void prefetch_first_rows(const elem_t* w, int N, int K) {
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * WARPS + (threadIdx.x >> 5);
     const int chunks = K / VEC;
+    const long long round_bytes = (long long)gridDim.x * WARPS * R * U * 32 * 16;
+    const int rounds = max(1, min(MAX_ROUNDS, (int)((16ll << 20) / round_bytes)));
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int n = t * R + r;
         if (n >= N) break;
         const uint4* row = reinterpret_cast<const uint4*>(w + (long long)n * K);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
+#pragma unroll 4
+        for (int u = 0; u < U * rounds; ++u) {
             const int c = lane + u * 32;
-            if (c < chunks && (c & 7) == 0) prefetch_l2(row + c);  // one per 128-byte line
+            if (c >= chunks) break;
+            if ((c & 7) == 0) prefetch_l2(row + c);  // one per 128-byte line
         }
     }
 }
@@ -273,7 +281,7 @@ __device__ __forceinline__ void rows_loop(const uint4* const (&xr)[M], const ele
 
 template <int M>
 __device__ __forceinline__ void gemv2_plain(HR_GEMV2_ARGS) {
-    hr_gemv2::prefetch_first_rows(w, N, K);
+    hr_gemv2::prefetch_first_rows<1>(w, N, K);
     hr_gemv2::griddep_wait();
     hr_gemv2::griddep_launch_dependents();
     const uint4* xr[M];
@@ -285,7 +293,7 @@ __device__ __forceinline__ void gemv2_plain(HR_GEMV2_ARGS) {
 template <int M, int PRO>  // PRO 1: RMSNorm, 2: SiLU-and-mul
 __device__ __forceinline__ void gemv2_fused(HR_GEMV2_ARGS) {
     extern __shared__ uint4 hr_gemv2_xs[];
-    hr_gemv2::prefetch_first_rows(w, N, K);
+    hr_gemv2::prefetch_first_rows<PRO == 1 ? 2 : 4>(w, N, K);  // norm ~1 us, SiLU ~2 us
     hr_gemv2::griddep_wait();
     hr_gemv2::griddep_launch_dependents();
     if (PRO == 1)
