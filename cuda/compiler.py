@@ -264,6 +264,14 @@ def blocks_per_sm(kernel: Any, block: int, shmem: int = 0) -> int:
     return max(n, 1)
 
 
+@functools.cache
+def pdl_supported() -> bool:
+    """Whether this cuda.core's LaunchConfig can ask for Programmatic Dependent Launch."""
+    from cuda.core import LaunchConfig
+
+    return hasattr(LaunchConfig, "programmatic_stream_serialization")
+
+
 def launch(
     kernel: Any, grid: tuple[int, ...], block: int, *args: Any, shmem: int = 0, pdl: bool = False
 ) -> None:
@@ -271,14 +279,15 @@ def launch(
 
     pdl: Programmatic Dependent Launch (sm_90): the kernel may start before the previous one
     in the stream has finished, so it must run `griddepcontrol.wait` before it reads what
-    that one wrote (cuda/gemv_step.cu does)."""
+    that one wrote (cuda/gemv_step.cu does). A cuda.core without the option launches plainly.
+    """
     from cuda.core import LaunchConfig
     from cuda.core import launch as cc_launch
 
     cfg_key = (grid, block, shmem, pdl)
     cfg = _configs.get(cfg_key)
     if cfg is None:
-        extra = {"programmatic_stream_serialization": True} if pdl else {}
+        extra = {"programmatic_stream_serialization": True} if pdl and pdl_supported() else {}
         cfg = LaunchConfig(grid=grid, block=block, shmem_size=shmem, **extra)
         if len(_configs) > 4096:
             _configs.clear()

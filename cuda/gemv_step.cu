@@ -6,6 +6,8 @@
 //   gemv2_m<M>       x' = x                                          (x [M, K])
 //   gemv2_norm_m<M>  x' = round(nw * round(x * rstd(x)))             (x [M, K]: RMSNorm)
 //   gemv2_silu_m<M>  x' = round(round(silu(x[:, :K])) * x[:, K:])    (x [M, 2K]: gate | up)
+//   gemv2_norm_pair_m<M>  the norm's x', and y = silu(x' @ gate^T) * (x' @ up^T) for w = gate | up
+//                    (y [M, N/2]: the gate/up GEMV with silu_and_mul as its epilogue)
 //
 // with exactly the rounding of cuda/fused_ops.cu's add_rms_norm / silu_and_mul, so the fused
 // step computes what the unfused one does (the norm's sum of squares runs in another order:
@@ -92,17 +94,28 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc)
 // every block computes the whole activation), so HBM keeps streaming meanwhile. Up to
 // MAX_ROUNDS rounds, within ~16 MiB over the grid so the lines are still in L2 when read
 // (one round for the 8B shapes' single-row warps: 4 KB x 4,096 warps).
-template <int MAX_ROUNDS>
+// Weight row r of row group t: RR consecutive rows, or (PAIR: gate/up) rows t and t + N/2.
+template <int RR, bool PAIR>
+__device__ __forceinline__ int row_of(int t, int r, int N) {
+    return PAIR ? t + r * (N >> 1) : min(t * RR + r, N - 1);  // a missing last row: a real one
+}
+
+template <int RR, bool PAIR>
+__device__ __forceinline__ int row_groups(int N) {
+    return PAIR ? N >> 1 : (N + RR - 1) / RR;
+}
+
+template <int MAX_ROUNDS, int RR, bool PAIR>
 __device__ __forceinline__ void prefetch_first_rows(const elem_t* w, int N, int K) {
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * WARPS + (threadIdx.x >> 5);
     const int chunks = K / VEC;
-    const long long round_bytes = (long long)gridDim.x * WARPS * R * U * 32 * 16;
+    const long long round_bytes = (long long)gridDim.x * WARPS * RR * U * 32 * 16;
     const int rounds = max(1, min(MAX_ROUNDS, (int)((16ll << 20) / round_bytes)));
+    if (t >= row_groups<RR, PAIR>(N)) return;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int n = t * R + r;
-        if (n >= N) break;
+    for (int r = 0; r < RR; ++r) {
+        const int n = row_of<RR, PAIR>(t, r, N);
         const uint4* row = reinterpret_cast<const uint4*>(w + (long long)n * K);
 #pragma unroll 4
         for (int u = 0; u < U * rounds; ++u) {
@@ -196,65 +209,91 @@ __device__ __forceinline__ uint4 x_chunk(const uint4* const (&xr)[M], int m, int
     return SMEM ? xr[m][c] : __ldg(xr[m] + c);
 }
 
+// y = round(round(silu(round(g))) * round(u)) for the gate / up sums of one row of x: the
+// rounding of a gate/up GEMV's output followed by fused_ops.cu's silu_and_mul.
+__device__ __forceinline__ elem_t silu_pair(float g, float u) {
+    const float gf = to_f(from_f(g));
+    const float s = to_f(from_f(gf / (1.0f + expf(-gf))));
+    return from_f(__fmul_rn(s, to_f(from_f(u))));
+}
+
 // The warps' loop over row groups. xr[m]: row m of x' (global, or shared memory if SMEM).
-template <int M, bool SMEM>
+// RR rows per group; PAIR: the group is gate row t and up row t + N/2, and the warp writes
+// silu(gate) * up to y[:, t] (y is [M, N/2]; no residual).
+template <int M, bool SMEM, int RR = R, bool PAIR = false>
 __device__ __forceinline__ void rows_loop(const uint4* const (&xr)[M], const elem_t* __restrict__ w,
                                           const elem_t* __restrict__ bias,
                                           const elem_t* residual, long long r_stride, elem_t* y,
                                           long long y_stride, int N, int K) {
     const int lane = threadIdx.x & 31;
     const int chunks = K / VEC;
-    const int groups = (N + R - 1) / R;
+    const int groups = row_groups<RR, PAIR>(N);
     for (int t = blockIdx.x * WARPS + (threadIdx.x >> 5); t < groups; t += gridDim.x * WARPS) {
-        const int n0 = t * R;
-        const uint4* wr[R];
+        const int n0 = t * RR;
+        const uint4* wr[RR];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int n = min(n0 + r, N - 1);  // a missing last row re-reads a real one
-            wr[r] = reinterpret_cast<const uint4*>(w + (long long)n * K);
-        }
-        float acc[R][M];
+        for (int r = 0; r < RR; ++r)
+            wr[r] = reinterpret_cast<const uint4*>(w + (long long)row_of<RR, PAIR>(t, r, N) * K);
+        float acc[RR][M];
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+        for (int r = 0; r < RR; ++r)
 #pragma unroll
             for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
         int c = lane;
         for (; c + (U - 1) * 32 < chunks; c += U * 32) {
-            uint4 wv[U][R];
+            uint4 wv[U][RR];
 #pragma unroll
             for (int u = 0; u < U; ++u)
 #pragma unroll
-                for (int r = 0; r < R; ++r) wv[u][r] = load_stream(wr[r] + c + u * 32);
+                for (int r = 0; r < RR; ++r) wv[u][r] = load_stream(wr[r] + c + u * 32);
 #pragma unroll
             for (int u = 0; u < U; ++u)
 #pragma unroll
                 for (int m = 0; m < M; ++m) {
                     const uint4 xv = x_chunk<M, SMEM>(xr, m, c + u * 32);
 #pragma unroll
-                    for (int r = 0; r < R; ++r) acc[r][m] = dot8(wv[u][r], xv, acc[r][m]);
+                    for (int r = 0; r < RR; ++r) acc[r][m] = dot8(wv[u][r], xv, acc[r][m]);
                 }
         }
         for (; c < chunks; c += 32) {  // fewer than U chunks of each row left for this lane
-            uint4 wv[R];
+            uint4 wv[RR];
 #pragma unroll
-            for (int r = 0; r < R; ++r) wv[r] = load_stream(wr[r] + c);
+            for (int r = 0; r < RR; ++r) wv[r] = load_stream(wr[r] + c);
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 const uint4 xv = x_chunk<M, SMEM>(xr, m, c);
 #pragma unroll
-                for (int r = 0; r < R; ++r) acc[r][m] = dot8(wv[r], xv, acc[r][m]);
+                for (int r = 0; r < RR; ++r) acc[r][m] = dot8(wv[r], xv, acc[r][m]);
             }
         }
         // Butterfly sums: every lane ends with the same (bitwise) totals.
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+        for (int r = 0; r < RR; ++r)
 #pragma unroll
             for (int m = 0; m < M; ++m)
 #pragma unroll
                 for (int o = 16; o > 0; o >>= 1)
                     acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
+        if (PAIR) {
+            const int half = N >> 1;
+            float g = 0.0f, u = 0.0f;  // lane m < M writes row m (one silu call site)
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+            for (int m = 0; m < M; ++m)
+                if (lane == m) {
+                    g = acc[0][m];
+                    u = acc[RR - 1][m];
+                }
+            if (lane < M) {
+                if (bias != nullptr) {
+                    g += to_f(bias[t]);
+                    u += to_f(bias[t + half]);
+                }
+                y[lane * y_stride + t] = silu_pair(g, u);
+            }
+            continue;
+        }
+#pragma unroll
+        for (int r = 0; r < RR; ++r)
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 const int n = n0 + r;
@@ -281,7 +320,7 @@ __device__ __forceinline__ void rows_loop(const uint4* const (&xr)[M], const ele
 
 template <int M>
 __device__ __forceinline__ void gemv2_plain(HR_GEMV2_ARGS) {
-    hr_gemv2::prefetch_first_rows<1>(w, N, K);
+    hr_gemv2::prefetch_first_rows<1, hr_gemv2::R, false>(w, N, K);
     hr_gemv2::griddep_wait();
     hr_gemv2::griddep_launch_dependents();
     const uint4* xr[M];
@@ -290,20 +329,24 @@ __device__ __forceinline__ void gemv2_plain(HR_GEMV2_ARGS) {
     hr_gemv2::rows_loop<M, false>(xr, w, bias, residual, r_stride, y, y_stride, N, K);
 }
 
-template <int M, int PRO>  // PRO 1: RMSNorm, 2: SiLU-and-mul
+// PRO 1: RMSNorm, 2: SiLU-and-mul (x [M, 2K]), 3: RMSNorm and the gate/up pair epilogue
+// (w [N, K] = gate | up, y [M, N/2] = silu(gate) * up; two rows per warp whatever HR_R).
+template <int M, int PRO>
 __device__ __forceinline__ void gemv2_fused(HR_GEMV2_ARGS) {
+    constexpr bool PAIR = PRO == 3;
+    constexpr int RR = PAIR ? 2 : hr_gemv2::R;
     extern __shared__ uint4 hr_gemv2_xs[];
-    hr_gemv2::prefetch_first_rows<PRO == 1 ? 2 : 4>(w, N, K);  // norm ~1 us, SiLU ~2 us
+    hr_gemv2::prefetch_first_rows<PRO == 2 ? 4 : 2, RR, PAIR>(w, N, K);  // norm ~1 us, SiLU ~2
     hr_gemv2::griddep_wait();
     hr_gemv2::griddep_launch_dependents();
-    if (PRO == 1)
-        hr_gemv2::norm_prologue<M>(x, x_stride, nw, eps, K, hr_gemv2_xs);
-    else
+    if (PRO == 2)
         hr_gemv2::silu_prologue<M>(x, x_stride, K, hr_gemv2_xs);
+    else
+        hr_gemv2::norm_prologue<M>(x, x_stride, nw, eps, K, hr_gemv2_xs);
     const uint4* xr[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) xr[m] = hr_gemv2_xs + m * (K / hr_gemv2::VEC);
-    hr_gemv2::rows_loop<M, true>(xr, w, bias, residual, r_stride, y, y_stride, N, K);
+    hr_gemv2::rows_loop<M, true, RR, PAIR>(xr, w, bias, residual, r_stride, y, y_stride, N, K);
 }
 
 #define HR_GEMV2_PASS x, x_stride, w, bias, residual, r_stride, y, y_stride, nw, eps, N, K
@@ -348,4 +391,16 @@ extern "C" __global__ void __launch_bounds__(256) gemv2_silu_m1(HR_GEMV2_ARGS) {
 }
 extern "C" __global__ void __launch_bounds__(256) gemv2_silu_m2(HR_GEMV2_ARGS) {
     gemv2_fused<2, 2>(HR_GEMV2_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) gemv2_norm_pair_m1(HR_GEMV2_ARGS) {
+    gemv2_fused<1, 3>(HR_GEMV2_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) gemv2_norm_pair_m2(HR_GEMV2_ARGS) {
+    gemv2_fused<2, 3>(HR_GEMV2_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) gemv2_norm_pair_m3(HR_GEMV2_ARGS) {
+    gemv2_fused<3, 3>(HR_GEMV2_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) gemv2_norm_pair_m4(HR_GEMV2_ARGS) {
+    gemv2_fused<4, 3>(HR_GEMV2_PASS);
 }

@@ -4,6 +4,8 @@ for M <= 8 rows of bf16/fp16, with optional prologues that fold the op before it
     gemv2(x, w, bias, residual)           x' = x                          x [M, K]
     gemv2_norm(h, nw, eps, w, ...)        x' = RMSNorm(h) * nw            h [M, K], M <= 4
     gemv2_silu(gate_up, w, ...)           x' = silu(gate) * up            gate_up [M, 2K]
+    gemv2_norm_pair(h, nw, eps, w, ...)   silu(x' @ gate^T) * (x' @ up^T)  w = gate | up, M <= 4
+                                          (x' = RMSNorm(h) * nw; y [M, N/2])
 
 and, with `residual` [M, N], y = round(round(x' @ w^T + bias) + residual): the residual add of
 the next add_rms_norm. The `*_ref` functions are the torch references (the rounding of
@@ -34,7 +36,7 @@ DTYPES = {torch.float16: 1, torch.bfloat16: 2}  # HR_DTYPE in the source
 VEC = 8  # elements per 16-byte chunk
 WARPS = 8
 THREADS = WARPS * 32
-MAX_ROWS = {"": 8, "norm": 4, "silu": 2}  # largest M per prologue (kernels in the source)
+MAX_ROWS = {"": 8, "norm": 4, "silu": 2, "norm_pair": 4}  # largest M per kernel kind
 MAX_SHMEM = 48 * 1024  # dynamic shared memory without an opt-in attribute
 # (R rows per warp, U chunks per row in flight per lane): 8 x 16-byte loads per lane.
 DEFAULT_VARIANT = (2, 4)
@@ -99,6 +101,8 @@ def fits(prologue: str, m: int, n: int, k: int, elem_bytes: int) -> bool:
         return False
     if n >= 2**31 or m * n >= 2**31 or (prologue == "silu" and 2 * k >= 2**31):
         return False
+    if prologue == "norm_pair" and n % 2:
+        return False
     return shmem_bytes(prologue, m, k, elem_bytes) <= MAX_SHMEM
 
 
@@ -129,7 +133,9 @@ def supported(
             if t.shape != shape or t.dtype != x.dtype or not t.is_contiguous() or t.data_ptr() % 16:
                 return False
             tensors.append(t)
-    if prologue == "norm" and norm_weight is None:
+    if prologue in ("norm", "norm_pair") and norm_weight is None:
+        return False
+    if residual is not None and prologue == "norm_pair":
         return False
     if residual is not None:
         if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1:
@@ -162,6 +168,17 @@ def gemv2_norm_ref(
 ) -> torch.Tensor:
     normed, _ = add_rms_norm_ref(h, None, norm_weight, eps)
     return gemv2_ref(normed, weight, bias, residual)
+
+
+def gemv2_norm_pair_ref(
+    h: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """silu_and_mul of the gate/up GEMV of RMSNorm(h): [M, N/2]."""
+    return silu_and_mul_ref(gemv2_norm_ref(h, norm_weight, eps, weight, bias, None))
 
 
 def gemv2_silu_ref(
@@ -252,9 +269,11 @@ def _choose(
         key = (prologue, m, dtype, v, shmem, dev)
         return _blocks_per_sm(_kernel(prologue, m, dtype, v), key, shmem)
 
-    if variant is None:
-        variant = pick_variant(m, n, lambda v: sms * bps(v) * WARPS)
-    p = plan(prologue, m, n, k, elem, sms, bps(variant), variant[0])
+    if variant is None:  # the pair kernels run two rows per warp whatever the module's R
+        pair = prologue == "norm_pair"
+        variant = DEFAULT_VARIANT if pair else pick_variant(m, n, lambda v: sms * bps(v) * WARPS)
+    rows = 2 if prologue == "norm_pair" else variant[0]
+    p = plan(prologue, m, n, k, elem, sms, bps(variant), rows)
     return _kernel(prologue, m, dtype, variant), p, variant
 
 
@@ -280,7 +299,8 @@ def run(
     m = x.shape[0]
     n, k = weight.shape
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        width = n // 2 if prologue == "norm_pair" else n
+        out = torch.empty((m, width), dtype=x.dtype, device=x.device)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     key = (prologue, m, n, k, x.dtype, dev, variant)
     hit = _launches.get(key)
@@ -319,6 +339,19 @@ def gemv2_norm(
     if h.is_cuda and supported("norm", h, weight, bias, residual, norm_weight):
         return run("norm", h, weight, bias, residual, norm_weight, eps)
     return gemv2_norm_ref(h, norm_weight, eps, weight, bias, residual)
+
+
+def gemv2_norm_pair(
+    h: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """silu_and_mul(RMSNorm(h) * norm_weight @ w^T (+ bias)) for w = gate | up, one launch."""
+    if h.is_cuda and supported("norm_pair", h, weight, bias, None, norm_weight):
+        return run("norm_pair", h, weight, bias, None, norm_weight, eps)
+    return gemv2_norm_pair_ref(h, norm_weight, eps, weight, bias)
 
 
 def gemv2_silu(

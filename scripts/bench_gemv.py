@@ -7,8 +7,10 @@ default plan) and round 2's other (rows per warp, chunks in flight) variants at 
 what the rule (HEADRACE_GEMV=auto) picks.
 
 Then the batch-1 fusions (M = 1): add_rms_norm + cuBLAS q/k/v against gemv2_norm, cuBLAS o +
-add_rms_norm's add against gemv2 with the residual epilogue, silu_and_mul + cuBLAS down
-against gemv2_silu (+ residual), each pair timed as one CUDA graph (launch gaps included).
+add_rms_norm's add against gemv2 with the residual epilogue, add_rms_norm + cuBLAS gate/up +
+silu_and_mul against gemv2_norm_pair, silu_and_mul + cuBLAS down against gemv2_silu (+
+residual), each pair timed as one CUDA graph (launch gaps included); and four dependent
+GEMVs of a layer captured without and with HEADRACE_PDL=1.
 
 The last line says which weight-size threshold the numbers support for the rule: the
 largest weight size up to which round 2 is at least as fast as cuBLAS at every M (and
@@ -127,6 +129,7 @@ def fused_pairs(iters: int) -> list[dict]:
     o = torch.randn(4096, 4096, device="cuda", dtype=bf) * 0.02
     down = torch.randn(4096, 14336, device="cuda", dtype=bf) * 0.02
     gu = torch.randn(1, 28672, device="cuda", dtype=bf)
+    gu_w = torch.randn(28672, 4096, device="cuda", dtype=bf) * 0.02
     cases = {
         "add_rms_norm + qkv": (
             lambda: F.linear(add_rms_norm(h, res, nw, 1e-5)[0], qkv),
@@ -135,6 +138,10 @@ def fused_pairs(iters: int) -> list[dict]:
         "o + residual add": (
             lambda: add_rms_norm(F.linear(h, o), res, nw, 1e-5),
             lambda: gemv_step.gemv2(h, o, None, res),
+        ),
+        "add_rms_norm + gate_up + silu": (
+            lambda: silu_and_mul(F.linear(add_rms_norm(h, res, nw, 1e-5)[0], gu_w)),
+            lambda: gemv_step.gemv2_norm_pair(h, nw, 1e-5, gu_w),
         ),
         "silu_and_mul + down + add": (
             lambda: add_rms_norm(F.linear(silu_and_mul(gu), down), res, nw, 1e-5),

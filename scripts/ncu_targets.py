@@ -100,9 +100,9 @@ def gemv2(n: int, k: int, prologue: str = "", residual: bool = False) -> Callabl
     bf = torch.bfloat16
     w = torch.randn(n, k, dtype=bf, device="cuda") * 0.02
     x = torch.randn(1, 2 * k if prologue == "silu" else k, dtype=bf, device="cuda")
-    nw = torch.ones(k, dtype=bf, device="cuda") if prologue == "norm" else None
+    nw = torch.ones(k, dtype=bf, device="cuda") if "norm" in prologue else None
     res = torch.randn(1, n, dtype=bf, device="cuda") if residual else None
-    y = torch.empty(1, n, dtype=bf, device="cuda")
+    y = torch.empty(1, n // 2 if prologue == "norm_pair" else n, dtype=bf, device="cuda")
     return lambda: gemv_step.run(prologue, x, w, None, res, nw, 1e-5, out=y)
 
 
@@ -129,7 +129,7 @@ TARGETS: dict[str, Callable[[], Callable[[], object]]] = {
     "gemv2_8b_qkv_norm": lambda: gemv2(6144, 4096, "norm"),
     "gemv2_8b_o_residual": lambda: gemv2(4096, 4096, residual=True),
     "gemv2_8b_down_silu": lambda: gemv2(4096, 14336, "silu", residual=True),
-    "gemv2_8b_gate_up_norm": lambda: gemv2(28672, 4096, "norm"),
+    "gemv2_8b_gate_up_norm_pair": lambda: gemv2(28672, 4096, "norm_pair"),
 }
 
 

@@ -117,6 +117,29 @@ def test_gemv2_silu_matches_reference(n: int, k: int, dtype: torch.dtype) -> Non
     assert ((got.double() - want.double()).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(28672, 4096), (1004, 4104), (38, 72), (2, 8)])
+def test_gemv2_norm_pair_matches_reference(n: int, k: int, dtype: torch.dtype) -> None:
+    c = _case(n + 5 * k, n, k, dtype, 4)
+    m, w, b = c["m"], c["w"], c["bias"]
+    h = (torch.randn(m, k, device=DEV) * 3).to(dtype)
+    nw = (1 + 0.2 * torch.randn(k, device=DEV)).to(dtype)
+    assert gemv_step.supported("norm_pair", h, w, b, None, nw)
+    got = gemv_step.run("norm_pair", h, w, b, None, nw, 1e-5, out=_poisoned(m, n // 2, dtype))
+    assert not got.isnan().any(), "unwritten (NaN) outputs"
+    # the gate / up sums each within the GEMV's error, then silu_and_mul's roundings
+    gate_up = gemv_step.gemv2_norm_ref(h, nw, 1e-5, w, b, None)
+    want = gemv_step.silu_and_mul_ref(gate_up)
+    normed = gemv_step.add_rms_norm_ref(h, None, nw, 1e-5)[0]
+    scale = normed.double().abs() @ w.double().abs().t()  # [m, n]
+    g, u = gate_up.double().chunk(2, dim=-1)
+    sg, su = (2 * ULP[dtype] * (scale + gate_up.double().abs())).chunk(2, dim=-1)
+    # d(silu(g) u) = silu'(g) u dg + silu(g) du, |silu'| <= 1.1
+    tol = 1.1 * u.abs() * sg + (g.abs() + 1) * su + 2 * ULP[dtype] * want.double().abs() + 1e-6
+    assert ((got.double() - want.double()).abs() <= tol).all()
+    assert torch.equal(gemv_step.gemv2_norm_pair(h, nw, 1e-5, w, b), got)
+
+
 def test_gemv2_in_a_cuda_graph() -> None:
     w = (torch.randn(4096, 4096, device=DEV) * 0.02).to(torch.bfloat16)
     nw = torch.ones(4096, device=DEV, dtype=torch.bfloat16)
@@ -155,7 +178,8 @@ def test_fused_step_generation_close_to_unfused(
 
     monkeypatch.setattr(gemv_step, "run", counted)
     new = generate(path, prompts, max_tokens=24, **args)
-    assert "norm" in calls and "silu" in calls  # the fused layer ran (eager or at capture)
+    # the fused layer ran (eager or at capture); the tiny model's gate/up takes the GEMV too
+    assert "norm" in calls and "norm_pair" in calls
     # bf16: these random models move ~1.0 between roundings (test_gpu_step_kernels)
     check_logprobs_close(
         new.out, old.out, "fused-vs-unfused", atol=0.1 if dtype == "float16" else 1.0
@@ -168,6 +192,9 @@ def test_pdl_chain_waits_for_the_previous_kernel(
 ) -> None:
     """HEADRACE_PDL=1: each GEMV reads what the one before it wrote (a missing wait would
     read stale or poisoned values), eagerly and inside a CUDA graph."""
+    from cuda import compiler
+
+    assert compiler.pdl_supported(), "this cuda.core's LaunchConfig has no PDL option"
     bf = torch.bfloat16
     ws = [(torch.randn(4096, 4096, device=DEV) * 0.02).to(bf) for _ in range(3)]
     nw = (1 + 0.1 * torch.randn(4096, device=DEV)).to(bf)

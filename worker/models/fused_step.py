@@ -11,6 +11,8 @@ the 8B model). Here, on the GPU for decode-sized steps whose projections the GEM
     gate/up    = gemv2_norm(hidden, post_attention_layernorm)   (if gate/up takes the GEMV;
                  else RMSNorm + cuBLAS)
     hidden     = gemv2_silu(gate/up, down, residual=hidden) SiLU-and-mul in the prologue
+    (where gate/up takes the GEMV too: act = gemv2_norm_pair(hidden, ...), silu_and_mul as
+    the gate/up GEMV's epilogue, then hidden = gemv2(act, down, residual=hidden))
 
 The layer contract stays DecoderLayer's: (x, residual) in and out, the hidden state being
 x + residual, or x alone where residual is None (what the fused layer returns when its last
@@ -117,23 +119,43 @@ def _mlp_step(
             normed, _ = norm(hidden, None)
         return mlp(normed), hidden
     mode = gemv.gemv_mode()
-    if normed is None:
-        fused = "norm" in parts and _gemv_linear(mlp.gate_up_proj, hidden, mode)
-        gate_up = _norm_gemv(norm, hidden, mlp.gate_up_proj, fused)
-    else:
-        gate_up = mlp.gate_up_proj(normed)
+    act, gate_up = _gate_up(layer, hidden, parts, normed, mode)
     down = mlp.down_proj
-    on_gemv = _gemv_linear(down, gate_up, mode)
-    if on_gemv and "silu" in parts:
+    on_gemv = _gemv_linear(down, hidden, mode)
+    if act is None and on_gemv and "silu" in parts:
         if "residual" in parts:
             out = _residual_gemv(gate_up, down, hidden, "silu")
             if out is not None:
                 return out, None
         if gemv_step.supported("silu", gate_up, down.weight, down.bias, None):
             return gemv_step.run("silu", gate_up, down.weight, down.bias), hidden
-    act = silu_and_mul(gate_up)
+    if act is None:
+        act = silu_and_mul(gate_up)
     if on_gemv and "residual" in parts:
         out = _residual_gemv(act, down, hidden)
         if out is not None:
             return out, None
     return down(act), hidden
+
+
+def _gate_up(
+    layer: Any,
+    hidden: torch.Tensor,
+    parts: frozenset[str],
+    normed: torch.Tensor | None,
+    mode: str,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(silu(gate) * up, or None where not computed yet; gate/up) of the post-attention norm.
+    Where gate/up takes the GEMV with the norm and SiLU fusions on, one launch gives the
+    activation (gemv2_norm_pair: silu_and_mul as the GEMV's epilogue)."""
+    mlp = layer.mlp
+    norm = layer.post_attention_layernorm
+    gu = mlp.gate_up_proj
+    if normed is not None:
+        return None, gu(normed)
+    fused = "norm" in parts and _gemv_linear(gu, hidden, mode)
+    pair_ok = gemv_step.supported("norm_pair", hidden, gu.weight, gu.bias, None, norm.weight)
+    if fused and "silu" in parts and pair_ok:
+        act = gemv_step.run("norm_pair", hidden, gu.weight, gu.bias, None, norm.weight, norm.eps)
+        return act, act
+    return None, _norm_gemv(norm, hidden, gu, fused)
