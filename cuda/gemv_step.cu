@@ -89,11 +89,6 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc)
     return acc;
 }
 
-// Warm L2 with the first rounds of this warp's first rows while the prologue (or, under PDL,
-// the previous kernel) runs: the SiLU prologue is issue-bound (~2 us per block at K = 14336:
-// every block computes the whole activation), so HBM keeps streaming meanwhile. Up to
-// MAX_ROUNDS rounds, within ~16 MiB over the grid so the lines are still in L2 when read
-// (one round for the 8B shapes' single-row warps: 4 KB x 4,096 warps).
 // Weight row r of row group t: RR consecutive rows, or (PAIR: gate/up) rows t and t + N/2.
 template <int RR, bool PAIR>
 __device__ __forceinline__ int row_of(int t, int r, int N) {
@@ -105,6 +100,11 @@ __device__ __forceinline__ int row_groups(int N) {
     return PAIR ? N >> 1 : (N + RR - 1) / RR;
 }
 
+// Warm L2 with the first rounds of this warp's first rows while the prologue (or, under PDL,
+// the previous kernel) runs: the SiLU prologue is issue-bound (~2 us per block at K = 14336:
+// every block computes the whole activation), so HBM keeps streaming meanwhile. Up to
+// MAX_ROUNDS rounds, within ~16 MiB over the grid so the lines are still in L2 when read
+// (one round for the 8B shapes' single-row warps: 4 KB x 4,096 warps).
 template <int MAX_ROUNDS, int RR, bool PAIR>
 __device__ __forceinline__ void prefetch_first_rows(const elem_t* w, int N, int K) {
     const int lane = threadIdx.x & 31;
