@@ -37,6 +37,11 @@
 # test_gpu_decode_attention.py) run in the GPU suite.
 # Issue 11 batch-1 step: step1 (GPU tests of the GEMV, rotary + KV write, argmax and greedy
 # graphs; GEMV vs cuBLAS on the 8B/70B shapes; W1 with HEADRACE_GEMV=cublas, then default; <= 300 s).
+# Issue 11 batch-1 step, round 2: w1step (<= 150 s: tests/gpu/test_gpu_gemv_step.py, bench_gemv on the 8B
+# shapes (cuBLAS / round 1 / round 2 + variants, then the fused pairs), W1 with HEADRACE_GEMV=cublas
+# HEADRACE_STEP_FUSION=0, with the defaults, without the SiLU fusion (HEADRACE_GEMV_FUSION=norm,residual),
+# with gate/up on the GEMV too (HEADRACE_GEMV_MAX_MIB=256: norm + gate/up + SiLU in one launch) and with
+# HEADRACE_PDL=1 side by side, the batch-1 kernel table).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -172,5 +177,16 @@ for step in $which; do
            timeout 45 python scripts/bench_gemv.py --output-json "$OUT/step1_gemv.json" > "$OUT/step1_gemv.log" 2>&1; cat "$OUT/step1_gemv.log"
            for g in cublas auto; do HEADRACE_GEMV=$g timeout 70 python -m headrace bench latency --output-json "$OUT/step1_w1_$g.json" > "$OUT/step1_w1_$g.log" 2>&1
              echo "HEADRACE_GEMV=$g (rc $?): $(grep '^W1' "$OUT/step1_w1_$g.log" | tail -1)"; done ;;
+    w1step) timeout 8 python scripts/warm_kernels.py --jobs 16 --only gemv_step gemv fused_ops > "$OUT/w1step_warm.log" 2>&1
+            timeout 28 python -m pytest -m gpu tests/gpu/test_gpu_gemv_step.py -q -p no:cacheprovider --maxfail=10 > "$OUT/w1step_tests.log" 2>&1
+            echo "w1step tests (rc $?): $(tail -1 "$OUT/w1step_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/w1step_tests.log"
+            timeout 16 python scripts/bench_gemv.py --shapes 8b --iters 20 --output-json "$OUT/w1step_gemv.json" > "$OUT/w1step_gemv.log" 2>&1; echo "bench_gemv rc $?"; cat "$OUT/w1step_gemv.log"
+            for c in old new no_silu gate_up_gemv pdl; do case $c in old) e="HEADRACE_GEMV=cublas HEADRACE_STEP_FUSION=0" ;; new) e="HR=1" ;;
+              pdl) e="HEADRACE_PDL=1" ;; gate_up_gemv) e="HEADRACE_GEMV_MAX_MIB=256" ;; *) e="HEADRACE_GEMV_FUSION=norm,residual" ;; esac
+              env $e timeout $([ $c = old ] || [ $c = new ] && echo 18 || echo 15) python -m headrace bench latency --output-json "$OUT/w1step_w1_$c.json" > "$OUT/w1step_w1_$c.log" 2>&1
+              echo "W1 $c ($e; rc $?): $(grep '^W1' "$OUT/w1step_w1_$c.log" | tail -1)"; done
+            timeout 17 python scripts/profile_step.py --batch 1 --context 128 --out "$OUT/w1step_profile_b1.json" > "$OUT/w1step_profile_b1.log" 2>&1
+            echo "profile rc $?"; grep -E "wall_ms_per_step|gpu_ms_per_step" "$OUT/w1step_profile_b1.log"
+            grep -E "^ +[A-Za-z_].* [0-9]+ *$" "$OUT/w1step_profile_b1.log" | grep -v "aten::\|cuda[A-Z]\|Memcpy\|Memset" | head -16 | cut -c1-60,150-300 ;;
   esac
 done

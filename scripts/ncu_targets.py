@@ -106,6 +106,19 @@ def bf16_linear(n: int, k: int, m: int = 1) -> Callable[[], object]:
     return lambda: torch.nn.functional.linear(x, w)
 
 
+def gemv2(n: int, k: int, prologue: str = "", residual: bool = False) -> Callable[[], object]:
+    """Round 2's decode GEMV (cuda/gemv_step.cu), M = 1, with its prologue / epilogue."""
+    from cuda import gemv_step
+
+    bf = torch.bfloat16
+    w = torch.randn(n, k, dtype=bf, device="cuda") * 0.02
+    x = torch.randn(1, 2 * k if prologue == "silu" else k, dtype=bf, device="cuda")
+    nw = torch.ones(k, dtype=bf, device="cuda") if "norm" in prologue else None
+    res = torch.randn(1, n, dtype=bf, device="cuda") if residual else None
+    y = torch.empty(1, n // 2 if prologue == "norm_pair" else n, dtype=bf, device="cuda")
+    return lambda: gemv_step.run(prologue, x, w, None, res, nw, 1e-5, out=y)
+
+
 TARGETS: dict[str, Callable[[], Callable[[], object]]] = {
     "prefill_2k": lambda: attention(1, 2048, 2048),
     "prefill_4k": lambda: attention(1, 4096, 4096),
@@ -133,6 +146,11 @@ TARGETS: dict[str, Callable[[], Callable[[], object]]] = {
     "int4_8b_gate_up_m8": lambda: int4_gemv(28672, 4096, m=8),
     "bf16_8b_qkv": lambda: bf16_linear(6144, 4096),
     "bf16_8b_down": lambda: bf16_linear(4096, 14336),
+    "gemv2_8b_qkv": lambda: gemv2(6144, 4096),
+    "gemv2_8b_qkv_norm": lambda: gemv2(6144, 4096, "norm"),
+    "gemv2_8b_o_residual": lambda: gemv2(4096, 4096, residual=True),
+    "gemv2_8b_down_silu": lambda: gemv2(4096, 14336, "silu", residual=True),
+    "gemv2_8b_gate_up_norm_pair": lambda: gemv2(28672, 4096, "norm_pair"),
 }
 
 

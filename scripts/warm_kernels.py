@@ -21,6 +21,8 @@ from cuda import (
     compiler,
     decode_attention,
     fused_ops,
+    gemv,
+    gemv_step,
     int4_gemm,
     int4_gemv,
     int4_mma_gemv,
@@ -40,6 +42,9 @@ def jobs() -> list[Job]:
         for m_t in int4_gemv.M_TEMPLATES:
             out.append(("int4_gemv", int4_gemv.source(), int4_gemv.module_defines(dtype, m_t)))
         out.append(("int4_gemm", int4_gemm.source(), int4_gemm.module_defines(dtype)))
+        for v in gemv_step.VARIANTS:  # the default one for W1, the others for bench_gemv
+            out.append(("gemv_step", gemv_step.source(), gemv_step.module_defines(dtype, v)))
+        out.append(("gemv", gemv.source(), gemv.module_defines(dtype)))
         out.append(("int4_mma_gemv", int4_mma_gemv.source(), int4_mma_gemv.module_defines(dtype)))
         for head_dim in (64, 128):  # the attention kernels the GPU tests and benches load
             for mod in (prefill_attention, decode_attention):

@@ -74,7 +74,16 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
     """scripts/warm_kernels.py's jobs hit the cache keys the kernels' loaders ask for."""
     import torch
 
-    from cuda import compiler, decode_attention, fused_ops, int4_gemm, kv_write_kernel, layer_ops
+    from cuda import (
+        compiler,
+        decode_attention,
+        fused_ops,
+        gemv,
+        gemv_step,
+        int4_gemm,
+        kv_write_kernel,
+        layer_ops,
+    )
     from cuda import paged_attention_kernels as pak
     from cuda import prefill_attention as pa
 
@@ -97,6 +106,9 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
         for m_t in sk.M_TEMPLATES:
             sk._kernel(dtype, sk.split_plan(64, 256, m_t, *sk.VARIANTS[m_t][0]))
         int4_gemm._kernel(dtype, "k")
+        for v in gemv_step.VARIANTS:
+            gemv_step._kernel("", 1, dtype, v)
+        compiler.load_module(gemv.source(), defines=gemv.module_defines(dtype), name="gemv")
         mg._kernel(dtype, "k")
         for head_dim in (64, 128):
             monkeypatch.setattr(decode_attention, "_allow_smem", lambda *a: None)
