@@ -51,20 +51,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
         help="KV cache size in GiB (on a GPU it replaces --gpu-memory-utilization's sizing; "
         "default 1 on CPU)",
     )
-    g.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=None,
-        help="requests per step at most (default by device: 1024 on GPUs with >= 70 GiB, "
-        "256 on other GPUs and CPU, as vLLM)",
-    )
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=None,
-        help="tokens per step at most (default: 16384 offline / 8192 serving on GPUs with "
-        ">= 70 GiB, 8192 on other GPUs, 512 on CPU)",
-    )
+    _add_batch_args(g)
     g.add_argument(
         "--enable-chunked-prefill",
         action=argparse.BooleanOptionalAction,
@@ -133,6 +120,23 @@ def add_kv_compression_args(g: argparse._ArgumentGroup) -> None:
         type=int,
         default=256,
         help="prompts shorter than this are never compressed",
+    )
+
+
+def _add_batch_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="requests per step at most (default by device: 1024 on GPUs with >= 70 GiB, "
+        "256 on other GPUs and CPU, as vLLM)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per step at most (default: 16384 offline / 8192 serving on GPUs with "
+        ">= 70 GiB, 8192 on other GPUs, 512 on CPU)",
     )
 
 
