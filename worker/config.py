@@ -95,17 +95,7 @@ class EngineConfig:
             )
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.max_num_seqs is not None and self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.usage_context not in USAGE_CONTEXTS:
-            raise ValueError(
-                f"usage_context must be one of {', '.join(USAGE_CONTEXTS)}, "
-                f"got {self.usage_context!r}"
-            )
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
-            )
+        self._validate_batch()
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.speculative_method not in (None, "ngram", "draft"):
@@ -144,6 +134,19 @@ class EngineConfig:
             )
 
         self._validate_kv_compression()
+
+    def _validate_batch(self) -> None:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.usage_context not in USAGE_CONTEXTS:
+            raise ValueError(
+                f"usage_context must be one of {', '.join(USAGE_CONTEXTS)}, "
+                f"got {self.usage_context!r}"
+            )
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
 
     def _validate_kv_compression(self) -> None:
         if self.kv_compression is not None and self.kv_compression not in KV_COMPRESSION_METHODS:
