@@ -278,10 +278,12 @@ class Scheduler:
         return results
 
     def _finishes_in_flight(self, req: Request) -> bool:
-        """Will the token in flight end `req` by length (known before the token is)?"""
+        """Will the token in flight end `req` by length (known before the token is)?
+        (Attributes, not the properties: this runs per running request per step.)"""
+        placeholders = req.num_placeholders
         return (
-            req.num_output_tokens + req.num_placeholders >= req.max_tokens
-            or req.num_tokens >= self.config.max_model_len
+            len(req.output_token_ids) + placeholders >= req.params.max_tokens  # type: ignore[operator]
+            or len(req.all_token_ids) + placeholders >= self.config.max_model_len
         )
 
     def _preempt(self, req: Request) -> None:
