@@ -92,3 +92,43 @@ def test_bench_throughput_reports_the_limits_it_ran_with(
     r = _bench(stories_path, tmp_path, "--max-num-seqs", "2", "--max-num-batched-tokens", "64")
     assert (r["max_num_seqs"], r["max_num_batched_tokens"]) == (2, 64)
     assert r["headrace"][0]["output_tokens"] == 12
+
+
+def test_a_thousand_running_requests_preempt_and_all_finish() -> None:
+    """max_num_seqs 1024 with KV for ~300 full-length requests: the scheduler admits by
+    blocks, preempts when decodes run out of them, and every request still gets its
+    length (no model: stub tokens)."""
+    from ipc.messages import SamplingParams
+    from worker.config import SchedulerConfig
+    from worker.kv_cache import KVCacheManager
+    from worker.request import Request
+    from worker.scheduler import Scheduler
+
+    kv = KVCacheManager(300 * 3, 16, enable_caching=True)  # 48 tokens x 300
+    sched = Scheduler(SchedulerConfig(1024, 16384, 256), kv)
+    for i in range(1000):
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        sched.add_request(Request(f"r{i}", [5 + i % 300] * 24, params, frozenset()))
+    done: dict[str, int] = {}
+    peak = 0
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        peak = max(peak, len(out.scheduled))
+        for req, toks in sched.update(out, [[7] if sr.samples else [] for sr in out.scheduled]):
+            if req.is_finished:
+                done[req.request_id] = req.num_output_tokens
+    assert len(done) == 1000 and set(done.values()) == {24}
+    assert sched.num_preemptions > 0 and peak > 256  # more than the old default per step
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_cuda_graph_buckets_cover_every_batch_up_to_1024() -> None:
+    from worker.cuda_graphs import bucket_sizes, pick_graph
+
+    buckets = bucket_sizes(1024)
+    assert len(buckets) == 44 and buckets[-1] == 1024 and buckets == sorted(set(buckets))
+    for n in range(1, 1025):
+        key = pick_graph([1], buckets, n, 1)
+        assert key is not None and n <= key[1] <= n + (16 if n <= 256 else 31)
+    assert pick_graph([1], buckets, 1025, 1) is None  # past the largest graph: eager
+    assert bucket_sizes(1000)[-1] == 1000 and bucket_sizes(4096)[-1] == 1024
