@@ -114,7 +114,7 @@ def test_a_thousand_running_requests_preempt_and_all_finish() -> None:
     while sched.has_unfinished_requests():
         out = sched.schedule()
         peak = max(peak, len(out.scheduled))
-        for req, toks in sched.update(out, [[7] if sr.samples else [] for sr in out.scheduled]):
+        for req, _ in sched.update(out, [[7] if sr.samples else [] for sr in out.scheduled]):
             if req.is_finished:
                 done[req.request_id] = req.num_output_tokens
     assert len(done) == 1000 and set(done.values()) == {24}
