@@ -9,6 +9,9 @@ shape and M (tokens), the median of L2-flushed calls of
     tensorwise  torch._scaled_mm with one scale each (cuBLASLt's plain FP8 GEMM)
 and the fp8 / bf16 speedup with TFLOP/s. `silu+down` is the MLP's down projection with
 the fused SiLU-quant kernel (cuda/fp8_fused.cu) against silu_and_mul + bf16 F.linear.
+Then the prefill attention of one W3-sized chunk (8 prompts of 1024 tokens, 32 / 8 heads),
+through the engine's entry (cuda/prefill_attention.attention_cuda): a bf16 KV cache (the
+new prefill kernel) against an FP8 one (which that kernel does not take: the older one).
 
     PYTHONPATH=. python scripts/bench_fp8_linear.py --m 2048 8192 --output-json out.json
     PYTHONPATH=. python scripts/bench_fp8_linear.py --device cpu   # a dry run, tiny shapes
@@ -106,6 +109,39 @@ def bench_silu_down(n: int, k: int, m: int, device: str) -> dict[str, float | st
             "speedup": bf16 / fp8}  # fmt: skip
 
 
+def bench_prefill_attention(batch: int, q_len: int, device: str) -> dict[str, float | str]:
+    """One prefill chunk's attention per KV dtype (us), through attention_cuda."""
+    from cuda.paged_attention import AttentionMetadata, AttentionParams, paged_attention_ref
+    from cuda.prefill_attention import attention_cuda
+
+    hq, hkv, d, bs = (32, 8, 128, 16) if device == "cuda" else (4, 2, 16, 16)
+    t = timer(device)
+    nblk = -(-q_len // bs)
+    gen = torch.Generator(device=device).manual_seed(0)
+    cache = torch.randn(2, batch * nblk, bs, hkv, d, device=device, generator=gen)
+    q = torch.randn(batch * q_len, hq, d, device=device, generator=gen).to(torch.bfloat16)
+    i32 = torch.int32
+    md = AttentionMetadata(
+        query_start_loc=torch.arange(batch + 1, dtype=i32, device=device) * q_len,
+        seq_lens=torch.full((batch,), q_len, dtype=i32, device=device),
+        block_tables=torch.arange(batch * nblk, dtype=i32, device=device).view(batch, nblk),
+        slot_mapping=torch.empty(0, dtype=torch.int64, device=device),
+        max_query_len=q_len,
+        max_seq_len=q_len,
+    )
+    params = AttentionParams(d**-0.5, kv_written=True)
+    out = torch.empty_like(q)
+    row: dict[str, float | str] = {"shape": "attention", "m": batch * q_len, "batch": batch}
+    for name, kv in (("bf16", cache.to(torch.bfloat16)), ("fp8", cache.to(torch.float8_e4m3fn))):
+        if device == "cuda":
+            run = lambda kv=kv: attention_cuda(q, kv, md, params, out)  # noqa: E731
+        else:
+            run = lambda kv=kv: paged_attention_ref(q, kv, md, params, out)  # noqa: E731
+        row[f"{name}_us"] = t(run) * 1e6
+    row["speedup"] = float(row["bf16_us"]) / float(row["fp8_us"])
+    return row
+
+
 def fmt(r: dict[str, float | str]) -> str:
     cols = ["bf16_us", "fp8_us", "quant_us", "rowwise_us", "tensorwise_us"]
     cells = " ".join(f"{float(r[c]):9.1f}" if c in r else f"{'-':>9}" for c in cols)
@@ -116,6 +152,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--m", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--attention", type=int, nargs=2, default=[8, 1024], metavar=("B", "Q"))
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     shapes = SHAPES if args.device == "cuda" else CPU_SHAPES
@@ -135,6 +172,11 @@ def main() -> None:
         bf16, fp8 = (sum(float(r[c]) for r in sel) for c in ("bf16_us", "fp8_us"))
         print(f"M={m}: one layer's 4 linears bf16 {bf16:.0f} us, fp8 {fp8:.0f} us "
               f"({bf16 / fp8:.2f}x)")  # fmt: skip
+    b, q = args.attention if args.device == "cuda" else (2, 32)
+    rows.append(bench_prefill_attention(b, q, args.device))
+    r = rows[-1]
+    print(f"prefill attention {b} x {q} tokens: bf16 KV {float(r['bf16_us']):.1f} us, "
+          f"fp8 KV {float(r['fp8_us']):.1f} us (bf16/fp8 {float(r['speedup']):.2f}x)")  # fmt: skip
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"device": args.device, "rows": rows}, f, indent=1)

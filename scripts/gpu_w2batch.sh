@@ -2,10 +2,11 @@
 # Large batches (issues 13 and 12): `bash scripts/gpu_bench.sh w2batch` / `w2batch_bf16` run this
 # with $OUT set (or: OUT=/tmp/x bash scripts/gpu_w2batch.sh w2batch). Each stays <= 280 s of timeouts.
 #   w2batch       scripts/bench_fp8_linear.py (one FP8 linear vs bf16 F.linear at M 2048 / 8192 on
-#                 the 8B shapes: quantization, row-wise and tensor-wise _scaled_mm apart; 25 s);
-#                 W2 FP8 weights + FP8 KV at --max-num-seqs 256 (the old default; 512 requests =
-#                 two of its waves; 75 s) and at the new default (1024 on an H200, 1000 requests;
-#                 110 s), side by side; scripts/profile_step.py --batch 512 --context 1024 fp8 (70 s).
+#                 the 8B shapes: quantization, row-wise and tensor-wise _scaled_mm apart; prefill
+#                 attention with a bf16 vs an FP8 KV cache; 40 s); W2 FP8 weights + FP8 KV at
+#                 --max-num-seqs 256 (the old default; 512 requests = two of its waves; 70 s) and
+#                 at the new default (1024 on an H200, 1000 requests; 115 s), side by side;
+#                 scripts/profile_step.py --batch 512 --context 1024 fp8 (10 steps; 55 s).
 #   w2batch_bf16  bf16 W2, 500 requests, at --max-num-seqs 256 (130 s) and at the default (140 s).
 # Fallbacks: --max-num-seqs 256 (the old default), HEADRACE_DECODE_WORKSPACE=max (64 splits/row).
 # A CPU dry run sets the knobs:
@@ -30,15 +31,15 @@ case $step in
   w2batch)
     t0=$SECONDS
     # shellcheck disable=SC2086
-    timeout 25 python scripts/bench_fp8_linear.py $linear --output-json "$OUT/fp8_linear.json" > "$OUT/fp8_linear.log" 2>&1
+    timeout 40 python scripts/bench_fp8_linear.py $linear --output-json "$OUT/fp8_linear.json" > "$OUT/fp8_linear.log" 2>&1
     echo "fp8 linear (rc $?, $((SECONDS - t0)) s):"; cat "$OUT/fp8_linear.log"
     # shellcheck disable=SC2086
-    run_w2 w2b_fp8_seqs256 75 --num-requests "$n_old" --max-num-seqs 256 $fp8
+    run_w2 w2b_fp8_seqs256 70 --num-requests "$n_old" --max-num-seqs 256 $fp8
     # shellcheck disable=SC2086
-    run_w2 w2b_fp8_default 110 --num-requests "$n" $fp8
+    run_w2 w2b_fp8_default 115 --num-requests "$n" $fp8
     set -- $profile; t0=$SECONDS
     # shellcheck disable=SC2086
-    timeout 70 python scripts/profile_step.py $model --batch "$1" --context "$2" --steps 10 $fp8 \
+    timeout 55 python scripts/profile_step.py $model --batch "$1" --context "$2" --steps 10 $fp8 \
       --out "$OUT/profile_fp8_b$1.json" > "$OUT/profile_fp8_b$1.log" 2>&1
     echo "profile batch $1 context $2 fp8 (rc $?, $((SECONDS - t0)) s):"
     grep -A4 "^step timeline, decode" "$OUT/profile_fp8_b$1.log"
