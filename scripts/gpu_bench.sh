@@ -28,7 +28,8 @@
 # graphs; GEMV vs cuBLAS on the 8B/70B shapes; W1 with HEADRACE_GEMV=cublas, then default; <= 300 s).
 # Large batches (issues 13/12): w2batch (FP8 linear micro-benchmark, W2 FP8 + FP8 KV at
 # --max-num-seqs 256 and at the new default side by side, the batch-512 fp8 step profile; <= 280 s)
-# and w2batch_bf16 (bf16 W2, 500 requests, the same pair; <= 270 s): scripts/gpu_w2batch.sh.
+# and w2batch_bf16 (bf16 W2, 500 requests: 256, default, default + HEADRACE_ADMISSION=reserve; <= 280 s):
+# scripts/gpu_w2batch.sh.
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"

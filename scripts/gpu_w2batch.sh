@@ -7,7 +7,8 @@
 #                 --max-num-seqs 256 (the old default; 512 requests = two of its waves; 70 s) and
 #                 at the new default (1024 on an H200, 1000 requests; 115 s), side by side;
 #                 scripts/profile_step.py --batch 512 --context 1024 fp8 (10 steps; 55 s).
-#   w2batch_bf16  bf16 W2, 500 requests, at --max-num-seqs 256 (130 s) and at the default (140 s).
+#   w2batch_bf16  bf16 W2, 500 requests, at --max-num-seqs 256 (100 s), at the default (90 s), and at the
+#                 default with HEADRACE_ADMISSION=reserve (admit only what fits at full length; 90 s).
 # Fallbacks: --max-num-seqs 256 (the old default), HEADRACE_DECODE_WORKSPACE=max (64 splits/row).
 # A CPU dry run sets the knobs:
 #   W2B_MODEL="--model DIR --device cpu" W2B_N=4 W2B_N_OLD=2 W2B_N_BF16=2 W2B_PROFILE="4 16" W2B_LINEAR="--device cpu"
@@ -45,7 +46,8 @@ case $step in
     grep -A4 "^step timeline, decode" "$OUT/profile_fp8_b$1.log"
     grep '"graph_replayed_steps"\|"wall_ms_per_step"\|"gpu_ms_per_step"' "$OUT/profile_fp8_b$1.log" ;;
   w2batch_bf16)
-    run_w2 w2b_bf16_seqs256 130 --num-requests "$n_bf16" --max-num-seqs 256
-    run_w2 w2b_bf16_default 140 --num-requests "$n_bf16" ;;
+    run_w2 w2b_bf16_seqs256 100 --num-requests "$n_bf16" --max-num-seqs 256
+    run_w2 w2b_bf16_default 90 --num-requests "$n_bf16"
+    HEADRACE_ADMISSION=reserve run_w2 w2b_bf16_default_reserve 90 --num-requests "$n_bf16" ;;
   *) echo "unknown step $step (w2batch, w2batch_bf16)"; exit 2 ;;
 esac

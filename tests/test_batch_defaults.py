@@ -94,10 +94,15 @@ def test_bench_throughput_reports_the_limits_it_ran_with(
     assert r["headrace"][0]["output_tokens"] == 12
 
 
-def test_a_thousand_running_requests_preempt_and_all_finish() -> None:
+@pytest.mark.parametrize("admission", ["", "reserve"])
+def test_a_thousand_running_requests_preempt_and_all_finish(
+    admission: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """max_num_seqs 1024 with KV for ~300 full-length requests: the scheduler admits by
     blocks, preempts when decodes run out of them, and every request still gets its
-    length (no model: stub tokens)."""
+    length (no model: stub tokens). HEADRACE_ADMISSION=reserve admits only what fits at
+    full length: no preemption at all."""
+    monkeypatch.setenv("HEADRACE_ADMISSION", admission)
     from ipc.messages import SamplingParams
     from worker.config import SchedulerConfig
     from worker.kv_cache import KVCacheManager
@@ -118,7 +123,10 @@ def test_a_thousand_running_requests_preempt_and_all_finish() -> None:
             if req.is_finished:
                 done[req.request_id] = req.num_output_tokens
     assert len(done) == 1000 and set(done.values()) == {24}
-    assert sched.num_preemptions > 0 and peak > 256  # more than the old default per step
+    if admission:
+        assert sched.num_preemptions == 0 and 256 < peak <= 300  # 300 fit at full length
+    else:
+        assert sched.num_preemptions > 0 and peak > 300  # more than fit: preempted later
     assert kv.num_free_blocks == kv.num_blocks
 
 
