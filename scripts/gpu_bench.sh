@@ -13,6 +13,8 @@
 # w1awq_tiles (8B and 70B AWQ W1 with HEADRACE_INT4_LAYOUT=tiles: the tensor-core GEMV).
 # int4perf (<= 280 s): int4 GPU tests, bench_int4 (old vs split-K variants vs tiles vs cuBLAS), W1 AWQ
 # with the split-K GEMV and with HEADRACE_INT4_GEMV=old.
+# int4w1 (<= 90 s): the tensor-core rows GEMV (HEADRACE_INT4_GEMV=mma, the default):
+# scripts/bench_int4_mma.py on the 8B shapes (old vs mma vs cuBLAS, graphs too), W1 AWQ 8B old vs mma.
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 # Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
@@ -24,6 +26,11 @@
 # new kernel per tile config / torch SDPA flash TFLOP/s at causal 2k-16k; <= 200 s).
 # Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
 # kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
+# Decode attention round 2 (issue 11): decode2 (<= 90 s: warm the decode modules in parallel, then
+# scripts/bench_decode.py, also the first table of bench_kernels.py --parts decode: old vs new (+ each
+# HEADRACE_DECODE_CONFIG variant) at the issue's cells, bf16 and FP8 KV, one line a cell; batch 1 at ctx
+# 128 / 256 / 1k in a graph of 32 calls with a 128k bound). Its GPU tests (tests/gpu/test_gpu_decode_round2.py,
+# test_gpu_decode_attention.py) run in the GPU suite.
 # Issue 11 batch-1 step: step1 (GPU tests of the GEMV, rotary + KV write, argmax and greedy
 # graphs; GEMV vs cuBLAS on the 8B/70B shapes; W1 with HEADRACE_GEMV=cublas, then default; <= 300 s).
 # Large batches (issues 13/12): w2batch (FP8 linear micro-benchmark, W2 FP8 + FP8 KV at
@@ -81,6 +88,16 @@ for step in $which; do
         HEADRACE_INT4_GEMV=$g run4 $([ $g = split ] && echo 55 || echo 50) python -m headrace bench latency --quantization awq
         echo "W1 AWQ, GEMV $g: $(grep '^W1' "$OUT/.int4perf_part" | tail -1)"; done
       rm -f "$OUT/.int4perf_part" ;;
+    # Issue 14 round 3 (int4w1), <= 90 s: warm the NVRTC cache, scripts/bench_int4_mma.py on the 8B
+    # shapes (one line a shape: old vs mma vs cuBLAS bf16 at M = 1, events and graph replays, every
+    # mma variant, M = 2/4/8), then W1 AWQ 8B with HEADRACE_INT4_GEMV=old and =mma, each with its
+    # int4 floor. The GPU tests (tests/gpu/test_gpu_int4_mma.py) run in the whole GPU suite.
+    int4w1)
+      timeout 20 python scripts/warm_kernels.py --jobs 16 > "$OUT/int4w1_warm.log" 2>&1; echo "warm rc $?: $(tail -1 "$OUT/int4w1_warm.log")"
+      timeout 25 python scripts/bench_int4_mma.py --output-json "$OUT/int4w1_bench.json" > "$OUT/int4w1_bench.log" 2>&1; echo "bench_int4_mma rc $?"; tail -5 "$OUT/int4w1_bench.log"
+      for g in old mma; do
+        HEADRACE_INT4_GEMV=$g timeout 22 python -m headrace bench latency --quantization awq --output-json "$OUT/w1_awq_gemv_$g.json" > "$OUT/w1_awq_gemv_$g.log" 2>&1
+        echo "W1 AWQ 8B, GEMV $g (rc $?): $(grep '^W1:' "$OUT/w1_awq_gemv_$g.log" | tail -1)"; done ;;
     # Issue 15's models with HF generate() beside them, 525 s of timeouts in all: Mixtral-8x7B W1 and
     # W2-shaped (128 requests), Falcon-7B W1 and W3 (300 requests; HF batch 16: Falcon's MQA sends HF's
     # SDPA to the math kernel, ~3 GB of fp32 [71, T, T] scores per 2k-token prompt). Each log's last
@@ -143,6 +160,10 @@ for step in $which; do
                --request-rate 4 16 64 inf --result-json "$OUT/w4_sweep.json" --plot "$OUT/w4_sweep.png" \
                --no-progress > "$OUT/w4_sweep.log" 2>&1; cat "$OUT/w4_sweep.log"
              kill "$serve_pid"; wait "$serve_pid" ;;
+    decode2) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --only decode > "$OUT/decode2_warm.log" 2>&1
+             echo "warm decode modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode2_warm.log")"
+             t0=$SECONDS; timeout 65 python scripts/bench_decode.py --out "$OUT/decode2_bench.json" > "$OUT/decode2_bench.log" 2>&1
+             echo "bench_decode (rc $?, $((SECONDS - t0)) s):"; grep -v "^  " "$OUT/decode2_bench.log"; grep -m5 "failed" "$OUT/decode2_bench.log" ;;
     step1) timeout 115 python -m pytest -m gpu tests/gpu/test_gpu_step_kernels.py -q -p no:cacheprovider > "$OUT/step1_tests.log" 2>&1; tail -4 "$OUT/step1_tests.log"
            timeout 45 python scripts/bench_gemv.py --output-json "$OUT/step1_gemv.json" > "$OUT/step1_gemv.log" 2>&1; cat "$OUT/step1_gemv.log"
            for g in cublas auto; do HEADRACE_GEMV=$g timeout 70 python -m headrace bench latency --output-json "$OUT/step1_w1_$g.json" > "$OUT/step1_w1_$g.log" 2>&1

@@ -32,13 +32,24 @@ def _bench_kernels():  # type: ignore[no-untyped-def]
     return mod
 
 
-def attention(batch: int, q_len: int, ctx: int) -> Callable[[], object]:
+def attention(
+    batch: int, q_len: int, ctx: int, bound: int | None = None, fp8: bool = False
+) -> Callable[[], object]:
     """The engine's entry (worker/cuda_attention.py): prefill steps on the prefill kernel
-    that HEADRACE_PREFILL_KERNEL names, decode steps on HEADRACE_DECODE_KERNEL's."""
+    that HEADRACE_PREFILL_KERNEL names, decode steps on HEADRACE_DECODE_KERNEL's (variant:
+    HEADRACE_DECODE_CONFIG). bound: a CUDA graph's seq_len bound (the decode grid's width);
+    fp8: an FP8 KV cache."""
+    from dataclasses import replace
+
+    from cuda.kv_write import quantize_kv
     from cuda.prefill_attention import attention_cuda, choice_from_env
 
     bk = _bench_kernels()
     q, cache, md = bk.paged_batch(batch, q_len, ctx)
+    if bound is not None:
+        md = replace(md, max_seq_len=bound)
+    if fp8:
+        cache = quantize_kv(cache, 1.0)
     out = torch.empty_like(q)
     workspace = torch.empty(64 << 20, dtype=torch.float32, device="cuda")
     choice = choice_from_env()
@@ -104,12 +115,19 @@ TARGETS: dict[str, Callable[[], Callable[[], object]]] = {
     "decode_64x4k": lambda: attention(64, 1, 4096),
     "decode_64x16k": lambda: attention(64, 1, 16384),
     "decode_8x16k": lambda: attention(8, 1, 16384),
+    "decode_1x128_bound128k": lambda: attention(1, 1, 128, bound=131072),  # W1's graphs
+    "decode_1x256_bound128k": lambda: attention(1, 1, 256, bound=131072),
+    "decode_64x4k_fp8": lambda: attention(64, 1, 4096, fp8=True),
     "fp8_8b_qkv": lambda: fp8_gemv(6144, 4096),
     "fp8_8b_gate_up": lambda: fp8_gemv(28672, 4096),
     "fp8_8b_down": lambda: fp8_gemv(4096, 14336),
+    # int4 rows layout: HEADRACE_INT4_GEMV picks the kernel (mma, the default; old; split).
+    "int4_8b_qkv": lambda: int4_gemv(6144, 4096),
+    "int4_8b_o": lambda: int4_gemv(4096, 4096),
     "int4_8b_gate_up": lambda: int4_gemv(28672, 4096),
     "int4_8b_down": lambda: int4_gemv(4096, 14336),
     "int4_8b_gate_up_tiles_m8": lambda: int4_gemv(28672, 4096, m=8, tiles=True),
+    "int4_8b_gate_up_m8": lambda: int4_gemv(28672, 4096, m=8),
     "bf16_8b_qkv": lambda: bf16_linear(6144, 4096),
     "bf16_8b_down": lambda: bf16_linear(4096, 14336),
 }
