@@ -42,11 +42,16 @@
 # HEADRACE_STEP_FUSION=0, with the defaults, without the SiLU fusion (HEADRACE_GEMV_FUSION=norm,residual),
 # with gate/up on the GEMV too (HEADRACE_GEMV_MAX_MIB=256: norm + gate/up + SiLU in one launch) and with
 # HEADRACE_PDL=1 side by side, the batch-1 kernel table).
+# Large batches (issues 13/12): w2batch (FP8 linear micro-benchmark, W2 FP8 + FP8 KV at
+# --max-num-seqs 256 and at the new default side by side, the batch-512 fp8 step profile; <= 280 s)
+# and w2batch_bf16 (bf16 W2, 500 requests: 256, default, default + HEADRACE_ADMISSION=reserve; <= 280 s):
+# scripts/gpu_w2batch.sh.
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
 for step in $which; do
   case $step in
+    w2batch|w2batch_bf16) bash scripts/gpu_w2batch.sh "$step" ;;
     tests) timeout 420 python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x > "$OUT/gpu_tests.log" 2>&1; tail -4 "$OUT/gpu_tests.log" ;;
     profile) timeout 200 python scripts/profile_step.py --batch 1 --out "$OUT/profile_b1.json" > "$OUT/profile_b1.log" 2>&1; head -14 "$OUT/profile_b1.log"
              timeout 200 python scripts/profile_step.py --batch 256 --context 1024 --out "$OUT/profile_b256.json" > "$OUT/profile_b256.log" 2>&1; head -14 "$OUT/profile_b256.log" ;;
