@@ -24,10 +24,6 @@
 # requests, --no-async-scheduling then the default (async), side by side; <= 280 s in all).
 # Prefill attention (issue 11): prefill (tests/gpu/test_gpu_prefill_attention.py, then old kernel /
 # new kernel per tile config / torch SDPA flash TFLOP/s at causal 2k-16k; <= 200 s).
-# Prefill attention round 2 (issue 11): prefill2 (<= 85 s; its GPU tests run in the suite: tests/gpu/
-# test_gpu_prefill_attention.py): the prefill modules warmed in parallel, then scripts/bench_prefill.py
-# in bf16, one line per shape: `new` (the shape's round-2 tile) and round 1's default m128n64w4s2 (`r1`)
-# over SDPA flash, side by side, and the best tile. Alone: bash scripts/gpu_bench.sh prefill2
 # Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
 # kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
 # Decode attention round 2 (issue 11): decode2 (<= 90 s: warm the decode modules in parallel, then
@@ -72,11 +68,6 @@ for step in $which; do
     w2_70b) timeout 560 python -m headrace bench throughput --model scripts/configs/llama-3-70b --workload W2 --num-requests 200 --quantization fp8 --kv-cache-dtype fp8 --max-model-len 4096 --output-json "$OUT/w2_70b_fp8.json" > "$OUT/w2_70b_fp8.log" 2>&1; tail -1 "$OUT/w2_70b_fp8.log" ;;
     prefill) timeout 130 python -m pytest -m gpu tests/gpu/test_gpu_prefill_attention.py -q -p no:cacheprovider > "$OUT/gpu_prefill_tests.log" 2>&1; tail -6 "$OUT/gpu_prefill_tests.log"
              timeout 70 python scripts/bench_kernels.py --parts prefill --out "$OUT/bench_prefill.json" > "$OUT/bench_prefill.log" 2>&1; cat "$OUT/bench_prefill.log" ;;
-    prefill2) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --jobs 8 --only prefill_attention paged_attention > "$OUT/prefill2_warm.log" 2>&1
-              echo "prefill2 warm (rc $?, $((SECONDS - t0)) s)"; t0=$SECONDS
-              timeout 60 python scripts/bench_prefill.py --dtypes bf16 --short --out "$OUT/prefill2_bench.json" \
-                --configs m128n64w4s2 m128n128w8s2 m128n64w4s2v2 m128n64w8s2v2 m128n64w8s3v2p m128n128w8s2v2 > "$OUT/prefill2_bench.log" 2>&1
-              echo "prefill2 bench (rc $?, $((SECONDS - t0)) s):"; grep "^prefill\|Error" "$OUT/prefill2_bench.log" ;;
     kvcomp) timeout 280 python scripts/bench_kv_compression.py --output-json "$OUT/kvcomp.json" > "$OUT/kvcomp.log" 2>&1; tail -3 "$OUT/kvcomp.log" ;;
     int4tests) timeout 400 python -m pytest -m gpu tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_int4_models.py -q -p no:cacheprovider > "$OUT/gpu_int4_tests.log" 2>&1; tail -15 "$OUT/gpu_int4_tests.log" ;;
     int4kernels) timeout 200 python scripts/bench_int4.py --output-json "$OUT/int4_kernels.json" > "$OUT/int4_kernels.log" 2>&1; cat "$OUT/int4_kernels.log" ;;

@@ -7,9 +7,7 @@ cudaProfilerStart and cudaProfilerStop. Run under
 
 so only that call's kernels are profiled. Shapes are Llama-3-8B's (32 q heads, 8 KV heads,
 head_dim 128, block_size 16, bf16) as in scripts/bench_kernels.py; kernel choices follow the
-usual environment variables (HEADRACE_DECODE_KERNEL, HEADRACE_PREFILL_KERNEL, ...): prefill
-targets run `new` (the round-2 kernel in the shape's tile: m128n64w4s2v2 up to 4k tokens,
-m128n128w8s2v2 from 4k) unless HEADRACE_PREFILL_KERNEL names a tile (m128n64w4s2: round 1).
+usual environment variables (HEADRACE_DECODE_KERNEL, HEADRACE_PREFILL_KERNEL, ...).
 `--list` prints the target names.
 """
 
