@@ -11,7 +11,8 @@ the torch reference of both.
 Which path a linear layer takes (`use_gemv` / `linear`, pure host logic, tested on CPU):
 
     HEADRACE_GEMV=cublas   never a GEMV (the previous path: F.linear)
-    unset / auto           round 2 for the calls whose weight is at most GEMV2_MAX_WEIGHT_BYTES
+    unset / auto           round 2 for the calls of M <= 2 whose weight is at most
+                           GEMV2_MAX_WEIGHT_BYTES
     all                    round 2 for every call it takes (M <= 8, aligned rows)
     old                    round 1 for weights up to GEMV_MAX_WEIGHT_BYTES (last session's auto)
 
@@ -33,6 +34,10 @@ from cuda import compiler, gemv_step
 SOURCE_PATH = Path(__file__).with_name("gemv.cu")
 DTYPES = {torch.float16: 1, torch.bfloat16: 2}  # HR_DTYPE in the source
 MAX_ROWS = 8  # largest M the kernel takes
+# The default (`auto`) takes at most 2 rows: on an H200 (a9f0db2, scripts/bench_gemv.py,
+# graph replays, L2 flushed) round 2 beats cuBLAS at M = 1 and 2 on the 8B q/k/v, o and down
+# (1.08-1.17x) but loses from M = 4 (0.73-0.88x; 0.35-0.45x at M = 8). `all` keeps every M.
+AUTO_MAX_ROWS = 2
 UNROLL = 2  # chunks per weight row in flight per thread (UNROLL in gemv.cu)
 VEC = 8  # elements per 16-byte chunk
 MAX_THREADS = 256
@@ -77,7 +82,7 @@ def gemv2_max_weight_bytes() -> int:
 
 def use_gemv(m: int, n: int, k: int, elem_bytes: int, mode: str) -> bool:
     """The rule: does an [m, k] x [n, k]^T product go to the GEMV (layouts aside)?"""
-    if mode == "cublas" or not 1 <= m <= MAX_ROWS:
+    if mode == "cublas" or not 1 <= m <= (AUTO_MAX_ROWS if mode == "auto" else MAX_ROWS):
         return False
     limit = GEMV_MAX_WEIGHT_BYTES if mode == "old" else gemv2_max_weight_bytes()
     return mode == "all" or n * k * elem_bytes <= limit

@@ -71,7 +71,9 @@ def test_rule() -> None:
     mib = 2**20
     # the 8B model's fused q/k/v and o (bf16): the GEMV; gate/up, down and lm_head: cuBLAS
     assert gemv.use_gemv(1, 6144, 4096, 2, "auto")
-    assert gemv.use_gemv(8, 4096, 4096, 2, "auto")
+    assert gemv.use_gemv(2, 4096, 4096, 2, "auto")
+    assert not gemv.use_gemv(3, 4096, 4096, 2, "auto")  # M > 2: cuBLAS (H200: faster from 4 rows)
+    assert gemv.use_gemv(8, 4096, 4096, 2, "all")
     assert not gemv.use_gemv(1, 28672, 4096, 2, "auto")
     assert gemv.use_gemv(1, 4096, 14336, 2, "auto")  # down (112 MiB): round 2 only
     assert not gemv.use_gemv(1, 4096, 14336, 2, "old")
@@ -171,7 +173,8 @@ def test_dense_linear_dispatches_through_the_rule(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("HEADRACE_GEMV", "old")
     assert gemv.linear(fake, layer.weight, layer.bias) == "gemv"
     monkeypatch.setenv("HEADRACE_GEMV", "auto")
-    assert gemv.linear(fake, layer.weight, layer.bias) == "gemv2"
+    assert isinstance(gemv.linear(fake, layer.weight, layer.bias), torch.Tensor)  # 3 rows: cuBLAS
+    assert gemv.linear(fake[:2], layer.weight, layer.bias) == "gemv2"
     assert len(round2) == 1 and round2[0][0] == "" and round2[0][3] is layer.bias
     monkeypatch.setenv("HEADRACE_GEMV", "cublas")
     assert isinstance(gemv.linear(fake, layer.weight, layer.bias), torch.Tensor)
