@@ -24,6 +24,9 @@
 # new kernel per tile config / torch SDPA flash TFLOP/s at causal 2k-16k; <= 200 s).
 # Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
 # kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
+# Serving gap (issue 12): w4gap (<= 300 s: offline W3 with prefix caching off, then headrace serve with
+# the same engine args + bench serve --request-rate inf on the same 1000 W3 requests, greedy; both output
+# tok/s and the gap; scripts/w4gap.sh, logs $OUT/w4gap_*). HEADRACE_SAMPLING_BATCH=rebuild: old sampling rows.
 # Issue 11 batch-1 step: step1 (GPU tests of the GEMV, rotary + KV write, argmax and greedy
 # graphs; GEMV vs cuBLAS on the 8B/70B shapes; W1 with HEADRACE_GEMV=cublas, then default; <= 300 s).
 source scripts/gpu_env.sh
@@ -138,6 +141,7 @@ for step in $which; do
                --request-rate 4 16 64 inf --result-json "$OUT/w4_sweep.json" --plot "$OUT/w4_sweep.png" \
                --no-progress > "$OUT/w4_sweep.log" 2>&1; cat "$OUT/w4_sweep.log"
              kill "$serve_pid"; wait "$serve_pid" ;;
+    w4gap) timeout 310 bash scripts/w4gap.sh ;;
     step1) timeout 115 python -m pytest -m gpu tests/gpu/test_gpu_step_kernels.py -q -p no:cacheprovider > "$OUT/step1_tests.log" 2>&1; tail -4 "$OUT/step1_tests.log"
            timeout 45 python scripts/bench_gemv.py --output-json "$OUT/step1_gemv.json" > "$OUT/step1_gemv.log" 2>&1; cat "$OUT/step1_gemv.log"
            for g in cublas auto; do HEADRACE_GEMV=$g timeout 70 python -m headrace bench latency --output-json "$OUT/step1_w1_$g.json" > "$OUT/step1_w1_$g.log" 2>&1
