@@ -10,7 +10,8 @@ decode) or, with --churn N, replaces N requests (a finish and an admission each)
     --mode rows    worker/sampling_rows.py: params kept per row, penalty counts per slot
 
 On CPU with a small vocabulary the sampler's tensor math is small, so the time is
-mostly the host's: list walking, tensor building, launches. Prints the median per step.
+mostly the host's: list walking, tensor building, launches. Prints the median CPU time
+per step (time.process_time, one torch thread: other processes on the machine count less).
 
     python scripts/bench_sampling_batch.py --mode lists --mode rows
 """
@@ -71,7 +72,7 @@ def run(mode: str, churn: int, args: argparse.Namespace) -> list[float]:
             reqs[rng.randrange(len(reqs))] = make_request(
                 rng, f"s{step}.{rng.random()}", args.vocab, args.prompt_len
             )
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         if rows is not None:
             batch = rows.batch(reqs)
         else:
@@ -82,7 +83,7 @@ def run(mode: str, churn: int, args: argparse.Namespace) -> list[float]:
             )
         tokens = sampler(logits, batch).token_ids.tolist()
         if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(time.process_time() - t0)
         for r, t in zip(reqs, tokens, strict=True):
             r.append_token(t)
     return times
