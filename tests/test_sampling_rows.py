@@ -52,8 +52,13 @@ def new_request(rng: random.Random, rid: str) -> Request:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_kept_rows_give_the_rebuilds_distributions_and_tokens(seed: int) -> None:
+    check_kept_rows(seed, torch.device("cpu"))
+
+
+def check_kept_rows(seed: int, device: torch.device) -> None:
+    """40 random steps; also the GPU test's (tests/gpu/test_gpu_sampling_rows.py)."""
     rng = random.Random(seed)
-    rows = SamplingRows(VOCAB, {EOS}, torch.device("cpu"))
+    rows = SamplingRows(VOCAB, {EOS}, device)
     kept, rebuilt = Sampler(VOCAB, {EOS}, seed=seed), Sampler(VOCAB, {EOS}, seed=seed)
     live = [new_request(rng, f"r{i}") for i in range(rng.randint(1, 12))]
     gen = torch.Generator().manual_seed(seed)
@@ -66,7 +71,7 @@ def test_kept_rows_give_the_rebuilds_distributions_and_tokens(seed: int) -> None
             rng.shuffle(live)
         if not live:
             continue
-        logits = torch.randn(len(live), VOCAB + 5, generator=gen) * 3  # padded columns
+        logits = (torch.randn(len(live), VOCAB + 5, generator=gen) * 3).to(device)  # padded
         a = rows.batch(live)
         b = rebuilt_batch(live, None, None)
         assert torch.equal(kept.processed_probs(logits, a), rebuilt.processed_probs(logits, b))
