@@ -15,11 +15,11 @@ def test_bulk_observations_expose_what_one_by_one_ones_do() -> None:
     values = [rng.choice([0.0, 0.01, 0.025, 80.0, 1e6, -1.0]) for _ in range(50)]
     values += [rng.expovariate(20) for _ in range(500)]
     exposed = []
-    for bulk in (False, True):
+    for use_bulk in (False, True):
         reg = CollectorRegistry()
         h = Histogram("itl", "gaps", ["model"], buckets=ITL_BUCKETS, registry=reg)
         child = h.labels("m")
-        if bulk:
+        if use_bulk:
             observe_many(child, values[:100])
             observe_many(child, values[100:])
             observe_many(child, [])
