@@ -252,7 +252,7 @@ def load_module(
     return mod
 
 
-_configs: dict[tuple[tuple[int, ...], int, int], Any] = {}
+_configs: dict[tuple[tuple[int, ...], int, int, bool], Any] = {}
 
 
 def blocks_per_sm(kernel: Any, block: int, shmem: int = 0) -> int:
@@ -264,15 +264,31 @@ def blocks_per_sm(kernel: Any, block: int, shmem: int = 0) -> int:
     return max(n, 1)
 
 
-def launch(kernel: Any, grid: tuple[int, ...], block: int, *args: Any, shmem: int = 0) -> None:
-    """Launch on torch's current stream. Pointers as Python ints, scalars as numpy scalars."""
+@functools.cache
+def pdl_supported() -> bool:
+    """Whether this cuda.core's LaunchConfig can ask for Programmatic Dependent Launch."""
+    from cuda.core import LaunchConfig
+
+    return hasattr(LaunchConfig, "programmatic_stream_serialization")
+
+
+def launch(
+    kernel: Any, grid: tuple[int, ...], block: int, *args: Any, shmem: int = 0, pdl: bool = False
+) -> None:
+    """Launch on torch's current stream. Pointers as Python ints, scalars as numpy scalars.
+
+    pdl: Programmatic Dependent Launch (sm_90): the kernel may start before the previous one
+    in the stream has finished, so it must run `griddepcontrol.wait` before it reads what
+    that one wrote (cuda/gemv_step.cu does). A cuda.core without the option launches plainly.
+    """
     from cuda.core import LaunchConfig
     from cuda.core import launch as cc_launch
 
-    cfg_key = (grid, block, shmem)
+    cfg_key = (grid, block, shmem, pdl)
     cfg = _configs.get(cfg_key)
     if cfg is None:
-        cfg = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
+        extra = {"programmatic_stream_serialization": True} if pdl and pdl_supported() else {}
+        cfg = LaunchConfig(grid=grid, block=block, shmem_size=shmem, **extra)
         if len(_configs) > 4096:
             _configs.clear()
         _configs[cfg_key] = cfg

@@ -9,15 +9,21 @@
 // block_size is a power of two >= 16 (passed as its log2), so a 16-token tile aligned to 16
 // sits in one page and needs one block-table read.
 //
-// Grid (max_splits, num_kv_heads * ceil(group / 8), batch), WARPS warps. A block owns up to 8
+// Grid (max_splits, num_kv_heads * ceil(group / 8), batch), WARPS warps (HR_DECODE_WARPS),
+// WARPS * STAGES tiles of dynamic shared memory (HR_DECODE_STAGES). A block owns up to 8
 // query heads sharing one KV head (each K/V byte leaves HBM once) over one split of the
 // request's visible keys; a request's split count comes from its seq_len on the device
 // (split_range), so a graph captured at short lengths is right at long ones.
 //
 // Each warp streams its own 16-token tiles (tile w, w + WARPS, ...) through a STAGES-deep
-// cp.async pipeline in shared memory. Every thread copies exactly the 16-byte vectors it
-// later reads, in the register layout of the mma fragments, so the pipeline needs no
-// barrier: cp.async.wait_group alone makes a thread's own copies visible to it.
+// cp.async pipeline in shared memory (all STAGES in flight before the first wait, each stage
+// refilled as soon as the warp has read it). The copies are coalesced: consecutive lanes take
+// consecutive 16-byte units of one token's row (a head's D elements), so every request
+// covers whole 128-byte lines (with fragment-shaped copies, half of K's requests were
+// 64-byte halves of a line: L2 at 91% busy for 65% of DRAM bandwidth). A stage holds the
+// tile's K then V rows, [16 tokens][D], each row's units XOR-swizzled by swz(token) so that
+// the fragment-shaped reads below hit distinct banks. A warp's stages are its own, so
+// cp.async.wait_group plus __syncwarp is the whole synchronisation.
 //
 // Math per tile, mma.sync m16n8k16 with fp32 accumulators (rows past the group are zero):
 //   S [16 heads x 8 tokens] = Q [16 heads x D] . K^T           (two n8 tiles of tokens)
@@ -30,7 +36,8 @@
 // repacked into token pairs with byte permutes.
 //
 // One split: the block writes the output. Several: an fp32 partial output (times v_scale)
-// and a log2-domain log-sum-exp per split, combined by decode_tc_merge.
+// and a log2-domain log-sum-exp per split, combined by the last split to finish (counters:
+// merge_if_last), or by decode_tc_merge when counters is null.
 // window: sliding-window attention, the query (at seq_len - 1) sees keys >= seq_len - window;
 // 0 = no window. Splits cover only the visible span (from its 16-aligned start).
 
@@ -43,6 +50,12 @@
 #endif
 #ifndef HR_HEAD_DIM
 #define HR_HEAD_DIM 128
+#endif
+#ifndef HR_DECODE_WARPS
+#define HR_DECODE_WARPS 4
+#endif
+#ifndef HR_DECODE_STAGES
+#define HR_DECODE_STAGES 2
 #endif
 
 #if HR_BF16
@@ -60,15 +73,17 @@ __device__ __forceinline__ elem_t f_to_e(float a) { return __float2half(a); }
 #endif
 
 constexpr int D = HR_HEAD_DIM;
-constexpr int WARPS = 2;
+constexpr int WARPS = HR_DECODE_WARPS;
+constexpr int STAGES = HR_DECODE_STAGES;
 constexpr int THREADS = WARPS * 32;
+constexpr int MIN_BLOCKS = WARPS >= 12 ? 1 : 12 / WARPS;  // 12 warps per SM: <= 170 registers
 constexpr int TILE = 16;                   // tokens per warp per pipeline stage
 constexpr int GQ = 8;                      // query heads per block (the n of P V)
 constexpr int KVEC = D / 32;               // K vectors per thread per 8-token half tile
 constexpr int VVEC = D / 64;               // V vectors per thread per token
-constexpr int VECS = 2 * KVEC + 4 * VVEC;  // 8-element vectors per thread per tile (D / 8)
 constexpr int MT = D / 16;                 // k-steps of Q K^T, m-tiles of O^T
-constexpr int SMEM_BYTES = 48 * 1024;      // static shared memory limit of a block
+static_assert(STAGES >= 2, "a pipeline needs two stages");
+static_assert(WARPS >= 1 && WARPS <= 16, "1..16 warps");
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 #include "split_merge.cuh"  // merged_split_output: the splits' merge
@@ -114,11 +129,6 @@ template <>
 struct KvVec<elem_t> {
     static constexpr int BYTES = 16;
     typedef uint4 raw_t;
-    __device__ static __forceinline__ void copy(void* smem, const void* gmem, bool pred) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-                     "l"(gmem), "r"(pred ? 16 : 0)
-                     : "memory");
-    }
     __device__ static __forceinline__ uint4 widen(const uint4& v) { return v; }
 };
 
@@ -126,11 +136,6 @@ template <>
 struct KvVec<__nv_fp8_e4m3> {
     static constexpr int BYTES = 8;
     typedef uint2 raw_t;
-    __device__ static __forceinline__ void copy(void* smem, const void* gmem, bool pred) {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(smem)),
-                     "l"(gmem), "r"(pred ? 8 : 0)
-                     : "memory");
-    }
     // Two FP8 values (low byte first) -> two elem_t in one word; e4m3 -> half is exact, and
     // so is half -> bf16 through float (3 mantissa bits).
     __device__ static __forceinline__ unsigned widen2(unsigned short v) {
@@ -151,6 +156,8 @@ struct KvVec<__nv_fp8_e4m3> {
         return o;
     }
 };
+
+#include "decode_stage.cuh"  // copy16, swz, smem_off, Stage, copy_xor: the stage layout
 
 // c += a . b, m16n8k16, fp32 accumulators; a0..a3 and b0, b1 in PTX's fragment order.
 __device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
@@ -175,11 +182,13 @@ __device__ __forceinline__ unsigned pair(const uint4& x, const uint4& y, int e) 
         const int *__restrict__ seq_lens, const int *__restrict__ block_tables, int bt_stride, \
         elem_t *__restrict__ out, long long out_stride, float *__restrict__ part_o,          \
         float *__restrict__ part_lse, int num_kv_heads, int group, int block_shift,          \
-        float scale_log2, float v_scale, int window, int min_chunk
+        float scale_log2, float v_scale, int window, int min_chunk, int *__restrict__ counters
 #define HR_DECODE_TC_PASS                                                                    \
     q, q_stride, kc, v_off, query_start_loc, seq_lens, block_tables, bt_stride, out,         \
         out_stride, part_o, part_lse, num_kv_heads, group, block_shift, scale_log2, v_scale, \
-        window, min_chunk
+        window, min_chunk, counters
+
+#include "decode_merge.cuh"  // merge_if_last: the fused merge of a request's splits
 
 // One block's combine of its warps' softmax states, then the output or the split's partial.
 __device__ __forceinline__ void finish(float* scratch, int warp, int lane, float m_run,
@@ -187,7 +196,8 @@ __device__ __forceinline__ void finish(float* scratch, int warp, int lane, float
                                        int nsplit, int split, int r, int head0,
                                        int num_q_heads, int qrow, elem_t* __restrict__ out,
                                        long long out_stride, float* __restrict__ part_o,
-                                       float* __restrict__ part_lse, float v_scale) {
+                                       float* __restrict__ part_lse, float v_scale,
+                                       int* __restrict__ counters) {
     float* sm_m = scratch;                    // [WARPS][GQ]
     float* sm_l = sm_m + WARPS * GQ;          // [WARPS][GQ]
     float* sm_o = sm_l + WARPS * GQ;          // [WARPS][GQ][D]
@@ -232,18 +242,19 @@ __device__ __forceinline__ void finish(float* scratch, int warp, int lane, float
             if (d == 0) part_lse[ph] = L > 0.f ? base + log2f(L) : neg_inf();
         }
     }
+    if (nsplit > 1 && counters != nullptr)
+        merge_if_last(counters, nsplit, r, head0, gcount, num_q_heads, qrow, out, out_stride,
+                      part_o, part_lse);
 }
 
 template <typename KV>
 __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     typedef KvVec<KV> Vec;
     typedef typename Vec::raw_t raw_t;
-    constexpr int STAGE = VECS * 32 * Vec::BYTES;  // one warp's tile in shared memory
-    constexpr int FIT = SMEM_BYTES / (WARPS * STAGE);
-    constexpr int STAGES = FIT < 4 ? FIT : 4;
-    static_assert(STAGES >= 2, "a pipeline needs two stages");
+    typedef Stage<sizeof(KV)> St;
+    constexpr int STAGE = St::BYTES;  // one warp's tile in shared memory
     static_assert(WARPS * GQ * (D + 2) * 4 <= WARPS * STAGES * STAGE, "combine scratch");
-    __shared__ __align__(16) unsigned char smem[WARPS * STAGES * STAGE];
+    extern __shared__ __align__(16) unsigned char smem[];  // WARPS * STAGES * STAGE bytes
 
     const DecodeBlock blk = decode_block<GQ>(group, query_start_loc, seq_lens);
     const int split = blk.split, kvh = blk.kvh, g0 = blk.g0, gcount = blk.gcount;
@@ -279,9 +290,10 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     const int my_tiles = ntiles > warp ? (ntiles - warp + WARPS - 1) / WARPS : 0;
     const int* bt = block_tables + (long long)r * bt_stride;
     const int bmask = (1 << block_shift) - 1;
-    const long long row_stride = (long long)num_kv_heads * D;  // elements between tokens
-    const KV* kbase = reinterpret_cast<const KV*>(kc) + (long long)kvh * D;
-    const KV* vbase = kbase + v_off;
+    const long long row_bytes = (long long)num_kv_heads * St::RB;  // between tokens
+    const unsigned char* kbase = kc + (long long)kvh * St::RB;
+    const long long v_bytes = v_off * (long long)sizeof(KV);
+    unsigned char* wsmem = smem + warp * STAGES * STAGE;
 
     // Page ids, 32 tiles per lane-parallel read: pg_a holds tiles [32w, 32w + 32) of the
     // warp's sequence, pg_b the next 32 (read a window ahead, so it is there when needed).
@@ -291,8 +303,19 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     };
     int pg_a = read_pages(0), pg_b = read_pages(1);
 
-    // Tile k of this warp into stage `stage`: this thread's VECS vectors, zero-filled for
-    // tokens outside [lo, t_end). Called once per k, in increasing k.
+    // This lane's unit of each copy instruction: unit `cu` of tokens ct + TPI * i. swz is
+    // linear over the bits of t and ct, TPI * i have disjoint bits, so the swizzled offset
+    // of token ct + TPI * i is the lane's own (lane_soff) XOR a constant of i (copy_xor):
+    // one LOP3 a copy, the row offset going into the instruction's immediate.
+    const int cu = lane % St::U, ct = lane / St::U;
+    const int lane_goff = ct * (int)row_bytes + cu * 16;  // < 2^31: a row is < 64 KB
+    const int gstep = St::TPI * (int)row_bytes;           // between copy instructions
+    const int lane_soff = ct * St::RB + ((cu ^ (swz(ct) & (St::U - 1))) << 4);
+    // The lane's reads (k_read_off, v_read_off): K's token n, vector qd; V's token 2qd,
+    // vector n; every other read is one of these XOR a constant, plus an immediate.
+    const int kl = smem_off<sizeof(KV)>(n, qd), vl = smem_off<sizeof(KV)>(2 * qd, n);
+    // Tile k of this warp into stage `stage`, zero-filled for tokens outside [lo, t_end).
+    // Called once per k, in increasing k.
     auto issue = [&](int k, int stage) {
         if (k > 0 && (k & 31) == 0) {
             pg_a = pg_b;
@@ -301,31 +324,30 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
         const int page = __shfl_sync(0xffffffffu, pg_a, k & 31);
         const int tb = t_begin + (k * WARPS + warp) * TILE;
         const long long row0 = ((long long)page << block_shift) + (tb & bmask);
-        unsigned char* dst = smem + (warp * STAGES + stage) * STAGE + lane * Vec::BYTES;
+        const unsigned char* ksrc = kbase + row0 * row_bytes + lane_goff;
+        const unsigned char* vsrc = ksrc + v_bytes;
+        unsigned char* dst = wsmem + stage * STAGE;
+        if (tb >= lo && tb + TILE <= t_end) {  // every token visible: no predicates
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int t = tb + 8 * h + n;
-            const bool ok = t >= lo && t < t_end;
-            const KV* src = kbase + (row0 + 8 * h + n) * row_stride;
+            for (int i = 0; i < St::CPY; ++i) {
+                const int off = St::TPI * i * St::RB + (lane_soff ^ copy_xor<St>(i));
+                copy16(dst + off, ksrc + i * gstep);
+                copy16(dst + St::HALF + off, vsrc + i * gstep);
+            }
+        } else {
 #pragma unroll
-            for (int p = 0; p < KVEC; ++p)
-                Vec::copy(dst + (h * KVEC + p) * 32 * Vec::BYTES,
-                          ok ? src + 8 * (4 * p + qd) : kbase, ok);
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int tok = 2 * qd + (u & 1) + 8 * (u >> 1);
-            const bool ok = tb + tok >= lo && tb + tok < t_end;
-            const KV* src = vbase + (row0 + tok) * row_stride;
-#pragma unroll
-            for (int c = 0; c < VVEC; ++c)
-                Vec::copy(dst + (2 * KVEC + u * VVEC + c) * 32 * Vec::BYTES,
-                          ok ? src + 64 * c + 8 * n : vbase, ok);
+            for (int i = 0; i < St::CPY; ++i) {
+                const int t = tb + ct + St::TPI * i;
+                const bool ok = t >= lo && t < t_end;
+                const int off = St::TPI * i * St::RB + (lane_soff ^ copy_xor<St>(i));
+                copy16(dst + off, ok ? ksrc + i * gstep : kc, ok);
+                copy16(dst + St::HALF + off, ok ? vsrc + i * gstep : kc, ok);
+            }
         }
     };
 
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
+    for (int s = 0; s < STAGES; ++s) {  // every stage in flight before the first wait
         if (s < my_tiles) issue(s, s);
         cp_async_commit();
     }
@@ -337,21 +359,20 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     float l_run = 0.f;        // this thread's share of head n's running sum
 
     for (int k = 0; k < my_tiles; ++k) {
-        cp_async_wait<STAGES - 2>();  // tile k landed (this thread's copies)
-        // Refill the stage read in the previous iteration: its values were consumed by that
-        // iteration's mma, so these copies cannot overwrite them early.
-        if (k + STAGES - 1 < my_tiles) issue(k + STAGES - 1, (k + STAGES - 1) % STAGES);
-        cp_async_commit();
+        cp_async_wait<STAGES - 1>();  // tile k landed (this thread's copies)
+        __syncwarp();                 // ... and every lane's
 
-        const raw_t* src =
-            reinterpret_cast<const raw_t*>(smem + (warp * STAGES + k % STAGES) * STAGE) + lane;
+        const unsigned char* kst = wsmem + (k % STAGES) * STAGE;
+        const unsigned char* vst = kst + St::HALF;
         float s[2][4];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             s[h][0] = s[h][1] = s[h][2] = s[h][3] = 0.f;
 #pragma unroll
             for (int p = 0; p < KVEC; ++p) {
-                const uint4 kv = Vec::widen(src[(h * KVEC + p) * 32]);
+                const raw_t raw =
+                    *reinterpret_cast<const raw_t*>(kst + k_read_off<St>(kl, h, p));
+                const uint4 kv = Vec::widen(raw);
                 mma16816(s[h], qa[2 * p][0], 0u, qa[2 * p][1], 0u, kv.x, kv.y);
                 mma16816(s[h], qa[2 * p + 1][0], 0u, qa[2 * p + 1][1], 0u, kv.z, kv.w);
             }
@@ -393,29 +414,35 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
         }
         const unsigned pb0 = pack_e2(pr[0], pr[1]);  // P^T rows (tokens) 2qd, 2qd + 1
         const unsigned pb1 = pack_e2(pr[2], pr[3]);  // rows 2qd + 8, 2qd + 9
+        // V rows: tokens 2qd + (u & 1) + 8 (u >> 1), dims 64c + 8n .. + 7.
+        auto vrow = [&](int u, int c) {
+            return Vec::widen(*reinterpret_cast<const raw_t*>(vst + v_read_off<St>(vl, u, c)));
+        };
 #pragma unroll
         for (int c = 0; c < VVEC; ++c) {
-            const uint4 v0 = Vec::widen(src[(2 * KVEC + 0 * VVEC + c) * 32]);
-            const uint4 v1 = Vec::widen(src[(2 * KVEC + 1 * VVEC + c) * 32]);
-            const uint4 v2 = Vec::widen(src[(2 * KVEC + 2 * VVEC + c) * 32]);
-            const uint4 v3 = Vec::widen(src[(2 * KVEC + 3 * VVEC + c) * 32]);
+            const uint4 v0 = vrow(0, c), v1 = vrow(1, c), v2 = vrow(2, c), v3 = vrow(3, c);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 mma16816(o[4 * c + j], pair(v0, v1, j), pair(v0, v1, 4 + j), pair(v2, v3, j),
                          pair(v2, v3, 4 + j), pb0, pb1);
             }
         }
+        // Refill the stage just read, once every lane has its values in registers: while
+        // tile k + 1 is computed, tiles k + 2 .. k + STAGES are in flight.
+        __syncwarp();
+        if (k + STAGES < my_tiles) issue(k + STAGES, k % STAGES);
+        cp_async_commit();
     }
     cp_async_wait<0>();
     __syncthreads();  // every warp is done with the stages: they become the combine scratch
     finish(reinterpret_cast<float*>(smem), warp, lane, m_run, l_run, o, gcount, nsplit, split,
-           r, head0, num_q_heads, qrow, out, out_stride, part_o, part_lse, v_scale);
+           r, head0, num_q_heads, qrow, out, out_stride, part_o, part_lse, v_scale, counters);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) decode_tc(HR_DECODE_TC_ARGS) {
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_tc(HR_DECODE_TC_ARGS) {
     decode_tc_impl<elem_t>(HR_DECODE_TC_PASS);
 }
-extern "C" __global__ void __launch_bounds__(THREADS) decode_tc_fp8(HR_DECODE_TC_ARGS) {
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_tc_fp8(HR_DECODE_TC_ARGS) {
     decode_tc_impl<__nv_fp8_e4m3>(HR_DECODE_TC_PASS);
 }
 

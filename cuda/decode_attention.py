@@ -1,19 +1,28 @@
 """Tensor-core decode attention (cuda/decode_attention.cu): the split plan and the launches.
 
-    grid (splits, Hkv * ceil(group / 8), B), 64 threads     merge grid (Hq, B), D threads
-    a block = one KV head x up to 8 query heads over one    log-sum-exp of the splits
-    split of the context; 2 warps stream 16-token tiles     (only launched if splits > 1;
-    through a cp.async pipeline (3-4 stages, 48 KB)         requests with one split skip it)
+    grid (splits, Hkv * ceil(group / 8), B), 32 W threads; a block = one KV head x up to 8
+    query heads over one split of the context; W warps stream 16-token tiles through an
+    S-stage cp.async pipeline (dynamic shared memory, W * S * 32 * D * KV bytes). A request
+    of one split is written by its block; of several, by the last of its splits to finish
+    (log-sum-exp of the splits' partials; merge counters, `merge_counters`). With
+    HEADRACE_DECODE_FUSED_MERGE=0 (or no counters inside a capture) the merge kernel does
+    it instead: grid (Hq, B), D threads, launched only if the plan has several splits.
+
+W and S are a `DecodeConfig`: 2 warps, 3 stages for 16-bit KV (48 KB, 4 blocks and 8 warps
+per SM), 4 warps, 4 stages for FP8 (64 KB). On an H200 (cc98fa0, scripts/bench_decode.py, % of
+copy bandwidth at batch 64 x 1k / 4k / 16k and 8 x 16k) w2s3 read bf16 KV at 76.9 / 90.2 /
+93.9 / 79.4 against w4s2's 64.3 / 86.7 / 93.3 / 81.0 (w4s3: 74.5 / 89.2 / 93.9 / 83.4).
+HEADRACE_DECODE_CONFIG=w<W>s<S> overrides both (the benchmark compares variants).
 
 The split count is `plan_decode`'s: a pure function of the batch, the KV heads, the query
 group, the bound on seq_len and the GPU's block slots, computed from fixed maxima only (a
 CUDA graph captured at short lengths stays right at long ones: each request's own split
 count comes from its seq_len on the device, with the same `min_chunk`).
 
-HEADRACE_DECODE_KERNEL picks: `auto` (the default) this kernel for FP8 KV caches and the
-previous CUDA-core kernels (decode_g1..g8 in cuda/paged_attention_kernels.cu) for 16-bit
-ones, where they measured faster; `new` or `old` forces one. Block sizes under 16 tokens
-always take the old kernels (a 16-token tile must sit in one page).
+HEADRACE_DECODE_KERNEL picks: `auto` (the default) this kernel for every KV cache
+(AUTO_16BIT says so for 16-bit ones), `old` the previous CUDA-core kernels (decode_g1..g8 in
+cuda/paged_attention_kernels.cu), `new` this one. Block sizes under 16 tokens always take
+the old kernels (a 16-token tile must sit in one page).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,16 +42,25 @@ from cuda import compiler
 
 SOURCE_PATH = Path(__file__).with_name("decode_attention.cu")
 ENV = "HEADRACE_DECODE_KERNEL"
+CONFIG_ENV = "HEADRACE_DECODE_CONFIG"
 CHOICES = ("auto", "new", "old")
+AUTO_16BIT = True  # `auto` runs this kernel on 16-bit KV too (False: the old kernels)
 MAX_SPLITS = 64  # worker/cuda_attention.py sizes its workspace for this many
 MIN_CHUNK = 128  # tokens: the shortest split (as the old kernels); large batches take fewer
 HEADS_PER_BLOCK = 8
-THREADS = 64
 MIN_BLOCK_SIZE = 16  # the kernel's tile: one page read per 16 tokens
 FULL_WAVE = 0.9  # take the fewest splits whose last wave is at least this full
 SATURATING_BLOCKS_PER_SM = 4  # ~128 KB of loads in flight per SM: more blocks add nothing
+STATIC_SMEM_LIMIT = 48 * 1024  # past this a kernel must opt in (cudaFuncSetAttribute)
+SMEM_LIMIT = 227 * 1024  # sm_90's most dynamic shared memory per block
+
+FUSED_MERGE_ENV = "HEADRACE_DECODE_FUSED_MERGE"  # 0: the separate merge kernel instead
+COUNTERS = 1 << 16  # merge counters allocated at once: batch x KV heads x head chunks
 
 _slots: dict[tuple[int, str], int] = {}
+_counters: dict[str, torch.Tensor] = {}
+_old_counters: list[torch.Tensor] = []  # a captured graph may still point at one
+_smem_set: set[tuple[int, int]] = set()
 
 
 def kernel_choice() -> str:
@@ -55,29 +74,56 @@ def kernel_choice() -> str:
 
 def applies(block_size: int, kv_fp8: bool = False) -> bool:
     """Whether decode steps of a cache with this block size run the new kernel. `auto`
-    (the default) takes it for FP8 KV caches only: on an H200 (52e44f0) it reads FP8 at
-    54-78% of copy bandwidth against the old kernels' 33-44%, but 16-bit KV at 63-75%
-    against their 62-86% (BENCHMARKS.md, kernel micro-benchmarks)."""
+    (the default) takes it for FP8 KV caches (round 1, H200 52e44f0: FP8 at 54-78% of copy
+    bandwidth against the old kernels' 33-44%) and, with AUTO_16BIT, for 16-bit ones (round
+    2: coalesced whole-line copies and 4-warp blocks, against the old kernels' 62-86%)."""
     choice = kernel_choice()
-    wanted = choice == "new" or (choice == "auto" and kv_fp8)
+    wanted = choice == "new" or (choice == "auto" and (kv_fp8 or AUTO_16BIT))
     return wanted and block_size >= MIN_BLOCK_SIZE
 
 
 TILE = 16  # tokens per warp per pipeline stage (the k of one P V mma)
-WARPS = THREADS // 32
-SMEM_BYTES = 48 * 1024  # static shared memory of a block
 
 
-def pipeline_stages(head_dim: int, kv_bytes: int) -> int:
-    """cp.async stages of a warp (the kernel's STAGES): as many 16-token K+V tiles as fit
-    48 KB for the block's warps, at most 4."""
-    stage = TILE * 2 * head_dim * kv_bytes  # one warp's tile of K and V
-    return min(4, SMEM_BYTES // (WARPS * stage))
+@dataclass(frozen=True)
+class DecodeConfig:
+    """A compiled variant of the kernel: warps per block and cp.async stages per warp."""
+
+    warps: int
+    stages: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def name(self) -> str:
+        return f"w{self.warps}s{self.stages}"
+
+    def smem_bytes(self, head_dim: int, kv_bytes: int) -> int:
+        """Dynamic shared memory of a block: every warp's stages of 16-token K+V tiles."""
+        return self.warps * self.stages * TILE * 2 * head_dim * kv_bytes
 
 
-def smem_bytes(head_dim: int, kv_bytes: int) -> int:
-    """The kernel's static shared memory: every warp's stages."""
-    return WARPS * pipeline_stages(head_dim, kv_bytes) * TILE * 2 * head_dim * kv_bytes
+DEFAULT_CONFIGS = {2: DecodeConfig(2, 3), 1: DecodeConfig(4, 4)}  # by KV element bytes
+CONFIGS = ("w2s3", "w3s3", "w4s2", "w4s3", "w4s4")  # what the benchmark compares
+
+
+def parse_config(text: str) -> DecodeConfig:
+    """`w<warps>s<stages>`, e.g. w4s2; ValueError naming HEADRACE_DECODE_CONFIG if not."""
+    m = re.fullmatch(r"w(\d+)s(\d+)", text.strip().lower())
+    if m is None:
+        raise ValueError(f"{CONFIG_ENV} must look like w4s2 (warps, stages), got {text!r}")
+    cfg = DecodeConfig(int(m.group(1)), int(m.group(2)))
+    if not (1 <= cfg.warps <= 16 and 2 <= cfg.stages <= 8):
+        raise ValueError(f"{CONFIG_ENV}: 1-16 warps and 2-8 stages, got {text!r}")
+    return cfg
+
+
+def config_for(kv_bytes: int) -> DecodeConfig:
+    """HEADRACE_DECODE_CONFIG's variant if set (read at each call), else the default."""
+    text = os.environ.get(CONFIG_ENV, "").strip()
+    return parse_config(text) if text else DEFAULT_CONFIGS[kv_bytes]
 
 
 @dataclass(frozen=True)
@@ -89,7 +135,8 @@ class DecodePlan:
 
     @property
     def merge(self) -> bool:
-        """Whether the merge kernel runs (no request can use more than one split if not)."""
+        """Whether a request may have several splits to merge (if not: no counters, no merge
+        kernel)."""
         return self.splits > 1
 
 
@@ -138,29 +185,83 @@ def source() -> str:
     return compiler.read_source(SOURCE_PATH)
 
 
-def module_defines(dtype: torch.dtype, head_dim: int) -> dict[str, int | str]:
+def module_defines(
+    dtype: torch.dtype, head_dim: int, config: DecodeConfig | None = None
+) -> dict[str, int | str]:
     """Macros of one compiled module (the KV type is a template parameter inside it)."""
-    return {"HR_BF16": int(dtype == torch.bfloat16), "HR_HEAD_DIM": head_dim}
+    cfg = config or DEFAULT_CONFIGS[2]
+    return {
+        "HR_BF16": int(dtype == torch.bfloat16),
+        "HR_HEAD_DIM": head_dim,
+        "HR_DECODE_WARPS": cfg.warps,
+        "HR_DECODE_STAGES": cfg.stages,
+    }
 
 
 def kernel_name(kv_fp8: bool) -> str:
     return "decode_tc_fp8" if kv_fp8 else "decode_tc"
 
 
+def _config(name: str) -> DecodeConfig:
+    """The variant a kernel is compiled in: its KV type's (the merge's does not matter)."""
+    return config_for(1 if name == "decode_tc_fp8" else 2)
+
+
 def _kernel(dtype: torch.dtype, head_dim: int, name: str) -> object:
+    cfg = _config(name)
     mod = compiler.load_module(
-        source(), defines=module_defines(dtype, head_dim), name="decode_attention"
+        source(), defines=module_defines(dtype, head_dim, cfg), name="decode_attention"
     )
-    return mod.kernel(name)
+    kernel = mod.kernel(name)
+    if name != "decode_tc_merge":
+        _allow_smem(kernel, cfg.smem_bytes(head_dim, 1 if name == "decode_tc_fp8" else 2))
+    return kernel
+
+
+def _allow_smem(kernel: Any, nbytes: int) -> None:
+    """Opt the kernel in to `nbytes` of dynamic shared memory (past 48 KB a launch fails
+    without it) and the largest carveout, once per kernel and device."""
+    dev = torch.cuda.current_device()
+    key = (id(kernel), dev)
+    if key in _smem_set:
+        return
+    if nbytes > SMEM_LIMIT:
+        raise ValueError(f"{CONFIG_ENV}: {nbytes} bytes of shared memory (> {SMEM_LIMIT})")
+    from cuda.bindings import driver
+
+    attr = driver.CUfunction_attribute
+    handle = getattr(kernel, "handle", None) or kernel._handle
+    err, device = driver.cuDeviceGet(dev)
+    for which, value in (
+        (attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max(nbytes, STATIC_SMEM_LIMIT)),
+        (attr.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
+    ):
+        if err == driver.CUresult.CUDA_SUCCESS:
+            if isinstance(handle, driver.CUfunction):  # cuda.core loading through cuModule
+                (err,) = driver.cuFuncSetAttribute(handle, which, value)
+            else:  # a CUkernel from cuLibraryGetKernel
+                (err,) = driver.cuKernelSetAttribute(which, value, handle, device)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"setting {which.name} = {value} failed: {err}")
+    _smem_set.add(key)
 
 
 def _slots_per_sm(kernel: object, device: torch.device, key: str) -> int:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     n = _slots.get((idx, key))
     if n is None:
-        n = compiler.blocks_per_sm(kernel, THREADS)
+        _, dim, variant, name = key.split("-")  # as _key writes it
+        cfg, head_dim, kv_bytes = parse_config(variant), int(dim), 1 if name.endswith("8") else 2
+        n = compiler.blocks_per_sm(kernel, cfg.threads, cfg.smem_bytes(head_dim, kv_bytes))
         _slots[(idx, key)] = n
     return n
+
+
+def _key(dtype: torch.dtype, head_dim: int, kv_fp8: bool) -> str:
+    """Occupancy cache key: dtype, head_dim, variant, kernel (the variant may change with
+    HEADRACE_DECODE_CONFIG between calls)."""
+    name = kernel_name(kv_fp8)
+    return f"{dtype}-{head_dim}-{_config(name).name}-{name}"
 
 
 def plan_for(
@@ -176,10 +277,35 @@ def plan_for(
     """plan_decode with this GPU's SM count and the kernel's occupancy (compiles if needed)."""
     from cuda.paged_attention_kernels import num_sms
 
-    name = kernel_name(kv_fp8)
-    kernel = _kernel(dtype, head_dim, name)
-    per_sm = _slots_per_sm(kernel, device, f"{dtype}-{head_dim}-{name}")
+    kernel = _kernel(dtype, head_dim, kernel_name(kv_fp8))
+    per_sm = _slots_per_sm(kernel, device, _key(dtype, head_dim, kv_fp8))
     return plan_decode(batch, num_kv_heads, group, max_seq_len, num_sms(device), per_sm)
+
+
+def fused_merge() -> bool:
+    """Whether the last split of each request merges (HEADRACE_DECODE_FUSED_MERGE, default
+    1) rather than a second kernel: in a CUDA graph the merge kernel costs its launch even
+    when every request fits one split (2.6 us a layer in W1's profile)."""
+    value = os.environ.get(FUSED_MERGE_ENV, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", ""):
+        raise ValueError(f"{FUSED_MERGE_ENV} must be 0 or 1, got {value!r}")
+    return value not in ("0", "false")
+
+
+def merge_counters(device: torch.device, need: int) -> int:
+    """Device address of `need` zeroed int32 merge counters (the kernel leaves them zero),
+    or 0 if none can be had now (graph capture before any eager call allocated them): the
+    caller then launches the merge kernel."""
+    key = str(device)
+    t = _counters.get(key)
+    if t is None or t.numel() < need:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return 0
+        if t is not None:
+            _old_counters.append(t)
+        t = torch.zeros(max(need, COUNTERS), dtype=torch.int32, device=device)
+        _counters[key] = t
+    return t.data_ptr()
 
 
 def launch_decode(
@@ -193,7 +319,8 @@ def launch_decode(
     workspace: torch.Tensor | None,
     kv_fp8: bool,
 ) -> None:
-    """The decode kernel, then the merge if the plan has several splits.
+    """The decode kernel; if the plan has several splits, its last split per request merges
+    them (fused_merge), else the merge kernel does.
 
     common: paged_attention_kernels' leading arguments (q .. out_stride); heads: its
     trailing ones (num_kv_heads, group, block_shift, scale_log2, v_scale, window).
@@ -212,9 +339,14 @@ def launch_decode(
     part_lse = part_o + batch * num_q_heads * plan.splits * head_dim * 4
     grid = (plan.splits, num_kv_heads * math.ceil(group / HEADS_PER_BLOCK), batch)
     min_chunk = np.int32(plan.min_chunk)
-    kernel = _kernel(q.dtype, head_dim, kernel_name(kv_fp8))
-    compiler.launch(kernel, grid, THREADS, *common, part_o, part_lse, *heads, min_chunk)
-    if plan.merge:
+    name = kernel_name(kv_fp8)
+    cfg = _config(name)
+    shmem = cfg.smem_bytes(head_dim, 1 if kv_fp8 else 2)
+    kernel = _kernel(q.dtype, head_dim, name)
+    counters = merge_counters(q.device, grid[1] * batch) if plan.merge and fused_merge() else 0
+    args = (*common, part_o, part_lse, *heads, min_chunk, counters)
+    compiler.launch(kernel, grid, cfg.threads, *args, shmem=shmem)
+    if plan.merge and not counters:
         compiler.launch(
             _kernel(q.dtype, head_dim, "decode_tc_merge"),
             (num_q_heads, batch),

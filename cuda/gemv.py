@@ -2,18 +2,21 @@
 
     x [M, K] bf16/fp16, w [N, K] (x's dtype), bias [N] or None -> y [M, N]
 
-cuBLAS reaches only 1.2-2.4 TB/s on an H200 for the 8B model's q/k/v and o matrices at
-batch 1 (and adds a split-K reduce kernel); cuda/gemv.cu streams the weight once at copy
-bandwidth with no second kernel. `gemv_ref` is the torch reference.
+cuBLAS reaches only ~3.1 TB/s (73% of copy bandwidth) on an H200 for the 8B model's q/k/v and
+o matrices at batch 1 and adds a split-K reduce kernel on o and down. Two kernels stream the
+weight with no second kernel: cuda/gemv_step.cu (round 2, warps owning rows in one resident
+wave, the default) and cuda/gemv.cu (round 1, `gemv`, kept for comparison). `gemv_ref` is
+the torch reference of both.
 
-Which path a linear layer takes (`use_gemv`, pure host logic, tested on CPU):
+Which path a linear layer takes (`use_gemv` / `linear`, pure host logic, tested on CPU):
 
-    HEADRACE_GEMV=cublas   never the GEMV (the previous path: F.linear)
-    HEADRACE_GEMV=all      every call the kernel takes (M <= 8, aligned rows)
-    unset / auto           those calls whose weight is at most GEMV_MAX_WEIGHT_BYTES: the
-                           small matrices where cuBLAS is weak. scripts/bench_gemv.py
-                           measures both on the Llama-3-8B / 70B shapes and prints the
-                           threshold its numbers support.
+    HEADRACE_GEMV=cublas   never a GEMV (the previous path: F.linear)
+    unset / auto           round 2 for the calls whose weight is at most GEMV2_MAX_WEIGHT_BYTES
+    all                    round 2 for every call it takes (M <= 8, aligned rows)
+    old                    round 1 for weights up to GEMV_MAX_WEIGHT_BYTES (last session's auto)
+
+scripts/bench_gemv.py measures old, new and cuBLAS on the Llama-3-8B / 70B shapes and prints
+the threshold its numbers support.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cuda import compiler
+from cuda import compiler, gemv_step
 
 SOURCE_PATH = Path(__file__).with_name("gemv.cu")
 DTYPES = {torch.float16: 1, torch.bfloat16: 2}  # HR_DTYPE in the source
@@ -37,7 +40,11 @@ KERNELS = tuple(f"gemv_m{m}" for m in range(1, MAX_ROWS + 1))
 # The rule's data: weights up to this size go to the GEMV under HEADRACE_GEMV=auto. 64 MiB
 # covers the 8B model's fused q/k/v (48 MiB) and o (32 MiB), where cuBLAS is weakest.
 GEMV_MAX_WEIGHT_BYTES = 64 * 2**20
-MODES = ("auto", "cublas", "all")
+# Round 2's: 128 MiB takes the 8B model's q/k/v, o and down (112 MiB; cuBLAS splits K there
+# and launches a reduce kernel), not gate/up (224 MiB, where cuBLAS reaches 93% of copy).
+# HEADRACE_GEMV_MAX_MIB overrides it (64: q/k/v and o only, down back on cuBLAS).
+GEMV2_MAX_WEIGHT_BYTES = 128 * 2**20
+MODES = ("auto", "cublas", "all", "old")
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -50,19 +57,30 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 def gemv_mode() -> str:
     """HEADRACE_GEMV, validated (read per call: tests and benchmarks switch it)."""
-    # cublas by default: on an H200 (4f22da2) W1 took 4.66 ms per token with the GEMV on the
-    # q/k/v and o matrices and 4.66 ms without, and its sums round differently from cuBLAS.
-    mode = os.environ.get("HEADRACE_GEMV", "cublas") or "cublas"
+    # auto (round 2) by default; round 1 was opt-in: on an H200 (4f22da2) W1 took 4.66 ms per
+    # token with it on q/k/v and o and 4.66 ms without.
+    mode = os.environ.get("HEADRACE_GEMV", "auto") or "auto"
     if mode not in MODES:
         raise ValueError(f"HEADRACE_GEMV must be one of {', '.join(MODES)}, got {mode!r}")
     return mode
+
+
+def gemv2_max_weight_bytes() -> int:
+    """GEMV2_MAX_WEIGHT_BYTES, or HEADRACE_GEMV_MAX_MIB (validated) where set."""
+    value = os.environ.get("HEADRACE_GEMV_MAX_MIB", "")
+    if not value:
+        return GEMV2_MAX_WEIGHT_BYTES
+    if not value.isdigit():
+        raise ValueError(f"HEADRACE_GEMV_MAX_MIB must be a whole number of MiB, got {value!r}")
+    return int(value) * 2**20
 
 
 def use_gemv(m: int, n: int, k: int, elem_bytes: int, mode: str) -> bool:
     """The rule: does an [m, k] x [n, k]^T product go to the GEMV (layouts aside)?"""
     if mode == "cublas" or not 1 <= m <= MAX_ROWS:
         return False
-    return mode == "all" or n * k * elem_bytes <= GEMV_MAX_WEIGHT_BYTES
+    limit = GEMV_MAX_WEIGHT_BYTES if mode == "old" else gemv2_max_weight_bytes()
+    return mode == "all" or n * k * elem_bytes <= limit
 
 
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -146,12 +164,16 @@ def gemv(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, with decode-sized CUDA calls that the rule picks sent to the GEMV."""
-    if (
-        x.is_cuda
-        and x.dim() == 2
-        and use_gemv(x.shape[0], weight.shape[0], x.shape[1], x.element_size(), gemv_mode())
-        and gemv_supported(x, weight, bias)
-    ):
-        return gemv(x, weight, bias)
+    """F.linear, with decode-sized CUDA calls that the rule picks sent to a GEMV."""
+    if not (x.is_cuda and x.dim() == 2):
+        return F.linear(x, weight, bias)
+    mode = gemv_mode()
+    if not use_gemv(x.shape[0], weight.shape[0], x.shape[1], x.element_size(), mode):
+        return F.linear(x, weight, bias)
+    if mode == "old":
+        return (
+            gemv(x, weight, bias) if gemv_supported(x, weight, bias) else F.linear(x, weight, bias)
+        )
+    if gemv_step.supported("", x, weight, bias, None):
+        return gemv_step.run("", x, weight, bias)
     return F.linear(x, weight, bias)

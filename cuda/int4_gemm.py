@@ -16,10 +16,13 @@ A second layout, "tiles" (cuda/int4_tiles.py; `Int4Weight.as_tiles`), holds the 
 bytes in the order of mma.sync's fragments: its GEMV (gemv_tiles) unpacks with about half
 the instructions per weight and splits K across a block's warps, for up to 8 rows at once.
 
-`int4_linear` runs, up to GEMV_MAX_ROWS rows of x (HEADRACE_INT4_GEMV_ROWS, default 8;
-tiles: 32), the split-K GEMV of cuda/int4_gemv.py (8 rows a launch; HEADRACE_INT4_GEMV=old:
-gemv_m1/m2/m4 here, 4 rows a launch; tiles: gemv_tiles, 8 rows a launch), else
-dequantizes into a scratch buffer and calls cuBLAS (prefill: the GEMM dominates); on CPU the reference `int4_linear_ref` (dequantize, then matmul).
+`int4_linear` runs, for a few rows of x, a GEMV picked by HEADRACE_INT4_GEMV: "mma" (the
+default; cuda/int4_mma_gemv.py: tensor cores on the rows layout, 8 rows a launch, up to
+MMA_MAX_ROWS rows; shapes it does not take run "old"), "old" (gemv_m1/m2/m4 here, 4 rows a
+launch) or "split" (cuda/int4_gemv.py, split-K, 8 rows a launch), those two up to
+GEMV_MAX_ROWS rows (HEADRACE_INT4_GEMV_ROWS, default 8); the tiles layout runs gemv_tiles
+(8 rows a launch, up to 32); more rows dequantize into a scratch buffer and call cuBLAS
+(prefill: the GEMM dominates); on CPU the reference `int4_linear_ref` (dequantize, then matmul).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cuda import compiler, int4_gemv
+from cuda import compiler, int4_gemv, int4_mma_gemv
 from cuda.int4_tiles import from_tiles, tiles_ok, to_tiles
 
 SOURCE_PATH = Path(__file__).with_name("int4_gemm.cu")
@@ -44,13 +47,16 @@ THREADS = 128
 # Up to this many rows of x run as GEMVs (split: 8 rows a launch; old: 4); more:
 # dequantize + cuBLAS.
 GEMV_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_GEMV_ROWS", "8"))
-# Rows-layout GEMV: "old" (gemv_m*, the default) or "split" (cuda/int4_gemv.cu, split-K).
-# On an H200 (52e44f0) the split-K variants' best per shape only matched gemv_m1 (8B qkv
+# Rows-layout GEMV: "mma" (cuda/int4_mma_gemv.cu, the default), "old" (gemv_m*) or "split"
+# (cuda/int4_gemv.cu, split-K). On an H200 (52e44f0) the split-K variants' best per shape only matched gemv_m1 (8B qkv
 # 15.2 vs 16.3 us, down 22.9 vs 27.7, gate_up 34.4 vs 31.0) and the rule's pick was slower
 # everywhere (BENCHMARKS.md, W4A16 GEMV round 2), so it stays opt-in.
-GEMV_IMPL = os.environ.get("HEADRACE_INT4_GEMV", "old")
-if GEMV_IMPL not in ("split", "old"):
-    raise ValueError(f"HEADRACE_INT4_GEMV {GEMV_IMPL!r} must be 'split' or 'old'")
+GEMV_IMPL = os.environ.get("HEADRACE_INT4_GEMV", "mma")
+if GEMV_IMPL not in ("mma", "split", "old"):
+    raise ValueError(f"HEADRACE_INT4_GEMV {GEMV_IMPL!r} must be 'mma', 'split' or 'old'")
+# mma: up to this many rows run as GEMV launches of 8 (4 launches read 2 B/weight;
+# dequantize + cuBLAS moves 4.5 B/weight).
+MMA_MAX_ROWS = max(GEMV_MAX_ROWS, 32)
 DEQUANT_THREADS = 256
 TILE_THREADS = 256  # TILE_WARPS x 32 in the source
 TILE_MAX_ROWS = 8  # gemv_tiles takes up to 8 rows of x (mma's B has 8 columns)
@@ -211,11 +217,26 @@ def int4_linear(
         w = w.without_perm()
     if w.layout == "tiles":
         return _tiles_linear(x, w, scratch, out)
+    if GEMV_IMPL == "mma" and x.shape[0] <= MMA_MAX_ROWS and _mma_ok(w):
+        return _mma_linear(x, w, out)
     if GEMV_IMPL == "split" and x.shape[0] <= GEMV_MAX_ROWS:
         y = _split_linear(x, w, out)
         if y is not None:
             return y
     return _old_linear(x, w, scratch, out)
+
+
+def _mma_ok(w: Int4Weight) -> bool:
+    return int4_mma_gemv.supported(w.out_features, w.in_features, w.group_size)
+
+
+def _mma_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> torch.Tensor:
+    """The tensor-core GEMV, 8 rows of x a launch (x gathered already, no perm)."""
+    m, step = x.shape[0], int4_mma_gemv.MAX_ROWS
+    y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+    for r in range(0, m, step):
+        int4_mma_gemv.gemv(x[r : r + step], w, y[r : r + step])
+    return y
 
 
 def _split_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> torch.Tensor | None:

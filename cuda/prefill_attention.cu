@@ -56,63 +56,9 @@ namespace pf {
 constexpr int D = HR_HEAD_DIM;
 constexpr int CPR = D / 8;  // 16-byte chunks per row of a tile
 
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+#include "prefill_mma.cuh"  // cp.async, swizzle, ldmatrix, mma.sync
 
-// 2^x; ex2.approx(-inf) = +0, which the masking relies on.
-__device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// Byte offset of chunk `chunk` (8 elements) of row `row` in a swizzled [rows][D] tile.
-__device__ __forceinline__ unsigned swz(int row, int chunk) {
-    return static_cast<unsigned>((row * CPR + (chunk ^ (row & 7))) * 16);
-}
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; pred false zero-fills the destination and reads nothing.
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool pred) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(pred ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-// c += a * b: A 16x16 row-major (a[0..3] = rows r/r+8 x cols 0-7, then cols 8-15), B 16x8
-// col-major (b0 = k 0-7, b1 = k 8-15), C 16x8 (c0,c1 row lane/4, c2,c3 row lane/4 + 8,
-// cols 2 * (lane % 4) + {0, 1}).
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                         unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." HR_MMA_TYPE "." HR_MMA_TYPE
-                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ unsigned pack2(float a, float b) {
-    elem2_t v = from_f2(a, b);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
-template <int BM, int BN, int WARPS, int STAGES>
+template <int BM, int BN, int WARPS, int STAGES, bool V2>
 struct Tile {
     static constexpr int THREADS = WARPS * 32;
     static constexpr int MT = BM / (16 * WARPS);        // 16-row mma tiles per warp
@@ -124,9 +70,11 @@ struct Tile {
     static constexpr int KV_BYTES = BN * D * 2;          // one K or one V tile
     // Dynamic shared memory: [pad to 1024][Q][K x STAGES][V x STAGES][pages 2 x BN][limits BM]
     // (the ldmatrix address math needs 256-byte aligned tiles; the pad makes sure of it).
+    // Round 1 keeps page ids (4 bytes) per key row; V2 keeps each row's byte offset (8 bytes).
     static constexpr int ALIGN = 1024;
     static constexpr int PAGE_OFF = Q_BYTES + 2 * STAGES * KV_BYTES;
-    static constexpr int LIMIT_OFF = PAGE_OFF + 2 * BN * 4;
+    static constexpr int PAGE_ENTRY = V2 ? 8 : 4;
+    static constexpr int LIMIT_OFF = PAGE_OFF + 2 * BN * PAGE_ENTRY;
     static constexpr int SMEM_BYTES = ALIGN + LIMIT_OFF + BM * 4;
     static_assert(BM % (16 * WARPS) == 0, "whole 16-row mma tiles per warp");
     static_assert(BN % 16 == 0 && THREADS % CPR == 0, "tile shape");
@@ -145,9 +93,12 @@ struct Tile {
     q, q_stride, kc, v_off, query_start_loc, seq_lens, block_tables, bt_stride, out,     \
         out_stride, num_kv_heads, group, block_shift, scale_log2, window
 
-template <int BM, int BN, int WARPS, int STAGES>
+#include "prefill_softmax.cuh"  // v2: lazy rescaling, sliced exponentials
+
+template <int BM, int BN, int WARPS, int STAGES, bool V2, bool PIPE = false>
 __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
-    using T = Tile<BM, BN, WARPS, STAGES>;
+    using T = Tile<BM, BN, WARPS, STAGES, V2>;
+    static_assert(!PIPE || (V2 && STAGES >= 3), "the pipelined loop needs tile n + 1 resident");
     constexpr int MT = T::MT;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((T::ALIGN - smem_u32(smem_raw) % T::ALIGN) % T::ALIGN);
@@ -156,6 +107,7 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
     if (dyn_bytes < T::SMEM_BYTES) __trap();  // the host's smem_bytes() disagrees with Tile
     const unsigned sQ = smem_u32(smem);
     int (*sPage)[BN] = reinterpret_cast<int (*)[BN]>(smem + T::PAGE_OFF);
+    long long (*sOff)[BN] = reinterpret_cast<long long (*)[BN]>(smem + T::PAGE_OFF);  // V2
     int* sLimit = reinterpret_cast<int*>(smem + T::LIMIT_OFF);  // each row's last visible key
     const unsigned sK = sQ + T::Q_BYTES;               // STAGES K tiles
     const unsigned sV = sK + STAGES * T::KV_BYTES;     // STAGES V tiles
@@ -216,16 +168,41 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
         const int j = n * BN + row;
         return j < kv_hi ? bt[j >> block_shift] : 0;
     };
+    // V2 stores each key row's byte offset instead of its page id: one thread per row computes
+    // it once per tile, where round 1 had each of the row's CPR copying threads redo the 64-bit
+    // page arithmetic (~20 instructions per copied chunk).
+    const char* kv_bytes = reinterpret_cast<const char*>(kv_head);
+    const long long v_bytes = v_off * 2;
+    auto row_off = [&](int n, int row, int page) {
+        const int j = n * BN + row;
+        return ((((long long)page) << block_shift) + (j & bmask)) * (tok_stride * 2);
+    };
     auto load_tile = [&](int n, int stage, bool from_table) {
 #pragma unroll
         for (int it = 0; it < T::KV_ITERS; ++it) {
             const int row = row0 + it * T::ROW_STEP;
             const int j = n * BN + row;
-            const int page = from_table ? page_of(n, row) : sPage[n & 1][row];
-            const long long off = (((long long)page << block_shift) + (j & bmask)) * tok_stride;
             const unsigned dst = stage * T::KV_BYTES + swz(row, chunk);
-            cp_async16(sK + dst, kv_head + off, j < kv_hi);
-            cp_async16(sV + dst, kv_head + v_off + off, j < kv_hi);
+            if constexpr (V2) {
+                const long long off =
+                    from_table ? row_off(n, row, page_of(n, row)) : sOff[n & 1][row];
+                cp_async16(sK + dst, kv_bytes + off, j < kv_hi);
+                cp_async16(sV + dst, kv_bytes + off + v_bytes, j < kv_hi);
+            } else {
+                const int page = from_table ? page_of(n, row) : sPage[n & 1][row];
+                const long long off =
+                    (((long long)page << block_shift) + (j & bmask)) * tok_stride;
+                cp_async16(sK + dst, kv_head + off, j < kv_hi);
+                cp_async16(sV + dst, kv_head + v_off + off, j < kv_hi);
+            }
+        }
+    };
+    // Stores the page of row `tid` of tile n (read earlier: `page`) where load_tile finds it.
+    auto put_page = [&](int n, int page) {
+        if constexpr (V2) {
+            sOff[n & 1][tid] = row_off(n, tid, page);
+        } else {
+            sPage[n & 1][tid] = page;
         }
     };
 #pragma unroll
@@ -233,12 +210,16 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
         if (n_begin + s < n_end) load_tile(n_begin + s, s, true);
         cp_async_commit();  // group s: tile n_begin + s (group 0 also holds Q)
     }
-    if (tid < BN) sPage[(n_begin + STAGES - 1) & 1][tid] = page_of(n_begin + STAGES - 1, tid);
+    if (tid < BN) put_page(n_begin + STAGES - 1, page_of(n_begin + STAGES - 1, tid));
 
     float o[MT][D / 8][4];
     float m_run[MT][2], l_run[MT][2];  // running max (log2 units) and partial row sums
+    // V2's row sums, from the mma of P with a ones column: C fragment layout, so c0 = c1 is row
+    // lane / 4's whole sum (all 4 lanes of the row hold it) and c2 = c3 row lane / 4 + 8's.
+    float lacc[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
+        lacc[mt][0] = lacc[mt][1] = lacc[mt][2] = lacc[mt][3] = 0.f;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
         m_run[mt][0] = m_run[mt][1] = neg_inf();
@@ -248,63 +229,51 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
     const int warp_row = warp * MT * 16 + lane / 4;
     unsigned qf[T::QREG ? D / 16 : 1][4];
 
-    int stage = 0;
-    for (int n = n_begin; n < n_end; ++n) {
-        cp_async_wait<STAGES - 2>();  // tile n (and Q) landed for this thread ...
-        __syncthreads();              // ... and for all; every warp is done with tile n - 1
-        {
-            const int nn = n + STAGES - 1;  // refill the buffer tile n - 1 used
-            const int st = stage == 0 ? STAGES - 1 : stage - 1;
-            if (nn < n_end) load_tile(nn, st, false);
-            cp_async_commit();
+    // S = Q K^T of the K tile in stage stg: [MT x 16 rows, BN keys] per warp.
+    // qk_step(s, stg, kk): k-step kk (head dims 16 kk .. 16 kk + 15) of it, into s.
+    auto qk_step = [&](float (&s)[MT][BN / 8][4], int stg, int kk) {
+        if (kk == 0) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
         }
-        const int page_ahead = tid < BN ? page_of(n + STAGES, tid) : 0;
-        if constexpr (T::QREG) {
-            if (n == n_begin) {
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk)
-                    ldsm_x4(qf[kk], sQ + swz(warp * 16 + (lane & 15), (kk * 2) | (lane >> 4)));
-            }
-        }
-
-        // S = Q K^T: [MT x 16 rows, BN keys] per warp.
-        float s[MT][BN / 8][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
         // ldmatrix addresses: a tile row's chunk c sits at chunk c ^ (row & 7), and every row a
         // lane addresses has row & 7 == lane & 7, so the k-step's chunk offset is an XOR of
         // the lane's k-step-0 address (tiles are 256-byte aligned: row bits never change).
-        const unsigned kaddr = sK + stage * T::KV_BYTES +
+        const unsigned kaddr = sK + stg * T::KV_BYTES +
                                swz((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
         const unsigned qaddr = sQ + swz(warp * MT * 16 + (lane & 15), lane >> 4);
+        unsigned a[MT][4];
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned a[MT][4];
+        for (int mt = 0; mt < MT; ++mt) {
+            if constexpr (T::QREG) {
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                if constexpr (T::QREG) {
-#pragma unroll
-                    for (int x = 0; x < 4; ++x) a[mt][x] = qf[kk][x];
-                } else {
-                    ldsm_x4(a[mt], (qaddr ^ (kk << 5)) + mt * 16 * D * 2);
-                }
-            }
-            const unsigned kk_addr = kaddr ^ (kk << 5);
-#pragma unroll
-            for (int p = 0; p < BN / 16; ++p) {
-                // matrices: keys 0-7 x dims lo, keys 0-7 x dims hi, keys 8-15 x lo, 8-15 x hi
-                unsigned b[4];
-                ldsm_x4(b, kk_addr + p * 16 * D * 2);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma16816(s[mt][2 * p], a[mt], b[0], b[1]);
-                    mma16816(s[mt][2 * p + 1], a[mt], b[2], b[3]);
-                }
+                for (int x = 0; x < 4; ++x) a[mt][x] = qf[kk][x];
+            } else {
+                ldsm_x4(a[mt], (qaddr ^ (kk << 5)) + mt * 16 * D * 2);
             }
         }
-
+        const unsigned kk_addr = kaddr ^ (kk << 5);
+#pragma unroll
+        for (int p = 0; p < BN / 16; ++p) {
+            // matrices: keys 0-7 x dims lo, keys 0-7 x dims hi, keys 8-15 x lo, 8-15 x hi
+            unsigned b[4];
+            ldsm_x4(b, kk_addr + p * 16 * D * 2);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma16816(s[mt][2 * p], a[mt], b[0], b[1]);
+                mma16816(s[mt][2 * p + 1], a[mt], b[2], b[3]);
+            }
+        }
+    };
+    auto qk = [&](float (&s)[MT][BN / 8][4], int stg) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) qk_step(s, stg, kk);
+    };
+    // Mask (tiles some row sees partly), online softmax and O += P V of tile n (V in stage stg).
+    // between(i): see softmax_exp_slices (v2 only).
+    auto consume = [&](float (&s)[MT][BN / 8][4], int n, int stg, auto&& between) {
         const int n0 = n * BN;
         if (n0 + BN > unmasked_below || n0 < masked_below) {
 #pragma unroll
@@ -326,37 +295,17 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
         }
 
         // Online softmax; a row's 4 owning lanes (lane / 4 equal) agree on the max.
+        if constexpr (V2) {
+            softmax_rescale<MT, BN>(s, m_run, lacc, o, scale_log2);
+            float base[MT][2];  // a row that sees nothing yet: 0 (its scores are -inf)
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                float mx = neg_inf();
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt)
-                    mx = fmaxf(mx, fmaxf(s[mt][nt][hh * 2], s[mt][nt][hh * 2 + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_run[mt][hh], mx * scale_log2);
-                const float base = m_new == neg_inf() ? 0.f : m_new;  // a row seeing nothing yet
-                const float corr = exp2_approx(m_run[mt][hh] - base);
-                m_run[mt][hh] = m_new;
-                float lsum = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = exp2_approx(fmaf(s[mt][nt][hh * 2 + e], scale_log2, -base));
-                        s[mt][nt][hh * 2 + e] = p;
-                        lsum += p;
-                    }
-                }
-                l_run[mt][hh] = l_run[mt][hh] * corr + lsum;
-#pragma unroll
-                for (int dt = 0; dt < D / 8; ++dt) {
-                    o[mt][dt][hh * 2] *= corr;
-                    o[mt][dt][hh * 2 + 1] *= corr;
-                }
-            }
+                for (int hh = 0; hh < 2; ++hh)
+                    base[mt][hh] = m_run[mt][hh] == neg_inf() ? 0.f : m_run[mt][hh];
+            softmax_exp_slices<MT, BN, D / 16>(s, base, scale_log2, between);
+        } else {
+            softmax_r1<MT, BN>(s, m_run, l_run, o, scale_log2);
         }
 
         // O += P V: P's C fragments (keys 16kk..16kk+15 = n-tiles 2kk, 2kk+1) are the A
@@ -374,24 +323,113 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
             }
         }
         // transposed matrices: keys 0-7 x dims lo, keys 8-15 x lo, keys 0-7 x hi, 8-15 x hi
-        const unsigned vaddr = sV + stage * T::KV_BYTES +
+        const unsigned vaddr = sV + stg * T::KV_BYTES +
                                swz((lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-            const unsigned dp_addr = vaddr ^ (dp << 5);
+        if constexpr (V2) {
+            // Key steps outermost: an accumulator's next mma comes D / 8 * MT mmas later (round
+            // 1's dims-outer order chained each one 2 * MT apart, and mma.sync's fixed latency
+            // was the top stall in its profile). The row sums ride along once per key step.
+            const unsigned ones = pack2(1.f, 1.f);  // B = ones[16 keys, 8]: C = row sums of P
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) {
-                unsigned b[4];
-                ldsm_x4_t(b, dp_addr + kk * 16 * D * 2);
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma16816(o[mt][2 * dp], pk[mt][kk], b[0], b[1]);
-                    mma16816(o[mt][2 * dp + 1], pk[mt][kk], b[2], b[3]);
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    unsigned b[4];
+                    ldsm_x4_t(b, (vaddr + kk * 16 * D * 2) ^ (dp << 5));  // row bits: no carry
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(o[mt][2 * dp], pk[mt][kk], b[0], b[1]);
+                        mma16816(o[mt][2 * dp + 1], pk[mt][kk], b[2], b[3]);
+                    }
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) mma16816(lacc[mt], pk[mt][kk], ones, ones);
+            }
+        } else {
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                const unsigned dp_addr = vaddr ^ (dp << 5);
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk) {
+                    unsigned b[4];
+                    ldsm_x4_t(b, dp_addr + kk * 16 * D * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(o[mt][2 * dp], pk[mt][kk], b[0], b[1]);
+                        mma16816(o[mt][2 * dp + 1], pk[mt][kk], b[2], b[3]);
+                    }
                 }
             }
         }
-        if (tid < BN) sPage[(n + STAGES) & 1][tid] = page_ahead;  // read after the next barrier
-        stage = stage + 1 == STAGES ? 0 : stage + 1;
+    };
+    auto load_q_fragments = [&]() {
+        if constexpr (T::QREG) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+                ldsm_x4(qf[kk], sQ + swz(warp * 16 + (lane & 15), (kk * 2) | (lane >> 4)));
+        }
+    };
+
+    int stage = 0;
+    if constexpr (!PIPE) {
+        for (int n = n_begin; n < n_end; ++n) {
+            cp_async_wait<STAGES - 2>();  // tile n (and Q) landed for this thread ...
+            __syncthreads();              // ... and for all; every warp is done with tile n - 1
+            {
+                const int nn = n + STAGES - 1;  // refill the buffer tile n - 1 used
+                const int st = stage == 0 ? STAGES - 1 : stage - 1;
+                if (nn < n_end) load_tile(nn, st, false);
+                cp_async_commit();
+            }
+            const int page_ahead = tid < BN ? page_of(n + STAGES, tid) : 0;
+            if (n == n_begin) load_q_fragments();
+            float s[MT][BN / 8][4];
+            qk(s, stage);
+            consume(s, n, stage, [](int) {});
+            if (tid < BN) put_page(n + STAGES, page_ahead);  // read after the next barrier
+            stage = stage + 1 == STAGES ? 0 : stage + 1;
+        }
+    } else {
+        // Software-pipelined (STAGES >= 3): iteration n issues S = Q K^T of tile n + 1 before
+        // tile n's softmax and P V, so one warp's tensor-core work and softmax overlap (a
+        // block's warps meet at every tile's barrier, in the same phase: the warps sharing a
+        // scheduler in a one-block-per-SM tile cannot cover each other's softmax).
+        cp_async_wait<STAGES - 2>();  // tile n_begin (and Q)
+        __syncthreads();
+        load_q_fragments();
+        // One tile with a successor: its S is in cur, the successor's goes to nxt.
+        auto step = [&](float (&cur)[MT][BN / 8][4], float (&nxt)[MT][BN / 8][4], int n) {
+            cp_async_wait<STAGES - 3>();  // tile n + 1 landed for this thread ...
+            __syncthreads();  // ... and for all; every warp is done with tile n - 1 (K and V)
+            {
+                const int nn = n + STAGES - 1;  // refill the buffer tile n - 1 used
+                const int st = stage == 0 ? STAGES - 1 : stage - 1;
+                if (nn < n_end) load_tile(nn, st, false);
+                cp_async_commit();
+            }
+            const int page_ahead = tid < BN ? page_of(n + STAGES, tid) : 0;
+            const int next = stage + 1 == STAGES ? 0 : stage + 1;
+            // S of tile n + 1, one k-step before each slice of tile n's exponentials (in source
+            // order: ptxas kept a whole S = Q K^T ahead of the softmax as one block otherwise)
+            consume(cur, n, stage, [&](int kk) { qk_step(nxt, next, kk); });
+            if (tid < BN) put_page(n + STAGES, page_ahead);  // read after the next barrier
+            stage = next;
+        };
+        // Unrolled by two so the two S buffers swap roles without copies; the last tile has
+        // no successor (its V landed by the previous step's wait and barrier, or the first's).
+        float sa[MT][BN / 8][4], sb[MT][BN / 8][4];
+        qk(sa, 0);
+        int n = n_begin;
+        for (; n + 2 < n_end; n += 2) {
+            step(sa, sb, n);
+            step(sb, sa, n + 1);
+        }
+        if (n + 1 < n_end) {
+            step(sa, sb, n);
+            consume(sb, n + 1, stage, [](int) {});
+        } else {
+            consume(sa, n, stage, [](int) {});
+        }
     }
     cp_async_wait<0>();
 
@@ -400,8 +438,12 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             float l = l_run[mt][hh];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            if constexpr (V2) {
+                l = lacc[mt][hh * 2];  // already the whole row's sum
+            } else {
+                l += __shfl_xor_sync(0xffffffffu, l, 1);
+                l += __shfl_xor_sync(0xffffffffu, l, 2);
+            }
             const int rr = m0 + warp_row + mt * 16 + hh * 8;
             if (rr < 0) continue;  // before the request (rr < m_end <= rows always)
             const float inv = l > 0.f ? 1.f / l : 0.f;
@@ -418,20 +460,33 @@ __device__ __forceinline__ void prefill_impl(HR_PREFILL_ARGS) {
 
 }  // namespace pf
 
-// One entry point per tile configuration: prefill_m{BM}n{BN}w{WARPS}s{STAGES}; the list must
+// One entry point per tile configuration: prefill_m{BM}n{BN}w{WARPS}s{STAGES}, and with a v2
+// suffix the round-2 kernel (row offsets in shared memory, lazy rescaling); the list must
 // match CONFIGS in cuda/prefill_attention.py (tests/test_prefill_attention.py checks it).
 extern "C" __global__ void __launch_bounds__(128, 2) prefill_m128n64w4s2(HR_PREFILL_ARGS) {
-    pf::prefill_impl<128, 64, 4, 2>(HR_PREFILL_PASS);
+    pf::prefill_impl<128, 64, 4, 2, false>(HR_PREFILL_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n64w8s2(HR_PREFILL_ARGS) {
-    pf::prefill_impl<128, 64, 8, 2>(HR_PREFILL_PASS);
+    pf::prefill_impl<128, 64, 8, 2, false>(HR_PREFILL_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n64w8s3(HR_PREFILL_ARGS) {
-    pf::prefill_impl<128, 64, 8, 3>(HR_PREFILL_PASS);
+    pf::prefill_impl<128, 64, 8, 3, false>(HR_PREFILL_PASS);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) prefill_m64n64w4s2(HR_PREFILL_ARGS) {
-    pf::prefill_impl<64, 64, 4, 2>(HR_PREFILL_PASS);
+    pf::prefill_impl<64, 64, 4, 2, false>(HR_PREFILL_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n128w8s2(HR_PREFILL_ARGS) {
-    pf::prefill_impl<128, 128, 8, 2>(HR_PREFILL_PASS);
+    pf::prefill_impl<128, 128, 8, 2, false>(HR_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) prefill_m128n64w4s2v2(HR_PREFILL_ARGS) {
+    pf::prefill_impl<128, 64, 4, 2, true>(HR_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n64w8s2v2(HR_PREFILL_ARGS) {
+    pf::prefill_impl<128, 64, 8, 2, true>(HR_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n128w8s2v2(HR_PREFILL_ARGS) {
+    pf::prefill_impl<128, 128, 8, 2, true>(HR_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) prefill_m128n64w8s3v2p(HR_PREFILL_ARGS) {
+    pf::prefill_impl<128, 64, 8, 3, true, true>(HR_PREFILL_PASS);
 }

@@ -6,6 +6,11 @@ One compiled module per (dtype, head_dim), one kernel per tile configuration::
 
     prefill_m{BM}n{BN}w{WARPS}s{STAGES}   BM query rows x BN keys per tile, WARPS warps,
                                           a STAGES-deep cp.async ring of K/V tiles
+    prefill_m...s{STAGES}v2               round 2: key-row byte offsets in shared memory
+                                          (one thread per row computes them), lazy
+                                          rescaling, row sums on the tensor cores
+    prefill_m...s{STAGES}v2p              v2, software-pipelined: S of tile n + 1 is issued
+                                          before tile n's softmax (STAGES >= 3)
     grid  (num_kv_heads, batch, ceil(max_query_len * group / BM))   z = 0: heaviest tiles
     smem  1 KiB alignment pad + Q tile + 2 x STAGES K/V tiles + page ids + row limits
 
@@ -14,9 +19,10 @@ launch can be captured in a CUDA graph. What the kernel does not cover (FP8 KV c
 head dims other than 64/128, CPU tensors, ...) is `unsupported_reason`'s to say; callers
 then use the older kernel in cuda/paged_attention_kernels.py (`attention_cuda` does).
 
-HEADRACE_PREFILL_KERNEL picks the prefill path: `new` (default: DEFAULT_CONFIG of the
-head dim), `old` (paged_attention_kernels.py's prefill kernel), or a configuration name
-such as `m128n64w8s2`.
+HEADRACE_PREFILL_KERNEL picks the prefill path: `new` (default: `default_config`, the round-2
+kernel in a tile chosen from the head dim and the longest request), `old`
+(paged_attention_kernels.py's prefill kernel), or a configuration name: `m128n64w4s2` is round
+1's default, `m128n64w4s2v2` round 2's.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ DTYPES = {torch.bfloat16: 1, torch.float16: 0}
 LOG2E = 1.4426950408889634
 SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum of dynamic shared memory per block
 MAX_GRID_Z = 65535
+RESCALE_LOG2 = 8.0  # pf::RESCALE_LOG2: how far a row's scores pass its max before v2 rescales
 ENV = "HEADRACE_PREFILL_KERNEL"
 
 
@@ -53,10 +60,13 @@ class TileConfig:
     block_n: int  # keys per K/V tile
     warps: int  # warps per block; each owns block_m / warps rows
     stages: int  # K/V tiles in the cp.async ring
+    v2: bool = False  # round 2: key-row byte offsets in shared memory, lazy rescaling
+    pipe: bool = False  # v2 with S of tile n + 1 issued before tile n's softmax (stages >= 3)
 
     @property
     def name(self) -> str:
-        return f"m{self.block_m}n{self.block_n}w{self.warps}s{self.stages}"
+        v2 = ("v2" if self.v2 else "") + ("p" if self.pipe else "")
+        return f"m{self.block_m}n{self.block_n}w{self.warps}s{self.stages}{v2}"
 
     @property
     def kernel_name(self) -> str:
@@ -69,7 +79,8 @@ class TileConfig:
     def smem_bytes(self, head_dim: int) -> int:
         """Dynamic shared memory of one block; must match Tile::SMEM_BYTES in the source."""
         tiles = (self.block_m + 2 * self.stages * self.block_n) * head_dim * 2
-        return 1024 + tiles + 2 * self.block_n * 4 + self.block_m * 4
+        page_entry = 8 if self.v2 else 4  # a row's byte offset (v2) or its page id
+        return 1024 + tiles + 2 * self.block_n * page_entry + self.block_m * 4
 
 
 CONFIGS = (
@@ -78,11 +89,22 @@ CONFIGS = (
     TileConfig(128, 64, 8, 3),
     TileConfig(64, 64, 4, 2),
     TileConfig(128, 128, 8, 2),
+    TileConfig(128, 64, 4, 2, v2=True),
+    TileConfig(128, 64, 8, 2, v2=True),
+    TileConfig(128, 128, 8, 2, v2=True),
+    TileConfig(128, 64, 8, 3, v2=True, pipe=True),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
-# FlashAttention-2's Hopper choice at both head dims: 128 x 64 tiles, 4 warps of 32 rows,
-# two blocks per SM (shared memory 97 KiB per block at head_dim 128).
-DEFAULT_CONFIG = {128: BY_NAME["m128n64w4s2"], 64: BY_NAME["m128n64w4s2"]}
+# Round 1's default at both head dims (FlashAttention-2's Hopper choice: 128 x 64 tiles, 4
+# warps of 32 rows, two blocks per SM, 98 KiB of shared memory per block at head_dim 128).
+ROUND1_CONFIG = BY_NAME["m128n64w4s2"]
+# Round 2's: the same tile, v2 kernel; at head_dim 128, 128-key tiles (8 warps of 16 rows,
+# one block per SM) once the longest request has LONG_ROWS rows (token x group head): round
+# 1's sweep had m128n128w8s2 ahead from 4k tokens at 4 query heads per KV head (1%, BENCHMARKS.md)
+# and behind at 2k.
+DEFAULT_CONFIG = {128: BY_NAME["m128n64w4s2v2"], 64: BY_NAME["m128n64w4s2v2"]}
+LONG_CONFIG = {128: BY_NAME["m128n128w8s2v2"]}
+LONG_ROWS = 4096 * 4
 
 _attr_set: set[tuple[int, int]] = set()
 _warned: set[str] = set()
@@ -105,12 +127,22 @@ def choice_from_env(environ: dict[str, str] | None = None) -> str:
     return value
 
 
-def config_for(choice: str, head_dim: int) -> TileConfig | None:
-    """The tile configuration a choice runs at this head dim; None: the old kernel."""
+def default_config(head_dim: int, max_query_len: int, group: int) -> TileConfig | None:
+    """`new`'s tile for a step: host bounds only (a captured graph keeps its choice)."""
+    if max_query_len * group >= LONG_ROWS and head_dim in LONG_CONFIG:
+        return LONG_CONFIG[head_dim]
+    return DEFAULT_CONFIG.get(head_dim)
+
+
+def config_for(
+    choice: str, head_dim: int, max_query_len: int = 0, group: int = 1
+) -> TileConfig | None:
+    """The tile configuration a choice runs at this head dim and longest request; None: the
+    old kernel."""
     if choice == "old":
         return None
     if choice == "new":
-        return DEFAULT_CONFIG.get(head_dim)
+        return default_config(head_dim, max_query_len, group)
     return BY_NAME[choice]
 
 
@@ -236,14 +268,15 @@ def prefill_attention_cuda(
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """Attention of every query row on torch's current stream; no host sync. The caller
-    checked `unsupported_reason` (None). config: a tile configuration (default: the head
-    dim's DEFAULT_CONFIG)."""
+    checked `unsupported_reason` (None). config: a tile configuration (default:
+    `default_config`'s)."""
     _check(q, out, md)
     batch, head_dim = md.seq_lens.shape[0], q.shape[2]
     if batch == 0 or md.max_query_len <= 0 or q.shape[0] == 0:
         return out
-    config = config or DEFAULT_CONFIG[head_dim]
     group = q.shape[1] // kv_cache.shape[3]
+    config = config or default_config(head_dim, md.max_query_len, group)
+    assert config is not None  # unsupported_reason admits only HEAD_DIMS
     grid = launch_grid(config, md.max_query_len, group, kv_cache.shape[3], batch)
     kernel = _kernel(q.dtype, head_dim, config)
     args = kernel_args(q, kv_cache, md, params, out)
@@ -264,7 +297,10 @@ def attention_cuda(
     them and `choice` is not 'old'), everything else on cuda/paged_attention_kernels.py."""
     from cuda.paged_attention_kernels import paged_attention_cuda
 
-    config = config_for(choice, q.shape[2]) if md.max_query_len > 1 else None
+    config = None
+    if md.max_query_len > 1:
+        group = q.shape[1] // max(kv_cache.shape[3], 1)
+        config = config_for(choice, q.shape[2], md.max_query_len, group)
     if config is not None:
         reason = unsupported_reason(q, kv_cache, md)
         if reason is None:

@@ -51,8 +51,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = True
         help="KV cache size in GiB (on a GPU it replaces --gpu-memory-utilization's sizing; "
         "default 1 on CPU)",
     )
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    _add_batch_args(g)
     g.add_argument(
         "--enable-chunked-prefill",
         action=argparse.BooleanOptionalAction,
@@ -124,6 +123,23 @@ def add_kv_compression_args(g: argparse._ArgumentGroup) -> None:
     )
 
 
+def _add_batch_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="requests per step at most (default by device: 1024 on GPUs with >= 70 GiB, "
+        "256 on other GPUs and CPU, as vLLM)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per step at most (default: 16384 offline / 8192 serving on GPUs with "
+        ">= 70 GiB, 8192 on other GPUs, 512 on CPU)",
+    )
+
+
 def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "-tp",
@@ -135,8 +151,11 @@ def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
     )
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """Build and validate an EngineConfig; raises ValueError naming the bad flag."""
+def engine_config_from_args(
+    args: argparse.Namespace, usage_context: str = "server"
+) -> EngineConfig:
+    """Build and validate an EngineConfig; raises ValueError naming the bad flag.
+    `usage_context` "offline" (generate, bench) takes vLLM's offline batch defaults."""
     method = args.speculative_method
     if args.speculative_model and method is None:
         method = "draft"
@@ -176,6 +195,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_compression_window=args.kv_compression_window,
         kv_compression_min_prompt_len=args.kv_compression_min_prompt_len,
         tensor_parallel_size=args.tensor_parallel_size,
+        usage_context=usage_context,
     )
     try:
         config.validate()

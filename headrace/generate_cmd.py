@@ -28,7 +28,7 @@ def generate_main(args: argparse.Namespace) -> int:
     from headrace.llm import LLM
     from ipc.messages import SamplingParams
 
-    config = engine_config_from_args(args)
+    config = engine_config_from_args(args, usage_context="offline")
     # The sampling flags are named as SamplingParams' fields, but for the seed (--seed is
     # the engine's).
     names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "ignore_eos")

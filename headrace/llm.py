@@ -66,6 +66,7 @@ class _Pending:
 
 class LLM:
     def __init__(self, model: str, **engine_args: Any) -> None:
+        engine_args.setdefault("usage_context", "offline")  # vLLM's LLM-class batch defaults
         config = EngineConfig(model=model, **engine_args)
         # tensor_parallel_size=N > 1: this process leads N-1 follower processes.
         self.engine = start_engine(config)

@@ -1,8 +1,11 @@
 """Micro-benchmark of the attention kernels at the Llama-3-8B shape (32 q heads, 8 KV heads,
 head_dim 128, bf16, block_size 16, shuffled pages).
 
-Decode: batch 1/8/64 at contexts 1k/4k/16k; achieved bandwidth = KV bytes read / kernel time,
-against the device copy bandwidth (2 GiB device-to-device copy, bytes read + written).
+Decode: first scripts/bench_decode.py's table (old and new kernels side by side at issue 11's
+cells, bf16 and FP8 KV, the new kernel's variants, batch 1 at contexts 128 / 256 / 1k in a
+graph with a 128k bound); then the default kernel at batch 1/8/64 x contexts 1k/4k/16k (and
+batch 1 at 128 / 256); achieved bandwidth = KV bytes read / kernel time, against the device
+copy bandwidth (2 GiB device-to-device copy, bytes read + written).
 Prefill: TFLOP/s (causal: 2 * L_q * L_kv_visible * D * Hq * 2) of the old and the new
 prefill kernel (each tile configuration) against torch SDPA (flash) on the same shapes
 (scripts/bench_prefill.py). Times are medians of CUDA-event timings with L2 flushed before each run.
@@ -45,67 +48,72 @@ def paged_batch(
     return q, cache, AttentionMetadata(qsl, seq_lens, tables, slots, q_len, ctx)
 
 
+def _sibling(name: str):  # type: ignore[no-untyped-def]
+    """scripts/<name>.py by path: `headrace bench kernels` loads this file from elsewhere,
+    so scripts/ is not on sys.path then."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SWEEP = [(1, 128), (1, 256)] + [(b, c) for b in (1, 8, 64) for c in (1024, 4096, 16384)]
+
+
 def bench_decode(results: list[dict], copy_bw: float) -> None:
-    for batch in (1, 8, 64):
-        for ctx in (1024, 4096, 16384):
-            q, cache, md = paged_batch(batch, 1, ctx)
-            out = torch.empty_like(q)
+    _sibling("bench_decode").bench_decode(results, copy_bw)
+    for batch, ctx in SWEEP:
+        q, cache, md = paged_batch(batch, 1, ctx)
+        out = torch.empty_like(q)
 
-            def run(q=q, cache=cache, md=md, out=out) -> None:
-                paged_attention(q, cache, md, PARAMS, out)
+        def run(q=q, cache=cache, md=md, out=out) -> None:
+            paged_attention(q, cache, md, PARAMS, out)
 
-            t = time_op(graphed(run))
+        t = time_op(graphed(run))
 
-            # graph-style bound on seq_len: a 128k-token context
-            def run_bound(q=q, cache=cache, md=replace(md, max_seq_len=131072), out=out) -> None:
-                paged_attention(q, cache, md, PARAMS, out)
+        # graph-style bound on seq_len: a 128k-token context
+        def run_bound(q=q, cache=cache, md=replace(md, max_seq_len=131072), out=out) -> None:
+            paged_attention(q, cache, md, PARAMS, out)
 
-            t_bound = time_op(graphed(run_bound))
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(100):
-                run()
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) / 100
-            kv_bytes = 2 * batch * ctx * HKV * D * cache.element_size()
-            splits = decode_splits(DTYPE, D, batch, HQ, HKV, ctx, q.device)
-            results.append(
-                {
-                    "kind": "decode",
-                    "batch": batch,
-                    "ctx": ctx,
-                    "splits": splits,
-                    "us": t * 1e6,  # CUDA-graph replay, L2 flushed
-                    "us_bound_128k": t_bound * 1e6,
-                    "eager_us_per_call": wall * 1e6,
-                    "kv_GBps": kv_bytes / t / 1e9,
-                    "frac_of_copy_bw": kv_bytes / t / copy_bw,
-                }
-            )
-            print(
-                f"decode B={batch:3d} ctx={ctx:6d} splits={splits:2d} {t * 1e6:8.1f} us "
-                f"{kv_bytes / t / 1e9:7.0f} GB/s ({kv_bytes / t / copy_bw:5.1%} of copy) "
-                f"[bound 128k: {t_bound * 1e6:7.1f} us] eager {wall * 1e6:6.1f} us/call",
-                flush=True,
-            )
-            del q, cache, md, out
+        t_bound = time_op(graphed(run_bound))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(100):
+            run()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 100
+        kv_bytes = 2 * batch * ctx * HKV * D * cache.element_size()
+        splits = decode_splits(DTYPE, D, batch, HQ, HKV, ctx, q.device)
+        results.append(
+            {
+                "kind": "decode_sweep",  # the default kernel
+                "batch": batch,
+                "ctx": ctx,
+                "splits": splits,
+                "us": t * 1e6,  # CUDA-graph replay, L2 flushed
+                "us_bound_128k": t_bound * 1e6,
+                "eager_us_per_call": wall * 1e6,
+                "kv_GBps": kv_bytes / t / 1e9,
+                "frac_of_copy_bw": kv_bytes / t / copy_bw,
+            }
+        )
+        print(
+            f"decode B={batch:3d} ctx={ctx:6d} splits={splits:2d} {t * 1e6:8.1f} us "
+            f"{kv_bytes / t / 1e9:7.0f} GB/s ({kv_bytes / t / copy_bw:5.1%} of copy) "
+            f"[bound 128k: {t_bound * 1e6:7.1f} us] eager {wall * 1e6:6.1f} us/call",
+            flush=True,
+        )
+        del q, cache, md, out
 
 
 def bench_prefill(results: list[dict]) -> None:
     """Old kernel, new kernel (each tile configuration) and torch SDPA flash, side by side:
     scripts/bench_prefill.py."""
-    # The sibling script by path: `headrace bench kernels` loads this file from elsewhere,
-    # so scripts/ is not on sys.path then.
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_prefill", Path(__file__).with_name("bench_prefill.py")
-    )
-    assert spec is not None and spec.loader is not None
-    prefill = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prefill)
-    prefill.bench_prefill(results)
+    _sibling("bench_prefill").bench_prefill(results)
 
 
 def bench_write_kv(results: list[dict], copy_bw: float) -> None:

@@ -3,10 +3,13 @@ one (cuda/prefill_attention.py) in each tile configuration, and torch SDPA (flas
 Llama-3-8B shape (32 q heads, 8 KV heads, head_dim 128, block_size 16, shuffled pages).
 
 TFLOP/s count only the visible (query, key) pairs: 4 * pairs * head_dim * q_heads.
-Times are medians of CUDA-event timings with L2 flushed before each run. Also printed: the
-largest difference between the new default kernel's output and the old kernel's.
+Times are medians of CUDA-event timings with L2 flushed before each run. Each line ends with
+`new` (the shape's `default_config`, round 2) and `r1` (round 1's default tile, m128n64w4s2)
+over SDPA, side by side, and the largest difference between the new default kernel's output
+and the old kernel's.
 
-    PYTHONPATH=. python scripts/bench_prefill.py --out bench_prefill.json
+    PYTHONPATH=. python scripts/bench_prefill.py --out bench_prefill.json [--configs NAME ...]
+        [--dtypes bf16] [--short]
 (scripts/bench_kernels.py runs the same as its prefill part.)
 """
 
@@ -64,18 +67,33 @@ def sdpa_time(batch: int, q_len: int, dtype: torch.dtype) -> float | None:
         return None
 
 
-def one_shape(batch: int, q_len: int, ctx: int, dtype: torch.dtype, sdpa: bool) -> dict:
+def configs_to_run(names: list[str] | None, default: pa.TileConfig) -> list[pa.TileConfig]:
+    """The named configurations (all when None), always with round 1's and `default`."""
+    chosen = list(pa.CONFIGS) if names is None else [pa.BY_NAME[n] for n in names]
+    return [c for c in pa.CONFIGS if c in chosen or c in (pa.ROUND1_CONFIG, default)]
+
+
+def one_shape(
+    batch: int,
+    q_len: int,
+    ctx: int,
+    dtype: torch.dtype,
+    sdpa: bool,
+    names: list[str] | None = None,
+) -> dict:
     q, cache, md = paged_batch(batch, q_len, ctx, dtype)
     params = AttentionParams(D**-0.5)
     pairs = batch * sum(ctx - q_len + i + 1 for i in range(q_len))
     flops = 4 * pairs * D * HQ
+    default = pa.default_config(D, q_len, HQ // HKV)
+    assert default is not None
     outs = {"old": torch.empty_like(q), "new": torch.empty_like(q)}
     tflops: dict[str, float | None] = {}
     tflops["old"] = (
         flops / time_op(lambda: paged_attention_cuda(q, cache, md, params, outs["old"])) / 1e12
     )
-    for c in pa.CONFIGS:
-        out = outs["new"] if c == pa.DEFAULT_CONFIG[D] else torch.empty_like(q)
+    for c in configs_to_run(names, default):
+        out = outs["new"] if c == default else torch.empty_like(q)
 
         def run(c: pa.TileConfig = c, out: torch.Tensor = out) -> None:
             pa.prefill_attention_cuda(q, cache, md, params, out, c)
@@ -91,37 +109,80 @@ def one_shape(batch: int, q_len: int, ctx: int, dtype: torch.dtype, sdpa: bool) 
         "q_len": q_len,
         "ctx": ctx,
         "TFLOPs": tflops,
+        "new_config": default.name,
         "max_abs_new_minus_old": diff,
     }
+
+
+def ratios(row: dict) -> str:
+    """`new` (the shape's default tile) and round 1's default over SDPA (over each other
+    where SDPA has no twin), and the best tile over SDPA."""
+    t = row["TFLOPs"]
+    new, r1, sdpa = t.get(row["new_config"]), t.get(pa.ROUND1_CONFIG.name), t["sdpa_flash"]
+    if not (new and r1):
+        return ""
+    if not sdpa:
+        return f"new ({row['new_config']}) / r1 {new / r1:.2f}x"
+    best = max(v for k, v in t.items() if k in pa.BY_NAME and v)
+    return (
+        f"new ({row['new_config']}) / sdpa {new / sdpa:.2f}x, r1 / sdpa {r1 / sdpa:.2f}x, "
+        f"best / sdpa {best / sdpa:.2f}x"
+    )
+
+
+def summary(row: dict) -> str:
+    """One short line: `new` and round 1's default against SDPA (or against each other)."""
+    t = row["TFLOPs"]
+    new, r1, sdpa = t.get(row["new_config"]), t.get(pa.ROUND1_CONFIG.name), t["sdpa_flash"]
+    shape = f"{row['dtype']} {row['batch']}x{row['q_len']}" + (
+        f" on {row['ctx']}" if row["ctx"] != row["q_len"] else ""
+    )
+    best = max((v, k) for k, v in t.items() if k in pa.BY_NAME and v)
+
+    def cell(v: float | None) -> str:
+        return f"{v:6.1f}" + (f" = {v / sdpa:.2f}x sdpa" if v and sdpa else "")
+
+    return (
+        f"prefill {shape}: new {row['new_config']} {cell(new)} | r1 {pa.ROUND1_CONFIG.name} "
+        f"{cell(r1)} | sdpa {sdpa or 0:.1f} | best {best[1]} {best[0]:.1f} TFLOP/s"
+    )
 
 
 def show(row: dict) -> str:
     t = row["TFLOPs"]
     cells = " | ".join(f"{k} {v:6.1f}" if v else f"{k}    n/a" for k, v in t.items())
-    news = [v for k, v in t.items() if k in pa.BY_NAME]
-    ratio = f"best new / sdpa {max(news) / t['sdpa_flash']:.2f}x" if t["sdpa_flash"] else ""
     return (
         f"prefill {row['dtype']:8s} B={row['batch']} q={row['q_len']:5d} ctx={row['ctx']:5d} "
-        f"TFLOP/s: {cells} | {ratio} | max|new-old| {row['max_abs_new_minus_old']:.2g}"
+        f"TFLOP/s: {cells} | {ratios(row)} | max|new-old| {row['max_abs_new_minus_old']:.2g}"
     )
 
 
-def bench_prefill(results: list[dict]) -> None:
-    for dtype in (torch.bfloat16, torch.float16):
+def bench_prefill(
+    results: list[dict],
+    names: list[str] | None = None,
+    dtypes: tuple[str, ...] = ("bf16", "fp16"),
+    short: bool = False,
+) -> None:
+    for dtype in [{"bf16": torch.bfloat16, "fp16": torch.float16}[d] for d in dtypes]:
         for batch, q_len, ctx in SHAPES + CHUNKED:
-            row = one_shape(batch, q_len, ctx, dtype, sdpa=q_len == ctx)
+            row = one_shape(batch, q_len, ctx, dtype, q_len == ctx, names)
             results.append(row)
-            print(show(row), flush=True)
+            print(summary(row) if short else show(row), flush=True)
             torch.cuda.empty_cache()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_prefill.json")
+    ap.add_argument(
+        "--configs", nargs="+", choices=sorted(pa.BY_NAME), help="tiles to time (default all)"
+    )
+    ap.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16"), default=["bf16", "fp16"])
+    ap.add_argument("--short", action="store_true", help="one summary line per shape")
     args = ap.parse_args()
     torch.manual_seed(0)
     results: list[dict] = []
-    bench_prefill(results)
+    bench_prefill(results, args.configs, tuple(args.dtypes), args.short)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
 

@@ -13,6 +13,8 @@
 # w1awq_tiles (8B and 70B AWQ W1 with HEADRACE_INT4_LAYOUT=tiles: the tensor-core GEMV).
 # int4perf (<= 280 s): int4 GPU tests, bench_int4 (old vs split-K variants vs tiles vs cuBLAS), W1 AWQ
 # with the split-K GEMV and with HEADRACE_INT4_GEMV=old.
+# int4w1 (<= 90 s): the tensor-core rows GEMV (HEADRACE_INT4_GEMV=mma, the default):
+# scripts/bench_int4_mma.py on the 8B shapes (old vs mma vs cuBLAS, graphs too), W1 AWQ 8B old vs mma.
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 # Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
@@ -22,18 +24,37 @@
 # requests, --no-async-scheduling then the default (async), side by side; <= 280 s in all).
 # Prefill attention (issue 11): prefill (tests/gpu/test_gpu_prefill_attention.py, then old kernel /
 # new kernel per tile config / torch SDPA flash TFLOP/s at causal 2k-16k; <= 200 s).
+# Prefill attention round 2 (issue 11): prefill2 (<= 85 s; its GPU tests run in the suite: tests/gpu/
+# test_gpu_prefill_attention.py): the prefill modules warmed in parallel, then scripts/bench_prefill.py
+# in bf16, one line per shape: `new` (the shape's round-2 tile) and round 1's default m128n64w4s2 (`r1`)
+# over SDPA flash, side by side, and the best tile. Alone: bash scripts/gpu_bench.sh prefill2
 # Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
 # kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
 # Serving gap (issue 12): w4gap (<= 300 s: offline W3 with prefix caching off, then headrace serve with
 # the same engine args + bench serve --request-rate inf on the same 1000 W3 requests, greedy; both output
 # tok/s and the gap; scripts/w4gap.sh, logs $OUT/w4gap_*). HEADRACE_SAMPLING_BATCH=rebuild: old sampling rows.
+# Decode attention round 2 (issue 11): decode2 (<= 90 s: warm the decode modules in parallel, then
+# scripts/bench_decode.py, also the first table of bench_kernels.py --parts decode: old vs new (+ each
+# HEADRACE_DECODE_CONFIG variant) at the issue's cells, bf16 and FP8 KV, one line a cell; batch 1 at ctx
+# 128 / 256 / 1k in a graph of 32 calls with a 128k bound). Its GPU tests (tests/gpu/test_gpu_decode_round2.py,
+# test_gpu_decode_attention.py) run in the GPU suite.
 # Issue 11 batch-1 step: step1 (GPU tests of the GEMV, rotary + KV write, argmax and greedy
 # graphs; GEMV vs cuBLAS on the 8B/70B shapes; W1 with HEADRACE_GEMV=cublas, then default; <= 300 s).
+# Issue 11 batch-1 step, round 2: w1step (<= 150 s: tests/gpu/test_gpu_gemv_step.py, bench_gemv on the 8B
+# shapes (cuBLAS / round 1 / round 2 + variants, then the fused pairs), W1 with HEADRACE_GEMV=cublas
+# HEADRACE_STEP_FUSION=0, with the defaults, without the SiLU fusion (HEADRACE_GEMV_FUSION=norm,residual),
+# with gate/up on the GEMV too (HEADRACE_GEMV_MAX_MIB=256: norm + gate/up + SiLU in one launch) and with
+# HEADRACE_PDL=1 side by side, the batch-1 kernel table).
+# Large batches (issues 13/12): w2batch (FP8 linear micro-benchmark, W2 FP8 + FP8 KV at
+# --max-num-seqs 256 and at the new default side by side, the batch-512 fp8 step profile; <= 280 s)
+# and w2batch_bf16 (bf16 W2, 500 requests: 256, default, default + HEADRACE_ADMISSION=reserve; <= 280 s):
+# scripts/gpu_w2batch.sh.
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
 for step in $which; do
   case $step in
+    w2batch|w2batch_bf16) bash scripts/gpu_w2batch.sh "$step" ;;
     tests) timeout 420 python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x > "$OUT/gpu_tests.log" 2>&1; tail -4 "$OUT/gpu_tests.log" ;;
     profile) timeout 200 python scripts/profile_step.py --batch 1 --out "$OUT/profile_b1.json" > "$OUT/profile_b1.log" 2>&1; head -14 "$OUT/profile_b1.log"
              timeout 200 python scripts/profile_step.py --batch 256 --context 1024 --out "$OUT/profile_b256.json" > "$OUT/profile_b256.log" 2>&1; head -14 "$OUT/profile_b256.log" ;;
@@ -54,6 +75,11 @@ for step in $which; do
     w2_70b) timeout 560 python -m headrace bench throughput --model scripts/configs/llama-3-70b --workload W2 --num-requests 200 --quantization fp8 --kv-cache-dtype fp8 --max-model-len 4096 --output-json "$OUT/w2_70b_fp8.json" > "$OUT/w2_70b_fp8.log" 2>&1; tail -1 "$OUT/w2_70b_fp8.log" ;;
     prefill) timeout 130 python -m pytest -m gpu tests/gpu/test_gpu_prefill_attention.py -q -p no:cacheprovider > "$OUT/gpu_prefill_tests.log" 2>&1; tail -6 "$OUT/gpu_prefill_tests.log"
              timeout 70 python scripts/bench_kernels.py --parts prefill --out "$OUT/bench_prefill.json" > "$OUT/bench_prefill.log" 2>&1; cat "$OUT/bench_prefill.log" ;;
+    prefill2) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --jobs 8 --only prefill_attention paged_attention > "$OUT/prefill2_warm.log" 2>&1
+              echo "prefill2 warm (rc $?, $((SECONDS - t0)) s)"; t0=$SECONDS
+              timeout 60 python scripts/bench_prefill.py --dtypes bf16 --short --out "$OUT/prefill2_bench.json" \
+                --configs m128n64w4s2 m128n128w8s2 m128n64w4s2v2 m128n64w8s2v2 m128n64w8s3v2p m128n128w8s2v2 > "$OUT/prefill2_bench.log" 2>&1
+              echo "prefill2 bench (rc $?, $((SECONDS - t0)) s):"; grep "^prefill\|Error" "$OUT/prefill2_bench.log" ;;
     kvcomp) timeout 280 python scripts/bench_kv_compression.py --output-json "$OUT/kvcomp.json" > "$OUT/kvcomp.log" 2>&1; tail -3 "$OUT/kvcomp.log" ;;
     int4tests) timeout 400 python -m pytest -m gpu tests/gpu/test_gpu_int4.py tests/gpu/test_gpu_int4_models.py -q -p no:cacheprovider > "$OUT/gpu_int4_tests.log" 2>&1; tail -15 "$OUT/gpu_int4_tests.log" ;;
     int4kernels) timeout 200 python scripts/bench_int4.py --output-json "$OUT/int4_kernels.json" > "$OUT/int4_kernels.log" 2>&1; cat "$OUT/int4_kernels.log" ;;
@@ -79,6 +105,16 @@ for step in $which; do
         HEADRACE_INT4_GEMV=$g run4 $([ $g = split ] && echo 55 || echo 50) python -m headrace bench latency --quantization awq
         echo "W1 AWQ, GEMV $g: $(grep '^W1' "$OUT/.int4perf_part" | tail -1)"; done
       rm -f "$OUT/.int4perf_part" ;;
+    # Issue 14 round 3 (int4w1), <= 90 s: warm the NVRTC cache, scripts/bench_int4_mma.py on the 8B
+    # shapes (one line a shape: old vs mma vs cuBLAS bf16 at M = 1, events and graph replays, every
+    # mma variant, M = 2/4/8), then W1 AWQ 8B with HEADRACE_INT4_GEMV=old and =mma, each with its
+    # int4 floor. The GPU tests (tests/gpu/test_gpu_int4_mma.py) run in the whole GPU suite.
+    int4w1)
+      timeout 20 python scripts/warm_kernels.py --jobs 16 > "$OUT/int4w1_warm.log" 2>&1; echo "warm rc $?: $(tail -1 "$OUT/int4w1_warm.log")"
+      timeout 25 python scripts/bench_int4_mma.py --output-json "$OUT/int4w1_bench.json" > "$OUT/int4w1_bench.log" 2>&1; echo "bench_int4_mma rc $?"; tail -5 "$OUT/int4w1_bench.log"
+      for g in old mma; do
+        HEADRACE_INT4_GEMV=$g timeout 22 python -m headrace bench latency --quantization awq --output-json "$OUT/w1_awq_gemv_$g.json" > "$OUT/w1_awq_gemv_$g.log" 2>&1
+        echo "W1 AWQ 8B, GEMV $g (rc $?): $(grep '^W1:' "$OUT/w1_awq_gemv_$g.log" | tail -1)"; done ;;
     # Issue 15's models with HF generate() beside them, 525 s of timeouts in all: Mixtral-8x7B W1 and
     # W2-shaped (128 requests), Falcon-7B W1 and W3 (300 requests; HF batch 16: Falcon's MQA sends HF's
     # SDPA to the math kernel, ~3 GB of fp32 [71, T, T] scores per 2k-token prompt). Each log's last
@@ -142,9 +178,24 @@ for step in $which; do
                --no-progress > "$OUT/w4_sweep.log" 2>&1; cat "$OUT/w4_sweep.log"
              kill "$serve_pid"; wait "$serve_pid" ;;
     w4gap) timeout 310 bash scripts/w4gap.sh ;;
+    decode2) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --only decode > "$OUT/decode2_warm.log" 2>&1
+             echo "warm decode modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode2_warm.log")"
+             t0=$SECONDS; timeout 65 python scripts/bench_decode.py --out "$OUT/decode2_bench.json" > "$OUT/decode2_bench.log" 2>&1
+             echo "bench_decode (rc $?, $((SECONDS - t0)) s):"; grep -v "^  " "$OUT/decode2_bench.log"; grep -m5 "failed" "$OUT/decode2_bench.log" ;;
     step1) timeout 115 python -m pytest -m gpu tests/gpu/test_gpu_step_kernels.py -q -p no:cacheprovider > "$OUT/step1_tests.log" 2>&1; tail -4 "$OUT/step1_tests.log"
            timeout 45 python scripts/bench_gemv.py --output-json "$OUT/step1_gemv.json" > "$OUT/step1_gemv.log" 2>&1; cat "$OUT/step1_gemv.log"
            for g in cublas auto; do HEADRACE_GEMV=$g timeout 70 python -m headrace bench latency --output-json "$OUT/step1_w1_$g.json" > "$OUT/step1_w1_$g.log" 2>&1
              echo "HEADRACE_GEMV=$g (rc $?): $(grep '^W1' "$OUT/step1_w1_$g.log" | tail -1)"; done ;;
+    w1step) timeout 8 python scripts/warm_kernels.py --jobs 16 --only gemv_step gemv fused_ops > "$OUT/w1step_warm.log" 2>&1
+            timeout 28 python -m pytest -m gpu tests/gpu/test_gpu_gemv_step.py -q -p no:cacheprovider --maxfail=10 > "$OUT/w1step_tests.log" 2>&1
+            echo "w1step tests (rc $?): $(tail -1 "$OUT/w1step_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/w1step_tests.log"
+            timeout 16 python scripts/bench_gemv.py --shapes 8b --iters 20 --output-json "$OUT/w1step_gemv.json" > "$OUT/w1step_gemv.log" 2>&1; echo "bench_gemv rc $?"; cat "$OUT/w1step_gemv.log"
+            for c in old new no_silu gate_up_gemv pdl; do case $c in old) e="HEADRACE_GEMV=cublas HEADRACE_STEP_FUSION=0" ;; new) e="HR=1" ;;
+              pdl) e="HEADRACE_PDL=1" ;; gate_up_gemv) e="HEADRACE_GEMV_MAX_MIB=256" ;; *) e="HEADRACE_GEMV_FUSION=norm,residual" ;; esac
+              env $e timeout $([ $c = old ] || [ $c = new ] && echo 18 || echo 15) python -m headrace bench latency --output-json "$OUT/w1step_w1_$c.json" > "$OUT/w1step_w1_$c.log" 2>&1
+              echo "W1 $c ($e; rc $?): $(grep '^W1' "$OUT/w1step_w1_$c.log" | tail -1)"; done
+            timeout 17 python scripts/profile_step.py --batch 1 --context 128 --out "$OUT/w1step_profile_b1.json" > "$OUT/w1step_profile_b1.log" 2>&1
+            echo "profile rc $?"; grep -E "wall_ms_per_step|gpu_ms_per_step" "$OUT/w1step_profile_b1.log"
+            grep -E "^ +[A-Za-z_].* [0-9]+ *$" "$OUT/w1step_profile_b1.log" | grep -v "aten::\|cuda[A-Z]\|Memcpy\|Memset" | head -16 | cut -c1-60,150-300 ;;
   esac
 done

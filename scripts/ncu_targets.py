@@ -7,7 +7,9 @@ cudaProfilerStart and cudaProfilerStop. Run under
 
 so only that call's kernels are profiled. Shapes are Llama-3-8B's (32 q heads, 8 KV heads,
 head_dim 128, block_size 16, bf16) as in scripts/bench_kernels.py; kernel choices follow the
-usual environment variables (HEADRACE_DECODE_KERNEL, HEADRACE_PREFILL_KERNEL, ...).
+usual environment variables (HEADRACE_DECODE_KERNEL, HEADRACE_PREFILL_KERNEL, ...): prefill
+targets run `new` (the round-2 kernel in the shape's tile: m128n64w4s2v2 up to 4k tokens,
+m128n128w8s2v2 from 4k) unless HEADRACE_PREFILL_KERNEL names a tile (m128n64w4s2: round 1).
 `--list` prints the target names.
 """
 
@@ -32,13 +34,24 @@ def _bench_kernels():  # type: ignore[no-untyped-def]
     return mod
 
 
-def attention(batch: int, q_len: int, ctx: int) -> Callable[[], object]:
+def attention(
+    batch: int, q_len: int, ctx: int, bound: int | None = None, fp8: bool = False
+) -> Callable[[], object]:
     """The engine's entry (worker/cuda_attention.py): prefill steps on the prefill kernel
-    that HEADRACE_PREFILL_KERNEL names, decode steps on HEADRACE_DECODE_KERNEL's."""
+    that HEADRACE_PREFILL_KERNEL names, decode steps on HEADRACE_DECODE_KERNEL's (variant:
+    HEADRACE_DECODE_CONFIG). bound: a CUDA graph's seq_len bound (the decode grid's width);
+    fp8: an FP8 KV cache."""
+    from dataclasses import replace
+
+    from cuda.kv_write import quantize_kv
     from cuda.prefill_attention import attention_cuda, choice_from_env
 
     bk = _bench_kernels()
     q, cache, md = bk.paged_batch(batch, q_len, ctx)
+    if bound is not None:
+        md = replace(md, max_seq_len=bound)
+    if fp8:
+        cache = quantize_kv(cache, 1.0)
     out = torch.empty_like(q)
     workspace = torch.empty(64 << 20, dtype=torch.float32, device="cuda")
     choice = choice_from_env()
@@ -93,8 +106,22 @@ def bf16_linear(n: int, k: int, m: int = 1) -> Callable[[], object]:
     return lambda: torch.nn.functional.linear(x, w)
 
 
+def gemv2(n: int, k: int, prologue: str = "", residual: bool = False) -> Callable[[], object]:
+    """Round 2's decode GEMV (cuda/gemv_step.cu), M = 1, with its prologue / epilogue."""
+    from cuda import gemv_step
+
+    bf = torch.bfloat16
+    w = torch.randn(n, k, dtype=bf, device="cuda") * 0.02
+    x = torch.randn(1, 2 * k if prologue == "silu" else k, dtype=bf, device="cuda")
+    nw = torch.ones(k, dtype=bf, device="cuda") if "norm" in prologue else None
+    res = torch.randn(1, n, dtype=bf, device="cuda") if residual else None
+    y = torch.empty(1, n // 2 if prologue == "norm_pair" else n, dtype=bf, device="cuda")
+    return lambda: gemv_step.run(prologue, x, w, None, res, nw, 1e-5, out=y)
+
+
 TARGETS: dict[str, Callable[[], Callable[[], object]]] = {
     "prefill_2k": lambda: attention(1, 2048, 2048),
+    "prefill_4k": lambda: attention(1, 4096, 4096),
     "prefill_16k": lambda: attention(1, 16384, 16384),
     "prefill_4x2k": lambda: attention(4, 2048, 2048),
     "sdpa_2k": lambda: sdpa(1, 2048),
@@ -104,14 +131,26 @@ TARGETS: dict[str, Callable[[], Callable[[], object]]] = {
     "decode_64x4k": lambda: attention(64, 1, 4096),
     "decode_64x16k": lambda: attention(64, 1, 16384),
     "decode_8x16k": lambda: attention(8, 1, 16384),
+    "decode_1x128_bound128k": lambda: attention(1, 1, 128, bound=131072),  # W1's graphs
+    "decode_1x256_bound128k": lambda: attention(1, 1, 256, bound=131072),
+    "decode_64x4k_fp8": lambda: attention(64, 1, 4096, fp8=True),
     "fp8_8b_qkv": lambda: fp8_gemv(6144, 4096),
     "fp8_8b_gate_up": lambda: fp8_gemv(28672, 4096),
     "fp8_8b_down": lambda: fp8_gemv(4096, 14336),
+    # int4 rows layout: HEADRACE_INT4_GEMV picks the kernel (mma, the default; old; split).
+    "int4_8b_qkv": lambda: int4_gemv(6144, 4096),
+    "int4_8b_o": lambda: int4_gemv(4096, 4096),
     "int4_8b_gate_up": lambda: int4_gemv(28672, 4096),
     "int4_8b_down": lambda: int4_gemv(4096, 14336),
     "int4_8b_gate_up_tiles_m8": lambda: int4_gemv(28672, 4096, m=8, tiles=True),
+    "int4_8b_gate_up_m8": lambda: int4_gemv(28672, 4096, m=8),
     "bf16_8b_qkv": lambda: bf16_linear(6144, 4096),
     "bf16_8b_down": lambda: bf16_linear(4096, 14336),
+    "gemv2_8b_qkv": lambda: gemv2(6144, 4096),
+    "gemv2_8b_qkv_norm": lambda: gemv2(6144, 4096, "norm"),
+    "gemv2_8b_o_residual": lambda: gemv2(4096, 4096, residual=True),
+    "gemv2_8b_down_silu": lambda: gemv2(4096, 14336, "silu", residual=True),
+    "gemv2_8b_gate_up_norm_pair": lambda: gemv2(28672, 4096, "norm_pair"),
 }
 
 

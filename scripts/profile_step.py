@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--quantization", default=None, choices=["fp8"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--device", default="auto", help="cpu: a dry run of the script (tiny model)")
+    p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -52,11 +54,20 @@ def main() -> None:
             quantization=args.quantization,
             kv_cache_dtype=args.kv_cache_dtype,
             tensor_parallel_size=args.tensor_parallel_size,
+            device=args.device,
+            max_model_len=args.max_model_len,
         )
     )
+    on_gpu = engine.device.type == "cuda"
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
     rng = random.Random(0)
+    vocab = engine.model_config.vocab_size
     for i in range(args.batch):
-        prompt = [rng.randrange(10, 120000) for _ in range(args.context)]
+        prompt = [rng.randrange(10, min(120000, vocab)) for _ in range(args.context)]
         max_tokens = engine.max_model_len - args.context - 1
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         error = engine.add_request(EngineRequest(f"r{i}", prompt, params))
@@ -70,7 +81,7 @@ def main() -> None:
     for _ in range(5):
         engine.step()
     warm.detach()
-    torch.cuda.synchronize()
+    sync()
     decode = StepTimeline(engine).attach()
     for _ in range(args.steps):
         engine.step()
@@ -102,7 +113,7 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(args.steps):
             engine.step()
-        torch.cuda.synchronize()
+        sync()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
     cuda_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
     nccl_us = sum(
@@ -111,7 +122,7 @@ def main() -> None:
         if "nccl" in e.key.lower()
     )
     report = {
-        "card": torch.cuda.get_device_name(),
+        "card": torch.cuda.get_device_name() if on_gpu else "cpu",
         "batch": args.batch,
         "context": args.context,
         "graphs": engine.runner.graph_runner is not None,

@@ -36,3 +36,32 @@ def test_prefill_part_loads_from_the_script() -> None:
 def test_cells_are_the_issue_table() -> None:
     assert kernels.CELLS == ((64, 1024), (64, 4096), (64, 16384), (8, 16384))
     assert (kernels.HQ, kernels.HKV, kernels.D, kernels.BS) == (32, 8, 128, 16)
+
+
+def _script(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, kernels.SCRIPT.with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_bench_cells_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/bench_decode.py: issue 11's cells, batch 1 at 128 / 256 under a 128k bound,
+    and each variant's environment set only inside its timing (restored after)."""
+    import os
+
+    from cuda import decode_attention as da
+
+    bd = _script("bench_decode")
+    assert bd.TARGET_CELLS == kernels.CELLS
+    assert (1, 128) in bd.SHORT_CELLS and (1, 256) in bd.SHORT_CELLS
+    assert bd.SHORT_BOUND == 131072 and bd.SHORT_TARGET_US == 4.0
+    sweep = _script("bench_kernels").SWEEP
+    assert (1, 128) in sweep and (1, 256) in sweep
+    monkeypatch.setenv(da.ENV, "old")
+    monkeypatch.delenv(da.CONFIG_ENV, raising=False)
+    with bd.env(bd.NEW | {da.CONFIG_ENV: "w2s3"}):
+        assert os.environ[da.ENV] == "new" and os.environ[da.CONFIG_ENV] == "w2s3"
+        assert da.config_for(2) == da.DecodeConfig(2, 3)
+    assert os.environ[da.ENV] == "old" and da.CONFIG_ENV not in os.environ

@@ -28,8 +28,10 @@ def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], 
     monkeypatch.setattr(decode_attention, "_kernel", lambda dtype, head_dim, name: name)
     monkeypatch.setattr(decode_attention, "_slots_per_sm", lambda kernel, device, key: 2)
     monkeypatch.setattr(pak, "num_sms", lambda device: 132)
-    monkeypatch.setenv(decode_attention.ENV, case.get("decode_kernel", "new"))
-    monkeypatch.setattr(compiler, "launch", lambda *call, shmem=0: calls.append(call))
+    kernel = case.get("decode_kernel", "new")
+    monkeypatch.setenv(decode_attention.ENV, "new" if kernel == "unfused" else kernel)
+    monkeypatch.setenv(decode_attention.FUSED_MERGE_ENV, "0" if kernel == "unfused" else "1")
+    monkeypatch.setattr(compiler, "launch", lambda *call, shmem=0: calls.append((*call, shmem)))
     q_lens, seq_lens = case["q_lens"], case["seq_lens"]
     kv_dtype = torch.float8_e4m3fn if case.get("fp8") else torch.bfloat16
     t = {
@@ -60,7 +62,9 @@ def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], 
     ("q_lens", "seq_lens", "kernels", "decode_kernel"),
     [
         ([1, 1, 1], [5, 300, 9000], ["decode_g4", "merge_splits"], "old"),
-        ([1, 1, 1], [5, 300, 9000], ["decode_tc", "decode_tc_merge"], "new"),
+        ([1, 1, 1], [5, 300, 9000], ["decode_tc"], "new"),  # its last split merges
+        ([1, 1, 1], [5, 300, 9000], ["decode_tc"], "auto"),
+        ([1, 1, 1], [5, 300, 9000], ["decode_tc", "decode_tc_merge"], "unfused"),
         ([7, 1, 0], [7, 40, 3], ["prefill"], "new"),
     ],
 )
@@ -79,18 +83,23 @@ def test_launch_arguments_follow_the_kernel_signatures(
     if fp8 and kernels[0] == "decode_tc":
         kernels = ["decode_tc_fp8", *kernels[1:]]
     assert [c[0] for c in calls] == kernels
-    for kernel, grid, block, *args in calls:
+    for kernel, grid, block, *args, shmem in calls:
         names = [n for n, _ in signatures[kernel]]
         assert [type(a) for a in args] == [k for _, k in signatures[kernel]], kernel
         got = dict(zip(names, args, strict=True))
         # Grids: decode (splits, Hkv x query-head chunks, B), merge (Hq, B), prefill
         # (ceil(q_len x group / 64), Hkv, B); merge runs one thread per head-dim element.
-        # The new decode kernel: (splits, Hkv x chunks of 8 query heads, B), 64 threads.
+        # The new decode kernel: (splits, Hkv x chunks of 8 query heads, B), its default
+        # variant's warps, and its stages in dynamic shared memory: 16-bit KV 2 warps x 3
+        # stages x 16 tokens x K + V x 64 dims x 2 bytes = 24 KB; FP8 4 x 4 x 16 x 2 x 64 x 1
+        # = 32 KB.
         expect = {"decode_g4": (grid[0], 2, 3), "merge_splits": (8, 3), "prefill": (1, 2, 3)}
         expect |= {"decode_tc": (grid[0], 2, 3), "decode_tc_fp8": (grid[0], 2, 3)}
         expect["decode_tc_merge"] = (8, 3)
-        threads = {"merge_splits": 64, "decode_tc_merge": 64, "decode_tc": 64, "decode_tc_fp8": 64}
+        threads = {"merge_splits": 64, "decode_tc_merge": 64, "decode_tc": 64, "decode_tc_fp8": 128}
+        smem = {"decode_tc": 24576, "decode_tc_fp8": 32768}
         assert tuple(grid) == expect[kernel] and block == threads.get(kernel, 128)
+        assert shmem == smem.get(kernel, 0)
         for name, tensor in t.items():
             if name in got:
                 assert got[name] == tensor.data_ptr(), (kernel, name)
@@ -99,17 +108,45 @@ def test_launch_arguments_follow_the_kernel_signatures(
             assert got["part_lse"] - got["part_o"] == splits * 3 * 8 * 64 * 4
             assert got.get("max_splits", splits) == splits
         assert got["window"] == (window or 0)
-        if decode_kernel == "new" and kernel != "prefill":
+        if decode_kernel != "old" and kernel != "prefill":
             # 2 KV heads x 3 requests = 6 blocks a split on 132 x 2 slots: 40 splits are
             # the fewest that fill 90% of the wave (9000 tokens allow 64 of 128).
             assert got["min_chunk"] == decode_attention.MIN_CHUNK == 128
             assert calls[0][1][0] == 40
+        if kernel.startswith("decode_tc") and "merge" not in kernel:
+            # 40 splits: the fused merge's counters, one per (request, KV head x chunk),
+            # unless HEADRACE_DECODE_FUSED_MERGE=0 (null: the merge kernel runs).
+            fused = decode_kernel != "unfused"
+            assert (got["counters"] != 0) == fused
+            if fused:
+                counters = decode_attention._counters["cpu"]
+                assert got["counters"] == counters.data_ptr() and counters.numel() >= 2 * 3
+                assert not counters.any()
         if "scale_log2" in got:
             scale = 0.125 * (0.5 if fp8 else 1.0) * pak.LOG2E
             assert got["scale_log2"] == np.float32(scale)
             assert got["v_scale"] == np.float32(0.25 if fp8 else 1.0)
             assert (got["num_kv_heads"], got["group"], got["block_shift"]) == (2, 4, 5)
             assert got["bt_stride"] == 600 and got["v_off"] == 700 * 32 * 2 * 64
+
+
+@pytest.mark.parametrize(
+    ("config", "threads", "shmem"), [("w2s3", 64, 24576), ("W8S2", 256, 65536)]
+)
+def test_decode_config_env_sets_threads_and_shared_memory(
+    monkeypatch: pytest.MonkeyPatch, config: str, threads: int, shmem: int
+) -> None:
+    monkeypatch.setenv(decode_attention.CONFIG_ENV, config)
+    calls, _ = _launches(monkeypatch, q_lens=[1, 1], seq_lens=[50, 70], fp8=False)
+    assert [c[0] for c in calls] == ["decode_tc"]  # 1 split: the merge is skipped
+    assert calls[0][2] == threads and calls[0][-1] == shmem
+
+
+@pytest.mark.parametrize("bad", ["w4", "x4s2", "w0s2", "w4s1", "w17s2"])
+def test_decode_config_env_is_validated(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv(decode_attention.CONFIG_ENV, bad)
+    with pytest.raises(ValueError, match=decode_attention.CONFIG_ENV):
+        _launches(monkeypatch, q_lens=[1], seq_lens=[50], fp8=False)
 
 
 class _OnDevice(torch.Tensor):

@@ -8,6 +8,7 @@ import math
 import re
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,18 @@ def test_llama3_8b_cells(batch: int, ctx: int, splits: int) -> None:
     assert plan.splits == splits and plan.slots == 528
     assert plan.blocks == batch * 8 * splits and plan.merge == (splits > 1)
     assert plan.min_chunk == da.MIN_CHUNK
+
+
+@pytest.mark.parametrize(
+    ("batch", "ctx", "splits"),
+    [(64, 1024, 3), (64, 4096, 3), (64, 16384, 3), (8, 16384, 6), (1, 131072, 45), (1, 256, 2)],
+)
+def test_llama3_8b_cells_round2(batch: int, ctx: int, splits: int) -> None:
+    """A variant with 3 blocks per SM (w4s2: 4 warps, 64 KB), 396 slots; batch 64 takes 3
+    splits (1,536 blocks, 3.9 waves at 97%) where 1 split would leave its second wave 29%
+    full; a batch-1 graph bound gets 45, of which a 128-token context uses 1."""
+    plan = da.plan_decode(batch, 8, 4, ctx, H200_SMS, 3)
+    assert plan.splits == splits and plan.slots == 396
 
 
 def test_batch_64_fills_one_wave_without_splitting() -> None:
@@ -53,10 +66,27 @@ def test_bad_inputs_name_the_field(field: str) -> None:
         da.plan_decode(max_seq_len=1024, **args)
 
 
+def test_config_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(da.CONFIG_ENV, raising=False)
+    assert da.config_for(2) == da.DecodeConfig(2, 3) and da.config_for(1) == da.DecodeConfig(4, 4)
+    assert (
+        da.config_for(2).smem_bytes(128, 2) == 49152
+        and da.config_for(1).smem_bytes(128, 1) == 65536
+    )
+    monkeypatch.setenv(da.CONFIG_ENV, " W2S3 ")
+    assert da.config_for(1) == da.config_for(2) == da.DecodeConfig(2, 3)
+    assert da.config_for(2).threads == 64 and da.config_for(2).name == "w2s3"
+    assert all(da.parse_config(c).name == c for c in da.CONFIGS)
+    defines = da.module_defines(torch.float16, 64, da.DecodeConfig(3, 5))
+    assert defines == {"HR_BF16": 0, "HR_HEAD_DIM": 64, "HR_DECODE_WARPS": 3, "HR_DECODE_STAGES": 5}
+
+
 def test_kernel_choice_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(da.ENV, raising=False)
-    assert da.kernel_choice() == "auto" and not da.applies(16)  # 16-bit KV: the old kernels
+    assert da.kernel_choice() == "auto" and da.applies(16) == da.AUTO_16BIT
     assert da.applies(16, kv_fp8=True) and not da.applies(8, kv_fp8=True)
+    monkeypatch.setattr(da, "AUTO_16BIT", False)  # the one-line fallback: 16-bit KV on old
+    assert not da.applies(16) and da.applies(16, kv_fp8=True)
     monkeypatch.setenv(da.ENV, "new")
     assert da.kernel_choice() == "new" and da.applies(16) and not da.applies(8)
     monkeypatch.setenv(da.ENV, "OLD")
@@ -134,3 +164,35 @@ def test_splits_tile_the_visible_keys(seq_len: int, window: int, max_splits: int
         assert max(begin, lo) < end
     if nsplit > 1:
         assert chunk >= da.MIN_CHUNK // 2
+
+
+def test_merge_counters_grow_keep_old_and_refuse_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused merge's counters: zeroed once, grown outside capture only (the old buffer
+    kept: a graph may point at it), 0 (the merge kernel) when capture finds too few."""
+    monkeypatch.setattr(da, "_counters", {})
+    monkeypatch.setattr(da, "_old_counters", [])
+    dev = torch.device("cpu")
+    first = da.merge_counters(dev, 10)
+    assert first == da._counters["cpu"].data_ptr() and da._counters["cpu"].numel() == da.COUNTERS
+    assert da.merge_counters(dev, da.COUNTERS) == first  # big enough: the same buffer
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert da.merge_counters(dev, da.COUNTERS + 1) == 0  # capturing: no allocation
+    assert da.merge_counters(dev, 5) == first
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    grown = da.merge_counters(dev, da.COUNTERS + 1)
+    assert grown != 0 and not da._counters["cpu"].any() and len(da._old_counters) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "fused"), [("", True), ("1", True), ("0", False), ("false", False)]
+)
+def test_fused_merge_env(monkeypatch: pytest.MonkeyPatch, value: str, fused: bool) -> None:
+    monkeypatch.setenv(da.FUSED_MERGE_ENV, value)
+    assert da.fused_merge() == fused
+
+
+def test_fused_merge_env_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(da.FUSED_MERGE_ENV, "maybe")
+    with pytest.raises(ValueError, match=da.FUSED_MERGE_ENV):
+        da.fused_merge()

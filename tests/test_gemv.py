@@ -73,20 +73,35 @@ def test_rule() -> None:
     assert gemv.use_gemv(1, 6144, 4096, 2, "auto")
     assert gemv.use_gemv(8, 4096, 4096, 2, "auto")
     assert not gemv.use_gemv(1, 28672, 4096, 2, "auto")
-    assert not gemv.use_gemv(1, 4096, 14336, 2, "auto")
+    assert gemv.use_gemv(1, 4096, 14336, 2, "auto")  # down (112 MiB): round 2 only
+    assert not gemv.use_gemv(1, 4096, 14336, 2, "old")
+    assert gemv.use_gemv(1, 6144, 4096, 2, "old")
     assert not gemv.use_gemv(1, 128256, 4096, 2, "auto")
     assert gemv.use_gemv(1, 128256, 4096, 2, "all")
     assert not gemv.use_gemv(9, 16, 16, 2, "all")  # prefill sizes never
     assert not gemv.use_gemv(0, 16, 16, 2, "all")
     assert not gemv.use_gemv(1, 16, 16, 2, "cublas")
     n = gemv.GEMV_MAX_WEIGHT_BYTES // (2 * 1024)
+    assert gemv.use_gemv(2, n, 1024, 2, "old") and not gemv.use_gemv(2, n + 1, 1024, 2, "old")
+    n = gemv.GEMV2_MAX_WEIGHT_BYTES // (2 * 1024)
     assert gemv.use_gemv(2, n, 1024, 2, "auto") and not gemv.use_gemv(2, n + 1, 1024, 2, "auto")
     assert 48 * mib <= gemv.GEMV_MAX_WEIGHT_BYTES  # the q/k/v matrix above
 
 
+def test_round2_threshold_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADRACE_GEMV_MAX_MIB", "64")
+    assert gemv.use_gemv(1, 6144, 4096, 2, "auto") and gemv.use_gemv(1, 4096, 4096, 2, "auto")
+    assert not gemv.use_gemv(1, 4096, 14336, 2, "auto")  # down back on cuBLAS
+    monkeypatch.setenv("HEADRACE_GEMV_MAX_MIB", "lots")
+    with pytest.raises(ValueError, match="HEADRACE_GEMV_MAX_MIB"):
+        gemv.use_gemv(1, 6144, 4096, 2, "auto")
+    monkeypatch.delenv("HEADRACE_GEMV_MAX_MIB")
+    assert gemv.gemv2_max_weight_bytes() == gemv.GEMV2_MAX_WEIGHT_BYTES
+
+
 def test_mode_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HEADRACE_GEMV", raising=False)
-    assert gemv.gemv_mode() == "cublas"  # no measured gain on W1: opt-in
+    assert gemv.gemv_mode() == "auto"  # round 2 by default
     monkeypatch.setenv("HEADRACE_GEMV", "auto")
     assert gemv.gemv_mode() == "auto"
     monkeypatch.setenv("HEADRACE_GEMV", "fast")
@@ -134,6 +149,13 @@ def test_dense_linear_dispatches_through_the_rule(monkeypatch: pytest.MonkeyPatc
         return "gemv"
 
     monkeypatch.setattr(gemv, "gemv", fake_gemv)
+    round2: list[Any] = []
+
+    def fake_run(prologue: str, x: torch.Tensor, w: torch.Tensor, b: Any) -> str:
+        round2.append((prologue, x, w, b))
+        return "gemv2"
+
+    monkeypatch.setattr(gemv.gemv_step, "run", fake_run)
 
     class FakeCuda(torch.Tensor):
         @property
@@ -146,14 +168,17 @@ def test_dense_linear_dispatches_through_the_rule(monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     assert not calls
     fake = x.as_subclass(FakeCuda)
-    monkeypatch.setenv("HEADRACE_GEMV", "auto")
+    monkeypatch.setenv("HEADRACE_GEMV", "old")
     assert gemv.linear(fake, layer.weight, layer.bias) == "gemv"
+    monkeypatch.setenv("HEADRACE_GEMV", "auto")
+    assert gemv.linear(fake, layer.weight, layer.bias) == "gemv2"
+    assert len(round2) == 1 and round2[0][0] == "" and round2[0][3] is layer.bias
     monkeypatch.setenv("HEADRACE_GEMV", "cublas")
     assert isinstance(gemv.linear(fake, layer.weight, layer.bias), torch.Tensor)
     monkeypatch.setenv("HEADRACE_GEMV", "all")
     big = torch.randn(9, 64, dtype=torch.bfloat16).as_subclass(FakeCuda)
     assert isinstance(gemv.linear(big, layer.weight, layer.bias), torch.Tensor)  # M > 8
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(round2) == 1
     assert torch.equal(calls[0][0].as_subclass(torch.Tensor), x)
 
 
@@ -211,7 +236,7 @@ def test_bench_suggests_the_largest_size_where_the_gemv_never_loses() -> None:
     from scripts.bench_gemv import suggest_threshold
 
     def row(size: int, gemv_us: float, cublas_us: float) -> dict:
-        return {"weight_bytes": size, "gemv_us": gemv_us, "cublas_us": cublas_us}
+        return {"weight_bytes": size, "gemv2_us": gemv_us, "cublas_us": cublas_us}
 
     rows = [row(32, 8, 10), row(32, 9, 10), row(48, 12, 16), row(112, 31, 30), row(224, 50, 60)]
     assert suggest_threshold(rows) == 48  # loses at 112: nothing above counts

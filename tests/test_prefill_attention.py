@@ -108,9 +108,11 @@ def emulate_block(
     bn: int,
     window: int,
     scale_log2: float,
+    lazy: bool = False,
 ) -> np.ndarray:
     """The kernel's loop for one block in float64: rows m0..m_end-1 of q ([rows, D]); keys
-    past kv_hi zero-filled; mask only on flagged tiles; exp2 with the -inf guard."""
+    past kv_hi zero-filled; mask only on flagged tiles; exp2 with the -inf guard. lazy: the
+    v2 kernel's softmax (a row's max moves only when a tile passes it by RESCALE_LOG2)."""
     bm = b.m_end - b.m0
     d = q.shape[1]
     qt = np.zeros((bm, d))
@@ -128,6 +130,9 @@ def emulate_block(
         if masked:
             lower = limit - window if window > 0 else np.full(bm, -1)
             s[(j[None, :] > limit[:, None]) | (j[None, :] <= lower[:, None])] = -np.inf
+        if lazy:
+            l_run, o, m_run = lazy_step(s, vt, m_run, l_run, o, scale_log2)
+            continue
         m_new = np.maximum(m_run, s.max(1) * scale_log2)
         base = np.where(m_new == -np.inf, 0.0, m_new)
         corr = np.exp2(m_run - base)
@@ -139,7 +144,30 @@ def emulate_block(
     return (o * inv[:, None])[lo - b.m0 :]
 
 
-@pytest.mark.parametrize("config", [pa.CONFIGS[0], pa.CONFIGS[3]], ids=lambda c: c.name)
+def lazy_step(
+    s: np.ndarray,
+    vt: np.ndarray,
+    m_run: np.ndarray,
+    l_run: np.ndarray,
+    o: np.ndarray,
+    scale_log2: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """pf::online_softmax_lazy on one tile, then P V (row sums as the ones-column mma)."""
+    mx = s.max(1) * scale_log2
+    move = mx > m_run + pa.RESCALE_LOG2  # -inf + 8 = -inf: a first visible score moves
+    with np.errstate(invalid="ignore"):  # -inf - -inf where nothing moves: not selected
+        corr = np.where(move, np.exp2(m_run - mx), 1.0)
+    m_run = np.where(move, mx, m_run)
+    base = np.where(m_run == -np.inf, 0.0, m_run)
+    p = np.exp2(s * scale_log2 - base[:, None])
+    assert p.max(initial=0.0) <= 2**pa.RESCALE_LOG2, "the kernel's bound on P"
+    return l_run * corr + p.sum(1), o * corr[:, None] + p @ vt, m_run
+
+
+EMULATED = [pa.CONFIGS[0], pa.CONFIGS[3], *(c for c in pa.CONFIGS if c.v2)]
+
+
+@pytest.mark.parametrize("config", EMULATED, ids=lambda c: c.name)
 def test_emulated_online_softmax_equals_the_reference(config: pa.TileConfig) -> None:
     rng = np.random.default_rng(config.block_m)
     bm, bn, d = config.block_m, config.block_n, 16
@@ -156,9 +184,33 @@ def test_emulated_online_softmax_equals_the_reference(config: pa.TileConfig) -> 
             b = block_schedule(z, q_len, seq_len, group, bm, bn, window)
             assert b is not None
             got[max(b.m0, 0) : b.m_end] = emulate_block(
-                q, k, v, b, q_len, seq_len, group, bn, window, scale * pa.LOG2E
+                q, k, v, b, q_len, seq_len, group, bn, window, scale * pa.LOG2E, config.v2
             )
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_lazy_rescaling_rescales_only_past_the_threshold() -> None:
+    # Scores that climb slowly keep the first tile's max (no rescale, P up to 2^8); a jump
+    # of more than 8 (log2 units) moves it; a row that saw nothing yet takes its first max.
+    d, scale_log2 = 4, 1.0
+    vt = np.eye(d)
+    m_run, l_run, o = np.full(3, -np.inf), np.zeros(3), np.zeros((3, d))
+    s0 = np.array([[0.0, 1.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0], [-np.inf] * 4])
+    l_run, o, m_run = lazy_step(s0, vt, m_run, l_run, o, scale_log2)
+    assert m_run[0] == 3.0 and m_run[1] == 5.0 and m_run[2] == -np.inf
+    s1 = np.array([[10.0, 0.0, 0.0, 0.0], [14.0, 5.0, 5.0, 5.0], [1.0, 2.0, 0.0, 0.0]])
+    l_run, o, m_run = lazy_step(s1, vt, m_run, l_run, o, scale_log2)
+    assert m_run.tolist() == [3.0, 14.0, 2.0]  # 10 <= 3 + 8 stays; 14 > 5 + 8 moves
+    assert o[0, 0] == 1 / 8 + 2**7  # exp2(0 - 3) + exp2(10 - 3): P above 1, below 2^8
+    for row, (ss0, ss1) in enumerate(zip(s0, s1, strict=True)):
+        scores = np.concatenate([ss0, ss1])
+        p = np.exp2(scores - scores.max())
+        want = (p[:4] @ vt + p[4:] @ vt) / p.sum()
+        np.testing.assert_allclose(o[row] / l_run[row], want, rtol=1e-12)
+
+
+def test_rescale_threshold_matches_the_source() -> None:
+    assert f"constexpr float RESCALE_LOG2 = {pa.RESCALE_LOG2:g}.f;" in pa.source()
 
 
 def test_configs_match_the_source_and_fit_shared_memory() -> None:
@@ -167,8 +219,10 @@ def test_configs_match_the_source_and_fit_shared_memory() -> None:
     assert [name for _, _, name in entries] == [c.name for c in pa.CONFIGS]
     for (threads, min_blocks, name), config in zip(entries, pa.CONFIGS, strict=True):
         assert int(threads) == config.threads
+        flags = ("true" if config.v2 else "false") + (", true" if config.pipe else "")
         impl = (
-            f"pf::prefill_impl<{config.block_m}, {config.block_n}, {config.warps}, {config.stages}>"
+            f"pf::prefill_impl<{config.block_m}, {config.block_n}, {config.warps}, "
+            f"{config.stages}, {flags}>"
         )
         assert f"prefill_{name}(HR_PREFILL_ARGS) {{\n    {impl}(HR_PREFILL_PASS);" in src
         for d in pa.HEAD_DIMS:
@@ -179,6 +233,7 @@ def test_configs_match_the_source_and_fit_shared_memory() -> None:
     # 16 rows per mma tile, whole tiles per warp, copies split evenly over the threads
     for c in pa.CONFIGS:
         assert c.block_m % (16 * c.warps) == 0 and c.block_n % 16 == 0 and c.stages >= 2
+        assert not c.pipe or (c.v2 and c.stages >= 3), c.name  # the kernel's static_assert
     assert all(c.name in pa.BY_NAME for c in pa.DEFAULT_CONFIG.values())
 
 
@@ -187,6 +242,9 @@ def test_smem_bytes_follow_the_tile_layout() -> None:
     c = pa.BY_NAME["m128n64w4s2"]
     assert c.smem_bytes(128) == 1024 + 128 * 256 + 4 * 64 * 256 + 512 + 512 == 100352
     assert pa.BY_NAME["m128n64w8s3"].smem_bytes(128) == 1024 + (128 + 6 * 64) * 256 + 1024
+    # v2: 8-byte row offsets instead of 4-byte page ids (Tile::PAGE_ENTRY)
+    assert pa.BY_NAME["m128n64w4s2v2"].smem_bytes(128) == 100352 + 512
+    assert pa.BY_NAME["m128n128w8s2v2"].smem_bytes(64) == 1024 + 640 * 128 + 2048 + 512
 
 
 def test_launch_grid_orders_rows_and_bounds_the_grid() -> None:
@@ -207,6 +265,47 @@ def test_env_choice() -> None:
     assert pa.config_for("old", 128) is None
     assert pa.config_for("new", 64) == pa.DEFAULT_CONFIG[64]
     assert pa.config_for("m64n64w4s2", 128) == pa.BY_NAME["m64n64w4s2"]
+    assert pa.config_for("m128n64w4s2", 128, 16384, 4) == pa.ROUND1_CONFIG
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "max_query_len", "group", "want"),
+    [
+        (128, 2048, 4, "m128n64w4s2v2"),  # 2k prompts, 4 x 2k
+        (128, 512, 4, "m128n64w4s2v2"),  # chunked prefill
+        (128, 4095, 4, "m128n64w4s2v2"),
+        (128, 4096, 4, "m128n128w8s2v2"),  # 4k-16k prompts
+        (128, 16384, 4, "m128n128w8s2v2"),
+        (128, 2341, 7, "m128n128w8s2v2"),  # rows (token x group), not tokens, decide
+        (128, 8192, 1, "m128n64w4s2v2"),
+        (64, 16384, 4, "m128n64w4s2v2"),  # no long tile at head_dim 64
+    ],
+)
+def test_default_config_follows_the_longest_request(
+    head_dim: int, max_query_len: int, group: int, want: str
+) -> None:
+    got = pa.default_config(head_dim, max_query_len, group)
+    assert got is not None and got.name == want
+    assert pa.config_for("new", head_dim, max_query_len, group) == got
+    assert pa.default_config(96, max_query_len, group) is None
+    assert pa.ROUND1_CONFIG.name == "m128n64w4s2" and not pa.ROUND1_CONFIG.v2
+
+
+def test_new_dispatch_runs_the_shapes_tile(monkeypatch: pytest.MonkeyPatch) -> None:
+    # attention_cuda and prefill_attention_cuda pick default_config's tile from the step's
+    # max_query_len and group (8 q heads / 2 KV heads = 4 in _case).
+    calls: list[Any] = []
+    monkeypatch.setattr(pa, "_kernel", lambda dtype, head_dim, cfg: cfg.kernel_name)
+    monkeypatch.setattr(compiler, "launch", lambda *call, shmem=0: calls.append((*call, shmem)))
+    monkeypatch.setattr(pa, "LONG_CONFIG", {64: pa.BY_NAME["m128n128w8s2v2"]})
+    for q_len, want in ((70, "m128n64w4s2v2"), (pa.LONG_ROWS // 4, "m128n128w8s2v2")):
+        t = _case([q_len, 1], [q_len + 5, 40])
+        pa.attention_cuda(t["q"], t["kc"], t["md"], AttentionParams(0.125), t["out"])
+        kernel, grid, block, *_ = calls.pop()
+        assert kernel == "prefill_" + want and block == pa.BY_NAME[want].threads
+        assert tuple(grid) == (2, 2, math.ceil(q_len * 4 / 128))
+        pa.prefill_attention_cuda(t["q"], t["kc"], t["md"], AttentionParams(0.125), t["out"])
+        assert calls.pop()[0] == "prefill_" + want
 
 
 class _OnDevice(torch.Tensor):

@@ -2,9 +2,9 @@
 CPU: cp.async destinations (swizzled tiles), the lanes' ldmatrix addresses (the XOR form of
 the swizzle), the m16n8k16 fragment layouts, and P reused as the A operand of P @ V.
 
-Each address expression below is the one in cuda/prefill_attention.cu, transcribed; the
-emulated warp's S = Q K^T and O = P V must equal numpy's. A wrong lane, chunk or matrix
-order shows up as a mismatch here, not as a wrong answer on the GPU.
+Each address expression below is the one in cuda/prefill_attention.cu (or prefill_mma.cuh),
+transcribed; the emulated warp's S = Q K^T and O = P V must equal numpy's. A wrong lane,
+chunk or matrix order shows up as a mismatch here, not as a wrong answer on the GPU.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ipc.messages import KV_COMPRESSION_METHODS, check_kv_budget
 from ipc.model_folder import LOAD_FORMATS
+from worker.batch_defaults import USAGE_CONTEXTS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -38,8 +39,12 @@ class EngineConfig:
     # KV cache size when num_gpu_blocks is unset; on a GPU it replaces the sizing from
     # gpu_memory_utilization (None: that sizing; 1 GiB on CPU).
     kv_cache_memory_gb: float | None = None
-    max_num_seqs: int = 256  # requests in one step at most
-    max_num_batched_tokens: int | None = None  # token budget per step; default 8192 (512 on CPU)
+    # Requests in one step at most, and the token budget per step; None: by the device
+    # (worker/batch_defaults.py: 1024 and 16384 offline / 8192 serving on cards with
+    # >= 70 GiB, as vLLM; 256 and 8192 on other GPUs; 256 and 512 on CPU).
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    usage_context: str = "server"  # "offline" (LLM, bench, generate) or "server": defaults
     enable_chunked_prefill: bool = True  # split long prompts across steps
     enable_prefix_caching: bool = True  # reuse KV of identical prompt prefixes
     enforce_eager: bool = False  # never use CUDA graphs
@@ -90,12 +95,7 @@ class EngineConfig:
             )
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
-            )
+        self._validate_batch()
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.speculative_method not in (None, "ngram", "draft"):
@@ -135,6 +135,19 @@ class EngineConfig:
 
         self._validate_kv_compression()
 
+    def _validate_batch(self) -> None:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.usage_context not in USAGE_CONTEXTS:
+            raise ValueError(
+                f"usage_context must be one of {', '.join(USAGE_CONTEXTS)}, "
+                f"got {self.usage_context!r}"
+            )
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+
     def _validate_kv_compression(self) -> None:
         if self.kv_compression is not None and self.kv_compression not in KV_COMPRESSION_METHODS:
             raise ValueError(
@@ -156,21 +169,6 @@ class EngineConfig:
 
     def replace(self, **changes: object) -> EngineConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
-
-
-# On CPU a step of 512 tokens of a 135M model takes about a second: a long prompt is
-# prefilled in such chunks, and a running stream gets its next token between them instead
-# of waiting for the whole prompt (2,048-token steps froze streams for seconds).
-CPU_MAX_NUM_BATCHED_TOKENS = 512
-GPU_MAX_NUM_BATCHED_TOKENS = 8192
-
-
-def default_max_num_batched_tokens(
-    device_type: str, chunked_prefill: bool, max_model_len: int
-) -> int:
-    """The per-step token budget when --max-num-batched-tokens is not given."""
-    budget = CPU_MAX_NUM_BATCHED_TOKENS if device_type == "cpu" else GPU_MAX_NUM_BATCHED_TOKENS
-    return budget if chunked_prefill else max(budget, max_model_len)
 
 
 @dataclass(frozen=True)

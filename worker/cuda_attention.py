@@ -11,12 +11,14 @@ reference inside the kernel wrappers.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from cuda.kv_write_kernel import write_kv_cuda
 from cuda.prefill_attention import attention_cuda, choice_from_env
 from worker.attention import AttentionMetadata, AttentionParams, PagedBackend
+from worker.decode_workspace import MAX_SPLITS, workspace_numel
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class CudaAttention(PagedBackend):
         params: AttentionParams,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
-        workspace = self._workspace(q, md)
+        workspace = self._workspace(q, md, kv_cache.shape[3])
         return attention_cuda(q, kv_cache, md, params, out, workspace, self.prefill_kernel)
 
     @staticmethod
@@ -59,13 +61,20 @@ class CudaAttention(PagedBackend):
             return f"dtype {dtype} has no CUDA kernel (kernels take bf16/fp16)"
         return None
 
-    def _workspace(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor | None:
+    def _workspace(
+        self, q: torch.Tensor, md: AttentionMetadata, kv_heads: int
+    ) -> torch.Tensor | None:
         if md.max_query_len != 1:
             return None
-        from cuda.paged_attention_kernels import decode_workspace_numel
+        from cuda.paged_attention_kernels import num_sms
 
+        # Large batches take few splits: sized by worker/decode_workspace.py's bound
+        # (HEADRACE_DECODE_WORKSPACE=max: 64 splits per row, as before).
         batch = md.seq_lens.shape[0]
-        need = decode_workspace_numel(batch, q.shape[1], q.shape[2], 64)
+        if os.environ.get("HEADRACE_DECODE_WORKSPACE") == "max":
+            need = batch * q.shape[1] * MAX_SPLITS * (q.shape[2] + 1)
+        else:
+            need = workspace_numel(batch, q.shape[1], kv_heads, q.shape[2], num_sms(q.device))
         if self.workspace is None or self.workspace.numel() < need:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("decode workspace must be sized before graph capture")

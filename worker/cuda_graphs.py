@@ -56,9 +56,16 @@ log = logging.getLogger(__name__)
 GREEDY_MAX_BS = 64  # largest decode bucket with a greedy graph (its logits: bs x V fp32)
 
 
+MAX_GRAPH_BS = 1024  # larger steps run eagerly (their launches are < 3% of such a step)
+
+
 def bucket_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8, *list(range(16, 257, 16)), *list(range(288, 513, 32))]
-    top = min(max_num_seqs, 512)
+    """Batch sizes that get a graph: every 16 up to 256, then every 32 up to 1024 (a step
+    of that many rows is compute-bound in its GEMMs, so padding costs its share), and
+    max_num_seqs itself. 44 graphs at 1024 (vLLM stops at 512 and runs larger steps eagerly;
+    ours would then pay the eager host path, not only the launches)."""
+    sizes = [1, 2, 4, 8, *range(16, 257, 16), *range(288, MAX_GRAPH_BS + 1, 32)]
+    top = min(max_num_seqs, MAX_GRAPH_BS)
     out = [s for s in sizes if s < top] + [top]
     return sorted(set(out))
 

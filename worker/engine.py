@@ -24,7 +24,8 @@ from ipc.model_folder import ModelFiles, open_model
 from ipc.sampling import check_request
 from worker import progress
 from worker.async_step import AsyncStepper
-from worker.config import EngineConfig, SchedulerConfig, default_max_num_batched_tokens
+from worker.batch_defaults import device_batch_defaults, resolve_batch_limits
+from worker.config import EngineConfig, SchedulerConfig
 from worker.generation_defaults import sampling_defaults
 from worker.kv_cache import KVCacheManager
 from worker.model_config import ModelConfig
@@ -53,11 +54,10 @@ class EngineCore:
         config.validate()
         self.config = config
         self._open_checkpoint()
+        self.config = config = self._with_batch_limits(config)
         self.runner = self._load_model()
         self.runner.kv_compressor.configure(config, self.model_config)  # or a ValueError
-        max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
-            self.device.type, config.enable_chunked_prefill, self.max_model_len
-        )
+        max_batched = self.max_num_batched_tokens
         num_blocks = self._num_kv_blocks(max_batched)
         self._allocate_kv_cache(num_blocks, max_batched)
         mc = self.model_config
@@ -153,6 +153,21 @@ class EngineCore:
         )
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
 
+    def _with_batch_limits(self, config: EngineConfig) -> EngineConfig:
+        """The config with max_num_seqs and max_num_batched_tokens set (the device's
+        defaults for those not given, worker/batch_defaults.py)."""
+        defaults = device_batch_defaults(self.device, config.usage_context)
+        seqs, tokens = resolve_batch_limits(
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            defaults,
+            config.enable_chunked_prefill,
+            self.max_model_len,
+        )
+        self.max_num_seqs, self.max_num_batched_tokens = seqs, tokens
+        log.info("batch limits: max_num_seqs %d, max_num_batched_tokens %d", seqs, tokens)
+        return config.replace(max_num_seqs=seqs, max_num_batched_tokens=tokens)
+
     def _load_model(self) -> ModelRunner:
         config, mc = self.config, self.model_config
         t0 = time.perf_counter()
@@ -195,7 +210,7 @@ class EngineCore:
             from worker.cuda_graphs import GraphShapes
 
             shapes = GraphShapes(
-                config.max_num_seqs,
+                self.max_num_seqs,
                 self.max_model_len,
                 config.block_size,
                 config.num_speculative_tokens,
@@ -205,7 +220,7 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
+                max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=max_batched,
                 max_model_len=self.max_model_len,
                 enable_chunked_prefill=config.enable_chunked_prefill,
@@ -224,7 +239,9 @@ class EngineCore:
         elif c.kv_cache_memory_gb is not None:
             budget = self._fixed_gpu_kv_budget(c.kv_cache_memory_gb, max_batched_tokens)
         else:
-            budget = self.runner.profile_free_memory(max_batched_tokens, c.gpu_memory_utilization)
+            budget = self.runner.profile_free_memory(
+                max_batched_tokens, c.gpu_memory_utilization, self.max_num_seqs
+            )
         draft = self._draft_model_config()
         if draft is not None:
             # The draft model lives in the same budget: its weights, and a KV block beside
@@ -249,7 +266,7 @@ class EngineCore:
         so several engines can share a card.
         """
         budget = int(gb * GiB)
-        room = self.runner.profile_free_memory(max_batched_tokens, 1.0)
+        room = self.runner.profile_free_memory(max_batched_tokens, 1.0, self.max_num_seqs)
         if budget > room:
             raise ValueError(
                 f"--kv-cache-memory-gb {gb:g} does not fit: {room / GiB:.2f} GiB of GPU memory "

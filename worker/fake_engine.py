@@ -89,7 +89,7 @@ class FakeEngineCore:
         tok_path = config.tokenizer or config.model
         vocab_size, self.text_ids = _tokenizer_vocab_and_text(tok_path)
         self.max_model_len = config.max_model_len or _context_len(config.model)
-        self.max_num_seqs = config.max_num_seqs
+        self.max_num_seqs = config.max_num_seqs or 256  # None: the CPU default
         self.model_info = ModelInfo(
             model_name=config.served_model_name or config.model,
             model_path=config.model,

@@ -260,11 +260,14 @@ class ModelRunner:
         return self.sampling_rows.batch(reqs, steps, bitmask)
 
     @torch.inference_mode()
-    def profile_free_memory(self, max_num_batched_tokens: int, utilization: float) -> int:
+    def profile_free_memory(
+        self, max_num_batched_tokens: int, utilization: float, max_num_seqs: int = 256
+    ) -> int:
         """Bytes left for the KV cache after a worst-case step, within `utilization`.
 
         Runs one prefill of `max_num_batched_tokens` tokens against a one-block scratch
-        cache (all tokens' slots point at it: the values are garbage, the peak is real).
+        cache (all tokens' slots point at it: the values are garbage, the peak is real),
+        and the LM head over as many rows as a step samples at most (`max_num_seqs`).
         """
         from worker.attention import AttentionMetadata
 
@@ -292,7 +295,7 @@ class ModelRunner:
         ids = torch.zeros(T, dtype=torch.long, device=self.device)
         pos = torch.arange(T, device=self.device) % block
         hidden = self.model(ids, pos, scratch, md)
-        self.model.compute_logits(hidden[-min(T, 256) :])
+        self.model.compute_logits(hidden[-min(T, max_num_seqs) :])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del scratch, hidden

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ipc.messages import FinishReason
 from worker.config import SchedulerConfig
 from worker.kv_cache import Block, KVCacheManager
+from worker.kv_reserve import final_blocks, outstanding_growth, reserve_enabled
 from worker.request import Request, RequestStatus
 
 
@@ -63,6 +64,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.reserve = reserve_enabled()  # HEADRACE_ADMISSION=reserve (worker/kv_reserve.py)
 
     # ---- request lifecycle -------------------------------------------------------------------
     def check_new_id(self, request_id: str, also_taken: Container[str] = ()) -> None:
@@ -154,6 +156,8 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests, first come first served (not in a step that had to preempt).
+        max_len = self.config.max_model_len
+        reserve = outstanding_growth(self.running, self.kv, max_len) if self.reserve else -1
         while (
             self.waiting
             and budget > 0
@@ -171,8 +175,12 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
+            if reserve >= 0 and self._no_room(req, len(hits), reserve):
+                break  # HEADRACE_ADMISSION=reserve: no room for everyone's full length
             if not self.kv.allocate_slots(req, num_new, hits, num_lookahead_tokens=lookahead):
                 break
+            if reserve >= 0:
+                reserve += self._full_length(req) - len(self.kv.block_table(req.request_id))
             self.waiting.popleft()
             if req.status == RequestStatus.WAITING:  # first admission: record prefix hits
                 req.num_cached_tokens = num_hit_tokens
@@ -185,6 +193,15 @@ class Scheduler:
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return self._with_block_tables(out)
+
+    def _full_length(self, req: Request) -> int:
+        return final_blocks(req, self.kv.block_size, self.config.max_model_len)
+
+    def _no_room(self, req: Request, num_hits: int, reserve: int) -> bool:
+        """Would admitting `req` leave too few blocks for every request's full length?
+        Alone, a request always runs (and is preempted if it must)."""
+        need = self._full_length(req) - num_hits + reserve
+        return bool(self.running) and need > self.kv.num_free_blocks
 
     def _with_block_tables(self, out: SchedulerOutput) -> SchedulerOutput:
         """What the model runner needs of the KV manager: each request's block table."""
@@ -278,10 +295,12 @@ class Scheduler:
         return results
 
     def _finishes_in_flight(self, req: Request) -> bool:
-        """Will the token in flight end `req` by length (known before the token is)?"""
+        """Will the token in flight end `req` by length (known before the token is)?
+        (Attributes, not the properties: this runs per running request per step.)"""
+        placeholders = req.num_placeholders
         return (
-            req.num_output_tokens + req.num_placeholders >= req.max_tokens
-            or req.num_tokens >= self.config.max_model_len
+            len(req.output_token_ids) + placeholders >= req.params.max_tokens  # type: ignore[operator]
+            or len(req.all_token_ids) + placeholders >= self.config.max_model_len
         )
 
     def _preempt(self, req: Request) -> None:

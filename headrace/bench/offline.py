@@ -112,6 +112,7 @@ def run_engine(
         engine.add_request(EngineRequest(f"b{i}", prompt, params, arrival_time=t0))
     bar = tqdm(total=len(prompts), desc=w.name, unit="req", disable=not progress)
     steps = 0
+    preempted0 = _preemptions(engine)
     while engine.has_unfinished_requests():
         outs = engine.step()
         steps += 1
@@ -138,7 +139,13 @@ def run_engine(
         "total_tok_s": (out_tokens + sum(w.prompt_lens)) / elapsed,
         "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
         "tpot_mean_ms": 1000 * sum(tpot) / len(tpot) if tpot else None,
+        "preemptions": _preemptions(engine) - preempted0,
     }
+
+
+def _preemptions(engine: Any) -> int:
+    sched = getattr(engine, "scheduler", None)
+    return int(getattr(sched, "num_preemptions", 0))
 
 
 def measure_copy_bandwidth() -> float:
@@ -247,9 +254,9 @@ def _main(args: argparse.Namespace, default_workload: str) -> int:
     --hf-requests, the HF baseline, whose failure (OOM, an exception) is recorded in the
     JSON as hf_generate.error without losing the engine's result (still exit 0)."""
     w = make_workload(args.workload or default_workload, args.num_requests, args.workload_seed)
-    if w.name == "W1" and args.max_num_seqs == 256:
+    if w.name == "W1" and args.max_num_seqs is None:
         args.max_num_seqs = 1  # one request: capture only the batch-1 graph
-    config = engine_config_from_args(args)
+    config = engine_config_from_args(args, usage_context="offline")
     result: dict[str, Any] = {
         "workload": w.name,
         "requests": len(w.prompt_lens),
@@ -284,6 +291,9 @@ def _bench_engine(
     with start_engine(config) as engine:
         result["startup_s"] = time.perf_counter() - t
         result["num_kv_blocks"] = engine.kv.num_blocks
+        # The limits it ran with (the device's defaults where no flag gave them).
+        result["max_num_seqs"] = engine.config.max_num_seqs
+        result["max_num_batched_tokens"] = engine.config.max_num_batched_tokens
         # Warm-up: one short request through every path (prefill, decode, graphs).
         run_engine(engine, Workload("warmup", [64], [16]), args.workload_seed, progress=False)
         timeline = StepTimeline(engine).attach() if getattr(args, "profile", False) else None
@@ -333,6 +343,11 @@ def summary_line(result: dict[str, Any]) -> str:
     line = f"{result['workload']}: {r['output_tok_s']:.1f} output tok/s, {r['total_tok_s']:.1f} total tok/s"
     if r["tpot_mean_ms"]:
         line += f", TPOT {r['tpot_mean_ms']:.2f} ms"
+    if "max_num_seqs" in result:
+        line += (
+            f" [max_num_seqs {result['max_num_seqs']}, max_num_batched_tokens "
+            f"{result['max_num_batched_tokens']}, {r.get('preemptions', 0)} preemptions]"
+        )
     if "roofline" in result:
         rl = result["roofline"]
         line += f" ({rl['weights']} weights, {rl['kv_cache_dtype']} KV, {result['num_kv_blocks']}"

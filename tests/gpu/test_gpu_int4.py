@@ -199,10 +199,12 @@ def test_split_gemv_on_weights_as_the_loader_stores_them(method: str, kwargs: di
         assert (y.float() - want).abs().max() <= 0.02 * want.abs().max()
 
 
-def test_split_gemv_graph_replay_equals_eager() -> None:
+def test_split_gemv_graph_replay_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """A split launch (the last-block sum and its counters) replayed in a graph: equal to
     eager bit for bit, twice, and right for new inputs."""
     from cuda import int4_gemv as sk
+
+    monkeypatch.setattr(ig, "GEMV_IMPL", "split")
 
     w = gpu_weight(4096, 14336, 128, perm=False, seed=97)
     x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)

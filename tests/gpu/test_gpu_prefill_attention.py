@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from cuda import prefill_attention as pa
-from cuda.paged_attention import AttentionParams
+from cuda.kv_write import quantize_kv
+from cuda.paged_attention import AttentionParams, paged_attention_ref
 from tests.gpu.test_gpu_kernels import CONTEXTS, Batch
 
 pytestmark = [
@@ -27,6 +28,7 @@ DTYPES = [torch.bfloat16, torch.float16]
 GROUPS = [1, 3, 4, 7]
 DEFAULT = pa.DEFAULT_CONFIG[128]
 OTHERS = [c for c in pa.CONFIGS if c != DEFAULT]
+V2 = [c for c in pa.CONFIGS if c.v2]
 
 
 def mixed_reqs(rnd: random.Random) -> list[tuple[int, int]]:
@@ -171,3 +173,75 @@ def test_cuda_graph_replay_at_other_lengths() -> None:
     graph.replay()
     torch.cuda.synchronize()
     check(batch, out)
+
+
+def scale_keys_per_page(batch: Batch, rnd: random.Random, climb: bool) -> None:
+    """Multiplies each request's K pages by a factor: climbing along the sequence (scores
+    whose max keeps moving up by small steps and, at the steep end, by more than
+    RESCALE_LOG2 per tile) or random in [0.05, 6] (jumps up and down)."""
+    bs = batch.kv_cache.shape[2]
+    for r, (_, seq_len) in enumerate(batch.reqs):
+        for b in range((seq_len + bs - 1) // bs):
+            f = 0.2 + 0.02 * b if climb else rnd.uniform(0.05, 6.0)
+            batch.kv_cache[0, int(batch.block_tables[r, b])] *= f
+
+
+@pytest.mark.parametrize("climb", [True, False], ids=["climbing", "jumping"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("config", [*V2, pa.ROUND1_CONFIG], ids=lambda c: c.name)
+def test_moving_maxima(config: pa.TileConfig, dtype: torch.dtype, climb: bool) -> None:
+    # v2's lazy rescaling: rows whose running max moves often and far (and not at all).
+    rnd = random.Random()
+    reqs = [(rnd.randint(200, 900), rnd.randint(900, 2500)) for _ in range(3)]
+    reqs += [(s, s) for s in (rnd.randint(500, 1500), 77)]
+    batch = new_batch(rnd, rnd.choice([3, 4]), rnd.choice([64, 128]), 16, dtype, reqs=reqs)
+    scale_keys_per_page(batch, rnd, climb)
+    check(batch, run_new(batch, config))
+
+
+def test_v2_and_round_1_agree() -> None:
+    rnd = random.Random()
+    batch = new_batch(rnd, 4, 128, 16, torch.bfloat16)
+    r1 = run_new(batch, pa.ROUND1_CONFIG)
+    check(batch, r1)
+    for config in V2:
+        out = run_new(batch, config)
+        check(batch, out)
+        # the same math but for the rounding of P (v2's is unnormalized, up to 2^8)
+        assert (out.float() - r1.float()).abs().mean().item() < 1e-2, config.name
+
+
+def test_long_prompt_runs_the_long_tile() -> None:
+    # Past LONG_ROWS rows `new` switches to 128-key tiles: a 4k-token prompt and a chunk.
+    rnd = random.Random()
+    q_len = pa.LONG_ROWS // 4 + rnd.randint(0, 300)
+    reqs = [(q_len, q_len), (rnd.randint(100, 900), rnd.randint(1000, 3000))]
+    batch = new_batch(rnd, 4, 128, 16, torch.bfloat16, reqs=reqs, num_kv_heads=8)
+    md = batch.metadata()
+    assert pa.default_config(128, md.max_query_len, 4) == pa.LONG_CONFIG[128]
+    out = torch.full_like(batch.q, float("nan"))
+    pa.attention_cuda(batch.q, batch.kv_cache, md, AttentionParams(batch.scale), out)
+    torch.cuda.synchronize()
+    check(batch, out)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_fp8_kv_prefill_takes_the_old_kernel(dtype: torch.dtype, block_size: int) -> None:
+    # The tile kernel takes 16-bit caches only; `new` sends FP8 ones to the older kernel.
+    rnd = random.Random()
+    batch = new_batch(rnd, rnd.choice(GROUPS), rnd.choice([64, 128]), block_size, dtype)
+    k_scale, v_scale = 0.5, 0.25
+    cache16 = batch.kv_cache
+    batch.kv_cache = torch.stack(
+        [quantize_kv(cache16[0], k_scale), quantize_kv(cache16[1], v_scale)]
+    )
+    md = batch.metadata()
+    assert "dtype" in str(pa.unsupported_reason(batch.q, batch.kv_cache, md))
+    params = AttentionParams(batch.scale, k_scale=k_scale, v_scale=v_scale)
+    out = torch.full_like(batch.q, float("nan"))
+    pa.attention_cuda(batch.q, batch.kv_cache, md, params, out)
+    torch.cuda.synchronize()
+    want = paged_attention_ref(batch.q.float(), batch.kv_cache, md, params)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)

@@ -177,8 +177,19 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
     ) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.out_reduce(self.o_proj(self.attend(positions, self.qkv_proj(x), kv_cache, md)))
+
+    def attend(
+        self,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,  # [T, q_size + 2 kv_size]: the q/k/v projection's output
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+    ) -> torch.Tensor:
+        """forward() between the q/k/v and o projections: [T, q_size] for o_proj (the fused
+        batch-1 step, worker/models/fused_step.py, runs the projections itself)."""
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -193,7 +204,7 @@ class Attention(nn.Module):
             self.scale, self.sliding_window, self.k_scale, self.v_scale, kv_written=written
         )
         o = self.backend(q, k, v, kv_cache, md, params)  # [T, Hq, D]
-        return self.out_reduce(self.o_proj(o.reshape(T, self.q_size)))
+        return o.reshape(T, self.q_size)
 
 
 def number_layers(model: nn.Module) -> None:

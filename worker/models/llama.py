@@ -20,6 +20,7 @@ from torch import nn
 
 from worker.attention import AttentionBackend, AttentionMetadata
 from worker.model_config import ModelConfig
+from worker.models import fused_step
 from worker.models.base import CausalLM
 from worker.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
 from worker.models.weights import Target
@@ -49,7 +50,9 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # residual None: x is the hidden state
+        if fused_step.applies(self, x):  # batch-1 decode: norms and adds inside the GEMVs
+            return fused_step.layer_forward(self, positions, x, residual, kv_cache, md)
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(positions, h, kv_cache, md)
         h, residual = self.post_attention_layernorm(h, residual)

@@ -10,7 +10,7 @@ profile's forward, the KV block count's minimum, the graph captures.
 
 from __future__ import annotations
 
-from worker.config import EngineConfig, default_max_num_batched_tokens
+from worker.config import EngineConfig
 from worker.engine import EngineCore
 from worker.model_runner import ModelRunner
 from worker.parallel.plan import ShardPlan, check_checkpoint_splits
@@ -70,8 +70,7 @@ class TpFollowerEngine(TpEngineCore):
         # As EngineCore.__init__ up to the KV cache (tests/test_tensor_parallel.py runs
         # followers against a leader, which hangs if the two ever differ).
         self._open_checkpoint()
+        self.config = config = self._with_batch_limits(config)  # as the leader's
         self.runner = self._load_model()
-        max_batched = config.max_num_batched_tokens or default_max_num_batched_tokens(
-            self.device.type, config.enable_chunked_prefill, self.max_model_len
-        )
+        max_batched = self.max_num_batched_tokens
         self._allocate_kv_cache(self._num_kv_blocks(max_batched), max_batched)

@@ -56,7 +56,9 @@ class Target:
 
 def draft_extra_blocks(config: EngineConfig) -> int:
     """KV blocks a draft model needs beyond the target's: k slots per request (the draft
-    holds the same tokens as the target, plus the proposals it fed)."""
+    holds the same tokens as the target, plus the proposals it fed). `config` has its
+    batch limits resolved (EngineCore._with_batch_limits)."""
+    assert config.max_num_seqs is not None
     return config.max_num_seqs * -(-config.num_speculative_tokens // config.block_size)
 
 
@@ -73,6 +75,7 @@ def make_proposer(config: EngineConfig, target: Target) -> Proposer | None:
 
     proposer = DraftProposer(config, target)
     if target.device.type == "cuda" and not config.enforce_eager:
+        assert config.max_num_seqs is not None  # resolved by the engine
         proposer.capture_cuda_graphs(config.max_num_seqs)
     return proposer
 

@@ -1,0 +1,228 @@
+// W4A16 decode GEMV on tensor cores, reading the rows layout as it is (cuda/int4_gemm.cu
+// draws it: qw uint32 [N, K / 8], nibble j of word w = input 8 w + j). Up to 8 rows of x in
+// one launch at the cost of one. Compiled by NVRTC; HR_BF16 picks the activation dtype.
+//
+// Work split: block = one 16-channel tile (blockIdx.x) and MW_WK warps that split its K
+// into contiguous runs of 128-input k-blocks; a shared-memory sum at the end (no workspace,
+// no atomics: deterministic and graph-safe). Per k-block a lane (g = lane / 4, c = lane % 4)
+// loads two 16-byte weight vectors, channels g and g + 8, inputs 32 c .. 32 c + 31 (the
+// warp: 16 channels x 64 contiguous bytes), U k-blocks' worth before any math. PF = 1:
+// then the next U k-blocks are prefetched into L2 (prefetch.global.L2 holds no registers),
+// so a warp keeps ~2 U k-blocks in flight at the 64 registers that give 32 warps an SM.
+//
+// Math: mma.m16n8k16 with A = 16 channels x 16 inputs of W (exact small integers q - z),
+// B = x^T (16 inputs x 8 rows of x), fp32 accumulate, so every product is exact and the
+// sum is fp32; one k-block lies in one group (group_size % 128 == 0), its sum is scaled
+// once: y += s * sum(x (q - z)). mma only needs A's and B's columns to name the same inputs,
+// so k-step 2 i + t (word i of the lane's vector) maps column 2 c + h + 8 j to input
+// 32 c + 8 i + 2 t + j + 4 h: A's pairs are then (nibble s, nibble s + 4), which one LOP3
+// of (word >> 4 s) & 0x000F000F | magic makes 16-bit numbers (fp16 1024 + q; bf16 128 + q)
+// and one FMA2 turns into q - z (the zero point folded into the constant); x's pairs
+// (x_s, x_s+4) are one PRMT each. fp16 skips the shifts for odd s: 0x00F000F0 | 0x6400 is
+// 1024 + 16 q, and FMA2 by 1/16 minus (64 + z) gives q - z (bf16's 7-bit mantissa cannot).
+// SASS (sm_90, U = 2): ~174 instructions a lane per k-block of 64 weights in bf16 (~164 in
+// fp16): 32 LOP3 + 32 HADD2 + 24 SHF (fp16: 8) + 16 PRMT + 8 HMMA + 10 loads + ~50 of
+// addressing, scales and the loop; ~2.7 a weight, against gemv_m1's ~5.2 (670 a loop of 128
+// weights a lane), which ncu found issue-bound (SM 70%, ALU 60%, DRAM 47% on 8B gate_up).
+// At 4 warp-instructions a clock an SM, 174 a warp's k-block (1 KB of weights) caps the
+// kernel near 5.9 TB/s of issue, above the 4.2 TB/s copy bandwidth (gemv_m1: ~3.1).
+
+#include "elem2_type.cuh"  // elem_t, from_f for HR_BF16
+
+constexpr int MW_KB = 128;  // inputs per k-block
+
+#if HR_BF16
+#define MW_MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#define MW_FMA2 "fma.rn.bf16x2"
+constexpr unsigned int MW_MAGIC = 0x43004300u;  // 128.0 pair
+constexpr unsigned int MW_ONE = 0x3F803F80u;
+#else
+#define MW_MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#define MW_FMA2 "fma.rn.f16x2"
+constexpr unsigned int MW_MAGIC = 0x64006400u;  // 1024.0 pair
+constexpr unsigned int MW_ONE = 0x3C003C00u;
+constexpr unsigned int MW_SIXTEENTH = 0x2C002C00u;  // 1/16 pair
+#endif
+
+__device__ __forceinline__ uint4 mw_ld_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void mw_prefetch(const uint4* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+__device__ __forceinline__ unsigned int mw_fma2(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm(MW_FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// The constants that make (magic | nibbles) q - z for a zero point z (0..16), on both
+// 16-bit lanes, as integer bit patterns (one IMAD each, no float conversions): lo for
+// nibbles at bits 0-3 of each half, -(magic + z): bf16 -(128 + z) = 0xC300 + z, fp16
+// -(1024 + z) = 0xE400 + z (both step 1 there); hi (fp16) for bits 4-7, -(magic / 16 + z):
+// -(64 + z) = 0xD400 + 16 z (fp16 steps 1/16 in [64, 128)).
+struct MwZero {
+    unsigned int lo, hi;
+};
+
+__device__ __forceinline__ MwZero mw_zero(unsigned int z) {
+#if HR_BF16
+    return {0xC300C300u + z * 0x00010001u, 0u};
+#else
+    return {0xE400E400u + z * 0x00010001u, 0xD400D400u + z * 0x00100010u};
+#endif
+}
+
+// q[s] = (nibble s - z, nibble s + 4 - z) of word w as a 16-bit pair, s = 0..3. `lo` is
+// 0x000F000F in a register: the kernel takes it as an argument (lo_mask), because as a
+// known constant next to the magic immediate ptxas re-made it with a MOV before every LOP3
+// (26 of ~200 instructions a k-block).
+__device__ __forceinline__ void mw_dequant(unsigned int w, MwZero z, unsigned int lo, unsigned int (&q)[4]) {
+#if HR_BF16
+#pragma unroll
+    for (int s = 0; s < 4; ++s) q[s] = mw_fma2(((w >> (4 * s)) & lo) | MW_MAGIC, MW_ONE, z.lo);
+#else
+    const unsigned int w8 = w >> 8, hi = lo << 4;
+    q[0] = mw_fma2((w & lo) | MW_MAGIC, MW_ONE, z.lo);
+    q[1] = mw_fma2((w & hi) | MW_MAGIC, MW_SIXTEENTH, z.hi);
+    q[2] = mw_fma2((w8 & lo) | MW_MAGIC, MW_ONE, z.lo);
+    q[3] = mw_fma2((w8 & hi) | MW_MAGIC, MW_SIXTEENTH, z.hi);
+#endif
+}
+
+__device__ __forceinline__ void mw_mma(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
+                                       unsigned int a3, unsigned int b0, unsigned int b1) {
+    asm volatile(MW_MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned int mw_word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// One k-block: t += the 16 x 8 tile's 8 k-steps. wl / wh: channels g / g + 8; xr: the
+// lane's 32 inputs of its x row (4 uint4).
+__device__ __forceinline__ void mw_kblock(float (&t)[4], uint4 wl, uint4 wh, MwZero zl, MwZero zh,
+                                          const uint4* __restrict__ xr, unsigned int lo) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint4 xv = __ldg(xr + i);  // inputs 8 i .. 8 i + 7 (pairs (0,1) (2,3) (4,5) (6,7))
+        const unsigned int b00 = __byte_perm(xv.x, xv.z, 0x5410), b01 = __byte_perm(xv.x, xv.z, 0x7632);
+        const unsigned int b10 = __byte_perm(xv.y, xv.w, 0x5410), b11 = __byte_perm(xv.y, xv.w, 0x7632);
+        unsigned int ql[4], qh[4];
+        mw_dequant(mw_word(wl, i), zl, lo, ql);
+        mw_dequant(mw_word(wh, i), zh, lo, qh);
+        mw_mma(t, ql[0], qh[0], ql[1], qh[1], b00, b01);  // t = 0: inputs 0, 4 | 1, 5
+        mw_mma(t, ql[2], qh[2], ql[3], qh[3], b10, b11);  // t = 1: inputs 2, 6 | 3, 7
+    }
+}
+
+#define HR_MW_ARGS                                                                              \
+    const elem_t *__restrict__ x, long long x_stride, const uint4 *__restrict__ qw,          \
+        const __half *__restrict__ scales, const unsigned char *__restrict__ zeros,             \
+        elem_t *__restrict__ y, long long y_stride, int N, int K, int group_size, int M, int lo_mask
+#define HR_MW_PASS x, x_stride, qw, scales, zeros, y, y_stride, N, K, group_size, M, lo_mask
+
+template <int WK, int U, int PF>
+__device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
+    __shared__ float red[WK][4][32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane >> 2, c = lane & 3;
+    const int KB = K / MW_KB, G = K / group_size, bpg = group_size / MW_KB;
+    const int per = (KB + WK - 1) / WK;
+    const int b0 = warp * per, b1 = min(KB, b0 + per);
+    // Channels past N (N % 16 != 0) re-read row N - 1; their outputs are not written.
+    const int ch = blockIdx.x * 16 + g;
+    const int nl = min(ch, N - 1), nh = min(ch + 8, N - 1);
+    // Pointers at k-block b0, stepped U k-blocks a round (no 64-bit index math per load).
+    const uint4* wlp = qw + (long long)nl * (K / 32) + c + 4 * b0;
+    const uint4* whp = qw + (long long)nh * (K / 32) + c + 4 * b0;
+    // B column g is x row g; lanes past the last row re-read row 0 (columns >= M not written).
+    const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)(g < M ? g : 0) * x_stride) + 4 * c + 16 * b0;
+    const __half* slp = scales + (long long)nl * G;
+    const __half* shp = scales + (long long)nh * G;
+    const unsigned char* zlp = zeros + (long long)nl * G;
+    const unsigned char* zhp = zeros + (long long)nh * G;
+    const unsigned int lo = (unsigned int)lo_mask;  // 0x000F000F (mw_dequant)
+    // The warp walks its k-blocks in order: the group changes every bpg (no division a block).
+    int gi = b0 / bpg, g_next = (gi + 1) * bpg;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int b = b0; b < b1; b += U, wlp += 4 * U, whp += 4 * U, xr += 16 * U) {
+        if (PF) {  // the next round (first: no registers are live yet)
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (b + U + u < b1) {
+                    mw_prefetch(wlp + 4 * (U + u));
+                    mw_prefetch(whp + 4 * (U + u));
+                }
+            }
+        }
+        uint4 wl[U], wh[U];
+        float sl[U], sh[U];
+        unsigned int zl[U], zh[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (b + u < b1) {
+                wl[u] = mw_ld_stream(wlp + 4 * u);
+                wh[u] = mw_ld_stream(whp + 4 * u);
+                if (b + u == g_next) {
+                    ++gi;
+                    g_next += bpg;
+                }
+                sl[u] = __half2float(__ldg(slp + gi));
+                sh[u] = __half2float(__ldg(shp + gi));
+                zl[u] = __ldg(zlp + gi);
+                zh[u] = __ldg(zhp + gi);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (b + u < b1) {
+                float t[4] = {0.f, 0.f, 0.f, 0.f};
+                mw_kblock(t, wl[u], wh[u], mw_zero(zl[u]), mw_zero(zh[u]), xr + 16 * u, lo);
+                acc[0] = fmaf(sl[u], t[0], acc[0]);  // C: (channel g, x rows 2c, 2c + 1),
+                acc[1] = fmaf(sl[u], t[1], acc[1]);  //    (channel g + 8, x rows 2c, 2c + 1)
+                acc[2] = fmaf(sh[u], t[2], acc[2]);
+                acc[3] = fmaf(sh[u], t[3], acc[3]);
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red[warp][j][lane] = acc[j];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < WK; ++w) v += red[w][j][lane];
+        const int m = 2 * c + (j & 1);
+        const int n = j < 2 ? ch : ch + 8;
+        if (m < M && n < N) y[m * y_stride + n] = from_f(v);
+    }
+}
+
+// mma_gemv_w{WK}_u{U}[_pf]: WK warps a block split K, U k-blocks loaded together per warp,
+// _pf: the next U prefetched. cuda/int4_mma_gemv.py's VARIANTS lists the same set. U = 2 is
+// capped at 64 registers (32 warps an SM, no spills); U = 4 needs ~96 (80 spills), so it
+// keeps ~20 warps an SM.
+#define HR_MW_MIN_BLOCKS(WK, U) ((U) == 2 ? 32 / (WK) : 1)
+#define HR_MW_KERNEL(WK, U, PF, SUFFIX)                                                \
+    extern "C" __global__ void __launch_bounds__(WK * 32, HR_MW_MIN_BLOCKS(WK, U))     \
+        mma_gemv_w##WK##_u##U##SUFFIX(HR_MW_ARGS) {                                    \
+        mma_gemv<WK, U, PF>(HR_MW_PASS);                                               \
+    }
+#define HR_MW_KERNELS(WK, U) HR_MW_KERNEL(WK, U, 0, ) HR_MW_KERNEL(WK, U, 1, _pf)
+HR_MW_KERNELS(4, 2)
+HR_MW_KERNELS(4, 4)
+HR_MW_KERNELS(8, 2)
+HR_MW_KERNELS(8, 4)
+HR_MW_KERNELS(16, 2)
+HR_MW_KERNELS(16, 4)

@@ -1,0 +1,161 @@
+"""The tensor-core W4A16 decode GEMV (cuda/int4_mma_gemv.cu) on the rows layout: variants,
+the per-shape rule, launch arguments, and a CPU emulation of the kernel's fragment math.
+
+Layout: the rows layout as loaded (cuda/int4_gemm.py), no repack. A warp reads, per
+128-input k-block, 16 channels x 64 contiguous bytes (channels g and g + 8 per lane), which
+is the A operand of mma.m16n8k16 once the kernel maps mma's columns to inputs so that A's
+16-bit pairs are (nibble s, nibble s + 4) of a word: what one LOP3 extracts (the .cu says
+how). So the layout both formats load into already suits the kernel, the dequantize and
+prefill paths stay as they are, and HEADRACE_INT4_GEMV=old/split still read the same bytes.
+
+A variant is (WK, U, PF): WK warps of a block split one 16-channel tile's k-blocks into
+contiguous runs; each warp loads U k-blocks (2 U 16-byte vectors a lane) before the math,
+and with PF = 1 prefetches the next U into L2 first.
+Needs K % 128 == 0 and group_size % 128 == 0 (a k-block's mma sums over 128 inputs, so it
+must lie in one group); other shapes run the old kernels. x: up to MAX_ROWS rows a launch.
+
+The rule (`choose`), by reasoning until the GPU says otherwise (scripts/bench_int4.py
+prints every variant's time and the best per shape): U = 2 with the prefetch (64 registers:
+32 warps an SM, ~4 k-blocks in flight a warp); the most warps a block (16, 8, 4) whose grid
+still runs in one wave (tiles <= SMs x 32 / WK): ncu found gemv_m1 on 8B down at 12%
+achieved occupancy with 256 blocks of 4 warps, and a second, partial wave of blocks that
+each make one round trip to HBM costs a whole round trip more; shapes too tall for one
+wave even at 4 warps take 4 (the longest runs a warp). At most one warp per k-block.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cuda import compiler
+
+SOURCE_PATH = Path(__file__).with_name("int4_mma_gemv.cu")
+KB = 128  # inputs per k-block
+TILE_N = 16  # channels per block
+MAX_ROWS = 8  # x rows a launch (mma's B has 8 columns)
+WKS = (4, 8, 16)
+US = (2, 4)
+VARIANTS = tuple((wk, u, pf) for wk in WKS for u in US for pf in (0, 1))
+WARPS_PER_SM = 32  # resident at 64 registers (U = 2)
+SMS = 132  # H200; `plan_for` takes the real count
+LO_MASK = 0x000F000F  # an argument, not a constant, so ptxas keeps it in a register (.cu)
+
+_source: str | None = None
+
+
+def kernel_name(wk: int, u: int, pf: int) -> str:
+    return f"mma_gemv_w{wk}_u{u}" + ("_pf" if pf else "")
+
+
+def kernel_names() -> list[str]:
+    return [kernel_name(*v) for v in VARIANTS]
+
+
+def supported(n: int, k: int, group_size: int) -> bool:
+    return n > 0 and k % KB == 0 and group_size % KB == 0 and k % group_size == 0
+
+
+@functools.lru_cache(maxsize=1024)
+def choose(n: int, k: int, sms: int = SMS) -> tuple[int, int, int]:
+    """(WK, U, PF) for W [n, k] (module docstring)."""
+    tiles, kblocks = -(-n // TILE_N), k // KB
+    one_wave = [w for w in WKS if tiles <= sms * (WARPS_PER_SM // w) and w <= max(kblocks, 4)]
+    return (max(one_wave) if one_wave else WKS[0]), 2, 1
+
+
+def grid(n: int) -> tuple[int]:
+    return (-(-n // TILE_N),)
+
+
+def label(variant: tuple[int, int, int]) -> str:
+    """w{WK}_u{U}[_pf], as the bench and HEADRACE_INT4_MMA_VARIANT name a variant."""
+    return kernel_name(*variant).removeprefix("mma_gemv_")
+
+
+def forced_variant(text: str) -> tuple[int, int, int] | None:
+    """HEADRACE_INT4_MMA_VARIANT "w{WK}_u{U}[_pf]" (e.g. w16_u2_pf): that variant for every
+    shape (to try a bench's best in W1 without a code change); "": the rule."""
+    if not text:
+        return None
+    m = re.fullmatch(r"w(\d+)_u(\d+)(_pf)?", text)
+    variant = (int(m.group(1)), int(m.group(2)), int(bool(m.group(3)))) if m else None
+    if variant not in VARIANTS:
+        known = [label(v) for v in VARIANTS]
+        raise ValueError(f"HEADRACE_INT4_MMA_VARIANT {text!r} is not one of {known}")
+    return variant
+
+
+FORCED = forced_variant(os.environ.get("HEADRACE_INT4_MMA_VARIANT", ""))
+
+
+def source() -> str:
+    global _source
+    if _source is None:
+        _source = compiler.read_source(SOURCE_PATH)  # pastes elem2_type.cuh
+    return _source
+
+
+def module_defines(dtype: torch.dtype) -> dict[str, int | str]:
+    return {"HR_BF16": 1 if dtype == torch.bfloat16 else 0}
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return int(t.data_ptr())
+
+
+def launch_args(x: torch.Tensor, w: object, y: torch.Tensor) -> list:
+    """The kernel's arguments, in HR_MW_ARGS order (w: an Int4Weight in the rows layout)."""
+    return [
+        _ptr(x),
+        np.int64(x.stride(0)),
+        _ptr(w.qw),  # type: ignore[attr-defined]
+        _ptr(w.scales),  # type: ignore[attr-defined]
+        _ptr(w.zeros),  # type: ignore[attr-defined]
+        _ptr(y),
+        np.int64(y.stride(0)),
+        np.int32(w.out_features),  # type: ignore[attr-defined]
+        np.int32(w.in_features),  # type: ignore[attr-defined]
+        np.int32(w.group_size),  # type: ignore[attr-defined]
+        np.int32(x.shape[0]),
+        np.int32(LO_MASK),
+    ]
+
+
+def _kernel(dtype: torch.dtype, name: str) -> object:
+    mod = compiler.load_module(source(), defines=module_defines(dtype), name="int4_mma_gemv")
+    return mod.kernel(name)
+
+
+_sm_counts: dict[torch.device, int] = {}
+
+
+def _sms(device: torch.device) -> int:
+    count = _sm_counts.get(device)
+    if count is None:
+        count = _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
+
+
+def plan_for(w: object, device: torch.device) -> tuple[int, int, int]:
+    """The variant for w (an Int4Weight) on `device`: HEADRACE_INT4_MMA_VARIANT or the rule."""
+    if FORCED is not None:
+        return FORCED
+    return choose(w.out_features, w.in_features, _sms(device))  # type: ignore[attr-defined]
+
+
+def gemv(
+    x: torch.Tensor, w: object, y: torch.Tensor, variant: tuple[int, int, int] | None = None
+) -> None:
+    """y [M, N] = x [M, K] W^T for M <= 8 rows on the GPU (w: rows layout, no perm,
+    `supported`); `variant` (WK, U, PF) overrides the rule (the bench)."""
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"x rows {x.shape[0]} outside 1..{MAX_ROWS}")
+    v = variant or plan_for(w, x.device)
+    kernel = _kernel(x.dtype, kernel_name(*v))
+    compiler.launch(kernel, grid(w.out_features), v[0] * 32, *launch_args(x, w, y))  # type: ignore[attr-defined]
