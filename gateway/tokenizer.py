@@ -76,6 +76,11 @@ class Tokenizer:
     def _encode_unlocked(self, text: str, add_special_tokens: bool = True) -> Any:
         return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
+    @property
+    def raw(self) -> HFTokenizer:
+        """The `tokenizers` object itself (incremental decoding steps it directly)."""
+        return self._tok
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

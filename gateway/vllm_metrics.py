@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.histogram_bulk import observe_many
+
 if TYPE_CHECKING:
     from gateway.engine_client import EngineClient
     from gateway.sequence import SequenceState
@@ -147,9 +149,7 @@ class VllmMetrics:
         if first is None:
             return
         self.ttft.labels(model).observe(first - seq.arrival)
-        itl = self.itl.labels(model)
-        for gap in seq.itl:
-            itl.observe(gap)
+        observe_many(self.itl.labels(model), seq.itl)  # one call per request, not per token
         if seq.num_tokens > 1:
             self.tpot.labels(model).observe((seq.last_token_at - first) / (seq.num_tokens - 1))
         # The gateway sees arrival, first token and end; the worker reports the queue part.

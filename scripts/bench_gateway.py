@@ -295,10 +295,13 @@ def driver_main(args: argparse.Namespace) -> int:
             f"tcp://127.0.0.1:{zport}",
         ],
     )
+    profile = ["-m", "cProfile", "-o", args.gateway_profile] if args.gateway_profile else []
     gateway_cmd = pinned(
         gw_cpus,
         [
-            *headrace,
+            sys.executable,
+            *profile,
+            *headrace[1:],
             "gateway",
             "--worker",
             f"tcp://127.0.0.1:{zport}",
@@ -423,6 +426,11 @@ def main() -> int:
         help="gateway on CPU 0, worker and client on CPU 1 (default: if >= 2 CPUs)",
     )
     p.add_argument("--gateway-arg", action="append", default=[], help="extra gateway flag")
+    p.add_argument(
+        "--gateway-profile",
+        default=None,
+        help="run the gateway under cProfile, writing its stats to this file at exit",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every row here")
     p.add_argument("--log-dir", default="/tmp/bench_gateway_logs")

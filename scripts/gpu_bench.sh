@@ -26,6 +26,9 @@
 # new kernel per tile config / torch SDPA flash TFLOP/s at causal 2k-16k; <= 200 s).
 # Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
 # kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
+# Serving gap (issue 12): w4gap (<= 300 s: offline W3 with prefix caching off, then headrace serve with
+# the same engine args + bench serve --request-rate inf on the same 1000 W3 requests, greedy; both output
+# tok/s and the gap; scripts/w4gap.sh, logs $OUT/w4gap_*). HEADRACE_SAMPLING_BATCH=rebuild: old sampling rows.
 # Decode attention round 2 (issue 11): decode2 (<= 90 s: warm the decode modules in parallel, then
 # scripts/bench_decode.py, also the first table of bench_kernels.py --parts decode: old vs new (+ each
 # HEADRACE_DECODE_CONFIG variant) at the issue's cells, bf16 and FP8 KV, one line a cell; batch 1 at ctx
@@ -165,6 +168,7 @@ for step in $which; do
                --request-rate 4 16 64 inf --result-json "$OUT/w4_sweep.json" --plot "$OUT/w4_sweep.png" \
                --no-progress > "$OUT/w4_sweep.log" 2>&1; cat "$OUT/w4_sweep.log"
              kill "$serve_pid"; wait "$serve_pid" ;;
+    w4gap) timeout 310 bash scripts/w4gap.sh ;;
     decode2) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --only decode > "$OUT/decode2_warm.log" 2>&1
              echo "warm decode modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode2_warm.log")"
              t0=$SECONDS; timeout 65 python scripts/bench_decode.py --out "$OUT/decode2_bench.json" > "$OUT/decode2_bench.log" 2>&1

@@ -24,7 +24,9 @@ from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
 from worker.models.layers import Attention
 from worker.persistent_batch import InputBuilder, make_input_builder
+from worker.request import Request
 from worker.sampler import Sampler, SamplingBatch, compute_logprobs, plain_greedy
+from worker.sampling_rows import make_sampling_rows, rebuilt_batch
 from worker.scheduler import ScheduledRequest, SchedulerOutput
 from worker.spec_decode.verify import verify
 
@@ -77,6 +79,9 @@ class ModelRunner:
         self.dtype = dtype
         self.kv_dtype = kv_dtype or dtype  # float8_e4m3fn for --kv-cache-dtype fp8
         self.sampler = Sampler(model_config.vocab_size, eos_token_ids, seed=seed)
+        # Sampling params and penalty counts kept per row across steps, or rebuilt every
+        # step (HEADRACE_SAMPLING_BATCH=rebuild; worker/sampling_rows.py).
+        self.sampling_rows = make_sampling_rows(model_config.vocab_size, eos_token_ids, device)
         self.kv_caches: list[torch.Tensor] = []
         self.graph_runner: CudaGraphRunner | None = None
         # Speculative decoding: request id -> draft distributions q [k, V] (the draft
@@ -227,12 +232,7 @@ class ModelRunner:
             rows = [inputs.sample_rows[j][0] for j in plain]
             logits = self.model.compute_logits(take_rows(hidden, rows))  # [S, V]
             reqs = [out.scheduled[inputs.sample_sched_index[j]].request for j in plain]
-            batch = SamplingBatch(
-                params=[r.params for r in reqs],
-                prompt_token_ids=[r.prompt_token_ids for r in reqs],
-                output_token_ids=[r.output_token_ids for r in reqs],
-                bitmask=self.masks.bitmask([(r, []) for r in reqs]),
-            )
+            batch = self.sampling_batch(reqs, None, self.masks.bitmask([(r, []) for r in reqs]))
             sampled = self.sampler(logits, batch)
             tokens = sampled.token_ids.tolist()
             lps = None
@@ -250,6 +250,14 @@ class ModelRunner:
             lp = compute_logprobs(logits, targets, k).to_lists([k] * len(job.rows))
             result.prompt_logprobs[job.sched_index] = lp
         return result
+
+    def sampling_batch(
+        self, reqs: list[Request], steps: list[int] | None, bitmask: torch.Tensor | None
+    ) -> SamplingBatch:
+        """The sampling inputs of one sampled row per request, in `reqs`' order."""
+        if self.sampling_rows is None:
+            return rebuilt_batch(reqs, steps, bitmask)
+        return self.sampling_rows.batch(reqs, steps, bitmask)
 
     @torch.inference_mode()
     def profile_free_memory(

@@ -34,6 +34,7 @@ its tokens exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -43,9 +44,15 @@ import torch
 
 from cuda.argmax import argmax_rows
 from ipc.messages import SamplingParams, TokenLogprobs
+from worker.sampling_tensors import (
+    GREEDY_EPS,
+    RowParams,
+    apply_pool_penalties,
+    row_params,
+    seeded_keys,
+)
 from worker.structured import apply_bitmask
 
-GREEDY_EPS = 1e-5  # temperature below this means greedy, as SamplingParams.greedy says
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
@@ -84,6 +91,9 @@ class SamplingBatch:
     # Structured output: [B, ceil(V/32)] int32 on device, bit t of row i = token t allowed
     # (worker/structured.py); None when no row is constrained.
     bitmask: torch.Tensor | None = field(default=None)
+    # The rows' params as device tensors, kept across steps (worker/sampling_rows.py);
+    # None: the sampler builds them from `params` for this call.
+    rows: RowParams | None = field(default=None)
 
 
 @dataclass
@@ -144,8 +154,10 @@ class Sampler:
         params = batch.params
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"logits must be [{len(params)}, V], got {list(logits.shape)}")
+        batch = self.with_rows(batch, logits.device)
         token_ids = self.draw(logits, batch)
-        num_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        assert batch.rows is not None
+        num_top = batch.rows.num_top_logprobs
         # Columns past the vocabulary are padding of the embedding, never real tokens.
         raw = logits[:, : self.vocab_size]
         logprobs = None if num_top is None else compute_logprobs(raw, token_ids, num_top)
@@ -154,69 +166,74 @@ class Sampler:
     def draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """[B] each row's token: the plain decode draw, also n-gram verification's (a seeded
         row's token depends only on its logits, seed and step)."""
+        batch = self.with_rows(batch, logits.device)
+        rows = batch.rows
+        assert rows is not None
         x = self._processed_logits(logits, batch)  # [B, V] float32, ours to modify in place
-        greedy = [p.temperature < GREEDY_EPS for p in batch.params]
-        if all(greedy):
+        if rows.all_greedy:
             return argmax_rows(x)  # what argmax_tokens computes: the same kernel
-        if any(greedy):
+        if rows.is_greedy is not None:
             argmax = x.argmax(dim=-1)  # before _sample rescales and filters x in place
-            is_greedy = _host_tensor(greedy, torch.bool, x.device)
-            return torch.where(is_greedy, argmax, self._sample(x, batch, greedy))
-        return self._sample(x, batch, greedy)
+            return torch.where(rows.is_greedy, argmax, self._sample(x, batch))
+        return self._sample(x, batch)
+
+    def with_rows(self, batch: SamplingBatch, device: torch.device) -> SamplingBatch:
+        """`batch` with its RowParams: kept ones, or built from its params now."""
+        if batch.rows is not None:
+            return batch
+        rows = row_params(batch.params, self.vocab_size, self.eos_token_ids, device)
+        return dataclasses.replace(batch, rows=rows)
 
     def _processed_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """A float32 copy of logits [B, >= V] after the grammar mask, min_tokens, penalties."""
+        rows = batch.rows
+        assert rows is not None
         x = logits[:, : self.vocab_size].to(torch.float32, copy=True)
         if batch.bitmask is not None:
             apply_bitmask(x, batch.bitmask)
         self._apply_min_tokens(x, batch)
-        _apply_penalties(x, batch)
+        if rows.pool is not None:
+            apply_pool_penalties(x, rows)  # counts kept across steps
+        else:
+            _apply_penalties(x, batch)  # counts from the token lists
         return x
 
     def _apply_min_tokens(self, x: torch.Tensor, batch: SamplingBatch) -> None:
         """Forbid EOS and stop ids in rows that have not yet produced min_tokens tokens."""
+        assert batch.rows is not None
         vocab = x.shape[1]
         flat: list[int] = []  # row * vocab + token
-        for i, (p, out) in enumerate(zip(batch.params, batch.output_token_ids, strict=True)):
-            if len(out) < p.min_tokens:
-                banned = set(self.eos_token_ids).union(p.stop_token_ids)
-                flat.extend(i * vocab + t for t in banned if t < vocab)
+        outputs = batch.output_token_ids
+        for i, min_tokens, banned in batch.rows.min_tokens:
+            if len(outputs[i]) < min_tokens:
+                flat.extend(i * vocab + t for t in banned)
         if flat:
             x.view(-1).index_fill_(0, _host_tensor(flat, torch.int64, x.device), -math.inf)
 
-    def _sample(self, x: torch.Tensor, batch: SamplingBatch, greedy: list[bool]) -> torch.Tensor:
+    def _sample(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Random rows: temperature, min_p, top_k, top_p, then one draw each. Modifies x."""
-        probs = self._filtered_probs(x, batch, greedy)
+        probs = self._filtered_probs(x, batch)
         q = self._exponential_noise(probs, batch)
         return probs.div_(q).argmax(dim=-1)
 
-    def _filtered_probs(
-        self, x: torch.Tensor, batch: SamplingBatch, greedy: list[bool]
-    ) -> torch.Tensor:
+    def _filtered_probs(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Temperature, min_p, top_k, top_p, softmax: each row's distribution. Modifies x."""
-        params = batch.params
-        vocab = x.shape[1]
+        rows = batch.rows
+        assert rows is not None
         # Greedy rows ride along at temperature 1; their draw is discarded.
-        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
-        x.div_(_host_tensor(temps, torch.float32, x.device).view(-1, 1))
-
-        if any(p.min_p > 0 for p in params):
-            min_p = _host_tensor([p.min_p for p in params], torch.float32, x.device)
-            _apply_min_p(x, min_p)
-        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
-        use_top_p = any(p.top_p < 1.0 for p in params)
-        if use_top_p:
-            # Off must mean off: a float cumsum can pass 1.0 before the last token.
-            top_p_list = [p.top_p if p.top_p < 1.0 else math.inf for p in params]
-            top_p = _host_tensor(top_p_list, torch.float32, x.device)
-            _apply_top_k_top_p(x, _host_tensor(top_k, torch.int64, x.device), top_p)
-        elif any(top_k):
-            _apply_top_k(x, top_k)
+        x.div_(rows.temperatures.view(-1, 1))
+        if rows.min_p is not None:
+            _apply_min_p(x, rows.min_p)
+        if rows.top_p is not None:
+            _apply_top_k_top_p(x, rows.top_k_tensor, rows.top_p)
+        elif any(rows.top_k):
+            _apply_top_k(x, rows.top_k_tensor, max(rows.top_k))
 
         return torch.softmax(x, dim=-1)  # dropped tokens: exactly 0
 
     def greedy_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """[B] the token a greedy row picks: the argmax after min_tokens and penalties."""
+        batch = self.with_rows(batch, logits.device)
         return self._processed_logits(logits, batch).argmax(dim=-1)
 
     def processed_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -226,16 +243,17 @@ class Sampler:
         verification uses `draw` instead. Greedy rows are one-hot at the argmax the plain
         path would pick, so rejection sampling reduces to "proposal == argmax".
         """
+        batch = self.with_rows(batch, logits.device)
+        rows = batch.rows
+        assert rows is not None
         x = self._processed_logits(logits, batch)
-        greedy = [p.temperature < GREEDY_EPS for p in batch.params]
-        if all(greedy):
+        if rows.all_greedy:
             return torch.zeros_like(x).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
-        argmax = x.argmax(dim=-1, keepdim=True) if any(greedy) else None
-        probs = self._filtered_probs(x, batch, greedy)
-        if argmax is not None:
+        argmax = x.argmax(dim=-1, keepdim=True) if rows.is_greedy is not None else None
+        probs = self._filtered_probs(x, batch)
+        if argmax is not None and rows.is_greedy is not None:
             one_hot = torch.zeros_like(probs).scatter_(1, argmax, 1.0)
-            is_greedy = _host_tensor(greedy, torch.bool, x.device).view(-1, 1)
-            probs = torch.where(is_greedy, one_hot, probs)
+            probs = torch.where(rows.is_greedy.view(-1, 1), one_hot, probs)
         return probs
 
     def exponential_noise(
@@ -246,20 +264,20 @@ class Sampler:
         Each purpose (acceptance test, draft proposal) gets its own `salt`, so seeded rows
         draw independent streams keyed by (seed, step, purpose); salt 0 is the plain draw.
         """
-        return self._exponential_noise(probs, batch, salt)
+        return self._exponential_noise(probs, self.with_rows(batch, probs.device), salt)
 
     def _exponential_noise(
         self, probs: torch.Tensor, batch: SamplingBatch, salt: int = 0
     ) -> torch.Tensor:
         """q [B, V] ~ Exp(1): seeded rows from their (seed, step) hash, others from our generator."""
+        rows = batch.rows
+        assert rows is not None
         q = torch.empty_like(probs).exponential_(generator=self._generator(probs.device))
-        steps = batch.steps or [len(out) for out in batch.output_token_ids]
-        seeded = [i for i, p in enumerate(batch.params) if p.seed is not None]
-        if seeded:
+        if rows.seeded_index is not None:
+            steps = batch.steps or [len(out) for out in batch.output_token_ids]
             # Salts use only the high 32 bits, steps the low ones: (step, salt) never collide.
-            keys = [_row_key(batch.params[i].seed or 0, steps[i]) ^ (salt << 32) for i in seeded]
-            noise = seeded_exponential(keys, probs.shape[1], probs.device)
-            q.index_copy_(0, _host_tensor(seeded, torch.int64, probs.device), noise)
+            noise = _exponential_of_keys(seeded_keys(rows, steps, salt), probs.shape[1])
+            q.index_copy_(0, rows.seeded_index, noise)
         return q
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -299,10 +317,10 @@ def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> None:
     x.masked_fill_(probs < threshold, -math.inf)
 
 
-def _apply_top_k(x: torch.Tensor, top_k: list[int]) -> None:
+def _apply_top_k(x: torch.Tensor, k: torch.Tensor, max_k: int) -> None:
     """Top-k alone needs no full sort: topk(max k) gives every row's k-th value."""
-    k = _host_tensor(top_k, torch.int64, x.device)  # [B], 0 = off
-    top = x.topk(max(top_k), dim=-1).values  # [B, max_k] descending
+    # k: [B], 0 = off
+    top = x.topk(max_k, dim=-1).values  # [B, max_k] descending
     kth = top.gather(1, (k - 1).clamp(min=0).view(-1, 1))
     kth = kth.masked_fill_((k == 0).view(-1, 1), -math.inf)
     x.masked_fill_(x < kth, -math.inf)  # ties with the k-th value survive
@@ -337,7 +355,12 @@ def seeded_exponential(keys: list[int], vocab: int, device: torch.device) -> tor
     """
     mixed = [_splitmix64(key & _MASK64) for key in keys]  # neighbouring keys, unrelated rows
     k = _host_tensor([[m & _MASK32, m >> 32] for m in mixed], torch.int64, device)
-    h = torch.arange(vocab, dtype=torch.int64, device=device).expand(len(keys), vocab)
+    return _exponential_of_keys(k, vocab)
+
+
+def _exponential_of_keys(k: torch.Tensor, vocab: int) -> torch.Tensor:
+    """seeded_exponential's noise from its mixed keys k [S, 2] int64 (low, high 32 bits)."""
+    h = torch.arange(vocab, dtype=torch.int64, device=k.device).expand(k.shape[0], vocab)
     h = _mix32(h ^ k[:, :1])
     h = _mix32(h ^ k[:, 1:])
     u = ((h >> 8).to(torch.float32) + 0.5) * 2.0**-24

@@ -27,7 +27,7 @@ import torch
 from worker.input_batch import HostInputs, take_rows
 from worker.model_runner import StepResult
 from worker.request import Request
-from worker.sampler import LogprobsTensors, SamplingBatch, compute_logprobs
+from worker.sampler import LogprobsTensors, compute_logprobs
 from worker.scheduler import SchedulerOutput
 
 if TYPE_CHECKING:
@@ -146,13 +146,7 @@ def sample(
     start their copy to the host."""
     if step.logits is not None:
         reqs = step.requests
-        batch = SamplingBatch(
-            params=[r.params for r in reqs],
-            prompt_token_ids=[r.prompt_token_ids for r in reqs],
-            output_token_ids=[r.output_token_ids for r in reqs],
-            steps=steps,
-            bitmask=runner.masks.bitmask([(r, []) for r in reqs]),
-        )
+        batch = runner.sampling_batch(reqs, steps, runner.masks.bitmask([(r, []) for r in reqs]))
         sampled = runner.sampler(step.logits, batch)
         step.token_ids, step.logprobs, step.logits = sampled.token_ids, sampled.logprobs, None
     tensors = [] if step.token_ids is None else [step.token_ids]

@@ -72,6 +72,19 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--input-len", type=int, nargs=2, default=[64, 2048], metavar=("MIN", "MAX"))
     g.add_argument("--output-len", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"))
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--workload",
+        choices=["W2", "W3"],
+        default=None,
+        help="prompt and output lengths of `bench throughput --workload` (seeded by --seed), "
+        "instead of --input-len / --output-len: the offline run's exact requests",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="0: greedy, as the offline benchmarks sample (default 1.0)",
+    )
     g.add_argument("--result-json", default="bench_serve.json")
     g.add_argument("--plot", default="bench_serve.png", help="PNG file ('' for none)")
     g.add_argument("--save-detailed", action="store_true", help="per-request data in the JSON")
@@ -97,6 +110,16 @@ async def _server_info(client: httpx.AsyncClient, model: str | None) -> tuple[st
 
 def make_requests(args: argparse.Namespace, max_len: int) -> list[RequestResult]:
     """Seeded prompt and output lengths."""
+    if getattr(args, "workload", None):
+        from headrace.bench.offline import make_workload
+
+        w = make_workload(args.workload, args.num_prompts, args.seed)
+        return [
+            RequestResult(prompt_len=max(1, min(p, max_len - o)), output_len=o)
+            for p, o in zip(
+                w.prompt_lens, (min(o, max_len - 1) for o in w.output_lens), strict=True
+            )
+        ]
     rng = random.Random(args.seed)
     out = []
     for _ in range(args.num_prompts):
@@ -130,14 +153,19 @@ async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
 
 
 async def _one(
-    client: httpx.AsyncClient, model: str, r: RequestResult, ids: list[int], t0: float
+    client: httpx.AsyncClient,
+    model: str,
+    r: RequestResult,
+    ids: list[int],
+    t0: float,
+    temperature: float = 1.0,
 ) -> None:
     body = {
         "model": model,
         "prompt": ids,
         "max_tokens": r.output_len,
         "ignore_eos": True,
-        "temperature": 1.0,
+        "temperature": temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -189,6 +217,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "input_len": list(args.input_len),
         "output_len": list(args.output_len),
+        "workload": args.workload,
+        "temperature": args.temperature,
         "request_rates": [r["request_rate"] for r in runs],
     }
     return sweep_result(header, runs)
@@ -212,7 +242,8 @@ async def _run_rate(
 
     async def launch(i: int, r: RequestResult) -> None:
         async with gate:
-            await _one(client, model, r, prompt_ids(vocab, args.seed, i, r.prompt_len), t0)
+            ids = prompt_ids(vocab, args.seed, i, r.prompt_len)
+            await _one(client, model, r, ids, t0, args.temperature)
         bar.update(1)
 
     tasks = []
