@@ -10,8 +10,8 @@ the torch reference of both.
 
 Which path a linear layer takes (`use_gemv` / `linear`, pure host logic, tested on CPU):
 
-    HEADRACE_GEMV=cublas   never a GEMV (the previous path: F.linear)
-    unset / auto           round 2 for the calls of M <= 2 whose weight is at most
+    unset / cublas         never a GEMV (F.linear), the default
+    auto                   round 2 for the calls of M <= 2 whose weight is at most
                            GEMV2_MAX_WEIGHT_BYTES
     all                    round 2 for every call it takes (M <= 8, aligned rows)
     old                    round 1 for weights up to GEMV_MAX_WEIGHT_BYTES (last session's auto)
@@ -62,9 +62,11 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 def gemv_mode() -> str:
     """HEADRACE_GEMV, validated (read per call: tests and benchmarks switch it)."""
-    # auto (round 2) by default; round 1 was opt-in: on an H200 (4f22da2) W1 took 4.66 ms per
-    # token with it on q/k/v and o and 4.66 ms without.
-    mode = os.environ.get("HEADRACE_GEMV", "auto") or "auto"
+    # cuBLAS by default: both GEMVs are opt-in. On an H200 W1 took 4.66 ms per token with
+    # round 1 on q/k/v and o and 4.66 ms without (4f22da2), and 5.17 ms with round 2 and its
+    # fusions against 4.81 ms without (9c1ad0d, same call), though round 2 alone beats cuBLAS
+    # 1.08-1.17x on those shapes in scripts/bench_gemv.py.
+    mode = os.environ.get("HEADRACE_GEMV", "cublas") or "cublas"
     if mode not in MODES:
         raise ValueError(f"HEADRACE_GEMV must be one of {', '.join(MODES)}, got {mode!r}")
     return mode
