@@ -264,6 +264,34 @@ def blocks_per_sm(kernel: Any, block: int, shmem: int = 0) -> int:
     return max(n, 1)
 
 
+_smem_opted: set[tuple[int, int]] = set()
+
+
+def allow_shared_memory(kernel: Any, nbytes: int, device_index: int) -> None:
+    """Opt `kernel` in to `nbytes` of dynamic shared memory (past 48 KiB a launch fails
+    without it) and the largest shared-memory carveout, once per kernel and device."""
+    key = (id(kernel), device_index)
+    if key in _smem_opted:
+        return
+    from cuda.bindings import driver
+
+    attr = driver.CUfunction_attribute
+    handle = getattr(kernel, "handle", None) or kernel._handle
+    err, device = driver.cuDeviceGet(device_index)
+    for which, value in (
+        (attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
+        (attr.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
+    ):
+        if err == driver.CUresult.CUDA_SUCCESS:
+            if isinstance(handle, driver.CUfunction):  # cuda.core loading through cuModule
+                (err,) = driver.cuFuncSetAttribute(handle, which, value)
+            else:  # a CUkernel from cuLibraryGetKernel
+                (err,) = driver.cuKernelSetAttribute(which, value, handle, device)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"setting {which.name} = {value} failed: {err}")
+    _smem_opted.add(key)
+
+
 @functools.cache
 def pdl_supported() -> bool:
     """Whether this cuda.core's LaunchConfig can ask for Programmatic Dependent Launch."""

@@ -60,7 +60,6 @@ COUNTERS = 1 << 16  # merge counters allocated at once: batch x KV heads x head 
 _slots: dict[tuple[int, str], int] = {}
 _counters: dict[str, torch.Tensor] = {}
 _old_counters: list[torch.Tensor] = []  # a captured graph may still point at one
-_smem_set: set[tuple[int, int]] = set()
 
 
 def kernel_choice() -> str:
@@ -219,31 +218,13 @@ def _kernel(dtype: torch.dtype, head_dim: int, name: str) -> object:
 
 
 def _allow_smem(kernel: Any, nbytes: int) -> None:
-    """Opt the kernel in to `nbytes` of dynamic shared memory (past 48 KB a launch fails
-    without it) and the largest carveout, once per kernel and device."""
-    dev = torch.cuda.current_device()
-    key = (id(kernel), dev)
-    if key in _smem_set:
-        return
+    """Opt the kernel in to `nbytes` of dynamic shared memory and the largest carveout
+    (compiler.allow_shared_memory), after checking the variant fits sm_90's limit."""
     if nbytes > SMEM_LIMIT:
         raise ValueError(f"{CONFIG_ENV}: {nbytes} bytes of shared memory (> {SMEM_LIMIT})")
-    from cuda.bindings import driver
-
-    attr = driver.CUfunction_attribute
-    handle = getattr(kernel, "handle", None) or kernel._handle
-    err, device = driver.cuDeviceGet(dev)
-    for which, value in (
-        (attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max(nbytes, STATIC_SMEM_LIMIT)),
-        (attr.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
-    ):
-        if err == driver.CUresult.CUDA_SUCCESS:
-            if isinstance(handle, driver.CUfunction):  # cuda.core loading through cuModule
-                (err,) = driver.cuFuncSetAttribute(handle, which, value)
-            else:  # a CUkernel from cuLibraryGetKernel
-                (err,) = driver.cuKernelSetAttribute(which, value, handle, device)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"setting {which.name} = {value} failed: {err}")
-    _smem_set.add(key)
+    compiler.allow_shared_memory(
+        kernel, max(nbytes, STATIC_SMEM_LIMIT), torch.cuda.current_device()
+    )
 
 
 def _slots_per_sm(kernel: object, device: torch.device, key: str) -> int:

@@ -84,7 +84,6 @@ BY_NAME = {c.name: c for c in CONFIGS}
 # two blocks per SM (shared memory 97 KiB per block at head_dim 128).
 DEFAULT_CONFIG = {128: BY_NAME["m128n64w4s2"], 64: BY_NAME["m128n64w4s2"]}
 
-_attr_set: set[tuple[int, int]] = set()
 _warned: set[str] = set()
 
 
@@ -159,31 +158,11 @@ def _kernel(dtype: torch.dtype, head_dim: int, config: TileConfig) -> Any:
 
 
 def _allow_smem(kernel: Any, nbytes: int) -> None:
-    """Opt the kernel in to more than 48 KiB of dynamic shared memory (once per device), and
-    ask for the largest shared-memory carveout so two blocks fit on an SM."""
-    dev = torch.cuda.current_device()
-    key = (id(kernel), dev)
-    if key in _attr_set:
-        return
+    """Opt the kernel in to more than 48 KiB of dynamic shared memory and the largest
+    carveout, so two blocks fit on an SM (compiler.allow_shared_memory)."""
     if nbytes > SMEM_LIMIT:
         raise ValueError(f"prefill tile needs {nbytes} bytes of shared memory (> {SMEM_LIMIT})")
-    from cuda.bindings import driver
-
-    attr = driver.CUfunction_attribute
-    handle = getattr(kernel, "handle", None) or kernel._handle
-    err, device = driver.cuDeviceGet(dev)
-    for which, value in (
-        (attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
-        (attr.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
-    ):
-        if err == driver.CUresult.CUDA_SUCCESS:
-            if isinstance(handle, driver.CUfunction):  # cuda.core loading through cuModule
-                (err,) = driver.cuFuncSetAttribute(handle, which, value)
-            else:  # a CUkernel from cuLibraryGetKernel
-                (err,) = driver.cuKernelSetAttribute(which, value, handle, device)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"setting {which.name} = {value} failed: {err}")
-    _attr_set.add(key)
+    compiler.allow_shared_memory(kernel, nbytes, torch.cuda.current_device())
 
 
 def kernel_args(

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from cuda import decode_attention as da
-from cuda.kv_write import quantize_kv
-from cuda.paged_attention import AttentionMetadata, AttentionParams, paged_attention
+from cuda.paged_attention import paged_attention
 from cuda.paged_attention_kernels import decode_splits, decode_workspace_numel
 from headrace.bench.gpu_timing import copy_bandwidth, graphed, time_op
+from headrace.bench.kernels import decode_batch
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 TARGET_CELLS = ((64, 1024), (64, 4096), (64, 16384), (8, 16384))
@@ -62,22 +62,7 @@ def env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[n] = v
 
 
-def paged_batch(batch: int, ctx: int, fp8: bool) -> dict[str, Any]:
-    nblk = (ctx + BS - 1) // BS
-    num_blocks = batch * nblk
-    cache = torch.randn(2, num_blocks, BS, HKV, D, dtype=torch.bfloat16, device="cuda")
-    params = AttentionParams(D**-0.5)
-    if fp8:
-        cache = quantize_kv(cache, 1.0)
-        params = AttentionParams(D**-0.5, k_scale=1.0, v_scale=1.0)
-    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, nblk)
-    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
-    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    slots = torch.empty(0, dtype=torch.int64, device="cuda")
-    md = AttentionMetadata(qsl, seq_lens, tables, slots, 1, ctx)
-    kv_bytes = 2 * batch * ctx * HKV * D * cache.element_size()
-    return {"q": q, "cache": cache, "md": md, "params": params, "kv_bytes": kv_bytes}
+paged_batch = decode_batch  # one decode step's paged batch (headrace/bench/kernels.py)
 
 
 def timed(batches: list[dict[str, Any]], values: dict[str, str], bound: int) -> dict:

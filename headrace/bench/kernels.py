@@ -34,14 +34,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefill", action="store_true", help="decode rows only")
 
 
-def decode_cell(batch: int, ctx: int, fp8: bool, iters: int, copy_bw: float) -> dict[str, Any]:
-    """Old and new decode kernels on one paged batch."""
+def decode_batch(batch: int, ctx: int, fp8: bool) -> dict[str, Any]:
+    """One decode step's paged batch at the Llama-3-8B heads: shuffled pages of bf16 (or
+    FP8, scale 1) KV, `ctx` tokens per request; also the KV bytes a kernel reads."""
     import torch
 
-    from cuda import decode_attention as da
     from cuda.kv_write import quantize_kv
-    from cuda.paged_attention import AttentionMetadata, AttentionParams, paged_attention
-    from cuda.paged_attention_kernels import decode_splits
+    from cuda.paged_attention import AttentionMetadata, AttentionParams
 
     nblk = (ctx + BS - 1) // BS
     num_blocks = batch * nblk
@@ -57,6 +56,19 @@ def decode_cell(batch: int, ctx: int, fp8: bool, iters: int, copy_bw: float) -> 
     slots = torch.empty(0, dtype=torch.int64, device="cuda")
     md = AttentionMetadata(qsl, seq_lens, tables, slots, 1, ctx)
     kv_bytes = 2 * batch * ctx * HKV * D * cache.element_size()
+    return {"q": q, "cache": cache, "md": md, "params": params, "kv_bytes": kv_bytes}
+
+
+def decode_cell(batch: int, ctx: int, fp8: bool, iters: int, copy_bw: float) -> dict[str, Any]:
+    """Old and new decode kernels on one paged batch."""
+    import torch
+
+    from cuda import decode_attention as da
+    from cuda.paged_attention import paged_attention
+    from cuda.paged_attention_kernels import decode_splits
+
+    b = decode_batch(batch, ctx, fp8)
+    q, cache, md, params, kv_bytes = b["q"], b["cache"], b["md"], b["params"], b["kv_bytes"]
     row: dict[str, Any] = {"batch": batch, "ctx": ctx, "kv": "fp8" if fp8 else "bf16"}
     outs = {}
     saved = os.environ.get(da.ENV)
