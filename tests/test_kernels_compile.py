@@ -15,6 +15,15 @@ def test_nvrtc_available() -> None:
     assert compiler.nvrtc_available() is None
 
 
+def test_nvrtc_is_the_gpu_images_release() -> None:
+    # The GPU image compiles with CUDA 13.0's NVRTC, which segfaulted on a kernel that 13.5
+    # compiled: checking with a newer NVRTC here would pass what the GPU machine cannot build.
+    from cuda.bindings import nvrtc
+
+    _err, major, minor = nvrtc.nvrtcVersion()
+    assert (major, minor) == (13, 0), f"NVRTC {major}.{minor}; the GPU image has 13.0"
+
+
 @pytest.fixture(autouse=True)
 def _fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A cache hit would skip the compile this test exists to run.
