@@ -8,22 +8,39 @@ applied. Prints the steps, how many were launched while the previous step ran (o
 the rows computed for requests already finished (wasted), and preemptions.
 
     python scripts/sim_async_schedule.py --workload W3 --num-requests 1000
+    python scripts/sim_async_schedule.py --workload W2 --max-num-seqs 1024 \
+        --max-num-batched-tokens 16384 --num-blocks 55408 --cost bf16 --admission both
+
+`--cost bf16|fp8` adds a roofline estimate of each step's GPU time on an H200 for the
+Llama-3-8B shape (scripts/step_cost.py: GEMMs at a TFLOP/s rate or the weight read, the
+decode rows' KV bytes at a fraction of copy bandwidth, prefill attention FLOPs, a fixed
+cost per step) and prints the estimated output tok/s, so admission policies can be compared
+before a GPU run. `--admission both` runs the default and HEADRACE_ADMISSION=reserve.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from headrace.bench.offline import make_workload
 from ipc.messages import SamplingParams
+from scripts.step_cost import COSTS, StepCost
 from worker.config import SchedulerConfig
 from worker.kv_cache import KVCacheManager
 from worker.request import Request
 from worker.scheduler import Scheduler, SchedulerOutput
 
 
-def simulate(args: argparse.Namespace, asyn: bool) -> dict[str, float]:
+def simulate(
+    args: argparse.Namespace, asyn: bool, cost: StepCost | None = None
+) -> dict[str, float]:
     w = make_workload(args.workload, args.num_requests, args.seed)
     kv = KVCacheManager(args.num_blocks, args.block_size, enable_caching=False)
     config = SchedulerConfig(
@@ -39,6 +56,7 @@ def simulate(args: argparse.Namespace, asyn: bool) -> dict[str, float]:
             Request(f"r{i}", [1 + (i + j) % 500 for j in range(p)], params, frozenset())
         )
     steps = overlapped = wasted = 0
+    gpu_s = 0.0
     prev: SchedulerOutput | None = None
     t0 = time.perf_counter()
     while sched.has_unfinished_requests():
@@ -48,6 +66,8 @@ def simulate(args: argparse.Namespace, asyn: bool) -> dict[str, float]:
         else:
             steps += 1
             overlapped += asyn and prev is not None
+            if cost is not None:
+                gpu_s += cost.step_seconds(out)
         if not asyn:
             sched.update(out, [[7] if sr.samples else [] for sr in out.scheduled])
             continue
@@ -64,6 +84,8 @@ def simulate(args: argparse.Namespace, asyn: bool) -> dict[str, float]:
         "wasted_rows": wasted,
         "preemptions": sched.num_preemptions,
         "host_s": time.perf_counter() - t0,
+        "gpu_s": gpu_s,
+        "output_tokens": sum(w.output_lens),
     }
 
 
@@ -77,15 +99,32 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=40_000, help="H200, 8B bf16: ~45k")
+    p.add_argument("--cost", choices=sorted(COSTS), help="estimate GPU time (H200, 8B shape)")
+    p.add_argument(
+        "--admission",
+        choices=["default", "reserve", "both"],
+        default="default",
+        help="reserve: HEADRACE_ADMISSION=reserve (worker/kv_reserve.py)",
+    )
+    p.add_argument("--sync-only", action="store_true", help="skip the async schedule")
     args = p.parse_args()
-    for name, asyn in (("sync", False), ("async", True)):
-        r = simulate(args, asyn)
-        frac = r["overlapped"] / max(r["steps"], 1)
-        print(
-            f"{args.workload} {name:5s}: {r['steps']} steps, {r['overlapped']} overlapped "
-            f"({100 * frac:.1f}%), {r['wasted_rows']} wasted rows, "
-            f"{r['preemptions']} preemptions ({r['host_s']:.1f} s of scheduler)"
-        )
+    cost = COSTS[args.cost] if args.cost else None
+    policies = ["default", "reserve"] if args.admission == "both" else [args.admission]
+    modes = [("sync", False)] + ([] if args.sync_only else [("async", True)])
+    for policy in policies:
+        os.environ["HEADRACE_ADMISSION"] = "reserve" if policy == "reserve" else ""
+        for name, asyn in modes:
+            r = simulate(args, asyn, cost)
+            frac = r["overlapped"] / max(r["steps"], 1)
+            line = (
+                f"{args.workload} {policy} {name:5s}: {r['steps']} steps, {r['overlapped']} "
+                f"overlapped ({100 * frac:.1f}%), {r['wasted_rows']} wasted rows, "
+                f"{r['preemptions']} preemptions ({r['host_s']:.1f} s of scheduler)"
+            )
+            if cost is not None:
+                tps = r["output_tokens"] / r["gpu_s"]
+                line += f"; est. GPU {r['gpu_s']:.1f} s, {tps:,.0f} output tok/s"
+            print(line)
 
 
 if __name__ == "__main__":
