@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ipc.messages import SamplingParams
 from worker.attention import QueryCapture
 from worker.config import EngineConfig
+from worker.device_copy import host_tensor
 from worker.kv_cache import KVCacheManager
 from worker.kv_compression import NUM_SINKS, POOL_KERNEL, kv_compression_for
 from worker.model_config import ModelConfig
@@ -261,8 +262,8 @@ class KVCompressor:
             return
         t0 = self._clock(kv_caches[0].device)
         device = kv_caches[0].device
-        old_ids = torch.tensor(plan[0], dtype=torch.long).to(device)
-        new_ids = torch.tensor(plan[1], dtype=torch.long).to(device)
+        old_ids = host_tensor(plan[0], torch.long, device)
+        new_ids = host_tensor(plan[1], torch.long, device)
         for layer, cache in enumerate(kv_caches):
             if window is None or not settings.scores:
                 keep = streaming_positions(cached_len, kept[layer], cache.shape[3], device)

@@ -44,6 +44,7 @@ import torch
 
 from cuda.argmax import argmax_rows
 from ipc.messages import SamplingParams, TokenLogprobs
+from worker.device_copy import host_tensor, to_device
 from worker.sampling_tensors import (
     GREEDY_EPS,
     RowParams,
@@ -208,7 +209,7 @@ class Sampler:
             if len(outputs[i]) < min_tokens:
                 flat.extend(i * vocab + t for t in banned)
         if flat:
-            x.view(-1).index_fill_(0, _host_tensor(flat, torch.int64, x.device), -math.inf)
+            x.view(-1).index_fill_(0, host_tensor(flat, torch.int64, x.device), -math.inf)
 
     def _sample(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Random rows: temperature, min_p, top_k, top_p, then one draw each. Modifies x."""
@@ -297,7 +298,7 @@ def _apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> None:
         seen = torch.zeros_like(x, dtype=torch.bool)
         index = _flat_index(vocab, x.device, batch.prompt_token_ids, batch.output_token_ids)
         seen.view(-1).index_fill_(0, index, True)
-        r = _host_tensor([p.repetition_penalty for p in params], torch.float32, x.device)
+        r = host_tensor([p.repetition_penalty for p in params], torch.float32, x.device)
         r = r.view(-1, 1).expand_as(x)
         penalized = torch.where(x > 0, x / r, x * r)
         torch.where(seen, penalized, x, out=x)
@@ -306,7 +307,7 @@ def _apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> None:
         flat = _flat_index(vocab, x.device, batch.output_token_ids)
         counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=x.dtype))
         fp = [[p.frequency_penalty, p.presence_penalty] for p in params]
-        freq, pres = _host_tensor(fp, torch.float32, x.device).T.unsqueeze(-1)  # [B, 1] each
+        freq, pres = host_tensor(fp, torch.float32, x.device).T.unsqueeze(-1)  # [B, 1] each
         x.sub_(counts * freq + (counts > 0).to(x.dtype) * pres)
 
 
@@ -354,7 +355,7 @@ def seeded_exponential(keys: list[int], vocab: int, device: torch.device) -> tor
     V = 128k takes about 4 ms on an H200 (vs 0.5 ms unseeded). A fused kernel would fix it.
     """
     mixed = [_splitmix64(key & _MASK64) for key in keys]  # neighbouring keys, unrelated rows
-    k = _host_tensor([[m & _MASK32, m >> 32] for m in mixed], torch.int64, device)
+    k = host_tensor([[m & _MASK32, m >> 32] for m in mixed], torch.int64, device)
     return _exponential_of_keys(k, vocab)
 
 
@@ -399,9 +400,4 @@ def _flat_index(vocab: int, device: torch.device, *groups: list[list[int]]) -> t
         tokens = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
         flat = np.repeat(np.arange(len(ids), dtype=np.int64) * vocab, lengths) + tokens
         parts.append(flat[tokens < vocab])
-    return torch.from_numpy(np.concatenate(parts)).to(device, non_blocking=True)
-
-
-def _host_tensor(values: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A tensor built from host lists, copied to device without waiting on the GPU."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    return to_device(torch.from_numpy(np.concatenate(parts)), device)

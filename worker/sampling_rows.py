@@ -24,9 +24,10 @@ from collections.abc import Collection, Sequence
 
 import torch
 
+from worker.device_copy import host_tensor
 from worker.request import Request
 from worker.sampler import SamplingBatch
-from worker.sampling_tensors import PenaltyPool, PenaltyRows, RowParams, has_penalty, host_tensor
+from worker.sampling_tensors import PenaltyPool, PenaltyRows, RowParams, has_penalty
 from worker.sampling_tensors import row_params as build_row_params
 
 ENV = "HEADRACE_SAMPLING_BATCH"

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ipc.messages import SamplingParams
+from worker.device_copy import host_tensor, to_device
 
 GREEDY_EPS = 1e-5  # temperature below this means greedy, as SamplingParams.greedy says
 _MASK32 = 0xFFFFFFFF
@@ -213,8 +214,7 @@ def seeded_keys(rows: RowParams, steps: Sequence[int], salt: int) -> torch.Tenso
     keys = rows.seed_mix ^ step ^ np.uint64((salt << 32) & _MASK64)
     mixed = splitmix64_np(keys)
     k = np.stack([mixed & np.uint64(_MASK32), mixed >> np.uint64(32)], axis=1)
-    device = rows.temperatures.device
-    return torch.from_numpy(k.astype(np.int64)).to(device, non_blocking=True)
+    return to_device(torch.from_numpy(k.astype(np.int64)), rows.temperatures.device)
 
 
 def splitmix64_np(z: np.ndarray) -> np.ndarray:
@@ -223,8 +223,3 @@ def splitmix64_np(z: np.ndarray) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
-
-
-def host_tensor(values: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A tensor built from host lists, copied to device without waiting on the GPU."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from worker.device_copy import host_tensor
 from worker.input_batch import HostInputs, take_rows
 from worker.model_runner import StepResult
 from worker.request import Request
@@ -206,11 +207,8 @@ def fed_input_ids(
 
 
 def _to_device(values: object, device: torch.device) -> torch.Tensor:
-    """Host values on the device, through pinned memory: no wait on the compute stream."""
-    t = torch.as_tensor(values, dtype=torch.int64)
-    if device.type == "cpu":
-        return t.clone()
-    return t.pin_memory().to(device, non_blocking=True)
+    """Host int64 values on the device, through pinned memory: no wait on the stream."""
+    return host_tensor(values, torch.int64, device)
 
 
 def _logprob_tensors(lp: LogprobsTensors) -> list[torch.Tensor]:
