@@ -44,13 +44,14 @@
 # Large batches (issues 13/12): w2batch (FP8 linear micro-benchmark, W2 FP8 + FP8 KV at
 # --max-num-seqs 256 and at the new default side by side, the batch-512 fp8 step profile; <= 280 s)
 # and w2batch_bf16 (bf16 W2, 500 requests: 256, default, default + HEADRACE_ADMISSION=reserve; <= 280 s):
-# scripts/gpu_w2batch.sh.
+# scripts/gpu_w2batch.sh. Also there: w2_1000_bf16 (bf16 W2, 1000 requests, default vs
+# HEADRACE_ADMISSION=reserve; <= 270 s) and w2_fp8_timeline (W2 FP8 + FP8 KV with --profile; <= 130 s).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
 for step in $which; do
   case $step in
-    w2batch|w2batch_bf16) bash scripts/gpu_w2batch.sh "$step" ;;
+    w2batch|w2batch_bf16|w2_1000_bf16|w2_fp8_timeline) bash scripts/gpu_w2batch.sh "$step" ;;
     tests) timeout 420 python -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x > "$OUT/gpu_tests.log" 2>&1; tail -4 "$OUT/gpu_tests.log" ;;
     profile) timeout 200 python scripts/profile_step.py --batch 1 --out "$OUT/profile_b1.json" > "$OUT/profile_b1.log" 2>&1; head -14 "$OUT/profile_b1.log"
              timeout 200 python scripts/profile_step.py --batch 256 --context 1024 --out "$OUT/profile_b256.json" > "$OUT/profile_b256.log" 2>&1; head -14 "$OUT/profile_b256.log" ;;

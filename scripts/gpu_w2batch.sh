@@ -9,6 +9,12 @@
 #                 scripts/profile_step.py --batch 512 --context 1024 fp8 (10 steps; 55 s).
 #   w2batch_bf16  bf16 W2, 500 requests, at --max-num-seqs 256 (100 s), at the default (90 s), and at the
 #                 default with HEADRACE_ADMISSION=reserve (admit only what fits at full length; 90 s).
+#   w2_1000_bf16  bf16 W2 on the 1000 requests at the default, then with HEADRACE_ADMISSION=reserve
+#                 (the CPU model, scripts/sim_async_schedule.py --cost bf16, predicts 413 preemptions and
+#                 9.2k tok/s for the default against 0 and 10.2k for reserve; <= 270 s).
+#   w2_fp8_timeline  W2 FP8 weights + FP8 KV, 1000 requests, with --profile (the step timeline: host
+#                 phases, GPU busy, idle gap per step kind): the model predicts 15.7k tok/s where
+#                 12.4k was measured, and the timeline says which part is missing (<= 130 s).
 # Fallbacks: --max-num-seqs 256 (the old default), HEADRACE_DECODE_WORKSPACE=max (64 splits/row).
 # A CPU dry run sets the knobs:
 #   W2B_MODEL="--model DIR --device cpu" W2B_N=4 W2B_N_OLD=2 W2B_N_BF16=2 W2B_PROFILE="4 16" W2B_LINEAR="--device cpu"
@@ -49,5 +55,12 @@ case $step in
     run_w2 w2b_bf16_seqs256 100 --num-requests "$n_bf16" --max-num-seqs 256
     run_w2 w2b_bf16_default 90 --num-requests "$n_bf16"
     HEADRACE_ADMISSION=reserve run_w2 w2b_bf16_default_reserve 90 --num-requests "$n_bf16" ;;
-  *) echo "unknown step $step (w2batch, w2batch_bf16)"; exit 2 ;;
+  w2_1000_bf16)
+    run_w2 w2_1000_bf16_default 135 --num-requests "$n"
+    HEADRACE_ADMISSION=reserve run_w2 w2_1000_bf16_reserve 135 --num-requests "$n" ;;
+  w2_fp8_timeline)
+    # shellcheck disable=SC2086
+    run_w2 w2_fp8_timeline 130 --num-requests "$n" --profile $fp8
+    grep -A6 "^step kind" "$OUT/w2_fp8_timeline.log" ;;
+  *) echo "unknown step $step (w2batch, w2batch_bf16, w2_1000_bf16, w2_fp8_timeline)"; exit 2 ;;
 esac
