@@ -2,7 +2,7 @@
 and how the output becomes `tool_calls`.
 
     tool_choice   template gets tools   output constrained to          parsed by
-    none          no                    -                              - (plain content)
+    none          yes (as vLLM)         -                              - (plain content)
     auto          yes                   -                              --tool-call-parser
     required      yes                   [{"name", "parameters"}, ...]  required_calls
     {function}    yes                   that function's parameters     named_call
@@ -45,19 +45,27 @@ class ToolPlan:
     template_tools: list[dict[str, Any]] | None = None
     guided: GuidedDecoding | None = None
     extract: Extractor | None = None  # None: the output is plain content
+    named: bool = False  # tool_choice named a function: finish_reason stays "stop"
 
 
 def plan_tools(req: ChatCompletionRequest, options: ToolOptions) -> ToolPlan:
+    if req.tools == []:
+        raise BadRequest(
+            "`tools` must not be an empty array. Either provide at least one tool or omit the "
+            "field entirely.",
+            "tools",
+        )
     tools = req.tools or []
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
     for i, tool in enumerate(tools):
         if tool.type != "function":
             raise BadRequest(f"tools[{i}].type must be 'function', got {tool.type!r}", "tools")
+    template_tools = [tool_dict(t) for t in tools] or None
     if choice == "none":
-        return ToolPlan()
+        # vLLM still shows the template the tools (a model may be told not to call them).
+        return ToolPlan(template_tools)
     if not tools:
         raise BadRequest(f"tool_choice {choice!r} needs tools", "tool_choice")
-    template_tools = [_tool_dict(t) for t in tools]
     if choice == "auto":
         if not (options.enable_auto_tool_choice and options.parser):
             raise BadRequest(
@@ -67,7 +75,7 @@ def plan_tools(req: ChatCompletionRequest, options: ToolOptions) -> ToolPlan:
             )
         return ToolPlan(template_tools, None, PARSERS[options.parser])
     if choice == "required":
-        schema = _calls_schema(tools, single=not req.parallel_tool_calls)
+        schema = _calls_schema(tools, single=req.parallel_tool_calls is False)
         return ToolPlan(template_tools, schema_decoding(schema), required_calls)
     name = _named_function(choice)
     named = next((t for t in tools if t.function.name == name), None)
@@ -75,7 +83,8 @@ def plan_tools(req: ChatCompletionRequest, options: ToolOptions) -> ToolPlan:
         raise BadRequest(
             f"tool_choice names function {name!r}, which is not in tools", "tool_choice"
         )
-    return ToolPlan(template_tools, schema_decoding(_parameters(named)), named_call(name))
+    guided = schema_decoding(_parameters(named))
+    return ToolPlan(template_tools, guided, named_call(name), named=True)
 
 
 def _named_function(choice: Any) -> str:
@@ -114,7 +123,7 @@ def _calls_schema(tools: list[Tool], single: bool) -> dict[str, Any]:
     return schema
 
 
-def _tool_dict(tool: Tool) -> dict[str, Any]:
+def tool_dict(tool: Tool) -> dict[str, Any]:
     fn: dict[str, Any] = {"name": tool.function.name}
     if tool.function.description is not None:
         fn["description"] = tool.function.description

@@ -79,7 +79,8 @@ def test_tools_and_tool_history_reach_the_template(llama3_tokenizer_path):
 
 def test_tool_choice_plans():
     none = plan_tools(chat(tools=TOOLS, tool_choice="none"), ToolOptions())
-    assert none.template_tools is None and none.guided is None and none.extract is None
+    # vLLM shows the template the tools under "none" too; nothing constrains or parses.
+    assert none.template_tools and none.guided is None and none.extract is None
     required = plan_tools(
         chat(tools=TOOLS, tool_choice="required", parallel_tool_calls=False), ToolOptions()
     )
@@ -111,6 +112,7 @@ def test_tool_choice_plans():
             "not in tools",
         ),
         ({"tools": TOOLS, "tool_choice": "sometimes"}, ToolOptions(), "tool_choice must be"),
+        ({"tools": [], "tool_choice": "none"}, ToolOptions(), "must not be an empty array"),
     ],
 )
 def test_tool_choice_errors(body, options, match):
