@@ -101,13 +101,47 @@ def render_chat_template(
     tools: list[dict[str, Any]] | None = None,
     bos_token: str = "",
     eos_token: str = "",
+    continue_final_message: bool = False,
     **kwargs: Any,
 ) -> str:
-    """Render `source` for `messages`; extra keyword arguments become template variables."""
+    """Render `source` for `messages`; extra keyword arguments become template variables.
+
+    With `continue_final_message` the prompt ends right after the last message's text (no
+    end-of-turn marker), so the model carries that message on, as transformers does."""
+    flat = flatten_content(messages)
+    text = _render(source, flat, add_generation_prompt, tools, bos_token, eos_token, **kwargs)
+    if continue_final_message:
+        text = _open_final_message(text, flat)
+    return text
+
+
+def _open_final_message(text: str, messages: list[dict[str, Any]]) -> str:
+    final = messages[-1].get("content") if messages else None
+    if not isinstance(final, str):
+        raise ChatTemplateError("continue_final_message needs a final message with content")
+    for needle in (final, final.strip()):
+        at = text.rfind(needle)
+        if needle and at >= 0:
+            return text[: at + len(needle)]
+    raise ChatTemplateError(
+        "continue_final_message is set, but the final message's text does not appear in the "
+        "rendered prompt (the chat template changes it)"
+    )
+
+
+def _render(
+    source: str,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None,
+    bos_token: str,
+    eos_token: str,
+    **kwargs: Any,
+) -> str:
     template = compile_template(source)
     try:
         return template.render(
-            messages=flatten_content(messages),
+            messages=messages,
             add_generation_prompt=add_generation_prompt,
             tools=tools,
             bos_token=bos_token,
