@@ -54,10 +54,15 @@ from gateway.protocol import (
     TokenizeResponse,
 )
 from gateway.route_note import SESSION_HEADER, RouteNote, noting, session_key
-from gateway.serving_chat import chat_chars, chat_prompt_ids, create_chat_completion
+from gateway.serving_chat import (
+    chat_chars,
+    chat_prompt_ids,
+    create_chat_completion,
+    generation_prompt,
+)
 from gateway.serving_completions import create_completion
 from gateway.sse import ClientDisconnected, SSEResponse, until_disconnect
-from gateway.tool_calling import ToolOptions
+from gateway.tool_calling import ToolOptions, tool_dict
 from gateway.workers_file import WorkersFileWatcher
 
 logger = logging.getLogger("headrace.gateway")
@@ -283,13 +288,18 @@ async def tokenize(request: Request) -> Response:
     tok = entry.tokenizer
     assert tok is not None
     if req.messages is not None:
-        size = chat_chars(req.messages)
-        ids = await offload(size, chat_prompt_ids, entry, req.messages, req.add_generation_prompt)
+        add = generation_prompt(req.add_generation_prompt, req.continue_final_message)
+        tools = [tool_dict(t) for t in req.tools] if req.tools else None
+        args = (entry, req.messages, add, False, tools, req.continue_final_message)
+        ids = await offload(
+            chat_chars(req.messages), chat_prompt_ids, *args, req.chat_template_kwargs
+        )
     elif req.prompt is not None:
         ids = await offload(len(req.prompt), tok.encode, req.prompt, req.add_special_tokens)
     else:
         raise BadRequest("either prompt or messages is required", "prompt")
-    return json_response(TokenizeResponse(len(ids), entry.info.max_model_len, ids))
+    strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    return json_response(TokenizeResponse(len(ids), entry.info.max_model_len, ids, strs))
 
 
 async def detokenize(request: Request) -> Response:

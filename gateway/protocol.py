@@ -22,8 +22,9 @@ C = TypeVar("C")  # a response's choice type
 
 
 class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    # vLLM's defaults: naming stream_options at all asks for the usage chunk.
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
 
 
 class JsonSchemaFormat(msgspec.Struct, kw_only=True):
@@ -50,13 +51,13 @@ class SamplingExtras(msgspec.Struct, kw_only=True):
     """Sampling fields shared by completions and chat, with vLLM's extras."""
 
     model: ModelName  # required, as OpenAI requires it
-    n: int = 1
+    n: int | None = 1  # null means 1 (vLLM and the OpenAI SDKs accept it)
     best_of: int | None = None
     temperature: Temperature | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # vLLM's int64
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     presence_penalty: float | None = None
@@ -68,7 +69,7 @@ class SamplingExtras(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     echo: bool = False
@@ -132,14 +133,17 @@ class ChatCompletionRequest(SamplingExtras, kw_only=True):
     messages: list[ChatMessage] | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None  # none, auto, required, a function
-    parallel_tool_calls: bool = True
-    add_generation_prompt: bool = True
+    parallel_tool_calls: bool | None = True
+    # Unset: True, unless continue_final_message (vLLM refuses both set true).
+    add_generation_prompt: bool | msgspec.UnsetType = msgspec.UNSET
     continue_final_message: bool = False
     add_special_tokens: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables
+    chat_template: str | None = None  # refused: a request's template is untrusted code
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -147,7 +151,11 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | msgspec.UnsetType = msgspec.UNSET
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    return_token_strs: bool | None = False
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
@@ -198,6 +206,7 @@ class Completion(msgspec.Struct, Generic[C]):
     model: str
     choices: list[C]
     usage: Usage | None = None
+    system_fingerprint: str | None = None  # OpenAI's field; vLLM sends null too
 
 
 class CompletionResponse(Completion[CompletionChoice]):
@@ -278,6 +287,7 @@ class ModelCard(msgspec.Struct):
     max_model_len: int
     object: str = "model"
     owned_by: str = "headrace"
+    parent: str | None = None  # vLLM's: the base model of an adapter
 
 
 class ModelList(msgspec.Struct):
@@ -285,10 +295,11 @@ class ModelList(msgspec.Struct):
     object: str = "list"
 
 
-class TokenizeResponse(msgspec.Struct):
+class TokenizeResponse(msgspec.Struct, omit_defaults=True):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(msgspec.Struct):

@@ -12,6 +12,44 @@ from ipc.messages import GuidedDecoding, KVCompression, SamplingParams
 from ipc.sampling import ParamError, resolve_max_tokens, validate_params
 
 
+def check_request_shape(req: SamplingExtras, vocab_size: int) -> None:
+    """The cross-field rules vLLM's request models enforce, before any sampling param."""
+    if req.stream_options is not None and not req.stream:
+        raise BadRequest("Stream options can only be defined when `stream=True`.", "stream_options")
+    n = req.n if req.n is not None else 1
+    if req.best_of is not None and req.best_of != n:
+        raise BadRequest("best_of must equal n: best-of sampling is not supported", "best_of")
+    if req.logit_bias:
+        check_logit_bias(req.logit_bias, vocab_size)
+        # Checked first, so a malformed bias gets the precise reason.
+        raise BadRequest(
+            "logit_bias is not supported by this server (its sampler has no per-token bias)",
+            "logit_bias",
+        )
+
+
+def check_logit_bias(bias: Mapping[str, float], vocab_size: int) -> None:
+    """OpenAI's logit_bias: token ids (as strings) -> a bias in [-100, 100]."""
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise BadRequest(
+                f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                "logit_bias",
+            ) from None
+        if not 0 <= token_id < vocab_size:
+            raise BadRequest(
+                f"logit_bias token id {token_id} is out of vocabulary (vocab size {vocab_size})",
+                "logit_bias",
+            )
+        if not -100 <= value <= 100:
+            raise BadRequest(
+                f"logit_bias values must be in [-100, 100], got {value!r} for {key!r}",
+                "logit_bias",
+            )
+
+
 def build_params(
     req: SamplingExtras,
     max_tokens: int | None,
@@ -23,7 +61,8 @@ def build_params(
     """Validated params for one prompt's n completions (n is fanned out by `fan_out`).
 
     `defaults` (the model's generation_config.json, ModelInfo.sampling_defaults) fill the
-    fields the request leaves unset, as vLLM's `--generation-config auto` does.
+    fields the request leaves unset, as vLLM's `--generation-config auto` does. Callers
+    run `check_request_shape` first.
     """
     d = defaults or {}
 
@@ -32,13 +71,9 @@ def build_params(
 
     if max_tokens is None and "max_tokens" in d:
         max_tokens = int(d["max_tokens"])
-    if req.best_of is not None and req.best_of != req.n:
-        raise BadRequest("best_of must equal n: best-of sampling is not supported", "best_of")
-    if req.logit_bias:
-        raise BadRequest("logit_bias is not supported", "logit_bias")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     params = SamplingParams(
-        n=req.n,
+        n=req.n if req.n is not None else 1,
         temperature=pick(req.temperature, "temperature", 1.0),
         top_p=pick(req.top_p, "top_p", 1.0),
         top_k=int(pick(req.top_k, "top_k", 0)),

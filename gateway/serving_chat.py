@@ -13,6 +13,8 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import msgspec
+
 from gateway.decode import offload
 from gateway.engine_client import EngineClient, ModelEntry
 from gateway.errors import BadRequest
@@ -34,7 +36,7 @@ from gateway.protocol import (
     TopLogprob,
     Usage,
 )
-from gateway.sampling_params import build_params, check_length, fan_out
+from gateway.sampling_params import build_params, check_length, check_request_shape, fan_out
 from gateway.sequence import Delta, SequenceState, TokenStrings
 from gateway.serving_common import serve, token_strings
 from gateway.sse import event
@@ -85,12 +87,20 @@ def _call_dict(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": call.type, "function": fn}
 
 
+# Template variables a request's chat_template_kwargs may not replace: the server sets them.
+_RESERVED = frozenset(
+    {"messages", "add_generation_prompt", "tools", "continue_final_message", "chat_template"}
+)
+
+
 def chat_prompt_ids(
     entry: ModelEntry,
     messages: list[ChatMessage] | None,
     add_generation_prompt: bool = True,
     add_special_tokens: bool = False,
     tools: list[dict[str, Any]] | None = None,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Render the chat template and tokenize it; a model without a template is a 400."""
     from gateway.chat_template import ChatTemplateError
@@ -99,15 +109,35 @@ def chat_prompt_ids(
     assert tok is not None
     if not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
+    extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED}
     try:
         return tok.encode_chat(
             message_dicts(messages),
             add_generation_prompt=add_generation_prompt,
             tools=tools,
             add_special_tokens=add_special_tokens,
+            continue_final_message=continue_final_message,
+            **extra,
         )
     except ChatTemplateError as e:
         raise BadRequest(str(e), "messages") from None
+
+
+def generation_prompt(add: bool | msgspec.UnsetType, continue_final: bool) -> bool:
+    """vLLM's rule: continue_final_message turns the generation prompt off, and both
+    asked for at once is a 400."""
+    if continue_final and add is True:
+        raise BadRequest(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            "continue_final_message",
+        )
+    return not continue_final if add is msgspec.UNSET else bool(add)
+
+
+def message_text(m: ChatMessage) -> str:
+    if isinstance(m.content, list):
+        return "\n".join(p.text or "" for p in m.content)
+    return m.content or ""
 
 
 def chat_chars(messages: list[ChatMessage] | None) -> int:
@@ -118,6 +148,18 @@ def chat_chars(messages: list[ChatMessage] | None) -> int:
         elif m.content:
             total += sum(len(p.text or "") for p in m.content)
     return total
+
+
+def chat_logprobs_setting(req: ChatCompletionRequest, max_logprobs: int) -> int | None:
+    """top logprobs per token, or None without logprobs; vLLM's rules and messages."""
+    top = req.top_logprobs
+    if top is not None and not 0 <= top <= max_logprobs:
+        raise BadRequest(f"top_logprobs must be in [0, {max_logprobs}], got {top}", "top_logprobs")
+    if top and not req.logprobs:
+        raise BadRequest(
+            "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs"
+        )
+    return (top or 0) if req.logprobs else None
 
 
 class ChatRun:
@@ -131,19 +173,18 @@ class ChatRun:
         guided: GuidedDecoding | None = None,
     ):
         self.tools = tools or ToolPlan()
-        if req.top_logprobs is not None and not req.logprobs:
-            raise BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
         self.req = req
         self.metrics = metrics
         self.entry = entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
+        info = entry.info
+        check_request_shape(req, info.vocab_size)
+        logprobs = chat_logprobs_setting(req, info.max_logprobs)
         self.prompt_ids = prompt_ids
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        info = entry.info
         params = build_params(
             req, max_tokens, logprobs, info.max_logprobs, guided, info.sampling_defaults
         )
@@ -151,6 +192,11 @@ class ChatRun:
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.strings: TokenStrings = token_strings(entry)
+        # vLLM's `echo`: the reply starts with the last message when it is the assistant's.
+        last = req.messages[-1] if req.messages else None
+        self.echo = message_text(last) if req.echo and last and last.role == "assistant" else ""
+        opts = req.stream_options
+        self.continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
         children = []
         self.seqs = []
         for i, p in enumerate(fan_out(params)):
@@ -167,27 +213,37 @@ class ChatRun:
 
     @property
     def stream(self) -> bool:
-        return self.req.stream
+        return bool(self.req.stream)
 
     @property
     def stream_options(self) -> StreamOptions | None:
         return self.req.stream_options
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: Usage | None = None) -> bytes:
+        if usage is None and self.continuous and len(choices) == 1:
+            # continuous_usage_stats: each chunk carries its choice's counts so far.
+            done = self.seqs[choices[0].index].num_tokens
+            usage = Usage(len(self.prompt_ids), done, len(self.prompt_ids) + done)
         chunk = ChatCompletionChunk(self.request_id, self.created, self.entry.name, choices, usage)
         return event(chunk)
 
     def head(self) -> bytes:
-        # Each choice's first chunk carries the role.
-        return b"".join(
+        # Each choice's first chunk carries the role; with echo, the next one the echo.
+        chunks = [
             self._chunk([ChatStreamChoice(i, DeltaMessage(role="assistant", content=""))])
             for i in range(len(self.seqs))
-        )
+        ]
+        if self.echo:
+            chunks += [
+                self._chunk([ChatStreamChoice(i, DeltaMessage(content=self.echo))])
+                for i in range(len(self.seqs))
+            ]
+        return b"".join(chunks)
 
     def events(self, updates: list[tuple[int, Delta]]) -> list[bytes]:
         events: list[bytes] = []
         for index, d in updates:
-            if not d.worth_sending(self.req.logprobs):
+            if not d.worth_sending(bool(self.req.logprobs)):
                 continue
             seq, stream = self.seqs[index], self.call_streams[index]
             delta = DeltaMessage(content=d.text)
@@ -195,7 +251,7 @@ class ChatRun:
             if stream is not None:
                 content, calls = stream.feed(d.text, final=d.finished)
                 delta = DeltaMessage(content=content or None, tool_calls=calls or None)
-                finish = _tool_finish(finish, stream.called)
+                finish = self._tool_finish(finish, stream.called)
                 if not (content or calls or d.finished or d.logprobs):
                     continue
             choice = ChatStreamChoice(
@@ -215,17 +271,23 @@ class ChatRun:
         # The sequences hold their whole text and logprobs; the deltas are not needed.
         choices = []
         for i, seq in enumerate(self.seqs):
-            message = AssistantMessage(content=seq.text)
+            message = AssistantMessage(content=self.echo + seq.text)
             finish = seq.finish_reason
             if self.tools.extract is not None:
                 content, calls = parse_complete(self.tools.extract, seq.text)
                 message = AssistantMessage(content=content, tool_calls=calls)
-                finish = _tool_finish(finish, bool(calls))
+                finish = self._tool_finish(finish, bool(calls))
             logprobs = self.logprobs(seq.logprobs, _ids(seq))
             choices.append(ChatChoice(i, message, logprobs, finish, seq.stop_reason))
         return ChatCompletionResponse(
             self.request_id, self.created, self.entry.name, choices, self.usage()
         )
+
+    def _tool_finish(self, finish: str | None, called: bool) -> str | None:
+        """OpenAI ends a turn that called tools with finish_reason "tool_calls", when the
+        model chose to (auto, required); a named tool_choice ends in "stop", as in OpenAI
+        and vLLM."""
+        return "tool_calls" if called and finish == "stop" and not self.tools.named else finish
 
     def logprobs(self, lps: list[TokenLogprobs], token_ids: list[int]) -> ChoiceLogprobs | None:
         if not self.req.logprobs:
@@ -248,21 +310,23 @@ async def create_chat_completion(
     req: ChatCompletionRequest,
     tool_options: ToolOptions | None = None,
 ) -> ChatCompletionResponse | AsyncGenerator[bytes, None]:
+    if req.chat_template is not None:
+        raise BadRequest(
+            "chat_template in a request is not supported: the server renders the model's own "
+            "template (a request's template would be untrusted code)",
+            "chat_template",
+        )
     tools = plan_tools(req, tool_options or ToolOptions())
     guided = await checked_guided_decoding(req, tools.guided)
+    add = generation_prompt(req.add_generation_prompt, req.continue_final_message)
     # Long chats are rendered and tokenized in a thread, so other streams keep flowing.
-    args = (client.model(req.model), req.messages, req.add_generation_prompt)
-    size = chat_chars(req.messages)
-    ids = await offload(size, chat_prompt_ids, *args, req.add_special_tokens, tools.template_tools)
+    args = (client.model(req.model), req.messages, add, req.add_special_tokens)
+    extra = (tools.template_tools, req.continue_final_message, req.chat_template_kwargs)
+    ids = await offload(chat_chars(req.messages), chat_prompt_ids, *args, *extra)
     result: ChatCompletionResponse | AsyncGenerator[bytes, None] = await serve(
         ChatRun(client, metrics, req, ids, tools, guided)
     )
     return result
-
-
-def _tool_finish(finish: str | None, called: bool) -> str | None:
-    """OpenAI ends a turn that called tools with finish_reason "tool_calls"."""
-    return "tool_calls" if called and finish == "stop" else finish
 
 
 def _ids(seq: SequenceState) -> list[int]:

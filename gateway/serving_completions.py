@@ -22,7 +22,7 @@ from gateway.protocol import (
     StreamOptions,
     Usage,
 )
-from gateway.sampling_params import build_params, check_length, fan_out
+from gateway.sampling_params import build_params, check_length, check_request_shape, fan_out
 from gateway.sequence import Delta, SequenceState, TokenStrings
 from gateway.serving_common import serve, token_strings
 from gateway.sse import event
@@ -83,12 +83,16 @@ class CompletionRun:
         prompts: list[tuple[str | None, list[int]]] | None = None,  # parsed already
     ):
         if req.suffix:
-            raise BadRequest("suffix is not supported", "suffix")
+            raise BadRequest("suffix is not currently supported", "suffix")
         self.req = req
         self.metrics = metrics
         self.entry = entry = client.model(req.model)
         tok = entry.tokenizer
         assert tok is not None
+        check_request_shape(req, entry.info.vocab_size)
+        self.n = req.n if req.n is not None else 1
+        opts = req.stream_options
+        self.continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
         self.prompts = prompts if prompts is not None else parse_prompts(req, entry)
         want_prompt_lps = req.echo and req.logprobs is not None
         info = entry.info
@@ -115,7 +119,7 @@ class CompletionRun:
 
     @property
     def stream(self) -> bool:
-        return self.req.stream
+        return bool(self.req.stream)
 
     @property
     def stream_options(self) -> StreamOptions | None:
@@ -140,6 +144,12 @@ class CompletionRun:
         return self._event([], self.usage())
 
     def _event(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        if usage is None and self.continuous and len(choices) == 1:
+            # continuous_usage_stats: each chunk carries its choice's counts so far.
+            index = choices[0].index
+            prompt = len(self.prompts[index // self.n][1])
+            done = self.seqs[index].num_tokens
+            usage = Usage(prompt, done, prompt + done)
         return event(
             CompletionResponse(self.request_id, self.created, self.entry.name, choices, usage)
         )
@@ -151,7 +161,7 @@ class CompletionRun:
         )
 
     def prompt_text(self, index: int) -> str:
-        text, ids = self.prompts[index // self.req.n]
+        text, ids = self.prompts[index // self.n]
         if text is None:
             assert self.entry.tokenizer is not None
             text = self.entry.tokenizer.decode(ids)
