@@ -39,6 +39,17 @@ class ResponseFormat(msgspec.Struct, kw_only=True):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputs(msgspec.Struct, kw_only=True):
+    """vLLM's `structured_outputs` (its current name for the guided_* fields)."""
+
+    json: str | dict[str, Any] | bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None  # refused: not supported
+
+
 class KVCompressionOptions(msgspec.Struct, kw_only=True):
     """`kv_compression` as an object; a plain string is its method alone."""
 
@@ -80,6 +91,7 @@ class SamplingExtras(msgspec.Struct, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     # headrace's extra: compress this request's KV cache after its prefill (README).
     kv_compression: str | KVCompressionOptions | None = None
 

@@ -185,10 +185,15 @@ class ChatRun:
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
-        params = build_params(
-            req, max_tokens, logprobs, info.max_logprobs, guided, info.sampling_defaults
-        )
-        params = check_length(len(self.prompt_ids), params, entry.info.max_model_len, "messages")
+        try:
+            params = build_params(
+                req, max_tokens, logprobs, info.max_logprobs, guided, info.sampling_defaults
+            )
+            params = check_length(len(prompt_ids), params, info.max_model_len, "messages")
+        except BadRequest as e:
+            if e.param == "max_tokens" and req.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"  # name the field the client sent
+            raise
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.strings: TokenStrings = token_strings(entry)

@@ -1,7 +1,8 @@
 """Structured output requests -> one GuidedDecoding for the worker, checked before sending.
 
 The OpenAI fields (`response_format` json_object / json_schema) and vLLM's extras
-(`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`) all become one grammar
+(`structured_outputs` {json, regex, choice, grammar, json_object}, and the older
+`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`) all become one grammar
 source. Before the request reaches an engine, the source is parsed into an xgrammar
 Grammar on a thread (the event loop never waits on it), cached by source: a schema or
 grammar that does not parse is a 400 naming the field and xgrammar's reason. The worker
@@ -17,7 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from gateway.errors import BadRequest
-from gateway.protocol import SamplingExtras
+from gateway.protocol import SamplingExtras, StructuredOutputs
 from ipc.messages import GrammarKind, GuidedDecoding
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
@@ -43,12 +44,36 @@ def guided_decoding(req: SamplingExtras) -> tuple[GuidedDecoding, str] | None:
         if not req.guided_grammar.strip():
             raise BadRequest("guided_grammar must not be empty", "guided_grammar")
         found.append((GuidedDecoding(GrammarKind.EBNF, req.guided_grammar), "guided_grammar"))
+    if req.structured_outputs is not None:
+        found += _structured_outputs(req.structured_outputs)
     if len(found) > 1:
         fields = ", ".join(f for _, f in found)
         raise BadRequest(
             f"only one kind of structured output per request, got {fields}", found[1][1]
         )
     return found[0] if found else None
+
+
+def _structured_outputs(so: StructuredOutputs) -> list[tuple[GuidedDecoding, str]]:
+    field = "structured_outputs"
+    if so.structural_tag is not None:
+        raise BadRequest("structured_outputs.structural_tag is not supported", field)
+    found = []
+    if so.json is not None:
+        found.append(_schema(so.json, field))
+    if so.json_object:
+        found.append(GuidedDecoding(GrammarKind.JSON_SCHEMA, JSON_OBJECT_SCHEMA))
+    if so.regex is not None:
+        if not so.regex:
+            raise BadRequest("structured_outputs.regex must not be empty", field)
+        found.append(GuidedDecoding(GrammarKind.REGEX, so.regex))
+    if so.choice is not None:
+        found.append(_choice(so.choice, field))
+    if so.grammar is not None:
+        if not so.grammar.strip():
+            raise BadRequest("structured_outputs.grammar must not be empty", field)
+        found.append(GuidedDecoding(GrammarKind.EBNF, so.grammar))
+    return [(g, field) for g in found]
 
 
 def _response_format(kind: str, json_schema: Any) -> GuidedDecoding:
@@ -80,11 +105,9 @@ def schema_decoding(schema: dict[str, Any]) -> GuidedDecoding:
     return GuidedDecoding(GrammarKind.JSON_SCHEMA, json.dumps(schema, ensure_ascii=False))
 
 
-def _choice(choices: list[str]) -> GuidedDecoding:
+def _choice(choices: list[str], field: str = "guided_choice") -> GuidedDecoding:
     if not choices or not all(isinstance(c, str) and c for c in choices):
-        raise BadRequest(
-            "guided_choice must be a non-empty list of non-empty strings", "guided_choice"
-        )
+        raise BadRequest(f"{field} choices must be a non-empty list of non-empty strings", field)
     # EBNF string literals take JSON's escapes.
     alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
     return GuidedDecoding(GrammarKind.EBNF, f"root ::= {alternatives}")

@@ -86,7 +86,9 @@ def test_max_completion_tokens_wins_over_max_tokens(fake: FakeEngineClient) -> N
     assert r.json()["usage"]["completion_tokens"] == 3
     assert fake.submitted[-1].params.max_tokens == 3
     assert chat(fake, max_tokens=4).json()["usage"]["completion_tokens"] == 4
-    assert_400(chat(fake, max_completion_tokens=0), "max_tokens")
+    assert_400(chat(fake, max_completion_tokens=0), "max_completion_tokens")
+    assert_400(chat(fake, max_completion_tokens=300), "max_completion_tokens", "context length")
+    assert_400(chat(fake, max_tokens=300), "max_tokens", "maximum context length is 256")
 
 
 def test_n2_choices_and_usage_whole_and_streamed(fake: FakeEngineClient) -> None:
@@ -352,3 +354,17 @@ def test_tokenize_chat_fields(fake: FakeEngineClient) -> None:
     r = send(fake, "/tokenize", {"model": MODEL, "messages": USER, "tools": TOOLS})
     assert "[tools 1]" in tok.decode(r.json()["tokens"])
     assert "token_strs" not in send(fake, "/tokenize", {"model": MODEL, "prompt": "a"}).json()
+
+
+def test_structured_outputs_as_vllm_names_them(fake: FakeEngineClient) -> None:
+    so = {"choice": ["yes", "no"]}
+    assert chat(fake, structured_outputs=so, max_tokens=1).status_code == 200
+    guided = fake.submitted[-1].params.guided
+    assert guided is not None and guided.source == 'root ::= "yes" | "no"'
+    r = complete(fake, prompt="x", structured_outputs={"json": {"type": "object"}}, max_tokens=1)
+    assert r.status_code == 200 and fake.submitted[-1].params.guided is not None
+    assert_400(
+        chat(fake, structured_outputs={"regex": "a+", "choice": ["a"]}), "structured_outputs"
+    )
+    assert_400(chat(fake, structured_outputs={"structural_tag": "{}"}), "structured_outputs")
+    assert_400(chat(fake, structured_outputs={"grammar": "root ::= ("}), "structured_outputs")
