@@ -92,6 +92,13 @@ class SamplingExtras(msgspec.Struct, kw_only=True):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's prompt truncation: keep the last k prompt tokens (-1: up to max_model_len).
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
+    # vLLM extras this server does not implement: refused with a 400 when used, so a
+    # request never silently behaves differently (sampling_params.check_request_shape).
+    use_beam_search: bool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     # headrace's extra: compress this request's KV cache after its prefill (README).
     kv_compression: str | KVCompressionOptions | None = None
 
@@ -156,6 +163,7 @@ class ChatCompletionRequest(SamplingExtras, kw_only=True):
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables
     chat_template: str | None = None  # refused: a request's template is untrusted code
+    documents: list[dict[str, str]] | None = None  # vLLM's: a template variable (RAG)
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -258,6 +266,8 @@ class ChatChoice(msgspec.Struct):
 
 class ChatCompletionResponse(Completion[ChatChoice]):
     object: str = "chat.completion"
+    # vLLM's extra, with `prompt_logprobs` asked for: per prompt token, as in completions.
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class DeltaFunctionCall(msgspec.Struct, omit_defaults=True):

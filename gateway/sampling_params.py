@@ -16,6 +16,9 @@ def check_request_shape(req: SamplingExtras, vocab_size: int) -> None:
     """The cross-field rules vLLM's request models enforce, before any sampling param."""
     if req.stream_options is not None and not req.stream:
         raise BadRequest("Stream options can only be defined when `stream=True`.", "stream_options")
+    for name in ("use_beam_search", "allowed_token_ids", "bad_words"):
+        if getattr(req, name):
+            raise BadRequest(f"{name} is not supported by this server", name)
     n = req.n if req.n is not None else 1
     if req.best_of is not None and req.best_of != n:
         raise BadRequest("best_of must equal n: best-of sampling is not supported", "best_of")
@@ -109,6 +112,21 @@ def kv_compression_params(body: str | KVCompressionOptions | None) -> KVCompress
     if isinstance(body, str):
         return KVCompression(body)
     return KVCompression(body.method, body.budget or 0.0, body.window or 0)
+
+
+def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: max_model_len)."""
+    if keep is None:
+        return ids
+    if keep == -1:
+        keep = max_model_len
+    if keep > max_model_len:
+        raise BadRequest(
+            f"truncate_prompt_tokens ({keep}) cannot be greater than max_model_len "
+            f"({max_model_len}). Please select a smaller truncation size.",
+            "truncate_prompt_tokens",
+        )
+    return ids[-keep:] if keep else []
 
 
 def check_length(

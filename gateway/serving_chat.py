@@ -36,9 +36,16 @@ from gateway.protocol import (
     TopLogprob,
     Usage,
 )
-from gateway.sampling_params import build_params, check_length, check_request_shape, fan_out
+from gateway.sampling_params import (
+    build_params,
+    check_length,
+    check_request_shape,
+    fan_out,
+    truncate_prompt,
+)
 from gateway.sequence import Delta, SequenceState, TokenStrings
 from gateway.serving_common import serve, token_strings
+from gateway.serving_completions import prompt_logprobs
 from gateway.sse import event
 from gateway.structured_output import checked_guided_decoding
 from gateway.tool_calling import ToolOptions, ToolPlan, plan_tools
@@ -181,7 +188,13 @@ class ChatRun:
         info = entry.info
         check_request_shape(req, info.vocab_size)
         logprobs = chat_logprobs_setting(req, info.max_logprobs)
-        self.prompt_ids = prompt_ids
+        self.prompt_ids = prompt_ids = truncate_prompt(
+            prompt_ids, req.truncate_prompt_tokens, info.max_model_len
+        )
+        if req.prompt_logprobs is not None and req.stream:
+            raise BadRequest(
+                "`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs"
+            )
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
@@ -284,9 +297,11 @@ class ChatRun:
                 finish = self._tool_finish(finish, bool(calls))
             logprobs = self.logprobs(seq.logprobs, _ids(seq))
             choices.append(ChatChoice(i, message, logprobs, finish, seq.stop_reason))
-        return ChatCompletionResponse(
+        response = ChatCompletionResponse(
             self.request_id, self.created, self.entry.name, choices, self.usage()
         )
+        response.prompt_logprobs = prompt_logprobs(self.seqs[0], self.strings)
+        return response
 
     def _tool_finish(self, finish: str | None, called: bool) -> str | None:
         """OpenAI ends a turn that called tools with finish_reason "tool_calls", when the
@@ -326,7 +341,10 @@ async def create_chat_completion(
     add = generation_prompt(req.add_generation_prompt, req.continue_final_message)
     # Long chats are rendered and tokenized in a thread, so other streams keep flowing.
     args = (client.model(req.model), req.messages, add, req.add_special_tokens)
-    extra = (tools.template_tools, req.continue_final_message, req.chat_template_kwargs)
+    variables = dict(req.chat_template_kwargs or {})
+    if req.documents is not None:
+        variables["documents"] = req.documents
+    extra = (tools.template_tools, req.continue_final_message, variables)
     ids = await offload(chat_chars(req.messages), chat_prompt_ids, *args, *extra)
     result: ChatCompletionResponse | AsyncGenerator[bytes, None] = await serve(
         ChatRun(client, metrics, req, ids, tools, guided)

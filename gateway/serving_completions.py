@@ -22,7 +22,13 @@ from gateway.protocol import (
     StreamOptions,
     Usage,
 )
-from gateway.sampling_params import build_params, check_length, check_request_shape, fan_out
+from gateway.sampling_params import (
+    build_params,
+    check_length,
+    check_request_shape,
+    fan_out,
+    truncate_prompt,
+)
 from gateway.sequence import Delta, SequenceState, TokenStrings
 from gateway.serving_common import serve, token_strings
 from gateway.sse import event
@@ -93,7 +99,13 @@ class CompletionRun:
         self.n = req.n if req.n is not None else 1
         opts = req.stream_options
         self.continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
-        self.prompts = prompts if prompts is not None else parse_prompts(req, entry)
+        prompts = prompts if prompts is not None else parse_prompts(req, entry)
+        keep, limit = req.truncate_prompt_tokens, entry.info.max_model_len
+        self.prompts = []
+        for text, ids in prompts:
+            kept = truncate_prompt(ids, keep, limit)
+            # A truncated prompt is echoed as what the model saw.
+            self.prompts.append((text if len(kept) == len(ids) else None, kept))
         want_prompt_lps = req.echo and req.logprobs is not None
         info = entry.info
         max_tokens = req.max_tokens

@@ -368,3 +368,33 @@ def test_structured_outputs_as_vllm_names_them(fake: FakeEngineClient) -> None:
     )
     assert_400(chat(fake, structured_outputs={"structural_tag": "{}"}), "structured_outputs")
     assert_400(chat(fake, structured_outputs={"grammar": "root ::= ("}), "structured_outputs")
+
+
+def test_vllm_extras(fake: FakeEngineClient) -> None:
+    r = complete(fake, prompt=list(range(3, 300)), truncate_prompt_tokens=10, max_tokens=1)
+    assert r.status_code == 200, r.text
+    assert fake.submitted[-1].prompt_token_ids == list(range(290, 300))
+    assert r.json()["usage"]["prompt_tokens"] == 10
+    r = complete(fake, prompt="x", truncate_prompt_tokens=999)
+    assert_400(r, "truncate_prompt_tokens", "max_model_len")
+    chat(fake, truncate_prompt_tokens=3, max_tokens=1)
+    assert len(fake.submitted[-1].prompt_token_ids) == 3
+    for name, value in [
+        ("use_beam_search", True),
+        ("allowed_token_ids", [1]),
+        ("bad_words", ["a"]),
+    ]:
+        assert_400(chat(fake, **{name: value}), name, "not supported")
+        assert_400(complete(fake, prompt="x", **{name: value}), name, "not supported")
+    chat(fake, documents=[{"title": "t", "text": "doc"}], max_tokens=1)
+    assert_400(chat(fake, prompt_logprobs=1, stream=True), "prompt_logprobs", "stream=True")
+
+
+def test_chat_prompt_logprobs_are_returned(stories_path: Path) -> None:
+    tok = load_tokenizer(str(stories_path))
+    tok.chat_template = TEMPLATE
+    client = ScriptedClient(tok, lambda child: [5, 6])
+    body = dict(model="m", messages=USER, prompt_logprobs=1, max_tokens=2)
+    out = call(create_chat_completion, client, msgspec.convert(body, ChatCompletionRequest))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) > 2
+    assert all(isinstance(k, int) for k in out.prompt_logprobs[1])
