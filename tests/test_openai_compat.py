@@ -1,6 +1,6 @@
 """What a client written against vLLM's OpenAI server sends, and what it gets back, in
 process (build_app over a fake engine): accepted fields behave as in vLLM, the rest are
-400s naming the field. See the table in gateway/protocol.py's docstring."""
+400s naming the field (the list of refused fields is in gateway/protocol.py's docstring)."""
 
 from __future__ import annotations
 
@@ -335,6 +335,22 @@ def test_unknown_model_and_routes(fake: FakeEngineClient) -> None:
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == 404
     assert "`nope` does not exist" in err["message"]
+    app = build_app(GatewayConfig(workers=["unused"]), fake)  # type: ignore[arg-type]
+
+    async def get(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await http.get(path)
+
+    models = asyncio.run(get("/v1/models")).json()
+    assert models["object"] == "list"
+    card = models["data"][0]
+    assert card["id"] == MODEL and card["object"] == "model" and card["max_model_len"] == 256
+    assert card["parent"] is None and isinstance(card["created"], int) and "root" in card
+    missing = asyncio.run(get("/v1/models/nope"))
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    r = asyncio.run(get("/v1/no-such-route"))
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 # ------------------------------------------------------------------ /tokenize
