@@ -170,6 +170,7 @@ class ChatCompletionRequest(SamplingExtras, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables
     chat_template: str | None = None  # refused: a request's template is untrusted code
     documents: list[dict[str, str]] | None = None  # vLLM's: a template variable (RAG)
+    reasoning_effort: str | None = None  # a template variable too, as vLLM passes it
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):

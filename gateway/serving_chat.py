@@ -342,8 +342,9 @@ async def create_chat_completion(
     # Long chats are rendered and tokenized in a thread, so other streams keep flowing.
     args = (client.model(req.model), req.messages, add, req.add_special_tokens)
     variables = dict(req.chat_template_kwargs or {})
-    if req.documents is not None:
-        variables["documents"] = req.documents
+    for name in ("documents", "reasoning_effort"):  # vLLM's template variables
+        if getattr(req, name) is not None:
+            variables[name] = getattr(req, name)
     extra = (tools.template_tools, req.continue_final_message, variables)
     ids = await offload(chat_chars(req.messages), chat_prompt_ids, *args, *extra)
     result: ChatCompletionResponse | AsyncGenerator[bytes, None] = await serve(

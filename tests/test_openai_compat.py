@@ -25,6 +25,8 @@ from ipc.messages import FinishReason
 TEMPLATE = (
     "{{ bos_token }}{% if tools %}[tools {{ tools | length }}]{% endif %}"
     "{% if greeting is defined %}[{{ greeting }}]{% endif %}"
+    "{% if documents %}[docs {{ documents | length }}]{% endif %}"
+    "{% if reasoning_effort %}[effort {{ reasoning_effort }}]{% endif %}"
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
@@ -402,7 +404,8 @@ def test_vllm_extras(fake: FakeEngineClient) -> None:
     ]:
         assert_400(chat(fake, **{name: value}), name, "not supported")
         assert_400(complete(fake, prompt="x", **{name: value}), name, "not supported")
-    chat(fake, documents=[{"title": "t", "text": "doc"}], max_tokens=1)
+    chat(fake, documents=[{"title": "t", "text": "doc"}], reasoning_effort="low", max_tokens=1)
+    assert "[docs 1][effort low]" in prompt_text(fake)
     assert_400(chat(fake, prompt_logprobs=1, stream=True), "prompt_logprobs", "stream=True")
 
 
