@@ -260,7 +260,8 @@ class ChoiceLogprobs(msgspec.Struct):
 class AssistantMessage(msgspec.Struct):
     role: str = "assistant"
     content: str | None = None
-    tool_calls: list[ToolCall] = []
+    # Left out of the body when the reply called no tools, as OpenAI and vLLM leave it.
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct):

@@ -293,7 +293,7 @@ class ChatRun:
             finish = seq.finish_reason
             if self.tools.extract is not None:
                 content, calls = parse_complete(self.tools.extract, seq.text)
-                message = AssistantMessage(content=content, tool_calls=calls)
+                message = AssistantMessage(content=content, tool_calls=calls or msgspec.UNSET)
                 finish = self._tool_finish(finish, bool(calls))
             logprobs = self.logprobs(seq.logprobs, _ids(seq))
             choices.append(ChatChoice(i, message, logprobs, finish, seq.stop_reason))

@@ -189,6 +189,7 @@ def test_accepted_as_vllm_accepts(fake: FakeEngineClient) -> None:
     body = r.json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["system_fingerprint"] is None and isinstance(body["created"], int)
+    assert "tool_calls" not in body["choices"][0]["message"]
     assert chat(fake, max_tokens=1, stop="x").status_code == 200
 
 
