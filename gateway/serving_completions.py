@@ -111,6 +111,11 @@ class CompletionRun:
         max_tokens = req.max_tokens
         if max_tokens is msgspec.UNSET:  # the model's max_new_tokens, else OpenAI's 16
             max_tokens = None if "max_tokens" in info.sampling_defaults else 16
+        # vLLM's echo with max_tokens 0: the prompt (and its logprobs) back, nothing
+        # generated; the engine makes one token, which is dropped here.
+        self.echo_only = bool(req.echo) and max_tokens == 0
+        if self.echo_only:
+            max_tokens = 1
         base = build_params(
             req, max_tokens, req.logprobs, info.max_logprobs, guided, info.sampling_defaults
         )
@@ -160,7 +165,7 @@ class CompletionRun:
             # continuous_usage_stats: each chunk carries its choice's counts so far.
             index = choices[0].index
             prompt = len(self.prompts[index // self.n][1])
-            done = self.seqs[index].num_tokens
+            done = 0 if self.echo_only else self.seqs[index].num_tokens
             usage = Usage(prompt, done, prompt + done)
         return event(
             CompletionResponse(self.request_id, self.created, self.entry.name, choices, usage)
@@ -181,7 +186,7 @@ class CompletionRun:
 
     def usage(self) -> Usage:
         prompt = sum(len(ids) for _, ids in self.prompts)
-        completion = sum(s.num_tokens for s in self.seqs)
+        completion = 0 if self.echo_only else sum(s.num_tokens for s in self.seqs)
         return Usage(prompt, completion, prompt + completion)
 
     def logprobs(self, index: int, delta_lps: list[TokenLogprobs], offsets: list[int],
@@ -213,6 +218,8 @@ class CompletionRun:
 
     def choice(self, index: int, delta: Delta, first: bool) -> CompletionChoice:
         seq = self.seqs[index]
+        if self.echo_only:
+            delta = Delta(finished=delta.finished)
         echo = self.req.echo and first
         prefix = self.prompt_text(index) if echo else ""
         lps = None

@@ -16,8 +16,9 @@ from serving_fakes import ScriptedClient, call
 from test_gateway_inprocess import MODEL, FakeEngineClient
 
 from gateway.app import GatewayConfig, build_app
-from gateway.protocol import ChatCompletionRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.serving_chat import create_chat_completion
+from gateway.serving_completions import create_completion
 from gateway.tokenizer import load_tokenizer
 from gateway.tool_calling import ToolOptions
 from ipc.messages import FinishReason
@@ -316,6 +317,30 @@ def test_completion_echo_and_max_tokens_null(fake: FakeEngineClient) -> None:
     r = complete(fake, prompt=[5, 6], max_tokens=None)
     assert r.json()["usage"]["completion_tokens"] == 256 - 2  # up to the model's length
     assert complete(fake, prompt="x").json()["usage"]["completion_tokens"] == 16  # OpenAI's
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_echo_without_generation(stories_path: Path, stream: bool) -> None:
+    # lm-eval's loglikelihood requests: echo, max_tokens 0, logprobs: the prompt scored.
+    tok = load_tokenizer(str(stories_path))
+    client = ScriptedClient(tok, lambda child: [7])
+    body = dict(model="m", prompt="Once upon a time", echo=True, max_tokens=0, logprobs=1)
+    req = msgspec.convert(
+        body | {"stream": stream, "stream_options": {}} if stream else body, CompletionRequest
+    )
+    out = call(create_completion, client, req)
+    n_prompt = len(tok.encode("Once upon a time"))
+    if stream:
+        choices = [c["choices"][0] for c in out[:-2]]
+        assert out[-2]["usage"]["completion_tokens"] == 0
+        assert "".join(c["text"] for c in choices) == "Once upon a time"
+        lps = [t for c in choices for t in c["logprobs"]["token_logprobs"]]
+        assert choices[-1]["finish_reason"] == "length"
+    else:
+        choice = out.choices[0]
+        assert choice.text == "Once upon a time" and out.usage.completion_tokens == 0
+        lps = choice.logprobs.token_logprobs
+    assert len(lps) == n_prompt and lps[0] is None and all(v is not None for v in lps[1:])
 
 
 def test_completion_refusals(fake: FakeEngineClient) -> None:
