@@ -98,6 +98,7 @@ class SamplingExtras(msgspec.Struct, kw_only=True):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputs | None = None
+    return_token_ids: bool | None = None  # vLLM's: token ids alongside the text
     # vLLM's prompt truncation: keep the last k prompt tokens (-1: up to max_model_len).
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
     # vLLM extras this server does not implement: refused with a 400 when used, so a
@@ -222,6 +223,9 @@ class CompletionChoice(msgspec.Struct):
     stop_reason: int | str | None = None
     # vLLM's extra: per prompt token (None for the first) {token id: logprob entry}.
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    # vLLM's `return_token_ids`: this choice's prompt (first chunk only) and its new tokens.
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Completion(msgspec.Struct, Generic[C]):
@@ -270,12 +274,14 @@ class ChatChoice(msgspec.Struct):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET  # vLLM's return_token_ids
 
 
 class ChatCompletionResponse(Completion[ChatChoice]):
     object: str = "chat.completion"
     # vLLM's extra, with `prompt_logprobs` asked for: per prompt token, as in completions.
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET  # vLLM's return_token_ids
 
 
 class DeltaFunctionCall(msgspec.Struct, omit_defaults=True):
@@ -304,10 +310,16 @@ class ChatStreamChoice(msgspec.Struct):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )  # vLLM's return_token_ids: this chunk's tokens
 
 
 class ChatCompletionChunk(Completion[ChatStreamChoice]):
     object: str = "chat.completion.chunk"
+    prompt_token_ids: list[int] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )  # vLLM's return_token_ids: the first chunk's
 
 
 class ModelCard(msgspec.Struct):

@@ -237,18 +237,30 @@ class ChatRun:
     def stream_options(self) -> StreamOptions | None:
         return self.req.stream_options
 
-    def _chunk(self, choices: list[ChatStreamChoice], usage: Usage | None = None) -> bytes:
+    def _chunk(
+        self,
+        choices: list[ChatStreamChoice],
+        usage: Usage | None = None,
+        prompt_ids: list[int] | None = None,
+    ) -> bytes:
         if usage is None and self.continuous and len(choices) == 1:
             # continuous_usage_stats: each chunk carries its choice's counts so far.
             done = self.seqs[choices[0].index].num_tokens
             usage = Usage(len(self.prompt_ids), done, len(self.prompt_ids) + done)
         chunk = ChatCompletionChunk(self.request_id, self.created, self.entry.name, choices, usage)
+        if prompt_ids is not None:
+            chunk.prompt_token_ids = prompt_ids
         return event(chunk)
 
     def head(self) -> bytes:
         # Each choice's first chunk carries the role; with echo, the next one the echo.
+        # With return_token_ids, the prompt's ids ride on the first chunk.
+        ids = self.prompt_ids if self.req.return_token_ids else None
         chunks = [
-            self._chunk([ChatStreamChoice(i, DeltaMessage(role="assistant", content=""))])
+            self._chunk(
+                [ChatStreamChoice(i, DeltaMessage(role="assistant", content=""))],
+                prompt_ids=ids if i == 0 else None,
+            )
             for i in range(len(self.seqs))
         ]
         if self.echo:
@@ -279,6 +291,8 @@ class ChatRun:
                 finish_reason=finish,
                 stop_reason=seq.stop_reason if d.finished else None,
             )
+            if self.req.return_token_ids:
+                choice.token_ids = d.token_ids
             events.append(self._chunk([choice]))
         return events
 
@@ -296,11 +310,16 @@ class ChatRun:
                 message = AssistantMessage(content=content, tool_calls=calls or msgspec.UNSET)
                 finish = self._tool_finish(finish, bool(calls))
             logprobs = self.logprobs(seq.logprobs, _ids(seq))
-            choices.append(ChatChoice(i, message, logprobs, finish, seq.stop_reason))
+            choice = ChatChoice(i, message, logprobs, finish, seq.stop_reason)
+            if self.req.return_token_ids:
+                choice.token_ids = deltas[i].token_ids
+            choices.append(choice)
         response = ChatCompletionResponse(
             self.request_id, self.created, self.entry.name, choices, self.usage()
         )
         response.prompt_logprobs = prompt_logprobs(self.seqs[0], self.strings)
+        if self.req.return_token_ids:
+            response.prompt_token_ids = self.prompt_ids
         return response
 
     def _tool_finish(self, finish: str | None, called: bool) -> str | None:

@@ -226,7 +226,7 @@ class CompletionRun:
         if self.req.logprobs is not None:
             base = len(prefix) if self.req.echo else 0
             lps = self.logprobs(index, delta.logprobs, delta.offsets, delta.token_ids, echo, base)
-        return CompletionChoice(
+        choice = CompletionChoice(
             index=index,
             text=prefix + delta.text,
             logprobs=lps,
@@ -234,6 +234,11 @@ class CompletionRun:
             stop_reason=seq.stop_reason if delta.finished else None,
             prompt_logprobs=prompt_logprobs(seq, self.strings) if first else None,
         )
+        if self.req.return_token_ids:  # vLLM's: the prompt's ids in a choice's first chunk
+            choice.token_ids = delta.token_ids
+            if first:
+                choice.prompt_token_ids = seq.prompt_token_ids
+        return choice
 
 
 async def create_completion(

@@ -443,3 +443,20 @@ def test_chat_prompt_logprobs_are_returned(stories_path: Path) -> None:
     out = call(create_chat_completion, client, msgspec.convert(body, ChatCompletionRequest))
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) > 2
     assert all(isinstance(k, int) for k in out.prompt_logprobs[1])
+
+
+def test_return_token_ids(fake: FakeEngineClient) -> None:
+    body = chat(fake, max_tokens=3, return_token_ids=True).json()
+    prompt = fake.submitted[-1].prompt_token_ids
+    assert body["prompt_token_ids"] == prompt and body["choices"][0]["token_ids"] == [403] * 3
+    chunks = events(chat(fake, max_tokens=3, return_token_ids=True, stream=True))
+    assert chunks[0]["prompt_token_ids"] == prompt
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids", [])] == [403] * 3
+    assert "prompt_token_ids" not in chat(fake, max_tokens=1).json()
+    out = complete(fake, prompt=[[5, 6], [7]], max_tokens=2, return_token_ids=True).json()
+    assert [c["prompt_token_ids"] for c in out["choices"]] == [[5, 6], [7]]
+    assert [c["token_ids"] for c in out["choices"]] == [[403, 403]] * 2
+    chunks = events(complete(fake, prompt=[5, 6], max_tokens=2, return_token_ids=True, stream=True))
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == [5, 6]
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == [403, 403]
