@@ -7,7 +7,7 @@ follow vLLM's OpenAI server.
 
 Fields accepted but not implemented are refused with a 400 naming them, never silently
 dropped: `logit_bias` (non-empty; checked first: keys token ids, values in [-100, 100]),
-`best_of` != n, `suffix`, `use_beam_search`, `allowed_token_ids`, `bad_words`, a request's
+`best_of` != n, `suffix`, `use_beam_search`, `priority` != 0, `allowed_token_ids`, `bad_words`, a request's
 `chat_template`, `structured_outputs.structural_tag`, content parts other than text
 (image_url, input_audio, ...). tests/test_openai_compat.py checks each.
 """
@@ -106,6 +106,8 @@ class SamplingExtras(msgspec.Struct, kw_only=True):
     use_beam_search: bool = False
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    priority: int = 0  # vLLM's; anything but 0 is refused, as vLLM refuses it without
+    # --scheduling-policy priority
     # headrace's extra: compress this request's KV cache after its prefill (README).
     kv_compression: str | KVCompressionOptions | None = None
 

@@ -19,6 +19,8 @@ def check_request_shape(req: SamplingExtras, vocab_size: int) -> None:
     for name in ("use_beam_search", "allowed_token_ids", "bad_words"):
         if getattr(req, name):
             raise BadRequest(f"{name} is not supported by this server", name)
+    if req.priority != 0:
+        raise BadRequest("priority scheduling is not enabled on this server", "priority")
     n = req.n if req.n is not None else 1
     if req.best_of is not None and req.best_of != n:
         raise BadRequest("best_of must equal n: best-of sampling is not supported", "best_of")

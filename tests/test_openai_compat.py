@@ -430,6 +430,8 @@ def test_vllm_extras(fake: FakeEngineClient) -> None:
     ]:
         assert_400(chat(fake, **{name: value}), name, "not supported")
         assert_400(complete(fake, prompt="x", **{name: value}), name, "not supported")
+    assert_400(chat(fake, priority=1), "priority", "not enabled")
+    assert chat(fake, priority=0, max_tokens=1).status_code == 200
     chat(fake, documents=[{"title": "t", "text": "doc"}], reasoning_effort="low", max_tokens=1)
     assert "[docs 1][effort low]" in prompt_text(fake)
     assert_400(chat(fake, prompt_logprobs=1, stream=True), "prompt_logprobs", "stream=True")
