@@ -6,8 +6,7 @@ the vLLM extras (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_e
 follow vLLM's OpenAI server.
 
 Fields accepted but not implemented are refused with a 400 naming them, never silently
-dropped: `logit_bias` (non-empty; checked first: keys token ids, values in [-100, 100]),
-`best_of` != n, `suffix`, `use_beam_search`, `priority` != 0, `allowed_token_ids`, `bad_words`, a request's
+dropped: `best_of` != n, `suffix`, `use_beam_search`, `priority` != 0, `bad_words`, a request's
 `chat_template`, `structured_outputs.structural_tag`, content parts other than text
 (image_url, input_audio, ...). tests/test_openai_compat.py checks each.
 """

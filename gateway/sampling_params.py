@@ -16,7 +16,7 @@ def check_request_shape(req: SamplingExtras, vocab_size: int) -> None:
     """The cross-field rules vLLM's request models enforce, before any sampling param."""
     if req.stream_options is not None and not req.stream:
         raise BadRequest("Stream options can only be defined when `stream=True`.", "stream_options")
-    for name in ("use_beam_search", "allowed_token_ids", "bad_words"):
+    for name in ("use_beam_search", "bad_words"):
         if getattr(req, name):
             raise BadRequest(f"{name} is not supported by this server", name)
     if req.priority != 0:
@@ -26,11 +26,16 @@ def check_request_shape(req: SamplingExtras, vocab_size: int) -> None:
         raise BadRequest("best_of must equal n: best-of sampling is not supported", "best_of")
     if req.logit_bias:
         check_logit_bias(req.logit_bias, vocab_size)
-        # Checked first, so a malformed bias gets the precise reason.
-        raise BadRequest(
-            "logit_bias is not supported by this server (its sampler has no per-token bias)",
-            "logit_bias",
-        )
+    if req.allowed_token_ids is not None:
+        ids = req.allowed_token_ids
+        if not ids:
+            raise BadRequest("allowed_token_ids must not be empty", "allowed_token_ids")
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise BadRequest(
+                f"allowed_token_ids token id {bad} is out of vocabulary (vocab size {vocab_size})",
+                "allowed_token_ids",
+            )
 
 
 def check_logit_bias(bias: Mapping[str, float], vocab_size: int) -> None:
@@ -98,6 +103,10 @@ def build_params(
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
         guided=guided,
+        logit_bias=(
+            {int(k): float(v) for k, v in req.logit_bias.items()} if req.logit_bias else None
+        ),
+        allowed_token_ids=list(req.allowed_token_ids) if req.allowed_token_ids else None,
         kv_compression=kv_compression_params(req.kv_compression),
     )
     try:

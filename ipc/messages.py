@@ -104,6 +104,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     guided: GuidedDecoding | None = None  # structured output: the grammar to follow
+    # OpenAI's logit_bias: token id -> a value in [-100, 100] added to its logit each step
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens can be drawn
     kv_compression: KVCompression | None = None  # None: the worker's --kv-compression
 
     @property
@@ -148,6 +151,13 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False):
             raise bad("stop_token_ids", "non-negative token ids", self.stop_token_ids)
         if any(not s for s in self.stop):
             raise bad("stop", "non-empty strings", self.stop)
+        for token, value in (self.logit_bias or {}).items():
+            if token < 0 or not (math.isfinite(value) and -100 <= value <= 100):
+                raise bad("logit_bias", "token ids -> values in [-100, 100]", {token: value})
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids or any(t < 0 for t in self.allowed_token_ids)
+        ):
+            raise bad("allowed_token_ids", "a non-empty list of token ids", self.allowed_token_ids)
         if self.kv_compression is not None:
             self.kv_compression.validate()
 

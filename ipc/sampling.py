@@ -69,4 +69,11 @@ def check_request(
     bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise ParamError(f"{what} token id {bad} is out of range for vocab size {vocab_size}", what)
+    for name, ids in (
+        ("logit_bias", list(params.logit_bias or ())),
+        ("allowed_token_ids", params.allowed_token_ids or []),
+    ):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ParamError(f"{name} token id {bad} is out of vocabulary ({vocab_size})", name)
     return resolve_max_tokens(len(prompt), params, max_model_len, what)

@@ -157,12 +157,20 @@ def test_logprobs_bounds(fake: FakeEngineClient) -> None:
     assert_400(chat(fake, top_logprobs="3"), "top_logprobs")
 
 
-def test_logit_bias_is_checked_then_refused(fake: FakeEngineClient) -> None:
+def test_logit_bias_and_allowed_token_ids_reach_the_worker(fake: FakeEngineClient) -> None:
     assert_400(chat(fake, logit_bias={"abc": 1}), "logit_bias", "token ids")
     assert_400(chat(fake, logit_bias={"99999": 1}), "logit_bias", "out of vocabulary")
     assert_400(chat(fake, logit_bias={"5": 101}), "logit_bias", "[-100, 100]")
-    assert_400(chat(fake, logit_bias={"5": 10}), "logit_bias", "not supported")
     assert chat(fake, max_tokens=1, logit_bias={}).status_code == 200
+    assert fake.submitted[-1].params.logit_bias is None
+    r = chat(fake, max_tokens=1, logit_bias={"5": 10, "7": -100.0})
+    assert r.status_code == 200, r.text
+    assert fake.submitted[-1].params.logit_bias == {5: 10.0, 7: -100.0}
+    r = complete(fake, prompt="x", max_tokens=1, allowed_token_ids=[3, 4])
+    assert r.status_code == 200, r.text
+    assert fake.submitted[-1].params.allowed_token_ids == [3, 4]
+    assert_400(chat(fake, allowed_token_ids=[]), "allowed_token_ids", "empty")
+    assert_400(chat(fake, allowed_token_ids=[99999]), "allowed_token_ids", "out of vocabulary")
 
 
 @pytest.mark.parametrize(
@@ -425,7 +433,6 @@ def test_vllm_extras(fake: FakeEngineClient) -> None:
     assert len(fake.submitted[-1].prompt_token_ids) == 3
     for name, value in [
         ("use_beam_search", True),
-        ("allowed_token_ids", [1]),
         ("bad_words", ["a"]),
     ]:
         assert_400(chat(fake, **{name: value}), name, "not supported")

@@ -48,6 +48,7 @@ from worker.device_copy import host_tensor, to_device
 from worker.sampling_tensors import (
     GREEDY_EPS,
     RowParams,
+    apply_allowed,
     apply_pool_penalties,
     row_params,
     seeded_keys,
@@ -60,8 +61,8 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 def plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
     """Whether `draw` gives this row the raw argmax of its logits and nothing else is asked
-    of the sampler: greedy, no logprobs, no penalties, no min_tokens ban in force (a
-    grammar mask is the caller's to rule out). Such rows can take their token from the
+    of the sampler: greedy, no logprobs, no penalties, no logit_bias or allowed_token_ids,
+    no min_tokens ban in force (a grammar mask is the caller's to rule out). Such rows can take their token from the
     decode CUDA graph's own argmax (worker/cuda_graphs.py)."""
     return (
         params.temperature < GREEDY_EPS
@@ -70,6 +71,8 @@ def plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
         and params.frequency_penalty == 0.0
         and params.presence_penalty == 0.0
         and num_output_tokens >= params.min_tokens
+        and not params.logit_bias
+        and params.allowed_token_ids is None
     )
 
 
@@ -192,7 +195,12 @@ class Sampler:
         x = logits[:, : self.vocab_size].to(torch.float32, copy=True)
         if batch.bitmask is not None:
             apply_bitmask(x, batch.bitmask)
+        # vLLM's order: allowed tokens, min_tokens, logit_bias, then the penalties.
+        if rows.allowed is not None:
+            apply_allowed(x, rows.allowed)
         self._apply_min_tokens(x, batch)
+        if rows.bias is not None:
+            x.view(-1).index_add_(0, rows.bias.index, rows.bias.values)
         if rows.pool is not None:
             apply_pool_penalties(x, rows)  # counts kept across steps
         else:

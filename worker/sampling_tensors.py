@@ -47,6 +47,22 @@ class PenaltyRows:
 
 
 @dataclass
+class TokenValues:
+    """logit_bias entries of a step's logits: flat indexes row * V + token, and values."""
+
+    index: torch.Tensor  # [E] int64
+    values: torch.Tensor  # [E] float32
+
+
+@dataclass
+class AllowedTokens:
+    """Rows limited to a token list (allowed_token_ids): every other logit becomes -inf."""
+
+    rows: torch.Tensor  # [A] int64 batch rows
+    keep: torch.Tensor  # [E] int64 flat indexes a * V + token into those A rows
+
+
+@dataclass
 class RowParams:
     """One step's sampling params as the sampler reads them; one entry per row."""
 
@@ -66,6 +82,8 @@ class RowParams:
     # Penalties from the pool (persistent rows); None: none, or read from the lists.
     penalties: PenaltyRows | None = None
     pool: PenaltyPool | None = None
+    bias: TokenValues | None = None  # logit_bias entries, added after min_tokens
+    allowed: AllowedTokens | None = None  # allowed_token_ids rows
 
     @property
     def all_greedy(self) -> bool:
@@ -116,7 +134,53 @@ def row_params(
             for i, p in enumerate(params)
             if p.min_tokens > 0
         ],
+        bias=logit_bias_entries(params, vocab, device),
+        allowed=allowed_tokens(params, vocab, device),
     )
+
+
+def logit_bias_entries(
+    params: Sequence[SamplingParams], vocab: int, device: torch.device
+) -> TokenValues | None:
+    """The rows' logit_bias as flat (row * V + token, value) entries; None without any."""
+    flat: list[int] = []
+    values: list[float] = []
+    for i, p in enumerate(params):
+        for token, value in (p.logit_bias or {}).items():
+            if 0 <= token < vocab:  # admission checked the ids; padding ids never exist
+                flat.append(i * vocab + token)
+                values.append(value)
+    if not flat:
+        return None
+    return TokenValues(
+        host_tensor(flat, torch.int64, device), host_tensor(values, torch.float32, device)
+    )
+
+
+def allowed_tokens(
+    params: Sequence[SamplingParams], vocab: int, device: torch.device
+) -> AllowedTokens | None:
+    """The rows limited by allowed_token_ids, and the flat indexes they keep."""
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    if not rows:
+        return None
+    keep = [
+        a * vocab + t
+        for a, i in enumerate(rows)
+        for t in set(params[i].allowed_token_ids or ())
+        if 0 <= t < vocab
+    ]
+    return AllowedTokens(
+        host_tensor(rows, torch.int64, device), host_tensor(keep, torch.int64, device)
+    )
+
+
+def apply_allowed(x: torch.Tensor, allowed: AllowedTokens) -> None:
+    """Every logit of the limited rows but their allowed tokens becomes -inf (in place)."""
+    sub = x.index_select(0, allowed.rows)  # [A, V]
+    mask = torch.ones_like(sub, dtype=torch.bool)
+    mask.view(-1).index_fill_(0, allowed.keep, False)
+    x.index_copy_(0, allowed.rows, sub.masked_fill_(mask, -math.inf))
 
 
 def has_penalty(p: SamplingParams) -> bool:
