@@ -34,7 +34,8 @@ class Target:
     rows: torch.Tensor | None = None  # reorder the checkpoint's rows: ours = tensor[rows]
     # "param": a copy (an Fp8Linear weight: float8 as is, 16/32-bit quantized on the way);
     # "weight_scale" / "input_scale": an Fp8Linear's scales; "kv_scale": an attention
-    # module's k_scale / v_scale attribute (param names the attribute); "int4" /
+    # module's k_scale / v_scale attribute (param names the attribute); "zero_point": an
+    # FP8 layer's zero points, accepted only if zero (symmetric FP8); "int4" /
     # "int4_dequant": an AWQ / GPTQ part (worker/quant/int4_load.py; param names the layer).
     kind: str = "param"
     optional: bool = False  # the checkpoint may leave it out
@@ -80,6 +81,10 @@ def scale_targets(model: nn.Module, targets: dict[str, Target]) -> dict[str, Tar
             out[src + "input_scale"] = Target(
                 dst + "input_scale", (), None, "input_scale", not static
             )
+            # Symmetric FP8 has no zero points; some compressed-tensors writers still save
+            # them (all zero). Accepted when zero, refused by name otherwise.
+            for zp in ("weight_zero_point", "input_zero_point"):
+                out[src + zp] = Target(dst + zp, kind="zero_point", optional=True)
         if t.param.endswith(".self_attn.qkv_proj.weight"):
             attn_src = name.rsplit(".", 2)[0]  # the checkpoint's attention module
             attn = t.param.removesuffix(".qkv_proj.weight")
@@ -104,6 +109,15 @@ class _Loader:
         target = self.targets.get(name)
         if target is not None and target.kind == "kv_scale":
             self._kv_scale(name, target, tensor)
+            return
+        if target is not None and target.kind == "zero_point":
+            if bool((tensor != 0).any()):
+                raise ValueError(
+                    f"{self.source}: tensor {name!r} holds nonzero zero points; FP8 "
+                    "weights and activations are symmetric (quantization_config "
+                    "symmetric: true)"
+                )
+            self.loaded.add(name)
             return
         if target is not None and target.kind in ("int4", "int4_dequant"):
             if self.int4 is None:
@@ -150,6 +164,14 @@ class _Loader:
         if src.dtype == FP8:
             self._copy(name, dst, src)
             return
+        scheme = getattr(self.model, "quant_scheme", None)
+        if getattr(scheme, "checkpoint_fp8", False):
+            # Quantizing it here would apply the checkpoint's weight_scale on top.
+            raise ValueError(
+                f"{self.source}: tensor {name!r} is {src.dtype}, but quantization_config says "
+                "the checkpoint's linear weights are float8_e4m3fn (add the module to its "
+                "ignore list if it was left unquantized)"
+            )
         # Quantize on load, per output channel (each fused shard's rows stand alone); this
         # also fills the rows' weight_scale.
         self._check_shape(name, dst, src)

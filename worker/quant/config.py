@@ -51,11 +51,13 @@ class Fp8Scheme:
         return self.source != "on-load"
 
     def is_ignored(self, module: str) -> bool:
-        """module: a Hugging Face module name such as 'model.layers.0.self_attn.q_proj'."""
+        """module: a Hugging Face module name such as 'model.layers.0.self_attn.q_proj'.
+        A "re:" pattern matches from the start of the name (re.match, as compressed-tensors
+        and vLLM match them: "re:.*mlp.gate$" needs its own "$" to stop at the end)."""
         short = module.removeprefix("model.")
         for pat in self.ignore:
             if pat.startswith("re:"):
-                if re.fullmatch(pat[3:], module) or re.fullmatch(pat[3:], short):
+                if re.match(pat[3:], module) or re.match(pat[3:], short):
                     return True
             elif pat in (module, short) or module.endswith("." + pat):
                 return True
@@ -113,7 +115,27 @@ def _vllm_fp8(qc: dict[str, Any], where: str) -> Fp8Scheme:
     return Fp8Scheme("fp8", "tensor", scheme, tuple(ignore) + ("lm_head",))
 
 
+# compressed-tensors' formats that store FP8 weights as float8 tensors beside their scales.
+CT_FP8_FORMATS = ("float-quantized", "naive-quantized")
+
+
+def _ct_format(fmt: Any, where: str) -> None:
+    if fmt is not None and fmt not in CT_FP8_FORMATS:
+        raise QuantConfigError(
+            f"{where}.format {fmt!r} is not supported (FP8 checkpoints are "
+            f"{' or '.join(map(repr, CT_FP8_FORMATS))}; int8, packed 4-bit and sparse "
+            "compressed-tensors formats are not)"
+        )
+
+
 def _compressed_tensors(qc: dict[str, Any], where: str) -> Fp8Scheme:
+    _ct_format(qc.get("format"), where)
+    sparsity = qc.get("sparsity_config")
+    if isinstance(sparsity, dict) and sparsity.get("format", "dense") != "dense":
+        raise QuantConfigError(
+            f"{where}.sparsity_config.format {sparsity['format']!r}: sparse weights are not "
+            "supported"
+        )
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise QuantConfigError(f"{where}.config_groups must be a non-empty object")
@@ -134,6 +156,7 @@ def _compressed_tensors(qc: dict[str, Any], where: str) -> Fp8Scheme:
 def _ct_group(g: Any, where: str) -> tuple[str, str]:
     if not isinstance(g, dict):
         raise QuantConfigError(f"{where} must be an object")
+    _ct_format(g.get("format"), where)
     targets = g.get("targets", ["Linear"])
     if not isinstance(targets, list) or "Linear" not in targets:
         raise QuantConfigError(f"{where}.targets {targets!r} must include 'Linear'")
