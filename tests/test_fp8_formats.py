@@ -95,6 +95,7 @@ def write_fp8_pair(
     static: bool = False,
     extra: Any = None,  # extra(tensors): add or change tensors of the FP8 folder
     shards: int = 1,
+    linear: Any = is_linear,  # linear(name): the tensor is a weight the file quantizes
 ) -> tuple[Path, Path]:
     """(FP8 folder, dequantized fp32 twin) of the model folder src."""
     tensors = load_file(str(src / "model.safetensors"))
@@ -103,7 +104,7 @@ def write_fp8_pair(
     deq: dict[str, torch.Tensor] = {}
     for name, w in tensors.items():
         module = name.removesuffix(".weight")
-        if not is_linear(name) or keep_16bit(module):
+        if not linear(name) or keep_16bit(module):
             fp8[name] = deq[name] = w
             continue
         q, scale = fp8_quantize(w, per_row=scale_shape in ("col", "row"))
@@ -232,6 +233,37 @@ def test_vllm_fp8_fused_shards_with_different_scales(llama, tmp_path, exact_acti
     assert isinstance(layers[1].mlp.down_proj, Fp8Linear)
 
 
+def test_layers_we_keep_16bit_are_dequantized(tmp_path, stories_path, exact_activations):
+    """An FP8 Mixtral quantizes its experts and (not ignored) router, which run 16-bit
+    here: their float8 weights are dequantized on load with their scales, in any order."""
+    src = make_tiny_model("mixtral", tmp_path / "mixtral", stories_path)
+
+    def linear(name: str) -> bool:
+        return name.endswith(("_proj.weight", "block_sparse_moe.gate.weight")) or (
+            ".experts." in name and name.endswith(".weight")
+        )
+
+    fp8_dir, deq_dir = write_fp8_pair(src, tmp_path, ct_config(), linear=linear, shards=3)
+    check_same(fp8_dir, deq_dir)
+    layer = engine(fp8_dir).runner.model.layers[1]
+    assert isinstance(layer.self_attn.qkv_proj, Fp8Linear)
+    assert layer.mlp.w_gate_up.dtype == torch.float32
+    assert not isinstance(layer.mlp.gate, Fp8Linear)
+
+
+def test_quantized_lm_head_is_dequantized(llama, tmp_path, exact_activations):
+    """ignore: [] quantizes the LM head too; ours stays 16-bit, from the float8 head."""
+    fp8_dir, deq_dir = write_fp8_pair(
+        llama,
+        tmp_path,
+        ct_config(ignore=[]),
+        "scalar",
+        linear=lambda n: is_linear(n) or n == "lm_head.weight",
+    )
+    assert load_file(str(fp8_dir / "model.safetensors"))["lm_head.weight"].dtype == FP8
+    check_same(fp8_dir, deq_dir)
+
+
 def _group(**weights: Any) -> dict[str, Any]:
     w = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True} | weights
     return {"targets": ["Linear"], "weights": w}
@@ -317,6 +349,10 @@ Q = "model.layers.1.self_attn.q_proj"
         (
             lambda t: t.update({f"{Q}.weight_zero_point": torch.ones(1, dtype=torch.int8)}),
             rf"'{Q}\.weight_zero_point' holds nonzero zero points",
+        ),
+        (
+            lambda t: t.update({"lm_head.weight": t["lm_head.weight"].to(FP8)}),
+            r"missing tensors: lm_head\.weight_scale \(the scale of float8 lm_head\.weight\)",
         ),
         (
             lambda t: t.update({f"{Q}.weight_scale": torch.ones(5)}),
