@@ -189,6 +189,18 @@ def test_zero_points_kv_scales_and_shards(llama, tmp_path, exact_activations):
     assert (attn.k_scale, attn.v_scale) == (pytest.approx(0.06), pytest.approx(0.03))
 
 
+def test_single_kv_scale(llama, tmp_path):
+    """The older single self_attn.kv_scale sets both the K and the V scale."""
+
+    def extra(t: dict) -> None:
+        for layer in range(3):
+            t[f"model.layers.{layer}.self_attn.kv_scale"] = torch.tensor([0.04])
+
+    fp8_dir, _ = write_fp8_pair(llama, tmp_path, {"quant_method": "fp8"}, "scalar", extra=extra)
+    attn = engine(fp8_dir, kv_cache_dtype="fp8").runner.model.layers[0].self_attn
+    assert (attn.k_scale, attn.v_scale) == (pytest.approx(0.04), pytest.approx(0.04))
+
+
 def test_tied_embeddings(tmp_path, stories_path, exact_activations):
     """Qwen2 ties the LM head to the embedding: the head stays 16-bit, shared."""
     src = make_tiny_model("qwen2", tmp_path / "qwen2", stories_path)

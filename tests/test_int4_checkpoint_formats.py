@@ -240,6 +240,7 @@ BAD = [
     (awq(128, version="gemv"), None, r"quantization_config\.version 'gemv'"),
     (awq(128, version="marlin"), None, r"quantization_config\.version 'marlin'"),
     (gptq(128, True, False, checkpoint_format="marlin"), None, r"checkpoint_format 'marlin'"),
+    (gptq(128, True, False, is_marlin_format=True), None, r"is_marlin_format true"),
     (
         gptq(128, True, False, dynamic={r"+:.*down_proj": {"bits": 8}}),
         None,

@@ -99,6 +99,11 @@ def scale_targets(model: nn.Module, targets: dict[str, Target]) -> dict[str, Tar
                 dst = f"{attn}.{kv}_scale"
                 for src in (f"{kv}_scale", f"attn.{kv}_scale", f"{kv}_proj.output_scale"):
                     out[f"{attn_src}.{src}"] = Target(dst, kind="kv_scale", optional=True)
+            # The older single kv_scale sets both (vLLM reads it so, as deprecated).
+            for src in ("kv_scale", "attn.kv_scale"):
+                out[f"{attn_src}.{src}"] = Target(
+                    f"{attn}.kv_scale", kind="kv_scale", optional=True
+                )
     return out
 
 
@@ -272,7 +277,9 @@ class _Loader:
         if not value > 0:
             raise ValueError(f"{self.source}: tensor {name!r} must be > 0, got {value}")
         module_name, _, attr = target.param.rpartition(".")
-        setattr(self.model.get_submodule(module_name), attr, value)
+        module = self.model.get_submodule(module_name)
+        for a in ("k_scale", "v_scale") if attr == "kv_scale" else (attr,):
+            setattr(module, a, value)
         self.loaded.add(name)
 
 

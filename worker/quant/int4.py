@@ -130,6 +130,10 @@ def _awq(qc: dict[str, Any], group: int) -> Int4Config:
 
 
 def _gptq(qc: dict[str, Any], group: int) -> Int4Config:
+    if qc.get("is_marlin_format"):  # AutoGPTQ's older flag for Marlin-packed checkpoints
+        raise ValueError(
+            "quantization_config.is_marlin_format true: Marlin packing is not supported"
+        )
     fmt = str(qc.get("checkpoint_format", "gptq")).lower()
     if fmt not in ("gptq", "gptq_v2"):
         raise ValueError(
