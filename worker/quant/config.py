@@ -5,19 +5,24 @@ Pure Python (no torch). Two published checkpoint formats are understood:
 - compressed-tensors (e.g. the FP8 Llama 3.1 checkpoints)::
 
     "quantization_config": {"quant_method": "compressed-tensors",
+      "format": "float-quantized" | "naive-quantized",
       "config_groups": {"group_0": {"targets": ["Linear"],
         "weights": {"num_bits": 8, "type": "float", "strategy": "channel"|"tensor"},
         "input_activations": {"num_bits": 8, "type": "float",
                               "strategy": "token", "dynamic": true} | ... "tensor", false}},
-      "ignore": ["lm_head"], "kv_cache_scheme": {...} | null}
+      "ignore": ["lm_head", "re:.*mlp.gate$"], "kv_cache_scheme": {...} | null}
+
+  ("re:" entries match from the start of a module name, as re.match; others whole names.)
 
 - vLLM's "fp8"::
 
     "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"|"static",
                             "ignored_layers": [...]}
 
-Weights are float8_e4m3fn with `weight_scale` (per tensor, or per output channel);
-static activations carry `input_scale`. An unquantized checkpoint with `--quantization
+Weights are float8_e4m3fn with `weight_scale` (per tensor [] / [1], or per output channel
+[N] / [N, 1]); static activations carry `input_scale`. Block-wise scales
+(weight_block_size, strategy "block"), group scales, int8 and packed 4-bit
+compressed-tensors formats and sparse ones are refused by field. An unquantized checkpoint with `--quantization
 fp8` is quantized on load: per-channel weight scales, dynamic per-token activations.
 Anything else raises QuantConfigError naming the config field.
 """
