@@ -168,6 +168,21 @@ def test_ignore_patterns_match_from_the_start(llama, tmp_path, exact_activations
     assert isinstance(layers[0].mlp.down_proj, Fp8Linear)
 
 
+def test_mixed_precision_format_with_float_groups(llama, tmp_path, exact_activations):
+    """Top-level format "mixed-precision": each group names its own (here FP8 ones)."""
+    qc = ct_config()
+    qc["format"] = "mixed-precision"
+    qc["config_groups"]["group_0"]["format"] = "float-quantized"
+    fp8_dir, deq_dir = write_fp8_pair(llama, tmp_path, qc)
+    check_same(fp8_dir, deq_dir)
+    qc["config_groups"]["group_0"]["format"] = "pack-quantized"
+    (fp8_dir / "config.json").write_text(
+        json.dumps(json.loads((fp8_dir / "config.json").read_text()) | {"quantization_config": qc})
+    )
+    with pytest.raises(ValueError, match=r"config_groups\.group_0\.format 'pack-quantized'"):
+        engine(fp8_dir)
+
+
 def test_zero_points_kv_scales_and_shards(llama, tmp_path, exact_activations):
     """All-zero weight_zero_point tensors (some writers save them), k_scale / v_scale of
     shape [] and [1], and four shards with a module's weight and scale apart."""

@@ -134,7 +134,8 @@ def _ct_format(fmt: Any, where: str) -> None:
 
 
 def _compressed_tensors(qc: dict[str, Any], where: str) -> Fp8Scheme:
-    _ct_format(qc.get("format"), where)
+    if qc.get("format") != "mixed-precision":  # else each group names its own format
+        _ct_format(qc.get("format"), where)
     sparsity = qc.get("sparsity_config")
     if isinstance(sparsity, dict) and sparsity.get("format", "dense") != "dense":
         raise QuantConfigError(
