@@ -224,6 +224,17 @@ def test_side_file_settings_and_shards(llama, tmp_path, qc, side_file, flag):
     assert isinstance(engine(int4_dir).runner.model.layers[0].mlp.down_proj, Int4Linear)
 
 
+def test_side_file_checkpoints_are_not_split(llama, tmp_path):
+    """Tensor parallel refuses 4-bit checkpoints; one whose settings are in a side file too."""
+    from worker.parallel.plan import check_checkpoint_splits
+
+    qc = {"bits": 4, "group_size": 64, "desc_act": False, "sym": True}
+    int4_dir, _ = write_int4_pair(llama, tmp_path, qc, side_file="quantize_config.json")
+    config = json.loads((int4_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"gptq checkpoints .* cannot be split"):
+        check_checkpoint_splits(config, None, 2, str(int4_dir))
+
+
 def test_tied_embeddings(tmp_path, stories_path):
     src = make_tiny_model("qwen2", tmp_path / "qwen2", stories_path)
     int4_dir, deq_dir = write_int4_pair(src, tmp_path, awq(32))
