@@ -277,6 +277,17 @@ def test_refused_with_the_field_or_tensor_named(llama, tmp_path, qc, edit, match
         engine(int4_dir)
 
 
+def test_quantized_tensors_without_a_config(llama, tmp_path):
+    int4_dir, _ = write_int4_pair(llama, tmp_path, gptq(128, True, False))
+    config = json.loads((int4_dir / "config.json").read_text())
+    del config["quantization_config"]
+    (int4_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"unexpected tensor .* \(a quantized tensor, but config.json has no"
+    ):
+        engine(int4_dir)
+
+
 def test_flags_that_do_not_fit(llama, tmp_path):
     int4_dir, _ = write_int4_pair(llama, tmp_path, gptq(128, True, False))
     with pytest.raises(ValueError, match=r"--quantization awq does not match .*'gptq'"):

@@ -125,6 +125,19 @@ def _dequant_scale_targets(model: nn.Module, name: str, t: Target) -> dict[str, 
     return out
 
 
+QUANT_PARTS: tuple[str, ...] = ("qweight", "qzeros", "scales", "g_idx", "weight_scale")
+QUANT_PARTS += ("input_scale", "weight_packed", "weight_shape", "weight_zero_point")
+
+
+def _hint(name: str, model: nn.Module) -> str:
+    """Why a quantized-looking tensor may be unexpected: the model was not built for it."""
+    if name.rpartition(".")[2] not in QUANT_PARTS:
+        return ""
+    if getattr(model, "quant_scheme", None) is None:
+        return " (a quantized tensor, but config.json has no quantization_config)"
+    return " (a quantized tensor of a layer the quantization_config leaves 16-bit)"
+
+
 class _Loader:
     def __init__(self, model: nn.Module, source: str, targets: dict[str, Target]) -> None:
         self.model = model
@@ -163,7 +176,9 @@ class _Loader:
             return
         param = self.params.get(target.param) if target is not None else None
         if target is None or (param is None and target.kind != "input_scale"):
-            raise ValueError(f"{self.source}: unexpected tensor {name!r} in checkpoint")
+            raise ValueError(
+                f"{self.source}: unexpected tensor {name!r} in checkpoint{_hint(name, self.model)}"
+            )
         self.loaded.add(name)
         if param is None:  # input_scale of a dynamic-activation layer: not used
             return
