@@ -107,8 +107,10 @@ class CausalLM(nn.Module):
 
     def int4_dequantized(self, module: str) -> bool:
         """Checkpoint modules that are 4-bit in an AWQ / GPTQ file but that this model keeps
-        16-bit (dequantized on load): none, but Mixtral's experts."""
-        return False
+        16-bit (dequantized on load): the LM head of a GPTQ `lm_head: true` checkpoint (the
+        head stays 16-bit, as under FP8), and Mixtral's experts."""
+        q = self.quant_scheme
+        return isinstance(q, Int4Config) and q.lm_head and module in ("lm_head", "embed_out")
 
     def graph_blocker(self, dtype: torch.dtype) -> str | None:
         """Why this model's decode steps cannot run in a CUDA graph (beyond attention)."""

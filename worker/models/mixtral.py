@@ -44,7 +44,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
     def int4_dequantized(self, module: str) -> bool:
         # AWQ / GPTQ Mixtral checkpoints quantize the experts too; they are stacked
         # parameters here, not linear layers, so they are dequantized on load (16-bit).
-        return ".experts." in module
+        return ".experts." in module or super().int4_dequantized(module)
 
     def graph_blocker(self, dtype: torch.dtype) -> str | None:
         c = self.config

@@ -26,6 +26,7 @@ cut off after the gather, so N need not divide the vocabulary size.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from worker.model_config import ModelConfig
@@ -75,8 +76,16 @@ UNSPLIT_QUANT_METHODS = ("awq", "gptq", "marlin", "gptq_marlin", "awq_marlin")
 def check_checkpoint_splits(
     hf_config: dict, quantization: str | None, size: int, source: str = "config.json"
 ) -> None:
-    """ValueError when the checkpoint's (or --quantization's) weights cannot be split."""
-    method = str((hf_config.get("quantization_config") or {}).get("quant_method", "")).lower()
+    """ValueError when the checkpoint's (or --quantization's) weights cannot be split.
+    source: the model folder, where an older 4-bit checkpoint keeps its settings in a side
+    file (worker/quant/scheme.side_quant_config)."""
+    qc = hf_config.get("quantization_config")
+    if qc is None and os.path.isdir(source):
+        from worker.quant.scheme import side_quant_config
+
+        side = side_quant_config(source, quantization)
+        qc = side[1] if side is not None else None
+    method = str((qc if isinstance(qc, dict) else {}).get("quant_method", "")).lower()
     method = quantization if quantization in UNSPLIT_QUANT_METHODS else method
     if size > 1 and method in UNSPLIT_QUANT_METHODS:
         raise ValueError(

@@ -5,19 +5,24 @@ Pure Python (no torch). Two published checkpoint formats are understood:
 - compressed-tensors (e.g. the FP8 Llama 3.1 checkpoints)::
 
     "quantization_config": {"quant_method": "compressed-tensors",
+      "format": "float-quantized" | "naive-quantized",
       "config_groups": {"group_0": {"targets": ["Linear"],
         "weights": {"num_bits": 8, "type": "float", "strategy": "channel"|"tensor"},
         "input_activations": {"num_bits": 8, "type": "float",
                               "strategy": "token", "dynamic": true} | ... "tensor", false}},
-      "ignore": ["lm_head"], "kv_cache_scheme": {...} | null}
+      "ignore": ["lm_head", "re:.*mlp.gate$"], "kv_cache_scheme": {...} | null}
+
+  ("re:" entries match from the start of a module name, as re.match; others whole names.)
 
 - vLLM's "fp8"::
 
     "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"|"static",
                             "ignored_layers": [...]}
 
-Weights are float8_e4m3fn with `weight_scale` (per tensor, or per output channel);
-static activations carry `input_scale`. An unquantized checkpoint with `--quantization
+Weights are float8_e4m3fn with `weight_scale` (per tensor [] / [1], or per output channel
+[N] / [N, 1]); static activations carry `input_scale`. Block-wise scales
+(weight_block_size, strategy "block"), group scales, int8 and packed 4-bit
+compressed-tensors formats and sparse ones are refused by field. An unquantized checkpoint with `--quantization
 fp8` is quantized on load: per-channel weight scales, dynamic per-token activations.
 Anything else raises QuantConfigError naming the config field.
 """
@@ -51,11 +56,13 @@ class Fp8Scheme:
         return self.source != "on-load"
 
     def is_ignored(self, module: str) -> bool:
-        """module: a Hugging Face module name such as 'model.layers.0.self_attn.q_proj'."""
+        """module: a Hugging Face module name such as 'model.layers.0.self_attn.q_proj'.
+        A "re:" pattern matches from the start of the name (re.match, as compressed-tensors
+        and vLLM match them: "re:.*mlp.gate$" needs its own "$" to stop at the end)."""
         short = module.removeprefix("model.")
         for pat in self.ignore:
             if pat.startswith("re:"):
-                if re.fullmatch(pat[3:], module) or re.fullmatch(pat[3:], short):
+                if re.match(pat[3:], module) or re.match(pat[3:], short):
                     return True
             elif pat in (module, short) or module.endswith("." + pat):
                 return True
@@ -113,7 +120,28 @@ def _vllm_fp8(qc: dict[str, Any], where: str) -> Fp8Scheme:
     return Fp8Scheme("fp8", "tensor", scheme, tuple(ignore) + ("lm_head",))
 
 
+# compressed-tensors' formats that store FP8 weights as float8 tensors beside their scales.
+CT_FP8_FORMATS = ("float-quantized", "naive-quantized")
+
+
+def _ct_format(fmt: Any, where: str) -> None:
+    if fmt is not None and fmt not in CT_FP8_FORMATS:
+        raise QuantConfigError(
+            f"{where}.format {fmt!r} is not supported (FP8 checkpoints are "
+            f"{' or '.join(map(repr, CT_FP8_FORMATS))}; int8, packed 4-bit and sparse "
+            "compressed-tensors formats are not)"
+        )
+
+
 def _compressed_tensors(qc: dict[str, Any], where: str) -> Fp8Scheme:
+    if qc.get("format") != "mixed-precision":  # else each group names its own format
+        _ct_format(qc.get("format"), where)
+    sparsity = qc.get("sparsity_config")
+    if isinstance(sparsity, dict) and sparsity.get("format", "dense") != "dense":
+        raise QuantConfigError(
+            f"{where}.sparsity_config.format {sparsity['format']!r}: sparse weights are not "
+            "supported"
+        )
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise QuantConfigError(f"{where}.config_groups must be a non-empty object")
@@ -134,6 +162,7 @@ def _compressed_tensors(qc: dict[str, Any], where: str) -> Fp8Scheme:
 def _ct_group(g: Any, where: str) -> tuple[str, str]:
     if not isinstance(g, dict):
         raise QuantConfigError(f"{where} must be an object")
+    _ct_format(g.get("format"), where)
     targets = g.get("targets", ["Linear"])
     if not isinstance(targets, list) or "Linear" not in targets:
         raise QuantConfigError(f"{where}.targets {targets!r} must include 'Linear'")

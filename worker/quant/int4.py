@@ -16,6 +16,8 @@ They differ in how the 4-bit values are packed into int32 words::
          scales  fp16  [groups, out]
          g_idx   int32 [in]               group of each input row (desc_act: not sorted)
 
+GPTQModel's checkpoint_format "gptq_v2" stores the zero points as they are (no - 1).
+
 `Int4Config.from_hf` reads `quantization_config`; `dequantize_awq` / `dequantize_gptq` give
 W in the model's dtype: the CPU reference path (dequantize once, then matmul) and what
 the GPU kernels are tested against.
@@ -23,6 +25,7 @@ the GPU kernels are tested against.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +40,17 @@ class Int4Config:
     """A checkpoint's 4-bit quantization settings."""
 
     method: str  # "awq" or "gptq"
-    group_size: int  # input rows per scale group; -1: one group for all rows (GPTQ)
+    group_size: int  # input rows per scale group; -1: one group for all rows
     zero_point: bool  # AWQ: asymmetric with zeros; GPTQ: not sym
     desc_act: bool  # GPTQ: groups follow g_idx (activation order), not row order
-    modules_to_not_convert: tuple[str, ...] = ()
+    modules_to_not_convert: tuple[str, ...] = ()  # AWQ: substrings of module names
+    # GPTQ's checkpoint_format "gptq" (AutoGPTQ) stores each zero point minus one;
+    # "gptq_v2" (GPTQModel) stores it as it is, as AWQ does.
+    zeros_minus_one: bool = True
+    lm_head: bool = False  # GPTQ lm_head true: the LM head is 4-bit in the checkpoint too
+    # GPTQModel's `dynamic` patterns, in order: (regex, skip); the first that matches a
+    # module decides: skip (a "-:" pattern) leaves it unquantized.
+    dynamic: tuple[tuple[str, bool], ...] = ()
 
     @classmethod
     def from_hf(cls, qc: dict[str, Any]) -> Int4Config:
@@ -54,36 +64,7 @@ class Int4Config:
         group = qc.get("group_size", qc.get("q_group_size"))
         if not isinstance(group, int) or not (group == -1 or group > 0):
             raise ValueError(f"quantization_config.group_size {group!r} must be > 0 or -1")
-        if method == "awq":
-            version = str(qc.get("version", "gemm")).lower()
-            if version != "gemm":
-                raise ValueError(
-                    f"quantization_config.version {version!r}: only AWQ's GEMM packing is supported"
-                )
-            if group == -1:
-                raise ValueError("quantization_config.group_size -1 is not valid for AWQ")
-            if not qc.get("zero_point", True):
-                raise ValueError(
-                    "quantization_config.zero_point false: AWQ without zeros is not supported"
-                )
-            return cls(
-                "awq",
-                group,
-                zero_point=True,
-                desc_act=False,
-                modules_to_not_convert=tuple(qc.get("modules_to_not_convert") or ()),
-            )
-        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
-        if fmt != "gptq":
-            raise ValueError(
-                f"quantization_config.checkpoint_format {fmt!r}: only 'gptq' (zeros stored - 1)"
-            )
-        return cls(
-            "gptq",
-            group,
-            zero_point=not qc.get("sym", True),
-            desc_act=bool(qc.get("desc_act", False)),
-        )
+        return _awq(qc, group) if method == "awq" else _gptq(qc, group)
 
     @classmethod
     def for_dummy(cls, method: str, in_features: tuple[int, ...] = ()) -> Int4Config:
@@ -101,9 +82,15 @@ class Int4Config:
         return in_features if self.group_size == -1 else self.group_size
 
     def is_ignored(self, module: str) -> bool:
-        """module: a checkpoint module name. AWQ's modules_to_not_convert match as
-        substrings of the name, as AutoAWQ matches them."""
-        return any(key in module for key in self.modules_to_not_convert)
+        """module: a checkpoint module name ('model.layers.0.mlp.down_proj'). AWQ's
+        modules_to_not_convert match as substrings of the name, as AutoAWQ matches them;
+        GPTQModel's dynamic patterns from the start of it (re.match), first match wins."""
+        if any(key in module for key in self.modules_to_not_convert):
+            return True
+        for pattern, skip in self.dynamic:
+            if re.match(pattern, module):
+                return skip
+        return False
 
     def describe(self) -> str:
         zp = "zero points" if self.zero_point else "symmetric"
@@ -118,6 +105,80 @@ class Int4Config:
                 f"in_features {in_features} is not a multiple of group_size {self.group_size}"
             )
         return in_features // self.group_size
+
+
+def _awq(qc: dict[str, Any], group: int) -> Int4Config:
+    # AutoAWQ's versions: "gemm" packs qweight [in, out / 8] (what we read); "gemv" /
+    # "gemv_fast" pack along the input and "marlin" is Marlin's tile order.
+    version = str(qc.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(
+            f"quantization_config.version {version!r}: only AWQ's GEMM packing is supported"
+        )
+    skip = qc.get("modules_to_not_convert") or ()
+    if not isinstance(skip, list | tuple) or not all(isinstance(m, str) for m in skip):
+        raise ValueError("quantization_config.modules_to_not_convert must be a list of names")
+    # zero_point false changes how AutoAWQ searches scales, not the GEMM storage: qzeros
+    # is still written and read (as vLLM reads it); a file without it is refused by name.
+    return Int4Config(
+        "awq",
+        group,
+        zero_point=bool(qc.get("zero_point", True)),
+        desc_act=False,
+        modules_to_not_convert=tuple(skip),
+    )
+
+
+def _gptq(qc: dict[str, Any], group: int) -> Int4Config:
+    if qc.get("is_marlin_format"):  # AutoGPTQ's older flag for Marlin-packed checkpoints
+        raise ValueError(
+            "quantization_config.is_marlin_format true: Marlin packing is not supported"
+        )
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(
+            f"quantization_config.checkpoint_format {fmt!r}: only 'gptq' (zeros stored - 1) "
+            "and 'gptq_v2' (zeros as they are)"
+        )
+    sym, desc_act = qc.get("sym", True), qc.get("desc_act", False)
+    lm_head = qc.get("lm_head", False)
+    for key, value in (("sym", sym), ("desc_act", desc_act), ("lm_head", lm_head)):
+        if not isinstance(value, bool):
+            raise ValueError(f"quantization_config.{key} must be true or false, got {value!r}")
+    base = {"bits": 4, "group_size": group, "sym": sym, "desc_act": desc_act}
+    return Int4Config(
+        "gptq",
+        group,
+        zero_point=not sym,
+        desc_act=desc_act,
+        zeros_minus_one=fmt == "gptq",
+        lm_head=lm_head,
+        dynamic=_dynamic(qc.get("dynamic"), base),
+    )
+
+
+def _dynamic(dyn: Any, base: dict[str, Any]) -> tuple[tuple[str, bool], ...]:
+    """GPTQModel's per-module overrides: {"-:regex": {}} leaves matching modules 16-bit;
+    "+:regex" (or a bare regex) overrides the base settings for them, which we can hold
+    only when it changes none of them (one layout per model)."""
+    if dyn is None:
+        return ()
+    if not isinstance(dyn, dict):
+        raise ValueError("quantization_config.dynamic must be an object of regex: settings")
+    out = []
+    for pattern, override in dyn.items():
+        if pattern.startswith("-:"):
+            out.append((pattern[2:], True))
+            continue
+        changed = {k: v for k, v in (override or {}).items() if k in base and base[k] != v}
+        if changed:
+            raise ValueError(
+                f"quantization_config.dynamic[{pattern!r}] sets {changed}: per-module "
+                "settings that differ from the base ones are not supported (only '-:' "
+                "patterns, which leave modules unquantized)"
+            )
+        out.append((pattern.removeprefix("+:"), False))
+    return tuple(out)
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -164,7 +225,7 @@ def dequantize_awq(
     _check(f"{prefix}scales", scales, (groups, out_features))
     q = unpack_awq(qweight)  # [in, out]
     z = unpack_awq(qzeros)
-    g = torch.arange(in_features, device=q.device) // cfg.group_size
+    g = torch.arange(in_features, device=q.device) // cfg.group_for(in_features)
     w = (q - z[g]).to(torch.float32) * scales[g].to(torch.float32)
     return w.t().contiguous().to(dtype)
 
@@ -194,6 +255,6 @@ def dequantize_gptq(
         if int(g.min()) < 0 or int(g.max()) >= groups:
             raise ValueError(f"{prefix}g_idx has group ids outside [0, {groups})")
     q = unpack_gptq_rows(qweight)  # [in, out]
-    z = unpack_gptq_cols(qzeros) + 1  # stored zero - 1
+    z = unpack_gptq_cols(qzeros) + int(cfg.zeros_minus_one)  # v1 stores zero - 1
     w = (q - z[g]).to(torch.float32) * scales[g].to(torch.float32)
     return w.t().contiguous().to(dtype)

@@ -91,6 +91,8 @@ class Int4Assembler:
         check_parts(shard.parts, self.cfg, layer.in_features, out_f, where)
         w = to_rows(shard.parts, self.cfg, where)
         qw, scales, zeros = w.qw, w.scales, w.zeros
+        if self.cfg.method == "gptq" and not self.cfg.zeros_minus_one:
+            zeros = zeros - 1  # gptq_v2: to_rows added GPTQ v1's + 1 to zeros stored as is
         if t.rows is not None:
             rows = t.rows.to(qw.device)
             qw, scales, zeros = qw[rows], scales[rows], zeros[rows]
