@@ -153,3 +153,34 @@ def test_unsupported_reasons() -> None:
     assert "differs" in str(v2.unsupported_reason(t["q"], half, t["md"]))
     odd = torch.zeros(2, 10, 24, 2, 64, dtype=FP8)
     assert "power of two" in str(v2.unsupported_reason(t["q"], odd, t["md"]))
+
+
+def test_warm_kernels_compiles_what_round_2_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/warm_kernels.py --only prefill_attention_v2 hits the cache keys _kernel asks
+    for; the default set leaves the opt-in module out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "warm_kernels.py"
+    spec = importlib.util.spec_from_file_location("warm", path)
+    assert spec is not None and spec.loader is not None
+    warm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(warm)
+    asked: list[tuple[str, str, dict[str, Any]]] = []
+
+    class _Mod:
+        def kernel(self, name: str) -> str:
+            return name
+
+    def load_module(source: str, *, defines: dict | None = None, name: str = "") -> _Mod:
+        asked.append((name, source, dict(defines or {})))
+        return _Mod()
+
+    monkeypatch.setattr(compiler, "load_module", load_module)
+    monkeypatch.setattr(pa, "_allow_smem", lambda *a: None)
+    for dtype in (torch.bfloat16, torch.float16):
+        for head_dim in (64, 128):
+            for fp8 in (False, True):
+                v2._kernel(dtype, head_dim, fp8, v2.DEFAULT_CONFIG)
+    assert sorted(map(repr, asked)) == sorted(map(repr, warm.select(["prefill_attention_v2"])))
+    assert not any(name == "prefill_attention_v2" for name, _, _ in warm.jobs())
