@@ -17,7 +17,7 @@ then use the older kernel in cuda/paged_attention_kernels.py (`attention_cuda` d
 HEADRACE_PREFILL_KERNEL picks the prefill path: `new` (default: DEFAULT_CONFIG of the
 head dim), `old` (paged_attention_kernels.py's prefill kernel), a configuration name
 such as `m128n64w8s2`, or round 2 (cuda/prefill_v2.py, opt-in): `v2` or a name such as
-`v2_m128n64w4s2k32`. HEADRACE_PREFILL_FP8 picks the path of FP8 KV caches: `old` (default,
+`v2_m128n64w4s2k32p`. HEADRACE_PREFILL_FP8 picks the path of FP8 KV caches: `old` (default,
 the older kernel) or `new` (round 2, in the configuration HEADRACE_PREFILL_KERNEL names if
 it names one of round 2's, else round 2's default).
 """

@@ -221,7 +221,7 @@ __device__ __forceinline__ void widen_tiles(unsigned raw_k, unsigned raw_v, unsi
     }
 }
 
-template <int BM, int BN, int WARPS, int STAGES, int SUB>
+template <int BM, int BN, int WARPS, int STAGES, int SUB, bool PIPE>
 __device__ __forceinline__ void prefill_v2_impl(HR_PREFILL2_ARGS) {
     using T = Tile<BM, BN, WARPS, STAGES, SUB>;
     constexpr int MT = T::MT;
@@ -367,12 +367,8 @@ __device__ __forceinline__ void prefill_v2_impl(HR_PREFILL2_ARGS) {
         const unsigned vaddr = tV + swz((lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
         const unsigned qaddr = sQ + swz(warp * MT * 16 + (lane & 15), lane >> 4);
 
-#pragma unroll
-        for (int u = 0; u < BN / SUB; ++u) {
-            const int n0 = n * BN + u * SUB;
-            if (n0 >= warp_kv_hi) break;  // no row of this warp sees these keys (warp-uniform)
-            // S = Q K^T for keys n0 .. n0 + SUB - 1: [MT x 16 rows, SUB keys] per warp.
-            float s[MT][NS][4];
+        // S = Q K^T for keys n * BN + u * SUB .. + SUB - 1: [MT x 16 rows, SUB keys] per warp.
+        auto score = [&](const int u, float (&s)[MT][NS][4]) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -401,6 +397,10 @@ __device__ __forceinline__ void prefill_v2_impl(HR_PREFILL2_ARGS) {
                     }
                 }
             }
+        };
+        // Mask, online softmax (lazy rescale) and O += P V for those keys.
+        auto consume = [&](const int u, float (&s)[MT][NS][4]) {
+            const int n0 = n * BN + u * SUB;
 
             if (n0 + SUB > unmasked_below || n0 < masked_below) {
 #pragma unroll
@@ -508,6 +508,28 @@ __device__ __forceinline__ void prefill_v2_impl(HR_PREFILL2_ARGS) {
                     }
                 }
             }
+        };
+        if constexpr (PIPE) {
+            // The next step's Q K^T is issued before this step's softmax, so the tensor pipe
+            // works through it while the softmax's dependent chain runs (and this step's
+            // P V while the next softmax runs).
+            float sa[MT][NS][4], sb[MT][NS][4];
+            if (n * BN < warp_kv_hi) score(0, sa);
+#pragma unroll
+            for (int u = 0; u < BN / SUB; ++u) {
+                const int n0 = n * BN + u * SUB;
+                if (n0 >= warp_kv_hi) break;  // no row of this warp sees these keys
+                if (u + 1 < BN / SUB && n0 + SUB < warp_kv_hi) score(u + 1, (u & 1) ? sa : sb);
+                consume(u, (u & 1) ? sb : sa);
+            }
+        } else {
+#pragma unroll
+            for (int u = 0; u < BN / SUB; ++u) {
+                if (n * BN + u * SUB >= warp_kv_hi) break;  // no row of this warp sees these keys
+                float s[MT][NS][4];
+                score(u, s);
+                consume(u, s);
+            }
         }
         if (tid < BN) sPage[(n + STAGES) & 1][tid] = page_ahead;  // read after the next barrier
         stage = stage + 1 == STAGES ? 0 : stage + 1;
@@ -540,14 +562,20 @@ __device__ __forceinline__ void prefill_v2_impl(HR_PREFILL2_ARGS) {
 // One entry point per configuration: prefill2_m{BM}n{BN}w{WARPS}s{STAGES}k{SUB}; the list must
 // match CONFIGS in cuda/prefill_v2.py (tests/test_prefill_v2.py checks it).
 extern "C" __global__ void __launch_bounds__(128, 2) prefill2_m128n64w4s2k32(HR_PREFILL2_ARGS) {
-    pf2::prefill_v2_impl<128, 64, 4, 2, 32>(HR_PREFILL2_PASS);
+    pf2::prefill_v2_impl<128, 64, 4, 2, 32, false>(HR_PREFILL2_PASS);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) prefill2_m128n64w4s2k64(HR_PREFILL2_ARGS) {
-    pf2::prefill_v2_impl<128, 64, 4, 2, 64>(HR_PREFILL2_PASS);
+    pf2::prefill_v2_impl<128, 64, 4, 2, 64, false>(HR_PREFILL2_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) prefill2_m128n64w8s2k64(HR_PREFILL2_ARGS) {
-    pf2::prefill_v2_impl<128, 64, 8, 2, 64>(HR_PREFILL2_PASS);
+    pf2::prefill_v2_impl<128, 64, 8, 2, 64, false>(HR_PREFILL2_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) prefill2_m128n128w8s2k64(HR_PREFILL2_ARGS) {
-    pf2::prefill_v2_impl<128, 128, 8, 2, 64>(HR_PREFILL2_PASS);
+    pf2::prefill_v2_impl<128, 128, 8, 2, 64, false>(HR_PREFILL2_PASS);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) prefill2_m128n64w4s2k32p(HR_PREFILL2_ARGS) {
+    pf2::prefill_v2_impl<128, 64, 4, 2, 32, true>(HR_PREFILL2_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) prefill2_m128n128w8s2k32p(HR_PREFILL2_ARGS) {
+    pf2::prefill_v2_impl<128, 128, 8, 2, 32, true>(HR_PREFILL2_PASS);
 }

@@ -176,9 +176,9 @@ for step in $which; do
     w4gap) timeout 310 bash scripts/w4gap.sh ;;
     prefill3) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --jobs 16 --only prefill_attention_v2 prefill_attention paged_attention > "$OUT/prefill3_warm.log" 2>&1
               echo "warm prefill modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/prefill3_warm.log")"
-              t0=$SECONDS; timeout 75 python -m pytest -m gpu tests/gpu/test_gpu_prefill_v2.py -q -p no:cacheprovider --maxfail=10 > "$OUT/prefill3_tests.log" 2>&1
+              t0=$SECONDS; timeout 85 python -m pytest -m gpu tests/gpu/test_gpu_prefill_v2.py -q -p no:cacheprovider --maxfail=10 > "$OUT/prefill3_tests.log" 2>&1
               echo "prefill3 tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/prefill3_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/prefill3_tests.log"
-              t0=$SECONDS; timeout 50 python scripts/bench_prefill.py --round2 --out "$OUT/prefill3_bench.json" > "$OUT/prefill3_bench.log" 2>&1
+              t0=$SECONDS; timeout 40 python scripts/bench_prefill.py --round2 --out "$OUT/prefill3_bench.json" > "$OUT/prefill3_bench.log" 2>&1
               echo "bench_prefill --round2 (rc $?, $((SECONDS - t0)) s):"; cat "$OUT/prefill3_bench.log" ;;
     decode2) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --only decode > "$OUT/decode2_warm.log" 2>&1
              echo "warm decode modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode2_warm.log")"

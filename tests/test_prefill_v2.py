@@ -34,7 +34,8 @@ def test_configs_match_the_source_and_fit_shared_memory() -> None:
     assert f"constexpr float RESCALE_LOG2 = {RESCALE_LOG2:.0f}.f;" in src
     for (threads, min_blocks, name), c in zip(entries, v2.CONFIGS, strict=True):
         assert int(threads) == c.threads and int(min_blocks) == c.min_blocks()
-        impl = f"pf2::prefill_v2_impl<{c.block_m}, {c.block_n}, {c.warps}, {c.stages}, {c.sub}>"
+        pipe = "true" if c.pipe else "false"
+        impl = f"pf2::prefill_v2_impl<{c.block_m}, {c.block_n}, {c.warps}, {c.stages}, {c.sub}, {pipe}>"
         assert f"prefill2_{name}(HR_PREFILL2_ARGS) {{\n    {impl}(HR_PREFILL2_PASS);" in src
         assert c.kernel_name == f"prefill2_{name}"
         for d in pa.HEAD_DIMS:
@@ -48,7 +49,7 @@ def test_configs_match_the_source_and_fit_shared_memory() -> None:
 
 def test_smem_bytes_follow_the_tile_layout() -> None:
     # [1024 pad][Q BM x D][K, V rings: STAGES x BN x D as stored][FP8: K16, V16][pages][limits]
-    c = v2.BY_NAME["v2_m128n64w4s2k32"]
+    c = v2.BY_NAME["v2_m128n64w4s2k32p"]
     assert c.smem_bytes(128) == pa.BY_NAME["m128n64w4s2"].smem_bytes(128)
     assert c.smem_bytes(128, fp8=True) == 1024 + 128 * 256 + 4 * 64 * 128 + 2 * 64 * 256 + 1024
 
@@ -93,7 +94,7 @@ def test_launch_arguments_follow_the_kernel_signature(
 def test_env_choices() -> None:
     assert pa.choice_from_env({pa.ENV: "v2"}) == "v2"
     assert pa.choice_from_env({pa.ENV: "v2_m128n128w8s2k64"}) == "v2_m128n128w8s2k64"
-    with pytest.raises(ValueError, match="v2_m128n64w4s2k32"):
+    with pytest.raises(ValueError, match="v2_m128n64w4s2k32p"):
         pa.choice_from_env({pa.ENV: "v3"})
     assert pa.fp8_choice_from_env({}) == "old"
     assert pa.fp8_choice_from_env({pa.FP8_ENV: "new"}) == "new"
@@ -114,14 +115,14 @@ BF16 = torch.bfloat16
         ([70, 3], BF16, "new", "old", "r1:m128n64w4s2"),
         ([70, 3], BF16, "new", "new", "r1:m128n64w4s2"),  # FP8's switch leaves 16 bits alone
         ([70, 3], BF16, "m64n64w4s2", "old", "r1:m64n64w4s2"),
-        ([70, 3], BF16, "v2", "old", "v2:v2_m128n64w4s2k32"),
+        ([70, 3], BF16, "v2", "old", "v2:v2_m128n64w4s2k64"),
         ([70, 3], BF16, "v2_m128n128w8s2k64", "old", "v2:v2_m128n128w8s2k64"),
         ([70, 3], BF16, "old", "new", "old"),
         ([1, 1], BF16, "v2", "new", "old"),  # decode
         ([70, 3], FP8, "new", "old", "old"),  # FP8 KV: the old kernel unless opted in
-        ([70, 3], FP8, "v2", "old", "v2:v2_m128n64w4s2k32"),
-        ([70, 3], FP8, "new", "new", "v2:v2_m128n64w4s2k32"),
-        ([70, 3], FP8, "m128n64w8s2", "new", "v2:v2_m128n64w4s2k32"),
+        ([70, 3], FP8, "v2", "old", "v2:v2_m128n64w4s2k64"),
+        ([70, 3], FP8, "new", "new", "v2:v2_m128n64w4s2k64"),
+        ([70, 3], FP8, "m128n64w8s2", "new", "v2:v2_m128n64w4s2k64"),
         ([70, 3], FP8, "v2_m128n64w8s2k64", "new", "v2:v2_m128n64w8s2k64"),
         ([1, 1], FP8, "new", "new", "old"),
         ([70, 3], FP8, "old", "new", "old"),
