@@ -15,8 +15,11 @@ head dims other than 64/128, CPU tensors, ...) is `unsupported_reason`'s to say;
 then use the older kernel in cuda/paged_attention_kernels.py (`attention_cuda` does).
 
 HEADRACE_PREFILL_KERNEL picks the prefill path: `new` (default: DEFAULT_CONFIG of the
-head dim), `old` (paged_attention_kernels.py's prefill kernel), or a configuration name
-such as `m128n64w8s2`.
+head dim), `old` (paged_attention_kernels.py's prefill kernel), a configuration name
+such as `m128n64w8s2`, or round 2 (cuda/prefill_v2.py, opt-in): `v2` or a name such as
+`v2_m128n64w4s2k32p`. HEADRACE_PREFILL_FP8 picks the path of FP8 KV caches: `old` (default,
+the older kernel) or `new` (round 2, in the configuration HEADRACE_PREFILL_KERNEL names if
+it names one of round 2's, else round 2's default).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ LOG2E = 1.4426950408889634
 SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum of dynamic shared memory per block
 MAX_GRID_Z = 65535
 ENV = "HEADRACE_PREFILL_KERNEL"
+FP8_ENV = "HEADRACE_PREFILL_FP8"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,17 +100,29 @@ def module_defines(dtype: torch.dtype, head_dim: int) -> dict[str, int | str]:
 
 
 def choice_from_env(environ: dict[str, str] | None = None) -> str:
-    """HEADRACE_PREFILL_KERNEL's value: 'new', 'old' or a configuration name."""
+    """HEADRACE_PREFILL_KERNEL's value: 'new', 'old', a configuration name, 'v2' or a
+    round-2 configuration name."""
+    from cuda import prefill_v2
+
     value = (environ if environ is not None else os.environ).get(ENV, "new").strip() or "new"
-    if value not in ("new", "old") and value not in BY_NAME:
-        allowed = ", ".join(["new", "old", *BY_NAME])
+    if value not in ("new", "old") and value not in BY_NAME and not prefill_v2.is_choice(value):
+        allowed = ", ".join(["new", "old", *BY_NAME, "v2", *prefill_v2.BY_NAME])
         raise ValueError(f"{ENV}={value!r}: expected one of {allowed}")
     return value
 
 
+def fp8_choice_from_env(environ: dict[str, str] | None = None) -> str:
+    """HEADRACE_PREFILL_FP8's value: 'old' (FP8 KV prefills on the older kernel) or 'new'."""
+    value = (environ if environ is not None else os.environ).get(FP8_ENV, "old").strip() or "old"
+    if value not in ("new", "old"):
+        raise ValueError(f"{FP8_ENV}={value!r}: expected new or old")
+    return value
+
+
 def config_for(choice: str, head_dim: int) -> TileConfig | None:
-    """The tile configuration a choice runs at this head dim; None: the old kernel."""
-    if choice == "old":
+    """Round 1's tile configuration a choice runs at this head dim; None: the old kernel
+    (or round 2, for its choices)."""
+    if choice == "old" or (choice not in BY_NAME and choice != "new"):
         return None
     if choice == "new":
         return DEFAULT_CONFIG.get(head_dim)
@@ -114,14 +130,15 @@ def config_for(choice: str, head_dim: int) -> TileConfig | None:
 
 
 def unsupported_reason(
-    q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata
+    q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, fp8_ok: bool = False
 ) -> str | None:
-    """Why this kernel cannot run these tensors, or None if it can."""
+    """Why this kernel cannot run these tensors, or None if it can. fp8_ok: the caller's
+    kernel also takes float8_e4m3fn caches (round 2, cuda/prefill_v2.py)."""
     if not q.is_cuda:
         return "tensors are not on a CUDA device"
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} (the kernel takes bf16/fp16)"
-    if kv_cache.dtype != q.dtype:
+    if kv_cache.dtype != q.dtype and not (fp8_ok and kv_cache.dtype == torch.float8_e4m3fn):
         return f"kv_cache dtype {kv_cache.dtype} differs from q's {q.dtype}"
     if q.shape[2] not in HEAD_DIMS:
         return f"head_dim {q.shape[2]} (the kernel takes {HEAD_DIMS})"
@@ -238,17 +255,28 @@ def attention_cuda(
     out: torch.Tensor,
     workspace: torch.Tensor | None = None,
     choice: str = "new",
+    fp8_choice: str = "old",
 ) -> torch.Tensor:
-    """Paged attention on the GPU: steps with q_len > 1 on this kernel (when it covers
-    them and `choice` is not 'old'), everything else on cuda/paged_attention_kernels.py."""
+    """Paged attention on the GPU: steps with q_len > 1 on round 1 or round 2 (when it
+    covers them and `choice` is not 'old'; FP8 caches on round 2 when `fp8_choice` is
+    'new'), everything else on cuda/paged_attention_kernels.py."""
+    from cuda import prefill_v2
     from cuda.paged_attention_kernels import paged_attention_cuda
 
-    config = config_for(choice, q.shape[2]) if md.max_query_len > 1 else None
-    if config is not None:
-        reason = unsupported_reason(q, kv_cache, md)
-        if reason is None:
-            return prefill_attention_cuda(q, kv_cache, md, params, out, config)
-        if reason not in _warned:
+    if md.max_query_len > 1 and choice != "old":
+        fp8 = kv_cache.dtype == prefill_v2.FP8
+        if prefill_v2.is_choice(choice) or (fp8 and fp8_choice == "new"):
+            reason = prefill_v2.unsupported_reason(q, kv_cache, md)
+            if reason is None:
+                v2 = prefill_v2.config_for(choice)
+                return prefill_v2.prefill_v2_cuda(q, kv_cache, md, params, out, v2)
+        else:
+            config = config_for(choice, q.shape[2])
+            reason = "no tile configuration" if config is None else None
+            reason = reason or unsupported_reason(q, kv_cache, md)
+            if reason is None and config is not None:
+                return prefill_attention_cuda(q, kv_cache, md, params, out, config)
+        if reason is not None and reason not in _warned:
             _warned.add(reason)
             log.info("prefill attention uses the older kernel: %s", reason)
     return paged_attention_cuda(q, kv_cache, md, params, out, workspace)

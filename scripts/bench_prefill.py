@@ -8,11 +8,16 @@ largest difference between the new default kernel's output and the old kernel's.
 
     PYTHONPATH=. python scripts/bench_prefill.py --out bench_prefill.json
 (scripts/bench_kernels.py runs the same as its prefill part.)
+
+--round2 (gpu_bench's prefill3 step): bf16 only, round 1's default and m128n128w8s2 against
+every round-2 configuration (cuda/prefill_v2.py) and SDPA, then an FP8 KV cache: the older
+kernel (FP8's default prefill path) against round 2's configurations. One line a shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Callable
 
@@ -20,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from cuda import prefill_attention as pa
+from cuda import prefill_v2 as v2
+from cuda.kv_write import quantize_kv
 from cuda.paged_attention import AttentionMetadata, AttentionParams
 from cuda.paged_attention_kernels import paged_attention_cuda
 from headrace.bench import gpu_timing
@@ -115,13 +122,94 @@ def bench_prefill(results: list[dict]) -> None:
             torch.cuda.empty_cache()
 
 
+Runner = Callable[
+    [torch.Tensor, torch.Tensor, AttentionMetadata, AttentionParams, torch.Tensor], object
+]
+R1_COMPARED = ("m128n64w4s2", "m128n128w8s2")  # round 1's default and its best at 4k-16k
+FP8_SCALE = 0.5  # k_scale = v_scale of the FP8 rows (randn / 0.5 stays well inside e4m3)
+
+
+def round2_runners(fp8: bool) -> dict[str, Runner]:
+    """name -> kernel call: 16-bit caches: round 1 (two tiles) and round 2; FP8: the older
+    kernel and round 2."""
+    runners: dict[str, Runner] = {}
+    if fp8:
+        runners["old"] = paged_attention_cuda
+    else:
+        for name in R1_COMPARED:
+            runners[name] = functools.partial(pa.prefill_attention_cuda, config=pa.BY_NAME[name])
+    for c2 in v2.CONFIGS:
+        runners[c2.name] = functools.partial(v2.prefill_v2_cuda, config=c2)
+    return runners
+
+
+def round2_shape(batch: int, q_len: int, ctx: int, fp8: bool) -> dict:
+    """TFLOP/s of each runner on one shape; max|x - first runner| over the others."""
+    q, cache, md = paged_batch(batch, q_len, ctx, torch.bfloat16)
+    params = AttentionParams(D**-0.5)
+    if fp8:
+        cache = torch.stack([quantize_kv(cache[0], FP8_SCALE), quantize_kv(cache[1], FP8_SCALE)])
+        params = AttentionParams(D**-0.5, k_scale=FP8_SCALE, v_scale=FP8_SCALE)
+    pairs = batch * sum(ctx - q_len + i + 1 for i in range(q_len))
+    flops = 4 * pairs * D * HQ
+    tflops: dict[str, float | None] = {}
+    outs: dict[str, torch.Tensor] = {}
+    for name, fn in round2_runners(fp8).items():
+        out = outs.setdefault(name, torch.empty_like(q))
+
+        def run(fn: Runner = fn, out: torch.Tensor = out) -> None:
+            fn(q, cache, md, params, out)
+
+        tflops[name] = flops / time_op(run) / 1e12
+    if not fp8:
+        ts = sdpa_time(batch, q_len, torch.bfloat16) if q_len == ctx else None
+        tflops["sdpa_flash"] = flops / ts / 1e12 if ts else None
+    first = next(iter(outs.values())).float()
+    diff = max((o.float() - first).abs().max().item() for o in outs.values())
+    kv = "fp8" if fp8 else "bf16"
+    return {
+        "kind": "prefill_round2",
+        "kv": kv,
+        "batch": batch,
+        "q_len": q_len,
+        "ctx": ctx,
+        "TFLOPs": tflops,
+        "max_abs_diff_to_first": diff,
+    }
+
+
+def show_round2(row: dict) -> str:
+    t = row["TFLOPs"]
+    cells = " | ".join(f"{k} {v:6.1f}" if v else f"{k}    n/a" for k, v in t.items())
+    best2 = max(v for k, v in t.items() if k in v2.BY_NAME)
+    base = t["old"] if row["kv"] == "fp8" else t[R1_COMPARED[0]]
+    ratios = f"best v2 / {'old' if row['kv'] == 'fp8' else 'round 1'} {best2 / base:.2f}x"
+    if t.get("sdpa_flash"):
+        ratios += f", best v2 / sdpa {best2 / t['sdpa_flash']:.2f}x"
+        ratios += f", round 1 / sdpa {base / t['sdpa_flash']:.2f}x"
+    return (
+        f"prefill3 kv={row['kv']:4s} B={row['batch']} q={row['q_len']:5d} ctx={row['ctx']:5d} "
+        f"TFLOP/s: {cells} | {ratios} | max|diff| {row['max_abs_diff_to_first']:.2g}"
+    )
+
+
+def bench_round2(results: list[dict]) -> None:
+    for fp8 in (False, True):
+        for batch, q_len, ctx in SHAPES + CHUNKED:
+            row = round2_shape(batch, q_len, ctx, fp8)
+            results.append(row)
+            print(show_round2(row), flush=True)
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_prefill.json")
+    ap.add_argument("--round2", action="store_true", help="round 1 vs round 2, bf16 and FP8 KV")
     args = ap.parse_args()
     torch.manual_seed(0)
     results: list[dict] = []
-    bench_prefill(results)
+    (bench_round2 if args.round2 else bench_prefill)(results)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
 

@@ -6,7 +6,8 @@ scripts/gpu_bench.sh do not each wait for compiles one after another on a fresh 
 
 --only decode: the decode-attention modules alone (every HEADRACE_DECODE_CONFIG variant of
 the tensor-core kernel and the old kernels, bf16/fp16 x head_dim 64/128), for gpu_bench's
-decode2 step; --only MODULE ...: the modules of those names (e.g. prefill_attention).
+decode2 step; --only MODULE ...: the modules of those names (e.g. prefill_attention, or
+prefill_attention_v2, round 2's, which only --only warms).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cuda import (
     kv_write_kernel,
     layer_ops,
     prefill_attention,
+    prefill_v2,
 )
 from cuda import paged_attention_kernels as pak
 
@@ -77,6 +79,18 @@ def decode_jobs() -> list[Job]:
     return out
 
 
+def prefill_v2_jobs() -> list[Job]:
+    """Prefill round 2's modules (16-bit and FP8 KV), warmed only when named (`--only
+    prefill_attention_v2`): it is opt-in, and a compile of it must not stop the default set."""
+    out: list[Job] = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for head_dim in (64, 128):
+            for fp8 in (False, True):
+                defines = prefill_v2.module_defines(dtype, head_dim, fp8)
+                out.append(("prefill_attention_v2", prefill_v2.source(), defines))
+    return out
+
+
 def _compile(job: Job, arch: str) -> tuple[str, float]:
     name, source, defines = job
     t0 = time.perf_counter()
@@ -87,7 +101,8 @@ def _compile(job: Job, arch: str) -> tuple[str, float]:
 def select(only: list[str]) -> list[Job]:
     """The jobs --only names: the decode family for `decode`, else jobs by module name."""
     picked = decode_jobs() if "decode" in only else []
-    return picked + [job for job in jobs() if job[0] in only and job not in picked]
+    named = jobs() + prefill_v2_jobs()
+    return picked + [job for job in named if job[0] in only and job not in picked]
 
 
 def main() -> None:

@@ -43,3 +43,23 @@ def test_shapes_cover_causal_2k_to_16k() -> None:
     causal = {q for b, q, c in bench.SHAPES if q == c and b == 1}
     assert {2048, 4096, 8192, 16384} <= causal
     assert all(q < c for _, q, c in bench.CHUNKED)
+
+
+def test_round2_lines_compare_round_1_round_2_sdpa_and_fp8_old() -> None:
+    from cuda import prefill_v2 as v2
+
+    bench = _script()
+    assert list(bench.round2_runners(False)) == [*bench.R1_COMPARED, *v2.BY_NAME]
+    assert list(bench.round2_runners(True)) == ["old", *v2.BY_NAME]
+    tflops: dict[str, float | None] = {"m128n64w4s2": 300.0, "m128n128w8s2": 310.0}
+    tflops |= {c.name: 320.0 + i for i, c in enumerate(v2.CONFIGS)}
+    row = {"kv": "bf16", "batch": 4, "q_len": 2048, "ctx": 2048, "max_abs_diff_to_first": 0.004}
+    best = 320.0 + len(v2.CONFIGS) - 1
+    line = bench.show_round2(row | {"TFLOPs": tflops | {"sdpa_flash": 284.0}})
+    assert line.startswith("prefill3 kv=bf16 B=4 q= 2048")
+    assert all(name in line for name in tflops)
+    assert f"best v2 / round 1 {best / 300:.2f}x" in line
+    assert f"best v2 / sdpa {best / 284:.2f}x" in line and "round 1 / sdpa 1.06x" in line
+    fp8 = {"old": 150.0} | {c.name: 320.0 + i for i, c in enumerate(v2.CONFIGS)}
+    line = bench.show_round2(row | {"kv": "fp8", "TFLOPs": fp8})
+    assert f"best v2 / old {best / 150:.2f}x" in line and "sdpa" not in line

@@ -90,6 +90,31 @@ def test_prefill_attention_compiles(dtype_name: str, head_dim: int) -> None:
         assert max(spills) <= PREFILL_SPILL_ALLOWED.get((name, head_dim), 0), (name, report)
 
 
+@pytest.mark.parametrize("kv_fp8", [False, True], ids=["kv16", "kvfp8"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_prefill_v2_compiles(dtype_name: str, head_dim: int, kv_fp8: bool) -> None:
+    """Prefill round 2 (cuda/prefill_attention_v2.cu), every configuration and KV type: no
+    spills and no stack frame anywhere (round 1's default tile spills 24 bytes)."""
+    import torch
+
+    from cuda import prefill_v2
+
+    cubin, log = compiler.compile_cubin(
+        prefill_v2.source(),
+        arch="sm_90",
+        defines=prefill_v2.module_defines(getattr(torch, dtype_name), head_dim, kv_fp8),
+        name="prefill_attention_v2",
+        verbose_ptxas=True,
+    )
+    parts = re.split(r"Compiling entry function '(\w+)'", log)[1:]
+    reports = dict(zip(parts[::2], parts[1::2], strict=True))
+    assert sorted(reports) == sorted(c.kernel_name for c in prefill_v2.CONFIGS)
+    for name in reports:
+        assert name.encode() in cubin
+    _check_log(log)
+
+
 def _decode_log(dtype_name: str, head_dim: int, config: str | None = None) -> str:
     import torch
 

@@ -3,7 +3,8 @@
 Launches go on torch's current stream with no host sync, so a decode step can be captured
 in a CUDA graph. Steps with q_len > 1 run cuda/prefill_attention.py's kernel
 (HEADRACE_PREFILL_KERNEL=old: the older one in cuda/paged_attention_kernels.py, which also
-takes what the new one does not cover, such as FP8 caches). Sliding windows run in the
+takes what the new one does not cover, such as FP8 caches unless HEADRACE_PREFILL_FP8=new
+sends them to round 2, cuda/prefill_v2.py). Sliding windows run in the
 kernels; shapes they do not cover (head dims other than 64 and 128) fall back to the torch
 reference inside the kernel wrappers.
 """
@@ -16,7 +17,7 @@ import os
 import torch
 
 from cuda.kv_write_kernel import write_kv_cuda
-from cuda.prefill_attention import attention_cuda, choice_from_env
+from cuda.prefill_attention import attention_cuda, choice_from_env, fp8_choice_from_env
 from worker.attention import AttentionMetadata, AttentionParams, PagedBackend
 from worker.decode_workspace import MAX_SPLITS, workspace_numel
 
@@ -31,8 +32,10 @@ class CudaAttention(PagedBackend):
         # (capture sizes it for the largest bucket first, so replays never grow it).
         self.workspace: torch.Tensor | None = None
         # Steps with q_len > 1: cuda/prefill_attention.py's kernel unless
-        # HEADRACE_PREFILL_KERNEL=old (or a tile configuration name, see that module).
+        # HEADRACE_PREFILL_KERNEL=old (or a tile configuration name, `v2` for round 2: see
+        # that module); FP8 caches on the older kernel unless HEADRACE_PREFILL_FP8=new.
         self.prefill_kernel = choice_from_env()
+        self.prefill_fp8 = fp8_choice_from_env()
 
     write_kv = staticmethod(write_kv_cuda)
 
@@ -45,7 +48,9 @@ class CudaAttention(PagedBackend):
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         workspace = self._workspace(q, md, kv_cache.shape[3])
-        return attention_cuda(q, kv_cache, md, params, out, workspace, self.prefill_kernel)
+        return attention_cuda(
+            q, kv_cache, md, params, out, workspace, self.prefill_kernel, self.prefill_fp8
+        )
 
     @staticmethod
     def graph_blocker(head_dim: int, dtype: torch.dtype, sliding_window: int | None) -> str | None:
