@@ -30,14 +30,13 @@ import numpy as np
 if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack  # type: ignore[attr-defined]
 
-from numba import cuda
-
 from numba import config as _numba_config
+from numba import cuda
 
 # Threads per block. The CUDA simulator runs every thread as a Python thread (a 256-thread
 # launch takes about a second there): it runs the same kernels with small blocks, which
 # only adds trips through the loops over chunks (tests on the GPU use the real sizes).
-SIMULATED = bool(_numba_config.ENABLE_CUDASIM)
+SIMULATED = bool(getattr(_numba_config, "ENABLE_CUDASIM", 0))
 SCAN_THREADS = 16 if SIMULATED else 256
 TOKEN_THREADS = 2 if SIMULATED else 128
 

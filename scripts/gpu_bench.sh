@@ -45,6 +45,9 @@
 # --max-num-seqs 256 and at the new default side by side, the batch-512 fp8 step profile; <= 280 s)
 # and w2batch_bf16 (bf16 W2, 500 requests: 256, default, default + HEADRACE_ADMISSION=reserve; <= 280 s):
 # scripts/gpu_w2batch.sh.
+# Step inputs on the device (issue 12): stepinputs (<= 150 s: tests/gpu/test_gpu_device_inputs.py, then
+# the step timeline at batch 1 and at batch 256 context 1k, each with the default (host numpy builder) and
+# with HEADRACE_STEP_INPUTS=numba, one line per cell) and stepinputs_w1 (<= 90 s: W1 default, then numba).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -188,5 +191,18 @@ for step in $which; do
             timeout 17 python scripts/profile_step.py --batch 1 --context 128 --out "$OUT/w1step_profile_b1.json" > "$OUT/w1step_profile_b1.log" 2>&1
             echo "profile rc $?"; grep -E "wall_ms_per_step|gpu_ms_per_step" "$OUT/w1step_profile_b1.log"
             grep -E "^ +[A-Za-z_].* [0-9]+ *$" "$OUT/w1step_profile_b1.log" | grep -v "aten::\|cuda[A-Z]\|Memcpy\|Memset" | head -16 | cut -c1-60,150-300 ;;
+    stepinputs)
+      timeout 60 python -m pytest -m gpu tests/gpu/test_gpu_device_inputs.py tests/gpu/test_gpu_step_inputs.py -q \
+          -p no:cacheprovider > "$OUT/stepinputs_tests.log" 2>&1
+      echo "stepinputs tests (rc $?): $(tail -1 "$OUT/stepinputs_tests.log")"; grep -m5 "^FAILED\|Error" "$OUT/stepinputs_tests.log"
+      for b in "1 25 80" "256 60 40"; do set -- $b; for mode in host numba; do
+        HEADRACE_STEP_INPUTS=$mode timeout $2 python scripts/timeline_step.py --batch $1 --steps $3 \
+            --out "$OUT/stepinputs_b$1_$mode.json" > "$OUT/stepinputs_b$1_$mode.log" 2>&1
+        echo "batch $1 $mode (rc $?): $(grep -A3 '^step timeline' "$OUT/stepinputs_b$1_$mode.log" | grep 'decode/graph')"; done; done ;;
+    stepinputs_w1)
+      for mode in host numba; do HEADRACE_STEP_INPUTS=$mode timeout 42 python -m headrace bench latency \
+          --profile --no-roofline --output-json "$OUT/stepinputs_w1_$mode.json" > "$OUT/stepinputs_w1_$mode.log" 2>&1
+        echo "W1 HEADRACE_STEP_INPUTS=$mode (rc $?): $(tail -1 "$OUT/stepinputs_w1_$mode.log")"
+        grep -A3 "^step kind" "$OUT/stepinputs_w1_$mode.log"; done ;;
   esac
 done

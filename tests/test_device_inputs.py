@@ -22,9 +22,11 @@ if not torch.cuda.is_available():
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba.cuda is first imported
 
 from cuda.step_inputs import RowState, StepInputArrays, launch_row_step_inputs, row_step_inputs_ref
+from ipc.messages import EngineRequest, SamplingParams
 from tests.test_persistent_batch import _compact_one, _new_request, _tokens
-from worker.config import SchedulerConfig
+from worker.config import EngineConfig, SchedulerConfig
 from worker.device_inputs import DeviceInputBatch, DeviceStepState, step_inputs_mode
+from worker.engine import EngineCore
 from worker.input_batch import build_host_inputs
 from worker.kv_cache import KVCacheManager
 from worker.scheduler import Scheduler
@@ -140,9 +142,14 @@ def _counting(fn, calls: list):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_device_state_equals_the_host_builder(seed: int) -> None:
+    check_device_state(seed, torch.device("cpu"))
+
+
+def check_device_state(seed: int, device: torch.device) -> None:
     """Randomized schedules from the real scheduler (arrivals, aborts, preemption in a small
     cache, chunked prefill, prefix hits, KV compaction's offsets): every device-built step's
-    inputs equal build_host_inputs', and steady decode steps send nothing to the device."""
+    inputs equal build_host_inputs', and steady decode steps send nothing to the device
+    (tests/gpu/test_gpu_device_inputs.py runs it on the GPU)."""
     rng = random.Random(seed)
     bs = rng.choice([4, 16, 32])
     kv = KVCacheManager(rng.randint(12, 40), bs, rng.random() < 0.5)
@@ -153,7 +160,7 @@ def test_device_state_equals_the_host_builder(seed: int) -> None:
     )
     s = Scheduler(config, kv)
     rows = config.max_num_seqs
-    state = DeviceStepState(rows, -(-128 // bs), bs, torch.device("cpu"))
+    state = DeviceStepState(rows, -(-128 // bs), bs, device)
     batch = DeviceInputBatch(state, build_host_inputs, lambda: True)
     sent: list = []
     state._scatter = _counting(state._scatter, sent)  # type: ignore[method-assign]
@@ -194,3 +201,58 @@ def test_device_state_equals_the_host_builder(seed: int) -> None:
                 steady += 1
         s.update(out, _tokens(rng, out))
     assert batch.device_steps > 10 and steady > 3
+
+
+def _engine_run(path, prompts, params, abort_at, **args):
+    engine = EngineCore(EngineConfig(model=str(path), device="cpu", **args))
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        if i % 2 == 0:  # half arrive at the start, half later
+            engine.add_request(EngineRequest(f"r{i}", prompt, p))
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    steps = 0
+    while engine.has_unfinished_requests() or steps < 2 * len(prompts):
+        for o in engine.step():
+            tokens[o.request_id] += o.new_token_ids
+        steps += 1
+        if steps % 2 == 0 and steps // 2 < len(prompts) and (steps // 2) % 2 == 1:
+            i = steps // 2
+            engine.add_request(EngineRequest(f"r{i}", prompts[i], params[i]))
+        if steps == abort_at:
+            engine.abort_requests(["r0"])
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    return tokens, engine
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_engine_greedy_tokens_equal_the_host_path(
+    monkeypatch: pytest.MonkeyPatch, stories_path, async_scheduling: bool
+) -> None:
+    """Arrivals, an abort, preemption (a small cache), chunked prefill (a small budget),
+    prefix hits (shared prompt heads): HEADRACE_STEP_INPUTS=numba gives the host path's tokens."""
+    rng = random.Random(7)
+    head = [1, 403, 407, 261, 378, 290, 300, 311]
+    prompts = [
+        head[: rng.randint(2, 8)] + [rng.randrange(3, 500) for _ in range(rng.randint(1, 9))]
+        for _ in range(6)
+    ]
+    params = [
+        SamplingParams(temperature=0, max_tokens=rng.randint(6, 14), ignore_eos=True)
+        for _ in prompts
+    ]
+    args = dict(
+        block_size=4,
+        max_num_seqs=4,
+        max_num_batched_tokens=12,
+        num_gpu_blocks=13,
+        async_scheduling=async_scheduling,
+        enable_prefix_caching=True,
+    )
+    monkeypatch.delenv("HEADRACE_STEP_INPUTS", raising=False)
+    host, host_engine = _engine_run(stories_path, prompts, params, 9, **args)
+    monkeypatch.setenv("HEADRACE_STEP_INPUTS", "numba")
+    dev, dev_engine = _engine_run(stories_path, prompts, params, 9, **args)
+    assert dev == host and all(dev.values())
+    state = dev_engine.runner.device_state
+    assert state is not None and state.launches > 10  # decode steps ran on the kernels
+    assert host_engine.runner.device_state is None
+    assert dev_engine.scheduler.num_preemptions == host_engine.scheduler.num_preemptions > 0

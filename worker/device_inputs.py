@@ -66,7 +66,7 @@ def kernels(device: torch.device) -> Any:
 
     import cuda.step_inputs as si
 
-    if device.type == "cpu" and not config.ENABLE_CUDASIM:
+    if device.type == "cpu" and not getattr(config, "ENABLE_CUDASIM", 0):
         raise RuntimeError(f"{ENV}=numba on CPU needs numba imported with NUMBA_ENABLE_CUDASIM=1")
     return si
 
