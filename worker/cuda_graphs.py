@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -211,6 +211,7 @@ class CudaGraphRunner:
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=i32, device=device)
         # HEADRACE_STEP_INPUTS=numba: the q = 1 graphs compute their inputs from `state`.
         self.state = state
+        self._nb_outputs: dict[int, Any] = {}  # bucket -> the kernels' view of its buffers
         if state is not None:
             if state.rows < n or state.width != self.max_blocks:
                 raise ValueError(
@@ -303,12 +304,14 @@ class CudaGraphRunner:
         if self.state is not None and q == 1:
             if prepare:
                 self._prepare(q, bs)
-            out = self.state.graph_outputs(
-                self.query_start_loc[: bs + 1],
-                self.seq_lens[:bs],
-                self.positions[: bs * q],
-                self.slot_mapping[: bs * q],
-            )
+            out = self._nb_outputs.get(bs)
+            if out is None:  # converted at the first warm-up, never inside a capture
+                out = self._nb_outputs[bs] = self.state.graph_outputs(
+                    self.query_start_loc[: bs + 1],
+                    self.seq_lens[:bs],
+                    self.positions[: bs * q],
+                    self.slot_mapping[: bs * q],
+                )
             self.state.launch(out, bs)
         return self.model(*args)
 
@@ -349,7 +352,10 @@ class CudaGraphRunner:
             return None  # KV compression's window capture: prefill steps, eager anyway
         if host.layer_seq_lens is not None and self.layers is None:
             return None  # PyramidKV's per-layer lengths, not captured in these graphs
-        return pick_graph(self.bounds, self.buckets, len(host.seq_lens), host.max_query_len)
+        key = pick_graph(self.bounds, self.buckets, len(host.seq_lens), host.max_query_len)
+        if key is not None and key[0] == 1 and self.state is not None and host.device is None:
+            return None  # numba mode: the q = 1 graphs' kernels would overwrite host inputs
+        return key
 
     def can_run(self, host: HostInputs) -> bool:
         return self._pick(host) is not None

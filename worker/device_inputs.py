@@ -32,8 +32,9 @@ On CPU the same code runs through Numba's CUDA simulator on numpy views of the C
 
 from __future__ import annotations
 
+import operator
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,8 +42,8 @@ import torch
 
 from worker.attention import AttentionMetadata
 from worker.input_batch import DeviceStep, HostInputs, StepInputs
-from worker.persistent_batch import InputBuilder, _ids, decode_columns
-from worker.scheduler import SchedulerOutput
+from worker.persistent_batch import InputBuilder, _ids
+from worker.scheduler import ScheduledRequest, SchedulerOutput
 
 ENV = "HEADRACE_STEP_INPUTS"
 MODES = ("host", "numba")
@@ -94,6 +95,15 @@ class DeviceStepState:
             nb(self.header), *(nb(x) for x in self.per_row), nb(self.block_tables)
         )
         self.nb_out = [nb(x) for x in self._eager_buffers()]
+        # Diff staging (see _scatter): room for every row's fields and a few blocks each.
+        self._stage_cap = 1 + 7 * rows
+        pin = device.type == "cuda"
+        self._stages = []
+        for _ in range(2):
+            host = torch.zeros((2, self._stage_cap), dtype=i32, pin_memory=pin)
+            self._stages.append((host, host.numpy()))
+        self._turn = 0
+        self._dev_stage = torch.zeros((2, self._stage_cap), dtype=i32, device=device)
         self.forget()
         self.launches = 0  # eager launches (tests: the device path ran)
 
@@ -108,52 +118,53 @@ class DeviceStepState:
         """The device's rows are unknown (after graph capture): the next step writes all."""
         self.order: list[str] = []
         self.tables: list[object] = []
-        self.written: list[int] = []
-        self.fields: list[list[int]] = [[], [], []]  # num_computed, num_new, kv_offset
+        self.written = np.zeros(self.rows, dtype=np.int64)  # block ids written per row
+        # num_computed, num_new, kv_offset per row as the device holds them
+        self.fields = np.full((3, self.rows), UNKNOWN, dtype=np.int64)
         self.num_reqs = UNKNOWN
 
     def forget_tables(self) -> None:
         """A host-path graph step copied its own block-table rows over the state's."""
         self.tables = [None] * len(self.order)
-        self.written = [0] * len(self.order)
+        self.written[:] = 0
 
     def apply(self, step: DeviceStep) -> None:
-        """Bring the device state to `step`'s schedule (queued on the current stream)."""
-        scheduled = step.scheduled
-        self._layout([sr.request.request_id for sr in scheduled])
-        rows, w, t0 = self.rows, self.width, self._table0
-        idx: list[int] = []
-        val: list[int] = []
-        chunks: list[tuple[np.ndarray, np.ndarray]] = []
-        computed, num_new, kv_offset = self.fields
-        for i, sr in enumerate(scheduled):
-            off, n = sr.kv_offset, sr.num_new_tokens
-            c0 = sr.start - off
-            if computed[i] != c0:
-                idx.append(1 + i)
-                val.append(c0)
-            if num_new[i] != n:
-                idx.append(1 + rows + i)
-                val.append(n)
-                num_new[i] = n
-            if kv_offset[i] != off:
-                idx.append(1 + 2 * rows + i)
-                val.append(off)
-                kv_offset[i] = off
-            computed[i] = c0 + n  # what the token kernel leaves there
-            table, lo = sr.block_table, self.written[i]
-            if table is not self.tables[i]:
-                self.tables[i], lo = table, 0  # replaced (preempted, compacted): whole row
-            hi = len(table)
-            if hi > lo:
-                base = t0 + i * w
-                chunks.append((np.arange(base + lo, base + hi), _ids(table[lo:hi])))
-            self.written[i] = hi
-        if self.num_reqs != len(scheduled):
-            idx.append(0)
-            val.append(len(scheduled))
-            self.num_reqs = len(scheduled)
-        self._scatter(idx, val, chunks)
+        """Bring the device state to `step`'s schedule (queued on the current stream).
+        Per row only numpy compares and C-level maps: the Python work is per changed row."""
+        b, rows = len(step.ids), self.rows
+        self._layout(step.ids)
+        want = np.stack([step.cache_start, step.num_new, step.kv_offset])  # [3, B]
+        have = self.fields[:, :b]
+        field, row = np.nonzero(have != want)
+        idx = [1 + field * rows + row]
+        val = [want[field, row]]
+        have[...] = want
+        have[0] += step.num_new  # what the token kernel leaves in num_computed
+        tables = step.tables
+        lens = np.fromiter(map(len, tables), dtype=np.int64, count=b)
+        replaced = np.fromiter(map(operator.is_not, tables, self.tables), dtype=bool, count=b)
+        lo = np.where(replaced, 0, self.written[:b])  # a replaced table is written whole
+        w, t0 = self.width, self._table0
+        one_idx: list[int] = []  # a decode's new block: one id, no numpy call per row
+        one_val: list[int] = []
+        for i in np.nonzero(lens > lo)[0].tolist():  # rows with new block ids: few per step
+            start, stop = int(lo[i]), int(lens[i])
+            if stop - start == 1:
+                one_idx.append(t0 + i * w + start)
+                one_val.append(tables[i][start])
+            else:
+                idx.append(np.arange(t0 + i * w + start, t0 + i * w + stop))
+                val.append(_ids(tables[i][start:stop]))
+        if one_idx:
+            idx.append(np.array(one_idx, dtype=np.int64))
+            val.append(np.array(one_val, dtype=np.int64))
+        self.written[:b] = lens
+        self.tables = list(tables)
+        if self.num_reqs != b:
+            idx.append(np.zeros(1, dtype=np.int64))
+            val.append(np.full(1, b))
+            self.num_reqs = b
+        self._scatter(idx, val)
 
     def _layout(self, ids: list[str]) -> None:
         """Rows 0..B-1 become `ids`: kept rows move by one gather on the device."""
@@ -162,24 +173,40 @@ class DeviceStepState:
         where = {rid: i for i, rid in enumerate(self.order)}
         src = [where.get(rid, UNKNOWN) for rid in ids]
         b = len(ids)
-        if any(s >= 0 and s != i for i, s in enumerate(src)):
-            index = self._to_device(np.maximum(np.asarray(src, dtype=np.int64), 0))
+        moved = np.asarray(src, dtype=np.int64)
+        if ((moved >= 0) & (moved != np.arange(b))).any():
+            index = self._to_device(np.maximum(moved, 0))
             self.per_row[:, :b] = self.per_row.index_select(1, index)
             self.block_tables[:b] = self.block_tables.index_select(0, index)
+        fresh = moved < 0
         self.tables = [self.tables[s] if s >= 0 else None for s in src]
-        self.written = [self.written[s] if s >= 0 else 0 for s in src]
-        self.fields = [[f[s] if s >= 0 else UNKNOWN for s in src] for f in self.fields]
+        self.written[:b] = np.where(fresh, 0, self.written[np.maximum(moved, 0)])
+        self.fields[:, :b] = np.where(fresh, UNKNOWN, self.fields[:, np.maximum(moved, 0)])
         self.order = list(ids)
 
-    def _scatter(
-        self, idx: list[int], val: list[int], chunks: list[tuple[np.ndarray, np.ndarray]]
-    ) -> None:
-        if not idx and not chunks:
+    def _scatter(self, idx: list[np.ndarray], val: list[np.ndarray]) -> None:
+        """One (flat index, value) scatter into the state; nothing when the diff is empty.
+
+        Through one of two pinned staging buffers, used in turn (with async scheduling the
+        next step's diff is written while this one's copy may still be queued); a diff too
+        large for them (a layout of fresh long rows) goes through a pinned copy of its own.
+        """
+        flat_idx = np.concatenate(idx)
+        n = len(flat_idx)
+        if not n:
             return
-        flat_idx = np.concatenate([np.asarray(idx, dtype=np.int64), *(c[0] for c in chunks)])
-        values = np.concatenate([np.asarray(val, dtype=np.int64), *(c[1] for c in chunks)])
-        packed = self._to_device(np.stack([flat_idx, values]))
-        self.flat.index_copy_(0, packed[0], packed[1].to(torch.int32))
+        values = np.concatenate(val)
+        if n > self._stage_cap:
+            packed = self._to_device(np.stack([flat_idx, values]).astype(np.int32))
+            self.flat[packed[0]] = packed[1]
+            return
+        host, view = self._stages[self._turn]
+        self._turn ^= 1
+        view[0, :n] = flat_idx
+        view[1, :n] = values
+        dev = self._dev_stage[:, :n]
+        dev.copy_(host[:, :n], non_blocking=True)
+        self.flat[dev[0]] = dev[1]
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -252,6 +279,7 @@ class DeviceInputBatch:
         self.fallback = fallback
         self.allowed = allowed  # e.g. not under tensor parallel (followers take host arrays)
         self._qsl = np.arange(state.rows + 1, dtype=np.int32)
+        self._ones = np.ones(state.rows, dtype=np.int64)
         self.device_steps = 0
 
     def build(self, out: SchedulerOutput) -> HostInputs:
@@ -259,17 +287,19 @@ class DeviceInputBatch:
         st = self.state
         if not scheduled or len(scheduled) > st.rows or not self.allowed():
             return self.fallback(out)
-        if any(sr.layer_shift is not None or len(sr.block_table) > st.width for sr in scheduled):
-            return self.fallback(out)
-        columns = decode_columns(scheduled)
+        columns = _decode_rows(scheduled, st.width)
         if columns is None:
             return self.fallback(out)
-        starts, offsets, ids, sampling = columns
+        ids, tables, starts, offsets, tokens, sampling = columns
         b = len(scheduled)
-        seq_lens = np.array(starts, dtype=np.int32) - np.array(offsets, dtype=np.int32) + 1
+        start = np.array(starts, dtype=np.int64)
+        offset = np.array(offsets, dtype=np.int64)
+        cache_start = start - offset
+        seq_lens = (cache_start + 1).astype(np.int32)
         self.device_steps += 1
+        step = DeviceStep(scheduled, ids, tables, cache_start, self._ones[:b], offset)
         return HostInputs(
-            input_ids=np.array(ids, dtype=np.int64),
+            input_ids=np.array(tokens, dtype=np.int64),
             positions=_EMPTY64,
             slot_mapping=_EMPTY64,
             query_start_loc=self._qsl[: b + 1],  # one token per row: what fed ids read
@@ -279,5 +309,33 @@ class DeviceInputBatch:
             max_seq_len=int(seq_lens.max()),
             sample_rows=[[i] for i in sampling],
             sample_sched_index=sampling,
-            device=DeviceStep(scheduled),
+            device=step,
         )
+
+
+Columns = tuple[list[str], list[Sequence[int]], list[int], list[int], list[int], list[int]]
+
+
+def _decode_rows(scheduled: list[ScheduledRequest], width: int) -> Columns | None:
+    """(ids, tables, starts, kv offsets, input ids, sampling rows) of a step of plain
+    decodes that fit the state (persistent_batch.decode_columns' rule, plus no PyramidKV
+    shift and tables of at most `width` blocks); None otherwise. One pass per step."""
+    ids, tables, starts, offsets, tokens, sampling = [], [], [], [], [], []
+    for i, sr in enumerate(scheduled):
+        req = sr.request
+        if sr.num_new_tokens != 1 or sr.num_spec_tokens or req.kv_compression_pending:
+            return None
+        st, known, table = sr.start, req.all_token_ids, sr.block_table
+        if sr.layer_shift is not None or len(table) > width:
+            return None
+        if req.wants_prompt_logprobs and st < req.num_prompt_tokens - 1:
+            return None
+        ids.append(req.request_id)
+        tables.append(table)
+        starts.append(st)
+        offsets.append(sr.kv_offset)
+        # Past the known tokens: async scheduling feeds this id from the GPU (0 here).
+        tokens.append(known[st] if st < len(known) else 0)
+        if st + 1 >= len(known):  # sr.samples
+            sampling.append(i)
+    return ids, tables, starts, offsets, tokens, sampling

@@ -38,6 +38,11 @@ class DeviceStep:
     hold no positions or slots (empty) and no block table rows ([0, width])."""
 
     scheduled: list[ScheduledRequest]
+    ids: list[str]  # request id of each row
+    tables: list[Sequence[int]]  # each row's block table
+    cache_start: np.ndarray  # [B] int64: cache index of each row's first new token
+    num_new: np.ndarray  # [B] int64
+    kv_offset: np.ndarray  # [B] int64: position - cache index
 
 
 @dataclass
