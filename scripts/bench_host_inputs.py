@@ -4,9 +4,11 @@ HEADRACE_STEP_INPUTS=numba (the device builder, then the diff of the device stat
 
 No GPU and no model: the engine's scheduler and KV cache with stub tokens (as
 scripts/bench_scheduler.py), `--batch` requests of `--context` prompt tokens decoding.
-Not counted on either side: the torch launches that follow (default: 6 host-to-device
-copies per step; numba: 1 copy of the input ids, none with async scheduling's fed ids, plus
-a pinned copy and a scatter on the steps whose diff is not empty, counted here).
+Not counted: the default path's 6 host-to-device copies per step (torch calls of a few us
+each on a GPU) and the numba path's one copy of the input ids (none with async
+scheduling's fed ids). Counted: the numba path's diff scatter on the steps whose diff is
+not empty (`scatter_steps`), run here on CPU tensors (a CPU index_put, ~30 us at batch 256;
+on a GPU it is a pinned copy and one index_put launch).
 
     PYTHONPATH=. NUMBA_ENABLE_CUDASIM=1 python scripts/bench_host_inputs.py --batch 1 64 256
 """

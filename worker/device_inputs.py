@@ -117,7 +117,7 @@ class DeviceStepState:
     def forget(self) -> None:
         """The device's rows are unknown (after graph capture): the next step writes all."""
         self.order: list[str] = []
-        self.tables: list[object] = []
+        self.tables: Sequence[object] = []
         self.written = np.zeros(self.rows, dtype=np.int64)  # block ids written per row
         # num_computed, num_new, kv_offset per row as the device holds them
         self.fields = np.full((3, self.rows), UNKNOWN, dtype=np.int64)
@@ -130,24 +130,52 @@ class DeviceStepState:
 
     def apply(self, step: DeviceStep) -> None:
         """Bring the device state to `step`'s schedule (queued on the current stream).
-        Per row only numpy compares and C-level maps: the Python work is per changed row."""
+        Per row only numpy compares and C-level maps: the Python work is per changed row,
+        and a steady step costs a handful of numpy calls."""
         b, rows = len(step.ids), self.rows
         self._layout(step.ids)
-        want = np.stack([step.cache_start, step.num_new, step.kv_offset])  # [3, B]
-        have = self.fields[:, :b]
-        field, row = np.nonzero(have != want)
-        idx = [1 + field * rows + row]
-        val = [want[field, row]]
-        have[...] = want
-        have[0] += step.num_new  # what the token kernel leaves in num_computed
+        want, have = step.fields, self.fields[:, :b]  # [3, B]
+        idx: list[np.ndarray] = []
+        val: list[np.ndarray] = []
+        diff = have != want
+        if diff.any():
+            field, row = np.nonzero(diff)
+            idx.append(1 + field * rows + row)
+            val.append(want[field, row])
+            have[...] = want
+        have[0] += want[1]  # what the token kernel leaves in num_computed
         tables = step.tables
         lens = np.fromiter(map(len, tables), dtype=np.int64, count=b)
-        replaced = np.fromiter(map(operator.is_not, tables, self.tables), dtype=bool, count=b)
-        lo = np.where(replaced, 0, self.written[:b])  # a replaced table is written whole
+        lo = self.written[:b]
+        if any(map(operator.is_not, tables, self.tables)):  # replaced tables: written whole
+            replaced = np.fromiter(map(operator.is_not, tables, self.tables), bool, count=b)
+            lo = np.where(replaced, 0, lo)
+        grow = np.flatnonzero(lens > lo).tolist()
+        if grow:  # rows with new block ids: few per step
+            self._new_blocks(grow, lo, lens, tables, idx, val)
+        self.written[:b] = lens
+        self.tables = tables  # the step's own list (the builder makes one per step)
+        if self.num_reqs != b:
+            idx.append(np.zeros(1, dtype=np.int64))
+            val.append(np.full(1, b))
+            self.num_reqs = b
+        if idx:
+            self._scatter(idx, val)
+
+    def _new_blocks(
+        self,
+        grow: list[int],
+        lo: np.ndarray,
+        lens: np.ndarray,
+        tables: list[Sequence[int]],
+        idx: list[np.ndarray],
+        val: list[np.ndarray],
+    ) -> None:
+        """The diff entries of rows `grow`'s block ids lo[i]:lens[i]."""
         w, t0 = self.width, self._table0
         one_idx: list[int] = []  # a decode's new block: one id, no numpy call per row
         one_val: list[int] = []
-        for i in np.nonzero(lens > lo)[0].tolist():  # rows with new block ids: few per step
+        for i in grow:
             start, stop = int(lo[i]), int(lens[i])
             if stop - start == 1:
                 one_idx.append(t0 + i * w + start)
@@ -158,13 +186,6 @@ class DeviceStepState:
         if one_idx:
             idx.append(np.array(one_idx, dtype=np.int64))
             val.append(np.array(one_val, dtype=np.int64))
-        self.written[:b] = lens
-        self.tables = list(tables)
-        if self.num_reqs != b:
-            idx.append(np.zeros(1, dtype=np.int64))
-            val.append(np.full(1, b))
-            self.num_reqs = b
-        self._scatter(idx, val)
 
     def _layout(self, ids: list[str]) -> None:
         """Rows 0..B-1 become `ids`: kept rows move by one gather on the device."""
@@ -193,8 +214,6 @@ class DeviceStepState:
         """
         flat_idx = np.concatenate(idx)
         n = len(flat_idx)
-        if not n:
-            return
         values = np.concatenate(val)
         if n > self._stage_cap:
             packed = self._to_device(np.stack([flat_idx, values]).astype(np.int32))
@@ -279,7 +298,6 @@ class DeviceInputBatch:
         self.fallback = fallback
         self.allowed = allowed  # e.g. not under tensor parallel (followers take host arrays)
         self._qsl = np.arange(state.rows + 1, dtype=np.int32)
-        self._ones = np.ones(state.rows, dtype=np.int64)
         self.device_steps = 0
 
     def build(self, out: SchedulerOutput) -> HostInputs:
@@ -292,12 +310,13 @@ class DeviceInputBatch:
             return self.fallback(out)
         ids, tables, starts, offsets, tokens, sampling = columns
         b = len(scheduled)
-        start = np.array(starts, dtype=np.int64)
-        offset = np.array(offsets, dtype=np.int64)
-        cache_start = start - offset
-        seq_lens = (cache_start + 1).astype(np.int32)
+        fields = np.empty((3, b), dtype=np.int64)  # cache start, num_new, kv_offset
+        fields[2] = offsets
+        np.subtract(starts, fields[2], out=fields[0])
+        fields[1] = 1
+        seq_lens = (fields[0] + 1).astype(np.int32)
         self.device_steps += 1
-        step = DeviceStep(scheduled, ids, tables, cache_start, self._ones[:b], offset)
+        step = DeviceStep(scheduled, ids, tables, fields)
         return HostInputs(
             input_ids=np.array(tokens, dtype=np.int64),
             positions=_EMPTY64,

@@ -40,9 +40,9 @@ class DeviceStep:
     scheduled: list[ScheduledRequest]
     ids: list[str]  # request id of each row
     tables: list[Sequence[int]]  # each row's block table
-    cache_start: np.ndarray  # [B] int64: cache index of each row's first new token
-    num_new: np.ndarray  # [B] int64
-    kv_offset: np.ndarray  # [B] int64: position - cache index
+    # [3, B] int64: per row the cache index of its first new token, its number of new
+    # tokens, and its position - cache index (KV compression)
+    fields: np.ndarray
 
 
 @dataclass
