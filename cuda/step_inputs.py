@@ -30,10 +30,15 @@ import numpy as np
 if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack  # type: ignore[attr-defined]
 
+from numba import config as _numba_config
 from numba import cuda
 
-SCAN_THREADS = 256
-TOKEN_THREADS = 128
+# Threads per block. The CUDA simulator runs every thread as a Python thread (a 256-thread
+# launch takes about a second there): it runs the same kernels with small blocks, which
+# only adds trips through the loops over chunks (tests on the GPU use the real sizes).
+SIMULATED = bool(getattr(_numba_config, "ENABLE_CUDASIM", 0))
+SCAN_THREADS = 16 if SIMULATED else 256
+TOKEN_THREADS = 2 if SIMULATED else 128
 
 
 @dataclass
@@ -152,6 +157,157 @@ def launch_step_inputs(
         out.input_ids,
         out.slot_mapping,
     )
+
+
+# ---- the engine's kernels: state kept in the persistent batch's rows (worker/device_inputs.py)
+#
+# Row b of the state is the step's request b (the persistent batch keeps its rows in
+# schedule order), so no row index is read. The number of requests is read from the
+# device (`header[0]`), not passed at launch: a captured decode graph of `max_reqs` rows
+# then serves every step of up to max_reqs requests. The token kernel also advances
+# `num_computed` by the tokens it laid out, so a steady decode step sends nothing:
+#
+#     per row b < header[0]:  c0 = num_computed[b]  n = num_new[b]  off = kv_offset[b]
+#     seq_lens[b] = c0 + n;  for i < n, c = c0 + i (cache index), t = query_start_loc[b] + i:
+#         positions[t] = c + off        slot_mapping[t] = block_tables[b, c // bs] * bs + c % bs
+#     then num_computed[b] = c0 + n
+#     rows past header[0]: seq_len 0, query length 0;  tokens past the last row: slot -1
+
+
+@cuda.jit(cache=False)
+@no_type_check
+def _row_scan_kernel(header, num_computed, num_new, max_reqs, query_start_loc, seq_lens):
+    # _scan_kernel's scan (a device function holding the shared buffer would not compile
+    # for a target without a device: tests/test_device_inputs.py compiles these for sm_90).
+    num_reqs = header[0]
+    buf = cuda.shared.array(SCAN_THREADS, dtype=np.int32)
+    tid = cuda.threadIdx.x
+    carry = 0
+    if tid == 0:
+        query_start_loc[0] = 0
+    for base in range(0, max_reqs, SCAN_THREADS):
+        i = base + tid
+        v = 0
+        if i < num_reqs:
+            v = num_new[i]
+            seq_lens[i] = num_computed[i] + v
+        elif i < max_reqs:
+            seq_lens[i] = 0
+        buf[tid] = v
+        cuda.syncthreads()
+        off = 1
+        while off < SCAN_THREADS:
+            add = buf[tid - off] if tid >= off else 0
+            cuda.syncthreads()
+            buf[tid] += add
+            cuda.syncthreads()
+            off *= 2
+        if i < max_reqs:
+            query_start_loc[i + 1] = carry + buf[tid]
+        carry += buf[SCAN_THREADS - 1]
+        cuda.syncthreads()
+
+
+@cuda.jit(cache=False)
+@no_type_check
+def _row_token_kernel(
+    header,
+    num_computed,
+    kv_offset,
+    block_tables,
+    block_size,
+    query_start_loc,
+    max_tokens,
+    positions,
+    slot_mapping,
+):
+    # Block b < header[0] lays out row b's tokens; block header[0] marks the padding.
+    b = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    num_reqs = header[0]
+    if b < num_reqs:
+        start = query_start_loc[b]
+        n = query_start_loc[b + 1] - start
+        c0 = num_computed[b]
+        off = kv_offset[b]
+        for i in range(tid, n, cuda.blockDim.x):
+            c = c0 + i
+            positions[start + i] = c + off
+            blk = block_tables[b, c // block_size]
+            slot_mapping[start + i] = blk * block_size + c % block_size
+        cuda.syncthreads()  # every thread has read num_computed[b] before it moves
+        if tid == 0:
+            num_computed[b] = c0 + n
+    elif b == num_reqs:
+        for t in range(query_start_loc[num_reqs] + tid, max_tokens, cuda.blockDim.x):
+            slot_mapping[t] = -1
+
+
+@dataclass
+class RowState:
+    """The persistent batch's int32 state the engine's kernels read (device arrays)."""
+
+    header: Any  # [1]: the step's number of requests
+    num_computed: Any  # [R]: cache index of each row's first new token (advanced by a step)
+    num_new: Any  # [R]: tokens each row computes this step
+    kv_offset: Any  # [R]: position - cache index (KV compression), 0 otherwise
+    block_tables: Any  # [R, max_blocks]
+
+
+def launch_row_step_inputs(
+    state: RowState, block_size: int, out: StepInputArrays, max_reqs: int, stream: Any = 0
+) -> None:
+    """positions, slot_mapping, query_start_loc and seq_lens of the step `state` holds
+    (out.input_ids is not written: the ids come from the host or the sampled tokens).
+
+    Grid and loop bounds come from `max_reqs` (a graph's batch bucket, >= header[0]) and
+    the output sizes, never from the step, so a captured graph replays any step that fits.
+    """
+    max_tokens = out.slot_mapping.shape[0]
+    stream = numba_stream(stream)
+    _row_scan_kernel[1, SCAN_THREADS, stream](
+        state.header, state.num_computed, state.num_new, max_reqs, out.query_start_loc, out.seq_lens
+    )
+    _row_token_kernel[max_reqs + 1, TOKEN_THREADS, stream](
+        state.header,
+        state.num_computed,
+        state.kv_offset,
+        state.block_tables,
+        block_size,
+        out.query_start_loc,
+        max_tokens,
+        out.positions,
+        out.slot_mapping,
+    )
+
+
+def row_step_inputs_ref(
+    state: RowState, block_size: int, max_reqs: int, max_tokens: int
+) -> tuple[StepInputArrays, np.ndarray]:
+    """launch_row_step_inputs in numpy (numpy state, not modified): the outputs (input_ids
+    zeros) and num_computed after the step."""
+    b = int(state.header[0])
+    c0 = np.asarray(state.num_computed[:b], dtype=np.int64)
+    n = np.asarray(state.num_new[:b], dtype=np.int64)
+    qsl = np.zeros(max_reqs + 1, dtype=np.int32)
+    qsl[1 : b + 1] = np.cumsum(n)
+    qsl[b + 1 :] = qsl[b]
+    seq_lens = np.zeros(max_reqs, dtype=np.int32)
+    seq_lens[:b] = c0 + n
+    positions = np.zeros(max_tokens, dtype=np.int64)
+    slots = np.full(max_tokens, -1, dtype=np.int64)
+    for r in range(b):
+        c = np.arange(c0[r], c0[r] + n[r], dtype=np.int64)
+        t = slice(int(qsl[r]), int(qsl[r + 1]))
+        positions[t] = c + int(state.kv_offset[r])
+        slots[t] = state.block_tables[r, c // block_size].astype(np.int64) * block_size + (
+            c % block_size
+        )
+    computed = np.array(state.num_computed, dtype=np.int32)
+    computed[:b] = c0 + n
+    return StepInputArrays(
+        qsl, seq_lens, positions, np.zeros(max_tokens, np.int64), slots
+    ), computed
 
 
 def step_inputs_ref(

@@ -51,9 +51,21 @@
 # and w2batch_bf16 (bf16 W2, 500 requests: 256, default, default + HEADRACE_ADMISSION=reserve; <= 280 s):
 # scripts/gpu_w2batch.sh. Also there: w2_1000_bf16 (bf16 W2, 1000 requests, default vs
 # HEADRACE_ADMISSION=reserve; <= 270 s) and w2_fp8_timeline (W2 FP8 + FP8 KV with --profile; <= 130 s).
+# Step inputs on the device (issue 12): stepinputs (<= 130 s: tests/gpu/test_gpu_device_inputs.py and
+# test_gpu_step_inputs.py, then the batch-1 step timeline with the default host builder and with
+# HEADRACE_STEP_INPUTS=numba), stepinputs_b256 (<= 150 s: the same timelines at batch 256, context 1k) and
+# stepinputs_w1 (<= 85 s: W1 default, then numba), one line per cell.
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
+# The step timeline at batch $1 (each run within $2 s, $3 decode steps): default, then numba.
+stepinputs_timeline() {
+  for mode in host numba; do
+    HEADRACE_STEP_INPUTS=$mode timeout $2 python scripts/timeline_step.py --batch $1 --steps $3 \
+        --out "$OUT/stepinputs_b$1_$mode.json" > "$OUT/stepinputs_b$1_$mode.log" 2>&1
+    echo "batch $1 $mode (rc $?): $(grep -A3 '^step timeline' "$OUT/stepinputs_b$1_$mode.log" | grep 'decode/graph')"
+  done
+}
 for step in $which; do
   case $step in
     w2batch|w2batch_bf16|w2_1000_bf16|w2_fp8_timeline) bash scripts/gpu_w2batch.sh "$step" ;;
@@ -200,5 +212,16 @@ for step in $which; do
             timeout 17 python scripts/profile_step.py --batch 1 --context 128 --out "$OUT/w1step_profile_b1.json" > "$OUT/w1step_profile_b1.log" 2>&1
             echo "profile rc $?"; grep -E "wall_ms_per_step|gpu_ms_per_step" "$OUT/w1step_profile_b1.log"
             grep -E "^ +[A-Za-z_].* [0-9]+ *$" "$OUT/w1step_profile_b1.log" | grep -v "aten::\|cuda[A-Z]\|Memcpy\|Memset" | head -16 | cut -c1-60,150-300 ;;
+    stepinputs)
+      timeout 60 python -m pytest -m gpu tests/gpu/test_gpu_device_inputs.py tests/gpu/test_gpu_step_inputs.py -q \
+          -p no:cacheprovider > "$OUT/stepinputs_tests.log" 2>&1
+      echo "stepinputs tests (rc $?): $(tail -1 "$OUT/stepinputs_tests.log")"; grep -m5 "^FAILED\|Error" "$OUT/stepinputs_tests.log"
+      stepinputs_timeline 1 35 100 ;;
+    stepinputs_b256) stepinputs_timeline 256 75 90 ;;
+    stepinputs_w1)
+      for mode in host numba; do HEADRACE_STEP_INPUTS=$mode timeout 42 python -m headrace bench latency \
+          --profile --no-roofline --output-json "$OUT/stepinputs_w1_$mode.json" > "$OUT/stepinputs_w1_$mode.log" 2>&1
+        echo "W1 HEADRACE_STEP_INPUTS=$mode (rc $?): $(tail -1 "$OUT/stepinputs_w1_$mode.log")"
+        grep -A3 "^step kind" "$OUT/stepinputs_w1_$mode.log"; done ;;
   esac
 done

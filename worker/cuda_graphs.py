@@ -29,6 +29,11 @@ one local nn.Linear, not tensor parallel) a second graph per bucket goes on past
 states through compute_logits and the argmax (worker/sampler.py argmax_tokens), so a step
 whose rows are all plain greedy (sampler.plain_greedy, no grammar) is one replay that gives
 token ids: no eager lm_head, cast, copy and argmax launches after it.
+
+HEADRACE_STEP_INPUTS=numba (worker/device_inputs.py): the q = 1 graphs (greedy ones too)
+begin with the Numba step-input kernels, which write positions, slot mapping, query starts
+and seq_lens from the device state; the block-table buffer is the state's own. A decode
+step then copies only its input ids (none with async scheduling's fed ids) before the replay.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -50,6 +55,8 @@ from worker.sampler import argmax_tokens
 
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE
+
+    from worker.device_inputs import DeviceStepState
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +121,7 @@ def capture_graphs(
     shapes: GraphShapes,
     what: str = "decode",
     greedy: bool = True,
+    state: DeviceStepState | None = None,
 ) -> CudaGraphRunner | None:
     """A CudaGraphRunner with its graphs captured; None (and a warning) when the model's
     attention cannot run inside a graph, so `what` runs eagerly. `greedy`: also the greedy
@@ -126,7 +134,7 @@ def capture_graphs(
     if blocker is not None:
         log.warning("CUDA graphs off: %s; %s runs eagerly", blocker, what)
         return None
-    runner = CudaGraphRunner(model, kv_caches, shapes, greedy)
+    runner = CudaGraphRunner(model, kv_caches, shapes, greedy, state)
     if shapes.per_layer_lengths:
         t = runner.max_bs * runner.bounds[-1]
         runner.layers = LayerInputs(len(kv_caches), runner.max_bs, t, runner.device)
@@ -181,6 +189,7 @@ class CudaGraphRunner:
         kv_caches: list[torch.Tensor],
         shapes: GraphShapes,
         greedy: bool = True,
+        state: DeviceStepState | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -200,6 +209,15 @@ class CudaGraphRunner:
         self.query_start_loc = torch.zeros(n + 1, dtype=i32, device=device)
         self.seq_lens = torch.zeros(n, dtype=i32, device=device)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=i32, device=device)
+        # HEADRACE_STEP_INPUTS=numba: the q = 1 graphs compute their inputs from `state`.
+        self.state = state
+        self._nb_outputs: dict[int, Any] = {}  # bucket -> the kernels' view of its buffers
+        if state is not None:
+            if state.rows < n or state.width != self.max_blocks:
+                raise ValueError(
+                    f"device state {state.rows}x{state.width} under graphs {n}x{self.max_blocks}"
+                )
+            self.block_tables = state.block_tables[:n]
         # Two sets of pinned staging buffers, used in turn: with async scheduling the next
         # step's inputs are written while this step's host-to-device copies may still be
         # queued behind the step before it.
@@ -261,16 +279,41 @@ class CudaGraphRunner:
                 ids, pos = self.input_ids[: bs * q], self.positions[: bs * q]
                 args = (ids, pos, self.kv_caches, md)
                 for _ in range(2):  # warm up: compile kernels, size workspaces, autotune
-                    self.model(*args)
+                    self._model_step(q, bs, args)
                 graph = torch.cuda.CUDAGraph()
+                self._prepare(q, bs)
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.outputs[q, bs] = self.model(*args)
+                    self.outputs[q, bs] = self._model_step(q, bs, args, prepare=False)
                 self.graphs[q, bs] = graph
                 if q == 1 and self.greedy and bs <= GREEDY_MAX_BS:
                     self._capture_greedy(bs, args, pool, stream)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self.state is not None:
+            self.state.forget()  # capture left its own rows there
         torch.cuda.synchronize(self.device)
         log.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
+
+    def _prepare(self, q: int, bs: int) -> None:
+        if self.state is not None and q == 1:
+            self.state.prepare_capture(bs, q)
+
+    def _model_step(self, q: int, bs: int, args: tuple, prepare: bool = True) -> torch.Tensor:
+        """The model on a graph's buffers, after the step-input kernels in numba mode (q = 1).
+        `prepare`: reset the state first (warm-ups; never inside a capture, or each replay
+        would reset it: the kernels advance num_computed)."""
+        if self.state is not None and q == 1:
+            if prepare:
+                self._prepare(q, bs)
+            out = self._nb_outputs.get(bs)
+            if out is None:  # converted at the first warm-up, never inside a capture
+                out = self._nb_outputs[bs] = self.state.graph_outputs(
+                    self.query_start_loc[: bs + 1],
+                    self.seq_lens[:bs],
+                    self.positions[: bs * q],
+                    self.slot_mapping[: bs * q],
+                )
+            self.state.launch(out, bs)
+        return self.model(*args)
 
     def _greedy_tail(self, hidden: torch.Tensor, bs: int) -> torch.Tensor:
         return argmax_tokens(self.model.compute_logits(hidden[:bs]), self.model.config.vocab_size)
@@ -278,10 +321,12 @@ class CudaGraphRunner:
     def _capture_greedy(
         self, bs: int, args: tuple, pool: _POOL_HANDLE, stream: torch.cuda.Stream
     ) -> None:
-        self._greedy_tail(self.model(*args), bs)  # warm up the LM head's GEMM
+        self._greedy_tail(self._model_step(1, bs, args), bs)  # warm up the LM head's GEMM
         graph = torch.cuda.CUDAGraph()
+        self._prepare(1, bs)
         with torch.cuda.graph(graph, pool=pool, stream=stream):
-            self.greedy_outputs[bs] = self._greedy_tail(self.model(*args), bs)
+            hidden = self._model_step(1, bs, args, prepare=False)
+            self.greedy_outputs[bs] = self._greedy_tail(hidden, bs)
         self.greedy_graphs[bs] = graph
 
     def release(self) -> None:
@@ -307,7 +352,10 @@ class CudaGraphRunner:
             return None  # KV compression's window capture: prefill steps, eager anyway
         if host.layer_seq_lens is not None and self.layers is None:
             return None  # PyramidKV's per-layer lengths, not captured in these graphs
-        return pick_graph(self.bounds, self.buckets, len(host.seq_lens), host.max_query_len)
+        key = pick_graph(self.bounds, self.buckets, len(host.seq_lens), host.max_query_len)
+        if key is not None and key[0] == 1 and self.state is not None and host.device is None:
+            return None  # numba mode: the q = 1 graphs' kernels would overwrite host inputs
+        return key
 
     def can_run(self, host: HostInputs) -> bool:
         return self._pick(host) is not None
@@ -347,6 +395,17 @@ class CudaGraphRunner:
         b, t, n = len(host.seq_lens), host.num_tokens, bs * q
         h64, h32, hbt, padded = self._staging[self._turn]
         self._turn ^= 1
+        if host.device is not None:  # numba mode: the graph's kernels make the rest
+            assert self.state is not None and q == 1
+            self.state.apply(host.device)
+            if input_ids is None:
+                padded.input_ids[:t] = host.input_ids
+                self.input_ids[:t].copy_(h64[0, :t], non_blocking=True)
+            else:
+                self.input_ids[:t].copy_(input_ids)
+            return q, bs
+        if self.state is not None:
+            self.state.forget_tables()  # the copy below writes rows of its block table
         pad_inputs(host, padded, bs, n)
         width = host.block_tables.shape[1]
         if input_ids is None:

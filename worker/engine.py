@@ -205,6 +205,8 @@ class EngineCore:
             kv_bytes_per_block(self.runner.config, config.block_size, self.kv_dtype),
         )
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        if self.tp is None:  # tensor parallel: followers replay the leader's host arrays
+            self.runner.setup_step_inputs(self.max_num_seqs, self.max_model_len, config.block_size)
         progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
         if self.device.type == "cuda" and not config.enforce_eager:
             from worker.cuda_graphs import GraphShapes

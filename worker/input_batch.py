@@ -20,7 +20,7 @@ import torch
 
 from worker.attention import AttentionMetadata, QueryCapture
 from worker.kv_compression import layer_inputs, window_positions
-from worker.scheduler import SchedulerOutput
+from worker.scheduler import ScheduledRequest, SchedulerOutput
 
 
 @dataclass
@@ -28,6 +28,21 @@ class PromptLogprobsJob:
     sched_index: int  # which scheduled request
     rows: list[int]  # rows of the flat batch whose logits predict the next prompt token
     targets: list[int]  # the prompt tokens those rows predict
+
+
+@dataclass
+class DeviceStep:
+    """A decode step whose positions, slot mapping, seq_lens, query starts and block tables
+    are computed on the device (HEADRACE_STEP_INPUTS=numba, worker/device_inputs.py): the
+    schedule the device state is updated from when the step runs. Its HostInputs then
+    hold no positions or slots (empty) and no block table rows ([0, width])."""
+
+    scheduled: list[ScheduledRequest]
+    ids: list[str]  # request id of each row
+    tables: list[Sequence[int]]  # each row's block table
+    # [3, B] int64: per row the cache index of its first new token, its number of new
+    # tokens, and its position - cache index (KV compression)
+    fields: np.ndarray
 
 
 @dataclass
@@ -51,6 +66,7 @@ class HostInputs:
     # PyramidKV requests in the step: per-layer seq_lens [L, B] and slot_mapping [L, T].
     layer_seq_lens: np.ndarray | None = None
     layer_slot_mapping: np.ndarray | None = None
+    device: DeviceStep | None = None  # the device computes the arrays above (see DeviceStep)
 
     @property
     def num_tokens(self) -> int:
@@ -195,6 +211,9 @@ def pack_block_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def to_device(host: HostInputs, device: torch.device) -> StepInputs:
+    if host.device is not None:
+        raise ValueError("a device-built step has no host arrays to copy (DeviceStepState)")
+
     def dev(a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
         if device.type == "cpu":
@@ -245,6 +264,8 @@ def pad_inputs(host: HostInputs, dst: PaddedInputs, num_reqs: int, num_tokens: i
     Only the real rows and the slots of the padding rows are written: stale ids and
     positions in padding rows are valid values whose results nobody reads.
     """
+    if host.device is not None:
+        raise ValueError("a device-built step has no host arrays to pad (DeviceStepState)")
     b, t = len(host.seq_lens), host.num_tokens
     if b > num_reqs or t > num_tokens:
         raise ValueError(f"step of {b} requests / {t} tokens exceeds graph {num_reqs}/{num_tokens}")

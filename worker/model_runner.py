@@ -32,6 +32,7 @@ from worker.spec_decode.verify import verify
 
 if TYPE_CHECKING:
     from worker.cuda_graphs import CudaGraphRunner, GraphShapes
+    from worker.device_inputs import DeviceStepState
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class ModelRunner:
         # Step inputs: the persistent input batch, or every row rebuilt each step
         # (HEADRACE_INPUT_BATCH=rebuild; worker/persistent_batch.py).
         self.build_inputs: InputBuilder = make_input_builder()
+        # HEADRACE_STEP_INPUTS=numba: decode steps' inputs computed on the device from a
+        # persistent device state (worker/device_inputs.py); set by setup_step_inputs.
+        self.device_state: DeviceStepState | None = None
         # Tensor-parallel leader: publishes each forward to the followers before running
         # it (worker/parallel/leader.py); returns the input ids every rank then uses.
         self.step_hook: StepHook | None = None
@@ -123,6 +127,24 @@ class ModelRunner:
         self.draft_probs.clear()
         release_model(self.model)
 
+    def setup_step_inputs(self, max_num_seqs: int, max_model_len: int, block_size: int) -> None:
+        """Under HEADRACE_STEP_INPUTS=numba, the device state decode steps are built from
+        (before capture_cuda_graphs: the decode graphs then contain the kernels)."""
+        from worker.device_inputs import DeviceInputBatch, DeviceStepState, step_inputs_mode
+
+        if step_inputs_mode() != "numba":
+            return
+        if self.kv_compressor.pyramid:
+            log.warning(
+                "HEADRACE_STEP_INPUTS=numba: PyramidKV's per-layer lengths keep the host path"
+            )
+            return
+        width = -(-max_model_len // block_size)
+        self.device_state = DeviceStepState(max_num_seqs, width, block_size, self.device)
+        self.build_inputs = DeviceInputBatch(
+            self.device_state, self.build_inputs, lambda: self.step_hook is None
+        ).build
+
     def capture_cuda_graphs(self, shapes: GraphShapes) -> None:
         """Capture graphs (GPU only); after this, steps whose requests each compute one
         token (decode), or at most 1 + num_speculative_tokens (verification), replay them
@@ -131,7 +153,9 @@ class ModelRunner:
 
         if self.kv_compressor.pyramid:
             shapes = dataclasses.replace(shapes, per_layer_lengths=True)
-        self.graph_runner = capture_graphs(self.model, self.kv_caches, self.dtype, shapes)
+        self.graph_runner = capture_graphs(
+            self.model, self.kv_caches, self.dtype, shapes, state=self.device_state
+        )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -198,7 +222,11 @@ class ModelRunner:
             if input_ids is None:
                 return self.graph_runner.run(host)
             return self.graph_runner.run(host, input_ids)
-        inputs = to_device(host, self.device)
+        if host.device is not None:
+            assert self.device_state is not None
+            inputs = self.device_state.eager_inputs(host)
+        else:
+            inputs = to_device(host, self.device)
         ids = inputs.input_ids if input_ids is None else input_ids
         hidden = self.model(ids, inputs.positions, self.kv_caches, inputs.md)
         if scheduled is not None:

@@ -71,7 +71,7 @@ class PersistentInputBatch:
         if width > self.bt.shape[1]:
             self._grow(b, width)
         tables = self.bt[:b, :width].copy()  # the step keeps its own: rows change next step
-        columns = _decode_columns(scheduled)
+        columns = decode_columns(scheduled)
         if columns is not None:
             host = _decode_inputs(out, tables, columns)
             add_layer_inputs(host, out)
@@ -127,7 +127,7 @@ def _ids(t: Sequence[int]) -> np.ndarray:
     return np.asarray(t, dtype=np.int32)
 
 
-def _decode_columns(
+def decode_columns(
     scheduled: list[ScheduledRequest],
 ) -> tuple[list[int], list[int], list[int], list[int]] | None:
     """(starts, kv offsets, input ids, sampling rows) when every request computes one
