@@ -139,10 +139,11 @@ def test_stream_options(fake: FakeEngineClient) -> None:
     done = [c["usage"]["completion_tokens"] for c in chunks[:-1]]
     assert done[0] == 0 and done[-1] == 3 and done == sorted(done)  # role chunk first
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
-    for path, body in [
+    bodies: list[tuple[str, dict[str, Any]]] = [
         ("/v1/chat/completions", {"messages": USER}),
         ("/v1/completions", {"prompt": "x"}),
-    ]:
+    ]
+    for path, body in bodies:
         r = send(fake, path, {"model": MODEL, **body, "stream_options": {"include_usage": True}})
         assert_400(r, "stream_options", "stream=True")
     assert fake.submitted[-1].params.max_tokens == 3  # the refused ones reached nothing
@@ -189,7 +190,9 @@ def test_out_of_range_or_wrong_type_names_the_field(
 
 
 def test_accepted_as_vllm_accepts(fake: FakeEngineClient) -> None:
-    ok = dict(max_tokens=1, temperature=2, top_p=1, presence_penalty=-2, frequency_penalty=2)
+    ok: dict[str, Any] = dict(
+        max_tokens=1, temperature=2, top_p=1, presence_penalty=-2, frequency_penalty=2
+    )
     ok |= dict(seed=-(2**63), stop=["a", "b", "c", "d", "e"], user="u-1")  # five: vLLM allows
     ok |= dict(n=None, stream=None, logprobs=None, parallel_tool_calls=None, top_logprobs=None)
     ok |= {"metadata": {"k": "v"}, "store": False, "service_tier": "auto", "no_such_field": 1}
