@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`t` (on the host) on `device`, without a host sync when `device` is a GPU."""
     if device.type != "cuda":
         return t.to(device)
@@ -22,4 +22,4 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def host_tensor(values: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor of host values (lists, numpy arrays) on `device`, without a host sync."""
-    return to_device(torch.tensor(values, dtype=dtype), device)
+    return host_to_device(torch.tensor(values, dtype=dtype), device)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from worker.attention import AttentionMetadata
+from worker.device_copy import host_to_device
 from worker.input_batch import DeviceStep, HostInputs, StepInputs
 from worker.persistent_batch import InputBuilder, _ids
 from worker.scheduler import ScheduledRequest, SchedulerOutput
@@ -228,10 +229,7 @@ class DeviceStepState:
         self.flat[dev[0]] = dev[1]
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return host_to_device(torch.from_numpy(a), self.device)
 
     # ---- launches --------------------------------------------------------------------------
     def launch(self, out: Any, max_reqs: int) -> None:
@@ -281,9 +279,7 @@ class DeviceStepState:
             max_query_len=1,
             max_seq_len=host.max_seq_len,
         )
-        ids = torch.from_numpy(host.input_ids)
-        if self.device.type == "cuda":
-            ids = ids.pin_memory().to(self.device, non_blocking=True)
+        ids = host_to_device(torch.from_numpy(host.input_ids), self.device)
         return StepInputs(ids, self.positions[:b], md, host)
 
 

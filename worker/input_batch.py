@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from worker.attention import AttentionMetadata, QueryCapture
+from worker.device_copy import host_to_device
 from worker.kv_compression import layer_inputs, window_positions
 from worker.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -215,10 +216,7 @@ def to_device(host: HostInputs, device: torch.device) -> StepInputs:
         raise ValueError("a device-built step has no host arrays to copy (DeviceStepState)")
 
     def dev(a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        if device.type == "cpu":
-            return t
-        return t.pin_memory().to(device, non_blocking=True)
+        return host_to_device(torch.from_numpy(a), device)
 
     md = AttentionMetadata(
         query_start_loc=dev(host.query_start_loc),
@@ -285,7 +283,4 @@ def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     copied from pinned memory (indexing with a Python list copies it synchronously)."""
     if rows and rows[-1] - rows[0] == len(rows) - 1 and rows == list(range(rows[0], rows[-1] + 1)):
         return x[rows[0] : rows[-1] + 1]
-    index = torch.tensor(rows, dtype=torch.long)
-    if x.is_cuda:
-        index = index.pin_memory().to(x.device, non_blocking=True)
-    return x.index_select(0, index)
+    return x.index_select(0, host_to_device(torch.tensor(rows, dtype=torch.long), x.device))

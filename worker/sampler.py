@@ -44,7 +44,7 @@ import torch
 
 from cuda.argmax import argmax_rows
 from ipc.messages import SamplingParams, TokenLogprobs
-from worker.device_copy import host_tensor, to_device
+from worker.device_copy import host_tensor, host_to_device
 from worker.sampling_tensors import (
     GREEDY_EPS,
     RowParams,
@@ -408,4 +408,4 @@ def _flat_index(vocab: int, device: torch.device, *groups: list[list[int]]) -> t
         tokens = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
         flat = np.repeat(np.arange(len(ids), dtype=np.int64) * vocab, lengths) + tokens
         parts.append(flat[tokens < vocab])
-    return to_device(torch.from_numpy(np.concatenate(parts)), device)
+    return host_to_device(torch.from_numpy(np.concatenate(parts)), device)

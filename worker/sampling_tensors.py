@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ipc.messages import SamplingParams
-from worker.device_copy import host_tensor, to_device
+from worker.device_copy import host_tensor, host_to_device
 
 GREEDY_EPS = 1e-5  # temperature below this means greedy, as SamplingParams.greedy says
 _MASK32 = 0xFFFFFFFF
@@ -278,7 +278,7 @@ def seeded_keys(rows: RowParams, steps: Sequence[int], salt: int) -> torch.Tenso
     keys = rows.seed_mix ^ step ^ np.uint64((salt << 32) & _MASK64)
     mixed = splitmix64_np(keys)
     k = np.stack([mixed & np.uint64(_MASK32), mixed >> np.uint64(32)], axis=1)
-    return to_device(torch.from_numpy(k.astype(np.int64)), rows.temperatures.device)
+    return host_to_device(torch.from_numpy(k.astype(np.int64)), rows.temperatures.device)
 
 
 def splitmix64_np(z: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ipc.messages import FinishReason, GrammarKind, GuidedDecoding, RequestOutput
+from worker.device_copy import host_to_device
 
 if TYPE_CHECKING:
     import xgrammar as xgr
@@ -236,9 +237,7 @@ def grammar_bitmask(
             entries.append((row, grammar, proposals))
         row += 1 + len(proposals)
     fill_rows(bitmask, entries, _batch_matcher())
-    if device.type == "cpu":
-        return bitmask
-    return bitmask.pin_memory().to(device, non_blocking=True)
+    return host_to_device(bitmask, device)
 
 
 _BATCH: list[xgr.BatchGrammarMatcher] = []
