@@ -103,7 +103,7 @@ def _decode_log(dtype_name: str, head_dim: int, config: str | None = None) -> st
         name="decode_attention",
         verbose_ptxas=True,
     )
-    for name in ("decode_tc", "decode_tc_fp8", "decode_tc_merge"):
+    for name in ("decode_tc", "decode_tc_fp8", "decode_tc_fp8h", "decode_tc_merge"):
         assert f"Compiling entry function '{name}'" in log
         assert name.encode() in cubin
     _check_log(log)
@@ -131,7 +131,7 @@ def test_decode_attention_compiles(dtype_name: str, head_dim: int) -> None:
     from cuda import decode_attention as da
 
     entries = _decode_entries(_decode_log(dtype_name, head_dim))
-    assert set(entries) == {"decode_tc", "decode_tc_fp8", "decode_tc_merge"}
+    assert set(entries) == {"decode_tc", "decode_tc_fp8", "decode_tc_fp8h", "decode_tc_merge"}
     assert all(smem <= 16 for _, smem in entries.values()), entries  # the merge flag
     assert max(regs for regs, _ in entries.values()) <= 168, entries  # 12 warps per SM
     for kv_bytes, cfg in da.DEFAULT_CONFIGS.items():
