@@ -13,6 +13,11 @@ per SM), 4 warps, 4 stages for FP8 (64 KB). On an H200 (cc98fa0, scripts/bench_d
 copy bandwidth at batch 64 x 1k / 4k / 16k and 8 x 16k) w2s3 read bf16 KV at 76.9 / 90.2 /
 93.9 / 79.4 against w4s2's 64.3 / 86.7 / 93.3 / 81.0 (w4s3: 74.5 / 89.2 / 93.9 / 83.4).
 HEADRACE_DECODE_CONFIG=w<W>s<S> overrides both (the benchmark compares variants).
+HEADRACE_DECODE_PLAN=v3 (opt-in, cuda/decode_plan3.py) picks the variant by the grid's size
+and cuts no split shorter than two pipelines; HEADRACE_DECODE_FP8_MATH=f16 (opt-in) runs FP8
+KV through decode_tc_fp8h: fp16 mma, so a bf16 model's KV pair takes one e4m3x2 -> f16x2
+conversion instead of four (f16x2, two halves to f32, f32x2 to bf16x2; conversions issue at
+16 a clock per SM, the FP8 path's bound near copy bandwidth).
 
 The split count is `plan_decode`'s: a pure function of the batch, the KV heads, the query
 group, the bound on seq_len and the GPU's block slots, computed from fixed maxima only (a
