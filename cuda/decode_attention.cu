@@ -54,6 +54,9 @@
 #ifndef HR_DECODE_WARPS
 #define HR_DECODE_WARPS 4
 #endif
+#ifndef HR_DECODE_MERGE3
+#define HR_DECODE_MERGE3 0  // 1: plan v3's fused merge (decode_merge.cuh)
+#endif
 #ifndef HR_DECODE_STAGES
 #define HR_DECODE_STAGES 2
 #endif
@@ -298,7 +301,7 @@ __device__ __forceinline__ void finish(float* scratch, int warp, int lane, float
     }
     if (nsplit > 1 && counters != nullptr)
         merge_if_last(counters, nsplit, r, head0, gcount, num_q_heads, qrow, out, out_stride,
-                      part_o, part_lse);
+                      part_o, part_lse, scratch);
 }
 
 template <typename KV, bool H = false>

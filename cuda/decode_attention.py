@@ -217,16 +217,23 @@ def source() -> str:
 
 
 def module_defines(
-    dtype: torch.dtype, head_dim: int, config: DecodeConfig | None = None
+    dtype: torch.dtype,
+    head_dim: int,
+    config: DecodeConfig | None = None,
+    merge3: bool | None = None,
 ) -> dict[str, int | str]:
-    """Macros of one compiled module (the KV type is a template parameter inside it)."""
+    """Macros of one compiled module (the KV type is a template parameter inside it);
+    merge3 (None: whether HEADRACE_DECODE_PLAN=v3) compiles v3's fused merge."""
     cfg = config or DEFAULT_CONFIGS[2]
-    return {
+    defines: dict[str, int | str] = {
         "HR_BF16": int(dtype == torch.bfloat16),
         "HR_HEAD_DIM": head_dim,
         "HR_DECODE_WARPS": cfg.warps,
         "HR_DECODE_STAGES": cfg.stages,
     }
+    if plan3() if merge3 is None else merge3:
+        defines["HR_DECODE_MERGE3"] = 1
+    return defines
 
 
 def kernel_name(kv_fp8: bool) -> str:

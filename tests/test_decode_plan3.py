@@ -146,3 +146,13 @@ def test_plan_for_and_launch_agree_under_v3(monkeypatch: pytest.MonkeyPatch, fp8
     monkeypatch.setenv(da.PLAN_ENV, "v2")
     v2 = da.plan_for(torch.bfloat16, 128, 1, 8, 4, 8192, dev, fp8)
     assert v2.min_chunk == 128 and v2.config == da.DEFAULT_CONFIGS[1 if fp8 else 2]
+
+
+def test_v3_compiles_its_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = da.DecodeConfig(2, 3)
+    monkeypatch.delenv(da.PLAN_ENV, raising=False)
+    assert "HR_DECODE_MERGE3" not in da.module_defines(torch.bfloat16, 128, cfg)
+    assert da.module_defines(torch.bfloat16, 128, cfg, merge3=True)["HR_DECODE_MERGE3"] == 1
+    monkeypatch.setenv(da.PLAN_ENV, "v3")
+    assert da.module_defines(torch.bfloat16, 128, cfg)["HR_DECODE_MERGE3"] == 1
+    assert "HR_DECODE_MERGE3" not in da.module_defines(torch.bfloat16, 128, cfg, merge3=False)

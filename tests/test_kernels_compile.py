@@ -90,7 +90,9 @@ def test_prefill_attention_compiles(dtype_name: str, head_dim: int) -> None:
         assert max(spills) <= PREFILL_SPILL_ALLOWED.get((name, head_dim), 0), (name, report)
 
 
-def _decode_log(dtype_name: str, head_dim: int, config: str | None = None) -> str:
+def _decode_log(
+    dtype_name: str, head_dim: int, config: str | None = None, merge3: bool = False
+) -> str:
     import torch
 
     from cuda import decode_attention as da
@@ -99,7 +101,7 @@ def _decode_log(dtype_name: str, head_dim: int, config: str | None = None) -> st
     cubin, log = compiler.compile_cubin(
         da.source(),
         arch="sm_90",
-        defines=da.module_defines(getattr(torch, dtype_name), head_dim, cfg),
+        defines=da.module_defines(getattr(torch, dtype_name), head_dim, cfg, merge3),
         name="decode_attention",
         verbose_ptxas=True,
     )
@@ -149,6 +151,18 @@ def test_decode_attention_variants_compile(config: str) -> None:
     cfg = da.parse_config(config)
     per_sm = 65536 // (max(regs for regs, _ in entries.values()) * cfg.threads)
     assert per_sm * cfg.warps >= 8, entries  # at least round 1's 8 warps per SM
+
+
+@pytest.mark.parametrize(
+    ("dtype_name", "head_dim", "config"),
+    [("bfloat16", 128, "w2s3"), ("bfloat16", 128, "w4s4"), ("float16", 64, "w4s3")],
+)
+def test_decode_attention_merge3_compiles(dtype_name: str, head_dim: int, config: str) -> None:
+    """HEADRACE_DECODE_PLAN=v3's modules (its fused merge, HR_DECODE_MERGE3): no spills,
+    no stack, static shared memory only the merge flag, registers as the v2 modules'."""
+    entries = _decode_entries(_decode_log(dtype_name, head_dim, config, merge3=True))
+    assert all(smem <= 16 for _, smem in entries.values()), entries
+    assert max(regs for regs, _ in entries.values()) <= 168, entries
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])

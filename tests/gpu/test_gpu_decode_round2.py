@@ -180,6 +180,11 @@ def test_plan_v3_matches_reference(
         expect = Expect(b)
         expect.check(b.run(), "v3 planned")
         expect.check(b.run(max_seq_len=131072), "v3 graph bound")
+        for splits in (9, 64):  # v3's merge (HR_DECODE_MERGE3) over many partials
+            with monkeypatch.context() as m:
+                _force_splits(m, splits)
+                expect.check(b.run(), f"v3 {splits} splits")
+        assert _counters_zero()
         return
     k_scale, v_scale = 0.5, 0.25
     b.kv_cache = torch.stack(
