@@ -178,14 +178,14 @@ for step in $which; do
              echo "warm decode modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode2_warm.log")"
              t0=$SECONDS; timeout 65 python scripts/bench_decode.py --out "$OUT/decode2_bench.json" > "$OUT/decode2_bench.log" 2>&1
              echo "bench_decode (rc $?, $((SECONDS - t0)) s):"; grep -v "^  " "$OUT/decode2_bench.log"; grep -m5 "failed" "$OUT/decode2_bench.log" ;;
-    decode3) t0=$SECONDS; timeout 20 python scripts/warm_kernels.py --only decode > "$OUT/decode3_warm.log" 2>&1
+    decode3) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --jobs 16 --only decode > "$OUT/decode3_warm.log" 2>&1
              echo "warm decode modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode3_warm.log")"
              t0=$SECONDS; timeout 30 python -m pytest -m gpu tests/gpu/test_gpu_decode_round2.py -k "fp8_half or plan_v3 or batch1" -q -p no:cacheprovider --maxfail=5 > "$OUT/decode3_tests.log" 2>&1
              echo "decode3 tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode3_tests.log")"; grep -m5 "^FAILED\|^E  " "$OUT/decode3_tests.log"
              t0=$SECONDS; timeout 45 python scripts/bench_decode3.py --out "$OUT/decode3_bench.json" > "$OUT/decode3_bench.log" 2>&1
              echo "bench_decode3 (rc $?, $((SECONDS - t0)) s):"; grep -v "^  " "$OUT/decode3_bench.log"; grep -m5 "failed" "$OUT/decode3_bench.log"
              for c in default w4s2 v3; do case $c in default) e="HR=1" ;; w4s2) e="HEADRACE_DECODE_CONFIG=w4s2" ;; *) e="HEADRACE_DECODE_PLAN=v3" ;; esac
-               env $e timeout 18 python -m headrace bench latency --output-json "$OUT/decode3_w1_$c.json" > "$OUT/decode3_w1_$c.log" 2>&1
+               env $e timeout 16 python -m headrace bench latency --output-json "$OUT/decode3_w1_$c.json" > "$OUT/decode3_w1_$c.log" 2>&1
                echo "W1 decode $c ($e; rc $?): $(grep '^W1' "$OUT/decode3_w1_$c.log" | tail -1)"; done ;;
     step1) timeout 115 python -m pytest -m gpu tests/gpu/test_gpu_step_kernels.py -q -p no:cacheprovider > "$OUT/step1_tests.log" 2>&1; tail -4 "$OUT/step1_tests.log"
            timeout 45 python scripts/bench_gemv.py --output-json "$OUT/step1_gemv.json" > "$OUT/step1_gemv.log" 2>&1; cat "$OUT/step1_gemv.log"

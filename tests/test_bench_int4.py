@@ -121,8 +121,11 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
             pa._kernel(dtype, head_dim, pa.CONFIGS[0])
     pak._kernel(torch.bfloat16, 128, "k")
     monkeypatch.setenv(decode_attention.PLAN_ENV, "v3")  # v3's picks compile its merge
-    for config in ("w2s3", "w4s3", "w4s4"):
-        decode_attention._kernel(torch.bfloat16, 128, "k", decode_attention.parse_config(config))
+    for dtype in (torch.bfloat16, torch.float16):
+        for head_dim in (64, 128):
+            for config in ("w2s3", "w4s3", "w4s4"):
+                cfg = decode_attention.parse_config(config)
+                decode_attention._kernel(dtype, head_dim, "k", cfg)
     monkeypatch.delenv(decode_attention.PLAN_ENV)
     fused_ops._kernel(torch.bfloat16, "k")
     monkeypatch.setattr(compiler, "launch", lambda *a, **k: None)
