@@ -54,6 +54,9 @@
 #ifndef HR_DECODE_WARPS
 #define HR_DECODE_WARPS 4
 #endif
+#ifndef HR_DECODE_MERGE3
+#define HR_DECODE_MERGE3 0  // 1: plan v3's fused merge (decode_merge.cuh)
+#endif
 #ifndef HR_DECODE_STAGES
 #define HR_DECODE_STAGES 2
 #endif
@@ -121,51 +124,25 @@ __device__ __forceinline__ unsigned pack_e2(float a, float b) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-// The KV element type: bytes per 8-element vector, its copy, and its widening to 8 elem_t.
-template <typename KV>
-struct KvVec;
-
-template <>
-struct KvVec<elem_t> {
-    static constexpr int BYTES = 16;
-    typedef uint4 raw_t;
-    __device__ static __forceinline__ uint4 widen(const uint4& v) { return v; }
-};
-
-template <>
-struct KvVec<__nv_fp8_e4m3> {
-    static constexpr int BYTES = 8;
-    typedef uint2 raw_t;
-    // Two FP8 values (low byte first) -> two elem_t in one word; e4m3 -> half is exact, and
-    // so is half -> bf16 through float (3 mantissa bits).
-    __device__ static __forceinline__ unsigned widen2(unsigned short v) {
-        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(v, __NV_E4M3);
-#if HR_BF16
-        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
-        return pack_e2(f.x, f.y);
-#else
-        return *reinterpret_cast<const unsigned*>(&h);
-#endif
-    }
-    __device__ static __forceinline__ uint4 widen(const uint2& v) {
-        uint4 o;
-        o.x = widen2(static_cast<unsigned short>(v.x & 0xffffu));
-        o.y = widen2(static_cast<unsigned short>(v.x >> 16));
-        o.z = widen2(static_cast<unsigned short>(v.y & 0xffffu));
-        o.w = widen2(static_cast<unsigned short>(v.y >> 16));
-        return o;
-    }
-};
-
+#include "decode_kv.cuh"  // KvVec, pack_p, q_word, widen_kv: the KV types and operands
 #include "decode_stage.cuh"  // copy16, swz, smem_off, Stage, copy_xor: the stage layout
 
 // c += a . b, m16n8k16, fp32 accumulators; a0..a3 and b0, b1 in PTX's fragment order.
+// H: the operands are half whatever elem_t is (decode_tc_fp8h).
+template <bool H = false>
 __device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
                                          unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." HR_MMA_TYPE "." HR_MMA_TYPE
-                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    if constexpr (H) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16"
+                     ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." HR_MMA_TYPE "." HR_MMA_TYPE
+                     ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
 }
 
 __device__ __forceinline__ unsigned word(const uint4& v, int i) {
@@ -244,10 +221,10 @@ __device__ __forceinline__ void finish(float* scratch, int warp, int lane, float
     }
     if (nsplit > 1 && counters != nullptr)
         merge_if_last(counters, nsplit, r, head0, gcount, num_q_heads, qrow, out, out_stride,
-                      part_o, part_lse);
+                      part_o, part_lse, scratch);
 }
 
-template <typename KV>
+template <typename KV, bool H = false>
 __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
     typedef KvVec<KV> Vec;
     typedef typename Vec::raw_t raw_t;
@@ -280,10 +257,10 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
         if (n < gcount)
             v = *reinterpret_cast<const uint4*>(q + (long long)qrow * q_stride +
                                                 (long long)(head0 + n) * D + 8 * (4 * p + qd));
-        qa[2 * p][0] = v.x;
-        qa[2 * p][1] = v.y;
-        qa[2 * p + 1][0] = v.z;
-        qa[2 * p + 1][1] = v.w;
+        qa[2 * p][0] = q_word<H>(v.x);
+        qa[2 * p][1] = q_word<H>(v.y);
+        qa[2 * p + 1][0] = q_word<H>(v.z);
+        qa[2 * p + 1][1] = q_word<H>(v.w);
     }
 
     const int ntiles = (t_end - t_begin + TILE - 1) / TILE;
@@ -372,9 +349,9 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
             for (int p = 0; p < KVEC; ++p) {
                 const raw_t raw =
                     *reinterpret_cast<const raw_t*>(kst + k_read_off<St>(kl, h, p));
-                const uint4 kv = Vec::widen(raw);
-                mma16816(s[h], qa[2 * p][0], 0u, qa[2 * p][1], 0u, kv.x, kv.y);
-                mma16816(s[h], qa[2 * p + 1][0], 0u, qa[2 * p + 1][1], 0u, kv.z, kv.w);
+                const uint4 kv = widen_kv<KV, H>(raw);
+                mma16816<H>(s[h], qa[2 * p][0], 0u, qa[2 * p][1], 0u, kv.x, kv.y);
+                mma16816<H>(s[h], qa[2 * p + 1][0], 0u, qa[2 * p + 1][1], 0u, kv.z, kv.w);
             }
         }
         // This thread's scores: head n, tokens tb + 2qd, +1 (s[0]) and tb + 8 + 2qd, +1 (s[1]).
@@ -412,19 +389,19 @@ __device__ __forceinline__ void decode_tc_impl(HR_DECODE_TC_ARGS) {
             pr[e] = exp2f(sc[e] - base);
             l_run += pr[e];
         }
-        const unsigned pb0 = pack_e2(pr[0], pr[1]);  // P^T rows (tokens) 2qd, 2qd + 1
-        const unsigned pb1 = pack_e2(pr[2], pr[3]);  // rows 2qd + 8, 2qd + 9
+        const unsigned pb0 = pack_p<H>(pr[0], pr[1]);  // P^T rows (tokens) 2qd, 2qd + 1
+        const unsigned pb1 = pack_p<H>(pr[2], pr[3]);  // rows 2qd + 8, 2qd + 9
         // V rows: tokens 2qd + (u & 1) + 8 (u >> 1), dims 64c + 8n .. + 7.
         auto vrow = [&](int u, int c) {
-            return Vec::widen(*reinterpret_cast<const raw_t*>(vst + v_read_off<St>(vl, u, c)));
+            return widen_kv<KV, H>(*reinterpret_cast<const raw_t*>(vst + v_read_off<St>(vl, u, c)));
         };
 #pragma unroll
         for (int c = 0; c < VVEC; ++c) {
             const uint4 v0 = vrow(0, c), v1 = vrow(1, c), v2 = vrow(2, c), v3 = vrow(3, c);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                mma16816(o[4 * c + j], pair(v0, v1, j), pair(v0, v1, 4 + j), pair(v2, v3, j),
-                         pair(v2, v3, 4 + j), pb0, pb1);
+                mma16816<H>(o[4 * c + j], pair(v0, v1, j), pair(v0, v1, 4 + j), pair(v2, v3, j),
+                            pair(v2, v3, 4 + j), pb0, pb1);
             }
         }
         // Refill the stage just read, once every lane has its values in registers: while
@@ -444,6 +421,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_tc(HR_D
 }
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_tc_fp8(HR_DECODE_TC_ARGS) {
     decode_tc_impl<__nv_fp8_e4m3>(HR_DECODE_TC_PASS);
+}
+// FP8 KV with fp16 math (HEADRACE_DECODE_FP8_MATH=f16): Q rounded to half once per block, K
+// and V widened by one cvt.rn.f16x2.e4m3x2 a pair (exact), P packed as half (finer than
+// bf16 on [0, 1]). On a bf16 module this takes 3 of the 4 conversions per KV pair off the
+// conversion pipe, the FP8 path's bound (decode_attention.py's docstring counts them).
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_tc_fp8h(HR_DECODE_TC_ARGS) {
+    decode_tc_impl<__nv_fp8_e4m3, true>(HR_DECODE_TC_PASS);
 }
 
 // Grid (num_q_heads, batch), D threads. Log-sum-exp merge of a request's splits; requests

@@ -13,6 +13,11 @@ per SM), 4 warps, 4 stages for FP8 (64 KB). On an H200 (cc98fa0, scripts/bench_d
 copy bandwidth at batch 64 x 1k / 4k / 16k and 8 x 16k) w2s3 read bf16 KV at 76.9 / 90.2 /
 93.9 / 79.4 against w4s2's 64.3 / 86.7 / 93.3 / 81.0 (w4s3: 74.5 / 89.2 / 93.9 / 83.4).
 HEADRACE_DECODE_CONFIG=w<W>s<S> overrides both (the benchmark compares variants).
+HEADRACE_DECODE_PLAN=v3 (opt-in, cuda/decode_plan3.py) picks the variant by the grid's size
+and cuts no split shorter than two pipelines; HEADRACE_DECODE_FP8_MATH=f16 (opt-in) runs FP8
+KV through decode_tc_fp8h: fp16 mma, so a bf16 model's KV pair takes one e4m3x2 -> f16x2
+conversion instead of four (f16x2, two halves to f32, f32x2 to bf16x2; conversions issue at
+16 a clock per SM, the FP8 path's bound near copy bandwidth).
 
 The split count is `plan_decode`'s: a pure function of the batch, the KV heads, the query
 group, the bound on seq_len and the GPU's block slots, computed from fixed maxima only (a
@@ -31,14 +36,14 @@ import functools
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cuda import compiler
+from cuda import compiler, decode_plan3
 
 SOURCE_PATH = Path(__file__).with_name("decode_attention.cu")
 ENV = "HEADRACE_DECODE_KERNEL"
@@ -54,6 +59,8 @@ SATURATING_BLOCKS_PER_SM = 4  # ~128 KB of loads in flight per SM: more blocks a
 STATIC_SMEM_LIMIT = 48 * 1024  # past this a kernel must opt in (cudaFuncSetAttribute)
 SMEM_LIMIT = 227 * 1024  # sm_90's most dynamic shared memory per block
 
+FP8_MATH_ENV = "HEADRACE_DECODE_FP8_MATH"  # f16: decode_tc_fp8h (fp16 mma on FP8 KV)
+PLAN_ENV = "HEADRACE_DECODE_PLAN"  # v3: variant by batch, longer splits (cuda/decode_plan3.py)
 FUSED_MERGE_ENV = "HEADRACE_DECODE_FUSED_MERGE"  # 0: the separate merge kernel instead
 COUNTERS = 1 << 16  # merge counters allocated at once: batch x KV heads x head chunks
 
@@ -119,10 +126,34 @@ def parse_config(text: str) -> DecodeConfig:
     return cfg
 
 
-def config_for(kv_bytes: int) -> DecodeConfig:
-    """HEADRACE_DECODE_CONFIG's variant if set (read at each call), else the default."""
+def config_for(kv_bytes: int, pairs: int | None = None, num_sms: int = 0) -> DecodeConfig:
+    """HEADRACE_DECODE_CONFIG's variant if set (read at each call), else with
+    HEADRACE_DECODE_PLAN=v3 and the grid's blocks per split (`pairs`) decode_plan3's pick,
+    else the default."""
     text = os.environ.get(CONFIG_ENV, "").strip()
-    return parse_config(text) if text else DEFAULT_CONFIGS[kv_bytes]
+    if text:
+        return parse_config(text)
+    if pairs is not None and plan3():
+        return DecodeConfig(*decode_plan3.pick(kv_bytes, pairs, num_sms))
+    return DEFAULT_CONFIGS[kv_bytes]
+
+
+def plan3() -> bool:
+    """HEADRACE_DECODE_PLAN: `v2` (the default: one variant per KV type, 128-token splits)
+    or `v3` (decode_plan3: the variant by batch, splits of two pipelines at least)."""
+    value = os.environ.get(PLAN_ENV, "v2").strip().lower() or "v2"
+    if value not in ("v2", "v3"):
+        raise ValueError(f"{PLAN_ENV} must be v2 or v3, got {value!r}")
+    return value == "v3"
+
+
+def fp8_math_half() -> bool:
+    """HEADRACE_DECODE_FP8_MATH: `auto` (the default: FP8 KV widened to the model's dtype)
+    or `f16` (decode_tc_fp8h: fp16 mma, one conversion per KV pair instead of four on bf16)."""
+    value = os.environ.get(FP8_MATH_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "f16"):
+        raise ValueError(f"{FP8_MATH_ENV} must be auto or f16, got {value!r}")
+    return value == "f16"
 
 
 @dataclass(frozen=True)
@@ -131,6 +162,7 @@ class DecodePlan:
     min_chunk: int  # tokens: the shortest split the device cuts a request into
     blocks: int  # blocks with work when every request is at the bound
     slots: int  # blocks resident on the GPU at once (the wave size)
+    config: DecodeConfig | None = None  # the variant it was planned for (plan_for sets it)
 
     @property
     def merge(self) -> bool:
@@ -185,35 +217,43 @@ def source() -> str:
 
 
 def module_defines(
-    dtype: torch.dtype, head_dim: int, config: DecodeConfig | None = None
+    dtype: torch.dtype,
+    head_dim: int,
+    config: DecodeConfig | None = None,
+    merge3: bool | None = None,
 ) -> dict[str, int | str]:
-    """Macros of one compiled module (the KV type is a template parameter inside it)."""
+    """Macros of one compiled module (the KV type is a template parameter inside it);
+    merge3 (None: whether HEADRACE_DECODE_PLAN=v3) compiles v3's fused merge."""
     cfg = config or DEFAULT_CONFIGS[2]
-    return {
+    defines: dict[str, int | str] = {
         "HR_BF16": int(dtype == torch.bfloat16),
         "HR_HEAD_DIM": head_dim,
         "HR_DECODE_WARPS": cfg.warps,
         "HR_DECODE_STAGES": cfg.stages,
     }
+    if plan3() if merge3 is None else merge3:
+        defines["HR_DECODE_MERGE3"] = 1
+    return defines
 
 
 def kernel_name(kv_fp8: bool) -> str:
-    return "decode_tc_fp8" if kv_fp8 else "decode_tc"
+    if kv_fp8:
+        return "decode_tc_fp8h" if fp8_math_half() else "decode_tc_fp8"
+    return "decode_tc"
 
 
-def _config(name: str) -> DecodeConfig:
-    """The variant a kernel is compiled in: its KV type's (the merge's does not matter)."""
-    return config_for(1 if name == "decode_tc_fp8" else 2)
+def _kv_bytes(name: str) -> int:
+    return 1 if "fp8" in name else 2
 
 
-def _kernel(dtype: torch.dtype, head_dim: int, name: str) -> object:
-    cfg = _config(name)
+def _kernel(dtype: torch.dtype, head_dim: int, name: str, cfg: DecodeConfig) -> object:
+    """Kernel `name` of the module compiled for variant `cfg` (the merge's does not matter)."""
     mod = compiler.load_module(
         source(), defines=module_defines(dtype, head_dim, cfg), name="decode_attention"
     )
     kernel = mod.kernel(name)
     if name != "decode_tc_merge":
-        _allow_smem(kernel, cfg.smem_bytes(head_dim, 1 if name == "decode_tc_fp8" else 2))
+        _allow_smem(kernel, cfg.smem_bytes(head_dim, _kv_bytes(name)))
     return kernel
 
 
@@ -232,17 +272,16 @@ def _slots_per_sm(kernel: object, device: torch.device, key: str) -> int:
     n = _slots.get((idx, key))
     if n is None:
         _, dim, variant, name = key.split("-")  # as _key writes it
-        cfg, head_dim, kv_bytes = parse_config(variant), int(dim), 1 if name.endswith("8") else 2
+        cfg, head_dim, kv_bytes = parse_config(variant), int(dim), _kv_bytes(name)
         n = compiler.blocks_per_sm(kernel, cfg.threads, cfg.smem_bytes(head_dim, kv_bytes))
         _slots[(idx, key)] = n
     return n
 
 
-def _key(dtype: torch.dtype, head_dim: int, kv_fp8: bool) -> str:
+def _key(dtype: torch.dtype, head_dim: int, name: str, cfg: DecodeConfig) -> str:
     """Occupancy cache key: dtype, head_dim, variant, kernel (the variant may change with
     HEADRACE_DECODE_CONFIG between calls)."""
-    name = kernel_name(kv_fp8)
-    return f"{dtype}-{head_dim}-{_config(name).name}-{name}"
+    return f"{dtype}-{head_dim}-{cfg.name}-{name}"
 
 
 def plan_for(
@@ -255,12 +294,19 @@ def plan_for(
     device: torch.device,
     kv_fp8: bool,
 ) -> DecodePlan:
-    """plan_decode with this GPU's SM count and the kernel's occupancy (compiles if needed)."""
+    """plan_decode with this GPU's SM count and the kernel's occupancy (compiles if needed),
+    for the variant config_for picks; with HEADRACE_DECODE_PLAN=v3, decode_plan3's splits."""
     from cuda.paged_attention_kernels import num_sms
 
-    kernel = _kernel(dtype, head_dim, kernel_name(kv_fp8))
-    per_sm = _slots_per_sm(kernel, device, _key(dtype, head_dim, kv_fp8))
-    return plan_decode(batch, num_kv_heads, group, max_seq_len, num_sms(device), per_sm)
+    sms, name = num_sms(device), kernel_name(kv_fp8)
+    pairs = batch * num_kv_heads * math.ceil(group / HEADS_PER_BLOCK)
+    cfg = config_for(_kv_bytes(name), pairs, sms)
+    kernel = _kernel(dtype, head_dim, name, cfg)
+    per_sm = _slots_per_sm(kernel, device, _key(dtype, head_dim, name, cfg))
+    plan = plan_decode(batch, num_kv_heads, group, max_seq_len, sms, per_sm)
+    if plan3():
+        plan = replace(plan, min_chunk=decode_plan3.min_chunk(plan.splits, cfg.warps, cfg.stages))
+    return replace(plan, config=cfg)
 
 
 def fused_merge() -> bool:
@@ -321,15 +367,15 @@ def launch_decode(
     grid = (plan.splits, num_kv_heads * math.ceil(group / HEADS_PER_BLOCK), batch)
     min_chunk = np.int32(plan.min_chunk)
     name = kernel_name(kv_fp8)
-    cfg = _config(name)
-    shmem = cfg.smem_bytes(head_dim, 1 if kv_fp8 else 2)
-    kernel = _kernel(q.dtype, head_dim, name)
+    cfg = plan.config or config_for(_kv_bytes(name))
+    shmem = cfg.smem_bytes(head_dim, _kv_bytes(name))
+    kernel = _kernel(q.dtype, head_dim, name, cfg)
     counters = merge_counters(q.device, grid[1] * batch) if plan.merge and fused_merge() else 0
     args = (*common, part_o, part_lse, *heads, min_chunk, counters)
     compiler.launch(kernel, grid, cfg.threads, *args, shmem=shmem)
     if plan.merge and not counters:
         compiler.launch(
-            _kernel(q.dtype, head_dim, "decode_tc_merge"),
+            _kernel(q.dtype, head_dim, "decode_tc_merge", cfg),
             (num_q_heads, batch),
             head_dim,
             part_o,

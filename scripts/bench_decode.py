@@ -47,7 +47,7 @@ NEW = {da.ENV: "new"}
 @contextmanager
 def env(values: dict[str, str]) -> Iterator[None]:
     """The decode kernel's environment variables set to `values` (the others unset)."""
-    names = (da.ENV, da.CONFIG_ENV, da.FUSED_MERGE_ENV)
+    names = (da.ENV, da.CONFIG_ENV, da.FUSED_MERGE_ENV, da.PLAN_ENV, da.FP8_MATH_ENV)
     saved = {n: os.environ.get(n) for n in names}
     try:
         for n in names:

@@ -46,6 +46,11 @@
 # HEADRACE_STEP_FUSION=0, with the defaults, without the SiLU fusion (HEADRACE_GEMV_FUSION=norm,residual),
 # with gate/up on the GEMV too (HEADRACE_GEMV_MAX_MIB=256: norm + gate/up + SiLU in one launch) and with
 # HEADRACE_PDL=1 side by side, the batch-1 kernel table).
+# Decode attention round 3 (issues 11/13): decode3 (<= 150 s: warm the decode modules, the GPU tests of
+# HEADRACE_DECODE_PLAN=v3 and HEADRACE_DECODE_FP8_MATH=f16, scripts/bench_decode3.py: old / v2 (default) /
+# w2s3 / w4s2 / w4s3 / w4s4 / v3 (FP8: + f16, v3+f16) as % of copy bandwidth, one line a cell, FP8 at 256 x 1k,
+# 512 x 2k, 1024 x 1.5k and the issue's cells, batch 1 at 128 / 200 / 1k in a 128k-bound graph, bf16's cells;
+# then W1 with the default, HEADRACE_DECODE_CONFIG=w4s2 and HEADRACE_DECODE_PLAN=v3, same call).
 # Large batches (issues 13/12): w2batch (FP8 linear micro-benchmark, W2 FP8 + FP8 KV at
 # --max-num-seqs 256 and at the new default side by side, the batch-512 fp8 step profile; <= 280 s)
 # and w2batch_bf16 (bf16 W2, 500 requests: 256, default, default + HEADRACE_ADMISSION=reserve; <= 280 s):
@@ -197,6 +202,15 @@ for step in $which; do
              echo "warm decode modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode2_warm.log")"
              t0=$SECONDS; timeout 65 python scripts/bench_decode.py --out "$OUT/decode2_bench.json" > "$OUT/decode2_bench.log" 2>&1
              echo "bench_decode (rc $?, $((SECONDS - t0)) s):"; grep -v "^  " "$OUT/decode2_bench.log"; grep -m5 "failed" "$OUT/decode2_bench.log" ;;
+    decode3) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --jobs 16 --only decode > "$OUT/decode3_warm.log" 2>&1
+             echo "warm decode modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode3_warm.log")"
+             t0=$SECONDS; timeout 30 python -m pytest -m gpu tests/gpu/test_gpu_decode_round2.py -k "fp8_half or plan_v3 or batch1" -q -p no:cacheprovider --maxfail=5 > "$OUT/decode3_tests.log" 2>&1
+             echo "decode3 tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode3_tests.log")"; grep -m5 "^FAILED\|^E  " "$OUT/decode3_tests.log"
+             t0=$SECONDS; timeout 45 python scripts/bench_decode3.py --out "$OUT/decode3_bench.json" > "$OUT/decode3_bench.log" 2>&1
+             echo "bench_decode3 (rc $?, $((SECONDS - t0)) s):"; grep -v "^  " "$OUT/decode3_bench.log"; grep -m5 "failed" "$OUT/decode3_bench.log"
+             for c in default w4s2 v3; do case $c in default) e="HR=1" ;; w4s2) e="HEADRACE_DECODE_CONFIG=w4s2" ;; *) e="HEADRACE_DECODE_PLAN=v3" ;; esac
+               env $e timeout 16 python -m headrace bench latency --output-json "$OUT/decode3_w1_$c.json" > "$OUT/decode3_w1_$c.log" 2>&1
+               echo "W1 decode $c ($e; rc $?): $(grep '^W1' "$OUT/decode3_w1_$c.log" | tail -1)"; done ;;
     step1) timeout 115 python -m pytest -m gpu tests/gpu/test_gpu_step_kernels.py -q -p no:cacheprovider > "$OUT/step1_tests.log" 2>&1; tail -4 "$OUT/step1_tests.log"
            timeout 45 python scripts/bench_gemv.py --output-json "$OUT/step1_gemv.json" > "$OUT/step1_gemv.log" 2>&1; cat "$OUT/step1_gemv.log"
            for g in cublas auto; do HEADRACE_GEMV=$g timeout 70 python -m headrace bench latency --output-json "$OUT/step1_w1_$g.json" > "$OUT/step1_w1_$g.log" 2>&1

@@ -75,6 +75,12 @@ def decode_jobs() -> list[Job]:
             for kv_dtype in (None, torch.float8_e4m3fn):
                 defines = pak.module_defines(dtype, head_dim, kv_dtype)
                 out.append(("paged_attention", pak.source(), defines))
+    for dtype in (torch.bfloat16, torch.float16):  # HEADRACE_DECODE_PLAN=v3's picks (its merge)
+        for head_dim in (64, 128):
+            for text in ("w2s3", "w4s3", "w4s4"):
+                cfg = decode_attention.parse_config(text)
+                defines = decode_attention.module_defines(dtype, head_dim, cfg, merge3=True)
+                out.append(("decode_attention", decode_attention.source(), defines))
     out.append(("write_kv", kv_write_kernel.SOURCE, {}))
     return out
 

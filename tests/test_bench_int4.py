@@ -113,14 +113,20 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
         for head_dim in (64, 128):
             monkeypatch.setattr(decode_attention, "_allow_smem", lambda *a: None)
             for config in decode_attention.CONFIGS:  # every variant (each KV type's default)
-                monkeypatch.setenv(decode_attention.CONFIG_ENV, config)
-                decode_attention._kernel(dtype, head_dim, "k")
-            monkeypatch.delenv(decode_attention.CONFIG_ENV)
+                cfg = decode_attention.parse_config(config)
+                decode_attention._kernel(dtype, head_dim, "k", cfg)
             for kv_dtype in (None, torch.float8_e4m3fn):  # the old decode kernels
                 pak._kernel(dtype, head_dim, "k", kv_dtype)
             monkeypatch.setattr(pa, "_allow_smem", lambda *a: None)
             pa._kernel(dtype, head_dim, pa.CONFIGS[0])
     pak._kernel(torch.bfloat16, 128, "k")
+    monkeypatch.setenv(decode_attention.PLAN_ENV, "v3")  # v3's picks compile its merge
+    for dtype in (torch.bfloat16, torch.float16):
+        for head_dim in (64, 128):
+            for config in ("w2s3", "w4s3", "w4s4"):
+                cfg = decode_attention.parse_config(config)
+                decode_attention._kernel(dtype, head_dim, "k", cfg)
+    monkeypatch.delenv(decode_attention.PLAN_ENV)
     fused_ops._kernel(torch.bfloat16, "k")
     monkeypatch.setattr(compiler, "launch", lambda *a, **k: None)
     layer_ops._launch(torch.bfloat16, ("k", (1,), 32, ()))

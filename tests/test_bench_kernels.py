@@ -65,3 +65,36 @@ def test_decode_bench_cells_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
         assert os.environ[da.ENV] == "new" and os.environ[da.CONFIG_ENV] == "w2s3"
         assert da.config_for(2) == da.DecodeConfig(2, 3)
     assert os.environ[da.ENV] == "old" and da.CONFIG_ENV not in os.environ
+
+
+def test_decode3_bench_runs_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/bench_decode3.py: every variant, v3 and (FP8) the fp16-math kernel per cell,
+    W2's FP8 cells, and the plan / FP8-math variables set only inside a timing."""
+    import os
+
+    from cuda import decode_attention as da
+
+    b3 = _script("bench_decode3")
+    assert list(b3.runs_for(False)) == ["old", "v2", "w2s3", "w4s2", "w4s3", "w4s4", "v3"]
+    assert list(b3.runs_for(True))[-2:] == ["f16", "v3+f16"]
+    assert b3.ISSUE_CELLS == kernels.CELLS and (256, 1024) in b3.W2_CELLS
+    assert (1024, 1536) in b3.W2_CELLS and (512, 2048) in b3.W2_CELLS
+    monkeypatch.delenv(da.PLAN_ENV, raising=False)
+    monkeypatch.setenv(da.FP8_MATH_ENV, "auto")
+    with b3.bd.env(b3.runs_for(True)["v3+f16"]):
+        assert da.plan3() and da.fp8_math_half() and os.environ[da.ENV] == "new"
+    assert da.PLAN_ENV not in os.environ and os.environ[da.FP8_MATH_ENV] == "auto"
+
+
+def test_decode3_step_fits_150_seconds() -> None:
+    """The gpu_bench step decode3: its timeouts (W1's loop runs 3 times) sum to <= 150 s."""
+    import re
+
+    text = (kernels.SCRIPT.parent / "gpu_bench.sh").read_text()
+    step = re.search(r"\n    decode3\)(.*?);;\n", text, re.S)
+    assert step is not None
+    body = step.group(1)
+    loop = body[body.index("for c in default w4s2 v3") :]
+    once = sum(int(t) for t in re.findall(r"timeout (\d+)", body[: len(body) - len(loop)]))
+    assert once + 3 * sum(int(t) for t in re.findall(r"timeout (\d+)", loop)) <= 150
+    assert "bench_decode3.py" in body and "HEADRACE_DECODE_CONFIG=w4s2" in body

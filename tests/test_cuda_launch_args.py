@@ -25,7 +25,7 @@ def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], 
     monkeypatch.setattr(pak, "unsupported_reason", lambda q, kv: None)
     monkeypatch.setattr(pak, "_kernel", lambda dtype, head_dim, name, kv_dtype=None: name)
     monkeypatch.setattr(pak, "decode_slots", lambda kernel, device: 264)
-    monkeypatch.setattr(decode_attention, "_kernel", lambda dtype, head_dim, name: name)
+    monkeypatch.setattr(decode_attention, "_kernel", lambda dtype, head_dim, name, cfg: name)
     monkeypatch.setattr(decode_attention, "_slots_per_sm", lambda kernel, device, key: 2)
     monkeypatch.setattr(pak, "num_sms", lambda device: 132)
     kernel = case.get("decode_kernel", "new")

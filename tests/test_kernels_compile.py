@@ -115,7 +115,9 @@ def test_prefill_v2_compiles(dtype_name: str, head_dim: int, kv_fp8: bool) -> No
     _check_log(log)
 
 
-def _decode_log(dtype_name: str, head_dim: int, config: str | None = None) -> str:
+def _decode_log(
+    dtype_name: str, head_dim: int, config: str | None = None, merge3: bool = False
+) -> str:
     import torch
 
     from cuda import decode_attention as da
@@ -124,11 +126,11 @@ def _decode_log(dtype_name: str, head_dim: int, config: str | None = None) -> st
     cubin, log = compiler.compile_cubin(
         da.source(),
         arch="sm_90",
-        defines=da.module_defines(getattr(torch, dtype_name), head_dim, cfg),
+        defines=da.module_defines(getattr(torch, dtype_name), head_dim, cfg, merge3),
         name="decode_attention",
         verbose_ptxas=True,
     )
-    for name in ("decode_tc", "decode_tc_fp8", "decode_tc_merge"):
+    for name in ("decode_tc", "decode_tc_fp8", "decode_tc_fp8h", "decode_tc_merge"):
         assert f"Compiling entry function '{name}'" in log
         assert name.encode() in cubin
     _check_log(log)
@@ -156,7 +158,7 @@ def test_decode_attention_compiles(dtype_name: str, head_dim: int) -> None:
     from cuda import decode_attention as da
 
     entries = _decode_entries(_decode_log(dtype_name, head_dim))
-    assert set(entries) == {"decode_tc", "decode_tc_fp8", "decode_tc_merge"}
+    assert set(entries) == {"decode_tc", "decode_tc_fp8", "decode_tc_fp8h", "decode_tc_merge"}
     assert all(smem <= 16 for _, smem in entries.values()), entries  # the merge flag
     assert max(regs for regs, _ in entries.values()) <= 168, entries  # 12 warps per SM
     for kv_bytes, cfg in da.DEFAULT_CONFIGS.items():
@@ -174,6 +176,18 @@ def test_decode_attention_variants_compile(config: str) -> None:
     cfg = da.parse_config(config)
     per_sm = 65536 // (max(regs for regs, _ in entries.values()) * cfg.threads)
     assert per_sm * cfg.warps >= 8, entries  # at least round 1's 8 warps per SM
+
+
+@pytest.mark.parametrize(
+    ("dtype_name", "head_dim", "config"),
+    [("bfloat16", 128, "w2s3"), ("bfloat16", 128, "w4s4"), ("float16", 64, "w4s3")],
+)
+def test_decode_attention_merge3_compiles(dtype_name: str, head_dim: int, config: str) -> None:
+    """HEADRACE_DECODE_PLAN=v3's modules (its fused merge, HR_DECODE_MERGE3): no spills,
+    no stack, static shared memory only the merge flag, registers as the v2 modules'."""
+    entries = _decode_entries(_decode_log(dtype_name, head_dim, config, merge3=True))
+    assert all(smem <= 16 for _, smem in entries.values()), entries
+    assert max(regs for regs, _ in entries.values()) <= 168, entries
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])

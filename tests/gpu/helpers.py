@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from ipc.messages import GrammarKind, GuidedDecoding, SamplingParams
 
 Output = tuple[list[int], list[dict[int, float]]]  # token ids, top-5 logprobs per token
@@ -84,3 +86,14 @@ def constrained_generation(stories_path, device: str, **engine_args: Any) -> lis
             assert set(value) == {"name", "n"} and 0 <= value["n"] <= 99, o.text
     llm.close()
     return [o.token_ids for o in outs]
+
+
+@pytest.fixture
+def new_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tensor-core decode kernel with its defaults: no variant, plan, FP8-math or merge
+    override from the environment (tests/gpu/test_gpu_decode_*.py use it autouse)."""
+    from cuda import decode_attention as da
+
+    monkeypatch.setenv(da.ENV, "new")
+    for name in (da.CONFIG_ENV, da.FUSED_MERGE_ENV, da.PLAN_ENV, da.FP8_MATH_ENV):
+        monkeypatch.delenv(name, raising=False)

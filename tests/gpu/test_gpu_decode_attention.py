@@ -10,6 +10,7 @@ planned. Accuracy: FlashAttention's bar (twice the error of plain low-precision 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -24,20 +25,17 @@ from cuda.paged_attention import (
     paged_attention_ref,
 )
 from cuda.paged_attention_kernels import decode_workspace
+from tests.gpu.helpers import new_decode_kernel  # noqa: F401 (the fixture, by name)
 from tests.gpu.test_gpu_kernels import Batch
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.usefixtures("new_decode_kernel"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
 # Not multiples of 16 or 32 next to ones that are, short and long.
 LENGTHS = [1, 7, 15, 16, 17, 31, 32, 33, 100, 255, 256, 257, 511, 513, 1000, 2047, 4099, 7001]
-
-
-@pytest.fixture(autouse=True)
-def _new_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(da.ENV, "new")
 
 
 def _reqs(n_random: int = 4, max_len: int = 3000) -> list[tuple[int, int]]:
@@ -53,8 +51,7 @@ def _force_splits(monkeypatch: pytest.MonkeyPatch, splits: int | None) -> None:
     real = da.plan_decode
 
     def forced(*args: Any) -> da.DecodePlan:
-        plan = real(*args)
-        return da.DecodePlan(splits, plan.min_chunk, plan.blocks, plan.slots)
+        return replace(real(*args), splits=splits)
 
     monkeypatch.setattr(da, "plan_decode", forced)
 

@@ -23,21 +23,16 @@ from cuda.paged_attention import (
     paged_attention_ref,
 )
 from cuda.paged_attention_kernels import decode_workspace
+from tests.gpu.helpers import new_decode_kernel  # noqa: F401 (the fixture, by name)
 from tests.gpu.test_gpu_decode_attention import Expect, _batch, _force_splits, _rows
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.usefixtures("new_decode_kernel"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
 GROUPS = [1, 3, 5, 6, 7]  # GQA ratios, mostly not powers of two
-
-
-@pytest.fixture(autouse=True)
-def _new_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(da.ENV, "new")
-    monkeypatch.delenv(da.CONFIG_ENV, raising=False)
-    monkeypatch.delenv(da.FUSED_MERGE_ENV, raising=False)
 
 
 def _counters_zero() -> bool:
@@ -130,11 +125,98 @@ def test_auto_runs_the_new_kernel_on_16bit_kv(monkeypatch: pytest.MonkeyPatch) -
     assert bool(calls) == da.AUTO_16BIT
 
 
+@pytest.mark.parametrize("config", [None, "w4s3", "w2s3"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fp8_half_math_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, config: str | None, head_dim: int
+) -> None:
+    """HEADRACE_DECODE_FP8_MATH=f16 (decode_tc_fp8h): FP8 KV with fp16 mma, bf16 and fp16
+    models, planned and forced split counts; close to the reference and to decode_tc_fp8."""
+    random.seed(hash(("fp8h", config, head_dim)) & 0xFFFF)
+    torch.manual_seed(random.randint(0, 1 << 30))
+    if config:
+        monkeypatch.setenv(da.CONFIG_ENV, config)
+    for dtype in (torch.bfloat16, torch.float16):
+        b = _batch(random.choice(GROUPS), head_dim, random.choice([16, 32]), dtype)
+        k_scale, v_scale = 0.5, 0.25
+        b.kv_cache = torch.stack(
+            [quantize_kv(b.kv_cache[0], k_scale), quantize_kv(b.kv_cache[1], v_scale)]
+        )
+        params = AttentionParams(b.scale, k_scale=k_scale, v_scale=v_scale)
+        want = paged_attention_ref(b.q.float(), b.kv_cache, b.metadata(), params)
+        rows = _rows(b)
+        for splits in (None, 1, 9):
+            with monkeypatch.context() as m:
+                _force_splits(m, splits)
+                m.delenv(da.FP8_MATH_ENV, raising=False)
+                widened = b.run(k_scale=k_scale, v_scale=v_scale)[rows].float()
+                m.setenv(da.FP8_MATH_ENV, "f16")
+                got = b.run(k_scale=k_scale, v_scale=v_scale)[rows].float()
+            assert bool(torch.isfinite(got).all()), (dtype, splits)
+            torch.testing.assert_close(got, want[rows], atol=2e-2, rtol=2e-2)
+            assert (got - widened).abs().max().item() < 2e-2, (dtype, splits)
+
+
 @pytest.mark.parametrize("fp8", [False, True])
-def test_batch1_short_contexts_in_a_graph(fp8: bool) -> None:
+@pytest.mark.parametrize("batch_kind", ["small", "large"])
+def test_plan_v3_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, fp8: bool, batch_kind: str
+) -> None:
+    """HEADRACE_DECODE_PLAN=v3: the variant by grid size and the longer splits, at a small
+    batch (the splitting variant) and one of 64 requests x 8 KV heads (the filling one),
+    planned and at a graph's 128k bound."""
+    monkeypatch.setenv(da.PLAN_ENV, "v3")
+    random.seed(hash(("v3", fp8, batch_kind)) & 0xFFFF)
+    torch.manual_seed(random.randint(0, 1 << 30))
+    dtype = random.choice([torch.bfloat16, torch.float16])
+    kw: dict = {"num_kv_heads": 8}
+    if batch_kind == "large":
+        kw["reqs"] = [(1, random.randint(1, 700)) for _ in range(62)] + [(0, 0), (1, 1)]
+    b = _batch(
+        random.choice(GROUPS), random.choice([64, 128]), random.choice([16, 32]), dtype, **kw
+    )
+    rows = _rows(b)
+    if not fp8:
+        expect = Expect(b)
+        expect.check(b.run(), "v3 planned")
+        expect.check(b.run(max_seq_len=131072), "v3 graph bound")
+        for splits in (9, 64):  # v3's merge (HR_DECODE_MERGE3) over many partials
+            with monkeypatch.context() as m:
+                _force_splits(m, splits)
+                expect.check(b.run(), f"v3 {splits} splits")
+        assert _counters_zero()
+        return
+    k_scale, v_scale = 0.5, 0.25
+    b.kv_cache = torch.stack(
+        [quantize_kv(b.kv_cache[0], k_scale), quantize_kv(b.kv_cache[1], v_scale)]
+    )
+    params = AttentionParams(b.scale, k_scale=k_scale, v_scale=v_scale)
+    want = paged_attention_ref(b.q.float(), b.kv_cache, b.metadata(), params)[rows]
+    for bound in (None, 131072):
+        got = b.run(k_scale=k_scale, v_scale=v_scale, max_seq_len=bound)[rows].float()
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert _counters_zero()
+
+
+@pytest.mark.parametrize(
+    ("fp8", "env"),
+    [
+        (False, {}),
+        (True, {}),
+        (False, {da.PLAN_ENV: "v3"}),
+        (True, {da.PLAN_ENV: "v3"}),
+        (True, {da.PLAN_ENV: "v3", da.FP8_MATH_ENV: "f16"}),
+    ],
+)
+def test_batch1_short_contexts_in_a_graph(
+    monkeypatch: pytest.MonkeyPatch, fp8: bool, env: dict[str, str]
+) -> None:
     """W1's shape: batch 1, Llama-3-8B heads, a graph captured at length 1 with a 128k bound,
-    replayed at 1 .. 5000 tokens (one split up to 128 tokens, the fused merge past it):
-    bitwise equal to eager at the same bound, close to the reference, counters left zero."""
+    replayed at 1 .. 5000 tokens (one split up to 128 tokens, v3: 384 / 512, the fused merge
+    past it): bitwise equal to eager at the same bound, close to the reference, counters
+    left zero."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     torch.manual_seed(8)
     dtype, hkv, group, d, bs, max_len, bound = torch.bfloat16, 8, 4, 128, 16, 5008, 131072
     dev = torch.device("cuda")
@@ -165,7 +247,7 @@ def test_batch1_short_contexts_in_a_graph(fp8: bool) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for n in (1, 15, 16, 17, 100, 128, 129, 255, 256, 257, 1000, 5000, 128):
+    for n in (1, 15, 16, 17, 100, 128, 129, 255, 256, 257, 384, 385, 512, 513, 1000, 5000, 128):
         seq_lens.fill_(n)
         q.normal_()
         out.fill_(float("nan"))
