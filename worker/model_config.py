@@ -247,7 +247,8 @@ def _rope(
         scaling, field_name = rope, "rope_parameters"
     if scaling is None:
         return theta, None
-    scaling = dict(scaling)
+    # theta and the rotary fraction are read on their own (transformers 5 keeps them here)
+    scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")}
     kind = scaling.setdefault("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
