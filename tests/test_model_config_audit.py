@@ -114,7 +114,6 @@ def test_family_defaults_for_absent_fields() -> None:
     assert parse(LLAMA | dict(use_sliding_window=True, sliding_window=8)).sliding_window is None
     no_kv = {k: v for k, v in LLAMA.items() if k != "num_key_value_heads"}
     assert parse(no_kv).num_kv_heads == 8
-    assert parse(no_kv | dict(architectures=["MistralForCausalLM"])).num_kv_heads == 8
     falcon = parse(FALCON | dict(layer_norm_epsilon=None, activation=None))
     assert (falcon.rms_norm_eps, falcon.hidden_act) == (1e-5, "gelu")
 

@@ -43,14 +43,15 @@ GATED_ACTIVATIONS = ("silu",)
 GELU_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 ACTIVATIONS = GATED_ACTIVATIONS + GELU_ACTIVATIONS
 # transformers' defaults for the fields a config.json may leave out, where a family's
-# differ from the rest (configuration_*.py): what the checkpoint was trained with.
+# differ from the rest (configuration_*.py): what the checkpoint was trained with. Not
+# num_key_value_heads (Mistral's / Mixtral's 8, Qwen2's 32): an absent one means as many
+# as the query heads here, as hand-written configs (and our tests) expect.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(max_position_embeddings=2048),
-    "mistral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8, sliding_window=4096),
+    "mistral": dict(max_position_embeddings=4096 * 32, sliding_window=4096),
     "qwen2": dict(max_position_embeddings=32768, sliding_window=4096),
     "mixtral": dict(
         max_position_embeddings=4096 * 32,
-        num_key_value_heads=8,
         rms_norm_eps=1e-5,
         rope_theta=1e6,
     ),
