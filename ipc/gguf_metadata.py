@@ -107,8 +107,10 @@ def gguf_config(path: str) -> dict[str, Any]:
         config["model_type"] = "mixtral"
         config["num_local_experts"] = int(get("expert_count"))
         config["num_experts_per_tok"] = int(get("expert_used_count", required=True))
-    if get("attention.sliding_window") is not None:
-        config["sliding_window"] = int(get("attention.sliding_window"))
+    # Always set: without the key, a Mistral config would take transformers' default 4096
+    # window (worker/model_config.py), which llama.cpp does not apply.
+    window = get("attention.sliding_window")
+    config["sliding_window"] = None if window is None else int(window)
     scaling = get("rope.scaling.type")
     if scaling not in (None, "none"):
         config["rope_scaling"] = {

@@ -99,9 +99,16 @@ LAYOUTS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
 }
 
 
-def make_tiny_model(kind: str, path: Path, tokenizer_src: Path, **overrides: Any) -> Path:
+def make_tiny_model(
+    kind: str,
+    path: Path,
+    tokenizer_src: Path,
+    save_dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> Path:
     """A tiny random `kind` model (LLAMA_LAYOUTS or LAYOUTS) saved at `path` with the
-    tokenizer of `tokenizer_src`; `overrides` replace config fields."""
+    tokenizer of `tokenizer_src`; `overrides` replace config fields. `save_dtype`: the
+    checkpoint's weights (and config dtype) in that type, as 16-bit hub checkpoints are."""
     layouts = LLAMA_LAYOUTS | LAYOUTS
     if kind not in layouts:
         raise ValueError(kind)
@@ -118,6 +125,12 @@ def make_tiny_model(kind: str, path: Path, tokenizer_src: Path, **overrides: Any
             for name, p in model.named_parameters():
                 if name.endswith("bias") or "layernorm" in name or "ln_" in name:
                     p.add_(torch.randn_like(p) * 0.2)
+        else:  # Llama's attention_bias / mlp_bias start at 0 too (nothing drawn without)
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.3)
+    if save_dtype is not None:
+        model = model.to(save_dtype)
     return save_with_tokenizer(model, path, tokenizer_src)
 
 

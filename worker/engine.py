@@ -144,7 +144,7 @@ class EngineCore:
         if self.max_model_len > mc.max_context:
             raise ValueError(
                 f"max_model_len ({self.max_model_len}) is larger than the model's context "
-                f"length ({mc.max_context}, max_position_embeddings in {self.files.path})"
+                f"length ({mc.max_context}, {mc.max_context_origin()} in {self.files.path})"
             )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, mc.torch_dtype)

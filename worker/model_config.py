@@ -8,8 +8,11 @@ partial rotary, parallel attention and MLP, mixture of experts).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from worker.models.rope import ROPE_TYPES
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -33,7 +36,28 @@ FALCON_ALIASES = {
     "n_layer": "num_hidden_layers",
     "n_head_kv": "num_kv_heads",
 }
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
+# The activation each MLP kind computes: the Llama family's gated MLP is SiLU only; the
+# two-layer MLP (Falcon, GPT-NeoX) runs exact GELU or its tanh form (gelu_new,
+# gelu_pytorch_tanh and GPT-NeoX-20B's gelu_fast are all that formula).
+GATED_ACTIVATIONS = ("silu",)
+GELU_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+ACTIVATIONS = GATED_ACTIVATIONS + GELU_ACTIVATIONS
+# transformers' defaults for the fields a config.json may leave out, where a family's
+# differ from the rest (configuration_*.py): what the checkpoint was trained with. Not
+# num_key_value_heads (Mistral's / Mixtral's 8, Qwen2's 32): an absent one means as many
+# as the query heads here, as hand-written configs (and our tests) expect.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(max_position_embeddings=2048),
+    "mistral": dict(max_position_embeddings=4096 * 32, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, sliding_window=4096),
+    "mixtral": dict(
+        max_position_embeddings=4096 * 32,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+    ),
+    "falcon": dict(max_position_embeddings=2048),
+    "gpt_neox": dict(max_position_embeddings=2048),
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -94,15 +118,19 @@ class ModelConfig:
 
         hidden = int(need("hidden_size"))
         num_heads = int(need("num_attention_heads"))
-        rope_theta, scaling = _rope(cfg)
+        num_layers = int(need("num_hidden_layers"))
+        defaults = FAMILY_DEFAULTS[kind]
+
+        def get(key: str, fallback: Any = None) -> Any:
+            """The config's value; transformers' default for this family where it has none."""
+            value = cfg.get(key)
+            return defaults.get(key, fallback) if value is None else value
+
+        max_pos = int(get("max_position_embeddings", 2048))
+        rope_theta, scaling = _rope(cfg, source, max_pos, float(get("rope_theta", 10000.0)))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        sliding = (
-            cfg.get("sliding_window")
-            if kind in ("mistral", "mixtral") or cfg.get("use_sliding_window")
-            else None
-        )
-        num_layers = int(need("num_hidden_layers"))
+        sliding = _sliding_window(cfg, kind, defaults)
         layer_types = _layer_types(cfg, kind, num_layers, source) if sliding else ()
         if layer_types and "sliding_attention" not in layer_types:
             sliding = None
@@ -112,16 +140,16 @@ class ModelConfig:
             hidden_size=hidden,
             num_layers=num_layers,
             num_heads=num_heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            num_kv_heads=int(get("num_key_value_heads", num_heads)),
             head_dim=int(cfg.get("head_dim") or hidden // num_heads),
             vocab_size=int(need("vocab_size")),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            max_position_embeddings=max_pos,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", kind == "qwen2")),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            attention_bias=False,
+            mlp_bias=False,
             sliding_window=int(sliding) if sliding else None,
             torch_dtype=str(dtype) if dtype else None,
             bos_token_id=cfg.get("bos_token_id"),
@@ -133,22 +161,20 @@ class ModelConfig:
         elif kind == "gpt_neox":
             base.update(_gpt_neox_fields(cfg, source, base))
         else:
-            base["intermediate_size"] = int(need("intermediate_size"))
-            base["hidden_act"] = str(cfg.get("hidden_act", "silu"))
-            base["o_proj_bias"] = kind == "llama" and base["attention_bias"]
-        if kind == "mixtral":
-            base["num_experts"] = int(need("num_local_experts"))
-            base["num_experts_per_tok"] = int(need("num_experts_per_tok"))
+            base.update(_llama_fields(cfg, kind, need))
         config = cls(**base)
         config.validate(source)
         return config
 
     def validate(self, source: str) -> None:
         """ValueErrors (UnsupportedModelError) naming the config.json field at fault."""
-        if self.hidden_act not in ACTIVATIONS:
+        gated = self.norm == "rms"  # the Llama family's gated MLP (and Mixtral's experts)
+        supported = GATED_ACTIVATIONS if gated else GELU_ACTIVATIONS
+        if self.hidden_act not in supported:
+            field_name = "hidden_act" if gated or "NeoX" in self.architecture else "activation"
             raise UnsupportedModelError(
-                f"{source}: hidden_act/activation {self.hidden_act!r} is not supported "
-                f"(supported: {', '.join(ACTIVATIONS)})"
+                f"{source}: {field_name} {self.hidden_act!r} is not supported for "
+                f"{self.architecture} (supported: {', '.join(supported)})"
             )
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
@@ -159,6 +185,14 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"{source}: rotary dims {self.rotary_dim} (rotary_pct / partial_rotary_factor "
                 f"x head_dim {self.head_dim}) must be even and in (0, head_dim]"
+            )
+        if (
+            self.rope_scaling
+            and self.rope_scaling["rope_type"] == "dynamic"
+            and self.rotary_dim < 4
+        ):
+            raise UnsupportedModelError(
+                f"{source}: dynamic rope scaling needs at least 4 rotary dims, got {self.rotary_dim}"
             )
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise UnsupportedModelError(
@@ -178,23 +212,95 @@ class ModelConfig:
 
     @property
     def max_context(self) -> int:
-        """The longest context the model supports (rope scaling may extend training length)."""
-        return self.max_position_embeddings
+        """The longest context the model supports, as vLLM derives it: rope scaling that
+        stretches positions (linear, dynamic, yarn) extends the trained length by its
+        factor (yarn's trained length is original_max_position_embeddings); llama3 configs
+        state the extended length in max_position_embeddings already."""
+        s = self.rope_scaling
+        if s is None or s["rope_type"] == "llama3":
+            return self.max_position_embeddings
+        trained = self.max_position_embeddings
+        if s["rope_type"] == "yarn":
+            trained = int(s["original_max_position_embeddings"])
+        return max(self.max_position_embeddings, int(trained * float(s["factor"])))
+
+    def max_context_origin(self) -> str:
+        """Where max_context comes from, in config.json's terms (for error messages)."""
+        s = self.rope_scaling
+        if s is None or self.max_context == self.max_position_embeddings:
+            return "max_position_embeddings"
+        trained = "original_max_position_embeddings" if s["rope_type"] == "yarn" else ""
+        return f"{trained or 'max_position_embeddings'} x rope scaling factor {s['factor']}"
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope theta, rope scaling or None) from either config style."""
+def _rope(
+    cfg: dict[str, Any], source: str, max_pos: int, default_theta: float
+) -> tuple[float, dict[str, Any] | None]:
+    """(rope theta, rope scaling or None) from either config style, the scaling checked
+    and completed as transformers completes it (standardize_rope_params): llama3 and yarn
+    take original_max_position_embeddings from the top level, else max_position_embeddings;
+    yarn without a factor takes max_position_embeddings / original."""
     rope = cfg.get("rope_parameters") or {}
-    rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    theta = float(rope.get("rope_theta") or default_theta)
+    field_name = "rope_scaling"
     scaling = cfg.get("rope_scaling")
-    if scaling is None and rope.get("rope_type", "default") != "default":
-        scaling = dict(rope)
-    if scaling is not None:
-        scaling = dict(scaling)
-        scaling.setdefault("rope_type", scaling.get("type", "default"))
-        if scaling["rope_type"] == "default":
-            scaling = None
-    return rope_theta, scaling
+    if scaling is None and rope.get("rope_type", rope.get("type", "default")) != "default":
+        scaling, field_name = rope, "rope_parameters"
+    if scaling is None:
+        return theta, None
+    # theta and the rotary fraction are read on their own (transformers 5 keeps them here)
+    scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    kind = scaling.setdefault("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"{source}: {field_name} rope_type {kind!r} is not supported "
+            f"(supported: default, {', '.join(ROPE_TYPES)})"
+        )
+    omp = "original_max_position_embeddings"
+    if kind in ("llama3", "yarn"):
+        scaling[omp] = int(cfg.get(omp) or scaling.get(omp) or max_pos)
+    if kind == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = max_pos / scaling[omp]
+    needed = ["factor"] + (["low_freq_factor", "high_freq_factor"] if kind == "llama3" else [])
+    for key in needed:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise UnsupportedModelError(
+                f"{source}: {field_name} of rope_type {kind!r} needs a number > 0 in "
+                f"{key!r}, got {value!r}"
+            )
+    return theta, scaling
+
+
+def _sliding_window(cfg: dict[str, Any], kind: str, defaults: dict[str, Any]) -> int | None:
+    """The window as transformers reads it: Mistral and Mixtral slide when sliding_window
+    is set (null: no window; absent: the family's default), Qwen2 only with
+    use_sliding_window; Llama, Falcon and GPT-NeoX never (their models have no window)."""
+    if kind in ("mistral", "mixtral") or (kind == "qwen2" and cfg.get("use_sliding_window")):
+        return cfg["sliding_window"] if "sliding_window" in cfg else defaults.get("sliding_window")
+    return None
+
+
+def _llama_fields(cfg: dict[str, Any], kind: str, need: Callable[[str], Any]) -> dict[str, Any]:
+    """Llama, Mistral, Qwen2 and Mixtral: the MLP, and which projections carry biases as
+    each family's transformers model builds them. Llama reads attention_bias (q, k, v and
+    o) and mlp_bias; Qwen2 always has q/k/v biases and no others; Mistral and Mixtral none
+    (transformers ignores those keys in their configs, so do we)."""
+    out: dict[str, Any] = dict(
+        intermediate_size=int(need("intermediate_size")),
+        hidden_act=str(cfg.get("hidden_act") or "silu"),
+    )
+    if kind == "llama":
+        bias = bool(cfg.get("attention_bias", False))
+        out.update(attention_bias=bias, o_proj_bias=bias, mlp_bias=bool(cfg.get("mlp_bias")))
+    elif kind == "qwen2":
+        out["attention_bias"] = True
+    if kind == "mixtral":
+        out["num_experts"] = int(need("num_local_experts"))
+        out["num_experts_per_tok"] = int(need("num_experts_per_tok"))
+    return out
 
 
 def _falcon_fields(cfg: dict[str, Any], source: str, hidden: int) -> dict[str, Any]:
@@ -228,13 +334,13 @@ def _falcon_fields(cfg: dict[str, Any], source: str, hidden: int) -> dict[str, A
         num_kv_heads=kv_heads,
         head_dim=hidden // heads,
         intermediate_size=int(ffn),
-        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        rms_norm_eps=float(cfg.get("layer_norm_epsilon") or 1e-5),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         attention_bias=bias,
         o_proj_bias=bias,
         mlp_bias=bias,
         norm="layer",
-        hidden_act=str(cfg.get("activation", "gelu")),
+        hidden_act=str(cfg.get("activation") or "gelu"),
         qkv_layout=layout,
         parallel_attn=parallel,
         shared_norm=shared,

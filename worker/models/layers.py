@@ -14,7 +14,6 @@ GPTQ checkpoints swap in Int4Linear layers the same way (modules_to_not_convert 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -26,6 +25,7 @@ from cuda.layer_ops import gelu, layer_norm
 from worker.attention import AttentionBackend, AttentionMetadata, AttentionParams
 from worker.model_config import ModelConfig, UnsupportedModelError
 from worker.models.dense import DenseLinear
+from worker.models.rope import rope_frequencies
 from worker.quant.fp8 import Fp8Linear
 from worker.quant.int4 import Int4Config
 from worker.quant.int4_linear import Int4Linear
@@ -63,33 +63,6 @@ class LayerNorm(nn.Module):
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [R/2], with rope scaling applied (fp32)."""
-    d = config.rotary_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq.float()
-    kind = scaling["rope_type"]
-    if kind == "linear":
-        return (inv_freq / float(scaling["factor"])).float()
-    if kind == "llama3":
-        # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, and blend
-        # smoothly between the two wavelength bounds.
-        factor = float(scaling["factor"])
-        low = float(scaling.get("low_freq_factor", 1.0))
-        high = float(scaling.get("high_freq_factor", 4.0))
-        old_len = float(scaling.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * math.pi / inv_freq
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(medium, blended, scaled).float()
-    raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported")
-
-
 class RotaryEmbedding(nn.Module):
     """Rotate-half rotary embedding (the Hugging Face / NeoX layout) on the first R dims of
     each head, with an fp32 cos/sin table. R < D is GPT-NeoX's partial rotary."""
@@ -101,10 +74,12 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin: torch.Tensor | None = None  # [max_positions, R] = cat(cos, sin) halves
 
     def build(self, device: torch.device) -> None:
-        inv_freq = rope_inv_freq(self.config).to(device)
+        c = self.config
+        inv_freq, scale = rope_frequencies(c.rotary_dim, c.rope_theta, c.rope_scaling)
         t = torch.arange(self.max_positions, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [P, R/2]
-        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        freqs = torch.outer(t, inv_freq.to(device))  # [P, R/2]
+        # YaRN scales cos and sin (every kernel reads this table, so none needs to know).
+        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * scale
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         """Rotates q [T, Hq, D] and k [T, Hkv, D] in place (views into the fused qkv)."""
