@@ -83,3 +83,26 @@ def emulate(x: torch.Tensor, w: Int4Weight, wk: int) -> np.ndarray:
             ok = rows < m
             y[rows[ok], cols[ok]] = total[ok, j]
     return y
+
+
+def dequant_rows(w: Int4Weight) -> np.ndarray:
+    """v4_dequant_rows' index math, every thread at once: W [N, K] (float64)."""
+    n, k = w.out_features, w.in_features
+    qv = w.qw.numpy().view(np.uint32).reshape(-1)
+    ch, k0 = np.meshgrid(np.arange(n), np.arange(0, k, 8), indexing="ij")
+    shift = v4.group_shift(w.group_size)
+    s = w.scales.double().numpy()[ch, k0 >> shift]
+    z = w.zeros.numpy().astype(np.float64)[ch, k0 >> shift]
+    r = ch % 16
+    g, hi = r & 7, r >> 3
+    kk = k0 % v4.KB
+    p, c = kk // 32, (kk % 32) // 8
+    unit = (ch // 16) * (k // v4.KB) + k0 // v4.KB
+    out = np.zeros((n, k // 8, 8))
+    for e in range(2):
+        ks = 2 * p + e
+        word = qv[(unit * 64 + 32 * (ks // 4) + 4 * g + c) * 4 + ks % 4]
+        for o in range(4):
+            nib = hi + 2 * (o >> 1) + 4 * (o & 1)
+            out[:, :, 4 * e + o] = (((word >> (4 * nib)) & 0xF) - z) * s
+    return out.reshape(n, k)

@@ -1,10 +1,10 @@
 """Round 4 of the int4 GEMV (cuda/int4_v4_gemv.*) on CPU: the stream layout's packing, the
 kernel's fragment math emulated lane by lane against the reference (groups 64 and up), the
-rule per shape, launch arguments, the int4_linear path and sm_90 compiles."""
+rule per shape, launch arguments and the int4_linear path (sm_90 compiles:
+tests/test_kernels_compile.py)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -185,23 +185,50 @@ def test_more_than_32_rows_dequantize_the_stream_layout() -> None:
     torch.testing.assert_close(ref, plain)
 
 
-@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
-def test_v4_gemv_compiles_for_sm90(dtype_name: str) -> None:
-    from tests.test_kernels_compile import _check_log
+def test_int4_linear_keeps_its_outputs_in_the_stream_layout() -> None:
+    from worker.quant.int4 import Int4Config
+    from worker.quant.int4_linear import Int4Linear, fill_dummy_int4
 
-    cubin, log = compiler.compile_cubin(
-        v4.source(),
-        arch="sm_90",
-        defines=v4.module_defines(getattr(torch, dtype_name)),
-        name="int4_v4_gemv",
-        verbose_ptxas=True,
-        use_cache=False,
-    )
-    for name in v4.kernel_names():
-        assert f"Compiling entry function '{name}'" in log and name.encode() in cubin
-    _check_log(log)
-    assert "0 bytes spill stores" in log and not re.search(r"[1-9]\d* bytes spill", log), log
-    assert not re.search(r"[1-9]\d* bytes stack frame", log), log
-    regs = dict(re.findall(r"entry function '(\w+)'.*?Used (\d+) registers", log, re.S))
-    assert set(regs) == set(v4.kernel_names())
-    assert all(int(r) <= 64 for r in regs.values()), regs  # 32 warps an SM
+    layer = Int4Linear(256, 48, True, Int4Config.for_dummy("awq"))
+    fill_dummy_int4(layer, torch.Generator().manual_seed(0), 0.02)
+    layer.bias.data.normal_()
+    x = torch.randn(3, 256)
+    want = layer(x)
+    assert layer.use_stream() and layer.layout == "stream" and layer.use_stream()
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    odd = Int4Linear(256, 40, False, Int4Config.for_dummy("awq"))  # 40 rows: not 16-aligned
+    assert not odd.use_stream() and odd.layout == "rows"
+
+
+def test_prepare_repacks_only_with_v4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HEADRACE_INT4_GEMV=v4 repacks what the kernel takes at load; the default does not."""
+    from torch import nn
+
+    from worker.quant import int4_linear as il
+    from worker.quant.int4 import Int4Config
+
+    monkeypatch.setattr(il.int4_gemv, "workspace", lambda device: None)
+    for impl, want in (("mma", ["rows", "rows"]), ("v4", ["stream", "rows"])):
+        monkeypatch.setattr(ig, "GEMV_IMPL", impl)
+        cfg = Int4Config.for_dummy("awq")
+        model = nn.Sequential(
+            il.Int4Linear(256, 64, False, cfg), il.Int4Linear(256, 40, False, cfg)
+        )
+        for m in il.int4_layers(model):
+            m.qweight.data.zero_()
+        with monkeypatch.context() as mp:
+            mp.setattr(torch, "empty", lambda *a, **k: torch.zeros(1))  # no GPU scratch
+            il.prepare_int4_layers(model, torch.bfloat16, torch.device("cuda"))
+        assert [m.layout for m in il.int4_layers(model)] == want
+
+
+@pytest.mark.parametrize("group_size", [64, 128, 512])
+def test_dequant_kernel_index_math(group_size: int) -> None:
+    from tests.int4_v4_emulation import dequant_rows
+
+    w = stream_weight(32, 512, group_size, seed=group_size)
+    ref = ig.dequantize_ref(w, torch.float32).double().numpy()
+    np.testing.assert_allclose(dequant_rows(w), ref, rtol=1e-6, atol=1e-7)
+    text = v4.source()
+    assert "qv[(unit * V4_UNIT + 32 * (ks / 4) + 4 * g + c) * 4 + ks % 4]" in text
+    assert "const int nib = hi + 2 * (o >> 1) + 4 * (o & 1);" in text
