@@ -227,7 +227,8 @@ def int4_linear(
         return _tiles_linear(x, w, scratch, out)
     if w.layout == "stream":
         return _stream_linear(x, w, scratch, out)
-    if GEMV_IMPL == "mma" and x.shape[0] <= MMA_MAX_ROWS and _mma_ok(w):
+    # v4 runs round 3 on the shapes left in the rows layout (no stream layout for them).
+    if GEMV_IMPL in ("mma", "v4") and x.shape[0] <= MMA_MAX_ROWS and _mma_ok(w):
         return _mma_linear(x, w, out)
     if GEMV_IMPL == "split" and x.shape[0] <= GEMV_MAX_ROWS:
         y = _split_linear(x, w, out)

@@ -232,3 +232,18 @@ def test_dequant_kernel_index_math(group_size: int) -> None:
     text = v4.source()
     assert "qv[(unit * V4_UNIT + 32 * (ks / 4) + 4 * g + c) * 4 + ks % 4]" in text
     assert "const int nib = hi + 2 * (o >> 1) + 4 * (o & 1);" in text
+
+
+def test_v4_runs_round_3_on_rows_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under HEADRACE_INT4_GEMV=v4 a weight the stream layout cannot take (here N % 16)
+    keeps the default tensor-core GEMV, not gemv_m*."""
+    from cuda import int4_mma_gemv as mg
+
+    calls: list[Any] = []
+    monkeypatch.setattr(ig, "GEMV_IMPL", "v4")
+    monkeypatch.setattr(mg, "gemv", lambda x, w, y, variant=None: calls.append("mma"))
+    monkeypatch.setattr(v4, "gemv", lambda *a, **k: pytest.fail("v4 on a rows weight"))
+    w = weight(40, 512, 128, seed=6)
+    x = torch.randn(2, 512, dtype=torch.bfloat16).as_subclass(_OnDevice)
+    ig.int4_linear(x, w, out=torch.empty(2, 40, dtype=torch.bfloat16))
+    assert calls == ["mma"]
