@@ -70,6 +70,17 @@ def choose(n: int, k: int, sms: int = SMS) -> tuple[int, int, int]:
     return (max(one_wave) if one_wave else WKS[0]), 2, 1
 
 
+def explain(n: int, k: int, sms: int = SMS) -> str:
+    """One line: the rule's pick for W [n, k] and the numbers behind it (the bench prints it)."""
+    wk, u, pf = choose(n, k, sms)
+    tiles, kblocks = -(-n // TILE_N), k // KB
+    waves = tiles * wk / (sms * WARPS_PER_SM)
+    return (
+        f"{label((wk, u, pf))}: {tiles} tiles x {wk} warps = {waves:.2f} waves of "
+        f"{sms} x {WARPS_PER_SM} warps, {-(-kblocks // wk)} k-blocks a warp"
+    )
+
+
 def grid(n: int) -> tuple[int]:
     return (-(-n // TILE_N),)
 
