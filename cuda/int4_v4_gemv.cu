@@ -48,6 +48,10 @@ __device__ __forceinline__ void v4_cp16(unsigned int dst, const uint4* src) {
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 
+__device__ __forceinline__ void v4_prefetch(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 __device__ __forceinline__ void v4_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
 template <int N>
@@ -158,6 +162,14 @@ __device__ __forceinline__ void v4_gemv(HR_V4_ARGS) {
     const __half* sg = scales + (long long)ch * G;
     const unsigned char* zgp = zeros + (long long)ch * G;
     const unsigned int lo = (unsigned int)lo_mask;
+    if (nb > 0) {  // the run's first and last lines of scales and zeros into L2 (the lane's
+        // first use of each would otherwise wait a DRAM round trip after its unit landed)
+        const long long first = (long long)(b0 * V4_KB) >> group_shift;
+        const long long last = (long long)((b0 + nb) * V4_KB - 1) >> group_shift;
+        const long long h = (c & 1) ? 8LL * G : 0;  // lanes c odd: channel g + 8's
+        v4_prefetch((c & 2) ? (const void*)(sg + h + last) : (const void*)(sg + h + first));
+        v4_prefetch((c & 2) ? (const void*)(zgp + h + last) : (const void*)(zgp + h + first));
+    }
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {  // the ring's first S - 1 units
         if (s < nb) {

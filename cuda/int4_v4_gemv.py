@@ -238,8 +238,9 @@ def gemv(
     wk, s = variant or plan_for(w, x.device)
     kernel = _kernel(x.dtype, kernel_name(wk, s))
     nbytes = shmem(wk, s)
-    if nbytes > 48 * 1024:
-        compiler.allow_shared_memory(kernel, nbytes, _device_index(x.device))
+    # Every variant, also those under 48 KB: the opt-in sets the largest shared-memory
+    # carveout, without which an SM might not hold the 32 warps' rings (resident_warps).
+    compiler.allow_shared_memory(kernel, nbytes, _device_index(x.device))
     grid = (w.out_features // TILE_N,)  # type: ignore[attr-defined]
     compiler.launch(kernel, grid, wk * 32, *launch_args(x, w, y), shmem=nbytes)
 

@@ -173,8 +173,8 @@ def test_v4_launch_arguments(
             min(8, m - 8 * i),
         )
         assert got["lo_mask"] == 0x000F000F
-    big = wk * s * 1024 > 48 * 1024  # past 48 KB a launch needs the opt-in
-    assert opted == ([(v4.kernel_name(wk, s), wk * s * 1024, 0)] * len(calls) if big else [])
+    # the opt-in (past 48 KB) and the largest carveout, for every variant
+    assert opted == [(v4.kernel_name(wk, s), wk * s * 1024, 0)] * len(calls)
 
 
 def test_more_than_32_rows_dequantize_the_stream_layout() -> None:
