@@ -52,6 +52,22 @@ __device__ __forceinline__ void v4_prefetch(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// Programmatic Dependent Launch (HEADRACE_PDL=1; cuda/gemv_step.cu has the same pair): launched
+// so, the kernel may start while the previous one still runs. Before v4_griddep_wait it
+// touches only the weights, scales and zeros (written by no kernel); x is read and y
+// written after it. Without the launch attribute the wait returns at once.
+__device__ __forceinline__ void v4_griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void v4_griddep_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void v4_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
 template <int N>
@@ -178,6 +194,7 @@ __device__ __forceinline__ void v4_gemv(HR_V4_ARGS) {
         }
         v4_commit();
     }
+    v4_griddep_wait();  // x comes from the previous kernel
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     // Rolling state (no 64-bit index math or modulo per k-block): the unit S - 1 ahead,
     // its slot, the slot read now, x of this k-block, this k-block's first input.
@@ -218,6 +235,7 @@ __device__ __forceinline__ void v4_gemv(HR_V4_ARGS) {
         acc[2] += s0h * t0[2] + s1h * t1[2];
         acc[3] += s0h * t0[3] + s1h * t1[3];
     }
+    v4_griddep_launch_dependents();  // every weight is read: the next GEMV may start its own
     if (WK > 1) {
         // Partials in this warp's own ring (its copies have all landed: the last wait had
         // none pending); other lanes of the warp may still read their last unit: syncwarp.

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cuda import compiler
+from cuda import compiler, step_fusion
 from cuda.int4_args import ptr, weight_args
 
 SOURCE_PATH = Path(__file__).with_name("int4_v4_gemv.cu")
@@ -242,7 +242,8 @@ def gemv(
     # carveout, without which an SM might not hold the 32 warps' rings (resident_warps).
     compiler.allow_shared_memory(kernel, nbytes, _device_index(x.device))
     grid = (w.out_features // TILE_N,)  # type: ignore[attr-defined]
-    compiler.launch(kernel, grid, wk * 32, *launch_args(x, w, y), shmem=nbytes)
+    args = launch_args(x, w, y)
+    compiler.launch(kernel, grid, wk * 32, *args, shmem=nbytes, pdl=step_fusion.pdl())
 
 
 def dequantize(w: object, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,10 @@ def test_v4_launch_arguments(
     monkeypatch.setattr(v4, "_device_index", lambda device: 0)
     opted: list[Any] = []
     monkeypatch.setattr(compiler, "allow_shared_memory", lambda *a: opted.append(a))
-    monkeypatch.setattr(compiler, "launch", lambda *c, shmem=0: calls.append((*c, shmem)))
+    monkeypatch.setattr(
+        compiler, "launch", lambda *c, shmem=0, pdl=False: calls.append((*c, shmem))
+    )
+    monkeypatch.setenv("HEADRACE_PDL", "0")
     w = stream_weight(n, k, gs, seed=3)
     x = torch.randn(m, k + 8, dtype=torch.bfloat16)[:, :k].as_subclass(_OnDevice)  # strided
     y = torch.empty(m, n, dtype=torch.bfloat16)
@@ -247,3 +250,22 @@ def test_v4_runs_round_3_on_rows_weights(monkeypatch: pytest.MonkeyPatch) -> Non
     x = torch.randn(2, 512, dtype=torch.bfloat16).as_subclass(_OnDevice)
     ig.int4_linear(x, w, out=torch.empty(2, 40, dtype=torch.bfloat16))
     assert calls == ["mma"]
+
+
+def test_pdl_follows_headrace_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HEADRACE_PDL=1 launches round 4 by Programmatic Dependent Launch (the .cu waits
+    before it reads x); unset, plainly."""
+    pdls: list[bool] = []
+    monkeypatch.setattr(v4, "_kernel", lambda dtype, name: name)
+    monkeypatch.setattr(v4, "_sms", lambda device: 132)
+    monkeypatch.setattr(v4, "_device_index", lambda device: 0)
+    monkeypatch.setattr(compiler, "allow_shared_memory", lambda *a: None)
+    monkeypatch.setattr(compiler, "launch", lambda *c, shmem=0, pdl=False: pdls.append(pdl))
+    w = stream_weight(64, 512, 128, seed=7)
+    x = torch.randn(1, 512, dtype=torch.bfloat16).as_subclass(_OnDevice)
+    for value in ("1", "0"):
+        monkeypatch.setenv("HEADRACE_PDL", value)
+        ig.int4_linear(x, w, out=torch.empty(1, 64, dtype=torch.bfloat16))
+    assert pdls == [True, False]
+    text = v4.source()
+    assert text.index("v4_griddep_wait();") < text.index("__ldg(xr)")  # x only after the wait
