@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cuda import compiler, int4_gemv, int4_mma_gemv
+from cuda import compiler, int4_gemv, int4_mma_gemv, int4_v4_gemv
+from cuda.int4_args import weight_args
 from cuda.int4_tiles import from_tiles, tiles_ok, to_tiles
 
 SOURCE_PATH = Path(__file__).with_name("int4_gemm.cu")
@@ -51,9 +52,11 @@ GEMV_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_GEMV_ROWS", "8"))
 # (cuda/int4_gemv.cu, split-K). On an H200 (52e44f0) the split-K variants' best per shape only matched gemv_m1 (8B qkv
 # 15.2 vs 16.3 us, down 22.9 vs 27.7, gate_up 34.4 vs 31.0) and the rule's pick was slower
 # everywhere (BENCHMARKS.md, W4A16 GEMV round 2), so it stays opt-in.
+# "v4" (cuda/int4_v4_gemv.cu, round 4, opt-in): the loader repacks the shapes it takes into
+# the stream layout (worker/quant/int4_linear.prepare_int4_layers), which it then runs.
 GEMV_IMPL = os.environ.get("HEADRACE_INT4_GEMV", "mma")
-if GEMV_IMPL not in ("mma", "split", "old"):
-    raise ValueError(f"HEADRACE_INT4_GEMV {GEMV_IMPL!r} must be 'mma', 'split' or 'old'")
+if GEMV_IMPL not in ("mma", "split", "old", "v4"):
+    raise ValueError(f"HEADRACE_INT4_GEMV {GEMV_IMPL!r} must be 'mma', 'split', 'old' or 'v4'")
 # mma: up to this many rows run as GEMV launches of 8 (4 launches read 2 B/weight;
 # dequantize + cuBLAS moves 4.5 B/weight).
 MMA_MAX_ROWS = max(GEMV_MAX_ROWS, 32)
@@ -74,7 +77,7 @@ class Int4Weight:
     zeros: torch.Tensor  # uint8 [N, G]
     group_size: int
     perm: torch.Tensor | None = None  # int64 [K]
-    layout: str = "rows"  # or "tiles" (cuda/int4_tiles.py): same bytes, the mma GEMV's order
+    layout: str = "rows"  # "tiles" (cuda/int4_tiles.py) or "stream" (cuda/int4_v4_gemv.py)
 
     @property
     def out_features(self) -> int:
@@ -110,6 +113,21 @@ class Int4Weight:
         qw = to_tiles(self.qw)
         return Int4Weight(qw, self.scales, self.zeros, self.group_size, self.perm, "tiles")
 
+    def as_stream(self) -> Int4Weight:
+        """The same weight in round 4's stream layout (from rows); ValueError if none."""
+        if self.layout == "stream":
+            return self
+        if self.layout != "rows" or not int4_v4_gemv.supported(
+            self.out_features, self.in_features, self.group_size
+        ):
+            raise ValueError(
+                f"no stream layout for a {self.layout} weight N {self.out_features}, K "
+                f"{self.in_features}, group_size {self.group_size} (N % 16, K % 128, group a "
+                "power of two >= 64)"
+            )
+        qw = int4_v4_gemv.to_stream(self.qw)
+        return Int4Weight(qw, self.scales, self.zeros, self.group_size, self.perm, "stream")
+
 
 def pack_rows(values: torch.Tensor) -> torch.Tensor:
     """[N, K] values 0..15 -> int32 [N, K / 8], nibble j of word w = column 8w + j."""
@@ -127,7 +145,8 @@ def unpack_rows(qw: torch.Tensor) -> torch.Tensor:
 
 def dequantize_ref(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in `dtype` (inputs in perm order when perm is set)."""
-    q = unpack_rows(w.qw if w.layout == "rows" else from_tiles(w.qw)).float()
+    rows = {"rows": lambda q: q, "tiles": from_tiles, "stream": int4_v4_gemv.from_stream}
+    q = unpack_rows(rows[w.layout](w.qw)).float()
     g = torch.arange(w.in_features, device=q.device) // w.group_size
     return ((q - w.zeros.float()[:, g]) * w.scales.float()[:, g]).to(dtype)
 
@@ -182,18 +201,7 @@ def gemv_launch(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> tuple[str, t
 
 def _gemv_args(x: torch.Tensor, w: Int4Weight, y: torch.Tensor) -> list:
     """The arguments every GEMV kernel (rows and tiles layouts) starts with."""
-    return [
-        _ptr(x),
-        np.int64(x.stride(0)),
-        _ptr(w.qw),
-        _ptr(w.scales),
-        _ptr(w.zeros),
-        _ptr(y),
-        np.int64(y.stride(0)),
-        np.int32(w.out_features),
-        np.int32(w.in_features),
-        np.int32(w.group_size),
-    ]
+    return [*weight_args(x, w, y), np.int32(w.group_size)]
 
 
 def _kernel(dtype: torch.dtype, name: str) -> object:
@@ -217,7 +225,10 @@ def int4_linear(
         w = w.without_perm()
     if w.layout == "tiles":
         return _tiles_linear(x, w, scratch, out)
-    if GEMV_IMPL == "mma" and x.shape[0] <= MMA_MAX_ROWS and _mma_ok(w):
+    if w.layout == "stream":
+        return _stream_linear(x, w, scratch, out)
+    # v4 runs round 3 on the shapes left in the rows layout (no stream layout for them).
+    if GEMV_IMPL in ("mma", "v4") and x.shape[0] <= MMA_MAX_ROWS and _mma_ok(w):
         return _mma_linear(x, w, out)
     if GEMV_IMPL == "split" and x.shape[0] <= GEMV_MAX_ROWS:
         y = _split_linear(x, w, out)
@@ -236,6 +247,20 @@ def _mma_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> tor
     y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
     for r in range(0, m, step):
         int4_mma_gemv.gemv(x[r : r + step], w, y[r : r + step])
+    return y
+
+
+def _stream_linear(
+    x: torch.Tensor, w: Int4Weight, scratch: torch.Tensor | None, out: torch.Tensor | None
+) -> torch.Tensor:
+    """Round 4 (HEADRACE_INT4_GEMV=v4, stream layout): 8 rows of x a launch up to
+    MMA_MAX_ROWS rows, else dequantize + cuBLAS. x is gathered already (no perm)."""
+    m, step = x.shape[0], int4_v4_gemv.MAX_ROWS
+    if m > MMA_MAX_ROWS:
+        return F.linear(x, dequantize(w, x.dtype, scratch))
+    y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+    for r in range(0, m, step):
+        int4_v4_gemv.gemv(x[r : r + step], w, y[r : r + step])
     return y
 
 
@@ -327,6 +352,8 @@ def dequantize(w: Int4Weight, dtype: torch.dtype, out: torch.Tensor | None = Non
         np.int32(w.in_features),
         np.int32(w.group_size),
     ]
+    if w.layout == "stream":
+        return int4_v4_gemv.dequantize(w, dtype, out)
     name = "dequant" if w.layout == "rows" else "dequant_tiles"
     compiler.launch(_kernel(dtype, name), grid, DEQUANT_THREADS, *args)
     return out

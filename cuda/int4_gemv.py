@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cuda import compiler
+from cuda.int4_args import ptr, weight_args
 
 SOURCE_PATH = Path(__file__).with_name("int4_gemv.cu")
 THREADS = 256  # SK_THREADS
@@ -169,29 +170,17 @@ def workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return ws
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return int(t.data_ptr())
-
-
 def launch_args(x: torch.Tensor, w: object, y: torch.Tensor, plan: Plan, ws: tuple) -> list:
     """The kernel's arguments, in HR_SK_ARGS order (w: an Int4Weight in the rows layout)."""
     part, counters = ws
-    return [
-        _ptr(x),
-        np.int64(x.stride(0)),
-        _ptr(w.qw),  # type: ignore[attr-defined]
-        _ptr(w.scales),  # type: ignore[attr-defined]
-        _ptr(w.zeros),  # type: ignore[attr-defined]
-        _ptr(y),
-        np.int64(y.stride(0)),
-        np.int32(w.out_features),  # type: ignore[attr-defined]
-        np.int32(w.in_features),  # type: ignore[attr-defined]
+    tail = [
         np.int32(w.group_size),  # type: ignore[attr-defined]
         np.int32(x.shape[0]),
         np.int32(plan.chunks_per_split),
-        _ptr(part),
-        _ptr(counters),
+        ptr(part),
+        ptr(counters),
     ]
+    return [*weight_args(x, w, y), *tail]
 
 
 def _kernel(dtype: torch.dtype, plan: Plan) -> object:

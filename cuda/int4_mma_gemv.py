@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from cuda import compiler
+from cuda.int4_args import weight_args
 
 SOURCE_PATH = Path(__file__).with_name("int4_mma_gemv.cu")
 KB = 128  # inputs per k-block
@@ -67,6 +68,17 @@ def choose(n: int, k: int, sms: int = SMS) -> tuple[int, int, int]:
     tiles, kblocks = -(-n // TILE_N), k // KB
     one_wave = [w for w in WKS if tiles <= sms * (WARPS_PER_SM // w) and w <= max(kblocks, 4)]
     return (max(one_wave) if one_wave else WKS[0]), 2, 1
+
+
+def explain(n: int, k: int, sms: int = SMS) -> str:
+    """One line: the rule's pick for W [n, k] and the numbers behind it (the bench prints it)."""
+    wk, u, pf = choose(n, k, sms)
+    tiles, kblocks = -(-n // TILE_N), k // KB
+    waves = tiles * wk / (sms * WARPS_PER_SM)
+    return (
+        f"{label((wk, u, pf))}: {tiles} tiles x {wk} warps = {waves:.2f} waves of "
+        f"{sms} x {WARPS_PER_SM} warps, {-(-kblocks // wk)} k-blocks a warp"
+    )
 
 
 def grid(n: int) -> tuple[int]:
@@ -105,26 +117,10 @@ def module_defines(dtype: torch.dtype) -> dict[str, int | str]:
     return {"HR_BF16": 1 if dtype == torch.bfloat16 else 0}
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return int(t.data_ptr())
-
-
 def launch_args(x: torch.Tensor, w: object, y: torch.Tensor) -> list:
     """The kernel's arguments, in HR_MW_ARGS order (w: an Int4Weight in the rows layout)."""
-    return [
-        _ptr(x),
-        np.int64(x.stride(0)),
-        _ptr(w.qw),  # type: ignore[attr-defined]
-        _ptr(w.scales),  # type: ignore[attr-defined]
-        _ptr(w.zeros),  # type: ignore[attr-defined]
-        _ptr(y),
-        np.int64(y.stride(0)),
-        np.int32(w.out_features),  # type: ignore[attr-defined]
-        np.int32(w.in_features),  # type: ignore[attr-defined]
-        np.int32(w.group_size),  # type: ignore[attr-defined]
-        np.int32(x.shape[0]),
-        np.int32(LO_MASK),
-    ]
+    tail = [np.int32(w.group_size), np.int32(x.shape[0]), np.int32(LO_MASK)]  # type: ignore[attr-defined]
+    return [*weight_args(x, w, y), *tail]
 
 
 def _kernel(dtype: torch.dtype, name: str) -> object:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -22,25 +21,9 @@ from cuda.fp8_quant import quantize_per_token
 from headrace.bench import gpu_timing
 from worker.quant.fp8 import quantize_weight_per_channel
 
-SHAPES = {  # name: (N, K)
-    "8b.qkv": (6144, 4096),
-    "8b.o": (4096, 4096),
-    "8b.gate_up": (28672, 4096),
-    "8b.down": (4096, 14336),
-    "70b.qkv": (10240, 8192),
-    "70b.o": (8192, 8192),
-    "70b.gate_up": (57344, 8192),
-    "70b.down": (8192, 28672),
-}
-
-
-def timed(fn: Callable[[], object], iters: int = 40) -> float:
-    """Mean seconds per call, L2 flushed before each call (weights come from HBM)."""
-    return gpu_timing.time_op(fn, iters, reduce=statistics.fmean)
-
-
-def copy_bandwidth() -> float:
-    return gpu_timing.copy_bandwidth()
+SHAPES = gpu_timing.LLAMA_LINEAR_SHAPES  # name: (N, K)
+timed = partial(gpu_timing.mean_time, iters=40)  # mean seconds, L2 flushed before each
+copy_bandwidth = gpu_timing.copy_bandwidth
 
 
 def scaled_mm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 from functools import partial
 
@@ -23,25 +22,9 @@ from cuda import int4_mma_gemv as mg
 from headrace.bench import gpu_timing
 
 DEVICE = "cuda"  # tests/test_bench_int4.py runs the script's logic on CPU
-SHAPES = {  # name: (N, K)
-    "8b.qkv": (6144, 4096),
-    "8b.o": (4096, 4096),
-    "8b.gate_up": (28672, 4096),
-    "8b.down": (4096, 14336),
-    "70b.qkv": (10240, 8192),
-    "70b.o": (8192, 8192),
-    "70b.gate_up": (57344, 8192),
-    "70b.down": (8192, 28672),
-}
-
-
-def timed(fn: Callable[[], object], iters: int = 50) -> float:
-    """Mean seconds per call, L2 flushed before each call (weights come from HBM)."""
-    return gpu_timing.time_op(fn, iters, reduce=statistics.fmean)
-
-
-def copy_bandwidth() -> float:
-    return gpu_timing.copy_bandwidth()
+SHAPES = gpu_timing.LLAMA_LINEAR_SHAPES  # name: (N, K)
+timed = gpu_timing.mean_time  # (fn, iters=50): mean seconds, L2 flushed before each call
+copy_bandwidth = gpu_timing.copy_bandwidth
 
 
 def random_weight(n: int, k: int, group_size: int) -> ig.Int4Weight:

@@ -15,6 +15,10 @@
 # with the split-K GEMV and with HEADRACE_INT4_GEMV=old.
 # int4w1 (<= 90 s): the tensor-core rows GEMV (HEADRACE_INT4_GEMV=mma, the default):
 # scripts/bench_int4_mma.py on the 8B shapes (old vs mma vs cuBLAS, graphs too), W1 AWQ 8B old vs mma.
+# int4r4 (<= 150 s): round 4 (HEADRACE_INT4_GEMV=v4, the stream layout): its GPU tests
+# (tests/gpu/test_gpu_int4_v4.py), scripts/bench_int4_v4.py (8B + 70B shapes: r3 vs r4 vs cuBLAS
+# bf16, events and graphs, every variant of both with the rules' verdicts, 8B o included), W1 AWQ 8B
+# with HEADRACE_INT4_GEMV=mma, =v4, and =v4 with HEADRACE_PDL=1.
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 # Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
@@ -129,6 +133,15 @@ for step in $which; do
       for g in old mma; do
         HEADRACE_INT4_GEMV=$g timeout 22 python -m headrace bench latency --quantization awq --output-json "$OUT/w1_awq_gemv_$g.json" > "$OUT/w1_awq_gemv_$g.log" 2>&1
         echo "W1 AWQ 8B, GEMV $g (rc $?): $(grep '^W1:' "$OUT/w1_awq_gemv_$g.log" | tail -1)"; done ;;
+    # Issue 14 round 4 (int4r4), <= 150 s: warm the NVRTC cache, the v4 GPU tests, one line a shape
+    # (plus the variant listings) from scripts/bench_int4_v4.py, then W1 AWQ 8B mma vs v4 (vs v4 + PDL).
+    int4r4)
+      timeout 20 python scripts/warm_kernels.py --jobs 16 > "$OUT/int4r4_warm.log" 2>&1; echo "warm rc $?: $(tail -1 "$OUT/int4r4_warm.log")"
+      timeout 36 python -m pytest -m gpu tests/gpu/test_gpu_int4_v4.py -q -p no:cacheprovider -x > "$OUT/int4r4_tests.log" 2>&1; echo "v4 GPU tests rc $?: $(tail -1 "$OUT/int4r4_tests.log")"
+      timeout 28 python scripts/bench_int4_v4.py --output-json "$OUT/int4r4_bench.json" > "$OUT/int4r4_bench.log" 2>&1; echo "bench_int4_v4 rc $?"; cat "$OUT/int4r4_bench.log"
+      for g in mma v4 v4_pdl; do  # v4_pdl: HEADRACE_INT4_GEMV=v4 HEADRACE_PDL=1
+        HEADRACE_INT4_GEMV=${g%_pdl} HEADRACE_PDL=$([ $g = v4_pdl ] && echo 1 || echo 0) timeout 22 python -m headrace bench latency --quantization awq --output-json "$OUT/w1_awq_r4_$g.json" > "$OUT/w1_awq_r4_$g.log" 2>&1
+        echo "W1 AWQ 8B, GEMV $g (rc $?): $(grep '^W1:' "$OUT/w1_awq_r4_$g.log" | tail -1)"; done ;;
     # Issue 15's models with HF generate() beside them, 525 s of timeouts in all: Mixtral-8x7B W1 and
     # W2-shaped (128 requests), Falcon-7B W1 and W3 (300 requests; HF batch 16: Falcon's MQA sends HF's
     # SDPA to the math kernel, ~3 GB of fp32 [71, T, T] scores per 2k-token prompt). Each log's last

@@ -81,7 +81,9 @@ def fp8_gemv(n: int, k: int, m: int = 1) -> Callable[[], object]:
     return lambda: g.fp8_gemv(x, wq, ws, None, out=y)
 
 
-def int4_gemv(n: int, k: int, m: int = 1, tiles: bool = False) -> Callable[[], object]:
+def int4_gemv(
+    n: int, k: int, m: int = 1, tiles: bool = False, stream: bool = False
+) -> Callable[[], object]:
     from cuda import int4_gemm as ig
 
     g = k // 128
@@ -93,6 +95,8 @@ def int4_gemv(n: int, k: int, m: int = 1, tiles: bool = False) -> Callable[[], o
     )
     if tiles:
         w = w.as_tiles()
+    if stream:  # round 4 (cuda/int4_v4_gemv.cu), as HEADRACE_INT4_GEMV=v4 loads it
+        w = w.as_stream()
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
     return lambda: ig.int4_linear(x, w, out=y)
@@ -142,6 +146,10 @@ TARGETS: dict[str, Callable[[], Callable[[], object]]] = {
     "int4_8b_down": lambda: int4_gemv(4096, 14336),
     "int4_8b_gate_up_tiles_m8": lambda: int4_gemv(28672, 4096, m=8, tiles=True),
     "int4_8b_gate_up_m8": lambda: int4_gemv(28672, 4096, m=8),
+    "int4v4_8b_o": lambda: int4_gemv(4096, 4096, stream=True),
+    "int4v4_8b_gate_up": lambda: int4_gemv(28672, 4096, stream=True),
+    "int4v4_8b_down": lambda: int4_gemv(4096, 14336, stream=True),
+    "int4v4_70b_gate_up": lambda: int4_gemv(57344, 8192, stream=True),
     "bf16_8b_qkv": lambda: bf16_linear(6144, 4096),
     "bf16_8b_down": lambda: bf16_linear(4096, 14336),
     "gemv2_8b_qkv": lambda: gemv2(6144, 4096),

@@ -27,6 +27,7 @@ from cuda import (
     int4_gemm,
     int4_gemv,
     int4_mma_gemv,
+    int4_v4_gemv,
     kv_write_kernel,
     layer_ops,
     prefill_attention,
@@ -48,6 +49,7 @@ def jobs() -> list[Job]:
             out.append(("gemv_step", gemv_step.source(), gemv_step.module_defines(dtype, v)))
         out.append(("gemv", gemv.source(), gemv.module_defines(dtype)))
         out.append(("int4_mma_gemv", int4_mma_gemv.source(), int4_mma_gemv.module_defines(dtype)))
+        out.append(("int4_v4_gemv", int4_v4_gemv.source(), int4_v4_gemv.module_defines(dtype)))
         for head_dim in (64, 128):  # the attention kernels the GPU tests and benches load
             for mod in (prefill_attention, decode_attention):
                 name = mod.__name__.rsplit(".", 1)[1]

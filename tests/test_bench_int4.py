@@ -14,6 +14,7 @@ import pytest
 from cuda import int4_gemm as ig
 from cuda import int4_gemv as sk
 from cuda import int4_mma_gemv as mg
+from cuda import int4_v4_gemv as v4
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +111,7 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
             gemv_step._kernel("", 1, dtype, v)
         compiler.load_module(gemv.source(), defines=gemv.module_defines(dtype), name="gemv")
         mg._kernel(dtype, "k")
+        v4._kernel(dtype, "k")
         for head_dim in (64, 128):
             monkeypatch.setattr(decode_attention, "_allow_smem", lambda *a: None)
             for config in decode_attention.CONFIGS:  # every variant (each KV type's default)

@@ -187,3 +187,12 @@ def test_mma_gemv_compiles_for_sm90(dtype_name: str) -> None:
     assert set(regs) == set(mg.kernel_names())
     # U = 2 keeps 32 warps resident an SM (<= 64 registers); nothing over 128.
     assert all(int(r) <= (64 if name.endswith("_u2") else 128) for name, r in regs.items()), regs
+
+
+def test_rule_explains_its_pick() -> None:
+    """The line bench_int4_v4.py prints beside each shape's measured variants: 8B o, the
+    open case (w16_u2_pf by the rule; w8_u4 was faster by events in session 6)."""
+    assert mg.explain(4096, 4096, 132) == (
+        "w16_u2_pf: 256 tiles x 16 warps = 0.97 waves of 132 x 32 warps, 2 k-blocks a warp"
+    )
+    assert mg.explain(28672, 4096, 132).startswith("w4_u2_pf: 1792 tiles x 4 warps = 1.70 waves")

@@ -319,3 +319,27 @@ def test_int4_split_gemv_compiles(dtype_name: str, m_t: int) -> None:
     # Static shared memory fits the 1 KB that int4_gemv.SMEM_MAX leaves under 48 KB.
     static = [int(n) for n in re.findall(r"(\d+) bytes smem", log)]
     assert static and max(static) + int4_gemv.SMEM_MAX <= 48 * 1024, static
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_int4_v4_gemv_compiles_for_sm90(dtype_name: str) -> None:
+    import torch
+
+    from cuda import int4_v4_gemv as v4
+
+    cubin, log = compiler.compile_cubin(
+        v4.source(),
+        arch="sm_90",
+        defines=v4.module_defines(getattr(torch, dtype_name)),
+        name="int4_v4_gemv",
+        verbose_ptxas=True,
+        use_cache=False,
+    )
+    for name in v4.kernel_names():
+        assert f"Compiling entry function '{name}'" in log and name.encode() in cubin
+    _check_log(log)
+    assert "0 bytes spill stores" in log and not re.search(r"[1-9]\d* bytes spill", log), log
+    assert not re.search(r"[1-9]\d* bytes stack frame", log), log
+    regs = dict(re.findall(r"entry function '(\w+)'.*?Used (\d+) registers", log, re.S))
+    assert set(regs) == set(v4.kernel_names())
+    assert all(int(r) <= 64 for r in regs.values()), regs  # 32 warps an SM

@@ -56,3 +56,22 @@ def copy_bandwidth() -> float:
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * n / time_op(lambda: dst.copy_(src), iters=10, flush_mb=64)
+
+
+# Llama-3-8B / 70B linear layers as (N, K): what the GEMV benches (scripts/bench_int4*.py,
+# bench_fp8_gemv.py) time. qkv and gate_up are the fused shards.
+LLAMA_LINEAR_SHAPES = {
+    "8b.qkv": (6144, 4096),
+    "8b.o": (4096, 4096),
+    "8b.gate_up": (28672, 4096),
+    "8b.down": (4096, 14336),
+    "70b.qkv": (10240, 8192),
+    "70b.o": (8192, 8192),
+    "70b.gate_up": (57344, 8192),
+    "70b.down": (8192, 28672),
+}
+
+
+def mean_time(fn: Callable[[], object], iters: int = 50) -> float:
+    """Mean seconds per call, L2 flushed before each call (weights come from HBM)."""
+    return time_op(fn, iters, reduce=statistics.fmean)

@@ -10,32 +10,19 @@ import pytest
 import torch
 
 from cuda import int4_gemm as ig
+from tests.gpu.int4_helpers import (
+    LOADER_FORMATS,
+    assert_graph_replays_eager,
+    check,
+    gpu_weight,
+    loader_weight,
+    random_weight,
+)
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-def random_weight(n: int, k: int, group_size: int, perm: bool, seed: int) -> ig.Int4Weight:
-    g = torch.Generator().manual_seed(seed)
-    groups = k // group_size
-    w = ig.Int4Weight(
-        qw=ig.pack_rows(torch.randint(0, 16, (n, k), generator=g)),
-        scales=(torch.rand(n, groups, generator=g) * 0.02 + 0.001).half(),
-        zeros=torch.randint(0, 16, (n, groups), generator=g).to(torch.uint8),
-        group_size=group_size,
-        perm=torch.randperm(k, generator=g) if perm else None,
-    )
-    return w.to(torch.device("cuda"))
-
-
-def check(y: torch.Tensor, x: torch.Tensor, w: ig.Int4Weight) -> None:
-    ref = ig.int4_linear_ref(x.float(), w)  # fp32 reference
-    low = ig.int4_linear_ref(x, w).float()  # the same in the activation dtype
-    assert not torch.isnan(y).any(), "an output element was not written"
-    err, base = (y.float() - ref).abs().max().item(), (low - ref).abs().max().item()
-    assert err <= 2 * base + 1e-3 * ref.abs().max().item(), (err, base)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -58,20 +45,7 @@ def test_graph_replay_equals_eager() -> None:
     w = random_weight(4096, 4096, 128, perm=False, seed=99)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(1, 4096, device="cuda", dtype=torch.bfloat16)
-    eager = ig.int4_linear(x, w).clone()
-    ig.int4_linear(x, w, out=y)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ig.int4_linear(x, w, out=y)
-    y.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    check(y, x, w)
+    assert_graph_replays_eager(lambda out: ig.int4_linear(x, w, out=out), x, y, w)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -96,30 +70,10 @@ def test_tiles_graph_replay_equals_eager() -> None:
     w = random_weight(4096, 4096, 128, perm=False, seed=98).as_tiles()
     x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(8, 4096, device="cuda", dtype=torch.bfloat16)
-    eager = ig.int4_linear(x, w).clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ig.int4_linear(x, w, out=y)
-    y.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager)
+    assert_graph_replays_eager(lambda out: ig.int4_linear(x, w, out=out), x, y, w)
 
 
 # ---- the split-K GEMV (cuda/int4_gemv.cu): every variant, forced splits, loader layouts ----
-
-
-def gpu_weight(n: int, k: int, group_size: int, perm: bool, seed: int) -> ig.Int4Weight:
-    """random_weight made on the GPU (any int32 is 8 valid nibbles): big shapes in ms."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    groups = k // group_size
-    return ig.Int4Weight(
-        qw=torch.randint(-(2**31), 2**31 - 1, (n, k // 8), generator=g, device="cuda").int(),
-        scales=(torch.rand(n, groups, generator=g, device="cuda") * 0.02 + 0.001).half(),
-        zeros=torch.randint(0, 17, (n, groups), generator=g, device="cuda").to(torch.uint8),
-        group_size=group_size,
-        perm=torch.randperm(k, generator=g, device="cuda") if perm else None,
-    )
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -164,38 +118,19 @@ def test_gemv_impls_match_reference_for_every_row_count(
         check(y, x, w)
 
 
-LOADER_FORMATS = [
-    ("awq", dict(group_size=128)),
-    ("awq", dict(group_size=64)),
-    ("gptq", dict(group_size=128, sym=True)),
-    ("gptq", dict(group_size=32, sym=False)),
-    ("gptq", dict(group_size=64, sym=False, desc_act=True)),
-    ("gptq", dict(group_size=-1, sym=True)),
-]
-
-
 @pytest.mark.parametrize(("method", "kwargs"), LOADER_FORMATS)
 def test_split_gemv_on_weights_as_the_loader_stores_them(method: str, kwargs: dict) -> None:
-    """AWQ / GPTQ tensors packed from the formats' definitions, repacked by the loader's
-    to_rows (desc_act: a perm), through int4_linear, against the encoded fp32 weight."""
-    from tests.int4_checkpoints import quantized_pair
-    from worker.quant.int4 import Int4Config
-    from worker.quant.int4_repack import to_rows
-
-    g = torch.Generator().manual_seed(len(method) + kwargs["group_size"])
-    n, k = 768, 1024
-    parts, w_deq = quantized_pair(torch.randn(n, k, generator=g) * 0.02, method, seed=5, **kwargs)
-    qc = {"quant_method": method, "bits": 4, "group_size": kwargs["group_size"]}
-    qc |= {"sym": kwargs.get("sym", False), "desc_act": kwargs.get("desc_act", False)}
-    w = to_rows(parts, Int4Config.from_hf(qc), "layer").to(torch.device("cuda"))
-    assert (w.perm is not None) == kwargs.get("desc_act", False)
+    """AWQ / GPTQ tensors as the loader stores them, through int4_linear, against the
+    encoded fp32 weight."""
+    w, w_deq = loader_weight(method, kwargs)
+    n, k = w.out_features, w.in_features
     for m in (1, 3, 8):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         y = ig.int4_linear(x, w, out=out)
         torch.cuda.synchronize()
         check(y, x, w)
-        want = x.float() @ w_deq.cuda().t()
+        want = x.float() @ w_deq.t()
         assert (y.float() - want).abs().max() <= 0.02 * want.abs().max()
 
 
@@ -210,19 +145,4 @@ def test_split_gemv_graph_replay_equals_eager(monkeypatch: pytest.MonkeyPatch) -
     x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
     assert sk.choose(4096, 14336, 1, sk._sms(x.device)).splits > 1
     y = torch.empty(1, 4096, device="cuda", dtype=torch.bfloat16)
-    eager = ig.int4_linear(x, w).clone()
-    ig.int4_linear(x, w, out=y)
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager), "split sums are deterministic"
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ig.int4_linear(x, w, out=y)
-    for _ in range(2):
-        y.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y, eager)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    check(y, x, w)
+    assert_graph_replays_eager(lambda out: ig.int4_linear(x, w, out=out), x, y, w)

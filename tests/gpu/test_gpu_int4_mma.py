@@ -12,7 +12,7 @@ import torch
 
 from cuda import int4_gemm as ig
 from cuda import int4_mma_gemv as mg
-from tests.gpu.test_gpu_int4 import check, gpu_weight
+from tests.gpu.int4_helpers import assert_graph_replays_eager, check, gpu_weight
 
 pytestmark = [
     pytest.mark.gpu,
@@ -82,19 +82,4 @@ def test_graph_replay_equals_eager(m: int, monkeypatch: pytest.MonkeyPatch) -> N
     w = gpu_weight(4096, 14336, 128, perm=False, seed=96)
     x = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(m, 4096, device="cuda", dtype=torch.bfloat16)
-    eager = ig.int4_linear(x, w).clone()
-    ig.int4_linear(x, w, out=y)
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager), "the block sum is deterministic"
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ig.int4_linear(x, w, out=y)
-    for _ in range(2):
-        y.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y, eager)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    check(y, x, w)
+    assert_graph_replays_eager(lambda out: ig.int4_linear(x, w, out=out), x, y, w)

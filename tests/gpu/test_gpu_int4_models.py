@@ -11,7 +11,7 @@ import torch
 
 from cuda import int4_gemm as ig
 from tests.gpu.helpers import generate
-from tests.gpu.test_gpu_int4 import check, random_weight
+from tests.gpu.int4_helpers import check, random_weight
 from tests.test_golden import check_logprobs_close, prompts_of_different_lengths
 from tests.test_int4_models import write_int4
 from tests.tiny_models import tiny_model_hd64

@@ -14,7 +14,8 @@ GPU: cuda/int4_gemm.int4_linear: the W4A16 GEMV for a few rows (decode), else th
 dequantized into one scratch buffer shared by every Int4Linear of the model (the size of
 the largest layer, so prefill never holds more than one 16-bit weight) and a cuBLAS
 matmul. `prepare_int4_layers` makes that buffer after loading and, with
-HEADRACE_INT4_LAYOUT=tiles, reorders qweight for the tensor-core GEMV (cuda/int4_tiles.py). CPU: the reference (dequantize, then matmul), with the dequantized weight
+HEADRACE_INT4_LAYOUT=tiles, reorders qweight for the tensor-core GEMV (cuda/int4_tiles.py),
+or with HEADRACE_INT4_GEMV=v4 into round 4's stream layout (cuda/int4_v4_gemv.py). CPU: the reference (dequantize, then matmul), with the dequantized weight
 kept while it is small (the CPU path serves tests and tiny models).
 """
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cuda import int4_gemv
+from cuda import int4_gemm, int4_gemv, int4_v4_gemv
 from cuda.int4_gemm import Int4Weight, dequantize_ref, int4_linear
 from cuda.int4_tiles import tiles_ok, to_tiles
 from worker.quant.int4 import PACK, Int4Config
@@ -64,7 +65,7 @@ class Int4Linear(nn.Module):
         self.zeros = param(out_features, groups, dtype=torch.uint8)
         self.perm = param(in_features, dtype=torch.int64) if cfg.desc_act else None
         self.reorders = False  # perm holds a real order (set by the loader)
-        self.layout = "rows"  # qweight's order; "tiles" after use_tiles()
+        self.layout = "rows"  # qweight's order; "tiles" after use_tiles(), "stream" use_stream()
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.scratch: torch.Tensor | None = None  # shared [>= N*K] dequant buffer (GPU)
         self._cpu_weight: torch.Tensor | None = None
@@ -82,6 +83,22 @@ class Int4Linear(nn.Module):
             return self.layout == "tiles"
         self.qweight.data.copy_(to_tiles(self.qweight.data))
         self.layout = "tiles"
+        self.weights_changed()
+        return True
+
+    @torch.no_grad()
+    def use_stream(self) -> bool:
+        """Reorder qweight into round 4's stream layout (HEADRACE_INT4_GEMV=v4), in place,
+        if the shape allows it; the other shapes keep rows and the default GEMV."""
+        w = self.int4_weight()
+        if (
+            self.layout == "stream"
+            or self.layout != "rows"
+            or not int4_v4_gemv.supported(w.out_features, w.in_features, w.group_size)
+        ):
+            return self.layout == "stream"
+        self.qweight.data.copy_(int4_v4_gemv.to_stream(self.qweight.data))
+        self.layout = "stream"
         self.weights_changed()
         return True
 
@@ -137,6 +154,9 @@ def prepare_int4_layers(model: nn.Module, dtype: torch.dtype, device: torch.devi
     if LAYOUT == "tiles":
         for m in layers:
             m.use_tiles()
+    elif int4_gemm.GEMV_IMPL == "v4":
+        for m in layers:
+            m.use_stream()
     int4_gemv.workspace(device)  # the split GEMV's partials, before any graph capture
     size = max(m.out_features * m.in_features for m in layers)
     buf = torch.empty(size, dtype=dtype, device=device)

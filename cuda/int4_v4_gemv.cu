@@ -1,0 +1,312 @@
+// W4A16 decode GEMV, round 4 (HEADRACE_INT4_GEMV=v4): tensor cores on the "stream" layout
+// (cuda/int4_v4_gemv.py packs it at load), weights copied global -> shared by cp.async
+// through a per-warp ring of S k-blocks, so S - 1 KB of every warp's weights are in flight
+// while it does the math on one. Up to 8 rows of x a launch. HR_BF16: the activation dtype.
+//
+// Layout: W [N, K] cut into units of 16 channels x 128 inputs (a tile's k-block, 1 KB),
+// stored tile-major then k-block: unit (t, b) at uint4 64 (t KB + b). Inside a unit, uint4
+// 32 j + L is lane L's vector j (j = 0, 1): one warp load of vector j reads 512 contiguous
+// bytes, and a warp's run of k-blocks of one tile is one contiguous stream. Word w of
+// vector j is k-step ks = 4 j + w of mma.m16n8k16 for lane L = 4 g + c; its nibble s + 4 h
+// (s = 0..3, h = 0, 1) is the A fragment's register s, element h: channel g + 8 (s & 1),
+// input 32 (ks / 2) + 8 c + 4 (ks % 2) + 2 (s >> 1) + h of the k-block. So:
+//  - (word >> 4 s) & 0x000F000F is A register s as two nibbles; OR magic makes them exact
+//    16-bit numbers and one FMA2 (zero point folded into the constant) makes q - z;
+//  - lane c's B registers of k-steps 2 p and 2 p + 1 are x inputs 32 p + 8 c .. + 7: one
+//    16-byte load of x gives all four (no PRMT);
+//  - vector 0 holds inputs 0..63 of the k-block and vector 1 inputs 64..127, so a group of
+//    64 splits a k-block into two sums, each scaled once (groups of >= 128: one scale).
+// SASS (sm_90, NVRTC 13.0, w4_s4, bf16): 202 instructions a loop of one k-block a lane (64
+// weights; fp16 189): 32 LOP3 + 32 FMA2 (as HADD2) + 29 SHF + 8 HMMA + 4 LDG x + 4 LDG
+// scales / zeros + 2 LDS + 2 LDGSTS + ~50 of addresses, loop and scaling (+4 loads and ~10
+// more for groups of 64): ~3.1 a weight, no PRMT. Issue: 1 KB a warp per ~200 issues caps
+// the kernel near 5.3 TB/s (132 SMs x 4 a clock x 1.98 GHz); the INT pipe (half rate, ~87
+// LOP3 / SHF / IADD3 / LEA) near 6.1 TB/s: ~80% / ~70% busy at the 4.2 TB/s copy bandwidth.
+//
+// Work split: block = one 16-channel tile (blockIdx.x) and WK warps that split its
+// k-blocks into contiguous runs; WK = 1 needs no sum, else a shared-memory sum at the end
+// (no workspace, no atomics: deterministic and graph-safe). The rule (cuda/int4_v4_gemv.py)
+// picks WK so that every warp of the grid is resident at once (one wave of streams).
+
+#include "elem2_type.cuh"  // elem_t, from_f for HR_BF16
+
+constexpr int V4_KB = 128;   // inputs per k-block
+constexpr int V4_UNIT = 64;  // uint4 per unit (16 channels x 128 inputs)
+
+#if HR_BF16
+#define V4_MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#define V4_FMA2 "fma.rn.bf16x2"
+constexpr unsigned int V4_MAGIC = 0x43004300u;  // 128.0 pair
+constexpr unsigned int V4_ONE = 0x3F803F80u;
+#else
+#define V4_MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#define V4_FMA2 "fma.rn.f16x2"
+constexpr unsigned int V4_MAGIC = 0x64006400u;  // 1024.0 pair
+constexpr unsigned int V4_ONE = 0x3C003C00u;
+constexpr unsigned int V4_SIXTEENTH = 0x2C002C00u;  // 1/16 pair
+#endif
+
+// 16 bytes global -> shared, bypassing L1 (.cg); completion tracked by commit / wait groups.
+__device__ __forceinline__ void v4_cp16(unsigned int dst, const uint4* src) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void v4_prefetch(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// Programmatic Dependent Launch (HEADRACE_PDL=1; cuda/gemv_step.cu has the same pair): launched
+// so, the kernel may start while the previous one still runs. Before v4_griddep_wait it
+// touches only the weights, scales and zeros (written by no kernel); x is read and y
+// written after it. Without the launch attribute the wait returns at once.
+__device__ __forceinline__ void v4_griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void v4_griddep_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void v4_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void v4_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ uint4 v4_lds(unsigned int addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(addr)
+                 : "memory");
+    return v;
+}
+
+__device__ __forceinline__ unsigned int v4_fma2(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm(V4_FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// -(magic + z) (lo: nibbles at bits 0-3 of each half) and, fp16 only, -(magic / 16 + z)
+// (hi: bits 4-7) on both 16-bit lanes, as integer bit patterns (round 3's mw_zero).
+struct V4Zero {
+    unsigned int lo, hi;
+};
+
+__device__ __forceinline__ V4Zero v4_zero(unsigned int z) {
+#if HR_BF16
+    return {0xC300C300u + z * 0x00010001u, 0u};
+#else
+    return {0xE400E400u + z * 0x00010001u, 0xD400D400u + z * 0x00100010u};
+#endif
+}
+
+// A registers of one k-step from word w: s even is channel g (zero zg), s odd channel
+// g + 8 (zero zh). `lo` is 0x000F000F passed in a register (round 3: as a constant next to
+// the magic immediate, ptxas re-made it with a MOV before every LOP3).
+__device__ __forceinline__ void v4_dequant(unsigned int w, V4Zero zg, V4Zero zh, unsigned int lo,
+                                           unsigned int (&a)[4]) {
+#if HR_BF16
+    const unsigned int w4 = w >> 4;
+    a[0] = v4_fma2((w & lo) | V4_MAGIC, V4_ONE, zg.lo);
+    a[1] = v4_fma2((w4 & lo) | V4_MAGIC, V4_ONE, zh.lo);
+    a[2] = v4_fma2(((w >> 8) & lo) | V4_MAGIC, V4_ONE, zg.lo);
+    a[3] = v4_fma2(((w4 >> 8) & lo) | V4_MAGIC, V4_ONE, zh.lo);
+#else
+    const unsigned int w8 = w >> 8, hi = lo << 4;
+    a[0] = v4_fma2((w & lo) | V4_MAGIC, V4_ONE, zg.lo);
+    a[1] = v4_fma2((w & hi) | V4_MAGIC, V4_SIXTEENTH, zh.hi);
+    a[2] = v4_fma2((w8 & lo) | V4_MAGIC, V4_ONE, zg.lo);
+    a[3] = v4_fma2((w8 & hi) | V4_MAGIC, V4_SIXTEENTH, zh.hi);
+#endif
+}
+
+__device__ __forceinline__ void v4_mma(float (&d)[4], const unsigned int (&a)[4], unsigned int b0,
+                                       unsigned int b1) {
+    asm volatile(V4_MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned int v4_word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Half j of a k-block (k-steps 4 j .. 4 j + 3, inputs 64 j .. 64 j + 63) into t.
+// xa, xb: the lane's x inputs 32 (2 j) + 8 c .. and 32 (2 j + 1) + 8 c .. (8 each).
+__device__ __forceinline__ void v4_half(float (&t)[4], const uint4& w, const uint4& xa, const uint4& xb,
+                                        V4Zero zg, V4Zero zh, unsigned int lo) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint4& xv = i < 2 ? xa : xb;
+        unsigned int a[4];
+        v4_dequant(v4_word(w, i), zg, zh, lo, a);
+        if (i % 2 == 0) {
+            v4_mma(t, a, xv.x, xv.y);  // k-step 4 j + i even: inputs 8 c + 0..3
+        } else {
+            v4_mma(t, a, xv.z, xv.w);  // odd: 8 c + 4..7
+        }
+    }
+}
+
+#define HR_V4_ARGS                                                                            \
+    const elem_t *__restrict__ x, long long x_stride, const uint4 *__restrict__ qv,          \
+        const __half *__restrict__ scales, const unsigned char *__restrict__ zeros,           \
+        elem_t *__restrict__ y, long long y_stride, int N, int K, int group_shift, int M,      \
+        int lo_mask
+#define HR_V4_PASS x, x_stride, qv, scales, zeros, y, y_stride, N, K, group_shift, M, lo_mask
+
+template <int WK, int S>
+__device__ __forceinline__ void v4_gemv(HR_V4_ARGS) {
+    extern __shared__ uint4 v4_ring[];  // [WK][S][64]: each warp's ring of S units
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane >> 2, c = lane & 3;
+    const int KB = K / V4_KB, G = K >> group_shift;
+    const int per = (KB + WK - 1) / WK;
+    const int b0 = min(KB, warp * per), nb = min(KB, b0 + per) - b0;
+    const int tile = blockIdx.x, ch = tile * 16 + g;  // N % 16 == 0 (the layout needs it)
+    const uint4* src = qv + ((long long)tile * KB + b0) * V4_UNIT + lane;
+    // Shared addresses of this lane's vector 0 in slot 0; slot s adds 1024 s, vector 1 512.
+    const unsigned int mine =
+        (unsigned int)__cvta_generic_to_shared(v4_ring + warp * S * V4_UNIT + lane);
+    // x rows past M re-read row 0 (their columns are not written).
+    const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)(g < M ? g : 0) * x_stride) +
+                      (long long)b0 * 16 + c;
+    const __half* sg = scales + (long long)ch * G;
+    const unsigned char* zgp = zeros + (long long)ch * G;
+    const unsigned int lo = (unsigned int)lo_mask;
+    if (nb > 0) {  // the run's first and last lines of scales and zeros into L2 (the lane's
+        // first use of each would otherwise wait a DRAM round trip after its unit landed)
+        const long long first = (long long)(b0 * V4_KB) >> group_shift;
+        const long long last = (long long)((b0 + nb) * V4_KB - 1) >> group_shift;
+        const long long h = (c & 1) ? 8LL * G : 0;  // lanes c odd: channel g + 8's
+        v4_prefetch((c & 2) ? (const void*)(sg + h + last) : (const void*)(sg + h + first));
+        v4_prefetch((c & 2) ? (const void*)(zgp + h + last) : (const void*)(zgp + h + first));
+    }
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {  // the ring's first S - 1 units
+        if (s < nb) {
+            v4_cp16(mine + 1024 * s, src + V4_UNIT * s);
+            v4_cp16(mine + 1024 * s + 512, src + V4_UNIT * s + 32);
+        }
+        v4_commit();
+    }
+    v4_griddep_wait();  // x comes from the previous kernel
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    // Rolling state (no 64-bit index math or modulo per k-block): the unit S - 1 ahead,
+    // its slot, the slot read now, x of this k-block, this k-block's first input.
+    const uint4* ahead = src + V4_UNIT * (S - 1);
+    unsigned int wr = mine + 1024 * (S - 1), rd = mine;
+    const unsigned int ring_end = mine + 1024 * S;
+    int k0 = b0 * V4_KB;
+    const long long hoff = 8LL * G;  // channel g + 8's scales / zeros from channel g's
+    for (int i = 0; i < nb; ++i, ahead += V4_UNIT, xr += 16, k0 += V4_KB) {
+        if (i + S - 1 < nb) {  // its slot was read in iteration i - 1, by this lane only
+            v4_cp16(wr, ahead);
+            v4_cp16(wr + 512, ahead + 32);
+        }
+        v4_commit();
+        wr = wr + 1024 == ring_end ? mine : wr + 1024;
+        // x, scales and zeros of k-block i, issued before the wait so their latency overlaps
+        const uint4 x0 = __ldg(xr), x1 = __ldg(xr + 4), x2 = __ldg(xr + 8), x3 = __ldg(xr + 12);
+        const int g0 = k0 >> group_shift, g1 = (k0 + 64) >> group_shift;
+        const float s0g = __half2float(__ldg(sg + g0)), s0h = __half2float(__ldg(sg + hoff + g0));
+        const unsigned int z0g = __ldg(zgp + g0), z0h = __ldg(zgp + hoff + g0);
+        float s1g = s0g, s1h = s0h;
+        unsigned int z1g = z0g, z1h = z0h;
+        if (g1 != g0) {  // groups of 64 (uniform across the grid)
+            s1g = __half2float(__ldg(sg + g1));
+            s1h = __half2float(__ldg(sg + hoff + g1));
+            z1g = __ldg(zgp + g1);
+            z1h = __ldg(zgp + hoff + g1);
+        }
+        v4_wait<S - 1>();  // unit i has landed (this lane's copies, seen by this lane)
+        const uint4 w0 = v4_lds(rd), w1 = v4_lds(rd + 512);
+        rd = rd + 1024 == ring_end ? mine : rd + 1024;
+        float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
+        v4_half(t0, w0, x0, x1, v4_zero(z0g), v4_zero(z0h), lo);
+        v4_half(t1, w1, x2, x3, v4_zero(z1g), v4_zero(z1h), lo);
+        // C: t[0], t[1] channel g, x rows 2c, 2c + 1; t[2], t[3] channel g + 8
+        acc[0] += s0g * t0[0] + s1g * t1[0];
+        acc[1] += s0g * t0[1] + s1g * t1[1];
+        acc[2] += s0h * t0[2] + s1h * t1[2];
+        acc[3] += s0h * t0[3] + s1h * t1[3];
+    }
+    v4_griddep_launch_dependents();  // every weight is read: the next GEMV may start its own
+    if (WK > 1) {
+        // Partials in this warp's own ring (its copies have all landed: the last wait had
+        // none pending); other lanes of the warp may still read their last unit: syncwarp.
+        v4_wait<0>();
+        __syncwarp();
+        float* red = reinterpret_cast<float*>(v4_ring + warp * S * V4_UNIT);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) red[32 * j + lane] = acc[j];
+        __syncthreads();
+        if (warp != 0) return;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < WK; ++w) v += reinterpret_cast<const float*>(v4_ring + w * S * V4_UNIT)[32 * j + lane];
+            acc[j] = v;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int m = 2 * c + (j & 1);
+        const int n = j < 2 ? ch : ch + 8;
+        if (m < M) y[m * y_stride + n] = from_f(acc[j]);
+    }
+}
+
+// v4_gemv_w{WK}_s{S}: WK warps a block split K, S units in each warp's ring (S - 1 in
+// flight). 64 registers at most (32 warps an SM); cuda/int4_v4_gemv.py's VARIANTS lists
+// the same set.
+#define HR_V4_KERNEL(WK, S)                                                              \
+    extern "C" __global__ void __launch_bounds__(WK * 32, 32 / WK) v4_gemv_w##WK##_s##S( \
+        HR_V4_ARGS) {                                                                    \
+        v4_gemv<WK, S>(HR_V4_PASS);                                                      \
+    }
+#define HR_V4_KERNELS(WK) HR_V4_KERNEL(WK, 4) HR_V4_KERNEL(WK, 6)
+HR_V4_KERNELS(1)
+HR_V4_KERNELS(2)
+HR_V4_KERNELS(4)
+HR_V4_KERNELS(8)
+HR_V4_KERNELS(16)
+
+// v4_dequant_rows: W -> [N, K] in the activation dtype from the stream layout (prefill's
+// cuBLAS path): one thread per 8 inputs of a channel, written as one 16-byte vector.
+// Inputs 8 c' .. 8 c' + 7 of k-step pair p (c' = c) are, for k-step 2 p + e, elements
+// 4 e + 2 (s >> 1) + h: word (2 p + e) % 4 of lane 4 g + c's vector (2 p + e) / 4.
+extern "C" __global__ void __launch_bounds__(256) v4_dequant_rows(
+    const unsigned int* __restrict__ qv, const __half* __restrict__ scales,
+    const unsigned char* __restrict__ zeros, elem_t* __restrict__ w, int N, int K, int group_shift) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int words = K / 8;
+    if (idx >= (long long)N * words) return;
+    const int n = (int)(idx / words), k0 = (int)(idx % words) * 8;
+    const int G = K >> group_shift;
+    const float s = __half2float(scales[(long long)n * G + (k0 >> group_shift)]);
+    const float z = (float)zeros[(long long)n * G + (k0 >> group_shift)];
+    const int r = n % 16, g = r & 7, hi = r >> 3;
+    const int kk = k0 % V4_KB, p = kk / 32, c = (kk % 32) / 8;
+    const long long unit = (long long)(n / 16) * (K / V4_KB) + k0 / V4_KB;
+    __align__(16) elem_t out[8];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int ks = 2 * p + e;
+        const unsigned int word = qv[(unit * V4_UNIT + 32 * (ks / 4) + 4 * g + c) * 4 + ks % 4];
+#pragma unroll
+        for (int o = 0; o < 4; ++o) {  // element 4 e + o: s = hi + 2 (o >> 1), h = o & 1
+            const int nib = hi + 2 * (o >> 1) + 4 * (o & 1);
+            out[4 * e + o] = from_f(((float)((word >> (4 * nib)) & 0xF) - z) * s);
+        }
+    }
+    *reinterpret_cast<uint4*>(w + (long long)n * K + k0) = *reinterpret_cast<const uint4*>(out);
+}
