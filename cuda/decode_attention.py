@@ -13,9 +13,10 @@ per SM), 4 warps, 4 stages for FP8 (64 KB). On an H200 (cc98fa0, scripts/bench_d
 copy bandwidth at batch 64 x 1k / 4k / 16k and 8 x 16k) w2s3 read bf16 KV at 76.9 / 90.2 /
 93.9 / 79.4 against w4s2's 64.3 / 86.7 / 93.3 / 81.0 (w4s3: 74.5 / 89.2 / 93.9 / 83.4).
 HEADRACE_DECODE_CONFIG=w<W>s<S> overrides both (the benchmark compares variants).
-HEADRACE_DECODE_PLAN=v3 (opt-in, cuda/decode_plan3.py) picks the variant by the grid's size
-and cuts no split shorter than two pipelines; HEADRACE_DECODE_FP8_MATH=f16 (opt-in) runs FP8
-KV through decode_tc_fp8h: fp16 mma, so a bf16 model's KV pair takes one e4m3x2 -> f16x2
+HEADRACE_DECODE_PLAN=v3 (the default since session 8; `v2` for the fixed variants above,
+cuda/decode_plan3.py) picks the variant by the grid's size and cuts no split shorter than two
+pipelines; HEADRACE_DECODE_FP8_MATH=f16 (the default since session 8; `auto` widens FP8 to the
+model's dtype) runs FP8 KV through decode_tc_fp8h: fp16 mma, so a bf16 model's KV pair takes one e4m3x2 -> f16x2
 conversion instead of four (f16x2, two halves to f32, f32x2 to bf16x2; conversions issue at
 16 a clock per SM, the FP8 path's bound near copy bandwidth).
 
@@ -139,18 +140,20 @@ def config_for(kv_bytes: int, pairs: int | None = None, num_sms: int = 0) -> Dec
 
 
 def plan3() -> bool:
-    """HEADRACE_DECODE_PLAN: `v2` (the default: one variant per KV type, 128-token splits)
-    or `v3` (decode_plan3: the variant by batch, splits of two pipelines at least)."""
-    value = os.environ.get(PLAN_ENV, "v2").strip().lower() or "v2"
+    """HEADRACE_DECODE_PLAN: `v3` (the default since the H200 ranked it best or within 0.2
+    points in every cell, session 8: decode_plan3, the variant by batch, splits of two
+    pipelines at least) or `v2` (one variant per KV type, 128-token splits)."""
+    value = os.environ.get(PLAN_ENV, "v3").strip().lower() or "v3"
     if value not in ("v2", "v3"):
         raise ValueError(f"{PLAN_ENV} must be v2 or v3, got {value!r}")
     return value == "v3"
 
 
 def fp8_math_half() -> bool:
-    """HEADRACE_DECODE_FP8_MATH: `auto` (the default: FP8 KV widened to the model's dtype)
-    or `f16` (decode_tc_fp8h: fp16 mma, one conversion per KV pair instead of four on bf16)."""
-    value = os.environ.get(FP8_MATH_ENV, "auto").strip().lower() or "auto"
+    """HEADRACE_DECODE_FP8_MATH: `f16` (the default, best with v3 in 6 of 7 FP8 cells on the
+    H200: decode_tc_fp8h, fp16 mma, one conversion per KV pair instead of four on bf16) or
+    `auto` (FP8 KV widened to the model's dtype)."""
+    value = os.environ.get(FP8_MATH_ENV, "f16").strip().lower() or "f16"
     if value not in ("auto", "f16"):
         raise ValueError(f"{FP8_MATH_ENV} must be auto or f16, got {value!r}")
     return value == "f16"

@@ -14,12 +14,12 @@ launch can be captured in a CUDA graph. What the kernel does not cover (FP8 KV c
 head dims other than 64/128, CPU tensors, ...) is `unsupported_reason`'s to say; callers
 then use the older kernel in cuda/paged_attention_kernels.py (`attention_cuda` does).
 
-HEADRACE_PREFILL_KERNEL picks the prefill path: `new` (default: DEFAULT_CONFIG of the
-head dim), `old` (paged_attention_kernels.py's prefill kernel), a configuration name
-such as `m128n64w8s2`, or round 2 (cuda/prefill_v2.py, opt-in): `v2` or a name such as
-`v2_m128n64w4s2k32p`. HEADRACE_PREFILL_FP8 picks the path of FP8 KV caches: `old` (default,
-the older kernel) or `new` (round 2, in the configuration HEADRACE_PREFILL_KERNEL names if
-it names one of round 2's, else round 2's default).
+HEADRACE_PREFILL_KERNEL picks the prefill path: round 2 (cuda/prefill_v2.py, the default
+since session 8): `v2` or a name such as `v2_m128n64w4s2k32p`; round 1 (this module): `new`
+(DEFAULT_CONFIG of the head dim) or a configuration name such as `m128n64w8s2`; `old`
+(paged_attention_kernels.py's prefill kernel). HEADRACE_PREFILL_FP8 picks the path of FP8 KV
+caches: `new` (default: round 2, in the configuration HEADRACE_PREFILL_KERNEL names if it
+names one of round 2's, else round 2's default) or `old` (the older kernel).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def choice_from_env(environ: dict[str, str] | None = None) -> str:
     round-2 configuration name."""
     from cuda import prefill_v2
 
-    value = (environ if environ is not None else os.environ).get(ENV, "new").strip() or "new"
+    value = (environ if environ is not None else os.environ).get(ENV, "v2").strip() or "v2"
     if value not in ("new", "old") and value not in BY_NAME and not prefill_v2.is_choice(value):
         allowed = ", ".join(["new", "old", *BY_NAME, "v2", *prefill_v2.BY_NAME])
         raise ValueError(f"{ENV}={value!r}: expected one of {allowed}")
@@ -113,7 +113,7 @@ def choice_from_env(environ: dict[str, str] | None = None) -> str:
 
 def fp8_choice_from_env(environ: dict[str, str] | None = None) -> str:
     """HEADRACE_PREFILL_FP8's value: 'old' (FP8 KV prefills on the older kernel) or 'new'."""
-    value = (environ if environ is not None else os.environ).get(FP8_ENV, "old").strip() or "old"
+    value = (environ if environ is not None else os.environ).get(FP8_ENV, "new").strip() or "new"
     if value not in ("new", "old"):
         raise ValueError(f"{FP8_ENV}={value!r}: expected new or old")
     return value
@@ -254,8 +254,8 @@ def attention_cuda(
     params: AttentionParams,
     out: torch.Tensor,
     workspace: torch.Tensor | None = None,
-    choice: str = "new",
-    fp8_choice: str = "old",
+    choice: str = "v2",
+    fp8_choice: str = "new",
 ) -> torch.Tensor:
     """Paged attention on the GPU: steps with q_len > 1 on round 1 or round 2 (when it
     covers them and `choice` is not 'old'; FP8 caches on round 2 when `fp8_choice` is

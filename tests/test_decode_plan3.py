@@ -104,6 +104,11 @@ def test_plan_env_and_fp8_math_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(da.PLAN_ENV, raising=False)
     monkeypatch.delenv(da.FP8_MATH_ENV, raising=False)
     monkeypatch.delenv(da.CONFIG_ENV, raising=False)
+    # the defaults since session 8: plan v3, FP8 on fp16 mma
+    assert da.plan3() and da.config_for(1, 512, SMS) == da.DecodeConfig(4, 3)
+    assert da.kernel_name(True) == "decode_tc_fp8h" and da.kernel_name(False) == "decode_tc"
+    monkeypatch.setenv(da.PLAN_ENV, "v2")
+    monkeypatch.setenv(da.FP8_MATH_ENV, "auto")
     assert not da.plan3() and da.config_for(1, 512, SMS) == da.DEFAULT_CONFIGS[1]
     assert da.kernel_name(True) == "decode_tc_fp8" and da.kernel_name(False) == "decode_tc"
     monkeypatch.setenv(da.PLAN_ENV, " V3 ")
@@ -150,7 +155,7 @@ def test_plan_for_and_launch_agree_under_v3(monkeypatch: pytest.MonkeyPatch, fp8
 
 def test_v3_compiles_its_merge(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = da.DecodeConfig(2, 3)
-    monkeypatch.delenv(da.PLAN_ENV, raising=False)
+    monkeypatch.setenv(da.PLAN_ENV, "v2")
     assert "HR_DECODE_MERGE3" not in da.module_defines(torch.bfloat16, 128, cfg)
     assert da.module_defines(torch.bfloat16, 128, cfg, merge3=True)["HR_DECODE_MERGE3"] == 1
     monkeypatch.setenv(da.PLAN_ENV, "v3")

@@ -199,7 +199,8 @@ def test_launch_grid_orders_rows_and_bounds_the_grid() -> None:
 
 
 def test_env_choice() -> None:
-    assert pa.choice_from_env({}) == "new"
+    assert pa.choice_from_env({}) == "v2"  # round 2, cuda/prefill_v2.py (tests/test_prefill_v2.py)
+    assert pa.choice_from_env({pa.ENV: "new"}) == "new"
     assert pa.choice_from_env({pa.ENV: "old"}) == "old"
     assert pa.choice_from_env({pa.ENV: "m128n64w8s2"}) == "m128n64w8s2"
     with pytest.raises(ValueError, match="HEADRACE_PREFILL_KERNEL"):
@@ -273,7 +274,7 @@ def test_launch_arguments_follow_the_kernel_signature(
         ([70, 3], torch.bfloat16, "m64n64w4s2", "new"),
         ([70, 3], torch.bfloat16, "old", "old"),
         ([1, 1], torch.bfloat16, "new", "old"),  # decode
-        ([70, 3], torch.float8_e4m3fn, "new", "old"),  # FP8 KV: the old kernel's
+        ([70, 3], torch.float8_e4m3fn, "new", "old"),  # FP8 KV with fp8_choice old: the old kernel's
     ],
 )
 def test_dispatch(
@@ -287,7 +288,8 @@ def test_dispatch(
     monkeypatch.setattr(pa, "prefill_attention_cuda", lambda *a, **k: ran.append("new"))
     monkeypatch.setattr(pak, "paged_attention_cuda", lambda *a, **k: ran.append("old"))
     t = _case(q_lens, [90, 40], kv_dtype)
-    pa.attention_cuda(t["q"], t["kc"], t["md"], AttentionParams(0.125), t["out"], None, choice)
+    md, out = t["md"], t["out"]
+    pa.attention_cuda(t["q"], t["kc"], md, AttentionParams(0.125), out, None, choice, "old")
     assert ran == [want]
 
 

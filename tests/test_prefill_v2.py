@@ -96,8 +96,8 @@ def test_env_choices() -> None:
     assert pa.choice_from_env({pa.ENV: "v2_m128n128w8s2k64"}) == "v2_m128n128w8s2k64"
     with pytest.raises(ValueError, match="v2_m128n64w4s2k32p"):
         pa.choice_from_env({pa.ENV: "v3"})
-    assert pa.fp8_choice_from_env({}) == "old"
-    assert pa.fp8_choice_from_env({pa.FP8_ENV: "new"}) == "new"
+    assert pa.fp8_choice_from_env({}) == "new"
+    assert pa.fp8_choice_from_env({pa.FP8_ENV: "old"}) == "old"
     with pytest.raises(ValueError, match="HEADRACE_PREFILL_FP8"):
         pa.fp8_choice_from_env({pa.FP8_ENV: "v2"})
     assert v2.config_for("v2") == v2.DEFAULT_CONFIG == v2.config_for("new")
@@ -115,14 +115,14 @@ BF16 = torch.bfloat16
         ([70, 3], BF16, "new", "old", "r1:m128n64w4s2"),
         ([70, 3], BF16, "new", "new", "r1:m128n64w4s2"),  # FP8's switch leaves 16 bits alone
         ([70, 3], BF16, "m64n64w4s2", "old", "r1:m64n64w4s2"),
-        ([70, 3], BF16, "v2", "old", "v2:v2_m128n64w4s2k64"),
+        ([70, 3], BF16, "v2", "old", "v2:v2_m128n64w4s2k32"),
         ([70, 3], BF16, "v2_m128n128w8s2k64", "old", "v2:v2_m128n128w8s2k64"),
         ([70, 3], BF16, "old", "new", "old"),
         ([1, 1], BF16, "v2", "new", "old"),  # decode
         ([70, 3], FP8, "new", "old", "old"),  # FP8 KV: the old kernel unless opted in
-        ([70, 3], FP8, "v2", "old", "v2:v2_m128n64w4s2k64"),
-        ([70, 3], FP8, "new", "new", "v2:v2_m128n64w4s2k64"),
-        ([70, 3], FP8, "m128n64w8s2", "new", "v2:v2_m128n64w4s2k64"),
+        ([70, 3], FP8, "v2", "old", "v2:v2_m128n64w4s2k32"),
+        ([70, 3], FP8, "new", "new", "v2:v2_m128n64w4s2k32"),
+        ([70, 3], FP8, "m128n64w8s2", "new", "v2:v2_m128n64w4s2k32"),
         ([70, 3], FP8, "v2_m128n64w8s2k64", "new", "v2:v2_m128n64w8s2k64"),
         ([1, 1], FP8, "new", "new", "old"),
         ([70, 3], FP8, "old", "new", "old"),
