@@ -16,9 +16,10 @@ A second layout, "tiles" (cuda/int4_tiles.py; `Int4Weight.as_tiles`), holds the 
 bytes in the order of mma.sync's fragments: its GEMV (gemv_tiles) unpacks with about half
 the instructions per weight and splits K across a block's warps, for up to 8 rows at once.
 
-`int4_linear` runs, for a few rows of x, a GEMV picked by HEADRACE_INT4_GEMV: "mma" (the
-default; cuda/int4_mma_gemv.py: tensor cores on the rows layout, 8 rows a launch, up to
-MMA_MAX_ROWS rows; shapes it does not take run "old"), "old" (gemv_m1/m2/m4 here, 4 rows a
+`int4_linear` runs, for a few rows of x, a GEMV picked by HEADRACE_INT4_GEMV: "v4" (the
+default: cuda/int4_v4_gemv.py on the weights the loader put in the stream layout, "mma" on
+the others), "mma" (cuda/int4_mma_gemv.py: tensor cores on the rows layout, 8 rows a launch,
+up to MMA_MAX_ROWS rows; shapes it does not take run "old"), "old" (gemv_m1/m2/m4 here, 4 rows a
 launch) or "split" (cuda/int4_gemv.py, split-K, 8 rows a launch), those two up to
 GEMV_MAX_ROWS rows (HEADRACE_INT4_GEMV_ROWS, default 8); the tiles layout runs gemv_tiles
 (8 rows a launch, up to 32); more rows dequantize into a scratch buffer and call cuBLAS
@@ -52,11 +53,18 @@ GEMV_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_GEMV_ROWS", "8"))
 # (cuda/int4_gemv.cu, split-K). On an H200 (52e44f0) the split-K variants' best per shape only matched gemv_m1 (8B qkv
 # 15.2 vs 16.3 us, down 22.9 vs 27.7, gate_up 34.4 vs 31.0) and the rule's pick was slower
 # everywhere (BENCHMARKS.md, W4A16 GEMV round 2), so it stays opt-in.
-# "v4" (cuda/int4_v4_gemv.cu, round 4, opt-in): the loader repacks the shapes it takes into
-# the stream layout (worker/quant/int4_linear.prepare_int4_layers), which it then runs.
-GEMV_IMPL = os.environ.get("HEADRACE_INT4_GEMV", "mma")
+# "v4" (cuda/int4_v4_gemv.cu, round 4, the default since session 8): the loader repacks the
+# shapes it takes, up to STREAM_MAX_WEIGHTS, into the stream layout
+# (worker/quant/int4_linear.prepare_int4_layers), which it then runs; the rest run "mma".
+GEMV_IMPL = os.environ.get("HEADRACE_INT4_GEMV", "v4")
 if GEMV_IMPL not in ("mma", "split", "old", "v4"):
     raise ValueError(f"HEADRACE_INT4_GEMV {GEMV_IMPL!r} must be 'mma', 'split', 'old' or 'v4'")
+# v4: the largest weight (out x in) that goes to the stream layout. On an H200 (session 8,
+# scripts/bench_int4_v4.py, graph replays at M = 1) round 4 beat round 3 on every matrix up to
+# 117M weights (8B qkv 11.3 vs 12.7 us, o 9.5 vs 10.7, gate_up 30.1 vs 35.3, down 19.5 vs 21.6;
+# 70B qkv 24.0 vs 26.8, o 21.4 vs 22.6) and lost on the 70B's two largest (gate_up, 470M:
+# 116.1 vs 108.4 us; down, 235M: 64.0 vs 58.2), so those stay on round 3.
+STREAM_MAX_WEIGHTS = int(os.environ.get("HEADRACE_INT4_STREAM_MAX", str(160 * 2**20)))
 # mma: up to this many rows run as GEMV launches of 8 (4 launches read 2 B/weight;
 # dequantize + cuBLAS moves 4.5 B/weight).
 MMA_MAX_ROWS = max(GEMV_MAX_ROWS, 32)

@@ -1,10 +1,11 @@
-"""Prefill attention, side by side: the old kernel (cuda/paged_attention_kernels.py), the new
-one (cuda/prefill_attention.py) in each tile configuration, and torch SDPA (flash), at the
-Llama-3-8B shape (32 q heads, 8 KV heads, head_dim 128, block_size 16, shuffled pages).
+"""Prefill attention, side by side: the old kernel (cuda/paged_attention_kernels.py), round 1
+(cuda/prefill_attention.py) in its default tile, round 2 (cuda/prefill_v2.py, the kernel that
+runs by default) in its default configuration, and torch SDPA (flash), at the Llama-3-8B
+shape (32 q heads, 8 KV heads, head_dim 128, block_size 16, shuffled pages).
 
 TFLOP/s count only the visible (query, key) pairs: 4 * pairs * head_dim * q_heads.
 Times are medians of CUDA-event timings with L2 flushed before each run. Also printed: the
-largest difference between the new default kernel's output and the old kernel's.
+largest difference between the default kernel's output and the old kernel's.
 
     PYTHONPATH=. python scripts/bench_prefill.py --out bench_prefill.json
 (scripts/bench_kernels.py runs the same as its prefill part.)
@@ -35,6 +36,11 @@ HQ, HKV, D, BS = 32, 8, 128, 16
 # (batch, q_len, ctx): causal whole prompts, then a chunked-prefill batch (no SDPA twin)
 SHAPES = ((1, 2048, 2048), (1, 4096, 4096), (1, 8192, 8192), (1, 16384, 16384), (4, 2048, 2048))
 CHUNKED = ((8, 512, 4096),)
+
+
+Runner = Callable[
+    [torch.Tensor, torch.Tensor, AttentionMetadata, AttentionParams, torch.Tensor], object
+]
 
 
 def time_op(fn: Callable[[], object], iters: int = 10) -> float:
@@ -71,26 +77,34 @@ def sdpa_time(batch: int, q_len: int, dtype: torch.dtype) -> float | None:
         return None
 
 
+def default_runners() -> dict[str, Runner]:
+    """name -> kernel call: the old kernel, round 1's default tile and round 2's default
+    (the kernel `attention_cuda` runs)."""
+    r1 = pa.DEFAULT_CONFIG[D]
+    return {
+        "old": paged_attention_cuda,
+        r1.name: functools.partial(pa.prefill_attention_cuda, config=r1),
+        v2.DEFAULT_CONFIG.name: functools.partial(v2.prefill_v2_cuda, config=v2.DEFAULT_CONFIG),
+    }
+
+
 def one_shape(batch: int, q_len: int, ctx: int, dtype: torch.dtype, sdpa: bool) -> dict:
     q, cache, md = paged_batch(batch, q_len, ctx, dtype)
     params = AttentionParams(D**-0.5)
     pairs = batch * sum(ctx - q_len + i + 1 for i in range(q_len))
     flops = 4 * pairs * D * HQ
-    outs = {"old": torch.empty_like(q), "new": torch.empty_like(q)}
+    outs: dict[str, torch.Tensor] = {}
     tflops: dict[str, float | None] = {}
-    tflops["old"] = (
-        flops / time_op(lambda: paged_attention_cuda(q, cache, md, params, outs["old"])) / 1e12
-    )
-    for c in pa.CONFIGS:
-        out = outs["new"] if c == pa.DEFAULT_CONFIG[D] else torch.empty_like(q)
+    for name, fn in default_runners().items():
+        out = outs.setdefault(name, torch.empty_like(q))
 
-        def run(c: pa.TileConfig = c, out: torch.Tensor = out) -> None:
-            pa.prefill_attention_cuda(q, cache, md, params, out, c)
+        def run(fn: Runner = fn, out: torch.Tensor = out) -> None:
+            fn(q, cache, md, params, out)
 
-        tflops[c.name] = flops / time_op(run) / 1e12
+        tflops[name] = flops / time_op(run) / 1e12
     ts = sdpa_time(batch, q_len, dtype) if sdpa else None
     tflops["sdpa_flash"] = flops / ts / 1e12 if ts else None
-    diff = (outs["new"].float() - outs["old"].float()).abs().max().item()
+    diff = (outs[v2.DEFAULT_CONFIG.name].float() - outs["old"].float()).abs().max().item()
     return {
         "kind": "prefill",
         "dtype": str(dtype).removeprefix("torch."),
@@ -105,11 +119,11 @@ def one_shape(batch: int, q_len: int, ctx: int, dtype: torch.dtype, sdpa: bool) 
 def show(row: dict) -> str:
     t = row["TFLOPs"]
     cells = " | ".join(f"{k} {v:6.1f}" if v else f"{k}    n/a" for k, v in t.items())
-    news = [v for k, v in t.items() if k in pa.BY_NAME]
-    ratio = f"best new / sdpa {max(news) / t['sdpa_flash']:.2f}x" if t["sdpa_flash"] else ""
+    name = v2.DEFAULT_CONFIG.name
+    ratio = f"default ({name}) / sdpa {t[name] / t['sdpa_flash']:.2f}x" if t["sdpa_flash"] else ""
     return (
         f"prefill {row['dtype']:8s} B={row['batch']} q={row['q_len']:5d} ctx={row['ctx']:5d} "
-        f"TFLOP/s: {cells} | {ratio} | max|new-old| {row['max_abs_new_minus_old']:.2g}"
+        f"TFLOP/s: {cells} | {ratio} | max|default-old| {row['max_abs_new_minus_old']:.2g}"
     )
 
 
@@ -122,9 +136,6 @@ def bench_prefill(results: list[dict]) -> None:
             torch.cuda.empty_cache()
 
 
-Runner = Callable[
-    [torch.Tensor, torch.Tensor, AttentionMetadata, AttentionParams, torch.Tensor], object
-]
 R1_COMPARED = ("m128n64w4s2", "m128n128w8s2")  # round 1's default and its best at 4k-16k
 FP8_SCALE = 0.5  # k_scale = v_scale of the FP8 rows (randn / 0.5 stays well inside e4m3)
 

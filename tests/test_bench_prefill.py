@@ -18,10 +18,13 @@ def _script() -> ModuleType:
     return module
 
 
-def test_line_shows_old_each_config_and_sdpa() -> None:
+def test_line_shows_old_round_1_the_default_and_sdpa() -> None:
+    from cuda import prefill_v2 as v2
+
     bench = _script()
-    tflops: dict[str, float | None] = {"old": 150.0}
-    tflops |= {c.name: 200.0 + i for i, c in enumerate(pa.CONFIGS)}
+    default = v2.DEFAULT_CONFIG.name
+    assert list(bench.default_runners()) == ["old", pa.DEFAULT_CONFIG[128].name, default]
+    tflops: dict[str, float | None] = {"old": 150.0, "m128n64w4s2": 300.0, default: 350.0}
     row = {
         "dtype": "bfloat16",
         "batch": 1,
@@ -31,11 +34,10 @@ def test_line_shows_old_each_config_and_sdpa() -> None:
         "max_abs_new_minus_old": 0.0039,
     }
     line = bench.show(row | {"TFLOPs": tflops | {"sdpa_flash": 330.0}})
-    assert "old  150.0" in line and "sdpa_flash  330.0" in line
-    assert all(c.name in line for c in pa.CONFIGS)
-    assert f"best new / sdpa {(200 + len(pa.CONFIGS) - 1) / 330:.2f}x" in line
+    assert "old  150.0" in line and "sdpa_flash  330.0" in line and f"{default}  350.0" in line
+    assert f"default ({default}) / sdpa {350 / 330:.2f}x" in line
     chunked = bench.show(row | {"TFLOPs": tflops | {"sdpa_flash": None}})
-    assert "sdpa_flash    n/a" in chunked and "best new" not in chunked
+    assert "sdpa_flash    n/a" in chunked and "/ sdpa" not in chunked
 
 
 def test_shapes_cover_causal_2k_to_16k() -> None:

@@ -31,6 +31,9 @@ def _launches(monkeypatch: pytest.MonkeyPatch, **case: Any) -> tuple[list[Any], 
     kernel = case.get("decode_kernel", "new")
     monkeypatch.setenv(decode_attention.ENV, "new" if kernel == "unfused" else kernel)
     monkeypatch.setenv(decode_attention.FUSED_MERGE_ENV, "0" if kernel == "unfused" else "1")
+    # The fixed variants' geometry below (plan v3's picks: tests/test_decode_plan3.py).
+    monkeypatch.setenv(decode_attention.PLAN_ENV, "v2")
+    monkeypatch.setenv(decode_attention.FP8_MATH_ENV, "auto")
     monkeypatch.setattr(compiler, "launch", lambda *call, shmem=0: calls.append((*call, shmem)))
     q_lens, seq_lens = case["q_lens"], case["seq_lens"]
     kv_dtype = torch.float8_e4m3fn if case.get("fp8") else torch.bfloat16

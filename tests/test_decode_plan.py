@@ -68,6 +68,7 @@ def test_bad_inputs_name_the_field(field: str) -> None:
 
 def test_config_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(da.CONFIG_ENV, raising=False)
+    monkeypatch.setenv(da.PLAN_ENV, "v2")  # the fixed variants (v3: tests/test_decode_plan3.py)
     assert da.config_for(2) == da.DecodeConfig(2, 3) and da.config_for(1) == da.DecodeConfig(4, 4)
     assert (
         da.config_for(2).smem_bytes(128, 2) == 49152

@@ -204,15 +204,19 @@ def test_int4_linear_keeps_its_outputs_in_the_stream_layout() -> None:
 
 
 def test_prepare_repacks_only_with_v4(monkeypatch: pytest.MonkeyPatch) -> None:
-    """HEADRACE_INT4_GEMV=v4 repacks what the kernel takes at load; the default does not."""
+    """HEADRACE_INT4_GEMV=v4 (the default) repacks what the kernel takes at load, up to
+    STREAM_MAX_WEIGHTS weights; mma does not."""
     from torch import nn
 
     from worker.quant import int4_linear as il
     from worker.quant.int4 import Int4Config
 
     monkeypatch.setattr(il.int4_gemv, "workspace", lambda device: None)
-    for impl, want in (("mma", ["rows", "rows"]), ("v4", ["stream", "rows"])):
+    assert ig.GEMV_IMPL == "v4" or "HEADRACE_INT4_GEMV" in __import__("os").environ
+    cases = (("mma", 1 << 30, ["rows", "rows"]), ("v4", 1 << 30, ["stream", "rows"]))
+    for impl, most, want in (*cases, ("v4", 256 * 64 - 1, ["rows", "rows"])):
         monkeypatch.setattr(ig, "GEMV_IMPL", impl)
+        monkeypatch.setattr(ig, "STREAM_MAX_WEIGHTS", most)
         cfg = Int4Config.for_dummy("awq")
         model = nn.Sequential(
             il.Int4Linear(256, 64, False, cfg), il.Int4Linear(256, 40, False, cfg)

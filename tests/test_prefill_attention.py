@@ -274,7 +274,7 @@ def test_launch_arguments_follow_the_kernel_signature(
         ([70, 3], torch.bfloat16, "m64n64w4s2", "new"),
         ([70, 3], torch.bfloat16, "old", "old"),
         ([1, 1], torch.bfloat16, "new", "old"),  # decode
-        ([70, 3], torch.float8_e4m3fn, "new", "old"),  # FP8 KV with fp8_choice old: the old kernel's
+        ([70, 3], torch.float8_e4m3fn, "new", "old"),  # FP8 KV, fp8_choice old: the old kernel
     ],
 )
 def test_dispatch(

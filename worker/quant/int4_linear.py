@@ -15,7 +15,9 @@ dequantized into one scratch buffer shared by every Int4Linear of the model (the
 the largest layer, so prefill never holds more than one 16-bit weight) and a cuBLAS
 matmul. `prepare_int4_layers` makes that buffer after loading and, with
 HEADRACE_INT4_LAYOUT=tiles, reorders qweight for the tensor-core GEMV (cuda/int4_tiles.py),
-or with HEADRACE_INT4_GEMV=v4 into round 4's stream layout (cuda/int4_v4_gemv.py). CPU: the reference (dequantize, then matmul), with the dequantized weight
+or with HEADRACE_INT4_GEMV=v4 (the default; weights up to HEADRACE_INT4_STREAM_MAX) into
+round 4's stream layout (cuda/int4_v4_gemv.py). CPU: the reference (dequantize, then
+matmul), with the dequantized weight
 kept while it is small (the CPU path serves tests and tiny models).
 """
 
@@ -155,8 +157,9 @@ def prepare_int4_layers(model: nn.Module, dtype: torch.dtype, device: torch.devi
         for m in layers:
             m.use_tiles()
     elif int4_gemm.GEMV_IMPL == "v4":
-        for m in layers:
-            m.use_stream()
+        for m in layers:  # the largest matrices run round 3 faster (cuda/int4_gemm.py)
+            if m.out_features * m.in_features <= int4_gemm.STREAM_MAX_WEIGHTS:
+                m.use_stream()
     int4_gemv.workspace(device)  # the split GEMV's partials, before any graph capture
     size = max(m.out_features * m.in_features for m in layers)
     buf = torch.empty(size, dtype=dtype, device=device)
