@@ -295,3 +295,39 @@ def test_runner_spec_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(pt.ENV, "flat2")
     with pytest.raises(ValueError, match=pt.ENV):
         prefill_tile_spec(config, torch.device("cpu"))
+
+
+def test_bench_shapes_and_line() -> None:
+    from scripts import bench_prefill_grid as bench
+
+    cases = bench.shapes(np.random.default_rng(0))
+    assert list(cases) == ["mixed", "1x16k", "4x2k", "mixed_fp8"]
+    q, s, fp8 = cases["mixed"]
+    assert not fp8 and cases["mixed_fp8"][2] and q.sum() == 600 + 4 * 2048 == 8792
+    assert ((q == 1) <= (s >= 200) & (s <= 2000)).all() and ((q > 1) <= (s >= 2048)).all()
+    # the W3 step's blocks: 8 KV heads x 604 requests x 64 row tiles, of which 8 x 856 work
+    tiles = pt.build_tile_map(np.concatenate([[0], np.cumsum(q)]), s, pt.TileSpec(4, 128))
+    assert len(tiles) == 4 * 64 + 600
+    row = {
+        "shape": "mixed", "kv": "bf16", "rows": 8792, "z_us": 1500.0, "flat_us": 1000.0,
+        "z_us_32": 1400.0, "flat_us_32": 1120.0, "blocks": {"z": 309248, "flat": 6848},
+        "map_build_us": 120.0, "max_abs_flat_minus_z": 0.0,
+    }  # fmt: skip
+    line = bench.show(row)
+    assert line.startswith("prefillgrid mixed") and "1.50x" in line and "1.25x" in line
+    assert "blocks z 309248 flat 6848" in line and "max|flat-z| 0" in line
+
+
+def test_gpu_bench_step() -> None:
+    """gpu_bench.sh's prefillgrid step: the GPU tests and the bench, its timeouts <= 70 s
+    (expected about 50 s)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "scripts" / "gpu_bench.sh").read_text()
+    step = re.search(r"\n    prefillgrid\)(.*?);;\n", text, re.S)
+    assert step is not None and "# Prefill flat grid" in text
+    body = step.group(1)
+    assert sum(int(t) for t in re.findall(r"timeout (\d+)", body)) <= 70
+    assert "tests/gpu/test_gpu_prefill_grid.py" in body and "bench_prefill_grid.py" in body
+    assert "--only prefill_attention_v2" in body
