@@ -27,6 +27,10 @@
 //     widens them once into one 16-bit K and V tile (e4m3 -> half is exact, half -> bf16 too:
 //     3 mantissa bits), then computes as on a 16-bit cache. k_scale is in scale_log2 (the
 //     host folds it), v_scale multiplies the output.
+// Grids: the z grid above, or (HEADRACE_PREFILL_GRID=flat; tile_map non-null) the flat grid
+// (num_kv_heads, N): block y runs tile_map[y] = (request, z), the host's list of the tiles
+// with work, heaviest first (cuda/prefill_tiles.py); a mixed step's decode rows then launch
+// no empty z tiles. Either way the same per-tile code runs, so both give identical outputs.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
