@@ -214,11 +214,11 @@ for step in $which; do
               echo "prefill3 tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/prefill3_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/prefill3_tests.log"
               t0=$SECONDS; timeout 40 python scripts/bench_prefill.py --round2 --out "$OUT/prefill3_bench.json" > "$OUT/prefill3_bench.log" 2>&1
               echo "bench_prefill --round2 (rc $?, $((SECONDS - t0)) s):"; cat "$OUT/prefill3_bench.log" ;;
-    prefillgrid) t0=$SECONDS; timeout 20 python scripts/warm_kernels.py --jobs 16 --only prefill_attention_v2 decode_attention paged_attention write_kv layer_ops fused_ops gemv_step > "$OUT/prefillgrid_warm.log" 2>&1
+    prefillgrid) t0=$SECONDS; timeout 15 python scripts/warm_kernels.py --jobs 16 --only prefill_attention_v2 decode_attention paged_attention write_kv layer_ops fused_ops gemv_step > "$OUT/prefillgrid_warm.log" 2>&1
               echo "warm prefill + tiny-engine modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/prefillgrid_warm.log")"
-              t0=$SECONDS; timeout 30 python -m pytest -m gpu tests/gpu/test_gpu_prefill_grid.py -q -p no:cacheprovider --maxfail=10 > "$OUT/prefillgrid_tests.log" 2>&1
+              t0=$SECONDS; timeout 35 python -m pytest -m gpu tests/gpu/test_gpu_prefill_grid.py -q -p no:cacheprovider --maxfail=10 > "$OUT/prefillgrid_tests.log" 2>&1
               echo "prefillgrid tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/prefillgrid_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/prefillgrid_tests.log"
-              t0=$SECONDS; timeout 20 python scripts/bench_prefill_grid.py --out "$OUT/prefillgrid_bench.json" > "$OUT/prefillgrid_bench.log" 2>&1
+              t0=$SECONDS; timeout 15 python scripts/bench_prefill_grid.py --out "$OUT/prefillgrid_bench.json" > "$OUT/prefillgrid_bench.log" 2>&1
               echo "bench_prefill_grid (rc $?, $((SECONDS - t0)) s):"; cat "$OUT/prefillgrid_bench.log" ;;
     decode2) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --only decode > "$OUT/decode2_warm.log" 2>&1
              echo "warm decode modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode2_warm.log")"
