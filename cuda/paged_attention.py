@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cuda.prefill_tiles import TileSpec
+
 
 @dataclass
 class QueryCapture:
@@ -52,6 +54,11 @@ class AttentionMetadata:
     capture: QueryCapture | None = None
     layer_seq_lens: torch.Tensor | None = None
     layer_slot_mapping: torch.Tensor | None = None
+    # Prefill round 2's flat grid (cuda/prefill_tiles.py): [N, 2] int32 (request, row tile)
+    # pairs with work, heaviest first, cut for prefill_tile_spec's (group, BM); None: the
+    # kernel runs its z grid (CUDA graphs, HEADRACE_PREFILL_GRID=z).
+    prefill_tiles: torch.Tensor | None = None
+    prefill_tile_spec: TileSpec | None = None
 
     def for_layer(self, index: int) -> AttentionMetadata:
         """The metadata layer `index` reads: itself unless layers differ in length."""

@@ -27,6 +27,10 @@
 //     widens them once into one 16-bit K and V tile (e4m3 -> half is exact, half -> bf16 too:
 //     3 mantissa bits), then computes as on a 16-bit cache. k_scale is in scale_log2 (the
 //     host folds it), v_scale multiplies the output.
+// Grids: the z grid above, or (HEADRACE_PREFILL_GRID=flat; tile_map non-null) the flat grid
+// (num_kv_heads, N): block y runs tile_map[y] = (request, z), the host's list of the tiles
+// with work, heaviest first (cuda/prefill_tiles.py); a mixed step's decode rows then launch
+// no empty z tiles. Either way the same per-tile code runs, so both give identical outputs.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -119,10 +123,11 @@ struct Tile {
         long long v_off, const int *__restrict__ query_start_loc,                            \
         const int *__restrict__ seq_lens, const int *__restrict__ block_tables, int bt_stride, \
         elem_t *__restrict__ out, long long out_stride, int num_kv_heads, int group,         \
-        int block_shift, float scale_log2, float v_scale, int window
+        int block_shift, float scale_log2, float v_scale, int window,                        \
+        const int2 *__restrict__ tile_map
 #define HR_PREFILL2_PASS                                                                 \
     q, q_stride, kc, v_off, query_start_loc, seq_lens, block_tables, bt_stride, out,     \
-        out_stride, num_kv_heads, group, block_shift, scale_log2, v_scale, window
+        out_stride, num_kv_heads, group, block_shift, scale_log2, v_scale, window, tile_map
 
 // max / sum of n values as a tree (n a power of two, compile time).
 template <int N>
@@ -188,12 +193,19 @@ __device__ __forceinline__ void prefill_v2_impl(HR_PREFILL2_ARGS) {
     const unsigned sV16 = sK16 + T::TILE_BYTES;
 
     const int kvh = blockIdx.x;
-    const int r = blockIdx.y;
+    // z grid: block (y, z) is request y's row tile z. Flat grid: the host's tile map lists
+    // only the (request, row tile) pairs with work, heaviest first, and block y reads its own.
+    int r = blockIdx.y, z = blockIdx.z;
+    if (tile_map != nullptr) {
+        const int2 t = tile_map[blockIdx.y];
+        r = t.x;
+        z = t.y;
+    }
     const int qs = query_start_loc[r];
     const int q_len = query_start_loc[r + 1] - qs;
     const int seq_len = seq_lens[r];
     const int rows = q_len * group;
-    const int m_end = rows - static_cast<int>(blockIdx.z) * BM;  // end-aligned row tiles
+    const int m_end = rows - z * BM;  // end-aligned row tiles
     if (m_end <= 0 || seq_len <= 0) return;
     const int m0 = m_end - BM;  // negative for a request's first, partial tile
     const int ctx = seq_len - q_len;
@@ -233,7 +245,16 @@ __device__ __forceinline__ void prefill_v2_impl(HR_PREFILL2_ARGS) {
         sLimit[row] = m >= 0 ? m / group + ctx : -1;
     }
 
-    const int* bt = block_tables + (long long)r * bt_stride;
+    // The request's block-table row, re-derived at each use rather than kept: the flat grid
+    // re-reads r from the tile map (a volatile load the compiler cannot hoist into a register
+    // that lives across the key loop; it hits L1), since the z grid's r, blockIdx.y, costs no
+    // register, and the register-bound tiles (255 at head_dim 128) spill with one more.
+    auto bt_row = [&]() -> const int* {
+        int rr = blockIdx.y;
+        if (tile_map != nullptr)
+            asm volatile("ld.global.nc.s32 %0, [%1];\n" : "=r"(rr) : "l"(&tile_map[blockIdx.y].x));
+        return block_tables + (long long)rr * bt_stride;
+    };
     const int bmask = (1 << block_shift) - 1;
     const long long tok_stride = (long long)num_kv_heads * D;  // elements of kv_t
     const int rchunk = tid % RCPR;
@@ -241,7 +262,7 @@ __device__ __forceinline__ void prefill_v2_impl(HR_PREFILL2_ARGS) {
     const kv_t* kv_head = kc + (long long)kvh * D + rchunk * (16 / KV_BYTES_PER_ELEM);
     auto page_of = [&](int n, int row) {
         const int j = n * BN + row;
-        return j < kv_hi ? bt[j >> block_shift] : 0;
+        return j < kv_hi ? bt_row()[j >> block_shift] : 0;
     };
     // Raw tiles: 16-bit ones are swizzled (ldmatrix reads them); FP8 ones row-major (only the
     // widening reads them, 8 bytes a thread, whole rows per warp).

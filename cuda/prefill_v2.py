@@ -8,6 +8,8 @@ module per (dtype, head_dim, KV type), one kernel per configuration::
                                                     keys at a time; p: the next step's
                                                     Q K^T overlaps this step's softmax
     grid  (num_kv_heads, batch, ceil(max_query_len * group / BM))   z = 0: heaviest tiles
+          or, with the metadata's tile map (HEADRACE_PREFILL_GRID=flat, cuda/prefill_tiles.py),
+          (num_kv_heads, tiles with work), block y running tile_map[y] = (request, z)
     smem  1 KiB pad + Q + 2 x STAGES K/V tiles as stored (+ one 16-bit K and V tile for
           FP8) + page ids + row limits
 
@@ -30,6 +32,7 @@ import torch
 from cuda import compiler
 from cuda import prefill_attention as pa
 from cuda.paged_attention import AttentionMetadata, AttentionParams
+from cuda.prefill_tiles import MAX_GRID_Y, TileSpec
 
 SOURCE_PATH = Path(__file__).with_name("prefill_attention_v2.cu")
 FP8 = torch.float8_e4m3fn
@@ -123,6 +126,28 @@ def launch_grid(
     return (num_kv_heads, batch, tiles)
 
 
+def tile_spec(num_heads: int, num_kv_heads: int, choice: str | None = None) -> TileSpec:
+    """The (group, BM) a step's tile map is cut for: the model's GQA group and the BM of
+    the round-2 configuration HEADRACE_PREFILL_KERNEL (or `choice`) runs."""
+    config = config_for(pa.choice_from_env() if choice is None else choice)
+    return TileSpec(num_heads // num_kv_heads, config.block_m)
+
+
+def flat_tiles(md: AttentionMetadata, config: V2Config, group: int) -> torch.Tensor | None:
+    """The step's tile map if it was cut for this kernel's (group, BM) and fits gridDim.y;
+    None: the z grid."""
+    tiles, spec = md.prefill_tiles, md.prefill_tile_spec
+    if tiles is None or spec != TileSpec(group, config.block_m):
+        return None
+    if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 2:
+        raise ValueError(
+            f"prefill_tiles must be [N, 2] int32, got {tiles.dtype} {tuple(tiles.shape)}"
+        )
+    if not tiles.is_contiguous() or tiles.data_ptr() % 8:
+        raise ValueError("prefill_tiles must be contiguous and 8-byte aligned (int2 loads)")
+    return tiles if tiles.shape[0] <= MAX_GRID_Y else None
+
+
 def _kernel(dtype: torch.dtype, head_dim: int, fp8: bool, config: V2Config) -> Any:
     mod = compiler.load_module(
         source(), defines=module_defines(dtype, head_dim, fp8), name="prefill_attention_v2"
@@ -138,9 +163,11 @@ def kernel_args(
     md: AttentionMetadata,
     params: AttentionParams,
     out: torch.Tensor,
+    tiles: torch.Tensor | None = None,
 ) -> tuple[Any, ...]:
     """The kernel's arguments, in the order of HR_PREFILL2_ARGS. FP8: scores are
-    (q . k_cache) * k_scale, so k_scale joins the log2 scale; v_scale scales the output."""
+    (q . k_cache) * k_scale, so k_scale joins the log2 scale; v_scale scales the output.
+    tiles: the flat grid's tile map (`flat_tiles`), None for the z grid (a null pointer)."""
     window = params.sliding_window
     if window is not None and window <= 0:
         raise ValueError(f"sliding_window must be positive, got {window}")
@@ -163,6 +190,7 @@ def kernel_args(
         np.float32(params.scale * pa.LOG2E * (params.k_scale if fp8 else 1.0)),
         np.float32(params.v_scale if fp8 else 1.0),
         np.int32(window or 0),
+        0 if tiles is None else tiles.data_ptr(),
     )
 
 
@@ -183,9 +211,15 @@ def prefill_v2_cuda(
     config = config or DEFAULT_CONFIG
     fp8 = kv_cache.dtype == FP8
     group = q.shape[1] // kv_cache.shape[3]
-    grid = launch_grid(config, md.max_query_len, group, kv_cache.shape[3], batch)
+    tiles = flat_tiles(md, config, group)
+    if tiles is None:
+        grid = launch_grid(config, md.max_query_len, group, kv_cache.shape[3], batch)
+    elif tiles.shape[0] == 0:
+        return out  # no request has rows
+    else:
+        grid = (kv_cache.shape[3], tiles.shape[0], 1)
     kernel = _kernel(q.dtype, head_dim, fp8, config)
-    args = kernel_args(q, kv_cache, md, params, out)
+    args = kernel_args(q, kv_cache, md, params, out, tiles)
     shmem = config.smem_bytes(head_dim, fp8)
     compiler.launch(kernel, grid, config.threads, *args, shmem=shmem)
     return out

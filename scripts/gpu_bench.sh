@@ -33,6 +33,9 @@
 # m128n128w8s2) vs each round-2 config (HEADRACE_PREFILL_KERNEL=v2_*) vs torch SDPA flash at causal
 # 1x2k-16k, 4x2k and 8 x 512 on 4k, then FP8 KV: the older kernel vs round 2 (HEADRACE_PREFILL_FP8=new);
 # one line a shape).
+# Prefill flat grid (issue 12, W3 mixed steps): prefillgrid (<= 60 s: warm the prefill + tiny-engine modules,
+# tests/gpu/test_gpu_prefill_grid.py, scripts/bench_prefill_grid.py: us per call, z vs HEADRACE_PREFILL_GRID=flat
+# on the W3 mixed step (bf16, FP8 KV), 1x16k and 4x2k; one line a shape).
 # Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
 # kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
 # Serving gap (issue 12): w4gap (<= 300 s: offline W3 with prefix caching off, then headrace serve with
@@ -211,6 +214,12 @@ for step in $which; do
               echo "prefill3 tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/prefill3_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/prefill3_tests.log"
               t0=$SECONDS; timeout 40 python scripts/bench_prefill.py --round2 --out "$OUT/prefill3_bench.json" > "$OUT/prefill3_bench.log" 2>&1
               echo "bench_prefill --round2 (rc $?, $((SECONDS - t0)) s):"; cat "$OUT/prefill3_bench.log" ;;
+    prefillgrid) t0=$SECONDS; timeout 15 python scripts/warm_kernels.py --jobs 16 --only prefill_attention_v2 decode_attention paged_attention write_kv layer_ops fused_ops gemv_step > "$OUT/prefillgrid_warm.log" 2>&1
+              echo "warm prefill + tiny-engine modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/prefillgrid_warm.log")"
+              t0=$SECONDS; timeout 35 python -m pytest -m gpu tests/gpu/test_gpu_prefill_grid.py -q -p no:cacheprovider --maxfail=10 > "$OUT/prefillgrid_tests.log" 2>&1
+              echo "prefillgrid tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/prefillgrid_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/prefillgrid_tests.log"
+              t0=$SECONDS; timeout 15 python scripts/bench_prefill_grid.py --out "$OUT/prefillgrid_bench.json" > "$OUT/prefillgrid_bench.log" 2>&1
+              echo "bench_prefill_grid (rc $?, $((SECONDS - t0)) s):"; cat "$OUT/prefillgrid_bench.log" ;;
     decode2) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --only decode > "$OUT/decode2_warm.log" 2>&1
              echo "warm decode modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/decode2_warm.log")"
              t0=$SECONDS; timeout 65 python scripts/bench_decode.py --out "$OUT/decode2_bench.json" > "$OUT/decode2_bench.log" 2>&1

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cuda.prefill_tiles import TileSpec, build_tile_map
 from worker.attention import AttentionMetadata, QueryCapture
 from worker.device_copy import host_to_device
 from worker.kv_compression import layer_inputs, window_positions
@@ -211,7 +212,9 @@ def pack_block_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
     return bt
 
 
-def to_device(host: HostInputs, device: torch.device) -> StepInputs:
+def to_device(host: HostInputs, device: torch.device, tiles: TileSpec | None = None) -> StepInputs:
+    """The step's arrays on `device`; `tiles`: also prefill round 2's flat-grid tile map
+    (cuda/prefill_tiles.py) cut for that (group, BM), on steps with q_len > 1."""
     if host.device is not None:
         raise ValueError("a device-built step has no host arrays to copy (DeviceStepState)")
 
@@ -231,6 +234,9 @@ def to_device(host: HostInputs, device: torch.device) -> StepInputs:
     if host.layer_seq_lens is not None and host.layer_slot_mapping is not None:
         md.layer_seq_lens = dev(host.layer_seq_lens)
         md.layer_slot_mapping = dev(host.layer_slot_mapping)
+    if tiles is not None and host.max_query_len > 1:
+        md.prefill_tiles = dev(build_tile_map(host.query_start_loc, host.seq_lens, tiles))
+        md.prefill_tile_spec = tiles
     return StepInputs(dev(host.input_ids), dev(host.positions), md, host)
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cuda.prefill_tiles import TileSpec, grid_from_env
 from ipc.messages import TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
 from worker.grammar_masks import StepMasks
@@ -63,6 +64,16 @@ def make_backend(device: torch.device) -> AttentionBackend:
     return TorchAttention()
 
 
+def prefill_tile_spec(config: ModelConfig, device: torch.device) -> TileSpec | None:
+    """What the step's tile map is cut for under HEADRACE_PREFILL_GRID=flat on a GPU, else
+    None. The variable is parsed on every device, so a bad value fails at startup."""
+    if grid_from_env() != "flat" or device.type != "cuda":
+        return None
+    from cuda import prefill_v2
+
+    return prefill_v2.tile_spec(config.num_heads, config.num_kv_heads)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -104,6 +115,9 @@ class ModelRunner:
         # Tensor-parallel leader: publishes each forward to the followers before running
         # it (worker/parallel/leader.py); returns the input ids every rank then uses.
         self.step_hook: StepHook | None = None
+        # HEADRACE_PREFILL_GRID=flat: eager steps with q_len > 1 carry prefill round 2's
+        # tile map (cuda/prefill_tiles.py), cut for this model's group (None: the z grid).
+        self.prefill_tiles = prefill_tile_spec(model_config, device)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.config
@@ -226,7 +240,7 @@ class ModelRunner:
             assert self.device_state is not None
             inputs = self.device_state.eager_inputs(host)
         else:
-            inputs = to_device(host, self.device)
+            inputs = to_device(host, self.device, self.prefill_tiles)
         ids = inputs.input_ids if input_ids is None else input_ids
         hidden = self.model(ids, inputs.positions, self.kv_caches, inputs.md)
         if scheduled is not None:
