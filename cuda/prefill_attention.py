@@ -1,25 +1,18 @@
-"""The sm_90 prefill attention kernel (cuda/prefill_attention.cu): paged K/V, GQA packed.
+"""Prefill attention on the GPU: the routing of steps with q_len > 1, and the checks and
+constants the prefill kernel (round 2: cuda/prefill_v2.py, cuda/prefill_attention_v2.cu)
+shares with its callers.
 
 Same arguments and result as `cuda.paged_attention.paged_attention` for steps with
 q_len > 1 (prefill, chunked prefill, mixed batches; layout in cuda/paged_attention.py).
-One compiled module per (dtype, head_dim), one kernel per tile configuration::
+`attention_cuda` sends such steps to round 2 when it covers them (`unsupported_reason` says
+what it does not: head dims other than 64/128, CPU tensors, ...) and everything else,
+decode steps included, to the older kernels in cuda/paged_attention_kernels.py.
 
-    prefill_m{BM}n{BN}w{WARPS}s{STAGES}   BM query rows x BN keys per tile, WARPS warps,
-                                          a STAGES-deep cp.async ring of K/V tiles
-    grid  (num_kv_heads, batch, ceil(max_query_len * group / BM))   z = 0: heaviest tiles
-    smem  1 KiB alignment pad + Q tile + 2 x STAGES K/V tiles + page ids + row limits
-
-The grid depends only on max_query_len (a host bound), never on this step's lengths, so a
-launch can be captured in a CUDA graph. What the kernel does not cover (FP8 KV caches,
-head dims other than 64/128, CPU tensors, ...) is `unsupported_reason`'s to say; callers
-then use the older kernel in cuda/paged_attention_kernels.py (`attention_cuda` does).
-
-HEADRACE_PREFILL_KERNEL picks the prefill path: round 2 (cuda/prefill_v2.py, the default
-since session 8): `v2` or a name such as `v2_m128n64w4s2k32p`; round 1 (this module): `new`
-(DEFAULT_CONFIG of the head dim) or a configuration name such as `m128n64w8s2`; `old`
-(paged_attention_kernels.py's prefill kernel). HEADRACE_PREFILL_FP8 picks the path of FP8 KV
-caches: `new` (default: round 2, in the configuration HEADRACE_PREFILL_KERNEL names if it
-names one of round 2's, else round 2's default) or `old` (the older kernel).
+HEADRACE_PREFILL_KERNEL picks the prefill path: `v2` (the default: round 2 in its
+DEFAULT_CONFIG), a round-2 configuration name such as `v2_m128n64w4s2k32p`, or `old`
+(paged_attention_kernels.py's prefill kernel); `new` is another name for `v2`.
+HEADRACE_PREFILL_FP8 picks the path of FP8 KV caches: `new` (default: round 2, in the
+configuration HEADRACE_PREFILL_KERNEL names) or `old` (the older kernel).
 """
 
 from __future__ import annotations
@@ -27,11 +20,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cuda import compiler
@@ -39,7 +29,6 @@ from cuda.paged_attention import AttentionMetadata, AttentionParams
 
 log = logging.getLogger(__name__)
 
-SOURCE_PATH = Path(__file__).with_name("prefill_attention.cu")
 HEAD_DIMS = (64, 128)
 DTYPES = {torch.bfloat16: 1, torch.float16: 0}
 LOG2E = 1.4426950408889634
@@ -47,66 +36,23 @@ SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum of dynamic shared memory per b
 MAX_GRID_Z = 65535
 ENV = "HEADRACE_PREFILL_KERNEL"
 FP8_ENV = "HEADRACE_PREFILL_FP8"
-
-
-@dataclass(frozen=True, slots=True)
-class TileConfig:
-    """One instantiation of the kernel template (its entry point in the .cu source)."""
-
-    block_m: int  # query rows (token x group head) per block
-    block_n: int  # keys per K/V tile
-    warps: int  # warps per block; each owns block_m / warps rows
-    stages: int  # K/V tiles in the cp.async ring
-
-    @property
-    def name(self) -> str:
-        return f"m{self.block_m}n{self.block_n}w{self.warps}s{self.stages}"
-
-    @property
-    def kernel_name(self) -> str:
-        return f"prefill_{self.name}"
-
-    @property
-    def threads(self) -> int:
-        return self.warps * 32
-
-    def smem_bytes(self, head_dim: int) -> int:
-        """Dynamic shared memory of one block; must match Tile::SMEM_BYTES in the source."""
-        tiles = (self.block_m + 2 * self.stages * self.block_n) * head_dim * 2
-        return 1024 + tiles + 2 * self.block_n * 4 + self.block_m * 4
-
-
-CONFIGS = (
-    TileConfig(128, 64, 4, 2),
-    TileConfig(128, 64, 8, 2),
-    TileConfig(128, 64, 8, 3),
-    TileConfig(64, 64, 4, 2),
-    TileConfig(128, 128, 8, 2),
-)
-BY_NAME = {c.name: c for c in CONFIGS}
-# FlashAttention-2's Hopper choice at both head dims: 128 x 64 tiles, 4 warps of 32 rows,
-# two blocks per SM (shared memory 97 KiB per block at head_dim 128).
-DEFAULT_CONFIG = {128: BY_NAME["m128n64w4s2"], 64: BY_NAME["m128n64w4s2"]}
+# `new` once named the first tensor-core prefill kernel (removed: round 2 replaced it) as
+# opposed to `old`; it stays an alias of the default so that a setting made for that kernel
+# still runs the tensor-core path, and it is the word HEADRACE_PREFILL_FP8 uses for round 2.
+ALIASES = {"new": "v2"}
 
 _warned: set[str] = set()
 
 
-def source() -> str:
-    return compiler.read_source(SOURCE_PATH)
-
-
-def module_defines(dtype: torch.dtype, head_dim: int) -> dict[str, int | str]:
-    return {"HR_BF16": DTYPES[dtype], "HR_HEAD_DIM": head_dim}
-
-
 def choice_from_env(environ: dict[str, str] | None = None) -> str:
-    """HEADRACE_PREFILL_KERNEL's value: 'new', 'old', a configuration name, 'v2' or a
-    round-2 configuration name."""
+    """HEADRACE_PREFILL_KERNEL's value: 'v2', a round-2 configuration name or 'old' ('new'
+    reads as 'v2')."""
     from cuda import prefill_v2
 
     value = (environ if environ is not None else os.environ).get(ENV, "v2").strip() or "v2"
-    if value not in ("new", "old") and value not in BY_NAME and not prefill_v2.is_choice(value):
-        allowed = ", ".join(["new", "old", *BY_NAME, "v2", *prefill_v2.BY_NAME])
+    value = ALIASES.get(value, value)
+    if value != "old" and not prefill_v2.is_choice(value):
+        allowed = ", ".join(["v2", *prefill_v2.BY_NAME, "old", *ALIASES])
         raise ValueError(f"{ENV}={value!r}: expected one of {allowed}")
     return value
 
@@ -119,21 +65,13 @@ def fp8_choice_from_env(environ: dict[str, str] | None = None) -> str:
     return value
 
 
-def config_for(choice: str, head_dim: int) -> TileConfig | None:
-    """Round 1's tile configuration a choice runs at this head dim; None: the old kernel
-    (or round 2, for its choices)."""
-    if choice == "old" or (choice not in BY_NAME and choice != "new"):
-        return None
-    if choice == "new":
-        return DEFAULT_CONFIG.get(head_dim)
-    return BY_NAME[choice]
-
-
 def unsupported_reason(
     q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, fp8_ok: bool = False
 ) -> str | None:
-    """Why this kernel cannot run these tensors, or None if it can. fp8_ok: the caller's
-    kernel also takes float8_e4m3fn caches (round 2, cuda/prefill_v2.py)."""
+    """Why the prefill kernel cannot run these tensors, or None if it can. fp8_ok: also take
+    float8_e4m3fn caches (cuda/prefill_v2.py passes True)."""
+    from cuda import prefill_v2
+
     if not q.is_cuda:
         return "tensors are not on a CUDA device"
     if q.dtype not in DTYPES:
@@ -150,28 +88,9 @@ def unsupported_reason(
     if not kv_cache.is_contiguous():
         return "kv_cache is not contiguous"
     rows = md.max_query_len * (q.shape[1] // kv_cache.shape[3])
-    if math.ceil(rows / min(c.block_m for c in CONFIGS)) > MAX_GRID_Z:
+    if math.ceil(rows / min(c.block_m for c in prefill_v2.CONFIGS)) > MAX_GRID_Z:
         return f"{rows} query rows need more than {MAX_GRID_Z} row tiles"
     return None
-
-
-def launch_grid(
-    config: TileConfig, max_query_len: int, group: int, num_kv_heads: int, batch: int
-) -> tuple[int, int, int]:
-    """(KV heads, requests, row tiles of the longest request): from host bounds only."""
-    tiles = math.ceil(max_query_len * group / config.block_m)
-    if tiles > MAX_GRID_Z:
-        raise ValueError(f"max_query_len {max_query_len} x group {group} needs {tiles} row tiles")
-    return (num_kv_heads, batch, tiles)
-
-
-def _kernel(dtype: torch.dtype, head_dim: int, config: TileConfig) -> Any:
-    mod = compiler.load_module(
-        source(), defines=module_defines(dtype, head_dim), name="prefill_attention"
-    )
-    kernel = mod.kernel(config.kernel_name)
-    _allow_smem(kernel, config.smem_bytes(head_dim))
-    return kernel
 
 
 def _allow_smem(kernel: Any, nbytes: int) -> None:
@@ -180,37 +99,6 @@ def _allow_smem(kernel: Any, nbytes: int) -> None:
     if nbytes > SMEM_LIMIT:
         raise ValueError(f"prefill tile needs {nbytes} bytes of shared memory (> {SMEM_LIMIT})")
     compiler.allow_shared_memory(kernel, nbytes, torch.cuda.current_device())
-
-
-def kernel_args(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    md: AttentionMetadata,
-    params: AttentionParams,
-    out: torch.Tensor,
-) -> tuple[Any, ...]:
-    """The kernel's arguments, in the order of HR_PREFILL_ARGS."""
-    window = params.sliding_window
-    if window is not None and window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {window}")
-    num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
-    return (
-        q.data_ptr(),
-        np.int64(q.stride(0)),
-        kv_cache.data_ptr(),
-        np.int64(num_blocks * block_size * num_kv_heads * head_dim),
-        md.query_start_loc.data_ptr(),
-        md.seq_lens.data_ptr(),
-        md.block_tables.data_ptr(),
-        np.int32(md.block_tables.stride(0)),
-        out.data_ptr(),
-        np.int64(out.stride(0)),
-        np.int32(num_kv_heads),
-        np.int32(q.shape[1] // num_kv_heads),
-        np.int32(block_size.bit_length() - 1),
-        np.float32(params.scale * LOG2E),
-        np.int32(window or 0),
-    )
 
 
 def _check(q: torch.Tensor, out: torch.Tensor, md: AttentionMetadata) -> None:
@@ -223,30 +111,6 @@ def _check(q: torch.Tensor, out: torch.Tensor, md: AttentionMetadata) -> None:
         raise ValueError("block_tables must be int32 with contiguous rows")
 
 
-def prefill_attention_cuda(
-    q: torch.Tensor,  # [T, Hq, D]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
-    md: AttentionMetadata,
-    params: AttentionParams,
-    out: torch.Tensor,  # [T, Hq, D]
-    config: TileConfig | None = None,
-) -> torch.Tensor:
-    """Attention of every query row on torch's current stream; no host sync. The caller
-    checked `unsupported_reason` (None). config: a tile configuration (default: the head
-    dim's DEFAULT_CONFIG)."""
-    _check(q, out, md)
-    batch, head_dim = md.seq_lens.shape[0], q.shape[2]
-    if batch == 0 or md.max_query_len <= 0 or q.shape[0] == 0:
-        return out
-    config = config or DEFAULT_CONFIG[head_dim]
-    group = q.shape[1] // kv_cache.shape[3]
-    grid = launch_grid(config, md.max_query_len, group, kv_cache.shape[3], batch)
-    kernel = _kernel(q.dtype, head_dim, config)
-    args = kernel_args(q, kv_cache, md, params, out)
-    compiler.launch(kernel, grid, config.threads, *args, shmem=config.smem_bytes(head_dim))
-    return out
-
-
 def attention_cuda(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -257,26 +121,20 @@ def attention_cuda(
     choice: str = "v2",
     fp8_choice: str = "new",
 ) -> torch.Tensor:
-    """Paged attention on the GPU: steps with q_len > 1 on round 1 or round 2 (when it
-    covers them and `choice` is not 'old'; FP8 caches on round 2 when `fp8_choice` is
-    'new'), everything else on cuda/paged_attention_kernels.py."""
+    """Paged attention on the GPU: steps with q_len > 1 on round 2 in the configuration
+    `choice` names (unless it is 'old', the FP8 cache's `fp8_choice` is 'old', or round 2
+    does not cover the tensors), everything else on cuda/paged_attention_kernels.py."""
     from cuda import prefill_v2
     from cuda.paged_attention_kernels import paged_attention_cuda
 
-    if md.max_query_len > 1 and choice != "old":
-        fp8 = kv_cache.dtype == prefill_v2.FP8
-        if prefill_v2.is_choice(choice) or (fp8 and fp8_choice == "new"):
-            reason = prefill_v2.unsupported_reason(q, kv_cache, md)
-            if reason is None:
-                v2 = prefill_v2.config_for(choice)
-                return prefill_v2.prefill_v2_cuda(q, kv_cache, md, params, out, v2)
-        else:
-            config = config_for(choice, q.shape[2])
-            reason = "no tile configuration" if config is None else None
-            reason = reason or unsupported_reason(q, kv_cache, md)
-            if reason is None and config is not None:
-                return prefill_attention_cuda(q, kv_cache, md, params, out, config)
-        if reason is not None and reason not in _warned:
+    choice = ALIASES.get(choice, choice)
+    fp8_old = kv_cache.dtype == prefill_v2.FP8 and fp8_choice == "old"
+    if md.max_query_len > 1 and choice != "old" and not fp8_old:
+        reason = prefill_v2.unsupported_reason(q, kv_cache, md)
+        if reason is None:
+            config = prefill_v2.config_for(choice)
+            return prefill_v2.prefill_v2_cuda(q, kv_cache, md, params, out, config)
+        if reason not in _warned:
             _warned.add(reason)
             log.info("prefill attention uses the older kernel: %s", reason)
     return paged_attention_cuda(q, kv_cache, md, params, out, workspace)

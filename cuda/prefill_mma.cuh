@@ -1,7 +1,7 @@
-// The mma.sync building blocks both prefill kernels use (cuda/prefill_attention.cu and
-// prefill_attention_v2.cu): swizzled 16-bit tiles, cp.async, ldmatrix, m16n8k16 and packing.
-// Included inside each kernel's namespace, after it defines D, CPR (16-byte chunks per tile
-// row), elem2_t, from_f2 and HR_MMA_TYPE.
+// The mma.sync building blocks of the prefill kernel (one user now: prefill_attention_v2.cu,
+// round 2; a header of its own so that a later tile kernel can share them): swizzled 16-bit
+// tiles, cp.async, ldmatrix, m16n8k16 and packing. Included inside the kernel's namespace,
+// after it defines D, CPR (16-byte chunks per tile row), elem2_t, from_f2 and HR_MMA_TYPE.
 #pragma once
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }

@@ -6,8 +6,8 @@ scripts/gpu_bench.sh do not each wait for compiles one after another on a fresh 
 
 --only decode: the decode-attention modules alone (every HEADRACE_DECODE_CONFIG variant of
 the tensor-core kernel and the old kernels, bf16/fp16 x head_dim 64/128), for gpu_bench's
-decode2 step; --only MODULE ...: the modules of those names (e.g. prefill_attention, or
-prefill_attention_v2, round 2's, which only --only warms).
+decode2 step; --only MODULE ...: the modules of those names (e.g. prefill_attention_v2, the
+prefill kernel's).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from cuda import (
     int4_v4_gemv,
     kv_write_kernel,
     layer_ops,
-    prefill_attention,
     prefill_v2,
 )
 from cuda import paged_attention_kernels as pak
@@ -51,9 +50,8 @@ def jobs() -> list[Job]:
         out.append(("int4_mma_gemv", int4_mma_gemv.source(), int4_mma_gemv.module_defines(dtype)))
         out.append(("int4_v4_gemv", int4_v4_gemv.source(), int4_v4_gemv.module_defines(dtype)))
         for head_dim in (64, 128):  # the attention kernels the GPU tests and benches load
-            for mod in (prefill_attention, decode_attention):
-                name = mod.__name__.rsplit(".", 1)[1]
-                out.append((name, mod.source(), mod.module_defines(dtype, head_dim)))
+            defines = decode_attention.module_defines(dtype, head_dim)
+            out.append(("decode_attention", decode_attention.source(), defines))
     bf16 = torch.bfloat16
     out.append(("paged_attention", pak.source(), pak.module_defines(bf16, 128, None)))
     out.append(("fused_ops", fused_ops.source(), fused_ops.module_defines(bf16)))
@@ -62,7 +60,7 @@ def jobs() -> list[Job]:
     for job in decode_jobs():  # every decode variant the GPU tests load (FP8's default too)
         if job not in out:
             out.append(job)
-    return out
+    return out + prefill_v2_jobs()
 
 
 def decode_jobs() -> list[Job]:
@@ -88,8 +86,8 @@ def decode_jobs() -> list[Job]:
 
 
 def prefill_v2_jobs() -> list[Job]:
-    """Prefill round 2's modules (16-bit and FP8 KV), warmed only when named (`--only
-    prefill_attention_v2`): it is opt-in, and a compile of it must not stop the default set."""
+    """The prefill kernel's modules (round 2, 16-bit and FP8 KV): part of the default set,
+    and `--only prefill_attention_v2` alone."""
     out: list[Job] = []
     for dtype in (torch.bfloat16, torch.float16):
         for head_dim in (64, 128):
@@ -109,7 +107,7 @@ def _compile(job: Job, arch: str) -> tuple[str, float]:
 def select(only: list[str]) -> list[Job]:
     """The jobs --only names: the decode family for `decode`, else jobs by module name."""
     picked = decode_jobs() if "decode" in only else []
-    named = jobs() + prefill_v2_jobs()
+    named = jobs()
     return picked + [job for job in named if job[0] in only and job not in picked]
 
 

@@ -84,6 +84,7 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
         int4_gemm,
         kv_write_kernel,
         layer_ops,
+        prefill_v2,
     )
     from cuda import paged_attention_kernels as pak
     from cuda import prefill_attention as pa
@@ -120,7 +121,8 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
             for kv_dtype in (None, torch.float8_e4m3fn):  # the old decode kernels
                 pak._kernel(dtype, head_dim, "k", kv_dtype)
             monkeypatch.setattr(pa, "_allow_smem", lambda *a: None)
-            pa._kernel(dtype, head_dim, pa.CONFIGS[0])
+            for fp8 in (False, True):  # the prefill kernel, 16-bit and FP8 KV
+                prefill_v2._kernel(dtype, head_dim, fp8, prefill_v2.DEFAULT_CONFIG)
     pak._kernel(torch.bfloat16, 128, "k")
     monkeypatch.setenv(decode_attention.PLAN_ENV, "v3")  # v3's picks compile its merge
     for dtype in (torch.bfloat16, torch.float16):

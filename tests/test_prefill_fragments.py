@@ -2,8 +2,10 @@
 CPU: cp.async destinations (swizzled tiles), the lanes' ldmatrix addresses (the XOR form of
 the swizzle), the m16n8k16 fragment layouts, and P reused as the A operand of P @ V.
 
-Each address expression below is the one in cuda/prefill_attention.cu, transcribed; the
-emulated warp's S = Q K^T and O = P V must equal numpy's. A wrong lane, chunk or matrix
+Each address expression below is the one in cuda/prefill_attention_v2.cu (round 2,
+prefill_v2_impl, and cuda/prefill_mma.cuh's swz), transcribed; the emulated warp's
+S = Q K^T and O = P V over a whole BN-key tile of the ring must equal numpy's (the SUB-key
+steps' offsets into it: tests/test_prefill_v2_emulation.py). A wrong lane, chunk or matrix
 order shows up as a mismatch here, not as a wrong answer on the GPU.
 """
 
@@ -11,6 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from cuda import prefill_v2 as v2
+
+# (BM, BN, WARPS) of round 2's configurations: what the addressing depends on.
+SHAPES = sorted({(c.block_m, c.block_n, c.warps) for c in v2.CONFIGS})
+SHAPE_IDS = [f"m{m}n{n}w{w}" for m, n, w in SHAPES]
 
 
 def swz(row: int, chunk: int, d: int) -> int:
@@ -162,9 +170,7 @@ def emulate_warp(
 
 
 @pytest.mark.parametrize("stage", [0, 1])
-@pytest.mark.parametrize(
-    ("bm", "bn", "warps"), [(128, 64, 4), (128, 64, 8), (64, 64, 4), (128, 128, 8)]
-)
+@pytest.mark.parametrize(("bm", "bn", "warps"), SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("d", [64, 128])
 def test_fragments_compute_q_kt_and_p_v(d: int, bm: int, bn: int, warps: int, stage: int) -> None:
     rng = np.random.default_rng(d + bm + warps + stage)
@@ -203,14 +209,14 @@ def test_xor_addressing_equals_the_swizzle() -> None:
 
 
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize(
-    ("bm", "bn", "warps"), [(128, 64, 4), (128, 64, 8), (64, 64, 4), (128, 128, 8)]
-)
+@pytest.mark.parametrize(("bm", "bn", "warps"), SHAPES, ids=SHAPE_IDS)
 def test_copies_cover_every_chunk_of_the_tiles_once(d: int, bm: int, bn: int, warps: int) -> None:
-    # Thread tid copies chunk tid % CPR of rows tid / CPR + it * ROW_STEP (Q and K/V loops).
-    threads, cpr = warps * 32, d // 8
-    row_step = threads // cpr
-    for rows in (bm, bn):
+    # Thread tid copies chunk tid % CPR of rows tid / CPR + it * ROW_STEP (the Q loop), and
+    # chunk tid % RCPR of rows tid / RCPR + it * RAW_ROW_STEP (load_tile: RCPR = CPR for a
+    # 16-bit cache, CPR / 2 for FP8's one-byte elements).
+    threads = warps * 32
+    for rows, cpr in ((bm, d // 8), (bn, d // 8), (bn, d // 16)):
+        row_step = threads // cpr
         iters = rows * cpr // threads
         got = [
             (tid // cpr + it * row_step, tid % cpr) for tid in range(threads) for it in range(iters)

@@ -1,4 +1,4 @@
-"""Round 2's changes to the prefill kernel's inner loop, emulated on CPU (cuda/prefill_attention_v2.cu):
+"""The prefill kernel's inner loop (round 2, cuda/prefill_attention_v2.cu), emulated on CPU:
 
 - the online softmax over SUB-key steps with the lazy rescale (a warp's vote; a row's max
   moves only when a step's max passes it by more than RESCALE_LOG2), the warp-level skip of

@@ -1,10 +1,10 @@
 """The CUDA attention backend: our NVRTC kernels for the KV write and paged attention.
 
 Launches go on torch's current stream with no host sync, so a decode step can be captured
-in a CUDA graph. Steps with q_len > 1 run cuda/prefill_attention.py's kernel
-(HEADRACE_PREFILL_KERNEL=old: the older one in cuda/paged_attention_kernels.py, which also
-takes what the new one does not cover, such as FP8 caches unless HEADRACE_PREFILL_FP8=new
-sends them to round 2, cuda/prefill_v2.py). Sliding windows run in the
+in a CUDA graph. Steps with q_len > 1 run the prefill kernel, round 2 (cuda/prefill_v2.py,
+routed by cuda/prefill_attention.py), FP8 caches too (HEADRACE_PREFILL_KERNEL=old, or
+HEADRACE_PREFILL_FP8=old for FP8 caches: the older one in cuda/paged_attention_kernels.py,
+which also takes what round 2 does not cover). Sliding windows run in the
 kernels; shapes they do not cover (head dims other than 64 and 128) fall back to the torch
 reference inside the kernel wrappers.
 """
@@ -31,9 +31,9 @@ class CudaAttention(PagedBackend):
         # fp32 scratch for flash-decoding partials, grown on demand outside graph capture
         # (capture sizes it for the largest bucket first, so replays never grow it).
         self.workspace: torch.Tensor | None = None
-        # Steps with q_len > 1: cuda/prefill_attention.py's kernel unless
-        # HEADRACE_PREFILL_KERNEL=old (or a tile configuration name, `v2` for round 2: see
-        # that module); FP8 caches on the older kernel unless HEADRACE_PREFILL_FP8=new.
+        # Steps with q_len > 1: prefill round 2 unless HEADRACE_PREFILL_KERNEL=old (or one
+        # of round 2's configuration names: see cuda/prefill_attention.py); FP8 caches on
+        # round 2 too unless HEADRACE_PREFILL_FP8=old.
         self.prefill_kernel = choice_from_env()
         self.prefill_fp8 = fp8_choice_from_env()
 
