@@ -10,8 +10,9 @@ shape and M (tokens), the median of L2-flushed calls of
 and the fp8 / bf16 speedup with TFLOP/s. `silu+down` is the MLP's down projection with
 the fused SiLU-quant kernel (cuda/fp8_fused.cu) against silu_and_mul + bf16 F.linear.
 Then the prefill attention of one W3-sized chunk (8 prompts of 1024 tokens, 32 / 8 heads),
-through the engine's entry (cuda/prefill_attention.attention_cuda): a bf16 KV cache (the
-new prefill kernel) against an FP8 one (which that kernel does not take: the older one).
+through the engine's entry (cuda/prefill_attention.attention_cuda): a bf16 KV cache against
+an FP8 one, both on the prefill kernel (round 2, cuda/prefill_v2.py); HEADRACE_PREFILL_KERNEL
+and HEADRACE_PREFILL_FP8 pick the kernels as in the engine (=old: the older kernel).
 
     PYTHONPATH=. python scripts/bench_fp8_linear.py --m 2048 8192 --output-json out.json
     PYTHONPATH=. python scripts/bench_fp8_linear.py --device cpu   # a dry run, tiny shapes
@@ -112,7 +113,7 @@ def bench_silu_down(n: int, k: int, m: int, device: str) -> dict[str, float | st
 def bench_prefill_attention(batch: int, q_len: int, device: str) -> dict[str, float | str]:
     """One prefill chunk's attention per KV dtype (us), through attention_cuda."""
     from cuda.paged_attention import AttentionMetadata, AttentionParams, paged_attention_ref
-    from cuda.prefill_attention import attention_cuda
+    from cuda.prefill_attention import attention_cuda, choice_from_env, fp8_choice_from_env
 
     hq, hkv, d, bs = (32, 8, 128, 16) if device == "cuda" else (4, 2, 16, 16)
     t = timer(device)
@@ -132,9 +133,10 @@ def bench_prefill_attention(batch: int, q_len: int, device: str) -> dict[str, fl
     params = AttentionParams(d**-0.5, kv_written=True)
     out = torch.empty_like(q)
     row: dict[str, float | str] = {"shape": "attention", "m": batch * q_len, "batch": batch}
+    choices = (choice_from_env(), fp8_choice_from_env())  # the engine's (worker/cuda_attention.py)
     for name, kv in (("bf16", cache.to(torch.bfloat16)), ("fp8", cache.to(torch.float8_e4m3fn))):
         if device == "cuda":
-            run = lambda kv=kv: attention_cuda(q, kv, md, params, out)  # noqa: E731
+            run = lambda kv=kv: attention_cuda(q, kv, md, params, out, None, *choices)  # noqa: E731
         else:
             run = lambda kv=kv: paged_attention_ref(q, kv, md, params, out)  # noqa: E731
         row[f"{name}_us"] = t(run) * 1e6

@@ -6,9 +6,9 @@ cells, bf16 and FP8 KV, the new kernel's variants, batch 1 at contexts 128 / 256
 graph with a 128k bound); then the default kernel at batch 1/8/64 x contexts 1k/4k/16k (and
 batch 1 at 128 / 256); achieved bandwidth = KV bytes read / kernel time, against the device
 copy bandwidth (2 GiB device-to-device copy, bytes read + written).
-Prefill: TFLOP/s (causal: 2 * L_q * L_kv_visible * D * Hq * 2) of the old and the new
-prefill kernel (each tile configuration) against torch SDPA (flash) on the same shapes
-(scripts/bench_prefill.py). Times are medians of CUDA-event timings with L2 flushed before each run.
+Prefill: TFLOP/s (causal: 2 * L_q * L_kv_visible * D * Hq * 2) of the old prefill kernel
+and the prefill kernel (round 2 in its default configuration) against torch SDPA (flash) on
+the same shapes (scripts/bench_prefill.py). Times are medians of CUDA-event timings with L2 flushed before each run.
 
     PYTHONPATH=. python scripts/bench_kernels.py --out bench_kernels.json [--parts prefill]
 """
@@ -111,7 +111,7 @@ def bench_decode(results: list[dict], copy_bw: float) -> None:
 
 
 def bench_prefill(results: list[dict]) -> None:
-    """Old kernel, new kernel (each tile configuration) and torch SDPA flash, side by side:
+    """Old kernel, round 2's default configuration and torch SDPA flash, side by side:
     scripts/bench_prefill.py."""
     _sibling("bench_prefill").bench_prefill(results)
 

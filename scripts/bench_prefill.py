@@ -1,7 +1,7 @@
-"""Prefill attention, side by side: the old kernel (cuda/paged_attention_kernels.py), round 1
-(cuda/prefill_attention.py) in its default tile, round 2 (cuda/prefill_v2.py, the kernel that
-runs by default) in its default configuration, and torch SDPA (flash), at the Llama-3-8B
-shape (32 q heads, 8 KV heads, head_dim 128, block_size 16, shuffled pages).
+"""Prefill attention, side by side: the old kernel (cuda/paged_attention_kernels.py), the
+prefill kernel (round 2, cuda/prefill_v2.py, the one `attention_cuda` runs) in its default
+configuration, and torch SDPA (flash), at the Llama-3-8B shape (32 q heads, 8 KV heads,
+head_dim 128, block_size 16, shuffled pages).
 
 TFLOP/s count only the visible (query, key) pairs: 4 * pairs * head_dim * q_heads.
 Times are medians of CUDA-event timings with L2 flushed before each run. Also printed: the
@@ -10,9 +10,9 @@ largest difference between the default kernel's output and the old kernel's.
     PYTHONPATH=. python scripts/bench_prefill.py --out bench_prefill.json
 (scripts/bench_kernels.py runs the same as its prefill part.)
 
---round2 (gpu_bench's prefill3 step): bf16 only, round 1's default and m128n128w8s2 against
-every round-2 configuration (cuda/prefill_v2.py) and SDPA, then an FP8 KV cache: the older
-kernel (FP8's default prefill path) against round 2's configurations. One line a shape.
+--round2 (gpu_bench's prefill3 step): bf16, every round-2 configuration (cuda/prefill_v2.py)
+against each other, the old kernel and SDPA; then an FP8 KV cache: the old kernel
+(HEADRACE_PREFILL_FP8=old) against round 2's configurations. One line a shape.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cuda import prefill_attention as pa
 from cuda import prefill_v2 as v2
 from cuda.kv_write import quantize_kv
 from cuda.paged_attention import AttentionMetadata, AttentionParams
@@ -78,12 +77,10 @@ def sdpa_time(batch: int, q_len: int, dtype: torch.dtype) -> float | None:
 
 
 def default_runners() -> dict[str, Runner]:
-    """name -> kernel call: the old kernel, round 1's default tile and round 2's default
-    (the kernel `attention_cuda` runs)."""
-    r1 = pa.DEFAULT_CONFIG[D]
+    """name -> kernel call: the old kernel and round 2's default (the kernel `attention_cuda`
+    runs)."""
     return {
         "old": paged_attention_cuda,
-        r1.name: functools.partial(pa.prefill_attention_cuda, config=r1),
         v2.DEFAULT_CONFIG.name: functools.partial(v2.prefill_v2_cuda, config=v2.DEFAULT_CONFIG),
     }
 
@@ -136,19 +133,13 @@ def bench_prefill(results: list[dict]) -> None:
             torch.cuda.empty_cache()
 
 
-R1_COMPARED = ("m128n64w4s2", "m128n128w8s2")  # round 1's default and its best at 4k-16k
 FP8_SCALE = 0.5  # k_scale = v_scale of the FP8 rows (randn / 0.5 stays well inside e4m3)
 
 
-def round2_runners(fp8: bool) -> dict[str, Runner]:
-    """name -> kernel call: 16-bit caches: round 1 (two tiles) and round 2; FP8: the older
-    kernel and round 2."""
-    runners: dict[str, Runner] = {}
-    if fp8:
-        runners["old"] = paged_attention_cuda
-    else:
-        for name in R1_COMPARED:
-            runners[name] = functools.partial(pa.prefill_attention_cuda, config=pa.BY_NAME[name])
+def round2_runners() -> dict[str, Runner]:
+    """name -> kernel call: the old kernel, then each of round 2's configurations (both KV
+    types)."""
+    runners: dict[str, Runner] = {"old": paged_attention_cuda}
     for c2 in v2.CONFIGS:
         runners[c2.name] = functools.partial(v2.prefill_v2_cuda, config=c2)
     return runners
@@ -165,7 +156,7 @@ def round2_shape(batch: int, q_len: int, ctx: int, fp8: bool) -> dict:
     flops = 4 * pairs * D * HQ
     tflops: dict[str, float | None] = {}
     outs: dict[str, torch.Tensor] = {}
-    for name, fn in round2_runners(fp8).items():
+    for name, fn in round2_runners().items():
         out = outs.setdefault(name, torch.empty_like(q))
 
         def run(fn: Runner = fn, out: torch.Tensor = out) -> None:
@@ -192,12 +183,14 @@ def round2_shape(batch: int, q_len: int, ctx: int, fp8: bool) -> dict:
 def show_round2(row: dict) -> str:
     t = row["TFLOPs"]
     cells = " | ".join(f"{k} {v:6.1f}" if v else f"{k}    n/a" for k, v in t.items())
-    best2 = max(v for k, v in t.items() if k in v2.BY_NAME)
-    base = t["old"] if row["kv"] == "fp8" else t[R1_COMPARED[0]]
-    ratios = f"best v2 / {'old' if row['kv'] == 'fp8' else 'round 1'} {best2 / base:.2f}x"
+    timed = {k: v for k, v in t.items() if k in v2.BY_NAME and v}
+    best = max(timed, key=lambda k: timed[k])
+    default = t.get(v2.DEFAULT_CONFIG.name) or 0.0
+    ratios = f"best {best} ({timed[best] / default:.2f}x default)" if default else f"best {best}"
+    ratios += f", best / old {timed[best] / t['old']:.2f}x"
     if t.get("sdpa_flash"):
-        ratios += f", best v2 / sdpa {best2 / t['sdpa_flash']:.2f}x"
-        ratios += f", round 1 / sdpa {base / t['sdpa_flash']:.2f}x"
+        ratios += f", best / sdpa {timed[best] / t['sdpa_flash']:.2f}x"
+        ratios += f", default / sdpa {default / t['sdpa_flash']:.2f}x"
     return (
         f"prefill3 kv={row['kv']:4s} B={row['batch']} q={row['q_len']:5d} ctx={row['ctx']:5d} "
         f"TFLOP/s: {cells} | {ratios} | max|diff| {row['max_abs_diff_to_first']:.2g}"
@@ -216,7 +209,9 @@ def bench_round2(results: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_prefill.json")
-    ap.add_argument("--round2", action="store_true", help="round 1 vs round 2, bf16 and FP8 KV")
+    ap.add_argument(
+        "--round2", action="store_true", help="round 2's configurations, bf16 and FP8 KV"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     results: list[dict] = []

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-from cuda import prefill_attention as pa
+from cuda import prefill_v2 as v2
 
 
 def _script() -> ModuleType:
@@ -18,13 +18,11 @@ def _script() -> ModuleType:
     return module
 
 
-def test_line_shows_old_round_1_the_default_and_sdpa() -> None:
-    from cuda import prefill_v2 as v2
-
+def test_line_shows_old_the_default_and_sdpa() -> None:
     bench = _script()
     default = v2.DEFAULT_CONFIG.name
-    assert list(bench.default_runners()) == ["old", pa.DEFAULT_CONFIG[128].name, default]
-    tflops: dict[str, float | None] = {"old": 150.0, "m128n64w4s2": 300.0, default: 350.0}
+    assert list(bench.default_runners()) == ["old", default]
+    tflops: dict[str, float | None] = {"old": 150.0, default: 350.0}
     row = {
         "dtype": "bfloat16",
         "batch": 1,
@@ -47,21 +45,22 @@ def test_shapes_cover_causal_2k_to_16k() -> None:
     assert all(q < c for _, q, c in bench.CHUNKED)
 
 
-def test_round2_lines_compare_round_1_round_2_sdpa_and_fp8_old() -> None:
-    from cuda import prefill_v2 as v2
-
+def test_round2_lines_compare_round_2_configs_old_and_sdpa() -> None:
     bench = _script()
-    assert list(bench.round2_runners(False)) == [*bench.R1_COMPARED, *v2.BY_NAME]
-    assert list(bench.round2_runners(True)) == ["old", *v2.BY_NAME]
-    tflops: dict[str, float | None] = {"m128n64w4s2": 300.0, "m128n128w8s2": 310.0}
+    assert list(bench.round2_runners()) == ["old", *v2.BY_NAME]
+    tflops: dict[str, float | None] = {"old": 150.0}
     tflops |= {c.name: 320.0 + i for i, c in enumerate(v2.CONFIGS)}
-    row = {"kv": "bf16", "batch": 4, "q_len": 2048, "ctx": 2048, "max_abs_diff_to_first": 0.004}
+    default = tflops[v2.DEFAULT_CONFIG.name]
+    assert default is not None
+    best_name = v2.CONFIGS[-1].name
     best = 320.0 + len(v2.CONFIGS) - 1
+    row = {"kv": "bf16", "batch": 4, "q_len": 2048, "ctx": 2048, "max_abs_diff_to_first": 0.004}
     line = bench.show_round2(row | {"TFLOPs": tflops | {"sdpa_flash": 284.0}})
-    assert line.startswith("prefill3 kv=bf16 B=4 q= 2048")
+    assert line.startswith("prefill3 kv=bf16 B=4 q= 2048") and "\n" not in line
     assert all(name in line for name in tflops)
-    assert f"best v2 / round 1 {best / 300:.2f}x" in line
-    assert f"best v2 / sdpa {best / 284:.2f}x" in line and "round 1 / sdpa 1.06x" in line
-    fp8 = {"old": 150.0} | {c.name: 320.0 + i for i, c in enumerate(v2.CONFIGS)}
-    line = bench.show_round2(row | {"kv": "fp8", "TFLOPs": fp8})
-    assert f"best v2 / old {best / 150:.2f}x" in line and "sdpa" not in line
+    assert f"best {best_name} ({best / default:.2f}x default)" in line
+    assert f"best / old {best / 150:.2f}x" in line
+    assert f"best / sdpa {best / 284:.2f}x" in line
+    assert f"default / sdpa {default / 284:.2f}x" in line
+    line = bench.show_round2(row | {"kv": "fp8", "TFLOPs": tflops})
+    assert f"best / old {best / 150:.2f}x" in line and "sdpa" not in line
