@@ -1,10 +1,10 @@
 """Prefill attention round 2 (cuda/prefill_attention_v2.cu): the default since session 8.
 
-Same arguments and result as `cuda.prefill_attention.prefill_attention_cuda`, and it also
+Same arguments and result as `cuda.paged_attention.paged_attention` for q_len > 1, and it also
 takes an FP8 (float8_e4m3fn) KV cache holding K / k_scale and V / v_scale. One compiled
 module per (dtype, head_dim, KV type), one kernel per configuration::
 
-    prefill2_m{BM}n{BN}w{WARPS}s{STAGES}k{SUB}[p]   round 1's tile, scored and softmaxed SUB
+    prefill2_m{BM}n{BN}w{WARPS}s{STAGES}k{SUB}[p]   a BM x BN tile, scored and softmaxed SUB
                                                     keys at a time; p: the next step's
                                                     Q K^T overlaps this step's softmax
     grid  (num_kv_heads, batch, ceil(max_query_len * group / BM))   z = 0: heaviest tiles
@@ -111,8 +111,8 @@ def config_for(choice: str) -> V2Config:
 def unsupported_reason(
     q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata
 ) -> str | None:
-    """Why this kernel cannot run these tensors, or None if it can (round 1's limits, with
-    FP8 caches allowed)."""
+    """Why this kernel cannot run these tensors, or None if it can (cuda/prefill_attention.py's
+    checks, with FP8 caches allowed)."""
     return pa.unsupported_reason(q, kv_cache, md, fp8_ok=True)
 
 
