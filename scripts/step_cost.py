@@ -68,9 +68,9 @@ class StepCost:
 
 COSTS = {
     # bf16 GEMMs ~700 TFLOP/s (the W3 timeline's 16k-token mixed steps, 9c1ad0d); decode
-    # attention 90% at 64 x 4k (cc98fa0); prefill attention ~320 TFLOP/s (round 1 at 8k,
-    # 52e44f0); ~0.75 ms of small kernels a step (the e1522b4 b1 kernel table); 17 ms of host
-    # gap per eager mixed step (the W3 timeline).
+    # attention 90% at 64 x 4k (cc98fa0); prefill attention ~320 TFLOP/s (the first tile
+    # kernel at 8k, 52e44f0); ~0.75 ms of small kernels a step (the e1522b4 b1 kernel
+    # table); 17 ms of host gap per eager mixed step (the W3 timeline).
     "bf16": StepCost(2.0, 2.0, BF16_GEMM_FLOPS, 0.90, 320e12, 0.75e-3, 17e-3),
     # FP8 weights + FP8 KV: decode attention 71.8% at 64 x 4k (cc98fa0); prefill attention
     # with an FP8 cache runs the older kernel (~150 TFLOP/s, 52e44f0's old-kernel rows). The
