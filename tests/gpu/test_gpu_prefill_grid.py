@@ -25,8 +25,7 @@ from cuda import prefill_tiles as pt
 from cuda import prefill_v2 as v2
 from cuda.paged_attention import AttentionMetadata, AttentionParams
 from tests.gpu.test_gpu_kernels import Batch
-from tests.gpu.test_gpu_prefill_attention import check
-from tests.gpu.test_gpu_prefill_v2 import check_fp8, fp8_params
+from tests.gpu.test_gpu_prefill_attention import check, check_fp8, fp8_params
 from worker.device_copy import host_to_device
 
 pytestmark = [
