@@ -1,12 +1,12 @@
-// Prefill attention, round 2 (opt-in: HEADRACE_PREFILL_KERNEL=v2...; round 1,
-// cuda/prefill_attention.cu, stays the default). Host side in cuda/prefill_v2.py. A module of
-// its own, so that nothing here can break round 1's compile.
+// Prefill attention (round 2, the prefill tile kernel since session 8; the first tile kernel,
+// round 1, was removed once this one beat it on every shape). Host side in cuda/prefill_v2.py;
+// routing in cuda/prefill_attention.py.
 //
 // Macros per compiled module: HR_BF16 (1: __nv_bfloat16, 0: __half), HR_HEAD_DIM (64|128),
 // HR_KV_FP8 (0: the KV cache holds elem_t; 1: float8_e4m3fn bytes holding K / k_scale and
 // V / v_scale). KV cache: [2, num_blocks, block_size, num_kv_heads, D], V at kc + v_off.
 //
-// Round 1's structure (GQA rows m = i * group + g packed into one tile per KV head, grid
+// The tile structure, from round 1 (GQA rows m = i * group + g packed into one tile per KV head, grid
 // (num_kv_heads, batch, row tiles) with z = 0 the heaviest, end-aligned tile, a cp.async K/V
 // ring into XOR-swizzled shared tiles, ldmatrix + mma.sync m16n8k16, online softmax in the
 // log2 domain, bottom-right causal alignment, sliding windows), aimed at its profile
