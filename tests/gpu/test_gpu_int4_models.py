@@ -69,14 +69,23 @@ def test_int4_graphs_equal_eager(tmp_path, stories_path) -> None:
     check_logprobs_close(graphed.out, eager.out, "int4-graphs", atol=5e-2)
 
 
-@pytest.mark.parametrize(("method", "layout"), [("awq", "rows"), ("gptq", "tiles")])
+@pytest.mark.parametrize(
+    ("method", "layout", "gemv", "want"),
+    [
+        ("awq", "rows", "v4", "stream"),  # the default: every 8B matrix is under 160 Mi weights
+        ("awq", "rows", "mma", "rows"),
+        ("gptq", "tiles", "v4", "tiles"),
+    ],
+)
 def test_dummy_int4_weights_are_created_in_int4(
-    method: str, layout: str, llama3_tokenizer_path: Path, monkeypatch
+    method: str, layout: str, gemv: str, want: str, llama3_tokenizer_path: Path, monkeypatch
 ) -> None:
+    from cuda import int4_gemm
     from headrace.llm import LLM
     from worker.quant import int4_linear
 
     monkeypatch.setattr(int4_linear, "LAYOUT", layout)
+    monkeypatch.setattr(int4_gemm, "GEMV_IMPL", gemv)
 
     llm = LLM(
         "scripts/configs/llama-3-8b",
@@ -91,7 +100,7 @@ def test_dummy_int4_weights_are_created_in_int4(
     model = llm.engine.runner.model
     layer = model.layers[0].mlp.gate_up_proj
     assert isinstance(layer, Int4Linear) and layer.qweight.dtype == torch.int32
-    assert {m.layout for m in int4_linear.int4_layers(model)} == {layout}  # 8B: all tile-able
+    assert {m.layout for m in int4_linear.int4_layers(model)} == {want}  # 8B: all tile-able
     assert layer.scratch is not None and layer.scratch.numel() == 28672 * 4096
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weight_bytes < 6e9  # ~5.7 GB in 4 bits (16 GB in bf16)
