@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -39,8 +40,13 @@ from worker.scheduler import Scheduler, SchedulerOutput
 
 
 def simulate(
-    args: argparse.Namespace, asyn: bool, cost: StepCost | None = None
+    args: argparse.Namespace,
+    asyn: bool,
+    cost: StepCost | None = None,
+    on_step: Callable[[SchedulerOutput], None] | None = None,
 ) -> dict[str, float]:
+    """`on_step` sees every non-empty step as scheduled, before it is applied (its rows'
+    `start` is the KV length before the step; scripts/w3_step_shapes.py records them)."""
     w = make_workload(args.workload, args.num_requests, args.seed)
     kv = KVCacheManager(args.num_blocks, args.block_size, enable_caching=False)
     config = SchedulerConfig(
@@ -66,6 +72,8 @@ def simulate(
         else:
             steps += 1
             overlapped += asyn and prev is not None
+            if on_step is not None:
+                on_step(out)
             if cost is not None:
                 gpu_s += cost.step_seconds(out)
         if not asyn:
