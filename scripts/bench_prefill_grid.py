@@ -13,6 +13,11 @@ layers) after warm-up, both by CUDA events; the blocks each grid launches; the h
 build; max|flat - z| (the same tiles: 0). One line a shape.
 
     PYTHONPATH=. python scripts/bench_prefill_grid.py --out bench_prefill_grid.json
+
+--steps FILE (scripts/w3_step_shapes.py --json FILE: the mixed steps the engine's scheduler
+makes on W3) times every `--every`-th recorded step instead (bf16, rows in the scheduler's
+order), then the mean z - flat per call x 32 layers x the file's mixed steps: the run's
+saving as measured on a sample of its own steps.
 """
 
 from __future__ import annotations
@@ -49,6 +54,29 @@ def shapes(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray, 
         "4x2k": (np.full(4, 2048), np.full(4, 2048), False),
         "mixed_fp8": (*mixed, True),
     }
+
+
+def recorded_shapes(path: str, every: int) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+    """Every `every`-th step of a scripts/w3_step_shapes.py JSON: name -> (q_lens, seq_lens,
+    False), named by the step's index among the mixed steps."""
+    with open(path) as f:
+        steps = json.load(f)["steps"]
+    return {
+        f"step{i}": (np.array(st["q_lens"]), np.array(st["seq_lens"]), False)
+        for i, st in enumerate(steps)
+        if i % every == every // 2
+    }
+
+
+def run_saving(rows: list[dict], num_steps: int) -> str:
+    """The sampled steps' mean z - flat per call, scaled to the run (x layers x steps)."""
+    single = sum(r["z_us"] - r["flat_us"] for r in rows) / len(rows)
+    b2b = sum(r[f"z_us_{LAYERS}"] - r[f"flat_us_{LAYERS}"] for r in rows) / len(rows)
+    return (
+        f"prefillgrid run: {len(rows)} of {num_steps} mixed steps timed, z - flat {single:.1f} "
+        f"us a call single ({b2b:.1f} back to back) -> x{LAYERS} layers x {num_steps} steps = "
+        f"{single * LAYERS * num_steps / 1e6:.3f} s ({b2b * LAYERS * num_steps / 1e6:.3f} s)"
+    )
 
 
 def paged_step(
@@ -142,14 +170,24 @@ def show(row: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_prefill_grid.json")
+    ap.add_argument("--steps", help="scripts/w3_step_shapes.py's JSON: time its steps instead")
+    ap.add_argument("--every", type=int, default=11, help="with --steps: every N-th step")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = []
-    for name, (q_lens, seq_lens, fp8) in shapes(np.random.default_rng(0)).items():
+    if args.steps:
+        cases = recorded_shapes(args.steps, args.every)
+        with open(args.steps) as f:
+            num_steps = len(json.load(f)["steps"])
+    else:
+        cases = shapes(np.random.default_rng(0))
+    for name, (q_lens, seq_lens, fp8) in cases.items():
         row = one_shape(name, q_lens, seq_lens, fp8)
         results.append(row)
         print(show(row), flush=True)
         torch.cuda.empty_cache()
+    if args.steps:
+        print(run_saving(results, num_steps), flush=True)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
 
