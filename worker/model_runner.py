@@ -118,6 +118,9 @@ class ModelRunner:
         # HEADRACE_PREFILL_GRID=flat: eager steps with q_len > 1 carry prefill round 2's
         # tile map (cuda/prefill_tiles.py), cut for this model's group (None: the z grid).
         self.prefill_tiles = prefill_tile_spec(model_config, device)
+        # Eager steps that carried a tile map: what `bench throughput` reports, so a run
+        # says whether the flat grid was on (the env of a past run is not in its JSON).
+        self.prefill_tile_steps = 0
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.config
@@ -241,6 +244,7 @@ class ModelRunner:
             inputs = self.device_state.eager_inputs(host)
         else:
             inputs = to_device(host, self.device, self.prefill_tiles)
+            self.prefill_tile_steps += inputs.md.prefill_tiles is not None
         ids = inputs.input_ids if input_ids is None else input_ids
         hidden = self.model(ids, inputs.positions, self.kv_caches, inputs.md)
         if scheduled is not None:

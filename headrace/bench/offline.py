@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def run_engine(
     bar = tqdm(total=len(prompts), desc=w.name, unit="req", disable=not progress)
     steps = 0
     preempted0 = _preemptions(engine)
+    tiled0 = _prefill_tile_steps(engine)
     while engine.has_unfinished_requests():
         outs = engine.step()
         steps += 1
@@ -140,7 +142,13 @@ def run_engine(
         "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
         "tpot_mean_ms": 1000 * sum(tpot) / len(tpot) if tpot else None,
         "preemptions": _preemptions(engine) - preempted0,
+        # Eager steps that ran prefill round 2's flat grid (HEADRACE_PREFILL_GRID=flat).
+        "prefill_tile_steps": _prefill_tile_steps(engine) - tiled0,
     }
+
+
+def _prefill_tile_steps(engine: Any) -> int:
+    return int(getattr(getattr(engine, "runner", None), "prefill_tile_steps", 0))
 
 
 def _preemptions(engine: Any) -> int:
@@ -237,8 +245,6 @@ def _card() -> str:
 
 
 def _commit() -> str:
-    import os
-
     if os.environ.get("HEADRACE_COMMIT"):
         return os.environ["HEADRACE_COMMIT"]
     try:
@@ -264,6 +270,8 @@ def _main(args: argparse.Namespace, default_workload: str) -> int:
         "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"),
         "config": {k: v for k, v in asdict(config).items() if k != "extra"},
+        # The HEADRACE_* switches (kernel choices, grids) the run was started with.
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HEADRACE_")},
     }
     _bench_engine(args, config, w, result)
     _write_json(args.output_json, result)
@@ -348,6 +356,8 @@ def summary_line(result: dict[str, Any]) -> str:
             f" [max_num_seqs {result['max_num_seqs']}, max_num_batched_tokens "
             f"{result['max_num_batched_tokens']}, {r.get('preemptions', 0)} preemptions]"
         )
+    if r.get("prefill_tile_steps"):
+        line += f" [flat prefill grid on {r['prefill_tile_steps']} steps]"
     if "roofline" in result:
         rl = result["roofline"]
         line += f" ({rl['weights']} weights, {rl['kv_cache_dtype']} KV, {result['num_kv_blocks']}"
