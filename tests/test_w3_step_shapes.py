@@ -92,3 +92,28 @@ def test_bench_prefill_grid_reads_recorded_steps(tmp_path: Path) -> None:
     line = bench.run_saving(rows, 100)
     assert "2 of 100 mixed steps" in line and "50.0 us a call single" in line
     assert "= 0.160 s (0.160 s)" in line  # 50 us x 32 layers x 100 steps
+
+
+def test_grid_ab_switches_the_runner_grid(
+    stories_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from scripts import w3_grid_ab
+
+    monkeypatch.setattr(
+        offline, "make_workload", lambda name, n, seed: offline.Workload(name, [40, 8], [3, 6])
+    )
+    out = tmp_path / "ab.json"
+    monkeypatch.setattr(
+        "sys.argv",
+        ["w3_grid_ab.py", "--model", str(stories_path), "--device", "cpu", "--num-gpu-blocks",
+         "64", "--max-model-len", "128", "--max-num-batched-tokens", "32", "--profile",
+         "--order", "z,flat,z", "--output-json", str(out)],
+    )  # fmt: skip
+    w3_grid_ab.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[1].rstrip(":") for ln in lines[:3]] == ["z", "flat", "z"]
+    assert lines[-1].startswith("w3ab z - flat: ")
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["prefill_tile_steps"] for r in runs][0::2] == [0, 0]  # z: no map
+    assert runs[1]["prefill_tile_steps"] > 0 and runs[1]["output_tokens"] == 9
+    assert runs[1]["mixed_gpu_busy_ms"] is None  # CPU: no GPU events
