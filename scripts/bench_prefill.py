@@ -10,6 +10,10 @@ largest difference between the default kernel's output and the old kernel's.
     PYTHONPATH=. python scripts/bench_prefill.py --out bench_prefill.json
 (scripts/bench_kernels.py runs the same as its prefill part.)
 
+--alternate N: the default kernel and SDPA flash timed in turn N times on each causal shape,
+bf16 and fp16; one line a shape with the median ratio and its range (single timings of the
+~0.5 ms 4 x 2k shape moved by 10% between calls).
+
 --round2 (gpu_bench's prefill3 step): bf16, every round-2 configuration (cuda/prefill_v2.py)
 against each other, the old kernel and SDPA; then an FP8 KV cache: the old kernel
 (HEADRACE_PREFILL_FP8=old) against round 2's configurations. One line a shape.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -206,16 +211,85 @@ def bench_round2(results: list[dict]) -> None:
             torch.cuda.empty_cache()
 
 
+def ratio_summary(ours: list[float], sdpa: list[float]) -> dict[str, float]:
+    """Per-round ratios (SDPA time / our time: > 1 means ours is faster) of alternated
+    timings: their median, min and max."""
+    if not ours or len(ours) != len(sdpa):
+        raise ValueError("need one SDPA timing per timing of ours")
+    ratios = sorted(t_sdpa / t_ours for t_ours, t_sdpa in zip(ours, sdpa, strict=True))
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
+
+
+def alternate_shape(batch: int, q_len: int, dtype: torch.dtype, rounds: int) -> dict:
+    """The default kernel and SDPA flash timed in turn, `rounds` times each, on one causal
+    shape: a single pair of timings of a ~0.5 ms kernel moved by 10% between calls on the
+    H200 (session 8), so issue 11's ratio is read from the alternated rounds' median."""
+    q, cache, md = paged_batch(batch, q_len, q_len, dtype)
+    params = AttentionParams(D**-0.5)
+    out = torch.empty_like(q)
+    fn = default_runners()[v2.DEFAULT_CONFIG.name]
+    ours, sdpa = [], []
+    for _ in range(rounds):
+        ours.append(time_op(lambda: fn(q, cache, md, params, out)))
+        ts = sdpa_time(batch, q_len, dtype)
+        if ts is None:
+            raise RuntimeError("SDPA flash is not available for this shape")
+        sdpa.append(ts)
+    flops = 4 * batch * (q_len * (q_len + 1) // 2) * D * HQ
+    return {
+        "kind": "prefill_alternated",
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": batch,
+        "q_len": q_len,
+        "rounds": rounds,
+        "TFLOPs_ours": [flops / t / 1e12 for t in ours],
+        "TFLOPs_sdpa": [flops / t / 1e12 for t in sdpa],
+        "ratio": ratio_summary(ours, sdpa),
+    }
+
+
+def show_alternate(row: dict) -> str:
+    r = row["ratio"]
+    ours, sdpa = statistics.median(row["TFLOPs_ours"]), statistics.median(row["TFLOPs_sdpa"])
+    return (
+        f"prefill alternated {row['dtype']:8s} B={row['batch']} q={row['q_len']:5d} "
+        f"x{row['rounds']}: {v2.DEFAULT_CONFIG.name} {ours:6.1f} | sdpa_flash {sdpa:6.1f} "
+        f"TFLOP/s (medians) | default / sdpa median {r['median']:.2f}x "
+        f"(min {r['min']:.2f}x, max {r['max']:.2f}x)"
+    )
+
+
+def bench_alternated(results: list[dict], rounds: int) -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        for batch, q_len, ctx in SHAPES:
+            if q_len != ctx:
+                continue
+            row = alternate_shape(batch, q_len, dtype, rounds)
+            results.append(row)
+            print(show_alternate(row), flush=True)
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_prefill.json")
     ap.add_argument(
         "--round2", action="store_true", help="round 2's configurations, bf16 and FP8 KV"
     )
+    ap.add_argument(
+        "--alternate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time the default kernel and SDPA in turn N times a causal shape (median ratio)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     results: list[dict] = []
-    (bench_round2 if args.round2 else bench_prefill)(results)
+    if args.alternate:
+        bench_alternated(results, args.alternate)
+    else:
+        (bench_round2 if args.round2 else bench_prefill)(results)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
 

@@ -36,6 +36,9 @@
 # Prefill flat grid (issue 12, W3 mixed steps): prefillgrid (<= 60 s: warm the prefill + tiny-engine modules,
 # tests/gpu/test_gpu_prefill_grid.py, scripts/bench_prefill_grid.py: us per call, z vs HEADRACE_PREFILL_GRID=flat
 # on the W3 mixed step (bf16, FP8 KV), 1x16k and 4x2k; one line a shape).
+# Prefill vs SDPA, alternated (issue 11): prefill_alt (<= 60 s: scripts/bench_prefill.py --alternate 5,
+# the default kernel and torch's flash SDPA timed in turn 5 times on each causal shape, bf16 and fp16;
+# one line a shape with the median ratio and its range).
 # Decode attention (issue 11): decode (tests/gpu/test_gpu_decode_attention.py, then `headrace bench
 # kernels --fp8`: old vs new decode kernel as % of copy bandwidth, prefill rows; <= 150 s).
 # Serving gap (issue 12): w4gap (<= 300 s: offline W3 with prefix caching off, then headrace serve with
@@ -208,6 +211,8 @@ for step in $which; do
                --no-progress > "$OUT/w4_sweep.log" 2>&1; cat "$OUT/w4_sweep.log"
              kill "$serve_pid"; wait "$serve_pid" ;;
     w4gap) timeout 310 bash scripts/w4gap.sh ;;
+    prefill_alt) timeout 60 python scripts/bench_prefill.py --alternate 5 --out "$OUT/prefill_alt.json" > "$OUT/prefill_alt.log" 2>&1
+                 echo "bench_prefill --alternate 5 (rc $?):"; cat "$OUT/prefill_alt.log" ;;
     prefill3) t0=$SECONDS; timeout 25 python scripts/warm_kernels.py --jobs 16 --only prefill_attention_v2 paged_attention > "$OUT/prefill3_warm.log" 2>&1
               echo "warm prefill modules (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/prefill3_warm.log")"
               t0=$SECONDS; timeout 110 python -m pytest -m gpu tests/gpu/test_gpu_prefill_v2.py -q -p no:cacheprovider --maxfail=10 > "$OUT/prefill3_tests.log" 2>&1

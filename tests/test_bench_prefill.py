@@ -64,3 +64,26 @@ def test_round2_lines_compare_round_2_configs_old_and_sdpa() -> None:
     assert f"default / sdpa {default / 284:.2f}x" in line
     line = bench.show_round2(row | {"kv": "fp8", "TFLOPs": tflops})
     assert f"best / old {best / 150:.2f}x" in line and "sdpa" not in line
+
+
+def test_alternated_rounds_give_the_median_ratio_and_its_range() -> None:
+    import pytest
+
+    bench = _script()
+    got = bench.ratio_summary([1.0, 2.0, 1.0], [1.1, 1.8, 0.9])  # ratios 1.1, 0.9, 0.9
+    assert got == pytest.approx({"median": 0.9, "min": 0.9, "max": 1.1})
+    with pytest.raises(ValueError):
+        bench.ratio_summary([1.0], [])
+    row = {
+        "dtype": "bfloat16",
+        "batch": 4,
+        "q_len": 2048,
+        "rounds": 3,
+        "TFLOPs_ours": [300.0, 290.0, 310.0],
+        "TFLOPs_sdpa": [280.0, 285.0, 282.0],
+        "ratio": {"median": 1.06, "min": 1.02, "max": 1.1},
+    }
+    line = bench.show_alternate(row)
+    assert line.startswith("prefill alternated bfloat16 B=4 q= 2048 x3")
+    assert "300.0" in line and "282.0" in line
+    assert "median 1.06x (min 1.02x, max 1.10x)" in line
