@@ -36,9 +36,6 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#ifndef HR_BF16
-#define HR_BF16 1
-#endif
 #ifndef HR_HEAD_DIM
 #define HR_HEAD_DIM 128
 #endif
@@ -46,17 +43,7 @@
 #define HR_KV_FP8 0
 #endif
 
-#if HR_BF16
-typedef __nv_bfloat16 elem_t;
-typedef __nv_bfloat162 elem2_t;
-__device__ __forceinline__ elem2_t from_f2(float a, float b) { return __floats2bfloat162_rn(a, b); }
-#define HR_MMA_TYPE "bf16"
-#else
-typedef __half elem_t;
-typedef __half2 elem2_t;
-__device__ __forceinline__ elem2_t from_f2(float a, float b) { return __floats2half2_rn(a, b); }
-#define HR_MMA_TYPE "f16"
-#endif
+#include "elem2_type.cuh"  // elem_t, elem2_t, from_f2, HR_MMA_TYPE for HR_BF16
 
 #if HR_KV_FP8
 typedef unsigned char kv_t;  // __nv_fp8_e4m3 storage
