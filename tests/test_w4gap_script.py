@@ -58,3 +58,11 @@ def test_w4gap_runs_offline_and_http_and_prints_the_gap(tmp_path: Path, stories_
     # The same requests: bench serve --workload W3 asks for the offline run's output lengths.
     assert served["runs"][-1]["total_output_tokens"] == offline["headrace"][-1]["output_tokens"]
     assert offline["config"]["enable_prefix_caching"] is False
+    # Where the gap is: the worker's busy period and the client's / gateway's CPU seconds.
+    assert re.search(r"worker busy period: 3 requests, \d+ tokens in [\d.]+ s", text), text
+    assert re.search(
+        r"HTTP run [\d.]+ s: client CPU [\d.]+ s, gateway process CPU [\d.]+ s", text
+    ), text
+    tl = json.loads((out / "w4gap_worker_timeline.json").read_text())
+    assert tl["output_tokens"] == offline["headrace"][-1]["output_tokens"]
+    assert "timeline" in offline  # offline ran with --profile, as the worker did

@@ -46,6 +46,7 @@ from ipc.messages import (
     WorkerStats,
 )
 from ipc.wire import WorkerCodec, bind_router, default_worker_id
+from worker import serve_timeline
 from worker.admission import Admission, AdmissionLimits
 from worker.errors import FatalEngineError
 from worker.health_http import serve_health, worker_health
@@ -249,26 +250,39 @@ class WorkerServer:
 
     def _engine_loop(self, engine: Engine) -> None:
         taken = 0  # requests taken from the inbox so far
+        timeline = serve_timeline.from_env(engine)  # HEADRACE_STEP_TIMELINE: None without
+        clock = time.perf_counter
         while not self._stopping.is_set() and self._failure is None:
             busy = engine.has_unfinished_requests()
             # Rejections, made outside step(), go back to their sender directly: a request
             # rejected for a duplicate id must not take the running one's owner.
             outputs: list[OwnedOutput] = []
             inbox = self._drain_inbox(block=not busy)
+            t0 = clock()
+            before = taken
             for ident, msg in inbox:
                 taken += isinstance(msg, EngineRequest)
                 outputs.extend(self._handle(engine, ident, msg))
             rejected = bool(outputs)
+            t1 = clock()
+            if timeline is not None:
+                timeline.arrived(taken - before, t0)
             if engine.has_unfinished_requests():
                 outputs += self._step(engine)
+                t2 = clock()
                 self.stats = self._stats(engine)
-            elif rejected or busy:
-                self.stats = self._stats(engine)
+            else:
+                t2 = clock()
+                if rejected or busy:
+                    self.stats = self._stats(engine)
             if inbox or busy:
                 self._published = (self.stats, taken)
+            t3 = clock()
             if outputs:
                 self._outbox.put(outputs)  # zmq-out groups, encodes and sends them
             self.num_owned = len(engine.request_ids())
+            if timeline is not None:
+                timeline.passed(outputs, (t0, t1, t2, t3, clock()), self.num_owned > 0)
 
     def _step(self, engine: Engine) -> list[OwnedOutput]:
         """One engine step, failing every request if it raises; then the queue's deadline."""

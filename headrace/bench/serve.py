@@ -238,6 +238,7 @@ async def _run_rate(
     gate = asyncio.Semaphore(args.max_concurrency or len(reqs) or 1)
     bar = tqdm(total=len(reqs), desc=f"rate {rate}", unit="req", disable=args.no_progress)
     cpu0 = process_cpu_seconds(args.measure_pid) if args.measure_pid else 0.0
+    own0 = time.process_time()
     t0 = time.perf_counter()
 
     async def launch(i: int, r: RequestResult) -> None:
@@ -255,7 +256,11 @@ async def _run_rate(
     duration = time.perf_counter() - t0
     bar.close()
     cpu = process_cpu_seconds(args.measure_pid) - cpu0 if args.measure_pid else None
-    return summarize_run(rate, reqs, duration, args.max_concurrency, cpu, args.save_detailed)
+    result = summarize_run(rate, reqs, duration, args.max_concurrency, cpu, args.save_detailed)
+    # This client's own CPU seconds in the run: near `duration`, the client (one Python
+    # process parsing every SSE event) was the bottleneck, not the server.
+    result["client_cpu_s"] = time.process_time() - own0
+    return result
 
 
 def bench_serve_main(args: argparse.Namespace) -> int:
