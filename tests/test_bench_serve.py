@@ -33,6 +33,34 @@ def test_prompts_share_no_prefix_and_are_reproducible() -> None:
     assert all(set(p) <= set(vocab) for p in prompts)
 
 
+def test_client_processes_rule_and_jobs() -> None:
+    import argparse
+    import os
+
+    from headrace.bench.serve import RequestResult, client_processes
+    from headrace.bench.serve_procs import jobs
+
+    quarter = max(1, (os.cpu_count() or 1) // 4)
+    assert client_processes("auto", 1000) == min(quarter, 4)
+    assert client_processes("auto", 10) == 1
+    assert client_processes("5", 10) == 5
+    for bad in ("0", "-2", "x", "1.5"):
+        with pytest.raises(ValueError, match="--client-processes"):
+            client_processes(bad, 10)
+    reqs = [RequestResult(prompt_len=10 + i, output_len=i + 1) for i in range(7)]
+    args = argparse.Namespace(
+        base_url="u", api_key=None, seed=3, temperature=0.0, max_concurrency=5
+    )
+    js = jobs(args, "m", [1, 2], reqs, 6.0, 3)
+    # Every request exactly once, its own index (so its own prompt), rate and limit shared.
+    assert sorted(i for j in js for i in j["indices"]) == list(range(7))
+    assert js[1]["indices"] == [1, 4] and js[1]["lens"] == [[11, 2], [14, 5]]
+    assert {j["rate"] for j in js} == {2.0} and {j["max_concurrency"] for j in js} == {2}
+    assert len({j["rng_seed"] for j in js}) == 3
+    args.max_concurrency = None
+    assert jobs(args, "m", [1], reqs, float("inf"), 2)[0]["max_concurrency"] is None
+
+
 def test_latency_fields_are_vllm_named_milliseconds() -> None:
     f = latency_fields("ttft", [0.001, 0.002, 0.003, float("nan")])
     assert f["mean_ttft_ms"] == pytest.approx(2.0)
@@ -41,7 +69,8 @@ def test_latency_fields_are_vllm_named_milliseconds() -> None:
 
 
 @pytest.mark.slow
-def test_bench_serve_sweep_against_a_server(tmp_path: Path, stories_path: Path) -> None:
+@pytest.mark.parametrize("procs", ["1", "3"])
+def test_bench_serve_sweep_against_a_server(tmp_path: Path, stories_path: Path, procs: str) -> None:
     address = f"ipc://{tmp_path}/w.sock"
     worker = start_worker(stories_path, address, tmp_path)
     port = free_port()
@@ -54,6 +83,7 @@ def test_bench_serve_sweep_against_a_server(tmp_path: Path, stories_path: Path) 
             "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "6",
             "--request-rate", "20", "inf", "--input-len", "8", "32", "--output-len", "4", "12",
             "--result-json", str(out_json), "--plot", str(out_png), "--no-progress",
+            "--client-processes", procs,
         ]  # fmt: skip
         run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     finally:
@@ -70,6 +100,7 @@ def test_bench_serve_sweep_against_a_server(tmp_path: Path, stories_path: Path) 
         assert 0 < r["median_ttft_ms"] <= r["p99_ttft_ms"] <= r["mean_e2el_ms"] * 6
         assert r["mean_tpot_ms"] > 0 and r["output_throughput"] > 0
         assert r["total_output_tokens"] >= 6 * 4
+        assert r["client_processes"] == int(procs) and r["client_cpu_s"] > 0
     assert "mean_ttft_ms" not in result  # several rates: only under "runs"
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "TTFT mean/p99 ms" in run.stdout

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 
 from headrace.bench.report import plot_sweep, print_sweep, summarize_run, sweep_result
 
@@ -90,6 +91,12 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-detailed", action="store_true", help="per-request data in the JSON")
     g.add_argument("--measure-pid", type=int, default=None, help="report this PID's CPU time")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument(
+        "--client-processes",
+        default="auto",
+        help="client processes sharing the requests (each every N-th request, at rate / N): "
+        "auto = one per 250 requests, at most a quarter of the CPUs",
+    )
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -152,65 +159,144 @@ async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
         yield buf.decode("utf-8")
 
 
-async def _one(
-    client: httpx.AsyncClient,
+class _Choice(msgspec.Struct):
+    text: str = ""
+
+
+class _Usage(msgspec.Struct):
+    completion_tokens: int = 0
+
+
+class _Event(msgspec.Struct):
+    """The fields of a streamed completion chunk the client reads (the rest is skipped by
+    the decoder, unparsed: at 1,000 streams the client parses every token's event)."""
+
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: dict[str, Any] | None = None
+
+
+_decode_event = msgspec.json.Decoder(_Event).decode
+_JSON = {"content-type": "application/json"}
+
+
+def request_body(model: str, r: RequestResult, ids: list[int], temperature: float) -> bytes:
+    """The /v1/completions body of one request, encoded before the run starts (drawing and
+    encoding 1,000 prompts of ~1k ids inside the run would delay the first requests)."""
+    return msgspec.json.encode(
+        {
+            "model": model,
+            "prompt": ids,
+            "max_tokens": r.output_len,
+            "ignore_eos": True,
+            "temperature": temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+
+
+def request_bodies(
+    args: argparse.Namespace,
     model: str,
-    r: RequestResult,
-    ids: list[int],
-    t0: float,
-    temperature: float = 1.0,
-) -> None:
-    body = {
-        "model": model,
-        "prompt": ids,
-        "max_tokens": r.output_len,
-        "ignore_eos": True,
-        "temperature": temperature,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    vocab: list[int],
+    reqs: list[RequestResult],
+    indices: list[int],
+) -> list[bytes]:
+    """The bodies of reqs, whose prompts are request `indices[k]`'s (prompt_ids)."""
+    return [
+        request_body(model, r, prompt_ids(vocab, args.seed, i, r.prompt_len), args.temperature)
+        for i, r in zip(indices, reqs, strict=True)
+    ]
+
+
+async def _one(client: httpx.AsyncClient, r: RequestResult, body: bytes, t0: float) -> None:
     start = time.perf_counter()
     r.arrival = start - t0
     last = start
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
+        async with client.stream("POST", "/v1/completions", content=body, headers=_JSON) as resp:
             if resp.status_code != 200:
                 r.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return
             async for line in sse_lines(resp):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                ev = json.loads(line[6:])
-                if "error" in ev:
-                    r.error = ev["error"]["message"]
+                try:
+                    ev = _decode_event(line[6:])
+                except msgspec.MsgspecError as e:
+                    r.error = f"bad event {line[:200]!r}: {e}"
+                    return
+                if ev.error is not None:
+                    r.error = str(ev.error.get("message", ev.error))
                     return
                 now = time.perf_counter()
-                if ev["choices"] and ev["choices"][0]["text"]:
+                if ev.choices and ev.choices[0].text:
                     if math.isnan(r.ttft):
                         r.ttft = now - start
                     else:
                         r.itl.append(now - last)
                     last = now
-                if ev.get("usage"):
-                    r.output_tokens = ev["usage"]["completion_tokens"]
+                if ev.usage is not None:
+                    r.output_tokens = ev.usage.completion_tokens
         r.e2e = time.perf_counter() - start
     except httpx.HTTPError as e:
         r.error = f"{type(e).__name__}: {e}"
 
 
-async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Every rate of `--request-rate`, in order, on the same seeded requests."""
+def http_client(args: argparse.Namespace) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(
-        base_url=args.base_url, headers=headers, timeout=None, limits=limits
-    ) as client:
+    return httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits)
+
+
+async def launch_all(
+    client: httpx.AsyncClient,
+    reqs: list[RequestResult],
+    bodies: list[bytes],
+    rate: float,
+    max_concurrency: int | None,
+    rng: random.Random,
+    t0: float,
+    on_done: Any = None,
+) -> None:
+    """Send reqs (Poisson arrivals at `rate`, inf: all at once; at most `max_concurrency`
+    in flight) and read their streams to the end; each result is filled in place."""
+    gate = asyncio.Semaphore(max_concurrency or len(reqs) or 1)
+
+    async def launch(r: RequestResult, body: bytes) -> None:
+        async with gate:
+            await _one(client, r, body, t0)
+        if on_done is not None:
+            on_done()
+
+    tasks = []
+    for r, body in zip(reqs, bodies, strict=True):
+        tasks.append(asyncio.ensure_future(launch(r, body)))
+        if math.isfinite(rate) and rate > 0:
+            await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Every rate of `--request-rate`, in order, on the same seeded requests."""
+    async with http_client(args) as client:
         model, max_len, filler = await _server_info(client, args.model)
         vocab = sorted(set(filler))
         runs = []
         for rate in args.request_rate:
             reqs = make_requests(args, max_len)
-            runs.append(await _run_rate(args, client, model, vocab, reqs, rate))
+            procs = client_processes(args.client_processes, len(reqs))
+            if procs > 1:
+                from headrace.bench.serve_procs import run_rate_in_processes
+
+                run = await asyncio.to_thread(
+                    run_rate_in_processes, args, model, vocab, reqs, rate, procs
+                )
+            else:
+                run = await _run_rate(args, client, model, vocab, reqs, rate)
+            run["client_processes"] = procs
+            runs.append(run)
     header = {
         "model": model,
         "base_url": args.base_url,
@@ -224,6 +310,21 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return sweep_result(header, runs)
 
 
+def client_processes(flag: str, num_requests: int) -> int:
+    """--client-processes: a count, or `auto`: one process per 250 requests, at most a
+    quarter of the CPUs (at least 1). One Python process parsing every streamed event
+    becomes the bottleneck near 1,000 streams (BENCHMARKS.md, the serving gap)."""
+    if flag == "auto":
+        return max(1, min((os.cpu_count() or 1) // 4, -(-num_requests // 250)))
+    try:
+        n = int(flag)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--client-processes must be 'auto' or an integer >= 1, got {flag!r}")
+    return n
+
+
 async def _run_rate(
     args: argparse.Namespace,
     client: httpx.AsyncClient,
@@ -234,25 +335,13 @@ async def _run_rate(
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    rng = random.Random(args.seed + 1)
-    gate = asyncio.Semaphore(args.max_concurrency or len(reqs) or 1)
+    bodies = request_bodies(args, model, vocab, reqs, list(range(len(reqs))))
     bar = tqdm(total=len(reqs), desc=f"rate {rate}", unit="req", disable=args.no_progress)
     cpu0 = process_cpu_seconds(args.measure_pid) if args.measure_pid else 0.0
     own0 = time.process_time()
     t0 = time.perf_counter()
-
-    async def launch(i: int, r: RequestResult) -> None:
-        async with gate:
-            ids = prompt_ids(vocab, args.seed, i, r.prompt_len)
-            await _one(client, model, r, ids, t0, args.temperature)
-        bar.update(1)
-
-    tasks = []
-    for i, r in enumerate(reqs):
-        tasks.append(asyncio.ensure_future(launch(i, r)))
-        if math.isfinite(rate) and rate > 0:
-            await asyncio.sleep(rng.expovariate(rate))
-    await asyncio.gather(*tasks)
+    rng = random.Random(args.seed + 1)
+    await launch_all(client, reqs, bodies, rate, args.max_concurrency, rng, t0, bar.update)
     duration = time.perf_counter() - t0
     bar.close()
     cpu = process_cpu_seconds(args.measure_pid) - cpu0 if args.measure_pid else None
