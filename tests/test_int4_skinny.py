@@ -259,23 +259,5 @@ def test_env_switches() -> None:
     assert read(HEADRACE_INT4_SKINNY_MIN="2") == "9 256"  # 1..8 rows are always the GEMV's
 
 
-@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
-def test_skinny_compiles_for_sm90(dtype_name: str) -> None:
-    from tests.test_kernels_compile import _check_log
-
-    cubin, log = compiler.compile_cubin(
-        mg.source(),
-        arch="sm_90",
-        defines=mg.module_defines(getattr(torch, dtype_name)),
-        name="int4_mma_gemv",
-        verbose_ptxas=True,
-        use_cache=False,
-    )
-    for name in mg.skinny_kernel_names():
-        assert f"Compiling entry function '{name}'" in log and name.encode() in cubin
-    _check_log(log)
-    regs = dict(re.findall(r"entry function '(\w+)'.*?Used (\d+) registers", log, re.S))
-    # NT = 4 keeps 2 blocks (16 warps) an SM: at most 128 registers.
-    assert all(
-        int(regs[n]) <= (128 if n.endswith("_n4") else 255) for n in mg.skinny_kernel_names()
-    ), regs
+# The sm_90 compile check (spill-free, registers): tests/test_kernels_compile.py's
+# test_int4_mma_skinny_compiles_for_sm90.

@@ -313,3 +313,33 @@ def test_int4_v4_gemv_compiles_for_sm90(dtype_name: str) -> None:
     regs = dict(re.findall(r"entry function '(\w+)'.*?Used (\d+) registers", log, re.S))
     assert set(regs) == set(v4.kernel_names())
     assert all(int(r) <= 64 for r in regs.values()), regs  # 32 warps an SM
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_int4_mma_skinny_compiles_for_sm90(dtype_name: str) -> None:
+    """The skinny W4A16 GEMM (cuda/int4_mma_gemv.cu's mma_skinny_*, issue 14): every variant
+    spill-free with no stack frame; NT = 4 within 128 registers (2 blocks an SM)."""
+    import torch
+
+    from cuda import int4_mma_gemv as mg
+
+    cubin, log = compiler.compile_cubin(
+        mg.source(),
+        arch="sm_90",
+        defines=mg.module_defines(getattr(torch, dtype_name)),
+        name="int4_mma_gemv",
+        verbose_ptxas=True,
+        use_cache=False,
+    )
+    parts = re.split(r"Compiling entry function '(\w+)'", log)[1:]
+    entries = dict(zip(parts[::2], parts[1::2], strict=True))
+    for name in mg.skinny_kernel_names():
+        assert name in entries and name.encode() in cubin, name
+        body = entries[name]
+        assert re.search(r"\b0 bytes spill stores", body) and not re.search(
+            r"[1-9]\d* bytes spill", body
+        ), body
+        assert not re.search(r"[1-9]\d* bytes stack frame", body), body
+        regs = int(re.search(r"Used (\d+) registers", body).group(1))  # type: ignore[union-attr]
+        assert regs <= (128 if name.endswith("_n4") else 255), (name, regs)
+    _check_log(log)
