@@ -22,10 +22,10 @@ the others), "mma" (cuda/int4_mma_gemv.py: tensor cores on the rows layout, 8 ro
 up to MMA_MAX_ROWS rows; shapes it does not take run "old"), "old" (gemv_m1/m2/m4 here, 4 rows a
 launch) or "split" (cuda/int4_gemv.py, split-K, 8 rows a launch), those two up to
 GEMV_MAX_ROWS rows (HEADRACE_INT4_GEMV_ROWS, default 8); the tiles layout runs gemv_tiles
-(8 rows a launch, up to 32); on the rows layout under "mma"/"v4", SKINNY_MIN_ROWS ..
-SKINNY_MAX_ROWS rows (default 9 .. 256, HEADRACE_INT4_SKINNY_MIN / _MAX) run the skinny
-GEMM (cuda/int4_mma_gemv.py, launches of up to 64 rows); more rows dequantize into a scratch
-buffer and call cuBLAS (prefill: the GEMM dominates); on CPU the reference
+(8 rows a launch, up to 32); on the rows and stream layouts under "mma"/"v4",
+SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS rows (default 9 .. 256, HEADRACE_INT4_SKINNY_MIN / _MAX)
+run the skinny GEMM (cuda/int4_mma_gemv.py's mma_skinny_*, cuda/int4_v4_gemv.py's
+v4_skinny_*: launches of up to 64 rows); more rows dequantize into a scratch buffer and call cuBLAS (prefill: the GEMM dominates); on CPU the reference
 `int4_linear_ref` (dequantize, then matmul).
 """
 
@@ -88,6 +88,10 @@ MMA_MAX_ROWS = max(GEMV_MAX_ROWS, 32)
 # 9 .. 32 rows on the GEMV launches for the GPU A/B.
 SKINNY_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_SKINNY_MAX", "256"))
 SKINNY_MIN_ROWS = max(int(os.environ.get("HEADRACE_INT4_SKINNY_MIN", "9")), 9)
+# The stream layout (round 4's, all of 8B's weights and 70B's qkv and o) has its own skinny
+# kernels (cuda/int4_v4_gemv.py's v4_skinny_*) under the same bounds;
+# HEADRACE_INT4_SKINNY_STREAM=0 keeps its old path (8-row GEMVs, then dequantize) alone.
+SKINNY_STREAM = os.environ.get("HEADRACE_INT4_SKINNY_STREAM", "1") != "0"
 DEQUANT_THREADS = 256
 TILE_THREADS = 256  # TILE_WARPS x 32 in the source
 TILE_MAX_ROWS = 8  # gemv_tiles takes up to 8 rows of x (mma's B has 8 columns)
@@ -298,9 +302,18 @@ def _mma_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> tor
 def _stream_linear(
     x: torch.Tensor, w: Int4Weight, scratch: torch.Tensor | None, out: torch.Tensor | None
 ) -> torch.Tensor:
-    """Round 4 (HEADRACE_INT4_GEMV=v4, stream layout): 8 rows of x a launch up to
+    """Round 4 (HEADRACE_INT4_GEMV=v4, stream layout): the skinny GEMM for SKINNY_MIN_ROWS ..
+    SKINNY_MAX_ROWS rows (unless SKINNY_STREAM is off), else 8 rows of x a launch up to
     MMA_MAX_ROWS rows, else dequantize + cuBLAS. x is gathered already (no perm)."""
     m, step = x.shape[0], int4_v4_gemv.MAX_ROWS
+    if SKINNY_STREAM and skinny_rows(m):
+        y = (
+            out
+            if out is not None
+            else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+        )
+        int4_v4_gemv.skinny(x, w, y)
+        return y
     if m > MMA_MAX_ROWS:
         return F.linear(x, dequantize(w, x.dtype, scratch))
     y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)

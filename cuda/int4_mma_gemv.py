@@ -229,14 +229,8 @@ def skinny_grid(n: int, tw: int) -> tuple[int]:
     return (-(-n // (TILE_N * tw)),)
 
 
-_device_indices: dict[torch.device, int] = {}
-
-
 def _device_index(device: torch.device) -> int:
-    idx = _device_indices.get(device)
-    if idx is None:
-        idx = _device_indices[device] = torch.device(device).index or 0
-    return idx
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def skinny(

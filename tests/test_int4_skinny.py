@@ -17,6 +17,7 @@ import torch
 from cuda import compiler
 from cuda import int4_gemm as ig
 from cuda import int4_mma_gemv as mg
+from cuda import int4_v4_gemv as v4
 from tests.int4_mma_emulation import emulate_skinny, emulate_skinny_launch
 from tests.test_cuda_launch_args import _OnDevice, kernel_parameters
 from tests.test_int4_mma_gemv import weight
@@ -128,7 +129,11 @@ def _record(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     calls: list[Any] = []
     monkeypatch.setattr(mg, "_kernel", lambda dtype, name: name)
     monkeypatch.setattr(ig, "_kernel", lambda dtype, name: name)
+    monkeypatch.setattr(v4, "_kernel", lambda dtype, name: name)
     monkeypatch.setattr(mg, "_sms", lambda device: 132)
+    monkeypatch.setattr(v4, "_sms", lambda device: 132)
+    monkeypatch.setattr(mg, "_device_index", lambda device: 0)
+    monkeypatch.setattr(v4, "_device_index", lambda device: 0)
     monkeypatch.setattr(compiler, "allow_shared_memory", lambda kernel, nbytes, index: None)
     monkeypatch.setattr(
         compiler, "launch", lambda *c, shmem=0, pdl=False: calls.append((*c[:3], shmem, c[3:]))
@@ -228,12 +233,51 @@ def test_unsupported_shapes_take_the_old_path(monkeypatch: pytest.MonkeyPatch) -
     assert calls == []  # dequantized (the patched reference), nothing launched
 
 
-def test_stream_and_tiles_layouts_keep_their_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    _record(monkeypatch)
-    monkeypatch.setattr(mg, "skinny", lambda *a, **k: pytest.fail("skinny on a stream weight"))
+def test_stream_layout_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream layout: 9..256 rows run v4_skinny_* (its launches as round 3's), unless
+    HEADRACE_INT4_SKINNY_STREAM=0 or _MAX=0 (then GEMVs up to 32 rows, then dequantize)."""
+    calls = _record(monkeypatch)
+    monkeypatch.setattr(ig, "GEMV_IMPL", "v4")
+    monkeypatch.setattr(mg, "skinny", lambda *a, **k: pytest.fail("round 3 on a stream weight"))
     seen: list[int] = []
     monkeypatch.setattr(ig, "dequantize", _counting_dequantize(seen))
-    w = weight(64, 512, 128, seed=6).as_stream()
+    n, k = 4096, 1024
+    w = weight(n, k, 64, seed=6).as_stream()  # groups of 64: the stream kernels take them
+
+    def run(m: int) -> list[str]:
+        calls.clear()
+        seen.clear()
+        x = torch.randn(m, k + 8, dtype=torch.bfloat16)[:, :k].as_subclass(_OnDevice)
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        ig.int4_linear(x, w, out=y)
+        for (_kernel, _grid, _block, shmem, args), (r, rows, nt) in zip(
+            calls, mg.skinny_chunks(m), strict=False
+        ):
+            if _kernel.startswith("v4_skinny_"):
+                assert args[0] == x.data_ptr() + r * (k + 8) * 2 and args[-2] == rows
+                assert args[-3] == 6  # group_shift of 64
+                assert shmem == mg.skinny_shmem(*mg.skinny_choose(n, k, nt, 132))
+        return _names(calls) + ["dequant"] * len(seen)
+
+    assert len(run(8)) == 1 and run(8)[0].startswith("v4_gemv_")
+    assert run(9) == ["v4_skinny_t2_w4_n4"]  # 256 tiles: 128 blocks of 2
+    assert run(150) == ["v4_skinny_t2_w4_n8"] * 2 + ["v4_skinny_t2_w4_n4"]
+    assert run(257) == ["dequant"]
+    monkeypatch.setattr(ig, "SKINNY_STREAM", False)
+    assert len(run(20)) == 3 and all(c.startswith("v4_gemv_") for c in run(20))
+    assert run(33) == ["dequant"]
+    monkeypatch.setattr(ig, "SKINNY_STREAM", True)
+    monkeypatch.setattr(ig, "SKINNY_MAX_ROWS", 0)
+    assert run(33) == ["dequant"]
+
+
+def test_tiles_layout_keeps_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    _record(monkeypatch)
+    monkeypatch.setattr(mg, "skinny", lambda *a, **k: pytest.fail("skinny on a tiles weight"))
+    monkeypatch.setattr(v4, "skinny", lambda *a, **k: pytest.fail("skinny on a tiles weight"))
+    seen: list[int] = []
+    monkeypatch.setattr(ig, "dequantize", _counting_dequantize(seen))
+    w = weight(64, 512, 128, seed=6).as_tiles()
     x = torch.randn(40, 512, dtype=torch.bfloat16).as_subclass(_OnDevice)
     ig.int4_linear(x, w)
     assert seen == [1]
@@ -261,3 +305,51 @@ def test_env_switches() -> None:
 
 # The sm_90 compile check (spill-free, registers): tests/test_kernels_compile.py's
 # test_int4_mma_skinny_compiles_for_sm90.
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "group_size", "shape"),
+    [
+        (9, 48, 512, 64, (8, 1)),  # 3 tiles, 5 past N / 16 re-read the last; groups of 64
+        (33, 32, 1024, 128, (4, 2)),  # 5 tiles at NT = 8, the last of one row
+        (64, 16, 384, 128, (2, 4)),  # 3 k-blocks over 4 slices: slice 3 empty
+        (100, 32, 768, 256, (4, 2)),  # 64 + 36 rows
+        (20, 64, 256, 256, (2, 4)),  # NT = 4
+    ],
+)
+def test_emulated_stream_skinny_equals_reference(
+    dtype: torch.dtype, m: int, n: int, k: int, group_size: int, shape: tuple[int, int]
+) -> None:
+    from tests.int4_v4_emulation import emulate_skinny as emulate_stream
+
+    w = weight(n, k, group_size, seed=m + n + k, zmax=16).as_stream()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(dtype)
+    got = emulate_stream(x, w, shape)
+    ref = ig.int4_linear_ref(x.double(), w).numpy()
+    assert not np.isnan(got).any(), "an output element was not written (or NaN x was read)"
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def test_stream_emulation_catches_a_wrong_swizzle() -> None:
+    from tests import int4_v4_emulation as ve
+
+    w = weight(16, 256, 128, seed=2).as_stream()
+    x = torch.randn(16, 256).to(torch.bfloat16)
+    ref = ig.int4_linear_ref(x.double(), w).numpy()
+    real = ve.stage_swizzle
+    try:  # the lanes read unswizzled (the stage, 2-d rows, still swizzles)
+        ve.stage_swizzle = lambda row: real(row) if row.ndim == 2 else 0 * row
+        got = ve.emulate_skinny_launch(x, w, (8, 1, 4))
+    finally:
+        ve.stage_swizzle = real
+    assert np.abs(got - ref).max() > 1e-3 * np.abs(ref).max()
+
+
+def test_stream_source_has_the_emulated_swizzle() -> None:
+    text = v4.source()
+    assert "(e ^ ((row & 1) << 2))" in text and "swz = (g & 1) << 2" in text
+    assert "((4 * (2 * j + i2) + c) ^ swz)" in text
+    for name in v4.skinny_kernel_names():
+        tw, wk, nt = (int(d) for d in re.findall(r"\d+", name.removeprefix("v4_")))
+        assert f"HR_VS_KERNEL({tw}, {wk}, {nt})" in text
