@@ -1,7 +1,9 @@
-"""The skinny W4A16 GEMM (issue 14: cuda/int4_mma_gemv.cu's mma_skinny_*, rows layout) against
-today's path (HEADRACE_INT4_SKINNY_MAX=0: 8-row GEMV launches up to 32 rows, then dequantize
+"""The skinny W4A16 GEMM (issue 14: cuda/int4_mma_gemv.cu's mma_skinny_* on the rows layout,
+cuda/int4_v4_gemv.cu's v4_skinny_* on the stream layout) against today's path (HEADRACE_INT4_SKINNY_MAX=0: 8-row GEMV launches up to 32 rows, then dequantize
 into a scratch buffer + cuBLAS) and cuBLAS bf16 on a bf16 weight of the same shape, on the
-Llama-3 8B and 70B linear shapes, M = 16 .. 512 rows of x: one line a shape x M, CUDA-graph
+Llama-3 8B and 70B linear shapes, each in the layout the loader gives it by default (stream up
+to HEADRACE_INT4_STREAM_MAX weights: 8B's, 70B's qkv and o; rows: 70B's gate_up and down;
+--layout forces one), M = 16 .. 512 rows of x: one line a shape x M, CUDA-graph
 replays with L2 flushed before each (mean us), effective TB/s (the weight's own bytes, int4
 with scales and zeros or bf16, over the time) and the skinny path's speedup over today's.
 The skinny column runs the skinny kernel for every M here, also past the default
@@ -22,6 +24,7 @@ import torch
 
 from cuda import int4_gemm as ig
 from cuda import int4_mma_gemv as mg
+from cuda import int4_v4_gemv as v4
 from headrace.bench import gpu_timing
 
 DEVICE = "cuda"  # tests/test_bench_int4_skinny.py runs this on CPU
@@ -51,6 +54,7 @@ def on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
     def run() -> object:
         ig.GEMV_IMPL = "v4"
         ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS = PATHS[path]
+        ig.SKINNY_STREAM = True
         return fn()
 
     return run
@@ -60,9 +64,17 @@ def today_label(m: int) -> str:
     return f"{-(-m // mg.MAX_ROWS)} GEMVs" if m <= ig.MMA_MAX_ROWS else "dequant+cuBLAS"
 
 
-def shape_rows(name: str, rows: tuple[int, ...], group_size: int) -> list[dict]:
+def default_layout(n: int, k: int, group_size: int) -> str:
+    """The loader's pick under HEADRACE_INT4_GEMV=v4 (worker/quant/int4_linear.py)."""
+    stream = n * k <= ig.STREAM_MAX_WEIGHTS and v4.supported(n, k, group_size)
+    return "stream" if stream else "rows"
+
+
+def shape_rows(name: str, rows: tuple[int, ...], group_size: int, layout: str) -> list[dict]:
     n, k = SHAPES[name]
+    layout = default_layout(n, k, group_size) if layout == "default" else layout
     w = random_weight(n, k, group_size)
+    w = w.as_stream() if layout == "stream" else w
     q_bytes = w.qw.numel() * 4 + w.scales.numel() * 2 + w.zeros.numel()
     wb = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE)
     scratch = torch.empty(n, k, dtype=torch.bfloat16, device=DEVICE)  # as the model passes one
@@ -82,6 +94,7 @@ def shape_rows(name: str, rows: tuple[int, ...], group_size: int) -> list[dict]:
         out.append(
             dict(
                 shape=name,
+                layout=layout,
                 n=n,
                 k=k,
                 m=m,
@@ -101,7 +114,7 @@ def summary(r: dict) -> str:
     us, tb = r["graph_us"], r["tb_s"]
     return " | ".join(
         [
-            f"{r['shape']:11s} M={r['m']:<3d}",
+            f"{r['shape']:11s} {r['layout']:6s} M={r['m']:<3d}",
             f"today[{r['today']}] {us['today']:7.1f}us {tb['today']:4.2f}TB/s",
             f"skinny {us['skinny']:7.1f}us {tb['skinny']:4.2f}TB/s {r['speedup']:4.2f}x",
             f"cuBLAS bf16 {us['cublas_bf16']:7.1f}us {tb['cublas_bf16']:4.2f}TB/s",
@@ -115,18 +128,19 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--rows", nargs="*", type=int, default=list(ROWS))
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--layout", choices=["default", "rows", "stream"], default="default")
     ap.add_argument("--output-json")
     args = ap.parse_args()
-    saved = ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS
+    saved = ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS, ig.SKINNY_STREAM
     print(f"int4 skinny GEMM vs today vs cuBLAS bf16, group {args.group_size}, graphs, L2 flushed")
     results = []
     try:
         for name in args.shapes:
-            for r in shape_rows(name, tuple(args.rows), args.group_size):
+            for r in shape_rows(name, tuple(args.rows), args.group_size, args.layout):
                 results.append(r)
                 print(summary(r), flush=True)
     finally:
-        ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS = saved
+        ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS, ig.SKINNY_STREAM = saved
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(dict(group_size=args.group_size, rows=results), f, indent=1)

@@ -19,9 +19,10 @@
 # (tests/gpu/test_gpu_int4_v4.py), scripts/bench_int4_v4.py (8B + 70B shapes: r3 vs r4 vs cuBLAS
 # bf16, events and graphs, every variant of both with the rules' verdicts, 8B o included), W1 AWQ 8B
 # with HEADRACE_INT4_GEMV=mma, =v4, and =v4 with HEADRACE_PDL=1.
-# int4skinny (<= 140 s, expected ~100): the skinny W4A16 GEMM for decode batches of 9..256 rows (rows layout,
-# HEADRACE_INT4_SKINNY_MIN/_MAX): warm int4_mma_gemv + int4_gemm, tests/gpu/test_gpu_int4_skinny.py (<= 60 s),
-# scripts/bench_int4_skinny.py (<= 60 s: 8B + 70B shapes x M 16..512, today vs skinny vs cuBLAS bf16, graphs).
+# int4skinny (<= 140 s, expected ~100): the skinny W4A16 GEMM for decode batches of 9..256 rows (rows and stream
+# layouts, HEADRACE_INT4_SKINNY_MIN/_MAX/_STREAM): warm its modules, tests/gpu/test_gpu_int4_skinny.py (<= 60 s),
+# scripts/bench_int4_skinny.py (<= 60 s: 8B + 70B shapes x M 16..512 in their default layouts, today vs skinny
+# vs cuBLAS bf16, graphs).
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 # Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
@@ -154,8 +155,8 @@ for step in $which; do
     # Issue 14, the skinny GEMM (int4skinny), <= 140 s: warm its modules, its GPU tests, then one line a
     # shape x M from scripts/bench_int4_skinny.py (today's path vs the skinny kernel vs cuBLAS bf16).
     int4skinny)
-      t0=$SECONDS; timeout 20 python scripts/warm_kernels.py --jobs 16 --only int4_mma_gemv int4_gemm > "$OUT/int4skinny_warm.log" 2>&1
-      echo "warm int4_mma_gemv + int4_gemm (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/int4skinny_warm.log")"
+      t0=$SECONDS; timeout 20 python scripts/warm_kernels.py --jobs 16 --only int4_mma_gemv int4_v4_gemv int4_gemm > "$OUT/int4skinny_warm.log" 2>&1
+      echo "warm int4_mma_gemv + int4_v4_gemv + int4_gemm (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/int4skinny_warm.log")"
       t0=$SECONDS; timeout 60 python -m pytest -m gpu tests/gpu/test_gpu_int4_skinny.py -q -p no:cacheprovider --maxfail=10 > "$OUT/int4skinny_tests.log" 2>&1
       echo "skinny GPU tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/int4skinny_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/int4skinny_tests.log"
       t0=$SECONDS; PYTHONUNBUFFERED=1 timeout 60 python scripts/bench_int4_skinny.py --output-json "$OUT/int4skinny_bench.json" > "$OUT/int4skinny_bench.log" 2>&1

@@ -14,6 +14,7 @@ import torch
 
 from cuda import int4_gemm as ig
 from cuda import int4_mma_gemv as mg
+from cuda import int4_v4_gemv as v4
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,19 +35,18 @@ def test_bench_prints_every_shape_and_row_count(
     bench = _bench()
     clock = iter(range(1, 10**6))
     launched: list[str] = []
-    saved = ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS
+    saved = ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS, ig.SKINNY_STREAM
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setattr(bench, "SHAPES", {"8b.o": (64, 256), "70b.down": (32, 1024)})
     monkeypatch.setattr(bench, "timed", lambda fn, iters=50: (fn(), 1e-6 * next(clock))[1])
     monkeypatch.setattr(bench, "graphed", lambda fn: fn)
     monkeypatch.setattr(mg, "_sms", lambda device: 132)
-    monkeypatch.setattr(
-        ig, "unsupported_reason", lambda x, w: None
-    )  # CPU tensors take the GPU paths
+    monkeypatch.setattr(ig, "unsupported_reason", lambda x, w: None)  # CPU: the GPU paths
     monkeypatch.setattr(mg, "gemv", lambda x, w, y, v=None: launched.append("gemv"))
-    monkeypatch.setattr(
-        mg, "skinny", lambda x, w, y, v=None: launched.append(f"skinny{x.shape[0]}")
-    )
+    monkeypatch.setattr(mg, "skinny", lambda x, w, y, v=None: launched.append(f"r{len(x)}"))
+    monkeypatch.setattr(v4, "gemv", lambda x, w, y, v=None: launched.append("v4gemv"))
+    monkeypatch.setattr(v4, "skinny", lambda x, w, y, v=None: launched.append(f"s{len(x)}"))
+    monkeypatch.setattr(ig, "STREAM_MAX_WEIGHTS", 64 * 256)  # 8b.o below: stream; 70b.down: rows
 
     def dequantize(w: ig.Int4Weight, dtype: torch.dtype, out: Any = None) -> torch.Tensor:
         launched.append("dequant")
@@ -61,12 +61,14 @@ def test_bench_prints_every_shape_and_row_count(
     lines = capsys.readouterr().out.strip().splitlines()
     print("\n".join(lines))
     assert len(lines) == 1 + 2 * 2
-    assert lines[1].startswith("8b.o        M=16 ") and lines[4].startswith("70b.down    M=64 ")
+    assert lines[1].startswith("8b.o        stream M=16 ")
+    assert lines[4].startswith("70b.down    rows   M=64 ")
     assert "today[2 GEMVs]" in lines[1] and "today[dequant+cuBLAS]" in lines[2]
     assert "[1 passes: 64 rows t8_w1_n8 x 1 blocks]" in lines[2]
     # per shape: M = 16 today (2 GEMVs), skinny; M = 64 today (dequant), skinny
-    assert launched == ["gemv", "gemv", "skinny16", "dequant", "skinny64"] * 2
-    assert saved == (ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS)  # restored
+    stream = ["v4gemv", "v4gemv", "s16", "dequant", "s64"]  # r: rows skinny, s: stream skinny
+    assert launched == stream + ["gemv", "gemv", "r16", "dequant", "r64"]
+    assert saved == (ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS, ig.SKINNY_STREAM)
     data = json.loads(out.read_text())
     assert [(r["shape"], r["m"]) for r in data["rows"]] == [
         ("8b.o", 16),
@@ -88,4 +90,4 @@ def test_gpu_bench_step() -> None:
     body = step.group(1)
     assert [int(t) for t in re.findall(r"timeout (\d+)", body)] == [20, 60, 60]
     assert "tests/gpu/test_gpu_int4_skinny.py" in body and "scripts/bench_int4_skinny.py" in body
-    assert "--only int4_mma_gemv int4_gemm" in body
+    assert "--only int4_mma_gemv int4_v4_gemv int4_gemm" in body
