@@ -168,6 +168,12 @@ def gemv(
 # with more K slices; at least 2 k-blocks a slice. Rows are cut into launches of 64 while
 # more than 32 remain, then one launch of the rest (NT = 4), so 100 rows are 64 + 36 and
 # 150 are 64 + 64 + 22: ceil(M / 64) passes over the weight.
+# Expected bounds (H200, by counting, until the bench says otherwise): shared-memory reads
+# of x are NT x 2 KB a warp's k-block of 1 KB of weights; at 128 B a clock an SM a full
+# NT = 8 launch reads ~8 B of weights a clock an SM, ~2 TB/s (~120 us a pass on the 70B
+# gate_up, against ~60 us of HBM); NT = 4 with 9..16 rows reads half the x and stays near
+# the HBM rate. The next step past this bound is two tiles a warp sharing each B fragment
+# (half the x reads), which needs the scale folded into A to free the t registers.
 SKINNY_SHAPES = ((8, 1), (4, 2), (2, 4))  # (TW, WK), 8 warps each
 SKINNY_NTS = (4, 8)
 SKINNY_VARIANTS = tuple((tw, wk, nt) for nt in SKINNY_NTS for tw, wk in SKINNY_SHAPES)
