@@ -31,6 +31,7 @@ DEVICE = "cuda"  # tests/test_bench_int4_skinny.py runs this on CPU
 SHAPES = gpu_timing.LLAMA_LINEAR_SHAPES
 ROWS = (16, 32, 64, 128, 256, 512)
 ITERS = 30
+VARIANT_ROWS = 64  # the row count at which every (TW, WK) block shape is timed too
 timed = gpu_timing.mean_time  # (fn, iters): mean seconds, L2 flushed before each call
 graphed = gpu_timing.graphed
 # (HEADRACE_INT4_SKINNY_MIN, HEADRACE_INT4_SKINNY_MAX) of each int4 path
@@ -106,13 +107,25 @@ def shape_rows(name: str, rows: tuple[int, ...], group_size: int, layout: str) -
                 passes=len(mg.skinny_chunks(m)),
             )
         )
+        if m == VARIANT_ROWS:  # every block shape at one row count: the rule's check
+            run = v4.skinny if layout == "stream" else mg.skinny
+            out[-1]["shapes_us"] = {
+                f"t{tw}_w{wk}": timed(graphed(partial(run, xm, w, ym, (tw, wk))), ITERS) * 1e6
+                for tw, wk in mg.SKINNY_SHAPES
+            }
     del w, wb, scratch
     return out
 
 
 def summary(r: dict) -> str:
     us, tb = r["graph_us"], r["tb_s"]
-    return " | ".join(
+    shapes = r.get("shapes_us")
+    tail = ""
+    if shapes:
+        best = min(shapes, key=shapes.__getitem__)
+        listing = "  ".join(f"{lb} {t:.1f}" for lb, t in shapes.items())
+        tail = f"\n    block shapes at M={r['m']} us: {listing} -> best {best}"
+    line = " | ".join(
         [
             f"{r['shape']:11s} {r['layout']:6s} M={r['m']:<3d}",
             f"today[{r['today']}] {us['today']:7.1f}us {tb['today']:4.2f}TB/s",
@@ -121,6 +134,7 @@ def summary(r: dict) -> str:
             f"[{r['passes']} passes: {r['skinny']}]",
         ]
     )
+    return line + tail
 
 
 def main() -> None:

@@ -60,14 +60,17 @@ def test_bench_prints_every_shape_and_row_count(
     bench.main()
     lines = capsys.readouterr().out.strip().splitlines()
     print("\n".join(lines))
-    assert len(lines) == 1 + 2 * 2
+    assert len(lines) == 1 + 2 * 3  # M = 64 adds its block-shape listing
+    assert lines[3].startswith("    block shapes at M=64 us: t8_w1 ") and "-> best" in lines[3]
     assert lines[1].startswith("8b.o        stream M=16 ")
-    assert lines[4].startswith("70b.down    rows   M=64 ")
+    assert lines[5].startswith("70b.down    rows   M=64 ")
     assert "today[2 GEMVs]" in lines[1] and "today[dequant+cuBLAS]" in lines[2]
     assert "[1 passes: 64 rows t8_w1_n8 x 1 blocks]" in lines[2]
     # per shape: M = 16 today (2 GEMVs), skinny; M = 64 today (dequant), skinny
     stream = ["v4gemv", "v4gemv", "s16", "dequant", "s64"]  # r: rows skinny, s: stream skinny
-    assert launched == stream + ["gemv", "gemv", "r16", "dequant", "r64"]
+    assert (
+        launched == stream + ["s64"] * 3 + ["gemv", "gemv", "r16", "dequant", "r64"] + ["r64"] * 3
+    )
     assert saved == (ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS, ig.SKINNY_STREAM)
     data = json.loads(out.read_text())
     assert [(r["shape"], r["m"]) for r in data["rows"]] == [
