@@ -25,8 +25,9 @@ GEMV_MAX_ROWS rows (HEADRACE_INT4_GEMV_ROWS, default 8); the tiles layout runs g
 (8 rows a launch, up to 32); on the rows and stream layouts under "mma"/"v4",
 SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS rows (default 9 .. 256, HEADRACE_INT4_SKINNY_MIN / _MAX)
 run the skinny GEMM (cuda/int4_mma_gemv.py's mma_skinny_*, cuda/int4_v4_gemv.py's
-v4_skinny_*: launches of up to 64 rows); more rows dequantize into a scratch buffer and call cuBLAS (prefill: the GEMM dominates); on CPU the reference
-`int4_linear_ref` (dequantize, then matmul).
+v4_skinny_*: launches of up to 64 rows); more rows dequantize into a scratch buffer and
+call cuBLAS (prefill: the GEMM dominates); on CPU the reference `int4_linear_ref`
+(dequantize, then matmul).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ STREAM_MAX_WEIGHTS = int(os.environ.get("HEADRACE_INT4_STREAM_MAX", str(160 * 2*
 # mma: up to this many rows run as GEMV launches of 8 (4 launches read 2 B/weight;
 # dequantize + cuBLAS moves 4.5 B/weight).
 MMA_MAX_ROWS = max(GEMV_MAX_ROWS, 32)
-# The skinny GEMM (cuda/int4_mma_gemv.py's mma_skinny_*, issue 14) on the rows layout, for
+# The skinny GEMM (cuda/int4_mma_gemv.py's mma_skinny_*, issue 14) on the rows layout (and
+# cuda/int4_v4_gemv.py's v4_skinny_* on the stream layout, the same rule), for
 # SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS rows of x: launches of up to 64 rows, each reading the
 # 4-bit weight once, so M rows move ceil(M / 64) x 0.5 B/weight, where dequantize + cuBLAS
 # moves 4.5 (write + read a 16-bit copy, read the 4 bits) before its GEMM even starts. By
@@ -277,8 +279,8 @@ def _mma_ok(w: Int4Weight) -> bool:
 
 
 def skinny_rows(m: int) -> bool:
-    """Whether m rows of x take the skinny GEMM on the rows layout (SKINNY_MIN_ROWS ..
-    SKINNY_MAX_ROWS; never with SKINNY_MAX_ROWS = 0)."""
+    """Whether m rows of x take the skinny GEMM (SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS; never
+    with SKINNY_MAX_ROWS = 0; the stream layout also needs SKINNY_STREAM)."""
     return SKINNY_MAX_ROWS > 0 and SKINNY_MIN_ROWS <= m <= SKINNY_MAX_ROWS
 
 

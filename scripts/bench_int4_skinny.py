@@ -1,16 +1,19 @@
 """The skinny W4A16 GEMM (issue 14: cuda/int4_mma_gemv.cu's mma_skinny_* on the rows layout,
-cuda/int4_v4_gemv.cu's v4_skinny_* on the stream layout) against today's path (HEADRACE_INT4_SKINNY_MAX=0: 8-row GEMV launches up to 32 rows, then dequantize
-into a scratch buffer + cuBLAS) and cuBLAS bf16 on a bf16 weight of the same shape, on the
-Llama-3 8B and 70B linear shapes, each in the layout the loader gives it by default (stream up
-to HEADRACE_INT4_STREAM_MAX weights: 8B's, 70B's qkv and o; rows: 70B's gate_up and down;
---layout forces one), M = 16 .. 512 rows of x: one line a shape x M, CUDA-graph
-replays with L2 flushed before each (mean us), effective TB/s (the weight's own bytes, int4
-with scales and zeros or bf16, over the time) and the skinny path's speedup over today's.
-The skinny column runs the skinny kernel for every M here, also past the default
-HEADRACE_INT4_SKINNY_MAX (256) and at 16 / 32 rows (HEADRACE_INT4_SKINNY_MIN's A/B): where
-its speedup drops under 1 is where the rule's bounds belong. <= 60 s on an H200.
+cuda/int4_v4_gemv.cu's v4_skinny_* on the stream layout) against today's path
+(HEADRACE_INT4_SKINNY_MAX=0: 8-row GEMV launches up to 32 rows, then dequantize into a
+scratch buffer + cuBLAS) and cuBLAS bf16 on a bf16 weight of the same shape, on the Llama-3
+8B and 70B linear shapes, each in the layout the loader gives it by default (stream up to
+HEADRACE_INT4_STREAM_MAX weights: 8B's, 70B's qkv and o; rows: 70B's gate_up and down;
+--layout forces one), M = 16 .. 512 rows of x: one line a shape x M, CUDA-graph replays
+with L2 flushed before each (mean us), effective TB/s (the weight's own bytes, int4 with
+scales and zeros or bf16, over the time) and the skinny path's speedup over today's; at
+M = 64 also every (TW, WK) block shape. The skinny column runs the skinny kernel for every
+M here, also past the default HEADRACE_INT4_SKINNY_MAX (256) and at 16 / 32 rows
+(HEADRACE_INT4_SKINNY_MIN's A/B): where its speedup drops under 1 is where the rule's
+bounds belong. <= 60 s on an H200.
 
-    python scripts/bench_int4_skinny.py [--shapes 70b.gate_up ...] [--rows 16 64 ...] [--output-json F]
+    python scripts/bench_int4_skinny.py [--shapes 70b.gate_up ...] [--rows 16 64 ...]
+        [--layout default|rows|stream] [--output-json F]
 """
 
 from __future__ import annotations
