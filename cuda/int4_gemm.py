@@ -22,8 +22,12 @@ the others), "mma" (cuda/int4_mma_gemv.py: tensor cores on the rows layout, 8 ro
 up to MMA_MAX_ROWS rows; shapes it does not take run "old"), "old" (gemv_m1/m2/m4 here, 4 rows a
 launch) or "split" (cuda/int4_gemv.py, split-K, 8 rows a launch), those two up to
 GEMV_MAX_ROWS rows (HEADRACE_INT4_GEMV_ROWS, default 8); the tiles layout runs gemv_tiles
-(8 rows a launch, up to 32); more rows dequantize into a scratch buffer and call cuBLAS
-(prefill: the GEMM dominates); on CPU the reference `int4_linear_ref` (dequantize, then matmul).
+(8 rows a launch, up to 32); on the rows and stream layouts under "mma"/"v4",
+SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS rows (default 9 .. 256, HEADRACE_INT4_SKINNY_MIN / _MAX)
+run the skinny GEMM (cuda/int4_mma_gemv.py's mma_skinny_*, cuda/int4_v4_gemv.py's
+v4_skinny_*: launches of up to 64 rows); more rows dequantize into a scratch buffer and
+call cuBLAS (prefill: the GEMM dominates); on CPU the reference `int4_linear_ref`
+(dequantize, then matmul).
 """
 
 from __future__ import annotations
@@ -68,6 +72,28 @@ STREAM_MAX_WEIGHTS = int(os.environ.get("HEADRACE_INT4_STREAM_MAX", str(160 * 2*
 # mma: up to this many rows run as GEMV launches of 8 (4 launches read 2 B/weight;
 # dequantize + cuBLAS moves 4.5 B/weight).
 MMA_MAX_ROWS = max(GEMV_MAX_ROWS, 32)
+# The skinny GEMM (cuda/int4_mma_gemv.py's mma_skinny_*, issue 14) on the rows layout (and
+# cuda/int4_v4_gemv.py's v4_skinny_* on the stream layout, the same rule), for
+# SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS rows of x: launches of up to 64 rows, each reading the
+# 4-bit weight once, so M rows move ceil(M / 64) x 0.5 B/weight, where dequantize + cuBLAS
+# moves 4.5 (write + read a 16-bit copy, read the 4 bits) before its GEMM even starts. By
+# bytes alone the skinny path wins up to 8 passes (M = 512: 4 B/weight); by compute it has
+# less headroom: its mma.sync runs at roughly 60% of the wgmma peak that cuBLAS reaches and
+# re-does the dequantization each pass, so for the 70B gate_up (470 M weights) the estimate
+# is, at M = 256, 4 passes x ~120 us (shared-memory reads of x bound a pass at R = 64) =
+# ~480 us against ~280 us of dequantize + ~360 us of GEMM = ~640 us; at M = 512, ~960 us
+# against ~970 us: even. Default 256: the last row count with a clear margin (the bench,
+# scripts/bench_int4_skinny.py, times 512 too); 0 turns the path off (today's behaviour).
+# SKINNY_MIN_ROWS (default 9): 9 .. 32 rows also take one skinny launch (NT = 4) instead of
+# ceil(M / 8) 8-row GEMV launches: one pass over the weight instead of 2 .. 4, which wins
+# unless a skinny pass costs more than two GEMV passes; HEADRACE_INT4_SKINNY_MIN=33 keeps
+# 9 .. 32 rows on the GEMV launches for the GPU A/B.
+SKINNY_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_SKINNY_MAX", "256"))
+SKINNY_MIN_ROWS = max(int(os.environ.get("HEADRACE_INT4_SKINNY_MIN", "9")), 9)
+# The stream layout (round 4's, all of 8B's weights and 70B's qkv and o) has its own skinny
+# kernels (cuda/int4_v4_gemv.py's v4_skinny_*) under the same bounds;
+# HEADRACE_INT4_SKINNY_STREAM=0 keeps its old path (8-row GEMVs, then dequantize) alone.
+SKINNY_STREAM = os.environ.get("HEADRACE_INT4_SKINNY_STREAM", "1") != "0"
 DEQUANT_THREADS = 256
 TILE_THREADS = 256  # TILE_WARPS x 32 in the source
 TILE_MAX_ROWS = 8  # gemv_tiles takes up to 8 rows of x (mma's B has 8 columns)
@@ -236,8 +262,11 @@ def int4_linear(
     if w.layout == "stream":
         return _stream_linear(x, w, scratch, out)
     # v4 runs round 3 on the shapes left in the rows layout (no stream layout for them).
-    if GEMV_IMPL in ("mma", "v4") and x.shape[0] <= MMA_MAX_ROWS and _mma_ok(w):
-        return _mma_linear(x, w, out)
+    if GEMV_IMPL in ("mma", "v4") and _mma_ok(w):
+        if skinny_rows(x.shape[0]):
+            return _skinny_linear(x, w, out)
+        if x.shape[0] <= MMA_MAX_ROWS:
+            return _mma_linear(x, w, out)
     if GEMV_IMPL == "split" and x.shape[0] <= GEMV_MAX_ROWS:
         y = _split_linear(x, w, out)
         if y is not None:
@@ -247,6 +276,20 @@ def int4_linear(
 
 def _mma_ok(w: Int4Weight) -> bool:
     return int4_mma_gemv.supported(w.out_features, w.in_features, w.group_size)
+
+
+def skinny_rows(m: int) -> bool:
+    """Whether m rows of x take the skinny GEMM (SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS; never
+    with SKINNY_MAX_ROWS = 0; the stream layout also needs SKINNY_STREAM)."""
+    return SKINNY_MAX_ROWS > 0 and SKINNY_MIN_ROWS <= m <= SKINNY_MAX_ROWS
+
+
+def _skinny_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> torch.Tensor:
+    """The skinny GEMM, launches of up to 64 rows of x (x gathered already, no perm)."""
+    m = x.shape[0]
+    y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+    int4_mma_gemv.skinny(x, w, y)
+    return y
 
 
 def _mma_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> torch.Tensor:
@@ -261,9 +304,18 @@ def _mma_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> tor
 def _stream_linear(
     x: torch.Tensor, w: Int4Weight, scratch: torch.Tensor | None, out: torch.Tensor | None
 ) -> torch.Tensor:
-    """Round 4 (HEADRACE_INT4_GEMV=v4, stream layout): 8 rows of x a launch up to
+    """Round 4 (HEADRACE_INT4_GEMV=v4, stream layout): the skinny GEMM for SKINNY_MIN_ROWS ..
+    SKINNY_MAX_ROWS rows (unless SKINNY_STREAM is off), else 8 rows of x a launch up to
     MMA_MAX_ROWS rows, else dequantize + cuBLAS. x is gathered already (no perm)."""
     m, step = x.shape[0], int4_v4_gemv.MAX_ROWS
+    if SKINNY_STREAM and skinny_rows(m):
+        y = (
+            out
+            if out is not None
+            else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+        )
+        int4_v4_gemv.skinny(x, w, y)
+        return y
     if m > MMA_MAX_ROWS:
         return F.linear(x, dequantize(w, x.dtype, scratch))
     y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)

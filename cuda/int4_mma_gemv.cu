@@ -226,3 +226,210 @@ HR_MW_KERNELS(8, 2)
 HR_MW_KERNELS(8, 4)
 HR_MW_KERNELS(16, 2)
 HR_MW_KERNELS(16, 4)
+
+// ---- Skinny GEMM (issue 14): R = 8 NT rows of x a launch, for decode batches past 8 rows ----
+// Same A as mma_gemv (16 channels x 16 inputs of W, dequantized in registers with LOP3/FMA2,
+// the same input map), but each k-step's A is used for NT mma's, one per 8 rows of x, so a
+// launch reads the 4-bit weight once for R rows (the GEMV: once for 8). acc[NT][4] and the
+// k-block's exact partial sums t[NT][4] (scaled once a k-block, as in mma_gemv).
+//
+// Why x goes through shared memory: B is read once per 16-channel tile, R x 128 x 2 bytes a
+// k-block against the tile's 1 KB of weights, so with one tile a block (the GEMV's split) x
+// traffic is M / 4 times the weight's bytes (16x at R = 64): from L2 that is ~3.7 GB a launch
+// on the 70B gate_up, slower than today's dequantize. A block here holds TW tiles (TW warps
+// along N) that share each staged x k-block: the L2 -> SM traffic for x drops to M / (4 TW)
+// times the weights (2x at R = 64, TW = 8). The block's WK slices (TW warps each) split K
+// into contiguous runs as the GEMV's warps do; one round stages every slice's next x k-block
+// with cp.async (double-buffered, no registers) while the warps do this round's math.
+// Shared-memory reads stay NT x 2 KB a warp's k-block (the same bytes the L1 would serve);
+// a swizzle (chunk j of a row's 32-input run c at j ^ ((c >> 1) | (row & 1) << 1)) makes
+// each quarter-warp's 16-byte loads hit 8 distinct 16-byte bank groups. Weights: registers
+// one round ahead plus prefetch.global.L2 MS_PF rounds ahead (a block holds 8 warps and
+// ~1 block an SM at these register counts, so the L2 prefetch carries the HBM latency).
+// Rows past M: staged as row M - 1 (no uninitialised bytes), their 8-row tiles skipped
+// (warp-uniform), their outputs not written. End: the slices' sums in a fixed order in
+// shared memory (no atomics, no workspace: deterministic and graph-safe).
+constexpr int MS_PF = 4;  // rounds of weights prefetched into L2 ahead
+
+__device__ __forceinline__ void ms_cp16(void* smem, const void* gmem) {
+    const unsigned int s = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void ms_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void ms_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// Stage round r's x k-block of every slice (rows 0 .. rows - 1) into buffer r & 1:
+// [slice][row][16 uint4], uint4 (c, j) = inputs 32 c + 8 j .. + 7 at 4 c + (j ^ swizzle).
+template <int TW, int WK, int NT>
+__device__ __forceinline__ void ms_stage(uint4* smem, const elem_t* __restrict__ x, long long x_stride,
+                                         int r, int per, int KB, int rows, int M) {
+    constexpr int SLICE = NT * 8 * 16;
+#pragma unroll
+    for (int s = 0; s < WK; ++s) {
+        const int b = s * per + r;
+        if (r < per && b < KB) {
+            uint4* dst = smem + ((r & 1) * WK + s) * SLICE;
+            for (int q = threadIdx.x; q < rows * 16; q += TW * WK * 32) {
+                const int row = q >> 4, c = (q >> 2) & 3, j = q & 3;
+                const elem_t* src = x + (long long)min(row, M - 1) * x_stride + b * MW_KB + 32 * c + 8 * j;
+                ms_cp16(dst + row * 16 + 4 * c + (j ^ ((c >> 1) | ((row & 1) << 1))), src);
+            }
+        }
+    }
+    ms_commit();  // an empty group past the last round keeps wait_group 1's count right
+}
+
+template <int TW, int WK, int NT>
+__device__ __forceinline__ void mma_skinny(HR_MW_ARGS) {
+    extern __shared__ uint4 ms_smem[];
+    constexpr int SLICE = NT * 8 * 16;  // uint4 a slice's staged k-block
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane >> 2, c = lane & 3;
+    const int ks = warp / TW, tw = warp - ks * TW;
+    const int KB = K / MW_KB, bpg = group_size / MW_KB, G = K / group_size;
+    const int per = (KB + WK - 1) / WK;
+    const int b0 = ks * per, b1 = min(KB, b0 + per);
+    const int used = min(NT, (M + 7) >> 3);  // 8-row tiles of x with a row below M
+    const int rows = 8 * used;
+    // Channels past N (N % 16 != 0) re-read row N - 1; their outputs are not written.
+    const int ch = (blockIdx.x * TW + tw) * 16 + g;
+    const int nl = min(ch, N - 1), nh = min(ch + 8, N - 1);
+    const uint4* wlp = qw + (long long)nl * (K / 32) + c + 4 * b0;
+    const uint4* whp = qw + (long long)nh * (K / 32) + c + 4 * b0;
+    const __half* slp = scales + (long long)nl * G;
+    const __half* shp = scales + (long long)nh * G;
+    const unsigned char* zlp = zeros + (long long)nl * G;
+    const unsigned char* zhp = zeros + (long long)nh * G;
+    const unsigned int lo = (unsigned int)lo_mask;
+    const int sw = (c >> 1) | ((g & 1) << 1);  // this lane's swizzle (row 8 nt + g: g & 1)
+
+    ms_stage<TW, WK, NT>(ms_smem, x, x_stride, 0, per, KB, rows, M);
+    uint4 wl = make_uint4(0, 0, 0, 0), wh = wl;
+    float sl = 0.f, sh = 0.f;
+    unsigned int zl = 0, zh = 0;
+    if (b0 < b1) {
+        wl = mw_ld_stream(wlp);
+        wh = mw_ld_stream(whp);
+        const int gi = b0 / bpg;
+        sl = __half2float(__ldg(slp + gi));
+        sh = __half2float(__ldg(shp + gi));
+        zl = __ldg(zlp + gi);
+        zh = __ldg(zhp + gi);
+    }
+#pragma unroll
+    for (int d = 1; d <= MS_PF; ++d) {
+        if (b0 + d < b1) {
+            mw_prefetch(wlp + 4 * d);
+            mw_prefetch(whp + 4 * d);
+        }
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+    for (int r = 0; r < per; ++r) {
+        const int b = b0 + r;
+        ms_stage<TW, WK, NT>(ms_smem, x, x_stride, r + 1, per, KB, rows, M);
+        if (b + 1 + MS_PF < b1) {
+            mw_prefetch(wlp + 4 * (r + 1 + MS_PF));
+            mw_prefetch(whp + 4 * (r + 1 + MS_PF));
+        }
+        uint4 nwl = wl, nwh = wh;
+        float nsl = sl, nsh = sh;
+        unsigned int nzl = zl, nzh = zh;
+        if (b + 1 < b1) {  // next round's weights, in flight during this round's math
+            nwl = mw_ld_stream(wlp + 4 * (r + 1));
+            nwh = mw_ld_stream(whp + 4 * (r + 1));
+            const int gi = (b + 1) / bpg;
+            nsl = __half2float(__ldg(slp + gi));
+            nsh = __half2float(__ldg(shp + gi));
+            nzl = __ldg(zlp + gi);
+            nzh = __ldg(zhp + gi);
+        }
+        ms_wait1();  // this round's x (the group before the one just committed)
+        __syncthreads();
+        if (b < b1) {
+            const uint4* xs = ms_smem + ((r & 1) * WK + ks) * SLICE + g * 16 + 4 * c;
+            const MwZero zlo = mw_zero(zl), zhi = mw_zero(zh);
+            float t[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) t[nt][0] = t[nt][1] = t[nt][2] = t[nt][3] = 0.f;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                unsigned int ql[4], qh[4];
+                mw_dequant(mw_word(wl, i), zlo, lo, ql);
+                mw_dequant(mw_word(wh, i), zhi, lo, qh);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    if (nt < used) {  // warp-uniform
+                        const uint4 xv = xs[nt * 128 + (i ^ sw)];  // row 8 nt + g, inputs 32 c + 8 i ..
+                        const unsigned int b00 = __byte_perm(xv.x, xv.z, 0x5410);
+                        const unsigned int b01 = __byte_perm(xv.x, xv.z, 0x7632);
+                        const unsigned int b10 = __byte_perm(xv.y, xv.w, 0x5410);
+                        const unsigned int b11 = __byte_perm(xv.y, xv.w, 0x7632);
+                        mw_mma(t[nt], ql[0], qh[0], ql[1], qh[1], b00, b01);
+                        mw_mma(t[nt], ql[2], qh[2], ql[3], qh[3], b10, b11);
+                    }
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                acc[nt][0] = fmaf(sl, t[nt][0], acc[nt][0]);  // C: (channel g, x rows 8 nt + 2c, + 1),
+                acc[nt][1] = fmaf(sl, t[nt][1], acc[nt][1]);  //    (channel g + 8, the same rows)
+                acc[nt][2] = fmaf(sh, t[nt][2], acc[nt][2]);
+                acc[nt][3] = fmaf(sh, t[nt][3], acc[nt][3]);
+            }
+        }
+        __syncthreads();  // buffer r & 1 is free for round r + 2's stage
+        wl = nwl;
+        wh = nwh;
+        sl = nsl;
+        sh = nsh;
+        zl = nzl;
+        zh = nzh;
+    }
+    if (WK > 1) {
+        float* red = reinterpret_cast<float*>(ms_smem);  // [WK][TW][NT][4][32]; x's buffers are free
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) red[(((ks * TW + tw) * NT + nt) * 4 + j) * 32 + lane] = acc[nt][j];
+        __syncthreads();
+        if (ks != 0) return;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                float v = acc[nt][j];
+#pragma unroll
+                for (int s = 1; s < WK; ++s) v += red[(((s * TW + tw) * NT + nt) * 4 + j) * 32 + lane];
+                acc[nt][j] = v;
+            }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int m = 8 * nt + 2 * c + (j & 1);
+            const int n = j < 2 ? ch : ch + 8;
+            if (m < M && n < N) y[m * y_stride + n] = from_f(acc[nt][j]);
+        }
+}
+
+// mma_skinny_t{TW}_w{WK}_n{NT}: TW tiles a block, WK slices split K, NT 8-row tiles of x
+// (R = 8 NT rows a launch). cuda/int4_mma_gemv.py's SKINNY_VARIANTS lists the same set and
+// its shared-memory size. 256 threads each.
+// NT = 4 is capped at 128 registers (2 blocks, 16 warps an SM); NT = 8 needs ~190 (acc and
+// t alone are 64), so it keeps one block of 8 warps an SM.
+#define HR_MS_MIN_BLOCKS(NT) ((NT) == 4 ? 2 : 1)
+#define HR_MS_KERNEL(TW, WK, NT)                                                           \
+    extern "C" __global__ void __launch_bounds__(TW * WK * 32, HR_MS_MIN_BLOCKS(NT))       \
+        mma_skinny_t##TW##_w##WK##_n##NT(HR_MW_ARGS) {                                     \
+        mma_skinny<TW, WK, NT>(HR_MW_PASS);                                                \
+    }
+HR_MS_KERNEL(8, 1, 4)
+HR_MS_KERNEL(4, 2, 4)
+HR_MS_KERNEL(2, 4, 4)
+HR_MS_KERNEL(8, 1, 8)
+HR_MS_KERNEL(4, 2, 8)
+HR_MS_KERNEL(2, 4, 8)

@@ -155,3 +155,105 @@ def gemv(
     v = variant or plan_for(w, x.device)
     kernel = _kernel(x.dtype, kernel_name(*v))
     compiler.launch(kernel, grid(w.out_features), v[0] * 32, *launch_args(x, w, y))  # type: ignore[attr-defined]
+
+
+# ---- The skinny GEMM (mma_skinny_*, issue 14): decode batches of 9 .. SKINNY_MAX_ROWS ----
+#
+# A variant is (TW, WK, NT): TW 16-channel tiles a block (warps along N, sharing each staged
+# x k-block), WK slices of TW warps splitting K, NT 8-row tiles of x (R = 8 NT rows a launch).
+# 256 threads a block. The rule (`skinny_choose`), by reasoning until the bench says
+# otherwise: NT = 8 when the launch has more than 32 rows, else NT = 4 (fewer registers: 2
+# blocks an SM); the largest TW whose grid still gives 90% of the SMs a block (TW = 8 halves x's
+# L2 traffic against TW = 4: x is read M / (4 TW) times the weight's bytes), else smaller TW
+# with more K slices; at least 2 k-blocks a slice. Rows are cut into launches of 64 while
+# more than 32 remain, then one launch of the rest (NT = 4), so 100 rows are 64 + 36 and
+# 150 are 64 + 64 + 22: ceil(M / 64) passes over the weight.
+# Expected bounds (H200, by counting, until the bench says otherwise): shared-memory reads
+# of x are NT x 2 KB a warp's k-block of 1 KB of weights; at 128 B a clock an SM a full
+# NT = 8 launch reads ~8 B of weights a clock an SM, ~2 TB/s (~120 us a pass on the 70B
+# gate_up, against ~60 us of HBM); NT = 4 with 9..16 rows reads half the x and stays near
+# the HBM rate. The next step past this bound is two tiles a warp sharing each B fragment
+# (half the x reads), which needs the scale folded into A to free the t registers.
+SKINNY_SHAPES = ((8, 1), (4, 2), (2, 4))  # (TW, WK), 8 warps each
+SKINNY_NTS = (4, 8)
+SKINNY_VARIANTS = tuple((tw, wk, nt) for nt in SKINNY_NTS for tw, wk in SKINNY_SHAPES)
+SKINNY_THREADS = 256
+SKINNY_ROWS = 8 * max(SKINNY_NTS)  # rows a launch at most
+
+
+def skinny_kernel_name(tw: int, wk: int, nt: int) -> str:
+    return f"mma_skinny_t{tw}_w{wk}_n{nt}"
+
+
+def skinny_kernel_names() -> list[str]:
+    return [skinny_kernel_name(*v) for v in SKINNY_VARIANTS]
+
+
+def skinny_label(variant: tuple[int, int, int]) -> str:
+    return skinny_kernel_name(*variant).removeprefix("mma_skinny_")
+
+
+def skinny_shmem(tw: int, wk: int, nt: int) -> int:
+    """Dynamic shared memory a block: two x buffers of WK slices x 8 NT rows x 256 bytes,
+    which the end's sum (WK x TW warps x NT x 4 x 32 floats) reuses."""
+    x_bytes = 2 * wk * 8 * nt * KB * 2
+    red = wk * tw * nt * 4 * 32 * 4 if wk > 1 else 0
+    return max(x_bytes, red)
+
+
+def skinny_chunks(m: int) -> list[tuple[int, int, int]]:
+    """(first row, rows, NT) of each launch for m rows of x (the rule above)."""
+    out, r = [], 0
+    while r < m:
+        rows = min(SKINNY_ROWS, m - r)
+        out.append((r, rows, 8 if rows > 32 else 4))
+        r += rows
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def skinny_choose(n: int, k: int, nt: int, sms: int = SMS) -> tuple[int, int, int]:
+    """(TW, WK, NT) for W [n, k] and a launch of NT 8-row tiles (module notes above)."""
+    tiles, kblocks = -(-n // TILE_N), k // KB
+    fits = [(tw, wk) for tw, wk in SKINNY_SHAPES if kblocks >= 2 * wk or wk == 1]
+    for tw, wk in fits:
+        if -(-tiles // tw) >= 0.9 * sms:
+            return tw, wk, nt
+    return (*fits[-1], nt)
+
+
+def skinny_explain(n: int, k: int, m: int, sms: int = SMS) -> str:
+    """One line: the launches for m rows on W [n, k] and each one's variant and grid."""
+    parts = []
+    for _r, rows, nt in skinny_chunks(m):
+        tw, wk, _ = skinny_choose(n, k, nt, sms)
+        parts.append(f"{rows} rows {skinny_label((tw, wk, nt))} x {-(-n // (TILE_N * tw))} blocks")
+    return "; ".join(parts)
+
+
+def skinny_grid(n: int, tw: int) -> tuple[int]:
+    return (-(-n // (TILE_N * tw)),)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def skinny(
+    x: torch.Tensor, w: object, y: torch.Tensor, variant: tuple[int, int] | None = None
+) -> None:
+    """y [M, N] = x [M, K] W^T for any M >= 1 on the GPU in launches of up to 64 rows
+    (`skinny_chunks`; w: rows layout, no perm, `supported`); `variant` (TW, WK) overrides
+    the rule's block shape for every launch (the bench)."""
+    m = x.shape[0]
+    if m < 1:
+        raise ValueError("x has no rows")
+    n, k = w.out_features, w.in_features  # type: ignore[attr-defined]
+    for r, rows, nt in skinny_chunks(m):
+        tw, wk, _ = (*variant, nt) if variant else skinny_choose(n, k, nt, _sms(x.device))
+        kernel = _kernel(x.dtype, skinny_kernel_name(tw, wk, nt))
+        nbytes = skinny_shmem(tw, wk, nt)
+        # Every variant, also those under 48 KB: the opt-in also sets the largest carveout.
+        compiler.allow_shared_memory(kernel, nbytes, _device_index(x.device))
+        args = launch_args(x[r : r + rows], w, y[r : r + rows])
+        compiler.launch(kernel, skinny_grid(n, tw), SKINNY_THREADS, *args, shmem=nbytes)

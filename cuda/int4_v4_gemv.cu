@@ -280,6 +280,206 @@ HR_V4_KERNELS(4)
 HR_V4_KERNELS(8)
 HR_V4_KERNELS(16)
 
+// ---- Skinny GEMM on the stream layout (issue 14): R = 8 NT rows of x a launch ----
+// Round 3's mma_skinny (cuda/int4_mma_gemv.cu gives the reasons) on this layout, for decode
+// batches past 8 rows: each k-step's A (v4_dequant, as above) is used for NT mma's, one per
+// 8 rows of x, so a launch reads the 4-bit weight once for R rows. A block holds TW tiles
+// (TW warps along N) sharing each x k-block staged in shared memory by cp.async (double
+// buffered), and WK slices of TW warps splitting K; the slices' sums in a fixed order at
+// the end (no atomics, no workspace). Weights: straight into registers one round ahead
+// (ld.global.nc, L1 bypassed) plus prefetch.global.L2 VS_PF rounds ahead, since a block's
+// 8 warps share barriers and a per-warp ring would hold registers' worth of shared memory.
+// Staged x: [slice][row][16 uint4], chunk e (inputs 8 e .. 8 e + 7 of the k-block) at
+// e ^ ((row & 1) << 2): lane (g, c) reads chunk 4 p + c of row 8 nt + g, so a quarter-warp
+// (rows g and g + 1, c = 0..3) hits 8 distinct 16-byte bank groups. Groups of 64: each half
+// k-block scaled once (t is reset between halves). Rows past M: staged as row M - 1, their
+// 8-row tiles skipped (warp-uniform), outputs not written; tiles past N / 16 re-read the
+// last tile and write nothing.
+constexpr int VS_PF = 4;  // rounds of weights prefetched into L2 ahead
+
+__device__ __forceinline__ uint4 vs_ld_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+template <int TW, int WK, int NT>
+__device__ __forceinline__ void vs_stage(unsigned int base, const elem_t* __restrict__ x, long long x_stride,
+                                         int r, int per, int KB, int rows, int M) {
+    constexpr int SLICE = NT * 8 * 16;  // uint4 a slice's staged k-block
+#pragma unroll
+    for (int s = 0; s < WK; ++s) {
+        const int b = s * per + r;
+        if (r < per && b < KB) {
+            const unsigned int dst = base + 16u * (unsigned int)(((r & 1) * WK + s) * SLICE);
+            for (int q = threadIdx.x; q < rows * 16; q += TW * WK * 32) {
+                const int row = q >> 4, e = q & 15;
+                const uint4* src =
+                    reinterpret_cast<const uint4*>(x + (long long)min(row, M - 1) * x_stride + b * V4_KB) + e;
+                v4_cp16(dst + 16u * (unsigned int)(row * 16 + (e ^ ((row & 1) << 2))), src);
+            }
+        }
+    }
+    v4_commit();  // an empty group past the last round keeps wait_group 1's count right
+}
+
+// The weights, scales and zeros of one k-block (two halves: groups of 64 differ).
+struct VsBlock {
+    uint4 w0, w1;
+    float s0g, s0h, s1g, s1h;
+    unsigned int z0g, z0h, z1g, z1h;
+};
+
+__device__ __forceinline__ void vs_load(VsBlock& v, const uint4* wp, const __half* sg, const unsigned char* zgp,
+                                        long long hoff, int k0, int group_shift) {
+    v.w0 = vs_ld_stream(wp);
+    v.w1 = vs_ld_stream(wp + 32);
+    const int g0 = k0 >> group_shift, g1 = (k0 + 64) >> group_shift;
+    v.s0g = __half2float(__ldg(sg + g0));
+    v.s0h = __half2float(__ldg(sg + hoff + g0));
+    v.z0g = __ldg(zgp + g0);
+    v.z0h = __ldg(zgp + hoff + g0);
+    v.s1g = v.s0g, v.s1h = v.s0h, v.z1g = v.z0g, v.z1h = v.z0h;
+    if (g1 != g0) {  // groups of 64 (uniform across the grid)
+        v.s1g = __half2float(__ldg(sg + g1));
+        v.s1h = __half2float(__ldg(sg + hoff + g1));
+        v.z1g = __ldg(zgp + g1);
+        v.z1h = __ldg(zgp + hoff + g1);
+    }
+}
+
+template <int TW, int WK, int NT>
+__device__ __forceinline__ void v4_skinny(HR_V4_ARGS) {
+    extern __shared__ uint4 vs_smem[];
+    constexpr int SLICE = NT * 8 * 16;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane >> 2, c = lane & 3;
+    const int ks = warp / TW, tw = warp - ks * TW;
+    const int KB = K / V4_KB, G = K >> group_shift, tiles = N / 16;
+    const int per = (KB + WK - 1) / WK;
+    const int b0 = ks * per, b1 = min(KB, b0 + per);
+    const int used = min(NT, (M + 7) >> 3);  // 8-row tiles of x with a row below M
+    const int rows = 8 * used;
+    const int tile_raw = blockIdx.x * TW + tw, tile = min(tile_raw, tiles - 1);
+    const int ch = tile * 16 + g;
+    const uint4* wp = qv + ((long long)tile * KB + b0) * V4_UNIT + lane;  // vector 0 of k-block b0
+    const __half* sg = scales + (long long)ch * G;
+    const unsigned char* zgp = zeros + (long long)ch * G;
+    const long long hoff = 8LL * G;  // channel g + 8's scales / zeros from channel g's
+    const unsigned int lo = (unsigned int)lo_mask;
+    const unsigned int base = (unsigned int)__cvta_generic_to_shared(vs_smem);
+    const int swz = (g & 1) << 2;
+
+    v4_griddep_wait();  // x comes from the previous kernel (a no-op without PDL)
+    vs_stage<TW, WK, NT>(base, x, x_stride, 0, per, KB, rows, M);
+    VsBlock cur = {};
+    if (b0 < b1) vs_load(cur, wp, sg, zgp, hoff, b0 * V4_KB, group_shift);
+#pragma unroll
+    for (int d = 1; d <= VS_PF; ++d) {
+        if (b0 + d < b1) {
+            v4_prefetch(wp + V4_UNIT * d);
+            v4_prefetch(wp + V4_UNIT * d + 32);
+        }
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+    for (int r = 0; r < per; ++r) {
+        const int b = b0 + r;
+        vs_stage<TW, WK, NT>(base, x, x_stride, r + 1, per, KB, rows, M);
+        if (b + 1 + VS_PF < b1) {
+            v4_prefetch(wp + V4_UNIT * (r + 1 + VS_PF));
+            v4_prefetch(wp + V4_UNIT * (r + 1 + VS_PF) + 32);
+        }
+        VsBlock nxt = cur;
+        if (b + 1 < b1) vs_load(nxt, wp + V4_UNIT * (r + 1), sg, zgp, hoff, (b + 1) * V4_KB, group_shift);
+        v4_wait<1>();  // this round's x (the group before the one just committed)
+        __syncthreads();
+        if (b < b1) {
+            const unsigned int xs = base + 16u * (unsigned int)(((r & 1) * WK + ks) * SLICE + g * 16);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {  // half j: k-steps 4 j .. 4 j + 3, inputs 64 j ..
+                const uint4 w = j ? cur.w1 : cur.w0;
+                const V4Zero zg = v4_zero(j ? cur.z1g : cur.z0g), zh = v4_zero(j ? cur.z1h : cur.z0h);
+                float t[NT][4];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) t[nt][0] = t[nt][1] = t[nt][2] = t[nt][3] = 0.f;
+#pragma unroll
+                for (int i2 = 0; i2 < 2; ++i2) {  // k-steps 4 j + 2 i2 (even) and + 1 (odd)
+                    unsigned int a0[4], a1[4];
+                    v4_dequant(v4_word(w, 2 * i2), zg, zh, lo, a0);
+                    v4_dequant(v4_word(w, 2 * i2 + 1), zg, zh, lo, a1);
+                    const unsigned int off = 16u * (unsigned int)((4 * (2 * j + i2) + c) ^ swz);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        if (nt < used) {  // warp-uniform
+                            const uint4 xv = v4_lds(xs + 16u * 128u * nt + off);  // row 8 nt + g
+                            v4_mma(t[nt], a0, xv.x, xv.y);  // even k-step: inputs 8 c + 0..3
+                            v4_mma(t[nt], a1, xv.z, xv.w);  // odd: 8 c + 4..7
+                        }
+                    }
+                }
+                const float sgj = j ? cur.s1g : cur.s0g, shj = j ? cur.s1h : cur.s0h;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    acc[nt][0] = fmaf(sgj, t[nt][0], acc[nt][0]);  // channel g, rows 8 nt + 2c, + 1
+                    acc[nt][1] = fmaf(sgj, t[nt][1], acc[nt][1]);
+                    acc[nt][2] = fmaf(shj, t[nt][2], acc[nt][2]);  // channel g + 8
+                    acc[nt][3] = fmaf(shj, t[nt][3], acc[nt][3]);
+                }
+            }
+        }
+        __syncthreads();  // buffer r & 1 is free for round r + 2's stage
+        cur = nxt;
+    }
+    v4_griddep_launch_dependents();
+    if (WK > 1) {
+        float* red = reinterpret_cast<float*>(vs_smem);  // [WK][TW][NT][4][32]; x's buffers are free
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) red[(((ks * TW + tw) * NT + nt) * 4 + j) * 32 + lane] = acc[nt][j];
+        __syncthreads();
+        if (ks != 0) return;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                float v = acc[nt][j];
+#pragma unroll
+                for (int s = 1; s < WK; ++s) v += red[(((s * TW + tw) * NT + nt) * 4 + j) * 32 + lane];
+                acc[nt][j] = v;
+            }
+    }
+    if (tile_raw >= tiles) return;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int m = 8 * nt + 2 * c + (j & 1);
+            const int n = j < 2 ? ch : ch + 8;
+            if (m < M) y[m * y_stride + n] = from_f(acc[nt][j]);
+        }
+}
+
+// v4_skinny_t{TW}_w{WK}_n{NT}: as round 3's mma_skinny_* (the same block shapes, 256
+// threads); cuda/int4_v4_gemv.py's SKINNY_VARIANTS lists the set.
+#define HR_VS_MIN_BLOCKS(NT) ((NT) == 4 ? 2 : 1)
+#define HR_VS_KERNEL(TW, WK, NT)                                                           \
+    extern "C" __global__ void __launch_bounds__(TW * WK * 32, HR_VS_MIN_BLOCKS(NT))       \
+        v4_skinny_t##TW##_w##WK##_n##NT(HR_V4_ARGS) {                                      \
+        v4_skinny<TW, WK, NT>(HR_V4_PASS);                                                 \
+    }
+HR_VS_KERNEL(8, 1, 4)
+HR_VS_KERNEL(4, 2, 4)
+HR_VS_KERNEL(2, 4, 4)
+HR_VS_KERNEL(8, 1, 8)
+HR_VS_KERNEL(4, 2, 8)
+HR_VS_KERNEL(2, 4, 8)
+
 // v4_dequant_rows: W -> [N, K] in the activation dtype from the stream layout (prefill's
 // cuBLAS path): one thread per 8 inputs of a channel, written as one 16-byte vector.
 // Inputs 8 c' .. 8 c' + 7 of k-step pair p (c' = c) are, for k-step 2 p + e, elements

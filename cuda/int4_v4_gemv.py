@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from cuda import compiler, step_fusion
+from cuda import int4_mma_gemv as mg
 from cuda.int4_args import ptr, weight_args
 
 SOURCE_PATH = Path(__file__).with_name("int4_v4_gemv.cu")
@@ -261,3 +262,36 @@ def dequantize(w: object, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor
     grid = (-(-n * k // 8 // DEQUANT_THREADS),)
     compiler.launch(_kernel(dtype, "v4_dequant_rows"), grid, DEQUANT_THREADS, *args)
     return out
+
+
+# ---- The skinny GEMM on the stream layout (v4_skinny_*, issue 14) ----
+# The same block shapes, launch chunking (up to 64 rows a launch), rule and shared-memory
+# size as round 3's (cuda/int4_mma_gemv.py's skinny_* say why); only the weight reads differ.
+SKINNY_VARIANTS = mg.SKINNY_VARIANTS
+
+
+def skinny_kernel_name(tw: int, wk: int, nt: int) -> str:
+    return f"v4_skinny_t{tw}_w{wk}_n{nt}"
+
+
+def skinny_kernel_names() -> list[str]:
+    return [skinny_kernel_name(*v) for v in SKINNY_VARIANTS]
+
+
+def skinny(
+    x: torch.Tensor, w: object, y: torch.Tensor, variant: tuple[int, int] | None = None
+) -> None:
+    """y [M, N] = x [M, K] W^T for any M >= 1 (w: stream layout, no perm, `supported`), in
+    launches of up to 64 rows (mg.skinny_chunks); `variant` (TW, WK) overrides the rule."""
+    m = x.shape[0]
+    if m < 1:
+        raise ValueError("x has no rows")
+    n, k = w.out_features, w.in_features  # type: ignore[attr-defined]
+    for r, rows, nt in mg.skinny_chunks(m):
+        tw, wk, _ = (*variant, nt) if variant else mg.skinny_choose(n, k, nt, _sms(x.device))
+        kernel = _kernel(x.dtype, skinny_kernel_name(tw, wk, nt))
+        nbytes = mg.skinny_shmem(tw, wk, nt)
+        compiler.allow_shared_memory(kernel, nbytes, _device_index(x.device))
+        args = launch_args(x[r : r + rows], w, y[r : r + rows])
+        grid = mg.skinny_grid(n, tw)
+        compiler.launch(kernel, grid, mg.SKINNY_THREADS, *args, shmem=nbytes, pdl=step_fusion.pdl())

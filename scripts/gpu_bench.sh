@@ -19,6 +19,10 @@
 # (tests/gpu/test_gpu_int4_v4.py), scripts/bench_int4_v4.py (8B + 70B shapes: r3 vs r4 vs cuBLAS
 # bf16, events and graphs, every variant of both with the rules' verdicts, 8B o included), W1 AWQ 8B
 # with HEADRACE_INT4_GEMV=mma, =v4, and =v4 with HEADRACE_PDL=1.
+# int4skinny (<= 140 s, expected ~100): the skinny W4A16 GEMM for decode batches of 9..256 rows (rows and stream
+# layouts, HEADRACE_INT4_SKINNY_MIN/_MAX/_STREAM): warm its modules, tests/gpu/test_gpu_int4_skinny.py (<= 60 s),
+# scripts/bench_int4_skinny.py (<= 60 s: 8B + 70B shapes x M 16..512 in their default layouts, today vs skinny
+# vs cuBLAS bf16, graphs).
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 # Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
@@ -148,6 +152,15 @@ for step in $which; do
       for g in mma v4 v4_pdl; do  # v4_pdl: HEADRACE_INT4_GEMV=v4 HEADRACE_PDL=1
         HEADRACE_INT4_GEMV=${g%_pdl} HEADRACE_PDL=$([ $g = v4_pdl ] && echo 1 || echo 0) timeout 22 python -m headrace bench latency --quantization awq --output-json "$OUT/w1_awq_r4_$g.json" > "$OUT/w1_awq_r4_$g.log" 2>&1
         echo "W1 AWQ 8B, GEMV $g (rc $?): $(grep '^W1:' "$OUT/w1_awq_r4_$g.log" | tail -1)"; done ;;
+    # Issue 14, the skinny GEMM (int4skinny), <= 140 s: warm its modules, its GPU tests, then one line a
+    # shape x M from scripts/bench_int4_skinny.py (today's path vs the skinny kernel vs cuBLAS bf16).
+    int4skinny)
+      t0=$SECONDS; timeout 20 python scripts/warm_kernels.py --jobs 16 --only int4_mma_gemv int4_v4_gemv int4_gemm > "$OUT/int4skinny_warm.log" 2>&1
+      echo "warm int4_mma_gemv + int4_v4_gemv + int4_gemm (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/int4skinny_warm.log")"
+      t0=$SECONDS; timeout 60 python -m pytest -m gpu tests/gpu/test_gpu_int4_skinny.py -q -p no:cacheprovider --maxfail=10 > "$OUT/int4skinny_tests.log" 2>&1
+      echo "skinny GPU tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/int4skinny_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/int4skinny_tests.log"
+      t0=$SECONDS; PYTHONUNBUFFERED=1 timeout 60 python scripts/bench_int4_skinny.py --output-json "$OUT/int4skinny_bench.json" > "$OUT/int4skinny_bench.log" 2>&1
+      echo "bench_int4_skinny (rc $?, $((SECONDS - t0)) s):"; cat "$OUT/int4skinny_bench.log" ;;
     # Issue 15's models with HF generate() beside them, 525 s of timeouts in all: Mixtral-8x7B W1 and
     # W2-shaped (128 requests), Falcon-7B W1 and W3 (300 requests; HF batch 16: Falcon's MQA sends HF's
     # SDPA to the math kernel, ~3 GB of fp32 [71, T, T] scores per 2k-token prompt). Each log's last

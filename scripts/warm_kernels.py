@@ -47,6 +47,7 @@ def jobs() -> list[Job]:
         for v in gemv_step.VARIANTS:  # the default one for W1, the others for bench_gemv
             out.append(("gemv_step", gemv_step.source(), gemv_step.module_defines(dtype, v)))
         out.append(("gemv", gemv.source(), gemv.module_defines(dtype)))
+        # int4_mma_gemv: the round-3 GEMVs and the skinny GEMM (mma_skinny_*, one module)
         out.append(("int4_mma_gemv", int4_mma_gemv.source(), int4_mma_gemv.module_defines(dtype)))
         out.append(("int4_v4_gemv", int4_v4_gemv.source(), int4_v4_gemv.module_defines(dtype)))
         for head_dim in (64, 128):  # the attention kernels the GPU tests and benches load

@@ -143,3 +143,82 @@ def emulate(x: torch.Tensor, w: Int4Weight, wk: int) -> np.ndarray:
             ok = (rows < m) & (cols < n)
             y[rows[ok], cols[ok]] = total[ok, j]
     return y
+
+
+def swizzle(row: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """mma_skinny's shared-memory swizzle: 16-byte chunk j of row's run c sits at j ^ this."""
+    return (c >> 1) | ((row & 1) << 1)
+
+
+def stage(xw: np.ndarray, m: int, b: int, rows: int) -> np.ndarray:
+    """ms_stage for one slice's k-block b: the buffer, uint32 [rows * 16 slots, 4], rows
+    past m staged as row m - 1; xw uint32 [m, K / 2] (x's bf16/fp16 pairs)."""
+    row = np.arange(rows)[:, None, None]
+    c, j = np.arange(4)[None, :, None], np.arange(4)[None, None, :]
+    slot = row * 16 + 4 * c + (j ^ swizzle(row, c))
+    first = (b * mg.KB + 32 * c + 8 * j) // 2  # the chunk's first uint32 of the row
+    src = xw[np.minimum(row, m - 1)[..., None], first[..., None] + np.arange(4)]
+    buf = np.full((rows * 16, 4), 0xFFFFFFFF, dtype=np.uint32)  # NaN pairs: caught if read
+    buf[slot.reshape(-1)] = src.reshape(-1, 4)
+    return buf
+
+
+def emulate_skinny_launch(
+    x: torch.Tensor, w: Int4Weight, variant: tuple[int, int, int]
+) -> np.ndarray:
+    """y [M, N] (float64, NaN where not written) as one mma_skinny_t{TW}_w{WK}_n{NT} launch
+    on x (M <= 8 NT rows) computes it: the staged, swizzled x read back by each lane, NT
+    8-row tiles of B against one dequantized A, the slices' sum."""
+    tw, wk, nt = variant
+    dtype, (m, k), n = x.dtype, x.shape, w.out_features
+    assert m <= 8 * nt
+    qw = w.qw.numpy().view(np.uint32)
+    xw = x.contiguous().view(torch.int32).numpy().view(np.uint32)
+    scales, zeros = w.scales.double().numpy(), w.zeros.double().numpy()
+    kb, bpg = k // mg.KB, w.group_size // mg.KB
+    per = -(-kb // wk)
+    used = min(nt, -(-m // 8))
+    bufs = [stage(xw, m, b, 8 * used) for b in range(kb)]  # the same for every block
+    sw = swizzle(G, C)
+    y = np.full((m, n), np.nan)
+    for tile in range(-(-n // (mg.TILE_N * tw)) * tw):
+        ch = tile * 16 + G
+        nl, nh = np.minimum(ch, n - 1), np.minimum(ch + 8, n - 1)
+        total = np.zeros((nt, 32, 4))
+        for ks in range(wk):
+            for b in range(ks * per, min(kb, ks * per + per)):
+                gi = b // bpg
+                words = 4 * (4 * b + C)[:, None] + np.arange(4)
+                scale = np.stack([scales[nl, gi]] * 2 + [scales[nh, gi]] * 2, -1)
+                for i_nt in range(used):
+                    slots = i_nt * 128 + G * 16 + 4 * C
+                    xv = bufs[b][slots[:, None] + (np.arange(4)[None, :] ^ sw[:, None])]
+                    t = np.zeros((32, 4))
+                    kblock(
+                        t,
+                        qw[nl[:, None], words],
+                        qw[nh[:, None], words],
+                        zeros[nl, gi],
+                        zeros[nh, gi],
+                        xv,
+                        dtype,
+                    )
+                    total[i_nt] += t * scale
+        for i_nt in range(used):
+            for j in range(4):
+                rows, cols = 8 * i_nt + 2 * C + (j & 1), ch + 8 * (j >= 2)
+                ok = (rows < m) & (cols < n)
+                y[rows[ok], cols[ok]] = total[i_nt][ok, j]
+    return y
+
+
+def emulate_skinny(
+    x: torch.Tensor, w: Int4Weight, shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """y [M, N] as `mg.skinny` computes it: its launches (`skinny_chunks`), each with the
+    rule's (TW, WK) or `shape`'s."""
+    y = np.full((x.shape[0], w.out_features), np.nan)
+    for r, rows, nt in mg.skinny_chunks(x.shape[0]):
+        tw, wk = shape or mg.skinny_choose(w.out_features, w.in_features, nt)[:2]
+        y[r : r + rows] = emulate_skinny_launch(x[r : r + rows], w, (tw, wk, nt))
+    return y

@@ -106,3 +106,80 @@ def dequant_rows(w: Int4Weight) -> np.ndarray:
             nib = hi + 2 * (o >> 1) + 4 * (o & 1)
             out[:, :, 4 * e + o] = (((word >> (4 * nib)) & 0xF) - z) * s
     return out.reshape(n, k)
+
+
+def stage_swizzle(row: np.ndarray) -> np.ndarray:
+    """v4_skinny's shared-memory swizzle: chunk e of a staged row sits at e ^ this."""
+    return (row & 1) << 2
+
+
+def stage(xw: np.ndarray, m: int, b: int, rows: int) -> np.ndarray:
+    """vs_stage for one slice's k-block b: uint32 [rows * 16 slots, 4]; rows past m staged as
+    row m - 1; xw uint32 [m, K / 8, 4] (x's uint4s)."""
+    row = np.arange(rows)[:, None]
+    e = np.arange(16)[None, :]
+    buf = np.full((rows * 16, 4), 0xFFFFFFFF, dtype=np.uint32)  # NaN pairs: caught if read
+    buf[(row * 16 + (e ^ stage_swizzle(row))).reshape(-1)] = xw[
+        np.minimum(row, m - 1), 16 * b + e
+    ].reshape(-1, 4)
+    return buf
+
+
+def emulate_skinny_launch(
+    x: torch.Tensor, w: Int4Weight, variant: tuple[int, int, int]
+) -> np.ndarray:
+    """y [M, N] (float64, NaN where not written) as one v4_skinny_t{TW}_w{WK}_n{NT} launch
+    computes it: x staged and swizzled, read back by each lane, NT 8-row tiles against one
+    dequantized A, one scale a half k-block, the slices' sum; w in the stream layout."""
+    tw, wk, nt = variant
+    dtype, (m, k), n = x.dtype, x.shape, w.out_features
+    assert m <= 8 * nt
+    qs = w.qw.numpy().view(np.uint32).reshape(-1, 4)
+    xw = x.contiguous().view(torch.int32).numpy().view(np.uint32).reshape(m, -1, 4)
+    scales, zeros = w.scales.double().numpy(), w.zeros.numpy()
+    shift = v4.group_shift(w.group_size)
+    kb, tiles = k // v4.KB, n // 16
+    per = -(-kb // wk)
+    used = min(nt, -(-m // 8))
+    bufs = [stage(xw, m, b, 8 * used) for b in range(kb)]
+    swz = stage_swizzle(G)
+    y = np.full((m, n), np.nan)
+    for tile_raw in range(-(-tiles // tw) * tw):
+        tile = min(tile_raw, tiles - 1)
+        ch = tile * 16 + G
+        total = np.zeros((nt, 32, 4))
+        for ks in range(wk):
+            for b in range(ks * per, min(kb, ks * per + per)):
+                unit = 64 * (tile * kb + b)
+                wv = [qs[unit + LANE], qs[unit + 32 + LANE]]
+                for j in range(2):
+                    gi = (128 * b + 64 * j) >> shift
+                    scale = np.stack([scales[ch, gi]] * 2 + [scales[ch + 8, gi]] * 2, -1)
+                    for i_nt in range(used):
+                        row = (i_nt * 8 + G) * 16
+                        xa = bufs[b][row + ((4 * (2 * j) + C) ^ swz)]
+                        xb = bufs[b][row + ((4 * (2 * j + 1) + C) ^ swz)]
+                        t = np.zeros((32, 4))
+                        half(t, wv[j], xa, xb, zeros[ch, gi], zeros[ch + 8, gi], dtype)
+                        total[i_nt] += t * scale
+        if tile_raw >= tiles:
+            continue
+        for i_nt in range(used):
+            for jj in range(4):
+                rows, cols = 8 * i_nt + 2 * C + (jj & 1), ch + 8 * (jj >= 2)
+                ok = rows < m
+                y[rows[ok], cols[ok]] = total[i_nt][ok, jj]
+    return y
+
+
+def emulate_skinny(
+    x: torch.Tensor, w: Int4Weight, shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """y [M, N] as `v4.skinny` computes it: round 3's launches (mg.skinny_chunks)."""
+    from cuda import int4_mma_gemv as mg
+
+    y = np.full((x.shape[0], w.out_features), np.nan)
+    for r, rows, nt in mg.skinny_chunks(x.shape[0]):
+        tw, wk = shape or mg.skinny_choose(w.out_features, w.in_features, nt)[:2]
+        y[r : r + rows] = emulate_skinny_launch(x[r : r + rows], w, (tw, wk, nt))
+    return y

@@ -143,6 +143,8 @@ def test_v4_launch_arguments(
     monkeypatch.setattr(v4, "_kernel", lambda dtype, name: name)
     monkeypatch.setattr(v4, "_sms", lambda device: 132)
     monkeypatch.setattr(v4, "_device_index", lambda device: 0)
+    # 20 rows as 8-row GEMVs, as before the skinny GEMM (tests/test_int4_skinny.py)
+    monkeypatch.setattr(ig, "SKINNY_MAX_ROWS", 0)
     opted: list[Any] = []
     monkeypatch.setattr(compiler, "allow_shared_memory", lambda *a: opted.append(a))
     monkeypatch.setattr(

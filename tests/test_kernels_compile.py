@@ -311,5 +311,40 @@ def test_int4_v4_gemv_compiles_for_sm90(dtype_name: str) -> None:
     assert "0 bytes spill stores" in log and not re.search(r"[1-9]\d* bytes spill", log), log
     assert not re.search(r"[1-9]\d* bytes stack frame", log), log
     regs = dict(re.findall(r"entry function '(\w+)'.*?Used (\d+) registers", log, re.S))
-    assert set(regs) == set(v4.kernel_names())
+    assert set(regs) == set(v4.kernel_names()) | set(v4.skinny_kernel_names())
+    regs = {name: regs[name] for name in v4.kernel_names()}  # skinny: test_int4_mma_skinny_...
     assert all(int(r) <= 64 for r in regs.values()), regs  # 32 warps an SM
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("layout", ["rows", "stream"])
+def test_int4_mma_skinny_compiles_for_sm90(dtype_name: str, layout: str) -> None:
+    """The skinny W4A16 GEMM (issue 14: cuda/int4_mma_gemv.cu's mma_skinny_* on the rows
+    layout, cuda/int4_v4_gemv.cu's v4_skinny_* on the stream layout): every variant
+    spill-free with no stack frame; NT = 4 within 128 registers (2 blocks an SM)."""
+    import torch
+
+    from cuda import int4_mma_gemv as mg
+    from cuda import int4_v4_gemv as v4
+
+    mod = mg if layout == "rows" else v4
+    cubin, log = compiler.compile_cubin(
+        mod.source(),
+        arch="sm_90",
+        defines=mod.module_defines(getattr(torch, dtype_name)),
+        name="int4_mma_gemv" if layout == "rows" else "int4_v4_gemv",
+        verbose_ptxas=True,
+        use_cache=False,
+    )
+    parts = re.split(r"Compiling entry function '(\w+)'", log)[1:]
+    entries = dict(zip(parts[::2], parts[1::2], strict=True))
+    for name in mod.skinny_kernel_names():
+        assert name in entries and name.encode() in cubin, name
+        body = entries[name]
+        assert re.search(r"\b0 bytes spill stores", body) and not re.search(
+            r"[1-9]\d* bytes spill", body
+        ), body
+        assert not re.search(r"[1-9]\d* bytes stack frame", body), body
+        regs = int(re.search(r"Used (\d+) registers", body).group(1))  # type: ignore[union-attr]
+        assert regs <= (128 if name.endswith("_n4") else 255), (name, regs)
+    _check_log(log)
