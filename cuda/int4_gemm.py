@@ -23,7 +23,7 @@ up to MMA_MAX_ROWS rows; shapes it does not take run "old"), "old" (gemv_m1/m2/m
 launch) or "split" (cuda/int4_gemv.py, split-K, 8 rows a launch), those two up to
 GEMV_MAX_ROWS rows (HEADRACE_INT4_GEMV_ROWS, default 8); the tiles layout runs gemv_tiles
 (8 rows a launch, up to 32); on the rows and stream layouts under "mma"/"v4",
-SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS rows (default 9 .. 256, HEADRACE_INT4_SKINNY_MIN / _MAX)
+SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS rows (default 17 .. 32, HEADRACE_INT4_SKINNY_MIN / _MAX)
 run the skinny GEMM (cuda/int4_mma_gemv.py's mma_skinny_*, cuda/int4_v4_gemv.py's
 v4_skinny_*: launches of up to 64 rows); more rows dequantize into a scratch buffer and
 call cuBLAS (prefill: the GEMM dominates); on CPU the reference `int4_linear_ref`
@@ -75,21 +75,18 @@ MMA_MAX_ROWS = max(GEMV_MAX_ROWS, 32)
 # The skinny GEMM (cuda/int4_mma_gemv.py's mma_skinny_*, issue 14) on the rows layout (and
 # cuda/int4_v4_gemv.py's v4_skinny_* on the stream layout, the same rule), for
 # SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS rows of x: launches of up to 64 rows, each reading the
-# 4-bit weight once, so M rows move ceil(M / 64) x 0.5 B/weight, where dequantize + cuBLAS
-# moves 4.5 (write + read a 16-bit copy, read the 4 bits) before its GEMM even starts. By
-# bytes alone the skinny path wins up to 8 passes (M = 512: 4 B/weight); by compute it has
-# less headroom: its mma.sync runs at roughly 60% of the wgmma peak that cuBLAS reaches and
-# re-does the dequantization each pass, so for the 70B gate_up (470 M weights) the estimate
-# is, at M = 256, 4 passes x ~120 us (shared-memory reads of x bound a pass at R = 64) =
-# ~480 us against ~280 us of dequantize + ~360 us of GEMM = ~640 us; at M = 512, ~960 us
-# against ~970 us: even. Default 256: the last row count with a clear margin (the bench,
-# scripts/bench_int4_skinny.py, times 512 too); 0 turns the path off (today's behaviour).
-# SKINNY_MIN_ROWS (default 9): 9 .. 32 rows also take one skinny launch (NT = 4) instead of
-# ceil(M / 8) 8-row GEMV launches: one pass over the weight instead of 2 .. 4, which wins
-# unless a skinny pass costs more than two GEMV passes; HEADRACE_INT4_SKINNY_MIN=33 keeps
-# 9 .. 32 rows on the GEMV launches for the GPU A/B.
-SKINNY_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_SKINNY_MAX", "256"))
-SKINNY_MIN_ROWS = max(int(os.environ.get("HEADRACE_INT4_SKINNY_MIN", "9")), 9)
+# 4-bit weight once (ceil(M / 64) x 0.5 B/weight, where dequantize + cuBLAS moves 4.5).
+# Measured on an H200 (session 9, scripts/bench_int4_skinny.py, graphs, L2 flushed, the 8B
+# and 70B shapes), the kernel only pays where it replaces several 8-row GEMV passes:
+#   M = 32: 1.35-1.85x the four GEMV launches on 7 of 8 shapes (70B down 0.91x);
+#   M = 16: 0.59-1.16x the two GEMV launches (it wins on 8B gate_up only);
+#   M >= 64: 0.54-0.89x dequantize + cuBLAS at 64, 0.1-0.46x beyond: a 64-row pass takes
+#   ~3x a 32-row one (70B gate_up 806 vs 353 us), far from the byte bound, so the pass is
+#   bound inside the SM (the next step is a profile of it).
+# So the defaults are 17 .. 32 rows; HEADRACE_INT4_SKINNY_MIN / _MAX widen them (the GPU
+# tests run it on 9 .. 256), _MAX=0 turns it off (the GEMVs, then dequantize, as before).
+SKINNY_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_SKINNY_MAX", "32"))
+SKINNY_MIN_ROWS = max(int(os.environ.get("HEADRACE_INT4_SKINNY_MIN", "17")), 9)
 # The stream layout (round 4's, all of 8B's weights and 70B's qkv and o) has its own skinny
 # kernels (cuda/int4_v4_gemv.py's v4_skinny_*) under the same bounds;
 # HEADRACE_INT4_SKINNY_STREAM=0 keeps its old path (8-row GEMVs, then dequantize) alone.

@@ -8,7 +8,7 @@ HEADRACE_INT4_STREAM_MAX weights: 8B's, 70B's qkv and o; rows: 70B's gate_up and
 with L2 flushed before each (mean us), effective TB/s (the weight's own bytes, int4 with
 scales and zeros or bf16, over the time) and the skinny path's speedup over today's; at
 M = 64 also every (TW, WK) block shape. The skinny column runs the skinny kernel for every
-M here, also past the default HEADRACE_INT4_SKINNY_MAX (256) and at 16 / 32 rows
+M here, also past the default HEADRACE_INT4_SKINNY_MAX (32) and at 16 rows
 (HEADRACE_INT4_SKINNY_MIN's A/B): where its speedup drops under 1 is where the rule's
 bounds belong. <= 60 s on an H200.
 

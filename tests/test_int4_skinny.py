@@ -179,12 +179,43 @@ def _counting_dequantize(seen: list[int]) -> Any:
     return dequantize
 
 
+@pytest.fixture(autouse=True)
+def wide_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4_linear's skinny path on its widest bounds, 9..256 rows (HEADRACE_INT4_SKINNY_MIN=9,
+    _MAX=256), so the tests reach every launch shape; the defaults (17..32) have their own."""
+    monkeypatch.setattr(ig, "SKINNY_MIN_ROWS", 9)
+    monkeypatch.setattr(ig, "SKINNY_MAX_ROWS", 256)
+
+
+def test_default_bounds_take_17_to_32_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults: 16 rows stay two GEMV launches, 17..32 one skinny, 33+ dequantize."""
+    monkeypatch.setattr(ig, "SKINNY_MIN_ROWS", 17)
+    monkeypatch.setattr(ig, "SKINNY_MAX_ROWS", 32)
+    calls = _record(monkeypatch)
+    dq: list[int] = []
+    monkeypatch.setattr(ig, "dequantize", _counting_dequantize(dq))
+    monkeypatch.setattr(ig, "GEMV_IMPL", "v4")
+    w = weight(64, 512, 128, seed=4)
+
+    def run(m: int) -> list[str]:
+        calls.clear()
+        dq.clear()
+        x = torch.randn(m, 512, dtype=torch.bfloat16).as_subclass(_OnDevice)
+        ig.int4_linear(x, w, out=torch.empty(m, 64, dtype=torch.bfloat16))
+        return _names(calls) + ["dequant"] * len(dq)
+
+    assert run(16) == ["mma_gemv_w4_u2_pf"] * 2
+    assert run(17) == run(32) == ["mma_skinny_t4_w2_n4"]
+    assert run(33) == run(150) == ["dequant"]
+
+
 def _names(calls: list[Any]) -> list[str]:
     return [c[0] for c in calls]
 
 
 def test_dispatch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    """rows layout, "v4"/"mma": 1..8 one GEMV; 9..256 skinny; more: dequantize + cuBLAS."""
+    """rows layout, "v4"/"mma", bounds 9..256: 1..8 one GEMV; 9..256 skinny; more:
+    dequantize + cuBLAS (the defaults, 17..32, are narrower: test_env_switches)."""
     calls = _record(monkeypatch)
     w = weight(64, 512, 128, seed=4)
     dq: list[int] = []
@@ -297,10 +328,12 @@ def test_env_switches() -> None:
         )
         return out.stdout.strip()
 
-    assert read() == "9 256"
-    assert read(HEADRACE_INT4_SKINNY_MAX="0") == "9 0"
+    assert read() == "17 32"  # the rows where the H200 measured it faster (int4_gemm.py)
+    assert read(HEADRACE_INT4_SKINNY_MAX="0") == "17 0"
     assert read(HEADRACE_INT4_SKINNY_MIN="33", HEADRACE_INT4_SKINNY_MAX="128") == "33 128"
-    assert read(HEADRACE_INT4_SKINNY_MIN="2") == "9 256"  # 1..8 rows are always the GEMV's
+    assert (
+        read(HEADRACE_INT4_SKINNY_MIN="2", HEADRACE_INT4_SKINNY_MAX="256") == "9 256"
+    )  # 1..8: GEMV
 
 
 # The sm_90 compile check (spill-free, registers): tests/test_kernels_compile.py's
