@@ -129,3 +129,13 @@ def test_sse_lines_split_at_newlines_only() -> None:
 
     got = [json.loads(line[6:]) for line in asyncio.run(lines()) if line.startswith("data: ")]
     assert got == events
+
+
+def test_bad_client_processes_fails_before_any_request() -> None:
+    # Port 9 (discard) on localhost: nothing listens, so reaching the network would be an
+    # httpx connection error, not this message.
+    cmd = [sys.executable, "-m", "headrace", "bench", "serve", "--base-url", "http://127.0.0.1:9",
+           "--client-processes", "0", "--plot", "", "--no-progress"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "--client-processes must be 'auto' or an integer >= 1, got '0'" in run.stderr

@@ -355,6 +355,8 @@ async def _run_rate(
 def bench_serve_main(args: argparse.Namespace) -> int:
     if any(not (r > 0) for r in args.request_rate):
         raise ValueError(f"--request-rate values must be > 0 (or inf), got {args.request_rate}")
+    # A bad value fails here, before any request is sent.
+    client_processes(args.client_processes, args.num_prompts)
     result = asyncio.run(run_bench(args))
     Path(args.result_json).write_text(json.dumps(result, indent=1, default=str))
     if args.plot:
