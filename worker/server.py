@@ -258,23 +258,18 @@ class WorkerServer:
             # rejected for a duplicate id must not take the running one's owner.
             outputs: list[OwnedOutput] = []
             inbox = self._drain_inbox(block=not busy)
-            t0 = clock()
-            before = taken
+            t0, before = clock(), taken
             for ident, msg in inbox:
                 taken += isinstance(msg, EngineRequest)
                 outputs.extend(self._handle(engine, ident, msg))
-            rejected = bool(outputs)
-            t1 = clock()
+            rejected, t1 = bool(outputs), clock()
             if timeline is not None:
                 timeline.arrived(taken - before, t0)
-            if engine.has_unfinished_requests():
-                outputs += self._step(engine)
-                t2 = clock()
+            stepping = engine.has_unfinished_requests()
+            outputs += self._step(engine) if stepping else []
+            t2 = clock()
+            if stepping or rejected or busy:
                 self.stats = self._stats(engine)
-            else:
-                t2 = clock()
-                if rejected or busy:
-                    self.stats = self._stats(engine)
             if inbox or busy:
                 self._published = (self.stats, taken)
             t3 = clock()
@@ -327,8 +322,7 @@ class WorkerServer:
     ) -> list[OwnedOutput]:
         if isinstance(msg, EngineRequest):
             rid = msg.request_id
-            refused = self.admission.refuse(msg)
-            if refused is not None:
+            if (refused := self.admission.refuse(msg)) is not None:
                 return [(ident, refused)]
             try:
                 rejected = engine.add_request(msg, owner=ident)  # checks the id is not in use
@@ -494,16 +488,11 @@ class WorkerServer:
 def _with_identity(
     info: ModelInfo, worker_id: str, tokenizer: str | None, max_logprobs: int | None
 ) -> ModelInfo:
-    return ModelInfo(
-        model_name=info.model_name,
-        model_path=info.model_path,
-        max_model_len=info.max_model_len,
-        vocab_size=info.vocab_size,
+    return msgspec.structs.replace(
+        info,
         worker_id=worker_id,
         tokenizer=tokenizer or info.tokenizer,
         max_logprobs=info.max_logprobs if max_logprobs is None else max_logprobs,
-        block_size=info.block_size,
-        sampling_defaults=info.sampling_defaults,
     )
 
 
