@@ -1,0 +1,344 @@
+// W4A16 tiled GEMM on tensor cores for 33..512 rows of x (issue 14), reading the rows layout
+// as loaded (cuda/int4_gemm.cu draws it: qw uint32 [N, K / 8], nibble j of word w = input
+// 8 w + j). A new module, so the measured GEMV / skinny cubins stay as they are.
+//
+// Why not the skinny kernel at 64+ rows: there a warp owns one 16-channel tile, so every B
+// (x) fragment it reads from shared memory feeds one A tile (~256 B of x per mma), and the
+// per-k-block exact partial sums t[] double the accumulators (178-198 registers). Here:
+//
+// Warp tile 32 channels x 64 rows: two 16 x 16 A tiles (dequantized in registers) x eight
+// 16 x 8 B tiles (x rows), 32 mma a 16-input pair of k-steps; each B fragment (one 16-byte
+// LDS) feeds 2 A tiles (128 B of x per mma), each A fragment feeds 8 B tiles. The scale is
+// folded into A (A = round((q - z) s) in the activation dtype, which is what
+// int4_linear_ref's dequantize rounds to), so there is one fp32 accumulator set,
+// 2 x 8 x 4 = 64 registers, and any group size that is a multiple of 32 works (a lane's 32
+// inputs of a k-block always lie in one group). fp16: (q - z) is exact, one FMA2 by the
+// scale pair rounds once: equal to the reference's rounding. bf16: the fp16 scale is split
+// s = hi + lo (hi = bf16(s), lo = s - hi has <= 3 significant bits, exact in bf16), so
+// lo (q - z) (<= 7 bits) is exact and fma(q - z, hi, lo (q - z)) rounds once: also equal.
+//
+// Block: 8 warps along N (256 channels) x 64 rows (blockIdx.x = 64-row block, fastest, so
+// the blocks that share a weight tile run together and its re-reads hit L2; y = 256-channel
+// block; z = K split). Per 128-input k-block a stage holds the block's weights (256 x 64 B,
+// cp.async, 16 KB) and x's rows (64 x 256 B, cp.async, 16 KB) in a TG_STAGES ring: no
+// registers hold data in flight, so one block of 8 warps an SM (the registers one needs)
+// still keeps ~3 stages (~96 KB) of loads in flight. Of the block tile shapes with 8 warps of
+// 32 x 64, 256 x 64 moves the fewest L2 -> SM bytes, N M K (0.5 / BM + 2 / BN) (x's element
+// is 4x a weight's bytes): 0.0156 N M K against 0.0195 for 128 x 128.
+//
+// Input map (as cuda/int4_mma_gemv.cu): k-step 2 i + t (word i of a lane's 16-byte vector)
+// maps mma column 2 c + h + 8 j to input 32 c + 8 i + 2 t + j + 4 h, so A's pairs are
+// (nibble s, nibble s + 4) of a word (one LOP3 each) and B's pairs are (x_e, x_e+4) of the
+// lane's 8 inputs. That permutation of x is made once a block, not once a warp: each thread
+// PRMTs the x chunks it copied itself (its own cp.async group is visible to it after the
+// wait, no barrier) into a second buffer, so a warp's B fragment for 2 k-steps is one
+// LDS.128 with no PRMT (the 8 warps would otherwise do 32 PRMT each a k-step pair).
+// Swizzle of that buffer: chunk i of a row's run c at 4 c + (i ^ ((c >> 1) | (row & 1) << 1)),
+// so a quarter-warp's 8 16-byte reads (rows g, g + 1 of a tile, c = 0..3) hit 8 bank groups.
+//
+// Count (a warp, a k-step pair of its 32 x 64 tile, bf16; fp16 in brackets):
+//   32 HMMA; 8 LDS.128 of x (one per B tile); 4 words dequantized: 4 x (3 SHF [1] + 4 LOP3 +
+//   4 FMA2 (q - z) + 8 FMA2 (x s) [4]) = 76 [52]; weights 4 LDS.128 a k-block (1 a pair);
+//   ~90 [~70] issue slots for 32 mma, ~2.8 [~2.2] per mma; ALU per weight ~2.4 [~1.6],
+//   amortized over 64 rows. Shared-memory reads: 128 B of x + 16 B of weights per mma.
+// Expected at M = 64 on 70B gate_up (57344 x 8192, 224 blocks on 132 SMs, 2 waves of 1 block
+// an SM at ~85%): 60 GFLOP; if mma.sync sustains ~60% of Hopper's dense bf16 rate (~600
+// TFLOP/s), ~100 us; weight bytes 250 MB (~60 us of HBM), L2 -> SM traffic ~470 MB (weights
+// + x: under the tensor time); smem ~144 B/mma at ~1 mma / 1.6 clk an SM = 90 B/clk of the
+// 128. So ~110-130 us (today 602.6, cuBLAS bf16 242.9). M = 256: 4 row blocks (the weight
+// re-read from L2), 240 GFLOP: ~400-450 us on mma.sync (today 685, cuBLAS bf16's wgmma 316):
+// mma.sync's rate, not bytes, bounds it there; the step past it is wgmma with A (the
+// dequantized weight) from registers.
+//
+// Split-K (grid.z > 1, the host's rule: only when the grid would leave SMs idle, e.g. 8B
+// down's 16 channel blocks): each split writes fp32 partials to ws [S, M, N], and
+// tiled_reduce sums them in split order (deterministic, no atomics, graph-safe).
+// Rows past M: staged as row M - 1, their B tiles skipped (warp-uniform), not written.
+// Channels past N: read channel N - 1, not written.
+
+#include "elem2_type.cuh"  // elem_t, from_f for HR_BF16
+
+constexpr int TG_KB = 128;     // inputs per k-block (one stage)
+constexpr int TG_BN = 256;     // channels a block (8 warps x 32)
+constexpr int TG_BM = 64;      // rows a block (8 B tiles of 8)
+constexpr int TG_THREADS = 256;
+#ifndef TG_STAGES
+#define TG_STAGES 5            // ring depth (2 x 16 KB a stage + 32 KB of permuted x)
+#endif
+constexpr int TG_W_U4 = TG_BN * TG_KB / 32;  // uint4 of weights a stage: 1024
+constexpr int TG_X_U4 = TG_BM * TG_KB / 8;   // uint4 of x a stage: 1024
+
+#if HR_BF16
+#define TG_MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#define TG_FMA2 "fma.rn.bf16x2"
+constexpr unsigned int TG_MAGIC = 0x43004300u;  // 128.0 pair
+constexpr unsigned int TG_ONE = 0x3F803F80u;
+#else
+#define TG_MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#define TG_FMA2 "fma.rn.f16x2"
+constexpr unsigned int TG_MAGIC = 0x64006400u;  // 1024.0 pair
+constexpr unsigned int TG_ONE = 0x3C003C00u;
+constexpr unsigned int TG_SIXTEENTH = 0x2C002C00u;  // 1/16 pair
+#endif
+constexpr unsigned int TG_NEG0 = 0x80008000u;  // -0.0 pair: fma(a, b, -0) = a b exactly
+
+__device__ __forceinline__ unsigned int tg_fma2(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm(TG_FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ void tg_cp16(uint4* smem, const void* gmem) {
+    const unsigned int s = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void tg_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void tg_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void tg_mma(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
+                                       unsigned int a3, const uint4& b) {
+    asm volatile(TG_MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b.x), "r"(b.y));
+}
+__device__ __forceinline__ void tg_mma_hi(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
+                                          unsigned int a3, const uint4& b) {
+    asm volatile(TG_MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b.z), "r"(b.w));
+}
+
+__device__ __forceinline__ unsigned int tg_word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// One channel's dequantization constants for a k-block: the zero point's -(magic + z)
+// patterns (as cuda/int4_mma_gemv.cu's mw_zero: one IMAD each) and the scale pair(s).
+struct TgChan {
+    unsigned int zlo, zhi, s_hi, s_lo;
+};
+
+__device__ __forceinline__ TgChan tg_chan(__half s, unsigned int z) {
+    TgChan t;
+#if HR_BF16
+    t.zlo = 0xC300C300u + z * 0x00010001u;
+    t.zhi = 0u;
+    const float sf = __half2float(s);
+    const __nv_bfloat16 hi = __float2bfloat16_rn(sf);
+    const __nv_bfloat16 lo = __float2bfloat16_rn(sf - __bfloat162float(hi));  // exact (<= 3 bits)
+    const unsigned int h = __bfloat16_as_ushort(hi), l = __bfloat16_as_ushort(lo);
+    t.s_hi = h | (h << 16);
+    t.s_lo = l | (l << 16);
+#else
+    t.zlo = 0xE400E400u + z * 0x00010001u;
+    t.zhi = 0xD400D400u + z * 0x00100010u;
+    const unsigned int h = __half_as_ushort(s);
+    t.s_hi = h | (h << 16);
+    t.s_lo = 0u;
+#endif
+    return t;
+}
+
+// q[s] = round((nibble s - z) scale, (nibble s + 4 - z) scale) of word w as a 16-bit pair.
+// `lo` is 0x000F000F from a kernel argument (see mw_dequant: as a constant ptxas re-makes it).
+__device__ __forceinline__ unsigned int tg_scale(unsigned int qz, const TgChan& t) {
+#if HR_BF16
+    return tg_fma2(qz, t.s_hi, tg_fma2(qz, t.s_lo, TG_NEG0));
+#else
+    return tg_fma2(qz, t.s_hi, TG_NEG0);
+#endif
+}
+
+__device__ __forceinline__ void tg_dequant(unsigned int w, const TgChan& t, unsigned int lo, unsigned int (&q)[4]) {
+#if HR_BF16
+#pragma unroll
+    for (int s = 0; s < 4; ++s) q[s] = tg_scale(tg_fma2(((w >> (4 * s)) & lo) | TG_MAGIC, TG_ONE, t.zlo), t);
+#else
+    const unsigned int w8 = w >> 8, hi = lo << 4;
+    q[0] = tg_scale(tg_fma2((w & lo) | TG_MAGIC, TG_ONE, t.zlo), t);
+    q[1] = tg_scale(tg_fma2((w & hi) | TG_MAGIC, TG_SIXTEENTH, t.zhi), t);
+    q[2] = tg_scale(tg_fma2((w8 & lo) | TG_MAGIC, TG_ONE, t.zlo), t);
+    q[3] = tg_scale(tg_fma2((w8 & hi) | TG_MAGIC, TG_SIXTEENTH, t.zhi), t);
+#endif
+}
+
+// The permuted buffer's slot of (row, chunk ch = 4 c + i) (swizzle: header).
+__device__ __forceinline__ int tg_slot(int row, int ch) {
+    const int c = ch >> 2, i = ch & 3;
+    return row * 16 + 4 * c + (i ^ ((c >> 1) | ((row & 1) << 1)));
+}
+
+#define HR_TG_ARGS                                                                              \
+    const elem_t *__restrict__ x, long long x_stride, const uint4 *__restrict__ qw,          \
+        const __half *__restrict__ scales, const unsigned char *__restrict__ zeros,             \
+        elem_t *__restrict__ y, long long y_stride, int N, int K, int group_size, int M,       \
+        int per, float *__restrict__ ws, int lo_mask
+
+// Stage k-block b's weights and x rows (rows 0 .. rows - 1 of this block) into ring slot
+// `slot`, one commit group (empty when b is past the split: keeps wait_group's count).
+__device__ __forceinline__ void tg_stage(uint4* wsm, uint4* xsm, const uint4* const (&wrow)[4],
+                                         const elem_t* const (&xrow)[4], int b, bool live, int rows) {
+    if (live) {
+        const int tid = threadIdx.x;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int q = tid + TG_THREADS * j;
+            tg_cp16(wsm + q, wrow[j] + 4 * b);  // channel q >> 2, chunk q & 3
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int q = tid + TG_THREADS * j;
+            if ((q >> 4) < rows) tg_cp16(xsm + q, xrow[j] + b * TG_KB);  // row q >> 4, chunk q & 15
+        }
+    }
+    tg_commit();
+}
+
+// This thread's x chunks of a landed stage, PRMT'd to (x_e, x_e+4) pairs, into `pbuf`.
+__device__ __forceinline__ void tg_permute(const uint4* xsm, uint4* pbuf, int rows) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int q = tid + TG_THREADS * j, row = q >> 4;
+        if (row < rows) {
+            const uint4 v = xsm[q];
+            uint4 p;
+            p.x = __byte_perm(v.x, v.z, 0x5410);  // (x0, x4)
+            p.y = __byte_perm(v.x, v.z, 0x7632);  // (x1, x5)
+            p.z = __byte_perm(v.y, v.w, 0x5410);  // (x2, x6)
+            p.w = __byte_perm(v.y, v.w, 0x7632);  // (x3, x7)
+            pbuf[tg_slot(row, q & 15)] = p;
+        }
+    }
+}
+
+__device__ __forceinline__ void tg_load_chan(const __half* __restrict__ scales, const unsigned char* __restrict__ zeros,
+                                             const int (&chn)[4], int G, int gi, __half (&s)[4], unsigned int (&z)[4]) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        s[e] = __ldg(scales + (long long)chn[e] * G + gi);
+        z[e] = __ldg(zeros + (long long)chn[e] * G + gi);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(TG_THREADS, 1) tiled_gemm(HR_TG_ARGS) {
+    extern __shared__ uint4 tg_smem[];
+    uint4* wring = tg_smem;                         // [TG_STAGES][TG_W_U4]
+    uint4* xring = tg_smem + TG_STAGES * TG_W_U4;   // [TG_STAGES][TG_X_U4]
+    uint4* perm = xring + TG_STAGES * TG_X_U4;      // [2][TG_X_U4]
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int g = lane >> 2, c = lane & 3;
+    const int m0 = blockIdx.x * TG_BM, n0 = blockIdx.y * TG_BN;
+    const int KB = K / TG_KB, G = K / group_size, gq = group_size / 32;
+    const int b0 = blockIdx.z * per, nk = min(KB, b0 + per) - b0;  // the host makes nk >= 1
+    const int rows = min(TG_BM, M - m0);
+    const int used = (rows + 7) >> 3;  // B tiles with a row below M
+    const int srows = 8 * used;        // rows staged
+
+    const uint4* wrow[4];
+    const elem_t* xrow[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int q = tid + TG_THREADS * j;
+        wrow[j] = qw + (long long)min(n0 + (q >> 2), N - 1) * (K / 32) + (q & 3);
+        xrow[j] = x + (long long)min(m0 + (q >> 4), M - 1) * x_stride + 8 * (q & 15);
+    }
+    // The lane's 4 channels: tile a (0, 1) x half h (g, g + 8), e = 2 a + h.
+    int chn[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) chn[e] = min(n0 + 32 * warp + 16 * (e >> 1) + 8 * (e & 1) + g, N - 1);
+    const unsigned int lo = (unsigned int)lo_mask;
+
+#pragma unroll
+    for (int p = 0; p < TG_STAGES - 1; ++p)
+        tg_stage(wring + p * TG_W_U4, xring + p * TG_X_U4, wrow, xrow, b0 + p, p < nk, srows);
+    __half s_cur[4], s_nxt[4];
+    unsigned int z_cur[4], z_nxt[4];
+    tg_load_chan(scales, zeros, chn, G, (4 * b0 + c) / gq, s_cur, z_cur);
+    tg_wait<TG_STAGES - 2>();  // stage 0 (this thread's copies)
+    tg_permute(xring, perm, srows);
+
+    float acc[2][8][4];
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) acc[a][nt][0] = acc[a][nt][1] = acc[a][nt][2] = acc[a][nt][3] = 0.f;
+
+    for (int r = 0; r < nk; ++r) {
+        tg_wait<TG_STAGES - 3>();  // stages r and r + 1 landed (this thread's part)
+        __syncthreads();           // everyone's part; slot (r - 1) % S and perm (r + 1) & 1 free
+        {
+            const int p = r + TG_STAGES - 1, slot = p % TG_STAGES;
+            tg_stage(wring + slot * TG_W_U4, xring + slot * TG_X_U4, wrow, xrow, b0 + p, p < nk, srows);
+        }
+        if (r + 1 < nk) {
+            tg_load_chan(scales, zeros, chn, G, (4 * (b0 + r + 1) + c) / gq, s_nxt, z_nxt);
+            tg_permute(xring + ((r + 1) % TG_STAGES) * TG_X_U4, perm + ((r + 1) & 1) * TG_X_U4, srows);
+        }
+        const uint4* wsm = wring + (r % TG_STAGES) * TG_W_U4 + (32 * warp + g) * 4 + c;
+        uint4 wv[4];  // e = 2 a + h: channel 32 warp + 16 a + 8 h + g, chunk c
+#pragma unroll
+        for (int e = 0; e < 4; ++e) wv[e] = wsm[(16 * (e >> 1) + 8 * (e & 1)) * 4];
+        TgChan t[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) t[e] = tg_chan(s_cur[e], z_cur[e]);
+        const uint4* xs = perm + (r & 1) * TG_X_U4 + g * 16 + 4 * c;
+        const int sw = (c >> 1) | ((g & 1) << 1);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            unsigned int q[4][4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) tg_dequant(tg_word(wv[e], i), t[e], lo, q[e]);
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                if (nt < used) {  // warp-uniform
+                    const uint4 xv = xs[nt * 128 + (i ^ sw)];  // row 8 nt + g: (b00, b01, b10, b11)
+#pragma unroll
+                    for (int a = 0; a < 2; ++a) {
+                        const int l = 2 * a, h = 2 * a + 1;
+                        tg_mma(acc[a][nt], q[l][0], q[h][0], q[l][1], q[h][1], xv);     // t = 0
+                        tg_mma_hi(acc[a][nt], q[l][2], q[h][2], q[l][3], q[h][3], xv);  // t = 1
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            s_cur[e] = s_nxt[e];
+            z_cur[e] = z_nxt[e];
+        }
+    }
+    tg_wait<0>();  // no copy outlives the block
+    // C: acc[a][nt][j] = (channel n0 + 32 warp + 16 a + g + 8 (j >> 1), row m0 + 8 nt + 2 c + (j & 1)).
+    float* part = gridDim.z > 1 ? ws + (long long)blockIdx.z * M * N : nullptr;
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int m = m0 + 8 * nt + 2 * c + (j & 1);
+                const int n = n0 + 32 * warp + 16 * a + g + 8 * (j >> 1);
+                if (nt < used && m < M && n < N) {
+                    if (part)
+                        part[(long long)m * N + n] = acc[a][nt][j];
+                    else
+                        y[m * y_stride + n] = from_f(acc[a][nt][j]);
+                }
+            }
+}
+
+// y [M, N] = sum over s of ws [s, M, N], in split order (deterministic).
+extern "C" __global__ void __launch_bounds__(256) tiled_reduce(const float* __restrict__ ws, elem_t* __restrict__ y,
+                                                                long long y_stride, int M, int N, int S) {
+    const long long total = (long long)M * N;
+    for (long long e = blockIdx.x * 256ll + threadIdx.x; e < total; e += (long long)gridDim.x * 256) {
+        float v = 0.f;
+        for (int s = 0; s < S; ++s) v += ws[s * total + e];
+        const int m = (int)(e / N), n = (int)(e - (long long)m * N);
+        y[m * y_stride + n] = from_f(v);
+    }
+}
