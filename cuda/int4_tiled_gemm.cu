@@ -224,6 +224,39 @@ __device__ __forceinline__ void tg_load_chan(const __half* __restrict__ scales, 
     }
 }
 
+// One k-block of a warp's 32 x 64 tile, NTU of its 8 B tiles live (a template, not a
+// per-tile branch: with `if (nt < used)` ptxas grouped each tile's 8 mma's behind its
+// branch, 2 independent accumulator chains deep; unrolled, 2 NTU chains interleave).
+// wsm: the lane's weights in the stage (channel 32 warp + g, chunk c); xs: its x slots.
+template <int NTU>
+__device__ __forceinline__ void tg_kblock(float (&acc)[2][8][4], const uint4* wsm, const uint4* xs,
+                                          const __half (&s)[4], const unsigned int (&z)[4], int c, int g,
+                                          unsigned int lo) {
+    uint4 wv[4];  // e = 2 a + h: channel 32 warp + 16 a + 8 h + g, chunk c
+#pragma unroll
+    for (int e = 0; e < 4; ++e) wv[e] = wsm[(16 * (e >> 1) + 8 * (e & 1)) * 4];
+    TgChan t[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) t[e] = tg_chan(s[e], z[e]);
+    const int sw = (c >> 1) | ((g & 1) << 1);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        unsigned int q[4][4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tg_dequant(tg_word(wv[e], i), t[e], lo, q[e]);
+#pragma unroll
+        for (int nt = 0; nt < NTU; ++nt) {
+            const uint4 xv = xs[nt * 128 + (i ^ sw)];  // row 8 nt + g: (b00, b01, b10, b11)
+#pragma unroll
+            for (int a = 0; a < 2; ++a) {
+                const int l = 2 * a, h = 2 * a + 1;
+                tg_mma(acc[a][nt], q[l][0], q[h][0], q[l][1], q[h][1], xv);     // t = 0
+                tg_mma_hi(acc[a][nt], q[l][2], q[h][2], q[l][3], q[h][3], xv);  // t = 1
+            }
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(TG_THREADS, 1) tiled_gemm(HR_TG_ARGS) {
     extern __shared__ uint4 tg_smem[];
     uint4* wring = tg_smem;                         // [TG_STAGES][TG_W_U4]
@@ -279,31 +312,16 @@ extern "C" __global__ void __launch_bounds__(TG_THREADS, 1) tiled_gemm(HR_TG_ARG
             tg_permute(xring + ((r + 1) % TG_STAGES) * TG_X_U4, perm + ((r + 1) & 1) * TG_X_U4, srows);
         }
         const uint4* wsm = wring + (r % TG_STAGES) * TG_W_U4 + (32 * warp + g) * 4 + c;
-        uint4 wv[4];  // e = 2 a + h: channel 32 warp + 16 a + 8 h + g, chunk c
-#pragma unroll
-        for (int e = 0; e < 4; ++e) wv[e] = wsm[(16 * (e >> 1) + 8 * (e & 1)) * 4];
-        TgChan t[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) t[e] = tg_chan(s_cur[e], z_cur[e]);
         const uint4* xs = perm + (r & 1) * TG_X_U4 + g * 16 + 4 * c;
-        const int sw = (c >> 1) | ((g & 1) << 1);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            unsigned int q[4][4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) tg_dequant(tg_word(wv[e], i), t[e], lo, q[e]);
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                if (nt < used) {  // warp-uniform
-                    const uint4 xv = xs[nt * 128 + (i ^ sw)];  // row 8 nt + g: (b00, b01, b10, b11)
-#pragma unroll
-                    for (int a = 0; a < 2; ++a) {
-                        const int l = 2 * a, h = 2 * a + 1;
-                        tg_mma(acc[a][nt], q[l][0], q[h][0], q[l][1], q[h][1], xv);     // t = 0
-                        tg_mma_hi(acc[a][nt], q[l][2], q[h][2], q[l][3], q[h][3], xv);  // t = 1
-                    }
-                }
-            }
+        switch (used) {  // block-uniform: each case's mma's unrolled without branches
+            case 1: tg_kblock<1>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 2: tg_kblock<2>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 3: tg_kblock<3>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 4: tg_kblock<4>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 5: tg_kblock<5>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 6: tg_kblock<6>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 7: tg_kblock<7>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            default: tg_kblock<8>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
