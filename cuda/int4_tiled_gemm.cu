@@ -152,33 +152,49 @@ __device__ __forceinline__ unsigned int tg_scale(unsigned int qz, const TgChan& 
 #endif
 }
 
-__device__ __forceinline__ void tg_dequant(unsigned int w, const TgChan& t, unsigned int lo, unsigned int (&q)[4]) {
+// q[s] = round((nibble s - z) scale, (nibble s + 4 - z) scale) of word w as a 16-bit pair;
+// even s with channel constants tl, odd s with th (rows layout: the same channel; stream
+// layout: A registers 1 and 3 are channel g + 8). `lo` is 0x000F000F from a kernel argument
+// (see cuda/int4_mma_gemv.cu's mw_dequant: as a constant ptxas re-makes it before each LOP3).
+__device__ __forceinline__ void tg_dequant2(unsigned int w, const TgChan& tl, const TgChan& th, unsigned int lo,
+                                            unsigned int (&q)[4]) {
 #if HR_BF16
 #pragma unroll
-    for (int s = 0; s < 4; ++s) q[s] = tg_scale(tg_fma2(((w >> (4 * s)) & lo) | TG_MAGIC, TG_ONE, t.zlo), t);
+    for (int s = 0; s < 4; ++s) {
+        const TgChan& t = (s & 1) ? th : tl;
+        q[s] = tg_scale(tg_fma2(((w >> (4 * s)) & lo) | TG_MAGIC, TG_ONE, t.zlo), t);
+    }
 #else
     const unsigned int w8 = w >> 8, hi = lo << 4;
-    q[0] = tg_scale(tg_fma2((w & lo) | TG_MAGIC, TG_ONE, t.zlo), t);
-    q[1] = tg_scale(tg_fma2((w & hi) | TG_MAGIC, TG_SIXTEENTH, t.zhi), t);
-    q[2] = tg_scale(tg_fma2((w8 & lo) | TG_MAGIC, TG_ONE, t.zlo), t);
-    q[3] = tg_scale(tg_fma2((w8 & hi) | TG_MAGIC, TG_SIXTEENTH, t.zhi), t);
+    q[0] = tg_scale(tg_fma2((w & lo) | TG_MAGIC, TG_ONE, tl.zlo), tl);
+    q[1] = tg_scale(tg_fma2((w & hi) | TG_MAGIC, TG_SIXTEENTH, th.zhi), th);
+    q[2] = tg_scale(tg_fma2((w8 & lo) | TG_MAGIC, TG_ONE, tl.zlo), tl);
+    q[3] = tg_scale(tg_fma2((w8 & hi) | TG_MAGIC, TG_SIXTEENTH, th.zhi), th);
 #endif
 }
 
-// The permuted buffer's slot of (row, chunk ch = 4 c + i) (swizzle: header).
+// The permuted buffer's slot of (row, chunk ch = 4 c + i) (rows layout; swizzle: header).
 __device__ __forceinline__ int tg_slot(int row, int ch) {
     const int c = ch >> 2, i = ch & 3;
     return row * 16 + 4 * c + (i ^ ((c >> 1) | ((row & 1) << 1)));
 }
+
+// The stream layout's x slot of (row, chunk ch): no permutation (its B pairs are x's own),
+// chunks of odd rows moved by 4 (64 bytes) so that a quarter-warp's rows g, g + 1 (chunks
+// 4 p + c, c = 0..3) hit 8 bank groups.
+__device__ __forceinline__ int tg_sslot(int row, int ch) { return row * 16 + (ch ^ ((row & 1) << 2)); }
 
 #define HR_TG_ARGS                                                                              \
     const elem_t *__restrict__ x, long long x_stride, const uint4 *__restrict__ qw,          \
         const __half *__restrict__ scales, const unsigned char *__restrict__ zeros,             \
         elem_t *__restrict__ y, long long y_stride, int N, int K, int group_size, int M,       \
         int per, float *__restrict__ ws, int lo_mask
+#define HR_TG_PASS x, x_stride, qw, scales, zeros, y, y_stride, N, K, group_size, M, per, ws, lo_mask
 
 // Stage k-block b's weights and x rows (rows 0 .. rows - 1 of this block) into ring slot
 // `slot`, one commit group (empty when b is past the split: keeps wait_group's count).
+// wstep: uint4 between a weight row pointer's k-blocks (rows layout 4, stream 64).
+template <bool STREAM>
 __device__ __forceinline__ void tg_stage(uint4* wsm, uint4* xsm, const uint4* const (&wrow)[4],
                                          const elem_t* const (&xrow)[4], int b, bool live, int rows) {
     if (live) {
@@ -186,12 +202,13 @@ __device__ __forceinline__ void tg_stage(uint4* wsm, uint4* xsm, const uint4* co
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int q = tid + TG_THREADS * j;
-            tg_cp16(wsm + q, wrow[j] + 4 * b);  // channel q >> 2, chunk q & 3
+            // rows: channel q >> 2, chunk q & 3; stream: tile q >> 6, uint4 q & 63 of its unit
+            tg_cp16(wsm + q, wrow[j] + (STREAM ? 64 : 4) * b);
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int q = tid + TG_THREADS * j;
-            if ((q >> 4) < rows) tg_cp16(xsm + q, xrow[j] + b * TG_KB);  // row q >> 4, chunk q & 15
+            const int q = tid + TG_THREADS * j, row = q >> 4;
+            if (row < rows) tg_cp16(xsm + (STREAM ? tg_sslot(row, q & 15) : q), xrow[j] + b * TG_KB);
         }
     }
     tg_commit();
@@ -215,57 +232,95 @@ __device__ __forceinline__ void tg_permute(const uint4* xsm, uint4* pbuf, int ro
     }
 }
 
+// The lane's scales and zeros for k-block b: rows layout, one group a channel (its inputs
+// 32 c .. + 31: group (4 b + c) / (group_size / 32)); stream, one a channel and vector j
+// (inputs 64 j .. + 63: group (2 b + j) / (group_size / 64)). Index e + 4 j.
+template <bool STREAM>
 __device__ __forceinline__ void tg_load_chan(const __half* __restrict__ scales, const unsigned char* __restrict__ zeros,
-                                             const int (&chn)[4], int G, int gi, __half (&s)[4], unsigned int (&z)[4]) {
+                                             const int (&chn)[4], int G, int b, int c, int group_size,
+                                             __half (&s)[8], unsigned int (&z)[8]) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        s[e] = __ldg(scales + (long long)chn[e] * G + gi);
-        z[e] = __ldg(zeros + (long long)chn[e] * G + gi);
+    for (int j = 0; j < (STREAM ? 2 : 1); ++j) {
+        const int gi = STREAM ? (2 * b + j) / (group_size / 64) : (4 * b + c) / (group_size / 32);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            s[e + 4 * j] = __ldg(scales + (long long)chn[e] * G + gi);
+            z[e + 4 * j] = __ldg(zeros + (long long)chn[e] * G + gi);
+        }
     }
 }
 
 // One k-block of a warp's 32 x 64 tile, NTU of its 8 B tiles live (a template, not a
 // per-tile branch: with `if (nt < used)` ptxas grouped each tile's 8 mma's behind its
 // branch, 2 independent accumulator chains deep; unrolled, 2 NTU chains interleave).
-// wsm: the lane's weights in the stage (channel 32 warp + g, chunk c); xs: its x slots.
-template <int NTU>
+// Rows layout: wsm = the lane's weights in the stage (channel 32 warp + g, chunk c), xs = its
+// permuted x slots (row g, run c). Stream: wsm = lane L of the warp's first unit, xs = row g.
+template <int NTU, bool STREAM>
 __device__ __forceinline__ void tg_kblock(float (&acc)[2][8][4], const uint4* wsm, const uint4* xs,
-                                          const __half (&s)[4], const unsigned int (&z)[4], int c, int g,
+                                          const __half (&s)[8], const unsigned int (&z)[8], int c, int g,
                                           unsigned int lo) {
-    uint4 wv[4];  // e = 2 a + h: channel 32 warp + 16 a + 8 h + g, chunk c
+    uint4 wv[4];
+    TgChan t[8];
+    if (!STREAM) {
+#pragma unroll  // e = 2 a + h: channel 32 warp + 16 a + 8 h + g, chunk c
+        for (int e = 0; e < 4; ++e) wv[e] = wsm[(16 * (e >> 1) + 8 * (e & 1)) * 4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) wv[e] = wsm[(16 * (e >> 1) + 8 * (e & 1)) * 4];
-    TgChan t[4];
+        for (int e = 0; e < 4; ++e) t[e] = tg_chan(s[e], z[e]);
+        const int sw = (c >> 1) | ((g & 1) << 1);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) t[e] = tg_chan(s[e], z[e]);
-    const int sw = (c >> 1) | ((g & 1) << 1);
+        for (int i = 0; i < 4; ++i) {
+            unsigned int q[4][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        unsigned int q[4][4];
+            for (int e = 0; e < 4; ++e) tg_dequant2(tg_word(wv[e], i), t[e], t[e], lo, q[e]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) tg_dequant(tg_word(wv[e], i), t[e], lo, q[e]);
+            for (int nt = 0; nt < NTU; ++nt) {
+                const uint4 xv = xs[nt * 128 + (i ^ sw)];  // row 8 nt + g: (b00, b01, b10, b11)
 #pragma unroll
-        for (int nt = 0; nt < NTU; ++nt) {
-            const uint4 xv = xs[nt * 128 + (i ^ sw)];  // row 8 nt + g: (b00, b01, b10, b11)
+                for (int a = 0; a < 2; ++a) {
+                    const int l = 2 * a, h = 2 * a + 1;
+                    tg_mma(acc[a][nt], q[l][0], q[h][0], q[l][1], q[h][1], xv);     // t = 0
+                    tg_mma_hi(acc[a][nt], q[l][2], q[h][2], q[l][3], q[h][3], xv);  // t = 1
+                }
+            }
+        }
+    } else {
+#pragma unroll  // 2 a + j: tile 2 warp + a, vector j (k-steps 4 j .. 4 j + 3)
+        for (int v = 0; v < 4; ++v) wv[v] = wsm[64 * (v >> 1) + 32 * (v & 1)];
 #pragma unroll
-            for (int a = 0; a < 2; ++a) {
-                const int l = 2 * a, h = 2 * a + 1;
-                tg_mma(acc[a][nt], q[l][0], q[h][0], q[l][1], q[h][1], xv);     // t = 0
-                tg_mma_hi(acc[a][nt], q[l][2], q[h][2], q[l][3], q[h][3], xv);  // t = 1
+        for (int e = 0; e < 8; ++e) t[e] = tg_chan(s[e], z[e]);
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {  // k-steps 2 p, 2 p + 1: word 2 (p & 1) + u of vector p >> 1
+            const int j = p >> 1;
+            unsigned int q[2][2][4];  // [a][u]
+#pragma unroll
+            for (int a = 0; a < 2; ++a)
+#pragma unroll
+                for (int u = 0; u < 2; ++u)
+                    tg_dequant2(tg_word(wv[2 * a + j], 2 * (p & 1) + u), t[2 * a + 4 * j], t[2 * a + 1 + 4 * j], lo,
+                                q[a][u]);
+#pragma unroll
+            for (int nt = 0; nt < NTU; ++nt) {
+                const uint4 xv = xs[nt * 128 + ((4 * p + c) ^ ((g & 1) << 2))];  // inputs 32 p + 8 c ..
+#pragma unroll
+                for (int a = 0; a < 2; ++a) {
+                    tg_mma(acc[a][nt], q[a][0][0], q[a][0][1], q[a][0][2], q[a][0][3], xv);     // k-step 2 p
+                    tg_mma_hi(acc[a][nt], q[a][1][0], q[a][1][1], q[a][1][2], q[a][1][3], xv);  // 2 p + 1
+                }
             }
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(TG_THREADS, 1) tiled_gemm(HR_TG_ARGS) {
+template <bool STREAM>
+__device__ __forceinline__ void tiled_body(HR_TG_ARGS) {
     extern __shared__ uint4 tg_smem[];
     uint4* wring = tg_smem;                         // [TG_STAGES][TG_W_U4]
     uint4* xring = tg_smem + TG_STAGES * TG_W_U4;   // [TG_STAGES][TG_X_U4]
-    uint4* perm = xring + TG_STAGES * TG_X_U4;      // [2][TG_X_U4]
+    uint4* perm = xring + TG_STAGES * TG_X_U4;      // [2][TG_X_U4] (rows layout only)
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int g = lane >> 2, c = lane & 3;
     const int m0 = blockIdx.x * TG_BM, n0 = blockIdx.y * TG_BN;
-    const int KB = K / TG_KB, G = K / group_size, gq = group_size / 32;
+    const int KB = K / TG_KB, G = K / group_size;
     const int b0 = blockIdx.z * per, nk = min(KB, b0 + per) - b0;  // the host makes nk >= 1
     const int rows = min(TG_BM, M - m0);
     const int used = (rows + 7) >> 3;  // B tiles with a row below M
@@ -276,7 +331,10 @@ extern "C" __global__ void __launch_bounds__(TG_THREADS, 1) tiled_gemm(HR_TG_ARG
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int q = tid + TG_THREADS * j;
-        wrow[j] = qw + (long long)min(n0 + (q >> 2), N - 1) * (K / 32) + (q & 3);
+        if (STREAM)  // unit (tile, 0) of tile n0 / 16 + (q >> 6), uint4 q & 63 (N % 16 == 0)
+            wrow[j] = qw + 64ll * min(n0 / 16 + (q >> 6), N / 16 - 1) * KB + (q & 63);
+        else
+            wrow[j] = qw + (long long)min(n0 + (q >> 2), N - 1) * (K / 32) + (q & 3);
         xrow[j] = x + (long long)min(m0 + (q >> 4), M - 1) * x_stride + 8 * (q & 15);
     }
     // The lane's 4 channels: tile a (0, 1) x half h (g, g + 8), e = 2 a + h.
@@ -287,12 +345,14 @@ extern "C" __global__ void __launch_bounds__(TG_THREADS, 1) tiled_gemm(HR_TG_ARG
 
 #pragma unroll
     for (int p = 0; p < TG_STAGES - 1; ++p)
-        tg_stage(wring + p * TG_W_U4, xring + p * TG_X_U4, wrow, xrow, b0 + p, p < nk, srows);
-    __half s_cur[4], s_nxt[4];
-    unsigned int z_cur[4], z_nxt[4];
-    tg_load_chan(scales, zeros, chn, G, (4 * b0 + c) / gq, s_cur, z_cur);
-    tg_wait<TG_STAGES - 2>();  // stage 0 (this thread's copies)
-    tg_permute(xring, perm, srows);
+        tg_stage<STREAM>(wring + p * TG_W_U4, xring + p * TG_X_U4, wrow, xrow, b0 + p, p < nk, srows);
+    __half s_cur[8], s_nxt[8];
+    unsigned int z_cur[8], z_nxt[8];
+    tg_load_chan<STREAM>(scales, zeros, chn, G, b0, c, group_size, s_cur, z_cur);
+    if (!STREAM) {
+        tg_wait<TG_STAGES - 2>();  // stage 0 (this thread's copies)
+        tg_permute(xring, perm, srows);
+    }
 
     float acc[2][8][4];
 #pragma unroll
@@ -301,30 +361,37 @@ extern "C" __global__ void __launch_bounds__(TG_THREADS, 1) tiled_gemm(HR_TG_ARG
         for (int nt = 0; nt < 8; ++nt) acc[a][nt][0] = acc[a][nt][1] = acc[a][nt][2] = acc[a][nt][3] = 0.f;
 
     for (int r = 0; r < nk; ++r) {
-        tg_wait<TG_STAGES - 3>();  // stages r and r + 1 landed (this thread's part)
-        __syncthreads();           // everyone's part; slot (r - 1) % S and perm (r + 1) & 1 free
+        // rows layout: stages r and r + 1 landed (r + 1 is permuted below); stream: stage r
+        if (STREAM)
+            tg_wait<TG_STAGES - 2>();
+        else
+            tg_wait<TG_STAGES - 3>();
+        __syncthreads();  // everyone's part; slot (r - 1) % S (and perm (r + 1) & 1) free
         {
             const int p = r + TG_STAGES - 1, slot = p % TG_STAGES;
-            tg_stage(wring + slot * TG_W_U4, xring + slot * TG_X_U4, wrow, xrow, b0 + p, p < nk, srows);
+            tg_stage<STREAM>(wring + slot * TG_W_U4, xring + slot * TG_X_U4, wrow, xrow, b0 + p, p < nk, srows);
         }
         if (r + 1 < nk) {
-            tg_load_chan(scales, zeros, chn, G, (4 * (b0 + r + 1) + c) / gq, s_nxt, z_nxt);
-            tg_permute(xring + ((r + 1) % TG_STAGES) * TG_X_U4, perm + ((r + 1) & 1) * TG_X_U4, srows);
+            tg_load_chan<STREAM>(scales, zeros, chn, G, b0 + r + 1, c, group_size, s_nxt, z_nxt);
+            if (!STREAM)
+                tg_permute(xring + ((r + 1) % TG_STAGES) * TG_X_U4, perm + ((r + 1) & 1) * TG_X_U4, srows);
         }
-        const uint4* wsm = wring + (r % TG_STAGES) * TG_W_U4 + (32 * warp + g) * 4 + c;
-        const uint4* xs = perm + (r & 1) * TG_X_U4 + g * 16 + 4 * c;
+        const uint4* wsm = wring + (r % TG_STAGES) * TG_W_U4 +
+                           (STREAM ? 2 * warp * 64 + lane : (32 * warp + g) * 4 + c);
+        const uint4* xs = STREAM ? xring + (r % TG_STAGES) * TG_X_U4 + g * 16
+                                 : perm + (r & 1) * TG_X_U4 + g * 16 + 4 * c;
         switch (used) {  // block-uniform: each case's mma's unrolled without branches
-            case 1: tg_kblock<1>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
-            case 2: tg_kblock<2>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
-            case 3: tg_kblock<3>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
-            case 4: tg_kblock<4>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
-            case 5: tg_kblock<5>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
-            case 6: tg_kblock<6>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
-            case 7: tg_kblock<7>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
-            default: tg_kblock<8>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 1: tg_kblock<1, STREAM>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 2: tg_kblock<2, STREAM>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 3: tg_kblock<3, STREAM>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 4: tg_kblock<4, STREAM>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 5: tg_kblock<5, STREAM>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 6: tg_kblock<6, STREAM>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            case 7: tg_kblock<7, STREAM>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
+            default: tg_kblock<8, STREAM>(acc, wsm, xs, s_cur, z_cur, c, g, lo); break;
         }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < 8; ++e) {
             s_cur[e] = s_nxt[e];
             z_cur[e] = z_nxt[e];
         }
@@ -347,6 +414,12 @@ extern "C" __global__ void __launch_bounds__(TG_THREADS, 1) tiled_gemm(HR_TG_ARG
                         y[m * y_stride + n] = from_f(acc[a][nt][j]);
                 }
             }
+}
+
+// tiled_gemm: the rows layout; tiled_gemm_stream: the stream layout (cuda/int4_v4_gemv.cu).
+extern "C" __global__ void __launch_bounds__(TG_THREADS, 1) tiled_gemm(HR_TG_ARGS) { tiled_body<false>(HR_TG_PASS); }
+extern "C" __global__ void __launch_bounds__(TG_THREADS, 1) tiled_gemm_stream(HR_TG_ARGS) {
+    tiled_body<true>(HR_TG_PASS);
 }
 
 // y [M, N] = sum over s of ws [s, M, N], in split order (deterministic).

@@ -1,4 +1,4 @@
-"""The tiled W4A16 GEMM (cuda/int4_tiled_gemm.cu, issue 14) on the rows layout: 33..512 rows
+"""The tiled W4A16 GEMM (cuda/int4_tiled_gemm.cu, issue 14) on the rows and stream layouts: 33..512 rows
 of x, where the skinny kernel (a 16-channel warp tile) loses to dequantize + cuBLAS. The .cu
 header counts it out: warp tiles of 32 channels x 64 rows, blocks of 256 channels x 64 rows
 (blockIdx.x the row block), weights and x through a cp.async ring, the scale folded into the
@@ -10,8 +10,14 @@ The split rule (`choose_splits`), by reasoning until the GPU says otherwise: one
 the smallest S (1..16) with B S >= 0.8 SMs, at least 4 k-blocks a split; then S is trimmed
 so no split is empty. The reduction reads S x M x N fp32 (small: only small grids split).
 Needs K % 128 == 0 and group_size % 32 == 0 (and K % group_size == 0); else `supported` is
-False and int4_linear keeps its old path. The stream layout is not read here (its weights
-keep their own path: cuda/int4_v4_gemv.py).
+False and int4_linear keeps its old path.
+
+The stream layout (cuda/int4_v4_gemv.py: the loader's pick for weights up to
+HEADRACE_INT4_STREAM_MAX, all of 8B's) has its own entry, tiled_gemm_stream: the same block,
+ring and warp tile; a stage copies the block's 16 units (1 KB each, contiguous); its input map
+already pairs x as mma's B wants (no permute pass: B is read from the staged x, swizzled by
+row parity), and A registers 1 and 3 are channel g + 8 (dequant2's second constants).
+Needs what the layout needs (N % 16 == 0, power-of-two groups >= 64).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 
 from cuda import compiler
+from cuda import int4_v4_gemv as v4
 from cuda.int4_args import ptr, weight_args
 
 SOURCE_PATH = Path(__file__).with_name("int4_tiled_gemm.cu")
@@ -36,14 +43,24 @@ MAX_SPLITS = 16
 MIN_KBLOCKS = 4  # k-blocks a split at least
 SMS = 132  # H200; `plan` takes the real count
 LO_MASK = 0x000F000F  # an argument, not a constant (see cuda/int4_mma_gemv.cu's mw_dequant)
-KERNELS = ("tiled_gemm", "tiled_reduce")
+KERNELS = ("tiled_gemm", "tiled_gemm_stream", "tiled_reduce")
 REDUCE_THREADS = 256
 
 _source: str | None = None
 
 
-def supported(n: int, k: int, group_size: int) -> bool:
-    return n > 0 and k % KB == 0 and group_size % 32 == 0 and k % group_size == 0
+def supported(n: int, k: int, group_size: int, layout: str = "rows") -> bool:
+    """rows: K % 128 == 0, group_size % 32 == 0 dividing K; stream: what the layout itself
+    takes (N % 16 == 0, a power-of-two group >= 64: a vector's 64 inputs in one group)."""
+    if layout == "stream":
+        return v4.supported(n, k, group_size)
+    return (
+        layout == "rows" and n > 0 and k % KB == 0 and group_size % 32 == 0 and k % group_size == 0
+    )
+
+
+def kernel_name(layout: str) -> str:
+    return "tiled_gemm_stream" if layout == "stream" else "tiled_gemm"
 
 
 def grid_blocks(n: int, m: int) -> tuple[int, int]:
@@ -107,8 +124,8 @@ def _device_index(device: torch.device) -> int:
 
 
 def gemm(x: torch.Tensor, w: object, y: torch.Tensor, splits: int | None = None) -> None:
-    """y [M, N] = x [M, K] W^T on the GPU (w: rows layout, no perm, `supported`; x rows
-    16-byte aligned); `splits` overrides the rule's S (tests, the bench)."""
+    """y [M, N] = x [M, K] W^T on the GPU (w: rows or stream layout, no perm, `supported`;
+    x rows 16-byte aligned); `splits` overrides the rule's S (tests, the bench)."""
     m = x.shape[0]
     if m < 1:
         raise ValueError("x has no rows")
@@ -119,7 +136,7 @@ def gemm(x: torch.Tensor, w: object, y: torch.Tensor, splits: int | None = None)
         s = -(-(k // KB) // per)
     mb, nb = grid_blocks(n, m)
     ws = torch.empty(s, m, n, dtype=torch.float32, device=x.device) if s > 1 else None
-    kernel = _kernel(x.dtype, "tiled_gemm")
+    kernel = _kernel(x.dtype, kernel_name(w.layout))  # type: ignore[attr-defined]
     compiler.allow_shared_memory(kernel, SHMEM, _device_index(x.device))
     args = launch_args(x, w, y, per, ptr(ws) if ws is not None else 0)
     compiler.launch(kernel, (mb, nb, s), THREADS, *args, shmem=SHMEM)

@@ -48,6 +48,23 @@ def permuted_stage(xw: np.ndarray, m: int, m0: int, b: int, srows: int) -> np.nd
     return buf
 
 
+def sslot(row: np.ndarray, ch: np.ndarray) -> np.ndarray:
+    """tg_sslot: the stream variant's x slot of (row, chunk ch), unpermuted."""
+    return row * 16 + (ch ^ ((row & 1) << 2))
+
+
+def raw_stage(xw: np.ndarray, m: int, m0: int, b: int, srows: int) -> np.ndarray:
+    """What tg_stage<stream> leaves in an x slot for k-block b of the row block at m0:
+    uint32 [1024 slots, 4], the raw chunks at `sslot`, slots not written NaN pairs."""
+    buf = np.full((tg.BM * 16, 4), 0xFFFFFFFF, dtype=np.uint32)
+    q = np.arange(tg.THREADS * 4)
+    row, ch = q >> 4, q & 15
+    row, ch = row[row < srows], ch[row < srows]
+    first = (b * tg.KB + 8 * ch) // 2
+    buf[sslot(row, ch)] = xw[np.minimum(m0 + row, m - 1)[:, None], first[:, None] + np.arange(4)]
+    return buf
+
+
 def chan_consts(s: np.ndarray, z: np.ndarray, dtype: torch.dtype) -> tuple:
     """tg_chan: (zlo, zhi, s_hi pair, s_lo pair) as uint32 bit patterns, per lane."""
     zlo, zhi = zero_consts(z, dtype)
@@ -63,33 +80,40 @@ def chan_consts(s: np.ndarray, z: np.ndarray, dtype: torch.dtype) -> tuple:
     return zlo, zhi, hb | (hb << 16), lb | (lb << 16)
 
 
-def dequant(w: np.ndarray, consts: tuple, dtype: torch.dtype) -> list[np.ndarray]:
-    """tg_dequant: q[s] = round((nibble s - z) scale, (nibble s + 4 - z) scale), uint32."""
-    zlo, zhi, s_hi, s_lo = consts
+def dequant(
+    w: np.ndarray, consts: tuple, dtype: torch.dtype, odd: tuple | None = None
+) -> list[np.ndarray]:
+    """tg_dequant2: q[s] = round((nibble s - z) scale, (nibble s + 4 - z) scale), uint32;
+    odd s with `odd`'s constants where given (the stream layout's channel g + 8)."""
     magic, one = MAGIC[dtype], ONE[dtype]
     neg0 = np.full_like(w, NEG0)
+    per_s = [consts, odd or consts, consts, odd or consts]
 
-    def scale(qz: np.ndarray) -> np.ndarray:
+    def scale(qz: np.ndarray, k: tuple) -> np.ndarray:
         if dtype == torch.bfloat16:
-            return fma2(qz, s_hi, fma2(qz, s_lo, neg0, dtype), dtype)
-        return fma2(qz, s_hi, neg0, dtype)
+            return fma2(qz, k[2], fma2(qz, k[3], neg0, dtype), dtype)
+        return fma2(qz, k[2], neg0, dtype)
 
     if dtype == torch.bfloat16:
         return [
-            scale(fma2(((w >> (4 * s)) & 0x000F000F) | magic, one, zlo, dtype)) for s in range(4)
+            scale(fma2(((w >> (4 * s)) & 0x000F000F) | magic, one, per_s[s][0], dtype), per_s[s])
+            for s in range(4)
         ]
     w8 = w >> 8
+    k0, k1, k2, k3 = per_s
     return [
-        scale(fma2((w & 0x000F000F) | magic, one, zlo, dtype)),
-        scale(fma2((w & 0x00F000F0) | magic, SIXTEENTH, zhi, dtype)),
-        scale(fma2((w8 & 0x000F000F) | magic, one, zlo, dtype)),
-        scale(fma2((w8 & 0x00F000F0) | magic, SIXTEENTH, zhi, dtype)),
+        scale(fma2((w & 0x000F000F) | magic, one, k0[0], dtype), k0),
+        scale(fma2((w & 0x00F000F0) | magic, SIXTEENTH, k1[1], dtype), k1),
+        scale(fma2((w8 & 0x000F000F) | magic, one, k2[0], dtype), k2),
+        scale(fma2((w8 & 0x00F000F0) | magic, SIXTEENTH, k3[1], dtype), k3),
     ]
 
 
 def emulate(x: torch.Tensor, w: Int4Weight, splits: int | None = None) -> np.ndarray:
-    """y [M, N] (float64, NaN where not written) as `tg.gemm` computes it: the rule's splits
-    or `splits`' (as gemm trims them), each split's partials summed in split order."""
+    """y [M, N] (float64, NaN where not written) as `tg.gemm` computes it on w's layout
+    (rows or stream): the rule's splits or `splits`' (as gemm trims them), each split's
+    partials summed in split order."""
+    stream = w.layout == "stream"
     dtype, (m, k), n = x.dtype, x.shape, w.out_features
     kb = k // tg.KB
     s_count, per = tg.choose_splits(n, k, m)
@@ -109,7 +133,8 @@ def emulate(x: torch.Tensor, w: Int4Weight, splits: int | None = None) -> np.nda
         for z in range(s_count):
             b0, b1 = z * per, min(kb, z * per + per)
             assert b1 > b0, "an empty split"
-            bufs = {b: permuted_stage(xw, m, m0, b, 8 * used) for b in range(b0, b1)}
+            stage = raw_stage if stream else permuted_stage
+            bufs = {b: stage(xw, m, m0, b, 8 * used) for b in range(b0, b1)}
             for by in range(nb):
                 n0 = by * tg.BN
                 for warp in range(tg.THREADS // 32):
@@ -119,6 +144,9 @@ def emulate(x: torch.Tensor, w: Int4Weight, splits: int | None = None) -> np.nda
                     ]
                     acc = np.zeros((2, 8, 32, 4))
                     for b in range(b0, b1):
+                        if stream:
+                            stream_kblock(acc, qw, bufs[b], b, n0, warp, chn, w, dtype, used)
+                            continue
                         gi = (4 * b + C) // gq
                         words = 4 * (4 * b + C)[:, None] + np.arange(4)  # uint4 4 b + c
                         wv = [qw[chn[e][:, None], words] for e in range(4)]
@@ -160,3 +188,42 @@ def emulate(x: torch.Tensor, w: Int4Weight, splits: int | None = None) -> np.nda
         y += parts[z]
     y[~written] = np.nan
     return y
+
+
+def stream_kblock(
+    acc: np.ndarray,
+    qw: np.ndarray,
+    buf: np.ndarray,
+    b: int,
+    n0: int,
+    warp: int,
+    chn: list[np.ndarray],
+    w: Int4Weight,
+    dtype: torch.dtype,
+    used: int,
+) -> None:
+    """tg_kblock<NTU, stream>: lane L's vectors j of units (tile 2 warp + a, k-block b), A
+    registers 1 and 3 with channel g + 8's constants, B straight from the staged x."""
+    kb, n = w.in_features // tg.KB, w.out_features
+    flat = qw.reshape(-1, 4)  # uint4 rows of the stream layout
+    scales, zeros, gq = w.scales.numpy(), w.zeros.numpy(), w.group_size // 64
+    for a in range(2):
+        tile = min(n0 // 16 + 2 * warp + a, n // 16 - 1)
+        unit = 64 * (tile * kb + b)
+        consts = []
+        for j in range(2):
+            gi = (2 * b + j) // gq
+            lo_c = chan_consts(scales[chn[2 * a], gi], zeros[chn[2 * a], gi], dtype)
+            hi_c = chan_consts(scales[chn[2 * a + 1], gi], zeros[chn[2 * a + 1], gi], dtype)
+            consts.append((lo_c, hi_c))
+        for p in range(4):
+            j = p >> 1
+            vec = flat[unit + 32 * j + np.arange(32)]  # [lane, 4 words]
+            q = [
+                dequant(vec[:, 2 * (p & 1) + u], consts[j][0], dtype, consts[j][1])
+                for u in range(2)
+            ]
+            for nt in range(used):
+                xv = buf[nt * 128 + G * 16 + ((4 * p + C) ^ ((G & 1) << 2))]
+                mma(acc[a, nt], q[0], [xv[:, 0], xv[:, 1]], dtype)
+                mma(acc[a, nt], q[1], [xv[:, 2], xv[:, 3]], dtype)

@@ -1,4 +1,4 @@
-"""The tiled W4A16 GEMM (cuda/int4_tiled_gemm.cu, issue 14) on CPU: its scale-folded
+"""The tiled W4A16 GEMM (cuda/int4_tiled_gemm.cu, issue 14; rows and stream layouts) on CPU: its scale-folded
 dequantization bit for bit against the reference's rounding, its fragment math, staging and
 K splits emulated lane by lane against the reference on awkward shapes, the split rule,
 launch arguments, int4_linear's dispatch and HEADRACE_INT4_TILED_MAX. The sm_90 compile
@@ -95,6 +95,8 @@ def test_source_has_the_emulated_swizzle() -> None:
     assert "row * 16 + 4 * c + (i ^ ((c >> 1) | ((row & 1) << 1)))" in text
     assert "const int sw = (c >> 1) | ((g & 1) << 1);" in text
     assert f"#define TG_STAGES {tg.STAGES}" in text
+    assert "return row * 16 + (ch ^ ((row & 1) << 2));" in text  # the stream layout's
+    assert "xs[nt * 128 + ((4 * p + c) ^ ((g & 1) << 2))]" in text
 
 
 def test_split_rule_on_llama_shapes() -> None:
@@ -243,13 +245,58 @@ def test_group_64_and_odd_k(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not tg.supported(64, 576, 576) and not tg.supported(64, 512, 48)
 
 
-def test_stream_and_tiles_layouts_keep_their_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stream_layout_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream layout: 33..TILED_MAX rows run tiled_gemm_stream (skinny keeps 17..32),
+    off by default; groups of 64 too."""
+    monkeypatch.setattr(ig, "GEMV_IMPL", "v4")
+    monkeypatch.setattr(ig, "SKINNY_MIN_ROWS", 17)
+    monkeypatch.setattr(ig, "SKINNY_MAX_ROWS", 32)
+    run = _runner(monkeypatch, weight(4096, 1024, 64, seed=6).as_stream())
+    monkeypatch.setattr(ig, "TILED_MAX_ROWS", 0)
+    assert run(64) == ["dequant"]
+    monkeypatch.setattr(ig, "TILED_MAX_ROWS", 512)
+    assert run(32) == ["v4_skinny_t2_w4_n4"]
+    assert run(33) == ["tiled_gemm_stream", "tiled_reduce"]  # 16 blocks x 2 splits of 4
+    assert tg.choose_splits(4096, 1024, 33) == (2, 4)
+    assert run(512) == ["tiled_gemm_stream"]  # 8 x 16 blocks: no split
+    assert run(513) == ["dequant"]
+
+
+def test_tiles_layout_keeps_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ig, "TILED_MAX_ROWS", 512)
     monkeypatch.setattr(ig, "GEMV_IMPL", "v4")
-    monkeypatch.setattr(ig, "SKINNY_MAX_ROWS", 32)
-    monkeypatch.setattr(tg, "gemm", lambda *a, **k: pytest.fail("tiled on a stream/tiles weight"))
-    assert _runner(monkeypatch, weight(4096, 1024, 128, seed=6).as_stream())(64) == ["dequant"]
+    monkeypatch.setattr(tg, "gemm", lambda *a, **k: pytest.fail("tiled on a tiles weight"))
     assert _runner(monkeypatch, weight(64, 512, 128, seed=6).as_tiles())(64) == ["dequant"]
+    assert not tg.supported(64, 512, 128, "tiles") and not tg.supported(40, 512, 128, "stream")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "group_size", "splits"),
+    [
+        (33, 48, 256, 128, None),  # 3 tiles of 16 (warp 1 has one; 13 tiles past N)
+        (70, 304, 384, 64, 3),  # 2 row blocks; 2 channel blocks (the second: 3 tiles); groups of 64
+        (100, 32, 512, 512, 2),  # one group
+    ],
+)
+def test_emulated_stream_equals_reference(
+    dtype: torch.dtype, m: int, n: int, k: int, group_size: int, splits: int | None
+) -> None:
+    w = weight(n, k, group_size, seed=m + n, zmax=16).as_stream()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    got = em.emulate(x, w, splits)
+    assert not np.isnan(got).any(), "an output element was not written (or NaN x was read)"
+    ref = _rounded_ref(x, w)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_stream_emulation_catches_a_wrong_swizzle(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = weight(32, 256, 128, seed=2).as_stream()
+    x = torch.randn(16, 256).to(torch.bfloat16)
+    ref = _rounded_ref(x, w)
+    monkeypatch.setattr(em, "sslot", lambda row, ch: row * 16 + ch)  # the reader keeps it
+    got = em.emulate(x, w)
+    assert np.isnan(got).any() or not np.allclose(got, ref, rtol=1e-3)
 
 
 def test_env_switch() -> None:
