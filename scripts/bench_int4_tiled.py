@@ -6,10 +6,9 @@ line a shape x M, CUDA-graph replays with L2 flushed before each (mean us), effe
 (the weight's own bytes over the time) and tiled's speedup over today and over cuBLAS bf16; at
 M = 64 also tiled with each forced K split (the split rule's check).
 
-today and skinny run in the layout the loader gives the shape by default (stream up to
-HEADRACE_INT4_STREAM_MAX weights: 8B's, 70B's qkv and o; rows: 70B's gate_up and down);
-tiled reads the rows layout only, so it runs on a rows copy of the same weight (the line
-says "tiled[rows]" where that differs). <= 60 s on an H200.
+Every path runs in the layout the loader gives the shape by default (stream up to
+HEADRACE_INT4_STREAM_MAX weights: 8B's, 70B's qkv and o; rows: 70B's gate_up and down;
+tiled has a kernel for each). <= 60 s on an H200.
 
     python scripts/bench_int4_tiled.py [--shapes 70b.gate_up ...] [--rows 64 256 ...]
         [--output-json F]
@@ -78,8 +77,8 @@ def default_layout(n: int, k: int, group_size: int) -> str:
 def shape_rows(name: str, rows: tuple[int, ...], group_size: int) -> list[dict]:
     n, k = SHAPES[name]
     layout = default_layout(n, k, group_size)
-    wr = random_weight(n, k, group_size)
-    w = wr.as_stream() if layout == "stream" else wr
+    w = random_weight(n, k, group_size)
+    w = w.as_stream() if layout == "stream" else w
     q_bytes = w.qw.numel() * 4 + w.scales.numel() * 2 + w.zeros.numel()
     wb = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE)
     scratch = torch.empty(n, k, dtype=torch.bfloat16, device=DEVICE)  # as the model passes one
@@ -92,7 +91,7 @@ def shape_rows(name: str, rows: tuple[int, ...], group_size: int) -> list[dict]:
         calls: dict[str, Callable[[], object]] = {
             "today": on_path("today", partial(ig.int4_linear, xm, w, scratch, ym)),
             "skinny": on_path("skinny", partial(ig.int4_linear, xm, w, scratch, ym)),
-            "tiled": on_path("tiled", partial(ig.int4_linear, xm, wr, scratch, ym)),
+            "tiled": on_path("tiled", partial(ig.int4_linear, xm, w, scratch, ym)),
             "cublas_bf16": partial(torch.nn.functional.linear, xm, wb),
         }
         us = {lb: timed(graphed(fn), ITERS) * 1e6 for lb, fn in calls.items()}
@@ -114,23 +113,22 @@ def shape_rows(name: str, rows: tuple[int, ...], group_size: int) -> list[dict]:
         )
         if m == SPLIT_ROWS:  # every forced split at one row count: the rule's check
             out[-1]["splits_us"] = {
-                f"S{s}": timed(graphed(partial(tg.gemm, xm, wr, ym, s)), ITERS) * 1e6
+                f"S{s}": timed(graphed(partial(tg.gemm, xm, w, ym, s)), ITERS) * 1e6
                 for s in SPLITS
                 if s <= k // tg.KB
             }
-    del w, wr, wb, scratch
+    del w, wb, scratch
     return out
 
 
 def summary(r: dict) -> str:
     us, tb = r["graph_us"], r["tb_s"]
-    where = "tiled" if r["layout"] == "rows" else "tiled[rows]"
     line = " | ".join(
         [
             f"{r['shape']:11s} {r['layout']:6s} M={r['m']:<3d}",
             f"today[{r['today']}] {us['today']:7.1f}us {tb['today']:4.2f}TB/s",
             f"skinny {us['skinny']:7.1f}us",
-            f"{where} {us['tiled']:7.1f}us {tb['tiled']:4.2f}TB/s {r['speedup']:4.2f}x today "
+            f"tiled {us['tiled']:7.1f}us {tb['tiled']:4.2f}TB/s {r['speedup']:4.2f}x today "
             f"{r['vs_cublas']:4.2f}x cuBLAS",
             f"cuBLAS bf16 {us['cublas_bf16']:7.1f}us {tb['cublas_bf16']:4.2f}TB/s",
             f"[{r['tiled']}]",

@@ -1,6 +1,6 @@
 """scripts/bench_int4_tiled.py (the gpu_bench step int4tiled) on CPU with a fake clock: one
 line a shape x M, today / skinny / tiled / cuBLAS bf16, each path dispatched as its switches
-say, tiled on the rows layout also where the loader picks stream; the step's timeouts."""
+say on the loader's layout; the step's timeouts."""
 
 from __future__ import annotations
 
@@ -49,8 +49,7 @@ def test_bench_prints_every_shape_and_row_count(
     monkeypatch.setattr(v4, "skinny", lambda x, w, y, v=None: launched.append(f"s{len(x)}"))
 
     def gemm(x: torch.Tensor, w: ig.Int4Weight, y: torch.Tensor, splits: Any = None) -> None:
-        assert w.layout == "rows"
-        launched.append(f"t{len(x)}" + (f"S{splits}" if splits else ""))
+        launched.append(f"{w.layout[0]}t{len(x)}" + (f"S{splits}" if splits else ""))
 
     monkeypatch.setattr(tg, "gemm", gemm)
     monkeypatch.setattr(ig, "STREAM_MAX_WEIGHTS", 64 * 256)  # 8b.o below: stream; 70b.down: rows
@@ -68,16 +67,17 @@ def test_bench_prints_every_shape_and_row_count(
     lines = capsys.readouterr().out.strip().splitlines()
     print("\n".join(lines))
     assert len(lines) == 1 + 2 * 3  # M = 64 adds its split listing
-    assert lines[1].startswith("8b.o        stream M=33 ") and "tiled[rows]" in lines[1]
+    assert lines[1].startswith("8b.o        stream M=33 ") and "| tiled " in lines[1]
     assert lines[3].startswith("    tiled splits at M=64 us: S1 ") and "-> best" in lines[3]
     assert lines[5].startswith("70b.down    rows   M=64 ") and "| tiled " in lines[5]
     assert "today[dequant+cuBLAS]" in lines[1] and "[1x1x1 blocks, 2 k-blocks a split]" in lines[1]
     assert "S2" in lines[3] and "S4" not in lines[3]  # 8b.o here: K 256, 2 k-blocks
     # per shape: M = 33 today, skinny, tiled; M = 64 the same, then the forced splits
-    splits = {"8b.o": ["t64S1", "t64S2"], "70b.down": ["t64S1", "t64S2", "t64S4", "t64S8"]}
+    # (s/r: the stream / rows skinny; st/rt: tiled on the stream / rows layout)
+    splits = {"8b.o": ["st64S1", "st64S2"], "70b.down": ["rt64S1", "rt64S2", "rt64S4", "rt64S8"]}
     assert launched == (
-        ["dequant", "s33", "t33", "dequant", "s64", "t64", *splits["8b.o"]]
-        + ["dequant", "r33", "t33", "dequant", "r64", "t64", *splits["70b.down"]]
+        ["dequant", "s33", "st33", "dequant", "s64", "st64", *splits["8b.o"]]
+        + ["dequant", "r33", "rt33", "dequant", "r64", "rt64", *splits["70b.down"]]
     )
     assert saved == {s: getattr(ig, s) for s in bench.SWITCHES}
     data = json.loads(out.read_text())

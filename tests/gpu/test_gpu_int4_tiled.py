@@ -1,9 +1,9 @@
-"""The tiled W4A16 GEMM (issue 14: cuda/int4_tiled_gemm.cu on the rows layout) on the GPU
-against the dequantize-then-matmul reference: fresh random shapes (N % 16 != 0 too, group
-sizes 32 / 64 / 128 / 256 / K), M = 33, 64, 100, 150, 256, 512, bf16 and fp16, poisoned
-outputs, strided x, the rule's K splits and forced ones; int4_linear's dispatch with
-HEADRACE_INT4_TILED_MAX on (rows past M untouched, a perm, the env in a fresh process);
-CUDA graph replay equal to eager (split and not). <= 60 s on an H200."""
+"""The tiled W4A16 GEMM (issue 14: cuda/int4_tiled_gemm.cu on the rows and stream layouts) on
+the GPU against the dequantize-then-matmul reference: fresh random shapes (rows: N % 16 != 0
+too, group sizes 32 / 64 / 128 / 256 / K; stream: what it takes), M = 33, 64, 100, 150, 256,
+512, bf16 and fp16, poisoned outputs, strided x, the rule's K splits and forced ones;
+int4_linear's dispatch with HEADRACE_INT4_TILED_MAX on (rows past M untouched, a perm, the env
+in a fresh process); CUDA graph replay equal to eager (split and not). <= 60 s on an H200."""
 
 from __future__ import annotations
 
@@ -71,6 +71,47 @@ def test_int4_linear_tiled_path(
         torch.cuda.synchronize()
         check(y, x, w)
         assert torch.isnan(out[m:]).all(), "a row past M was written"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_stream_shapes_match_reference(seed: int) -> None:
+    """tiled_gemm_stream: N % 16 == 0, power-of-two groups >= 64 (what the layout takes)."""
+    rng = random.Random(9200 + seed)
+    dtype = torch.bfloat16 if seed % 2 == 0 else torch.float16
+    k = 128 * rng.choice([1, 3, 7, 32, 112])
+    group_size = rng.choice([g for g in (64, 128, 256, k) if k % g == 0 and g & (g - 1) == 0])
+    n = 16 * rng.choice([1, 3, 25, 256, 384 + rng.randrange(1, 9)])
+    m = ROWS[seed % len(ROWS)]
+    w = gpu_weight(n, k, group_size, perm=False, seed=seed).as_stream()
+    wide = torch.randn(m, k + 64, device="cuda", dtype=dtype)
+    x = wide[:, 32 : 32 + k] if rng.random() < 0.5 else wide[:, :k].contiguous()
+    for splits in (None, 1, 3):
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        tg.gemm(x, w, y, splits)
+        torch.cuda.synchronize()
+        check(y, x, w)
+
+
+@pytest.mark.parametrize("m", [33, 100, 256])
+def test_int4_linear_tiled_stream_path(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ig, "dequantize", lambda *a, **k: pytest.fail("dequantized with tiled on"))
+    dtype = torch.bfloat16 if m % 2 else torch.float16
+    for n, k, group_size in ((4096, 14336, 128), (6144, 4096, 64)):
+        w = gpu_weight(n, k, group_size, perm=m == 100, seed=m + n).as_stream()
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        out = torch.full((m + 3, n), float("nan"), device="cuda", dtype=dtype)
+        y = ig.int4_linear(x, w, out=out[:m])
+        torch.cuda.synchronize()
+        check(y, x, w)
+        assert torch.isnan(out[m:]).all(), "a row past M was written"
+
+
+@pytest.mark.parametrize("m", [64, 150])
+def test_stream_graph_replay_equals_eager(m: int) -> None:
+    w = gpu_weight(4096, 14336, 128, perm=False, seed=196 + m).as_stream()
+    x = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(m, 4096, device="cuda", dtype=torch.bfloat16)
+    assert_graph_replays_eager(lambda out: ig.int4_linear(x, w, out=out), x, y, w)
 
 
 def test_large_activations_stay_finite() -> None:
