@@ -1,6 +1,7 @@
-// W4A16 tiled GEMM on tensor cores for 33..512 rows of x (issue 14), reading the rows layout
-// as loaded (cuda/int4_gemm.cu draws it: qw uint32 [N, K / 8], nibble j of word w = input
-// 8 w + j). A new module, so the measured GEMV / skinny cubins stay as they are.
+// W4A16 tiled GEMM on tensor cores for 33..512 rows of x (issue 14). tiled_gemm reads the rows
+// layout as loaded (cuda/int4_gemm.cu draws it: qw uint32 [N, K / 8], nibble j of word w =
+// input 8 w + j), tiled_gemm_stream the stream layout (cuda/int4_v4_gemv.cu draws it). A new
+// module, so the measured GEMV / skinny cubins stay as they are; no new load-time layout.
 //
 // Why not the skinny kernel at 64+ rows: there a warp owns one 16-channel tile, so every B
 // (x) fragment it reads from shared memory feeds one A tile (~256 B of x per mma), and the
@@ -11,50 +12,63 @@
 // LDS) feeds 2 A tiles (128 B of x per mma), each A fragment feeds 8 B tiles. The scale is
 // folded into A (A = round((q - z) s) in the activation dtype, which is what
 // int4_linear_ref's dequantize rounds to), so there is one fp32 accumulator set,
-// 2 x 8 x 4 = 64 registers, and any group size that is a multiple of 32 works (a lane's 32
-// inputs of a k-block always lie in one group). fp16: (q - z) is exact, one FMA2 by the
-// scale pair rounds once: equal to the reference's rounding. bf16: the fp16 scale is split
-// s = hi + lo (hi = bf16(s), lo = s - hi has <= 3 significant bits, exact in bf16), so
-// lo (q - z) (<= 7 bits) is exact and fma(q - z, hi, lo (q - z)) rounds once: also equal.
+// 2 x 8 x 4 = 64 registers, and on the rows layout any group size that is a multiple of 32
+// works (a lane's 32 inputs of a k-block always lie in one group; stream: a vector's 64).
+// fp16: (q - z) is exact, one FMA2 by the scale pair rounds once: equal to the reference's
+// rounding. bf16: the fp16 scale is split s = hi + lo (hi = bf16(s), lo = s - hi has <= 3
+// significant bits, exact in bf16), so lo (q - z) (<= 7 bits) is exact and
+// fma(q - z, hi, lo (q - z)) rounds once: also equal (tests/test_int4_tiled.py checks every
+// nibble x zero point bit for bit).
 //
 // Block: 8 warps along N (256 channels) x 64 rows (blockIdx.x = 64-row block, fastest, so
 // the blocks that share a weight tile run together and its re-reads hit L2; y = 256-channel
 // block; z = K split). Per 128-input k-block a stage holds the block's weights (256 x 64 B,
 // cp.async, 16 KB) and x's rows (64 x 256 B, cp.async, 16 KB) in a TG_STAGES ring: no
-// registers hold data in flight, so one block of 8 warps an SM (the registers one needs)
-// still keeps ~3 stages (~96 KB) of loads in flight. Of the block tile shapes with 8 warps of
-// 32 x 64, 256 x 64 moves the fewest L2 -> SM bytes, N M K (0.5 / BM + 2 / BN) (x's element
-// is 4x a weight's bytes): 0.0156 N M K against 0.0195 for 128 x 128.
+// registers hold data in flight, so one block of 8 warps an SM (the ~220 registers the
+// unrolled k-block takes; ~192 KB of shared memory) still keeps 2-3 stages (~64-96 KB an SM,
+// ~8-12 MB on 132 SMs, over HBM's ~4 MB latency x bandwidth) of loads in flight. Of the block
+// tile shapes with 8 warps of 32 x 64, 256 x 64 moves the fewest L2 -> SM bytes,
+// N M K (0.5 / BM + 2 / BN) (x's element is 4x a weight's bytes): 0.0156 N M K against
+// 0.0195 for 128 x 128. A block's live B tiles (ceil(rows / 8)) are a template argument
+// (switch on a block-uniform count): per-tile branches made ptxas group each tile's 8 mma's
+// behind its branch, 2 accumulator chains deep; unrolled, 2 x NTU chains interleave.
 //
-// Input map (as cuda/int4_mma_gemv.cu): k-step 2 i + t (word i of a lane's 16-byte vector)
-// maps mma column 2 c + h + 8 j to input 32 c + 8 i + 2 t + j + 4 h, so A's pairs are
-// (nibble s, nibble s + 4) of a word (one LOP3 each) and B's pairs are (x_e, x_e+4) of the
-// lane's 8 inputs. That permutation of x is made once a block, not once a warp: each thread
-// PRMTs the x chunks it copied itself (its own cp.async group is visible to it after the
-// wait, no barrier) into a second buffer, so a warp's B fragment for 2 k-steps is one
-// LDS.128 with no PRMT (the 8 warps would otherwise do 32 PRMT each a k-step pair).
-// Swizzle of that buffer: chunk i of a row's run c at 4 c + (i ^ ((c >> 1) | (row & 1) << 1)),
-// so a quarter-warp's 8 16-byte reads (rows g, g + 1 of a tile, c = 0..3) hit 8 bank groups.
+// Input map, rows layout (as cuda/int4_mma_gemv.cu): k-step 2 i + t (word i of a lane's
+// 16-byte vector) maps mma column 2 c + h + 8 j to input 32 c + 8 i + 2 t + j + 4 h, so A's
+// pairs are (nibble s, nibble s + 4) of a word (one LOP3 each) and B's pairs are
+// (x_e, x_e+4) of the lane's 8 inputs. That permutation of x is made once a block, not once
+// a warp: each thread PRMTs the x chunks it copied itself (its own cp.async group is visible
+// to it after the wait, no barrier) into a second buffer, so a warp's B fragment for 2
+// k-steps is one LDS.128 with no PRMT (the 8 warps would otherwise do 32 PRMT each a k-step
+// pair). Swizzle of that buffer: chunk i of a row's run c at 4 c + (i ^ ((c >> 1) |
+// (row & 1) << 1)), so a quarter-warp's 8 16-byte reads (rows g, g + 1 of a tile, c = 0..3)
+// hit 8 bank groups. Stream layout: its map already pairs x as B wants (inputs 32 p + 8 c ..
+// + 7 of a lane are k-steps 2 p, 2 p + 1's four B registers), so B is read from the staged x
+// itself (odd rows' chunks moved by 4: again 8 bank groups), no permute pass; a stage copies
+// the block's 16 units (1 KB each, contiguous), and A registers 1 and 3 are channel g + 8.
 //
-// Count (a warp, a k-step pair of its 32 x 64 tile, bf16; fp16 in brackets):
+// Count (a warp, a k-step pair of its 32 x 64 tile, bf16; fp16 in brackets; SASS agrees:
+// per k-block 128 HMMA, 64 each of HADD2 / HMUL2 / HFMA2, ~64 LOP3, ~48 SHF, 32 LDS x):
 //   32 HMMA; 8 LDS.128 of x (one per B tile); 4 words dequantized: 4 x (3 SHF [1] + 4 LOP3 +
 //   4 FMA2 (q - z) + 8 FMA2 (x s) [4]) = 76 [52]; weights 4 LDS.128 a k-block (1 a pair);
-//   ~90 [~70] issue slots for 32 mma, ~2.8 [~2.2] per mma; ALU per weight ~2.4 [~1.6],
-//   amortized over 64 rows. Shared-memory reads: 128 B of x + 16 B of weights per mma.
-// Expected at M = 64 on 70B gate_up (57344 x 8192, 224 blocks on 132 SMs, 2 waves of 1 block
-// an SM at ~85%): 60 GFLOP; if mma.sync sustains ~60% of Hopper's dense bf16 rate (~600
-// TFLOP/s), ~100 us; weight bytes 250 MB (~60 us of HBM), L2 -> SM traffic ~470 MB (weights
-// + x: under the tensor time); smem ~144 B/mma at ~1 mma / 1.6 clk an SM = 90 B/clk of the
-// 128. So ~110-130 us (today 602.6, cuBLAS bf16 242.9). M = 256: 4 row blocks (the weight
-// re-read from L2), 240 GFLOP: ~400-450 us on mma.sync (today 685, cuBLAS bf16's wgmma 316):
-// mma.sync's rate, not bytes, bounds it there; the step past it is wgmma with A (the
-// dequantized weight) from registers.
+//   ~90 [~70] issue slots for 32 mma, plus ~140 a k-block (4 pairs) for the stage's
+//   cp.async, the permute, scales and the barrier: ~3.9 [~3.3] issues per mma, under the
+//   ~6 clocks an SMSP takes per m16n8k16 at mma.sync's ~2/3 of Hopper's dense rate.
+//   Shared-memory reads: 128 B of x + 16 B of weights per mma (~90 B a clock an SM at
+//   ~1 mma / 1.6 clocks: under the 128).
+// Expected on 70B gate_up (57344 x 8192), by counting, until the H200 says otherwise:
+//   M = 64: 224 blocks on 132 SMs (1 an SM): 2 waves (the second 70% full), each block
+//   65536 mma = 16384 an SMSP at ~6-8 clocks: ~55-75 us a wave, ~110-150 us (today 602.6,
+//   cuBLAS bf16 242.9; weight bytes ~60 us of HBM; L2 -> SM ~470 MB). M = 128: 448 blocks,
+//   4 waves, ~220-300 us (619 / 259). M = 256: 896 blocks, 7 waves, ~390-520 us (685 / 316):
+//   mma.sync's rate (and the dequant redone per 64-row block), not bytes, bounds it there;
+//   the step past it is wgmma (sm_90a) with A, the dequantized weight, from registers.
 //
 // Split-K (grid.z > 1, the host's rule: only when the grid would leave SMs idle, e.g. 8B
 // down's 16 channel blocks): each split writes fp32 partials to ws [S, M, N], and
 // tiled_reduce sums them in split order (deterministic, no atomics, graph-safe).
-// Rows past M: staged as row M - 1, their B tiles skipped (warp-uniform), not written.
-// Channels past N: read channel N - 1, not written.
+// Rows past M: staged as row M - 1, their B tiles skipped (block-uniform), not written.
+// Channels past N: read channel N - 1 (stream: the last tile), not written.
 
 #include "elem2_type.cuh"  // elem_t, from_f for HR_BF16
 

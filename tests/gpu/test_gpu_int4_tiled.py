@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ pytestmark = [
 ]
 
 ROWS = (33, 64, 100, 150, 256, 512)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -150,10 +152,15 @@ def test_env_switch_in_a_fresh_process() -> None:
         "print(len(seen))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEADRACE_INT4_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
 
     def launched(**extra: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True
+            [sys.executable, "-c", code],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
         )
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().splitlines()[-1]
