@@ -25,7 +25,9 @@ GEMV_MAX_ROWS rows (HEADRACE_INT4_GEMV_ROWS, default 8); the tiles layout runs g
 (8 rows a launch, up to 32); on the rows and stream layouts under "mma"/"v4",
 SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS rows (default 17 .. 32, HEADRACE_INT4_SKINNY_MIN / _MAX)
 run the skinny GEMM (cuda/int4_mma_gemv.py's mma_skinny_*, cuda/int4_v4_gemv.py's
-v4_skinny_*: launches of up to 64 rows); more rows dequantize into a scratch buffer and
+v4_skinny_*: launches of up to 64 rows); with HEADRACE_INT4_TILED_MAX set (default 0: off),
+rows- and stream-layout weights take the tiled GEMM (cuda/int4_tiled_gemm.py) from 33 rows (or past
+the skinny bounds) up to that many; more rows dequantize into a scratch buffer and
 call cuBLAS (prefill: the GEMM dominates); on CPU the reference `int4_linear_ref`
 (dequantize, then matmul).
 """
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cuda import compiler, int4_gemv, int4_mma_gemv, int4_v4_gemv
+from cuda import compiler, int4_gemv, int4_mma_gemv, int4_tiled_gemm, int4_v4_gemv
 from cuda.int4_args import weight_args
 from cuda.int4_tiles import from_tiles, tiles_ok, to_tiles
 
@@ -91,6 +93,14 @@ SKINNY_MIN_ROWS = max(int(os.environ.get("HEADRACE_INT4_SKINNY_MIN", "17")), 9)
 # kernels (cuda/int4_v4_gemv.py's v4_skinny_*) under the same bounds;
 # HEADRACE_INT4_SKINNY_STREAM=0 keeps its old path (8-row GEMVs, then dequantize) alone.
 SKINNY_STREAM = os.environ.get("HEADRACE_INT4_SKINNY_STREAM", "1") != "0"
+# The tiled GEMM (cuda/int4_tiled_gemm.py, issue 14: 32 x 64 warp tiles, one pass over the
+# 4-bit weight per 64 rows; rows layout: any group size that is a multiple of 32) on the rows
+# layout under "mma"/"v4" and on the stream layout, for the rows past the GEMV and skinny
+# paths (from TILED_MIN_ROWS = 33, or past SKINNY_MAX_ROWS where that is wider) up to
+# TILED_MAX_ROWS (HEADRACE_INT4_TILED_MAX; e.g. 512). Default 0 = off: nothing changes until
+# the H200 measures it (scripts/bench_int4_tiled.py). The tiles layout keeps its path.
+TILED_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_TILED_MAX", "0"))
+TILED_MIN_ROWS = 33
 DEQUANT_THREADS = 256
 TILE_THREADS = 256  # TILE_WARPS x 32 in the source
 TILE_MAX_ROWS = 8  # gemv_tiles takes up to 8 rows of x (mma's B has 8 columns)
@@ -264,6 +274,8 @@ def int4_linear(
             return _skinny_linear(x, w, out)
         if x.shape[0] <= MMA_MAX_ROWS:
             return _mma_linear(x, w, out)
+    if GEMV_IMPL in ("mma", "v4") and tiled_rows(x.shape[0]) and _tiled_ok(w):
+        return _tiled_linear(x, w, out)
     if GEMV_IMPL == "split" and x.shape[0] <= GEMV_MAX_ROWS:
         y = _split_linear(x, w, out)
         if y is not None:
@@ -279,6 +291,27 @@ def skinny_rows(m: int) -> bool:
     """Whether m rows of x take the skinny GEMM (SKINNY_MIN_ROWS .. SKINNY_MAX_ROWS; never
     with SKINNY_MAX_ROWS = 0; the stream layout also needs SKINNY_STREAM)."""
     return SKINNY_MAX_ROWS > 0 and SKINNY_MIN_ROWS <= m <= SKINNY_MAX_ROWS
+
+
+def tiled_rows(m: int) -> bool:
+    """Whether m rows of x take the tiled GEMM on the rows layout: TILED_MIN_ROWS ..
+    TILED_MAX_ROWS, past the skinny bounds when those reach further (never with
+    TILED_MAX_ROWS = 0, the default)."""
+    low = max(TILED_MIN_ROWS, SKINNY_MAX_ROWS + 1)
+    return TILED_MAX_ROWS > 0 and low <= m <= TILED_MAX_ROWS
+
+
+def _tiled_ok(w: Int4Weight) -> bool:
+    return int4_tiled_gemm.supported(w.out_features, w.in_features, w.group_size, w.layout)
+
+
+def _tiled_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> torch.Tensor:
+    """The tiled GEMM, one launch (+ its split-K reduce) for all of x's rows (x gathered
+    already, no perm)."""
+    m = x.shape[0]
+    y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+    int4_tiled_gemm.gemm(x, w, y)
+    return y
 
 
 def _skinny_linear(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None) -> torch.Tensor:
@@ -303,7 +336,8 @@ def _stream_linear(
 ) -> torch.Tensor:
     """Round 4 (HEADRACE_INT4_GEMV=v4, stream layout): the skinny GEMM for SKINNY_MIN_ROWS ..
     SKINNY_MAX_ROWS rows (unless SKINNY_STREAM is off), else 8 rows of x a launch up to
-    MMA_MAX_ROWS rows, else dequantize + cuBLAS. x is gathered already (no perm)."""
+    MMA_MAX_ROWS rows, else the tiled GEMM where `tiled_rows` (off by default), else
+    dequantize + cuBLAS. x is gathered already (no perm)."""
     m, step = x.shape[0], int4_v4_gemv.MAX_ROWS
     if SKINNY_STREAM and skinny_rows(m):
         y = (
@@ -313,6 +347,8 @@ def _stream_linear(
         )
         int4_v4_gemv.skinny(x, w, y)
         return y
+    if tiled_rows(m) and _tiled_ok(w):
+        return _tiled_linear(x, w, out)
     if m > MMA_MAX_ROWS:
         return F.linear(x, dequantize(w, x.dtype, scratch))
     y = out if out is not None else torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)

@@ -23,6 +23,9 @@
 # layouts, HEADRACE_INT4_SKINNY_MIN/_MAX/_STREAM): warm its modules, tests/gpu/test_gpu_int4_skinny.py (<= 60 s),
 # scripts/bench_int4_skinny.py (<= 60 s: 8B + 70B shapes x M 16..512 in their default layouts, today vs skinny
 # vs cuBLAS bf16, graphs).
+# int4tiled (<= 140 s, expected ~80): the tiled W4A16 GEMM for 33..512 rows (rows layout, HEADRACE_INT4_TILED_MAX):
+# warm its module (+ the skinny's), tests/gpu/test_gpu_int4_tiled.py (<= 60 s), scripts/bench_int4_tiled.py (<= 60 s:
+# 8B + 70B shapes x M 33..512, today vs skinny vs tiled vs cuBLAS bf16, graphs; tiled's forced splits at M = 64).
 # Issue 15: models15 (Mixtral-8x7B W1 + W2-shaped, Falcon-7B W1 + W3, each with HF; <= 540 s), moe.
 # Structured output (issue 16): structured (free vs JSON schema at batch 64, sync and async).
 # Host path (issue 12): hostpath (<= 200 s: the step timeline at batch 1 and 256, context 1k;
@@ -161,6 +164,15 @@ for step in $which; do
       echo "skinny GPU tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/int4skinny_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/int4skinny_tests.log"
       t0=$SECONDS; PYTHONUNBUFFERED=1 timeout 60 python scripts/bench_int4_skinny.py --output-json "$OUT/int4skinny_bench.json" > "$OUT/int4skinny_bench.log" 2>&1
       echo "bench_int4_skinny (rc $?, $((SECONDS - t0)) s):"; cat "$OUT/int4skinny_bench.log" ;;
+    # Issue 14, the tiled GEMM (int4tiled), <= 140 s: warm its module, its GPU tests, then one line a shape
+    # x M from scripts/bench_int4_tiled.py (today's path vs skinny vs tiled vs cuBLAS bf16).
+    int4tiled)
+      t0=$SECONDS; timeout 20 python scripts/warm_kernels.py --jobs 16 --only int4_tiled_gemm int4_mma_gemv int4_v4_gemv int4_gemm > "$OUT/int4tiled_warm.log" 2>&1
+      echo "warm int4_tiled_gemm + int4_mma_gemv + int4_v4_gemv + int4_gemm (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/int4tiled_warm.log")"
+      t0=$SECONDS; timeout 60 python -m pytest -m gpu tests/gpu/test_gpu_int4_tiled.py -q -p no:cacheprovider --maxfail=10 > "$OUT/int4tiled_tests.log" 2>&1
+      echo "tiled GPU tests (rc $?, $((SECONDS - t0)) s): $(tail -1 "$OUT/int4tiled_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/int4tiled_tests.log"
+      t0=$SECONDS; PYTHONUNBUFFERED=1 timeout 60 python scripts/bench_int4_tiled.py --output-json "$OUT/int4tiled_bench.json" > "$OUT/int4tiled_bench.log" 2>&1
+      echo "bench_int4_tiled (rc $?, $((SECONDS - t0)) s):"; cat "$OUT/int4tiled_bench.log" ;;
     # Issue 15's models with HF generate() beside them, 525 s of timeouts in all: Mixtral-8x7B W1 and
     # W2-shaped (128 requests), Falcon-7B W1 and W3 (300 requests; HF batch 16: Falcon's MQA sends HF's
     # SDPA to the math kernel, ~3 GB of fp32 [71, T, T] scores per 2k-token prompt). Each log's last

@@ -27,6 +27,7 @@ from cuda import (
     int4_gemm,
     int4_gemv,
     int4_mma_gemv,
+    int4_tiled_gemm,
     int4_v4_gemv,
     kv_write_kernel,
     layer_ops,
@@ -50,6 +51,10 @@ def jobs() -> list[Job]:
         # int4_mma_gemv: the round-3 GEMVs and the skinny GEMM (mma_skinny_*, one module)
         out.append(("int4_mma_gemv", int4_mma_gemv.source(), int4_mma_gemv.module_defines(dtype)))
         out.append(("int4_v4_gemv", int4_v4_gemv.source(), int4_v4_gemv.module_defines(dtype)))
+        # the tiled GEMM (issue 14, HEADRACE_INT4_TILED_MAX): tiled_gemm + tiled_reduce
+        out.append(
+            ("int4_tiled_gemm", int4_tiled_gemm.source(), int4_tiled_gemm.module_defines(dtype))
+        )
         for head_dim in (64, 128):  # the attention kernels the GPU tests and benches load
             defines = decode_attention.module_defines(dtype, head_dim)
             out.append(("decode_attention", decode_attention.source(), defines))

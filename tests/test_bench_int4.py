@@ -86,6 +86,7 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
         layer_ops,
         prefill_v2,
     )
+    from cuda import int4_tiled_gemm as tiled
     from cuda import paged_attention_kernels as pak
     from cuda import prefill_attention as pa
 
@@ -113,6 +114,7 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
         compiler.load_module(gemv.source(), defines=gemv.module_defines(dtype), name="gemv")
         mg._kernel(dtype, "k")
         v4._kernel(dtype, "k")
+        tiled._kernel(dtype, "k")  # the tiled GEMM (issue 14)
         for head_dim in (64, 128):
             monkeypatch.setattr(decode_attention, "_allow_smem", lambda *a: None)
             for config in decode_attention.CONFIGS:  # every variant (each KV type's default)

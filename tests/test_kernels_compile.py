@@ -348,3 +348,34 @@ def test_int4_mma_skinny_compiles_for_sm90(dtype_name: str, layout: str) -> None
         regs = int(re.search(r"Used (\d+) registers", body).group(1))  # type: ignore[union-attr]
         assert regs <= (128 if name.endswith("_n4") else 255), (name, regs)
     _check_log(log)
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_int4_tiled_gemm_compiles_for_sm90(dtype_name: str) -> None:
+    """The tiled W4A16 GEMM (issue 14, cuda/int4_tiled_gemm.cu): both kernels spill-free
+    with no stack frame; tiled_gemm within 255 registers (one 256-thread block an SM, which
+    its ~192 KB of shared memory allows anyway)."""
+    import torch
+
+    from cuda import int4_tiled_gemm as tg
+
+    cubin, log = compiler.compile_cubin(
+        tg.source(),
+        arch="sm_90",
+        defines=tg.module_defines(getattr(torch, dtype_name)),
+        name="int4_tiled_gemm",
+        verbose_ptxas=True,
+        use_cache=False,
+    )
+    parts = re.split(r"Compiling entry function '(\w+)'", log)[1:]
+    entries = dict(zip(parts[::2], parts[1::2], strict=True))
+    assert set(entries) == set(tg.KERNELS)
+    for name, body in entries.items():
+        assert name.encode() in cubin, name
+        assert re.search(r"\b0 bytes spill stores", body) and not re.search(
+            r"[1-9]\d* bytes spill", body
+        ), body
+        assert not re.search(r"[1-9]\d* bytes stack frame", body), body
+        regs = int(re.search(r"Used (\d+) registers", body).group(1))  # type: ignore[union-attr]
+        assert regs * tg.THREADS <= 65536, (name, regs)
+    _check_log(log)
