@@ -17,7 +17,8 @@ engine is idle again, writes one JSON report to PATH (a later busy period overwr
                       outbox (handing outputs to zmq-out), other (the rest: stats, inbox reads)
     timeline          StepTimeline.summary(): per step kind, host phases, GPU busy and gap
 
-and one line on the log. Nothing is recorded without the variable.
+and one line on the log. Nothing is recorded without the variable. It is for benchmark runs:
+a period's step records (two CUDA events each) stay in memory until the engine is idle.
 """
 
 from __future__ import annotations
