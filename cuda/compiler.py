@@ -228,6 +228,27 @@ def device_arch(device_index: int | None = None) -> str:
     return f"sm_{major}{minor}"
 
 
+def device_index(device: Any) -> int:
+    """A torch.device's CUDA index (its own, else the current device's)."""
+    import torch
+
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def num_sms(device: Any) -> int:
+    """The SM count of a torch.device's GPU, read once per device (launch-size rules)."""
+    import torch
+
+    idx = device_index(device)
+    n = _sm_counts.get(idx)
+    if n is None:
+        n = _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
 def load_module(
     source: str, *, defines: Mapping[str, int | str] | None = None, name: str = "headrace_kernel"
 ) -> Module:

@@ -128,14 +128,7 @@ def _kernel(dtype: torch.dtype, name: str) -> object:
     return mod.kernel(name)
 
 
-_sm_counts: dict[torch.device, int] = {}
-
-
-def _sms(device: torch.device) -> int:
-    count = _sm_counts.get(device)
-    if count is None:
-        count = _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return count
+_sms = compiler.num_sms  # a module name, so tests can fake the SM count
 
 
 def plan_for(w: object, device: torch.device) -> tuple[int, int, int]:
@@ -235,8 +228,7 @@ def skinny_grid(n: int, tw: int) -> tuple[int]:
     return (-(-n // (TILE_N * tw)),)
 
 
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+_device_index = compiler.device_index
 
 
 def skinny(

@@ -46,7 +46,6 @@ MIN_CHUNK = 128  # must match MIN_CHUNK in the .cu source
 PREFILL_BLOCK_M = 64
 LOG2E = 1.4426950408889634
 
-_num_sms: dict[int, int] = {}
 _warned: set[str] = set()
 _slots: dict[int, int] = {}
 
@@ -95,13 +94,7 @@ def _group_chunk(group: int) -> int:
     return 8
 
 
-def num_sms(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _num_sms.get(idx)
-    if n is None:
-        n = torch.cuda.get_device_properties(idx).multi_processor_count
-        _num_sms[idx] = n
-    return n
+num_sms = compiler.num_sms  # a module name, so tests can fake the SM count
 
 
 def decode_num_splits(
