@@ -82,9 +82,14 @@ def fp8_gemv(n: int, k: int, m: int = 1) -> Callable[[], object]:
 
 
 def int4_gemv(
-    n: int, k: int, m: int = 1, tiles: bool = False, stream: bool = False
+    n: int, k: int, m: int = 1, tiles: bool = False, stream: bool = False, tiled: bool = False
 ) -> Callable[[], object]:
+    """tiled: the tiled GEMM (cuda/int4_tiled_gemm.cu) for 33..512 rows, as
+    HEADRACE_INT4_TILED_MAX=512 runs it."""
     from cuda import int4_gemm as ig
+
+    if tiled:
+        ig.TILED_MAX_ROWS = 512
 
     g = k // 128
     w = ig.Int4Weight(
@@ -150,6 +155,9 @@ TARGETS: dict[str, Callable[[], Callable[[], object]]] = {
     "int4v4_8b_gate_up": lambda: int4_gemv(28672, 4096, stream=True),
     "int4v4_8b_down": lambda: int4_gemv(4096, 14336, stream=True),
     "int4v4_70b_gate_up": lambda: int4_gemv(57344, 8192, stream=True),
+    "int4tiled_70b_gate_up_m64": lambda: int4_gemv(57344, 8192, m=64, tiled=True),
+    "int4tiled_70b_gate_up_m128": lambda: int4_gemv(57344, 8192, m=128, tiled=True),
+    "int4tiled_8b_gate_up_m64": lambda: int4_gemv(28672, 4096, m=64, stream=True, tiled=True),
     "bf16_8b_qkv": lambda: bf16_linear(6144, 4096),
     "bf16_8b_down": lambda: bf16_linear(4096, 14336),
     "gemv2_8b_qkv": lambda: gemv2(6144, 4096),
