@@ -97,9 +97,14 @@ SKINNY_STREAM = os.environ.get("HEADRACE_INT4_SKINNY_STREAM", "1") != "0"
 # 4-bit weight per 64 rows; rows layout: any group size that is a multiple of 32) on the rows
 # layout under "mma"/"v4" and on the stream layout, for the rows past the GEMV and skinny
 # paths (from TILED_MIN_ROWS = 33, or past SKINNY_MAX_ROWS where that is wider) up to
-# TILED_MAX_ROWS (HEADRACE_INT4_TILED_MAX; e.g. 512). Default 0 = off: nothing changes until
-# the H200 measures it (scripts/bench_int4_tiled.py). The tiles layout keeps its path.
-TILED_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_TILED_MAX", "0"))
+# TILED_MAX_ROWS (HEADRACE_INT4_TILED_MAX; 0 = off). The tiles layout keeps its path.
+# Measured on an H200 (session 10, scripts/bench_int4_tiled.py, graphs, L2 flushed, 8B and
+# 70B shapes): at 33..64 rows (one 64-row pass) 1.27-2.93x dequantize + cuBLAS on all 8
+# shapes (70B gate_up M = 64: 359 vs 596 us; cuBLAS bf16 232); each further 64 rows is
+# another pass at the same cost (ncu: one 8-warp block an SM, 2 warps a scheduler, tensor
+# pipe 26% busy: latency-bound, not bytes), so at 65..128 rows it is 0.74-1.29x and past
+# that it loses. Hence the default 64.
+TILED_MAX_ROWS = int(os.environ.get("HEADRACE_INT4_TILED_MAX", "64"))
 TILED_MIN_ROWS = 33
 DEQUANT_THREADS = 256
 TILE_THREADS = 256  # TILE_WARPS x 32 in the source
@@ -296,7 +301,7 @@ def skinny_rows(m: int) -> bool:
 def tiled_rows(m: int) -> bool:
     """Whether m rows of x take the tiled GEMM on the rows layout: TILED_MIN_ROWS ..
     TILED_MAX_ROWS, past the skinny bounds when those reach further (never with
-    TILED_MAX_ROWS = 0, the default)."""
+    TILED_MAX_ROWS = 0)."""
     low = max(TILED_MIN_ROWS, SKINNY_MAX_ROWS + 1)
     return TILED_MAX_ROWS > 0 and low <= m <= TILED_MAX_ROWS
 

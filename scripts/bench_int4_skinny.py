@@ -59,6 +59,7 @@ def on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
         ig.GEMV_IMPL = "v4"
         ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS = PATHS[path]
         ig.SKINNY_STREAM = True
+        ig.TILED_MAX_ROWS = 0  # the paths it compared (scripts/bench_int4_tiled.py adds tiled)
         return fn()
 
     return run
@@ -148,7 +149,13 @@ def main() -> None:
     ap.add_argument("--layout", choices=["default", "rows", "stream"], default="default")
     ap.add_argument("--output-json")
     args = ap.parse_args()
-    saved = ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS, ig.SKINNY_STREAM
+    saved = (
+        ig.GEMV_IMPL,
+        ig.SKINNY_MIN_ROWS,
+        ig.SKINNY_MAX_ROWS,
+        ig.SKINNY_STREAM,
+        ig.TILED_MAX_ROWS,
+    )
     print(f"int4 skinny GEMM vs today vs cuBLAS bf16, group {args.group_size}, graphs, L2 flushed")
     results = []
     try:
@@ -157,7 +164,13 @@ def main() -> None:
                 results.append(r)
                 print(summary(r), flush=True)
     finally:
-        ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS, ig.SKINNY_STREAM = saved
+        (
+            ig.GEMV_IMPL,
+            ig.SKINNY_MIN_ROWS,
+            ig.SKINNY_MAX_ROWS,
+            ig.SKINNY_STREAM,
+            ig.TILED_MAX_ROWS,
+        ) = saved
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(dict(group_size=args.group_size, rows=results), f, indent=1)

@@ -188,9 +188,11 @@ def wide_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_default_bounds_take_17_to_32_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The defaults: 16 rows stay two GEMV launches, 17..32 one skinny, 33+ dequantize."""
+    """The skinny defaults: 16 rows stay two GEMV launches, 17..32 one skinny, 33+ dequantize
+    with the tiled GEMM off (tests/test_int4_tiled.py checks its default 33..64)."""
     monkeypatch.setattr(ig, "SKINNY_MIN_ROWS", 17)
     monkeypatch.setattr(ig, "SKINNY_MAX_ROWS", 32)
+    monkeypatch.setattr(ig, "TILED_MAX_ROWS", 0)
     calls = _record(monkeypatch)
     dq: list[int] = []
     monkeypatch.setattr(ig, "dequantize", _counting_dequantize(dq))
@@ -216,6 +218,7 @@ def _names(calls: list[Any]) -> list[str]:
 def test_dispatch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """rows layout, "v4"/"mma", bounds 9..256: 1..8 one GEMV; 9..256 skinny; more:
     dequantize + cuBLAS (the defaults, 17..32, are narrower: test_env_switches)."""
+    monkeypatch.setattr(ig, "TILED_MAX_ROWS", 0)  # its own tests: tests/test_int4_tiled.py
     calls = _record(monkeypatch)
     w = weight(64, 512, 128, seed=4)
     dq: list[int] = []
@@ -267,6 +270,7 @@ def test_unsupported_shapes_take_the_old_path(monkeypatch: pytest.MonkeyPatch) -
 def test_stream_layout_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The stream layout: 9..256 rows run v4_skinny_* (its launches as round 3's), unless
     HEADRACE_INT4_SKINNY_STREAM=0 or _MAX=0 (then GEMVs up to 32 rows, then dequantize)."""
+    monkeypatch.setattr(ig, "TILED_MAX_ROWS", 0)  # its own tests: tests/test_int4_tiled.py
     calls = _record(monkeypatch)
     monkeypatch.setattr(ig, "GEMV_IMPL", "v4")
     monkeypatch.setattr(mg, "skinny", lambda *a, **k: pytest.fail("round 3 on a stream weight"))

@@ -213,6 +213,18 @@ def test_off_by_default_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None
     assert run(16) == ["mma_gemv_w4_u2_pf"] * 2 and run(32) == ["mma_skinny_t4_w2_n4"]
 
 
+def test_default_bound_is_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default TILED_MAX_ROWS = 64: 33..64 rows one tiled launch, 65 dequantize."""
+    monkeypatch.setattr(ig, "TILED_MAX_ROWS", 64)
+    monkeypatch.setattr(ig, "SKINNY_MIN_ROWS", 17)
+    monkeypatch.setattr(ig, "SKINNY_MAX_ROWS", 32)
+    monkeypatch.setattr(ig, "GEMV_IMPL", "v4")
+    run = _runner(monkeypatch, weight(64, 512, 128, seed=4))
+    assert run(32) == ["mma_skinny_t4_w2_n4"]
+    assert run(33) == run(64) == ["tiled_gemm"]
+    assert run(65) == run(100) == ["dequant"]
+
+
 def test_dispatch_when_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """HEADRACE_INT4_TILED_MAX=512: 33..512 rows one tiled launch (+ reduce where it splits),
     513 dequantize; 1..32 as before; past wider skinny bounds only; "old" never."""
@@ -313,8 +325,9 @@ def test_env_switch() -> None:
         )
         return out.stdout.strip()
 
-    assert read() == "0 33"  # off until the H200 measures it
+    assert read() == "64 33"  # one 64-row pass: where the H200 measured it ahead
     assert read(HEADRACE_INT4_TILED_MAX="512") == "512 33"
+    assert read(HEADRACE_INT4_TILED_MAX="0") == "0 33"
 
 
 def test_kernel_names_in_source() -> None:

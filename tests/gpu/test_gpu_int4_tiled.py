@@ -138,7 +138,7 @@ def test_graph_replay_equals_eager(m: int, n: int, k: int) -> None:
 
 def test_env_switch_in_a_fresh_process() -> None:
     """HEADRACE_INT4_TILED_MAX=512 read at import: 100 rows run tiled_gemm, the result right;
-    unset, the same call dequantizes."""
+    unset (64) or 0, the same call dequantizes."""
     code = (
         "import torch\n"
         "from cuda import int4_gemm as ig, int4_tiled_gemm as tg\n"
@@ -167,3 +167,4 @@ def test_env_switch_in_a_fresh_process() -> None:
 
     assert launched(HEADRACE_INT4_TILED_MAX="512") == "1"
     assert launched() == "0"
+    assert launched(HEADRACE_INT4_TILED_MAX="0") == "0"
