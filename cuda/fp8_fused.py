@@ -20,7 +20,12 @@ from cuda.fp8_quant import FP8, MIN_SCALE, quantize_per_token_ref
 from cuda.fused_ops import silu_and_mul_ref
 
 SOURCE_PATH = Path(__file__).with_name("fp8_fused.cu")
-THREADS = 256
+THREADS = 256  # the two-pass fallback's block
+MAX_VPT = 8
+# The largest block of each register-path kernel (its __launch_bounds__ in the .cu): past
+# 3 units a thread, ~64-110 registers, 512 threads keep two row-blocks an SM possible.
+MAX_THREADS = {1: 1024, 2: 1024, 3: 1024, 4: 512, 5: 512, 6: 512, 7: 512, 8: 512}
+ROW_BLOCK = 256  # small rows share a block of about this many threads
 IN_DTYPES = {torch.bfloat16: 1, torch.float16: 0}
 # HEADRACE_FP8_FUSED=0: the FP8 linear path calls silu_and_mul, then the quant kernel.
 ENABLED = os.environ.get("HEADRACE_FP8_FUSED", "1") != "0"
@@ -30,6 +35,24 @@ def silu_mul_quant_ref(
     x: torch.Tensor, static_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_per_token_ref(silu_and_mul_ref(x), static_scale)
+
+
+def plan(units: int) -> tuple[int, int, int] | None:
+    """(vpt, g, r) of the register path for rows of `units` (I / 8) vectors: g threads a
+    row, each holding vpt units, r rows a block; None past what it holds (the two-pass
+    kernel). Of the vpt whose group fits its kernel's block, the one with the fewest
+    registers a row (~8 a unit held plus ~24 a thread), the larger vpt on a tie."""
+    best: tuple[int, int, int, int] | None = None
+    for vpt in range(MAX_VPT, 0, -1):
+        need = -(-units // vpt)
+        # g: a power of two up to a warp (groups tile a warp), else whole warps
+        g = 1 << (need - 1).bit_length() if need <= 32 else -(-need // 32) * 32
+        if g > MAX_THREADS[vpt]:
+            continue
+        cost = g * (8 * vpt + 24)
+        if best is None or cost < best[0]:
+            best = (cost, vpt, g, max(1, min(ROW_BLOCK, MAX_THREADS[vpt]) // g))
+    return None if best is None else best[1:]
 
 
 def kernel_ok(x: torch.Tensor) -> bool:
@@ -69,6 +92,25 @@ def silu_mul_quant(
     mod = compiler.load_module(
         compiler.read_source(SOURCE_PATH), defines={"HR_BF16": IN_DTYPES[x.dtype]}, name="fp8_fused"
     )
+    units = inter // 8
+    p = plan(units)
+    if p is not None:
+        vpt, g, r = p
+        compiler.launch(
+            mod.kernel(f"silu_mul_quant_fp8_v{vpt}"),
+            (-(-t // r),),
+            g * r,
+            x.data_ptr(),
+            np.int64(x.stride(0)),
+            hq.data_ptr(),
+            scales.data_ptr(),
+            0 if static_scale is None else static_scale.data_ptr(),
+            np.int32(t),
+            np.int32(units),
+            np.int32(g),
+            np.float32(MIN_SCALE),
+        )
+        return hq, scales
     compiler.launch(
         mod.kernel("silu_mul_quant_fp8"),
         (t,),
@@ -78,7 +120,7 @@ def silu_mul_quant(
         hq.data_ptr(),
         scales.data_ptr(),
         0 if static_scale is None else static_scale.data_ptr(),
-        np.int32(inter // 8),
+        np.int32(units),
         np.float32(MIN_SCALE),
     )
     return hq, scales

@@ -75,6 +75,32 @@ def test_fused_kernel_compiles(bf16: int, tmp_path: Path, monkeypatch: pytest.Mo
         name="fp8_fused",
         verbose_ptxas=True,
     )
-    assert b"silu_mul_quant_fp8" in cubin
+    names = ["silu_mul_quant_fp8"] + [f"silu_mul_quant_fp8_v{v}" for v in fp8_fused.MAX_THREADS]
+    for name in names:
+        assert f"Compiling entry function '{name}'" in log and name.encode() in cubin
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
-    assert spills and not any(spills)
+    assert len(spills) == len(names) and not any(spills), log
+    stack = [int(s) for s in re.findall(r"(\d+) bytes stack frame", log)]
+    assert not any(stack), log
+    # each kernel's registers fit the largest block the plan launches it with
+    for name, regs in re.findall(
+        r"Function properties for (\w+).*?Used (\d+) registers", log, re.S
+    ):
+        if name.startswith("silu_mul_quant_fp8_v"):
+            assert int(regs) * fp8_fused.MAX_THREADS[int(name[-1])] <= 65536, (name, regs)
+
+
+@pytest.mark.parametrize("inter", [8, 16, 24, 64, 1000, 4096, 8192, 11008, 14336, 18944, 28672])
+def test_register_path_plan_covers_the_row(inter: int) -> None:
+    units = inter // 8
+    plan = fp8_fused.plan(units)
+    assert plan is not None, inter  # every model size listed takes the register path
+    vpt, g, r = plan
+    assert 1 <= vpt <= fp8_fused.MAX_VPT and g * vpt >= units and g * (vpt - 1) < units
+    assert g * r <= fp8_fused.MAX_THREADS[vpt]
+    assert g % 32 == 0 or 32 % g == 0  # groups tile a warp or are whole warps
+    assert r == 1 or g <= 256
+
+
+def test_register_path_plan_gives_up_past_its_kernels() -> None:
+    assert fp8_fused.plan(8 * 512) is not None and fp8_fused.plan(8 * 512 + 1) is None
