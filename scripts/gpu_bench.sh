@@ -77,6 +77,8 @@
 # test_gpu_step_inputs.py, then the batch-1 step timeline with the default host builder and with
 # HEADRACE_STEP_INPUTS=numba), stepinputs_b256 (<= 150 s: the same timelines at batch 256, context 1k) and
 # stepinputs_w1 (<= 85 s: W1 default, then numba), one line per cell.
+# argmax16 (<= 150 s): tests/gpu/test_gpu_argmax16.py (fp32/bf16/fp16 argmax_rows vs torch, the greedy
+# tails vs the fp32 sampler), scripts/bench_argmax.py (v1 / old .float() + argmax vs new 16-bit argmax).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -289,5 +291,9 @@ for step in $which; do
           --profile --no-roofline --output-json "$OUT/stepinputs_w1_$mode.json" > "$OUT/stepinputs_w1_$mode.log" 2>&1
         echo "W1 HEADRACE_STEP_INPUTS=$mode (rc $?): $(tail -1 "$OUT/stepinputs_w1_$mode.log")"
         grep -A3 "^step kind" "$OUT/stepinputs_w1_$mode.log"; done ;;
+    argmax16)
+      timeout 100 python -m pytest -m gpu tests/gpu/test_gpu_argmax16.py -q -p no:cacheprovider > "$OUT/argmax16_tests.log" 2>&1
+      echo "argmax16 tests (rc $?): $(tail -1 "$OUT/argmax16_tests.log")"; grep -m5 "^FAILED\|Error" "$OUT/argmax16_tests.log"
+      timeout 45 python scripts/bench_argmax.py --output-json "$OUT/bench_argmax.json" > "$OUT/bench_argmax.log" 2>&1; cat "$OUT/bench_argmax.log" ;;
   esac
 done

@@ -53,6 +53,14 @@ def drive(
         return out
 
     model.compute_logits = recording  # type: ignore[method-assign]
+    real_greedy = model.greedy_logits
+
+    def recording_greedy(hidden: torch.Tensor) -> torch.Tensor:  # all-greedy steps' logits
+        out = real_greedy(hidden)
+        logits_of_step.append(out)
+        return out
+
+    model.greedy_logits = recording_greedy  # type: ignore[method-assign]
     forced = {rid: f for rid, _, _, f in reqs if f is not None}
     got: dict[str, tuple[list[int], list[torch.Tensor]]] = {rid: ([], []) for rid, *_ in reqs}
     for rid, prompt, params, _ in reqs:
@@ -75,6 +83,7 @@ def drive(
             engine._postprocess(sched, result)  # the engine's own update and compression
     finally:
         model.compute_logits = real  # type: ignore[method-assign]
+        model.greedy_logits = real_greedy  # type: ignore[method-assign]
     return got
 
 

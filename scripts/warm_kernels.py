@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from cuda import (
+    argmax,
     compiler,
     decode_attention,
     fused_ops,
@@ -63,6 +64,7 @@ def jobs() -> list[Job]:
     out.append(("fused_ops", fused_ops.source(), fused_ops.module_defines(bf16)))
     out.append(("layer_ops", layer_ops.source(), layer_ops.module_defines(bf16)))
     out.append(("write_kv", kv_write_kernel.SOURCE, {}))
+    out.append(("argmax", argmax.SOURCE, {}))  # fp32, bf16 and fp16 rows: one module
     for job in decode_jobs():  # every decode variant the GPU tests load (FP8's default too)
         if job not in out:
             out.append(job)

@@ -200,16 +200,29 @@ def test_argmax_kernel_compiles_and_launches() -> None:
     _, log = compiler.compile_cubin(
         argmax.SOURCE, arch="sm_90", name="argmax", verbose_ptxas=True, use_cache=False
     )
-    assert "Compiling entry function 'argmax_rows'" in log
-    assert not any(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)), log
+    for name in argmax.KERNELS.values():  # fp32, bf16, fp16: no spills, no stack frame
+        assert f"Compiling entry function '{name}'" in log
+    assert len(re.findall(r"0 bytes stack frame, 0 bytes spill stores", log)) == 3, log
     x = torch.randn(3, 128256)[:, :128000]
     keys, counts = torch.zeros(8, dtype=torch.int64), torch.zeros(8, dtype=torch.int32)
     out = torch.empty(3, dtype=torch.int64)
     name, grid, block, args = argmax.argmax_launch(x, keys, counts, out)
     assert [type(a) for a in args] == launch_types(argmax.SOURCE)[name]
-    assert grid == (125, 3) and block == 256  # 125 * 1024 = 128000: every column once
-    assert args[1] == 128256 and args[2] == 128000 and args[3] == argmax.PER_BLOCK
-    assert argmax.argmax_supported(x) and not argmax.argmax_supported(x.half())
+    assert name == "argmax_rows" and block == 256
+    per = int(args[3])  # type: ignore[call-overload]
+    assert per % 1024 == 0 and grid == (-(-128000 // per), 3)  # every column once
+    assert args[1] == 128256 and args[2] == 128000 and args[4] == 1  # rows 16-byte aligned
+    for dtype, kernel in ((torch.bfloat16, "argmax_rows_bf16"), (torch.float16, "argmax_rows_f16")):
+        h = torch.randn(880, 128264, dtype=dtype)[:, :128256]
+        name, grid, _, args = argmax.argmax_launch(h, keys, counts, out)
+        assert name == kernel and args[3] % 2048 == 0 and args[4] == 1  # type: ignore[operator]
+        assert 4096 <= grid[0] * grid[1] < 8192 and grid[1] == 880
+        assert argmax.argmax_supported(h)
+        odd = torch.randn(2, 100, dtype=dtype)[:, 3:]  # rows start 6 bytes in: scalar loads
+        assert argmax.argmax_launch(odd, keys, counts, out)[3][4] == 0
+        assert torch.equal(argmax.argmax_rows(h[:4]), h[:4].argmax(dim=-1))
+    assert argmax.per_block(1, 128256, 2) == 2048  # one 16-byte load per thread, 63 blocks
+    assert argmax.argmax_supported(x) and not argmax.argmax_supported(x.double())
     # CPU: torch's argmax
     assert torch.equal(argmax.argmax_rows(x), x.argmax(dim=-1))
 

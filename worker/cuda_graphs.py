@@ -26,9 +26,10 @@ replaying at longer contexts than at capture stays right.
 
 Greedy decode graphs: for decode buckets up to GREEDY_MAX_BS (and a model whose LM head is
 one local nn.Linear, not tensor parallel) a second graph per bucket goes on past the hidden
-states through compute_logits and the argmax (worker/sampler.py argmax_tokens), so a step
+states through the LM head and the argmax (worker/sampler.py argmax_tokens), so a step
 whose rows are all plain greedy (sampler.plain_greedy, no grammar) is one replay that gives
-token ids: no eager lm_head, cast, copy and argmax launches after it.
+token ids: no eager lm_head, cast, copy and argmax launches after it. The argmax reads the
+head's 16-bit output (CausalLM.greedy_logits): no fp32 copy of the logits in the graph.
 
 HEADRACE_STEP_INPUTS=numba (worker/device_inputs.py): the q = 1 graphs (greedy ones too)
 begin with the Numba step-input kernels, which write positions, slot mapping, query starts
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GREEDY_MAX_BS = 64  # largest decode bucket with a greedy graph (its logits: bs x V fp32)
+GREEDY_MAX_BS = 64  # largest decode bucket with a greedy graph (its logits: bs x V, model dtype)
 
 
 MAX_GRAPH_BS = 1024  # larger steps run eagerly (their launches are < 3% of such a step)
@@ -316,7 +317,7 @@ class CudaGraphRunner:
         return self.model(*args)
 
     def _greedy_tail(self, hidden: torch.Tensor, bs: int) -> torch.Tensor:
-        return argmax_tokens(self.model.compute_logits(hidden[:bs]), self.model.config.vocab_size)
+        return argmax_tokens(self.model.greedy_logits(hidden[:bs]), self.model.config.vocab_size)
 
     def _capture_greedy(
         self, bs: int, args: tuple, pool: _POOL_HANDLE, stream: torch.cuda.Stream

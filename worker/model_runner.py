@@ -200,6 +200,14 @@ class ModelRunner:
             return None
         return g.run_greedy(host, input_ids)
 
+    def sampled_logits(self, hidden: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Logits [S, V] of the rows `reqs` sample from: the model's 16-bit LM head output
+        when every row is plain greedy (the sampler then argmaxes them as they are, no fp32
+        copy), else fp32 compute_logits. Either gives the sampler the same values."""
+        if all(r.grammar is None and plain_greedy(r.params, len(r.output_token_ids)) for r in reqs):
+            return self.model.greedy_logits(hidden)
+        return self.model.compute_logits(hidden)
+
     @staticmethod
     def _plain_decode(out: SchedulerOutput) -> bool:
         """Every request computes and samples one token (no speculation, no prompt
@@ -276,8 +284,8 @@ class ModelRunner:
         plain = [j for j, r in enumerate(inputs.sample_rows) if len(r) == 1]
         if plain:
             rows = [inputs.sample_rows[j][0] for j in plain]
-            logits = self.model.compute_logits(take_rows(hidden, rows))  # [S, V]
             reqs = [out.scheduled[inputs.sample_sched_index[j]].request for j in plain]
+            logits = self.sampled_logits(take_rows(hidden, rows), reqs)  # [S, V]
             batch = self.sampling_batch(reqs, None, self.masks.bitmask([(r, []) for r in reqs]))
             sampled = self.sampler(logits, batch)
             tokens = sampled.token_ids.tolist()

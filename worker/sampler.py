@@ -173,6 +173,10 @@ class Sampler:
         batch = self.with_rows(batch, logits.device)
         rows = batch.rows
         assert rows is not None
+        if rows.all_greedy and _unprocessed(batch):
+            # No fp32 copy: the argmax reads the logits as they are (16-bit ones too, from
+            # greedy_logits: widening is exact and keeps the order).
+            return argmax_rows(logits[:, : self.vocab_size])
         x = self._processed_logits(logits, batch)  # [B, V] float32, ours to modify in place
         if rows.all_greedy:
             return argmax_rows(x)  # what argmax_tokens computes: the same kernel
@@ -296,6 +300,24 @@ class Sampler:
             gen.manual_seed(self.seed)
             self._generators[device] = gen
         return gen
+
+
+def _unprocessed(batch: SamplingBatch) -> bool:
+    """Whether _processed_logits would leave every row's logits as they are: no grammar
+    mask, allowed list, min_tokens ban in force, logit_bias or penalty."""
+    rows = batch.rows
+    assert rows is not None
+    if batch.bitmask is not None or rows.allowed is not None or rows.bias is not None:
+        return False
+    outputs = batch.output_token_ids
+    if any(len(outputs[i]) < min_tokens for i, min_tokens, _ in rows.min_tokens):
+        return False
+    if rows.pool is not None:
+        return rows.penalties is None
+    return not any(
+        p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        for p in batch.params
+    )
 
 
 def _apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> None:

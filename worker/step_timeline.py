@@ -116,6 +116,8 @@ class StepTimeline:
                 # step's GPU work is all queued when it returns (its token read is `other`)
                 self._wrap(r.graph_runner, "run_greedy", self._greedy)
         self._wrap(r.model, "compute_logits", self._phase("sample"))
+        if hasattr(r.model, "greedy_logits"):  # all-greedy eager steps: the 16-bit logits
+            self._wrap(r.model, "greedy_logits", self._phase("sample"))
         self._wrap(r, "sampler", lambda real: _TimedSampler(real, self._sampler(real)))
         for name in ("sample", "finish"):  # what remains of them is the wait for the tokens
             if hasattr(r, name):

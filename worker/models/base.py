@@ -60,6 +60,16 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, V]
 
+    def greedy_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, V] whose row argmax is compute_logits's, for callers that want only
+        the argmax: the LM head's output in the model's dtype, without the fp32 copy (the
+        cast is exact and keeps the order; cuda/argmax.py reads 16-bit rows). A model whose
+        compute_logits does more (a soft cap, a scale) gets compute_logits itself unless it
+        overrides this with math that provably keeps the argmax."""
+        if type(self).compute_logits is not CausalLM.compute_logits:
+            return self.compute_logits(hidden)
+        return self.lm_head(hidden)  # [N, V]
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
