@@ -18,6 +18,7 @@ Layouts::
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,9 @@ KERNELS = (
     "rotary_kv_write",  # cuda/kv_write_rotary.py
 )
 SILU_BLOCK = 256
+ROTARY_BLOCK = 256  # threads a block at most (fused_ops.cu ROTARY_MAX_BLOCK)
+ROTARY_HEADS = 4  # heads a thread at large T (fused_ops.cu HEAD_BATCH)
+ROTARY_FILL = 1 << 17  # pair groups of a launch from which that fills an H200 (132 SMs)
 MAX_GRID_Y = 65535
 
 
@@ -206,10 +210,64 @@ def rotary_launch(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
 ) -> Launch:
     """rotary; positions int64 and contiguous. Rotates the first cos_sin.shape[1] dims."""
-    num_tokens, hq = q.shape[:2]
+    hkv = k.shape[1]
     half = cos_sin.shape[1] // 2
-    args = (*rotary_qk_args(positions, q, k), *rotary_table_args(cos_sin))
-    return "rotary", (num_tokens, hq + k.shape[1]), _warp_round(half), args
+    vp = rotary_pairs_per_thread(half, q, k, cos_sin)
+    grid, block = rotary_geometry(q.shape[0], q.shape[1] + hkv, half, vp)
+    args = (*rotary_qk_args(positions, q, k), np.int32(hkv), *rotary_table_args(cos_sin))
+    return "rotary", grid, block, args
+
+
+def rotary_pairs_per_thread(
+    half: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin: torch.Tensor,
+    v: torch.Tensor | None = None,
+    kv_cache: torch.Tensor | None = None,
+) -> int:
+    """The pairs a thread of the rotary kernels rotates per access (VP), as the kernels'
+    `rotary_fits` picks it: 16 bytes of elements where half, the rows' strides and pointers
+    (and the cache's head_dim, v_off) allow it, else 2, else 1."""
+    rows = [q, k] if v is None else [q, k, v]
+    for vp in (_vec(q), 2):
+        table = min(vp, 4)
+        ok = (
+            half % vp == 0
+            and all(_elems_fit(t.data_ptr(), t.stride(0), t.stride(1), vp, t) for t in rows)
+            and cos_sin.data_ptr() % (4 * table) == 0
+            and cos_sin.stride(0) % table == 0
+        )
+        if kv_cache is not None:
+            v_off = kv_cache.stride(0)
+            ok = ok and q.shape[2] % vp == 0 and _elems_fit(kv_cache.data_ptr(), v_off, 0, vp, q)
+        if ok:
+            return vp
+    return 1
+
+
+def _elems_fit(ptr: int, a: int, b: int, n: int, like: torch.Tensor) -> bool:
+    return ptr % (n * like.element_size()) == 0 and a % n == 0 and b % n == 0
+
+
+def rotary_geometry(
+    num_tokens: int, heads: int, half: int, vp: int
+) -> tuple[tuple[int, int], int]:
+    """(grid, block) of the rotary kernels: grid (T, head blocks); a block's threads are
+    head slots x pair groups (half / vp threads a head), each thread rotating its pairs in
+    `ROTARY_HEADS` heads at large T (one batch of loads) and in one head where a launch
+    has too few pair groups to fill the GPU that way."""
+    groups = -(-half // vp)
+    big = num_tokens * heads * groups >= ROTARY_FILL
+    slots = -(-heads // (ROTARY_HEADS if big else 1))  # head slots a token
+    if groups > ROTARY_BLOCK:  # a head wider than a block: the kernel loops over groups
+        return (num_tokens, slots), ROTARY_BLOCK
+    y = -(-slots * groups // ROTARY_BLOCK)
+    per_block = -(-slots // y)
+    unit = 32 // math.gcd(groups, 32)  # slots that make a whole number of warps
+    if -(-per_block // unit) * unit * groups <= ROTARY_BLOCK:
+        per_block = -(-per_block // unit) * unit
+    return (num_tokens, -(-slots // per_block)), per_block * groups
 
 
 def rotary_qk_args(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple:

@@ -88,8 +88,9 @@ def fused_launch(
         np.int32(head_dim),
         *fused_ops.rotary_table_args(cos_sin),
     )
-    block = max(32, (half + 31) // 32 * 32)
-    return "rotary_kv_write", (num_tokens, hq + hkv), block, args
+    vp = fused_ops.rotary_pairs_per_thread(half, q, k, cos_sin, v, kv_cache)
+    grid, block = fused_ops.rotary_geometry(num_tokens, hq + hkv, half, vp)
+    return "rotary_kv_write", grid, block, args
 
 
 def rotary_write_kv(

@@ -179,7 +179,33 @@ def test_launch_args_match_signatures() -> None:
         assert block % 32 == 0 and 32 <= block <= 1024
         assert all(g > 0 for g in grid)
     name, grid, block, args = fo.rotary_launch(torch.arange(3), q, k, torch.rand(9, 16))
-    assert grid == (3, 6) and block == 32
+    assert grid == (3, 1) and block == 32  # 6 heads x 2 groups of 4 pairs, warp-rounded
+    assert args[8] == 2  # Hkv
     assert args[2] == 128 and args[3] == 16 and args[-2] == 9 and args[-1] == 8  # strides
     assert fo.norm_launch("add_rms_norm_vec", x, None, w, 1e-5, out, None)[3][-2] == 16
     assert fo.silu_launch("silu_and_mul_scalar", x, out)[1] == (3, 1)
+
+
+def test_rotary_vector_width_and_geometry() -> None:
+    T, Hq, Hkv, D = 5, 32, 8, 128
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, dtype=torch.bfloat16)
+    q, k = qkv[:, : Hq * D].view(T, Hq, D), qkv[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D)
+    cs = torch.rand(64, D)
+    assert fo.rotary_pairs_per_thread(64, q, k, cs) == 8  # 16-byte accesses
+    assert fo.rotary_pairs_per_thread(32, q, k, cs[:, :64]) == 8  # partial rotary
+    assert fo.rotary_pairs_per_thread(6, q, k, cs[:, :12]) == 2  # half not a multiple of 8
+    assert fo.rotary_pairs_per_thread(64, q, k, cs[:, 1:]) == 1  # table misaligned
+    shifted = torch.randn(T * qkv.shape[1] + 1, dtype=torch.bfloat16)[1:].view(T, -1)
+    sq = shifted[:, : Hq * D].view(T, Hq, D)  # one element past 16-byte alignment
+    sk = shifted[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D)
+    assert fo.rotary_pairs_per_thread(64, sq, sk, cs) == 1
+    assert fo.rotary_pairs_per_thread(64, q.float(), k.float(), cs) == 4
+    # Llama-3-8B: decode spreads one head a thread over two blocks a token; at 880 tokens a
+    # thread takes 4 heads (12 slots x 8 groups of 8 pairs = 3 warps, one block a token).
+    assert fo.rotary_geometry(1, 40, 64, 8) == ((1, 2), 160)
+    assert fo.rotary_geometry(880, 40, 64, 8) == ((880, 1), 96)
+    assert fo.rotary_geometry(16384, 72, 64, 8) == ((16384, 1), 160)
+    for t, h, half, vp in [(3, 7, 6, 2), (1, 3, 1024, 1), (9, 3, 33, 1), (4099, 40, 64, 1)]:
+        (gt, gy), block = fo.rotary_geometry(t, h, half, vp)
+        assert gt == t and 1 <= gy <= h and block <= fo.ROTARY_BLOCK
+        assert block >= min(-(-half // vp), fo.ROTARY_BLOCK)  # a head's pair groups

@@ -36,7 +36,7 @@ def test_launch_arguments_follow_the_kernel() -> None:
     name, grid, block, args = kv_write_rotary.fused_launch(**c)
     assert name == "rotary_kv_write" and name in fused_ops.KERNELS
     assert [type(a) for a in args] == launch_types(fused_ops.source())[name]
-    assert grid == (5, 6 + 2) and block == 32
+    assert grid == (5, 1) and block == 32  # 8 heads x 4 groups of 8 pairs
     hkv, d = 2, 64
     assert args[12] == 4 * 16 * hkv * d  # V's offset in elements: slots * Hkv * D
     assert args[2] == c["q"].stride(0) == (6 + 4) * d and args[3] == d
