@@ -79,6 +79,10 @@
 # stepinputs_w1 (<= 85 s: W1 default, then numba), one line per cell.
 # argmax16 (<= 150 s): tests/gpu/test_gpu_argmax16.py (fp32/bf16/fp16 argmax_rows vs torch, the greedy
 # tails vs the fp32 sampler), scripts/bench_argmax.py (v1 / old .float() + argmax vs new 16-bit argmax).
+# Rotary kernels (one block a token's heads, 16-byte pairs): rotary (<= 200 s, expected ~120: warm fused_ops,
+# tests/gpu/test_gpu_rotary.py + the rotary cases of test_gpu_fused_ops.py / test_gpu_step_kernels.py, then
+# scripts/bench_rotary.py on this tree and, with HEADRACE_BASE_TREE=<a tree holding the old cuda/>, on that one: us
+# per call (graphs, L2 flushed and warm) and GB/s of rotary and rotary_write_kv, 8B / 70B heads x T 1..16384).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -295,5 +299,17 @@ for step in $which; do
       timeout 100 python -m pytest -m gpu tests/gpu/test_gpu_argmax16.py -q -p no:cacheprovider > "$OUT/argmax16_tests.log" 2>&1
       echo "argmax16 tests (rc $?): $(tail -1 "$OUT/argmax16_tests.log")"; grep -m5 "^FAILED\|Error" "$OUT/argmax16_tests.log"
       timeout 45 python scripts/bench_argmax.py --output-json "$OUT/bench_argmax.json" > "$OUT/bench_argmax.log" 2>&1; cat "$OUT/bench_argmax.log" ;;
+    rotary)
+      timeout 30 python scripts/warm_kernels.py --jobs 16 --only fused_ops > "$OUT/rotary_warm.log" 2>&1
+      timeout 100 python -m pytest -m gpu tests/gpu/test_gpu_rotary.py tests/gpu/test_gpu_fused_ops.py \
+          tests/gpu/test_gpu_step_kernels.py -k "rotary" -q -p no:cacheprovider --maxfail=10 > "$OUT/rotary_tests.log" 2>&1
+      echo "rotary tests (rc $?): $(tail -1 "$OUT/rotary_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/rotary_tests.log"
+      timeout 40 python scripts/bench_rotary.py --output-json "$OUT/rotary_new.json" > "$OUT/rotary_new.log" 2>&1
+      echo "bench_rotary new (rc $?):"; cat "$OUT/rotary_new.log"
+      if [ -n "$HEADRACE_BASE_TREE" ]; then
+        PYTHONPATH="$HEADRACE_BASE_TREE" timeout 40 python scripts/bench_rotary.py --output-json "$OUT/rotary_old.json" \
+            > "$OUT/rotary_old.log" 2>&1
+        echo "bench_rotary old (rc $?):"; cat "$OUT/rotary_old.log"
+      fi ;;
   esac
 done
