@@ -250,9 +250,7 @@ def _elems_fit(ptr: int, a: int, b: int, n: int, like: torch.Tensor) -> bool:
     return ptr % (n * like.element_size()) == 0 and a % n == 0 and b % n == 0
 
 
-def rotary_geometry(
-    num_tokens: int, heads: int, half: int, vp: int
-) -> tuple[tuple[int, int], int]:
+def rotary_geometry(num_tokens: int, heads: int, half: int, vp: int) -> tuple[tuple[int, int], int]:
     """(grid, block) of the rotary kernels: grid (T, head blocks); a block's threads are
     head slots x pair groups (half / vp threads a head), each thread rotating its pairs in
     `ROTARY_HEADS` heads at large T (one batch of loads) and in one head where a launch
