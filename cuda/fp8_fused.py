@@ -93,34 +93,20 @@ def silu_mul_quant(
         compiler.read_source(SOURCE_PATH), defines={"HR_BF16": IN_DTYPES[x.dtype]}, name="fp8_fused"
     )
     units = inter // 8
-    p = plan(units)
-    if p is not None:
-        vpt, g, r = p
-        compiler.launch(
-            mod.kernel(f"silu_mul_quant_fp8_v{vpt}"),
-            (-(-t // r),),
-            g * r,
-            x.data_ptr(),
-            np.int64(x.stride(0)),
-            hq.data_ptr(),
-            scales.data_ptr(),
-            0 if static_scale is None else static_scale.data_ptr(),
-            np.int32(t),
-            np.int32(units),
-            np.int32(g),
-            np.float32(MIN_SCALE),
-        )
-        return hq, scales
-    compiler.launch(
-        mod.kernel("silu_mul_quant_fp8"),
-        (t,),
-        THREADS,
+    io = (
         x.data_ptr(),
         np.int64(x.stride(0)),
         hq.data_ptr(),
         scales.data_ptr(),
         0 if static_scale is None else static_scale.data_ptr(),
-        np.int32(units),
-        np.float32(MIN_SCALE),
     )
+    p = plan(units)
+    rest: tuple[np.int32, ...]
+    if p is None:  # rows too long for the register path: the two-pass kernel
+        name, grid, block, rest = "silu_mul_quant_fp8", (t,), THREADS, (np.int32(units),)
+    else:
+        vpt, g, r = p
+        name, grid, block = f"silu_mul_quant_fp8_v{vpt}", (-(-t // r),), g * r
+        rest = (np.int32(t), np.int32(units), np.int32(g))
+    compiler.launch(mod.kernel(name), grid, block, *io, *rest, np.float32(MIN_SCALE))
     return hq, scales
