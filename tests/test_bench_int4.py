@@ -76,6 +76,7 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
     import torch
 
     from cuda import (
+        argmax,
         compiler,
         decode_attention,
         fused_ops,
@@ -137,6 +138,7 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(compiler, "launch", lambda *a, **k: None)
     layer_ops._launch(torch.bfloat16, ("k", (1,), 32, ()))
     compiler.load_module(kv_write_kernel.SOURCE, name="write_kv")  # as write_kv_cuda does
+    compiler.load_module(argmax.SOURCE, name="argmax")  # as argmax_rows does
     assert sorted(set(map(repr, asked))) == sorted(map(repr, warm.jobs()))
 
 
