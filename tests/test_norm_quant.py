@@ -156,3 +156,42 @@ def test_llama_logits_equal_with_the_fusion(
     prefill = [pre for t, pre in calls if t == len(tokens) // 2]
     assert prefill == [True, False] * (2 * layers)  # q/k/v, o, gate/up, down of each layer
     assert not any(pre for t, pre in calls if t == 1)  # decode rows: the GEMV
+
+
+@pytest.mark.parametrize(
+    ("fmt", "strategy", "activation"),
+    [("compressed-tensors", "channel", "static"), ("fp8", "tensor", "dynamic")],
+)
+def test_tensor_parallel_ranks_equal_with_the_fusion(
+    tmp_path: Path,
+    fmt: str,
+    strategy: str,
+    activation: str,
+    gpu_rule: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two ranks (threads): q/k/v and gate/up are column-parallel with the whole hidden row
+    as input, so each rank's norm quantizes the same rows for its shard; the greedy tokens
+    equal the unfused ranks' exactly."""
+    from tests.conftest import STORIES
+    from tests.fp8_checkpoints import random_llama, write_fp8
+    from tests.test_tensor_parallel import config_of, greedy, run_ranks
+    from worker.parallel.engine import TpEngineCore
+
+    base = random_llama(tmp_path / "base", STORIES)
+    path, _ = write_fp8(base, tmp_path, fmt, strategy, activation, kv_scale=0.5)
+    config = config_of(path, dtype="bfloat16")
+    handed: list[bool] = []
+    real = Fp8Linear.forward
+
+    def spy(self: Fp8Linear, x: torch.Tensor, x_fp8: Fp8Input | None = None) -> torch.Tensor:
+        handed.append(x_fp8 is not None)
+        return real(self, x, x_fp8)
+
+    monkeypatch.setattr(Fp8Linear, "forward", spy)
+    off = run_ranks(2, lambda g: greedy(TpEngineCore(config, g)))
+    assert handed and not any(handed)
+    monkeypatch.setattr(norm_quant, "ENABLED", True)
+    on = run_ranks(2, lambda g: greedy(TpEngineCore(config, g)))
+    assert any(handed)
+    assert on == off
