@@ -195,3 +195,35 @@ def test_tensor_parallel_ranks_equal_with_the_fusion(
     on = run_ranks(2, lambda g: greedy(TpEngineCore(config, g)))
     assert any(handed)
     assert on == off
+
+
+def test_launch_arguments_match_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatcher's launch (kernel selection forced on CPU tensors, nothing run): the
+    argument types and count of the kernel's parameter list, add_rms_norm_vec's geometry."""
+    from cuda import compiler
+    from tests.kernel_signatures import kernel_parameters
+
+    launched: list[tuple] = []
+
+    class Module:
+        def kernel(self, name: str) -> str:
+            return name
+
+    monkeypatch.setattr(norm_quant, "kernel_ok", lambda x, r, w: True)
+    monkeypatch.setattr(compiler, "load_module", lambda *a, **kw: Module())
+    monkeypatch.setattr(
+        compiler, "launch", lambda k, grid, block, *args: launched.append((k, grid, block, args))
+    )
+    t, h = 5, 4096
+    x = torch.randn(t, h).to(torch.bfloat16)
+    w = torch.ones(h, dtype=torch.bfloat16)
+    for res, scale in ((None, None), (x.clone(), torch.tensor([0.5]))):
+        norm_quant.add_rms_norm_quant(x, res, w, 1e-5, scale)
+    params = kernel_parameters(norm_quant.source())[norm_quant.KERNEL]
+    for kernel, grid, block, args in launched:
+        assert kernel == norm_quant.KERNEL and grid == (t,) and block == 512  # H / 8 threads
+        assert [type(a) for a in args] == [typ for _, typ in params]
+    (_, _, _, no_res), (_, _, _, with_res) = launched
+    names = [n for n, _ in params]
+    assert no_res[names.index("residual")] == 0 and with_res[names.index("residual")] != 0
+    assert no_res[names.index("static_scale")] == 0 and with_res[names.index("static_scale")] != 0
