@@ -7,7 +7,8 @@
 // Products and sums that torch computes as separate ops use the __f*_rn intrinsics, which
 // the compiler never contracts into an FMA (an FMA would round once instead of twice).
 //
-// add_rms_norm_{vec,scalar}: grid (T), block = row units rounded up to a warp (<= 1024).
+// add_rms_norm_{vec,scalar}: grid (T), block = row units rounded up to a warp (<= 1024); the
+//   row math is rms_norm.cuh's (shared with norm_quant.cu, which must match it bit for bit).
 //   Pass 1: h = round(x + residual), stored as the new residual; fp32 sum of h^2.
 //   Block reduction, rstd = rsqrt(sum / H + eps).
 //   Pass 2: re-read h (the thread's own writes, so no barrier is needed), out =
@@ -19,30 +20,7 @@
 // *_vec kernels move 16-byte vectors (rows, strides and pointers 16-byte aligned, checked by
 // the caller); *_scalar kernels move one element at a time.
 
-#include "elem_type.cuh"  // elem_t, to_f, from_f for HR_DTYPE
-
-constexpr int VEC = 16 / sizeof(elem_t);  // elements per 16-byte vector
-
-template <int N>
-struct alignas(sizeof(elem_t) * N) Vec {
-    elem_t v[N];
-};
-
-// Sum over the block; every thread gets the total. blockDim.x is a multiple of 32. Called
-// once per kernel, so the shared array needs no second barrier.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float warp_sums[32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    if (lane == 0) warp_sums[warp] = v;
-    __syncthreads();
-    v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+#include "rms_norm.cuh"  // elem_t, to_f, from_f (HR_DTYPE), Vec, VEC, the norm's passes
 
 // units = H / N vectors of N elements per row. residual and res_out are null together.
 template <int N>
@@ -51,42 +29,18 @@ __device__ __forceinline__ void add_rms_norm_impl(
     long long r_stride, const elem_t* __restrict__ weight, elem_t* __restrict__ out,
     elem_t* __restrict__ res_out, int units, float eps) {
     typedef Vec<N> vec_t;
+    const float rstd = rms_norm_rstd<N>(x, x_stride, residual, r_stride, res_out, units, eps);
     const long long t = blockIdx.x;
     const vec_t* xr = reinterpret_cast<const vec_t*>(x + t * x_stride);
     const bool has_res = residual != nullptr;
-    const vec_t* rr = has_res ? reinterpret_cast<const vec_t*>(residual + t * r_stride) : nullptr;
-    vec_t* ro = has_res ? reinterpret_cast<vec_t*>(res_out + t * (long long)units * N) : nullptr;
-
-    float ss = 0.0f;
-    for (int j = threadIdx.x; j < units; j += blockDim.x) {
-        vec_t h = xr[j];
-        if (has_res) {
-            const vec_t r = rr[j];
-#pragma unroll
-            for (int e = 0; e < N; ++e) h.v[e] = from_f(__fadd_rn(to_f(h.v[e]), to_f(r.v[e])));
-            ro[j] = h;
-        }
-#pragma unroll
-        for (int e = 0; e < N; ++e) {
-            const float f = to_f(h.v[e]);
-            ss = fmaf(f, f, ss);
-        }
-    }
-    const float total = block_sum(ss);
-    const float rstd = rsqrtf(__fadd_rn(__fmul_rn(total, 1.0f / (float)(units * N)), eps));
-
+    const vec_t* ro =
+        has_res ? reinterpret_cast<const vec_t*>(res_out + t * (long long)units * N) : nullptr;
     const vec_t* wr = reinterpret_cast<const vec_t*>(weight);
     vec_t* orow = reinterpret_cast<vec_t*>(out + t * (long long)units * N);
     for (int j = threadIdx.x; j < units; j += blockDim.x) {
         const vec_t h = has_res ? ro[j] : xr[j];
         const vec_t w = wr[j];
-        vec_t o;
-#pragma unroll
-        for (int e = 0; e < N; ++e) {
-            const float n = to_f(from_f(__fmul_rn(to_f(h.v[e]), rstd)));
-            o.v[e] = from_f(__fmul_rn(to_f(w.v[e]), n));
-        }
-        orow[j] = o;
+        orow[j] = rms_norm_unit<N>(h, w, rstd);
     }
 }
 

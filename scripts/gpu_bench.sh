@@ -83,6 +83,11 @@
 # tests/gpu/test_gpu_rotary.py + the rotary cases of test_gpu_fused_ops.py / test_gpu_step_kernels.py, then
 # scripts/bench_rotary.py on this tree and, with HEADRACE_BASE_TREE=<a tree holding the old cuda/>, on that one: us
 # per call (graphs, L2 flushed and warm) and GB/s of rotary and rotary_write_kv, 8B / 70B heads x T 1..16384).
+# FP8 norm + quant fusion (issue 13): normquant (<= 200 s, expected ~170: warm norm_quant + fused_ops (<= 10 s),
+# tests/gpu/test_gpu_norm_quant.py (<= 45 s), scripts/bench_norm_quant.py (<= 25 s: add_rms_norm +
+# quantize_per_token vs add_rms_norm_quant, T 1..16384 x H 4096 / 8192, graphs, flushed and warm L2), then the
+# W2 FP8 step profile (batch 880, context 1500, fp8 + fp8 KV, 10 steps; <= 60 s each) without and with
+# HEADRACE_FP8_NORM_QUANT=1: wall / GPU ms a step and the norm, quant and silu-quant kernel rows).
 source scripts/gpu_env.sh
 which="${1:-tests profile w1 w3}"
 cat "$OUT/gpu.txt"
@@ -311,5 +316,18 @@ for step in $which; do
             > "$OUT/rotary_old.log" 2>&1
         echo "bench_rotary old (rc $?):"; cat "$OUT/rotary_old.log"
       fi ;;
+    normquant)
+      timeout 10 python scripts/warm_kernels.py --jobs 8 --only norm_quant fused_ops > "$OUT/normquant_warm.log" 2>&1
+      timeout 45 python -m pytest -m gpu tests/gpu/test_gpu_norm_quant.py -q -p no:cacheprovider --maxfail=10 > "$OUT/normquant_tests.log" 2>&1
+      echo "normquant tests (rc $?): $(tail -1 "$OUT/normquant_tests.log")"; grep -m8 "^FAILED\|^E  " "$OUT/normquant_tests.log"
+      timeout 25 python scripts/bench_norm_quant.py --iters 20 --output-json "$OUT/bench_norm_quant.json" > "$OUT/bench_norm_quant.log" 2>&1
+      echo "bench_norm_quant (rc $?):"; cat "$OUT/bench_norm_quant.log"
+      for nq in 0 1; do
+        HEADRACE_FP8_NORM_QUANT=$nq timeout 60 python scripts/profile_step.py --batch 880 --context 1500 --steps 10 \
+            --quantization fp8 --kv-cache-dtype fp8 --max-model-len 4096 --out "$OUT/profile_fp8_b880_nq$nq.json" \
+            > "$OUT/profile_fp8_b880_nq$nq.log" 2>&1
+        echo "W2 FP8 step, HEADRACE_FP8_NORM_QUANT=$nq (rc $?):"; grep -E '"(wall|gpu)_ms_per_step"|graph_replayed' "$OUT/profile_fp8_b880_nq$nq.log"
+        grep -E "add_rms_norm|quant_fp8_per_token|silu_mul_quant" "$OUT/profile_fp8_b880_nq$nq.log" | cut -c1-220
+      done ;;
   esac
 done

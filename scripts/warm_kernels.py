@@ -32,6 +32,7 @@ from cuda import (
     int4_v4_gemv,
     kv_write_kernel,
     layer_ops,
+    norm_quant,
     prefill_v2,
 )
 from cuda import paged_attention_kernels as pak
@@ -63,6 +64,8 @@ def jobs() -> list[Job]:
     out.append(("paged_attention", pak.source(), pak.module_defines(bf16, 128, None)))
     out.append(("fused_ops", fused_ops.source(), fused_ops.module_defines(bf16)))
     out.append(("layer_ops", layer_ops.source(), layer_ops.module_defines(bf16)))
+    for dtype in (torch.bfloat16, torch.float16):  # HEADRACE_FP8_NORM_QUANT=1, its GPU tests
+        out.append(("norm_quant", norm_quant.source(), norm_quant.module_defines(dtype)))
     out.append(("write_kv", kv_write_kernel.SOURCE, {}))
     out.append(("argmax", argmax.SOURCE, {}))  # fp32, bf16 and fp16 rows: one module
     for job in decode_jobs():  # every decode variant the GPU tests load (FP8's default too)

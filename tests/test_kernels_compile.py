@@ -379,3 +379,36 @@ def test_int4_tiled_gemm_compiles_for_sm90(dtype_name: str) -> None:
         regs = int(re.search(r"Used (\d+) registers", body).group(1))  # type: ignore[union-attr]
         assert regs * tg.THREADS <= 65536, (name, regs)
     _check_log(log)
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_norm_quant_compiles(dtype_name: str) -> None:
+    """The add + RMSNorm + FP8 quantization kernel (cuda/norm_quant.cu): no spills, no stack
+    frame, and registers that let its largest block (1024 threads, H = 8192) launch."""
+    import torch
+
+    from cuda import norm_quant
+
+    cubin, log = compiler.compile_cubin(
+        norm_quant.source(),
+        arch="sm_90",
+        defines=norm_quant.module_defines(getattr(torch, dtype_name)),
+        name="norm_quant",
+        verbose_ptxas=True,
+    )
+    assert f"Compiling entry function '{norm_quant.KERNEL}'" in log
+    assert norm_quant.KERNEL.encode() in cubin
+    _check_log(log)
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))  # type: ignore[union-attr]
+    assert regs * 1024 <= 65536, regs
+
+
+def test_norm_quant_shares_the_norm_passes() -> None:
+    """fused_ops and norm_quant paste the same rms_norm.cuh (the bit-identical normed rows
+    rest on it)."""
+    from cuda import fused_ops, norm_quant
+
+    header = (Path(compiler.__file__).parent / "rms_norm.cuh").read_text()
+    body = header.split("#pragma once", 1)[1].split('#include "elem_type.cuh"', 1)[1]
+    assert body in fused_ops.source() and body in norm_quant.source()
+    assert '#include "' not in norm_quant.source()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cuda import norm_quant
 from cuda.fused_ops import add_rms_norm, rotary, silu_and_mul
 from cuda.kv_write_rotary import rotary_write_kv
 from cuda.layer_ops import gelu, layer_norm
@@ -26,7 +27,7 @@ from worker.attention import AttentionBackend, AttentionMetadata, AttentionParam
 from worker.model_config import ModelConfig, UnsupportedModelError
 from worker.models.dense import DenseLinear
 from worker.models.rope import rope_frequencies
-from worker.quant.fp8 import Fp8Linear
+from worker.quant.fp8 import Fp8Input, Fp8Linear
 from worker.quant.int4 import Int4Config
 from worker.quant.int4_linear import Int4Linear
 from worker.quant.scheme import QuantScheme
@@ -48,6 +49,23 @@ class RMSNorm(nn.Module):
         """Returns (normed, new residual); with a residual, adds it first. One fused kernel
         on GPU; the torch reference (same rounding) on CPU."""
         return add_rms_norm(x, residual, self.weight, self.eps)
+
+    def forward_for(
+        self, x: torch.Tensor, residual: torch.Tensor | None, linear: nn.Module | None
+    ) -> tuple[torch.Tensor, torch.Tensor, Fp8Input | None]:
+        """forward(), and where `linear` (the one consumer of the normed rows) is an
+        Fp8Linear about to quantize them per token, that quantization from the same launch
+        (HEADRACE_FP8_NORM_QUANT=1, cuda/norm_quant.py); else None and nothing changes."""
+        if not (norm_quant.ENABLED and isinstance(linear, Fp8Linear)):
+            return (*self(x, residual), None)
+        # x stands in for the normed rows (a fresh tensor of x's shape and dtype): the
+        # layer's rule only reads shape, dtype, strides and alignment.
+        if not (x.is_contiguous() and x.data_ptr() % 16 == 0 and linear.takes_fp8_input(x)):
+            return (*self(x, residual), None)
+        out, res, xq, xs = norm_quant.add_rms_norm_quant(
+            x, residual, self.weight, self.eps, linear.input_scale
+        )
+        return out, res, Fp8Input(xq, xs)
 
 
 class LayerNorm(nn.Module):
@@ -151,8 +169,10 @@ class Attention(nn.Module):
         x: torch.Tensor,
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
+        x_fp8: Fp8Input | None = None,  # x quantized for an Fp8Linear qkv_proj (RMSNorm)
     ) -> torch.Tensor:
-        return self.out_reduce(self.o_proj(self.attend(positions, self.qkv_proj(x), kv_cache, md)))
+        qkv = self.qkv_proj(x) if x_fp8 is None else self.qkv_proj(x, x_fp8)
+        return self.out_reduce(self.o_proj(self.attend(positions, qkv, kv_cache, md)))
 
     def attend(
         self,
@@ -203,8 +223,10 @@ class GatedMLP(nn.Module):
         # Tensor parallel: down_proj is row-parallel, as Attention's o_proj.
         self.out_reduce: Callable[[torch.Tensor], torch.Tensor] = no_reduce
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2I]: gate | up
+    def forward(self, x: torch.Tensor, x_fp8: Fp8Input | None = None) -> torch.Tensor:
+        """x_fp8: x quantized for an Fp8Linear gate_up_proj (RMSNorm.forward_for)."""
+        gate_up = self.gate_up_proj(x) if x_fp8 is None else self.gate_up_proj(x, x_fp8)
+        # gate_up [T, 2I]: gate | up
         fp8_down = getattr(self.down_proj, "forward_silu_mul", None)  # FP8: quant fused in
         if fp8_down is not None:
             return self.out_reduce(fp8_down(gate_up))

@@ -53,10 +53,13 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # residual None: x is the hidden state
         if fused_step.applies(self, x):  # batch-1 decode: norms and adds inside the GEMVs
             return fused_step.layer_forward(self, positions, x, residual, kv_cache, md)
-        h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, kv_cache, md)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        # FP8 q/k/v and gate/up: the norms may quantize their rows for them (hq).
+        attn = self.self_attn
+        h, residual, hq = self.input_layernorm.forward_for(x, residual, attn.qkv_proj)
+        h = attn(positions, h, kv_cache, md, hq)
+        gate_up = getattr(self.mlp, "gate_up_proj", None)  # None: mixture of experts
+        h, residual, hq = self.post_attention_layernorm.forward_for(h, residual, gate_up)
+        return (self.mlp(h) if hq is None else self.mlp(h, hq)), residual
 
 
 class LlamaForCausalLM(CausalLM):

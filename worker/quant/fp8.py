@@ -19,6 +19,7 @@ CPU: `fp8_linear_ref`, the same math in fp32.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -59,6 +60,29 @@ def dequantize_weight(wq: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the matmul ------------------------------------------------------------------------------
+class Fp8Input(NamedTuple):
+    """An Fp8Linear's input, quantized per token ahead of the layer by the kernel that wrote
+    it (cuda/norm_quant.py): what quantize_per_token would give, bit for bit."""
+
+    xq: torch.Tensor  # [T, K] float8_e4m3fn
+    scales: torch.Tensor  # [T, 1] fp32
+
+
+def fp8_matmul_ref(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(xq * xs) @ dequantized weight^T (+ bias) in fp32, rounded to dtype."""
+    y = (xq.float() * xs) @ dequantize_weight(weight, weight_scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)
+
+
 def fp8_linear_ref(
     x: torch.Tensor,  # [T, K]
     weight: torch.Tensor,  # [N, K] fp8
@@ -68,10 +92,7 @@ def fp8_linear_ref(
 ) -> torch.Tensor:
     """The reference: quantize x as the GPU does, dequantize both, matmul in fp32."""
     xq, xs = quantize_per_token_ref(x, input_scale)
-    y = (xq.float() * xs) @ dequantize_weight(weight, weight_scale).t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return fp8_matmul_ref(xq, xs, weight, weight_scale, bias, x.dtype)
 
 
 def gemm_mode(device: torch.device) -> str:
@@ -146,8 +167,8 @@ def _fp8_linear_cuda(
     if uses_gemv(x, weight):
         return fp8_gemv(x, weight, weight_scale, bias)
     mode = gemm_mode(x.device)
-    n, k = weight.shape
-    if mode == "dequant" or k % 16 or n % 16 or x.shape[0] == 0:
+    n = weight.shape[0]
+    if mode == "dequant" or not _gemm_shape_ok(x, weight):
         w = dequantize_weight(weight, weight_scale).to(x.dtype)
         return torch.nn.functional.linear(x, w, bias)
     if mode == "rowwise":
@@ -165,6 +186,24 @@ def _fp8_linear_cuda(
     if bias is not None:
         y = y + bias
     return y.to(x.dtype)
+
+
+def _gemm_shape_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return k % 16 == 0 and n % 16 == 0 and x.shape[0] > 0
+
+
+def quantizes_per_token(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp8_linear(x, weight, ...) on this GPU tensor runs quantize_per_token(x, input_scale),
+    then the row-wise _scaled_mm: not the GEMV (<= 8 rows under HEADRACE_FP8_GEMV's mode),
+    not the dequantized or tensor-wise fallbacks. x: [M, K] contiguous, as the layer gets it."""
+    return (
+        x.dim() == 2
+        and x.is_contiguous()
+        and not uses_gemv(x, weight)
+        and _gemm_shape_ok(x, weight)
+        and gemm_mode(x.device) == "rowwise"
+    )
 
 
 def scaled_mm_rowwise(
@@ -237,8 +276,25 @@ class Fp8Linear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias)
+    def forward(self, x: torch.Tensor, x_fp8: Fp8Input | None = None) -> torch.Tensor:
+        """x_fp8: x already quantized per token (with input_scale where static), given only
+        where `takes_fp8_input(x)` said so."""
+        if x_fp8 is None:
+            return fp8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias)
+        xq, xs = x_fp8
+        if not x.is_cuda:
+            return fp8_matmul_ref(xq, xs, self.weight, self.weight_scale, self.bias, x.dtype)
+        return scaled_mm_rowwise(xq, xs, self.weight, self.weight_scale, self.bias, x.dtype)
+
+    def takes_fp8_input(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) quantizes x per token for the row-wise _scaled_mm, so a kernel
+        that writes x may hand over its quantization instead (x: the tensor forward will
+        get, or one of its shape, dtype, strides and 16-byte alignment)."""
+        return (
+            x.is_cuda
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and (quantizes_per_token(x, self.weight))
+        )
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(silu_and_mul(gate_up)), the activation quantization fused where it pays."""
