@@ -85,6 +85,7 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
         int4_gemm,
         kv_write_kernel,
         layer_ops,
+        norm_quant,
         prefill_v2,
     )
     from cuda import int4_tiled_gemm as tiled
@@ -139,6 +140,10 @@ def test_warm_kernels_compiles_what_the_loaders_load(monkeypatch: pytest.MonkeyP
     layer_ops._launch(torch.bfloat16, ("k", (1,), 32, ()))
     compiler.load_module(kv_write_kernel.SOURCE, name="write_kv")  # as write_kv_cuda does
     compiler.load_module(argmax.SOURCE, name="argmax")  # as argmax_rows does
+    for dtype in (torch.bfloat16, torch.float16):  # as norm_quant.add_rms_norm_quant does
+        compiler.load_module(
+            norm_quant.source(), defines=norm_quant.module_defines(dtype), name="norm_quant"
+        )
     assert sorted(set(map(repr, asked))) == sorted(map(repr, warm.jobs()))
 
 
