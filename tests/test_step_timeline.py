@@ -60,6 +60,15 @@ def test_busy_and_gap_from_marks() -> None:
     assert s["decode/graph"]["gap_ms"] == pytest.approx((0.5 + 0.0) / 2)
     assert s["prefill/eager"]["gap_ms"] == pytest.approx(1.0)
     assert s["prefill/eager"]["gpu_busy_ms"] == pytest.approx(7.0)
+    assert s["decode/graph"]["gap_max_ms"] == pytest.approx(0.5)
+    assert s["decode/graph"]["gap_total_ms"] == pytest.approx(0.5)
+    assert s["decode/graph"]["gap_p50_ms"] == pytest.approx(0.5)  # of [0.0, 0.5]
+    worst = tl.worst_gaps(2)
+    assert [(w["step"], w["kind"], w["prev_kind"]) for w in worst] == [
+        (3, "prefill/eager", "decode"),
+        (1, "decode/graph", "decode"),
+    ]
+    assert worst[0]["gap_ms"] == pytest.approx(1.0)
 
 
 def _engine(path: Path) -> EngineCore:

@@ -285,8 +285,37 @@ class StepTimeline:
             row["host_ms"] = sum(float(row[f"{p}_ms"] or 0) for p in PHASES if p != "wait")
             row["gpu_busy_ms"] = _mean([r.busy_ms for r in recs])
             row["gap_ms"] = _mean([r.gap_ms for r in recs])
+            # A mean gap can be many small ones or a few stalls: the spread says which.
+            gaps = sorted(r.gap_ms for r in recs if r.gap_ms is not None)
+            row["gap_p50_ms"] = _quantile(gaps, 0.5)
+            row["gap_p90_ms"] = _quantile(gaps, 0.9)
+            row["gap_max_ms"] = gaps[-1] if gaps else None
+            row["gap_total_ms"] = sum(gaps) if gaps else None
             out[key] = row
         return out
+
+    def worst_gaps(self, n: int = 10) -> list[dict[str, Any]]:
+        """The n steps with the longest idle gap before them, with the step before each
+        (what the GPU had just finished when the host fell behind)."""
+        self.resolve()
+        rows = []
+        for i, rec in enumerate(self.records):
+            if rec.gap_ms is None:
+                continue
+            prev = self.records[i - 1] if i > 0 else None
+            rows.append(
+                {
+                    "step": i,
+                    "kind": f"{rec.kind}/{'graph' if rec.graph else 'eager'}",
+                    "reqs": rec.num_reqs,
+                    "tokens": rec.num_tokens,
+                    "gap_ms": rec.gap_ms,
+                    "busy_ms": rec.busy_ms,
+                    "prev_kind": None if prev is None else prev.kind,
+                    "prev_reqs": None if prev is None else prev.num_reqs,
+                }
+            )
+        return sorted(rows, key=lambda r: -r["gap_ms"])[:n]
 
 
 class _TimedSampler:
@@ -308,16 +337,23 @@ def _mean(xs: list[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    """The nearest-rank q-quantile of an ascending list (None when empty)."""
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
 def format_summary(summary: dict[str, dict[str, float | int | None]]) -> str:
     """A table, one row per step kind: host phases, GPU busy, idle gap (ms per step)."""
     cols = ["steps", "reqs", "tokens", "wall_ms", *[f"{p}_ms" for p in PHASES]]
-    cols += ["host_ms", "gpu_busy_ms", "gap_ms"]
+    cols += ["host_ms", "gpu_busy_ms", "gap_ms", "gap_p90_ms", "gap_max_ms"]
     head = f"{'step kind':16s}" + "".join(f"{c.removesuffix('_ms'):>9s}" for c in cols)
     lines = [head + "   (ms per step; host = all phases but wait)"]
     for key, row in summary.items():
         cells = []
         for c in cols:
-            v = row[c]
+            v = row.get(c)
             cells.append(f"{'-':>9s}" if v is None else f"{v:9d}" if c == "steps" else f"{v:9.3f}")
         lines.append(f"{key:16s}" + "".join(cells))
     return "\n".join(lines)

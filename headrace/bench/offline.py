@@ -313,7 +313,9 @@ def _bench_engine(
         if timeline is not None:
             timeline.detach()
             result["timeline"] = timeline.summary()
+            result["timeline_worst_gaps"] = timeline.worst_gaps()
             print(format_summary(result["timeline"]), flush=True)
+            print("longest idle gaps:", json.dumps(result["timeline_worst_gaps"]), flush=True)
         if torch.cuda.is_available() and not args.no_roofline:
             ctx = (w.prompt_lens[0] + w.output_lens[0] // 2) if w.name == "W1" else 0
             result["roofline"] = roofline(engine, measure_copy_bandwidth(), ctx)
