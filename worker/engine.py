@@ -7,7 +7,6 @@ in process.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 
@@ -22,7 +21,7 @@ from ipc.messages import (
 )
 from ipc.model_folder import ModelFiles, open_model
 from ipc.sampling import check_request
-from worker import progress
+from worker import gc_control, progress
 from worker.async_step import AsyncStepper
 from worker.batch_defaults import device_batch_defaults, resolve_batch_limits
 from worker.config import EngineConfig, SchedulerConfig
@@ -93,6 +92,7 @@ class EngineCore:
             AsyncStepper(self) if config.async_scheduling and self.proposer is None else None
         )
         self.closed = False
+        gc_control.freeze_startup_heap()  # full collections skip the start-up heap
 
     def shutdown(self) -> None:
         """Free the engine's device memory now, whoever still holds the engine: the CUDA
@@ -120,7 +120,7 @@ class EngineCore:
         self.runner.release()
         if self.proposer is not None:
             self.proposer.release()
-        gc.collect()  # reference cycles over what was just dropped
+        gc_control.collect_all()  # reference cycles over what was just dropped, frozen too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -298,24 +298,27 @@ class StepTimeline:
         """The n steps with the longest idle gap before them, with the step before each
         (what the GPU had just finished when the host fell behind)."""
         self.resolve()
-        rows = []
+        rows: list[tuple[float, dict[str, Any]]] = []
         for i, rec in enumerate(self.records):
             if rec.gap_ms is None:
                 continue
             prev = self.records[i - 1] if i > 0 else None
             rows.append(
-                {
-                    "step": i,
-                    "kind": f"{rec.kind}/{'graph' if rec.graph else 'eager'}",
-                    "reqs": rec.num_reqs,
-                    "tokens": rec.num_tokens,
-                    "gap_ms": rec.gap_ms,
-                    "busy_ms": rec.busy_ms,
-                    "prev_kind": None if prev is None else prev.kind,
-                    "prev_reqs": None if prev is None else prev.num_reqs,
-                }
+                (
+                    rec.gap_ms,
+                    {
+                        "step": i,
+                        "kind": f"{rec.kind}/{'graph' if rec.graph else 'eager'}",
+                        "reqs": rec.num_reqs,
+                        "tokens": rec.num_tokens,
+                        "gap_ms": rec.gap_ms,
+                        "busy_ms": rec.busy_ms,
+                        "prev_kind": None if prev is None else prev.kind,
+                        "prev_reqs": None if prev is None else prev.num_reqs,
+                    },
+                )
             )
-        return sorted(rows, key=lambda r: -r["gap_ms"])[:n]
+        return [row for _, row in sorted(rows, key=lambda r: -r[0])[:n]]
 
 
 class _TimedSampler:
