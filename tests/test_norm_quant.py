@@ -7,6 +7,7 @@ same with the fusion as without. The kernel's compile check is in test_kernels_c
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,7 @@ def test_llama_logits_equal_with_the_fusion(
         return real(self, x, x_fp8)
 
     monkeypatch.setattr(Fp8Linear, "forward", spy)
+    monkeypatch.setattr(norm_quant, "ENABLED", False)  # HEADRACE_FP8_NORM_QUANT=0
     want = model_logits(path, tokens, **kw)
     assert calls and not any(pre for _, pre in calls)
     calls.clear()
@@ -189,12 +191,27 @@ def test_tensor_parallel_ranks_equal_with_the_fusion(
         return real(self, x, x_fp8)
 
     monkeypatch.setattr(Fp8Linear, "forward", spy)
+    monkeypatch.setattr(norm_quant, "ENABLED", False)  # HEADRACE_FP8_NORM_QUANT=0
     off = run_ranks(2, lambda g: greedy(TpEngineCore(config, g)))
     assert handed and not any(handed)
     monkeypatch.setattr(norm_quant, "ENABLED", True)
     on = run_ranks(2, lambda g: greedy(TpEngineCore(config, g)))
     assert any(handed)
     assert on == off
+
+
+def test_on_unless_switched_off() -> None:
+    """The default (measured on the H200): on; only HEADRACE_FP8_NORM_QUANT=0 turns it off."""
+    import subprocess
+    import sys
+
+    code = "from cuda import norm_quant; print(norm_quant.ENABLED)"
+    for value, want in ((None, "True"), ("0", "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "HEADRACE_FP8_NORM_QUANT"}
+        if value is not None:
+            env["HEADRACE_FP8_NORM_QUANT"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == want, (value, out.stderr[-500:])
 
 
 def test_launch_arguments_match_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,7 +55,7 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, Fp8Input | None]:
         """forward(), and where `linear` (the one consumer of the normed rows) is an
         Fp8Linear about to quantize them per token, that quantization from the same launch
-        (HEADRACE_FP8_NORM_QUANT=1, cuda/norm_quant.py); else None and nothing changes."""
+        (cuda/norm_quant.py; HEADRACE_FP8_NORM_QUANT=0: never); else None and nothing changes."""
         if not (norm_quant.ENABLED and isinstance(linear, Fp8Linear)):
             return (*self(x, residual), None)
         # x stands in for the normed rows (a fresh tensor of x's shape and dtype): the
