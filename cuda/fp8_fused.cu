@@ -35,28 +35,9 @@
 // block of THREADS threads a row, pass 1 computes h for the amax, pass 2 recomputes it (the
 // row re-read from L2) and writes hq. I % 8 == 0, rows 16-byte aligned (both paths).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#ifndef HR_BF16
-#define HR_BF16 1
-#endif
-#if HR_BF16
-typedef __nv_bfloat16 elem_t;
-typedef __nv_bfloat162 elem2_t;
-__device__ __forceinline__ float to_f(elem_t v) { return __bfloat162float(v); }
-__device__ __forceinline__ elem_t from_f(float v) { return __float2bfloat16_rn(v); }
-__device__ __forceinline__ float2 to_f2(elem2_t v) { return __bfloat1622float2(v); }
-__device__ __forceinline__ elem2_t from_f2(float a, float b) { return __floats2bfloat162_rn(a, b); }
-#else
-typedef __half elem_t;
-typedef __half2 elem2_t;
-__device__ __forceinline__ float to_f(elem_t v) { return __half2float(v); }
-__device__ __forceinline__ elem_t from_f(float v) { return __float2half_rn(v); }
-__device__ __forceinline__ float2 to_f2(elem2_t v) { return __half22float2(v); }
-__device__ __forceinline__ elem2_t from_f2(float a, float b) { return __floats2half2_rn(a, b); }
-#endif
+#include "elem2_type.cuh"  // elem_t, elem2_t and their fp32 conversions for HR_BF16
 
 namespace hr_fp8_fused {
 

@@ -27,89 +27,39 @@
 // At 4 warp-instructions a clock an SM, 174 a warp's k-block (1 KB of weights) caps the
 // kernel near 5.9 TB/s of issue, above the 4.2 TB/s copy bandwidth (gemv_m1: ~3.1).
 
-#include "elem2_type.cuh"  // elem_t, from_f for HR_BF16
+#include "int4_mma.cuh"  // i4_mma, i4_fma2, i4_zero, i4_ld_stream, ... (and elem2_type.cuh)
 
 constexpr int MW_KB = 128;  // inputs per k-block
 
 #if HR_BF16
-#define MW_MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-#define MW_FMA2 "fma.rn.bf16x2"
 constexpr unsigned int MW_MAGIC = 0x43004300u;  // 128.0 pair
 constexpr unsigned int MW_ONE = 0x3F803F80u;
 #else
-#define MW_MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
-#define MW_FMA2 "fma.rn.f16x2"
 constexpr unsigned int MW_MAGIC = 0x64006400u;  // 1024.0 pair
 constexpr unsigned int MW_ONE = 0x3C003C00u;
 constexpr unsigned int MW_SIXTEENTH = 0x2C002C00u;  // 1/16 pair
 #endif
 
-__device__ __forceinline__ uint4 mw_ld_stream(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ void mw_prefetch(const uint4* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
-__device__ __forceinline__ unsigned int mw_fma2(unsigned int a, unsigned int b, unsigned int c) {
-    unsigned int d;
-    asm(MW_FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-// The constants that make (magic | nibbles) q - z for a zero point z (0..16), on both
-// 16-bit lanes, as integer bit patterns (one IMAD each, no float conversions): lo for
-// nibbles at bits 0-3 of each half, -(magic + z): bf16 -(128 + z) = 0xC300 + z, fp16
-// -(1024 + z) = 0xE400 + z (both step 1 there); hi (fp16) for bits 4-7, -(magic / 16 + z):
-// -(64 + z) = 0xD400 + 16 z (fp16 steps 1/16 in [64, 128)).
-struct MwZero {
-    unsigned int lo, hi;
-};
-
-__device__ __forceinline__ MwZero mw_zero(unsigned int z) {
-#if HR_BF16
-    return {0xC300C300u + z * 0x00010001u, 0u};
-#else
-    return {0xE400E400u + z * 0x00010001u, 0xD400D400u + z * 0x00100010u};
-#endif
-}
-
 // q[s] = (nibble s - z, nibble s + 4 - z) of word w as a 16-bit pair, s = 0..3. `lo` is
 // 0x000F000F in a register: the kernel takes it as an argument (lo_mask), because as a
 // known constant next to the magic immediate ptxas re-made it with a MOV before every LOP3
 // (26 of ~200 instructions a k-block).
-__device__ __forceinline__ void mw_dequant(unsigned int w, MwZero z, unsigned int lo, unsigned int (&q)[4]) {
+__device__ __forceinline__ void mw_dequant(unsigned int w, I4Zero z, unsigned int lo, unsigned int (&q)[4]) {
 #if HR_BF16
 #pragma unroll
-    for (int s = 0; s < 4; ++s) q[s] = mw_fma2(((w >> (4 * s)) & lo) | MW_MAGIC, MW_ONE, z.lo);
+    for (int s = 0; s < 4; ++s) q[s] = i4_fma2(((w >> (4 * s)) & lo) | MW_MAGIC, MW_ONE, z.lo);
 #else
     const unsigned int w8 = w >> 8, hi = lo << 4;
-    q[0] = mw_fma2((w & lo) | MW_MAGIC, MW_ONE, z.lo);
-    q[1] = mw_fma2((w & hi) | MW_MAGIC, MW_SIXTEENTH, z.hi);
-    q[2] = mw_fma2((w8 & lo) | MW_MAGIC, MW_ONE, z.lo);
-    q[3] = mw_fma2((w8 & hi) | MW_MAGIC, MW_SIXTEENTH, z.hi);
+    q[0] = i4_fma2((w & lo) | MW_MAGIC, MW_ONE, z.lo);
+    q[1] = i4_fma2((w & hi) | MW_MAGIC, MW_SIXTEENTH, z.hi);
+    q[2] = i4_fma2((w8 & lo) | MW_MAGIC, MW_ONE, z.lo);
+    q[3] = i4_fma2((w8 & hi) | MW_MAGIC, MW_SIXTEENTH, z.hi);
 #endif
-}
-
-__device__ __forceinline__ void mw_mma(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
-                                       unsigned int a3, unsigned int b0, unsigned int b1) {
-    asm volatile(MW_MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ unsigned int mw_word(const uint4& v, int i) {
-    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
 // One k-block: t += the 16 x 8 tile's 8 k-steps. wl / wh: channels g / g + 8; xr: the
 // lane's 32 inputs of its x row (4 uint4).
-__device__ __forceinline__ void mw_kblock(float (&t)[4], uint4 wl, uint4 wh, MwZero zl, MwZero zh,
+__device__ __forceinline__ void mw_kblock(float (&t)[4], uint4 wl, uint4 wh, I4Zero zl, I4Zero zh,
                                           const uint4* __restrict__ xr, unsigned int lo) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -117,10 +67,10 @@ __device__ __forceinline__ void mw_kblock(float (&t)[4], uint4 wl, uint4 wh, MwZ
         const unsigned int b00 = __byte_perm(xv.x, xv.z, 0x5410), b01 = __byte_perm(xv.x, xv.z, 0x7632);
         const unsigned int b10 = __byte_perm(xv.y, xv.w, 0x5410), b11 = __byte_perm(xv.y, xv.w, 0x7632);
         unsigned int ql[4], qh[4];
-        mw_dequant(mw_word(wl, i), zl, lo, ql);
-        mw_dequant(mw_word(wh, i), zh, lo, qh);
-        mw_mma(t, ql[0], qh[0], ql[1], qh[1], b00, b01);  // t = 0: inputs 0, 4 | 1, 5
-        mw_mma(t, ql[2], qh[2], ql[3], qh[3], b10, b11);  // t = 1: inputs 2, 6 | 3, 7
+        mw_dequant(i4_word(wl, i), zl, lo, ql);
+        mw_dequant(i4_word(wh, i), zh, lo, qh);
+        i4_mma(t, ql[0], qh[0], ql[1], qh[1], b00, b01);  // t = 0: inputs 0, 4 | 1, 5
+        i4_mma(t, ql[2], qh[2], ql[3], qh[3], b10, b11);  // t = 1: inputs 2, 6 | 3, 7
     }
 }
 
@@ -159,8 +109,8 @@ __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 if (b + U + u < b1) {
-                    mw_prefetch(wlp + 4 * (U + u));
-                    mw_prefetch(whp + 4 * (U + u));
+                    i4_prefetch(wlp + 4 * (U + u));
+                    i4_prefetch(whp + 4 * (U + u));
                 }
             }
         }
@@ -170,8 +120,8 @@ __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (b + u < b1) {
-                wl[u] = mw_ld_stream(wlp + 4 * u);
-                wh[u] = mw_ld_stream(whp + 4 * u);
+                wl[u] = i4_ld_stream(wlp + 4 * u);
+                wh[u] = i4_ld_stream(whp + 4 * u);
                 if (b + u == g_next) {
                     ++gi;
                     g_next += bpg;
@@ -186,7 +136,7 @@ __device__ __forceinline__ void mma_gemv(HR_MW_ARGS) {
         for (int u = 0; u < U; ++u) {
             if (b + u < b1) {
                 float t[4] = {0.f, 0.f, 0.f, 0.f};
-                mw_kblock(t, wl[u], wh[u], mw_zero(zl[u]), mw_zero(zh[u]), xr + 16 * u, lo);
+                mw_kblock(t, wl[u], wh[u], i4_zero(zl[u]), i4_zero(zh[u]), xr + 16 * u, lo);
                 acc[0] = fmaf(sl[u], t[0], acc[0]);  // C: (channel g, x rows 2c, 2c + 1),
                 acc[1] = fmaf(sl[u], t[1], acc[1]);  //    (channel g + 8, x rows 2c, 2c + 1)
                 acc[2] = fmaf(sh[u], t[2], acc[2]);
@@ -255,8 +205,6 @@ __device__ __forceinline__ void ms_cp16(void* smem, const void* gmem) {
     const unsigned int s = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
-__device__ __forceinline__ void ms_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void ms_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
 // Stage round r's x k-block of every slice (rows 0 .. rows - 1) into buffer r & 1:
 // [slice][row][16 uint4], uint4 (c, j) = inputs 32 c + 8 j .. + 7 at 4 c + (j ^ swizzle).
@@ -276,7 +224,7 @@ __device__ __forceinline__ void ms_stage(uint4* smem, const elem_t* __restrict__
             }
         }
     }
-    ms_commit();  // an empty group past the last round keeps wait_group 1's count right
+    i4_commit();  // an empty group past the last round keeps wait_group 1's count right
 }
 
 template <int TW, int WK, int NT>
@@ -308,8 +256,8 @@ __device__ __forceinline__ void mma_skinny(HR_MW_ARGS) {
     float sl = 0.f, sh = 0.f;
     unsigned int zl = 0, zh = 0;
     if (b0 < b1) {
-        wl = mw_ld_stream(wlp);
-        wh = mw_ld_stream(whp);
+        wl = i4_ld_stream(wlp);
+        wh = i4_ld_stream(whp);
         const int gi = b0 / bpg;
         sl = __half2float(__ldg(slp + gi));
         sh = __half2float(__ldg(shp + gi));
@@ -319,8 +267,8 @@ __device__ __forceinline__ void mma_skinny(HR_MW_ARGS) {
 #pragma unroll
     for (int d = 1; d <= MS_PF; ++d) {
         if (b0 + d < b1) {
-            mw_prefetch(wlp + 4 * d);
-            mw_prefetch(whp + 4 * d);
+            i4_prefetch(wlp + 4 * d);
+            i4_prefetch(whp + 4 * d);
         }
     }
     float acc[NT][4];
@@ -331,34 +279,34 @@ __device__ __forceinline__ void mma_skinny(HR_MW_ARGS) {
         const int b = b0 + r;
         ms_stage<TW, WK, NT>(ms_smem, x, x_stride, r + 1, per, KB, rows, M);
         if (b + 1 + MS_PF < b1) {
-            mw_prefetch(wlp + 4 * (r + 1 + MS_PF));
-            mw_prefetch(whp + 4 * (r + 1 + MS_PF));
+            i4_prefetch(wlp + 4 * (r + 1 + MS_PF));
+            i4_prefetch(whp + 4 * (r + 1 + MS_PF));
         }
         uint4 nwl = wl, nwh = wh;
         float nsl = sl, nsh = sh;
         unsigned int nzl = zl, nzh = zh;
         if (b + 1 < b1) {  // next round's weights, in flight during this round's math
-            nwl = mw_ld_stream(wlp + 4 * (r + 1));
-            nwh = mw_ld_stream(whp + 4 * (r + 1));
+            nwl = i4_ld_stream(wlp + 4 * (r + 1));
+            nwh = i4_ld_stream(whp + 4 * (r + 1));
             const int gi = (b + 1) / bpg;
             nsl = __half2float(__ldg(slp + gi));
             nsh = __half2float(__ldg(shp + gi));
             nzl = __ldg(zlp + gi);
             nzh = __ldg(zhp + gi);
         }
-        ms_wait1();  // this round's x (the group before the one just committed)
+        i4_wait<1>();  // this round's x (the group before the one just committed)
         __syncthreads();
         if (b < b1) {
             const uint4* xs = ms_smem + ((r & 1) * WK + ks) * SLICE + g * 16 + 4 * c;
-            const MwZero zlo = mw_zero(zl), zhi = mw_zero(zh);
+            const I4Zero zlo = i4_zero(zl), zhi = i4_zero(zh);
             float t[NT][4];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) t[nt][0] = t[nt][1] = t[nt][2] = t[nt][3] = 0.f;
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 unsigned int ql[4], qh[4];
-                mw_dequant(mw_word(wl, i), zlo, lo, ql);
-                mw_dequant(mw_word(wh, i), zhi, lo, qh);
+                mw_dequant(i4_word(wl, i), zlo, lo, ql);
+                mw_dequant(i4_word(wh, i), zhi, lo, qh);
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
                     if (nt < used) {  // warp-uniform
@@ -367,8 +315,8 @@ __device__ __forceinline__ void mma_skinny(HR_MW_ARGS) {
                         const unsigned int b01 = __byte_perm(xv.x, xv.z, 0x7632);
                         const unsigned int b10 = __byte_perm(xv.y, xv.w, 0x5410);
                         const unsigned int b11 = __byte_perm(xv.y, xv.w, 0x7632);
-                        mw_mma(t[nt], ql[0], qh[0], ql[1], qh[1], b00, b01);
-                        mw_mma(t[nt], ql[2], qh[2], ql[3], qh[3], b10, b11);
+                        i4_mma(t[nt], ql[0], qh[0], ql[1], qh[1], b00, b01);
+                        i4_mma(t[nt], ql[2], qh[2], ql[3], qh[3], b10, b11);
                     }
                 }
             }
@@ -390,21 +338,10 @@ __device__ __forceinline__ void mma_skinny(HR_MW_ARGS) {
     }
     if (WK > 1) {
         float* red = reinterpret_cast<float*>(ms_smem);  // [WK][TW][NT][4][32]; x's buffers are free
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) red[(((ks * TW + tw) * NT + nt) * 4 + j) * 32 + lane] = acc[nt][j];
+        i4_skinny_put<TW, NT>(acc, red, ks, tw, lane);
         __syncthreads();
         if (ks != 0) return;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float v = acc[nt][j];
-#pragma unroll
-                for (int s = 1; s < WK; ++s) v += red[(((s * TW + tw) * NT + nt) * 4 + j) * 32 + lane];
-                acc[nt][j] = v;
-            }
+        i4_skinny_add<TW, WK, NT>(acc, red, tw, lane);
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)

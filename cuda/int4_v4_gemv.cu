@@ -28,19 +28,15 @@
 // (no workspace, no atomics: deterministic and graph-safe). The rule (cuda/int4_v4_gemv.py)
 // picks WK so that every warp of the grid is resident at once (one wave of streams).
 
-#include "elem2_type.cuh"  // elem_t, from_f for HR_BF16
+#include "int4_mma.cuh"  // i4_mma, i4_fma2, i4_zero, i4_ld_stream, ... (and elem2_type.cuh)
 
 constexpr int V4_KB = 128;   // inputs per k-block
 constexpr int V4_UNIT = 64;  // uint4 per unit (16 channels x 128 inputs)
 
 #if HR_BF16
-#define V4_MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-#define V4_FMA2 "fma.rn.bf16x2"
 constexpr unsigned int V4_MAGIC = 0x43004300u;  // 128.0 pair
 constexpr unsigned int V4_ONE = 0x3F803F80u;
 #else
-#define V4_MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
-#define V4_FMA2 "fma.rn.f16x2"
 constexpr unsigned int V4_MAGIC = 0x64006400u;  // 1024.0 pair
 constexpr unsigned int V4_ONE = 0x3C003C00u;
 constexpr unsigned int V4_SIXTEENTH = 0x2C002C00u;  // 1/16 pair
@@ -49,10 +45,6 @@ constexpr unsigned int V4_SIXTEENTH = 0x2C002C00u;  // 1/16 pair
 // 16 bytes global -> shared, bypassing L1 (.cg); completion tracked by commit / wait groups.
 __device__ __forceinline__ void v4_cp16(unsigned int dst, const uint4* src) {
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void v4_prefetch(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 // Programmatic Dependent Launch (HEADRACE_PDL=1; cuda/gemv_step.cu has the same pair): launched
@@ -71,13 +63,6 @@ __device__ __forceinline__ void v4_griddep_launch_dependents() {
 #endif
 }
 
-__device__ __forceinline__ void v4_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void v4_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 __device__ __forceinline__ uint4 v4_lds(unsigned int addr) {
     uint4 v;
     asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -87,66 +72,41 @@ __device__ __forceinline__ uint4 v4_lds(unsigned int addr) {
     return v;
 }
 
-__device__ __forceinline__ unsigned int v4_fma2(unsigned int a, unsigned int b, unsigned int c) {
-    unsigned int d;
-    asm(V4_FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-// -(magic + z) (lo: nibbles at bits 0-3 of each half) and, fp16 only, -(magic / 16 + z)
-// (hi: bits 4-7) on both 16-bit lanes, as integer bit patterns (round 3's mw_zero).
-struct V4Zero {
-    unsigned int lo, hi;
-};
-
-__device__ __forceinline__ V4Zero v4_zero(unsigned int z) {
-#if HR_BF16
-    return {0xC300C300u + z * 0x00010001u, 0u};
-#else
-    return {0xE400E400u + z * 0x00010001u, 0xD400D400u + z * 0x00100010u};
-#endif
-}
-
 // A registers of one k-step from word w: s even is channel g (zero zg), s odd channel
 // g + 8 (zero zh). `lo` is 0x000F000F passed in a register (round 3: as a constant next to
 // the magic immediate, ptxas re-made it with a MOV before every LOP3).
-__device__ __forceinline__ void v4_dequant(unsigned int w, V4Zero zg, V4Zero zh, unsigned int lo,
+__device__ __forceinline__ void v4_dequant(unsigned int w, I4Zero zg, I4Zero zh, unsigned int lo,
                                            unsigned int (&a)[4]) {
 #if HR_BF16
     const unsigned int w4 = w >> 4;
-    a[0] = v4_fma2((w & lo) | V4_MAGIC, V4_ONE, zg.lo);
-    a[1] = v4_fma2((w4 & lo) | V4_MAGIC, V4_ONE, zh.lo);
-    a[2] = v4_fma2(((w >> 8) & lo) | V4_MAGIC, V4_ONE, zg.lo);
-    a[3] = v4_fma2(((w4 >> 8) & lo) | V4_MAGIC, V4_ONE, zh.lo);
+    a[0] = i4_fma2((w & lo) | V4_MAGIC, V4_ONE, zg.lo);
+    a[1] = i4_fma2((w4 & lo) | V4_MAGIC, V4_ONE, zh.lo);
+    a[2] = i4_fma2(((w >> 8) & lo) | V4_MAGIC, V4_ONE, zg.lo);
+    a[3] = i4_fma2(((w4 >> 8) & lo) | V4_MAGIC, V4_ONE, zh.lo);
 #else
     const unsigned int w8 = w >> 8, hi = lo << 4;
-    a[0] = v4_fma2((w & lo) | V4_MAGIC, V4_ONE, zg.lo);
-    a[1] = v4_fma2((w & hi) | V4_MAGIC, V4_SIXTEENTH, zh.hi);
-    a[2] = v4_fma2((w8 & lo) | V4_MAGIC, V4_ONE, zg.lo);
-    a[3] = v4_fma2((w8 & hi) | V4_MAGIC, V4_SIXTEENTH, zh.hi);
+    a[0] = i4_fma2((w & lo) | V4_MAGIC, V4_ONE, zg.lo);
+    a[1] = i4_fma2((w & hi) | V4_MAGIC, V4_SIXTEENTH, zh.hi);
+    a[2] = i4_fma2((w8 & lo) | V4_MAGIC, V4_ONE, zg.lo);
+    a[3] = i4_fma2((w8 & hi) | V4_MAGIC, V4_SIXTEENTH, zh.hi);
 #endif
 }
 
+// An A fragment as one array (round 4's dequantization fills it so).
 __device__ __forceinline__ void v4_mma(float (&d)[4], const unsigned int (&a)[4], unsigned int b0,
                                        unsigned int b1) {
-    asm volatile(V4_MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ unsigned int v4_word(const uint4& v, int i) {
-    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+    i4_mma(d, a[0], a[1], a[2], a[3], b0, b1);
 }
 
 // Half j of a k-block (k-steps 4 j .. 4 j + 3, inputs 64 j .. 64 j + 63) into t.
 // xa, xb: the lane's x inputs 32 (2 j) + 8 c .. and 32 (2 j + 1) + 8 c .. (8 each).
 __device__ __forceinline__ void v4_half(float (&t)[4], const uint4& w, const uint4& xa, const uint4& xb,
-                                        V4Zero zg, V4Zero zh, unsigned int lo) {
+                                        I4Zero zg, I4Zero zh, unsigned int lo) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const uint4& xv = i < 2 ? xa : xb;
         unsigned int a[4];
-        v4_dequant(v4_word(w, i), zg, zh, lo, a);
+        v4_dequant(i4_word(w, i), zg, zh, lo, a);
         if (i % 2 == 0) {
             v4_mma(t, a, xv.x, xv.y);  // k-step 4 j + i even: inputs 8 c + 0..3
         } else {
@@ -186,8 +146,8 @@ __device__ __forceinline__ void v4_gemv(HR_V4_ARGS) {
         const long long first = (long long)(b0 * V4_KB) >> group_shift;
         const long long last = (long long)((b0 + nb) * V4_KB - 1) >> group_shift;
         const long long h = (c & 1) ? 8LL * G : 0;  // lanes c odd: channel g + 8's
-        v4_prefetch((c & 2) ? (const void*)(sg + h + last) : (const void*)(sg + h + first));
-        v4_prefetch((c & 2) ? (const void*)(zgp + h + last) : (const void*)(zgp + h + first));
+        i4_prefetch((c & 2) ? (const void*)(sg + h + last) : (const void*)(sg + h + first));
+        i4_prefetch((c & 2) ? (const void*)(zgp + h + last) : (const void*)(zgp + h + first));
     }
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {  // the ring's first S - 1 units
@@ -195,7 +155,7 @@ __device__ __forceinline__ void v4_gemv(HR_V4_ARGS) {
             v4_cp16(mine + 1024 * s, src + V4_UNIT * s);
             v4_cp16(mine + 1024 * s + 512, src + V4_UNIT * s + 32);
         }
-        v4_commit();
+        i4_commit();
     }
     v4_griddep_wait();  // x comes from the previous kernel
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -211,7 +171,7 @@ __device__ __forceinline__ void v4_gemv(HR_V4_ARGS) {
             v4_cp16(wr, ahead);
             v4_cp16(wr + 512, ahead + 32);
         }
-        v4_commit();
+        i4_commit();
         wr = wr + 1024 == ring_end ? mine : wr + 1024;
         // x, scales and zeros of k-block i, issued before the wait so their latency overlaps
         const uint4 x0 = __ldg(xr), x1 = __ldg(xr + 4), x2 = __ldg(xr + 8), x3 = __ldg(xr + 12);
@@ -226,12 +186,12 @@ __device__ __forceinline__ void v4_gemv(HR_V4_ARGS) {
             z1g = __ldg(zgp + g1);
             z1h = __ldg(zgp + hoff + g1);
         }
-        v4_wait<S - 1>();  // unit i has landed (this lane's copies, seen by this lane)
+        i4_wait<S - 1>();  // unit i has landed (this lane's copies, seen by this lane)
         const uint4 w0 = v4_lds(rd), w1 = v4_lds(rd + 512);
         rd = rd + 1024 == ring_end ? mine : rd + 1024;
         float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
-        v4_half(t0, w0, x0, x1, v4_zero(z0g), v4_zero(z0h), lo);
-        v4_half(t1, w1, x2, x3, v4_zero(z1g), v4_zero(z1h), lo);
+        v4_half(t0, w0, x0, x1, i4_zero(z0g), i4_zero(z0h), lo);
+        v4_half(t1, w1, x2, x3, i4_zero(z1g), i4_zero(z1h), lo);
         // C: t[0], t[1] channel g, x rows 2c, 2c + 1; t[2], t[3] channel g + 8
         acc[0] += s0g * t0[0] + s1g * t1[0];
         acc[1] += s0g * t0[1] + s1g * t1[1];
@@ -242,7 +202,7 @@ __device__ __forceinline__ void v4_gemv(HR_V4_ARGS) {
     if (WK > 1) {
         // Partials in this warp's own ring (its copies have all landed: the last wait had
         // none pending); other lanes of the warp may still read their last unit: syncwarp.
-        v4_wait<0>();
+        i4_wait<0>();
         __syncwarp();
         float* red = reinterpret_cast<float*>(v4_ring + warp * S * V4_UNIT);
 #pragma unroll
@@ -297,14 +257,6 @@ HR_V4_KERNELS(16)
 // last tile and write nothing.
 constexpr int VS_PF = 4;  // rounds of weights prefetched into L2 ahead
 
-__device__ __forceinline__ uint4 vs_ld_stream(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
 template <int TW, int WK, int NT>
 __device__ __forceinline__ void vs_stage(unsigned int base, const elem_t* __restrict__ x, long long x_stride,
                                          int r, int per, int KB, int rows, int M) {
@@ -322,7 +274,7 @@ __device__ __forceinline__ void vs_stage(unsigned int base, const elem_t* __rest
             }
         }
     }
-    v4_commit();  // an empty group past the last round keeps wait_group 1's count right
+    i4_commit();  // an empty group past the last round keeps wait_group 1's count right
 }
 
 // The weights, scales and zeros of one k-block (two halves: groups of 64 differ).
@@ -334,8 +286,8 @@ struct VsBlock {
 
 __device__ __forceinline__ void vs_load(VsBlock& v, const uint4* wp, const __half* sg, const unsigned char* zgp,
                                         long long hoff, int k0, int group_shift) {
-    v.w0 = vs_ld_stream(wp);
-    v.w1 = vs_ld_stream(wp + 32);
+    v.w0 = i4_ld_stream(wp);
+    v.w1 = i4_ld_stream(wp + 32);
     const int g0 = k0 >> group_shift, g1 = (k0 + 64) >> group_shift;
     v.s0g = __half2float(__ldg(sg + g0));
     v.s0h = __half2float(__ldg(sg + hoff + g0));
@@ -379,8 +331,8 @@ __device__ __forceinline__ void v4_skinny(HR_V4_ARGS) {
 #pragma unroll
     for (int d = 1; d <= VS_PF; ++d) {
         if (b0 + d < b1) {
-            v4_prefetch(wp + V4_UNIT * d);
-            v4_prefetch(wp + V4_UNIT * d + 32);
+            i4_prefetch(wp + V4_UNIT * d);
+            i4_prefetch(wp + V4_UNIT * d + 32);
         }
     }
     float acc[NT][4];
@@ -391,27 +343,27 @@ __device__ __forceinline__ void v4_skinny(HR_V4_ARGS) {
         const int b = b0 + r;
         vs_stage<TW, WK, NT>(base, x, x_stride, r + 1, per, KB, rows, M);
         if (b + 1 + VS_PF < b1) {
-            v4_prefetch(wp + V4_UNIT * (r + 1 + VS_PF));
-            v4_prefetch(wp + V4_UNIT * (r + 1 + VS_PF) + 32);
+            i4_prefetch(wp + V4_UNIT * (r + 1 + VS_PF));
+            i4_prefetch(wp + V4_UNIT * (r + 1 + VS_PF) + 32);
         }
         VsBlock nxt = cur;
         if (b + 1 < b1) vs_load(nxt, wp + V4_UNIT * (r + 1), sg, zgp, hoff, (b + 1) * V4_KB, group_shift);
-        v4_wait<1>();  // this round's x (the group before the one just committed)
+        i4_wait<1>();  // this round's x (the group before the one just committed)
         __syncthreads();
         if (b < b1) {
             const unsigned int xs = base + 16u * (unsigned int)(((r & 1) * WK + ks) * SLICE + g * 16);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {  // half j: k-steps 4 j .. 4 j + 3, inputs 64 j ..
                 const uint4 w = j ? cur.w1 : cur.w0;
-                const V4Zero zg = v4_zero(j ? cur.z1g : cur.z0g), zh = v4_zero(j ? cur.z1h : cur.z0h);
+                const I4Zero zg = i4_zero(j ? cur.z1g : cur.z0g), zh = i4_zero(j ? cur.z1h : cur.z0h);
                 float t[NT][4];
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) t[nt][0] = t[nt][1] = t[nt][2] = t[nt][3] = 0.f;
 #pragma unroll
                 for (int i2 = 0; i2 < 2; ++i2) {  // k-steps 4 j + 2 i2 (even) and + 1 (odd)
                     unsigned int a0[4], a1[4];
-                    v4_dequant(v4_word(w, 2 * i2), zg, zh, lo, a0);
-                    v4_dequant(v4_word(w, 2 * i2 + 1), zg, zh, lo, a1);
+                    v4_dequant(i4_word(w, 2 * i2), zg, zh, lo, a0);
+                    v4_dequant(i4_word(w, 2 * i2 + 1), zg, zh, lo, a1);
                     const unsigned int off = 16u * (unsigned int)((4 * (2 * j + i2) + c) ^ swz);
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
@@ -438,21 +390,10 @@ __device__ __forceinline__ void v4_skinny(HR_V4_ARGS) {
     v4_griddep_launch_dependents();
     if (WK > 1) {
         float* red = reinterpret_cast<float*>(vs_smem);  // [WK][TW][NT][4][32]; x's buffers are free
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) red[(((ks * TW + tw) * NT + nt) * 4 + j) * 32 + lane] = acc[nt][j];
+        i4_skinny_put<TW, NT>(acc, red, ks, tw, lane);
         __syncthreads();
         if (ks != 0) return;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float v = acc[nt][j];
-#pragma unroll
-                for (int s = 1; s < WK; ++s) v += red[(((s * TW + tw) * NT + nt) * 4 + j) * 32 + lane];
-                acc[nt][j] = v;
-            }
+        i4_skinny_add<TW, WK, NT>(acc, red, tw, lane);
     }
     if (tile_raw >= tiles) return;
 #pragma unroll

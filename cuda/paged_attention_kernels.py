@@ -148,26 +148,25 @@ def decode_splits(
     """Split count the decode path will use for these fixed maxima (compiles if needed);
     block_size None: a block size the new kernel takes."""
     group = num_q_heads // num_kv_heads
+    # both split rules' order: decode_attention.plan_for's, _old_decode_splits'
+    args = (dtype, head_dim, batch, num_kv_heads, group, max_seq_len, device)
     fp8 = kv_dtype == FP8
     if decode_attention.applies(block_size or decode_attention.MIN_BLOCK_SIZE, fp8):
-        args = (dtype, head_dim, batch, num_kv_heads, group, max_seq_len, device, fp8)
-        return decode_attention.plan_for(*args).splits
-    return _old_decode_splits(
-        dtype, head_dim, batch, num_q_heads, num_kv_heads, max_seq_len, device, kv_dtype
-    )
+        return decode_attention.plan_for(*args, fp8).splits
+    return _old_decode_splits(*args, kv_dtype)
 
 
 def _old_decode_splits(
     dtype: torch.dtype,
     head_dim: int,
     batch: int,
-    num_q_heads: int,
     num_kv_heads: int,
+    group: int,
     max_seq_len: int,
     device: torch.device,
-    kv_dtype: torch.dtype | None = None,
+    kv_dtype: torch.dtype | None,
 ) -> int:
-    group = num_q_heads // num_kv_heads
+    """The old kernel's split count (the arguments in decode_attention.plan_for's order)."""
     kernel = _kernel(dtype, head_dim, f"decode_g{_group_chunk(group)}", kv_dtype)
     return decode_num_splits(batch, num_kv_heads, group, max_seq_len, decode_slots(kernel, device))
 
@@ -184,10 +183,10 @@ def decode_workspace(
 ) -> torch.Tensor:
     """A decode workspace for a CUDA graph of this batch size and seq_len bound (big enough
     for either decode kernel, whatever HEADRACE_DECODE_KERNEL and the block size pick)."""
-    args = (dtype, head_dim, batch, num_q_heads, num_kv_heads, max_seq_len, device, kv_dtype)
     group = num_q_heads // num_kv_heads
-    new = (dtype, head_dim, batch, num_kv_heads, group, max_seq_len, device, kv_dtype == FP8)
-    splits = max(_old_decode_splits(*args), decode_attention.plan_for(*new).splits)
+    args = (dtype, head_dim, batch, num_kv_heads, group, max_seq_len, device)
+    old = _old_decode_splits(*args, kv_dtype)
+    splits = max(old, decode_attention.plan_for(*args, kv_dtype == FP8).splits)
     numel = decode_workspace_numel(batch, num_q_heads, head_dim, splits)
     return torch.empty(numel, dtype=torch.float32, device=device)
 

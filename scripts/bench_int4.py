@@ -20,21 +20,12 @@ from cuda import int4_gemm as ig
 from cuda import int4_gemv as sk
 from cuda import int4_mma_gemv as mg
 from headrace.bench import gpu_timing
+from scripts.int4_bench import random_weight
 
 DEVICE = "cuda"  # tests/test_bench_int4.py runs the script's logic on CPU
 SHAPES = gpu_timing.LLAMA_LINEAR_SHAPES  # name: (N, K)
 timed = gpu_timing.mean_time  # (fn, iters=50): mean seconds, L2 flushed before each call
 copy_bandwidth = gpu_timing.copy_bandwidth
-
-
-def random_weight(n: int, k: int, group_size: int) -> ig.Int4Weight:
-    g = k // group_size
-    return ig.Int4Weight(
-        qw=torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device=DEVICE),
-        scales=(torch.rand(n, g, device=DEVICE) * 0.01).half(),
-        zeros=torch.randint(0, 16, (n, g), dtype=torch.uint8, device=DEVICE),
-        group_size=group_size,
-    )
 
 
 NOT_SPLIT = ("old", "rule", "tiles", "mma")  # labels of row["us"] that are not split-K variants
@@ -72,7 +63,7 @@ def split_plans(n: int, k: int, m: int) -> dict[str, sk.Plan]:
 
 def gemv_row(name: str, n: int, k: int, args: argparse.Namespace, bw: float) -> dict:
     """Decode (M = 1) times of every implementation on one shape, in us and % of copy bw."""
-    w = random_weight(n, k, args.group_size)
+    w = random_weight(n, k, args.group_size, DEVICE)
     q_bytes = w.qw.numel() * 4 + w.scales.numel() * 2 + w.zeros.numel()
     x1 = torch.randn(1, k, dtype=torch.bfloat16, device=DEVICE)
     y1 = torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE)

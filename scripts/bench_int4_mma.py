@@ -20,6 +20,7 @@ import torch
 from cuda import int4_gemm as ig
 from cuda import int4_mma_gemv as mg
 from headrace.bench import gpu_timing
+from scripts.int4_bench import random_weight
 
 DEVICE = "cuda"  # tests/test_bench_int4.py runs this on CPU
 
@@ -34,7 +35,7 @@ def _bench_int4() -> Any:
     return mod
 
 
-B4 = _bench_int4()  # SHAPES, random_weight, timed, copy_bandwidth
+B4 = _bench_int4()  # SHAPES, DEVICE, timed, copy_bandwidth
 SHAPES: dict[str, tuple[int, int]] = B4.SHAPES
 EIGHT_B = [name for name in SHAPES if name.startswith("8b.")]
 
@@ -55,7 +56,7 @@ def with_impl(impl: str, fn: Any) -> Any:
 
 def shape_row(name: str, group_size: int, bw: float) -> dict:
     n, k = SHAPES[name]
-    w = B4.random_weight(n, k, group_size)
+    w = random_weight(n, k, group_size, B4.DEVICE)
     q_bytes = w.qw.numel() * 4 + w.scales.numel() * 2 + w.zeros.numel()
     x = torch.randn(8, k, dtype=torch.bfloat16, device=DEVICE)
     y = torch.empty(8, n, dtype=torch.bfloat16, device=DEVICE)

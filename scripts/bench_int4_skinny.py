@@ -29,6 +29,7 @@ from cuda import int4_gemm as ig
 from cuda import int4_mma_gemv as mg
 from cuda import int4_v4_gemv as v4
 from headrace.bench import gpu_timing
+from scripts.int4_bench import default_layout, random_weight
 
 DEVICE = "cuda"  # tests/test_bench_int4_skinny.py runs this on CPU
 SHAPES = gpu_timing.LLAMA_LINEAR_SHAPES
@@ -39,16 +40,6 @@ timed = gpu_timing.mean_time  # (fn, iters): mean seconds, L2 flushed before eac
 graphed = gpu_timing.graphed
 # (HEADRACE_INT4_SKINNY_MIN, HEADRACE_INT4_SKINNY_MAX) of each int4 path
 PATHS = {"today": (9, 0), "skinny": (9, 1 << 30)}
-
-
-def random_weight(n: int, k: int, group_size: int) -> ig.Int4Weight:
-    g = k // group_size
-    return ig.Int4Weight(
-        qw=torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device=DEVICE),
-        scales=(torch.rand(n, g, device=DEVICE) * 0.01).half(),
-        zeros=torch.randint(0, 16, (n, g), dtype=torch.uint8, device=DEVICE),
-        group_size=group_size,
-    )
 
 
 def on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
@@ -69,16 +60,10 @@ def today_label(m: int) -> str:
     return f"{-(-m // mg.MAX_ROWS)} GEMVs" if m <= ig.MMA_MAX_ROWS else "dequant+cuBLAS"
 
 
-def default_layout(n: int, k: int, group_size: int) -> str:
-    """The loader's pick under HEADRACE_INT4_GEMV=v4 (worker/quant/int4_linear.py)."""
-    stream = n * k <= ig.STREAM_MAX_WEIGHTS and v4.supported(n, k, group_size)
-    return "stream" if stream else "rows"
-
-
 def shape_rows(name: str, rows: tuple[int, ...], group_size: int, layout: str) -> list[dict]:
     n, k = SHAPES[name]
     layout = default_layout(n, k, group_size) if layout == "default" else layout
-    w = random_weight(n, k, group_size)
+    w = random_weight(n, k, group_size, DEVICE)
     w = w.as_stream() if layout == "stream" else w
     q_bytes = w.qw.numel() * 4 + w.scales.numel() * 2 + w.zeros.numel()
     wb = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE)

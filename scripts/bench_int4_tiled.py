@@ -25,8 +25,8 @@ import torch
 
 from cuda import int4_gemm as ig
 from cuda import int4_tiled_gemm as tg
-from cuda import int4_v4_gemv as v4
 from headrace.bench import gpu_timing
+from scripts.int4_bench import default_layout, random_weight
 
 DEVICE = "cuda"  # tests/test_bench_int4_tiled.py runs this on CPU
 SHAPES = gpu_timing.LLAMA_LINEAR_SHAPES
@@ -39,16 +39,6 @@ graphed = gpu_timing.graphed
 # int4_linear's switches per path: (SKINNY_MIN_ROWS, SKINNY_MAX_ROWS, TILED_MAX_ROWS)
 PATHS = {"today": (17, 32, 0), "skinny": (9, 1 << 30, 0), "tiled": (17, 32, 1 << 30)}
 SWITCHES = ("GEMV_IMPL", "SKINNY_MIN_ROWS", "SKINNY_MAX_ROWS", "SKINNY_STREAM", "TILED_MAX_ROWS")
-
-
-def random_weight(n: int, k: int, group_size: int) -> ig.Int4Weight:
-    g = k // group_size
-    return ig.Int4Weight(
-        qw=torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device=DEVICE),
-        scales=(torch.rand(n, g, device=DEVICE) * 0.01).half(),
-        zeros=torch.randint(0, 16, (n, g), dtype=torch.uint8, device=DEVICE),
-        group_size=group_size,
-    )
 
 
 def on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
@@ -68,16 +58,10 @@ def today_label(m: int) -> str:
     return "GEMVs/skinny" if m <= ig.MMA_MAX_ROWS else "dequant+cuBLAS"
 
 
-def default_layout(n: int, k: int, group_size: int) -> str:
-    """The loader's pick under HEADRACE_INT4_GEMV=v4 (worker/quant/int4_linear.py)."""
-    stream = n * k <= ig.STREAM_MAX_WEIGHTS and v4.supported(n, k, group_size)
-    return "stream" if stream else "rows"
-
-
 def shape_rows(name: str, rows: tuple[int, ...], group_size: int) -> list[dict]:
     n, k = SHAPES[name]
     layout = default_layout(n, k, group_size)
-    w = random_weight(n, k, group_size)
+    w = random_weight(n, k, group_size, DEVICE)
     w = w.as_stream() if layout == "stream" else w
     q_bytes = w.qw.numel() * 4 + w.scales.numel() * 2 + w.zeros.numel()
     wb = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE)

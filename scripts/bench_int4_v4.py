@@ -23,6 +23,7 @@ from cuda import int4_gemm as ig
 from cuda import int4_mma_gemv as mg
 from cuda import int4_v4_gemv as v4
 from headrace.bench import gpu_timing
+from scripts.int4_bench import random_weight
 
 DEVICE = "cuda"  # tests/test_bench_int4_v4.py runs this on CPU
 SHAPES = gpu_timing.LLAMA_LINEAR_SHAPES
@@ -30,16 +31,6 @@ timed = gpu_timing.mean_time  # (fn, iters=50): mean seconds, L2 flushed before 
 copy_bandwidth = gpu_timing.copy_bandwidth
 graphed = gpu_timing.graphed
 DECIDE_MARGIN = 0.05
-
-
-def random_weight(n: int, k: int, group_size: int) -> ig.Int4Weight:
-    g = k // group_size
-    return ig.Int4Weight(
-        qw=torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device=DEVICE),
-        scales=(torch.rand(n, g, device=DEVICE) * 0.01).half(),
-        zeros=torch.randint(0, 16, (n, g), dtype=torch.uint8, device=DEVICE),
-        group_size=group_size,
-    )
 
 
 def both(fn: Callable[[], object]) -> tuple[float, float]:
@@ -62,7 +53,7 @@ def variants(gemv: Callable, vs: tuple, label: Callable, x: torch.Tensor, w, y) 
 
 def shape_row(name: str, group_size: int, bw: float) -> dict:
     n, k = SHAPES[name]
-    w = random_weight(n, k, group_size)
+    w = random_weight(n, k, group_size, DEVICE)
     ws = w.as_stream()
     q_bytes = w.qw.numel() * 4 + w.scales.numel() * 2 + w.zeros.numel()
     x = torch.randn(8, k, dtype=torch.bfloat16, device=DEVICE)

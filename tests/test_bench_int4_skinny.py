@@ -3,56 +3,32 @@ line a shape x M, today's path and the skinny path dispatched as their env bound
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from cuda import int4_gemm as ig
 from cuda import int4_mma_gemv as mg
 from cuda import int4_v4_gemv as v4
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.int4_gemm_cases import ROOT, fake_gpu_bench, load_script
 
 
 def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "bench_skinny", ROOT / "scripts" / "bench_int4_skinny.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_skinny", "bench_int4_skinny.py")
 
 
 def test_bench_prints_every_shape_and_row_count(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bench = _bench()
-    clock = iter(range(1, 10**6))
     launched: list[str] = []
     saved = ig.GEMV_IMPL, ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS, ig.SKINNY_STREAM
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "SHAPES", {"8b.o": (64, 256), "70b.down": (32, 1024)})
-    monkeypatch.setattr(bench, "timed", lambda fn, iters=50: (fn(), 1e-6 * next(clock))[1])
-    monkeypatch.setattr(bench, "graphed", lambda fn: fn)
-    monkeypatch.setattr(mg, "_sms", lambda device: 132)
-    monkeypatch.setattr(ig, "unsupported_reason", lambda x, w: None)  # CPU: the GPU paths
+    fake_gpu_bench(monkeypatch, bench, launched)
     monkeypatch.setattr(mg, "gemv", lambda x, w, y, v=None: launched.append("gemv"))
-    monkeypatch.setattr(mg, "skinny", lambda x, w, y, v=None: launched.append(f"r{len(x)}"))
     monkeypatch.setattr(v4, "gemv", lambda x, w, y, v=None: launched.append("v4gemv"))
-    monkeypatch.setattr(v4, "skinny", lambda x, w, y, v=None: launched.append(f"s{len(x)}"))
-    monkeypatch.setattr(ig, "STREAM_MAX_WEIGHTS", 64 * 256)  # 8b.o below: stream; 70b.down: rows
-
-    def dequantize(w: ig.Int4Weight, dtype: torch.dtype, out: Any = None) -> torch.Tensor:
-        launched.append("dequant")
-        return ig.dequantize_ref(w, dtype)
-
-    monkeypatch.setattr(ig, "dequantize", dequantize)
     out = tmp_path / "skinny.json"
     monkeypatch.setattr(
         sys, "argv", ["bench_int4_skinny.py", "--rows", "16", "64", "--output-json", str(out)]

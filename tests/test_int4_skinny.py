@@ -4,10 +4,7 @@ launch chunking, the rule, int4_linear's dispatch and the env switches, and sm_9
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from typing import Any
 
 import numpy as np
@@ -18,6 +15,7 @@ from cuda import compiler
 from cuda import int4_gemm as ig
 from cuda import int4_mma_gemv as mg
 from cuda import int4_v4_gemv as v4
+from tests.int4_gemm_cases import read_switches
 from tests.int4_mma_emulation import emulate_skinny, emulate_skinny_launch
 from tests.test_cuda_launch_args import _OnDevice, kernel_parameters
 from tests.test_int4_mma_gemv import weight
@@ -319,18 +317,9 @@ def test_tiles_layout_keeps_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_env_switches() -> None:
-    code = "from cuda import int4_gemm as ig; print(ig.SKINNY_MIN_ROWS, ig.SKINNY_MAX_ROWS)"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADRACE_INT4_SKINNY")}
-
     def read(**extra: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            env={**env, **extra},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
+        names = ("SKINNY_MIN_ROWS", "SKINNY_MAX_ROWS")
+        return read_switches(names, "HEADRACE_INT4_SKINNY", **extra)
 
     assert read() == "17 32"  # the rows where the H200 measured it faster (int4_gemm.py)
     assert read(HEADRACE_INT4_SKINNY_MAX="0") == "17 0"

@@ -6,10 +6,7 @@ check (spill-free) is tests/test_kernels_compile.py's test_int4_tiled_gemm_compi
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from typing import Any
 
 import numpy as np
@@ -22,6 +19,7 @@ from cuda import int4_mma_gemv as mg
 from cuda import int4_tiled_gemm as tg
 from cuda import int4_v4_gemv as v4
 from tests import int4_tiled_emulation as em
+from tests.int4_gemm_cases import read_switches
 from tests.int4_mma_emulation import halves
 from tests.test_cuda_launch_args import _OnDevice, kernel_parameters
 from tests.test_int4_mma_gemv import weight
@@ -312,18 +310,8 @@ def test_stream_emulation_catches_a_wrong_swizzle(monkeypatch: pytest.MonkeyPatc
 
 
 def test_env_switch() -> None:
-    code = "from cuda import int4_gemm as ig; print(ig.TILED_MAX_ROWS, ig.TILED_MIN_ROWS)"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADRACE_INT4_")}
-
     def read(**extra: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            env={**env, **extra},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
+        return read_switches(("TILED_MAX_ROWS", "TILED_MIN_ROWS"), "HEADRACE_INT4_", **extra)
 
     assert read() == "64 33"  # one 64-row pass: where the H200 measured it ahead
     assert read(HEADRACE_INT4_TILED_MAX="512") == "512 33"

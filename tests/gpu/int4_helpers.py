@@ -52,6 +52,17 @@ def check(y: torch.Tensor, x: torch.Tensor, w: ig.Int4Weight) -> None:
     assert err <= 2 * base + 1e-3 * ref.abs().max().item(), (err, base)
 
 
+def check_linear_poisoned(x: torch.Tensor, w: ig.Int4Weight, n: int) -> None:
+    """int4_linear(x, w) into the first M rows of a NaN-poisoned [M + 3, n] buffer: checked
+    against the reference (`check`), and the rows past M untouched."""
+    m = x.shape[0]
+    out = torch.full((m + 3, n), float("nan"), device="cuda", dtype=x.dtype)
+    y = ig.int4_linear(x, w, out=out[:m])
+    torch.cuda.synchronize()
+    check(y, x, w)
+    assert torch.isnan(out[m:]).all(), "a row past M was written"
+
+
 LOADER_FORMATS = [
     ("awq", dict(group_size=128)),
     ("awq", dict(group_size=64)),

@@ -15,7 +15,12 @@ import torch
 from cuda import int4_gemm as ig
 from cuda import int4_mma_gemv as mg
 from cuda import int4_v4_gemv as v4
-from tests.gpu.int4_helpers import assert_graph_replays_eager, check, gpu_weight
+from tests.gpu.int4_helpers import (
+    assert_graph_replays_eager,
+    check,
+    check_linear_poisoned,
+    gpu_weight,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -66,11 +71,7 @@ def test_int4_linear_skinny_path(
     for n, k, group_size in ((4096, 14336, 128), (1000, 1024, 1024), (6144, 4096, 128)):
         w = gpu_weight(n, k, group_size, perm=m == 33, seed=m + n)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        out = torch.full((m + 3, n), float("nan"), device="cuda", dtype=dtype)
-        y = ig.int4_linear(x, w, out=out[:m])
-        torch.cuda.synchronize()
-        check(y, x, w)
-        assert torch.isnan(out[m:]).all(), "a row past M was written"
+        check_linear_poisoned(x, w, n)
 
 
 def test_large_activations_stay_finite() -> None:
@@ -144,11 +145,7 @@ def test_int4_linear_stream_skinny_path(m: int, monkeypatch: pytest.MonkeyPatch)
     for n, k, group_size in ((4096, 4096, 128), (6144, 4096, 64)):
         w = gpu_weight(n, k, group_size, perm=m == 100, seed=m + n).as_stream()
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        out = torch.full((m + 3, n), float("nan"), device="cuda", dtype=dtype)
-        y = ig.int4_linear(x, w, out=out[:m])
-        torch.cuda.synchronize()
-        check(y, x, w)
-        assert torch.isnan(out[m:]).all(), "a row past M was written"
+        check_linear_poisoned(x, w, n)
 
 
 @pytest.mark.parametrize("m", [9, 150])
