@@ -20,9 +20,11 @@ def _engine(path: Path) -> EngineCore:
 
 def test_engine_freezes_its_startup_heap_and_shutdown_frees_it(stories_path: Path) -> None:
     gc.unfreeze()
+    before = gc.get_threshold()
     engine = _engine(stories_path)
     try:
         assert gc.get_freeze_count() > 1000  # torch's modules and the model's objects
+        assert gc.get_threshold() == (*before[:2], gc_control.FULL_COLLECTION_EVERY)
         assert gc.is_tracked(engine.runner.model)
         model = weakref.ref(engine.runner.model)
         params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
@@ -32,6 +34,7 @@ def test_engine_freezes_its_startup_heap_and_shutdown_frees_it(stories_path: Pat
     finally:
         engine.shutdown()
     assert gc.get_freeze_count() == 0  # shutdown's collection reaches frozen cycles too
+    assert gc.get_threshold() == before
     del engine
     gc.collect()
     assert model() is None
@@ -40,9 +43,11 @@ def test_engine_freezes_its_startup_heap_and_shutdown_frees_it(stories_path: Pat
 def test_gc_freeze_off(stories_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gc.unfreeze()
     monkeypatch.setenv(gc_control.ENV, "0")
+    before = gc.get_threshold()
     engine = _engine(stories_path)
     try:
         assert gc.get_freeze_count() == 0
+        assert gc.get_threshold() == before
     finally:
         engine.shutdown()
 
