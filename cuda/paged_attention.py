@@ -59,6 +59,9 @@ class AttentionMetadata:
     # kernel runs its z grid (CUDA graphs, HEADRACE_PREFILL_GRID=z).
     prefill_tiles: torch.Tensor | None = None
     prefill_tile_spec: TileSpec | None = None
+    # A mixed step's leading decode rows and the rest, each with its own metadata, for a
+    # backend that runs them on its decode and prefill kernels apart (worker/decode_split.py).
+    decode_split: DecodeSplit | None = None
 
     def for_layer(self, index: int) -> AttentionMetadata:
         """The metadata layer `index` reads: itself unless layers differ in length."""
@@ -73,6 +76,16 @@ class AttentionMetadata:
             layer_seq_lens=None,
             layer_slot_mapping=None,
         )
+
+
+@dataclass(frozen=True)
+class DecodeSplit:
+    """Requests [0, num_decodes) of a step compute one token each (rows [0, num_decodes)):
+    `decode` is their metadata, `prefill` the rest's (rows and query_start_loc from 0)."""
+
+    num_decodes: int
+    decode: AttentionMetadata
+    prefill: AttentionMetadata
 
 
 @dataclass(frozen=True, slots=True)

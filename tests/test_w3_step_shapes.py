@@ -32,7 +32,9 @@ def test_every_mixed_step_of_the_bench_carries_the_map(
     def recording(host: Any, device: Any, tiles: Any = None) -> Any:
         inputs = real(host, device, tiles)
         decode = int((np.diff(host.query_start_loc) == 1).sum())
-        seen.append((host.max_query_len, decode, inputs.md.prefill_tiles is not None))
+        split = inputs.md.decode_split  # the map is then the chunks' (worker/decode_split.py)
+        md = inputs.md if split is None else split.prefill
+        seen.append((host.max_query_len, decode, md.prefill_tiles is not None))
         return inputs
 
     monkeypatch.setattr(mr, "to_device", recording)

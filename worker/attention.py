@@ -19,6 +19,7 @@ import torch
 from cuda.kv_write import write_kv_ref
 from cuda.paged_attention import AttentionMetadata, AttentionParams, QueryCapture
 from worker.cpu_attention import paged_attention_sdpa
+from worker.decode_split import attend_split
 
 __all__ = [
     "AttentionBackend",
@@ -57,7 +58,12 @@ class PagedBackend:
     ) -> torch.Tensor:
         if not params.kv_written:
             self.write_kv(k, v, kv_cache, md.slot_mapping, params.k_scale, params.v_scale)
+        if md.decode_split is not None and self.splits_decodes:
+            return attend_split(self.attend, q, kv_cache, md.decode_split, params)
         return self.attend(q, kv_cache, md, params)
+
+    # Whether a mixed step's decode rows and prompt chunks attend apart (worker/decode_split.py)
+    splits_decodes = False
 
     # (k, v, kv_cache, slot_mapping, k_scale, v_scale) -> None: the cache write
     write_kv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float], None]
@@ -68,7 +74,9 @@ class PagedBackend:
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
         params: AttentionParams,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention of q over the cache, into `out` when given (else a new tensor)."""
         raise NotImplementedError
 
 
@@ -86,5 +94,6 @@ class TorchAttention(PagedBackend):
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
         params: AttentionParams,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return paged_attention_sdpa(q, kv_cache, md, params)
+        return paged_attention_sdpa(q, kv_cache, md, params, out)

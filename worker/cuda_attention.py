@@ -38,6 +38,7 @@ class CudaAttention(PagedBackend):
         self.prefill_fp8 = fp8_choice_from_env()
 
     write_kv = staticmethod(write_kv_cuda)
+    splits_decodes = True  # worker/decode_split.py
 
     def attend(
         self,
@@ -45,8 +46,10 @@ class CudaAttention(PagedBackend):
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
         params: AttentionParams,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = torch.empty_like(q)
+        if out is None:
+            out = torch.empty_like(q)
         workspace = self._workspace(q, md, kv_cache.shape[3])
         return attention_cuda(
             q, kv_cache, md, params, out, workspace, self.prefill_kernel, self.prefill_fp8

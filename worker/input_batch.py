@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cuda.prefill_tiles import TileSpec, build_tile_map
+from worker import decode_split
 from worker.attention import AttentionMetadata, QueryCapture
 from worker.device_copy import host_to_device
 from worker.kv_compression import layer_inputs, window_positions
@@ -234,7 +235,11 @@ def to_device(host: HostInputs, device: torch.device, tiles: TileSpec | None = N
     if host.layer_seq_lens is not None and host.layer_slot_mapping is not None:
         md.layer_seq_lens = dev(host.layer_seq_lens)
         md.layer_slot_mapping = dev(host.layer_slot_mapping)
-    if tiles is not None and host.max_query_len > 1:
+    if host.max_query_len > 1 and decode_split.enabled():
+        md.decode_split = decode_split.split_metadata(
+            md, host.query_start_loc, host.seq_lens, dev, tiles
+        )
+    if tiles is not None and host.max_query_len > 1 and md.decode_split is None:
         md.prefill_tiles = dev(build_tile_map(host.query_start_loc, host.seq_lens, tiles))
         md.prefill_tile_spec = tiles
     return StepInputs(dev(host.input_ids), dev(host.positions), md, host)

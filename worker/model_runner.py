@@ -252,7 +252,9 @@ class ModelRunner:
             inputs = self.device_state.eager_inputs(host)
         else:
             inputs = to_device(host, self.device, self.prefill_tiles)
-            self.prefill_tile_steps += inputs.md.prefill_tiles is not None
+            split = inputs.md.decode_split
+            md = inputs.md if split is None else split.prefill
+            self.prefill_tile_steps += md.prefill_tiles is not None
         ids = inputs.input_ids if input_ids is None else input_ids
         hidden = self.model(ids, inputs.positions, self.kv_caches, inputs.md)
         if scheduled is not None:
