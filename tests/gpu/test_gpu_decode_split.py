@@ -119,7 +119,10 @@ def test_greedy_generation_with_the_split_equals_without(
     tmp_path: Path, stories_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Chunked prompts beside decoding requests (mixed eager steps) on a tiny GQA model:
-    the split runs in those steps; tokens equal (near-ties aside), logprobs close."""
+    the split runs in those steps, and both runs, with the split and without, match the CPU's
+    fp32 run as closely as tests/gpu/test_gpu_engine.py asks of fp16 (tokens equal but for
+    near-ties, logprobs within 0.1: this peaked random model moves them by up to ~0.05 in
+    fp16 and ~0.3 in bf16, so the two GPU runs are compared to the truth, not bit for bit)."""
     pytest.importorskip("transformers")
     from tests.gpu.helpers import generate
     from tests.test_golden import check_logprobs_close
@@ -141,14 +144,14 @@ def test_greedy_generation_with_the_split_equals_without(
     g = torch.Generator().manual_seed(7)
     lengths = [1, 5, 31, 33, 90, 130, 200, 257, 300, 17, 64, 2]
     prompts = [[1, *torch.randint(3, 512, (n,), generator=g).tolist()] for n in lengths]
+    batching = dict(max_num_seqs=16, max_model_len=512, max_num_batched_tokens=96)
+    cpu = generate(path, prompts, max_tokens=24, device="cpu", block_size=16, **batching)
     args = dict(
         device="cuda",
-        dtype="bfloat16",
+        dtype="float16",
         block_size=16,
-        max_num_seqs=16,
-        max_model_len=512,
-        max_num_batched_tokens=96,
         enforce_eager=True,  # every step through the eager path, where the split lives
+        **batching,
     )
     monkeypatch.setenv(ds.ENV, "0")
     off = generate(path, prompts, max_tokens=24, **args)
@@ -163,4 +166,5 @@ def test_greedy_generation_with_the_split_equals_without(
     monkeypatch.setenv(ds.ENV, "1")
     on = generate(path, prompts, max_tokens=24, **args)
     assert calls, "no step split its decode rows off"
-    check_logprobs_close(on.out, off.out, "decode-split", atol=2e-2)
+    check_logprobs_close(off.out, cpu.out, "whole-vs-cpu", atol=0.1)
+    check_logprobs_close(on.out, cpu.out, "decode-split-vs-cpu", atol=0.1)
