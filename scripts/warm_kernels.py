@@ -64,7 +64,8 @@ def jobs() -> list[Job]:
     out.append(("paged_attention", pak.source(), pak.module_defines(bf16, 128, None)))
     out.append(("fused_ops", fused_ops.source(), fused_ops.module_defines(bf16)))
     out.append(("layer_ops", layer_ops.source(), layer_ops.module_defines(bf16)))
-    for dtype in (torch.bfloat16, torch.float16):  # the FP8 models (HEADRACE_FP8_NORM_QUANT), its GPU tests
+    # the FP8 models (HEADRACE_FP8_NORM_QUANT) and its GPU tests
+    for dtype in (torch.bfloat16, torch.float16):
         out.append(("norm_quant", norm_quant.source(), norm_quant.module_defines(dtype)))
     out.append(("write_kv", kv_write_kernel.SOURCE, {}))
     out.append(("argmax", argmax.SOURCE, {}))  # fp32, bf16 and fp16 rows: one module
