@@ -156,3 +156,21 @@ def save_with_tokenizer(model: Any, path: Path, tokenizer_src: Path) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_src / f, path / f)
     return path
+
+
+def tiny_gqa_model(tmp_path: Path, tokenizer_src: Path) -> Path:
+    """tiny_model_hd64 with one KV head (GQA group 4: a 128-row prefill tile holds 32
+    tokens) at tmp_path / "gqa"."""
+    return make_tiny_model(
+        "llama",
+        tmp_path / "gqa",
+        tokenizer_src,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+    )

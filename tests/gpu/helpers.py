@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import torch
 
 from ipc.messages import GrammarKind, GuidedDecoding, SamplingParams
 
@@ -97,3 +98,13 @@ def new_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(da.ENV, "new")
     for name in (da.CONFIG_ENV, da.FUSED_MERGE_ENV, da.PLAN_ENV, da.FP8_MATH_ENV):
         monkeypatch.delenv(name, raising=False)
+
+
+# Prompt lengths whose chunks (a 96-token budget) land beside decoding requests: mixed steps.
+MIXED_STEP_LENGTHS = (1, 5, 31, 33, 90, 130, 200, 257, 300, 17, 64, 2)
+MIXED_STEP_ARGS = dict(block_size=16, max_num_seqs=16, max_model_len=512, max_num_batched_tokens=96)
+
+
+def mixed_step_prompts(seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[1, *torch.randint(3, 512, (n,), generator=g).tolist()] for n in MIXED_STEP_LENGTHS]

@@ -124,34 +124,18 @@ def test_greedy_generation_with_the_split_equals_without(
     near-ties, logprobs within 0.1: this peaked random model moves them by up to ~0.05 in
     fp16 and ~0.3 in bf16, so the two GPU runs are compared to the truth, not bit for bit)."""
     pytest.importorskip("transformers")
-    from tests.gpu.helpers import generate
+    from tests.gpu.helpers import MIXED_STEP_ARGS, generate, mixed_step_prompts
     from tests.test_golden import check_logprobs_close
-    from tests.tiny_models import make_tiny_model
+    from tests.tiny_models import tiny_gqa_model
 
-    path = make_tiny_model(
-        "llama",
-        tmp_path / "gqa",
-        stories_path,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-    )
-    g = torch.Generator().manual_seed(7)
-    lengths = [1, 5, 31, 33, 90, 130, 200, 257, 300, 17, 64, 2]
-    prompts = [[1, *torch.randint(3, 512, (n,), generator=g).tolist()] for n in lengths]
-    batching = dict(max_num_seqs=16, max_model_len=512, max_num_batched_tokens=96)
-    cpu = generate(path, prompts, max_tokens=24, device="cpu", block_size=16, **batching)
+    path = tiny_gqa_model(tmp_path, stories_path)
+    prompts = mixed_step_prompts(7)
+    cpu = generate(path, prompts, max_tokens=24, device="cpu", **MIXED_STEP_ARGS)
     args = dict(
         device="cuda",
         dtype="float16",
-        block_size=16,
         enforce_eager=True,  # every step through the eager path, where the split lives
-        **batching,
+        **MIXED_STEP_ARGS,
     )
     monkeypatch.setenv(ds.ENV, "0")
     off = generate(path, prompts, max_tokens=24, **args)

@@ -199,34 +199,17 @@ def test_greedy_generation_with_the_flat_grid_equals_the_default(
     """Chunked prompts beside decoding requests (mixed eager steps) on a tiny GQA model:
     the flat grid runs in those steps and changes no token or logprob."""
     pytest.importorskip("transformers")
-    from tests.gpu.helpers import generate
+    from tests.gpu.helpers import MIXED_STEP_ARGS, generate, mixed_step_prompts
     from tests.test_golden import check_logprobs_close
-    from tests.tiny_models import make_tiny_model
+    from tests.tiny_models import tiny_gqa_model
 
-    path = make_tiny_model(
-        "llama",
-        tmp_path / "gqa",
-        stories_path,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,  # group 4: a 128-row tile holds 32 tokens
-        head_dim=64,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-    )
-    g = torch.Generator().manual_seed(5)
-    lengths = [1, 5, 31, 33, 90, 130, 200, 257, 300, 17, 64, 2]
-    prompts = [[1, *torch.randint(3, 512, (n,), generator=g).tolist()] for n in lengths]
+    path = tiny_gqa_model(tmp_path, stories_path)
+    prompts = mixed_step_prompts(5)
     args = dict(
         device="cuda",
         dtype="bfloat16",
-        block_size=16,
-        max_num_seqs=16,
-        max_model_len=512,
-        max_num_batched_tokens=96,
         enforce_eager=True,  # no capture time: graphs carry no map (CPU tests check it)
+        **MIXED_STEP_ARGS,
     )
     monkeypatch.setenv(pt.ENV, "z")
     default = generate(path, prompts, max_tokens=24, **args)
