@@ -119,13 +119,13 @@ def test_greedy_generation_with_the_split_equals_without(
     tmp_path: Path, stories_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Chunked prompts beside decoding requests (mixed eager steps) on a tiny GQA model:
-    the split runs in those steps, and both runs, with the split and without, match the CPU's
-    fp32 run as closely as tests/gpu/test_gpu_engine.py asks of fp16 (tokens equal but for
-    near-ties, logprobs within 0.1: this peaked random model moves them by up to ~0.05 in
-    fp16 and ~0.3 in bf16, so the two GPU runs are compared to the truth, not bit for bit)."""
+    the split runs in those steps, and its run is as close to the CPU's fp32 run as the run
+    without it (fp16 on this peaked random model with prompts up to 300 tokens moves
+    logprobs by ~0.15 either way, so the two GPU runs are held to the truth, not to each
+    other: tokens equal but for near-ties, and the split's largest logprob deviation at most
+    twice the unsplit one's plus 0.05; a wrong split is off by far more)."""
     pytest.importorskip("transformers")
     from tests.gpu.helpers import MIXED_STEP_ARGS, generate, mixed_step_prompts
-    from tests.test_golden import check_logprobs_close
     from tests.tiny_models import tiny_gqa_model
 
     path = tiny_gqa_model(tmp_path, stories_path)
@@ -150,5 +150,26 @@ def test_greedy_generation_with_the_split_equals_without(
     monkeypatch.setenv(ds.ENV, "1")
     on = generate(path, prompts, max_tokens=24, **args)
     assert calls, "no step split its decode rows off"
-    check_logprobs_close(off.out, cpu.out, "whole-vs-cpu", atol=0.1)
-    check_logprobs_close(on.out, cpu.out, "decode-split-vs-cpu", atol=0.1)
+    whole_dev = max_deviation(off.out, cpu.out, "whole-vs-cpu")
+    split_dev = max_deviation(on.out, cpu.out, "decode-split-vs-cpu")
+    assert split_dev <= 2 * whole_dev + 0.05, (split_dev, whole_dev)
+
+
+Run = list[tuple[list[int], list[dict[int, float]]]]
+
+
+def max_deviation(ours: Run, truth: Run, name: str) -> float:
+    """The largest |logprob difference| over the top logprobs both sides list, per sequence
+    up to its first token that differs (which must be a near-tie: each side's choice in the
+    other's top logprobs), as tests/test_golden.py's check_logprobs_close walks them."""
+    worst = 0.0
+    for i, ((o_toks, o_lps), (t_toks, t_lps)) in enumerate(zip(ours, truth, strict=True)):
+        for pos, (ot, tt) in enumerate(zip(o_toks, t_toks, strict=True)):
+            o_top, t_top = o_lps[pos], t_lps[pos]
+            if ot != tt:
+                assert ot in t_top and tt in o_top, f"{name} prompt {i} pos {pos}: not a near-tie"
+                break
+            for tok, lp in t_top.items():
+                if tok in o_top:
+                    worst = max(worst, abs(o_top[tok] - lp))
+    return worst
