@@ -19,6 +19,7 @@ CPU: `fp8_linear_ref`, the same math in fp32.
 from __future__ import annotations
 
 import logging
+import os
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,11 @@ from cuda.fp8_quant import FP8, FP8_MAX, MIN_SCALE, quantize_per_token, quantize
 log = logging.getLogger(__name__)
 
 _modes: dict[int, str] = {}
+
+# cuBLASLt's FP8 "fast accumulation" (CUBLASLT_MATMUL_DESC_FAST_ACCUM): the tensor cores'
+# partial sums are not promoted to fp32 registers every few k-steps. vLLM's CUTLASS FP8
+# kernels on sm_90 run this way. HEADRACE_FP8_FAST_ACCUM=1 turns it on for the row-wise GEMM.
+FAST_ACCUM = os.environ.get("HEADRACE_FP8_FAST_ACCUM", "0") == "1"
 
 
 class Fp8UnsupportedError(ValueError):
@@ -216,7 +222,12 @@ def scaled_mm_rowwise(
 ) -> torch.Tensor:
     n = weight.shape[0]
     y = torch._scaled_mm(
-        xq, weight.t(), scale_a=xs, scale_b=weight_scale.view(1, n), out_dtype=torch.bfloat16
+        xq,
+        weight.t(),
+        scale_a=xs,
+        scale_b=weight_scale.view(1, n),
+        out_dtype=torch.bfloat16,
+        use_fast_accum=FAST_ACCUM,
     )
     if bias is not None:
         y = y + bias
