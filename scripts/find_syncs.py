@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
 import random
 import traceback
 import warnings
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from headrace.tp_group import start_engine
 from ipc.messages import EngineRequest, SamplingParams
@@ -43,6 +45,18 @@ def repo_stack() -> tuple[str, ...]:
     )[-8:]
 
 
+def report_profile(prof: Any, out: str | None) -> None:
+    """The profiled steps' host time by op (a launch that blocks shows as a long
+    cudaLaunchKernel / cuLaunchKernelEx) and, with --out, their trace beside it."""
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    if out:
+        trace = Path(out).with_suffix(".trace.json")
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as g:
+            g.write(f.read())
+        trace.unlink()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="scripts/configs/llama-3-8b")
@@ -53,6 +67,12 @@ def main() -> None:
     p.add_argument("--quantization", default=None, choices=["fp8"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many steps (CPU and CUDA) from the first mixed step after warm-up",
+    )
     p.add_argument("--device", default="auto", help="cpu: a dry run of the script")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -92,6 +112,8 @@ def main() -> None:
         return any(r.num_computed_tokens < r.num_prompt_tokens for r in [*s.waiting, *s.running])
 
     steps = collections.Counter[str]()
+    prof: Any = None
+    profiled = 0
 
     def alloc_retries() -> int:
         return int(torch.cuda.memory_stats().get("num_alloc_retries", 0)) if cuda else 0
@@ -109,7 +131,17 @@ def main() -> None:
                 else ("mixed" if prefill_pending() else "decode")
             )
             steps[kind] += 1
+            if kind == "mixed" and prof is None and profiled < args.profile_steps:
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                prof = profile(activities=acts)
+                prof.__enter__()
             engine.step()
+            if prof is not None:
+                profiled += 1
+                if profiled == args.profile_steps:
+                    prof.__exit__(None, None, None)
+                    report_profile(prof, args.out)
+                    prof = None
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
     retries = alloc_retries() - retries0
