@@ -133,7 +133,7 @@ def main() -> None:
             steps[kind] += 1
             if kind == "mixed" and prof is None and profiled < args.profile_steps:
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-                prof = profile(activities=acts)
+                prof = profile(activities=acts, record_shapes=True)
                 prof.__enter__()
             engine.step()
             if prof is not None:
