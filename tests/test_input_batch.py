@@ -6,7 +6,13 @@ import torch
 
 from ipc.messages import SamplingParams
 from worker.config import SchedulerConfig
-from worker.input_batch import build_host_inputs, take_rows
+from worker.input_batch import (
+    LM_HEAD_ROW_BUCKET,
+    build_host_inputs,
+    lm_head_rows,
+    padded_rows,
+    take_rows,
+)
 from worker.kv_cache import KVCacheManager
 from worker.request import Request
 from worker.scheduler import Scheduler
@@ -16,6 +22,28 @@ def test_take_rows_equals_indexing():
     x = torch.arange(40).view(20, 2)
     for rows in ([3], [2, 3, 4], [0, 5, 1], [19, 18], []):
         assert torch.equal(take_rows(x, rows), x[rows])
+
+
+def test_lm_head_rows_are_buckets():
+    b = LM_HEAD_ROW_BUCKET
+    assert [lm_head_rows(n) for n in (1, b - 1, b, b + 1, 5 * b)] == [b, b, b, 2 * b, 5 * b]
+
+
+def test_padded_rows_keep_the_rows_first():
+    b = LM_HEAD_ROW_BUCKET
+    # consecutive rows with room after them: a longer run (take_rows stays a slice)
+    assert padded_rows([3, 4, 5], 100) == list(range(3, 3 + b))
+    # consecutive rows at the end of x: repeats of the last
+    assert padded_rows([97, 98, 99], 100) == [97, 98, 99] + [99] * (b - 3)
+    # scattered rows: repeats of the last
+    assert padded_rows([7, 2, 40], 100) == [7, 2, 40] + [40] * (b - 3)
+    full = list(range(5, 5 + b))
+    assert padded_rows(full, 100) == full
+    x = torch.arange(200).view(100, 2)
+    for rows in ([3, 4, 5], [97, 98, 99], [7, 2, 40], [0]):
+        p = padded_rows(rows, 100)
+        assert len(p) == lm_head_rows(len(rows))
+        assert torch.equal(take_rows(x, p)[: len(rows)], x[rows])
 
 
 def test_flat_batch_layout():

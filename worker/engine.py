@@ -208,6 +208,8 @@ class EngineCore:
         if self.tp is None:  # tensor parallel: followers replay the leader's host arrays
             self.runner.setup_step_inputs(self.max_num_seqs, self.max_model_len, config.block_size)
         progress.note(f"KV cache: {num_blocks} blocks of {config.block_size} tokens")
+        if self.tp is None:  # tensor parallel: the followers' LM heads would have to join
+            self.runner.warm_lm_head(self.max_num_seqs)
         if self.device.type == "cuda" and not config.enforce_eager:
             from worker.cuda_graphs import GraphShapes
 

@@ -289,6 +289,32 @@ def pad_inputs(host: HostInputs, dst: PaddedInputs, num_reqs: int, num_tokens: i
     dst.block_tables[:b, : host.block_tables.shape[1]] = host.block_tables
 
 
+# The eager LM head's row counts on the GPU are multiples of this (lm_head_rows).
+LM_HEAD_ROW_BUCKET = 16
+
+
+def lm_head_rows(n: int) -> int:
+    """The rows the eager LM head runs over on the GPU for n sampled rows: n rounded up to
+    a multiple of LM_HEAD_ROW_BUCKET. cuBLAS's first GEMM at a new row count can hold the
+    host until the GPU drains (80-180 ms inside W2's mixed steps on the H200, BENCHMARKS
+    session 12), so the counts stay within the few that ModelRunner.warm_lm_head runs at
+    start-up."""
+    return -(-n // LM_HEAD_ROW_BUCKET) * LM_HEAD_ROW_BUCKET
+
+
+def padded_rows(rows: list[int], total: int) -> list[int]:
+    """`rows` followed by lm_head_rows(len(rows)) - len(rows) more of x's `total` rows:
+    the ones after them when the rows are consecutive and x has them (take_rows stays a
+    slice), else repeats of the last. Their logits are computed and dropped."""
+    n = len(rows)
+    pad = lm_head_rows(n) - n
+    if pad == 0:
+        return rows
+    if rows[-1] - rows[0] == n - 1 and rows[-1] + pad < total:
+        return list(range(rows[0], rows[-1] + pad + 1))
+    return rows + [rows[-1]] * pad
+
+
 def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """x[rows] without a host sync: a slice when the rows are consecutive, else an index
     copied from pinned memory (indexing with a Python list copies it synchronously)."""

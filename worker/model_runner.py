@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,7 +20,14 @@ from cuda.prefill_tiles import TileSpec, grid_from_env
 from ipc.messages import TokenLogprobs
 from worker.attention import AttentionBackend, TorchAttention
 from worker.grammar_masks import StepMasks
-from worker.input_batch import HostInputs, take_rows, to_device
+from worker.input_batch import (
+    LM_HEAD_ROW_BUCKET,
+    HostInputs,
+    lm_head_rows,
+    padded_rows,
+    take_rows,
+    to_device,
+)
 from worker.kv_compaction import KVCompressor
 from worker.model_config import ModelConfig
 from worker.models.base import CausalLM
@@ -200,13 +208,39 @@ class ModelRunner:
             return None
         return g.run_greedy(host, input_ids)
 
-    def sampled_logits(self, hidden: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """Logits [S, V] of the rows `reqs` sample from: the model's 16-bit LM head output
-        when every row is plain greedy (the sampler then argmaxes them as they are, no fp32
-        copy), else fp32 compute_logits. Either gives the sampler the same values."""
+    def sampled_logits(
+        self, hidden: torch.Tensor, rows: list[int], reqs: list[Request]
+    ) -> torch.Tensor:
+        """Logits [S, V] of hidden's `rows`, the ones `reqs` sample from: the model's 16-bit
+        LM head output when every row is plain greedy (the sampler then argmaxes them as
+        they are, no fp32 copy), else fp32 compute_logits. Either gives the sampler the
+        same values. On the GPU the LM head runs over lm_head_rows(S) rows (padded_rows)."""
+        if hidden.is_cuda:
+            rows = padded_rows(rows, hidden.shape[0])
+        x = take_rows(hidden, rows)
         if all(r.grammar is None and plain_greedy(r.params, len(r.output_token_ids)) for r in reqs):
-            return self.model.greedy_logits(hidden)
-        return self.model.compute_logits(hidden)
+            return self.model.greedy_logits(x)[: len(reqs)]
+        return self.model.compute_logits(x)[: len(reqs)]
+
+    @torch.inference_mode()
+    def warm_lm_head(self, max_rows: int) -> None:
+        """Run the eager LM head (both outputs) at every row count sampled_logits can give
+        up to `max_rows` sampled rows, while the GPU is idle: the first GEMM of a row count
+        may wait for the GPU to drain, and inside a step that wait stalls the host."""
+        if self.device.type != "cuda":
+            return
+        t0 = time.perf_counter()
+        n = lm_head_rows(max_rows)
+        x = torch.zeros((n, self.config.hidden_size), dtype=self.dtype, device=self.device)
+        for b in range(LM_HEAD_ROW_BUCKET, n + 1, LM_HEAD_ROW_BUCKET):
+            self.model.greedy_logits(x[:b])
+            self.model.compute_logits(x[:b])
+        torch.cuda.synchronize(self.device)
+        log.info(
+            "LM head warmed at %d row counts in %.2fs",
+            n // LM_HEAD_ROW_BUCKET,
+            time.perf_counter() - t0,
+        )
 
     @staticmethod
     def _plain_decode(out: SchedulerOutput) -> bool:
@@ -287,7 +321,7 @@ class ModelRunner:
         if plain:
             rows = [inputs.sample_rows[j][0] for j in plain]
             reqs = [out.scheduled[inputs.sample_sched_index[j]].request for j in plain]
-            logits = self.sampled_logits(take_rows(hidden, rows), reqs)  # [S, V]
+            logits = self.sampled_logits(hidden, rows, reqs)  # [S, V]
             batch = self.sampling_batch(reqs, None, self.masks.bitmask([(r, []) for r in reqs]))
             sampled = self.sampler(logits, batch)
             tokens = sampled.token_ids.tolist()

@@ -123,7 +123,7 @@ def launch(
     hidden = runner.forward(host, ids, scheduled=sched.scheduled)
     if index:
         rows = [r[0] for r in host.sample_rows]
-        step.logits = runner.sampled_logits(take_rows(hidden, rows), reqs)  # [S, V]
+        step.logits = runner.sampled_logits(hidden, rows, reqs)  # [S, V]
     for job in host.prompt_logprobs:
         k = sched.scheduled[job.sched_index].request.params.prompt_logprobs or 0
         logits = runner.model.compute_logits(take_rows(hidden, job.rows))
