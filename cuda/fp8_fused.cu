@@ -31,6 +31,21 @@
 // (ptxas does not share the divisor's reciprocal between the divisions by `scale`: each
 // one is MUFU.RCP, 5 FFMA and FCHK.)
 //
+// Staged path, silu_mul_quant_fp8_staged (rows of 512 units or more, the model sizes): one
+// block of STAGED_THREADS a row, h kept in shared memory instead of registers. The register
+// path's 106 registers left 14 warps an SM, too few to hide its loads behind its ~47
+// instructions an element: it ran at ~1.4 TB/s (44.8 us at 880 x 14336, BENCHMARKS
+// session 8). Here a thread holds its current and next unit (~40 registers) and writes each
+// h, packed, to its own shared slots (I * 2 bytes a row: 28 KiB at I = 14336), so four
+// row-blocks (32 warps) stay resident an SM. Pass 2 reads the thread's own slots back (no
+// barrier needed for them) and quantizes with the scale's reciprocal hoisted:
+//   q = a * r, then twice q = fma(fma(-q, s, a), r, q),   r = RN(1 / s),
+// which is RN(a / s) (Markstein's theorem: r correctly rounded, q within an ulp, no
+// overflow; the dynamic scale bounds |a / s| by 448), the sign of a zero taken from a:
+// the same bits as __fdiv_rn's ~10 instructions and check in 6. (A row holding inf or NaN gets NaN
+// where the division gives 0; such rows have no finite quantization either.) The static
+// scale, whose quotients can overflow, keeps __fdiv_rn.
+//
 // Two-pass fallback, silu_mul_quant_fp8 (rows longer than the register path holds): one
 // block of THREADS threads a row, pass 1 computes h for the amax, pass 2 recomputes it (the
 // row re-read from L2) and writes hq. I % 8 == 0, rows 16-byte aligned (both paths).
@@ -42,6 +57,7 @@
 namespace hr_fp8_fused {
 
 constexpr int THREADS = 256;
+constexpr int STAGED_THREADS = 256;
 constexpr float FP8_MAX = 448.f;
 
 struct alignas(16) Vec8 {
@@ -93,6 +109,29 @@ __device__ __forceinline__ uint2 quant8_packed(const uint4& h4, float scale) {
     for (int p = 0; p < 4; ++p) {
         const float2 f = to_f2(h[p]);
         q[p] = quant2(f.x, f.y, scale);
+    }
+    return make_uint2(q[0] | ((unsigned)q[1] << 16), q[2] | ((unsigned)q[3] << 16));
+}
+
+// RN(a / s) for s > 0 and r = RN(1 / s), finite a with |a / s| far from overflow (the
+// staged path's header). a * r can be 1.5 ulps off, past Markstein's premise (within an
+// ulp), so a first correction brings it within an ulp and the second rounds it exactly.
+__device__ __forceinline__ float div_by(float a, float s, float r) {
+    float q = __fmul_rn(a, r);
+    q = __fmaf_rn(__fmaf_rn(-q, s, a), r, q);
+    q = __fmaf_rn(__fmaf_rn(-q, s, a), r, q);
+    return copysignf(q, a);
+}
+
+// 8 packed h -> 8 e4m3 bytes, dividing through div_by.
+__device__ __forceinline__ uint2 quant8_recip(const uint4& h4, float scale, float r) {
+    const elem2_t* h = reinterpret_cast<const elem2_t*>(&h4);
+    unsigned short q[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const float2 f = to_f2(h[p]);
+        q[p] = __nv_cvt_float2_to_fp8x2(make_float2(div_by(f.x, scale, r), div_by(f.y, scale, r)),
+                                        __NV_SATFINITE, __NV_E4M3);
     }
     return make_uint2(q[0] | ((unsigned)q[1] << 16), q[2] | ((unsigned)q[3] << 16));
 }
@@ -224,4 +263,48 @@ extern "C" __global__ void __launch_bounds__(hr_fp8_fused::THREADS)
         for (int p = 0; p < 4; ++p) q[p] = quant2(h[2 * p], h[2 * p + 1], scale);
         out[j] = make_uint2(q[0] | ((unsigned)q[1] << 16), q[2] | ((unsigned)q[3] << 16));
     }
+}
+
+// The staged path (see the header): grid (T), STAGED_THREADS threads, units * 16 bytes of
+// dynamic shared memory. units = I / 8.
+extern "C" __global__ void __launch_bounds__(hr_fp8_fused::STAGED_THREADS, 4)
+    silu_mul_quant_fp8_staged(const elem_t* __restrict__ x, long long x_stride,
+                              uint2* __restrict__ hq, float* __restrict__ scales,
+                              const float* __restrict__ static_scale, int units,
+                              float min_scale) {
+    using namespace hr_fp8_fused;
+    extern __shared__ uint4 h_row[];  // [units]: thread i's slots i, i + STAGED_THREADS, ...
+    const long long t = blockIdx.x;
+    const uint4* gate = reinterpret_cast<const uint4*>(x + t * x_stride);
+    const uint4* up = gate + units;
+    float amax = 0.f;
+    int j = threadIdx.x;
+    uint4 g0 = make_uint4(0u, 0u, 0u, 0u), u0 = g0;
+    if (j < units) {
+        g0 = __ldcs(gate + j);  // read once: evict first, hq keeps the L2
+        u0 = __ldcs(up + j);
+    }
+    for (; j < units; j += STAGED_THREADS) {
+        // the next unit's loads go out before this one's math
+        const int n = j + STAGED_THREADS;
+        uint4 g1 = make_uint4(0u, 0u, 0u, 0u), u1 = g1;
+        if (n < units) {
+            g1 = __ldcs(gate + n);
+            u1 = __ldcs(up + n);
+        }
+        h_row[j] = silu_mul8_packed(g0, u0, amax);
+        g0 = g1;
+        u0 = u1;
+    }
+    uint2* out = hq + t * units;
+    if (static_scale != nullptr) {
+        const float scale = *static_scale;
+        if (threadIdx.x == 0) scales[t] = scale;
+        for (j = threadIdx.x; j < units; j += STAGED_THREADS) out[j] = quant8_packed(h_row[j], scale);
+        return;
+    }
+    const float scale = fmaxf(block_max(amax) / FP8_MAX, min_scale);
+    if (threadIdx.x == 0) scales[t] = scale;
+    const float r = __frcp_rn(scale);
+    for (j = threadIdx.x; j < units; j += STAGED_THREADS) out[j] = quant8_recip(h_row[j], scale, r);
 }

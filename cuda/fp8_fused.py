@@ -26,6 +26,12 @@ MAX_VPT = 8
 # 3 units a thread, ~64-110 registers, 512 threads keep two row-blocks an SM possible.
 MAX_THREADS = {1: 1024, 2: 1024, 3: 1024, 4: 512, 5: 512, 6: 512, 7: 512, 8: 512}
 ROW_BLOCK = 256  # small rows share a block of about this many threads
+# The staged path (one block a row, h in shared memory, the model sizes): rows of at least
+# STAGED_MIN_UNITS units (I >= 4096; shorter ones leave its 256 threads idle) whose h fits
+# STAGED_MAX_SMEM (two row-blocks an SM).
+STAGED_THREADS = 256
+STAGED_MIN_UNITS = 512
+STAGED_MAX_SMEM = 112 * 1024
 IN_DTYPES = {torch.bfloat16: 1, torch.float16: 0}
 # HEADRACE_FP8_FUSED=0: the FP8 linear path calls silu_and_mul, then the quant kernel.
 ENABLED = os.environ.get("HEADRACE_FP8_FUSED", "1") != "0"
@@ -53,6 +59,14 @@ def plan(units: int) -> tuple[int, int, int] | None:
         if best is None or cost < best[0]:
             best = (cost, vpt, g, max(1, min(ROW_BLOCK, MAX_THREADS[vpt]) // g))
     return None if best is None else best[1:]
+
+
+def path(units: int) -> str:
+    """The kernel for rows of `units` (I / 8) vectors: "staged", "regs" (the register path,
+    plan(units)) or "two-pass"."""
+    if units >= STAGED_MIN_UNITS and units * 16 <= STAGED_MAX_SMEM:
+        return "staged"
+    return "two-pass" if plan(units) is None else "regs"
 
 
 def kernel_ok(x: torch.Tensor) -> bool:
@@ -100,13 +114,27 @@ def silu_mul_quant(
         scales.data_ptr(),
         0 if static_scale is None else static_scale.data_ptr(),
     )
-    p = plan(units)
     rest: tuple[np.int32, ...]
-    if p is None:  # rows too long for the register path: the two-pass kernel
+    shmem = 0
+    kind = path(units)
+    if kind == "staged":
+        name, grid, block, rest = (
+            "silu_mul_quant_fp8_staged",
+            (t,),
+            STAGED_THREADS,
+            (np.int32(units),),
+        )
+        shmem = units * 16
+    elif kind == "two-pass":  # rows too long for the other paths
         name, grid, block, rest = "silu_mul_quant_fp8", (t,), THREADS, (np.int32(units),)
     else:
+        p = plan(units)
+        assert p is not None
         vpt, g, r = p
         name, grid, block = f"silu_mul_quant_fp8_v{vpt}", (-(-t // r),), g * r
         rest = (np.int32(t), np.int32(units), np.int32(g))
-    compiler.launch(mod.kernel(name), grid, block, *io, *rest, np.float32(MIN_SCALE))
+    kernel = mod.kernel(name)
+    if shmem > 48 * 1024:
+        compiler.allow_shared_memory(kernel, STAGED_MAX_SMEM, compiler.device_index(x.device))
+    compiler.launch(kernel, grid, block, *io, *rest, np.float32(MIN_SCALE), shmem=shmem)
     return hq, scales

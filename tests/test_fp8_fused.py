@@ -75,7 +75,8 @@ def test_fused_kernel_compiles(bf16: int, tmp_path: Path, monkeypatch: pytest.Mo
         name="fp8_fused",
         verbose_ptxas=True,
     )
-    names = ["silu_mul_quant_fp8"] + [f"silu_mul_quant_fp8_v{v}" for v in fp8_fused.MAX_THREADS]
+    names = ["silu_mul_quant_fp8", "silu_mul_quant_fp8_staged"]
+    names += [f"silu_mul_quant_fp8_v{v}" for v in fp8_fused.MAX_THREADS]
     for name in names:
         assert f"Compiling entry function '{name}'" in log and name.encode() in cubin
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
@@ -88,6 +89,17 @@ def test_fused_kernel_compiles(bf16: int, tmp_path: Path, monkeypatch: pytest.Mo
     ):
         if name.startswith("silu_mul_quant_fp8_v"):
             assert int(regs) * fp8_fused.MAX_THREADS[int(name[-1])] <= 65536, (name, regs)
+        if name == "silu_mul_quant_fp8_staged":  # four row-blocks an SM (its launch bounds)
+            assert int(regs) * fp8_fused.STAGED_THREADS * 4 <= 65536, (name, regs)
+
+
+@pytest.mark.parametrize(
+    ("inter", "want"),
+    [(8, "regs"), (4088, "regs"), (4096, "staged"), (14336, "staged"), (28672, "staged")]
+    + [(57344, "staged"), (57352, "two-pass"), (262144, "two-pass")],
+)
+def test_path_by_row_size(inter: int, want: str) -> None:
+    assert fp8_fused.path(inter // 8) == want
 
 
 @pytest.mark.parametrize("inter", [8, 16, 24, 64, 1000, 4096, 8192, 11008, 14336, 18944, 28672])

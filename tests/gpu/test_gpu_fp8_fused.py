@@ -1,8 +1,9 @@
 """The fused SiLU-and-mul + FP8 quantization kernel (cuda/fp8_fused.cu) against the two
 kernels it replaces (silu_and_mul, then cuda/fp8_quant.py's kernel), bit for bit (not the
 torch quantization: its fp8 conversion differs from the device's in ~0.1% of elements):
-every row size the register path plans for (the model sizes, small and odd ones), 1, 3 and
-880 rows, the amax in a row's last element, all-zero rows (the floor scale), a static
+every row size the staged and register paths take (the model sizes, small and odd ones;
+each size through both paths where both can take it), 1, 3 and 880 rows, signed zeros and
+tiny values (the staged path's reciprocal division), the amax in a row's last element, all-zero rows (the floor scale), a static
 scale, strided gate_up views, NaN-poisoned outputs, both dtypes; the two-pass fallback the
 same; and the FP8 MLP output through the fused path."""
 
@@ -33,6 +34,10 @@ def _gate_up(t: int, inter: int, dtype: torch.dtype, seed: int, pad: int = 0) ->
         x[1] = 0  # an all-zero row: the floor scale, zero output
     if t > 2:
         x[2, inter - 1], x[2, 2 * inter - 1] = 6.0, 80.0  # the amax in the last element
+    k = min(4, inter // 2)
+    tiny = torch.tensor([1e-30, -1e-20, 3e-9, -2e-6], dtype=dtype, device=DEV)
+    x[0, :k] = tiny[:k]  # tiny gates: h below and around e4m3's subnormals
+    x[0, inter + k : inter + 2 * k] = -0.0  # h = +-0: the quantized zero keeps its sign
     return x
 
 
@@ -50,11 +55,17 @@ def _check(x: torch.Tensor, scale: torch.Tensor | None) -> None:
     assert torch.equal(hq.view(torch.uint8), rq.view(torch.uint8)), (t, inter)
 
 
+@pytest.mark.parametrize("kind", ["default", "regs"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("inter", INTERS)
-def test_fused_equals_silu_mul_then_quant(inter: int, dtype: torch.dtype, static: bool) -> None:
-    assert fp8_fused.plan(inter // 8) is not None  # these sizes take the register path
+def test_fused_equals_silu_mul_then_quant(
+    inter: int, dtype: torch.dtype, static: bool, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kind == "regs":  # the register path where the staged one would run
+        monkeypatch.setattr(fp8_fused, "STAGED_MIN_UNITS", 1 << 30)
+    want = "staged" if kind == "default" and inter >= 4096 else "regs"
+    assert fp8_fused.path(inter // 8) == want
     scale = torch.tensor([0.05], device=DEV) if static else None
     for t in (1, 3, 880):
         _check(_gate_up(t, inter, dtype, seed=t * 7 + inter), scale)
@@ -83,8 +94,12 @@ def test_two_pass_fallback_equals_the_register_path(
             got = fp8_fused.silu_mul_quant(x, scale, out=_poisoned(65, inter))
         assert torch.equal(got[1], want[1])
         assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
-    # past the register path (I > 32768): the fallback, against the reference
-    _check(_gate_up(5, 32776, torch.bfloat16, seed=1), scale)
+    # past the staged path (I > 57344): the fallback, against the reference
+    assert fp8_fused.path(57352 // 8) == "two-pass"
+    _check(_gate_up(5, 57352, torch.bfloat16, seed=1), scale)
+    # the staged path's largest rows
+    assert fp8_fused.path(57344 // 8) == "staged"
+    _check(_gate_up(67, 57344, torch.bfloat16, seed=2), scale)
 
 
 def test_fp8_mlp_down_proj_fused_close_to_unfused() -> None:
