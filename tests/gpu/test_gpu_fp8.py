@@ -110,8 +110,10 @@ def test_fp8_gemv_kernel_matches_reference(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_activation_quant_kernel_matches_reference(dtype: torch.dtype) -> None:
+    g = torch.Generator(device=DEV).manual_seed(11)
     for m, k in [(1, 4096), (37, 14336), (300, 128), (3, 8)]:
-        x = torch.randn(m, k, device=DEV, dtype=dtype) * torch.rand(m, 1, device=DEV, dtype=dtype)
+        x = torch.randn(m, k, device=DEV, dtype=dtype, generator=g)
+        x = x * torch.rand(m, 1, device=DEV, dtype=dtype, generator=g)
         x[0] = 0  # an all-zero row: a finite scale, zero output
         xq = torch.full((m, k), 0x7F, dtype=torch.uint8, device=DEV).view(FP8)  # NaN
         xs = torch.full((m, 1), float("nan"), device=DEV)
@@ -119,10 +121,13 @@ def test_activation_quant_kernel_matches_reference(dtype: torch.dtype) -> None:
         rq, rs = quantize_per_token_ref(x)
         torch.testing.assert_close(xs, rs, rtol=1e-6, atol=0)
         diff = (xq.float() - rq.float()).abs()
-        # Rare one-ulp differences (1/8 relative) between the device's fp8 conversion and
-        # torch's: 0.11% of elements on an H200 (2ce760e), so the bound is 0.5%; a wrong
-        # scale or rounding mode differs in most elements.
-        assert bool((diff <= rq.float().abs() / 8 + 1e-6).all())
+        # Rare one-ulp differences between the device's fp8 conversion and torch's: 0.11%
+        # of elements on an H200 (2ce760e), so the bound is 0.5%; a wrong scale or rounding
+        # mode differs in most elements. An ulp is 1/8 relative for normal e4m3 values and
+        # 2^-9 among the subnormals (below 2^-6), where an unseeded run of this test once
+        # landed (session 13).
+        ulp = torch.clamp(rq.float().abs() / 8, min=2.0**-9)
+        assert bool((diff <= ulp + 1e-6).all())
         assert float((diff > 0).float().mean()) < 5e-3
     static = torch.tensor([0.01], device=DEV)
     xq, xs = quantize_per_token(x, static)
