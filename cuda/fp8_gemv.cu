@@ -110,43 +110,19 @@ __device__ __forceinline__ void gemv(const elem_t* __restrict__ x, long long x_s
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
-    if constexpr (U == 2) {
-        // Software-pipelined: the next chunk's loads go out before this chunk's math, so a
-        // row longer than one round (down_proj, K = 14336: 3.5 rounds of U = 2) streams
-        // instead of letting the loads drain at each round's end (down ran at 68% of DRAM
-        // peak against gate_up's 77%, one round, in BENCHMARKS' ncu table). The same two
-        // buffers of R loads as a U = 2 round, and each thread's chunks in the same order,
-        // so the same sums bit for bit.
-        uint4 cur[R];
-        int c = threadIdx.x;
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += THREADS * U) {
+        uint4 wv[U][R];
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-            cur[r] = c < chunks ? load_stream(wrow[r] + c) : make_uint4(0, 0, 0, 0);
-        for (; c < chunks; c += THREADS) {
-            uint4 nxt[R];
-            const int n = c + THREADS;
+        for (int u = 0; u < U; ++u) {  // every load of the round first: bytes in flight
+            const int c = c0 + u * THREADS;
 #pragma unroll
             for (int r = 0; r < R; ++r)
-                nxt[r] = n < chunks ? load_stream(wrow[r] + n) : make_uint4(0, 0, 0, 0);
-            chunk_fma<M, R>(cur, x, x_stride, c, acc);
-#pragma unroll
-            for (int r = 0; r < R; ++r) cur[r] = nxt[r];
+                wv[u][r] = c < chunks ? load_stream(wrow[r] + c) : make_uint4(0, 0, 0, 0);
         }
-    } else {
-        for (int c0 = threadIdx.x; c0 < chunks; c0 += THREADS * U) {
-            uint4 wv[U][R];
 #pragma unroll
-            for (int u = 0; u < U; ++u) {  // every load of the round first: bytes in flight
-                const int c = c0 + u * THREADS;
-#pragma unroll
-                for (int r = 0; r < R; ++r)
-                    wv[u][r] = c < chunks ? load_stream(wrow[r] + c) : make_uint4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int c = c0 + u * THREADS;
-                if (c < chunks) chunk_fma<M, R>(wv[u], x, x_stride, c, acc);
-            }
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * THREADS;
+            if (c < chunks) chunk_fma<M, R>(wv[u], x, x_stride, c, acc);
         }
     }
 
