@@ -224,16 +224,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_lm_head(self, max_rows: int) -> None:
-        """Run the eager LM head (both outputs) at every row count sampled_logits can give
-        up to `max_rows` sampled rows, while the GPU is idle: the first GEMM of a row count
-        may wait for the GPU to drain, and inside a step that wait stalls the host."""
+        """Run the eager LM head at every row count sampled_logits can give up to
+        `max_rows` sampled rows, while the GPU is idle: the first GEMM of a row count may
+        wait for the GPU to drain, and inside a step that wait stalls the host.
+        compute_logits runs the same lm_head GEMM as greedy_logits (CausalLM), so it alone
+        warms both."""
         if self.device.type != "cuda":
             return
         t0 = time.perf_counter()
         n = lm_head_rows(max_rows)
         x = torch.zeros((n, self.config.hidden_size), dtype=self.dtype, device=self.device)
         for b in range(LM_HEAD_ROW_BUCKET, n + 1, LM_HEAD_ROW_BUCKET):
-            self.model.greedy_logits(x[:b])
             self.model.compute_logits(x[:b])
         torch.cuda.synchronize(self.device)
         log.info(
